@@ -1,0 +1,1 @@
+"""Estimators: memory, communication, step time and what fits. Pure arithmetic, fast."""

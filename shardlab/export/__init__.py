@@ -1,0 +1,1 @@
+"""Plan -> the real tools' formats, one module per target. Pure functions, no I/O."""

@@ -1,0 +1,1 @@
+"""Real runs: launcher, worker, metrics schema and run store."""
