@@ -1,0 +1,135 @@
+"""The live memory bar: what one GPU holds under the plan, against the chosen GPU's capacity.
+
+Numbers come from `shardlab.estimate.estimate(plan, model, gpu)`; this file only draws them as a
+stacked HTML bar (params / grads / optimizer / activations / buffers / overhead), which redraws in
+well under a millisecond, plus the predicted step time, tokens/s and MFU.
+"""
+
+from __future__ import annotations
+
+import html
+from typing import Any, Callable
+
+import panel as pn
+
+from shardlab.models import PRESETS, resolve_model
+from shardlab.plan import Plan, PlanError
+
+GIB = 2**30
+PARTS = (
+    ("params", "#4c78a8"),
+    ("grads", "#f58518"),
+    ("optimizer", "#54a24b"),
+    ("activations", "#e45756"),
+    ("buffers", "#72b7b2"),
+    ("overhead", "#b279a2"),
+)
+
+
+def gpu_names() -> list[str]:
+    try:
+        from shardlab.estimate.gpus import GPUS
+    except ImportError:
+        return ["h100-80gb"]
+    return list(GPUS)
+
+
+def gpu_capacity(name: str) -> int | None:
+    """The GPU's memory in bytes, read from the estimator's GPU table (None if it has no entry)."""
+    try:
+        from shardlab.estimate.gpus import GPUS
+    except ImportError:
+        return None
+    g = GPUS.get(name)
+    if g is None:
+        return None
+    if isinstance(g, dict):
+        for key in ("memory_bytes", "memory", "mem_bytes"):
+            if key in g:
+                return int(g[key])
+        return None
+    for attr in ("memory_bytes", "mem_bytes", "memory"):
+        if hasattr(g, attr):
+            return int(getattr(g, attr))
+    return None
+
+
+def estimate_dict(plan: Plan, model: str, gpu: str) -> dict[str, Any]:
+    """estimate(...).to_dict(), or {'error': message} when the plan/model/GPU cannot be estimated."""
+    try:
+        from shardlab.estimate import estimate
+    except ImportError:
+        return {"error": "the estimator is not installed in this build of shardlab"}
+    try:
+        return estimate(plan, resolve_model(model), gpu=gpu).to_dict()
+    except PlanError as e:
+        return {"error": str(e)}
+
+
+def bar_html(est: dict[str, Any], capacity: int | None, gpu: str) -> str:
+    """A stacked bar of per-GPU memory with a capacity mark, and its legend in GiB."""
+    if "error" in est:
+        return f'<div class="sl-error" style="color:#b00020">✖ {html.escape(est["error"])}</div>'
+    per = est.get("per_gpu", {})
+    total = int(per.get("total", sum(int(per.get(k, 0)) for k, _ in PARTS)))
+    scale = max(total, capacity or 0, 1)
+    segs, legend = [], []
+    for key, color in PARTS:
+        v = int(per.get(key, 0) or 0)
+        if v <= 0:
+            continue
+        segs.append(f'<div title="{key}: {v / GIB:.2f} GiB" style="width:{100 * v / scale:.3f}%;background:{color}"></div>')
+        legend.append(f'<span style="white-space:nowrap"><span style="display:inline-block;width:10px;height:10px;background:{color}"></span> '
+                      f"{key} {v / GIB:.2f}</span>")
+    mark = ""
+    if capacity:
+        mark = f'<div style="position:absolute;left:{100 * capacity / scale:.3f}%;top:-3px;bottom:-3px;border-left:2px dashed #222"></div>'
+        fits = total <= capacity
+        verdict = (f'<span class="sl-fits" style="color:#1b7f3b">fits: {total / GIB:.2f} of {capacity / GIB:.0f} GiB on {html.escape(gpu)}</span>' if fits else
+                   f'<span class="sl-oom" style="color:#b00020">does not fit: {total / GIB:.2f} GiB needed, {html.escape(gpu)} has {capacity / GIB:.0f} GiB</span>')
+    else:
+        verdict = f"total {total / GIB:.2f} GiB"
+    return (
+        f'<div class="sl-memory-bar" style="position:relative;display:flex;height:22px;border:1px solid #999;background:#f3f3f3">{"".join(segs)}{mark}</div>'
+        f'<div style="font-size:12px;margin-top:4px;display:flex;flex-wrap:wrap;gap:10px">{"".join(legend)} <span>(GiB per GPU)</span></div>'
+        f'<div style="margin-top:4px">{verdict}</div>'
+    )
+
+
+def speed_html(est: dict[str, Any]) -> str:
+    if "error" in est or est.get("step_time_s") is None:
+        return ""
+    parts = [f"predicted step time <b>{est['step_time_s'] * 1000:.1f} ms</b>"]
+    if est.get("tokens_per_s"):
+        parts.append(f"{est['tokens_per_s']:,.0f} tokens/s")
+    if est.get("mfu") is not None:
+        parts.append(f"MFU {100 * est['mfu']:.0f}%")
+    return f'<div class="sl-speed">{" · ".join(parts)}</div>'
+
+
+class MemoryPanel:
+    """Model and GPU selectors, the memory bar and the predicted speed for the plan `plan_getter` returns."""
+
+    def __init__(self, model: str, gpu: str, plan_getter: Callable[[], Plan]):
+        self.plan_getter = plan_getter
+        gpus = gpu_names()
+        self.model = pn.widgets.Select(name="model preset", options=list(PRESETS), value=model, width=180,
+                                       description="Model shape used for the estimate (shardlab.models presets).", css_classes=["sl-model"])
+        self.gpu = pn.widgets.Select(name="GPU", options=gpus, value=gpu if gpu in gpus else gpus[0], width=180,
+                                     description="GPU whose memory the bar is measured against (shardlab.estimate.gpus).", css_classes=["sl-gpu"])
+        self.bar = pn.pane.HTML("", sizing_mode="stretch_width", css_classes=["sl-memory"])
+        self.speed = pn.pane.HTML("", sizing_mode="stretch_width", css_classes=["sl-speed-pane"])
+        self.last: dict[str, Any] = {}
+        for w in (self.model, self.gpu):
+            w.param.watch(lambda ev: self.refresh(), "value")
+        self.layout = pn.Card(pn.Row(self.model, self.gpu), self.bar, self.speed, title="Memory per GPU (estimate)",
+                              sizing_mode="stretch_width", css_classes=["sl-memory-card"])
+
+    def refresh(self) -> None:
+        est = estimate_dict(self.plan_getter(), self.model.value, self.gpu.value)
+        self.last = est
+        b, s = bar_html(est, gpu_capacity(self.gpu.value), self.gpu.value), speed_html(est)
+        if self.bar.object != b:
+            self.bar.object = b
+        if self.speed.object != s:
+            self.speed.object = s

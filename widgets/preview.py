@@ -1,0 +1,107 @@
+"""Live export previews: one tab per real tool's format, each with copy and download.
+
+Only the visible tab is re-exported when the plan changes (the others are marked stale and rendered
+when shown), so a control change costs one export, not five. The text is whatever
+`shardlab.export.export(plan, target)` returns; when the plan cannot be exported the tab says why.
+"""
+
+from __future__ import annotations
+
+import html
+import io
+from typing import Callable
+
+import panel as pn
+
+from shardlab.plan import Plan, PlanError
+
+# (tab title, export target or None for the launcher choice, download file name)
+TABS = (
+    ("DeepSpeed JSON", "deepspeed", "ds_config.json"),
+    ("accelerate YAML", "accelerate", "accelerate_config.yaml"),
+    ("FSDP code", "fsdp-code", "train_fsdp.py"),
+    ("Launch command", None, "launch.sh"),
+    ("SLURM script", "slurm", "job.slurm"),
+)
+LAUNCHERS = ("auto", "torchrun", "deepspeed-launch", "accelerate-launch")
+
+
+def export_text(plan: Plan, target: str) -> str:
+    """The exporter's text, or a comment saying why this plan cannot be exported to `target`."""
+    try:
+        from shardlab.export import export
+    except ImportError:
+        return f"# the {target} exporter is not installed in this build of shardlab"
+    try:
+        return export(plan, target)
+    except PlanError as e:
+        lines = "\n".join(f"#   {line}" for line in str(e).splitlines())
+        return f"# cannot export to {target} until this is fixed:\n{lines}\n"
+
+
+class PreviewTabs:
+    """Tabs of exported text for the plan that `plan_getter` returns."""
+
+    def __init__(self, plan_getter: Callable[[], Plan]):
+        self.plan_getter = plan_getter
+        self.launcher = pn.widgets.RadioButtonGroup(options=list(LAUNCHERS), value="auto", button_type="light", css_classes=["sl-launcher-choice"])
+        self.launcher.param.watch(lambda ev: self._render(3), "value")
+        self._text: list[str] = [""] * len(TABS)
+        self._stale = [True] * len(TABS)
+        self._panes: list[pn.pane.HTML] = []
+        self._raw: list[pn.widgets.TextAreaInput] = []
+        tabs = []
+        for i, (title, target, filename) in enumerate(TABS):
+            slug = (target or "launch").replace("-", "")
+            pane = pn.pane.HTML("", css_classes=["sl-preview", "sl-preview-" + slug], sizing_mode="stretch_width",
+                                styles={"max-height": "420px", "overflow": "auto"})
+            # The raw text rides along hidden so the copy button's browser code can read it.
+            raw = pn.widgets.TextAreaInput(value="", visible=False)
+            copy = pn.widgets.Button(name="Copy", icon="clipboard", button_type="light", width=90, css_classes=["sl-copy"])
+            copy.js_on_click(args={"raw": raw}, code="navigator.clipboard.writeText(raw.value)")
+            download = pn.widgets.FileDownload(callback=lambda i=i: io.StringIO(self._current(i)), filename=filename,
+                                               label=f"Download {filename}", embed=False, button_type="light", width=230,
+                                               css_classes=["sl-download"])
+            head = [copy, download] if target else [self.launcher, copy, download]
+            tabs.append((title, pn.Column(pn.Row(*head), raw, pane, sizing_mode="stretch_width")))
+            self._panes.append(pane)
+            self._raw.append(raw)
+        self.tabs = pn.Tabs(*tabs, dynamic=False, sizing_mode="stretch_width", css_classes=["sl-preview-tabs"])
+        self.tabs.param.watch(lambda ev: self._render(ev.new), "active")
+        self.layout = self.tabs
+
+    def target(self, i: int) -> str:
+        t = TABS[i][1]
+        if t is not None:
+            return t
+        choice = self.launcher.value
+        if choice == "auto":
+            return "deepspeed-launch" if self.plan_getter().framework == "deepspeed" else "torchrun"
+        return choice
+
+    def text(self, target: str) -> str:
+        """The preview text for an export target (computed now, whatever tab is shown)."""
+        return export_text(self.plan_getter(), target)
+
+    def refresh(self) -> None:
+        """The plan changed: re-export the visible tab, mark the others stale."""
+        self._stale = [True] * len(TABS)
+        self._render(self.tabs.active)
+
+    def _current(self, i: int) -> str:
+        if self._stale[i]:
+            self._render(i)
+        return self._text[i]
+
+    def _render(self, i: int) -> None:
+        text = export_text(self.plan_getter(), self.target(i))
+        self._stale[i] = False
+        if text == self._text[i]:
+            return
+        self._text[i] = text
+        self._raw[i].value = text
+        self._panes[i].object = f"<pre style='margin:0;font-size:12px;white-space:pre'>{html.escape(text)}</pre>"
+
+    def shown_text(self, i: int | None = None) -> str:
+        """What the tab `i` (default: the visible one) shows right now."""
+        return self._text[self.tabs.active if i is None else i]
