@@ -1,0 +1,327 @@
+"""The training program torchrun starts: `python -m shardlab.run.worker RUN_DIR`.
+
+It reads RUN_DIR/plan.yaml (a shardlab Plan) and RUN_DIR/run.json ({"model", "steps", "device",
+"seed", "factory", "trace_memory", "instrument"}), trains `steps` optimizer steps on deterministic
+synthetic batches, and after each step every rank appends one JSON line to RUN_DIR/metrics.jsonl
+(phase timestamps, loss, throughput, the model-state bytes it holds, its collective traffic, memory).
+RUN_DIR/events.jsonl gets start / done / oom / error lines. Exit codes: 0 done, EXIT_OOM (3) when the
+rank ran out of memory, 1 on any other failure.
+
+With "instrument": false the loop is the same but nothing is measured beyond loss and step time: the
+overhead benchmark compares the two.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import sys
+import time
+import traceback
+from pathlib import Path
+
+EXIT_OK, EXIT_ERROR, EXIT_OOM = 0, 1, 3
+RUN_DEFAULTS = {"steps": 3, "device": "cpu", "seed": 0, "factory": None, "trace_memory": False, "instrument": True}
+
+
+def _prepare_env(device: str) -> None:
+    """Environment fixes that must happen before torch / deepspeed are imported."""
+    from shardlab.export.launch import sanitize_arch_list
+
+    if os.environ.get("TORCH_CUDA_ARCH_LIST"):
+        os.environ["TORCH_CUDA_ARCH_LIST"] = sanitize_arch_list(os.environ["TORCH_CUDA_ARCH_LIST"])
+    if device == "cpu":
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+
+class Log:
+    """Appends JSON lines with one O_APPEND write each, so ranks never interleave inside a line."""
+
+    def __init__(self, path: Path):
+        self.fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+
+    def write(self, obj: dict) -> None:
+        os.write(self.fd, (json.dumps(obj, separators=(",", ":"), default=_jsonable) + "\n").encode())
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
+def _jsonable(o):
+    try:
+        return float(o)
+    except Exception:
+        return str(o)
+
+
+def flops_per_token(spec) -> float:
+    """Training FLOPs per token: 6N + 12·L·d·T (models.py's function when it exists)."""
+    try:
+        from shardlab.models import flops_per_token as f
+
+        return float(f(spec))
+    except ImportError:
+        return 6.0 * spec.params + 12.0 * spec.layers * spec.hidden * spec.seq_len
+
+
+def peak_tflops(device_name: str, precision: str) -> float | None:
+    """Peak dense TFLOPS of this GPU for `precision` from shardlab's GPU table, None if unknown."""
+    try:
+        from shardlab.estimate import gpus
+    except ImportError:
+        return None
+    for fn_name in ("match_device_name", "match_gpu", "gpu_for_device_name"):
+        fn = getattr(gpus, fn_name, None)
+        if fn is not None:
+            try:
+                gpu = fn(device_name)
+            except Exception:
+                gpu = None
+            if gpu is not None:
+                return _peak_of(gpu, precision)
+    return None
+
+
+def _peak_of(gpu, precision: str) -> float | None:
+    key = "fp32" if precision == "fp32" else "bf16"
+    for attr in (f"{key}_tflops", "bf16_tflops", "tflops"):
+        v = gpu.get(attr) if isinstance(gpu, dict) else getattr(gpu, attr, None)
+        if v:
+            return float(v)
+    return None
+
+
+def _load_factory(spec: str):
+    """'module:function' -> the function (returns (model, batch_fn))."""
+    from shardlab.plan import bad_input
+
+    mod, _, fn = spec.partition(":")
+    if not mod or not fn:
+        raise bad_input("factory", f"factory={spec!r} must look like 'module:function'.")
+    try:
+        return getattr(importlib.import_module(mod), fn)
+    except (ImportError, AttributeError) as e:
+        raise bad_input("factory", f"factory={spec!r} cannot be loaded ({e}). Check the module is importable and defines {fn}.") from None
+
+
+def _is_oom(e: BaseException) -> bool:
+    import torch
+
+    if isinstance(e, (MemoryError, torch.OutOfMemoryError)):
+        return True
+    return isinstance(e, RuntimeError) and ("can't allocate memory" in str(e) or "out of memory" in str(e).lower())
+
+
+class Worker:
+    """One rank's run: set-up, the training loop, the per-step records."""
+
+    def __init__(self, run_dir: Path):
+        self.dir = run_dir
+        cfg = {**RUN_DEFAULTS, **json.loads((run_dir / "run.json").read_text())}
+        self.cfg = cfg
+        self.device = cfg["device"]
+        self.instrument = bool(cfg.get("instrument", True))
+        self.rank = int(os.environ.get("RANK", 0))
+        self.world = int(os.environ.get("WORLD_SIZE", 1))
+        self.local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        self.phase = "init"
+        self.events = Log(run_dir / "events.jsonl")
+        self.metrics = Log(run_dir / "metrics.jsonl")
+        self.counter = None
+
+    def event(self, event: str, **extra) -> None:
+        self.events.write({"t": time.time(), "rank": self.rank, "event": event, "phase": self.phase, **extra})
+
+    # -- set-up ---------------------------------------------------------------------------------
+    def setup(self) -> None:
+        _prepare_env(self.device)
+        if self.instrument:
+            from shardlab.run.measure import CommCounter
+
+            # before the frameworks bind torch.distributed's functions (DeepSpeed does at init)
+            self.counter = CommCounter().install()
+        import torch
+        import torch.distributed as dist
+
+        from shardlab.models import resolve_model
+        from shardlab.plan import load_plan
+
+        self.plan = load_plan(self.dir / "plan.yaml")
+        if self.device == "cuda":
+            torch.cuda.set_device(self.local_rank)
+            if self.cfg.get("trace_memory"):
+                torch.cuda.memory._record_memory_history(max_entries=200_000)
+        dist.init_process_group("nccl" if self.device == "cuda" else "gloo",
+                                device_id=torch.device("cuda", self.local_rank) if self.device == "cuda" else None)
+        self.event("start", world_size=self.world, pid=os.getpid(), host=os.uname().nodename,
+                   framework=self.plan.framework, sharding=self.plan.sharding)
+        self.phase = "build"
+        from shardlab.run.data import Batches
+        from shardlab.run.gpt import build_model, loss_fn
+
+        if self.cfg.get("factory"):
+            model, self.batches = _load_factory(self.cfg["factory"])()
+            self.spec = None
+            self.seq_len = None
+        else:
+            self.spec = resolve_model(self.cfg["model"])
+            torch.manual_seed(self.cfg["seed"])
+            model = build_model(self.spec, seed=self.cfg["seed"])
+            self.seq_len = self.spec.seq_len
+            self.batches = Batches(seed=self.cfg["seed"], rank=self.rank, world_size=self.world,
+                                   micro_batch_size=self.plan.micro_batch_size, grad_accum_steps=self.plan.grad_accum_steps,
+                                   seq_len=self.spec.seq_len, vocab=self.spec.vocab, device=self.device)
+        self.phase = "wrap"
+        from shardlab.run.wrap import wrap
+
+        self.trainer = wrap(self.plan, model, self.device, loss_fn)
+        self.peak = None
+        if self.device == "cuda" and self.spec is not None:
+            self.peak = peak_tflops(torch.cuda.get_device_name(), self.plan.precision)
+        self.fpt = flops_per_token(self.spec) if self.spec is not None else None
+
+    # -- the loop -------------------------------------------------------------------------------
+    def run(self) -> None:
+        import contextlib
+
+        import torch
+        import torch.distributed as dist
+
+        from shardlab.run import measure
+
+        cuda = self.device == "cuda"
+        accum = self.plan.grad_accum_steps
+        t = self.trainer
+        pause = self.counter.pause if self.counter is not None else contextlib.nullcontext
+        for step in range(1, int(self.cfg["steps"]) + 1):
+            if self.instrument:
+                measure.reset_peaks(self.device)
+                self.counter.reset()
+            mem_phases: dict[str, int | None] = {}
+            fwd_s = bwd_s = 0.0
+            losses = []
+            tokens = 0
+            t_start = time.time()
+            ev = [torch.cuda.Event(enable_timing=True) for _ in range(4)] if cuda and self.instrument else None
+            if ev:
+                ev[0].record()
+            for micro in range(accum):
+                x, y = self.batches(step, micro)
+                tokens += x.numel()
+                self.phase = "forward"
+                t0 = time.time()
+                loss = t.forward(x, y)
+                t1 = time.time()
+                if ev and micro == accum - 1:
+                    ev[1].record()
+                if self.instrument and micro == accum - 1:
+                    mem_phases["fwd"] = measure.allocated(self.device)
+                self.phase = "backward"
+                t.backward(loss, accum)
+                t2 = time.time()
+                fwd_s += t1 - t0
+                bwd_s += t2 - t1
+                losses.append(loss.detach().float())
+                if t.engine is not None and micro < accum - 1:
+                    t.engine.step()  # DeepSpeed: a no-op step between micro-batches
+            if ev:
+                ev[2].record()
+            t_fwd_end, t_bwd_end = t_start + fwd_s, t_start + fwd_s + bwd_s
+            state = None
+            if self.instrument:
+                mem_phases["bwd"] = measure.allocated(self.device)
+                # grads exist now (after backward, before the optimizer zeroes them)
+                with pause():
+                    state = measure.state_bytes(t.module, t.zero_optimizer, self.plan.framework)
+            self.phase = "optimizer"
+            t.step()
+            t.zero_grad()
+            if ev:
+                ev[3].record()
+            if self.instrument:
+                mem_phases["opt"] = measure.allocated(self.device)
+                after = measure.state_bytes(t.module, t.zero_optimizer, self.plan.framework)
+                # optimizer states appear lazily at the first step, and params are at rest (resharded)
+                # only after it: take those two from after the step, the grads from before it
+                state.update(params=after["params"], optimizer=after["optimizer"])
+            self.phase = "log"
+            comm = self.counter.snapshot() if self.instrument else ({}, {})
+            loss_sum = torch.stack(losses).sum()
+            with pause():
+                dist.all_reduce(loss_sum)  # also synchronises the step (and the GPU) for the timings
+            t_opt_end = time.time()
+            if ev:
+                torch.cuda.synchronize()
+                f_ms, b_ms, o_ms = ev[0].elapsed_time(ev[1]), ev[1].elapsed_time(ev[2]), ev[2].elapsed_time(ev[3])
+                t_fwd_end = t_start + f_ms / 1e3
+                t_bwd_end = t_fwd_end + b_ms / 1e3
+            step_time = t_opt_end - t_start
+            rec = {"step": step, "rank": self.rank, "world_size": self.world,
+                   "loss": loss_sum.item() / (accum * self.world),
+                   "t_start": t_start, "t_fwd_end": t_fwd_end, "t_bwd_end": t_bwd_end, "t_opt_end": t_opt_end,
+                   "step_time_s": step_time, "tokens": tokens, "tokens_per_s": tokens / step_time}
+            if self.instrument:
+                tflops = self.fpt * tokens / step_time / 1e12 if self.fpt else None
+                rec.update(tflops=tflops, mfu=(tflops / self.peak if tflops and self.peak else None),
+                           state_bytes=state, comm_bytes=comm[0], comm_count=comm[1])
+                mem = measure.memory(self.device)
+                rec.update(mem)
+                if cuda:
+                    rec["mem_phases"] = mem_phases
+            self.metrics.write(rec)
+        self.phase = "done"
+
+    def finish(self) -> None:
+        import torch
+        import torch.distributed as dist
+
+        if self.device == "cuda" and self.cfg.get("trace_memory"):
+            torch.cuda.memory._dump_snapshot(str(self.dir / f"memory_snapshot_rank{self.rank}.pickle"))
+            torch.cuda.memory._record_memory_history(enabled=None)
+        self.event("done")
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _memory_at_failure(device: str) -> dict:
+    try:
+        from shardlab.run.measure import memory
+
+        return memory(device)
+    except Exception:
+        return {}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 1:
+        print("usage: python -m shardlab.run.worker RUN_DIR", file=sys.stderr)
+        return 2
+    w = Worker(Path(argv[0]))
+    try:
+        w.setup()
+        w.run()
+        w.finish()
+        return EXIT_OK
+    except BaseException as e:  # noqa: BLE001 - every failure is recorded, then reported by exit code
+        if isinstance(e, KeyboardInterrupt):
+            w.event("error", message="interrupted")
+            return EXIT_ERROR
+        if _is_oom(e):
+            w.event("oom", message=str(e).splitlines()[0][:500] if str(e) else type(e).__name__, **_memory_at_failure(w.device))
+            if w.device == "cuda" and w.cfg.get("trace_memory"):
+                try:
+                    import torch
+
+                    torch.cuda.memory._dump_snapshot(str(w.dir / f"memory_snapshot_rank{w.rank}.pickle"))
+                except Exception:
+                    pass
+            return EXIT_OOM
+        w.event("error", message=f"{type(e).__name__}: {e}"[:2000], traceback=traceback.format_exc()[-4000:])
+        traceback.print_exc()
+        return EXIT_ERROR
+
+
+if __name__ == "__main__":
+    sys.exit(main())

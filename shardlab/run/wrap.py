@@ -1,0 +1,310 @@
+"""Wrap a model as the Plan says, with FSDP1, FSDP2 or DeepSpeed, and drive one training step.
+
+`wrap(plan, model, device)` returns a `Trainer`: its `forward_backward(x, y, scale)` and `step()` hide
+how each framework runs a step (loss scaling, accumulation, clipping, the optimizer), so the worker's
+loop and its measurements are the same for all three. Everything here maps one Plan field to one
+framework knob; where a framework has no such knob the Plan's validation has already refused it.
+
+- FSDP1: FullyShardedDataParallel (sharding strategy, MixedPrecision, CPUOffload, auto-wrap policy
+  from plan.wrap, backward/forward prefetch, limit_all_gathers, sync_module_states; a 2-D mesh for
+  HYBRID_SHARD), ShardedGradScaler for fp16.
+- FSDP2: `fully_shard` on each Block then on the root (reshard_after_forward: True for zero3 and
+  hybrid, False for zero2); ddp is FSDP2's own `replicate`; hybrid is a 2-D (replicate, shard) mesh;
+  MixedPrecisionPolicy, CPUOffloadPolicy; torch.amp.GradScaler for fp16.
+- DeepSpeed: `deepspeed.initialize` with the config `ds_config(plan)` builds.
+Activation checkpointing is torch.utils.checkpoint inside each Block (inside the FSDP unit).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from shardlab.plan import Plan
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+_BETAS, _EPS = (0.9, 0.999), 1e-8
+
+
+def _dtype(name: str, precision: str) -> torch.dtype:
+    return DTYPES[precision if name == "auto" else name]
+
+
+def block_class(model: nn.Module, name: str) -> type:
+    """The module class called `name` inside `model` (the transformer block to wrap)."""
+    for m in model.modules():
+        if type(m).__name__ == name:
+            return type(m)
+    from shardlab.plan import bad_input
+
+    names = sorted({type(m).__name__ for m in model.modules()})
+    raise bad_input("wrap.transformer_layer_cls", f"wrap.transformer_layer_cls={name!r} is not a module class in this model. Use one of {names}.")
+
+
+def set_activation_checkpointing(model: nn.Module, block_cls: type, on: bool) -> None:
+    """Recompute each block's forward in backward (non-reentrant torch.utils.checkpoint)."""
+    if not on:
+        return
+    from torch.utils.checkpoint import checkpoint
+
+    for m in model.modules():
+        if isinstance(m, block_cls) and not getattr(m, "_shardlab_ckpt", False):
+            inner = m.forward
+            m.forward = functools.partial(checkpoint, inner, use_reentrant=False)
+            m._shardlab_ckpt = True
+
+
+def make_optimizer(plan: Plan, params) -> torch.optim.Optimizer:
+    o = plan.optimizer
+    if o.name == "adamw":
+        return torch.optim.AdamW(params, lr=o.lr, weight_decay=o.weight_decay, betas=_BETAS, eps=_EPS)
+    if o.name == "adam":
+        return torch.optim.Adam(params, lr=o.lr, weight_decay=o.weight_decay, betas=_BETAS, eps=_EPS)
+    return torch.optim.SGD(params, lr=o.lr, weight_decay=o.weight_decay, momentum=0.9)
+
+
+@dataclass
+class Trainer:
+    """One framework's way of running a step. `module` is what the batch is fed to."""
+
+    framework: str
+    module: nn.Module
+    optimizer: Any
+    loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    clip: float | None = None
+    scaler: Any = None
+    engine: Any = None  # DeepSpeed engine
+    extras: dict = field(default_factory=dict)
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return self.loss(self.module(x), y)
+
+    def backward(self, loss: torch.Tensor, accum: int) -> None:
+        if self.engine is not None:
+            self.engine.backward(loss)  # DeepSpeed divides by gradient_accumulation_steps itself
+            return
+        loss = loss / accum
+        (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+
+    def step(self) -> None:
+        """Clip, step the optimizer. Call once per optimizer step (DeepSpeed: after each micro-batch)."""
+        if self.engine is not None:
+            self.engine.step()
+            return
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
+        if self.clip:
+            if self.framework == "fsdp1":
+                self.module.clip_grad_norm_(self.clip)
+            else:
+                torch.nn.utils.clip_grad_norm_(self.module.parameters(), self.clip)
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+
+    def zero_grad(self) -> None:
+        if self.engine is None:
+            self.optimizer.zero_grad(set_to_none=True)
+        # DeepSpeed zeroes its gradients inside engine.step() at the accumulation boundary
+
+    @property
+    def zero_optimizer(self):
+        return self.engine.optimizer if self.engine is not None else self.optimizer
+
+
+def wrap(plan: Plan, model: nn.Module, device: str, loss: Callable) -> Trainer:
+    """Shard `model` (built on CPU, initialised) as `plan` says and return its Trainer."""
+    fn = {"fsdp1": _fsdp1, "fsdp2": _fsdp2, "deepspeed": _deepspeed}[plan.framework]
+    return fn(plan, model, device, loss)
+
+
+def _mesh(plan: Plan, device: str):
+    """(replicate over nodes, shard within a node) for hybrid; None otherwise."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    t = plan.topology
+    return init_device_mesh(device, (t.nodes, t.gpus_per_node), mesh_dim_names=("replicate", "shard"))
+
+
+def _fsdp1(plan: Plan, model: nn.Module, device: str, loss: Callable) -> Trainer:
+    from torch.distributed.fsdp import (BackwardPrefetch, CPUOffload, FullyShardedDataParallel as FSDP,
+                                        MixedPrecision, ShardingStrategy)
+    from torch.distributed.fsdp.wrap import size_based_auto_wrap_policy, transformer_auto_wrap_policy
+
+    strategy = {"ddp": ShardingStrategy.NO_SHARD, "zero2": ShardingStrategy.SHARD_GRAD_OP,
+                "zero3": ShardingStrategy.FULL_SHARD, "hybrid": ShardingStrategy.HYBRID_SHARD}[plan.sharding]
+    policy = None
+    if plan.wrap.policy == "transformer":
+        policy = functools.partial(transformer_auto_wrap_policy, transformer_layer_cls={block_class(model, plan.wrap.transformer_layer_cls)})
+    elif plan.wrap.policy == "size":
+        policy = functools.partial(size_based_auto_wrap_policy, min_num_params=plan.wrap.min_num_params)
+    mp = None
+    if plan.precision != "fp32":
+        mp = MixedPrecision(param_dtype=DTYPES[plan.precision], reduce_dtype=_dtype(plan.reduce_dtype, plan.precision),
+                            buffer_dtype=_dtype(plan.buffer_dtype, plan.precision))
+    prefetch = {"backward_pre": BackwardPrefetch.BACKWARD_PRE, "backward_post": BackwardPrefetch.BACKWARD_POST, "none": None}[plan.backward_prefetch]
+    if plan.activation_checkpointing:
+        set_activation_checkpointing(model, block_class(model, plan.wrap.transformer_layer_cls), True)
+    kwargs: dict[str, Any] = {}
+    if plan.sharding == "hybrid":
+        kwargs["device_mesh"] = _mesh(plan, device)
+    if device == "cuda":
+        kwargs["device_id"] = torch.cuda.current_device()
+    fsdp = FSDP(model, sharding_strategy=strategy, auto_wrap_policy=policy, mixed_precision=mp,
+                cpu_offload=CPUOffload(offload_params=plan.offload.params == "cpu"), backward_prefetch=prefetch,
+                forward_prefetch=plan.forward_prefetch, limit_all_gathers=plan.limit_all_gathers,
+                sync_module_states=plan.sync_module_states, use_orig_params=plan.compile, **kwargs)
+    optimizer = make_optimizer(plan, fsdp.parameters())
+    scaler = None
+    if plan.precision == "fp16" and plan.loss_scaling == "dynamic":
+        from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
+
+        scaler = ShardedGradScaler(device=device)
+    module = torch.compile(fsdp) if plan.compile else fsdp
+    # a compiled module forwards clip_grad_norm_ (and any attribute) to the FSDP module inside
+    return Trainer("fsdp1", module, optimizer, loss, plan.gradient_clipping, scaler)
+
+
+def _fsdp2(plan: Plan, model: nn.Module, device: str, loss: Callable) -> Trainer:
+    import torch.distributed as dist
+    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
+
+    block_cls = block_class(model, plan.wrap.transformer_layer_cls) if plan.wrap.policy == "transformer" else None
+    if plan.sync_module_states:
+        # FSDP2 has no sync_module_states flag: broadcast rank 0's weights before sharding.
+        for t in [*model.parameters(), *model.buffers()]:
+            dist.broadcast(t.data if device == "cpu" else t.data.to(device), src=0)
+    if device == "cuda":
+        model.to(device)
+    set_activation_checkpointing(model, block_cls or type(None), plan.activation_checkpointing and block_cls is not None)
+    if plan.compile and block_cls is not None:
+        for m in model.modules():
+            if isinstance(m, block_cls):
+                m.compile()
+    mp = MixedPrecisionPolicy()
+    if plan.precision != "fp32":
+        mp = MixedPrecisionPolicy(param_dtype=DTYPES[plan.precision], reduce_dtype=_dtype(plan.reduce_dtype, plan.precision))
+    offload = CPUOffloadPolicy(pin_memory=device == "cuda") if plan.offload.params == "cpu" else OffloadPolicy()
+    units = [m for m in model.modules() if block_cls is not None and isinstance(m, block_cls)]
+    if plan.wrap.policy == "size":
+        units = [m for m in model.modules() if m is not model and sum(p.numel() for p in m.parameters()) >= plan.wrap.min_num_params
+                 and not any(sum(p.numel() for p in c.parameters()) >= plan.wrap.min_num_params for c in m.children())]
+    if plan.sharding == "ddp":
+        from torch.distributed._composable.replicate_with_fsdp import replicate
+
+        for m in units:
+            replicate(m, mp_policy=mp, offload_policy=offload)
+        replicate(model, mp_policy=mp, offload_policy=offload)
+    else:
+        mesh = _mesh(plan, device) if plan.sharding == "hybrid" else None
+        reshard = plan.sharding != "zero2"
+        for m in units:
+            fully_shard(m, mesh=mesh, reshard_after_forward=reshard, mp_policy=mp, offload_policy=offload)
+        fully_shard(model, mesh=mesh, reshard_after_forward=reshard, mp_policy=mp, offload_policy=offload)
+    if plan.forward_prefetch and units:
+        for a, b in zip(units, units[1:]):
+            a.set_modules_to_forward_prefetch([b])
+    optimizer = make_optimizer(plan, model.parameters())
+    scaler = None
+    if plan.precision == "fp16" and plan.loss_scaling == "dynamic":
+        scaler = torch.amp.GradScaler(device)
+    return Trainer("fsdp2", model, optimizer, loss, plan.gradient_clipping, scaler)
+
+
+# ---------------------------------------------------------------------------------------------
+# DeepSpeed
+
+
+def ds_config(plan: Plan, device: str) -> dict:
+    """The DeepSpeed config for this plan, with concrete values where the export leaves 'auto'."""
+    try:
+        from shardlab.export import export
+
+        cfg = json.loads(export(plan, "deepspeed"))
+    except (ImportError, AttributeError, NotImplementedError, KeyError):
+        cfg = _fallback_ds_config(plan)
+    cfg = _drop_auto(cfg)
+    cfg["train_micro_batch_size_per_gpu"] = plan.micro_batch_size
+    cfg["gradient_accumulation_steps"] = plan.grad_accum_steps
+    cfg.pop("train_batch_size", None)  # DeepSpeed derives it from the two above and the world size
+    opt = cfg.get("optimizer")
+    if opt and opt.get("type", "").lower() in ("adam", "adamw") and device == "cpu":
+        zero = cfg.get("zero_optimization", {})
+        if zero.get("offload_optimizer", {}).get("device", "none") == "none":
+            # DeepSpeed's FusedAdam is a CUDA kernel; on CPU the same update comes from torch's AdamW.
+            opt.setdefault("params", {})["torch_adam"] = True
+    cfg.setdefault("steps_per_print", 1 << 30)
+    cfg.setdefault("wall_clock_breakdown", False)
+    return cfg
+
+
+def _drop_auto(obj):
+    if isinstance(obj, dict):
+        return {k: _drop_auto(v) for k, v in obj.items() if v != "auto"}
+    return obj
+
+
+def _fallback_ds_config(plan: Plan) -> dict:
+    """Plan -> DeepSpeed JSON (used until shardlab.export.deepspeed exists)."""
+    stage = {"ddp": 0, "zero1": 1, "zero2": 2, "zero3": 3, "hybrid": 3}[plan.sharding]
+    zero: dict[str, Any] = {"stage": stage}
+    if plan.offload.optimizer != "none":
+        zero["offload_optimizer"] = {"device": plan.offload.optimizer, **({"nvme_path": plan.offload.nvme_path} if plan.offload.optimizer == "nvme" else {})}
+    if plan.offload.params != "none":
+        zero["offload_param"] = {"device": plan.offload.params, **({"nvme_path": plan.offload.nvme_path} if plan.offload.params == "nvme" else {})}
+    b = plan.buckets
+    for key, val in (("reduce_bucket_size", b.reduce_bucket_size), ("allgather_bucket_size", b.allgather_bucket_size),
+                     ("stage3_prefetch_bucket_size", b.prefetch_bucket_size),
+                     ("stage3_param_persistence_threshold", b.param_persistence_threshold)):
+        if val != "auto" and (stage == 3 or not key.startswith("stage3")):
+            zero[key] = val
+    hpz = plan.zeropp.hpz_partition_size
+    if plan.sharding == "hybrid" and hpz == 1:
+        hpz = plan.topology.gpus_per_node
+    if stage == 3:
+        if hpz > 1:
+            zero["zero_hpz_partition_size"] = hpz
+        if plan.zeropp.quantized_weights:
+            zero["zero_quantized_weights"] = True
+        if plan.zeropp.quantized_gradients:
+            zero["zero_quantized_gradients"] = True
+    cfg: dict[str, Any] = {"zero_optimization": zero}
+    if plan.precision == "bf16":
+        cfg["bf16"] = {"enabled": True}
+    elif plan.precision == "fp16":
+        cfg["fp16"] = {"enabled": True, "loss_scale": 0 if plan.loss_scaling == "dynamic" else 1}
+    if plan.gradient_clipping:
+        cfg["gradient_clipping"] = plan.gradient_clipping
+    if plan.activation_checkpointing:
+        cfg["activation_checkpointing"] = {"partition_activations": False}
+    o = plan.optimizer
+    if o.name in ("adam", "adamw"):
+        cfg["optimizer"] = {"type": "AdamW" if o.name == "adamw" else "Adam",
+                            "params": {"lr": o.lr, "weight_decay": o.weight_decay, "betas": list(_BETAS), "eps": _EPS}}
+    return cfg
+
+
+def _deepspeed(plan: Plan, model: nn.Module, device: str, loss: Callable) -> Trainer:
+    import deepspeed
+
+    cfg = ds_config(plan, device)
+    if plan.activation_checkpointing:
+        set_activation_checkpointing(model, block_class(model, plan.wrap.transformer_layer_cls), True)
+    client_opt = None
+    if "optimizer" not in cfg:  # SGD: DeepSpeed takes torch's optimizer as a client optimizer
+        client_opt = make_optimizer(plan, model.parameters())
+        cfg["zero_allow_untested_optimizer"] = True
+    engine, optimizer, _, _ = deepspeed.initialize(model=model, model_parameters=[p for p in model.parameters()],
+                                                   optimizer=client_opt, config=cfg)
+    if plan.compile:
+        engine.compile()
+    t = Trainer("deepspeed", engine, optimizer, loss, plan.gradient_clipping, engine=engine)
+    t.extras["ds_config"] = cfg
+    return t
