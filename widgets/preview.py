@@ -30,10 +30,10 @@ def export_text(plan: Plan, target: str) -> str:
     """The exporter's text, or a comment saying why this plan cannot be exported to `target`."""
     try:
         from shardlab.export import export
+
+        return export(plan, target)
     except ImportError:
         return f"# the {target} exporter is not installed in this build of shardlab"
-    try:
-        return export(plan, target)
     except PlanError as e:
         lines = "\n".join(f"#   {line}" for line in str(e).splitlines())
         return f"# cannot export to {target} until this is fixed:\n{lines}\n"

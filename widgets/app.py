@@ -1,0 +1,44 @@
+"""The served dashboard (`shardlab app --port N`): build, run and compare in one page.
+
+The same components as in the notebooks: a ConfigBuilder, a RunLauncher that runs the builder's
+current plan, and a RunCompare over the run store ($SHARDLAB_RUNS_DIR, default ./runs). Each browser
+session gets its own objects. The server listens on 127.0.0.1 only: it can start processes, so it is
+not for the network.
+"""
+
+from __future__ import annotations
+
+import panel as pn
+
+from shardlab_widgets.builder import ConfigBuilder
+from shardlab_widgets.compare import RunCompare
+from shardlab_widgets.launcher import RunLauncher, default_runs_dir
+
+
+def create_app(runs_dir: str | None = None) -> pn.viewable.Viewable:
+    """One session's dashboard: Build / Run / Compare tabs sharing the builder's plan."""
+    runs_dir = runs_dir or default_runs_dir()
+    builder = ConfigBuilder()
+    launcher = RunLauncher(builder, out=runs_dir)
+    compare = RunCompare(runs_dir)
+    tabs = pn.Tabs(("Build", builder), ("Run", launcher), ("Compare", compare),
+                   dynamic=False, sizing_mode="stretch_width", css_classes=["sl-app-tabs"])
+    # The store changes while the app is open: re-read it whenever Compare is shown.
+    tabs.param.watch(lambda ev: ev.new == 2 and compare.refresh(), "active")
+    header = pn.pane.Markdown("# shardlab — FSDP / DeepSpeed ZeRO config explorer", margin=(0, 10))
+    return pn.Column(header, tabs, sizing_mode="stretch_width")
+
+
+def serve(port: int = 5006, show: bool = False, runs_dir: str | None = None, threaded: bool = False):
+    """Serve the dashboard at http://127.0.0.1:PORT/ (blocks unless `threaded`, which returns the server)."""
+    pn.extension()
+    return pn.serve(
+        {"/": lambda: create_app(runs_dir)},
+        port=port,
+        address="127.0.0.1",
+        websocket_origin=[f"127.0.0.1:{port}", f"localhost:{port}"],
+        show=show,
+        title="shardlab",
+        threaded=threaded,
+        print_url=True,
+    )

@@ -1,0 +1,199 @@
+"""RunLauncher: start a real run of a plan, watch it live, cancel it, see how it ended.
+
+The plan comes from a ConfigBuilder (its current plan when Start is pressed) or a Plan. The run is
+`shardlab.launch(...)`; its watcher thread calls `on_event`, which only queues the lines (it must stay
+short and thread-safe), and a periodic callback on the UI's own loop drains the queue and the
+memory timeline file into two bokeh figures. Tests and scripts without an event loop call `poll()`.
+"""
+
+from __future__ import annotations
+
+import collections
+import html
+import os
+import time
+from typing import Any
+
+import panel as pn
+from bokeh.models import ColumnDataSource
+from bokeh.plotting import figure
+
+from shardlab.models import PRESETS
+from shardlab.plan import Plan, PlanError, load_plan
+
+MIB = 2**20
+PALETTE = ("#4c78a8", "#f58518", "#54a24b", "#e45756", "#72b7b2", "#b279a2", "#ff9da6", "#9d755d")
+
+
+def default_runs_dir() -> str:
+    """The run store: $SHARDLAB_RUNS_DIR if set (the served app and the browser tests use it), else ./runs."""
+    return os.environ.get("SHARDLAB_RUNS_DIR") or "runs"
+
+
+class RunLauncher(pn.viewable.Viewer):
+    """Model preset, steps, processes and device; start, cancel, a progress bar, live memory and throughput."""
+
+    def __init__(self, plan: Any = None, *, model: str = "gpt-tiny", steps: int = 20, nproc: int = 2,
+                 device: str = "cpu", out: str | None = None, **params):
+        super().__init__(**params)
+        self.source = plan  # a ConfigBuilder (read at Start), a Plan, or anything load_plan takes
+        self.out = out or default_runs_dir()
+        self.run = None
+        self._queue: collections.deque = collections.deque()
+        self._timeline_tail = None
+        self._t0: float | None = None
+        self._callback = None
+
+        self.model = pn.widgets.Select(name="model preset", options=list(PRESETS), value=model, width=160, css_classes=["sl-run-model"])
+        self.steps = pn.widgets.IntInput(name="steps", value=steps, start=1, width=100, css_classes=["sl-run-steps"])
+        self.nproc = pn.widgets.IntInput(name="processes", value=nproc, start=1, width=100, css_classes=["sl-run-nproc"],
+                                         description="Processes per node (GPUs, or CPU processes on a CPU run).")
+        self.device = pn.widgets.Select(name="device", options=["cpu", "cuda"], value=device, width=100, css_classes=["sl-run-device"])
+        self.start_button = pn.widgets.Button(name="Start run", button_type="primary", width=110, css_classes=["sl-run-start"])
+        self.cancel_button = pn.widgets.Button(name="Cancel", button_type="danger", width=90, disabled=True, css_classes=["sl-run-cancel"])
+        self.progress = pn.indicators.Progress(value=0, max=steps, width=300, css_classes=["sl-run-progress"])
+        self.status = pn.pane.HTML("no run yet", css_classes=["sl-run-status"], sizing_mode="stretch_width")
+        self.start_button.on_click(lambda ev: self.start())
+        self.cancel_button.on_click(lambda ev: self.cancel())
+
+        self.memory_source = ColumnDataSource(dict(seconds=[], mib=[], color=[], rank=[]))
+        self.speed_source = ColumnDataSource(dict(step=[], tokens_per_s=[]))
+        mem = figure(height=240, sizing_mode="stretch_width", title="Memory per rank (sampled)",
+                     x_axis_label="seconds since start", y_axis_label="MiB (2^20 bytes)", tools="pan,wheel_zoom,reset,hover")
+        mem.scatter("seconds", "mib", color="color", source=self.memory_source, size=3, legend_field="rank")
+        mem.legend.location = "bottom_right"
+        speed = figure(height=240, sizing_mode="stretch_width", title="Throughput (rank 0)",
+                       x_axis_label="step", y_axis_label="tokens/s per process", tools="pan,wheel_zoom,reset,hover")
+        speed.line("step", "tokens_per_s", source=self.speed_source, line_width=2)
+        speed.scatter("step", "tokens_per_s", source=self.speed_source, size=5)
+        self.memory_plot = pn.pane.Bokeh(mem, sizing_mode="stretch_width", css_classes=["sl-run-timeline"])
+        self.speed_plot = pn.pane.Bokeh(speed, sizing_mode="stretch_width", css_classes=["sl-run-speed"])
+        self._layout = pn.Column(
+            pn.pane.Markdown("## Run it", margin=(0, 10)),
+            pn.Row(self.model, self.steps, self.nproc, self.device, self.start_button, self.cancel_button),
+            pn.Row(self.progress, self.status, sizing_mode="stretch_width"),
+            pn.Row(self.memory_plot, self.speed_plot, sizing_mode="stretch_width"),
+            sizing_mode="stretch_width", css_classes=["sl-launcher"],
+        )
+
+    def __panel__(self):
+        return self._layout
+
+    # -------------------------------------------------------------------------------------------
+
+    def plan(self) -> Plan:
+        src = self.source
+        if src is None:
+            return Plan()
+        if hasattr(src, "plan") and isinstance(src.plan, Plan):
+            return src.plan
+        return load_plan(src, check=False)
+
+    def start(self):
+        """Launch the run; returns it (None, with the message shown, if the plan or settings are refused)."""
+        from shardlab.run.launcher import launch
+        from shardlab.run.store import JsonlTail
+
+        if self.run is not None and not self.run.done:
+            return self.run
+        self._reset()
+        try:
+            self.run = launch(self.plan(), model=self.model.value, steps=int(self.steps.value), nproc=int(self.nproc.value),
+                              device=self.device.value, out=self.out, on_event=self._queue.append)
+        except PlanError as e:
+            self._show_status("refused", str(e))
+            return None
+        self._timeline_tail = JsonlTail(self.run.dir / "timeline.jsonl")
+        self.progress.param.update(max=int(self.steps.value), value=0, bar_color="primary")
+        self.start_button.disabled, self.cancel_button.disabled = True, False
+        self._show_status("running", None)
+        self._start_polling()
+        return self.run
+
+    def cancel(self) -> None:
+        if self.run is not None:
+            self.run.cancel()
+            self.poll()
+
+    def wait(self, timeout: float | None = None, every: float = 0.3) -> str | None:
+        """Block until the run ends, updating the display as it goes (for scripts and tests)."""
+        if self.run is None:
+            return None
+        end = None if timeout is None else time.monotonic() + timeout
+        while not self.run.done and (end is None or time.monotonic() < end):
+            self.poll()
+            time.sleep(every)
+        self.run.wait(timeout=5)
+        self.poll()
+        return self.run.status
+
+    # -------------------------------------------------------------------------------------------
+
+    def _reset(self) -> None:
+        self._queue.clear()
+        self._t0 = None
+        self.memory_source.data = dict(seconds=[], mib=[], color=[], rank=[])
+        self.speed_source.data = dict(step=[], tokens_per_s=[])
+
+    def _start_polling(self) -> None:
+        try:
+            self._callback = pn.state.add_periodic_callback(self.poll, period=300, start=True)
+        except Exception:  # no event loop (plain script): poll()/wait() do the work instead
+            self._callback = None
+
+    def poll(self) -> None:
+        """Move what the run wrote since the last call into the figures, progress bar and status."""
+        run = self.run
+        if run is None:
+            return
+        steps, speeds = [], []
+        final = None
+        while self._queue:
+            item = self._queue.popleft()
+            if item.get("type") == "metrics" and item.get("rank") == 0 and item.get("tokens_per_s") is not None:
+                steps.append(item.get("step", len(self.speed_source.data["step"]) + len(steps)))
+                speeds.append(float(item["tokens_per_s"]))
+            elif item.get("type") == "status":
+                final = item.get("status")
+        if steps:
+            self.speed_source.stream(dict(step=steps, tokens_per_s=speeds))
+        lines = self._timeline_tail.new() if self._timeline_tail else []
+        if lines:
+            if self._t0 is None:
+                self._t0 = min(float(x["t"]) for x in lines)
+            ranks = [int(x.get("rank", 0)) for x in lines]
+            self.memory_source.stream(dict(seconds=[float(x["t"]) - self._t0 for x in lines],
+                                           mib=[float(x["bytes"]) / MIB for x in lines],
+                                           color=[PALETTE[r % len(PALETTE)] for r in ranks],
+                                           rank=[f"rank {r}" for r in ranks]))
+        done = getattr(run, "steps_done", None)
+        if done is not None:
+            self.progress.value = min(int(done), self.progress.max)
+        status = final or run.status
+        if status != "running":
+            self._finished(status)
+        else:
+            self._show_status("running", None)
+
+    def _finished(self, status: str) -> None:
+        if self._callback is not None:
+            self._callback.stop()
+            self._callback = None
+        info = self.run.info
+        error = info.get("error")
+        if status == "completed":
+            self.progress.param.update(value=self.progress.max, bar_color="success")
+        else:
+            self.progress.bar_color = "danger"
+        self.start_button.disabled, self.cancel_button.disabled = False, True
+        self._show_status(status, error)
+
+    def _show_status(self, status: str, error: str | None) -> None:
+        colour = {"completed": "#1b7f3b", "running": "#333"}.get(status, "#b00020")
+        where = f" · {html.escape(str(self.run.dir))}" if self.run is not None else ""
+        done = f" · step {self.progress.value}/{self.progress.max}" if self.run is not None else ""
+        text = f'<b class="sl-status-{status}" style="color:{colour}">{status}</b>{done}{where}'
+        if error:
+            text += f'<pre class="sl-run-error" style="color:#b00020;white-space:pre-wrap">{html.escape(str(error))}</pre>'
+        if self.status.object != text:
+            self.status.object = text
