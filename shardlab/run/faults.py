@@ -1,0 +1,199 @@
+"""How a run fails, and how it is ended: failure detection, killing every process, the final report.
+
+Sources of truth, in order of trust: the worker's own oom / error events (they name the rank and the
+phase); torchrun's failure summary in the agent log ("rank : R (local_rank: L) / exitcode : C", root
+cause first); and what the timeline sampler saw (a rank's process vanishing, e.g. kill -9, before it
+said "done"). On a CPU an allocation beyond the memory limit is a RuntimeError ("can't allocate
+memory"), not torch.OutOfMemoryError, so error text is also checked for out-of-memory wording.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import psutil
+
+GRACE_S = 2.0  # after a failure, torchrun gets this long to end its workers itself before we do
+OOM_EXIT = 3  # the worker's exit code for out of memory
+_OOM_TEXT = re.compile(r"out of memory|can't allocate memory|cannot allocate memory|OutOfMemoryError|MemoryError", re.I)
+_SUMMARY = re.compile(r"rank\s*:\s*(\d+)\s*\(local_rank:\s*(\d+)\)\s*\n\s*exitcode\s*:\s*(-?\d+)")
+
+
+@dataclass
+class Failure:
+    status: str  # failed | oom
+    rank: int | None
+    since: float | None = field(default_factory=time.monotonic)  # None: end the run now
+    phase: str | None = None
+    error: str | None = None
+    event: dict | None = None
+
+
+def _is_oom_event(ev: dict) -> bool:
+    return ev.get("event") == "oom" or (ev.get("event") == "error" and bool(_OOM_TEXT.search(str(ev.get("error") or ev.get("message") or ""))))
+
+
+def detect(events: list[dict], sampler, agent_codes: list[int | None]) -> Failure | None:
+    """The run's first failure so far, or None."""
+    for ev in events:
+        if ev.get("event") in ("oom", "error"):
+            return Failure("oom" if _is_oom_event(ev) else "failed", ev.get("rank"), phase=ev.get("phase"),
+                           error=ev.get("error") or ev.get("message"), event=ev)
+    if any(c not in (None, 0) for c in agent_codes):
+        return Failure("failed", None, since=None)
+    done = {ev.get("rank") for ev in events if ev.get("event") == "done"}
+    gone = [(t, r) for r, t in getattr(sampler, "gone", {}).items() if r not in done]
+    if gone and any(c is None for c in agent_codes):
+        t, rank = min(gone)
+        return Failure("failed", rank, since=time.monotonic() - (time.time() - t))
+    return None
+
+
+def _alive(p: psutil.Process) -> bool:
+    try:
+        return p.is_running() and p.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
+def _strays(run_dir: str) -> list[psutil.Process]:
+    """Our processes whose command line names this run's folder (the workers do): a net under the
+    tracking, for a rank that started and was orphaned before the sampler ever saw it."""
+    me, out = os.getuid(), []
+    for p in psutil.process_iter(["cmdline", "uids"]):
+        try:
+            if p.info["uids"] and p.info["uids"].real == me and p.pid != os.getpid() and any(run_dir in a for a in p.info["cmdline"] or ()):
+                out.append(p)
+        except psutil.Error:
+            pass
+    return out
+
+
+def kill_all(agents, sampler, run_dir: str | None = None) -> None:
+    """End every process of the run: SIGCONT (a stopped one cannot act on SIGTERM), SIGTERM, and after
+    2 s SIGKILL; then reap the agents. Returns when none is left (or after ~5 s)."""
+    procs: dict[int, psutil.Process] = {}
+    for a in agents:
+        try:
+            ap = psutil.Process(a.pid)
+            procs[ap.pid] = ap
+            for c in ap.children(recursive=True):
+                procs.setdefault(c.pid, c)
+        except psutil.Error:
+            pass
+    for p in sampler.processes():
+        procs.setdefault(p.pid, p)
+    if run_dir:
+        for p in _strays(run_dir):
+            procs.setdefault(p.pid, p)
+    live = [p for p in procs.values() if _alive(p)]
+    for sig in (signal.SIGCONT, signal.SIGTERM):
+        for p in live:
+            try:
+                p.send_signal(sig)  # psutil checks the pid still belongs to the same process
+            except psutil.Error:
+                pass
+    _, live = psutil.wait_procs(live, timeout=2)
+    live = [p for p in live if _alive(p)]
+    for p in live:
+        try:
+            p.kill()
+        except psutil.Error:
+            pass
+    psutil.wait_procs(live, timeout=3)
+    for a in agents:
+        try:
+            a.wait(timeout=1)
+        except Exception:
+            pass
+
+
+def limit_memory(limit_bytes: int):
+    """A sampler hook putting an address-space limit on each rank as it is found (Linux prlimit)."""
+    def hook(p: psutil.Process) -> None:
+        p.rlimit(psutil.RLIMIT_AS, (limit_bytes, limit_bytes))
+    return hook
+
+
+def link_rank_logs(run_dir: Path, sampler) -> None:
+    """logs/rank{r}.stdout.log / .stderr.log -> torchrun's per-rank files (relative links)."""
+    logs = run_dir / "logs"
+    where = dict(getattr(sampler, "where", {}))
+    for rank, (node, local) in where.items():
+        for stream in ("stdout", "stderr"):
+            found = sorted(logs.glob(f"node{node}/*/attempt_*/{local}/{stream}.log"))
+            link = logs / f"rank{rank}.{stream}.log"
+            if found and not link.exists():
+                try:
+                    link.symlink_to(found[-1].relative_to(logs))
+                except OSError:
+                    pass
+
+
+def _tail(path: Path, n: int = 15) -> str | None:
+    try:
+        lines = [ln for ln in path.read_text(errors="replace").splitlines() if ln.strip()]
+    except OSError:
+        return None
+    return "\n".join(lines[-n:]) if lines else None
+
+
+def torchrun_summary(run_dir: Path) -> list[tuple[int, int, int]]:
+    """(rank, local rank, exit code) of each failed worker from the agents' logs, root cause first."""
+    out = []
+    for log in sorted((run_dir / "logs").glob("agent*.log")):
+        try:
+            text = log.read_text(errors="replace")
+        except OSError:
+            continue
+        # The summary lists "Failures:" (the others) before "Root Cause"; put the root cause first.
+        root = text.rfind("Root Cause")
+        found = [(m.start(), (int(m.group(1)), int(m.group(2)), int(m.group(3)))) for m in _SUMMARY.finditer(text)]
+        out += [x for at, x in found if root != -1 and at > root] + [x for at, x in found if root == -1 or at < root]
+    return out
+
+
+def report(run_dir: Path, status: str, failure: Failure | None, events: list[dict], sampler,
+           agent_codes: list[int | None], steps_done: int, steps: int) -> dict:
+    """The final fields of status.json."""
+    summary = torchrun_summary(run_dir)
+    exit_codes = {str(r): c for r, _, c in summary}
+    for ev in events:
+        if ev.get("event") == "done" and isinstance(ev.get("rank"), int):
+            exit_codes.setdefault(str(ev["rank"]), 0)
+    out = {"status": status, "exit_codes": exit_codes or None, "agent_exit_codes": agent_codes,
+           "failed_rank": None, "error": None, "phase": None}
+    if status == "completed" and steps_done < steps:
+        status = "failed"
+        failure = Failure("failed", None, error=f"the workers exited cleanly after {steps_done} of {steps} steps")
+    if status in ("failed", "oom") or (failure is not None and status not in ("cancelled", "timeout")):
+        failure = failure or Failure("failed", None)
+        rank = failure.rank
+        if rank is None and summary:
+            rank = summary[0][0]
+        if rank is None and getattr(sampler, "gone", None):
+            rank = min((t, r) for r, t in sampler.gone.items())[1]
+        oom = (failure.status == "oom" or any(_is_oom_event(e) for e in events)
+               or (rank is not None and exit_codes.get(str(rank)) == OOM_EXIT))
+        log_tail = _tail(run_dir / "logs" / f"rank{rank}.stderr.log") if rank is not None else None
+        if oom and not failure.phase:
+            ev = next((e for e in events if _is_oom_event(e)), None)
+            failure.phase = ev.get("phase") if ev else None
+            failure.event = failure.event or ev
+        if log_tail is None or (not oom and rank is None):
+            log_tail = log_tail or failure.error or _tail(run_dir / "logs" / "agent0.log")
+        out.update(status="oom" if oom else "failed", failed_rank=rank, phase=failure.phase,
+                   error=log_tail or failure.error)
+        if oom:
+            mem = {k: v for k, v in (failure.event or {}).items() if k.endswith("_bytes") or k == "memory"}
+            if rank is not None and rank in getattr(sampler, "last", {}):
+                mem["rss_bytes_sampled"] = sampler.last[rank]
+            if rank is not None and rank in getattr(sampler, "last_gpu", {}):
+                mem["gpu_bytes_sampled"] = sampler.last_gpu[rank]
+            out["memory_at_failure"] = mem
+    return out

@@ -1,0 +1,375 @@
+"""Start a real sharded run, watch it, stop it: `launch(plan, model, steps) -> LiveRun`.
+
+The run is started with exactly the command `shardlab export --to torchrun` prints
+(`shardlab.export.launch.launch_command`), with real values for the port, node rank and run id: one
+torchrun agent per node of the plan (several "nodes" on one machine meet over a c10d rendezvous on
+127.0.0.1), each agent a child of ours in a session of its own, on a free port, so runs never collide
+and a terminal's Ctrl-C reaches only us. A watcher thread tails the worker's metrics and events, keeps
+status.json current, and ends the run on the first failure, on `timeout_s` seconds without progress,
+or on cancel(); a sampler thread records the memory timeline (timeline.py). Whatever happens, every
+process of the run is gone when status.json turns final.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import queue
+import socket
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Callable, Iterator
+
+from shardlab.plan import Plan, bad_input, load_plan
+from shardlab.run import faults
+from shardlab.run.store import FINAL, JsonlTail, Run, create_run_dir, write_json_atomic
+
+# Variables copied into launch.json besides the ones shardlab sets: what changes how a run behaves.
+# Never anything that looks like a credential.
+_RECORDED_PREFIXES = ("CUDA_", "NCCL_", "TORCH_", "OMP_", "MKL_", "DS_", "PYTORCH_", "NVSHMEM_", "GLOO_")
+_RECORDED = ("PYTHONPATH", "PYTHONUNBUFFERED", "VIRTUAL_ENV", "MASTER_ADDR", "MASTER_PORT", "LD_LIBRARY_PATH")
+_SECRET_WORDS = ("KEY", "TOKEN", "SECRET", "PASSWORD", "CREDENTIAL", "AUTH")
+
+_LIVE: "set[LiveRun]" = set()
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on right now (the OS picks it)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def gpu_count() -> int:
+    """CUDA GPUs on this machine, asked of NVML (no torch import); 0 if there is no driver."""
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        try:
+            return int(pynvml.nvmlDeviceGetCount())
+        finally:
+            pynvml.nvmlShutdown()
+    except Exception:
+        return 0
+
+
+def default_device() -> str:
+    return "cuda" if gpu_count() > 0 else "cpu"
+
+
+def _model_for_worker(model) -> tuple[str, object]:
+    """(display name, what run.json carries: a preset name or a shape dict)."""
+    from shardlab.models import PRESETS, resolve_model
+
+    spec = resolve_model(model)
+    if spec.is_bare:
+        raise bad_input("model", f"model={model!r} is a bare parameter count; a real run needs a shape. Use a preset (e.g. gpt-tiny) or a shape file with layers, hidden, heads, vocab, seq_len.")
+    if isinstance(model, str) and model in PRESETS:
+        return model, model
+    shape = {k: v for k, v in spec.to_dict().items() if k != "params_override" and v is not None}
+    return spec.name, shape
+
+
+def check_run(plan: Plan, *, steps: int, nproc: int, device: str, launcher: str) -> None:
+    """Runner-level checks a valid plan can still fail on this machine (PlanError naming the field)."""
+    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
+        raise bad_input("steps", f"steps={steps!r} must be a whole number of at least 1 (optimizer steps to run). Use e.g. steps=10.")
+    if nproc < 1:
+        raise bad_input("nproc", f"nproc={nproc} must be at least 1 (processes per node). Use e.g. nproc=2.")
+    if device not in ("cpu", "cuda"):
+        raise bad_input("device", f"device={device!r} is not cpu or cuda. Use device='cpu' or device='cuda'.")
+    if launcher != "torchrun":
+        raise bad_input("launcher", f"launcher={launcher!r}: real runs start through torchrun only (the deepspeed and accelerate launchers are export targets). Use launcher='torchrun'.")
+    zpp = plan.zeropp
+    if device == "cpu":
+        for name in ("quantized_weights", "quantized_gradients"):
+            if getattr(zpp, name):
+                raise bad_input(f"zeropp.{name}", f"zeropp.{name}=true (ZeRO++ {'qwZ' if name == 'quantized_weights' else 'qgZ'}) has no CPU implementation in DeepSpeed; this run is on device=cpu. Run it on GPUs (device='cuda'), or set zeropp.{name}: false.")
+        if plan.offload.optimizer == "nvme" or plan.offload.params == "nvme":
+            raise bad_input("offload", "NVMe offload needs DeepSpeed's async I/O op on a CUDA machine; this run is on device=cpu. Use offload: cpu, or run on GPUs.")
+        if plan.precision == "fp16" and plan.framework == "deepspeed" and not _cpu_fp16_ok():
+            raise bad_input("precision", "precision=fp16 with DeepSpeed on this CPU fails: DeepSpeed's CPU accelerator allows fp16 only where oneDNN has fp16 kernels, and this CPU has none. Use precision: bf16 (or fp32) for CPU runs.")
+    else:
+        have = gpu_count()
+        need = nproc * plan.topology.nodes
+        if need > have:
+            raise bad_input("nproc", f"this run needs {need} GPUs (nproc={nproc} x topology.nodes={plan.topology.nodes}) but this machine has {have}. Use nproc <= {have // max(plan.topology.nodes, 1) or 1}, fewer nodes, or device='cpu'.")
+
+
+def _cpu_fp16_ok() -> bool:
+    try:
+        import torch
+
+        return bool(torch.ops.mkldnn._is_mkldnn_fp16_supported())
+    except Exception:
+        return False
+
+
+def _recorded_env(env: dict[str, str], ours: dict[str, str]) -> dict[str, str]:
+    keep = {k: v for k, v in env.items()
+            if (k in _RECORDED or k.startswith(_RECORDED_PREFIXES)) and not any(w in k.upper() for w in _SECRET_WORDS)}
+    keep.update(ours)
+    return dict(sorted(keep.items()))
+
+
+class LiveRun(Run):
+    """A run this process launched: the files (as Run) plus its processes, events and control.
+
+    Iterate over it (or pass on_event to launch) to receive, in order, {"type": "metrics", ...line},
+    {"type": "event", ...line} and finally {"type": "status", "status": ...}; `on_event` is called on
+    the watcher thread, so keep it short and thread-safe (widgets: schedule the UI update).
+    """
+
+    def __init__(self, run_dir: Path, *, agents, sampler, steps: int, world_size: int,
+                 timeout_s: float | None, on_event: Callable[[dict], None] | None, progress, info: dict):
+        super().__init__(run_dir)
+        self.agents = agents  # list of subprocess.Popen, index = node rank
+        self.sampler = sampler
+        self.steps = steps
+        self.world_size = world_size
+        self.timeout_s = timeout_s
+        self.on_event = on_event
+        self.progress = progress
+        self._info = info
+        self._queue: queue.Queue = queue.Queue()
+        self._finished = threading.Event()
+        self._cancel = threading.Event()
+        self._metrics = JsonlTail(run_dir / "metrics.jsonl")
+        self._events = JsonlTail(run_dir / "events.jsonl")
+        self.steps_by_rank: dict[int, int] = {}
+        self.worker_events: list[dict] = []
+        self._watcher = threading.Thread(target=self._watch, name=f"shardlab-watch-{self.id}", daemon=True)
+
+    # ---- public control
+    def wait(self, timeout: float | None = None, poll: float = 0.2) -> str:
+        """Block until the run ends (or `timeout` seconds pass); return its status. Ctrl-C raises
+        KeyboardInterrupt here as usual; the run goes on until cancel()."""
+        end = None if timeout is None else time.monotonic() + timeout
+        while not self._finished.is_set():
+            left = None if end is None else end - time.monotonic()
+            if left is not None and left <= 0:
+                break
+            self._finished.wait(poll if left is None else min(poll, left))
+        return self.status
+
+    def cancel(self, wait: float = 8.0) -> None:
+        """Stop the run: every process is sent SIGTERM, then SIGKILL after 2 s; status becomes cancelled."""
+        if self._finished.is_set():
+            return
+        self._cancel.set()
+        if threading.current_thread() is not self._watcher:
+            self._finished.wait(wait)
+
+    def __iter__(self) -> Iterator[dict]:
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            yield item
+
+    @property
+    def steps_done(self) -> int:
+        """Steps every rank has finished."""
+        if len(self.steps_by_rank) < self.world_size:
+            return 0
+        return min(self.steps_by_rank.values())
+
+    # ---- the watcher
+    def _emit(self, item: dict) -> None:
+        self._queue.put(item)
+        if self.on_event is not None:
+            try:
+                self.on_event(item)
+            except Exception as e:  # a broken callback must not stop the watching
+                print(f"shardlab: on_event callback raised {type(e).__name__}: {e}", file=sys.stderr)
+
+    def _write_info(self, **changes) -> None:
+        self._info.update(changes)
+        write_json_atomic(self.dir / "status.json", self._info)
+
+    def _watch(self) -> None:
+        last_progress = time.monotonic()
+        last_written = 0.0
+        failure: faults.Failure | None = None
+        status = None
+        try:
+            while True:
+                now = time.monotonic()
+                new = False
+                for line in self._metrics.new():
+                    new = True
+                    if isinstance(line.get("rank"), int):
+                        self.steps_by_rank[line["rank"]] = self.steps_by_rank.get(line["rank"], 0) + 1
+                    if self.progress is not None:
+                        self.progress.update(line)
+                    self._emit({"type": "metrics", **line})
+                for ev in self._events.new():
+                    new = True
+                    self.worker_events.append(ev)
+                    self._emit({"type": "event", **ev})
+                if new:
+                    last_progress = now
+                    if now - last_written > 0.5:
+                        self._write_info(steps_done=self.steps_done)
+                        last_written = now
+                if self._cancel.is_set():
+                    status = "cancelled"
+                    break
+                codes = [a.poll() for a in self.agents]
+                failure = failure or faults.detect(self.worker_events, self.sampler, codes)
+                if failure is not None and (failure.since is None or now - failure.since > faults.GRACE_S
+                                            or all(c is not None for c in codes)):
+                    status = failure.status
+                    break
+                if all(c is not None for c in codes):
+                    status = "completed" if all(c == 0 for c in codes) else "failed"
+                    break
+                if self.timeout_s is not None and now - last_progress > self.timeout_s:
+                    status = "timeout"
+                    break
+                time.sleep(0.1)
+        except Exception as e:  # the watcher itself broke: end the run rather than leave it unwatched
+            status, failure = "failed", faults.Failure("failed", None, error=f"shardlab watcher: {type(e).__name__}: {e}")
+        self._finish(status, failure)
+
+    def _finish(self, status: str, failure) -> None:
+        faults.kill_all(self.agents, self.sampler, str(self.dir))
+        self.sampler.stop()
+        # Lines written in the last moments before the end still count.
+        for line in self._metrics.new():
+            if isinstance(line.get("rank"), int):
+                self.steps_by_rank[line["rank"]] = self.steps_by_rank.get(line["rank"], 0) + 1
+            if self.progress is not None:
+                self.progress.update(line)
+            self._emit({"type": "metrics", **line})
+        for ev in self._events.new():
+            self.worker_events.append(ev)
+            self._emit({"type": "event", **ev})
+        faults.link_rank_logs(self.dir, self.sampler)
+        codes = [a.returncode for a in self.agents]
+        report = faults.report(self.dir, status, failure, self.worker_events, self.sampler, codes,
+                               self.steps_done, self.steps)
+        self._write_info(**report, steps_done=self.steps_done, ended_at=time.time())
+        if self.progress is not None:
+            self.progress.close(report["status"])
+        _LIVE.discard(self)
+        self._finished.set()
+        self._emit({"type": "status", "status": report["status"], "id": self.id})
+        self._queue.put(None)
+
+
+def launch(plan, model="gpt-tiny", steps: int = 10, nproc: int | None = None, device: str | None = None,
+           out: str | Path = "runs", seed: int = 0, timeout_s: float | None = None, progress: bool = False,
+           on_event: Callable[[dict], None] | None = None, launcher: str = "torchrun", factory: str | None = None,
+           trace_memory: bool = False, instrument: bool = True, mem_limit_bytes: int | None = None,
+           worker_module: str = "shardlab.run.worker") -> LiveRun:
+    """Start `plan` for real on this machine and return at once (call .wait() to block).
+
+    nproc: processes per node (default: the plan's topology.gpus_per_node; the plan written to the
+    run folder says what really ran). device: 'cuda' if a GPU is present, else 'cpu'. timeout_s:
+    seconds without a new metrics or event line before the run is stopped as 'timeout' (start-up
+    counts). mem_limit_bytes: an address-space limit (RLIMIT_AS) put on each rank as soon as it
+    starts: on a CPU this is how a run is made to meet an out-of-memory failure on purpose.
+    worker_module: the program torchrun runs (`python -m worker_module RUN_DIR`); only for testing
+    the launcher against a stand-in.
+    Bad input raises PlanError before anything starts.
+    """
+    from shardlab.export.launch import launch_command, sanitized_env
+    from shardlab.run.timeline import Sampler
+
+    import psutil
+
+    plan = load_plan(plan)
+    device = device or default_device()
+    nproc = int(nproc or plan.topology.gpus_per_node)
+    check_run(plan, steps=steps, nproc=nproc, device=device, launcher=launcher)
+    if nproc != plan.topology.gpus_per_node:
+        plan = load_plan(plan.model_copy(update={"topology": plan.topology.model_copy(update={"gpus_per_node": nproc})}))
+    model_name, model_arg = _model_for_worker(model)
+    nodes = plan.topology.nodes
+    world = plan.world_size
+
+    run_id, run_dir = create_run_dir(out)
+    run_dir = run_dir.resolve()
+    (run_dir / "plan.yaml").write_text(plan.to_yaml())
+    write_json_atomic(run_dir / "run.json", {"model": model_arg, "steps": steps, "device": device, "seed": seed,
+                                             "factory": factory, "trace_memory": trace_memory, "instrument": instrument})
+    for name in ("metrics.jsonl", "events.jsonl", "timeline.jsonl"):
+        (run_dir / name).touch()
+
+    port = free_port()
+    cores = os.cpu_count() or 1
+    ours = {"PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS") or str(max(1, cores // world)),
+            "SHARDLAB_RUN_DIR": str(run_dir)}
+    if device == "cpu":
+        ours["DS_ACCELERATOR"] = "cpu"
+    cmds = []
+    for node in range(nodes):
+        argv, set_env = launch_command(
+            plan, ["-m", worker_module, str(run_dir)], launcher="torchrun", nproc_per_node=nproc, nnodes=nodes,
+            node_rank=node, master_addr="127.0.0.1", master_port=port, run_id=run_id,
+            torchrun=[sys.executable, "-m", "torch.distributed.run"])
+        # torchrun's own per-rank log files: logs/node{n}/<run id>_*/attempt_0/<local rank>/std{out,err}.log
+        argv = [*argv[:-3], f"--log-dir={run_dir / 'logs' / f'node{node}'}", "--redirects=3", *argv[-3:]]
+        node_env = {**set_env, **ours}
+        if device == "cuda" and nodes > 1:
+            node_env["CUDA_VISIBLE_DEVICES"] = ",".join(str(node * nproc + i) for i in range(nproc))
+        cmds.append((argv, node_env))
+    write_json_atomic(run_dir / "launch.json", {
+        "launcher": launcher, "cwd": os.getcwd(), "master_port": port,
+        "agents": [{"node": n, "argv": a, "env": _recorded_env(sanitized_env(e), e)} for n, (a, e) in enumerate(cmds)],
+    })
+    info = {"id": run_id, "status": "running", "model": model_name, "framework": plan.framework,
+            "sharding": plan.sharding, "precision": plan.precision, "device": device, "nodes": nodes,
+            "nproc_per_node": nproc, "world_size": world, "steps": steps, "steps_done": 0, "seed": seed,
+            "timeout_s": timeout_s, "started_at": time.time(), "ended_at": None, "exit_codes": None,
+            "failed_rank": None, "error": None, "phase": None, "launcher_pid": os.getpid(), "processes": []}
+    write_json_atomic(run_dir / "status.json", info)
+
+    import subprocess
+
+    agents = []
+    try:
+        for node, (argv, node_env) in enumerate(cmds):
+            log = open(run_dir / "logs" / f"agent{node}.log", "ab")
+            agents.append(subprocess.Popen(argv, env=sanitized_env(node_env), stdin=subprocess.DEVNULL,
+                                           stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=os.getcwd()))
+            log.close()
+    except OSError as e:
+        for a in agents:
+            a.kill()
+            a.wait()
+        info.update(status="failed", error=f"could not start torchrun: {e}", ended_at=time.time())
+        write_json_atomic(run_dir / "status.json", info)
+        raise
+    procs = {n: psutil.Process(a.pid) for n, a in enumerate(agents)}
+    info["processes"] = [{"pid": p.pid, "create_time": p.create_time(), "role": f"agent{n}"} for n, p in procs.items()]
+    write_json_atomic(run_dir / "status.json", info)
+
+    sampler = Sampler(run_dir / "timeline.jsonl", procs, gpus_per_node=nproc if device == "cuda" else 0, device=device)
+    if mem_limit_bytes:
+        sampler.on_rank = faults.limit_memory(int(mem_limit_bytes))
+    sampler.start()
+    bar = None
+    if progress:
+        from shardlab.run.progress import Progress
+
+        bar = Progress(steps, world, desc=f"{plan.framework} {plan.sharding} {model_name}")
+    run = LiveRun(run_dir, agents=agents, sampler=sampler, steps=steps, world_size=world, timeout_s=timeout_s,
+                  on_event=on_event, progress=bar, info=info)
+    _LIVE.add(run)
+    run._watcher.start()
+    return run
+
+
+@atexit.register
+def _cancel_live_runs() -> None:
+    # A kernel restart or the end of a script must not leave torchrun agents training in the background.
+    for run in list(_LIVE):
+        try:
+            run.cancel(wait=5)
+        except Exception:
+            pass
