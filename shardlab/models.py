@@ -39,6 +39,9 @@ class ModelSpec:
     ffn_hidden: int | None = None
     family: Literal["gpt", "llama"] = "gpt"
     params_override: int | None = field(default=None, compare=False)
+    # Set by count_module for a user nn.Module: its repeated block (FSDP/ZeRO-3 gather unit).
+    wrap_unit_params: int | None = field(default=None, compare=False)
+    wrap_unit_count: int = field(default=0, compare=False)
 
     @property
     def n_kv_heads(self) -> int:
@@ -167,9 +170,11 @@ def shape_from_dict(data: dict, name: str = "custom") -> ModelSpec:
 
 
 def resolve_model(spec: str | int | float | dict | ModelSpec) -> ModelSpec:
-    """A preset name, a shape file path, a shape dict, or a bare count -> ModelSpec (PlanError if bad)."""
+    """A preset name, a shape file path, a shape dict, a bare count or an nn.Module -> ModelSpec (PlanError if bad)."""
     if isinstance(spec, ModelSpec):
         return spec
+    if hasattr(spec, "named_parameters"):  # an nn.Module, counted without importing torch here
+        return count_module(spec)
     if isinstance(spec, dict):
         return shape_from_dict(spec)
     if isinstance(spec, (int, float)) and not isinstance(spec, bool):
@@ -194,3 +199,178 @@ def resolve_model(spec: str | int | float | dict | ModelSpec) -> ModelSpec:
 
 def with_seq_len(spec: ModelSpec, seq_len: int) -> ModelSpec:
     return replace(spec, seq_len=seq_len)
+
+
+
+# --------------------------------------------------------------------------------------------
+# Shape arithmetic for the estimators: tensor shapes, FLOPs, activations, wrap units.
+#
+# Everything here is cached on the shape (widgets call the estimator on every change), so the key
+# must include the fields that ModelSpec's equality ignores (params_override, wrap unit).
+
+
+def _key(spec: ModelSpec) -> tuple:
+    return (spec.layers, spec.hidden, spec.heads, spec.vocab, spec.seq_len, spec.kv_heads, spec.ffn_hidden,
+            spec.family, spec.params_override, spec.wrap_unit_params, spec.wrap_unit_count)
+
+
+@dataclass(frozen=True)
+class ParamShapes:
+    """Parameter tensors as (dim0, numel // dim0), grouped as FSDP's transformer policy groups them.
+
+    `embed` and `head` make up the root unit (input embeddings; final norm + LM head); `block` is one
+    transformer block, repeated `layers` times. For a bare count the whole model is one head tensor.
+    """
+
+    embed: tuple[tuple[int, int], ...]
+    block: tuple[tuple[int, int], ...]
+    layers: int
+    head: tuple[tuple[int, int], ...]
+
+    @property
+    def root_numel(self) -> int:
+        return sum(a * b for a, b in self.embed + self.head)
+
+    @property
+    def block_numel(self) -> int:
+        return sum(a * b for a, b in self.block)
+
+
+_SHAPES: dict[tuple, ParamShapes] = {}
+
+
+def param_shapes(spec: ModelSpec) -> ParamShapes:
+    """The model's parameter tensors (for shard padding, persistence thresholds and wrap units)."""
+    k = _key(spec)
+    got = _SHAPES.get(k)
+    if got is not None:
+        return got
+    d, f, kv, V = spec.hidden, spec.ffn, spec.kv_dim, spec.vocab
+    if spec.is_bare:
+        n = spec.params
+        if spec.wrap_unit_params and spec.wrap_unit_count:
+            u, c = spec.wrap_unit_params, spec.wrap_unit_count
+            rest = max(n - u * c, 0)
+            got = ParamShapes((), ((u, 1),), c, ((rest, 1),) if rest else ())
+        else:
+            got = ParamShapes((), (), 0, ((n, 1),))
+    elif spec.family == "gpt":
+        embed = ((V, d), (spec.seq_len, d))
+        block = ((d, 1), (d, 1), (d + 2 * kv, d), (d + 2 * kv, 1), (d, d), (d, 1),
+                 (d, 1), (d, 1), (f, d), (f, 1), (d, f), (d, 1))
+        got = ParamShapes(embed, block, spec.layers, ((d, 1), (d, 1), (V, d)))
+    else:
+        block = ((d, 1), (d + 2 * kv, d), (d, d), (d, 1), (f, d), (f, d), (d, f))
+        got = ParamShapes(((V, d),), block, spec.layers, ((d, 1), (V, d)))
+    _SHAPES[k] = got
+    return got
+
+
+def flops_per_token(spec: ModelSpec, seq_len: int | None = None) -> int:
+    """Training FLOPs per token as torchtitan counts them: 6·N + 12·L·d·T.
+
+    N excludes the input embedding table (and GPT's learned positions): a lookup is no matmul. The
+    LM head stays in N (it is a matmul). 12·L·d·T is attention's QK^T and AV, forward and backward.
+    A bare count has no shape, so it gets 6·N only. Recomputation (activation checkpointing) is
+    not counted, as in torchtitan's MFU; the step-time model adds it separately.
+    """
+    if spec.is_bare:
+        return 6 * spec.params
+    t = spec.seq_len if seq_len is None else seq_len
+    return 6 * (spec.params - spec.embedding_params) + 12 * spec.layers * spec.hidden * t
+
+
+def activation_bytes_per_layer_per_token(spec: ModelSpec, dtype_bytes: int = 2, checkpointing: bool = False) -> int:
+    """Bytes one block keeps for backward per token (SDPA / flash attention: no T×T score matrix).
+
+    Counted from what autograd saves in the runner's blocks, no dropout:
+    - gpt: LN1 input d, qkv input d, q/k/v d+2·kv (SDPA keeps them and its output d), out-proj input
+      d, LN2 input d, fc input d, GELU input f, fc2 input f  → 7d + 2kv + 2f elements (34·d bytes
+      in bf16 for d = kv, f = 4d: the 34·s·b·h of Korthikanti et al. without the 5·a·s/h term
+      that flash attention removes).
+    - llama: norm inputs 2d, q/k/v + SDPA out d+2kv+d, o-proj input d, MLP input d, gate/up
+      outputs and SiLU output 3f, down input f → 7d + 2kv + 4f elements.
+    Per-row statistics (norm mean/rstd, SDPA logsumexp) are a few fp32 values per token: ignored.
+    With checkpointing only the block input (d elements) is kept; the recomputed block's full
+    activations exist once at a time (the estimator adds one layer's worth).
+    """
+    if spec.is_bare:
+        return 0
+    d, f, kv = spec.hidden, spec.ffn, spec.kv_dim
+    if checkpointing:
+        return d * dtype_bytes
+    elems = 7 * d + 2 * kv + (2 * f if spec.family == "gpt" else 4 * f)
+    return elems * dtype_bytes
+
+
+def head_activation_bytes_per_token(spec: ModelSpec, dtype_bytes: int = 2) -> int:
+    """Final norm and LM head per token: norm input d, head input d, logits V, and an fp32
+    log-softmax copy V for the loss (conservative: a loss computed on float logits keeps one)."""
+    if spec.is_bare:
+        return 0
+    return 2 * spec.hidden * dtype_bytes + spec.vocab * (dtype_bytes + 4)
+
+
+def wrap_units(spec: ModelSpec, policy: str = "transformer", min_num_params: int = 100_000_000) -> list[tuple[str, int]]:
+    """FSDP units in forward order, as (name, parameter count); the first is the root unit.
+
+    transformer: one unit per block, the root keeps embeddings, final norm and head.
+    size: blocks become units only if a block holds at least `min_num_params` (torch's size policy
+    wraps the largest modules over the threshold; a GPT block is the natural one), else one unit.
+    none: the whole model is one unit.
+    """
+    s = param_shapes(spec)
+    blocks = s.layers if s.block else 0
+    if policy == "none" or blocks == 0 or (policy == "size" and s.block_numel < min_num_params):
+        return [("root", spec.params)]
+    return [("root", s.root_numel)] + [(f"block{i}", s.block_numel) for i in range(blocks)]
+
+
+def largest_wrap_unit(spec: ModelSpec, policy: str = "transformer", min_num_params: int = 100_000_000) -> int:
+    """Parameters of the largest unit FSDP / ZeRO-3 gathers at once (root unit included)."""
+    return max(n for _, n in wrap_units(spec, policy, min_num_params))
+
+
+def count_module(module, wrap_cls: str | None = None, name: str | None = None) -> ModelSpec:
+    """Count a user nn.Module (or a zero-argument factory building one, built on the meta device).
+
+    Shared (tied) parameters count once. The wrap unit is the modules of class `wrap_cls` if given,
+    else the repeated child class with the most parameters in total (a transformer's block). The
+    result is a bare count with a wrap unit: model states and gather buffers, no activations.
+    """
+    import torch  # only here: `import shardlab` must not import torch
+
+    if not isinstance(module, torch.nn.Module):
+        if not callable(module):
+            raise bad_input("model", f"model={module!r} is not an nn.Module or a function that builds one. Pass the module, or a zero-argument factory.")
+        with torch.device("meta"):
+            module = module()
+        if not isinstance(module, torch.nn.Module):
+            raise bad_input("model", f"the model factory returned {type(module).__name__}, not an nn.Module. Return the module from the factory.")
+    seen: set[int] = set()
+    total = 0
+    for p in module.parameters():
+        if id(p) not in seen:
+            seen.add(id(p))
+            total += p.numel()
+    if total == 0:
+        raise bad_input("model", f"the module {type(module).__name__} has no parameters, so there is nothing to shard. Pass a module with parameters.")
+    by_cls: dict[str, list[int]] = {}
+    for m in module.modules():
+        if m is module:
+            continue
+        by_cls.setdefault(type(m).__name__, []).append(sum(p.numel() for p in m.parameters()))
+    if wrap_cls is not None:
+        if wrap_cls not in by_cls:
+            import difflib
+
+            near = difflib.get_close_matches(wrap_cls, list(by_cls), n=1)
+            hint = f" Did you mean '{near[0]}'?" if near else ""
+            raise bad_input("wrap.transformer_layer_cls", f"wrap.transformer_layer_cls={wrap_cls!r} is not a class inside {type(module).__name__}.{hint}")
+        sizes = by_cls[wrap_cls]
+    else:
+        repeated = [v for v in by_cls.values() if len(v) > 1 and max(v) > 0]
+        sizes = max(repeated, key=sum) if repeated else []
+    unit, count = (max(sizes), len(sizes)) if sizes else (None, 0)
+    return ModelSpec(name or type(module).__name__, layers=0, hidden=0, heads=1, vocab=0, seq_len=0,
+                     params_override=total, wrap_unit_params=unit, wrap_unit_count=count)

@@ -1,1 +1,132 @@
-"""Estimators: memory, communication, step time and what fits. Pure arithmetic, fast."""
+"""Estimators: memory, communication, step time and what fits. Pure arithmetic, fast (well under 5 ms).
+
+`estimate(plan, model, gpu="h100-80gb") -> Estimate`; `Estimate.to_dict()` is DESIGN.md's JSON
+contract (bytes everywhere), `Estimate.summary()` the human table (GiB = 2^30 bytes, labelled).
+What each figure counts is documented in memory.py (per-GPU, CPU, NVMe), comm.py (wire bytes for
+time vs payload bytes as the runner counts collectives) and steptime.py (time, TFLOPS, MFU).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from shardlab.models import ModelSpec, resolve_model
+from shardlab.plan import Plan, load_plan
+
+from .comm import comm
+from .gpus import GPU, GPUS, get_gpu, register_gpu
+from .memory import memory
+from .setup import resolve
+from .steptime import BARE_SEQ_LEN, step_time
+
+__all__ = ["Estimate", "estimate", "GPU", "GPUS", "get_gpu", "register_gpu"]
+
+GIB = 2**30
+GB = 10**9
+
+
+@dataclass
+class Estimate:
+    """One plan's predicted memory, communication and speed on one GPU kind (all bytes)."""
+
+    plan: Plan
+    model: ModelSpec
+    gpu: GPU
+    per_gpu: dict
+    cpu: dict
+    nvme: dict
+    comm_per_step: dict
+    comm_payload_per_step: dict
+    time: dict
+    notes: dict = field(default_factory=dict)
+    flags: list = field(default_factory=list)
+
+    @property
+    def fits(self) -> bool:
+        return self.per_gpu["total"] <= self.gpu.memory_bytes
+
+    @property
+    def headroom_bytes(self) -> int:
+        return self.gpu.memory_bytes - self.per_gpu["total"]
+
+    def to_dict(self) -> dict:
+        p = self.plan
+        return {
+            "model": {"name": self.model.name, "params": self.model.params, "bare": self.model.is_bare},
+            "gpu": self.gpu.name,
+            "gpu_memory_bytes": self.gpu.memory_bytes,
+            "plan": {"framework": p.framework, "sharding": p.sharding, "precision": p.precision,
+                     "world_size": p.world_size, "nodes": p.topology.nodes, "micro_batch_size": p.micro_batch_size,
+                     "grad_accum_steps": p.grad_accum_steps},
+            "per_gpu": dict(self.per_gpu),
+            "cpu": dict(self.cpu),
+            "nvme": self.nvme["total"],
+            "nvme_detail": dict(self.nvme),
+            "comm_per_step": dict(self.comm_per_step),
+            "comm_payload_per_step": dict(self.comm_payload_per_step),
+            "step_time_s": self.time["step_time_s"],
+            "tokens_per_s": self.time["tokens_per_s"],
+            "tokens_per_s_global": self.time["tokens_per_s_global"],
+            "tflops": self.time["tflops"],
+            "mfu": self.time["mfu"],
+            "time": dict(self.time),
+            "fits": self.fits,
+            "headroom_bytes": self.headroom_bytes,
+            "labels": {"memory": "bytes per GPU (cpu, nvme: bytes per node)", "comm_per_step":
+                       "wire bytes per GPU per optimizer step (ring factor)", "comm_payload_per_step":
+                       "tensor bytes passed to collectives per GPU per optimizer step", "tokens_per_s": "per GPU"},
+            "notes": dict(self.notes),
+            "flags": list(self.flags),
+        }
+
+    def summary(self) -> str:
+        p, m = self.plan, self.model
+        # small models read better in MiB; the unit is always named
+        big = max(self.per_gpu[k] for k in ("params", "grads", "optimizer", "activations", "buffers")) >= GIB
+        unit, div = ("GiB", GIB) if big else ("MiB", 2**20)
+        gib = lambda b: f"{b / div:9.2f} {unit}"  # noqa: E731
+        lines = [f"{m.name} ({m.params:,} params) | {p.framework} {p.sharding} {p.precision} | "
+                 f"{p.topology.nodes} node(s) x {p.topology.gpus_per_node} {self.gpu.name}",
+                 "", f"Memory per GPU ({unit} = 2^{30 if big else 20} bytes)"]
+        for k in ("params", "grads", "optimizer", "activations", "buffers", "step_buffers", "overhead"):
+            lines.append(f"  {k:<13}{gib(self.per_gpu[k])}   {self.notes.get(k, '')}")
+        cap = self.gpu.memory_bytes
+        verdict = "fits" if self.fits else "DOES NOT FIT"
+        lines.append(f"  {'total':<13}{self.per_gpu['total'] / GIB:9.2f} GiB   of {cap / GIB:.1f} GiB: {verdict} "
+                     f"(headroom {self.headroom_bytes / GIB:.2f} GiB)")
+        if self.cpu["total"] or self.nvme["total"]:
+            lines.append(f"  CPU RAM per node {self.cpu['total'] / GIB:.2f} GiB, NVMe per node {self.nvme['total'] / GIB:.2f} GiB")
+        c = self.comm_per_step
+        cu, cd = ("GB", GB) if c["total"] >= GB else ("MB", 10**6)
+        lines += ["", f"Communication per GPU per optimizer step (wire bytes with the ring factor; {cu} = 10^{9 if cu == 'GB' else 6} bytes)"]
+        for k, v in c.items():
+            if v and k not in ("intra_node", "inter_node", "total"):
+                lines.append(f"  {k:<22}{v / cd:10.3f} {cu}")
+        lines.append(f"  intra-node {c['intra_node'] / cd:.3f} {cu}, inter-node {c['inter_node'] / cd:.3f} {cu}, total {c['total'] / cd:.3f} {cu}")
+        lines.append(f"  tensor bytes passed to collectives (as the runner counts): {self.comm_payload_per_step['total'] / cd:.3f} {cu}")
+        t = self.time
+        seq_note = f" (bare count: assumes {BARE_SEQ_LEN}-token sequences)" if m.is_bare else ""
+        lines += ["", f"Step time {t['step_time_s'] * 1e3:.1f} ms (compute {t['compute_s'] * 1e3:.1f}, exposed comm "
+                  f"{t['exposed_comm_s'] * 1e3:.1f}, offload {t['offload_s'] * 1e3:.1f}){seq_note}",
+                  f"  {t['tokens_per_s']:,.0f} tokens/s per GPU, {t['tflops']:.0f} TFLOPS per GPU, MFU {t['mfu']:.1%}"]
+        lines += [f"note: {f}" for f in self.flags]
+        return "\n".join(lines)
+
+
+def estimate(plan, model, gpu: str | GPU | dict = "h100-80gb") -> Estimate:
+    """Predict memory, communication and step time for `plan` (a Plan or anything load_plan takes)
+    training `model` (anything resolve_model takes: preset, shape file/dict, bare count, nn.Module)."""
+    plan = plan if isinstance(plan, Plan) else load_plan(plan)
+    spec = resolve_model(model)
+    g = get_gpu(gpu)
+    s = resolve(plan, spec)
+    mem = memory(plan, s)
+    c = comm(plan, s)
+    t = step_time(plan, s, g, c["wire"])
+    notes = dict(mem["notes"])
+    if c["notes"]:
+        notes["comm"] = "; ".join(c["notes"])
+    flags = list(mem["flags"])
+    if s.ds and s.stage == "zero3":
+        flags.append("DeepSpeed ZeRO-3 figures are the steady state (from the second step, once the module trace is recorded)")
+    return Estimate(plan, spec, g, mem["per_gpu"], mem["cpu"], mem["nvme"], c["wire"], c["payload"], t, notes, flags)

@@ -1,0 +1,91 @@
+"""The GPU table: peak dense TFLOPS, memory and link bandwidths that the estimators divide by.
+
+Figures are vendor data sheets' dense (no sparsity) tensor-core peaks and the memory that
+`nvidia-smi` reports as total. Bandwidths are per GPU, one direction, in bytes/s, as a collective
+sees them: `intra_node` is NVLink where the part has it (else PCIe), `inter_node` assumes one NIC
+per GPU of the generation the part is usually deployed with (HDR 200 Gb/s for A100, NDR 400 Gb/s
+for H100/H200, Ethernet for the PCIe cards). They are planning figures: override any of them with
+`register_gpu` or by passing a `GPU` / dict to `estimate(..., gpu=...)`.
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass, fields, replace
+
+from shardlab.plan import bad_input
+
+GB = 10**9
+MIB = 2**20
+
+
+@dataclass(frozen=True)
+class GPU:
+    """One accelerator kind. TFLOPS are dense peaks (10^12 FLOP/s); bandwidths in bytes/s."""
+
+    name: str
+    bf16_tflops: float  # dense bf16/fp16 tensor-core peak (also used for fp16)
+    fp32_tflops: float  # plain fp32 (no TF32): torch's default for matmuls
+    memory_bytes: int
+    intra_node_bw: float
+    inter_node_bw: float
+    pcie_bw: float = 25 * GB  # host <-> device copies (offload)
+
+    def peak_tflops(self, precision: str) -> float:
+        return self.fp32_tflops if precision == "fp32" else self.bf16_tflops
+
+    def to_dict(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+GPUS: dict[str, GPU] = {
+    g.name: g
+    for g in (
+        GPU("a100-40gb", 312.0, 19.5, 40960 * MIB, 300 * GB, 25 * GB, 25 * GB),
+        GPU("a100-80gb", 312.0, 19.5, 81920 * MIB, 300 * GB, 25 * GB, 25 * GB),
+        GPU("h100-80gb", 989.0, 67.0, 81559 * MIB, 450 * GB, 50 * GB, 50 * GB),  # SXM5, NVLink 4
+        GPU("h100-pcie", 756.0, 51.0, 81559 * MIB, 64 * GB, 50 * GB, 50 * GB),  # PCIe Gen5, no NVLink bridge
+        GPU("h200", 989.0, 67.0, 143771 * MIB, 450 * GB, 50 * GB, 50 * GB),
+        GPU("l4", 121.0, 30.3, 23034 * MIB, 32 * GB, 6.25 * GB, 25 * GB),
+        GPU("a10g", 70.0, 31.2, 23028 * MIB, 32 * GB, 6.25 * GB, 25 * GB),
+        GPU("rtx4090", 165.0, 82.6, 24564 * MIB, 32 * GB, 3.125 * GB, 25 * GB),  # bf16 with fp32 accumulate
+    )
+}
+
+_ALIASES = {"h100": "h100-80gb", "h100-sxm": "h100-80gb", "a100": "a100-80gb", "4090": "rtx4090", "h200-141gb": "h200"}
+
+
+def register_gpu(name: str, **values) -> GPU:
+    """Add (or replace) a GPU in the table; unspecified fields copy h100-80gb's, say so explicitly."""
+    base = GPUS.get(name, GPUS["h100-80gb"])
+    known = {f.name for f in fields(GPU)} - {"name"}
+    unknown = set(values) - known
+    if unknown:
+        raise bad_input("gpu", f"unknown GPU fields {sorted(unknown)}; valid ones are {sorted(known)}.")
+    g = replace(base, name=name, **values)
+    GPUS[name] = g
+    return g
+
+
+def get_gpu(gpu: str | GPU | dict) -> GPU:
+    """A GPU by table name, a GPU object, or a dict of GPU fields (name required)."""
+    if isinstance(gpu, GPU):
+        return gpu
+    if isinstance(gpu, dict):
+        d = dict(gpu)
+        name = d.pop("name", "custom")
+        known = {f.name for f in fields(GPU)} - {"name"}
+        missing = known - set(d) - {"pcie_bw"}
+        if missing:
+            raise bad_input("gpu", f"a custom GPU needs {sorted(missing)} as well; got {sorted(d)}. Give bf16_tflops, fp32_tflops, memory_bytes, intra_node_bw and inter_node_bw (bytes/s).")
+        unknown = set(d) - known
+        if unknown:
+            raise bad_input("gpu", f"unknown GPU fields {sorted(unknown)}; valid ones are {sorted(known)}.")
+        return GPU(name=name, **d)
+    key = str(gpu).strip().lower()
+    key = _ALIASES.get(key, key)
+    if key in GPUS:
+        return GPUS[key]
+    near = difflib.get_close_matches(key, list(GPUS) + list(_ALIASES), n=1, cutoff=0.5)
+    hint = f" Did you mean '{_ALIASES.get(near[0], near[0])}'?" if near else ""
+    raise bad_input("--gpu", f"--gpu={gpu!r} is not in the GPU table.{hint} Known GPUs: {', '.join(GPUS)} (or register your own with shardlab.estimate.gpus.register_gpu).")

@@ -1,0 +1,172 @@
+"""Memory per GPU, per node's CPU RAM and NVMe, as each framework really holds it.
+
+What each per-GPU figure counts (bytes, one rank; Ψ = parameters, S = this rank's shard of Ψ with
+the framework's padding, P = compute dtype bytes, R = reduce dtype bytes, K = optimizer bytes/param):
+
+params     the parameter tensors the rank owns between steps. FSDP1/FSDP2 keep the sharded
+           parameters in their original fp32 (4·S; mixed precision only casts the gathered copy).
+           DeepSpeed keeps the model in P: full (P·Ψ) for ddp/zero1/zero2, partitions (P·S) for zero3,
+           plus the hpZ secondary partition (P·Ψ/hpz) when ZeRO++ hpZ is on.
+grads      gradient storage that lives from backward to the step. FSDP: sharded fp32 (4·S; the reduced
+           gradient is cast back to the parameter dtype); NO_SHARD: full fp32. DeepSpeed (gradient
+           accumulation dtype = model dtype by default): zero1 and ddp the full P·Ψ .grad tensors,
+           zero2 the P·S partition buffer, zero3 the P·S grad_partitions_flat_buffer.
+optimizer  fp32 master weights + optimizer states. FSDP: states only (K·S; the fp32 parameters are
+           the master copy). DeepSpeed: fp32 master (4·S, none for zero3/ddp in fp32 where the
+           master aliases the parameters) + K·S states; ZeRO-1/2 clone a master even in fp32.
+activations what autograd keeps for backward for one micro-batch (models.activation_bytes_*),
+           in P; with activation checkpointing one block input per layer plus one block recomputed.
+           A bare parameter count has no shape: 0, and flagged.
+buffers    transient working memory alive during forward/backward: gathered units (FSDP: root unit
+           + (1 + prefetch) largest blocks; zero2 keeps every unit gathered from forward to backward),
+           the unsharded gradient of one unit being reduced, DeepSpeed's contiguous reduce bucket
+           (reduce_bucket_size elements, allocated in full), ZeRO-3's prefetch bucket, persistent
+           parameters (numel <= persistence threshold stay whole on every rank) and parameters kept
+           gathered by the reuse-distance rule.
+step_buffers temporaries of the optimizer step (DeepSpeed's fp32 copy of the gradient partition,
+           torch's foreach Adam temporaries); they exist after activations are freed.
+overhead   CUDA_CONTEXT_BYTES (CUDA context, cuBLAS workspace, NCCL communicator buffers) plus
+           ALLOCATOR_FRACTION of everything else (caching-allocator fragmentation).
+total      params + grads + optimizer + max(activations + buffers, step_buffers + resident buffers)
+           + overhead, where resident buffers are those alive for the whole run (reduce bucket,
+           persistent parameters).
+
+CPU figures are per node (all local ranks), NVMe per node. Offload moves the optimizer side
+(master, states, fp32 gradients) and, for ZeRO-3 / FSDP, the parameter shards.
+"""
+
+from __future__ import annotations
+
+from shardlab.models import activation_bytes_per_layer_per_token, head_activation_bytes_per_token, wrap_units
+from shardlab.plan import Plan
+
+from .setup import (Setup, ds3_kept_for_backward, ds_largest_module, persistent_numel, shard_numel)
+
+GIB = 2**30
+CUDA_CONTEXT_BYTES = 1 * GIB  # context ~0.5 GiB on Hopper/Ampere + NCCL buffers + cuBLAS workspace
+ALLOCATOR_FRACTION = 0.05  # caching-allocator fragmentation on top of live tensors
+
+
+def activations(plan: Plan, s: Setup) -> int:
+    """Bytes of saved activations for one micro-batch on one GPU."""
+    spec = s.spec
+    if spec.is_bare:
+        return 0
+    tokens = plan.micro_batch_size * spec.seq_len
+    per_layer = activation_bytes_per_layer_per_token(spec, s.P, plan.activation_checkpointing)
+    extra = activation_bytes_per_layer_per_token(spec, s.P, False) if plan.activation_checkpointing else 0
+    return tokens * (spec.layers * per_layer + extra + head_activation_bytes_per_token(spec, s.P))
+
+
+def _fsdp(plan: Plan, s: Setup) -> dict:
+    local = s.spec.params if s.stage == "ddp" else shard_numel(s)
+    params, grads, opt = 4 * local, 4 * local, s.opt_bytes * local
+    units = wrap_units(s.spec, plan.wrap.policy, plan.wrap.min_num_params)
+    root = 0 if s.unknown_units else units[0][1]
+    block = max((n for _, n in units[1:]), default=0)
+    depth = 1 if (s.framework == "fsdp2" or plan.backward_prefetch != "none" or plan.forward_prefetch) else 0
+    if s.stage == "zero2":
+        gathered = s.P * s.spec.params  # reshard_after_forward=False keeps every unit until backward
+    elif s.stage == "ddp":
+        gathered = s.P * (root + 2 * block) if s.P < 4 else 0  # only the low-precision cast copies
+    else:
+        gathered = s.P * (root + (1 + depth) * block)
+    reduce_buf = s.R * max(root, block) if s.stage != "ddp" or s.R != 4 else 0
+    step = 4 * local if s.opt_bytes else 0  # foreach Adam: one fp32 temporary per parameter
+    notes = {
+        "params": f"sharded fp32 parameters (4 B x {local:,} elements)",
+        "grads": f"sharded fp32 gradients (4 B x {local:,})",
+        "optimizer": f"optimizer states fp32 ({s.opt_bytes} B x {local:,}); the fp32 params are the master copy",
+        "buffers": f"gathered units in {s.P}-byte dtype ({'all units, zero2' if s.stage == 'zero2' else f'root + {1 + depth} blocks'}) + one unit's unsharded gradient",
+    }
+    cpu = {"params": 0, "grads": 0, "optimizer": 0}
+    if s.offload_opt == "cpu" or s.offload_params == "cpu":  # FSDP offloads all three or none
+        cpu = {"params": params, "grads": grads, "optimizer": opt}
+        params = grads = opt = 0
+        step = 0
+    return dict(params=params, grads=grads, optimizer=opt, gathered=gathered, reduce=reduce_buf, resident=0,
+                step=step, cpu=cpu, nvme={}, notes=notes)
+
+
+def _deepspeed(plan: Plan, s: Setup) -> dict:
+    psi, P = s.spec.params, s.P
+    master = 4 if (P < 4 or s.stage in ("zero1", "zero2")) else 0
+    notes = {}
+    bucket = min(s.reduce_bucket, psi) if s.stage == "ddp" else s.reduce_bucket
+    if s.stage == "ddp":
+        local = psi
+        params, grads = P * psi, P * psi
+        step = 4 * psi if P < 4 else 0
+        gathered = 0
+        notes["grads"] = f"full {P}-byte .grad tensors"
+    elif s.stage in ("zero1", "zero2"):
+        local = shard_numel(s)
+        params = P * psi
+        grads = P * psi if s.stage == "zero1" else P * local
+        step = 4 * local + (P * local if s.stage == "zero1" else 0)
+        gathered = 0
+        notes["grads"] = f"full {P}-byte .grad (zero1: reduced at the boundary)" if s.stage == "zero1" else f"{P}-byte gradient partition"
+    else:
+        local = shard_numel(s)
+        params = P * local + (P * shard_numel(s, s.hpz) if s.hpz > 1 else 0)
+        grads = P * local
+        step = 4 * local
+        keep = ds3_kept_for_backward(s)
+        inflight = min(s.prefetch_bucket, psi) + ds_largest_module(s)
+        gathered = P * (keep + inflight)
+        notes["grads"] = f"{P}-byte gradient partitions (grad_partitions_flat_buffer)"
+    opt = (master + s.opt_bytes) * local
+    persist = P * persistent_numel(s)
+    notes["params"] = (f"{P}-byte model, full" if s.stage != "zero3" else f"{P}-byte partitions (ds_tensor)") + (
+        f" + hpZ secondary partition over {s.hpz}" if s.stage == "zero3" and s.hpz > 1 else "")
+    notes["optimizer"] = f"fp32 master ({master} B) + states ({s.opt_bytes} B) x {local:,} elements"
+    notes["buffers"] = (f"reduce bucket {bucket:,} elements" + (f"; persistent params {persist:,} B; gathered {gathered:,} B (prefetch, largest module, kept for backward)" if s.stage == "zero3" else ""))
+    cpu = {"params": 0, "grads": 0, "optimizer": 0}
+    nvme = {}
+    if s.offload_opt in ("cpu", "nvme"):
+        # master + states (and the fp32 gradient partition the CPU optimizer reads) leave the GPU
+        cpu["grads"] = 4 * local + (grads if s.stage == "zero3" else 0)
+        grads = 0 if s.stage in ("zero2", "zero3") else grads
+        if s.offload_opt == "cpu":
+            cpu["optimizer"] = opt
+        else:
+            nvme["optimizer"] = opt
+        opt, step = 0, 0
+    if s.stage == "zero3" and s.offload_params in ("cpu", "nvme"):
+        moved = P * local
+        params -= moved
+        if s.offload_params == "cpu":
+            cpu["params"] = moved
+        else:
+            nvme["params"] = moved
+    return dict(params=params, grads=grads, optimizer=opt, gathered=gathered + persist, reduce=P * bucket,
+                resident=persist + P * bucket, step=step, cpu=cpu, nvme=nvme, notes=notes)
+
+
+def memory(plan: Plan, s: Setup) -> dict:
+    """Per-GPU, CPU (per node) and NVMe (per node) bytes, with notes and flags."""
+    parts = _deepspeed(plan, s) if s.ds else _fsdp(plan, s)
+    act = activations(plan, s)
+    buffers = parts["gathered"] + parts["reduce"]
+    states = parts["params"] + parts["grads"] + parts["optimizer"]
+    live = states + max(act + buffers, parts["step"] + parts["resident"])
+    overhead = CUDA_CONTEXT_BYTES + int(ALLOCATOR_FRACTION * live)
+    per_gpu = {"params": parts["params"], "grads": parts["grads"], "optimizer": parts["optimizer"],
+               "activations": act, "buffers": buffers, "step_buffers": parts["step"], "overhead": overhead,
+               "total": live + overhead}
+    cpu = {k: v * s.gpn for k, v in parts["cpu"].items()}
+    cpu["total"] = sum(cpu.values())
+    nvme = {k: v * s.gpn for k, v in parts["nvme"].items()}
+    nvme["total"] = sum(nvme.values())
+    flags = []
+    if s.spec.is_bare:
+        flags.append("bare parameter count: model states only, activations are 0 (give a shape for activations)")
+    if s.unknown_units:
+        flags.append("no wrap units known: per-unit gather buffers counted as 0 (give a shape or an nn.Module)")
+    notes = dict(parts["notes"])
+    notes["activations"] = ("none (bare count)" if s.spec.is_bare else
+                            f"{plan.micro_batch_size} x {s.spec.seq_len} tokens, {s.P}-byte, SDPA/flash (no T^2 scores)"
+                            + (", checkpointed" if plan.activation_checkpointing else ""))
+    notes["step_buffers"] = ("fp32 copy of the gradient partition for the optimizer step" if s.ds else "foreach optimizer temporaries (fp32)")
+    notes["overhead"] = f"CUDA context etc. {CUDA_CONTEXT_BYTES / GIB:g} GiB + {ALLOCATOR_FRACTION:.0%} allocator fragmentation"
+    return {"per_gpu": per_gpu, "cpu": cpu, "nvme": nvme, "notes": notes, "flags": flags}
