@@ -119,8 +119,8 @@ class ConfigBuilder(pn.viewable.Viewer):
 
     def _build_import(self) -> None:
         self.upload = pn.widgets.FileInput(accept=".json,.yaml,.yml", css_classes=["sl-import-upload"])
-        self.import_path = pn.widgets.TextInput(name="or a path on the server", placeholder="/path/ds_config.json", css_classes=["sl-import-path"])
-        self.import_button = pn.widgets.Button(name="Import path", button_type="default", css_classes=["sl-import-button"])
+        self.import_path = pn.widgets.TextInput(label="or a path on the server", placeholder="/path/ds_config.json", css_classes=["sl-import-path"])
+        self.import_button = pn.widgets.Button(label="Import path", color="default", css_classes=["sl-import-button"])
         self.import_notes = pn.pane.HTML("", css_classes=["sl-import-notes"], sizing_mode="stretch_width")
         self.upload.param.watch(lambda ev: ev.new and self.import_config(ev.new, name=self.upload.filename or "upload"), "value")
         self.import_button.on_click(lambda ev: self.import_config(self.import_path.value))

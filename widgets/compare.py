@@ -20,8 +20,7 @@ FIGURES = (
     ("Loss", "loss_curves"),
     ("Memory timeline", "memory_timeline"),
     ("Memory: measured vs predicted", "memory_breakdown"),
-    ("Step phases", "phase_bars"),
-    ("Communication", "comm_bars"),
+    ("Communication", "comm_bytes"),
     ("Throughput", "throughput"),
 )
 
@@ -37,10 +36,10 @@ class RunCompare(pn.viewable.Viewer):
 
     def __init__(self, runs_dir: str | None = None, **params):
         super().__init__(**params)
-        self.runs_dir = pn.widgets.TextInput(name="run store", value=runs_dir or default_runs_dir(), width=300, css_classes=["sl-cmp-dir"])
-        self.picker = pn.widgets.MultiSelect(name="runs", options={}, size=8, sizing_mode="stretch_width", css_classes=["sl-cmp-picker"])
-        self.refresh_button = pn.widgets.Button(name="Refresh list", width=110, css_classes=["sl-cmp-refresh"])
-        self.compare_button = pn.widgets.Button(name="Compare", button_type="primary", width=110, css_classes=["sl-cmp-go"])
+        self.runs_dir = pn.widgets.TextInput(label="run store", value=runs_dir or default_runs_dir(), width=300, css_classes=["sl-cmp-dir"])
+        self.picker = pn.widgets.MultiSelect(label="runs", options={}, size=8, sizing_mode="stretch_width", css_classes=["sl-cmp-picker"])
+        self.refresh_button = pn.widgets.Button(label="Refresh list", width=110, css_classes=["sl-cmp-refresh"])
+        self.compare_button = pn.widgets.Button(label="Compare", color="primary", width=110, css_classes=["sl-cmp-go"])
         self.message = pn.pane.HTML("", sizing_mode="stretch_width", css_classes=["sl-cmp-message"])
         self.table = pn.pane.HTML("", sizing_mode="stretch_width", css_classes=["sl-cmp-table"], styles={"overflow-x": "auto"})
         self.figures = pn.Tabs(dynamic=True, sizing_mode="stretch_width", css_classes=["sl-cmp-figures"])

@@ -94,13 +94,14 @@ def unavailable_options(plan: Plan, path: str, options: list[Any], errors: list[
 
 def _cleared_nearby(trial: Plan, f: Finding, neighbours: list[tuple[str, list[Any]]]) -> bool:
     """True when changing one neighbouring field of `trial` makes finding `f` go away."""
-    key = (f.rule, f.field)
+    # The whole rule must go quiet: some rules only move their blame to the neighbour (two ZeRO++
+    # switches, say), which is no fix.
     for p, opts in neighbours:
         have = get_path(trial, p)
         for o in opts:
             if o == have:
                 continue
-            if key not in {(g.rule, g.field) for g in with_value(trial, p, o).errors()}:
+            if f.rule not in {g.rule for g in with_value(trial, p, o).errors()}:
                 return True
     return False
 
@@ -147,7 +148,7 @@ class FieldControl:
     def build(self) -> None:
         name = _label(self.path.rsplit(".", 1)[-1])
         css = ["sl-field", "sl-field-" + self.path.replace(".", "-")]
-        common = dict(name=name, css_classes=css, sizing_mode="stretch_width")
+        common = dict(label=name, css_classes=css, sizing_mode="stretch_width")
         if self.kind == "select":
             labels = {str(o): o for o in self.options}
             self.widget = pn.widgets.Select(options=labels, description=self.description, **common)

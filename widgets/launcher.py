@@ -44,13 +44,13 @@ class RunLauncher(pn.viewable.Viewer):
         self._t0: float | None = None
         self._callback = None
 
-        self.model = pn.widgets.Select(name="model preset", options=list(PRESETS), value=model, width=160, css_classes=["sl-run-model"])
-        self.steps = pn.widgets.IntInput(name="steps", value=steps, start=1, width=100, css_classes=["sl-run-steps"])
-        self.nproc = pn.widgets.IntInput(name="processes", value=nproc, start=1, width=100, css_classes=["sl-run-nproc"],
+        self.model = pn.widgets.Select(label="model preset", options=list(PRESETS), value=model, width=160, css_classes=["sl-run-model"])
+        self.steps = pn.widgets.IntInput(label="steps", value=steps, start=1, width=100, css_classes=["sl-run-steps"])
+        self.nproc = pn.widgets.IntInput(label="processes", value=nproc, start=1, width=100, css_classes=["sl-run-nproc"],
                                          description="Processes per node (GPUs, or CPU processes on a CPU run).")
-        self.device = pn.widgets.Select(name="device", options=["cpu", "cuda"], value=device, width=100, css_classes=["sl-run-device"])
-        self.start_button = pn.widgets.Button(name="Start run", button_type="primary", width=110, css_classes=["sl-run-start"])
-        self.cancel_button = pn.widgets.Button(name="Cancel", button_type="danger", width=90, disabled=True, css_classes=["sl-run-cancel"])
+        self.device = pn.widgets.Select(label="device", options=["cpu", "cuda"], value=device, width=100, css_classes=["sl-run-device"])
+        self.start_button = pn.widgets.Button(label="Start run", color="primary", width=110, css_classes=["sl-run-start"])
+        self.cancel_button = pn.widgets.Button(label="Cancel", color="danger", width=90, disabled=True, css_classes=["sl-run-cancel"])
         self.progress = pn.indicators.Progress(value=0, max=steps, width=300, css_classes=["sl-run-progress"])
         self.status = pn.pane.HTML("no run yet", css_classes=["sl-run-status"], sizing_mode="stretch_width")
         self.start_button.on_click(lambda ev: self.start())

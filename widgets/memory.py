@@ -56,6 +56,9 @@ def gpu_capacity(name: str) -> int | None:
 
 def estimate_dict(plan: Plan, model: str, gpu: str) -> dict[str, Any]:
     """estimate(...).to_dict(), or {'error': message} when the plan/model/GPU cannot be estimated."""
+    errors = plan.errors()
+    if errors:  # as `shardlab estimate` does: an impossible plan has no cost to predict
+        return {"error": "no estimate until the plan's errors are fixed (see the messages beside the controls)."}
     try:
         from shardlab.estimate import estimate
     except ImportError:
@@ -113,9 +116,9 @@ class MemoryPanel:
     def __init__(self, model: str, gpu: str, plan_getter: Callable[[], Plan]):
         self.plan_getter = plan_getter
         gpus = gpu_names()
-        self.model = pn.widgets.Select(name="model preset", options=list(PRESETS), value=model, width=180,
+        self.model = pn.widgets.Select(label="model preset", options=list(PRESETS), value=model, width=180,
                                        description="Model shape used for the estimate (shardlab.models presets).", css_classes=["sl-model"])
-        self.gpu = pn.widgets.Select(name="GPU", options=gpus, value=gpu if gpu in gpus else gpus[0], width=180,
+        self.gpu = pn.widgets.Select(label="GPU", options=gpus, value=gpu if gpu in gpus else gpus[0], width=180,
                                      description="GPU whose memory the bar is measured against (shardlab.estimate.gpus).", css_classes=["sl-gpu"])
         self.bar = pn.pane.HTML("", sizing_mode="stretch_width", css_classes=["sl-memory"])
         self.speed = pn.pane.HTML("", sizing_mode="stretch_width", css_classes=["sl-speed-pane"])

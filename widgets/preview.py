@@ -27,7 +27,15 @@ LAUNCHERS = ("auto", "torchrun", "deepspeed-launch", "accelerate-launch")
 
 
 def export_text(plan: Plan, target: str) -> str:
-    """The exporter's text, or a comment saying why this plan cannot be exported to `target`."""
+    """The exporter's text, or a comment saying why this plan cannot be exported to `target`.
+
+    A plan with errors is not exported, as `shardlab export` refuses it: some of those errors (a
+    ZeRO-2 config with offload_param) the real tools would accept silently and then ignore.
+    """
+    errors = plan.errors()
+    if errors:
+        lines = "\n".join(f"#   {f.message}" for f in errors)
+        return f"# cannot export to {target} until this is fixed:\n{lines}\n"
     try:
         from shardlab.export import export
 
@@ -44,7 +52,7 @@ class PreviewTabs:
 
     def __init__(self, plan_getter: Callable[[], Plan]):
         self.plan_getter = plan_getter
-        self.launcher = pn.widgets.RadioButtonGroup(options=list(LAUNCHERS), value="auto", button_type="light", css_classes=["sl-launcher-choice"])
+        self.launcher = pn.widgets.RadioButtonGroup(options=list(LAUNCHERS), value="auto", color="light", css_classes=["sl-launcher-choice"])
         self.launcher.param.watch(lambda ev: self._render(3), "value")
         self._text: list[str] = [""] * len(TABS)
         self._stale = [True] * len(TABS)
@@ -57,10 +65,10 @@ class PreviewTabs:
                                 styles={"max-height": "420px", "overflow": "auto"})
             # The raw text rides along hidden so the copy button's browser code can read it.
             raw = pn.widgets.TextAreaInput(value="", visible=False)
-            copy = pn.widgets.Button(name="Copy", icon="clipboard", button_type="light", width=90, css_classes=["sl-copy"])
+            copy = pn.widgets.Button(label="Copy", color="light", width=90, css_classes=["sl-copy"])
             copy.js_on_click(args={"raw": raw}, code="navigator.clipboard.writeText(raw.value)")
             download = pn.widgets.FileDownload(callback=lambda i=i: io.StringIO(self._current(i)), filename=filename,
-                                               label=f"Download {filename}", embed=False, button_type="light", width=230,
+                                               label=f"Download {filename}", embed=False, color="light", width=230,
                                                css_classes=["sl-download"])
             head = [copy, download] if target else [self.launcher, copy, download]
             tabs.append((title, pn.Column(pn.Row(*head), raw, pane, sizing_mode="stretch_width")))
