@@ -355,11 +355,12 @@ def count_module(module, wrap_cls: str | None = None, name: str | None = None) -
             total += p.numel()
     if total == 0:
         raise bad_input("model", f"the module {type(module).__name__} has no parameters, so there is nothing to shard. Pass a module with parameters.")
+    containers = (torch.nn.ModuleList, torch.nn.Sequential, torch.nn.ModuleDict)
+    size = {id(m): sum(p.numel() for p in m.parameters()) for m in module.modules()}
     by_cls: dict[str, list[int]] = {}
     for m in module.modules():
-        if m is module:
-            continue
-        by_cls.setdefault(type(m).__name__, []).append(sum(p.numel() for p in m.parameters()))
+        if m is not module and not isinstance(m, containers):
+            by_cls.setdefault(type(m).__name__, []).append(size[id(m)])
     if wrap_cls is not None:
         if wrap_cls not in by_cls:
             import difflib
@@ -369,8 +370,22 @@ def count_module(module, wrap_cls: str | None = None, name: str | None = None) -
             raise bad_input("wrap.transformer_layer_cls", f"wrap.transformer_layer_cls={wrap_cls!r} is not a class inside {type(module).__name__}.{hint}")
         sizes = by_cls[wrap_cls]
     else:
-        repeated = [v for v in by_cls.values() if len(v) > 1 and max(v) > 0]
-        sizes = max(repeated, key=sum) if repeated else []
+        # the outermost repeated class: instances nested in another repeated class's instances
+        # (a block's Linears) do not count, so the block wins over its own layers
+        repeated = {c for c, v in by_cls.items() if len(v) > 1 and max(v) > 0}
+        outer: dict[str, list[int]] = {}
+
+        def walk(m, inside: bool) -> None:
+            for child in m.children():
+                name = type(child).__name__
+                counted = name in repeated and not isinstance(child, containers)
+                if counted and not inside:
+                    outer.setdefault(name, []).append(size[id(child)])
+                walk(child, inside or counted)
+
+        walk(module, False)
+        cands = [v for v in outer.values() if len(v) > 1]
+        sizes = max(cands, key=sum) if cands else []
     unit, count = (max(sizes), len(sizes)) if sizes else (None, 0)
     return ModelSpec(name or type(module).__name__, layers=0, hidden=0, heads=1, vocab=0, seq_len=0,
                      params_override=total, wrap_unit_params=unit, wrap_unit_count=count)

@@ -1,0 +1,136 @@
+"""Model specs as the estimators use them: FLOPs per token, activation bytes, wrap units, and
+counting a user's nn.Module (on the meta device, so no memory is spent)."""
+
+import subprocess
+import sys
+
+import pytest
+
+from shardlab.models import (PRESETS, ModelSpec, activation_bytes_per_layer_per_token, bare, count_module,
+                             flops_per_token, head_activation_bytes_per_token, largest_wrap_unit, resolve_model,
+                             wrap_units)
+from shardlab.plan import PlanError
+
+
+def test_flops_per_token_follows_torchtitan():
+    # gpt-1b: d=2048, 16 layers, T=2048, vocab 32000, learned positions; 6N excludes both
+    # embedding tables (lookups) but keeps the LM head (a matmul).
+    s = PRESETS["gpt-1b"]
+    n_embedding = 32000 * 2048 + 2048 * 2048
+    assert flops_per_token(s) == 6 * (s.params - n_embedding) + 12 * 16 * 2048 * 2048
+    # a shorter sequence only changes the attention term
+    assert flops_per_token(s) - flops_per_token(s, seq_len=1024) == 12 * 16 * 2048 * 1024
+
+
+def test_llama_flops_exclude_only_the_token_table():
+    s = PRESETS["llama-7b"]
+    assert flops_per_token(s) == 6 * (s.params - 32000 * 4096) + 12 * 32 * 4096 * 4096
+
+
+def test_bare_count_has_6n_flops_and_no_activations():
+    s = bare(7e9)
+    assert flops_per_token(s) == 42e9
+    assert activation_bytes_per_layer_per_token(s) == 0 and head_activation_bytes_per_token(s) == 0
+
+
+def test_gpt_block_keeps_34_d_bytes_per_token_in_bf16():
+    # Korthikanti et al. (2022): 34·s·b·h + 5·a·s²·b per layer; flash/SDPA drops the s² term.
+    for name in ("gpt-125m", "gpt-1.3b", "gpt-13b"):
+        s = PRESETS[name]
+        assert activation_bytes_per_layer_per_token(s, dtype_bytes=2) == 34 * s.hidden
+
+
+def test_activations_do_not_grow_with_sequence_length_per_token():
+    a = ModelSpec("a", 4, 512, 8, 1000, seq_len=512)
+    b = ModelSpec("b", 4, 512, 8, 1000, seq_len=8192)
+    assert activation_bytes_per_layer_per_token(a) == activation_bytes_per_layer_per_token(b)
+
+
+def test_checkpointing_keeps_only_the_block_input():
+    s = PRESETS["gpt-1.3b"]
+    assert activation_bytes_per_layer_per_token(s, 2, checkpointing=True) == 2 * 2048
+    assert activation_bytes_per_layer_per_token(s, 4, checkpointing=True) == 4 * 2048
+
+
+def test_fp32_activations_are_twice_bf16():
+    s = PRESETS["llama-8b"]
+    assert activation_bytes_per_layer_per_token(s, 4) == 2 * activation_bytes_per_layer_per_token(s, 2)
+
+
+def test_wrap_units_cover_the_model():
+    s = PRESETS["gpt-1.3b"]
+    units = wrap_units(s)
+    assert units[0][0] == "root" and len(units) == 1 + s.layers
+    assert sum(n for _, n in units) == s.params
+    assert units[0][1] == s.embedding_params + s.head_params
+    assert all(n == s.block_params for _, n in units[1:])
+    assert wrap_units(s, "none") == [("root", s.params)]
+    # the size policy wraps blocks only if a block reaches the threshold
+    assert len(wrap_units(s, "size", min_num_params=s.block_params)) == 1 + s.layers
+    assert len(wrap_units(s, "size", min_num_params=s.block_params + 1)) == 1
+
+
+def test_largest_wrap_unit_is_the_root_for_big_vocabularies():
+    tiny = PRESETS["gpt-tiny"]  # 512 x 64 embeddings twice + positions outweigh a 64-wide block
+    assert largest_wrap_unit(tiny) == tiny.embedding_params + tiny.head_params
+    big = ModelSpec("wide", 2, 4096, 32, 1000, 128)
+    assert largest_wrap_unit(big) == big.block_params
+
+
+def _toy():
+    import torch.nn as nn
+
+    class Block(nn.Module):
+        def __init__(self, d):
+            super().__init__()
+            self.fc1 = nn.Linear(d, 4 * d)
+            self.fc2 = nn.Linear(4 * d, d)
+
+    class Toy(nn.Module):
+        def __init__(self, d=64, n=3, vocab=100):
+            super().__init__()
+            self.emb = nn.Embedding(vocab, d)
+            self.blocks = nn.ModuleList(Block(d) for _ in range(n))
+            self.head = nn.Linear(d, vocab, bias=False)
+            self.head.weight = self.emb.weight  # tied
+
+    return Toy, Block
+
+
+def test_count_module_counts_tied_weights_once_and_finds_the_block():
+    Toy, _ = _toy()
+    m = Toy()
+    block = 64 * 256 + 256 + 256 * 64 + 64
+    spec = count_module(m)
+    assert spec.params == 100 * 64 + 3 * block  # head shares the embedding
+    assert (spec.wrap_unit_params, spec.wrap_unit_count) == (block, 3)
+    assert spec.is_bare
+    assert resolve_model(m).params == spec.params
+
+
+def test_count_module_takes_a_class_name_and_suggests_on_typos():
+    Toy, _ = _toy()
+    spec = count_module(Toy(), wrap_cls="Linear")
+    assert spec.wrap_unit_params == 256 * 64 + 64 and spec.wrap_unit_count == 7  # 6 in blocks + the head
+    with pytest.raises(PlanError, match="Did you mean 'Block'"):
+        count_module(Toy(), wrap_cls="Blok")
+
+
+def test_count_module_builds_a_factory_on_the_meta_device():
+    import torch.nn as nn
+
+    # about 4.3 billion parameters: only possible without allocating them
+    spec = count_module(lambda: nn.Sequential(*[nn.Linear(16384, 16384) for _ in range(16)]))
+    assert spec.params == 16 * (16384 * 16384 + 16384)
+    assert spec.wrap_unit_count == 16
+
+
+def test_count_module_rejects_non_modules():
+    with pytest.raises(PlanError, match="nn.Module"):
+        count_module(42)
+
+
+def test_importing_models_does_not_import_torch():
+    code = "import sys, shardlab.models, shardlab.estimate; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"
