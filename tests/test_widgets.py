@@ -238,3 +238,67 @@ def test_builder_is_also_an_ipywidget():
     ipw = pytest.importorskip("ipywidgets")
     w = pn.ipywidget(ConfigBuilder())
     assert isinstance(w, ipw.DOMWidget)
+
+
+# ------------------------------------------------------------------------------------------------
+# RunLauncher and RunCompare on a real CPU run
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    from shardlab_widgets.launcher import RunLauncher
+
+    store = tmp_path_factory.mktemp("runs")
+    b = ConfigBuilder({"framework": "fsdp2", "sharding": "zero3", "precision": "fp32"})
+    launcher = RunLauncher(b, model="gpt-tiny", steps=3, nproc=2, device="cpu", out=str(store))
+    run = launcher.start()
+    assert run is not None, launcher.status.object
+    assert launcher.cancel_button.disabled is False and launcher.start_button.disabled is True
+    status = launcher.wait(timeout=300)
+    return launcher, run, status, store
+
+
+def test_launcher_runs_the_builders_plan_and_draws_it(finished_run):
+    launcher, run, status, store = finished_run
+    assert status == "completed", launcher.status.object
+    assert run.plan.framework == "fsdp2" and run.dir.parent == store
+    assert (launcher.progress.value, launcher.progress.max) == (3, 3)
+    assert "completed" in launcher.status.object
+    assert len(launcher.speed_source.data["step"]) == 3  # one throughput point per step of rank 0
+    assert len(launcher.memory_source.data["mib"]) > 0 and min(launcher.memory_source.data["mib"]) > 0
+    assert launcher.start_button.disabled is False and launcher.cancel_button.disabled is True
+
+
+def test_launcher_refuses_a_plan_with_errors_and_says_why(tmp_path):
+    from shardlab_widgets.launcher import RunLauncher
+
+    launcher = RunLauncher({"framework": "fsdp2", "sharding": "zero1"}, out=str(tmp_path))
+    assert launcher.start() is None
+    assert "refused" in launcher.status.object and "zero1" in launcher.status.object
+    assert not any(tmp_path.iterdir())
+
+
+def test_launcher_cancel_stops_the_run(tmp_path):
+    from shardlab_widgets.launcher import RunLauncher
+
+    launcher = RunLauncher({"framework": "fsdp2", "precision": "fp32"}, steps=10_000, nproc=2, out=str(tmp_path))
+    launcher.start()
+    launcher.cancel_button.clicks += 1
+    assert launcher.run.status == "cancelled"
+    assert "cancelled" in launcher.status.object
+
+
+def test_compare_lists_the_store_and_compares_picked_runs(finished_run):
+    from shardlab_widgets.compare import RunCompare
+
+    _, run, _, store = finished_run
+    c = RunCompare(str(store))
+    assert list(c.picker.options.values()) == [str(run.dir)]
+    assert "completed" in next(iter(c.picker.options))
+    c.compare_button.clicks += 1
+    assert "pick one or more runs" in c.message.object
+    c.select([run.id])
+    c.compare_button.clicks += 1
+    assert c.frame is not None and c.frame["status"].tolist() == ["completed"]
+    assert "fsdp2" in c.table.object and "<table" in c.table.object
+    assert "Loss" in c.figures._names and "Memory timeline" in c.figures._names
