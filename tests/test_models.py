@@ -111,7 +111,7 @@ def test_count_module_counts_tied_weights_once_and_finds_the_block():
 def test_count_module_takes_a_class_name_and_suggests_on_typos():
     Toy, _ = _toy()
     spec = count_module(Toy(), wrap_cls="Linear")
-    assert spec.wrap_unit_params == 256 * 64 + 64 and spec.wrap_unit_count == 7  # 6 in blocks + the head
+    assert spec.wrap_unit_params == 64 * 256 + 256 and spec.wrap_unit_count == 7  # 6 in blocks + the head
     with pytest.raises(PlanError, match="Did you mean 'Block'"):
         count_module(Toy(), wrap_cls="Blok")
 
