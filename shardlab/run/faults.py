@@ -13,7 +13,7 @@ import os
 import re
 import signal
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import psutil
@@ -28,7 +28,6 @@ _SUMMARY = re.compile(r"rank\s*:\s*(\d+)\s*\(local_rank:\s*(\d+)\)\s*\n\s*exitco
 class Failure:
     status: str  # failed | oom
     rank: int | None
-    since: float | None = field(default_factory=time.monotonic)  # None: end the run now
     phase: str | None = None
     error: str | None = None
     event: dict | None = None
@@ -39,18 +38,27 @@ def _is_oom_event(ev: dict) -> bool:
 
 
 def detect(events: list[dict], sampler, agent_codes: list[int | None]) -> Failure | None:
-    """The run's first failure so far, or None."""
-    for ev in events:
-        if ev.get("event") in ("oom", "error"):
-            return Failure("oom" if _is_oom_event(ev) else "failed", ev.get("rank"), phase=ev.get("phase"),
-                           error=ev.get("error") or ev.get("message"), event=ev)
-    if any(c not in (None, 0) for c in agent_codes):
-        return Failure("failed", None, since=None)
-    done = {ev.get("rank") for ev in events if ev.get("event") == "done"}
-    gone = [(t, r) for r, t in getattr(sampler, "gone", {}).items() if r not in done]
-    if gone and any(c is None for c in agent_codes):
+    """The run's root failure as far as it is known now, or None.
+
+    When one rank dies the others fail too (a peer's closed connection, torchrun's SIGTERM), so the
+    cause is chosen by kind, not by time: out of memory first, then a rank that vanished without a
+    word (kill -9, a segfault), then the earliest error event, then a failed agent.
+    """
+    said = {ev.get("rank") for ev in events if ev.get("event") in ("oom", "error", "done")}
+    oom = [ev for ev in events if _is_oom_event(ev)]
+    if oom:
+        ev = min(oom, key=lambda e: e.get("t", 0))
+        return Failure("oom", ev.get("rank"), phase=ev.get("phase"), error=ev.get("message") or ev.get("error"), event=ev)
+    gone = [(t, r) for r, t in getattr(sampler, "gone", {}).items() if r not in said]
+    if gone and (any(c is None for c in agent_codes) or any(c not in (None, 0) for c in agent_codes)):
         t, rank = min(gone)
-        return Failure("failed", rank, since=time.monotonic() - (time.time() - t))
+        return Failure("failed", rank, error=f"rank {rank} ended without reporting an error (killed, or crashed in native code)")
+    errors = sorted((ev for ev in events if ev.get("event") == "error"), key=lambda e: (e.get("message") == "interrupted", e.get("t", 0)))
+    if errors:
+        ev = errors[0]
+        return Failure("failed", ev.get("rank"), phase=ev.get("phase"), error=ev.get("message") or ev.get("error"), event=ev)
+    if any(c not in (None, 0) for c in agent_codes):
+        return Failure("failed", None)
     return None
 
 
@@ -185,6 +193,14 @@ def report(run_dir: Path, status: str, failure: Failure | None, events: list[dic
             ev = next((e for e in events if _is_oom_event(e)), None)
             failure.phase = ev.get("phase") if ev else None
             failure.event = failure.event or ev
+        code = exit_codes.get(str(rank)) if rank is not None else None
+        if code is not None and code < 0 and not oom:
+            try:
+                name = signal.Signals(-code).name
+            except ValueError:
+                name = f"signal {-code}"
+            failure.error = f"rank {rank} was killed by {name} (exit code {code})"
+            log_tail = "\n".join(x for x in (failure.error, log_tail) if x)
         if log_tail is None or (not oom and rank is None):
             log_tail = log_tail or failure.error or _tail(run_dir / "logs" / "agent0.log")
         out.update(status="oom" if oom else "failed", failed_rank=rank, phase=failure.phase,

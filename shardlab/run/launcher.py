@@ -32,7 +32,9 @@ _RECORDED_PREFIXES = ("CUDA_", "NCCL_", "TORCH_", "OMP_", "MKL_", "DS_", "PYTORC
 _RECORDED = ("PYTHONPATH", "PYTHONUNBUFFERED", "VIRTUAL_ENV", "MASTER_ADDR", "MASTER_PORT", "LD_LIBRARY_PATH")
 _SECRET_WORDS = ("KEY", "TOKEN", "SECRET", "PASSWORD", "CREDENTIAL", "AUTH")
 
+_SHAPE_KEYS = ("name", "family", "layers", "hidden", "heads", "vocab", "seq_len", "kv_heads", "ffn_hidden")
 _LIVE: "set[LiveRun]" = set()
+DONE_GRACE_S = 1.0  # after every rank said done, how long their processes get to exit on their own
 
 
 def free_port() -> int:
@@ -69,7 +71,7 @@ def _model_for_worker(model) -> tuple[str, object]:
         raise bad_input("model", f"model={model!r} is a bare parameter count; a real run needs a shape. Use a preset (e.g. gpt-tiny) or a shape file with layers, hidden, heads, vocab, seq_len.")
     if isinstance(model, str) and model in PRESETS:
         return model, model
-    shape = {k: v for k, v in spec.to_dict().items() if k != "params_override" and v is not None}
+    shape = {k: v for k, v in spec.to_dict().items() if k in _SHAPE_KEYS and v is not None}
     return spec.name, shape
 
 
@@ -194,6 +196,8 @@ class LiveRun(Run):
         last_progress = time.monotonic()
         last_written = 0.0
         failure: faults.Failure | None = None
+        first_failure = all_done = None
+        next_link = 0.0
         status = None
         try:
             while True:
@@ -219,11 +223,23 @@ class LiveRun(Run):
                     status = "cancelled"
                     break
                 codes = [a.poll() for a in self.agents]
-                failure = failure or faults.detect(self.worker_events, self.sampler, codes)
-                if failure is not None and (failure.since is None or now - failure.since > faults.GRACE_S
-                                            or all(c is not None for c in codes)):
-                    status = failure.status
-                    break
+                # Every rank said done: the work and its metrics are complete. Interpreter and
+                # torchrun teardown can take seconds on a busy machine; wait briefly, then end it.
+                if len({e.get("rank") for e in self.worker_events if e.get("event") == "done"}) >= self.world_size:
+                    all_done = all_done or now
+                    if all(c is not None for c in codes) or now - all_done > DONE_GRACE_S:
+                        status = "completed"
+                        break
+                if now >= next_link:
+                    faults.link_rank_logs(self.dir, self.sampler)
+                    next_link = now + 1.0
+                found = faults.detect(self.worker_events, self.sampler, codes)
+                if found is not None:
+                    failure = found  # re-judged each pass: later evidence can name the root cause better
+                    first_failure = first_failure or now
+                    if now - first_failure > faults.GRACE_S or all(c is not None for c in codes):
+                        status = failure.status
+                        break
                 if all(c is not None for c in codes):
                     status = "completed" if all(c == 0 for c in codes) else "failed"
                     break

@@ -136,8 +136,10 @@ class Sampler(threading.Thread):
             ranks = dict(self.ranks)
         for rank, p in sorted(ranks.items()):
             try:
-                rss = p.memory_info().rss
                 if p.status() == psutil.STATUS_ZOMBIE:
+                    raise psutil.NoSuchProcess(p.pid)
+                rss = p.memory_info().rss
+                if rss == 0:  # exited between the two calls
                     raise psutil.NoSuchProcess(p.pid)
             except psutil.Error:
                 self.gone.setdefault(rank, now)
