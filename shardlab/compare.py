@@ -1,0 +1,394 @@
+"""Runs and estimates -> pandas DataFrames: what happened next to what was predicted.
+
+A run is read from its folder (DESIGN.md's contract: plan.yaml, run.json, status.json, metrics.jsonl,
+timeline.jsonl), so this works on any run store, whoever wrote it. `compare()` gives one row per run;
+the `*_frame` helpers give the long tables that shardlab.plots draws. Bytes stay bytes here; only
+`style_compare` turns them into GiB (2^30) for people.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import Any, Iterable
+
+import pandas as pd
+
+from shardlab.plan import Plan, bad_input, load_plan
+
+STATE_PARTS = ("params", "grads", "optimizer")
+BREAKDOWN_PARTS = ("params", "grads", "optimizer", "activations", "buffers")
+_NOT_COLLECTIVES = {"intra_node", "inter_node", "total"}
+DEFAULT_GPU = "h100-80gb"
+
+
+def _jsonl(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    out = []
+    for line in path.read_text().splitlines():
+        line = line.strip()
+        if line:
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue  # a line cut short by a killed writer; the rest is still good
+    return out
+
+
+@dataclass
+class RunData:
+    """One run folder, read once: its plan, settings, status, metrics and memory timeline."""
+
+    dir: Path
+    plan: Plan
+    meta: dict
+    status: dict
+    metrics: pd.DataFrame
+    timeline: pd.DataFrame
+    label: str = ""
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def id(self) -> str:
+        return str(self.meta.get("id") or self.dir.name)
+
+    @property
+    def world_size(self) -> int:
+        if "world_size" in self.metrics:
+            return int(self.metrics["world_size"].max())
+        return self.plan.world_size
+
+    @property
+    def device(self) -> str:
+        return str(self.meta.get("device") or "cpu")
+
+    @cached_property
+    def model(self):
+        from shardlab.models import resolve_model
+
+        m = self.meta.get("model")
+        return resolve_model(m) if m is not None else None
+
+    def base_label(self) -> str:
+        p = self.plan
+        off = [k for k in ("optimizer", "params") if getattr(p.offload, k) != "none"]
+        s = f"{p.framework} {p.sharding}"
+        if off:
+            s += " +offload(" + ",".join(off) + ")"
+        return f"{s} {p.precision}"
+
+
+def load(run: Any) -> RunData:
+    """A Run object (anything with `.dir`), a run folder path, or RunData -> RunData.
+
+    Raises PlanError (bad input) for a path that is not a run folder.
+    """
+    if isinstance(run, RunData):
+        return run
+    d = Path(getattr(run, "dir", run))
+    if not d.is_dir():
+        raise bad_input("run_dir", f"run_dir={str(d)!r} is not a directory. Give the folder of a run (e.g. runs/<id>, as listed by `shardlab runs`).")
+    if not (d / "plan.yaml").exists():
+        raise bad_input("run_dir", f"run_dir={str(d)!r} has no plan.yaml, so it is not a shardlab run folder. Give the folder of a run (e.g. runs/<id>, as listed by `shardlab runs`).")
+    plan = load_plan(d / "plan.yaml", check=False)
+    meta = json.loads((d / "run.json").read_text()) if (d / "run.json").exists() else {}
+    status = json.loads((d / "status.json").read_text()) if (d / "status.json").exists() else {}
+    rows = _jsonl(d / "metrics.jsonl")
+    metrics = pd.json_normalize(rows) if rows else pd.DataFrame(columns=["step", "rank", "loss"])
+    tl = _jsonl(d / "timeline.jsonl")
+    timeline = pd.DataFrame(tl) if tl else pd.DataFrame(columns=["t", "rank", "gpu", "source", "bytes"])
+    return RunData(d, plan, meta, status, metrics, timeline)
+
+
+def load_runs(runs: Any) -> list[RunData]:
+    """Load several runs and give each a short unique label (framework, sharding, offload, precision)."""
+    if isinstance(runs, (str, Path)) or hasattr(runs, "dir") or isinstance(runs, RunData):
+        runs = [runs]
+    out = [load(r) for r in runs]
+    if not out:
+        raise bad_input("run_dirs", "no runs given. Name at least one run folder (see `shardlab runs`).")
+    base = [r.base_label() for r in out]
+    for r, b in zip(out, base):
+        r.label = b if base.count(b) == 1 else f"{b} [{r.id}]"
+    return out
+
+
+def _steady(m: pd.DataFrame) -> pd.DataFrame:
+    """Steps after the first (warm-up: allocator, JIT, first all-gathers) when there are any."""
+    if "step" not in m or m.empty:
+        return m
+    later = m[m["step"] > m["step"].min()]
+    return later if len(later) else m
+
+
+def _mean(m: pd.DataFrame, col: str) -> float | None:
+    if col not in m:
+        return None
+    v = pd.to_numeric(m[col], errors="coerce").dropna()
+    return float(v.mean()) if len(v) else None
+
+
+def _max(m: pd.DataFrame, col: str) -> float | None:
+    if col not in m:
+        return None
+    v = pd.to_numeric(m[col], errors="coerce").dropna()
+    return float(v.max()) if len(v) else None
+
+
+def predict(run: RunData, gpu: str | None = None) -> dict | None:
+    """The estimator's figures for the run's plan, model and real world size (None without a model)."""
+    if run.model is None:
+        return None
+    from shardlab.estimate import estimate
+
+    plan = run.plan
+    if plan.world_size != run.world_size:
+        nodes = plan.topology.nodes if run.world_size % plan.topology.nodes == 0 else 1
+        plan = plan.model_copy(update={"topology": plan.topology.model_copy(update={"nodes": nodes, "gpus_per_node": run.world_size // nodes})})
+    return estimate(plan, run.model, gpu or run.meta.get("gpu") or DEFAULT_GPU).to_dict()
+
+
+def _try_predict(run: RunData, gpu: str | None) -> tuple[dict | None, str | None]:
+    """predict(), or None and the reason: a run whose plan the estimator cannot price still compares."""
+    try:
+        return predict(run, gpu), None
+    except Exception as e:
+        return None, f"{type(e).__name__}: {e}"
+
+
+def _comm_pred(est: dict) -> dict[str, float]:
+    by = est.get("comm_payload_per_step") or est.get("comm_per_step") or {}
+    return {k: float(v) for k, v in by.items() if k not in _NOT_COLLECTIVES and isinstance(v, (int, float))}
+
+
+def _comm_measured(m: pd.DataFrame) -> dict[str, float]:
+    """Bytes per step per rank by collective: rank 0, median over steady steps."""
+    cols = [c for c in m.columns if c.startswith("comm_bytes.")]
+    if not cols:
+        return {}
+    r0 = _steady(m[m["rank"] == m["rank"].min()])
+    return {c.split(".", 1)[1]: float(pd.to_numeric(r0[c], errors="coerce").fillna(0).median()) for c in cols}
+
+
+def _states_measured(m: pd.DataFrame) -> dict[str, float]:
+    last = m[m["step"] == m["step"].max()] if "step" in m and len(m) else m
+    return {k: _max(last, f"state_bytes.{k}") or 0.0 for k in STATE_PARTS}
+
+
+def _peak_measured(r: RunData) -> tuple[float | None, str]:
+    m = r.metrics
+    if r.device == "cuda" and "peak_allocated_bytes" in m:
+        return _max(m, "peak_allocated_bytes"), "peak allocated (CUDA)"
+    vals = [v for v in (_max(m, "rss_bytes"), _max(r.timeline, "bytes") if len(r.timeline) else None) if v is not None]
+    return (max(vals) if vals else None), "process RSS (CPU)"
+
+
+def _err(measured, predicted):
+    if measured is None or not predicted:
+        return None
+    return (measured - predicted) / predicted
+
+
+def compare(runs: Any, reference: Any = None, gpu: str | None = None) -> pd.DataFrame:
+    """One row per run: setup, throughput, memory and communication measured vs predicted, loss.
+
+    `reference` (a run, a run folder, or a label/id among `runs`; default the first run) is the run the
+    losses are compared with. Errors are relative: (measured - predicted) / predicted.
+    """
+    rd = load_runs(runs)
+    ref = _pick_reference(rd, reference)
+    ref_loss = _loss_by_step(ref)
+    rows = []
+    for r in rd:
+        m = r.metrics
+        steady = _steady(m)
+        est, why = _try_predict(r, gpu)
+        pg = (est or {}).get("per_gpu", {})
+        cpu = (est or {}).get("cpu", {})
+        states = _states_measured(m)
+        states_pred = sum(float(pg.get(k, 0)) + float(cpu.get(k, 0) if isinstance(cpu, dict) else 0) for k in STATE_PARTS) if est else None
+        comm = _comm_measured(m)
+        comm_pred = _comm_pred(est) if est else {}
+        peak, peak_src = _peak_measured(r)
+        loss = _loss_by_step(r)
+        common = loss.index.intersection(ref_loss.index)
+        p = r.plan
+        row = dict(
+            run=r.label, id=r.id, framework=p.framework, strategy=p.sharding, precision=p.precision,
+            offload=_offload_text(p), world_size=r.world_size, device=r.device, status=r.status.get("status"),
+            steps=int(m["step"].nunique()) if "step" in m else 0,
+            tokens_per_s=_mean(steady, "tokens_per_s"), tflops=_mean(steady, "tflops"), mfu=_mean(steady, "mfu"),
+            step_time_s=_mean(steady, "step_time_s"), step_time_pred_s=(est or {}).get("step_time_s") if r.device == "cuda" else None,
+            peak_bytes=peak, peak_source=peak_src, peak_pred_bytes=float(pg["total"]) if "total" in pg else None,
+            params_bytes=states["params"], grads_bytes=states["grads"], optimizer_bytes=states["optimizer"],
+            state_bytes=sum(states.values()), state_pred_bytes=states_pred,
+            comm_bytes=sum(comm.values()) if comm else None, comm_pred_bytes=sum(comm_pred.values()) if est else None,
+            final_loss=float(loss.iloc[-1]) if len(loss) else None,
+            loss_diff=float(loss.iloc[-1] - ref_loss.iloc[-1]) if len(loss) and len(ref_loss) else None,
+            loss_max_abs_diff=float((loss[common] - ref_loss[common]).abs().max()) if len(common) else None,
+            model_params=r.model.params if r.model is not None else None,
+            prediction_note=why,
+        )
+        row["peak_error"] = _err(row["peak_bytes"], row["peak_pred_bytes"])
+        row["state_error"] = _err(row["state_bytes"], states_pred)
+        row["comm_error"] = _err(row["comm_bytes"], row["comm_pred_bytes"])
+        rows.append(row)
+    df = pd.DataFrame(rows).set_index("run")
+    df.attrs["reference"] = ref.label
+    return df
+
+
+def _offload_text(p: Plan) -> str:
+    parts = [f"{k}:{getattr(p.offload, k)}" for k in ("optimizer", "params") if getattr(p.offload, k) != "none"]
+    return ", ".join(parts) or "none"
+
+
+def _pick_reference(rd: list[RunData], reference: Any) -> RunData:
+    if reference is None:
+        return rd[0]
+    if isinstance(reference, str):
+        for r in rd:
+            if reference in (r.label, r.id, str(r.dir)):
+                return r
+    try:
+        return load_runs([reference])[0] if not isinstance(reference, RunData) else reference
+    except Exception:
+        raise bad_input("reference", f"reference={reference!r} is neither one of the runs ({', '.join(r.label for r in rd)}) nor a run folder. Give a run label, id or folder.") from None
+
+
+def _loss_by_step(r: RunData) -> pd.Series:
+    m = r.metrics
+    if m.empty or "loss" not in m:
+        return pd.Series(dtype=float)
+    return m.groupby("step")["loss"].mean().astype(float)
+
+
+# --------------------------------------------------------------------------------------------
+# Long frames for plots
+
+
+def _tag(df: pd.DataFrame, r: RunData) -> pd.DataFrame:
+    return df.assign(run=r.label, id=r.id, framework=r.plan.framework, sharding=r.plan.sharding)
+
+
+def loss_frame(runs: Any) -> pd.DataFrame:
+    """run, framework, sharding, step, loss (mean over ranks; data-parallel ranks report the same loss)."""
+    parts = [_tag(_loss_by_step(r).rename("loss").reset_index(), r) for r in load_runs(runs)]
+    return pd.concat(parts, ignore_index=True)
+
+
+def phase_frame(runs: Any) -> pd.DataFrame:
+    """One row per step per rank per phase (fwd, bwd, opt) with start/end seconds from the run's start."""
+    out = []
+    for r in load_runs(runs):
+        m = r.metrics
+        if m.empty or "t_start" not in m:
+            continue
+        t0 = _t0(r)
+        for name, a, b in (("forward", "t_start", "t_fwd_end"), ("backward", "t_fwd_end", "t_bwd_end"), ("optimizer", "t_bwd_end", "t_opt_end")):
+            if a in m and b in m:
+                out.append(_tag(pd.DataFrame({"step": m["step"], "rank": m["rank"], "phase": name,
+                                              "start_s": m[a] - t0, "end_s": m[b] - t0}), r))
+    cols = ["step", "rank", "phase", "start_s", "end_s", "run", "id", "framework", "sharding"]
+    return pd.concat(out, ignore_index=True) if out else pd.DataFrame(columns=cols)
+
+
+def _t0(r: RunData) -> float:
+    starts = [float(r.metrics["t_start"].min())] if "t_start" in r.metrics and len(r.metrics) else []
+    if len(r.timeline):
+        starts.append(float(r.timeline["t"].min()))
+    return min(starts) if starts else 0.0
+
+
+def timeline_frame(runs: Any) -> pd.DataFrame:
+    """Sampled memory: run, rank, source (rss | nvml), seconds from the run's start, bytes."""
+    out = []
+    for r in load_runs(runs):
+        tl = r.timeline
+        if tl.empty:
+            continue
+        out.append(_tag(tl.assign(seconds=tl["t"] - _t0(r)), r))
+    cols = ["t", "rank", "gpu", "source", "bytes", "seconds", "run", "id", "framework", "sharding"]
+    return pd.concat(out, ignore_index=True) if out else pd.DataFrame(columns=cols)
+
+
+def memory_breakdown(runs: Any, gpu: str | None = None) -> pd.DataFrame:
+    """run, kind (predicted | measured), part, bytes: model states per rank, plus the rest of the peak.
+
+    Predicted parts are the estimator's per-GPU params/grads/optimizer/activations/buffers. Measured
+    parts are the states the rank really held; on CUDA the rest of the peak allocation (activations,
+    buffers, temporaries) is shown as `activations`, which on CPU cannot be told apart from the runtime.
+    """
+    rows = []
+    for r in load_runs(runs):
+        est, _ = _try_predict(r, gpu)
+        if est:
+            for part in BREAKDOWN_PARTS:
+                rows.append(dict(run=r.label, kind="predicted", part=part, bytes=float(est["per_gpu"].get(part, 0))))
+        states = _states_measured(r.metrics)
+        for part in STATE_PARTS:
+            rows.append(dict(run=r.label, kind="measured", part=part, bytes=states[part]))
+        peak, _ = _peak_measured(r)
+        if r.device == "cuda" and peak:
+            rows.append(dict(run=r.label, kind="measured", part="activations", bytes=max(peak - sum(states.values()), 0.0)))
+    return pd.DataFrame(rows, columns=["run", "kind", "part", "bytes"])
+
+
+def comm_frame(runs: Any, gpu: str | None = None) -> pd.DataFrame:
+    """run, kind (predicted | measured), collective, bytes per step per rank."""
+    rows = []
+    for r in load_runs(runs):
+        for coll, b in _comm_measured(r.metrics).items():
+            rows.append(dict(run=r.label, kind="measured", collective=coll, bytes=b))
+        est, _ = _try_predict(r, gpu)
+        for coll, b in (_comm_pred(est) if est else {}).items():
+            rows.append(dict(run=r.label, kind="predicted", collective=coll, bytes=b))
+    return pd.DataFrame(rows, columns=["run", "kind", "collective", "bytes"])
+
+
+# --------------------------------------------------------------------------------------------
+# Notebook styling
+
+GIB = 2**30
+_BYTES = ["peak_bytes", "peak_pred_bytes", "params_bytes", "grads_bytes", "optimizer_bytes", "state_bytes", "state_pred_bytes", "comm_bytes", "comm_pred_bytes"]
+_HIGHER_BETTER = ["tokens_per_s", "tflops", "mfu"]
+_LOWER_BETTER = ["peak_bytes", "state_bytes", "comm_bytes", "step_time_s"]
+_LABELS = {
+    "tokens_per_s": "tokens/s per device", "tflops": "TFLOPS", "mfu": "MFU", "step_time_s": "step (s)", "step_time_pred_s": "step predicted (s)",
+    "peak_bytes": "peak (GiB)", "peak_pred_bytes": "peak predicted (GiB)", "peak_error": "peak error",
+    "params_bytes": "params/rank (GiB)", "grads_bytes": "grads/rank (GiB)", "optimizer_bytes": "optimizer/rank (GiB)",
+    "state_bytes": "states/rank (GiB)", "state_pred_bytes": "states predicted (GiB)", "state_error": "states error",
+    "comm_bytes": "comm/step (GiB)", "comm_pred_bytes": "comm predicted (GiB)", "comm_error": "comm error",
+    "final_loss": "final loss", "loss_diff": "loss - reference", "loss_max_abs_diff": "max |loss diff|",
+    "world_size": "world size", "model_params": "model parameters",
+}
+
+
+def style_compare(df: pd.DataFrame):
+    """A pandas Styler for notebooks: GiB (2^30) with units in the headers, thousands separators,
+    percent errors, the best value per column highlighted (most throughput, least memory/traffic)."""
+
+    def gib(v):
+        return "" if v is None or pd.isna(v) else f"{v / GIB:,.3f}"
+
+    fmt: dict[str, Any] = {c: gib for c in _BYTES if c in df}
+    fmt.update({c: "{:,.0f}" for c in ("tokens_per_s", "model_params") if c in df})
+    fmt.update({c: "{:,.2f}" for c in ("tflops",) if c in df})
+    fmt.update({c: "{:.1%}" for c in ("mfu", "peak_error", "state_error", "comm_error") if c in df})
+    fmt.update({c: "{:.4f}" for c in ("final_loss",) if c in df})
+    fmt.update({c: "{:+.2e}" for c in ("loss_diff", "loss_max_abs_diff") if c in df})
+    fmt.update({c: "{:.3f}" for c in ("step_time_s", "step_time_pred_s") if c in df})
+    best = "font-weight: bold; background-color: #d9f2d9"
+    st = df.style.format(fmt, na_rep="–")
+    hi = [c for c in _HIGHER_BETTER if c in df and df[c].notna().any()]
+    lo = [c for c in _LOWER_BETTER if c in df and df[c].notna().any()]
+    if hi:
+        st = st.highlight_max(subset=hi, props=best)
+    if lo:
+        st = st.highlight_min(subset=lo, props=best)
+    st = st.relabel_index([_LABELS.get(c, c.replace("_", " ")) for c in df.columns], axis="columns")
+    ref = df.attrs.get("reference")
+    return st.set_caption(f"Measured vs predicted per run (loss reference: {ref})" if ref else "Measured vs predicted per run")

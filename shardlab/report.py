@@ -1,0 +1,111 @@
+"""`shardlab report RUN_DIR... -o FILE.html`: the runs' tables and figures as one file to share.
+
+The HTML is self-contained (bokeh's JavaScript inlined, no network needed to open it) and interactive;
+every figure is also written as a PNG into `<stem>_files/` beside it, for slides and chat. Tables are
+the measured-vs-predicted comparison, the runs' settings, and the framework comparison tables with the
+claims that these runs and the estimator check.
+"""
+
+from __future__ import annotations
+
+import html
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Iterable
+
+import pandas as pd
+
+from shardlab import compare as C
+from shardlab.plan import bad_input
+
+_CSS = """
+body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:24px auto;max-width:1200px;color:#222}
+h1{font-size:1.6em} h2{font-size:1.25em;margin-top:2em;border-bottom:1px solid #ddd;padding-bottom:4px}
+table{border-collapse:collapse;font-size:0.85em;margin:8px 0} th,td{border:1px solid #ddd;padding:3px 6px;text-align:left;vertical-align:top}
+th{background:#f4f4f4} caption{caption-side:top;text-align:left;font-weight:600;padding:4px 0}
+.note{color:#555;font-size:0.9em} .fig{margin:12px 0}
+"""
+
+
+def _figures(rd: list[C.RunData], gpu: str | None) -> list[tuple[str, str, Any]]:
+    """(name, heading, HoloViews object) for every figure of the report."""
+    from shardlab import plots as P
+
+    cmp = C.compare(rd, gpu=gpu)
+    return [
+        ("memory_breakdown", "Memory per rank: predicted vs measured", P.memory_breakdown(C.memory_breakdown(rd, gpu))),
+        ("memory_timeline", "Memory over time per rank", P.memory_timeline(rd, gpu=gpu)),
+        ("throughput", "Throughput", P.throughput(cmp)),
+        ("comm_bytes", "Communication per step by collective", P.comm_bytes(C.comm_frame(rd, gpu))),
+        ("loss_curves", "Loss curves", P.loss_curves(C.loss_frame(rd))),
+    ]
+
+
+def _runs_table(rd: list[C.RunData]) -> pd.DataFrame:
+    rows = []
+    for r in rd:
+        st = r.status
+        rows.append(dict(run=r.label, id=r.id, status=st.get("status"), model=r.meta.get("model"), steps=r.meta.get("steps"),
+                         device=r.device, world_size=r.world_size, seed=r.meta.get("seed"),
+                         started_at=st.get("started_at"), ended_at=st.get("ended_at"), folder=str(r.dir)))
+    return pd.DataFrame(rows).set_index("run")
+
+
+def _df_html(df: pd.DataFrame, caption: str) -> str:
+    body = df.to_html(na_rep="–", escape=True, border=0)
+    return f"<div><p class='note'><b>{html.escape(caption)}</b></p>{body}</div>"
+
+
+def write_report(run_dirs: Iterable[Any], out_html: str | Path, gpu: str | None = None, png: bool = True) -> Path:
+    """Write one self-contained HTML report of `run_dirs` (run folders or Run objects) to `out_html`,
+    with the figures also as PNGs in `<stem>_files/`. Returns the HTML path.
+
+    Raises PlanError (bad input, exit 2 from the CLI) for a path that is not a run folder or a target
+    that is not .html."""
+    out = Path(out_html)
+    if out.suffix.lower() not in (".html", ".htm"):
+        raise bad_input("--output", f"--output={str(out)!r} must end in .html (the report is one HTML page). Use e.g. -o report.html.")
+    run_dirs = list(run_dirs) if not isinstance(run_dirs, (str, Path)) else [run_dirs]
+    rd = C.load_runs(run_dirs)
+    empty = [r.label for r in rd if r.metrics.empty]
+    if len(empty) == len(rd):
+        raise bad_input("run_dirs", f"none of the runs has recorded a step yet ({', '.join(str(r.dir) for r in rd)}); there is nothing to report. Wait for a run to train, or pick completed runs from `shardlab runs`.")
+
+    from bokeh.embed import components
+    from bokeh.resources import INLINE
+
+    from shardlab import plots as P
+    from shardlab import tables as T
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    files = out.with_name(out.stem + "_files")
+    figs = _figures(rd, gpu)
+    models = [P.render_bokeh(obj) for _, _, obj in figs]
+    script, divs = components(models)
+    pngs = []
+    if png:
+        for name, _, obj in figs:
+            pngs.append(P.save_figure(obj, files / f"{name}.png"))
+
+    cmp = C.compare(rd, gpu=gpu)
+    parts = [f"<h1>shardlab report: {len(rd)} run{'s' if len(rd) != 1 else ''}</h1>",
+             f"<p class='note'>Written {datetime.now(timezone.utc):%Y-%m-%d %H:%M UTC}. Memory in GiB (2<sup>30</sup> bytes). "
+             f"Predictions: shardlab's estimator for each run's plan, model and world size. Losses compared with <b>{html.escape(cmp.attrs.get('reference', ''))}</b>.</p>"]
+    if empty:
+        parts.append(f"<p class='note'>No steps recorded for: {html.escape(', '.join(empty))}.</p>")
+    parts.append("<h2>Measured vs predicted</h2>" + C.style_compare(cmp).to_html())
+    parts.append("<h2>Runs</h2>" + _df_html(_runs_table(rd), "settings and status"))
+    for (name, heading, _), div in zip(figs, divs):
+        link = f" <a href='{files.name}/{name}.png'>PNG</a>" if png else ""
+        parts.append(f"<h2>{html.escape(heading)}{link}</h2><div class='fig'>{div}</div>")
+    parts.append("<h2>Claims checked by these runs and the estimator</h2>" + _df_html(T.claims(runs=rd, gpu=gpu or C.DEFAULT_GPU), "published figure, shardlab's own figure, agreement"))
+    for name, df in (("Features", T.features()), ("Offloading", T.offloading()), ("Precision", T.precision()),
+                     ("Launchers", T.launchers()), ("When to use which", T.when_to_use())):
+        parts.append(f"<h2>{name}</h2>" + _df_html(df, "FSDP1 / FSDP2 / DeepSpeed ZeRO"))
+    page = ("<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>shardlab report</title>"
+            f"<style>{_CSS}</style>{INLINE.render()}{script}</head><body>{''.join(parts)}</body></html>")
+    out.write_text(page, encoding="utf-8")
+    return out
+
+
+__all__ = ["write_report"]
