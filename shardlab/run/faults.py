@@ -50,7 +50,7 @@ def detect(events: list[dict], sampler, agent_codes: list[int | None]) -> Failur
         ev = min(oom, key=lambda e: e.get("t", 0))
         return Failure("oom", ev.get("rank"), phase=ev.get("phase"), error=ev.get("message") or ev.get("error"), event=ev)
     gone = [(t, r) for r, t in getattr(sampler, "gone", {}).items() if r not in said]
-    if gone and (any(c is None for c in agent_codes) or any(c not in (None, 0) for c in agent_codes)):
+    if gone:
         t, rank = min(gone)
         return Failure("failed", rank, error=f"rank {rank} ended without reporting an error (killed, or crashed in native code)")
     errors = sorted((ev for ev in events if ev.get("event") == "error"), key=lambda e: (e.get("message") == "interrupted", e.get("t", 0)))

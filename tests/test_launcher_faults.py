@@ -1,0 +1,127 @@
+"""Faults of real CPU runs (real worker, gpt-tiny, 2 ranks): a killed rank, out of memory, a hang,
+cancel() and Ctrl-C. Each must end in the right status, name what failed, and leave no process behind.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import psutil
+import pytest
+
+from shardlab.run.launcher import launch
+
+PY = sys.executable
+PLAN = {"framework": "fsdp2", "sharding": "zero3", "topology": {"gpus_per_node": 2}}
+MANY = 500  # steps: more than a test ever waits for, so the run is still training when the fault comes
+
+
+def leftovers(run_dir) -> list:
+    out = []
+    for p in psutil.process_iter(["pid", "cmdline"]):
+        try:
+            if any(str(run_dir) in a for a in (p.info["cmdline"] or ())):
+                out.append(p.info)
+        except psutil.Error:
+            pass
+    return out
+
+
+def first_step(run) -> int:
+    """Wait until training is under way; return rank 1's pid (from its start event)."""
+    for item in run:
+        if item["type"] == "metrics":
+            break
+        if item["type"] == "status":
+            pytest.fail(f"run ended before its first step: {run.info}")
+    ev = run.events
+    return int(ev[(ev["event"] == "start") & (ev["rank"] == 1)]["pid"].iloc[0])
+
+
+@pytest.mark.timeout(300)
+def test_a_rank_killed_with_sigkill_fails_the_run_within_10s_naming_the_rank(tmp_path):
+    run = launch(PLAN, steps=MANY, device="cpu", out=tmp_path, timeout_s=240)
+    pid = first_step(run)
+    os.kill(pid, signal.SIGKILL)
+    t0 = time.time()
+    assert run.wait(timeout=30) == "failed"
+    assert time.time() - t0 < 10
+    info = run.info
+    assert info["failed_rank"] == 1
+    assert "SIGKILL" in info["error"]
+    assert info["exit_codes"]["1"] == -9
+    assert 0 < info["steps_done"] < MANY
+    assert not leftovers(run.dir)
+
+
+@pytest.mark.timeout(300)
+def test_out_of_memory_becomes_status_oom_with_phase_and_memory(tmp_path):
+    # 2048 sequences of gpt-tiny need ~1 GiB of activations; each rank may map 1.2 GiB in all.
+    plan = {**PLAN, "micro_batch_size": 2048}
+    run = launch(plan, steps=2, device="cpu", out=tmp_path, mem_limit_bytes=int(1.2 * 2**30), timeout_s=240)
+    assert run.wait(timeout=280) == "oom", run.info
+    info = run.info
+    assert info["failed_rank"] in (0, 1)
+    assert info["phase"] in ("forward", "backward", "optimizer")
+    assert "allocate" in info["error"]
+    assert info["memory_at_failure"]["rss_bytes"] > 100 * 2**20
+    assert not leftovers(run.dir)
+
+
+@pytest.mark.timeout(300)
+def test_no_progress_for_timeout_s_ends_the_run_as_timeout(tmp_path):
+    run = launch(PLAN, steps=MANY, device="cpu", out=tmp_path, timeout_s=15)
+    pid = first_step(run)
+    os.kill(pid, signal.SIGSTOP)  # rank 1 freezes; rank 0 waits for it in the next collective
+    t0 = time.time()
+    assert run.wait(timeout=60) == "timeout"
+    assert 10 < time.time() - t0 < 30
+    assert not leftovers(run.dir)
+
+
+@pytest.mark.timeout(300)
+def test_cancel_ends_every_process_within_5s(tmp_path):
+    run = launch(PLAN, steps=MANY, device="cpu", out=tmp_path, timeout_s=240)
+    first_step(run)
+    t0 = time.time()
+    run.cancel()
+    assert time.time() - t0 < 5
+    assert run.status == "cancelled"
+    assert not leftovers(run.dir)
+    assert json.loads((run.dir / "status.json").read_text())["ended_at"] is not None
+
+
+@pytest.mark.timeout(300)
+def test_ctrl_c_on_the_cli_cancels_the_run(tmp_path):
+    plan = tmp_path / "plan.yaml"
+    plan.write_text("framework: fsdp2\nsharding: zero3\ntopology: {gpus_per_node: 2}\n")
+    store = tmp_path / "runs"
+    cli = subprocess.Popen([PY, "-m", "shardlab.cli", "run", str(plan), "--model", "gpt-tiny", "--steps", str(MANY),
+                            "--device", "cpu", "--out", str(store), "--json"],
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline:
+            metrics = list(store.glob("*/metrics.jsonl"))
+            if metrics and metrics[0].stat().st_size > 0:
+                break
+            time.sleep(0.2)
+        else:
+            pytest.fail("the CLI run never reached its first step")
+        run_dir = metrics[0].parent
+        cli.send_signal(signal.SIGINT)
+        t0 = time.time()
+        out, err = cli.communicate(timeout=30)
+        assert time.time() - t0 < 5 + 1  # the CLI prints and exits right after the processes are gone
+    finally:
+        if cli.poll() is None:
+            cli.kill()
+    assert cli.returncode == 1
+    assert json.loads(out)["status"] == "cancelled"
+    assert json.loads((run_dir / "status.json").read_text())["status"] == "cancelled"
+    assert not leftovers(run_dir)
