@@ -29,8 +29,8 @@ accumulation over k micro-batches multiplies the per-micro-batch collectives by 
   slice), zero1 once per step and zero2 every micro-batch; after the step the updated 16-bit
   partitions are all_gathered. Wire: 2M + M = 3M, not the paper's 2M (which assumes reduce-scatter).
 - DeepSpeed zero3: all_gather in forward and again in backward, reduce_scatter of gradients.
-  Parameters at or under the persistence threshold are never gathered per step; from the second step
-  on, parameters reused within stage3_max_reuse_distance stay gathered after forward (no backward
+  Parameters at or under the persistence threshold stay whole and are all_gathered once per
+  optimizer step, after the step (stage3.py _post_step); from the second step on, parameters reused within stage3_max_reuse_distance stay gathered after forward (no backward
   gather). ZeRO++: qwZ gathers int8 weights in forward (half), hpZ gathers backward weights inside
   the hpZ group (intra-node), qgZ replaces the reduce-scatter by int4 all-to-alls (a quarter),
   one inside the node and one across nodes.
@@ -135,6 +135,9 @@ def _deepspeed(plan: Plan, s: Setup, a: _Acc, k: int, notes: list[str]) -> None:
     else:
         a.add("reduce_scatter", "reduce_scatter", R * full, N, True, k)
     if persist := ds3_padded(s, N, persistent=True):
-        notes.append(f"{persist:,} elements under the persistence threshold are never gathered per step")
+        # persistent parameters stay whole; after each step _post_step re-gathers them from the
+        # updated partitions (stage3.py), once per optimizer step
+        a.add("all_gather_after_step", "all_gather", P * persist, N, True, 1)
+        notes.append(f"{persist:,} elements under the persistence threshold stay gathered; re-gathered once after each step")
     if kept:
         notes.append(f"{kept:,} elements stay gathered from forward to backward (steady state, max_reuse_distance)")

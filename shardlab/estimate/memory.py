@@ -5,8 +5,9 @@ the framework's padding, P = compute dtype bytes, R = reduce dtype bytes, K = op
 
 params     the parameter tensors the rank owns between steps. FSDP1/FSDP2 keep the sharded
            parameters in their original fp32 (4·S; mixed precision only casts the gathered copy).
-           DeepSpeed keeps the model in P: full (P·Ψ) for ddp/zero1/zero2, partitions (P·S) for zero3,
-           plus the hpZ secondary partition (P·Ψ/hpz) when ZeRO++ hpZ is on.
+           DeepSpeed keeps the model in P: full (P·Ψ) for ddp/zero1/zero2, partitions (P·S) for zero3
+           plus, whole, every parameter at or under stage3_param_persistence_threshold (it keeps both
+           its partition and the full tensor), plus the hpZ secondary partition (P·Ψ/hpz) with hpZ.
 grads      gradient storage that lives from backward to the step. FSDP: sharded fp32 (4·S; the reduced
            gradient is cast back to the parameter dtype); NO_SHARD: full fp32. DeepSpeed (gradient
            accumulation dtype = model dtype by default): zero1 and ddp the full P·Ψ .grad tensors,
@@ -20,16 +21,14 @@ activations what autograd keeps for backward for one micro-batch (models.activat
 buffers    transient working memory alive during forward/backward: gathered units (FSDP: root unit
            + (1 + prefetch) largest blocks; zero2 keeps every unit gathered from forward to backward),
            the unsharded gradient of one unit being reduced, DeepSpeed's contiguous reduce bucket
-           (reduce_bucket_size elements, allocated in full), ZeRO-3's prefetch bucket, persistent
-           parameters (numel <= persistence threshold stay whole on every rank) and parameters kept
-           gathered by the reuse-distance rule.
+           (reduce_bucket_size elements, allocated in full), ZeRO-3's prefetch bucket and the
+           parameters kept gathered by the reuse-distance rule.
 step_buffers temporaries of the optimizer step (DeepSpeed's fp32 copy of the gradient partition,
            torch's foreach Adam temporaries); they exist after activations are freed.
 overhead   CUDA_CONTEXT_BYTES (CUDA context, cuBLAS workspace, NCCL communicator buffers) plus
            ALLOCATOR_FRACTION of everything else (caching-allocator fragmentation).
 total      params + grads + optimizer + max(activations + buffers, step_buffers + resident buffers)
-           + overhead, where resident buffers are those alive for the whole run (reduce bucket,
-           persistent parameters).
+           + overhead, where resident buffers are those alive for the whole run (the reduce bucket).
 
 CPU figures are per node (all local ranks), NVMe per node. Offload moves the optimizer side
 (master, states, fp32 gradients) and, for ZeRO-3 / FSDP, the parameter shards.
@@ -108,19 +107,21 @@ def _deepspeed(plan: Plan, s: Setup) -> dict:
         notes["grads"] = f"full {P}-byte .grad (zero1: reduced at the boundary)" if s.stage == "zero1" else f"{P}-byte gradient partition"
     else:
         local = shard_numel(s)
-        params = P * local + (P * shard_numel(s, s.hpz) if s.hpz > 1 else 0)
+        # persistent parameters (numel <= threshold) are held whole besides their partition
+        params = P * local + P * persistent_numel(s) + (P * shard_numel(s, s.hpz) if s.hpz > 1 else 0)
         grads = P * local
         step = 4 * local
-        keep = ds3_kept_for_backward(s)
-        inflight = min(s.prefetch_bucket, psi) + ds_largest_module(s)
-        gathered = P * (keep + inflight)
+        # only partitioned (non-persistent) parameters are ever gathered: at most all of them
+        partitioned = psi - persistent_numel(s)
+        inflight = min(s.prefetch_bucket, partitioned) + ds_largest_module(s)
+        gathered = P * min(ds3_kept_for_backward(s) + inflight, partitioned)
         notes["grads"] = f"{P}-byte gradient partitions (grad_partitions_flat_buffer)"
     opt = (master + s.opt_bytes) * local
-    persist = P * persistent_numel(s)
-    notes["params"] = (f"{P}-byte model, full" if s.stage != "zero3" else f"{P}-byte partitions (ds_tensor)") + (
+    notes["params"] = (f"{P}-byte model, full" if s.stage != "zero3" else
+                       f"{P}-byte partitions (ds_tensor) + {persistent_numel(s):,} persistent elements whole") + (
         f" + hpZ secondary partition over {s.hpz}" if s.stage == "zero3" and s.hpz > 1 else "")
     notes["optimizer"] = f"fp32 master ({master} B) + states ({s.opt_bytes} B) x {local:,} elements"
-    notes["buffers"] = (f"reduce bucket {bucket:,} elements" + (f"; persistent params {persist:,} B; gathered {gathered:,} B (prefetch, largest module, kept for backward)" if s.stage == "zero3" else ""))
+    notes["buffers"] = (f"reduce bucket {bucket:,} elements" + (f"; gathered {gathered:,} B (prefetch, largest module, kept for backward)" if s.stage == "zero3" else ""))
     cpu = {"params": 0, "grads": 0, "optimizer": 0}
     nvme = {}
     if s.offload_opt in ("cpu", "nvme"):
@@ -139,8 +140,8 @@ def _deepspeed(plan: Plan, s: Setup) -> dict:
             cpu["params"] = moved
         else:
             nvme["params"] = moved
-    return dict(params=params, grads=grads, optimizer=opt, gathered=gathered + persist, reduce=P * bucket,
-                resident=persist + P * bucket, step=step, cpu=cpu, nvme=nvme, notes=notes)
+    return dict(params=params, grads=grads, optimizer=opt, gathered=gathered, reduce=P * bucket,
+                resident=P * bucket, step=step, cpu=cpu, nvme=nvme, notes=notes)
 
 
 def memory(plan: Plan, s: Setup) -> dict:
