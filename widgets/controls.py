@@ -161,8 +161,9 @@ class FieldControl:
             self.widget = pn.widgets.FloatInput(description=self.description, format="0[.]0[00000]", **common)
         else:
             self.widget = pn.widgets.TextInput(description=self.description, placeholder="empty" if self.optional else "", **common)
-        self.message = pn.pane.HTML("", visible=False, css_classes=["sl-message"], margin=(0, 10), sizing_mode="stretch_width")
-        self.hint = pn.pane.HTML("", visible=False, css_classes=["sl-hint"], margin=(0, 10), sizing_mode="stretch_width",
+        slug = self.path.replace(".", "-")
+        self.message = pn.pane.HTML("", visible=False, css_classes=["sl-message", "sl-message-" + slug], margin=(0, 10), sizing_mode="stretch_width")
+        self.hint = pn.pane.HTML("", visible=False, css_classes=["sl-hint", "sl-hint-" + slug], margin=(0, 10), sizing_mode="stretch_width",
                                  styles={"font-size": "0.8em", "color": "#666"})
         head = pn.Row(self.widget, self.tooltip, sizing_mode="stretch_width") if self.tooltip else self.widget
         self.layout = pn.Column(head, self.message, self.hint, width=300, margin=(0, 5))

@@ -1,0 +1,209 @@
+"""The dashboard and the notebook widgets in a real browser: Debian's headless Chromium via Playwright.
+
+(1) `shardlab app` served on a free port: choose options, read the previews and messages, run gpt-tiny
+on the CPU and watch the memory timeline grow in the page's own Bokeh data. (2) JupyterLab on a temp
+folder: a notebook showing a ConfigBuilder renders real controls (not a placeholder) through panel's
+JupyterLab extension, and they talk to the kernel. No console errors in either.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.browser
+
+CHROMIUM = "/usr/bin/chromium"
+ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+        "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_http(url: str, proc: subprocess.Popen, timeout: float = 120) -> None:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if proc.poll() is not None:
+            raise AssertionError(f"server exited with {proc.returncode}: {proc.stdout.read() if proc.stdout else ''}")
+        try:
+            with urllib.request.urlopen(url, timeout=5) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.5)
+    raise AssertionError(f"{url} did not answer within {timeout} s")
+
+
+def stop(proc: subprocess.Popen) -> None:
+    proc.terminate()
+    try:
+        proc.wait(15)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+@pytest.fixture
+def browser(tmp_path):
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        ctx = p.chromium.launch_persistent_context(str(tmp_path / "chromium-profile"), executable_path=CHROMIUM,
+                                                   args=ARGS, headless=True, viewport={"width": 1400, "height": 1000})
+        page = ctx.new_page()
+        page.console_errors = []
+        page.on("console", lambda m: m.type == "error" and page.console_errors.append(m.text))
+        page.on("pageerror", lambda e: page.console_errors.append(str(e)))
+        yield page
+        ctx.close()
+
+
+@pytest.fixture
+def app(tmp_path):
+    port = free_port()
+    env = {**os.environ, "SHARDLAB_RUNS_DIR": str(tmp_path / "runs")}
+    proc = subprocess.Popen([str(BIN / "shardlab"), "app", "--port", str(port)], env=env, cwd=tmp_path,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        wait_http(f"http://127.0.0.1:{port}/", proc)
+        yield f"http://127.0.0.1:{port}/", tmp_path / "runs"
+    finally:
+        stop(proc)
+
+
+def timeline_points(page) -> int:
+    """Rows in the memory timeline's data source, read from the page's Bokeh documents."""
+    return page.evaluate("""() => {
+        let n = -1;
+        for (const doc of window.Bokeh.documents)
+            for (const m of doc._all_models.values())
+                if (m.data != null && m.data.mib != null) n = Math.max(n, m.data.mib.length);
+        return n;
+    }""")
+
+
+def test_served_app_builds_checks_and_runs(browser, app):
+    from playwright.sync_api import expect
+
+    url, runs = app
+    page = browser
+    page.goto(url)
+    page.wait_for_selector(".sl-field-framework select", timeout=60_000)
+
+    # DeepSpeed ZeRO-3: the JSON preview says stage 3.
+    page.select_option(".sl-field-framework select", "deepspeed")
+    page.select_option(".sl-field-sharding select", "zero2")
+    expect(page.locator(".sl-preview-deepspeed pre")).to_contain_text('"stage": 2', timeout=20_000)
+    page.select_option(".sl-field-sharding select", "zero3")
+    expect(page.locator(".sl-preview-deepspeed pre")).to_contain_text('"stage": 3', timeout=20_000)
+
+    # FSDP2: zero1 greyed out with its reason, and the FSDP code tab shows fully_shard.
+    page.select_option(".sl-field-framework select", "fsdp2")
+    expect(page.locator(".sl-field-sharding select option[value='zero1']")).to_be_disabled(timeout=20_000)
+    expect(page.locator(".sl-hint-sharding")).to_contain_text("zero1", timeout=20_000)
+    page.locator(".sl-preview-tabs .bk-tab", has_text="FSDP code").click()
+    expect(page.locator(".sl-preview-fsdpcode pre")).to_contain_text("fully_shard", timeout=20_000)
+
+    # Params offload, then ZeRO-2: the message appears beside offload.params.
+    page.select_option(".sl-field-framework select", "deepspeed")
+    page.select_option(".sl-field-offload-params select", "cpu")
+    page.select_option(".sl-field-sharding select", "zero2")
+    expect(page.locator(".sl-message-offload-params")).to_contain_text("needs sharding=zero3", timeout=20_000)
+
+    # Back to a plan a CPU runs quickly, then run gpt-tiny from the Run tab.
+    page.select_option(".sl-field-offload-params select", "none")
+    page.select_option(".sl-field-framework select", "fsdp2")
+    page.select_option(".sl-field-sharding select", "zero3")
+    page.select_option(".sl-field-precision select", "fp32")
+    expect(page.locator(".sl-message-offload-params")).to_be_hidden(timeout=20_000)
+    page.locator(".sl-app-tabs .bk-tab", has_text="Run").first.click()
+    steps = page.locator(".sl-run-steps input")
+    steps.fill("6")
+    steps.press("Enter")
+    page.select_option(".sl-run-device select", "cpu")
+    page.locator(".sl-run-start button").click()
+    expect(page.locator(".sl-run-status")).to_contain_text("running", timeout=30_000)
+
+    seen = []
+    end = time.monotonic() + 240
+    while time.monotonic() < end:
+        seen.append(timeline_points(page))
+        status = page.locator(".sl-run-status").inner_text()
+        if "completed" in status or "failed" in status:
+            break
+        page.wait_for_timeout(500)
+    expect(page.locator(".sl-run-status")).to_contain_text("completed", timeout=30_000)
+    grew = sorted(set(x for x in seen if x > 0))
+    assert len(grew) >= 3, f"the timeline did not grow while the run went on: {seen}"
+    assert timeline_points(page) >= grew[-1]
+    assert page.locator(".sl-run-progress progress").get_attribute("value") == "6"
+    run_dirs = [d for d in runs.iterdir() if d.is_dir()]
+    assert len(run_dirs) == 1 and json.loads((run_dirs[0] / "status.json").read_text())["status"] == "completed"
+
+    assert page.console_errors == []
+
+
+NOTEBOOK = {
+    "cells": [
+        {"cell_type": "code", "execution_count": None, "metadata": {}, "outputs": [],
+         "source": "import panel as pn\npn.extension()\nfrom shardlab_widgets.builder import ConfigBuilder\nbuilder = ConfigBuilder()\nbuilder"},
+    ],
+    "metadata": {"kernelspec": {"display_name": "Python 3", "language": "python", "name": "python3"}},
+    "nbformat": 4, "nbformat_minor": 5,
+}
+
+
+@pytest.fixture
+def lab(tmp_path):
+    root = tmp_path / "lab"
+    root.mkdir()
+    (root / "builder.ipynb").write_text(json.dumps(NOTEBOOK))
+    port = free_port()
+    home = tmp_path / "home"
+    env = {**os.environ, "JUPYTER_CONFIG_DIR": str(home / "config"), "JUPYTER_RUNTIME_DIR": str(home / "runtime"),
+           "JUPYTERLAB_SETTINGS_DIR": str(home / "settings"), "JUPYTERLAB_WORKSPACES_DIR": str(home / "workspaces"),
+           "IPYTHONDIR": str(home / "ipython")}
+    proc = subprocess.Popen([str(BIN / "jupyter"), "lab", "--no-browser", f"--port={port}", "--ip=127.0.0.1",
+                             "--ServerApp.token=", "--ServerApp.password=", "--ServerApp.disable_check_xsrf=True",
+                             f"--ServerApp.root_dir={root}", "--LabApp.news_url=",
+                             "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate"],
+                            env=env, cwd=root, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        wait_http(f"http://127.0.0.1:{port}/lab", proc)
+        yield f"http://127.0.0.1:{port}/lab/tree/builder.ipynb"
+    finally:
+        stop(proc)
+
+
+def test_jupyterlab_renders_the_builder(browser, lab):
+    from playwright.sync_api import expect
+
+    page = browser
+    page.goto(lab)
+    cell = page.locator(".jp-Notebook .jp-Cell").first
+    expect(cell).to_be_visible(timeout=90_000)
+    expect(page.locator(".jp-Notebook-ExecutionIndicator[data-status='idle']")).to_have_count(1, timeout=90_000)
+    cell.locator(".jp-InputArea-editor").click()
+    page.keyboard.press("Shift+Enter")
+    select = page.locator(".jp-OutputArea .sl-field-framework select")
+    expect(select).to_be_visible(timeout=90_000)
+    out = page.locator(".jp-OutputArea").first
+    assert "Loading widget" not in out.inner_text()
+    assert page.locator(".jp-OutputArea-output[data-mime-type='application/vnd.jupyter.stderr']").count() == 0
+    # The controls are live: a change goes to the kernel and the new preview comes back.
+    select.select_option("deepspeed")
+    expect(page.locator(".jp-OutputArea .sl-preview-deepspeed pre")).to_contain_text('"stage": 3', timeout=30_000)
+    assert page.console_errors == []
