@@ -1,0 +1,79 @@
+"""Build the lab notebooks (labs/NN_*.ipynb) from their sources in labs/_src/NN_*.py.
+
+The sources are plain Python in the "percent" format: `# %%` starts a code cell, `# %% [markdown]`
+a Markdown cell whose lines are comments (`# ` is stripped). Editing .py files keeps diffs readable;
+the .ipynb files are what people open, and they are written without outputs (execution_count null,
+outputs []), so a committed notebook never carries one machine's results.
+
+    python labs/_build.py          # rewrite every notebook from its source
+    python labs/_build.py --check  # exit 1 if a notebook differs from what its source builds
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import nbformat
+
+LABS = Path(__file__).resolve().parent
+SRC = LABS / "_src"
+KERNEL = {"display_name": "Python 3 (ipykernel)", "language": "python", "name": "python3"}
+
+
+def cells_of(text: str) -> list:
+    """Split a percent-format source into notebook cells (outputs empty)."""
+    cells, kind, lines = [], None, []
+
+    def flush():
+        body = "\n".join(lines).strip("\n")
+        if kind is not None and body:
+            if kind == "markdown":
+                md = "\n".join(ln[2:] if ln.startswith("# ") else ln.lstrip("#") for ln in body.splitlines())
+                cells.append(nbformat.v4.new_markdown_cell(md))
+            else:
+                cells.append(nbformat.v4.new_code_cell(body))
+
+    for line in text.splitlines():
+        if line.startswith("# %%"):
+            flush()
+            kind, lines = ("markdown" if "[markdown]" in line else "code"), []
+        else:
+            lines.append(line)
+    flush()
+    return cells
+
+
+def build(src: Path) -> nbformat.NotebookNode:
+    nb = nbformat.v4.new_notebook()
+    nb.metadata = {"kernelspec": KERNEL, "language_info": {"name": "python"}}
+    nb.cells = cells_of(src.read_text())
+    for i, c in enumerate(nb.cells):
+        c.id = f"{src.stem[:2]}-{i:02d}"  # stable ids: rebuilding an unchanged source changes nothing
+    return nb
+
+
+def text_of(nb: nbformat.NotebookNode) -> str:
+    return nbformat.writes(nb) + "\n"
+
+
+def main(argv: list[str]) -> int:
+    check = "--check" in argv
+    stale = []
+    for src in sorted(SRC.glob("[0-9][0-9]_*.py")):
+        out = LABS / f"{src.stem}.ipynb"
+        text = text_of(build(src))
+        if check:
+            if not out.exists() or out.read_text() != text:
+                stale.append(out.name)
+        else:
+            out.write_text(text)
+            print(f"wrote {out.relative_to(LABS.parent)}")
+    if stale:
+        print(f"out of date (run python labs/_build.py): {', '.join(stale)}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
