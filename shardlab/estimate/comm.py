@@ -20,9 +20,11 @@ accumulation over k micro-batches multiplies the per-micro-batch collectives by 
 - FSDP NO_SHARD (ddp): all_reduce of all gradients in the reduce dtype every micro-batch.
 - FSDP zero2 (SHARD_GRAD_OP): forward all_gather (params stay gathered through backward) +
   reduce_scatter of gradients: 2M, the ZeRO paper's ZeRO-2 volume.
-- FSDP zero3: forward all_gather + backward all_gather of every unit except the root (FSDP keeps
-  the root gathered after forward) + reduce_scatter: 3M, 1.5x DDP. Hybrid: the same inside the node,
-  plus an all_reduce of each shard across nodes.
+- FSDP zero3: forward all_gather + backward all_gather + reduce_scatter: 3M, 1.5x DDP. FSDP1 keeps
+  the root unit gathered after forward, so its backward gather skips the root; FSDP2 does the same
+  only with reshard_after_forward=None, and shardlab passes True (runner and exported code), so
+  there the root is gathered again. Hybrid: the same inside the node, plus an all_reduce of each
+  shard across nodes.
 - DeepSpeed ddp: all_reduce of gradients once per optimizer step (at the accumulation boundary).
 - DeepSpeed zero1 / zero2: gradients are averaged with all_reduce (stage_1_and_2.py average_tensor:
   with the default use_multi_rank_bucket_allreduce each bucket is all-reduced and each rank keeps its
@@ -96,9 +98,15 @@ def _fsdp(plan: Plan, s: Setup, a: _Acc, k: int, notes: list[str]) -> None:
     spans = s.nodes > 1 and not s.hybrid
     a.add("forward_all_gather", "all_gather", P * full, n, spans, k)
     if s.stage == "zero3":
-        back = 0 if (len(units) == 1 and not s.unknown_units) else int(full * (1 - root_share))
+        if s.framework == "fsdp1":
+            # FSDP1 never frees the root's parameters after forward (they are needed first in backward)
+            back = 0 if (len(units) == 1 and not s.unknown_units) else int(full * (1 - root_share))
+            notes.append("FSDP1 keeps the root unit gathered after forward: no backward all-gather for it")
+        else:
+            # FSDP2 keeps the root gathered only when reshard_after_forward is left None; shardlab's
+            # runner and exported code pass True explicitly, so the root is re-gathered too
+            back = full
         a.add("backward_all_gather", "all_gather", P * back, n, spans, k)
-        notes.append("FSDP keeps the root unit gathered after forward: no backward all-gather for it")
     a.add("reduce_scatter", "reduce_scatter", R * full, n, spans, k)
     if s.hybrid and s.nodes > 1:
         a.add("all_reduce", "all_reduce", R * local, s.nodes, True, k, factor=2)
