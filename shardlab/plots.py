@@ -123,36 +123,54 @@ def _predicted_peaks(rd, gpu) -> dict:
 # Bars
 
 
+def unit_for(max_bytes: float) -> tuple[str, float]:
+    """The binary unit that keeps the largest value readable: ('GiB', 2**30), ('MiB', 2**20) or ('KiB', 2**10)."""
+    for name, size in (("GiB", 2**30), ("MiB", 2**20)):
+        if max_bytes >= size:
+            return name, size
+    return "KiB", 2**10
+
+
 def _stacked(hv, df: pd.DataFrame, cat: str, stack: str, title: str, colors: dict | None = None):
-    """Horizontal stacked bars: one bar per `cat` label, stacked by `stack`, in GiB."""
-    df = df.assign(GiB=df["bytes"] / GIB)
+    """Horizontal stacked bars: one bar per `cat` label, stacked by `stack`, in a unit fitted to the data."""
+    unit, size = unit_for(float(df.groupby(cat)["bytes"].sum().max() or 0))
+    label = f"{unit} (2^{size.bit_length() - 1} bytes)"
+    df = df.assign(**{label: df["bytes"] / size})
     order = list(dict.fromkeys(df[stack]))
     colors = {s: (colors or {}).get(s, PALETTE[i % len(PALETTE)]) for i, s in enumerate(order)}
-    bars = hv.Bars(df, [cat, stack], "GiB")
+    # Every bar gets every part (0 where absent): matplotlib colours a stack by position otherwise.
+    full = pd.MultiIndex.from_product([list(dict.fromkeys(df[cat])), order], names=[cat, stack])
+    df = df.groupby([cat, stack], sort=False)[label].sum().reindex(full, fill_value=0.0).reset_index()
+    bars = hv.Bars(df, [cat, stack], label)
     height = max(HEIGHT, 40 * df[cat].nunique() + 80)
     return _o(bars, stacked=True, invert_axes=True, title=title, color=hv.dim(stack).categorize(colors, default="#BAB0AC"),
-              bokeh=dict(height=height, tools=["hover"], legend_position="right", ylabel="GiB (2^30 bytes)", xlabel=""),
-              mpl=dict(aspect=max(1.0, 2.4 * HEIGHT / height), legend_position="right", ylabel="GiB (2^30 bytes)", xlabel=""))
+              bokeh=dict(height=height, tools=["hover"], legend_position="right", xlabel=""),
+              mpl=dict(aspect=max(1.0, 2.4 * HEIGHT / height), legend_position="right", xlabel=""))
 
 
-def memory_breakdown(data: Any, gpu: str | None = None):
+def memory_breakdown(data: Any, gpu: str | None = None, parts: tuple[str, ...] = C.BREAKDOWN_PARTS):
     """Per-rank memory by part (params / grads / optimizer / activations / buffers), predicted and measured
     side by side for each run: the ZeRO paper's Figure 1, from this machine's runs.
 
-    `data`: runs, or a compare.memory_breakdown() frame (run, kind, part, bytes)."""
+    `data`: runs, or a compare.memory_breakdown() frame (run, kind, part, bytes). `parts` picks what is
+    drawn: C.STATE_PARTS gives the model states alone, which the estimator's buffers (sized for a GPU)
+    would otherwise dwarf for small models."""
     hv = _hv()
     df = _frame(data, C.memory_breakdown, gpu)
+    df = df[df["part"].isin(parts)]
     if df.empty:
         return _empty(hv, "memory per rank", "no memory figures")
     df = df.assign(bar=df["run"] + " · " + df["kind"])
-    return _stacked(hv, df, "bar", "part", "Memory per rank by part: predicted vs measured", PART_COLORS)
+    what = "model states" if set(parts) <= set(C.STATE_PARTS) else "memory"
+    return _stacked(hv, df, "bar", "part", f"{what.capitalize()} per rank by part: predicted vs measured", PART_COLORS)
 
 
 def comm_bytes(data: Any, gpu: str | None = None):
     """Bytes per step per rank by collective (all_gather, reduce_scatter, all_reduce, ...), measured and
-    predicted for each run. `data`: runs, or a compare.comm_frame() frame."""
+    predicted for each run (tensor bytes handed to the collectives). `data`: runs, or a compare.comm_frame() frame."""
     hv = _hv()
     df = _frame(data, C.comm_frame, gpu)
+    df = df[df["bytes"] > 0]
     if df.empty:
         return _empty(hv, "communication", "no communication counted")
     df = df.assign(bar=df["run"] + " · " + df["kind"])

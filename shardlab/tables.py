@@ -223,12 +223,21 @@ def when_to_use(gpu: str = "h100-80gb") -> pd.DataFrame:
 GB = 1e9
 
 
+_EST_CACHE: dict[tuple, dict] = {}
+
+
 def _est(plan: dict, model, gpu: str) -> dict:
+    """The estimator's dict, memoised: several tables ask for the same few setups."""
+    import json
+
     from shardlab.estimate import estimate
     from shardlab.models import resolve_model
     from shardlab.plan import plan_from_dict
 
-    return estimate(plan_from_dict(plan, check=False), resolve_model(model), gpu).to_dict()
+    key = (json.dumps(plan, sort_keys=True), str(model), gpu)
+    if key not in _EST_CACHE:
+        _EST_CACHE[key] = estimate(plan_from_dict(plan, check=False), resolve_model(model), gpu).to_dict()
+    return _EST_CACHE[key]
 
 
 def _states(plan: dict, model, gpu: str) -> float:
@@ -247,7 +256,7 @@ def _ratio(a: float, b: float) -> float:
 # The ZeRO paper's Figure 1: Psi = 7.5B, K = 12 (mixed-precision Adam), Nd = 64 GPUs.
 _FIG1 = {"topology": {"nodes": 8, "gpus_per_node": 8}, "precision": "fp16", "framework": "deepspeed"}
 _ONE_NODE = {"topology": {"nodes": 1, "gpus_per_node": 8}, "framework": "deepspeed", "precision": "bf16"}
-_TWO_NODES = {"topology": {"nodes": 2, "gpus_per_node": 8}, "precision": "bf16"}
+PAPER_MODEL = 7.5e9
 
 
 def _fig1(sharding: str):
@@ -257,11 +266,16 @@ def _fig1(sharding: str):
     return compute
 
 
-def _comm_ratio(a: str, b: str, key: str = "total", base: dict = _ONE_NODE, extra: dict | None = None):
+def _comm_ratio(a: str, b: str, framework: str, key: str = "total", nodes: int = 1, extra: dict | None = None):
+    """comm_per_step[key] of sharding `a` over sharding `b`: fp32 (dtype choices cancel), the ZeRO paper's
+    bare 7.5B-parameter model (the algorithm, without a real model's unsharded root unit), 8 GPUs a node."""
+    base = {"framework": framework, "precision": "fp32", "topology": {"nodes": nodes, "gpus_per_node": 8}}
+
     def compute(gpu, runs):
-        pa = {**base, "sharding": a, **(extra or {})}
-        v = _ratio(_comm(pa, "gpt-1.3b", gpu, key), _comm({**base, "sharding": b}, "gpt-1.3b", gpu, key))
-        return f"estimate: comm_per_step.{key}({a}{' + ' + str(extra) if extra else ''}) / ({b}), gpt-1.3b, {base['topology']['nodes']}x{base['topology']['gpus_per_node']} GPUs", round(v, 3)
+        num = _comm({**base, "sharding": a, **(extra or {})}, PAPER_MODEL, gpu, key)
+        v = _ratio(num, _comm({**base, "sharding": b}, PAPER_MODEL, gpu, key))
+        more = f" + {extra}" if extra else ""
+        return f"estimate: comm_per_step.{key} {framework} {a}{more} / {b}, 7.5e9 params, {nodes}x8 GPUs", round(v, 3)
     return compute
 
 
@@ -294,7 +308,7 @@ def _params_fraction(gpu, runs):
     from shardlab.compare import compare
 
     df = compare(runs)
-    z3 = df[df.sharding == "zero3"]
+    z3 = df[(df.strategy == "zero3") & (df.framework != "deepspeed")] if (df.framework != "deepspeed").any() else df[df.strategy == "zero3"]
     if z3.empty:
         return "runs: needs a zero3 run", None
     r = z3.iloc[0]
@@ -308,12 +322,18 @@ def _params_fraction(gpu, runs):
 
 # id, claim, source, what the source says, how to test agreement, how shardlab computes it.
 CLAIMS: list[dict[str, Any]] = [
-    dict(id="comm_zero3_vs_ddp", claim="ZeRO-3 / FULL_SHARD moves 1.5x the bytes per step of DDP (3 vs 2 model sizes)", source=f"{ZERO_PAPER} sec. 7; {REF} 4.3",
-         claimed=1.5, agree=lambda v: abs(v - 1.5) < 0.05, compute=_comm_ratio("zero3", "ddp")),
-    dict(id="comm_zero2_vs_ddp", claim="ZeRO-2 / SHARD_GRAD_OP moves the same bytes as DDP", source=f"{ZERO_PAPER} sec. 7",
-         claimed=1.0, agree=lambda v: abs(v - 1.0) < 0.05, compute=_comm_ratio("zero2", "ddp")),
-    dict(id="comm_zero1_vs_ddp", claim="ZeRO-1 moves the same bytes as DDP", source=f"{ZERO_PAPER} sec. 7",
-         claimed=1.0, agree=lambda v: abs(v - 1.0) < 0.05, compute=_comm_ratio("zero1", "ddp")),
+    dict(id="comm_zero3_vs_ddp", claim="ZeRO-3 / FULL_SHARD moves 1.5x the bytes per step of DDP (3 vs 2 model sizes): FSDP2", source=f"{ZERO_PAPER} sec. 7; {REF} 4.3",
+         claimed=1.5, agree=lambda v: abs(v - 1.5) < 0.05, compute=_comm_ratio("zero3", "ddp", "fsdp2")),
+    dict(id="comm_zero3_vs_ddp_deepspeed", claim="ZeRO-3 moves 1.5x the bytes per step of DDP: DeepSpeed", source=f"{ZERO_PAPER} sec. 7",
+         claimed=1.5, agree=lambda v: abs(v - 1.5) < 0.05, compute=_comm_ratio("zero3", "ddp", "deepspeed")),
+    dict(id="comm_zero2_vs_ddp", claim="ZeRO-2 / SHARD_GRAD_OP moves the same bytes as DDP: FSDP2", source=f"{ZERO_PAPER} sec. 7",
+         claimed=1.0, agree=lambda v: abs(v - 1.0) < 0.05, compute=_comm_ratio("zero2", "ddp", "fsdp2")),
+    dict(id="comm_zero2_vs_ddp_deepspeed", claim="ZeRO-2 moves the same bytes as DDP: DeepSpeed", source=f"{ZERO_PAPER} sec. 7",
+         claimed=1.0, agree=lambda v: abs(v - 1.0) < 0.05, compute=_comm_ratio("zero2", "ddp", "deepspeed"),
+         note="DeepSpeed's ZeRO-1/2 all-reduce whole gradient buckets, then all-gather the updated parameters (estimator notes)"),
+    dict(id="comm_zero1_vs_ddp", claim="ZeRO-1 moves the same bytes as DDP: DeepSpeed", source=f"{ZERO_PAPER} sec. 7",
+         claimed=1.0, agree=lambda v: abs(v - 1.0) < 0.05, compute=_comm_ratio("zero1", "ddp", "deepspeed"),
+         note="as for ZeRO-2"),
     dict(id="states_ddp", claim="DDP with mixed-precision Adam holds 16 bytes per parameter: 120 GB for 7.5B", source=f"{ZERO_PAPER} fig. 1",
          claimed=120.0, agree=lambda v: abs(v / 120.0 - 1) < 0.03, compute=_fig1("ddp")),
     dict(id="states_zero1", claim="ZeRO-1 on 64 GPUs: 31.4 GB per GPU for 7.5B", source=f"{ZERO_PAPER} fig. 1",
@@ -327,11 +347,11 @@ CLAIMS: list[dict[str, Any]] = [
     dict(id="offload_optimizer", claim="ZeRO-Offload keeps no optimizer state on the GPU", source=DS_ZERO,
          claimed=0, agree=lambda v: v == 0, compute=_offload),
     dict(id="hybrid_inter_node", claim="hybrid sharding sends fewer bytes between nodes than full sharding", source=f"{REF} 3.4",
-         claimed="< 1", agree=lambda v: v < 1, compute=_comm_ratio("hybrid", "zero3", "inter_node", {**_TWO_NODES, "framework": "fsdp2"})),
+         claimed="< 1", agree=lambda v: v < 1, compute=_comm_ratio("hybrid", "zero3", "fsdp2", "inter_node", nodes=2)),
     dict(id="zeropp_inter_node", claim="ZeRO++ (qwZ + hpZ + qgZ) cuts ZeRO-3's inter-node bytes 4x", source=ZEROPP_PAPER,
          claimed=0.25, agree=lambda v: abs(v - 0.25) < 0.05,
-         compute=_comm_ratio("zero3", "zero3", "inter_node", {**_TWO_NODES, "framework": "deepspeed"},
-                             {"zeropp": {"quantized_weights": True, "quantized_gradients": True, "hpz_partition_size": 8}})),
+         compute=_comm_ratio("zero3", "zero3", "deepspeed", "inter_node", nodes=2,
+                             extra={"zeropp": {"quantized_weights": True, "quantized_gradients": True, "hpz_partition_size": 8}})),
     dict(id="same_losses", claim="FSDP FULL_SHARD and ZeRO-3 are the same algorithm: same losses for the same seed", source=f"{REF} overview",
          claimed=0.0, agree=lambda v: v < 1e-3, compute=_same_losses, needs_runs=True),
     dict(id="zero3_params_fraction", claim="ZeRO-3 keeps 1/N of the parameters on each of N ranks", source=ZERO_PAPER,
@@ -354,7 +374,7 @@ def claims(runs=None, gpu: str = "h100-80gb") -> pd.DataFrame:
             how, value = f"not computed: {type(e).__name__}: {e}", None
         agrees = None if value is None or (isinstance(value, float) and value != value) else bool(c["agree"](value))
         rows.append(dict(id=c["id"], claim=c["claim"], claimed=c["claimed"], shardlab=value, agrees=agrees,
-                         verified_by=how, source=c["source"]))
+                         verified_by=how, source=c["source"], note=c.get("note", "")))
     return pd.DataFrame(rows).astype({"claimed": object, "shardlab": object})
 
 
