@@ -84,6 +84,7 @@ def test_event_stream_and_callback_deliver_every_metrics_line_then_the_status(tw
         assert len(metrics) == 2 * STEPS
         assert {(x["rank"], x["step"]) for x in metrics} == {(int(r), int(s)) for r, s in zip(run.metrics["rank"], run.metrics["step"])}
         assert {x["event"] for x in items if x["type"] == "event"} >= {"start", "done"}
+        assert items[0] == {"type": "status", "status": "running", "id": run.id}
         assert items[-1] == {"type": "status", "status": "completed", "id": run.id}
 
 
@@ -131,8 +132,12 @@ def test_timeline_samples_each_rank_at_least_10_times_a_second_on_the_metrics_cl
             span = g["t"].max() - g["t"].min()
             assert span > 1.0
             assert len(g) / span >= 10, (rank, len(g), span)
-        # the same clock as the worker's phase stamps: the samples cover every step
+        # the same clock as the worker's phase stamps: the samples cover every step, and each one is
+        # labelled with the step and phase its rank was in
         assert tl["t"].min() <= m["t_start"].min() and tl["t"].max() >= m["t_opt_end"].max()
+        assert "setup" in set(tl["phase"]) and set(tl["phase"]) & {"forward", "backward", "optimizer"}
+        inside = tl[tl["phase"].isin(["forward", "backward", "optimizer"])].merge(m, on=["rank", "step"])
+        assert len(inside) and ((inside["t"] >= inside["t_start"]) & (inside["t"] < inside["t_opt_end"])).all()
 
 
 def test_runs_load_back_after_the_fact_and_are_listed(two_runs, store):

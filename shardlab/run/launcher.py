@@ -44,6 +44,22 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def visible_gpus() -> list[int]:
+    """NVML indices of the GPUs a run may use: CUDA_VISIBLE_DEVICES (numeric form) if set, else all."""
+    n = gpu_count()
+    vis = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if vis is None:
+        return list(range(n))
+    out = []
+    for part in vis.split(","):
+        part = part.strip()
+        if not part.isdigit():
+            break  # a UUID or -1: CUDA stops at the first entry it cannot use; so do we
+        if int(part) < n:
+            out.append(int(part))
+    return out
+
+
 def gpu_count() -> int:
     """CUDA GPUs on this machine, asked of NVML (no torch import); 0 if there is no driver."""
     try:
@@ -59,7 +75,7 @@ def gpu_count() -> int:
 
 
 def default_device() -> str:
-    return "cuda" if gpu_count() > 0 else "cpu"
+    return "cuda" if visible_gpus() else "cpu"
 
 
 def _model_for_worker(model) -> tuple[str, object]:
@@ -95,7 +111,7 @@ def check_run(plan: Plan, *, steps: int, nproc: int, device: str, launcher: str)
         if plan.precision == "fp16" and plan.framework == "deepspeed" and not _cpu_fp16_ok():
             raise bad_input("precision", "precision=fp16 with DeepSpeed on this CPU fails: DeepSpeed's CPU accelerator allows fp16 only where oneDNN has fp16 kernels, and this CPU has none. Use precision: bf16 (or fp32) for CPU runs.")
     else:
-        have = gpu_count()
+        have = len(visible_gpus())
         need = nproc * plan.topology.nodes
         if need > have:
             raise bad_input("nproc", f"this run needs {need} GPUs (nproc={nproc} x topology.nodes={plan.topology.nodes}) but this machine has {have}. Use nproc <= {have // max(plan.topology.nodes, 1) or 1}, fewer nodes, or device='cpu'.")
@@ -193,6 +209,7 @@ class LiveRun(Run):
         write_json_atomic(self.dir / "status.json", self._info)
 
     def _watch(self) -> None:
+        self._emit({"type": "status", "status": "running", "id": self.id})
         last_progress = time.monotonic()
         last_written = 0.0
         failure: faults.Failure | None = None
@@ -322,6 +339,7 @@ def launch(plan, model="gpt-tiny", steps: int = 10, nproc: int | None = None, de
             "SHARDLAB_RUN_DIR": str(run_dir)}
     if device == "cpu":
         ours["DS_ACCELERATOR"] = "cpu"
+    gpus = visible_gpus() if device == "cuda" else []
     cmds = []
     for node in range(nodes):
         argv, set_env = launch_command(
@@ -332,7 +350,8 @@ def launch(plan, model="gpt-tiny", steps: int = 10, nproc: int | None = None, de
         argv = [*argv[:-3], f"--log-dir={run_dir / 'logs' / f'node{node}'}", "--redirects=3", *argv[-3:]]
         node_env = {**set_env, **ours}
         if device == "cuda" and nodes > 1:
-            node_env["CUDA_VISIBLE_DEVICES"] = ",".join(str(node * nproc + i) for i in range(nproc))
+            # "nodes" sharing one machine: each agent sees its own slice of the GPUs
+            node_env["CUDA_VISIBLE_DEVICES"] = ",".join(str(g) for g in gpus[node * nproc:(node + 1) * nproc])
         cmds.append((argv, node_env))
     write_json_atomic(run_dir / "launch.json", {
         "launcher": launcher, "cwd": os.getcwd(), "master_port": port,
@@ -365,7 +384,8 @@ def launch(plan, model="gpt-tiny", steps: int = 10, nproc: int | None = None, de
     info["processes"] = [{"pid": p.pid, "create_time": p.create_time(), "role": f"agent{n}"} for n, p in procs.items()]
     write_json_atomic(run_dir / "status.json", info)
 
-    sampler = Sampler(run_dir / "timeline.jsonl", procs, gpus_per_node=nproc if device == "cuda" else 0, device=device)
+    gpu_index = {(n, i): gpus[n * nproc + i] for n in range(nodes) for i in range(nproc)} if gpus else None
+    sampler = Sampler(run_dir / "timeline.jsonl", procs, nproc_per_node=nproc, gpu_index=gpu_index)
     if mem_limit_bytes:
         sampler.on_rank = faults.limit_memory(int(mem_limit_bytes))
     sampler.start()

@@ -189,8 +189,11 @@ class Run:
 
     @property
     def timeline(self):
-        """timeline.jsonl as a DataFrame: t (time.time(), same clock as the metrics), rank, gpu, source, bytes."""
-        return _frame(read_jsonl(self.dir / "timeline.jsonl"))
+        """timeline.jsonl as a DataFrame: t (time.time(), the metrics' clock), rank, gpu, source, bytes,
+        plus the step and phase (setup, forward, backward, optimizer, other) each sample fell in."""
+        from shardlab.run.timeline import label_phases
+
+        return label_phases(_frame(read_jsonl(self.dir / "timeline.jsonl")), self.metrics)
 
     @property
     def events(self):

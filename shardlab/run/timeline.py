@@ -61,18 +61,19 @@ class _Nvml:
 class Sampler(threading.Thread):
     """Samples every rank of the run until `stop()`; also the launcher's map of the run's processes.
 
-    agents: {node index: psutil.Process of that node's torchrun agent}. gpus: {rank: GPU index} for
-    NVML sampling (empty on CPU). A daemon thread: it never keeps the interpreter alive.
+    agents: {node index: psutil.Process of that node's torchrun agent}; nproc_per_node: ranks each
+    agent starts. gpu_index: {(node, local rank): NVML GPU index} on CUDA runs (None on CPU: no NVML
+    lines). A daemon thread: it never keeps the interpreter alive.
     """
 
-    def __init__(self, path: str | Path, agents: dict[int, psutil.Process], *, gpus_per_node: int = 0,
-                 device: str = "cpu", hz: float = HZ):
+    def __init__(self, path: str | Path, agents: dict[int, psutil.Process], *, nproc_per_node: int = 1,
+                 gpu_index: dict[tuple[int, int], int] | None = None, hz: float = HZ):
         super().__init__(name=f"shardlab-timeline-{Path(path).parent.name}", daemon=True)
         self.path = Path(path)
         self.agents = agents
         self.interval = 1.0 / hz
-        self.device = device
-        self.gpus_per_node = gpus_per_node
+        self.nproc_per_node = nproc_per_node
+        self.gpu_index = gpu_index or {}
         self._halt = threading.Event()
         self._lock = threading.Lock()
         self.ranks: dict[int, psutil.Process] = {}  # global rank -> worker process
@@ -124,10 +125,7 @@ class Sampler(threading.Thread):
 
     # ---- sampling
     def _gpu_of(self, rank: int) -> int | None:
-        if self.device != "cuda" or rank not in self.where:
-            return None
-        node, local = self.where[rank]
-        return node * self.gpus_per_node + local
+        return self.gpu_index.get(self.where.get(rank))
 
     def _sample(self, f) -> None:
         now = time.time()
@@ -159,14 +157,13 @@ class Sampler(threading.Thread):
             self.samples += 1
 
     def run(self) -> None:
-        if self.device == "cuda":
-            n = len(self.agents) * self.gpus_per_node
-            self._nvml = _Nvml(list(range(n)))
+        if self.gpu_index:
+            self._nvml = _Nvml(sorted(set(self.gpu_index.values())))
         next_discover = 0.0
         with open(self.path, "a") as f:
             while not self._halt.is_set():
                 tick = time.monotonic()
-                expected = len(self.agents) * max(self.gpus_per_node, 1)
+                expected = len(self.agents) * self.nproc_per_node
                 # Look for new processes often until every rank is known, then once a second
                 # (compilers and helpers a worker starts later still get found for the final kill).
                 if len(self.ranks) < expected or tick >= next_discover:
@@ -182,3 +179,34 @@ class Sampler(threading.Thread):
         self._halt.set()
         if join and self.is_alive() and threading.current_thread() is not self:
             self.join(timeout=5)
+
+
+PHASES = ("forward", "backward", "optimizer")
+
+
+def label_phases(timeline, metrics):
+    """The timeline with `step` and `phase` columns: what the sample's rank was doing at that moment.
+
+    phase is forward / backward / optimizer inside a step (from the rank's own t_start, t_fwd_end,
+    t_bwd_end, t_opt_end stamps), "setup" before its first step and "other" between or after steps
+    (logging, teardown). Without phase stamps the frame comes back unchanged.
+    """
+    import pandas as pd
+
+    need = {"rank", "step", "t_start", "t_fwd_end", "t_bwd_end", "t_opt_end"}
+    if timeline.empty or metrics.empty or not need <= set(metrics.columns) or "rank" not in timeline:
+        return timeline
+    steps = metrics[list(need)].dropna().astype({"rank": int}).sort_values("t_start")
+    tl = timeline.reset_index(drop=True).assign(_row=lambda d: range(len(d)))
+    tl = tl[tl["rank"].notna()].astype({"rank": int}).sort_values("t")
+    merged = pd.merge_asof(tl, steps, left_on="t", right_on="t_start", by="rank", direction="backward")
+    t = merged["t"]
+    phase = pd.Series("other", index=merged.index, dtype=object)
+    phase[merged["t_start"].isna()] = "setup"
+    phase[(t < merged["t_opt_end"])] = "optimizer"
+    phase[(t < merged["t_bwd_end"])] = "backward"
+    phase[(t < merged["t_fwd_end"])] = "forward"
+    merged["phase"] = phase
+    merged.loc[merged["phase"].isin(["setup", "other"]), "step"] = None
+    out = merged.set_index("_row").sort_index()[[*timeline.columns, "step", "phase"]]
+    return out.reset_index(drop=True)
