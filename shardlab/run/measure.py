@@ -162,7 +162,15 @@ def _group_size(group: Any) -> int:
 # Model-state bytes
 
 
-def _storage_bytes(tensors, seen: set) -> int:
+class _Tally:
+    """Storages already counted for one kind of state, and how many of its bytes sit in CPU memory."""
+
+    def __init__(self) -> None:
+        self.seen: set = set()
+        self.cpu = 0
+
+
+def _storage_bytes(tensors, seen: _Tally) -> int:
     """Sum of distinct storages' sizes (views into one flat buffer count once)."""
     total = 0
     for t in tensors:
@@ -177,10 +185,12 @@ def _storage_bytes(tensors, seen: set) -> int:
             size = st.nbytes()
         except (RuntimeError, NotImplementedError):
             key, size = (id(t), "?"), t.numel() * t.element_size()
-        if size == 0 or key in seen:
+        if size == 0 or key in seen.seen:
             continue
-        seen.add(key)
+        seen.seen.add(key)
         total += size
+        if t.device.type == "cpu":
+            seen.cpu += size
     return total
 
 
@@ -199,22 +209,25 @@ def _optimizer_state_tensors(optimizer) -> list[torch.Tensor]:
     return out
 
 
-def state_bytes(model: torch.nn.Module, optimizer, framework: str) -> dict[str, int]:
-    """{params, grads, optimizer}: bytes of model states this rank holds right now (any device)."""
+def state_bytes(model: torch.nn.Module, optimizer, framework: str) -> tuple[dict[str, int], dict[str, int]]:
+    """({params, grads, optimizer} bytes this rank holds right now on any device, the same in CPU memory)."""
+    tallies = {k: _Tally() for k in ("params", "grads", "optimizer")}
     if framework == "deepspeed":
-        return _deepspeed_state_bytes(model, optimizer)
-    params = list(model.parameters())
-    return {
-        "params": _storage_bytes(params, set()),
-        "grads": _storage_bytes([p.grad for p in params], set()),
-        "optimizer": _storage_bytes(_optimizer_state_tensors(optimizer), set()),
-    }
+        total = _deepspeed_state_bytes(model, optimizer, tallies)
+    else:
+        params = list(model.parameters())
+        total = {
+            "params": _storage_bytes(params, tallies["params"]),
+            "grads": _storage_bytes([p.grad for p in params], tallies["grads"]),
+            "optimizer": _storage_bytes(_optimizer_state_tensors(optimizer), tallies["optimizer"]),
+        }
+    return total, {k: t.cpu for k, t in tallies.items()}
 
 
-def _deepspeed_state_bytes(engine, zero_opt) -> dict[str, int]:
+def _deepspeed_state_bytes(engine, zero_opt, tallies: dict[str, _Tally]) -> dict[str, int]:
     """DeepSpeed: read the ZeRO optimizer's partitioned groups (stage3.py / stage_1_and_2.py)."""
     opt = getattr(engine, "optimizer", None) or zero_opt
-    seen_p, seen_g, seen_o = set(), set(), set()
+    seen_p, seen_g, seen_o = tallies["params"], tallies["grads"], tallies["optimizer"]
     stage3 = hasattr(opt, "fp16_partitioned_groups_flat")
     if stage3:
         # ZeRO-3: each module parameter keeps only its partition (ds_tensor) in a flat 16-bit group.
@@ -222,6 +235,8 @@ def _deepspeed_state_bytes(engine, zero_opt) -> dict[str, int]:
         params += _storage_bytes([getattr(p, "ds_tensor", None) for p in engine.module.parameters()], seen_p)
         # with hpZ the secondary (node-local) partition is held too
         params += _storage_bytes([getattr(p, "ds_secondary_tensor", None) for p in engine.module.parameters()], seen_p)
+        # parameters below stage3_param_persistence_threshold stay gathered (full) between steps
+        params += _storage_bytes([p.data for p in engine.module.parameters() if p.data.numel() > 0], seen_p)
         grads = _stage3_grad_bytes(opt, seen_g)
         master = getattr(opt, "fp32_partitioned_groups_flat", [])
     elif hasattr(opt, "bit16_groups_flat"):
@@ -240,7 +255,7 @@ def _deepspeed_state_bytes(engine, zero_opt) -> dict[str, int]:
     return {"params": params, "grads": grads, "optimizer": optim}
 
 
-def _stage3_grad_bytes(opt, seen: set) -> int:
+def _stage3_grad_bytes(opt, seen: _Tally) -> int:
     tensors = []
     flat = getattr(opt, "grad_partitions_flat_buffer", None)
     if flat is not None:
@@ -252,8 +267,9 @@ def _stage3_grad_bytes(opt, seen: set) -> int:
     return _storage_bytes(tensors, seen)
 
 
-def _stage12_grad_bytes(opt, seen: set) -> int:
-    tensors = []
+def _stage12_grad_bytes(opt, seen: _Tally) -> int:
+    # the partition's gradients are copied into one buffer sized by the params it touches
+    tensors = [getattr(opt, "grads_in_partition", None)]
     ag = getattr(opt, "averaged_gradients", {})
     for g in (ag.values() if isinstance(ag, dict) else ag):
         if g is not None:

@@ -33,6 +33,10 @@ def _prepare_env(device: str) -> None:
         os.environ["TORCH_CUDA_ARCH_LIST"] = sanitize_arch_list(os.environ["TORCH_CUDA_ARCH_LIST"])
     if device == "cpu":
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    import warnings
+
+    # DeepSpeed calls the old collective names on every step; the warning would flood the run log
+    warnings.filterwarnings("ignore", message=r".*is deprecated\. Please use `torch\.distributed\.")
 
 
 class Log:
@@ -55,41 +59,29 @@ def _jsonable(o):
         return str(o)
 
 
-def flops_per_token(spec) -> float:
-    """Training FLOPs per token: 6N + 12·L·d·T (models.py's function when it exists)."""
-    try:
-        from shardlab.models import flops_per_token as f
+# torch.cuda.get_device_name() words -> shardlab's GPU table (shardlab/estimate/gpus.py); first match wins
+_GPU_NAMES = (("h200", "h200"), ("h100 pcie", "h100-pcie"), ("h100", "h100-80gb"), ("a100-sxm4-40gb", "a100-40gb"),
+              ("a100-pcie-40gb", "a100-40gb"), ("a100", "a100-80gb"), ("a10g", "a10g"), ("rtx 4090", "rtx4090"),
+              (" l4", "l4"))
 
-        return float(f(spec))
-    except ImportError:
-        return 6.0 * spec.params + 12.0 * spec.layers * spec.hidden * spec.seq_len
+
+def gpu_table_name(device_name: str) -> str | None:
+    """'NVIDIA H100 80GB HBM3' -> 'h100-80gb'; None when the table has no such GPU."""
+    low = " " + device_name.lower().replace("nvidia", "").strip()
+    for needle, name in _GPU_NAMES:
+        if needle in low:
+            return name
+    return None
 
 
 def peak_tflops(device_name: str, precision: str) -> float | None:
-    """Peak dense TFLOPS of this GPU for `precision` from shardlab's GPU table, None if unknown."""
-    try:
-        from shardlab.estimate import gpus
-    except ImportError:
+    """This GPU's dense peak TFLOPS for `precision` from shardlab's GPU table, None if unknown."""
+    name = gpu_table_name(device_name)
+    if name is None:
         return None
-    for fn_name in ("match_device_name", "match_gpu", "gpu_for_device_name"):
-        fn = getattr(gpus, fn_name, None)
-        if fn is not None:
-            try:
-                gpu = fn(device_name)
-            except Exception:
-                gpu = None
-            if gpu is not None:
-                return _peak_of(gpu, precision)
-    return None
+    from shardlab.estimate.gpus import get_gpu
 
-
-def _peak_of(gpu, precision: str) -> float | None:
-    key = "fp32" if precision == "fp32" else "bf16"
-    for attr in (f"{key}_tflops", "bf16_tflops", "tflops"):
-        v = gpu.get(attr) if isinstance(gpu, dict) else getattr(gpu, attr, None)
-        if v:
-            return float(v)
-    return None
+    return get_gpu(name).peak_tflops(precision)
 
 
 def _load_factory(spec: str):
@@ -144,7 +136,7 @@ class Worker:
         import torch
         import torch.distributed as dist
 
-        from shardlab.models import resolve_model
+        from shardlab.models import flops_per_token, resolve_model
         from shardlab.plan import load_plan
 
         self.plan = load_plan(self.dir / "plan.yaml")
@@ -233,7 +225,7 @@ class Worker:
                 mem_phases["bwd"] = measure.allocated(self.device)
                 # grads exist now (after backward, before the optimizer zeroes them)
                 with pause():
-                    state = measure.state_bytes(t.module, t.zero_optimizer, self.plan.framework)
+                    state, state_cpu = measure.state_bytes(t.module, t.zero_optimizer, self.plan.framework)
             self.phase = "optimizer"
             t.step()
             t.zero_grad()
@@ -241,10 +233,12 @@ class Worker:
                 ev[3].record()
             if self.instrument:
                 mem_phases["opt"] = measure.allocated(self.device)
-                after = measure.state_bytes(t.module, t.zero_optimizer, self.plan.framework)
+                with pause():
+                    after, after_cpu = measure.state_bytes(t.module, t.zero_optimizer, self.plan.framework)
                 # optimizer states appear lazily at the first step, and params are at rest (resharded)
                 # only after it: take those two from after the step, the grads from before it
                 state.update(params=after["params"], optimizer=after["optimizer"])
+                state_cpu.update(params=after_cpu["params"], optimizer=after_cpu["optimizer"])
             self.phase = "log"
             comm = self.counter.snapshot() if self.instrument else ({}, {})
             loss_sum = torch.stack(losses).sum()
@@ -269,6 +263,7 @@ class Worker:
                 rec.update(mem)
                 if cuda:
                     rec["mem_phases"] = mem_phases
+                    rec["state_bytes_cpu"] = state_cpu  # the offloaded part of state_bytes
             self.metrics.write(rec)
         self.phase = "done"
 
@@ -318,6 +313,12 @@ def main(argv: list[str] | None = None) -> int:
                 except Exception:
                     pass
             return EXIT_OOM
+        from shardlab.plan import PlanError
+
+        if isinstance(e, PlanError):  # bad input: the message says what to change; no traceback
+            w.event("error", message=str(e), kind="bad_input", fields=[f.field for f in e.findings])
+            print(f"shardlab worker: {e}", file=sys.stderr)
+            return EXIT_ERROR
         w.event("error", message=f"{type(e).__name__}: {e}"[:2000], traceback=traceback.format_exc()[-4000:])
         traceback.print_exc()
         return EXIT_ERROR

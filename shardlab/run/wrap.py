@@ -11,7 +11,7 @@ framework knob; where a framework has no such knob the Plan's validation has alr
 - FSDP2: `fully_shard` on each Block then on the root (reshard_after_forward: True for zero3 and
   hybrid, False for zero2); ddp is FSDP2's own `replicate`; hybrid is a 2-D (replicate, shard) mesh;
   MixedPrecisionPolicy, CPUOffloadPolicy; torch.amp.GradScaler for fp16.
-- DeepSpeed: `deepspeed.initialize` with the config `ds_config(plan)` builds.
+- DeepSpeed: `deepspeed.initialize` with the config shardlab exports for the plan (`ds_config`).
 Activation checkpointing is torch.utils.checkpoint inside each Block (inside the FSDP unit).
 """
 
@@ -119,8 +119,23 @@ class Trainer:
         return self.engine.optimizer if self.engine is not None else self.optimizer
 
 
+def check_runnable(plan: Plan, device: str) -> None:
+    """Refuse, with a PlanError, valid plans that this device cannot run (found by trying them)."""
+    from shardlab.plan import bad_input
+
+    if device != "cpu":
+        return
+    if plan.framework == "deepspeed" and plan.precision == "fp16":
+        raise bad_input("precision", "precision=fp16 with framework=deepspeed does not run on a CPU (DeepSpeed's CPU accelerator has no fp16 support). Use precision: bf16 or fp32 for CPU runs, or run on cuda.")
+    if plan.framework == "fsdp1" and plan.offload.params == "cpu":
+        raise bad_input("offload.params", "offload.params=cpu with framework=fsdp1 needs a GPU (FSDP1's CPUOffload copies parameters between the GPU and the CPU); on a CPU run they already live in CPU RAM. Set offload to none for CPU runs, use framework: fsdp2, or run on cuda.")
+    if any(getattr(plan.zeropp, q) for q in ("quantized_weights", "quantized_gradients")):
+        raise bad_input("zeropp.quantized_weights", "zeropp.quantized_weights / quantized_gradients (ZeRO++ qwZ/qgZ) have no CPU kernels in DeepSpeed. Set them to false for CPU runs, or run on cuda.")
+
+
 def wrap(plan: Plan, model: nn.Module, device: str, loss: Callable) -> Trainer:
     """Shard `model` (built on CPU, initialised) as `plan` says and return its Trainer."""
+    check_runnable(plan, device)
     fn = {"fsdp1": _fsdp1, "fsdp2": _fsdp2, "deepspeed": _deepspeed}[plan.framework]
     return fn(plan, model, device, loss)
 
@@ -131,6 +146,15 @@ def _mesh(plan: Plan, device: str):
 
     t = plan.topology
     return init_device_mesh(device, (t.nodes, t.gpus_per_node), mesh_dim_names=("replicate", "shard"))
+
+
+def _broadcast_from_rank0(model: nn.Module, device: str) -> None:
+    """Every rank takes rank 0's parameters and buffers (what sync_module_states does)."""
+    import torch.distributed as dist
+
+    with torch.no_grad():
+        for t in [*model.parameters(), *model.buffers()]:
+            dist.broadcast(t.data, src=0)
 
 
 def _fsdp1(plan: Plan, model: nn.Module, device: str, loss: Callable) -> Trainer:
@@ -155,12 +179,17 @@ def _fsdp1(plan: Plan, model: nn.Module, device: str, loss: Callable) -> Trainer
     kwargs: dict[str, Any] = {}
     if plan.sharding == "hybrid":
         kwargs["device_mesh"] = _mesh(plan, device)
-    if device == "cuda":
-        kwargs["device_id"] = torch.cuda.current_device()
+    # an explicit CPU device_id is what lets FSDP1 run on a machine without accelerators
+    kwargs["device_id"] = torch.device("cuda", torch.cuda.current_device()) if device == "cuda" else torch.device("cpu")
+    sync = plan.sync_module_states
+    if sync and device == "cpu":
+        # FSDP1's own sync_module_states insists on GPU tensors; on CPU broadcast rank 0's weights here
+        _broadcast_from_rank0(model, device)
+        sync = False
     fsdp = FSDP(model, sharding_strategy=strategy, auto_wrap_policy=policy, mixed_precision=mp,
                 cpu_offload=CPUOffload(offload_params=plan.offload.params == "cpu"), backward_prefetch=prefetch,
                 forward_prefetch=plan.forward_prefetch, limit_all_gathers=plan.limit_all_gathers,
-                sync_module_states=plan.sync_module_states, use_orig_params=plan.compile, **kwargs)
+                sync_module_states=sync, use_orig_params=plan.compile, **kwargs)
     optimizer = make_optimizer(plan, fsdp.parameters())
     scaler = None
     if plan.precision == "fp16" and plan.loss_scaling == "dynamic":
@@ -173,16 +202,14 @@ def _fsdp1(plan: Plan, model: nn.Module, device: str, loss: Callable) -> Trainer
 
 
 def _fsdp2(plan: Plan, model: nn.Module, device: str, loss: Callable) -> Trainer:
-    import torch.distributed as dist
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
     block_cls = block_class(model, plan.wrap.transformer_layer_cls) if plan.wrap.policy == "transformer" else None
-    if plan.sync_module_states:
-        # FSDP2 has no sync_module_states flag: broadcast rank 0's weights before sharding.
-        for t in [*model.parameters(), *model.buffers()]:
-            dist.broadcast(t.data if device == "cpu" else t.data.to(device), src=0)
     if device == "cuda":
         model.to(device)
+    if plan.sync_module_states:
+        # FSDP2 has no sync_module_states flag: broadcast rank 0's weights before sharding
+        _broadcast_from_rank0(model, device)
     set_activation_checkpointing(model, block_cls or type(None), plan.activation_checkpointing and block_cls is not None)
     if plan.compile and block_cls is not None:
         for m in model.modules():
@@ -223,72 +250,27 @@ def _fsdp2(plan: Plan, model: nn.Module, device: str, loss: Callable) -> Trainer
 
 
 def ds_config(plan: Plan, device: str) -> dict:
-    """The DeepSpeed config for this plan, with concrete values where the export leaves 'auto'."""
-    try:
-        from shardlab.export import export
+    """The DeepSpeed config `shardlab export --to deepspeed` writes, plus what only a real run needs."""
+    from shardlab.export.deepspeed import deepspeed_config
 
-        cfg = json.loads(export(plan, "deepspeed"))
-    except (ImportError, AttributeError, NotImplementedError, KeyError):
-        cfg = _fallback_ds_config(plan)
-    cfg = _drop_auto(cfg)
+    cfg = _drop_auto(deepspeed_config(plan))
     cfg["train_micro_batch_size_per_gpu"] = plan.micro_batch_size
     cfg["gradient_accumulation_steps"] = plan.grad_accum_steps
     cfg.pop("train_batch_size", None)  # DeepSpeed derives it from the two above and the world size
-    opt = cfg.get("optimizer")
-    if opt and opt.get("type", "").lower() in ("adam", "adamw") and device == "cpu":
-        zero = cfg.get("zero_optimization", {})
-        if zero.get("offload_optimizer", {}).get("device", "none") == "none":
-            # DeepSpeed's FusedAdam is a CUDA kernel; on CPU the same update comes from torch's AdamW.
-            opt.setdefault("params", {})["torch_adam"] = True
-    cfg.setdefault("steps_per_print", 1 << 30)
-    cfg.setdefault("wall_clock_breakdown", False)
+    opt = cfg.get("optimizer") or {}
+    offloaded = cfg.get("zero_optimization", {}).get("offload_optimizer", {}).get("device", "none") != "none"
+    if device == "cpu" and opt.get("type", "").lower() in ("adam", "adamw") and not offloaded:
+        # DeepSpeed's FusedAdam is a CUDA kernel; on CPU the same update comes from torch's AdamW
+        opt.setdefault("params", {})["torch_adam"] = True
+    cfg.setdefault("steps_per_print", 1 << 30)  # keep DeepSpeed's own per-step log quiet
     return cfg
 
 
 def _drop_auto(obj):
+    """Keys an exported config leaves as 'auto' (for accelerate to fill) take DeepSpeed's defaults."""
     if isinstance(obj, dict):
         return {k: _drop_auto(v) for k, v in obj.items() if v != "auto"}
     return obj
-
-
-def _fallback_ds_config(plan: Plan) -> dict:
-    """Plan -> DeepSpeed JSON (used until shardlab.export.deepspeed exists)."""
-    stage = {"ddp": 0, "zero1": 1, "zero2": 2, "zero3": 3, "hybrid": 3}[plan.sharding]
-    zero: dict[str, Any] = {"stage": stage}
-    if plan.offload.optimizer != "none":
-        zero["offload_optimizer"] = {"device": plan.offload.optimizer, **({"nvme_path": plan.offload.nvme_path} if plan.offload.optimizer == "nvme" else {})}
-    if plan.offload.params != "none":
-        zero["offload_param"] = {"device": plan.offload.params, **({"nvme_path": plan.offload.nvme_path} if plan.offload.params == "nvme" else {})}
-    b = plan.buckets
-    for key, val in (("reduce_bucket_size", b.reduce_bucket_size), ("allgather_bucket_size", b.allgather_bucket_size),
-                     ("stage3_prefetch_bucket_size", b.prefetch_bucket_size),
-                     ("stage3_param_persistence_threshold", b.param_persistence_threshold)):
-        if val != "auto" and (stage == 3 or not key.startswith("stage3")):
-            zero[key] = val
-    hpz = plan.zeropp.hpz_partition_size
-    if plan.sharding == "hybrid" and hpz == 1:
-        hpz = plan.topology.gpus_per_node
-    if stage == 3:
-        if hpz > 1:
-            zero["zero_hpz_partition_size"] = hpz
-        if plan.zeropp.quantized_weights:
-            zero["zero_quantized_weights"] = True
-        if plan.zeropp.quantized_gradients:
-            zero["zero_quantized_gradients"] = True
-    cfg: dict[str, Any] = {"zero_optimization": zero}
-    if plan.precision == "bf16":
-        cfg["bf16"] = {"enabled": True}
-    elif plan.precision == "fp16":
-        cfg["fp16"] = {"enabled": True, "loss_scale": 0 if plan.loss_scaling == "dynamic" else 1}
-    if plan.gradient_clipping:
-        cfg["gradient_clipping"] = plan.gradient_clipping
-    if plan.activation_checkpointing:
-        cfg["activation_checkpointing"] = {"partition_activations": False}
-    o = plan.optimizer
-    if o.name in ("adam", "adamw"):
-        cfg["optimizer"] = {"type": "AdamW" if o.name == "adamw" else "Adam",
-                            "params": {"lr": o.lr, "weight_decay": o.weight_decay, "betas": list(_BETAS), "eps": _EPS}}
-    return cfg
 
 
 def _deepspeed(plan: Plan, model: nn.Module, device: str, loss: Callable) -> Trainer:
@@ -297,12 +279,7 @@ def _deepspeed(plan: Plan, model: nn.Module, device: str, loss: Callable) -> Tra
     cfg = ds_config(plan, device)
     if plan.activation_checkpointing:
         set_activation_checkpointing(model, block_class(model, plan.wrap.transformer_layer_cls), True)
-    client_opt = None
-    if "optimizer" not in cfg:  # SGD: DeepSpeed takes torch's optimizer as a client optimizer
-        client_opt = make_optimizer(plan, model.parameters())
-        cfg["zero_allow_untested_optimizer"] = True
-    engine, optimizer, _, _ = deepspeed.initialize(model=model, model_parameters=[p for p in model.parameters()],
-                                                   optimizer=client_opt, config=cfg)
+    engine, optimizer, _, _ = deepspeed.initialize(model=model, model_parameters=list(model.parameters()), config=cfg)
     if plan.compile:
         engine.compile()
     t = Trainer("deepspeed", engine, optimizer, loss, plan.gradient_clipping, engine=engine)
