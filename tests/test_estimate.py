@@ -56,7 +56,10 @@ def test_zero_paper_table1_model_states(psi):
     for nd, row in ZERO_TABLE1[psi].items():
         nodes, gpn = topo(nd)
         for stage, published in zip(("ddp", "zero1", "zero2", "zero3"), row):
-            e = estimate(plan(sharding=stage, precision="fp16", nodes=nodes, gpn=gpn), bare(psi))
+            # P_os as the paper counts it keeps full fp16 gradients; DeepSpeed ZeRO-1 holds them
+            # while accumulating gradients (with one micro-batch it frees them during backward)
+            accum = 2 if stage == "zero1" else 1
+            e = estimate(plan(sharding=stage, precision="fp16", nodes=nodes, gpn=gpn, grad_accum_steps=accum), bare(psi))
             got = states(e) / 1e9
             assert abs(got - published) <= _published_tolerance(published), (psi, nd, stage, got, published)
 
@@ -151,7 +154,9 @@ def test_deepspeed_zero12_keep_full_16bit_params():
     z1 = estimate(plan("deepspeed", "zero1"), TINY).per_gpu
     z2 = estimate(plan("deepspeed", "zero2"), TINY).per_gpu
     assert z1["params"] == z2["params"] == 2 * TINY.params
-    assert z1["grads"] == 2 * TINY.params and z2["grads"] == 2 * HALF
+    # measured on 2 CPU ranks after backward: zero1 and zero2 both held the partition (~2·Ψ/2)
+    assert z1["grads"] == z2["grads"] == 2 * HALF
+    assert estimate(plan("deepspeed", "zero1", grad_accum_steps=4), TINY).per_gpu["grads"] == 2 * TINY.params
     assert z1["optimizer"] == z2["optimizer"] == 12 * HALF
 
 
@@ -248,29 +253,33 @@ CLAIMS = {"ddp": 1.4e9, "zero1": 6e9, "zero2": 12e9, "zero3": 40e9, "zero3+offlo
 
 @pytest.fixture(scope="module")
 def a100_sizes():
+    """Per strategy: (model states, model states with full fp16 gradients as the paper's P_os keeps
+    them (gradient accumulation), everything at micro-batch 1 x 2048 tokens, the same with activation
+    checkpointing)."""
     p = plan("deepspeed", "zero3", "fp16", gpn=8)
+    accum = plan("deepspeed", "zero3", "fp16", gpn=8, grad_accum_steps=2)
     ckpt = plan("deepspeed", "zero3", "fp16", gpn=8, activation_checkpointing=True)
-    return {s: (max_model_size(p, "a100-40gb", s, "states"), max_model_size(p, "a100-40gb", s, "all"),
-                max_model_size(ckpt, "a100-40gb", s, "all")) for s in CLAIMS}
+    return {s: (max_model_size(p, "a100-40gb", s, "states"), max_model_size(accum, "a100-40gb", s, "states"),
+                max_model_size(p, "a100-40gb", s, "all"), max_model_size(ckpt, "a100-40gb", s, "all")) for s in CLAIMS}
 
 
 def test_reference_claims_that_hold(a100_sizes):
-    # DDP 1.4B and ZeRO-1 6B hold counting model states only (16 and 4 + 12/8 bytes/param)
-    assert a100_sizes["ddp"][0] >= CLAIMS["ddp"] and a100_sizes["zero1"][0] >= CLAIMS["zero1"]
-    # DDP 1.4B still holds with activations (micro-batch 1, 2048 tokens)
-    assert a100_sizes["ddp"][1] >= CLAIMS["ddp"]
-    # ZeRO-1 6B needs activation checkpointing once activations and buffers count
-    assert a100_sizes["zero1"][1] < CLAIMS["zero1"] <= a100_sizes["zero1"][2]
-    # ZeRO-3 + offload: the GPU holds only working buffers, so 100B+ fits on the GPU side...
-    assert a100_sizes["zero3+offload"][0] >= CLAIMS["zero3+offload"]
-    assert a100_sizes["zero3+offload"][2] >= CLAIMS["zero3+offload"]
+    # DDP 1.4B: 16 bytes/param of model states allow ~2.7B; with activations, buffers and the
+    # fp32 gradient copy of the step still ~1.9B
+    assert min(a100_sizes["ddp"]) >= CLAIMS["ddp"]
+    # ZeRO-1 6B: holds even with full fp16 gradients (4 + 12/8 bytes/param: ~7.8B) and with everything
+    assert min(a100_sizes["zero1"]) >= CLAIMS["zero1"]
+    # ZeRO-3 + offload 100B+: the GPU holds only working buffers; with activations it needs
+    # activation checkpointing (without it, micro-batch 1 x 2048 tokens of a ~100B shape does not fit)
+    sizes = a100_sizes["zero3+offload"]
+    assert sizes[0] >= CLAIMS["zero3+offload"] and sizes[3] >= CLAIMS["zero3+offload"] > sizes[2]
 
 
 def test_reference_claims_that_do_not_hold(a100_sizes):
     # ZeRO-2 12B: 2 + 14/8 bytes/param = 45 GB > 40 GiB even counting model states only
-    assert a100_sizes["zero2"][0] < CLAIMS["zero2"]
+    assert max(a100_sizes["zero2"]) < CLAIMS["zero2"]
     # ZeRO-3 "40B+": 16/8 = 2 bytes/param caps 8 GPUs at about 21B; 40B needs 16 GPUs or offload
-    assert a100_sizes["zero3"][0] < CLAIMS["zero3"]
+    assert max(a100_sizes["zero3"]) < CLAIMS["zero3"]
     assert min_gpus(plan("deepspeed", "zero3", "fp16", gpn=8), bare(40e9), "a100-40gb", include="states") == 16
 
 

@@ -10,8 +10,9 @@ params     the parameter tensors the rank owns between steps. FSDP1/FSDP2 keep t
            its partition and the full tensor), plus the hpZ secondary partition (P·Ψ/hpz) with hpZ.
 grads      gradient storage that lives from backward to the step. FSDP: sharded fp32 (4·S; the reduced
            gradient is cast back to the parameter dtype); NO_SHARD: full fp32. DeepSpeed (gradient
-           accumulation dtype = model dtype by default): zero1 and ddp the full P·Ψ .grad tensors,
-           zero2 the P·S partition buffer, zero3 the P·S grad_partitions_flat_buffer.
+           accumulation dtype = model dtype by default): ddp the full P·Ψ .grad tensors, zero1 the
+           same while accumulating (grad_accum_steps > 1) and else the P·S partition, zero2 the P·S
+           partition buffer, zero3 the P·S grad_partitions_flat_buffer.
 optimizer  fp32 master weights + optimizer states. FSDP: states only (K·S; the fp32 parameters are
            the master copy). DeepSpeed: fp32 master (4·S, none for zero3/ddp in fp32 where the
            master aliases the parameters) + K·S states; ZeRO-1/2 clone a master even in fp32.
@@ -101,10 +102,14 @@ def _deepspeed(plan: Plan, s: Setup) -> dict:
     elif s.stage in ("zero1", "zero2"):
         local = shard_numel(s)
         params = P * psi
-        grads = P * psi if s.stage == "zero1" else P * local
-        step = 4 * local + (P * local if s.stage == "zero1" else 0)
+        # ZeRO-1 reduces only at the accumulation boundary: between micro-batches the full 16-bit
+        # .grad accumulates; in the boundary backward it is reduced and freed as it goes, leaving
+        # the partition (as ZeRO-2 does every micro-batch)
+        full_grads = s.stage == "zero1" and s.micro_steps > 1
+        grads = P * psi if full_grads else P * local
+        step = 4 * local
         gathered = 0
-        notes["grads"] = f"full {P}-byte .grad (zero1: reduced at the boundary)" if s.stage == "zero1" else f"{P}-byte gradient partition"
+        notes["grads"] = f"full {P}-byte .grad (accumulating between boundaries)" if full_grads else f"{P}-byte gradient partition"
     else:
         local = shard_numel(s)
         # persistent parameters (numel <= threshold) are held whole besides their partition
