@@ -353,7 +353,7 @@ def _from_accelerate(d: dict, folder: Path) -> tuple[dict, list[str]]:
     launch = {k: d[k] for k in d if k not in ACC_MODELLED_TOP and k in d and K.ACC_FIXED_TOP.get(k, _MISSING) != d[k]}
     fixed = [k for k in d if k not in ACC_MODELLED_TOP and k not in launch]
     if fixed:
-        notes.append(f"launch settings written as shardlab writes them, not part of the plan: {', '.join(sorted(fixed))}.")
+        notes.append(f"launch settings at their usual values, not part of the plan: {', '.join(sorted(fixed))}.")
     if launch:
         notes.append("launch settings not modelled by shardlab (not carried into the plan): "
                      + ", ".join(f"{k}={v!r}" for k, v in sorted(launch.items())) + ".")

@@ -80,6 +80,9 @@ def _deepspeed_config(plan: Plan) -> dict[str, Any]:
             c["zero3_save_16bit_model"] = plan.checkpoint == "full_16bit"
     if stage == 3:
         c["zero3_init_flag"] = plan.low_memory_init
+    if plan.topology.nodes > 1:
+        # Every node runs `accelerate launch` itself (as the exported launch command says), no pdsh/hostfile.
+        c["deepspeed_multinode_launcher"] = "standard"
     return dict(sorted(c.items()))
 
 
@@ -88,7 +91,9 @@ def accelerate_config(plan: Plan) -> dict[str, Any]:
     multi = plan.topology.nodes > 1
     c: dict[str, Any] = dict(K.ACC_FIXED_TOP)
     c["distributed_type"] = K.ACC_DISTRIBUTED_TYPE[plan.framework]
-    c["mixed_precision"] = K.ACC_MIXED_PRECISION[plan.precision]
+    file_mode = plan.framework == "deepspeed" and needs_ds_config_file(plan)
+    if not file_mode:  # with a DeepSpeed config file accelerate refuses mixed_precision: the file decides
+        c["mixed_precision"] = K.ACC_MIXED_PRECISION[plan.precision]
     c["num_machines"] = plan.topology.nodes
     c["num_processes"] = plan.world_size
     c["rdzv_backend"] = "c10d" if multi else "static"

@@ -45,10 +45,11 @@ def _fsdp1(plan: Plan) -> tuple[str, str]:
     policy = {
         "transformer": "functools.partial(transformer_auto_wrap_policy, transformer_layer_cls=block_classes(model))",
         "size": f"functools.partial(size_based_auto_wrap_policy, min_num_params={plan.wrap.min_num_params})",
-        "none": "None  # the whole model is one unit",
+        "none": "None,  # the whole model is one unit",
     }[plan.wrap.policy]
-    cpu_offload = ("CPUOffload(offload_params=device.type == 'cuda')  # on a CPU run they are in CPU memory already"
-                   if plan.offload.params == "cpu" else "CPUOffload(offload_params=False)")
+    policy += "" if plan.wrap.policy == "none" else ","
+    cpu_offload = ("CPUOffload(offload_params=device.type == 'cuda'),  # on a CPU run they are in CPU memory already"
+                   if plan.offload.params == "cpu" else "CPUOffload(offload_params=False),")
     prefetch = {"backward_pre": "BackwardPrefetch.BACKWARD_PRE", "backward_post": "BackwardPrefetch.BACKWARD_POST", "none": "None"}[plan.backward_prefetch]
     mesh = ("    # HYBRID_SHARD: shard inside a node, replicate across nodes (mesh rows = nodes).\n"
             "    kwargs['device_mesh'] = hybrid_mesh(device)\n") if plan.sharding == "hybrid" else ""
@@ -59,12 +60,12 @@ def _fsdp1(plan: Plan) -> tuple[str, str]:
 def shard_model(model, device):
     """Wrap `model` with FSDP1 as the plan says: {FSDP1_STRATEGY[plan.sharding]}, {plan.wrap.policy} wrapping."""
     # FSDP1 broadcasts rank 0's weights from GPU memory only; on CPU every rank builds the same seeded weights.
-    sync = {plan.sync_module_states} and device.type == "cuda"
+    sync = {'device.type == "cuda"' if plan.sync_module_states else 'False'}
     kwargs = dict(
         sharding_strategy=ShardingStrategy.{FSDP1_STRATEGY[plan.sharding]},
-        auto_wrap_policy={policy},
+        auto_wrap_policy={policy}
         mixed_precision={mp},
-        cpu_offload={cpu_offload},
+        cpu_offload={cpu_offload}
         backward_prefetch={prefetch},
         forward_prefetch={plan.forward_prefetch},
         limit_all_gathers={plan.limit_all_gathers},
