@@ -16,7 +16,7 @@ from shardlab.plan import Plan, load_plan
 from .comm import comm
 from .gpus import GPU, GPUS, get_gpu, register_gpu
 from .memory import memory
-from .setup import resolve
+from .basis import resolve
 from .steptime import BARE_SEQ_LEN, step_time
 
 __all__ = ["Estimate", "estimate", "GPU", "GPUS", "get_gpu", "register_gpu"]

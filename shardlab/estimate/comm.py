@@ -43,7 +43,7 @@ from __future__ import annotations
 from shardlab.models import wrap_units
 from shardlab.plan import Plan
 
-from .setup import Setup, ds3_kept_for_backward, ds3_padded, ring, shard_numel
+from .basis import Setup, ds3_kept_for_backward, ds3_padded, ring, shard_numel
 
 WIRE_KEYS = ("forward_all_gather", "backward_all_gather", "reduce_scatter", "all_reduce", "all_gather_after_step", "all_to_all")
 PAYLOAD_KEYS = ("all_gather", "reduce_scatter", "all_reduce", "broadcast", "all_to_all")

@@ -40,7 +40,7 @@ from __future__ import annotations
 from shardlab.models import activation_bytes_per_layer_per_token, head_activation_bytes_per_token, wrap_units
 from shardlab.plan import Plan
 
-from .setup import (Setup, ds3_kept_for_backward, ds_largest_module, persistent_numel, shard_numel)
+from .basis import (Setup, ds3_kept_for_backward, ds_largest_module, persistent_numel, shard_numel)
 
 GIB = 2**30
 CUDA_CONTEXT_BYTES = 1 * GIB  # context ~0.5 GiB on Hopper/Ampere + NCCL buffers + cuBLAS workspace

@@ -22,7 +22,7 @@ from shardlab.models import flops_per_token
 from shardlab.plan import Plan
 
 from .gpus import GPU
-from .setup import Setup, shard_numel
+from .basis import Setup, shard_numel
 
 EFFICIENCY = {("fsdp", "any"): 0.475, ("deepspeed", "zero3"): 0.30, ("deepspeed", "other"): 0.40}
 OVERLAP = 0.8
