@@ -32,8 +32,11 @@ def _figures(rd: list[C.RunData], gpu: str | None) -> list[tuple[str, str, Any]]
     from shardlab import plots as P
 
     cmp = C.compare(rd, gpu=gpu)
+    breakdown = C.memory_breakdown(rd, gpu)
     return [
-        ("memory_breakdown", "Memory per rank: predicted vs measured", P.memory_breakdown(C.memory_breakdown(rd, gpu))),
+        ("memory_states", "Model states per rank: predicted vs measured (the ZeRO paper's Figure 1)",
+         P.memory_breakdown(breakdown, parts=C.STATE_PARTS)),
+        ("memory_breakdown", "All memory per rank: predicted vs measured", P.memory_breakdown(breakdown)),
         ("memory_timeline", "Memory over time per rank", P.memory_timeline(rd, gpu=gpu)),
         ("throughput", "Throughput", P.throughput(cmp)),
         ("comm_bytes", "Communication per step by collective", P.comm_bytes(C.comm_frame(rd, gpu))),

@@ -1,0 +1,82 @@
+"""report.py and `shardlab report` on real CPU runs: one self-contained HTML page with the tables and
+interactive figures, PNGs beside it, and bad input answered with exit 2 and a message."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+
+import pytest
+from PIL import Image
+
+from analysis_runs import label, real_runs
+from shardlab.plan import PlanError
+from shardlab.report import write_report
+
+FIGURES = ("memory_states", "memory_breakdown", "memory_timeline", "throughput", "comm_bytes", "loss_curves")
+
+
+@pytest.fixture(scope="session")
+def runs():
+    return real_runs()
+
+
+@pytest.fixture(scope="session")
+def report(runs, tmp_path_factory):
+    out = tmp_path_factory.mktemp("report") / "lab.html"
+    return write_report([str(r.dir) for r in runs], out)
+
+
+def test_report_is_one_self_contained_page(report):
+    html = report.read_text()
+    assert html.startswith("<!DOCTYPE html>")
+    assert "cdn.bokeh.org" not in html and "<script src=" not in html  # everything inlined
+    assert "Bokeh" in html
+    assert len(re.findall(r'<script type="application/json"', html)) == 1  # one bokeh document holds every figure
+    assert len(re.findall(r'data-root-id="', html)) == len(FIGURES)
+
+
+def test_report_holds_tables_runs_and_claims(report, runs):
+    html = report.read_text()
+    for heading in ("Measured vs predicted", "Runs", "Claims checked", "Features", "Offloading", "Precision", "Launchers", "When to use which"):
+        assert heading in html, heading
+    for setup in (("fsdp2", "zero3"), ("deepspeed", "zero3"), ("fsdp1", "ddp")):
+        assert label(*setup) in html
+    for r in runs:
+        assert r.id in html
+    assert "peak (GiB)" in html and "same_losses" in html
+
+
+def test_report_writes_pngs_beside_it(report):
+    files = report.with_name(report.stem + "_files")
+    for name in FIGURES:
+        png = files / f"{name}.png"
+        assert png.exists(), name
+        img = Image.open(png).convert("RGB")
+        assert img.size[0] >= 400 and img.size[1] >= 200
+        colours = img.getcolors(maxcolors=1 << 20)
+        assert colours and len(colours) > 20, f"{name}.png looks blank"
+        assert f"{files.name}/{name}.png" in report.read_text()
+
+
+def test_bad_input_is_plan_error(tmp_path, runs):
+    with pytest.raises(PlanError, match="run_dir=.*not a directory"):
+        write_report([tmp_path / "nope"], tmp_path / "r.html")
+    with pytest.raises(PlanError, match="must end in .html"):
+        write_report([runs[0].dir], tmp_path / "r.pdf")
+
+
+def _cli(*args):
+    return subprocess.run([sys.executable, "-m", "shardlab.cli", *args], capture_output=True, text=True, timeout=600)
+
+
+def test_cli_report(tmp_path, runs):
+    out = tmp_path / "cli.html"
+    p = _cli("report", str(runs[0].dir), str(runs[2].dir), "-o", str(out))
+    assert p.returncode == 0, p.stderr
+    assert out.exists() and label("fsdp1", "ddp") in out.read_text()
+    bad = _cli("report", str(tmp_path / "missing"), "-o", str(tmp_path / "x.html"))
+    assert bad.returncode == 2
+    assert "run_dir=" in bad.stderr and "Traceback" not in bad.stderr
+    assert not (tmp_path / "x.html").exists()
