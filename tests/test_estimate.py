@@ -189,6 +189,20 @@ def test_deepspeed_zero3_payload_follows_persistence_threshold():
     assert e.comm_per_step["backward_all_gather"] == e.comm_per_step["all_gather_after_step"] == 0
 
 
+def test_reduce_dtype_sets_gradient_traffic_not_parameter_traffic():
+    bf16 = estimate(plan("fsdp2", "zero3"), TINY).comm_payload_per_step
+    fp32 = estimate(plan("fsdp2", "zero3", reduce_dtype="fp32"), TINY).comm_payload_per_step
+    assert fp32["reduce_scatter"] == 2 * bf16["reduce_scatter"]
+    assert fp32["all_gather"] == bf16["all_gather"]  # parameters are still gathered in bf16
+
+
+def test_hpz_holds_a_secondary_partition_per_node():
+    m = bare(8e9)
+    z3 = estimate(plan("deepspeed", "zero3", nodes=4, gpn=8), m).per_gpu
+    hpz = estimate(plan("deepspeed", "zero3", nodes=4, gpn=8, zeropp={"hpz_partition_size": 8}), m).per_gpu
+    assert hpz["params"] - z3["params"] == 2 * m.params / 8  # bf16 weights split over the 8 GPUs of a node
+
+
 def test_gradient_accumulation_multiplies_per_micro_batch_collectives():
     one = estimate(plan("fsdp2", "zero3"), TINY).comm_payload_per_step
     four = estimate(plan("fsdp2", "zero3", grad_accum_steps=4), TINY).comm_payload_per_step
