@@ -1,6 +1,7 @@
 """What a Plan means for the arithmetic: dtypes, group sizes, framework defaults, shard padding.
 
-Both memory.py and comm.py start from `resolve(plan, spec)` (the basis of every estimate), so they agree on every assumption.
+Both memory.py and comm.py start from `resolve(plan, spec)` (the basis of every estimate), so they
+agree on every assumption.
 The DeepSpeed defaults below are DeepSpeed 0.19.8's own (runtime/zero/config.py), used where the
 Plan says "auto": shardlab's DeepSpeed export leaves "auto" keys to DeepSpeed, which then applies
 these values (accelerate / HF Trainer would fill some from the model instead, e.g. reduce bucket =
