@@ -45,8 +45,20 @@ def store(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def two_runs(store):
-    """Two runs launched at once; one streams through on_event, the other is iterated."""
+def cli_run(tmp_path_factory):
+    """`shardlab run ... --json` in a subprocess, started before two_runs so all three overlap."""
+    d = tmp_path_factory.mktemp("cli")
+    plan = d / "plan.yaml"
+    plan.write_text("framework: fsdp2\nsharding: zero2\ntopology: {gpus_per_node: 2}\n")
+    return subprocess.Popen([PY, "-m", "shardlab.cli", "run", str(plan), "--model", "gpt-tiny", "--steps", "2",
+                             "--device", "cpu", "--out", str(d / "runs"), "--json"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+@pytest.fixture(scope="module")
+def two_runs(store, cli_run):
+    """Two runs launched at once (with the CLI run going too); one streams through on_event, the
+    other is iterated."""
     os.environ[FAKE_SECRET] = "do-not-record-me"
     seen: list[dict] = []
     try:
@@ -158,18 +170,14 @@ def test_load_run_of_a_folder_that_is_not_a_run_is_bad_input(tmp_path):
 
 
 @pytest.mark.timeout(400)
-def test_cli_run_json_prints_id_status_dir(tmp_path):
-    plan = tmp_path / "plan.yaml"
-    plan.write_text("framework: fsdp2\nsharding: zero2\ntopology: {gpus_per_node: 2}\n")
-    out = subprocess.run([PY, "-m", "shardlab.cli", "run", str(plan), "--model", "gpt-tiny", "--steps", "2",
-                          "--device", "cpu", "--out", str(tmp_path / "runs"), "--json"],
-                         capture_output=True, text=True, timeout=360)
-    assert out.returncode == 0, out.stderr[-2000:]
-    res = json.loads(out.stdout)
+def test_cli_run_json_prints_id_status_dir(cli_run):
+    out, err = cli_run.communicate(timeout=360)
+    assert cli_run.returncode == 0, err[-2000:]
+    res = json.loads(out)
     assert set(res) >= {"id", "status", "dir"} and res["status"] == "completed"
     d = Path(res["dir"])
     assert d.name == res["id"] and json.loads((d / "status.json").read_text())["status"] == "completed"
-    assert "Traceback" not in out.stderr
+    assert "Traceback" not in err
 
 
 @pytest.mark.parametrize("kwargs, field", [

@@ -2,7 +2,7 @@
 hpZ included, hybrid as two "nodes" of two processes on this machine) trains gpt-tiny with metrics
 from every rank; and what the ranks measured agrees with the estimator.
 
-The runs are started three at a time (the launcher keeps concurrent runs apart) to keep the suite short.
+The runs are started five at a time (the launcher keeps concurrent runs apart) to keep the suite short.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ MATRIX = {
     "fsdp2-hybrid-2x2": {"framework": "fsdp2", "sharding": "hybrid", "topology": {"nodes": 2, "gpus_per_node": 2}},
     "deepspeed-hpz-2x2": {"framework": "deepspeed", "sharding": "zero3", "zeropp": {"hpz_partition_size": 2}, "topology": {"nodes": 2, "gpus_per_node": 2}},
 }
-AT_ONCE = 3
+AT_ONCE = 5
 
 
 @pytest.fixture(scope="module")

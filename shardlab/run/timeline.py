@@ -79,6 +79,7 @@ class Sampler(threading.Thread):
         self.ranks: dict[int, psutil.Process] = {}  # global rank -> worker process
         self.where: dict[int, tuple[int, int]] = {}  # global rank -> (node, local rank)
         self.seen: dict[int, psutil.Process] = {}  # every descendant ever seen, by pid
+        self._classified: set[int] = set()  # pids known to be a rank, or known not to be one
         self.last: dict[int, int] = {}  # rank -> last rss bytes
         self.last_gpu: dict[int, int] = {}  # rank -> last NVML bytes
         self.gone: dict[int, float] = {}  # rank -> when its process was first seen gone
@@ -94,17 +95,21 @@ class Sampler(threading.Thread):
             except psutil.Error:
                 continue
             for p in kids:
-                if p.pid in self.seen:
+                if p.pid in self._classified:
                     continue
                 with self._lock:
-                    self.seen[p.pid] = p
+                    self.seen.setdefault(p.pid, p)
                 try:
                     if p.ppid() != agent.pid:
+                        self._classified.add(p.pid)
                         continue  # a worker's own helper (compiler, dataloader): killed, not sampled
+                    # Between fork and exec a child still has the agent's environment: no RANK yet,
+                    # so it is looked at again on the next pass.
                     env = p.environ()
                     rank, local = int(env["RANK"]), int(env["LOCAL_RANK"])
                 except (psutil.Error, KeyError, ValueError):
                     continue
+                self._classified.add(p.pid)
                 with self._lock:
                     self.ranks[rank] = p
                     self.where[rank] = (node, local)
