@@ -99,8 +99,8 @@ def main() -> int:
         for ac in acs:
             plan = plan_for(fw, sh, off, ac)
             est = estimate(plan, MODEL, gpu=gpu).to_dict()
-            # torch's max_memory_allocated sees neither the CUDA context nor allocator slack.
-            predicted = est["per_gpu"]["total"] - est["per_gpu"]["overhead"]
+            # comparable with torch.cuda.max_memory_allocated (no CUDA context, no allocator slack)
+            predicted = est["per_gpu"]["peak_allocated"]
             bare = measure(plan, a.steps, a.warmup, out / "runs", instrument=False)
             inst = measure(plan, a.steps, a.warmup, out / "runs", instrument=True)
             row = {"device": device, "world_size": plan.world_size, "framework": fw, "sharding": sh,
