@@ -92,9 +92,16 @@ def _mapping(key: str, v: Any) -> dict:
 def _read(source: str | Path) -> tuple[str, str, Path]:
     """(text, name, folder that relative paths in it refer to)."""
     s = str(source)
-    if isinstance(source, Path) or ("\n" not in s and len(s) < 4096 and (s.endswith((".json", ".yaml", ".yml")) or Path(s).is_file())):
+    if isinstance(source, Path) or ("\n" not in s and not s.lstrip().startswith("{") and (s.endswith((".json", ".yaml", ".yml")) or _is_file(s))):
         return read_text(s), s, Path(s).resolve().parent
     return s, "<text>", Path.cwd()
+
+
+def _is_file(s: str) -> bool:
+    try:
+        return Path(s).is_file()
+    except (OSError, ValueError):  # too long for a path, or a NUL byte: it is text
+        return False
 
 
 def _parse(text: str, name: str) -> Any:
@@ -389,11 +396,19 @@ def _fsdp_from_acc(c: dict, par: dict, fields: dict, notes: list[str]) -> None:
         sharding = "zero3" if _bool(key, strategy) else "zero2"
     rep = _int("parallelism_config_dp_replicate_size", par.get(K.ACC_PARALLELISM_PREFIX + "dp_replicate_size", 1))
     shard = _int("parallelism_config_dp_shard_size", par.get(K.ACC_PARALLELISM_PREFIX + "dp_shard_size", -1))
-    if v2 and rep > 1:
-        sharding = "ddp" if shard == 1 else "hybrid" if sharding == "zero3" else sharding
-    for k, v in par.items():
-        if k not in (K.ACC_PARALLELISM_PREFIX + "dp_replicate_size", K.ACC_PARALLELISM_PREFIX + "dp_shard_size") and v not in (1, None):
-            notes.append(f"parallelism_config.{k}={v!r} (tensor / context parallelism) is not modelled by shardlab.")
+    if v2 and {K.ACC_PARALLELISM_PREFIX + "dp_replicate_size", K.ACC_PARALLELISM_PREFIX + "dp_shard_size"} & set(par):
+        # A 2-D mesh: resharding after forward makes it HSDP (hybrid); without, one shard per group is plain ddp.
+        if sharding == "zero3":
+            sharding = "hybrid"
+        elif shard == 1:
+            sharding = "ddp"
+        elif rep > 1:
+            notes.append(f"a {rep} x {shard} mesh without resharding (ZeRO-2 inside a group) is modelled as zero2 over all GPUs.")
+    other = {k: v for k, v in par.items() if k not in (K.ACC_PARALLELISM_PREFIX + "dp_replicate_size", K.ACC_PARALLELISM_PREFIX + "dp_shard_size")}
+    off = sorted(k for k, v in other.items() if v in (1, None))
+    if off:
+        notes.append(f"{', '.join(f'parallelism_config.{k}' for k in off)} at 1 (off): data parallelism only, as the plan assumes.")
+    notes += [f"parallelism_config.{k}={v!r} (tensor / context parallelism) is not modelled by shardlab." for k, v in other.items() if k not in off]
     if fields.get("sharding") != "ddp":
         fields["sharding"] = sharding
     if "fsdp_offload_params" in c and _bool("fsdp_config.fsdp_offload_params", c["fsdp_offload_params"]):

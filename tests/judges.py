@@ -63,7 +63,7 @@ def _launch_parser_dests() -> set[str]:
     return {a.dest for a in launch_command_parser()._actions}
 
 
-def accelerate_judge(yaml_text: str, ds_json: str | None = None) -> dict:
+def accelerate_judge(yaml_text: str, ds_json: str | None = None, strict_keys: bool = True) -> dict:
     """Load the YAML with accelerate's config loader and run `accelerate launch`'s own validation and
     environment builder on it; returns {'config', 'args', 'env', 'plugin'} as accelerate sees them."""
     from accelerate.commands.config.config_args import load_config_from_file
@@ -82,7 +82,7 @@ def accelerate_judge(yaml_text: str, ds_json: str | None = None) -> dict:
             config = load_config_from_file(str(path))
             dests = _launch_parser_dests()
             unknown = [k for k in list(config.fsdp_config) + list(config.deepspeed_config) if k not in dests]
-            assert not unknown, f"keys accelerate launch has no option for: {unknown}"
+            assert not (strict_keys and unknown), f"keys accelerate launch has no option for: {unknown}"
             args = launch_command_parser().parse_args(["--config_file", str(path), "train.py"])
             args, defaults, mp_flag = _validate_launch_command(args)
             plugin = None
@@ -102,7 +102,7 @@ def accelerate_judge(yaml_text: str, ds_json: str | None = None) -> dict:
                     from accelerate.utils import FullyShardedDataParallelPlugin
 
                     plugin = FullyShardedDataParallelPlugin()
-            return {"config": config, "args": args, "env": dict(env), "plugin": plugin}
+            return {"config": config, "args": args, "env": dict(env), "plugin": plugin, "unknown": unknown}
         finally:
             os.environ.clear()
             os.environ.update(saved)
