@@ -75,6 +75,7 @@ def write_report(run_dirs: Iterable[Any], out_html: str | Path, gpu: str | None 
         raise bad_input("run_dirs", f"none of the runs has recorded a step yet ({', '.join(str(r.dir) for r in rd)}); there is nothing to report. Wait for a run to train, or pick completed runs from `shardlab runs`.")
 
     from bokeh.embed import components
+    from bokeh.embed.bundle import bundle_for_objs_and_resources
     from bokeh.resources import INLINE
 
     from shardlab import plots as P
@@ -85,6 +86,10 @@ def write_report(run_dirs: Iterable[Any], out_html: str | Path, gpu: str | None 
     figs = _figures(rd, gpu)
     models = [P.render_bokeh(obj) for _, _, obj in figs]
     script, divs = components(models)
+    bundle = bundle_for_objs_and_resources(models, INLINE)
+    # Inline mode puts all of bokeh's code in js_raw; the files left are relative extension URLs (panel's
+    # module shim, registered on import) that a page opened from disk cannot load and these plots never use.
+    bundle.js_files = []
     pngs = []
     if png:
         for name, _, obj in figs:
@@ -106,7 +111,7 @@ def write_report(run_dirs: Iterable[Any], out_html: str | Path, gpu: str | None 
                      ("Launchers", T.launchers()), ("When to use which", T.when_to_use())):
         parts.append(f"<h2>{name}</h2>" + _df_html(df, "FSDP1 / FSDP2 / DeepSpeed ZeRO"))
     page = ("<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>shardlab report</title>"
-            f"<style>{_CSS}</style>{INLINE.render()}{script}</head><body>{''.join(parts)}</body></html>")
+            f"<style>{_CSS}</style>{bundle.scripts()}{script}</head><body>{''.join(parts)}</body></html>")
     out.write_text(page, encoding="utf-8")
     return out
 
