@@ -38,6 +38,40 @@ def lab_device(max_gpus: int = 4) -> tuple[str, int]:
     return "cpu", 2
 
 
+def run_once(plan, model: str = "gpt-tiny", steps: int = 4, nproc: int | None = None, device: str | None = None,
+             out: str | None = None, timeout_s: float = 300, seed: int = 0):
+    """A completed run of exactly this setup (plan, model, steps, ranks, device, seed) from the run store,
+    or a new one launched and waited for. A later notebook reuses what an earlier one already ran, so a
+    workshop does not pay twice for the same run; a failed run raises with its error and log tail."""
+    import json
+
+    import shardlab
+    from shardlab.plan import load_plan
+    from shardlab.run.store import list_runs, load_run
+
+    if device is None or nproc is None:
+        d, n = lab_device()
+        device, nproc = device or d, nproc or n
+    out = out or runs_dir()
+    want = load_plan(plan)
+    want = load_plan({**want.to_dict(), "topology": {"nodes": want.topology.nodes, "gpus_per_node": nproc}})
+    runs = list_runs(out)
+    for d in reversed(list(runs.loc[runs["status"] == "completed", "dir"])):
+        try:
+            cfg = json.loads((Path(d) / "run.json").read_text())
+            same = (cfg.get("model"), cfg.get("steps"), cfg.get("device"), cfg.get("seed")) == (model, steps, device, seed)
+            if same and load_plan(Path(d) / "plan.yaml", check=False).to_dict() == want.to_dict():
+                return load_run(d)
+        except (OSError, ValueError):
+            continue
+    run = shardlab.launch(want, model=model, steps=steps, nproc=nproc, device=device, out=out, timeout_s=timeout_s, seed=seed)
+    status = run.wait()
+    if status != "completed":
+        raise RuntimeError(f"run {run.id} ({want.framework} {want.sharding} {want.precision}) ended {status}: "
+                           f"{run.info.get('error')}\n{run.log(0)[-1500:]}")
+    return run
+
+
 # --------------------------------------------------------------------------------------------
 # Verdicts
 
@@ -251,4 +285,4 @@ def _get(exercise: str) -> Exercise:
     return EXERCISES[exercise]
 
 
-__all__ = ["runs_dir", "lab_device", "Check", "EXERCISES", "check", "solution", "question"]
+__all__ = ["runs_dir", "lab_device", "run_once", "Check", "EXERCISES", "check", "solution", "question"]
