@@ -9,10 +9,10 @@ the `*_frame` helpers give the long tables that shardlab.plots draws. Bytes stay
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import pandas as pd
 
@@ -49,7 +49,6 @@ class RunData:
     metrics: pd.DataFrame
     timeline: pd.DataFrame
     label: str = ""
-    extra: dict = field(default_factory=dict)
 
     @property
     def id(self) -> str:
@@ -196,7 +195,9 @@ def compare(runs: Any, reference: Any = None, gpu: str | None = None) -> pd.Data
     """One row per run: setup, throughput, memory and communication measured vs predicted, loss.
 
     `reference` (a run, a run folder, or a label/id among `runs`; default the first run) is the run the
-    losses are compared with. Errors are relative: (measured - predicted) / predicted.
+    losses are compared with. Errors are relative: (measured - predicted) / predicted. Peak memory is
+    CUDA's peak allocation on GPUs; on CPUs it is the process RSS, shown beside the per-GPU prediction
+    without an error (the two measure different things). Model states and communication compare on both.
     """
     rd = load_runs(runs)
     ref = _pick_reference(rd, reference)
@@ -232,7 +233,8 @@ def compare(runs: Any, reference: Any = None, gpu: str | None = None) -> pd.Data
             model_params=r.model.params if r.model is not None else None,
             prediction_note=why,
         )
-        row["peak_error"] = _err(row["peak_bytes"], row["peak_pred_bytes"])
+        # A CPU run's RSS holds the whole Python runtime and no CUDA context: no match for a GPU figure.
+        row["peak_error"] = _err(row["peak_bytes"], row["peak_pred_bytes"]) if r.device == "cuda" else None
         row["state_error"] = _err(row["state_bytes"], states_pred)
         row["comm_error"] = _err(row["comm_bytes"], row["comm_pred_bytes"])
         rows.append(row)

@@ -76,7 +76,7 @@ def memory_timeline(runs: Any, phases: pd.DataFrame | None = None, predicted: di
         tl, ph = C.timeline_frame(rd), C.phase_frame(rd)
         pred = predicted if predicted is not None else _predicted_peaks(rd, gpu)
     panels = []
-    key = "bands: forward blue, backward orange, optimizer green; dashed red: predicted peak"
+    key = "bands: forward blue, backward orange, optimizer green; dashed red: predicted peak per GPU"
     for (run, rank), g in tl.groupby(["run", "rank"], sort=True):
         over = []
         for source, s in g.groupby("source"):
@@ -96,7 +96,7 @@ def memory_timeline(runs: Any, phases: pd.DataFrame | None = None, predicted: di
                     over.append(_o(hv.Rectangles(boxes, kdims=["seconds", "GiB", "x1", "y1"], label=name), alpha=0.3,
                                    bokeh=dict(color=color, line_alpha=0), mpl=dict(facecolor=color, edgecolor="none")))
         if pred.get(run):
-            over.append(_o(hv.HLine(pred[run] / GIB, kdims=["seconds", "GiB"], label="predicted peak"), color="#E45756",
+            over.append(_o(hv.HLine(pred[run] / GIB, kdims=["seconds", "GiB"], label="predicted peak per GPU"), color="#E45756",
                            bokeh=dict(line_dash="dashed"), mpl=dict(linestyle="dashed")))
         lim = {}
         if zoom_to_steps and len(p):
@@ -193,13 +193,13 @@ def throughput(data: Any, gpu: str | None = None):
         d = pd.DataFrame({"run": df.index.astype(str), label: df[col].astype(float) * scale})
         panels.append(_o(hv.Bars(d, "run", label), invert_axes=True, title=label, color="#4C78A8",
                          bokeh=dict(height=max(160, 40 * len(d) + 60), tools=["hover"]),
-                         mpl=dict(aspect=3.0)))
+                         mpl=dict(aspect=3.0, xlabel="")))
     if not panels:
         return _empty(hv, "throughput", "no throughput measured")
     missing = [lab for col, lab, _ in _THROUGHPUT if col not in df or not df[col].notna().any()]
-    layout = hv.Layout(panels).cols(1)
+    layout = hv.Layout(panels).cols(1).opts(backend="matplotlib", sublabel_format="", vspace=0.6, fig_size=150)
     if missing:
-        layout = layout.opts(title=f"not measured here: {', '.join(missing)} (needs a GPU)")
+        layout = _both(layout, title=f"not measured here: {', '.join(missing)} (needs a GPU)")
     return layout
 
 
@@ -220,6 +220,28 @@ def loss_curves(data: Any):
         pts = _o(hv.Scatter((g["step"], g["loss"]), "step", "loss", label=run), bokeh=dict(size=6), mpl=dict(s=25))
         curves[run] = c * pts
     return hv.Overlay([c for c in curves.values()]).opts(title="Loss per step", show_legend=True)
+
+
+def figures(runs: Any, gpu: str | None = None) -> list[tuple[str, str, Any]]:
+    """Every figure for a set of runs as (name, heading, figure): what `shardlab report` shows."""
+    rd = C.load_runs(runs)
+    breakdown = C.memory_breakdown(rd, gpu)
+    return [
+        ("memory_states", "Model states per rank: predicted vs measured (the ZeRO paper's Figure 1)",
+         memory_breakdown(breakdown, parts=C.STATE_PARTS)),
+        ("memory_breakdown", "All memory per rank: predicted vs measured", memory_breakdown(breakdown)),
+        ("memory_timeline", "Memory over time per rank", memory_timeline(rd, gpu=gpu)),
+        ("throughput", "Throughput", throughput(C.compare(rd, gpu=gpu))),
+        ("comm_bytes", "Communication per step by collective", comm_bytes(C.comm_frame(rd, gpu))),
+        ("loss_curves", "Loss curves", loss_curves(C.loss_frame(rd))),
+    ]
+
+
+def notebook() -> None:
+    """Call once in a notebook: loads HoloViews' bokeh (and matplotlib) display so figures show inline.
+    (In a panel app or with `pn.extension()` already loaded, `pn.panel(fig)` needs nothing more.)"""
+    hv = _hv()
+    hv.extension("bokeh", "matplotlib", logo=False)
 
 
 # --------------------------------------------------------------------------------------------
@@ -259,4 +281,5 @@ def render_bokeh(obj):
     return hv.render(obj, backend="bokeh")
 
 
-__all__ = ["memory_timeline", "memory_breakdown", "comm_bytes", "throughput", "loss_curves", "save_figure", "render_bokeh"]
+__all__ = ["memory_timeline", "memory_breakdown", "comm_bytes", "throughput", "loss_curves", "figures", "notebook",
+           "save_figure", "render_bokeh"]

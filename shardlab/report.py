@@ -27,23 +27,6 @@ th{background:#f4f4f4} caption{caption-side:top;text-align:left;font-weight:600;
 """
 
 
-def _figures(rd: list[C.RunData], gpu: str | None) -> list[tuple[str, str, Any]]:
-    """(name, heading, HoloViews object) for every figure of the report."""
-    from shardlab import plots as P
-
-    cmp = C.compare(rd, gpu=gpu)
-    breakdown = C.memory_breakdown(rd, gpu)
-    return [
-        ("memory_states", "Model states per rank: predicted vs measured (the ZeRO paper's Figure 1)",
-         P.memory_breakdown(breakdown, parts=C.STATE_PARTS)),
-        ("memory_breakdown", "All memory per rank: predicted vs measured", P.memory_breakdown(breakdown)),
-        ("memory_timeline", "Memory over time per rank", P.memory_timeline(rd, gpu=gpu)),
-        ("throughput", "Throughput", P.throughput(cmp)),
-        ("comm_bytes", "Communication per step by collective", P.comm_bytes(C.comm_frame(rd, gpu))),
-        ("loss_curves", "Loss curves", P.loss_curves(C.loss_frame(rd))),
-    ]
-
-
 def _runs_table(rd: list[C.RunData]) -> pd.DataFrame:
     rows = []
     for r in rd:
@@ -68,7 +51,6 @@ def write_report(run_dirs: Iterable[Any], out_html: str | Path, gpu: str | None 
     out = Path(out_html)
     if out.suffix.lower() not in (".html", ".htm"):
         raise bad_input("--output", f"--output={str(out)!r} must end in .html (the report is one HTML page). Use e.g. -o report.html.")
-    run_dirs = list(run_dirs) if not isinstance(run_dirs, (str, Path)) else [run_dirs]
     rd = C.load_runs(run_dirs)
     empty = [r.label for r in rd if r.metrics.empty]
     if len(empty) == len(rd):
@@ -83,17 +65,16 @@ def write_report(run_dirs: Iterable[Any], out_html: str | Path, gpu: str | None 
 
     out.parent.mkdir(parents=True, exist_ok=True)
     files = out.with_name(out.stem + "_files")
-    figs = _figures(rd, gpu)
+    figs = P.figures(rd, gpu)
     models = [P.render_bokeh(obj) for _, _, obj in figs]
     script, divs = components(models)
     bundle = bundle_for_objs_and_resources(models, INLINE)
     # Inline mode puts all of bokeh's code in js_raw; the files left are relative extension URLs (panel's
     # module shim, registered on import) that a page opened from disk cannot load and these plots never use.
     bundle.js_files = []
-    pngs = []
     if png:
         for name, _, obj in figs:
-            pngs.append(P.save_figure(obj, files / f"{name}.png"))
+            P.save_figure(obj, files / f"{name}.png")
 
     cmp = C.compare(rd, gpu=gpu)
     parts = [f"<h1>shardlab report: {len(rd)} run{'s' if len(rd) != 1 else ''}</h1>",

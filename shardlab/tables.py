@@ -10,7 +10,7 @@ docstrings (torch 2.13, DeepSpeed 0.19.8); the wording is ours.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any
 
 import pandas as pd
 
