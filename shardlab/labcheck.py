@@ -246,7 +246,8 @@ EXERCISES: dict[str, Exercise] = {e.id: e for e in (
     Exercise("max_model", "The largest model (billions of parameters) whose model states fit on each of 8 A100 40GB "
              "GPUs with ZeRO-3 (states only, no activations).", max_model_zero3_8xa100, _close(0.05),
              "ZeRO-3 holds 16 bytes per parameter split over 8 GPUs; or search with shardlab.estimate.fits.max_model_size.", "billion"),
-    Exercise("param_bytes", "Bytes of parameters that each of the 2 ranks holds in your gpt-tiny FSDP2 ZeRO-3 run.",
+    Exercise("param_bytes", "Bytes of parameters that each rank holds in a gpt-tiny FSDP2 ZeRO-3 run (2 ranks unless "
+             "you pass the run: then that run's ranks).",
              param_bytes_per_rank, _int, "FSDP keeps its shard of the parameters in fp32: 4 bytes x parameters / ranks "
              "(shardlab.models.PRESETS['gpt-tiny'].params)."),
 )}

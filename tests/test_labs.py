@@ -175,6 +175,33 @@ def test_self_check_param_bytes_from_the_formula_and_a_real_run(lab_dir):
     assert labcheck.check("param_bytes", by_formula * 2, run=fsdp2[-1]).ok is False
 
 
+def test_notebook_07_with_right_answers_filled_in_scores_full_marks(lab_dir):
+    # The learner's path: replace each `None` with the answer and run the notebook; every check says right.
+    from shardlab.estimate import estimate
+    from shardlab.plan import Plan
+
+    n = 1
+    while not estimate(Plan(framework="fsdp2", sharding="zero3", topology={"gpus_per_node": n}), "llama-7b", "h100-80gb").fits:
+        n *= 2
+    right = {**PUBLISHED_RIGHT, "comm_ratio": round(labcheck.solution("comm_ratio"), 2), "max_model": round(labcheck.solution("max_model"), 2),
+             "min_gpus": n, "param_bytes": PRESETS["gpt-tiny"].params * 4 // 2}
+    nb = nbformat.read(LABS / "07_exercises.ipynb", as_version=4)
+    filled = 0
+    for cell in nb.cells:
+        for ex, value in right.items():
+            line = f'answers["{ex}"] = None'
+            if cell.cell_type == "code" and line in cell.source:
+                cell.source = cell.source.replace(line, f'answers["{ex}"] = {value!r}')
+                filled += 1
+    assert filled == len(labcheck.EXERCISES) == len(right)
+    nbformat.write(nb, lab_dir / "07_filled.ipynb")
+    _execute("07_filled", lab_dir)
+    _durations.pop("07_filled", None)
+    done = nbformat.read(lab_dir / "07_filled.executed.ipynb", as_version=4)
+    printed = "".join(o.get("text", "") for c in done.cells if c.cell_type == "code" for o in c.outputs if o.output_type == "stream")
+    assert f"{len(right)} of {len(right)} right" in printed, printed
+
+
 @pytest.mark.parametrize("ex", sorted(WRONG))
 def test_self_check_rejects_wrong_answers(ex):
     for wrong in WRONG[ex]:
