@@ -231,6 +231,16 @@ def test_fsdp1_code_trains_with_activation_checkpointing_and_writes_a_full_check
 
 
 @pytest.mark.slow
+def test_fsdp1_hybrid_code_trains_with_meta_init_offload_and_size_wrapping(tmp_path):
+    plan = load_plan({"framework": "fsdp1", "sharding": "hybrid", "topology": {"nodes": 2, "gpus_per_node": 1},
+                      "offload": {"optimizer": "cpu", "params": "cpu"}, "low_memory_init": True,
+                      "wrap": {"policy": "size", "min_num_params": 20000}, "optimizer": {"lr": 0.01}})
+    losses, _ = _train(export(plan, "fsdp-code"), tmp_path, _torchrun(2))
+    assert len(losses) == 4 and losses[-1] < losses[0]
+    assert sorted(p.name for p in (tmp_path / "ckpt").glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
+
+
+@pytest.mark.slow
 def test_fsdp2_code_trains_on_a_2d_mesh_with_offload_and_meta_init(tmp_path):
     plan = load_plan({"framework": "fsdp2", "sharding": "hybrid", "topology": {"nodes": 2, "gpus_per_node": 1},
                       "offload": {"optimizer": "cpu", "params": "cpu"}, "low_memory_init": True,

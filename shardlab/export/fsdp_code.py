@@ -53,12 +53,12 @@ def _fsdp1(plan: Plan) -> tuple[str, str]:
     prefetch = {"backward_pre": "BackwardPrefetch.BACKWARD_PRE", "backward_post": "BackwardPrefetch.BACKWARD_POST", "none": "None"}[plan.backward_prefetch]
     mesh = ("    # HYBRID_SHARD: shard inside a node, replicate across nodes (mesh rows = nodes).\n"
             "    kwargs['device_mesh'] = hybrid_mesh(device)\n") if plan.sharding == "hybrid" else ""
-    low_mem = ("    if dist.get_rank() != 0:  # these ranks built the model on the meta device\n"
-               "        kwargs['param_init_fn'] = functools.partial(materialize, device=device, reinit=not sync)\n"
+    low_mem = ("    if next(model.parameters()).is_meta:  # low_memory_init: storage only for this rank's shards; rank 0's weights are broadcast\n"
+               "        kwargs['param_init_fn'] = lambda m: m.to_empty(device=device, recurse=False)\n"
                ) if plan.low_memory_init else ""
     body = f'''
 def shard_model(model, device):
-    """Wrap `model` with FSDP1 as the plan says: {FSDP1_STRATEGY[plan.sharding]}, {plan.wrap.policy} wrapping."""
+    """Wrap `model` with FSDP1 as the plan says: {FSDP1_STRATEGY[plan.sharding]}, wrap policy {plan.wrap.policy}."""
     # FSDP1 broadcasts rank 0's weights from GPU memory only; on CPU every rank builds the same seeded weights.
     sync = {'device.type == "cuda"' if plan.sync_module_states else 'False'}
     kwargs = dict(
@@ -75,15 +75,6 @@ def shard_model(model, device):
     )
 {mesh}{low_mem}    model = FSDP(model, **kwargs)
 {_ac_after_wrap(plan)}    return model
-'''
-    if plan.low_memory_init:
-        body += '''
-
-def materialize(module, device, reinit):
-    """Give a meta-device module real (empty) storage; without a broadcast to fill it, initialise it."""
-    module.to_empty(device=device, recurse=False)
-    if reinit and hasattr(module, "reset_parameters"):
-        module.reset_parameters()
 '''
     return imports, body
 
@@ -181,7 +172,9 @@ def _build(plan: Plan) -> str:
         return "    model = TinyGPT().to(device)\n" if plan.framework == "fsdp2" else "    model = TinyGPT()\n"
     if plan.framework == "fsdp2":
         return "    with torch.device('meta'):  # low_memory_init: no full copy on any rank\n        model = TinyGPT()\n"
-    return ("    if dist.get_rank() == 0:  # low_memory_init: only rank 0 holds the full model\n        model = TinyGPT()\n"
+    return ("    # low_memory_init: on GPUs only rank 0 holds the full model; FSDP1 cannot broadcast from CPU memory,\n"
+            "    # so on a CPU run every rank builds it (same seed, same weights).\n"
+            "    if dist.get_rank() == 0 or device.type != 'cuda':\n        model = TinyGPT()\n"
             "    else:\n        with torch.device('meta'):\n            model = TinyGPT()\n")
 
 

@@ -76,7 +76,7 @@ def block_classes(model):
 
 
 def shard_model(model, device):
-    """Wrap `model` with FSDP1 as the plan says: FULL_SHARD, transformer wrapping."""
+    """Wrap `model` with FSDP1 as the plan says: FULL_SHARD, wrap policy transformer."""
     # FSDP1 broadcasts rank 0's weights from GPU memory only; on CPU every rank builds the same seeded weights.
     sync = device.type == "cuda"
     kwargs = dict(
