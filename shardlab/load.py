@@ -136,6 +136,9 @@ def import_config(source: str | Path) -> tuple[Plan, list[str]]:
     if not isinstance(data, dict) or not data:
         raise bad_input(name, f"{name} is not a DeepSpeed JSON object or an accelerate YAML mapping (got {type(data).__name__}). Give a config file.")
     data = {str(k): v for k, v in data.items()}
+    if "framework" in data or "sharding" in data:
+        raise bad_input(name, f"{name} looks like a shardlab plan (it has framework/sharding), not a DeepSpeed or accelerate config. "
+                        "Use it directly: shardlab validate / export / translate.")
     if "distributed_type" in data or "compute_environment" in data or "fsdp_config" in data:
         fields, notes = _from_accelerate(data, folder)
     else:

@@ -168,6 +168,7 @@ def test_deepspeed_accepts_offload_param_with_stage_2_but_the_import_refuses_it(
     ("distributed_type: FSDP\nnum_machines: 2\nnum_processes: 3\n", "not a multiple of num_machines=2"),
     ("distributed_type: XLA\n", "not something shardlab models"),
     ("- a\n- b\n", "not a DeepSpeed JSON object"),
+    ("framework: fsdp2\nsharding: zero3\n", "looks like a shardlab plan"),
     ('{"train_batch_size": 10, "train_micro_batch_size_per_gpu": 4}', "not a multiple"),
 ])
 def test_malformed_files_are_plan_errors_that_say_why(text, match):
