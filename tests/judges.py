@@ -13,7 +13,6 @@ import socket
 import tempfile
 from pathlib import Path
 
-import yaml
 from hypothesis import assume
 from hypothesis import strategies as st
 
@@ -178,6 +177,3 @@ def valid_plans(draw, frameworks=("fsdp1", "fsdp2", "deepspeed")) -> Plan:
     assume(not plan.errors())
     return plan
 
-
-def fsdp_config_of(yaml_text: str) -> dict:
-    return yaml.safe_load(yaml_text).get("fsdp_config", {})

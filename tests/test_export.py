@@ -19,8 +19,7 @@ import pytest
 import yaml
 from hypothesis import HealthCheck, given, settings
 
-from judges import (PLACEHOLDERS, accelerate_judge, command_argv, deepspeed_config, free_port, fsdp_config_of,
-                    torchrun_args, valid_plans)
+from judges import PLACEHOLDERS, accelerate_judge, command_argv, deepspeed_config, free_port, torchrun_args, valid_plans
 from shardlab.export import TARGETS, export
 from shardlab.export.deepspeed import deepspeed_config as ds_dict
 from shardlab.load import translate
@@ -45,6 +44,12 @@ def test_golden_files(name, target):
         path.write_text(text)
     assert path.exists(), f"missing golden file {path.name}"
     assert text == path.read_text()
+    if target == "fsdp-code":
+        compile(text, path.name, "exec")
+    elif target == "deepspeed":
+        json.loads(text)
+    elif target == "accelerate":
+        assert isinstance(yaml.safe_load(text), dict)
 
 
 def test_unknown_target_and_wrong_framework_are_plan_errors():
