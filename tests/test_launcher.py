@@ -199,9 +199,10 @@ def test_runner_level_bad_input_is_refused_before_anything_starts(tmp_path, kwar
 
 
 def test_more_processes_than_gpus_is_bad_input(tmp_path, monkeypatch):
-    import shardlab.run.launcher as L
+    import shardlab.run.host as host
 
-    monkeypatch.setattr(L, "gpu_count", lambda: 1)
+    monkeypatch.setattr(host, "gpu_count", lambda: 1)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
     with pytest.raises(PlanError, match="needs 2 GPUs") as e:
         launch(PLAN, model="gpt-tiny", steps=2, device="cuda", nproc=2, out=tmp_path)
     assert e.value.findings[0].field == "nproc"

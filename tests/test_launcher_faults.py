@@ -37,7 +37,7 @@ def first_step(run) -> int:
     for item in run:
         if item["type"] == "metrics":
             break
-        if item["type"] == "status":
+        if item["type"] == "status" and item["status"] != "running":
             pytest.fail(f"run ended before its first step: {run.info}")
     ev = run.events
     return int(ev[(ev["event"] == "start") & (ev["rank"] == 1)]["pid"].iloc[0])
@@ -125,3 +125,35 @@ def test_ctrl_c_on_the_cli_cancels_the_run(tmp_path):
     assert json.loads(out)["status"] == "cancelled"
     assert json.loads((run_dir / "status.json").read_text())["status"] == "cancelled"
     assert not leftovers(run_dir)
+
+
+@pytest.mark.timeout(300)
+def test_a_run_launched_elsewhere_is_cancelled_through_load_run(tmp_path):
+    """A notebook can stop a run the CLI (or another kernel) started: load_run(dir).cancel()."""
+    from shardlab.run.store import load_run
+
+    plan = tmp_path / "plan.yaml"
+    plan.write_text("framework: fsdp2\nsharding: zero3\ntopology: {gpus_per_node: 2}\n")
+    store = tmp_path / "runs"
+    cli = subprocess.Popen([PY, "-m", "shardlab.cli", "run", str(plan), "--model", "gpt-tiny", "--steps", str(MANY),
+                            "--device", "cpu", "--out", str(store), "--json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline:
+            metrics = list(store.glob("*/metrics.jsonl"))
+            if metrics and metrics[0].stat().st_size > 0:
+                break
+            time.sleep(0.2)
+        else:
+            pytest.fail("the CLI run never reached its first step")
+        run = load_run(metrics[0].parent)
+        assert {p["role"] for p in run.info["processes"]} >= {"agent0", "rank0", "rank1"}
+        t0 = time.time()
+        run.cancel()
+        assert time.time() - t0 < 5
+        out, _ = cli.communicate(timeout=30)
+    finally:
+        if cli.poll() is None:
+            cli.kill()
+    assert json.loads(out)["status"] == "cancelled" and run.status == "cancelled"
+    assert not leftovers(run.dir)

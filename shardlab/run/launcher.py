@@ -15,16 +15,16 @@ from __future__ import annotations
 import atexit
 import os
 import queue
-import socket
 import sys
 import threading
 import time
 from pathlib import Path
 from typing import Callable, Iterator
 
-from shardlab.plan import Plan, bad_input, load_plan
+from shardlab.plan import bad_input, load_plan
 from shardlab.run import faults
-from shardlab.run.store import FINAL, JsonlTail, Run, create_run_dir, write_json_atomic
+from shardlab.run.host import check_run, default_device, free_port, visible_gpus
+from shardlab.run.store import FINAL, JsonlTail, Run, create_run_dir, read_json, write_json_atomic
 
 # Variables copied into launch.json besides the ones shardlab sets: what changes how a run behaves.
 # Never anything that looks like a credential.
@@ -35,47 +35,6 @@ _SECRET_WORDS = ("KEY", "TOKEN", "SECRET", "PASSWORD", "CREDENTIAL", "AUTH")
 _SHAPE_KEYS = ("name", "family", "layers", "hidden", "heads", "vocab", "seq_len", "kv_heads", "ffn_hidden")
 _LIVE: "set[LiveRun]" = set()
 DONE_GRACE_S = 1.0  # after every rank said done, how long their processes get to exit on their own
-
-
-def free_port() -> int:
-    """A TCP port nobody listens on right now (the OS picks it)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def visible_gpus() -> list[int]:
-    """NVML indices of the GPUs a run may use: CUDA_VISIBLE_DEVICES (numeric form) if set, else all."""
-    n = gpu_count()
-    vis = os.environ.get("CUDA_VISIBLE_DEVICES")
-    if vis is None:
-        return list(range(n))
-    out = []
-    for part in vis.split(","):
-        part = part.strip()
-        if not part.isdigit():
-            break  # a UUID or -1: CUDA stops at the first entry it cannot use; so do we
-        if int(part) < n:
-            out.append(int(part))
-    return out
-
-
-def gpu_count() -> int:
-    """CUDA GPUs on this machine, asked of NVML (no torch import); 0 if there is no driver."""
-    try:
-        import pynvml
-
-        pynvml.nvmlInit()
-        try:
-            return int(pynvml.nvmlDeviceGetCount())
-        finally:
-            pynvml.nvmlShutdown()
-    except Exception:
-        return 0
-
-
-def default_device() -> str:
-    return "cuda" if visible_gpus() else "cpu"
 
 
 def _model_for_worker(model) -> tuple[str, object]:
@@ -89,41 +48,6 @@ def _model_for_worker(model) -> tuple[str, object]:
         return model, model
     shape = {k: v for k, v in spec.to_dict().items() if k in _SHAPE_KEYS and v is not None}
     return spec.name, shape
-
-
-def check_run(plan: Plan, *, steps: int, nproc: int, device: str, launcher: str) -> None:
-    """Runner-level checks a valid plan can still fail on this machine (PlanError naming the field)."""
-    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
-        raise bad_input("steps", f"steps={steps!r} must be a whole number of at least 1 (optimizer steps to run). Use e.g. steps=10.")
-    if nproc < 1:
-        raise bad_input("nproc", f"nproc={nproc} must be at least 1 (processes per node). Use e.g. nproc=2.")
-    if device not in ("cpu", "cuda"):
-        raise bad_input("device", f"device={device!r} is not cpu or cuda. Use device='cpu' or device='cuda'.")
-    if launcher != "torchrun":
-        raise bad_input("launcher", f"launcher={launcher!r}: real runs start through torchrun only (the deepspeed and accelerate launchers are export targets). Use launcher='torchrun'.")
-    zpp = plan.zeropp
-    if device == "cpu":
-        for name in ("quantized_weights", "quantized_gradients"):
-            if getattr(zpp, name):
-                raise bad_input(f"zeropp.{name}", f"zeropp.{name}=true (ZeRO++ {'qwZ' if name == 'quantized_weights' else 'qgZ'}) has no CPU implementation in DeepSpeed; this run is on device=cpu. Run it on GPUs (device='cuda'), or set zeropp.{name}: false.")
-        if plan.offload.optimizer == "nvme" or plan.offload.params == "nvme":
-            raise bad_input("offload", "NVMe offload needs DeepSpeed's async I/O op on a CUDA machine; this run is on device=cpu. Use offload: cpu, or run on GPUs.")
-        if plan.precision == "fp16" and plan.framework == "deepspeed" and not _cpu_fp16_ok():
-            raise bad_input("precision", "precision=fp16 with DeepSpeed on this CPU fails: DeepSpeed's CPU accelerator allows fp16 only where oneDNN has fp16 kernels, and this CPU has none. Use precision: bf16 (or fp32) for CPU runs.")
-    else:
-        have = len(visible_gpus())
-        need = nproc * plan.topology.nodes
-        if need > have:
-            raise bad_input("nproc", f"this run needs {need} GPUs (nproc={nproc} x topology.nodes={plan.topology.nodes}) but this machine has {have}. Use nproc <= {have // max(plan.topology.nodes, 1) or 1}, fewer nodes, or device='cpu'.")
-
-
-def _cpu_fp16_ok() -> bool:
-    try:
-        import torch
-
-        return bool(torch.ops.mkldnn._is_mkldnn_fp16_supported())
-    except Exception:
-        return False
 
 
 def _recorded_env(env: dict[str, str], ours: dict[str, str]) -> dict[str, str]:
@@ -159,6 +83,7 @@ class LiveRun(Run):
         self._events = JsonlTail(run_dir / "events.jsonl")
         self.steps_by_rank: dict[int, int] = {}
         self.worker_events: list[dict] = []
+        self._recorded: dict[int, int] = {}
         self._watcher = threading.Thread(target=self._watch, name=f"shardlab-watch-{self.id}", daemon=True)
 
     # ---- public control
@@ -205,8 +130,47 @@ class LiveRun(Run):
                 print(f"shardlab: on_event callback raised {type(e).__name__}: {e}", file=sys.stderr)
 
     def _write_info(self, **changes) -> None:
+        if self._info.get("status") == "running" and changes.get("status", "running") == "running" and self._outside_cancel():
+            return  # never write over another process's cancel mark; the watcher acts on it next
         self._info.update(changes)
         write_json_atomic(self.dir / "status.json", self._info)
+
+    def _outside_cancel(self) -> bool:
+        """load_run(dir).cancel() in another process marked the run cancelled (before killing it)."""
+        if (read_json(self.dir / "status.json", {}) or {}).get("status") == "cancelled":
+            self._cancel.set()
+        return self._cancel.is_set()
+
+    def _record_ranks(self) -> None:
+        """Put the ranks' pids in status.json once known, so another process can cancel the run."""
+        ranks = self.sampler.rank_of_pid()
+        if len(ranks) == len(self._recorded):
+            return
+        self._recorded = ranks
+        agents = [p for p in self._info["processes"] if p["role"].startswith("agent")]
+        procs = []
+        for pid, rank in sorted(ranks.items(), key=lambda x: x[1]):
+            try:
+                procs.append({"pid": pid, "create_time": self.sampler.ranks[rank].create_time(), "role": f"rank{rank}"})
+            except Exception:
+                pass
+        self._write_info(processes=agents + procs)
+
+    def _drain(self) -> bool:
+        """Pass on the metrics and event lines written since the last call; True if there were any."""
+        new = False
+        for line in self._metrics.new():
+            new = True
+            if isinstance(line.get("rank"), int):
+                self.steps_by_rank[line["rank"]] = self.steps_by_rank.get(line["rank"], 0) + 1
+            if self.progress is not None:
+                self.progress.update(line)
+            self._emit({"type": "metrics", **line})
+        for ev in self._events.new():
+            new = True
+            self.worker_events.append(ev)
+            self._emit({"type": "event", **ev})
+        return new
 
     def _watch(self) -> None:
         self._emit({"type": "status", "status": "running", "id": self.id})
@@ -219,19 +183,7 @@ class LiveRun(Run):
         try:
             while True:
                 now = time.monotonic()
-                new = False
-                for line in self._metrics.new():
-                    new = True
-                    if isinstance(line.get("rank"), int):
-                        self.steps_by_rank[line["rank"]] = self.steps_by_rank.get(line["rank"], 0) + 1
-                    if self.progress is not None:
-                        self.progress.update(line)
-                    self._emit({"type": "metrics", **line})
-                for ev in self._events.new():
-                    new = True
-                    self.worker_events.append(ev)
-                    self._emit({"type": "event", **ev})
-                if new:
+                if self._drain():
                     last_progress = now
                     if now - last_written > 0.5:
                         self._write_info(steps_done=self.steps_done)
@@ -248,8 +200,12 @@ class LiveRun(Run):
                         status = "completed"
                         break
                 if now >= next_link:
-                    faults.link_rank_logs(self.dir, self.sampler)
                     next_link = now + 1.0
+                    faults.link_rank_logs(self.dir, self.sampler)
+                    self._record_ranks()
+                if self._outside_cancel():
+                    status = "cancelled"
+                    break
                 found = faults.detect(self.worker_events, self.sampler, codes)
                 if found is not None:
                     failure = found  # re-judged each pass: later evidence can name the root cause better
@@ -271,16 +227,7 @@ class LiveRun(Run):
     def _finish(self, status: str, failure) -> None:
         faults.kill_all(self.agents, self.sampler, str(self.dir))
         self.sampler.stop()
-        # Lines written in the last moments before the end still count.
-        for line in self._metrics.new():
-            if isinstance(line.get("rank"), int):
-                self.steps_by_rank[line["rank"]] = self.steps_by_rank.get(line["rank"], 0) + 1
-            if self.progress is not None:
-                self.progress.update(line)
-            self._emit({"type": "metrics", **line})
-        for ev in self._events.new():
-            self.worker_events.append(ev)
-            self._emit({"type": "event", **ev})
+        self._drain()  # lines written in the last moments before the end still count
         faults.link_rank_logs(self.dir, self.sampler)
         codes = [a.returncode for a in self.agents]
         report = faults.report(self.dir, status, failure, self.worker_events, self.sampler, codes,

@@ -219,11 +219,15 @@ class Run:
         return self.status
 
     def cancel(self) -> None:
-        """Stop the processes recorded in status.json (SIGTERM then SIGKILL) and mark the run cancelled."""
+        """Mark the run cancelled, then stop the processes recorded in status.json (SIGTERM, then
+        SIGKILL after 3 s). The launching process, if it is still there, sees the mark and ends the
+        run itself, writing the final status."""
         info = self.info
         if info.get("status") in FINAL:
             return
         procs = [(p["pid"], p.get("create_time")) for p in info.get("processes", [])]
+        info.update(status="cancelled", ended_at=time.time())
+        write_json_atomic(self.dir / "status.json", info)
         for sig in (signal.SIGTERM, signal.SIGKILL):
             for pid, ct in procs:
                 if _pid_alive(pid, ct):
@@ -234,8 +238,6 @@ class Run:
             deadline = time.monotonic() + 3
             while time.monotonic() < deadline and any(_pid_alive(p, c) for p, c in procs):
                 time.sleep(0.1)
-        info.update(status="cancelled", ended_at=time.time())
-        write_json_atomic(self.dir / "status.json", info)
 
 
 def load_run(run_dir: str | Path) -> Run:

@@ -1,0 +1,89 @@
+"""What this machine offers a run, and the checks a valid plan can still fail here.
+
+GPUs are counted through NVML (nvidia-ml-py), so choosing the default device imports no torch;
+CUDA_VISIBLE_DEVICES narrows them as CUDA itself would. Runner-level checks raise PlanError via
+bad_input, naming the field, the value, why, and the fix.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+
+from shardlab.plan import Plan, bad_input
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on right now (the OS picks it)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def visible_gpus() -> list[int]:
+    """NVML indices of the GPUs a run may use: CUDA_VISIBLE_DEVICES (numeric form) if set, else all."""
+    n = gpu_count()
+    vis = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if vis is None:
+        return list(range(n))
+    out = []
+    for part in vis.split(","):
+        part = part.strip()
+        if not part.isdigit():
+            break  # a UUID or -1: CUDA stops at the first entry it cannot use; so do we
+        if int(part) < n:
+            out.append(int(part))
+    return out
+
+
+def gpu_count() -> int:
+    """CUDA GPUs on this machine, asked of NVML (no torch import); 0 if there is no driver."""
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        try:
+            return int(pynvml.nvmlDeviceGetCount())
+        finally:
+            pynvml.nvmlShutdown()
+    except Exception:
+        return 0
+
+
+def default_device() -> str:
+    return "cuda" if visible_gpus() else "cpu"
+
+
+def check_run(plan: Plan, *, steps: int, nproc: int, device: str, launcher: str) -> None:
+    """Runner-level checks a valid plan can still fail on this machine (PlanError naming the field)."""
+    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
+        raise bad_input("steps", f"steps={steps!r} must be a whole number of at least 1 (optimizer steps to run). Use e.g. steps=10.")
+    if nproc < 1:
+        raise bad_input("nproc", f"nproc={nproc} must be at least 1 (processes per node). Use e.g. nproc=2.")
+    if device not in ("cpu", "cuda"):
+        raise bad_input("device", f"device={device!r} is not cpu or cuda. Use device='cpu' or device='cuda'.")
+    if launcher != "torchrun":
+        raise bad_input("launcher", f"launcher={launcher!r}: real runs start through torchrun only (the deepspeed and accelerate launchers are export targets). Use launcher='torchrun'.")
+    zpp = plan.zeropp
+    if device == "cpu":
+        for name in ("quantized_weights", "quantized_gradients"):
+            if getattr(zpp, name):
+                raise bad_input(f"zeropp.{name}", f"zeropp.{name}=true (ZeRO++ {'qwZ' if name == 'quantized_weights' else 'qgZ'}) has no CPU implementation in DeepSpeed; this run is on device=cpu. Run it on GPUs (device='cuda'), or set zeropp.{name}: false.")
+        if plan.offload.optimizer == "nvme" or plan.offload.params == "nvme":
+            raise bad_input("offload", "NVMe offload needs DeepSpeed's async I/O op on a CUDA machine; this run is on device=cpu. Use offload: cpu, or run on GPUs.")
+        if plan.precision == "fp16" and plan.framework == "deepspeed" and not _cpu_fp16_ok():
+            raise bad_input("precision", "precision=fp16 with DeepSpeed on this CPU fails: DeepSpeed's CPU accelerator allows fp16 only where oneDNN has fp16 kernels, and this CPU has none. Use precision: bf16 (or fp32) for CPU runs.")
+    else:
+        have = len(visible_gpus())
+        need = nproc * plan.topology.nodes
+        if need > have:
+            raise bad_input("nproc", f"this run needs {need} GPUs (nproc={nproc} x topology.nodes={plan.topology.nodes}) but this machine has {have}. Use nproc <= {have // max(plan.topology.nodes, 1) or 1}, fewer nodes, or device='cpu'.")
+
+
+def _cpu_fp16_ok() -> bool:
+    try:
+        import torch
+
+        return bool(torch.ops.mkldnn._is_mkldnn_fp16_supported())
+    except Exception:
+        return False
