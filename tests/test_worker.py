@@ -1,0 +1,383 @@
+"""The training worker: the model matches the spec, data is deterministic, real sharded CPU runs train
+and report what each rank holds and sends.
+
+Real runs start `python -m shardlab.run.worker RUN_DIR` through torchrun exactly as the launcher does
+(launch_command + sanitized_env), 2 processes with gloo, gpt-tiny, 3 steps. Each run happens once per
+test session (cached) and several tests read its files.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+from functools import lru_cache
+from pathlib import Path
+
+import pytest
+import torch
+
+from shardlab.export.launch import launch_command, sanitized_env
+from shardlab.models import PRESETS, resolve_model
+from shardlab.plan import load_plan
+from shardlab.run.data import Batches, global_batch
+from shardlab.run.gpt import Block, build_model, loss_fn
+
+STEPS = 3
+TINY_BYTES = PRESETS["gpt-tiny"].params * 4  # fp32 model bytes
+
+
+# ---------------------------------------------------------------------------------------------
+# Model and data
+
+
+@pytest.mark.parametrize("name", ["gpt-tiny", "gpt-small", "gpt-125m", "gpt-1.3b", "gpt-13b", "llama-7b", "llama-8b", "llama-70b"])
+def test_model_parameter_count_equals_spec(name):
+    spec = PRESETS[name]
+    model = build_model(spec, device="meta")
+    assert sum(p.numel() for p in model.parameters()) == spec.params
+    blocks = [m for m in model.modules() if isinstance(m, Block)]
+    assert len(blocks) == spec.layers
+    assert sum(p.numel() for p in blocks[0].parameters()) == spec.block_params
+
+
+def test_custom_shape_with_gqa_and_ffn_counts_exactly():
+    spec = resolve_model({"layers": 3, "hidden": 96, "heads": 6, "kv_heads": 2, "ffn_hidden": 200,
+                          "vocab": 300, "seq_len": 32, "family": "llama"})
+    assert sum(p.numel() for p in build_model(spec, device="meta").parameters()) == spec.params
+
+
+def test_plan_default_wrap_class_is_the_block():
+    assert type(Block).__name__ and Block.__name__ == load_plan({}).wrap.transformer_layer_cls
+
+
+def test_same_seed_same_weights_other_seed_other_weights():
+    spec = PRESETS["gpt-tiny"]
+    a, b, c = build_model(spec, seed=1), build_model(spec, seed=1), build_model(spec, seed=2)
+    for (n, pa), pb, pc in zip(a.named_parameters(), b.parameters(), c.parameters()):
+        assert torch.equal(pa, pb), n
+    assert not torch.equal(a.tok_emb.weight, c.tok_emb.weight)
+
+
+@pytest.mark.parametrize("family", ["gpt", "llama"])
+def test_attention_is_causal(family):
+    spec = resolve_model({"layers": 2, "hidden": 32, "heads": 4, "vocab": 50, "seq_len": 16, "family": family})
+    model = build_model(spec, seed=0).eval()
+    x = torch.randint(0, 50, (1, 16))
+    y = x.clone()
+    y[0, 10:] = (y[0, 10:] + 1) % 50
+    with torch.no_grad():
+        lx, ly = model(x), model(y)
+    assert torch.allclose(lx[0, :10], ly[0, :10], atol=1e-5)  # earlier positions never see later tokens
+    assert not torch.allclose(lx[0, 10:], ly[0, 10:])
+
+
+def test_batches_are_a_pure_function_of_seed_and_step():
+    assert torch.equal(global_batch(7, 3, 4, 16, 100), global_batch(7, 3, 4, 16, 100))
+    assert not torch.equal(global_batch(7, 3, 4, 16, 100), global_batch(7, 4, 4, 16, 100))
+    assert not torch.equal(global_batch(7, 3, 4, 16, 100), global_batch(8, 3, 4, 16, 100))
+    x, y = Batches(seed=0, rank=0, world_size=1, micro_batch_size=2, grad_accum_steps=1, seq_len=16, vocab=100)(1)
+    assert x.shape == y.shape == (2, 16)
+    assert torch.equal(x[:, 1:], y[:, :-1])  # targets are the inputs shifted by one
+
+
+def test_rank_layouts_see_the_same_global_batch():
+    """2 ranks x 1 micro-batch and 1 rank x 2 micro-batches cover the same sequences in one step."""
+    kw = dict(seed=5, micro_batch_size=3, seq_len=8, vocab=64)
+    two = [Batches(rank=r, world_size=2, grad_accum_steps=1, **kw)(4, 0)[0] for r in range(2)]
+    one = [Batches(rank=0, world_size=1, grad_accum_steps=2, **kw)(4, m)[0] for m in range(2)]
+    assert torch.equal(torch.cat(two), torch.cat(one))
+    assert not torch.equal(two[0], two[1])
+
+
+def test_synthetic_data_is_learnable():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny matmuls: threads only add contention
+    try:
+        _train_tiny_and_check_loss_falls()
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _train_tiny_and_check_loss_falls():
+    spec = PRESETS["gpt-tiny"]
+    model = build_model(spec, seed=0)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    batches = Batches(seed=0, rank=0, world_size=1, micro_batch_size=4, grad_accum_steps=1, seq_len=spec.seq_len, vocab=spec.vocab)
+    losses = []
+    for step in range(1, 31):
+        x, y = batches(step)
+        loss = loss_fn(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[0] > math.log(spec.vocab) - 0.5
+    assert sum(losses[-5:]) / 5 < losses[0] - 1.0
+
+
+# ---------------------------------------------------------------------------------------------
+# Communication counting (one process, gloo)
+
+
+@pytest.fixture
+def one_rank_group(tmp_path):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    yield dist
+    dist.destroy_process_group()
+
+
+def test_comm_counter_counts_each_collective_once_by_family(one_rank_group):
+    from shardlab.run.measure import CommCounter
+
+    dist = one_rank_group
+    c = CommCounter().install()
+    try:
+        t = torch.ones(1000)  # 4000 bytes
+        out = torch.empty(1000)
+        dist.all_gather_into_tensor(out, t)        # torch routes this through all_gather_single
+        dist.reduce_scatter_tensor(out, t)
+        dist.all_reduce(t)
+        dist.broadcast(t, src=0)
+        dist.all_gather([torch.empty(1000)], t)
+        with c.pause():
+            dist.all_reduce(t)                     # the worker's own traffic is not counted
+        nbytes, count = c.snapshot()
+    finally:
+        c.uninstall()
+    assert count == {"all_gather": 2, "reduce_scatter": 1, "all_reduce": 1, "broadcast": 1}
+    assert nbytes == {"all_gather": 8000, "reduce_scatter": 4000, "all_reduce": 4000, "broadcast": 4000}
+    assert not getattr(dist.all_reduce, "_shardlab_wrapped", False)
+
+
+# ---------------------------------------------------------------------------------------------
+# Real 2-process CPU runs
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _start(run_dir: Path, plan_yaml: str, *, nproc: int = 2, steps: int = STEPS, instrument: bool = True,
+           factory: str | None = None, extra_path: str | None = None) -> subprocess.CompletedProcess:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    plan = load_plan(plan_yaml)
+    (run_dir / "plan.yaml").write_text(plan.to_yaml())
+    (run_dir / "run.json").write_text(json.dumps({"model": "gpt-tiny", "steps": steps, "device": "cpu", "seed": 0,
+                                                  "factory": factory, "trace_memory": False, "instrument": instrument}))
+    argv, env = launch_command(plan, ["-m", "shardlab.run.worker", str(run_dir)], nproc_per_node=nproc,
+                               torchrun=[sys.executable, "-m", "torch.distributed.run"], master_port=_free_port())
+    extra = {**env, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
+    if extra_path:
+        extra["PYTHONPATH"] = os.pathsep.join(p for p in (extra_path, os.environ.get("PYTHONPATH")) if p)
+    return subprocess.run(argv, env=sanitized_env(extra), capture_output=True, text=True, timeout=420)
+
+
+def _lines(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+_BASE = "precision: fp32\ntopology: {nodes: 1, gpus_per_node: 2}\n"
+# DeepSpeed keeps every parameter below stage3_param_persistence_threshold (1e5 elements) gathered;
+# all of gpt-tiny's are that small, so a ZeRO-3 run shards parameters only with the threshold at 0.
+_DS3 = "buckets: {param_persistence_threshold: 0}\n"
+CONFIGS = {
+    "fsdp1-ddp": "framework: fsdp1\nsharding: ddp\n",
+    "fsdp1-zero2": "framework: fsdp1\nsharding: zero2\n",
+    "fsdp1-zero3": "framework: fsdp1\nsharding: zero3\n",
+    "fsdp2-ddp": "framework: fsdp2\nsharding: ddp\n",
+    "fsdp2-zero2": "framework: fsdp2\nsharding: zero2\n",
+    "fsdp2-zero3": "framework: fsdp2\nsharding: zero3\n",
+    "deepspeed-ddp": "framework: deepspeed\nsharding: ddp\n",
+    "deepspeed-zero1": "framework: deepspeed\nsharding: zero1\n",
+    "deepspeed-zero2": "framework: deepspeed\nsharding: zero2\n",
+    "deepspeed-zero3": "framework: deepspeed\nsharding: zero3\n" + _DS3,
+    "deepspeed-zero2-offload-optimizer": "framework: deepspeed\nsharding: zero2\noffload: {optimizer: cpu}\n",
+    "deepspeed-zero3-offload-params": "framework: deepspeed\nsharding: zero3\noffload: {optimizer: cpu, params: cpu}\n" + _DS3,
+}
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """run(name) -> (completed process, metrics lines, event lines); each config runs once."""
+    root = tmp_path_factory.mktemp("runs")
+
+    @lru_cache(maxsize=None)
+    def go(name: str):
+        d = root / name
+        proc = _start(d, _BASE + CONFIGS[name])
+        return proc, _lines(d / "metrics.jsonl"), _lines(d / "events.jsonl")
+
+    return go
+
+
+def _by_rank_step(metrics: list[dict]) -> dict[tuple[int, int], dict]:
+    return {(m["rank"], m["step"]): m for m in metrics}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_sharded_run_trains_and_reports(run, name):
+    proc, metrics, events = run(name)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = _by_rank_step(metrics)
+    assert set(rows) == {(r, s) for r in range(2) for s in range(1, STEPS + 1)}
+    for (rank, step), m in rows.items():
+        assert m["world_size"] == 2 and m["tokens"] == 64  # micro batch 1 x seq_len 64
+        assert math.isfinite(m["loss"]) and m["loss"] == rows[(1 - rank, step)]["loss"]
+        assert m["t_start"] <= m["t_fwd_end"] <= m["t_bwd_end"] <= m["t_opt_end"]
+        assert m["step_time_s"] > 0 and m["tokens_per_s"] > 0 and m["tflops"] > 0 and m["mfu"] is None
+        assert m["rss_bytes"] > 10 * 2**20
+        assert all(m["state_bytes"][k] > 0 for k in ("params", "grads", "optimizer"))
+        # every layout moves at least one full copy of the gradients per step
+        assert sum(m["comm_bytes"].values()) >= TINY_BYTES
+        assert set(m["comm_bytes"]) == set(m["comm_count"])
+    assert {(e["rank"], e["event"]) for e in events} >= {(0, "start"), (1, "start"), (0, "done"), (1, "done")}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("framework", ["fsdp1", "fsdp2", "deepspeed"])
+def test_collectives_match_the_sharding(run, framework):
+    """ddp all-reduces gradients; zero3 all-gathers parameters and reduce-scatters gradients."""
+    ddp = _by_rank_step(run(f"{framework}-ddp")[1])[(0, STEPS)]["comm_bytes"]
+    z3 = _by_rank_step(run(f"{framework}-zero3")[1])[(0, STEPS)]["comm_bytes"]
+    assert ddp.get("all_reduce", 0) >= TINY_BYTES and "reduce_scatter" not in ddp and "all_gather" not in ddp
+    assert z3["reduce_scatter"] == TINY_BYTES  # fp32 gradients, input of the reduce-scatter
+    assert z3["all_gather"] >= TINY_BYTES
+
+
+@pytest.mark.slow
+def test_same_seed_same_losses_across_frameworks(run):
+    losses = {}
+    for fw in ("fsdp1", "fsdp2", "deepspeed"):
+        rows = _by_rank_step(run(f"{fw}-zero3")[1])
+        losses[fw] = [rows[(0, s)]["loss"] for s in range(1, STEPS + 1)]
+    ref = losses["fsdp1"]
+    assert ref[0] == pytest.approx(math.log(PRESETS["gpt-tiny"].vocab), abs=0.5)
+    for fw, ls in losses.items():
+        assert ls == pytest.approx(ref, rel=1e-4), fw
+    # and the same as the unsharded layouts of each framework
+    for name in ("fsdp1-ddp", "fsdp2-ddp", "deepspeed-zero1", "deepspeed-zero2"):
+        rows = _by_rank_step(run(name)[1])
+        assert [rows[(0, s)]["loss"] for s in range(1, STEPS + 1)] == pytest.approx(ref, rel=1e-4), name
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("framework", ["fsdp1", "fsdp2", "deepspeed"])
+def test_zero3_holds_half_the_model_states_of_ddp_on_two_ranks(run, framework):
+    ddp = _by_rank_step(run(f"{framework}-ddp")[1])[(0, STEPS)]["state_bytes"]
+    z3 = _by_rank_step(run(f"{framework}-zero3")[1])[(0, STEPS)]["state_bytes"]
+    assert ddp["params"] == ddp["grads"] == TINY_BYTES
+    assert z3["params"] == pytest.approx(ddp["params"] / 2, rel=0.02)
+    assert z3["grads"] == pytest.approx(ddp["grads"] / 2, rel=0.02)
+    if framework == "deepspeed":
+        # ZeRO keeps a separate fp32 master partition (even in fp32); DeepSpeed's stage 0 has none
+        assert z3["optimizer"] == pytest.approx(3 / 4 * ddp["optimizer"], rel=0.02)
+    else:
+        assert z3["optimizer"] == pytest.approx(ddp["optimizer"] / 2, rel=0.02)
+    assert sum(z3.values()) < 0.65 * sum(ddp.values())
+
+
+@pytest.mark.slow
+def test_zero1_and_zero2_shard_optimizer_states_not_parameters(run):
+    ddp = _by_rank_step(run("deepspeed-ddp")[1])[(0, STEPS)]["state_bytes"]
+    for name in ("deepspeed-zero1", "deepspeed-zero2"):
+        s = _by_rank_step(run(name)[1])[(0, STEPS)]["state_bytes"]
+        assert s["params"] == ddp["params"]
+        # partitioned: fp32 master + two moments over half the parameters
+        assert s["optimizer"] == pytest.approx(1.5 * TINY_BYTES, rel=0.02)
+
+
+@pytest.mark.slow
+def test_uninstrumented_run_logs_loss_only(tmp_path, run):
+    d = tmp_path / "bare"
+    proc = _start(d, _BASE + CONFIGS["fsdp2-zero3"], steps=2, instrument=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = _by_rank_step(_lines(d / "metrics.jsonl"))
+    assert len(rows) == 4 and all("state_bytes" not in m and "comm_bytes" not in m for m in rows.values())
+    instrumented = _by_rank_step(run("fsdp2-zero3")[1])
+    assert [rows[(0, s)]["loss"] for s in (1, 2)] == pytest.approx([instrumented[(0, s)]["loss"] for s in (1, 2)], rel=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------
+# Failures
+
+
+_FACTORY = textwrap.dedent('''
+    import torch
+    from torch import nn
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(8, 8)
+
+        def forward(self, x):
+            if self.training and getattr(self, "explode", False):
+                raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+            return self.lin(x)
+
+    class Net(nn.Module):
+        def __init__(self, explode):
+            super().__init__()
+            self.emb = nn.Embedding(16, 8)
+            self.block = Block()
+            self.block.explode = explode
+            self.head = nn.Linear(8, 16)
+
+        def forward(self, x):
+            return self.head(self.block(self.emb(x)))
+
+    def batches(step, micro=0):
+        g = torch.Generator().manual_seed(step)
+        x = torch.randint(0, 16, (1, 4), generator=g)
+        return x, (x + 1) % 16
+
+    def good():
+        torch.manual_seed(0)
+        return Net(False), batches
+
+    def oom():
+        return Net(True), batches
+''')
+
+
+@pytest.mark.slow
+def test_user_factory_model_trains(tmp_path):
+    (tmp_path / "userfactory.py").write_text(_FACTORY)
+    d = tmp_path / "run"
+    proc = _start(d, _BASE + "framework: fsdp2\nsharding: zero3\n", steps=2, factory="userfactory:good", extra_path=str(tmp_path))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = _by_rank_step(_lines(d / "metrics.jsonl"))
+    assert len(rows) == 4 and rows[(0, 1)]["tokens"] == 4 and rows[(0, 1)]["tflops"] is None
+
+
+@pytest.mark.slow
+def test_out_of_memory_is_an_oom_event_and_exit_code_3(tmp_path):
+    from shardlab.run.worker import EXIT_OOM
+
+    (tmp_path / "userfactory.py").write_text(_FACTORY)
+    d = tmp_path / "run"
+    proc = _start(d, _BASE + "framework: fsdp2\nsharding: zero3\n", steps=2, factory="userfactory:oom", extra_path=str(tmp_path))
+    assert proc.returncode != 0
+    ooms = [e for e in _lines(d / "events.jsonl") if e["event"] == "oom"]
+    assert {e["rank"] for e in ooms} == {0, 1}
+    assert all(e["phase"] == "forward" and "out of memory" in e["message"] and e["rss_bytes"] > 0 for e in ooms)
+    assert f"exitcode  : {EXIT_OOM}" in proc.stderr or f"exitcode: {EXIT_OOM}" in proc.stderr.replace(" ", "")
+
+
+@pytest.mark.slow
+def test_a_plan_the_cpu_cannot_run_is_an_error_event_naming_the_field(tmp_path):
+    d = tmp_path / "run"
+    proc = _start(d, "framework: deepspeed\nsharding: zero2\nprecision: fp16\ntopology: {nodes: 1, gpus_per_node: 2}\n", steps=1)
+    assert proc.returncode != 0
+    errors = [e for e in _lines(d / "events.jsonl") if e["event"] == "error"]
+    assert errors and all("precision=fp16" in e["message"] and "bf16" in e["message"] and "traceback" not in e for e in errors)
