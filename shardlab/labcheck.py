@@ -26,12 +26,17 @@ def runs_dir() -> str:
     return os.environ.get("SHARDLAB_RUNS_DIR") or "runs"
 
 
+def gpu_count() -> int:
+    """CUDA GPUs a run may use here (NVML, narrowed by CUDA_VISIBLE_DEVICES; no torch import)."""
+    from shardlab.run.host import visible_gpus
+
+    return len(visible_gpus())
+
+
 def lab_device(max_gpus: int = 4) -> tuple[str, int]:
     """(device, processes) for a lab run: CUDA with up to `max_gpus` ranks when two or more GPUs are
     present; otherwise 2 CPU processes over gloo. One GPU cannot show sharding (NCCL refuses two ranks
     on one device), so a single-GPU machine runs the labs on its CPU as well."""
-    from shardlab.run.launcher import gpu_count
-
     n = gpu_count()
     if n >= 2:
         return "cuda", min(n, max_gpus)
@@ -286,4 +291,4 @@ def _get(exercise: str) -> Exercise:
     return EXERCISES[exercise]
 
 
-__all__ = ["runs_dir", "lab_device", "run_once", "Check", "EXERCISES", "check", "solution", "question"]
+__all__ = ["runs_dir", "gpu_count", "lab_device", "run_once", "Check", "EXERCISES", "check", "solution", "question"]
