@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from functools import cached_property
+from functools import cached_property, partial
 from pathlib import Path
 from typing import Any
 
@@ -63,6 +63,16 @@ class RunData:
     @property
     def device(self) -> str:
         return str(self.meta.get("device") or "cpu")
+
+    @property
+    def gpu(self) -> str | None:
+        """The GPU-table name of the run's GPU where the run folder records one (run.json or a start event)."""
+        if self.meta.get("gpu"):
+            return str(self.meta["gpu"])
+        for e in _jsonl(self.dir / "events.jsonl")[:64]:
+            if e.get("event") == "start" and e.get("gpu"):
+                return str(e["gpu"])
+        return None
 
     @cached_property
     def model(self):
@@ -123,18 +133,13 @@ def _steady(m: pd.DataFrame) -> pd.DataFrame:
     return later if len(later) else m
 
 
-def _mean(m: pd.DataFrame, col: str) -> float | None:
-    if col not in m:
-        return None
-    v = pd.to_numeric(m[col], errors="coerce").dropna()
-    return float(v.mean()) if len(v) else None
+def _agg(m: pd.DataFrame, col: str, how: str) -> float | None:
+    """mean / max of a numeric column, None where the column is absent or empty (e.g. mfu on a CPU)."""
+    v = pd.to_numeric(m[col], errors="coerce").dropna() if col in m else ()
+    return float(getattr(v, how)()) if len(v) else None
 
 
-def _max(m: pd.DataFrame, col: str) -> float | None:
-    if col not in m:
-        return None
-    v = pd.to_numeric(m[col], errors="coerce").dropna()
-    return float(v.max()) if len(v) else None
+_mean, _max = partial(_agg, how="mean"), partial(_agg, how="max")
 
 
 def predict(run: RunData, gpu: str | None = None) -> dict | None:
@@ -147,7 +152,7 @@ def predict(run: RunData, gpu: str | None = None) -> dict | None:
     if plan.world_size != run.world_size:
         nodes = plan.topology.nodes if run.world_size % plan.topology.nodes == 0 else 1
         plan = plan.model_copy(update={"topology": plan.topology.model_copy(update={"nodes": nodes, "gpus_per_node": run.world_size // nodes})})
-    return estimate(plan, run.model, gpu or run.meta.get("gpu") or DEFAULT_GPU).to_dict()
+    return estimate(plan, run.model, gpu or run.gpu or DEFAULT_GPU).to_dict()
 
 
 def _try_predict(run: RunData, gpu: str | None) -> tuple[dict | None, str | None]:
@@ -178,9 +183,16 @@ def _states_measured(m: pd.DataFrame) -> dict[str, float]:
 
 
 def _peak_measured(r: RunData) -> tuple[float | None, str]:
-    m = r.metrics
-    if r.device == "cuda" and "peak_allocated_bytes" in m:
-        return _max(m, "peak_allocated_bytes"), "peak allocated (CUDA)"
+    """The figure to set beside the estimator's per-GPU total, which includes the CUDA context and the
+    allocator's slack: on GPUs the device memory NVML saw in use, else the allocator's reserved peak."""
+    m, tl = r.metrics, r.timeline
+    if r.device == "cuda":
+        nvml = tl[tl["source"] == "nvml"] if len(tl) and "source" in tl else tl.iloc[0:0]
+        if len(nvml):
+            return _max(nvml, "bytes"), "device memory in use (NVML)"
+        for col, what in (("peak_reserved_bytes", "peak reserved (CUDA)"), ("peak_allocated_bytes", "peak allocated (CUDA)")):
+            if _max(m, col) is not None:
+                return _max(m, col), what
     vals = [v for v in (_max(m, "rss_bytes"), _max(r.timeline, "bytes") if len(r.timeline) else None) if v is not None]
     return (max(vals) if vals else None), "process RSS (CPU)"
 
@@ -224,6 +236,7 @@ def compare(runs: Any, reference: Any = None, gpu: str | None = None) -> pd.Data
             tokens_per_s=_mean(steady, "tokens_per_s"), tflops=_mean(steady, "tflops"), mfu=_mean(steady, "mfu"),
             step_time_s=_mean(steady, "step_time_s"), step_time_pred_s=(est or {}).get("step_time_s") if r.device == "cuda" else None,
             peak_bytes=peak, peak_source=peak_src, peak_pred_bytes=float(pg["total"]) if "total" in pg else None,
+            peak_allocated_bytes=_max(m, "peak_allocated_bytes"), peak_reserved_bytes=_max(m, "peak_reserved_bytes"),
             params_bytes=states["params"], grads_bytes=states["grads"], optimizer_bytes=states["optimizer"],
             state_bytes=sum(states.values()), state_pred_bytes=states_pred,
             comm_bytes=sum(comm.values()) if comm else None, comm_pred_bytes=sum(comm_pred.values()) if est else None,
@@ -355,12 +368,13 @@ def comm_frame(runs: Any, gpu: str | None = None) -> pd.DataFrame:
 # Notebook styling
 
 GIB = 2**30
-_BYTES = ["peak_bytes", "peak_pred_bytes", "params_bytes", "grads_bytes", "optimizer_bytes", "state_bytes", "state_pred_bytes", "comm_bytes", "comm_pred_bytes"]
+_BYTES = ["peak_bytes", "peak_pred_bytes", "peak_allocated_bytes", "peak_reserved_bytes", "params_bytes", "grads_bytes", "optimizer_bytes", "state_bytes", "state_pred_bytes", "comm_bytes", "comm_pred_bytes"]
 _HIGHER_BETTER = ["tokens_per_s", "tflops", "mfu"]
 _LOWER_BETTER = ["peak_bytes", "state_bytes", "comm_bytes", "step_time_s"]
 _LABELS = {
     "tokens_per_s": "tokens/s per device", "tflops": "TFLOPS", "mfu": "MFU", "step_time_s": "step (s)", "step_time_pred_s": "step predicted (s)",
     "peak_bytes": "peak (GiB)", "peak_pred_bytes": "peak predicted (GiB)", "peak_error": "peak error",
+    "peak_allocated_bytes": "max allocated (GiB)", "peak_reserved_bytes": "max reserved (GiB)",
     "params_bytes": "params/rank (GiB)", "grads_bytes": "grads/rank (GiB)", "optimizer_bytes": "optimizer/rank (GiB)",
     "state_bytes": "states/rank (GiB)", "state_pred_bytes": "states predicted (GiB)", "state_error": "states error",
     "comm_bytes": "comm/step (GiB)", "comm_pred_bytes": "comm predicted (GiB)", "comm_error": "comm error",
