@@ -392,7 +392,7 @@ def style_compare(df: pd.DataFrame):
 
     fmt: dict[str, Any] = {c: gib for c in _BYTES if c in df}
     fmt.update({c: "{:,.0f}" for c in ("tokens_per_s", "model_params") if c in df})
-    fmt.update({c: "{:,.2f}" for c in ("tflops",) if c in df})
+    fmt.update({c: "{:,.3g}" for c in ("tflops",) if c in df})
     fmt.update({c: "{:.1%}" for c in ("mfu", "peak_error", "state_error", "comm_error") if c in df})
     fmt.update({c: "{:.4f}" for c in ("final_loss",) if c in df})
     fmt.update({c: "{:+.2e}" for c in ("loss_diff", "loss_max_abs_diff") if c in df})

@@ -143,9 +143,11 @@ def _stacked(hv, df: pd.DataFrame, cat: str, stack: str, title: str, colors: dic
     df = df.groupby([cat, stack], sort=False)[label].sum().reindex(full, fill_value=0.0).reset_index()
     bars = hv.Bars(df, [cat, stack], label)
     height = max(HEIGHT, 40 * df[cat].nunique() + 80)
-    return _o(bars, stacked=True, invert_axes=True, title=title, color=hv.dim(stack).categorize(colors, default="#BAB0AC"),
-              bokeh=dict(height=height, tools=["hover"], legend_position="right", xlabel=""),
-              mpl=dict(aspect=max(1.0, 2.4 * HEIGHT / height), legend_position="right", xlabel=""))
+    # bokeh builds its legend from a categorical cmap; matplotlib takes the colours as a dim expression.
+    return _o(bars, stacked=True, invert_axes=True, title=title,
+              bokeh=dict(width=WIDTH + 180, height=height, tools=["hover"], legend_position="right", xlabel="", cmap=colors),
+              mpl=dict(aspect=max(1.0, 2.4 * HEIGHT / height), legend_position="right", xlabel="",
+                       color=hv.dim(stack).categorize(colors, default="#BAB0AC")))
 
 
 def memory_breakdown(data: Any, gpu: str | None = None, parts: tuple[str, ...] = C.BREAKDOWN_PARTS):

@@ -33,8 +33,12 @@ def _runs_table(rd: list[C.RunData]) -> pd.DataFrame:
         st = r.status
         rows.append(dict(run=r.label, id=r.id, status=st.get("status"), model=r.meta.get("model"), steps=r.meta.get("steps"),
                          device=r.device, world_size=r.world_size, seed=r.meta.get("seed"),
-                         started_at=st.get("started_at"), ended_at=st.get("ended_at"), folder=str(r.dir)))
+                         started=_utc(st.get("started_at")), ended=_utc(st.get("ended_at")), folder=str(r.dir)))
     return pd.DataFrame(rows).set_index("run")
+
+
+def _utc(t) -> str | None:
+    return datetime.fromtimestamp(float(t), timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC") if t else None
 
 
 def _df_html(df: pd.DataFrame, caption: str) -> str:

@@ -69,6 +69,7 @@ def test_memory_breakdown_predicted_and_measured(runs, tmp_path):
     doc = _check_html(P.save_figure(fig, tmp_path / "breakdown.html"), "Model states per rank", f"{label('fsdp1', 'ddp')} · measured",
                       f"{label('fsdp1', 'ddp')} · predicted")
     assert "MiB (2^20 bytes)" in doc  # gpt-tiny's states are a few MiB: the unit follows the data
+    assert '"LegendItem"' in doc  # the interactive figure has a legend of the parts too
     full = P.memory_breakdown(C.memory_breakdown(runs))  # the documented frame works as input too
     _check_png(P.save_figure(full, tmp_path / "breakdown_full.png"))
 
