@@ -235,9 +235,8 @@ EXERCISES: dict[str, Exercise] = {e.id: e for e in (
              "Parameters stay whole (2 bytes each); gradients (2 bytes) and optimizer states (12 bytes) are split 64 ways.", "GB"),
     Exercise("comm_ratio", "With the estimator (FSDP2, gpt-1.3b, one node of 8 GPUs): ZeRO-3's communication bytes per "
              "step divided by DDP's. Two decimals.", zero3_comm_ratio, _close(0.03),
-             "estimate(plan, 'gpt-1.3b').comm_per_step['total'] for sharding zero3 and for ddp. The ZeRO paper says 1.5; "
-             "FSDP comes in under it because the root unit (embeddings and LM head) stays gathered from forward to backward, "
-             "so backward gathers only the blocks again."),
+             "estimate(plan, 'gpt-1.3b').comm_per_step['total'] for sharding zero3 and for ddp, then divide. The ZeRO paper "
+             "counts 3 model sizes against 2; the estimator also counts what FSDP really gathers (the root unit, padding)."),
     Exercise("fsdp_zero2", "The FSDP1 sharding strategy (its ShardingStrategy name) that does what ZeRO-2 does.",
              fsdp_name_for_zero2, _word, "Gradients and optimizer states sharded, parameters kept whole between forward and backward."),
     Exercise("blamed_field", "framework: fsdp2 with sharding: zero1 is refused. Which plan field does shardlab blame?",

@@ -35,7 +35,8 @@ check("states_zero2", answers["states_zero2"])
 # ## 2. The price of ZeRO-3 in bytes (notebooks 01 and 03)
 #
 # With the estimator, for `gpt-1.3b` on one node of 8 GPUs with FSDP2: divide ZeRO-3's communication
-# bytes per step (`comm_per_step["total"]`) by DDP's. Two decimals. Is it the paper's 1.5? Why not?
+# bytes per step (`comm_per_step["total"]`) by DDP's. Two decimals. Compare it with the ZeRO paper's 1.5:
+# where would a difference come from?
 
 # %%
 answers["comm_ratio"] = None  # a number, two decimals
