@@ -174,3 +174,24 @@ def test_claims_checked_by_the_runs(runs):
     assert cl.loc["same_losses", "agrees"] and cl.loc["same_losses", "shardlab"] < 1e-3
     assert cl.loc["zero3_params_fraction", "shardlab"] == pytest.approx(1.0, abs=0.05)
     assert cl.loc["zero3_params_fraction", "verified_by"].startswith("runs:")
+
+
+@pytest.mark.gpu
+def test_cuda_run_compares_device_memory_and_mfu(tmp_path):
+    """On a GPU: peak memory from the device (NVML or the allocator), an error against the prediction,
+    MFU from the GPU table, and the part of the peak that is not model state shown as activations."""
+    import torch
+
+    import shardlab
+    from shardlab.plan import Plan
+
+    n = min(2, torch.cuda.device_count())
+    plan = Plan(framework="fsdp2", sharding="zero3", precision="bf16", topology={"nodes": 1, "gpus_per_node": n})
+    run = shardlab.launch(plan, model=MODEL, steps=STEPS, nproc=n, device="cuda", out=tmp_path, timeout_s=300)
+    assert run.wait() == "completed"
+    row = C.compare([run]).iloc[0]
+    assert row["device"] == "cuda" and row["peak_source"] != "process RSS (CPU)"
+    assert row["peak_bytes"] > 0 and row["peak_allocated_bytes"] > 0 and pd.notna(row["peak_error"])
+    assert 0 < row["mfu"] < 1
+    parts = C.memory_breakdown([run]).query("kind == 'measured'")
+    assert "activations" in set(parts["part"])
