@@ -203,6 +203,11 @@ def report(run_dir: Path, status: str, failure: Failure | None, events: list[dic
             log_tail = "\n".join(x for x in (failure.error, log_tail) if x)
         if log_tail is None or (not oom and rank is None):
             log_tail = log_tail or failure.error or _tail(run_dir / "logs" / "agent0.log")
+        # The worker's own one-line message leads unless the log's last lines already end with it
+        # (an out-of-memory exit prints no traceback, so its log holds only warnings, if anything).
+        msg = (failure.error or "").strip().splitlines()[0] if (failure.error or "").strip() else ""
+        if msg and log_tail and msg not in log_tail:
+            log_tail = f"{msg}\n{log_tail}"
         out.update(status="oom" if oom else "failed", failed_rank=rank, phase=failure.phase,
                    error=log_tail or failure.error)
         if oom:
