@@ -38,22 +38,22 @@ class DataParallelSize:
         return self.n
 
 
-_ds_ready = False
-
-
 def deepspeed_config(cfg: dict, world_size: int):
-    """DeepSpeed's own parse of `cfg` for `world_size` GPUs (one single-process gloo group per session)."""
-    global _ds_ready
+    """DeepSpeed's own parse of `cfg` for `world_size` GPUs.
+
+    DeepSpeedConfig takes the data-parallel size from `mpu` but first asks deepspeed.comm for this
+    process's rank, and without an initialised group it silently assumes a world of 1. Answering that
+    one question (rank 0) avoids a process group that would outlive the test and clash with other
+    tests that create their own.
+    """
+    from unittest import mock
+
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    import deepspeed
+    import deepspeed.comm
     from deepspeed.runtime.config import DeepSpeedConfig
 
-    if not _ds_ready:
-        # DeepSpeedConfig reads the world size only from an initialised deepspeed.comm; without one it assumes 1.
-        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
-        deepspeed.init_distributed(dist_backend="gloo", verbose=False)
-        _ds_ready = True
-    return DeepSpeedConfig(cfg, mpu=DataParallelSize(world_size))
+    with mock.patch.object(deepspeed.comm, "get_rank", lambda *a, **k: 0):
+        return DeepSpeedConfig(cfg, mpu=DataParallelSize(world_size))
 
 
 def _launch_parser_dests() -> set[str]:
