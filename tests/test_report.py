@@ -67,6 +67,23 @@ def test_bad_input_is_plan_error(tmp_path, runs):
         write_report([runs[0].dir], tmp_path / "r.pdf")
 
 
+def test_runs_without_steps_are_named_not_fatal(tmp_path, runs):
+    """A run that never trained (its plan, settings and status, no metrics) is listed as such beside real
+    runs, and alone it is bad input: there is nothing to draw."""
+    import shutil
+
+    silent = tmp_path / "never-trained"
+    silent.mkdir()
+    for name in ("plan.yaml", "run.json", "status.json"):
+        shutil.copy(runs[2].dir / name, silent / name)
+    with pytest.raises(PlanError, match="none of the runs has recorded a step"):
+        write_report([silent], tmp_path / "alone.html")
+    out = write_report([runs[2].dir, silent], tmp_path / "mixed.html", png=False)
+    html = out.read_text()
+    assert "No steps recorded for" in html and "never-trained" in html
+    assert not (tmp_path / "mixed_files").exists()
+
+
 def _cli(*args):
     return subprocess.run([sys.executable, "-m", "shardlab.cli", *args], capture_output=True, text=True, timeout=600)
 
