@@ -132,6 +132,14 @@ def test_bad_input_messages_name_field_value_and_fix(text, words):
         assert w in str(e.value)
 
 
+def test_long_one_line_text_is_read_as_a_plan_not_a_path():
+    text = "{" + ", ".join(f'"k{i}": {i}' for i in range(40)) + "}"
+    assert len(text) > 300
+    with pytest.raises(PlanError, match="k0: unknown key"):
+        load_plan(text)
+    assert load_plan('{"framework": "deepspeed", "sharding": "zero2", "topology": {"gpus_per_node": 4}' + " " * 300 + "}").framework == "deepspeed"
+
+
 def test_missing_and_non_utf8_files(tmp_path):
     with pytest.raises(PlanError, match="no such file"):
         load_plan(tmp_path / "nope.yaml")
