@@ -22,6 +22,7 @@ import traceback
 from pathlib import Path
 
 EXIT_OK, EXIT_ERROR, EXIT_OOM = 0, 1, 3
+STATE_EVERY = 10  # steps between full re-measurements of the (fixed-size) sharded model states
 RUN_DEFAULTS = {"steps": 3, "device": "cpu", "seed": 0, "factory": None, "trace_memory": False, "instrument": True}
 
 
@@ -220,9 +221,13 @@ class Worker:
             if ev:
                 ev[2].record()
             t_fwd_end, t_bwd_end = t_start + fwd_s, t_start + fwd_s + bwd_s
-            state = None
+            # The sizes of sharded states are fixed once the first step has created the optimizer
+            # states, so walking every tensor each step would only add overhead: measure on the first
+            # two steps, every STATE_EVERY-th and the last, and carry the figures in between.
+            fresh = self.instrument and (step <= 2 or step % STATE_EVERY == 0 or step == int(self.cfg["steps"]))
             if self.instrument:
                 mem_phases["bwd"] = measure.allocated(self.device)
+            if fresh:
                 # grads exist now (after backward, before the optimizer zeroes them)
                 with pause():
                     state, state_cpu = measure.state_bytes(t.module, t.zero_optimizer, self.plan.framework)
@@ -233,12 +238,14 @@ class Worker:
                 ev[3].record()
             if self.instrument:
                 mem_phases["opt"] = measure.allocated(self.device)
+            if fresh:
                 with pause():
                     after, after_cpu = measure.state_bytes(t.module, t.zero_optimizer, self.plan.framework)
                 # optimizer states appear lazily at the first step, and params are at rest (resharded)
                 # only after it: take those two from after the step, the grads from before it
                 state.update(params=after["params"], optimizer=after["optimizer"])
                 state_cpu.update(params=after_cpu["params"], optimizer=after_cpu["optimizer"])
+                self._state = (state, state_cpu, step)
             self.phase = "log"
             comm = self.counter.snapshot() if self.instrument else ({}, {})
             loss_sum = torch.stack(losses).sum()
@@ -257,8 +264,9 @@ class Worker:
                    "step_time_s": step_time, "tokens": tokens, "tokens_per_s": tokens / step_time}
             if self.instrument:
                 tflops = self.fpt * tokens / step_time / 1e12 if self.fpt else None
+                state, state_cpu, measured = self._state
                 rec.update(tflops=tflops, mfu=(tflops / self.peak if tflops and self.peak else None),
-                           state_bytes=state, comm_bytes=comm[0], comm_count=comm[1])
+                           state_bytes=state, state_measured_step=measured, comm_bytes=comm[0], comm_count=comm[1])
                 mem = measure.memory(self.device)
                 rec.update(mem)
                 if cuda:
