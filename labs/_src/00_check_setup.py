@@ -100,8 +100,13 @@ def table_gpu():
 
 GPU = table_gpu()
 plan = Plan(framework="fsdp2", sharding="zero3", precision="bf16", topology={"gpus_per_node": 8})
+def fewest(model):
+    n = min_gpus(plan, model, GPU)
+    # None: no GPU count helps, because activations (which sharding does not split) exceed one GPU
+    return n if n is not None else "none: activations alone exceed one GPU"
+
 need = pd.DataFrame(
-    [{"model": m, "fewest GPUs (zero3, bf16, micro-batch 1)": min_gpus(plan, m, GPU)}
+    [{"model": m, "fewest GPUs (zero3, bf16, micro-batch 1)": fewest(m)}
      for m in ["gpt-125m", "gpt-1.3b", "gpt-6.7b", "gpt-13b", "llama-8b", "llama-70b"]]
 ).set_index("model")
 print(f"GPU kind assumed: {GPU} ({GPUS[GPU].memory_bytes / 2**30:.0f} GiB)")
