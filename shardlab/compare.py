@@ -56,9 +56,7 @@ class RunData:
 
     @property
     def world_size(self) -> int:
-        if "world_size" in self.metrics:
-            return int(self.metrics["world_size"].max())
-        return self.plan.world_size
+        return int(self.metrics["world_size"].max()) if "world_size" in self.metrics else self.plan.world_size
 
     @property
     def device(self) -> str:
@@ -84,10 +82,7 @@ class RunData:
     def base_label(self) -> str:
         p = self.plan
         off = [k for k in ("optimizer", "params") if getattr(p.offload, k) != "none"]
-        s = f"{p.framework} {p.sharding}"
-        if off:
-            s += " +offload(" + ",".join(off) + ")"
-        return f"{s} {p.precision}"
+        return f"{p.framework} {p.sharding}" + (f" +offload({','.join(off)})" if off else "") + f" {p.precision}"
 
 
 def load(run: Any) -> RunData:
@@ -103,8 +98,7 @@ def load(run: Any) -> RunData:
     if not (d / "plan.yaml").exists():
         raise bad_input("run_dir", f"run_dir={str(d)!r} has no plan.yaml, so it is not a shardlab run folder. Give the folder of a run (e.g. runs/<id>, as listed by `shardlab runs`).")
     plan = load_plan(d / "plan.yaml", check=False)
-    meta = json.loads((d / "run.json").read_text()) if (d / "run.json").exists() else {}
-    status = json.loads((d / "status.json").read_text()) if (d / "status.json").exists() else {}
+    meta, status = ({} if not (d / n).exists() else json.loads((d / n).read_text()) for n in ("run.json", "status.json"))
     rows = _jsonl(d / "metrics.jsonl")
     metrics = pd.json_normalize(rows) if rows else pd.DataFrame(columns=["step", "rank", "loss"])
     tl = _jsonl(d / "timeline.jsonl")
@@ -257,8 +251,7 @@ def compare(runs: Any, reference: Any = None, gpu: str | None = None) -> pd.Data
 
 
 def _offload_text(p: Plan) -> str:
-    parts = [f"{k}:{getattr(p.offload, k)}" for k in ("optimizer", "params") if getattr(p.offload, k) != "none"]
-    return ", ".join(parts) or "none"
+    return ", ".join(f"{k}:{getattr(p.offload, k)}" for k in ("optimizer", "params") if getattr(p.offload, k) != "none") or "none"
 
 
 def _pick_reference(rd: list[RunData], reference: Any) -> RunData:
@@ -312,10 +305,9 @@ def phase_frame(runs: Any) -> pd.DataFrame:
 
 
 def _t0(r: RunData) -> float:
-    starts = [float(r.metrics["t_start"].min())] if "t_start" in r.metrics and len(r.metrics) else []
-    if len(r.timeline):
-        starts.append(float(r.timeline["t"].min()))
-    return min(starts) if starts else 0.0
+    """The run's time zero: its first memory sample or first step, whichever came first (same clock)."""
+    starts = [v for v in (_agg(r.metrics, "t_start", "min"), _agg(r.timeline, "t", "min")) if v is not None]
+    return min(starts, default=0.0)
 
 
 def timeline_frame(runs: Any) -> pd.DataFrame:
@@ -373,13 +365,11 @@ _HIGHER_BETTER = ["tokens_per_s", "tflops", "mfu"]
 _LOWER_BETTER = ["peak_bytes", "state_bytes", "comm_bytes", "step_time_s"]
 _LABELS = {
     "tokens_per_s": "tokens/s per device", "tflops": "TFLOPS", "mfu": "MFU", "step_time_s": "step (s)", "step_time_pred_s": "step predicted (s)",
-    "peak_bytes": "peak (GiB)", "peak_pred_bytes": "peak predicted (GiB)", "peak_error": "peak error",
-    "peak_allocated_bytes": "max allocated (GiB)", "peak_reserved_bytes": "max reserved (GiB)",
+    "peak_bytes": "peak (GiB)", "peak_pred_bytes": "peak predicted (GiB)", "peak_allocated_bytes": "max allocated (GiB)", "peak_reserved_bytes": "max reserved (GiB)",
     "params_bytes": "params/rank (GiB)", "grads_bytes": "grads/rank (GiB)", "optimizer_bytes": "optimizer/rank (GiB)",
     "state_bytes": "states/rank (GiB)", "state_pred_bytes": "states predicted (GiB)", "state_error": "states error",
     "comm_bytes": "comm/step (GiB)", "comm_pred_bytes": "comm predicted (GiB)", "comm_error": "comm error",
     "final_loss": "final loss", "loss_diff": "loss - reference", "loss_max_abs_diff": "max |loss diff|",
-    "world_size": "world size", "model_params": "model parameters",
 }
 
 
