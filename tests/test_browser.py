@@ -65,8 +65,9 @@ def browser(tmp_path):
                                                    args=ARGS, headless=True, viewport={"width": 1400, "height": 1000})
         page = ctx.new_page()
         page.console_errors = []
-        page.on("console", lambda m: m.type == "error" and page.console_errors.append(m.text))
+        page.on("console", lambda m: m.type == "error" and page.console_errors.append(f"{m.text} [{m.location.get('url', '')}]"))
         page.on("pageerror", lambda e: page.console_errors.append(str(e)))
+
         yield page
         ctx.close()
 
@@ -153,13 +154,13 @@ def test_served_app_builds_checks_and_runs(browser, app):
     run_dirs = [d for d in runs.iterdir() if d.is_dir()]
     assert len(run_dirs) == 1 and json.loads((run_dirs[0] / "status.json").read_text())["status"] == "completed"
 
-    assert page.console_errors == []
+    assert page.console_errors == [], "\n".join(page.console_errors)
 
 
 NOTEBOOK = {
     "cells": [
         {"cell_type": "code", "execution_count": None, "metadata": {}, "outputs": [],
-         "source": "import panel as pn\npn.extension()\nfrom shardlab_widgets.builder import ConfigBuilder\nbuilder = ConfigBuilder()\nbuilder"},
+         "source": "import panel as pn\npn.extension(inline=True)\nfrom shardlab_widgets.builder import ConfigBuilder\nbuilder = ConfigBuilder()\nbuilder"},
     ],
     "metadata": {"kernelspec": {"display_name": "Python 3", "language": "python", "name": "python3"}},
     "nbformat": 4, "nbformat_minor": 5,
@@ -177,7 +178,7 @@ def lab(tmp_path):
            "JUPYTERLAB_SETTINGS_DIR": str(home / "settings"), "JUPYTERLAB_WORKSPACES_DIR": str(home / "workspaces"),
            "IPYTHONDIR": str(home / "ipython")}
     proc = subprocess.Popen([str(BIN / "jupyter"), "lab", "--no-browser", f"--port={port}", "--ip=127.0.0.1",
-                             "--ServerApp.token=", "--ServerApp.password=", "--ServerApp.disable_check_xsrf=True",
+                             "--allow-root", "--IdentityProvider.token=", "--ServerApp.password=", "--ServerApp.disable_check_xsrf=True",
                              f"--ServerApp.root_dir={root}", "--LabApp.news_url=",
                              "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate"],
                             env=env, cwd=root, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -195,15 +196,31 @@ def test_jupyterlab_renders_the_builder(browser, lab):
     page.goto(lab)
     cell = page.locator(".jp-Notebook .jp-Cell").first
     expect(cell).to_be_visible(timeout=90_000)
+    # A fresh JupyterLab may ask which kernel to start: the notebook's own (python3) is preselected.
+    choose = page.locator(".jp-Dialog .jp-mod-accept")
+    try:
+        choose.wait_for(timeout=15_000)
+        choose.click()
+    except Exception:  # no dialog: the kernel started by itself
+        pass
     expect(page.locator(".jp-Notebook-ExecutionIndicator[data-status='idle']")).to_have_count(1, timeout=90_000)
-    cell.locator(".jp-InputArea-editor").click()
-    page.keyboard.press("Shift+Enter")
+    page.get_by_role("menuitem", name="Run", exact=True).click()
+    page.get_by_role("menuitem", name="Run All Cells").first.click()
     select = page.locator(".jp-OutputArea .sl-field-framework select")
-    expect(select).to_be_visible(timeout=90_000)
+    try:
+        expect(select).to_be_visible(timeout=240_000)  # a busy 2-core box: kernel start + panel import
+    except AssertionError:
+        page.screenshot(path=str(Path(os.environ.get("SHARDLAB_TEST_SHOTS", "/tmp")) / "jupyterlab-failure.png"))
+        raise
     out = page.locator(".jp-OutputArea").first
     assert "Loading widget" not in out.inner_text()
     assert page.locator(".jp-OutputArea-output[data-mime-type='application/vnd.jupyter.stderr']").count() == 0
     # The controls are live: a change goes to the kernel and the new preview comes back.
     select.select_option("deepspeed")
     expect(page.locator(".jp-OutputArea .sl-preview-deepspeed pre")).to_contain_text('"stage": 3', timeout=30_000)
-    assert page.console_errors == []
+    # In a notebook panel links its theme stylesheets (not its code: inline=True sends that with the
+    # output) from cdn.holoviz.org, which this offline box cannot reach. Those loads are the only
+    # failures allowed; any script error, comm error or other failed load fails the test.
+    offline_css = [e for e in page.console_errors if e.startswith("Failed to load resource") and "cdn.holoviz.org/panel/" in e and ".css" in e]
+    others = [e for e in page.console_errors if e not in offline_css]
+    assert others == [], "\n".join(others)

@@ -42,9 +42,9 @@ def export_text(plan: Plan, target: str) -> str:
         return export(plan, target)
     except ImportError:
         return f"# the {target} exporter is not installed in this build of shardlab"
-    except PlanError as e:
+    except PlanError as e:  # the exporter's own refusal, e.g. DeepSpeed JSON for an FSDP plan
         lines = "\n".join(f"#   {line}" for line in str(e).splitlines())
-        return f"# cannot export to {target} until this is fixed:\n{lines}\n"
+        return f"# no {target} export for this plan:\n{lines}\n"
 
 
 class PreviewTabs:
