@@ -44,11 +44,12 @@ def lab_dir(tmp_path_factory):
     return d
 
 
-def _execute(name: str, cwd: Path) -> float:
+def _execute(name: str, cwd: Path, gpu: bool = False) -> float:
     nb = nbformat.read(cwd / f"{name}.ipynb", as_version=4)
     env_before = dict(os.environ)
-    os.environ.update({"SHARDLAB_RUNS_DIR": str(cwd / "runs"), "CUDA_VISIBLE_DEVICES": "", "DS_ACCELERATOR": "cpu",
-                       "PYDEVD_DISABLE_FILE_VALIDATION": "1"})
+    os.environ.update({"SHARDLAB_RUNS_DIR": str(cwd / "runs"), "PYDEVD_DISABLE_FILE_VALIDATION": "1"})
+    if not gpu:
+        os.environ.update({"CUDA_VISIBLE_DEVICES": "", "DS_ACCELERATOR": "cpu"})
     t0 = time.monotonic()
     try:
         client = NotebookClient(nb, timeout=CELL_TIMEOUT_S, kernel_name="python3", resources={"metadata": {"path": str(cwd)}})
@@ -86,6 +87,19 @@ def test_all_notebooks_together_under_ten_minutes(lab_dir):
     total = sum(_durations.values())
     print("notebook times (s): " + ", ".join(f"{k} {v:.0f}" for k, v in _durations.items()) + f"; total {total:.0f}")
     assert total < TOTAL_BUDGET_S, _durations
+
+
+@pytest.mark.gpu
+def test_runs_use_the_gpus_when_present(tmp_path):
+    # With two or more GPUs the labs train on CUDA without edits; with one they stay on the CPU.
+    shutil.copy(LABS / "04_first_sharded_run.ipynb", tmp_path)
+    _execute("04_first_sharded_run", tmp_path, gpu=True)
+    _durations.pop("04_first_sharded_run", None)  # not a CPU timing
+    device, nproc = labcheck.lab_device()
+    statuses = [json.loads(p.read_text()) for p in (tmp_path / "runs").glob("*/status.json")]
+    assert len(statuses) == 2 and all(s["status"] == "completed" for s in statuses)
+    assert {s["device"] for s in statuses} == {device} and {s["world_size"] for s in statuses} == {nproc}
+    assert device == ("cuda" if labcheck.gpu_count() >= 2 else "cpu")
 
 
 # ------------------------------------------------------------------------------------------------

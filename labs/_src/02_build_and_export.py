@@ -43,13 +43,16 @@ print(plan.to_yaml(minimal=True))
 
 # %% [markdown]
 # `to_yaml(minimal=True)` writes only what differs from the defaults: that is a complete plan file.
-# Save it and every `shardlab` command can use it.
+# Save it and every `shardlab` command can use it. (This notebook keeps the files it writes in
+# `my_files/`, next to the notebook.)
 
 # %%
 from pathlib import Path
 
-Path("my_plan.yaml").write_text(plan.to_yaml(minimal=True))
-print(Path("my_plan.yaml").read_text())
+FILES = Path("my_files")
+FILES.mkdir(exist_ok=True)
+(FILES / "my_plan.yaml").write_text(plan.to_yaml(minimal=True))
+print((FILES / "my_plan.yaml").read_text())
 
 # %% [markdown]
 # ## 2. Export for the real tools
@@ -89,7 +92,7 @@ print(export(two_nodes, "slurm"))
 # %%
 from shardlab.load import import_config
 
-Path("ds_config.json").write_text("""{
+(FILES / "ds_config.json").write_text("""{
   "train_micro_batch_size_per_gpu": "auto",
   "gradient_accumulation_steps": 4,
   "gradient_clipping": 1.0,
@@ -104,7 +107,7 @@ Path("ds_config.json").write_text("""{
   "scheduler": {"type": "WarmupLR", "params": {"warmup_num_steps": 100}},
   "wall_clock_breakdown": false
 }""")
-imported, notes = import_config("ds_config.json")
+imported, notes = import_config(FILES / "ds_config.json")
 print(imported.to_yaml(minimal=True))
 for n in notes:
     print("note:", n)
@@ -113,7 +116,7 @@ for n in notes:
 # An accelerate YAML for FSDP works the same way:
 
 # %%
-Path("accelerate_fsdp.yaml").write_text("""compute_environment: LOCAL_MACHINE
+(FILES / "accelerate_fsdp.yaml").write_text("""compute_environment: LOCAL_MACHINE
 distributed_type: FSDP
 mixed_precision: bf16
 num_machines: 1
@@ -127,7 +130,7 @@ fsdp_config:
   fsdp_state_dict_type: SHARDED_STATE_DICT
   fsdp_activation_checkpointing: true
 """)
-fsdp_plan, notes = import_config("accelerate_fsdp.yaml")
+fsdp_plan, notes = import_config(FILES / "accelerate_fsdp.yaml")
 print(fsdp_plan.to_yaml(minimal=True))
 for n in notes:
     print("note:", n)
@@ -137,7 +140,7 @@ for n in notes:
 # *Import a config* box does the same from an uploaded file):
 
 # %%
-builder.import_config("ds_config.json")
+builder.import_config(str(FILES / "ds_config.json"))
 print(builder.plan.framework, builder.plan.sharding, builder.plan.offload)
 
 # %% [markdown]
@@ -181,11 +184,11 @@ def shardlab_cli(*args):
     print(f"$ shardlab {' '.join(args)}   (exit {r.returncode})")
     print((r.stdout + r.stderr).strip(), "\n")
 
-shardlab_cli("validate", "my_plan.yaml")
-shardlab_cli("import", "ds_config.json", "-o", "imported.yaml")
-shardlab_cli("translate", "imported.yaml", "--to", "fsdp2")
-Path("broken.yaml").write_text("framework: fsdp2\nsharding: zero1\n")
-shardlab_cli("validate", "broken.yaml")
+shardlab_cli("validate", "my_files/my_plan.yaml")
+shardlab_cli("import", "my_files/ds_config.json", "-o", "my_files/imported.yaml")
+shardlab_cli("translate", "my_files/imported.yaml", "--to", "fsdp2")
+(FILES / "broken.yaml").write_text("framework: fsdp2\nsharding: zero1\n")
+shardlab_cli("validate", "my_files/broken.yaml")
 
 # %% [markdown]
 # **Take away:** describe the setup once; let the tools' files be generated from it. When you move a
