@@ -7,8 +7,16 @@ synthetic batches, and after each step every rank appends one JSON line to RUN_D
 RUN_DIR/events.jsonl gets start / done / oom / error lines. Exit codes: 0 done, EXIT_OOM (3) when the
 rank ran out of memory, 1 on any other failure.
 
-With "instrument": false the loop is the same but nothing is measured beyond loss and step time: the
-overhead benchmark compares the two.
+A metrics line holds: step (1-based), rank, world_size, loss (global mean, same on every rank),
+t_start / t_fwd_end / t_bwd_end / t_opt_end (time.time(); on CUDA the phase ends come from CUDA
+events), step_time_s, tokens (this rank's), tokens_per_s and tflops (per device), mfu (CUDA, GPU table),
+state_bytes {params, grads, optimizer} (+ state_measured_step), comm_bytes / comm_count by collective
+family, rss_bytes; on CUDA also allocated/reserved/peak_* bytes, mem_phases {fwd, bwd, opt} and
+state_bytes_cpu (the offloaded share). With "instrument": false the loop is the same but only loss
+and timings are logged: the overhead benchmark compares the two.
+
+"factory": "module:function" replaces the GPT: the function returns (model, batch_fn) where the model
+maps token ids [B, T] to logits [B, T, vocab] and batch_fn(step, micro) gives (inputs, targets).
 """
 
 from __future__ import annotations

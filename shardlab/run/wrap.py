@@ -1,9 +1,11 @@
 """Wrap a model as the Plan says, with FSDP1, FSDP2 or DeepSpeed, and drive one training step.
 
-`wrap(plan, model, device)` returns a `Trainer`: its `forward_backward(x, y, scale)` and `step()` hide
-how each framework runs a step (loss scaling, accumulation, clipping, the optimizer), so the worker's
+`wrap(plan, model, device, loss)` returns a `Trainer`: its `forward`, `backward` and `step` hide how
+each framework runs a step (loss scaling, accumulation, clipping, the optimizer), so the worker's
 loop and its measurements are the same for all three. Everything here maps one Plan field to one
-framework knob; where a framework has no such knob the Plan's validation has already refused it.
+framework knob; where a framework has no such knob the Plan's validation has already refused it, and
+`check_runnable` refuses what a valid plan still cannot do on this device (found by trying).
+Not applied yet: `low_memory_init` (every rank builds the full model on CPU before wrapping).
 
 - FSDP1: FullyShardedDataParallel (sharding strategy, MixedPrecision, CPUOffload, auto-wrap policy
   from plan.wrap, backward/forward prefetch, limit_all_gathers, sync_module_states; a 2-D mesh for
