@@ -166,7 +166,6 @@ def test_download_gives_the_previewed_text(b):
 
 
 def test_import_deepspeed_json_fills_the_builder_and_shows_notes(b, tmp_path):
-    pytest.importorskip("shardlab.load")
     cfg = {"train_micro_batch_size_per_gpu": 2, "bf16": {"enabled": True},
            "zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu"}}, "wall_clock_breakdown": True}
     path = tmp_path / "ds.json"
@@ -180,7 +179,6 @@ def test_import_deepspeed_json_fills_the_builder_and_shows_notes(b, tmp_path):
 
 
 def test_import_uploaded_accelerate_yaml(b):
-    pytest.importorskip("shardlab.load")
     text = ("compute_environment: LOCAL_MACHINE\ndistributed_type: FSDP\nmixed_precision: bf16\nnum_processes: 4\n"
             "fsdp_config:\n  fsdp_version: 2\n  fsdp_reshard_after_forward: true\n")
     b.upload.filename = "accelerate.yaml"
@@ -190,7 +188,6 @@ def test_import_uploaded_accelerate_yaml(b):
 
 
 def test_import_of_a_bad_file_says_why_and_keeps_the_plan(b, tmp_path):
-    pytest.importorskip("shardlab.load")
     before = b.plan
     b.import_config(str(tmp_path / "missing.json"))
     assert b.plan == before
@@ -202,7 +199,6 @@ def test_import_of_a_bad_file_says_why_and_keeps_the_plan(b, tmp_path):
 
 
 def test_memory_bar_tracks_model_gpu_and_plan(b):
-    pytest.importorskip("shardlab.estimate.memory")
     b.memory.model.value = "gpt-1.3b"
     b.memory.gpu.value = "h100-80gb"
     first = b.memory.last["per_gpu"]["total"]
