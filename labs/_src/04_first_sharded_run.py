@@ -2,7 +2,7 @@
 # # 04 · Your first sharded run
 #
 # Time to train for real. We start a tiny GPT (`gpt-tiny`, 170 thousand parameters) with FSDP2 full
-# sharding (ZeRO-3) on two ranks, read what each rank really held, and watch memory over time. On a
+# sharding (ZeRO-3) on two ranks (or up to four GPUs), read what each rank really held, and watch memory over time. On a
 # laptop the two ranks are CPU processes talking over gloo; with two or more GPUs they are GPUs
 # talking over NCCL. The notebook picks for you.
 
@@ -67,8 +67,8 @@ print(f"whole model states: {full['total']:,} bytes (16 x {n_params:,}); each ra
 share.round(3)
 
 # %% [markdown]
-# Each rank holds half of every state (a hair more where a tensor does not split evenly and FSDP pads
-# it). Now the same model with plain data parallelism (`sharding: ddp`) for contrast: every rank keeps
+# Each of the N ranks holds 1/N of every state: 0.5 with two ranks (a hair more where a tensor does not
+# split evenly and FSDP pads it). Now the same model with plain data parallelism (`sharding: ddp`) for contrast: every rank keeps
 # it all.
 
 # %%
