@@ -133,6 +133,7 @@ def one_rank_group(tmp_path):
     dist.destroy_process_group()
 
 
+@pytest.mark.filterwarnings("ignore:.*is deprecated:FutureWarning")  # DeepSpeed still calls the old names
 def test_comm_counter_counts_each_collective_once_by_family(one_rank_group):
     from shardlab.run.measure import CommCounter
 
