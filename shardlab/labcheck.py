@@ -105,6 +105,8 @@ class Check:
 
 @dataclass(frozen=True)
 class Exercise:
+    """One question of notebook 07: how to compute its answer from shardlab, and how close is right."""
+
     id: str
     question: str
     expected: Callable[..., Any]  # computes the right answer from shardlab
