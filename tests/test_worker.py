@@ -382,3 +382,15 @@ def test_a_plan_the_cpu_cannot_run_is_an_error_event_naming_the_field(tmp_path):
     assert proc.returncode != 0
     errors = [e for e in _lines(d / "events.jsonl") if e["event"] == "error"]
     assert errors and all("precision=fp16" in e["message"] and "bf16" in e["message"] and "traceback" not in e for e in errors)
+
+
+@pytest.mark.slow
+def test_low_memory_init_starts_from_rank_0_weights(tmp_path, run):
+    """FSDP2 with low_memory_init: rank 1 builds a meta model and receives rank 0's weights."""
+    d = tmp_path / "lowmem"
+    proc = _start(d, _BASE + CONFIGS["fsdp2-zero3"] + "low_memory_init: true\n", steps=2)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = _by_rank_step(_lines(d / "metrics.jsonl"))
+    ref = _by_rank_step(run("fsdp2-zero3")[1])
+    assert [rows[(0, s)]["loss"] for s in (1, 2)] == pytest.approx([ref[(0, s)]["loss"] for s in (1, 2)], rel=1e-6)
+    assert rows[(1, 2)]["state_bytes"] == ref[(1, 2)]["state_bytes"]

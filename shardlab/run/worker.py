@@ -168,7 +168,9 @@ class Worker:
         else:
             self.spec = resolve_model(self.cfg["model"])
             torch.manual_seed(self.cfg["seed"])
-            model = build_model(self.spec, seed=self.cfg["seed"])
+            # low_memory_init: only rank 0 materialises the weights; the wrapper broadcasts them
+            meta = self.plan.low_memory_init and self.plan.framework != "deepspeed" and self.rank != 0
+            model = build_model(self.spec, seed=self.cfg["seed"], device="meta" if meta else "cpu")
             self.seq_len = self.spec.seq_len
             self.batches = Batches(seed=self.cfg["seed"], rank=self.rank, world_size=self.world,
                                    micro_batch_size=self.plan.micro_batch_size, grad_accum_steps=self.plan.grad_accum_steps,

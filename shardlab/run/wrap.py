@@ -5,7 +5,9 @@ each framework runs a step (loss scaling, accumulation, clipping, the optimizer)
 loop and its measurements are the same for all three. Everything here maps one Plan field to one
 framework knob; where a framework has no such knob the Plan's validation has already refused it, and
 `check_runnable` refuses what a valid plan still cannot do on this device (found by trying).
-Not applied yet: `low_memory_init` (every rank builds the full model on CPU before wrapping).
+`low_memory_init`: ranks > 0 build a meta model (worker.py); FSDP1 materialises it with param_init_fn
++ sync_module_states (GPU only), FSDP2 loads rank 0's full state dict with broadcast_from_rank0.
+DeepSpeed's zero.Init is not applied yet: with DeepSpeed every rank builds the full model.
 
 - FSDP1: FullyShardedDataParallel (sharding strategy, MixedPrecision, CPUOffload, auto-wrap policy
   from plan.wrap, backward/forward prefetch, limit_all_gathers, sync_module_states; a 2-D mesh for
@@ -129,6 +131,8 @@ def check_runnable(plan: Plan, device: str) -> None:
         return
     if plan.framework == "deepspeed" and plan.precision == "fp16":
         raise bad_input("precision", "precision=fp16 with framework=deepspeed does not run on a CPU (DeepSpeed's CPU accelerator has no fp16 support). Use precision: bf16 or fp32 for CPU runs, or run on cuda.")
+    if plan.framework == "fsdp1" and plan.low_memory_init:
+        raise bad_input("low_memory_init", "low_memory_init=true with framework=fsdp1 needs a GPU (FSDP1 broadcasts rank 0's weights with sync_module_states, which works on GPU tensors only). Use framework: fsdp2 for a CPU run, set low_memory_init: false, or run on cuda.")
     if plan.framework == "fsdp1" and plan.offload.params == "cpu":
         raise bad_input("offload.params", "offload.params=cpu with framework=fsdp1 needs a GPU (FSDP1's CPUOffload copies parameters between the GPU and the CPU); on a CPU run they already live in CPU RAM. Set offload to none for CPU runs, use framework: fsdp2, or run on cuda.")
     if any(getattr(plan.zeropp, q) for q in ("quantized_weights", "quantized_gradients")):
@@ -184,7 +188,10 @@ def _fsdp1(plan: Plan, model: nn.Module, device: str, loss: Callable) -> Trainer
     # an explicit CPU device_id is what lets FSDP1 run on a machine without accelerators
     kwargs["device_id"] = torch.device("cuda", torch.cuda.current_device()) if device == "cuda" else torch.device("cpu")
     sync = plan.sync_module_states
-    if sync and device == "cpu":
+    if plan.low_memory_init:
+        # ranks > 0 hold a meta model: FSDP materialises each unit empty and broadcasts rank 0's weights
+        kwargs["param_init_fn"] = lambda m: m.to_empty(device=torch.device("cuda", torch.cuda.current_device()), recurse=False)
+    elif sync and device == "cpu":
         # FSDP1's own sync_module_states insists on GPU tensors; on CPU broadcast rank 0's weights here
         _broadcast_from_rank0(model, device)
         sync = False
@@ -207,11 +214,18 @@ def _fsdp2(plan: Plan, model: nn.Module, device: str, loss: Callable) -> Trainer
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
     block_cls = block_class(model, plan.wrap.transformer_layer_cls) if plan.wrap.policy == "transformer" else None
-    if device == "cuda":
-        model.to(device)
-    if plan.sync_module_states:
-        # FSDP2 has no sync_module_states flag: broadcast rank 0's weights before sharding
-        _broadcast_from_rank0(model, device)
+    on_meta = any(p.is_meta for p in model.parameters())
+    full_state = None
+    if plan.low_memory_init:
+        # rank 0 holds the real weights (on CPU), the others a meta model; after sharding each rank
+        # takes its shard of rank 0's full state dict
+        full_state = {} if on_meta else model.state_dict()
+    else:
+        if device == "cuda":
+            model.to(device)
+        if plan.sync_module_states:
+            # FSDP2 has no sync_module_states flag: broadcast rank 0's weights before sharding
+            _broadcast_from_rank0(model, device)
     set_activation_checkpointing(model, block_cls or type(None), plan.activation_checkpointing and block_cls is not None)
     if plan.compile and block_cls is not None:
         for m in model.modules():
@@ -237,6 +251,12 @@ def _fsdp2(plan: Plan, model: nn.Module, device: str, loss: Callable) -> Trainer
         for m in units:
             fully_shard(m, mesh=mesh, reshard_after_forward=reshard, mp_policy=mp, offload_policy=offload)
         fully_shard(model, mesh=mesh, reshard_after_forward=reshard, mp_policy=mp, offload_policy=offload)
+    if full_state is not None:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+        if on_meta:
+            model.to_empty(device="cpu" if plan.offload.params == "cpu" else device)
+        set_model_state_dict(model, full_state, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
     if plan.forward_prefetch and units:
         for a, b in zip(units, units[1:]):
             a.set_modules_to_forward_prefetch([b])
