@@ -10,9 +10,9 @@
 # %%
 import panel as pn
 
-pn.extension()
+pn.extension(inline=True)  # inline: the widgets work offline too
 
-from shardlab_widgets.builder import ConfigBuilder
+from shardlab_widgets import ConfigBuilder
 
 builder = ConfigBuilder(model="gpt-1.3b", gpu="h100-80gb")
 builder

@@ -15,7 +15,7 @@
 import pandas as pd
 import panel as pn
 
-pn.extension()
+pn.extension(inline=True)  # inline: the widgets work offline too
 
 from shardlab import plots
 from shardlab.estimate import estimate

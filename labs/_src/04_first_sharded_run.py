@@ -10,7 +10,7 @@
 import pandas as pd
 import panel as pn
 
-pn.extension()
+pn.extension(inline=True)  # inline: the widgets work offline too
 
 import shardlab
 from shardlab import compare, plots
@@ -111,7 +111,7 @@ pn.panel(plots.comm_bytes([run, ddp]))
 # **Start run**, and watch memory and throughput arrive live. (Not started automatically here.)
 
 # %%
-from shardlab_widgets.launcher import RunLauncher
+from shardlab_widgets import RunLauncher
 
 RunLauncher(plan, model=MODEL, steps=10, nproc=NPROC, device=DEVICE, out=runs_dir())
 

@@ -12,7 +12,7 @@
 import pandas as pd
 import panel as pn
 
-pn.extension()
+pn.extension(inline=True)  # inline: the widgets work offline too
 
 from shardlab import compare, plots
 from shardlab.labcheck import lab_device, run_once, runs_dir
@@ -92,6 +92,21 @@ diff
 
 # %%
 pn.panel(plots.loss_curves(list(runs.values())))
+
+# %% [markdown]
+# ## 5. Compare any runs with the controls
+#
+# The RunCompare widget lists the run store (every run of these labs is in it), and shows the same
+# table and figures for whichever runs you pick. The four runs above are picked already; add the DDP
+# run of notebook 04, or your own.
+
+# %%
+from shardlab_widgets import RunCompare
+
+picker = RunCompare(runs_dir=runs_dir())
+picker.select([r.id for r in runs.values()])
+picker.compare()
+picker
 
 # %% [markdown]
 # **Take away:** FULL_SHARD and ZeRO-3 are the same algorithm and train the same model; they differ in

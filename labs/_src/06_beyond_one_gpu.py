@@ -16,7 +16,7 @@ import hvplot.pandas  # noqa: F401  (registers .hvplot on DataFrames)
 import pandas as pd
 import panel as pn
 
-pn.extension()
+pn.extension(inline=True)  # inline: the widgets work offline too
 
 from shardlab.estimate import estimate, get_gpu
 from shardlab.export import export
