@@ -410,3 +410,10 @@ def test_a_full_estimate_takes_under_5_ms():
         estimate(p, PRESETS["llama-70b"], "h100-80gb").to_dict()
         times.append(time.perf_counter() - t)
     assert statistics.median(times) < 0.005
+
+
+def test_estimate_refuses_a_plan_with_errors():
+    from shardlab.plan import PlanError
+
+    with pytest.raises(PlanError, match="micro_batch_size=0"):
+        estimate(plan_from_dict({"micro_batch_size": 0}, check=False), "gpt-tiny")

@@ -116,7 +116,7 @@ class Estimate:
 def estimate(plan, model, gpu: str | GPU | dict = "h100-80gb") -> Estimate:
     """Predict memory, communication and step time for `plan` (a Plan or anything load_plan takes)
     training `model` (anything resolve_model takes: preset, shape file/dict, bare count, nn.Module)."""
-    plan = plan if isinstance(plan, Plan) else load_plan(plan)
+    plan = load_plan(plan)  # a Plan with errors (e.g. micro_batch_size=0) is bad input, not arithmetic
     spec = resolve_model(model)
     g = get_gpu(gpu)
     s = resolve(plan, spec)
