@@ -63,15 +63,18 @@ def measure(plan: Plan, steps: int, warmup: int, out: Path, instrument: bool) ->
     m = run.metrics
     res = {"status": status, "wall_s": round(time.time() - t0, 1), "dir": str(run.dir)}
     if status != "completed" or m is None or len(m) == 0:
-        res["error"] = (run.status_dict().get("error") if hasattr(run, "status_dict") else None)
+        res["error"] = run.info.get("error")
         return res
     res["tokens_per_s"] = steady(m, "tokens_per_s", warmup)
+    res["series"] = [round(v) for v in m[m["rank"] == 0].sort_values("step")["tokens_per_s"]]
     if instrument:
         res["tflops"] = steady(m, "tflops", warmup)
         res["mfu"] = steady(m, "mfu", warmup)
         ranks0 = m[m["rank"] == 0]
         res["peak_allocated_bytes"] = int(ranks0["peak_allocated_bytes"].max())
         res["peak_reserved_bytes"] = int(ranks0["peak_reserved_bytes"].max())
+        tl = run.timeline
+        res["nvml_samples"] = int((tl["source"] == "nvml").sum()) if len(tl) else 0
     return res
 
 
@@ -111,7 +114,9 @@ def main() -> int:
                    "predicted_peak_bytes": predicted, "predicted_tokens_per_s": est["tokens_per_s"],
                    "bare_tokens_per_s": bare.get("tokens_per_s"),
                    "status": inst["status"], "bare_status": bare["status"],
-                   "wall_s": inst["wall_s"] + bare["wall_s"], "error": inst.get("error") or bare.get("error")}
+                   "wall_s": inst["wall_s"] + bare["wall_s"], "error": inst.get("error") or bare.get("error"),
+                   "series": inst.get("series"), "bare_series": bare.get("series"),
+                   "nvml_samples": inst.get("nvml_samples")}
             if row["tokens_per_s"] and row["bare_tokens_per_s"]:
                 row["overhead_ratio"] = row["tokens_per_s"] / row["bare_tokens_per_s"]
             if row["peak_allocated_bytes"]:
