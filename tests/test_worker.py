@@ -394,3 +394,19 @@ def test_low_memory_init_starts_from_rank_0_weights(tmp_path, run):
     ref = _by_rank_step(run("fsdp2-zero3")[1])
     assert [rows[(0, s)]["loss"] for s in (1, 2)] == pytest.approx([ref[(0, s)]["loss"] for s in (1, 2)], rel=1e-6)
     assert rows[(1, 2)]["state_bytes"] == ref[(1, 2)]["state_bytes"]
+
+
+@pytest.mark.parametrize("device_name, table", [
+    ("NVIDIA H100 80GB HBM3", "h100-80gb"), ("NVIDIA H100 PCIe", "h100-pcie"), ("NVIDIA H200", "h200"),
+    ("NVIDIA A100-SXM4-40GB", "a100-40gb"), ("NVIDIA A100-SXM4-80GB", "a100-80gb"), ("NVIDIA A10G", "a10g"),
+    ("NVIDIA L4", "l4"), ("NVIDIA GeForce RTX 4090", "rtx4090"), ("NVIDIA L40S", None), ("Tesla T4", None)])
+def test_mfu_uses_the_gpu_table_entry_for_the_device_name(device_name, table):
+    from shardlab.estimate.gpus import get_gpu
+    from shardlab.run.worker import gpu_table_name, peak_tflops
+
+    assert gpu_table_name(device_name) == table
+    if table:
+        assert peak_tflops(device_name, "bf16") == get_gpu(table).bf16_tflops
+        assert peak_tflops(device_name, "fp32") == get_gpu(table).fp32_tflops
+    else:
+        assert peak_tflops(device_name, "bf16") is None

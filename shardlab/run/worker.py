@@ -68,17 +68,19 @@ def _jsonable(o):
         return str(o)
 
 
-# torch.cuda.get_device_name() words -> shardlab's GPU table (shardlab/estimate/gpus.py); first match wins
-_GPU_NAMES = (("h200", "h200"), ("h100 pcie", "h100-pcie"), ("h100", "h100-80gb"), ("a100-sxm4-40gb", "a100-40gb"),
-              ("a100-pcie-40gb", "a100-40gb"), ("a100", "a100-80gb"), ("a10g", "a10g"), ("rtx 4090", "rtx4090"),
-              (" l4", "l4"))
+# torch.cuda.get_device_name() patterns -> shardlab's GPU table (shardlab/estimate/gpus.py); first match wins
+_GPU_NAMES = ((r"\bh200\b", "h200"), (r"\bh100\b.*\bpcie\b", "h100-pcie"), (r"\bh100\b", "h100-80gb"),
+              (r"\ba100\b.*\b40gb\b", "a100-40gb"), (r"\ba100\b", "a100-80gb"), (r"\ba10g\b", "a10g"),
+              (r"\brtx 4090\b", "rtx4090"), (r"\bl4\b", "l4"))
 
 
 def gpu_table_name(device_name: str) -> str | None:
     """'NVIDIA H100 80GB HBM3' -> 'h100-80gb'; None when the table has no such GPU."""
-    low = " " + device_name.lower().replace("nvidia", "").strip()
-    for needle, name in _GPU_NAMES:
-        if needle in low:
+    import re
+
+    low = device_name.lower().replace("-", " ")
+    for pattern, name in _GPU_NAMES:
+        if re.search(pattern, low):
             return name
     return None
 
