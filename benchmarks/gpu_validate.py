@@ -9,7 +9,8 @@ measured but loss and step time). Bare and instrumented runs alternate so drift 
 Per configuration it writes one JSON object (keys: device, world_size, framework, sharding, offload,
 activation_checkpointing, tokens_per_s, tflops, mfu, peak_allocated_bytes, peak_reserved_bytes,
 predicted_peak_bytes, bare_tokens_per_s, overhead_ratio, memory_error) to OUT/gpu_validate.json and
-prints a table. Throughput is the median over the steps after `--warmup`.
+prints a table. Throughput is the median, over the steps after `--warmup`, of tokens per step period
+(one step's start to the next one's), so work the runner does between steps is counted.
 
     python benchmarks/gpu_validate.py --out DIR [--only deepspeed] [--steps 12] [--warmup 4]
 
@@ -56,6 +57,16 @@ def steady(metrics, key: str, warmup: int) -> float | None:
     return float(statistics.median(df[key].dropna()))
 
 
+def period_tokens_per_s(metrics, warmup: int) -> tuple[float | None, list[int]]:
+    """Tokens over the time from one step's start to the next one's: everything the loop does between
+    steps (metrics, measurement, logging) counts, so instrumentation cannot hide outside the step."""
+    df = metrics[metrics["rank"] == 0].sort_values("step")
+    rates = (df["tokens"].iloc[:-1].to_numpy() / df["t_start"].diff().iloc[1:].to_numpy())
+    steps = df["step"].iloc[:-1].to_numpy()
+    kept = [r for s, r in zip(steps, rates) if s > warmup]
+    return (float(statistics.median(kept)) if kept else None), [round(r) for r in rates]
+
+
 def measure(plan: Plan, steps: int, warmup: int, out: Path, instrument: bool) -> dict:
     t0 = time.time()
     run = launch(plan, model=MODEL, steps=steps, device="cuda", out=out, instrument=instrument, timeout_s=600)
@@ -65,11 +76,13 @@ def measure(plan: Plan, steps: int, warmup: int, out: Path, instrument: bool) ->
     if status != "completed" or m is None or len(m) == 0:
         res["error"] = run.info.get("error")
         return res
-    res["tokens_per_s"] = steady(m, "tokens_per_s", warmup)
-    res["series"] = [round(v) for v in m[m["rank"] == 0].sort_values("step")["tokens_per_s"]]
+    res["tokens_per_s"], res["series"] = period_tokens_per_s(m, warmup)
     if instrument:
-        res["tflops"] = steady(m, "tflops", warmup)
-        res["mfu"] = steady(m, "mfu", warmup)
+        # the worker's per-step TFLOPS / MFU scaled from its step time to the step period
+        scale = res["tokens_per_s"] / steady(m, "tokens_per_s", warmup)
+        res["tflops"] = steady(m, "tflops", warmup) * scale
+        mfu = steady(m, "mfu", warmup)
+        res["mfu"] = mfu * scale if mfu is not None else None
         ranks0 = m[m["rank"] == 0]
         res["peak_allocated_bytes"] = int(ranks0["peak_allocated_bytes"].max())
         res["peak_reserved_bytes"] = int(ranks0["peak_reserved_bytes"].max())
