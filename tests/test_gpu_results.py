@@ -1,0 +1,48 @@
+"""The estimator against what torch measured on a real GPU (benchmarks/results/, issue 8).
+
+The measured figures come from `benchmarks/gpu_validate.py` on a lent H100 (docs/benchmarks.md has
+the command, device and versions). Re-estimating each configuration here keeps the estimator honest:
+a change that moves a prediction more than 10% away from torch's peak allocated fails this test.
+"""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+from shardlab.estimate import estimate
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = sorted((ROOT / "benchmarks" / "results").glob("gpu_validate_*.json"))
+KEYS = {"device", "world_size", "framework", "sharding", "offload", "activation_checkpointing", "tokens_per_s",
+        "tflops", "mfu", "peak_allocated_bytes", "predicted_peak_bytes", "bare_tokens_per_s"}
+
+
+def _bench():
+    spec = importlib.util.spec_from_file_location("gpu_validate", ROOT / "benchmarks" / "gpu_validate.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+ROWS = [r for f in RESULTS for r in json.loads(f.read_text())]
+
+
+def test_results_cover_the_issue_matrix_with_the_contract_keys():
+    assert RESULTS, "benchmarks/results/gpu_validate_*.json is missing"
+    seen = {(r["framework"], r["sharding"], r["offload"], r["activation_checkpointing"]) for r in ROWS}
+    for fw, sh, off in _bench().CONFIGS:
+        for ac in (False, True):
+            assert (fw, sh, off, ac) in seen
+    for r in ROWS:
+        assert KEYS <= set(r) and r["status"] == "completed"
+
+
+@pytest.mark.parametrize("row", ROWS, ids=lambda r: f"{r['framework']}-{r['sharding']}-{r['offload']}-ac{int(r['activation_checkpointing'])}")
+def test_predicted_peak_within_10_percent_of_torch(row):
+    bench = _bench()
+    plan = bench.plan_for(row["framework"], row["sharding"], row["offload"], row["activation_checkpointing"])
+    gpu = "h200" if "H200" in row["device"] else "h100-80gb"
+    predicted = estimate(plan, row["model"], gpu=gpu).to_dict()["per_gpu"]["peak_allocated"]
+    assert predicted == pytest.approx(row["peak_allocated_bytes"], rel=0.10)
