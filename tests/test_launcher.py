@@ -12,9 +12,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-import psutil
 import pytest
 
+from proc import leftovers
 from shardlab.export.launch import launch_command
 from shardlab.plan import PlanError, load_plan
 from shardlab.run.launcher import launch
@@ -25,18 +25,6 @@ PY = sys.executable
 PLAN = {"framework": "fsdp2", "sharding": "zero3", "precision": "bf16", "topology": {"gpus_per_node": 2}}
 STEPS = 3
 FAKE_SECRET = "SHARDLAB_TEST_API_KEY"
-
-
-def leftovers(run_dir) -> list:
-    """Processes whose command line names the run folder (the workers and agents do)."""
-    out = []
-    for p in psutil.process_iter(["pid", "cmdline"]):
-        try:
-            if any(str(run_dir) in a for a in (p.info["cmdline"] or ())):
-                out.append(p.info)
-        except psutil.Error:
-            pass
-    return out
 
 
 @pytest.fixture(scope="module")

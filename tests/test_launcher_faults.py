@@ -7,29 +7,15 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
-import sys
 import time
 
-import psutil
 import pytest
 
+from proc import leftovers, start_cli_run
 from shardlab.run.launcher import launch
 
-PY = sys.executable
 PLAN = {"framework": "fsdp2", "sharding": "zero3", "topology": {"gpus_per_node": 2}}
 MANY = 500  # steps: more than a test ever waits for, so the run is still training when the fault comes
-
-
-def leftovers(run_dir) -> list:
-    out = []
-    for p in psutil.process_iter(["pid", "cmdline"]):
-        try:
-            if any(str(run_dir) in a for a in (p.info["cmdline"] or ())):
-                out.append(p.info)
-        except psutil.Error:
-            pass
-    return out
 
 
 def first_step(run) -> int:
@@ -98,22 +84,8 @@ def test_cancel_ends_every_process_within_5s(tmp_path):
 
 @pytest.mark.timeout(300)
 def test_ctrl_c_on_the_cli_cancels_the_run(tmp_path):
-    plan = tmp_path / "plan.yaml"
-    plan.write_text("framework: fsdp2\nsharding: zero3\ntopology: {gpus_per_node: 2}\n")
-    store = tmp_path / "runs"
-    cli = subprocess.Popen([PY, "-m", "shardlab.cli", "run", str(plan), "--model", "gpt-tiny", "--steps", str(MANY),
-                            "--device", "cpu", "--out", str(store), "--json"],
-                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    cli, run_dir = start_cli_run(tmp_path, MANY)
     try:
-        deadline = time.time() + 240
-        while time.time() < deadline:
-            metrics = list(store.glob("*/metrics.jsonl"))
-            if metrics and metrics[0].stat().st_size > 0:
-                break
-            time.sleep(0.2)
-        else:
-            pytest.fail("the CLI run never reached its first step")
-        run_dir = metrics[0].parent
         cli.send_signal(signal.SIGINT)
         t0 = time.time()
         out, err = cli.communicate(timeout=30)
@@ -132,21 +104,9 @@ def test_a_run_launched_elsewhere_is_cancelled_through_load_run(tmp_path):
     """A notebook can stop a run the CLI (or another kernel) started: load_run(dir).cancel()."""
     from shardlab.run.store import load_run
 
-    plan = tmp_path / "plan.yaml"
-    plan.write_text("framework: fsdp2\nsharding: zero3\ntopology: {gpus_per_node: 2}\n")
-    store = tmp_path / "runs"
-    cli = subprocess.Popen([PY, "-m", "shardlab.cli", "run", str(plan), "--model", "gpt-tiny", "--steps", str(MANY),
-                            "--device", "cpu", "--out", str(store), "--json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    cli, run_dir = start_cli_run(tmp_path, MANY)
     try:
-        deadline = time.time() + 240
-        while time.time() < deadline:
-            metrics = list(store.glob("*/metrics.jsonl"))
-            if metrics and metrics[0].stat().st_size > 0:
-                break
-            time.sleep(0.2)
-        else:
-            pytest.fail("the CLI run never reached its first step")
-        run = load_run(metrics[0].parent)
+        run = load_run(run_dir)
         assert {p["role"] for p in run.info["processes"]} >= {"agent0", "rank0", "rank1"}
         t0 = time.time()
         run.cancel()
