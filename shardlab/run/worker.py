@@ -157,8 +157,10 @@ class Worker:
                 torch.cuda.memory._record_memory_history(max_entries=200_000)
         dist.init_process_group("nccl" if self.device == "cuda" else "gloo",
                                 device_id=torch.device("cuda", self.local_rank) if self.device == "cuda" else None)
+        # the GPU's name in shardlab's table lets compare() predict for the GPU the run really used
+        gpu = gpu_table_name(torch.cuda.get_device_name()) if self.device == "cuda" else None
         self.event("start", world_size=self.world, pid=os.getpid(), host=os.uname().nodename,
-                   framework=self.plan.framework, sharding=self.plan.sharding)
+                   framework=self.plan.framework, sharding=self.plan.sharding, gpu=gpu)
         self.phase = "build"
         from shardlab.run.data import Batches
         from shardlab.run.gpt import build_model, loss_fn
