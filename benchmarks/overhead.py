@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import socket
 import statistics
 import subprocess
 import sys
@@ -23,12 +22,7 @@ from pathlib import Path
 
 from shardlab.export.launch import launch_command, sanitized_env
 from shardlab.plan import load_plan
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from shardlab.run.host import free_port
 
 
 def run_once(plan, args, instrument: bool, root: Path, tag: str) -> list[float]:
@@ -39,7 +33,7 @@ def run_once(plan, args, instrument: bool, root: Path, tag: str) -> list[float]:
     (d / "run.json").write_text(json.dumps({"model": args.model, "steps": args.steps, "device": args.device,
                                             "seed": 0, "instrument": instrument}))
     argv, env = launch_command(plan, ["-m", "shardlab.run.worker", str(d)], nproc_per_node=args.nproc,
-                               torchrun=[sys.executable, "-m", "torch.distributed.run"], master_port=_free_port())
+                               torchrun=[sys.executable, "-m", "torch.distributed.run"], master_port=free_port())
     extra = dict(env)
     if args.device == "cpu":
         extra.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS=str(args.threads))

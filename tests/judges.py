@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 import re
 import shlex
-import socket
 import tempfile
 from pathlib import Path
 
@@ -20,12 +19,6 @@ from shardlab.plan import Plan
 
 PLACEHOLDERS = {"$NODE_RANK": "0", "$MASTER_ADDR": "10.0.0.1", "$MASTER_PORT": "29500", "$SLURM_NODEID": "0",
                 "$SLURM_JOB_ID": "4242"}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class DataParallelSize:

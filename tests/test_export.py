@@ -19,7 +19,8 @@ import pytest
 import yaml
 from hypothesis import HealthCheck, given, settings
 
-from judges import PLACEHOLDERS, accelerate_judge, command_argv, deepspeed_config, free_port, torchrun_args, valid_plans
+from judges import PLACEHOLDERS, accelerate_judge, command_argv, deepspeed_config, torchrun_args, valid_plans
+from shardlab.run.host import free_port
 from shardlab.export import TARGETS, export
 from shardlab.export.deepspeed import deepspeed_config as ds_dict
 from shardlab.load import translate

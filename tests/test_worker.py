@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import socket
 import subprocess
 import sys
 import textwrap
@@ -26,6 +25,7 @@ from shardlab.models import PRESETS, resolve_model
 from shardlab.plan import load_plan
 from shardlab.run.data import Batches, global_batch
 from shardlab.run.gpt import Block, build_model, loss_fn
+from shardlab.run.host import free_port
 
 STEPS = 3
 TINY_BYTES = PRESETS["gpt-tiny"].params * 4  # fp32 model bytes
@@ -161,12 +161,6 @@ def test_comm_counter_counts_each_collective_once_by_family(one_rank_group):
 # Real 2-process CPU runs
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _start(run_dir: Path, plan_yaml: str, *, nproc: int = 2, steps: int = STEPS, instrument: bool = True,
            factory: str | None = None, extra_path: str | None = None) -> subprocess.CompletedProcess:
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -175,7 +169,7 @@ def _start(run_dir: Path, plan_yaml: str, *, nproc: int = 2, steps: int = STEPS,
     (run_dir / "run.json").write_text(json.dumps({"model": "gpt-tiny", "steps": steps, "device": "cpu", "seed": 0,
                                                   "factory": factory, "trace_memory": False, "instrument": instrument}))
     argv, env = launch_command(plan, ["-m", "shardlab.run.worker", str(run_dir)], nproc_per_node=nproc,
-                               torchrun=[sys.executable, "-m", "torch.distributed.run"], master_port=_free_port())
+                               torchrun=[sys.executable, "-m", "torch.distributed.run"], master_port=free_port())
     extra = {**env, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
     if extra_path:
         extra["PYTHONPATH"] = os.pathsep.join(p for p in (extra_path, os.environ.get("PYTHONPATH")) if p)
