@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from shardlab.export import keys as K
-from shardlab.plan import Plan, PlanError, bad_input, parse_text, plan_from_dict, read_text
+from shardlab.plan import Plan, PlanError, bad_input, names_file, parse_text, plan_from_dict, read_text
 
 _MISSING = object()
 
@@ -92,16 +92,9 @@ def _mapping(key: str, v: Any) -> dict:
 def _read(source: str | Path) -> tuple[str, str, Path]:
     """(text, name, folder that relative paths in it refer to)."""
     s = str(source)
-    if isinstance(source, Path) or ("\n" not in s and not s.lstrip().startswith("{") and (s.endswith((".json", ".yaml", ".yml")) or _is_file(s))):
+    if isinstance(source, Path) or ("\n" not in s and not s.lstrip().startswith("{") and (s.endswith((".json", ".yaml", ".yml")) or names_file(s))):
         return read_text(s), s, Path(s).resolve().parent
     return s, "<text>", Path.cwd()
-
-
-def _is_file(s: str) -> bool:
-    try:
-        return Path(s).is_file()
-    except (OSError, ValueError):  # too long for a path, or a NUL byte: it is text
-        return False
 
 
 def _parse(text: str, name: str) -> Any:

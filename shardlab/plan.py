@@ -480,7 +480,7 @@ def read_text(path: str | Path) -> str:
         raise PlanError([_err("bad_file", str(p), f"{p} cannot be read ({e.strerror}). Check its permissions.")]) from None
 
 
-def _is_file(s: str) -> bool:
+def names_file(s: str) -> bool:
     """True if `s` names an existing file; text too long or odd for a path is simply not one."""
     try:
         return Path(s).is_file()
@@ -497,7 +497,7 @@ def load_plan(source: str | Path | dict | Plan, *, check: bool = True) -> Plan:
     if isinstance(source, dict):
         return plan_from_dict(source, check=check)
     s = str(source)
-    if isinstance(source, Path) or ("\n" not in s and (s.endswith((".yaml", ".yml", ".json")) or _is_file(s))):
+    if isinstance(source, Path) or ("\n" not in s and (s.endswith((".yaml", ".yml", ".json")) or names_file(s))):
         return plan_from_dict(parse_text(read_text(s), s), check=check)
     return plan_from_dict(parse_text(s), check=check)
 
