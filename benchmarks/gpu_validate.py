@@ -4,7 +4,8 @@ For a ~1B GPT (d=2048, 16 layers, 16 heads, T=2048, micro-batch 4, bf16, AdamW) 
 (fsdp1/fsdp2 zero3, deepspeed zero1/zero2/zero3, deepspeed zero2 + CPU optimizer offload; each with and
 without activation checkpointing) this runs, through `shardlab.launch`, the instrumented run and the
 same worker with `instrument: false` (the bare loop: same model, data, wrapping and loop, nothing
-measured but loss and step time). Bare and instrumented runs alternate so drift hits both alike.
+measured but loss and step time). Each configuration runs `--repeats` such pairs in ABBA order and
+pools the step periods of each side, so drift and the first-run-of-a-pair effect hit both alike.
 
 Per configuration it writes one JSON object (keys: device, world_size, framework, sharding, offload,
 activation_checkpointing, tokens_per_s, tflops, mfu, peak_allocated_bytes, peak_reserved_bytes,
@@ -12,7 +13,7 @@ predicted_peak_bytes, bare_tokens_per_s, overhead_ratio, memory_error) to OUT/gp
 prints a table. Throughput is the median, over the steps after `--warmup`, of tokens per step period
 (one step's start to the next one's), so work the runner does between steps is counted.
 
-    python benchmarks/gpu_validate.py --out DIR [--only deepspeed] [--steps 12] [--warmup 4]
+    python benchmarks/gpu_validate.py --out DIR [--only deepspeed] [--steps 12] [--warmup 4] [--repeats 2]
 
 Run on a GPU machine through benchmarks/gpu_validate.sh (installs the carried wheels first).
 """
@@ -32,6 +33,7 @@ from shardlab import Plan, launch  # noqa: E402
 from shardlab.estimate import estimate  # noqa: E402
 
 MODEL = "gpt-1b"
+DEVICE = "cuda"  # --device cpu --model gpt-tiny only checks the script on a machine without a GPU
 CONFIGS = [
     ("fsdp1", "zero3", "none"),
     ("fsdp2", "zero3", "none"),
@@ -57,41 +59,71 @@ def steady(metrics, key: str, warmup: int) -> float | None:
     return float(statistics.median(df[key].dropna()))
 
 
-def period_tokens_per_s(metrics, warmup: int) -> tuple[float | None, list[int]]:
-    """Tokens over the time from one step's start to the next one's: everything the loop does between
-    steps (metrics, measurement, logging) counts, so instrumentation cannot hide outside the step."""
+def periods(metrics, warmup: int) -> list[float]:
+    """Tokens per second over each step period after the warm-up (one step's start to the next one's,
+    rank 0): everything the loop does between steps (metrics, measurement, logging) counts, so
+    instrumentation cannot hide outside the step."""
     df = metrics[metrics["rank"] == 0].sort_values("step")
-    rates = (df["tokens"].iloc[:-1].to_numpy() / df["t_start"].diff().iloc[1:].to_numpy())
-    steps = df["step"].iloc[:-1].to_numpy()
-    kept = [r for s, r in zip(steps, rates) if s > warmup]
-    return (float(statistics.median(kept)) if kept else None), [round(r) for r in rates]
+    rates = df["tokens"].iloc[:-1].to_numpy() / df["t_start"].diff().iloc[1:].to_numpy()
+    return [float(r) for s, r in zip(df["step"].iloc[:-1].to_numpy(), rates) if s > warmup]
 
 
 def measure(plan: Plan, steps: int, warmup: int, out: Path, instrument: bool) -> dict:
+    """One run through shardlab.launch: its step-period rates, start-up time and (instrumented) the
+    worker's own TFLOPS / MFU, peak memory and timeline sample count."""
     t0 = time.time()
-    run = launch(plan, model=MODEL, steps=steps, device="cuda", out=out, instrument=instrument, timeout_s=600)
+    run = launch(plan, model=MODEL, steps=steps, device=DEVICE, out=out, instrument=instrument, timeout_s=600)
     status = run.wait()
     m = run.metrics
     res = {"status": status, "wall_s": round(time.time() - t0, 1), "dir": str(run.dir)}
     if status != "completed" or m is None or len(m) == 0:
         res["error"] = run.info.get("error")
         return res
-    res["tokens_per_s"], res["series"] = period_tokens_per_s(m, warmup)
+    res["periods"] = periods(m, warmup)
+    res["startup_s"] = round(float(m["t_start"].min()) - t0, 1)
     if instrument:
-        # the worker's per-step TFLOPS / MFU scaled from its step time to the step period
-        scale = res["tokens_per_s"] / steady(m, "tokens_per_s", warmup)
-        res["tflops"] = steady(m, "tflops", warmup) * scale
-        mfu = steady(m, "mfu", warmup)
-        res["mfu"] = mfu * scale if mfu is not None else None
+        res["worker_tokens_per_s"] = steady(m, "tokens_per_s", warmup)
+        res["worker_tflops"] = steady(m, "tflops", warmup)
+        res["worker_mfu"] = steady(m, "mfu", warmup)
         ranks0 = m[m["rank"] == 0]
-        res["peak_allocated_bytes"] = int(ranks0["peak_allocated_bytes"].max())
-        res["peak_reserved_bytes"] = int(ranks0["peak_reserved_bytes"].max())
+        for key in ("peak_allocated_bytes", "peak_reserved_bytes"):  # CUDA runs only
+            if key in ranks0:
+                res[key] = int(ranks0[key].max())
         tl = run.timeline
         res["nvml_samples"] = int((tl["source"] == "nvml").sum()) if len(tl) else 0
     return res
 
 
+def pooled(runs: list[dict]) -> float | None:
+    """Median step-period rate over every measured period of these runs."""
+    rates = [r for run in runs for r in run.get("periods", [])]
+    return float(statistics.median(rates)) if rates else None
+
+
+def median_of(runs: list[dict], key: str) -> float | None:
+    vals = [r[key] for r in runs if r.get(key) is not None]
+    return float(statistics.median(vals)) if vals else None
+
+
+def scaled(value: float | None, scale: float | None) -> float | None:
+    return value * scale if value is not None and scale is not None else None
+
+
+def measure_config(plan: Plan, args, out: Path, first: int) -> tuple[list[dict], list[dict]]:
+    """`args.repeats` pairs of (bare, instrumented) runs, alternating which goes first (pair i starts
+    bare when i + first is even): on the H100 a pair's second run was up to 8% faster whichever kind
+    it was, so one pair per configuration cannot resolve a 2% overhead; ABBA order cancels that."""
+    inst, bare = [], []
+    for i in range(args.repeats):
+        order = (False, True) if (i + first) % 2 == 0 else (True, False)
+        for instrument in order:
+            if instrument or not args.no_bare:
+                (inst if instrument else bare).append(measure(plan, args.steps, args.warmup, out, instrument))
+    return inst, bare
+
+
 def main() -> int:
+    global MODEL, DEVICE
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", required=True)
     ap.add_argument("--only", default=None, help="comma list of frameworks or framework:sharding[:offload]")
@@ -100,10 +132,14 @@ def main() -> int:
     ap.add_argument("--warmup", type=int, default=4)
     ap.add_argument("--extra", default=None, help='plan overrides as JSON, e.g. \'{"buckets": {"prefetch_bucket_size": 500000000}}\'')
     ap.add_argument("--no-bare", action="store_true", help="skip the bare runs (tuning experiments)")
+    ap.add_argument("--repeats", type=int, default=2, help="pairs of (bare, instrumented) runs per configuration, in ABBA order")
+    ap.add_argument("--model", default=MODEL)
+    ap.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
     a = ap.parse_args()
+    MODEL, DEVICE = a.model, a.device
     import torch
 
-    device = torch.cuda.get_device_name()
+    device = torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu"
     gpu = "h200" if "H200" in device else "h100-80gb"
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -119,25 +155,29 @@ def main() -> int:
             est = estimate(plan, MODEL, gpu=gpu).to_dict()
             # comparable with torch.cuda.max_memory_allocated (no CUDA context, no allocator slack)
             predicted = est["per_gpu"]["peak_allocated"]
-            # alternate which goes first: the first run of a pair meets a colder machine (seen on an
-            # H100: the second run of a pair was up to 8% faster whichever kind it was)
-            first_bare = len(results) % 2 == 0 and not a.no_bare
-            bare = measure(plan, a.steps, a.warmup, out / "runs", instrument=False) if first_bare else None
-            inst = measure(plan, a.steps, a.warmup, out / "runs", instrument=True)
-            if not a.no_bare:
-                bare = bare or measure(plan, a.steps, a.warmup, out / "runs", instrument=False)
-            bare = bare or {"status": "skipped", "wall_s": 0}
+            inst, bare = measure_config(plan, a, out / "runs", first=len(results))
+            tps, bare_tps = pooled(inst), pooled(bare)
+            ok = [r for r in inst if r["status"] == "completed"]
+            # the worker's TFLOPS / MFU are per step time; scaled to the step period like tokens/s
+            worker_tps = median_of(ok, "worker_tokens_per_s")
+            scale = tps / worker_tps if tps and worker_tps else None
             row = {"extra": a.extra, "device": device, "world_size": plan.world_size, "framework": fw, "sharding": sh,
                    "offload": off, "activation_checkpointing": ac, "model": MODEL,
-                   "tokens_per_s": inst.get("tokens_per_s"), "tflops": inst.get("tflops"), "mfu": inst.get("mfu"),
-                   "peak_allocated_bytes": inst.get("peak_allocated_bytes"),
-                   "peak_reserved_bytes": inst.get("peak_reserved_bytes"),
+                   "tokens_per_s": tps,
+                   "tflops": scaled(median_of(ok, "worker_tflops"), scale),
+                   "mfu": scaled(median_of(ok, "worker_mfu"), scale),
+                   "peak_allocated_bytes": max((r["peak_allocated_bytes"] for r in ok if "peak_allocated_bytes" in r), default=None),
+                   "peak_reserved_bytes": max((r["peak_reserved_bytes"] for r in ok if "peak_reserved_bytes" in r), default=None),
                    "predicted_peak_bytes": predicted, "predicted_tokens_per_s": est["tokens_per_s"],
-                   "bare_tokens_per_s": bare.get("tokens_per_s"),
-                   "status": inst["status"], "bare_status": bare["status"],
-                   "wall_s": inst["wall_s"] + bare["wall_s"], "error": inst.get("error") or bare.get("error"),
-                   "series": inst.get("series"), "bare_series": bare.get("series"),
-                   "nvml_samples": inst.get("nvml_samples"), "bare_first": first_bare}
+                   "bare_tokens_per_s": bare_tps, "repeats": a.repeats,
+                   "pair_ratios": [pooled([i]) / pooled([b]) for i, b in zip(inst, bare) if pooled([i]) and pooled([b])],
+                   "periods_measured": sum(len(r.get("periods", [])) for r in inst),
+                   "status": ",".join(sorted({r["status"] for r in inst})),
+                   "bare_status": ",".join(sorted({r["status"] for r in bare})) or "skipped",
+                   "wall_s": round(sum(r["wall_s"] for r in inst + bare), 1),
+                   "startup_s": [r.get("startup_s") for r in inst + bare],
+                   "error": next((r["error"] for r in inst + bare if r.get("error")), None),
+                   "nvml_samples": [r.get("nvml_samples") for r in inst]}
             if row["tokens_per_s"] and row["bare_tokens_per_s"]:
                 row["overhead_ratio"] = row["tokens_per_s"] / row["bare_tokens_per_s"]
             if row["peak_allocated_bytes"]:
@@ -152,7 +192,8 @@ def main() -> int:
               f"{'on' if r['activation_checkpointing'] else 'off':>4}{f(r['tokens_per_s']):>9}{f(r['bare_tokens_per_s']):>9}"
               f"{f(r.get('overhead_ratio'), '{:.3f}'):>7}{f(r['tflops']):>8}{f(r['mfu'], '{:.2f}'):>6}"
               f"{f(r['peak_allocated_bytes'] and r['peak_allocated_bytes'] / 2**30, '{:.2f}'):>9}"
-              f"{r['predicted_peak_bytes'] / 2**30:>7.2f}{f(r.get('memory_error'), '{:+.1%}'):>7}")
+              f"{r['predicted_peak_bytes'] / 2**30:>7.2f}{f(r.get('memory_error'), '{:+.1%}'):>7}"
+              f"  pairs {' '.join(f'{x:.3f}' for x in r['pair_ratios'])}")
     return 0
 
 
