@@ -15,7 +15,9 @@ prints a table. Throughput is the median, over the steps after `--warmup`, of to
 
     python benchmarks/gpu_validate.py --out DIR [--only deepspeed] [--steps 12] [--warmup 4] [--repeats 2]
 
-Run on a GPU machine through benchmarks/gpu_validate.sh (installs the carried wheels first).
+Run on a GPU machine through benchmarks/on_gpu.sh (installs the carried wheels first):
+
+    bash benchmarks/on_gpu.sh benchmarks/gpu_validate.py --out $OUT/v --only fsdp1,fsdp2
 """
 
 from __future__ import annotations
