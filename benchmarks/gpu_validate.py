@@ -172,6 +172,7 @@ def main() -> int:
                    "peak_reserved_bytes": max((r["peak_reserved_bytes"] for r in ok if "peak_reserved_bytes" in r), default=None),
                    "predicted_peak_bytes": predicted, "predicted_tokens_per_s": est["tokens_per_s"],
                    "bare_tokens_per_s": bare_tps, "repeats": a.repeats,
+                   "run_tokens_per_s": [pooled([r]) for r in inst], "bare_run_tokens_per_s": [pooled([r]) for r in bare],
                    "pair_ratios": [pooled([i]) / pooled([b]) for i, b in zip(inst, bare) if pooled([i]) and pooled([b])],
                    "periods_measured": sum(len(r.get("periods", [])) for r in inst),
                    "status": ",".join(sorted({r["status"] for r in inst})),
