@@ -2,18 +2,19 @@
 
 For a ~1B GPT (d=2048, 16 layers, 16 heads, T=2048, micro-batch 4, bf16, AdamW) and each configuration
 (fsdp1/fsdp2 zero3, deepspeed zero1/zero2/zero3, deepspeed zero2 + CPU optimizer offload; each with and
-without activation checkpointing) this runs, through `shardlab.launch`, the instrumented run and the
-same worker with `instrument: false` (the bare loop: same model, data, wrapping and loop, nothing
-measured but loss and step time). Each configuration runs `--repeats` such pairs in ABBA order and
-pools the step periods of each side, so drift and the first-run-of-a-pair effect hit both alike.
+without activation checkpointing) this runs the worker through `shardlab.launch` and compares
+instrumented steps with bare ones (the same model, data, wrapping and loop, nothing measured but
+loss and step time). By default one run alternates them (instrument="alternate": odd steps measured,
+even steps bare), so both kinds share the process, the GPU's state and the machine's load; with
+`--pairs`, separate instrumented and bare runs (`instrument: true` / `false`) go in ABBA order.
 
 Per configuration it writes one JSON object (keys: device, world_size, framework, sharding, offload,
 activation_checkpointing, tokens_per_s, tflops, mfu, peak_allocated_bytes, peak_reserved_bytes,
-predicted_peak_bytes, bare_tokens_per_s, overhead_ratio, memory_error) to OUT/gpu_validate.json and
+predicted_peak_bytes, bare_tokens_per_s, overhead_ratio, unit_ratios, memory_error) to OUT/gpu_validate.json and
 prints a table. Throughput is the median, over the steps after `--warmup`, of tokens per step period
 (one step's start to the next one's), so work the runner does between steps is counted.
 
-    python benchmarks/gpu_validate.py --out DIR [--only deepspeed] [--steps 12] [--warmup 4] [--repeats 2]
+    python benchmarks/gpu_validate.py --out DIR [--only deepspeed] [--steps 24] [--warmup 4] [--repeats 1] [--pairs]
 
 Run on a GPU machine through benchmarks/on_gpu.sh (installs the carried wheels first):
 
@@ -54,34 +55,42 @@ def plan_for(framework: str, sharding: str, offload: str, ac: bool, extra: dict 
 
 
 def steady(metrics, key: str, warmup: int) -> float | None:
-    """Median of `key` over rank 0's steps after the warm-up."""
+    """Median of `key` over rank 0's measured steps after the warm-up."""
     df = metrics[(metrics["rank"] == 0) & (metrics["step"] > warmup)]
+    if "instrumented" in df:  # an alternating run: the measured (odd) steps only
+        df = df[df["instrumented"] == True]  # noqa: E712 - a column of True/False
     if key not in df or df[key].isna().all():
         return None
     return float(statistics.median(df[key].dropna()))
 
 
-def periods(metrics, warmup: int) -> list[float]:
+def periods(metrics, warmup: int, instrument: bool | str) -> tuple[list[float], list[float]]:
     """Tokens per second over each step period after the warm-up (one step's start to the next one's,
-    rank 0): everything the loop does between steps (metrics, measurement, logging) counts, so
-    instrumentation cannot hide outside the step."""
+    rank 0), split into (measured steps, bare steps). Everything the loop does between steps
+    (metrics, measurement, logging) falls in the period of the step that did it, so instrumentation
+    cannot hide outside the step."""
     df = metrics[metrics["rank"] == 0].sort_values("step")
     rates = df["tokens"].iloc[:-1].to_numpy() / df["t_start"].diff().iloc[1:].to_numpy()
-    return [float(r) for s, r in zip(df["step"].iloc[:-1].to_numpy(), rates) if s > warmup]
+    flags = df["instrumented"].to_numpy() if "instrumented" in df else [bool(instrument)] * len(df)
+    measured, bare = [], []
+    for step, rate, flag in zip(df["step"].iloc[:-1].to_numpy(), rates, flags):
+        if step > warmup:
+            (measured if flag else bare).append(float(rate))
+    return measured, bare
 
 
-def measure(plan: Plan, steps: int, warmup: int, out: Path, instrument: bool) -> dict:
-    """One run through shardlab.launch: its step-period rates, start-up time and (instrumented) the
-    worker's own TFLOPS / MFU, peak memory and timeline sample count."""
+def measure(plan: Plan, steps: int, warmup: int, out: Path, instrument: bool | str) -> dict:
+    """One run through shardlab.launch: its step-period rates by kind of step, start-up time and
+    (when it measures) the worker's own TFLOPS / MFU, peak memory and timeline sample count."""
     t0 = time.time()
     run = launch(plan, model=MODEL, steps=steps, device=DEVICE, out=out, instrument=instrument, timeout_s=600)
     status = run.wait()
     m = run.metrics
-    res = {"status": status, "wall_s": round(time.time() - t0, 1), "dir": str(run.dir)}
+    res = {"status": status, "instrument": instrument, "wall_s": round(time.time() - t0, 1), "dir": str(run.dir)}
     if status != "completed" or m is None or len(m) == 0:
         res["error"] = run.info.get("error")
         return res
-    res["periods"] = periods(m, warmup)
+    res["periods"], res["bare_periods"] = periods(m, warmup, instrument)
     res["startup_s"] = round(float(m["t_start"].min()) - t0, 1)
     if instrument:
         res["worker_tokens_per_s"] = steady(m, "tokens_per_s", warmup)
@@ -96,9 +105,10 @@ def measure(plan: Plan, steps: int, warmup: int, out: Path, instrument: bool) ->
     return res
 
 
-def pooled(runs: list[dict]) -> float | None:
-    """Median step-period rate over every measured period of these runs."""
-    rates = [r for run in runs for r in run.get("periods", [])]
+def pooled(runs: list[dict], key: str = "periods") -> float | None:
+    """Median step-period rate over every `key` period ("periods": measured steps, "bare_periods":
+    bare steps) of these runs."""
+    rates = [r for run in runs for r in run.get(key, [])]
     return float(statistics.median(rates)) if rates else None
 
 
@@ -111,17 +121,23 @@ def scaled(value: float | None, scale: float | None) -> float | None:
     return value * scale if value is not None and scale is not None else None
 
 
-def measure_config(plan: Plan, args, out: Path, first: int) -> tuple[list[dict], list[dict]]:
-    """`args.repeats` pairs of (bare, instrumented) runs, alternating which goes first (pair i starts
-    bare when i + first is even): on the H100 a pair's second run was up to 8% faster whichever kind
-    it was, so one pair per configuration cannot resolve a 2% overhead; ABBA order cancels that."""
-    inst, bare = [], []
+def measure_config(plan: Plan, args, out: Path, first: int) -> list[list[dict]]:
+    """The runs of one configuration, grouped into units that each hold measured and bare steps.
+
+    Default: `--repeats` runs with instrument="alternate", each its own unit (odd steps measured,
+    even steps bare, in one process). With `--pairs`: `--repeats` pairs of separate (bare,
+    instrumented) runs, alternating which goes first (pair i starts bare when i + first is even),
+    each pair a unit. Separate processes differ more than the overhead in question (on an H100: a
+    pair's second run up to 8% faster, identical DeepSpeed ZeRO-3 runs up to 34% apart), so the
+    default compares steps within one run; --pairs also counts what happens outside the steps."""
+    if not args.pairs:
+        return [[measure(plan, args.steps, args.warmup, out, "alternate")] for _ in range(args.repeats)]
+    units = []
     for i in range(args.repeats):
         order = (False, True) if (i + first) % 2 == 0 else (True, False)
-        for instrument in order:
-            if instrument or not args.no_bare:
-                (inst if instrument else bare).append(measure(plan, args.steps, args.warmup, out, instrument))
-    return inst, bare
+        units.append([measure(plan, args.steps, args.warmup, out, kind) for kind in order
+                      if kind or not args.no_bare])
+    return units
 
 
 def main() -> int:
@@ -134,7 +150,8 @@ def main() -> int:
     ap.add_argument("--warmup", type=int, default=4)
     ap.add_argument("--extra", default=None, help='plan overrides as JSON, e.g. \'{"buckets": {"prefetch_bucket_size": 500000000}}\'')
     ap.add_argument("--no-bare", action="store_true", help="skip the bare runs (tuning experiments)")
-    ap.add_argument("--repeats", type=int, default=2, help="pairs of (bare, instrumented) runs per configuration, in ABBA order")
+    ap.add_argument("--repeats", type=int, default=1, help="runs (with --pairs: pairs of runs) per configuration")
+    ap.add_argument("--pairs", action="store_true", help="separate bare and instrumented runs in ABBA order instead of alternating steps in one run")
     ap.add_argument("--model", default=MODEL)
     ap.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
     a = ap.parse_args()
@@ -157,12 +174,14 @@ def main() -> int:
             est = estimate(plan, MODEL, gpu=gpu).to_dict()
             # comparable with torch.cuda.max_memory_allocated (no CUDA context, no allocator slack)
             predicted = est["per_gpu"]["peak_allocated"]
-            inst, bare = measure_config(plan, a, out / "runs", first=len(results))
-            tps, bare_tps = pooled(inst), pooled(bare)
-            ok = [r for r in inst if r["status"] == "completed"]
+            units = measure_config(plan, a, out / "runs", first=len(results))
+            runs = [r for u in units for r in u]
+            tps, bare_tps = pooled(runs), pooled(runs, "bare_periods")
+            ok = [r for r in runs if r["status"] == "completed" and r["instrument"]]
             # the worker's TFLOPS / MFU are per step time; scaled to the step period like tokens/s
             worker_tps = median_of(ok, "worker_tokens_per_s")
             scale = tps / worker_tps if tps and worker_tps else None
+            ratios = [pooled(u) / pooled(u, "bare_periods") for u in units if pooled(u) and pooled(u, "bare_periods")]
             row = {"extra": a.extra, "device": device, "world_size": plan.world_size, "framework": fw, "sharding": sh,
                    "offload": off, "activation_checkpointing": ac, "model": MODEL,
                    "tokens_per_s": tps,
@@ -171,16 +190,15 @@ def main() -> int:
                    "peak_allocated_bytes": max((r["peak_allocated_bytes"] for r in ok if "peak_allocated_bytes" in r), default=None),
                    "peak_reserved_bytes": max((r["peak_reserved_bytes"] for r in ok if "peak_reserved_bytes" in r), default=None),
                    "predicted_peak_bytes": predicted, "predicted_tokens_per_s": est["tokens_per_s"],
-                   "bare_tokens_per_s": bare_tps, "repeats": a.repeats,
-                   "run_tokens_per_s": [pooled([r]) for r in inst], "bare_run_tokens_per_s": [pooled([r]) for r in bare],
-                   "pair_ratios": [pooled([i]) / pooled([b]) for i, b in zip(inst, bare) if pooled([i]) and pooled([b])],
-                   "periods_measured": sum(len(r.get("periods", [])) for r in inst),
-                   "status": ",".join(sorted({r["status"] for r in inst})),
-                   "bare_status": ",".join(sorted({r["status"] for r in bare})) or "skipped",
-                   "wall_s": round(sum(r["wall_s"] for r in inst + bare), 1),
-                   "startup_s": [r.get("startup_s") for r in inst + bare],
-                   "error": next((r["error"] for r in inst + bare if r.get("error")), None),
-                   "nvml_samples": [r.get("nvml_samples") for r in inst]}
+                   "bare_tokens_per_s": bare_tps, "method": "pairs" if a.pairs else "alternating steps",
+                   "repeats": a.repeats, "unit_ratios": ratios,
+                   "periods_measured": sum(len(r.get("periods", [])) for r in runs),
+                   "bare_periods_measured": sum(len(r.get("bare_periods", [])) for r in runs),
+                   "status": ",".join(sorted({r["status"] for r in runs})),
+                   "wall_s": round(sum(r["wall_s"] for r in runs), 1),
+                   "startup_s": [r.get("startup_s") for r in runs],
+                   "error": next((r["error"] for r in runs if r.get("error")), None),
+                   "nvml_samples": [r.get("nvml_samples") for r in ok]}
             if row["tokens_per_s"] and row["bare_tokens_per_s"]:
                 row["overhead_ratio"] = row["tokens_per_s"] / row["bare_tokens_per_s"]
             if row["peak_allocated_bytes"]:
@@ -196,7 +214,7 @@ def main() -> int:
               f"{f(r.get('overhead_ratio'), '{:.3f}'):>7}{f(r['tflops']):>8}{f(r['mfu'], '{:.2f}'):>6}"
               f"{f(r['peak_allocated_bytes'] and r['peak_allocated_bytes'] / 2**30, '{:.2f}'):>9}"
               f"{r['predicted_peak_bytes'] / 2**30:>7.2f}{f(r.get('memory_error'), '{:+.1%}'):>7}"
-              f"  pairs {' '.join(f'{x:.3f}' for x in r['pair_ratios'])}")
+              f"  per unit {' '.join(f'{x:.3f}' for x in r['unit_ratios'])}")
     return 0
 
 

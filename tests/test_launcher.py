@@ -177,6 +177,7 @@ def test_cli_run_json_prints_id_status_dir(cli_run):
     ({"plan": {"framework": "fsdp2", "sharding": "zero1"}}, "sharding"),
     ({"device": "tpu"}, "device"),
     ({"launcher": "mpirun"}, "launcher"),
+    ({"instrument": "sometimes"}, "instrument"),
 ])
 def test_runner_level_bad_input_is_refused_before_anything_starts(tmp_path, kwargs, field):
     args = {"plan": PLAN, "model": "gpt-tiny", "steps": 2, "device": "cpu", "out": tmp_path, **kwargs}

@@ -161,7 +161,7 @@ def test_comm_counter_counts_each_collective_once_by_family(one_rank_group):
 # Real 2-process CPU runs
 
 
-def _start(run_dir: Path, plan_yaml: str, *, nproc: int = 2, steps: int = STEPS, instrument: bool = True,
+def _start(run_dir: Path, plan_yaml: str, *, nproc: int = 2, steps: int = STEPS, instrument: bool | str = True,
            factory: str | None = None, extra_path: str | None = None) -> subprocess.CompletedProcess:
     run_dir.mkdir(parents=True, exist_ok=True)
     plan = load_plan(plan_yaml)
@@ -300,6 +300,25 @@ def test_uninstrumented_run_logs_loss_only(tmp_path, run):
     assert len(rows) == 4 and all("state_bytes" not in m and "comm_bytes" not in m for m in rows.values())
     instrumented = _by_rank_step(run("fsdp2-zero3")[1])
     assert [rows[(0, s)]["loss"] for s in (1, 2)] == pytest.approx([instrumented[(0, s)]["loss"] for s in (1, 2)], rel=1e-6)
+
+
+@pytest.mark.slow
+def test_alternating_run_measures_odd_steps_and_leaves_even_steps_bare(tmp_path, run):
+    d = tmp_path / "alt"
+    proc = _start(d, _BASE + CONFIGS["deepspeed-zero2"], steps=4, instrument="alternate")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = _by_rank_step(_lines(d / "metrics.jsonl"))
+    assert len(rows) == 8
+    for (rank, step), m in rows.items():
+        measured = step % 2 == 1
+        assert m["instrumented"] is measured
+        assert ("state_bytes" in m) is measured and ("comm_bytes" in m) is measured
+    # the bare steps' collectives are not counted into the next measured step
+    full = _by_rank_step(run("deepspeed-zero2")[1])
+    assert rows[(0, 3)]["comm_count"] == full[(0, 3)]["comm_count"]
+    assert rows[(0, 3)]["state_bytes"] == full[(0, 3)]["state_bytes"]
+    # and the training is the same whichever steps are measured
+    assert [rows[(0, s)]["loss"] for s in (1, 2, 3)] == pytest.approx([full[(0, s)]["loss"] for s in (1, 2, 3)], rel=1e-6)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -54,8 +54,10 @@ def default_device() -> str:
     return "cuda" if visible_gpus() else "cpu"
 
 
-def check_run(plan: Plan, *, steps: int, nproc: int, device: str, launcher: str) -> None:
+def check_run(plan: Plan, *, steps: int, nproc: int, device: str, launcher: str, instrument: bool | str = True) -> None:
     """Runner-level checks a valid plan can still fail on this machine (PlanError naming the field)."""
+    if instrument not in (True, False, "alternate"):
+        raise bad_input("instrument", f"instrument={instrument!r} is not true, false or 'alternate'. Use instrument=True (measure every step), False (bare loop) or 'alternate' (odd steps measured, even steps bare).")
     if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
         raise bad_input("steps", f"steps={steps!r} must be a whole number of at least 1 (optimizer steps to run). Use e.g. steps=10.")
     if nproc < 1:

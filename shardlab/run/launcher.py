@@ -244,7 +244,7 @@ class LiveRun(Run):
 def launch(plan, model="gpt-tiny", steps: int = 10, nproc: int | None = None, device: str | None = None,
            out: str | Path = "runs", seed: int = 0, timeout_s: float | None = None, progress: bool = False,
            on_event: Callable[[dict], None] | None = None, launcher: str = "torchrun", factory: str | None = None,
-           trace_memory: bool = False, instrument: bool = True, mem_limit_bytes: int | None = None,
+           trace_memory: bool = False, instrument: bool | str = True, mem_limit_bytes: int | None = None,
            worker_module: str = "shardlab.run.worker") -> LiveRun:
     """Start `plan` for real on this machine and return at once (call .wait() to block).
 
@@ -253,6 +253,8 @@ def launch(plan, model="gpt-tiny", steps: int = 10, nproc: int | None = None, de
     seconds without a new metrics or event line before the run is stopped as 'timeout' (start-up
     counts). mem_limit_bytes: an address-space limit (RLIMIT_AS) put on each rank as soon as it
     starts: on a CPU this is how a run is made to meet an out-of-memory failure on purpose.
+    instrument: True measures every step; False runs the bare loop (loss and timings only);
+    "alternate" measures odd steps and runs even steps bare, for comparing the two in one run.
     worker_module: the program torchrun runs (`python -m worker_module RUN_DIR`); only for testing
     the launcher against a stand-in.
     Bad input raises PlanError before anything starts.
@@ -265,7 +267,7 @@ def launch(plan, model="gpt-tiny", steps: int = 10, nproc: int | None = None, de
     plan = load_plan(plan)
     device = device or default_device()
     nproc = int(nproc or plan.topology.gpus_per_node)
-    check_run(plan, steps=steps, nproc=nproc, device=device, launcher=launcher)
+    check_run(plan, steps=steps, nproc=nproc, device=device, launcher=launcher, instrument=instrument)
     if nproc != plan.topology.gpus_per_node:
         plan = load_plan(plan.model_copy(update={"topology": plan.topology.model_copy(update={"gpus_per_node": nproc})}))
     model_name, model_arg = _model_for_worker(model)
