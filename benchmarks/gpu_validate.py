@@ -112,6 +112,19 @@ def pooled(runs: list[dict], key: str = "periods") -> float | None:
     return float(statistics.median(rates)) if rates else None
 
 
+def ratio_ci(measured: list[float], bare: list[float], n: int = 2000, seed: int = 0) -> list[float] | None:
+    """95% bootstrap interval of median(measured) / median(bare): how far the overhead ratio could
+    move with other draws of the same step-to-step jitter."""
+    import numpy as np
+
+    if len(measured) < 3 or len(bare) < 3:
+        return None
+    rng = np.random.default_rng(seed)
+    m, b = np.asarray(measured), np.asarray(bare)
+    r = np.median(rng.choice(m, (n, m.size)), axis=1) / np.median(rng.choice(b, (n, b.size)), axis=1)
+    return [float(np.quantile(r, 0.025)), float(np.quantile(r, 0.975))]
+
+
 def median_of(runs: list[dict], key: str) -> float | None:
     vals = [r[key] for r in runs if r.get(key) is not None]
     return float(statistics.median(vals)) if vals else None
@@ -192,8 +205,10 @@ def main() -> int:
                    "predicted_peak_bytes": predicted, "predicted_tokens_per_s": est["tokens_per_s"],
                    "bare_tokens_per_s": bare_tps, "method": "pairs" if a.pairs else "alternating steps",
                    "repeats": a.repeats, "unit_ratios": ratios,
-                   "periods_measured": sum(len(r.get("periods", [])) for r in runs),
-                   "bare_periods_measured": sum(len(r.get("bare_periods", [])) for r in runs),
+                   "overhead_ratio_ci95": ratio_ci([x for r in runs for x in r.get("periods", [])],
+                                                   [x for r in runs for x in r.get("bare_periods", [])]),
+                   "periods": [round(x) for r in runs for x in r.get("periods", [])],
+                   "bare_periods": [round(x) for r in runs for x in r.get("bare_periods", [])],
                    "status": ",".join(sorted({r["status"] for r in runs})),
                    "wall_s": round(sum(r["wall_s"] for r in runs), 1),
                    "startup_s": [r.get("startup_s") for r in runs],
@@ -214,6 +229,8 @@ def main() -> int:
               f"{f(r.get('overhead_ratio'), '{:.3f}'):>7}{f(r['tflops']):>8}{f(r['mfu'], '{:.2f}'):>6}"
               f"{f(r['peak_allocated_bytes'] and r['peak_allocated_bytes'] / 2**30, '{:.2f}'):>9}"
               f"{r['predicted_peak_bytes'] / 2**30:>7.2f}{f(r.get('memory_error'), '{:+.1%}'):>7}"
+              f"  95% {f(r['overhead_ratio_ci95'] and r['overhead_ratio_ci95'][0], '{:.3f}')}-"
+              f"{f(r['overhead_ratio_ci95'] and r['overhead_ratio_ci95'][1], '{:.3f}')}"
               f"  per unit {' '.join(f'{x:.3f}' for x in r['unit_ratios'])}")
     return 0
 
