@@ -46,3 +46,21 @@ def test_predicted_peak_within_10_percent_of_torch(row):
     gpu = "h200" if "H200" in row["device"] else "h100-80gb"
     predicted = estimate(plan, row["model"], gpu=gpu).to_dict()["per_gpu"]["peak_allocated"]
     assert predicted == pytest.approx(row["peak_allocated_bytes"], rel=0.10)
+
+
+def test_alternating_run_periods_go_to_the_step_that_started_them():
+    """gpu_validate's overhead ratio rests on this split: a period (one step's start to the next) is
+    charged to the step that began it, warm-up steps are left out, and the last step has no period."""
+    import pandas as pd
+
+    bench = _bench()
+    starts = [0.0, 2.0, 3.0, 5.0, 6.0, 8.0, 9.0]  # measured (odd) steps take 2 s, bare ones 1 s
+    rows = [{"rank": 0, "step": s + 1, "tokens": 100, "t_start": t, "instrumented": (s + 1) % 2 == 1}
+            for s, t in enumerate(starts)]
+    rows += [{"rank": 1, "step": 1, "tokens": 100, "t_start": 50.0, "instrumented": True}]  # other ranks ignored
+    measured, bare = bench.periods(pd.DataFrame(rows), warmup=2, instrument="alternate")
+    assert measured == [50.0, 50.0] and bare == [100.0, 100.0]  # steps 3, 5 and 4, 6; step 7 has no period
+    lo, hi = bench.ratio_ci(measured * 5, bare * 5)
+    assert lo == hi == 0.5
+    only = bench.periods(pd.DataFrame(rows).drop(columns="instrumented"), warmup=0, instrument=False)
+    assert only[0] == [] and len(only[1]) == 6
