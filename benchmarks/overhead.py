@@ -1,10 +1,12 @@
 """What shardlab's measurement costs: the same training step with and without instrumentation.
 
-Starts the real worker (`python -m shardlab.run.worker`) through torchrun, alternately with
-"instrument": true (state bytes, collective counting, memory, CUDA phase events) and false (the bare
-loop, which still logs the loss per step), and compares the median step time over the steps after
-the warm-up. The target is at most 2% slower. Alternating runs keeps drifting machine load from
-favouring one side.
+Starts the real worker (`python -m shardlab.run.worker`) through torchrun with "instrument":
+"alternate": odd steps measured (state bytes, collective counting, memory, CUDA phase events), even
+steps bare (loss and timings only), in the same processes. It compares the median step time of the
+two kinds over the steps after the warm-up (a step's period: its start to the next step's start;
+the slowest rank sets each step's period). The target is
+at most 2% slower. Comparing steps of one run, not separate runs, keeps the machine's drifting load
+(and, on a GPU, run-to-run spread of several percent) out of the comparison.
 
     python benchmarks/overhead.py --model gpt-tiny --device cpu --nproc 2 --steps 30
     python benchmarks/overhead.py --model gpt-1b --device cuda --nproc 1 --precision bf16 --micro-batch 4
@@ -25,13 +27,13 @@ from shardlab.plan import load_plan
 from shardlab.run.host import free_port
 
 
-def run_once(plan, args, instrument: bool, root: Path, tag: str) -> list[float]:
-    """Step times (s, rank 0) after the warm-up steps of one worker run."""
+def run_once(plan, args, root: Path, tag: str) -> dict[bool, list[float]]:
+    """Step periods (s, slowest rank) after the warm-up of one alternating run: {measured?: periods}."""
     d = root / tag
     d.mkdir()
     (d / "plan.yaml").write_text(plan.to_yaml())
     (d / "run.json").write_text(json.dumps({"model": args.model, "steps": args.steps, "device": args.device,
-                                            "seed": 0, "instrument": instrument}))
+                                            "seed": 0, "instrument": "alternate"}))
     argv, env = launch_command(plan, ["-m", "shardlab.run.worker", str(d)], nproc_per_node=args.nproc,
                                torchrun=[sys.executable, "-m", "torch.distributed.run"], master_port=free_port())
     extra = dict(env)
@@ -41,9 +43,15 @@ def run_once(plan, args, instrument: bool, root: Path, tag: str) -> list[float]:
     if proc.returncode != 0:
         sys.exit(f"run {tag} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
     rows = [json.loads(line) for line in (d / "metrics.jsonl").read_text().splitlines()]
-    # the slowest rank sets the pace of a synchronous step
-    steps = sorted({r["step"] for r in rows if r["step"] > args.warmup})
-    return [max(r["step_time_s"] for r in rows if r["step"] == s) for s in steps]
+    start = {(r["rank"], r["step"]): r["t_start"] for r in rows}
+    kind = {r["step"]: r["instrumented"] for r in rows}
+    times: dict[bool, list[float]] = {False: [], True: []}
+    # a step's period runs from its start to the next step's start, so work done after the step's
+    # clock stops (writing the metrics line) still counts; the last step has no period
+    for s in range(args.warmup + 1, args.steps):
+        ranks = [rank for rank, st in start if st == s]
+        times[kind[s]].append(max(start[(rank, s + 1)] - start[(rank, s)] for rank in ranks))
+    return times
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -57,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--nproc", type=int, default=2)
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--warmup", type=int, default=5)
-    p.add_argument("--repeats", type=int, default=2, help="alternating pairs of runs")
+    p.add_argument("--repeats", type=int, default=1, help="alternating runs")
     p.add_argument("--threads", type=int, default=1, help="OMP threads per process on CPU")
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
@@ -66,8 +74,8 @@ def main(argv: list[str] | None = None) -> int:
     times: dict[bool, list[float]] = {False: [], True: []}
     with tempfile.TemporaryDirectory() as tmp:
         for rep in range(args.repeats):
-            for instrument in (False, True):
-                times[instrument] += run_once(plan, args, instrument, Path(tmp), f"{rep}-{int(instrument)}")
+            for kind, t in run_once(plan, args, Path(tmp), f"run{rep}").items():
+                times[kind] += t
     bare, inst = statistics.median(times[False]), statistics.median(times[True])
     result = {"model": args.model, "framework": args.framework, "sharding": args.sharding, "precision": args.precision,
               "device": args.device, "nproc": args.nproc, "steps_measured": len(times[True]),
