@@ -34,6 +34,13 @@ def test_pyproject_reads_its_dependencies_from_requirements():
     assert py["tool"]["setuptools"]["dynamic"]["dependencies"]["file"] == ["requirements.txt"]
 
 
+def test_pyproject_lists_every_shardlab_package():
+    """A subpackage missing from the explicit list would be left out of a non-editable install."""
+    listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    found = {".".join(p.parent.relative_to(ROOT).parts) for p in (ROOT / "shardlab").rglob("__init__.py")}
+    assert found <= listed, f"add to [tool.setuptools] packages: {sorted(found - listed)}"
+
+
 def _pip_section(env_file: Path) -> list[str]:
     env = yaml.safe_load(env_file.read_text())
     pip = [d for d in env["dependencies"] if isinstance(d, dict) and "pip" in d]
