@@ -58,25 +58,21 @@ def steady(metrics, key: str, warmup: int) -> float | None:
     """Median of `key` over rank 0's measured steps after the warm-up."""
     df = metrics[(metrics["rank"] == 0) & (metrics["step"] > warmup)]
     if "instrumented" in df:  # an alternating run: the measured (odd) steps only
-        df = df[df["instrumented"] == True]  # noqa: E712 - a column of True/False
+        df = df[df["instrumented"].astype(bool)]
     if key not in df or df[key].isna().all():
         return None
     return float(statistics.median(df[key].dropna()))
 
 
-def periods(metrics, warmup: int, instrument: bool | str) -> tuple[list[float], list[float]]:
-    """Tokens per second over each step period after the warm-up (one step's start to the next one's,
-    rank 0), split into (measured steps, bare steps). Everything the loop does between steps
-    (metrics, measurement, logging) falls in the period of the step that did it, so instrumentation
-    cannot hide outside the step."""
-    df = metrics[metrics["rank"] == 0].sort_values("step")
-    rates = df["tokens"].iloc[:-1].to_numpy() / df["t_start"].diff().iloc[1:].to_numpy()
-    flags = df["instrumented"].to_numpy() if "instrumented" in df else [bool(instrument)] * len(df)
-    measured, bare = [], []
-    for step, rate, flag in zip(df["step"].iloc[:-1].to_numpy(), rates, flags):
-        if step > warmup:
-            (measured if flag else bare).append(float(rate))
-    return measured, bare
+def periods(run, warmup: int) -> tuple[list[float], list[float]]:
+    """Tokens per second over each step period after the warm-up (Run.step_periods: a step's start to
+    the next one's, slowest rank), split into (measured steps, bare steps). Work the loop does
+    between steps (metrics, measurement, logging) falls in the period of the step that did it, so
+    instrumentation cannot hide outside the step."""
+    p = run.step_periods(warmup)
+    rates = p["tokens"] / p["period_s"]
+    measured = p["instrumented"].astype(bool)
+    return rates[measured].astype(float).tolist(), rates[~measured].astype(float).tolist()
 
 
 def measure(plan: Plan, steps: int, warmup: int, out: Path, instrument: bool | str) -> dict:
@@ -90,7 +86,7 @@ def measure(plan: Plan, steps: int, warmup: int, out: Path, instrument: bool | s
     if status != "completed" or m is None or len(m) == 0:
         res["error"] = run.info.get("error")
         return res
-    res["periods"], res["bare_periods"] = periods(m, warmup, instrument)
+    res["periods"], res["bare_periods"] = periods(run, warmup)
     res["startup_s"] = round(float(m["t_start"].min()) - t0, 1)
     if instrument:
         res["worker_tokens_per_s"] = steady(m, "tokens_per_s", warmup)

@@ -1,6 +1,6 @@
 """What shardlab's measurement costs: the same training step with and without instrumentation.
 
-Starts the real worker (`python -m shardlab.run.worker`) through torchrun with "instrument":
+Starts the real worker through `shardlab.launch` (torchrun, as every run) with "instrument":
 "alternate": odd steps measured (state bytes, collective counting, memory, CUDA phase events), even
 steps bare (loss and timings only), in the same processes. It compares the median step time of the
 two kinds over the steps after the warm-up (a step's period: its start to the next step's start;
@@ -16,42 +16,25 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
-from shardlab.export.launch import launch_command, sanitized_env
 from shardlab.plan import load_plan
-from shardlab.run.host import free_port
+from shardlab.run.launcher import launch
 
 
-def run_once(plan, args, root: Path, tag: str) -> dict[bool, list[float]]:
-    """Step periods (s, slowest rank) after the warm-up of one alternating run: {measured?: periods}."""
-    d = root / tag
-    d.mkdir()
-    (d / "plan.yaml").write_text(plan.to_yaml())
-    (d / "run.json").write_text(json.dumps({"model": args.model, "steps": args.steps, "device": args.device,
-                                            "seed": 0, "instrument": "alternate"}))
-    argv, env = launch_command(plan, ["-m", "shardlab.run.worker", str(d)], nproc_per_node=args.nproc,
-                               torchrun=[sys.executable, "-m", "torch.distributed.run"], master_port=free_port())
-    extra = dict(env)
-    if args.device == "cpu":
-        extra.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS=str(args.threads))
-    proc = subprocess.run(argv, env=sanitized_env(extra), capture_output=True, text=True)
-    if proc.returncode != 0:
-        sys.exit(f"run {tag} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
-    rows = [json.loads(line) for line in (d / "metrics.jsonl").read_text().splitlines()]
-    start = {(r["rank"], r["step"]): r["t_start"] for r in rows}
-    kind = {r["step"]: r["instrumented"] for r in rows}
-    times: dict[bool, list[float]] = {False: [], True: []}
-    # a step's period runs from its start to the next step's start, so work done after the step's
-    # clock stops (writing the metrics line) still counts; the last step has no period
-    for s in range(args.warmup + 1, args.steps):
-        ranks = [rank for rank, st in start if st == s]
-        times[kind[s]].append(max(start[(rank, s + 1)] - start[(rank, s)] for rank in ranks))
-    return times
+def run_once(plan, args, root: Path) -> dict[bool, list[float]]:
+    """Step periods (s) after the warm-up of one alternating run through shardlab.launch:
+    {measured?: periods}."""
+    run = launch(plan, model=args.model, steps=args.steps, nproc=args.nproc, device=args.device, out=root,
+                 instrument="alternate", timeout_s=600)
+    if run.wait() != "completed":
+        sys.exit(f"run {run.dir} ended {run.status}: {run.info.get('error')}")
+    p = run.step_periods(args.warmup)
+    return {kind: p.loc[p["instrumented"].astype(bool) == kind, "period_s"].tolist() for kind in (False, True)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -69,12 +52,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=1, help="OMP threads per process on CPU")
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
+    if args.device == "cpu":
+        os.environ["OMP_NUM_THREADS"] = str(args.threads)  # the launcher passes it on to every rank
     plan = load_plan({"framework": args.framework, "sharding": args.sharding, "precision": args.precision,
                       "micro_batch_size": args.micro_batch, "topology": {"nodes": 1, "gpus_per_node": args.nproc}})
     times: dict[bool, list[float]] = {False: [], True: []}
     with tempfile.TemporaryDirectory() as tmp:
         for rep in range(args.repeats):
-            for kind, t in run_once(plan, args, Path(tmp), f"run{rep}").items():
+            for kind, t in run_once(plan, args, Path(tmp)).items():
                 times[kind] += t
     bare, inst = statistics.median(times[False]), statistics.median(times[True])
     result = {"model": args.model, "framework": args.framework, "sharding": args.sharding, "precision": args.precision,

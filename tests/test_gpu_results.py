@@ -48,19 +48,29 @@ def test_predicted_peak_within_10_percent_of_torch(row):
     assert predicted == pytest.approx(row["peak_allocated_bytes"], rel=0.10)
 
 
-def test_alternating_run_periods_go_to_the_step_that_started_them():
-    """gpu_validate's overhead ratio rests on this split: a period (one step's start to the next) is
-    charged to the step that began it, warm-up steps are left out, and the last step has no period."""
-    import pandas as pd
+def _run_folder(tmp_path, rows: list[dict], instrument) -> "Run":
+    from shardlab.run.store import Run
 
+    tmp_path.mkdir()
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "run.json").write_text(json.dumps({"instrument": instrument}))
+    return Run(tmp_path)
+
+
+def test_alternating_run_periods_go_to_the_step_that_started_them(tmp_path):
+    """gpu_validate's overhead ratio rests on this split: a period (one step's start to the next) is
+    charged to the step that began it, the slowest rank sets it, warm-up steps are left out, and the
+    last step has no period."""
     bench = _bench()
     starts = [0.0, 2.0, 3.0, 5.0, 6.0, 8.0, 9.0]  # measured (odd) steps take 2 s, bare ones 1 s
     rows = [{"rank": 0, "step": s + 1, "tokens": 100, "t_start": t, "instrumented": (s + 1) % 2 == 1}
             for s, t in enumerate(starts)]
-    rows += [{"rank": 1, "step": 1, "tokens": 100, "t_start": 50.0, "instrumented": True}]  # other ranks ignored
-    measured, bare = bench.periods(pd.DataFrame(rows), warmup=2, instrument="alternate")
-    assert measured == [50.0, 50.0] and bare == [100.0, 100.0]  # steps 3, 5 and 4, 6; step 7 has no period
-    lo, hi = bench.ratio_ci(measured * 5, bare * 5)
+    # rank 1 starts step 4 late, so its step 3 takes 2.5 s and its step 4 only 0.5 s
+    rows += [{**r, "rank": 1, "t_start": r["t_start"] + (0.5 if r["step"] == 4 else 0.0)} for r in rows]
+    measured, bare = bench.periods(_run_folder(tmp_path / "alt", rows, "alternate"), warmup=2)
+    assert measured == [40.0, 50.0] and bare == [100.0, 100.0]  # steps 3, 5 and 4, 6; step 7 has no period
+    lo, hi = bench.ratio_ci([50.0] * 10, [100.0] * 10)
     assert lo == hi == 0.5
-    only = bench.periods(pd.DataFrame(rows).drop(columns="instrumented"), warmup=0, instrument=False)
+    plain = [{k: v for k, v in r.items() if k != "instrumented"} for r in rows]
+    only = bench.periods(_run_folder(tmp_path / "bare", plain, False), warmup=0)
     assert only[0] == [] and len(only[1]) == 6

@@ -187,6 +187,26 @@ class Run:
         (state_bytes.params, comm_bytes.all_gather, ...)."""
         return _frame(read_jsonl(self.dir / "metrics.jsonl"))
 
+    def step_periods(self, warmup: int = 0):
+        """One row per step after `warmup`: step, tokens (per rank), period_s and instrumented.
+
+        A step's period runs from its start to the next step's start, so work done after the step's
+        clock stops (writing the metrics line) still counts; the slowest rank sets it, and the last
+        step has none. `instrumented` comes from each line of an alternating run, else from run.json.
+        """
+        m = self.metrics
+        if m.empty:
+            import pandas as pd
+
+            return pd.DataFrame(columns=["step", "tokens", "period_s", "instrumented"])
+        m = m.sort_values(["rank", "step"])
+        m = m.assign(period_s=m.groupby("rank")["t_start"].shift(-1) - m["t_start"])
+        if "instrumented" not in m:
+            m = m.assign(instrumented=bool(self.config.get("instrument", True)))
+        steps = m.groupby("step").agg(tokens=("tokens", "first"), period_s=("period_s", "max"),
+                                      instrumented=("instrumented", "first")).reset_index()
+        return steps[(steps["step"] > warmup) & steps["period_s"].notna()].reset_index(drop=True)
+
     @property
     def timeline(self):
         """timeline.jsonl as a DataFrame: t (time.time(), the metrics' clock), rank, gpu, source, bytes,
