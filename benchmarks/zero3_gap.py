@@ -19,7 +19,6 @@ Writes DIR/zero3_gap.json (one object per variant) and DIR/profile_<variant>.txt
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import os
 import statistics
@@ -62,14 +61,6 @@ VARIANTS = {
 }
 
 
-def merge(base: dict, over: dict) -> dict:
-    """`over` merged into a copy of `base`, nested dicts key by key."""
-    out = copy.deepcopy(base)
-    for k, v in over.items():
-        out[k] = merge(out.get(k, {}), v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
-
-
 def micro_batch(name: str) -> int:
     v = VARIANTS[name]
     return v[3] if len(v) > 3 else MB
@@ -79,7 +70,7 @@ def trainer_for(name: str, model, loss_fn):
     """(Trainer, what optimizer runs) for one variant."""
     import torch
 
-    from shardlab.run.wrap import Trainer, ds_config, wrap
+    from shardlab.run.wrap import Trainer, wrap
 
     framework, sharding, over = VARIANTS[name][:3]
     if framework == "torch":
@@ -98,17 +89,9 @@ def trainer_for(name: str, model, loss_fn):
         return Trainer("torch", Autocast(model), opt, loss_fn), "torch.optim.AdamW(fused=True)"
     plan = Plan.model_validate({"framework": framework, "sharding": sharding, "precision": "bf16",
                                 "micro_batch_size": micro_batch(name), "optimizer": {"name": "adamw", "lr": 1e-4}})
-    if framework != "deepspeed":
-        t = wrap(plan, model, DEVICE, loss_fn)
-        return t, type(t.optimizer).__name__
-    import deepspeed
-
-    cfg = merge(ds_config(plan, DEVICE), over)
-    engine, optimizer, _, _ = deepspeed.initialize(model=model, model_parameters=list(model.parameters()), config=cfg)
-    if cfg.get("compile", {}).get("deepcompile"):
-        engine.compile()  # DeepCompile: ZeRO-3's gathers and releases become passes over a compiled graph
-    inner = getattr(optimizer, "optimizer", optimizer)
-    return Trainer("deepspeed", engine, optimizer, loss_fn, engine=engine), f"{type(optimizer).__name__}({type(inner).__name__})"
+    t = wrap(plan, model, DEVICE, loss_fn, ds_overrides=over)
+    inner = getattr(t.optimizer, "optimizer", None)  # DeepSpeed's ZeRO optimizer wraps the one it picked
+    return t, type(t.optimizer).__name__ + (f"({type(inner).__name__})" if inner is not None else "")
 
 
 def run_variant(name: str, args, out: Path) -> dict:

@@ -321,6 +321,35 @@ def test_alternating_run_measures_odd_steps_and_leaves_even_steps_bare(tmp_path,
     assert [rows[(0, s)]["loss"] for s in (1, 2, 3)] == pytest.approx([full[(0, s)]["loss"] for s in (1, 2, 3)], rel=1e-6)
 
 
+_WRAP_WITH_OVERRIDES = textwrap.dedent('''
+    import json, os
+    os.environ.update(DS_ACCELERATOR="cpu", MASTER_ADDR="127.0.0.1", MASTER_PORT=os.environ["PORT"], RANK="0",
+                      WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1")
+    import torch.distributed as dist
+    from shardlab.models import resolve_model
+    from shardlab.plan import load_plan
+    from shardlab.run.gpt import build_model, loss_fn
+    from shardlab.run.wrap import wrap
+    dist.init_process_group("gloo")
+    plan = load_plan({"framework": "deepspeed", "sharding": "zero3", "precision": "fp32"})
+    t = wrap(plan, build_model(resolve_model("gpt-tiny")), "cpu", loss_fn,
+             ds_overrides={"zero_optimization": {"stage3_prefetch_bucket_size": 1234}})
+    z = t.engine._config.zero_config  # the config DeepSpeed parsed and runs with
+    print(json.dumps({"cfg": t.extras["ds_config"]["zero_optimization"], "stage": z.stage,
+                      "prefetch": z.prefetch_bucket_size}))
+''')
+
+
+@pytest.mark.slow
+def test_deepspeed_overrides_reach_the_engine_next_to_the_exported_keys():
+    proc = subprocess.run([sys.executable, "-c", _WRAP_WITH_OVERRIDES], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PORT": str(free_port())})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["cfg"]["stage"] == 3 and out["cfg"]["stage3_prefetch_bucket_size"] == 1234
+    assert out["stage"] == 3 and out["prefetch"] == 1234
+
+
 # ---------------------------------------------------------------------------------------------
 # Failures
 

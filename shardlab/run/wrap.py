@@ -139,11 +139,16 @@ def check_runnable(plan: Plan, device: str) -> None:
         raise bad_input("zeropp.quantized_weights", "zeropp.quantized_weights / quantized_gradients (ZeRO++ qwZ/qgZ) have no CPU kernels in DeepSpeed. Set them to false for CPU runs, or run on cuda.")
 
 
-def wrap(plan: Plan, model: nn.Module, device: str, loss: Callable) -> Trainer:
-    """Shard `model` (built on CPU, initialised) as `plan` says and return its Trainer."""
+def wrap(plan: Plan, model: nn.Module, device: str, loss: Callable, ds_overrides: dict | None = None) -> Trainer:
+    """Shard `model` (built on CPU, initialised) as `plan` says and return its Trainer.
+
+    ds_overrides: DeepSpeed config keys the Plan does not model, merged (nested) over the config
+    shardlab exports, for experiments with one DeepSpeed setting at a time (benchmarks/zero3_gap.py).
+    """
     check_runnable(plan, device)
-    fn = {"fsdp1": _fsdp1, "fsdp2": _fsdp2, "deepspeed": _deepspeed}[plan.framework]
-    return fn(plan, model, device, loss)
+    if plan.framework == "deepspeed":
+        return _deepspeed(plan, model, device, loss, ds_overrides or {})
+    return {"fsdp1": _fsdp1, "fsdp2": _fsdp2}[plan.framework](plan, model, device, loss)
 
 
 def _mesh(plan: Plan, device: str):
@@ -295,15 +300,23 @@ def _drop_auto(obj):
     return obj
 
 
-def _deepspeed(plan: Plan, model: nn.Module, device: str, loss: Callable) -> Trainer:
+def _merge(base: dict, over: dict) -> dict:
+    """`over` merged into a copy of `base`, nested dicts key by key."""
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def _deepspeed(plan: Plan, model: nn.Module, device: str, loss: Callable, overrides: dict) -> Trainer:
     import deepspeed
 
-    cfg = ds_config(plan, device)
+    cfg = _merge(ds_config(plan, device), overrides)
     if plan.activation_checkpointing:
         set_activation_checkpointing(model, block_class(model, plan.wrap.transformer_layer_cls), True)
     engine, optimizer, _, _ = deepspeed.initialize(model=model, model_parameters=list(model.parameters()), config=cfg)
-    if plan.compile:
-        engine.compile()
+    if plan.compile or cfg.get("compile", {}).get("deepcompile"):
+        engine.compile()  # DeepCompile too needs engine.compile() to turn on
     t = Trainer("deepspeed", engine, optimizer, loss, plan.gradient_clipping, engine=engine)
     t.extras["ds_config"] = cfg
     return t
