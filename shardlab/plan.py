@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Callable, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 Framework = Literal["fsdp1", "fsdp2", "deepspeed"]
 Sharding = Literal["ddp", "zero1", "zero2", "zero3", "hybrid"]
@@ -74,6 +74,31 @@ class Optimizer(_Model):
     weight_decay: float = Field(0.0, description="Weight decay (decoupled for AdamW).")
 
 
+# Plan fields a DeepSpeed / accelerate file may leave to the training script: "auto" (the HF Trainer or
+# accelerate fills it from the training arguments) or, for the optimizer, no optimizer block at all.
+AUTO_FIELDS: tuple[str, ...] = (
+    "micro_batch_size", "grad_accum_steps", "global_batch_size", "precision", "gradient_clipping", "optimizer",
+    "optimizer.lr", "optimizer.weight_decay", "buckets.reduce_bucket_size", "buckets.allgather_bucket_size",
+    "buckets.prefetch_bucket_size", "buckets.param_persistence_threshold")
+AutoField = Literal[AUTO_FIELDS]  # type: ignore[valid-type]
+# Not a form control: shown read-only by the ConfigBuilder (see widgets/controls.py).
+_NOT_A_CONTROL = {"form": False}
+
+
+class Passthrough(_Model):
+    """What a DeepSpeed / accelerate file said that the plan does not model, written back on export to that tool."""
+
+    deepspeed: dict[str, Any] = Field(default_factory=dict, description="DeepSpeed JSON keys shardlab does not model (or spells differently), nested as in the file.")
+    accelerate: dict[str, Any] = Field(default_factory=dict, description="accelerate YAML keys shardlab does not model (or spells differently), nested as in the file.")
+    omit: dict[str, list[str]] = Field(default_factory=dict, description="Per tool: dotted keys the imported file left out (the tool's default applies), so exports leave them out too.")
+    imported: str | None = Field(None, description="Fingerprint of the plan as imported: while the plan is unchanged, exports give back the file as it was.")
+
+    def carried(self, tool: str) -> list[str]:
+        from shardlab.export.keys import leaf_keys
+
+        return leaf_keys(getattr(self, tool, {}) or {})
+
+
 class Plan(_Model):
     """A sharded training setup, independent of the framework that will run it."""
 
@@ -101,6 +126,53 @@ class Plan(_Model):
     buckets: Buckets = Field(default_factory=Buckets, description="DeepSpeed bucket and prefetch sizes.")
     compile: bool = Field(False, description="Wrap the model with torch.compile.")
     optimizer: Optimizer = Field(default_factory=Optimizer, description="Optimizer and learning rate.")
+    auto: list[AutoField] = Field(default_factory=list, description="Settings left to the training script ('auto' for the HF Trainer / accelerate; 'optimizer': no optimizer block). Exports write 'auto'; the plan's own value is what estimates and runs assume.", json_schema_extra=_NOT_A_CONTROL)
+    passthrough: Passthrough = Field(default_factory=Passthrough, description="Keys of an imported DeepSpeed / accelerate file that shardlab does not model, carried back on export to that tool.", json_schema_extra=_NOT_A_CONTROL)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _auto_values(cls, data: Any) -> Any:
+        """`micro_batch_size: auto` (or `optimizer: auto`) in a plan file: the field goes on the `auto` list and keeps its default."""
+        if not isinstance(data, dict):
+            return data
+        given = data.get("auto")
+        data, auto = dict(data), (list(given) if isinstance(given, list) else [] if given is None else given)
+        for name in AUTO_FIELDS:
+            if name.startswith("buckets."):
+                continue  # a bucket value of 'auto' already means 'the tool chooses'
+            head, _, tail = name.partition(".")
+            holder = data if not tail else data.get(head)
+            key = tail or head
+            if isinstance(holder, dict) and holder.get(key) == "auto":
+                if tail:
+                    holder = data[head] = {k: v for k, v in holder.items() if k != key}
+                else:
+                    del data[key]
+                if isinstance(auto, list) and name not in auto:
+                    auto.append(name)
+        if auto or "auto" in data:
+            data["auto"] = auto
+        return data
+
+    @field_validator("auto")
+    @classmethod
+    def _auto_sorted(cls, v: list[str]) -> list[str]:
+        return sorted(set(v))
+
+    def assumed(self) -> dict[str, Any]:
+        """For every 'auto' setting, the value estimates and runs assume (the plan's own value)."""
+        out = {}
+        for name in self.auto:
+            value = self.optimizer.model_dump(include={"name", "lr", "weight_decay"}) if name == "optimizer" else self
+            if name != "optimizer":
+                for part in name.split("."):
+                    value = getattr(value, part)
+            out[name] = value
+        return out
+
+    def modelled(self) -> dict[str, Any]:
+        """The plan without what it carries for the tools (what the settings mean, not how a file spelled them)."""
+        return self.model_dump(mode="json", exclude={"passthrough"})
 
     @property
     def world_size(self) -> int:
@@ -353,6 +425,14 @@ def nothing_to_shard(p: Plan):
 
 
 @rule
+def auto_assumed(p: Plan):
+    """Settings left to the training script: say which value estimates and runs assume."""
+    if p.auto:
+        said = ", ".join(f"{k}={v}" for k, v in p.assumed().items())
+        return _warn("auto_assumed", p.auto[0], f"{', '.join(p.auto)}: left to the training script ('auto'); exports write 'auto', and estimates and runs assume {said}. Set the values in the plan to change what is assumed.")
+
+
+@rule
 def ignored_knobs(p: Plan):
     """Knobs set away from their default that the chosen framework ignores."""
     out = []
@@ -506,6 +586,8 @@ def field_descriptions(model: type[BaseModel] = Plan, prefix: str = "") -> dict[
     """Dotted field name -> its one-line description (for tooltips, docs and the CLI)."""
     out = {}
     for name, f in model.model_fields.items():
+        if (f.json_schema_extra or {}).get("form") is False:
+            continue  # not a setting one types in: shown read-only (passthrough, auto)
         key = prefix + name
         ann = f.annotation
         if isinstance(ann, type) and issubclass(ann, BaseModel):

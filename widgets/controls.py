@@ -252,6 +252,8 @@ class PlanForm:
     def _build(self, model: type[BaseModel], prefix: str) -> pn.viewable.Viewable:
         scalars, cards = [], []
         for name, f in model.model_fields.items():
+            if (f.json_schema_extra or {}).get("form") is False:
+                continue  # carried, not typed in (auto, passthrough): the builder lists them read-only
             path = prefix + name
             sub = _submodel(f.annotation)
             if sub is not None:

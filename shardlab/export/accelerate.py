@@ -23,9 +23,19 @@ DS_CONFIG_FILE = "ds_config.json"
 
 
 def needs_ds_config_file(plan: Plan) -> bool:
-    """Whether accelerate's inline DeepSpeed flags cannot express the plan (hpZ, ZeRO++, buckets...)."""
+    """Whether accelerate's inline DeepSpeed flags cannot express the plan (hpZ, ZeRO++, buckets, no clipping...).
+
+    Inline, accelerate drops a `gradient_clipping` of 0 and DeepSpeed then clips at 1.0 (accelerate 1.15
+    DeepSpeedPlugin: `if self.gradient_clipping:`), so "no clipping" needs the DeepSpeed file."""
     return (plan.sharding == "hybrid" or plan.zeropp.model_dump() != type(plan.zeropp)().model_dump()
-            or any(v != "auto" for v in plan.buckets.model_dump().values()))
+            or any(v != "auto" for v in plan.buckets.model_dump().values())
+            or plan.gradient_clipping is None and "gradient_clipping" not in plan.auto)
+
+
+def carried_ds_file(plan: Plan) -> str | None:
+    """The DeepSpeed config file an imported accelerate YAML named (kept as written)."""
+    ref = (plan.passthrough.accelerate.get("deepspeed_config") or {}).get("deepspeed_config_file")
+    return str(ref) if ref else None
 
 
 def _fsdp_config(plan: Plan) -> dict[str, Any]:
@@ -62,14 +72,19 @@ def _parallelism_config(plan: Plan) -> dict[str, Any]:
     return {f"{p}dp_replicate_size": replicate, f"{p}dp_shard_size": shard}
 
 
+def _file_mode(plan: Plan) -> bool:
+    return plan.framework == "deepspeed" and (carried_ds_file(plan) is not None or needs_ds_config_file(plan))
+
+
 def _deepspeed_config(plan: Plan) -> dict[str, Any]:
     stage = K.DS_STAGE[plan.sharding]
-    if needs_ds_config_file(plan):
-        c: dict[str, Any] = {"deepspeed_config_file": DS_CONFIG_FILE}
+    if _file_mode(plan):
+        c: dict[str, Any] = {"deepspeed_config_file": carried_ds_file(plan) or DS_CONFIG_FILE}
     else:
-        c = {k.key: K.plan_get(plan, k.field) for k in K.ACC_DS_KEYS}
-        # accelerate clips at 1.0 when the key is missing; 0.0 is DeepSpeed's "no clipping".
-        c["gradient_clipping"] = plan.gradient_clipping if plan.gradient_clipping is not None else 0.0
+        # Left out, these are "auto": accelerate fills them from the Accelerator / the HF Trainer.
+        c = {k.key: K.plan_get(plan, k.field) for k in K.ACC_DS_KEYS if k.field not in plan.auto}
+        if "gradient_clipping" not in plan.auto:
+            c["gradient_clipping"] = plan.gradient_clipping
         c["offload_optimizer_device"] = plan.offload.optimizer
         c["offload_param_device"] = plan.offload.params
         for what in ("optimizer", "param"):
@@ -86,13 +101,12 @@ def _deepspeed_config(plan: Plan) -> dict[str, Any]:
     return dict(sorted(c.items()))
 
 
-def accelerate_config(plan: Plan) -> dict[str, Any]:
-    """The accelerate config as a dict (top-level keys sorted, as `accelerate config` writes them)."""
+def natural_config(plan: Plan) -> dict[str, Any]:
+    """What the plan means in accelerate's keys (top-level keys sorted, as `accelerate config` writes them)."""
     multi = plan.topology.nodes > 1
     c: dict[str, Any] = dict(K.ACC_FIXED_TOP)
     c["distributed_type"] = K.ACC_DISTRIBUTED_TYPE[plan.framework]
-    file_mode = plan.framework == "deepspeed" and needs_ds_config_file(plan)
-    if not file_mode:  # with a DeepSpeed config file accelerate refuses mixed_precision: the file decides
+    if not _file_mode(plan):  # with a DeepSpeed config file accelerate refuses mixed_precision: the file decides
         c["mixed_precision"] = K.ACC_MIXED_PRECISION[plan.precision]
     c["num_machines"] = plan.topology.nodes
     c["num_processes"] = plan.world_size
@@ -106,6 +120,23 @@ def accelerate_config(plan: Plan) -> dict[str, Any]:
         if plan.framework == "fsdp2" and _parallelism_config(plan):
             c["parallelism_config"] = _parallelism_config(plan)
     return dict(sorted(c.items()))
+
+
+def meaning(cfg: dict) -> dict[str, Any]:
+    """What an accelerate config means as plan settings, read without following deepspeed_config_file."""
+    from shardlab.load.accelerate import _from_accelerate
+    from shardlab.plan import plan_from_dict
+
+    return plan_from_dict(_from_accelerate(cfg, None)[0], check=False).modelled()
+
+
+def accelerate_config(plan: Plan) -> dict[str, Any]:
+    """The accelerate config as a dict: the plan's meaning plus what an imported file carried (export/carry.py)."""
+    from shardlab.export.carry import carry, fingerprint
+
+    pt = plan.passthrough
+    return carry(natural_config(plan), pt.accelerate, pt.omit.get("accelerate", []), meaning,
+                 trust=pt.imported is not None and pt.imported == fingerprint(plan.modelled()))
 
 
 def export_accelerate(plan: Plan) -> str:

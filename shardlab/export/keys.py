@@ -49,6 +49,11 @@ DS_FORCE_CPU_OPTIMIZER = "zero_force_ds_cpu_optimizer"
 DS_ACTIVATION_CHECKPOINTING = "activation_checkpointing"
 DS_ACTIVATION_CHECKPOINTING_BLOCK = {"partition_activations": False, "cpu_checkpointing": False,
                                      "contiguous_memory_optimization": False}
+# DeepSpeed optimizer types with one state per parameter (estimated like SGD with momentum); the others
+# (OneBitAdam, ZeroOneAdam, Lamb, OneBitLamb, ...) keep two, like Adam.
+DS_ONE_STATE_OPTIMIZERS = ("adagrad", "muon")
+DS_NO_CLIPPING = 0.0  # DeepSpeed's "no gradient clipping"; a missing key means clipping at 1.0
+DS_DEFAULT_CLIPPING = 1.0  # DeepSpeed 0.19.8 DeepSpeedConfig: gradient_clipping when the key is missing
 DS_DTYPE = {"fp32": "fp32", "bf16": "bf16", "fp16": "fp16"}
 
 DEEPSPEED_KEYS: tuple[Key, ...] = (
@@ -56,7 +61,7 @@ DEEPSPEED_KEYS: tuple[Key, ...] = (
     Key("grad_accum_steps", "gradient_accumulation_steps"),
     # train_batch_size only when the plan names a global batch (DeepSpeed derives it otherwise).
     Key("global_batch_size", "train_batch_size", omit=None),
-    Key("gradient_clipping", "gradient_clipping", omit=None),
+    Key("gradient_clipping", "gradient_clipping"),
     Key("reduce_dtype", "communication_data_type", omit="auto"),
     Key("optimizer.lr", "optimizer.params.lr"),
     Key("optimizer.weight_decay", "optimizer.params.weight_decay"),

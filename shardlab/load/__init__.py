@@ -11,10 +11,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from shardlab.plan import Plan, bad_input, plan_from_dict
+import json
+
+from shardlab.plan import Passthrough, Plan, bad_input, plan_from_dict
 
 from .accelerate import _from_accelerate
-from .common import parse_data, read_source
+from .common import _plain, parse_data, read_source
 from .deepspeed import _from_deepspeed
 from .translate import translate
 
@@ -31,8 +33,31 @@ def import_config(source: str | Path) -> tuple[Plan, list[str]]:
     if "framework" in data or "sharding" in data:
         raise bad_input(name, f"{name} looks like a shardlab plan (it has framework/sharding), not a DeepSpeed or accelerate config. "
                         "Use it directly: shardlab validate / export / translate.")
+    docs: dict = {}
     if "distributed_type" in data or "compute_environment" in data or "fsdp_config" in data:
-        fields, notes = _from_accelerate(data, folder)
+        docs["accelerate"] = data = _plain(data)
+        fields, notes = _from_accelerate(data, folder, docs)
     else:
+        docs["deepspeed"] = data = _plain(data)
         fields, notes = _from_deepspeed(data)
-    return plan_from_dict(fields), notes
+    plan = plan_from_dict(fields)
+    return carry_into(plan, docs, notes), notes
+
+
+def carry_into(plan: Plan, docs: dict, notes: list[str]) -> Plan:
+    """The plan with what each imported file says beyond it (export/carry.py), and a note listing it."""
+    from shardlab.export import accelerate, deepspeed
+    from shardlab.export.carry import dotted, fingerprint, leaves, reconcile
+
+    pt: dict = {"omit": {}}
+    for tool, doc in docs.items():
+        natural = (deepspeed.natural_config(plan) if tool == "deepspeed" else accelerate.natural_config(plan))
+        keep = (("deepspeed_config", "deepspeed_config_file"),) if tool == "accelerate" else ()
+        pt[tool], omit = reconcile(doc, natural, keep)
+        if omit:
+            pt["omit"][tool] = omit
+        carried = [f"{dotted(p)}={json.dumps(v, default=str)}" for p, v in leaves(pt[tool]) if p not in keep]
+        if carried:
+            notes.append(f"carried unchanged into the plan's passthrough.{tool} (written back on export to {tool}): {', '.join(carried)}.")
+    pt["imported"] = fingerprint(plan.modelled())
+    return plan.model_copy(update={"passthrough": Passthrough.model_validate(pt)})

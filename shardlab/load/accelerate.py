@@ -29,7 +29,9 @@ ACC_LAUNCH_FSDP_KEYS = {"fsdp_version", "fsdp_offload_params", "fsdp_min_num_par
                         "fsdp_activation_checkpointing_offload"}
 
 
-def _from_accelerate(d: dict, folder: Path) -> tuple[dict, list[str]]:
+def _from_accelerate(d: dict, folder: Path | None, docs: dict | None = None) -> tuple[dict, list[str]]:
+    """Plan fields from an accelerate config. `folder` is where deepspeed_config_file is looked for
+    (None: not followed); the DeepSpeed file read goes into `docs['deepspeed']`."""
     unknown = sorted(set(d) - ACC_TOP_KEYS)
     if unknown:
         raise bad_input(unknown[0], f"{', '.join(unknown)}: not an accelerate config key (accelerate's loader refuses the file). Remove it, or check the spelling.")
@@ -57,7 +59,10 @@ def _from_accelerate(d: dict, folder: Path) -> tuple[dict, list[str]]:
     mp = d.get("mixed_precision")
     if mp is None and d.get("fp16") is True:
         mp = "fp16"
-    if mp is not None:
+    ds_file = fields["framework"] == "deepspeed" and bool(_mapping("deepspeed_config", d.get("deepspeed_config")).get("deepspeed_config_file"))
+    if mp is None and not ds_file:
+        fields["precision"] = "fp32"  # accelerate's default mixed_precision is 'no'
+    elif mp is not None:
         prec = _choice("mixed_precision", mp, {"no": "fp32", "bf16": "bf16", "fp16": "fp16", "fp8": "bf16"})
         if str(mp).lower() == "fp8":
             notes.append("mixed_precision=fp8 is not modelled; the plan uses bf16 (fp8 runs its matmuls in fp8 on top of bf16).")
@@ -82,17 +87,17 @@ def _from_accelerate(d: dict, folder: Path) -> tuple[dict, list[str]]:
     if fixed:
         notes.append(f"launch settings at their usual values, not part of the plan: {', '.join(sorted(fixed))}.")
     if launch:
-        notes.append("launch settings not modelled by shardlab (not carried into the plan): "
+        notes.append("launch settings not modelled by shardlab (carried through unchanged): "
                      + ", ".join(f"{k}={v!r}" for k, v in sorted(launch.items())) + ".")
     if fields["framework"] in ("fsdp1", "fsdp2") and kind == "FSDP":
         _fsdp_from_acc(fsdp, par, fields, notes)
     elif fsdp:
         notes.append(f"fsdp_config is ignored with distributed_type={kind} (accelerate ignores it too).")
     if fields["framework"] == "deepspeed":
-        _ds_from_acc(_mapping("deepspeed_config", d.get("deepspeed_config")), folder, fields, notes)
+        _ds_from_acc(_mapping("deepspeed_config", d.get("deepspeed_config")), folder, fields, notes, docs)
     for k in ("megatron_lm_config", "mpirun_config", "fp8_config"):
         if d.get(k):
-            notes.append(f"{k} is not modelled by shardlab (not carried into the plan).")
+            notes.append(f"{k} is not modelled by shardlab (carried through unchanged).")
     return fields, notes
 
 
@@ -118,7 +123,8 @@ def _fsdp_from_acc(c: dict, par: dict, fields: dict, notes: list[str]) -> None:
     shard = _int("parallelism_config_dp_shard_size", par.get(K.ACC_PARALLELISM_PREFIX + "dp_shard_size", -1))
     if v2 and {K.ACC_PARALLELISM_PREFIX + "dp_replicate_size", K.ACC_PARALLELISM_PREFIX + "dp_shard_size"} & set(par):
         # A 2-D mesh: resharding after forward makes it HSDP (hybrid); without, one shard per group is plain ddp.
-        if sharding == "zero3":
+        # Only a shard dimension (e.g. beside tensor parallelism) is plain FSDP over that dimension.
+        if sharding == "zero3" and K.ACC_PARALLELISM_PREFIX + "dp_replicate_size" in par:
             sharding = "hybrid"
         elif shard == 1:
             sharding = "ddp"
@@ -155,15 +161,37 @@ def _fsdp_from_acc(c: dict, par: dict, fields: dict, notes: list[str]) -> None:
         if k in done:
             continue
         why = "is not modelled by shardlab" if k in ACC_LAUNCH_FSDP_KEYS else "is not an `accelerate launch` option, so accelerate ignores it"
-        notes.append(f"fsdp_config.{k}={v!r} {why} (not carried into the plan).")
+        notes.append(f"fsdp_config.{k}={v!r} {why} (carried through unchanged).")
 
 
-def _ds_from_acc(c: dict, folder: Path, fields: dict, notes: list[str]) -> None:
+def _inline_auto_from_acc(c: dict, fields: dict, notes: list[str]) -> None:
+    """Accumulation and clipping of accelerate's inline DeepSpeed flags: left out, they are 'auto'."""
+    auto = fields.setdefault("auto", [])
+    if c.get("gradient_accumulation_steps") in (None, "auto"):
+        auto.append("grad_accum_steps")
+    else:
+        fields["grad_accum_steps"] = _int("deepspeed_config.gradient_accumulation_steps", c["gradient_accumulation_steps"])
+    clip = c.get("gradient_clipping")
+    if clip in (None, "auto"):
+        auto.append("gradient_clipping")
+        fields["gradient_clipping"] = K.DS_DEFAULT_CLIPPING  # accelerate fills 'auto' with 1.0
+    elif _float("deepspeed_config.gradient_clipping", clip) <= 0:
+        fields["gradient_clipping"] = K.DS_DEFAULT_CLIPPING
+        notes.append(f"deepspeed_config.gradient_clipping={clip!r}: accelerate drops a zero and DeepSpeed then clips at 1.0, so the plan says 1.0. "
+                     "To turn clipping off, use a deepspeed_config_file with gradient_clipping: 0.")
+    else:
+        fields["gradient_clipping"] = _float("deepspeed_config.gradient_clipping", clip)
+
+
+def _ds_from_acc(c: dict, folder: Path | None, fields: dict, notes: list[str], docs: dict | None) -> None:
     ref = c.get("deepspeed_config_file")
-    if ref:
+    if ref and folder is not None:
         path = Path(str(ref)) if Path(str(ref)).is_absolute() else folder / str(ref)
         if path.is_file():
-            ds_fields, ds_notes = _from_deepspeed(_mapping(str(ref), parse_data(read_text(path), str(path))), f"{ref}: ")
+            ds_doc = _mapping(str(ref), parse_data(read_text(path), str(path)))
+            if docs is not None:
+                docs["deepspeed"] = ds_doc
+            ds_fields, ds_notes = _from_deepspeed(ds_doc, f"{ref}: ")
             ds_notes = [n for n in ds_notes if "does not name the GPUs" not in n or "topology" not in fields]
             topology = fields.get("topology")
             fields.update(ds_fields)
@@ -186,18 +214,15 @@ def _ds_from_acc(c: dict, folder: Path, fields: dict, notes: list[str]) -> None:
     for key in ("offload_optimizer_nvme_path", "offload_param_nvme_path"):
         if c.get(key) not in (None, "none"):
             fields.setdefault("offload", {}).setdefault("nvme_path", str(c[key]))
-    if c.get("gradient_accumulation_steps") not in (None, "auto"):
-        fields["grad_accum_steps"] = _int("deepspeed_config.gradient_accumulation_steps", c["gradient_accumulation_steps"])
-    if c.get("gradient_clipping") not in (None, "auto"):
-        clip = _float("deepspeed_config.gradient_clipping", c["gradient_clipping"])
-        fields["gradient_clipping"] = clip if clip > 0 else None
+    if not ref:
+        _inline_auto_from_acc(c, fields, notes)
     if "zero3_init_flag" in c:
         fields["low_memory_init"] = _bool("deepspeed_config.zero3_init_flag", c["zero3_init_flag"])
     if "zero3_save_16bit_model" in c and _bool("deepspeed_config.zero3_save_16bit_model", c["zero3_save_16bit_model"]):
         fields["checkpoint"] = "full_16bit"
     for k, v in c.items():
         if k not in K.ACC_DS_COMPOSITE_KEYS and k not in {x.key for x in K.ACC_DS_KEYS}:
-            notes.append(f"deepspeed_config.{k}={v!r} is a launch setting shardlab does not model (not carried into the plan).")
+            notes.append(f"deepspeed_config.{k}={v!r} is a launch setting shardlab does not model (carried through unchanged).")
 
 
 # ---------------------------------------------------------------------------------------------

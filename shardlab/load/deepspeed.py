@@ -10,10 +10,6 @@ from shardlab.plan import Plan, bad_input
 
 from .common import _MISSING, _bool, _choice, _float, _int, _mapping
 
-def _leaf_note(key: str, value: Any) -> str:
-    return f"{key}={json.dumps(value, default=str)} is not modelled by shardlab (not carried into the plan; DeepSpeed's default applies on export)."
-
-
 def _from_deepspeed(d: dict, notes_prefix: str = "") -> tuple[dict, list[str]]:
     fields: dict[str, Any] = {"framework": "deepspeed"}
     notes: list[str] = []
@@ -26,27 +22,7 @@ def _from_deepspeed(d: dict, notes_prefix: str = "") -> tuple[dict, list[str]]:
             used.add(key)
         return v
 
-    for k in K.DEEPSPEED_KEYS:
-        v = get(k.key)
-        if v is _MISSING or v is None:
-            continue
-        default = K.plan_get(Plan(), k.field)
-        if v == "auto" and not k.field.startswith("buckets."):
-            notes.append(f"{k.key}='auto' is filled in by the HF Trainer / accelerate from the training arguments; shardlab uses {k.field}={default}.")
-            continue
-        if k.field.startswith("buckets.") or k.field in ("micro_batch_size", "grad_accum_steps", "global_batch_size"):
-            v = _int(k.key, v, auto=k.field.startswith("buckets."))
-        elif k.field.startswith("zeropp."):
-            v = _bool(k.key, v)
-        elif k.field == "reduce_dtype":
-            v = _choice(k.key, v, {"fp32": "fp32", "fp16": "fp16", "bf16": "bf16", "float32": "fp32", "float16": "fp16", "bfloat16": "bf16"})
-        else:
-            v = _float(k.key, v)
-            if k.field == "gradient_clipping" and v == 0:
-                v = None  # DeepSpeed: 0 turns clipping off
-        if v is not None:
-            K.set_dotted(fields, k.field, v)
-
+    _keys_from_ds(get, fields, notes)
     stage = get(f"{K.ZERO}.stage")
     stage = 0 if stage is _MISSING else _int(f"{K.ZERO}.stage", stage)
     if stage not in K.STAGE_SHARDING:
@@ -77,8 +53,35 @@ def _from_deepspeed(d: dict, notes_prefix: str = "") -> tuple[dict, list[str]]:
         get(key)
 
     _topology_from_ds(fields, notes)
-    notes += [notes_prefix + _leaf_note(key, K.get_dotted(d, key)) for key in K.leaf_keys(d) if key not in used]
     return fields, notes
+
+
+def _keys_from_ds(get, fields: dict, notes: list[str]) -> None:
+    """The one-to-one keys of the table; "auto" puts the field on the plan's `auto` list."""
+    auto = fields.setdefault("auto", [])
+    for k in K.DEEPSPEED_KEYS:
+        v = get(k.key)
+        if v is _MISSING or v is None:
+            if k.field == "gradient_clipping":
+                fields["gradient_clipping"] = K.DS_DEFAULT_CLIPPING  # what DeepSpeed does without the key
+            continue
+        if v == "auto":
+            auto.append(k.field)
+            if k.field == "gradient_clipping":
+                fields["gradient_clipping"] = K.DS_DEFAULT_CLIPPING  # the HF Trainer's max_grad_norm default
+            continue
+        if k.field.startswith("buckets.") or k.field in ("micro_batch_size", "grad_accum_steps", "global_batch_size"):
+            v = _int(k.key, v)
+        elif k.field.startswith("zeropp."):
+            v = _bool(k.key, v)
+        elif k.field == "reduce_dtype":
+            v = _choice(k.key, v, {"fp32": "fp32", "fp16": "fp16", "bf16": "bf16", "float32": "fp32", "float16": "fp16", "bfloat16": "bf16"})
+        else:
+            v = _float(k.key, v)
+            if k.field == "gradient_clipping" and v <= 0:
+                v = None  # DeepSpeed: 0 turns clipping off
+        if v is not None or k.field == "gradient_clipping":
+            K.set_dotted(fields, k.field, v)
 
 
 def _precision_from_ds(d: dict, get, fields: dict, notes: list[str]) -> None:
@@ -86,14 +89,15 @@ def _precision_from_ds(d: dict, get, fields: dict, notes: list[str]) -> None:
     if bf16 is _MISSING:
         bf16 = get("bfloat16.enabled")  # DeepSpeed's older spelling
     fp16 = get("fp16.enabled")
-    if "auto" in (bf16, fp16):
-        notes.append("bf16/fp16 enabled='auto' follow the HF Trainer's --bf16/--fp16 flags; shardlab uses precision="
-                     + ("fp16" if fp16 == "auto" and bf16 is _MISSING else "bf16") + ".")
-        fields["precision"] = "fp16" if fp16 == "auto" and bf16 is _MISSING else "bf16"
-    elif bf16 is not _MISSING and _bool("bf16.enabled", bf16):
+    on = lambda key, v: v not in (_MISSING, "auto", None) and _bool(key, v)  # noqa: E731
+    if on("bf16.enabled", bf16):
         fields["precision"] = "bf16"
-    elif fp16 is not _MISSING and _bool("fp16.enabled", fp16):
+    elif on("fp16.enabled", fp16):
         fields["precision"] = "fp16"
+    elif "auto" in (bf16, fp16):
+        fields["precision"] = "bf16" if bf16 == "auto" else "fp16"
+        fields.setdefault("auto", []).append("precision")
+        notes.append(f"bf16/fp16 enabled='auto' follow the HF Trainer's --bf16/--fp16 flags; estimates assume precision={fields['precision']}.")
     else:
         fields["precision"] = "fp32"
     scale = get("fp16.loss_scale")
@@ -108,10 +112,14 @@ def _precision_from_ds(d: dict, get, fields: dict, notes: list[str]) -> None:
 def _optimizer_from_ds(get, fields: dict, notes: list[str]) -> None:
     kind = get("optimizer.type")
     if kind is _MISSING:
+        fields.setdefault("auto", []).append("optimizer")
+        notes.append("no optimizer block: the training script passes its own optimizer (the plan says optimizer is auto; estimates assume AdamW).")
         return
     names = {v.lower(): k for k, v in K.DS_OPTIMIZER_TYPE.items()}
     if not isinstance(kind, str) or kind.lower() not in names:
-        notes.append(f"optimizer.type={kind!r} is not modelled (shardlab knows AdamW, Adam, SGD); the plan uses adamw.")
+        like = "sgd" if isinstance(kind, str) and kind.lower() in K.DS_ONE_STATE_OPTIMIZERS else "adamw"
+        fields.setdefault("optimizer", {})["name"] = like
+        notes.append(f"optimizer.type={kind!r} is kept as written; shardlab does not run it, and estimates count its states as {like}'s.")
         return
     name = names[kind.lower()]
     w_mode = get(K.DS_ADAM_W_MODE)
