@@ -49,7 +49,18 @@ def cmd_export(a) -> int:
 
     plan = load_plan(a.plan)
     _print_findings(plan.warnings())
-    _write(export(plan, a.to), a.output)
+    _write(export(plan, a.to, resolve=a.resolve), a.output)
+    return 0
+
+
+def cmd_diff(a) -> int:
+    from shardlab.diff import diff, format_table
+
+    result = diff(a.a, a.b)
+    if a.json:
+        print(json.dumps(result, default=str))
+    else:
+        sys.stdout.write(format_table(result))
     return 0
 
 
@@ -146,7 +157,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("plan")
     s.add_argument("--to", required=True, choices=EXPORT_TARGETS)
     s.add_argument("-o", "--output")
+    s.add_argument("--resolve", action="store_true", help="write the values the plan assumes instead of 'auto' (to launch without the HF Trainer)")
     s.set_defaults(fn=cmd_export)
+
+    s = sub.add_parser("diff", help="two configs or plans (any format) compared by meaning, tool defaults applied")
+    s.add_argument("a")
+    s.add_argument("b")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(fn=cmd_diff)
 
     s = sub.add_parser("import", help="DeepSpeed JSON or accelerate YAML -> plan")
     s.add_argument("file")

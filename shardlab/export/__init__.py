@@ -70,8 +70,14 @@ def _exporters() -> dict[str, Callable[[Plan], str]]:
     }
 
 
-def export(plan: Plan, target: str) -> str:
-    """The plan in `target`'s format (one of TARGETS), as text ready to write to a file."""
+def export(plan: Plan, target: str, *, resolve: bool = False) -> str:
+    """The plan in `target`'s format (one of TARGETS), as text ready to write to a file.
+
+    `resolve`: a DeepSpeed file gets the values the plan assumes where it would say "auto"."""
     if target not in TARGETS:
         raise bad_input("--to", f"--to {target!r} is not an export target. Use one of: {', '.join(TARGETS)}.")
+    if resolve and target == "deepspeed":
+        from shardlab.export.deepspeed import export_deepspeed
+
+        return export_deepspeed(plan, resolve=True)
     return _exporters()[target](plan)

@@ -41,6 +41,9 @@ def import_config(source: str | Path) -> tuple[Plan, list[str]]:
         docs["deepspeed"] = data = _plain(data)
         fields, notes = _from_deepspeed(data)
     plan = plan_from_dict(fields)
+    if plan.auto:
+        notes.append("left to the training script ('auto', kept as 'auto' on export): " + ", ".join(plan.auto)
+                     + "; estimates and runs assume " + ", ".join(f"{k}={v}" for k, v in plan.assumed().items()) + ".")
     return carry_into(plan, docs, notes), notes
 
 

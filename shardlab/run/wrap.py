@@ -277,12 +277,13 @@ def _fsdp2(plan: Plan, model: nn.Module, device: str, loss: Callable) -> Trainer
 
 
 def ds_config(plan: Plan, device: str) -> dict:
-    """The DeepSpeed config `shardlab export --to deepspeed` writes, plus what only a real run needs."""
+    """The DeepSpeed config `shardlab export --to deepspeed --resolve` writes, plus what only a real run needs.
+
+    Resolved: every 'auto' takes the value the plan assumes, and "no clipping" stays an explicit 0
+    (DeepSpeed clips at 1.0 when the key is missing)."""
     from shardlab.export.deepspeed import deepspeed_config
 
-    cfg = _drop_auto(deepspeed_config(plan))
-    cfg["train_micro_batch_size_per_gpu"] = plan.micro_batch_size
-    cfg["gradient_accumulation_steps"] = plan.grad_accum_steps
+    cfg = deepspeed_config(plan, resolve=True)
     cfg.pop("train_batch_size", None)  # DeepSpeed derives it from the two above and the world size
     opt = cfg.get("optimizer") or {}
     offloaded = cfg.get("zero_optimization", {}).get("offload_optimizer", {}).get("device", "none") != "none"
@@ -291,13 +292,6 @@ def ds_config(plan: Plan, device: str) -> dict:
         opt.setdefault("params", {})["torch_adam"] = True
     cfg.setdefault("steps_per_print", 1 << 30)  # keep DeepSpeed's own per-step log quiet
     return cfg
-
-
-def _drop_auto(obj):
-    """Keys an exported config leaves as 'auto' (for accelerate to fill) take DeepSpeed's defaults."""
-    if isinstance(obj, dict):
-        return {k: _drop_auto(v) for k, v in obj.items() if v != "auto"}
-    return obj
 
 
 def _merge(base: dict, over: dict) -> dict:
