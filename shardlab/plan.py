@@ -258,7 +258,6 @@ _POSITIVE = (
     ("global_batch_size", lambda p: p.global_batch_size),
     ("buckets.reduce_bucket_size", lambda p: p.buckets.reduce_bucket_size),
     ("buckets.allgather_bucket_size", lambda p: p.buckets.allgather_bucket_size),
-    ("buckets.prefetch_bucket_size", lambda p: p.buckets.prefetch_bucket_size),
 )
 
 
@@ -275,9 +274,14 @@ def positive_sizes(p: Plan):
 
 @rule
 def persistence_threshold_non_negative(p: Plan):
+    out = []
     v = p.buckets.param_persistence_threshold
     if isinstance(v, int) and v < 0:
-        return _err("persistence_threshold_non_negative", "buckets.param_persistence_threshold", f"buckets.param_persistence_threshold={v} is negative; it is a parameter size in elements. Use 0 (shard everything), a positive size, or 'auto'.")
+        out.append(_err("persistence_threshold_non_negative", "buckets.param_persistence_threshold", f"buckets.param_persistence_threshold={v} is negative; it is a parameter size in elements. Use 0 (shard everything), a positive size, or 'auto'."))
+    v = p.buckets.prefetch_bucket_size  # 0 is DeepSpeed's "no prefetch" (ms-swift's ZeRO-3 offload configs use it)
+    if isinstance(v, int) and v < 0:
+        out.append(_err("persistence_threshold_non_negative", "buckets.prefetch_bucket_size", f"buckets.prefetch_bucket_size={v} is negative; it is a size in elements. Use 0 (no prefetch), a positive size, or 'auto'."))
+    return out
 
 
 @rule
