@@ -55,7 +55,7 @@ def _launch_parser_dests() -> set[str]:
     return {a.dest for a in launch_command_parser()._actions}
 
 
-def accelerate_judge(yaml_text: str, ds_json: str | None = None, strict_keys: bool = True) -> dict:
+def accelerate_judge(yaml_text: str, ds_json: str | None = None, strict_keys: bool = True, ds_name: str = "ds_config.json") -> dict:
     """Load the YAML with accelerate's config loader and run `accelerate launch`'s own validation and
     environment builder on it; returns {'config', 'args', 'env', 'plugin'} as accelerate sees them."""
     from accelerate.commands.config.config_args import load_config_from_file
@@ -66,7 +66,7 @@ def accelerate_judge(yaml_text: str, ds_json: str | None = None, strict_keys: bo
         path = Path(tmp, "accelerate_config.yaml")
         path.write_text(yaml_text)
         if ds_json is not None:
-            Path(tmp, "ds_config.json").write_text(ds_json)
+            Path(tmp, ds_name).write_text(ds_json)
         cwd = os.getcwd()
         os.chdir(tmp)  # deepspeed_config_file is relative to where accelerate launch runs
         saved = dict(os.environ)
