@@ -34,6 +34,13 @@ def _print_findings(findings) -> None:
         print(str(f), file=sys.stderr)
 
 
+def _say_assumed(plan) -> None:
+    """Settings left to the training script ('auto'): which value an estimate or run assumed."""
+    if plan.auto:
+        said = ", ".join(f"{k}={v}" for k, v in plan.assumed().items())
+        print(f"note: 'auto' (left to the training script) assumed as {said}", file=sys.stderr)
+
+
 def cmd_validate(a) -> int:
     plan = load_plan(a.plan, check=False)
     found = plan.findings()
@@ -97,8 +104,9 @@ def cmd_estimate(a) -> int:
 
     plan = load_plan(a.plan)
     est = estimate(plan, _model_arg(a), gpu=a.gpu)
+    _say_assumed(plan)
     if a.json:
-        print(json.dumps(est.to_dict()))
+        print(json.dumps({**est.to_dict(), **({"assumed": plan.assumed()} if plan.auto else {})}))
     else:
         print(est.summary())
     return 0
@@ -108,6 +116,7 @@ def cmd_run(a) -> int:
     from shardlab.run.launcher import launch
 
     plan = load_plan(a.plan)
+    _say_assumed(plan)
     run = launch(plan, model=a.model, steps=a.steps, nproc=a.nproc, device=a.device, out=a.out,
                  progress=not a.json, timeout_s=a.timeout)
     try:

@@ -64,6 +64,12 @@ def _settings(plan: Plan) -> dict[str, Any]:
     """The plan's settings, dotted; a setting left to the training script reads 'auto'."""
     flat = _flat(plan.modelled())
     del flat["auto"]
+    if plan.framework == "deepspeed":  # a bucket the tool chooses is DeepSpeed's default size
+        from shardlab.export import keys as K
+
+        for k in K.DEEPSPEED_KEYS:
+            if k.field.startswith("buckets.") and flat.get(k.field) == "auto":
+                flat[k.field] = _default("deepspeed", k.key, plan)
     for name in plan.auto:
         if name == "optimizer":
             flat = {k: v for k, v in flat.items() if not k.startswith("optimizer.")}

@@ -36,13 +36,14 @@ class ConfigBuilder(pn.viewable.Viewer):
         self.memory = MemoryPanel(model=model, gpu=gpu, plan_getter=lambda: self.plan)
         self.summary = pn.pane.HTML("", css_classes=["sl-summary"], sizing_mode="stretch_width")
         self.other_messages = pn.pane.HTML("", visible=False, css_classes=["sl-other-messages"], sizing_mode="stretch_width")
+        self.carried = pn.pane.HTML("", visible=False, css_classes=["sl-carried"], sizing_mode="stretch_width")
         self._build_import()
         self.param.watch(lambda ev: self._refresh(), "plan")
         self._refresh()
         self._layout = pn.Column(
             pn.pane.Markdown("## Plan builder", margin=(0, 10)),
             pn.Row(
-                pn.Column(self.summary, self.other_messages, self.form.layout, sizing_mode="stretch_width"),
+                pn.Column(self.summary, self.other_messages, self.carried, self.form.layout, sizing_mode="stretch_width"),
                 pn.Column(self.memory.layout, self.previews.layout, self.import_box, width=620),
                 sizing_mode="stretch_width",
             ),
@@ -111,6 +112,8 @@ class ConfigBuilder(pn.viewable.Viewer):
         self.summary.object = f"{text} {plan.framework} · {plan.sharding} · {plan.precision} · world size {plan.world_size}"
         other = "".join(f"<div>{'✖' if f.level == 'error' else '⚠'} {f.field}: {f.message}</div>" for f in leftover)
         self.other_messages.param.update(object=other, visible=bool(other))
+        carried = carried_html(plan)
+        self.carried.param.update(object=carried, visible=bool(carried))
         self.previews.refresh()
         self.memory.refresh()
 
@@ -151,4 +154,22 @@ class ConfigBuilder(pn.viewable.Viewer):
 
 def _esc(s: str) -> str:
     return html.escape(s)
+
+
+def carried_html(plan: Plan) -> str:
+    """Read-only lists: settings left to the training script, and keys carried for each tool's export."""
+    import json
+
+    from shardlab.export.carry import dotted, leaves
+
+    parts = []
+    if plan.auto:
+        items = "".join(f"<li>{_esc(k)}: auto (estimates assume {_esc(json.dumps(v, default=str))})</li>" for k, v in plan.assumed().items())
+        parts.append(f"<div><b>Left to the training script</b> (exported as \"auto\")</div><ul>{items}</ul>")
+    for tool in ("deepspeed", "accelerate"):
+        keys = [(dotted(p), v) for p, v in leaves(getattr(plan.passthrough, tool))]
+        if keys:
+            items = "".join(f"<li><code>{_esc(k)}</code> = {_esc(json.dumps(v, default=str))}</li>" for k, v in keys)
+            parts.append(f"<div><b>Carried for the {tool} export</b> (not modelled by shardlab; written back unchanged)</div><ul>{items}</ul>")
+    return "".join(parts)
 

@@ -43,6 +43,8 @@ def with_value(plan: Plan, path: str, value: Any) -> Plan:
     for part in parts[:-1]:
         node = node[part]
     node[parts[-1]] = value
+    # A value typed in is the person's own decision: the setting is no longer left to the training script.
+    data["auto"] = [a for a in data.get("auto", []) if a != path and not (a == "optimizer" and path.startswith("optimizer."))]
     return plan_from_dict(data, check=False)
 
 
