@@ -37,6 +37,7 @@ CASES = [
     ("full_16bit_is_deepspeed_zero3", {"framework": "fsdp2", "checkpoint": "full_16bit"}, "error", "checkpoint", ["full_16bit", "checkpoint: full"]),
     ("dtype_mismatch", {"precision": "bf16", "reduce_dtype": "fp16"}, "warning", "reduce_dtype", ["reduce_dtype=fp16"]),
     ("nothing_to_shard", {"sharding": "zero3"}, "warning", "sharding", ["world size of 1"]),
+    ("auto_assumed", {"framework": "deepspeed", "micro_batch_size": "auto", "topology": {"gpus_per_node": 2}}, "warning", "micro_batch_size", ["left to the training script", "assume micro_batch_size=1"]),
     ("ignored_knobs", {"framework": "fsdp2", "buckets": {"reduce_bucket_size": 5_000_000}, "topology": {"gpus_per_node": 2}}, "warning", "buckets.reduce_bucket_size", ["DeepSpeed knob"]),
     ("ignored_knobs", {"framework": "deepspeed", "forward_prefetch": True, "topology": {"gpus_per_node": 2}}, "warning", "forward_prefetch", ["FSDP knob"]),
 ]

@@ -103,7 +103,7 @@ def _from_accelerate(d: dict, folder: Path | None, docs: dict | None = None) -> 
 
 def _fsdp_from_acc(c: dict, par: dict, fields: dict, notes: list[str]) -> None:
     v2 = fields["framework"] == "fsdp2"
-    for k in K.ACC_FSDP_KEYS + K.ACC_FSDP1_ONLY_KEYS:
+    for k in K.ACC_FSDP_KEYS + (() if v2 else K.ACC_FSDP1_ONLY_KEYS):  # accelerate's FSDP2 ignores the FSDP1-only ones
         if k.key in c:
             K.set_dotted(fields, k.field, _bool(f"fsdp_config.{k.key}", c[k.key]))
     strategy = c.get("fsdp_reshard_after_forward", c.get("fsdp_sharding_strategy", True if v2 else "FULL_SHARD"))
@@ -156,7 +156,7 @@ def _fsdp_from_acc(c: dict, par: dict, fields: dict, notes: list[str]) -> None:
         fields["checkpoint"] = sd
     if "fsdp_use_orig_params" in c and not _bool("fsdp_config.fsdp_use_orig_params", c["fsdp_use_orig_params"]):
         notes.append("fsdp_use_orig_params=false is not modelled; shardlab's exports use true (needed by torch.compile and parameter groups).")
-    done = {k.key for k in K.ACC_FSDP_KEYS + K.ACC_FSDP1_ONLY_KEYS} | set(K.ACC_FSDP_COMPOSITE_KEYS)
+    done = {k.key for k in K.ACC_FSDP_KEYS + (() if v2 else K.ACC_FSDP1_ONLY_KEYS)} | set(K.ACC_FSDP_COMPOSITE_KEYS)
     for k, v in c.items():
         if k in done:
             continue
