@@ -111,9 +111,10 @@ def rates_from(cal: dict, where: str = "") -> Rates:
     base = Rates()
     return base.with_(
         mm_eff={**base.mm_eff, **r.get("mm_eff", {})}, attn_eff={**base.attn_eff, **r.get("attn_eff", {})},
-        hbm_eff=r.get("hbm_eff", base.hbm_eff), launch_s=r.get("launch_s", base.launch_s),
+        hbm_eff=r.get("hbm_eff", base.hbm_eff), attn_t0=r.get("attn_t0", base.attn_t0),
+        align_eff=r.get("align_eff", base.align_eff), launch_s=r.get("launch_s", base.launch_s),
         fsdp_unit_s=r.get("fsdp_unit_s", base.fsdp_unit_s), host_scale=r.get("host_scale", 1.0),
-        gpu_scale=r.get("gpu_scale", 1.0), calibrated=True,
+        gpu_scale=r.get("gpu_scale", 1.0), host_fit=r.get("host_fit", 1.0), calibrated=True,
         source=f"calibration {cal['key'].get('gpu')} ({cal.get('source', 'microbench')}, {cal.get('date', '?')}){' ' + where if where else ''}")
 
 
@@ -184,7 +185,7 @@ def fit_from_runs(observations: list[dict], gpu: GPU, base: Rates | None = None)
     grid = [2 ** (i / 8) for i in range(-16, 25)]
 
     def err(g: float, h: float) -> float:
-        r = base.with_(gpu_scale=base.gpu_scale * g, host_scale=base.host_scale * h)
+        r = base.with_(gpu_scale=base.gpu_scale * g, host_fit=base.host_fit * h)
         e = 0.0
         for o in observations:
             pred = estimate(o["plan"], o["model"], gpu=gpu, rates=r).time["step_time_s"]
@@ -200,7 +201,7 @@ def fit_from_runs(observations: list[dict], gpu: GPU, base: Rates | None = None)
         best = min(((err(g0 * a, h0 * b), g0 * a, h0 * b) for a in fine for b in fine))
     before = err(1.0, 1.0)
     _, g, h = best
-    return {"gpu_scale": base.gpu_scale * g, "host_scale": base.host_scale * h,
+    return {"gpu_scale": base.gpu_scale * g, "host_fit": base.host_fit * h,
             "rms_log_error_before": math.sqrt(before / len(observations)),
             "rms_log_error_after": math.sqrt(best[0] / len(observations))}
 
@@ -229,7 +230,7 @@ def calibrate_from_runs(run_dirs: list[str | Path], gpu: GPU | str | None = None
         base = rates_from(prior) if prior else Rates()
         fit = fit_from_runs(group, g, base)
         cal = {"version": VERSION, "key": key_for(g.name), "source": "runs", "date": time.strftime("%Y-%m-%d"),
-               "rates": {**(prior or {}).get("rates", {}), "gpu_scale": fit["gpu_scale"], "host_scale": fit["host_scale"]},
+               "rates": {**(prior or {}).get("rates", {}), "gpu_scale": fit["gpu_scale"], "host_fit": fit["host_fit"]},
                "fit": {**fit, "runs": [o["dir"] for o in group], "median_measured_s": statistics.median(o["measured_s"] for o in group)}}
         if prior:
             cal["microbench"] = prior.get("microbench")
@@ -261,7 +262,7 @@ def cli_calibrate(a) -> int:
         else:
             print(f"read {out['runs_read']} run(s), used {out['runs_used']} completed one(s) with step times")
             for c in out["calibrations"]:
-                print(f"  {c['device']}: {c['runs']} run(s), gpu x{c['gpu_scale']:.3f}, host x{c['host_scale']:.3f}; "
+                print(f"  {c['device']}: {c['runs']} run(s), gpu x{c['gpu_scale']:.3f}, host x{c['host_fit']:.3f}; "
                       f"rms log error {c['rms_log_error_before']:.3f} -> {c['rms_log_error_after']:.3f}; wrote {c['path']}")
         return 0
     try:

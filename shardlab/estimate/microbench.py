@@ -4,8 +4,8 @@
   no TF32); each shape's efficiency is its measured rate over the rate steptime.py's shape curve
   gives at efficiency 1 (data sheet peak x tile and wave quantization x K/(K+K_HALF)); the median is
   the calibrated `mm_eff`.
-- attention: SDPA (causal) forward + backward at three shapes -> `attn_eff` (flash FLOPs counted as
-  stepwork.py counts them, over the peak x the head-dim factor).
+- attention: SDPA (causal) forward + backward at four shapes -> `attn_eff` and `attn_t0` (flash FLOPs
+  counted as stepwork.py counts them; steptime.attention_eff's curve fitted by `fit_rates`).
 - HBM: a 1 GiB copy and an in-place add -> `hbm_eff` (achieved / data sheet).
 - host: the runner's model (run/gpt.py) at a size where the GPU's work is negligible, plain and
   wrapped with FSDP2 `fully_shard` on a one-rank group: seconds per counted kernel (`launch_s`) and
@@ -19,9 +19,11 @@ import statistics
 import time
 
 MM_SHAPES = [(8192, 2048, 2048), (8192, 2048, 8192), (8192, 8192, 2048), (4096, 4096, 4096), (8192, 4096, 14336),
-             (4096, 4096, 32000), (2048, 768, 768), (2048, 768, 3072), (16384, 1024, 1024), (1024, 256, 1024)]
+             (4096, 4096, 32000), (2048, 768, 768), (2048, 768, 3072), (16384, 1024, 1024), (1024, 256, 1024),
+             (8192, 768, 50257)]  # the last is unaligned (GPT-2's vocabulary): ALIGN_EFF
+MIN_FIT_FLOPS = 2e10  # smaller GEMMs are launch-bound in a Python loop; they inform nothing about the rate
 FP32_SHAPES = [(8192, 2048, 2048), (4096, 4096, 4096), (2048, 768, 3072), (8192, 2048, 8192)]
-ATTN_SHAPES = [(4, 16, 2048, 128), (1, 32, 4096, 128), (8, 12, 1024, 64)]
+ATTN_SHAPES = [(4, 16, 2048, 128), (1, 32, 4096, 128), (8, 12, 1024, 64), (2, 16, 4096, 64)]
 
 
 def _time_cuda(fn, reps: int, warm: int = 2) -> float:
@@ -53,21 +55,17 @@ def _shape_rate(gpu, m, k, n, precision) -> float:
 def matmuls(gpu) -> dict:
     import torch
 
-    points, eff = [], {}
+    points = []
     for precision, dtype, shapes in (("bf16", torch.bfloat16, MM_SHAPES), ("fp32", torch.float32, FP32_SHAPES)):
-        es = []
         for m, k, n in shapes:
             a, b = torch.randn(m, k, device="cuda", dtype=dtype), torch.randn(k, n, device="cuda", dtype=dtype)
             flops = 2.0 * m * k * n
             reps = max(3, min(50, int(2e13 / flops))) if precision == "bf16" else max(2, min(10, int(1e12 / flops)))
             t = _time_cuda(lambda: torch.mm(a, b), reps)
             e = flops / t / _shape_rate(gpu, m, k, n, precision)
-            es.append(e)
             points.append({"dtype": precision, "m": m, "k": k, "n": n, "tflops": flops / t / 1e12, "eff": e})
             del a, b
-        eff[precision] = statistics.median(es)
-    eff["fp16"] = eff["bf16"]
-    return {"mm_eff": eff, "points": points}
+    return {"points": points}
 
 
 def attention(gpu) -> dict:
@@ -76,9 +74,8 @@ def attention(gpu) -> dict:
 
     from .stepwork import ATTN_BWD_FACTOR
 
-    out, points = {}, []
+    points = []
     for precision, dtype, shapes in (("bf16", torch.bfloat16, ATTN_SHAPES), ("fp32", torch.float32, ATTN_SHAPES[:1])):
-        es = []
         for b, h, t, hd in shapes:
             q, k, v = (torch.randn(b, h, t, hd, device="cuda", dtype=dtype, requires_grad=True) for _ in range(3))
             g = torch.randn(b, h, t, hd, device="cuda", dtype=dtype)
@@ -87,15 +84,50 @@ def attention(gpu) -> dict:
                 y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
                 y.backward(g)
 
-            sec = _time_cuda(step, 5 if precision == "bf16" else 2, warm=1)
+            sec = _time_cuda(step, 5 if precision == "bf16" else 2, warm=3)
             flops = 2.0 * b * t * t * h * hd * (1 + ATTN_BWD_FACTOR)
-            hdf = min(1.0, (hd / 128) ** 0.4)
-            e = flops / sec / (gpu.peak_tflops(precision) * 1e12 * hdf)
-            es.append(e)
+            e = flops / sec / (gpu.peak_tflops(precision) * 1e12)
             points.append({"dtype": precision, "shape": [b, h, t, hd], "tflops": flops / sec / 1e12, "eff": e})
-        out[precision] = statistics.median(es)
-    out["fp16"] = out["bf16"]
-    return {"attn_eff": out, "points": points}
+    return {"points": points}
+
+
+def fit_rates(mm_points: list, attn_points: list) -> dict:
+    """Rates from measured points: matmul efficiency = median over aligned GEMMs of at least
+    MIN_FIT_FLOPS; ALIGN_EFF from unaligned ones; attention's (A, T0) by the T0 that makes the
+    points' implied A agree best (median absolute log deviation: one bad point cannot pull it)."""
+    import math
+
+    out: dict = {}
+    mm = {}
+    for dt in ("bf16", "fp32"):
+        pts = [p for p in mm_points if p["dtype"] == dt and 2.0 * p["m"] * p["k"] * p["n"] >= MIN_FIT_FLOPS]
+        ok = [p["eff"] for p in pts if not (p["m"] % 8 or p["k"] % 8 or p["n"] % 8)]
+        if ok:
+            mm[dt] = statistics.median(ok)
+        bad = [p["eff"] for p in pts if p["m"] % 8 or p["k"] % 8 or p["n"] % 8]
+        if bad and dt == "bf16" and ok:
+            out["align_eff"] = statistics.median(bad) / mm[dt]
+    if mm:
+        out["mm_eff"] = {**mm, "fp16": mm.get("bf16")} if "bf16" in mm else mm
+    bf = [p for p in attn_points if p["dtype"] == "bf16"]
+    if bf:
+        def implied(p, t0):
+            _, _, t, hd = p["shape"]
+            return p["eff"] / (t / (t + t0) * min(1.0, (hd / 128) ** 0.4))
+
+        def spread(t0):
+            logs = [math.log(implied(p, t0)) for p in bf]
+            med = statistics.median(logs)
+            return sum(abs(x - med) for x in logs)
+
+        t0 = min(range(0, 4001, 25), key=spread)
+        attn = {"bf16": statistics.median(implied(p, t0) for p in bf)}
+        f32 = [implied(p, t0) for p in attn_points if p["dtype"] == "fp32"]
+        if f32:
+            attn["fp32"] = statistics.median(f32)
+        attn["fp16"] = attn["bf16"]
+        out.update(attn_eff=attn, attn_t0=t0)
+    return out
 
 
 def bandwidth(gpu) -> dict:
@@ -195,8 +227,9 @@ def measure(gpu=None) -> dict:
             return {}
 
     mm, at, bw, hs = attempt(matmuls, g), attempt(attention, g), attempt(bandwidth, g), attempt(host)
-    rates = {k: v for k, v in (("mm_eff", mm.get("mm_eff")), ("attn_eff", at.get("attn_eff")), ("hbm_eff", bw.get("hbm_eff")),
-                               ("launch_s", hs.get("launch_s")), ("fsdp_unit_s", hs.get("fsdp_unit_s"))) if v is not None}
+    rates = fit_rates(mm.get("points", []), at.get("points", []))
+    rates.update({k: v for k, v in (("hbm_eff", bw.get("hbm_eff")), ("launch_s", hs.get("launch_s")),
+                                    ("fsdp_unit_s", hs.get("fsdp_unit_s"))) if v is not None})
     if "launch_s" in hs:
         rates["host_scale"] = hs["launch_s"] / DEFAULT_LAUNCH_S
     return {"version": VERSION, "key": key_for(g.name),

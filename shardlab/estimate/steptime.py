@@ -36,32 +36,49 @@ from .stepwork import Work, work
 
 BARE_SEQ_LEN = 2048  # a bare count has no sequence length; step time assumes this many tokens/sequence
 
-# --- GPU rates when no calibration exists: fractions of the data sheet. Measured by `shardlab
+# --- GPU rates when no calibration exists: fractions of the data sheet, measured by `shardlab
 # calibrate` on one H200 (2026-12-01, torch 2.11 + CUDA 13; benchmarks/results/calibration_h200.json):
-# the asymptote of the matmul grid, SDPA forward+backward, and a large elementwise copy.
-DEFAULT_MM_EFF = {"bf16": 0.76, "fp16": 0.76, "fp32": 0.80}
-DEFAULT_ATTN_EFF = {"bf16": 0.42, "fp16": 0.42, "fp32": 0.30}
-DEFAULT_HBM_EFF = 0.82
-DEFAULT_LAUNCH_S = 12e-6  # host time per eager kernel (dispatch + autograd), calibrate's tiny-op loop
+# MM_EFF the median efficiency of the compute-bound matmul grid (bf16 0.73-0.81, fp32 0.76-0.81);
+# HBM_EFF a 1 GiB copy and add (4.31 TB/s of 4.8); ATTN_EFF and ATTN_T0 flash attention's rate
+# A x T/(T + T0) x (head_dim/128)^0.4, solved from SDPA at (T 4096, hd 128): 0.41 and (T 1024, hd 64):
+# 0.18 of the bf16 peak, fp32 (mem-efficient kernel) 0.50 at T 2048.
+DEFAULT_MM_EFF = {"bf16": 0.79, "fp16": 0.79, "fp32": 0.80}
+DEFAULT_ATTN_EFF = {"bf16": 0.535, "fp16": 0.535, "fp32": 0.80}
+ATTN_T0 = 1250
+DEFAULT_HBM_EFF = 0.90
+# ALIGN_EFF: a GEMM whose dimension is not a multiple of 16 bytes (GPT-2's vocabulary 50257 in bf16)
+# cannot use the aligned tensor-core kernels (NVIDIA's matmul performance guide); this share of the
+# aligned rate, fitted to the H200 probe's gpt-125m micro-batch 8 step (steptime_probe_h200.json),
+# checked on its gpt-350m FSDP1 row.
+ALIGN_EFF = 0.12
+# Host: DEFAULT_LAUNCH_S, seconds per kernel stepwork.py counts (dispatch, autograd, launch), and
+# FSDP_UNIT_S, FSDP2's hooks per unit per micro-step (all-gather/reduce-scatter issue, copy-in/out),
+# both from calibrate's tiny-model steps on the H200 host (plain 14.8 ms, FSDP2 32.0 ms, 9 units).
+DEFAULT_LAUNCH_S = 41e-6
+FSDP_UNIT_S = 1.9e-3
 KERNEL_FLOOR_S = 2.5e-6  # a kernel's shortest time on the GPU
 TILE = 128  # cuBLAS Hopper/Ampere output tile (rows and columns) for the quantization factors
 K_HALF = 96  # K at which a GEMM's main loop reaches half its rate (prologue/epilogue per tile)
 
-# --- framework host costs. FSDP_UNIT_S: FSDP2's per-unit hooks (all-gather/reduce-scatter issue,
-# copy-in/out) per micro-step, from calibrate's FSDP2 step of a small many-layer model on the H200.
-# DeepSpeed, from the H100 profile in docs/benchmarks.md (zero3_gap_h100.json, gpt-1b, mb 4):
-# ZeRO-3 gradient hooks 30 ms over 197 parameter tensors -> DS3_PARAM_S; the host time left after
-# them and the kernel launches (157 ms per step, solved from the mb 4 / mb 8 step times 188.5 and
-# 247.1 ms with the GPU's work equal to FSDP2's) over 150 modules -> DS3_MODULE_S; ZeRO-1/2: 3,370
-# launches per step, about 14 per parameter tensor, and a Python gradient hook -> DS12_PARAM_S.
-FSDP_UNIT_S = 0.35e-3
+# --- DeepSpeed host costs, from the H100 profile in docs/benchmarks.md (zero3_gap_h100.json,
+# gpt-1b, micro-batch 4): ZeRO-3's gradient hooks took 30 ms over 197 parameter tensors ->
+# DS3_PARAM_S; the host time per step (157 ms, solved from the micro-batch 4 / 8 step times 188.5 and
+# 247.1 ms with the GPU's work equal to FSDP2's) less those and 606 kernels x DEFAULT_LAUNCH_S, over
+# 150 modules -> DS3_MODULE_S (fires again in the recomputed forward under activation checkpointing:
+# DS3_RECOMPUTE). ZeRO-1/2: 3,370 launches per step (about 14 per parameter tensor) and a Python
+# gradient hook, fitted to the ZeRO-1/2 rows without checkpointing (138.7-141.7 ms), checked on the
+# rows with it (gpu_validate_h100*.json). HOST_SCALE_REF: the launch cost these were measured
+# against; a calibration rescales them by its own launch cost.
 DS3_PARAM_S = 150e-6
-DS3_MODULE_S = 0.8e-3
-DS12_PARAM_S = 0.25e-3
-# SERIAL: share of min(gpu, host) left exposed by synchronisations (DeepSpeed ZeRO-3: 25
-# cudaStreamSynchronize per step; solved with DS3_MODULE_S from the same two H100 step times);
-# FSDP synchronises once per step (the worker's loss.item()).
-SERIAL = {"fsdp": 0.03, "deepspeed": 0.27}
+DS3_MODULE_S = 0.68e-3
+DS3_RECOMPUTE = 0.5
+DS12_PARAM_S = 0.35e-3
+# SERIAL: share of min(gpu, host) left exposed by synchronisations. DeepSpeed ZeRO-3 (25
+# cudaStreamSynchronize per step): solved with DS3_MODULE_S from the same two H100 step times. FSDP
+# synchronises once per step (the worker's loss.item()), so each step starts with an empty queue and
+# the host-bound stretches (norms, hooks) are not hidden: fitted to the H200 probe's FSDP rows
+# (steptime_probe_h200.json), checked on the H100 FSDP rows.
+SERIAL = {"fsdp": 0.15, "deepspeed": 0.27}
 OVERLAP = 0.8  # at most this share of the GPU's work can hide prefetched / overlapped collectives
 COLLECTIVE_LATENCY_S = {"intra": 20e-6, "inter": 50e-6}
 CPU_ADAM_PARAMS_PER_S = 2.5e9  # DeepSpeed CPU Adam, parameters per second per node (H100 offload rows: 78-92 TFLOPS)
@@ -81,11 +98,14 @@ class Rates:
 
     mm_eff: dict = field(default_factory=lambda: dict(DEFAULT_MM_EFF))
     attn_eff: dict = field(default_factory=lambda: dict(DEFAULT_ATTN_EFF))
+    attn_t0: float = ATTN_T0
+    align_eff: float = ALIGN_EFF
     hbm_eff: float = DEFAULT_HBM_EFF
     launch_s: float = DEFAULT_LAUNCH_S
     fsdp_unit_s: float = FSDP_UNIT_S
     host_scale: float = 1.0  # CPU speed vs the machines the DeepSpeed hook costs were measured on
-    gpu_scale: float = 1.0  # refit from runs (calibrate --from-runs)
+    gpu_scale: float = 1.0  # refit from runs (calibrate --from-runs): the GPU's work
+    host_fit: float = 1.0  # refit from runs: all host time
     calibrated: bool = False
     source: str = "defaults (GPU table data sheet, documented efficiencies)"
 
@@ -93,7 +113,10 @@ class Rates:
         return replace(self, **kw)
 
 
-def _gemm_time(m: int, k: int, n: int, count: int, peak: float, eff: float, bw: float, P: int, sms: int) -> float:
+def _gemm_time(m: int, k: int, n: int, count: int, peak: float, eff: float, bw: float, P: int, sms: int,
+               align_eff: float = ALIGN_EFF) -> float:
+    if P == 2 and (m % 8 or k % 8 or n % 8):  # 16-byte alignment of 2-byte tensor-core operands
+        eff *= align_eff
     tiles_m, tiles_n = math.ceil(m / TILE), math.ceil(n / TILE)
     tiles = tiles_m * tiles_n
     tile_q = (m * n) / (tiles * TILE * TILE)
@@ -110,20 +133,25 @@ _GEMM_CACHE: dict[tuple, tuple[float, float]] = {}
 def gpu_work_time(w: Work, gpu: GPU, precision: str, P: int, r: Rates) -> tuple[float, float, float]:
     """(matmul_s, attention_s, memory_s) of one micro-step's forward + backward."""
     key = (id(w), gpu.name, gpu.bf16_tflops, gpu.fp32_tflops, gpu.hbm_bw, gpu.sms, precision, r.mm_eff.get(precision),
-           r.attn_eff.get(precision), r.hbm_eff)
+           r.attn_eff.get(precision), r.hbm_eff, r.attn_t0, r.align_eff)
     got = _GEMM_CACHE.get(key)
     if got is not None and got[0] is w:
         return got[1]
     peak = gpu.peak_tflops(precision) * 1e12
     bw = gpu.hbm_bw * r.hbm_eff
     eff = r.mm_eff.get(precision, DEFAULT_MM_EFF["bf16"])
-    mm = sum(_gemm_time(g.m, g.k, g.n, g.count, peak, eff, bw, P, gpu.sms) for g in w.gemms)
-    hd = min(1.0, (w.head_dim / 128) ** 0.4)
-    attn = w.attn_flops / (peak * r.attn_eff.get(precision, DEFAULT_ATTN_EFF["bf16"]) * hd) if w.attn_flops else 0.0
+    mm = sum(_gemm_time(g.m, g.k, g.n, g.count, peak, eff, bw, P, gpu.sms, r.align_eff) for g in w.gemms)
+    a_eff = attention_eff(r.attn_eff.get(precision, DEFAULT_ATTN_EFF["bf16"]), w.seq, w.head_dim, r.attn_t0)
+    attn = w.attn_flops / (peak * a_eff) if w.attn_flops else 0.0
     mem = (w.mem_elems * P + w.mem_bytes_fixed) / bw + w.kernels * KERNEL_FLOOR_S
     out = (mm, attn, mem)
     _GEMM_CACHE[key] = (w, out)
     return out
+
+
+def attention_eff(a: float, seq: int, head_dim: int, t0: float = ATTN_T0) -> float:
+    """Flash attention's share of the peak: A x T/(T + T0) x min(1, head_dim/128)^0.4."""
+    return a * seq / (seq + t0) * min(1.0, (head_dim / 128) ** 0.4)
 
 
 def optimizer_bytes(plan: Plan, s: Setup, local: int) -> float:
@@ -152,13 +180,14 @@ def host_time(plan: Plan, s: Setup, w: Work, r: Rates) -> float:
     if not s.ds:
         micro += w.units * r.fsdp_unit_s * (1 if s.stage != "ddp" else 0.3)
         opt = (8 * max(1, w.param_tensors // 64) + 10) * r.launch_s  # foreach launches in chunks
-        return (micro * s.micro_steps + opt) * r.host_scale
+        return (micro * s.micro_steps + opt) * r.host_fit
+    ac = DS3_RECOMPUTE if plan.activation_checkpointing else 0.0
     if s.stage == "zero3":
-        micro += w.modules * DS3_MODULE_S + w.param_tensors * DS3_PARAM_S
+        hooks = w.modules * DS3_MODULE_S * (1 + ac) + w.param_tensors * DS3_PARAM_S
     else:
-        micro += w.param_tensors * DS12_PARAM_S
+        hooks = w.param_tensors * DS12_PARAM_S
     opt = w.param_tensors * 4 * r.launch_s  # per-parameter norm kernels every step
-    return (micro * s.micro_steps + opt) * r.host_scale
+    return ((micro + hooks * r.host_scale) * s.micro_steps + opt) * r.host_fit
 
 
 def _comm_time(s: Setup, gpu: GPU, wire: dict, w: Work) -> float:

@@ -55,6 +55,7 @@ class Work:
     """One micro-step's work on one GPU (forward + backward, no optimizer)."""
 
     tokens: int
+    seq: int
     gemms: tuple[Gemm, ...]
     attn_flops: float
     head_dim: int
@@ -121,7 +122,7 @@ def _shaped(spec: ModelSpec, mb: int, seq: int, P: int, ac: bool) -> Work:
         modules, params, top_m, top_p = 9, 12, 6, 5
     else:
         modules, params, top_m, top_p = (14, 7, 6, 3) if impl == "hf" else (10, 7, 5, 3)
-    return Work(n, tuple(gemms), attn, spec.head_dim, mem, fixed, kernels, L * modules + top_m, L * params + top_p, L + 1)
+    return Work(n, seq, tuple(gemms), attn, spec.head_dim, mem, fixed, kernels, L * modules + top_m, L * params + top_p, L + 1)
 
 
 def _bare(spec: ModelSpec, mb: int, seq: int) -> Work:
@@ -130,4 +131,4 @@ def _bare(spec: ModelSpec, mb: int, seq: int) -> Work:
     k = 4096
     cols = max(1, spec.params // k)
     units = max(1, spec.wrap_unit_count) + 1
-    return Work(n, (Gemm(n, k, cols, 3),), 0.0, 128, 0.0, 0.0, 40 * units, 10 * units, 8 * units, units, bare=True)
+    return Work(n, seq, (Gemm(n, k, cols, 3),), 0.0, 128, 0.0, 0.0, 40 * units, 10 * units, 8 * units, units, bare=True)
