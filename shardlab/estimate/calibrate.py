@@ -265,12 +265,16 @@ def cli_calibrate(a) -> int:
                 print(f"  {c['device']}: {c['runs']} run(s), gpu x{c['gpu_scale']:.3f}, host x{c['host_fit']:.3f}; "
                       f"rms log error {c['rms_log_error_before']:.3f} -> {c['rms_log_error_after']:.3f}; wrote {c['path']}")
         return 0
-    try:
-        import torch
+    from shardlab.run.host import gpu_count
 
-        has_gpu = torch.cuda.is_available()
-    except ImportError:
-        has_gpu = False
+    has_gpu = gpu_count() > 0  # NVML: no torch import to find there is nothing to measure
+    if has_gpu:
+        try:
+            import torch
+
+            has_gpu = torch.cuda.is_available()
+        except ImportError:
+            has_gpu = False
     if not has_gpu:
         print("error: no CUDA GPU on this machine: `shardlab calibrate` measures a GPU. Run it where the GPU is, "
               "or refit from recorded runs with `shardlab calibrate --from-runs DIR`.", file=sys.stderr)
