@@ -28,6 +28,8 @@ SHAPES = {
     "llama-3b-128k": dict(layers=28, hidden=3072, heads=24, kv_heads=8, ffn_hidden=8192, vocab=128256, seq_len=4096, family="llama"),
     "gpt-760m": dict(layers=24, hidden=1536, heads=16, vocab=50257, seq_len=2048),
     "gpt-350m": dict(layers=24, hidden=1024, heads=16, vocab=50257, seq_len=1024),
+    "llama-wide": dict(layers=8, hidden=4096, heads=32, kv_heads=8, ffn_hidden=14336, vocab=32000, seq_len=2048, family="llama"),
+    "gpt-2.5b-aligned": dict(layers=8, hidden=2560, heads=20, vocab=50304, seq_len=2048),
 }
 # (name, shape, framework, sharding, precision, micro batch, activation checkpointing)
 CONFIGS = [
@@ -39,6 +41,13 @@ CONFIGS = [
     ("llama3b128k-mb1", "llama-3b-128k", "fsdp2", "zero3", "bf16", 1, False),
     ("gpt760m-fp32-mb2", "gpt-760m", "fsdp2", "zero3", "fp32", 2, False),
     ("gpt350m-fsdp1-mb8", "gpt-350m", "fsdp1", "zero2", "bf16", 8, False),
+    # second probe (after the constants above were fitted): held out for ALIGN_EFF and SERIAL
+    ("gpt350m-fsdp2-mb4", "gpt-350m", "fsdp2", "zero3", "bf16", 4, False),
+    ("gpt125m-zero2-mb4", "gpt-125m", "fsdp2", "zero2", "bf16", 4, False),
+    ("llamawide-mb2", "llama-wide", "fsdp2", "zero3", "bf16", 2, False),
+    ("gpt2.5b-fsdp1-ac-mb4", "gpt-2.5b-aligned", "fsdp1", "zero3", "bf16", 4, True),
+    ("llama1b128k-fp32-mb1", "llama-1b-128k", "fsdp2", "zero3", "fp32", 1, False),
+    ("gpt760m-mb2", "gpt-760m", "fsdp2", "zero3", "bf16", 2, False),
 ]
 
 
