@@ -1,7 +1,7 @@
 """Predicted vs measured tokens/s on every recorded GPU row, without and with a calibration.
 
 Rows: the H100 matrix (gpu_validate_h100*.json, zero3_gap_h100.json: gpt-1b, micro-batch 4 or 8),
-the H200 probe (steptime_probe_h200.json) and the runner matrices of issue 13 when present
+the H200 probes (steptime_probe_h200.json; each probe on its own lent machine, calibrated there) and the runner matrices of issue 13 when present
 (fidelity_*.json). Uncalibrated = the GPU table and steptime.py's defaults; calibrated = the
 calibration file recorded for that GPU (calibration_<gpu>.json). Prints one line per row, then the
 median and largest absolute error per source.
@@ -52,7 +52,9 @@ def rows() -> list[dict]:
         for r in json.load(open(f)):
             if r.get("tokens_per_s") and r["model"]["name"] != "tiny":
                 out.append({"source": f.stem, "name": r["name"], "plan": r["plan"], "model": r["model"], "gpu": _gpu(r["device"]),
-                            "measured": r["tokens_per_s"]})
+                            "measured": r["tokens_per_s"],
+                            # each probe ran on its own machine, calibrated there: probe 1 with run 1's file
+                            "calibration": "calibration_h200_run1.json" if r.get("probe", 1) == 1 else "calibration_h200.json"})
     out += fidelity_rows()
     return out
 
@@ -79,7 +81,7 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
     table = []
     for r in rows():
-        cal = RESULTS / f"calibration_{r['gpu'].split('-')[0]}.json"
+        cal = RESULTS / r.get("calibration", f"calibration_{r['gpu'].split('-')[0]}.json")
         try:
             pred = estimate(r["plan"], r["model"], r["gpu"], calibration=False).time["tokens_per_s"]
             pc = estimate(r["plan"], r["model"], r["gpu"], calibration=json.load(open(cal))).time["tokens_per_s"] if cal.is_file() else None

@@ -93,8 +93,8 @@ def attention(gpu) -> dict:
 
 def fit_rates(mm_points: list, attn_points: list) -> dict:
     """Rates from measured points: matmul efficiency = median over aligned GEMMs of at least
-    MIN_FIT_FLOPS; ALIGN_EFF from unaligned ones; attention's (A, T0) by the T0 that makes the
-    points' implied A agree best (median absolute log deviation: one bad point cannot pull it)."""
+    MIN_FIT_FLOPS; ALIGN_EFF from unaligned ones; attention's (A, T0) by least squares in log space
+    (the T0 that makes the points' implied A agree best; A their median)."""
     import math
 
     out: dict = {}
@@ -110,6 +110,9 @@ def fit_rates(mm_points: list, attn_points: list) -> dict:
     if mm:
         out["mm_eff"] = {**mm, "fp16": mm.get("bf16")} if "bf16" in mm else mm
     bf = [p for p in attn_points if p["dtype"] == "bf16"]
+    wide = [p for p in bf if p["shape"][3] >= 128]
+    if len(wide) >= 2:  # fit the T curve where the head-dim factor is 1; short, narrow heads scatter (0.10-0.18 at T 1024, hd 64)
+        bf = wide
     if bf:
         def implied(p, t0):
             _, _, t, hd = p["shape"]
@@ -117,10 +120,10 @@ def fit_rates(mm_points: list, attn_points: list) -> dict:
 
         def spread(t0):
             logs = [math.log(implied(p, t0)) for p in bf]
-            med = statistics.median(logs)
-            return sum(abs(x - med) for x in logs)
+            mean = sum(logs) / len(logs)
+            return sum((x - mean) ** 2 for x in logs)
 
-        t0 = min(range(0, 4001, 25), key=spread)
+        t0 = min(range(0, 8001, 25), key=spread)
         attn = {"bf16": statistics.median(implied(p, t0) for p in bf)}
         f32 = [implied(p, t0) for p in attn_points if p["dtype"] == "fp32"]
         if f32:

@@ -37,47 +37,56 @@ from .stepwork import Work, work
 BARE_SEQ_LEN = 2048  # a bare count has no sequence length; step time assumes this many tokens/sequence
 
 # --- GPU rates when no calibration exists: fractions of the data sheet, measured by `shardlab
-# calibrate` on one H200 (2026-12-01, torch 2.11 + CUDA 13; benchmarks/results/calibration_h200.json):
-# MM_EFF the median efficiency of the compute-bound matmul grid (bf16 0.73-0.81, fp32 0.76-0.81);
-# HBM_EFF a 1 GiB copy and add (4.31 TB/s of 4.8); ATTN_EFF and ATTN_T0 flash attention's rate
-# A x T/(T + T0) x (head_dim/128)^0.4, solved from SDPA at (T 4096, hd 128): 0.41 and (T 1024, hd 64):
-# 0.18 of the bf16 peak, fp32 (mem-efficient kernel) 0.50 at T 2048.
-DEFAULT_MM_EFF = {"bf16": 0.79, "fp16": 0.79, "fp32": 0.80}
-DEFAULT_ATTN_EFF = {"bf16": 0.535, "fp16": 0.535, "fp32": 0.80}
-ATTN_T0 = 1250
-DEFAULT_HBM_EFF = 0.90
-# ALIGN_EFF: a GEMM whose dimension is not a multiple of 16 bytes (GPT-2's vocabulary 50257 in bf16)
-# cannot use the aligned tensor-core kernels (NVIDIA's matmul performance guide); this share of the
-# aligned rate, fitted to the H200 probe's gpt-125m micro-batch 8 step (steptime_probe_h200.json),
-# checked on its gpt-350m FSDP1 row.
-ALIGN_EFF = 0.12
+# calibrate` on two H200 machines (2026-12-01, torch 2.11 + CUDA 13; benchmarks/results/
+# calibration_h200.json and calibration_h200_run1.json):
+# MM_EFF the median of the compute-bound matmul grid (bf16 0.77 and 0.80, fp32 0.80 both);
+# HBM_EFF a 1 GiB copy and add (4.29-4.31 TB/s of 4.8); ATTN_EFF and ATTN_T0 flash attention's rate
+# A x T/(T + T0) x (head_dim/128)^0.4 from SDPA forward + backward at head_dim 128, T 2048 and 4096
+# (0.34 and 0.44 of the bf16 peak; the same curve gives 0.32 measured at T 4096, head_dim 64), fp32
+# (mem-efficient kernel) 0.50 at T 2048; ALIGN_EFF a GEMM whose dimension is not a multiple of
+# 16 bytes (GPT-2's vocabulary 50257 in bf16: no aligned tensor-core kernel), 122 TFLOPS at
+# (8192, 768, 50257) = 0.17 of the aligned rate.
+DEFAULT_MM_EFF = {"bf16": 0.78, "fp16": 0.78, "fp32": 0.80}
+DEFAULT_ATTN_EFF = {"bf16": 0.64, "fp16": 0.64, "fp32": 0.94}
+ATTN_T0 = 1825
+DEFAULT_HBM_EFF = 0.89
+ALIGN_EFF = 0.17
 # Host: DEFAULT_LAUNCH_S, seconds per kernel stepwork.py counts (dispatch, autograd, launch), and
 # FSDP_UNIT_S, FSDP2's hooks per unit per micro-step (all-gather/reduce-scatter issue, copy-in/out),
-# both from calibrate's tiny-model steps on the H200 host (plain 14.8 ms, FSDP2 32.0 ms, 9 units).
-DEFAULT_LAUNCH_S = 41e-6
-FSDP_UNIT_S = 1.9e-3
+# from calibrate's tiny-model steps (plain, and FSDP2 with 9 units): 41 us / 1.91 ms on the first
+# H200 host, 50 us / 3.68 ms on the second; the defaults are their geometric means. Host speed
+# differs from machine to machine by this much: calibrating on the machine removes it.
+DEFAULT_LAUNCH_S = 45.5e-6
+FSDP_UNIT_S = 2.65e-3
+# share of a ZeRO-3 unit's four hook phases (pre-forward gather, post-forward reshard, pre-backward
+# gather, post-backward reduce-scatter) a unit runs: SHARD_GRAD_OP keeps parameters gathered from
+# forward to backward (two of them); NO_SHARD only reduces
+UNIT_HOOK_SHARE = {"zero3": 1.0, "zero2": 0.5, "ddp": 0.3}
 KERNEL_FLOOR_S = 2.5e-6  # a kernel's shortest time on the GPU
 TILE = 128  # cuBLAS Hopper/Ampere output tile (rows and columns) for the quantization factors
 K_HALF = 96  # K at which a GEMM's main loop reaches half its rate (prologue/epilogue per tile)
 
 # --- DeepSpeed host costs, from the H100 profile in docs/benchmarks.md (zero3_gap_h100.json,
 # gpt-1b, micro-batch 4): ZeRO-3's gradient hooks took 30 ms over 197 parameter tensors ->
-# DS3_PARAM_S; the host time per step (157 ms, solved from the micro-batch 4 / 8 step times 188.5 and
-# 247.1 ms with the GPU's work equal to FSDP2's) less those and 606 kernels x DEFAULT_LAUNCH_S, over
-# 150 modules -> DS3_MODULE_S (fires again in the recomputed forward under activation checkpointing:
-# DS3_RECOMPUTE). ZeRO-1/2: 3,370 launches per step (about 14 per parameter tensor) and a Python
-# gradient hook, fitted to the ZeRO-1/2 rows without checkpointing (138.7-141.7 ms), checked on the
-# rows with it (gpu_validate_h100*.json). HOST_SCALE_REF: the launch cost these were measured
-# against; a calibration rescales them by its own launch cost.
+# DS3_PARAM_S; the host time per step (160 ms, solved from the micro-batch 4 step time 188.5 ms with
+# the GPU's work as modelled here; micro-batch 8 then comes out within 6%) less those hooks, 606
+# kernels and 2 per-parameter norm kernels at DEFAULT_LAUNCH_S, over 150 modules -> DS3_MODULE_S
+# DS3_RECOMPUTE: extra module-hook cost under activation checkpointing (the recomputed forward fires
+# the hooks again and breaks ZeRO-3's recorded module trace, so gathers are no longer prefetched),
+# fitted to the H100 ZeRO-3 checkpointing rows (19,884 and 29,186 tokens/s: their median).
+# ZeRO-1/2: 3,370 launches per step (about 14 per parameter tensor) and a Python gradient hook,
+# fitted to the ZeRO-1/2 rows without checkpointing (138.7-141.7 ms), checked on the rows with it
+# (gpu_validate_h100*.json). A calibration rescales them by its launch cost over DEFAULT_LAUNCH_S.
 DS3_PARAM_S = 150e-6
-DS3_MODULE_S = 0.68e-3
-DS3_RECOMPUTE = 0.5
-DS12_PARAM_S = 0.35e-3
+DS3_MODULE_S = 0.565e-3
+DS3_RECOMPUTE = 1.5
+DS12_PARAM_S = 0.41e-3
+DS_NORM_KERNELS_PER_PARAM = 2
 # SERIAL: share of min(gpu, host) left exposed by synchronisations. DeepSpeed ZeRO-3 (25
 # cudaStreamSynchronize per step): solved with DS3_MODULE_S from the same two H100 step times. FSDP
 # synchronises once per step (the worker's loss.item()), so each step starts with an empty queue and
-# the host-bound stretches (norms, hooks) are not hidden: fitted to the H200 probe's FSDP rows
-# (steptime_probe_h200.json), checked on the H100 FSDP rows.
+# the host-bound stretches (norms, hooks) are not hidden: fitted to the first H200 probe's FSDP rows
+# (steptime_probe_h200.json, "probe": 1), checked on the H100 FSDP rows and the second probe.
 SERIAL = {"fsdp": 0.15, "deepspeed": 0.27}
 OVERLAP = 0.8  # at most this share of the GPU's work can hide prefetched / overlapped collectives
 COLLECTIVE_LATENCY_S = {"intra": 20e-6, "inter": 50e-6}
@@ -178,7 +187,7 @@ def host_time(plan: Plan, s: Setup, w: Work, r: Rates) -> float:
     """CPU seconds to issue one optimizer step (all micro-steps)."""
     micro = w.kernels * r.launch_s
     if not s.ds:
-        micro += w.units * r.fsdp_unit_s * (1 if s.stage != "ddp" else 0.3)
+        micro += w.units * r.fsdp_unit_s * UNIT_HOOK_SHARE.get(s.stage, 1.0)
         opt = (8 * max(1, w.param_tensors // 64) + 10) * r.launch_s  # foreach launches in chunks
         return (micro * s.micro_steps + opt) * r.host_fit
     ac = DS3_RECOMPUTE if plan.activation_checkpointing else 0.0
@@ -186,7 +195,7 @@ def host_time(plan: Plan, s: Setup, w: Work, r: Rates) -> float:
         hooks = w.modules * DS3_MODULE_S * (1 + ac) + w.param_tensors * DS3_PARAM_S
     else:
         hooks = w.param_tensors * DS12_PARAM_S
-    opt = w.param_tensors * 4 * r.launch_s  # per-parameter norm kernels every step
+    opt = w.param_tensors * DS_NORM_KERNELS_PER_PARAM * r.launch_s  # per-parameter norm kernels every step
     return ((micro + hooks * r.host_scale) * s.micro_steps + opt) * r.host_fit
 
 
