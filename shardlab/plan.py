@@ -398,7 +398,7 @@ def fp16_without_scaling(p: Plan):
 @rule
 def global_batch_consistent(p: Plan):
     g = p.global_batch_size
-    if g is not None and g >= 1:
+    if g is not None and g >= 1 and not {"micro_batch_size", "grad_accum_steps"} & set(p.auto):  # the Trainer fills those
         want = p.micro_batch_size * p.grad_accum_steps * p.world_size
         if g != want:
             return _err("global_batch_consistent", "global_batch_size", f"global_batch_size={g} differs from micro_batch_size x grad_accum_steps x world size = {p.micro_batch_size} x {p.grad_accum_steps} x {p.world_size} = {want}. Set global_batch_size: {want}, or change grad_accum_steps so the product is {g}.")

@@ -187,6 +187,26 @@ def test_import_uploaded_accelerate_yaml(b):
     assert b.plan.topology.gpus_per_node == 4
 
 
+def test_imported_auto_and_carried_keys_are_listed_and_a_typed_value_takes_over(b):
+    from pathlib import Path
+
+    b.import_config(str(Path(__file__).parent / "corpus" / "hf_zero3_offload_cosine.json"))
+    shown = b.carried.object
+    assert b.carried.visible and "micro_batch_size: auto" in shown and "WarmupCosineLR" in shown
+    assert '"train_micro_batch_size_per_gpu": "auto"' in b.preview_text("deepspeed")
+    b.set("micro_batch_size", 4)  # the person decides: no longer 'auto'
+    assert "micro_batch_size" not in b.plan.auto and '"train_micro_batch_size_per_gpu": 4' in b.preview_text("deepspeed")
+
+
+def test_the_diff_panel_shows_what_differs_by_meaning(b):
+    b.diff.a.value = '{"train_micro_batch_size_per_gpu": 4, "zero_optimization": {"stage": 2}}'
+    b.diff.b.value = '{"train_micro_batch_size_per_gpu": 4, "gradient_clipping": 1.0, "zero_optimization": {"stage": 3}}'
+    result = b.diff.compare()  # DeepSpeed clips at 1.0 without the key: only the stage differs
+    assert [r["key"] for r in result["differences"]] == ["sharding"] and "zero3" in b.diff.result.object
+    b.diff.b.value = "not: [a config"
+    assert b.diff.compare() is None and "sl-error" in b.diff.result.object
+
+
 def test_import_of_a_bad_file_says_why_and_keeps_the_plan(b, tmp_path):
     before = b.plan
     b.import_config(str(tmp_path / "missing.json"))

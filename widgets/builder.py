@@ -18,6 +18,7 @@ import param
 
 from shardlab.plan import Plan, PlanError, load_plan
 from shardlab_widgets.controls import PlanForm, with_value
+from shardlab_widgets.diffview import DiffPanel
 from shardlab_widgets.memory import MemoryPanel
 from shardlab_widgets.preview import PreviewTabs
 
@@ -38,13 +39,14 @@ class ConfigBuilder(pn.viewable.Viewer):
         self.other_messages = pn.pane.HTML("", visible=False, css_classes=["sl-other-messages"], sizing_mode="stretch_width")
         self.carried = pn.pane.HTML("", visible=False, css_classes=["sl-carried"], sizing_mode="stretch_width")
         self._build_import()
+        self.diff = DiffPanel()
         self.param.watch(lambda ev: self._refresh(), "plan")
         self._refresh()
         self._layout = pn.Column(
             pn.pane.Markdown("## Plan builder", margin=(0, 10)),
             pn.Row(
                 pn.Column(self.summary, self.other_messages, self.carried, self.form.layout, sizing_mode="stretch_width"),
-                pn.Column(self.memory.layout, self.previews.layout, self.import_box, width=620),
+                pn.Column(self.memory.layout, self.previews.layout, self.import_box, self.diff.layout, width=620),
                 sizing_mode="stretch_width",
             ),
             sizing_mode="stretch_width",

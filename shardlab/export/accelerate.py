@@ -7,7 +7,8 @@ a typo would be silently ignored). FSDP2 writes `fsdp_version: 2`, a boolean
 shards). DeepSpeed plans use accelerate's inline DeepSpeed flags when they can say everything the
 plan's ZeRO setup says, and otherwise point to `ds_config.json` (`shardlab export --to deepspeed`).
 As with `accelerate config`, the training hyperparameters (micro batch, optimizer, learning rate) are
-the training script's, not the launch config's.
+the training script's, not the launch config's. Keys an imported YAML carried are written back
+(export/carry.py), and a `deepspeed_config_file` it named is kept.
 """
 
 from __future__ import annotations

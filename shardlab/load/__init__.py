@@ -1,9 +1,10 @@
 """The real tools' formats -> Plan (DeepSpeed JSON, accelerate YAML), and translate() between frameworks.
 
-Importers read the same key table the exporters write (shardlab/export/keys.py), so export ->
-import -> export gives the same file. Nothing is dropped silently: every key that does not map to a
-Plan field comes back as a note, and every "auto" (the HF Trainer's placeholder) says what shardlab
-used instead. A file that cannot be read, or that describes an impossible setup (e.g. DeepSpeed's
+Importers read the same key table the exporters write (shardlab/export/keys.py) and apply each
+tool's defaults (a DeepSpeed file without `gradient_clipping` clips at 1.0). Nothing is dropped: "auto"
+(the HF Trainer's placeholder) puts the setting on the plan's `auto` list, and every key the plan does
+not model, or that the file spells its own way, is carried in the plan's `passthrough` (export/carry.py)
+so that import -> export to the same tool gives the file back key by key; the notes list both. A file that cannot be read, or that describes an impossible setup (e.g. DeepSpeed's
 `offload_param` with stage 2, which DeepSpeed itself accepts), raises PlanError.
 """
 

@@ -1,8 +1,8 @@
-"""DeepSpeed JSON -> Plan fields, with a note for every key that does not map to one."""
+"""DeepSpeed JSON -> Plan fields, DeepSpeed's defaults applied where a key is missing; "auto" goes on the
+plan's `auto` list. What does not map is carried by load/__init__.py:carry_into, not here."""
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 from shardlab.export import keys as K
@@ -13,14 +13,10 @@ from .common import _MISSING, _bool, _choice, _float, _int, _mapping
 def _from_deepspeed(d: dict, notes_prefix: str = "") -> tuple[dict, list[str]]:
     fields: dict[str, Any] = {"framework": "deepspeed"}
     notes: list[str] = []
-    used: set[str] = set()
     z = _mapping(K.ZERO, d.get(K.ZERO))
 
     def get(key: str) -> Any:
-        v = K.get_dotted(d, key, _MISSING)
-        if v is not _MISSING:
-            used.add(key)
-        return v
+        return K.get_dotted(d, key, _MISSING)
 
     _keys_from_ds(get, fields, notes)
     stage = get(f"{K.ZERO}.stage")
@@ -43,14 +39,9 @@ def _from_deepspeed(d: dict, notes_prefix: str = "") -> tuple[dict, list[str]]:
             fields["checkpoint"] = "full_16bit"
     ac = d.get(K.DS_ACTIVATION_CHECKPOINTING, _MISSING)
     if ac is not _MISSING:
+        _mapping(K.DS_ACTIVATION_CHECKPOINTING, ac)
         fields["activation_checkpointing"] = True
-        for sub, want in K.DS_ACTIVATION_CHECKPOINTING_BLOCK.items():
-            if _mapping(K.DS_ACTIVATION_CHECKPOINTING, ac).get(sub, want) == want:
-                used.add(f"{K.DS_ACTIVATION_CHECKPOINTING}.{sub}")
-        used.add(K.DS_ACTIVATION_CHECKPOINTING)
         notes.append("activation_checkpointing: the training program must call deepspeed.checkpointing.checkpoint (or the model's own gradient checkpointing) for it to take effect.")
-    for key in (K.DS_ALLOW_UNTESTED, K.DS_FORCE_CPU_OPTIMIZER):
-        get(key)
 
     _topology_from_ds(fields, notes)
     return fields, notes
@@ -147,7 +138,7 @@ def _offload_from_ds(z: dict, get, fields: dict, notes: list[str]) -> None:
         if path is not _MISSING and path is not None and fields["offload"][what] == "nvme":
             paths[what] = str(path)
         elif path is not _MISSING and path is not None:
-            notes.append(f"{key}.nvme_path={path!r} is unused (device is {fields['offload'][what]}); not carried into the plan.")
+            notes.append(f"{key}.nvme_path={path!r} is unused (device is {fields['offload'][what]}); carried through unchanged.")
     if paths:
         fields["offload"]["nvme_path"] = paths.get("optimizer", paths.get("params"))
         if len(set(paths.values())) > 1:
@@ -160,6 +151,10 @@ def _offload_from_ds(z: dict, get, fields: dict, notes: list[str]) -> None:
 def _topology_from_ds(fields: dict, notes: list[str]) -> None:
     hpz = K.get_dotted(fields, "zeropp.hpz_partition_size", 1)
     gbs = fields.get("global_batch_size")
+    if isinstance(gbs, int) and {"micro_batch_size", "grad_accum_steps"} & set(fields.get("auto", [])):
+        notes.append(f"train_batch_size={gbs} with the micro batch or accumulation left to the training script: the GPU count "
+                     "cannot be derived from it.")
+        gbs = None
     if isinstance(gbs, int):
         per = fields.get("micro_batch_size", 1) * fields.get("grad_accum_steps", 1)
         if per < 1 or gbs % per:
