@@ -100,3 +100,39 @@ def module_tree(module, path: str = "") -> Node:
     children = [module_tree(c, f"{path}.{name}" if path else name) for name, c in module.named_children()]
     total = sum(p.numel() for p in module.parameters())
     return Node(path, type(module).__name__, total, children)
+
+
+def _leaf(path: str, cls: str, n: int) -> Node:
+    return Node(path, cls, n)
+
+
+def _parent(path: str, cls: str, children: list[Node]) -> Node:
+    return Node(path, cls, sum(c.total for c in children), children)
+
+
+def spec_tree(spec) -> Node:
+    """The Node tree of shardlab's GPT (run/gpt.py) for a shape, built from the shape alone (no torch),
+    or for a bare count with known units: a root holding `wrap_unit_count` units of one class."""
+    if spec.is_bare:
+        n, u, c = spec.params, spec.wrap_unit_params or 0, spec.wrap_unit_count or 0
+        kids = [_leaf(f"units.{i}", "Block", u) for i in range(c)] if u else []
+        rest = n - u * c if u else n
+        return _parent("", "Model", [_parent("units", "ModuleList", kids), _leaf("rest", "Rest", max(rest, 0))])
+    d, f, kv, V, gpt = spec.hidden, spec.ffn, spec.kv_dim, spec.vocab, spec.family == "gpt"
+    norm = ("LayerNorm", 2 * d) if gpt else ("RMSNorm", d)  # (class, parameters)
+
+    def lin(i: int, o: int) -> int:  # nn.Linear(i, o): biases in gpt only
+        return i * o + (o if gpt else 0)
+
+    def block(p: str) -> Node:
+        attn = _parent(f"{p}.attn", "Attention", [_leaf(f"{p}.attn.qkv", "Linear", lin(d, d + 2 * kv)),
+                                                   _leaf(f"{p}.attn.proj", "Linear", lin(d, d))])
+        mlp_kids = ([_leaf(f"{p}.mlp.fc", "Linear", lin(d, f)), _leaf(f"{p}.mlp.out", "Linear", lin(f, d))] if gpt else
+                    [_leaf(f"{p}.mlp.{n}", "Linear", d * f) for n in ("gate", "up", "down")])
+        return _parent(p, "Block", [_leaf(f"{p}.norm1", norm[0], norm[1]), attn, _leaf(f"{p}.norm2", norm[0], norm[1]),
+                                    _parent(f"{p}.mlp", "MLP", mlp_kids)])
+
+    kids = [_leaf("tok_emb", "Embedding", V * d)] + ([_leaf("pos_emb", "Embedding", spec.seq_len * d)] if gpt else [])
+    kids += [_parent("blocks", "ModuleList", [block(f"blocks.{i}") for i in range(spec.layers)]),
+             _leaf("norm", norm[0], norm[1]), _leaf("lm_head", "Linear", V * d)]
+    return _parent("", "GPT", kids)
