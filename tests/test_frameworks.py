@@ -1,0 +1,136 @@
+"""Run what you export: the runner and the exported FSDP script build the same thing.
+
+For a matrix of plans covering every sharding, precision, wrap policy (size-based included),
+compile on and off, prefetch, offload, optimizer and clipping, the runner's objects
+(`shardlab.run.wrap.wrap`) and the objects the exported script builds (`shardlab export --to
+fsdp-code`, executed here as a module: its `shard_model`, `make_optimizer`, `make_scaler`,
+`train_step`) are fingerprinted from torch's own FSDP objects (tests/fingerprints.py) and must be
+equal. Clipping is observed, not read: one real step runs on each side with torch's clip functions
+recording what they were called with. Everything runs in this process on a fake process group of 4
+ranks (2 per "node"), so FSDP1 keeps its sharding strategy (it turns into NO_SHARD at world size 1)
+and no collective costs anything. Size-based units are judged by torch's own size policy.
+"""
+
+from __future__ import annotations
+
+import os
+import types
+
+import pytest
+import torch
+
+from fingerprints import fingerprint
+from shardlab.export import export
+from shardlab.models import resolve_model
+from shardlab.plan import PlanError, load_plan
+from shardlab.run.gpt import build_model, loss_fn
+from shardlab.run.wrap import wrap
+
+SPEC = resolve_model({"layers": 2, "hidden": 32, "heads": 2, "vocab": 64, "seq_len": 8})
+WORLD, PER_NODE = 4, 2
+CPU = torch.device("cpu")
+
+# Each dimension's every value appears at least once per framework.
+COMMON = [
+    {"sharding": "zero3", "precision": "bf16", "gradient_clipping": 1.0},
+    {"sharding": "zero2", "precision": "fp32", "wrap": {"policy": "size", "min_num_params": 2000}, "optimizer": {"name": "sgd", "lr": 0.01, "weight_decay": 0.1}},
+    {"sharding": "ddp", "precision": "fp16", "wrap": {"policy": "none"}, "optimizer": {"name": "adam"}, "gradient_clipping": 0.5},
+    {"sharding": "hybrid", "precision": "bf16", "reduce_dtype": "fp32", "activation_checkpointing": True, "forward_prefetch": True},
+    {"sharding": "zero3", "precision": "fp32", "wrap": {"policy": "size", "min_num_params": 500}, "forward_prefetch": True, "gradient_clipping": 2.0},
+    {"sharding": "zero3", "compile": True},
+    {"sharding": "zero2", "compile": True, "wrap": {"policy": "none"}},
+]
+FSDP1_ONLY = [
+    {"backward_prefetch": "backward_post", "limit_all_gathers": False, "buffer_dtype": "fp32"},
+    {"backward_prefetch": "none", "precision": "fp16", "loss_scaling": "none", "sync_module_states": False},
+]
+FSDP2_ONLY = [
+    {"sharding": "hybrid", "offload": {"params": "cpu", "optimizer": "cpu"}, "gradient_clipping": 1.0},
+    {"sharding": "zero3", "precision": "fp16", "offload": {"params": "cpu", "optimizer": "cpu"}, "wrap": {"policy": "size", "min_num_params": 2000}},
+]
+MATRIX = [("fsdp1", p) for p in COMMON + FSDP1_ONLY] + [("fsdp2", p) for p in COMMON + FSDP2_ONLY]
+
+
+@pytest.fixture(scope="module")
+def fake_group():
+    import torch.distributed as dist
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    before = os.environ.get("LOCAL_WORLD_SIZE")
+    os.environ["LOCAL_WORLD_SIZE"] = str(PER_NODE)
+    dist.init_process_group("fake", rank=0, world_size=WORLD, store=FakeStore())
+    yield
+    dist.destroy_process_group()
+    if before is None:
+        os.environ.pop("LOCAL_WORLD_SIZE")
+    else:
+        os.environ["LOCAL_WORLD_SIZE"] = before
+
+
+@pytest.fixture
+def clips(monkeypatch):
+    """Records every gradient clipping call torch sees: (which function, max_norm)."""
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    seen: list[tuple[str, float]] = []
+    fsdp1, plain = FSDP.clip_grad_norm_, torch.nn.utils.clip_grad_norm_
+
+    def fsdp1_clip(self, max_norm, *a, **k):
+        seen.append(("FullyShardedDataParallel.clip_grad_norm_", float(max_norm)))
+        return fsdp1(self, max_norm, *a, **k)
+
+    def plain_clip(parameters, max_norm, *a, **k):
+        seen.append(("torch.nn.utils.clip_grad_norm_", float(max_norm)))
+        return plain(parameters, max_norm, *a, **k)
+
+    monkeypatch.setattr(FSDP, "clip_grad_norm_", fsdp1_clip)
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", plain_clip)
+    return seen
+
+
+def _batch() -> torch.Tensor:
+    return torch.randint(0, SPEC.vocab, (1, SPEC.seq_len + 1), generator=torch.Generator().manual_seed(0))
+
+
+def load_script(text: str) -> types.ModuleType:
+    """The exported script as a module (its main() is not run)."""
+    import sys
+
+    mod = types.ModuleType("exported_train")
+    sys.modules[mod.__name__] = mod  # its dataclasses look their module up
+    try:
+        exec(compile(text, "train_fsdp.py", "exec"), mod.__dict__)
+    finally:
+        del sys.modules[mod.__name__]
+    return mod
+
+
+def runner_side(plan, clips) -> dict:
+    t = wrap(plan, build_model(SPEC, seed=0), "cpu", loss_fn)
+    if not plan.compile:  # a compiled step costs a compilation: compile plans are compared as built
+        b = _batch()
+        t.backward(t.forward(b[:, :-1], b[:, 1:]), 1)
+        t.step()
+    return {**fingerprint(plan.framework, t.module, t.optimizer, t.scaler), "clip": list(clips)}
+
+
+def export_side(plan, clips) -> dict:
+    script = load_script(export(plan, "fsdp-code"))
+    model = script.shard_model(build_model(SPEC, seed=0), CPU)
+    opt, scaler = script.make_optimizer(model), script.make_scaler(CPU)
+    if not plan.compile:
+        script.train_step(model, opt, scaler, [_batch()])
+    return {**fingerprint(plan.framework, model, opt, scaler), "clip": list(clips)}
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
+@pytest.mark.parametrize("framework,extra", MATRIX, ids=[f"{f}-{i}" for i, (f, _) in enumerate(MATRIX)])
+def test_runner_builds_what_the_exported_script_builds(fake_group, clips, framework, extra):
+    plan = load_plan({"framework": framework, **extra})
+    ran = runner_side(plan, clips)
+    clips.clear()
+    exported = export_side(plan, clips)
+    assert ran == exported
+    assert ran["units"], "nothing was wrapped"
+    if plan.gradient_clipping and not plan.compile:
+        assert ran["clip"] and all(n == plan.gradient_clipping for _, n in ran["clip"])
