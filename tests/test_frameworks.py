@@ -134,3 +134,89 @@ def test_runner_builds_what_the_exported_script_builds(fake_group, clips, framew
     assert ran["units"], "nothing was wrapped"
     if plan.gradient_clipping and not plan.compile:
         assert ran["clip"] and all(n == plan.gradient_clipping for _, n in ran["clip"])
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
+@pytest.mark.parametrize("framework,change", [("fsdp1", ("USE_ORIG_PARAMS = True", "USE_ORIG_PARAMS = False")),
+                                              ("fsdp2", ("RESHARD_AFTER_FORWARD = True", "RESHARD_AFTER_FORWARD = False")),
+                                              ("fsdp2", ('"weight_decay": 0.0}', '"weight_decay": 0.01}'))])
+def test_the_fingerprint_sees_a_script_that_differs(fake_group, clips, framework, change):
+    """Negative control: one constant of the exported script changed by hand is caught."""
+    plan = load_plan({"framework": framework, "compile": True})  # compiled: compared as built, no step
+    text = export(plan, "fsdp-code")
+    assert change[0] in text
+    script = load_script(text.replace(change[0], change[1]))
+    model = script.shard_model(build_model(SPEC, seed=0), CPU)
+    assert runner_side(plan, clips) != {**fingerprint(framework, model, script.make_optimizer(model), script.make_scaler(CPU)), "clip": []}
+
+
+# ---------------------------------------------------------------------------------------------
+# Size-based units: one algorithm, judged by torch's own size policy
+
+
+def torch_size_units(model, min_num_params: int) -> list[str]:
+    """The modules FSDP1's size_based_auto_wrap_policy wraps (torch's _recursive_wrap, recording only)."""
+    import functools
+
+    from torch.distributed.fsdp.wrap import _recursive_wrap, size_based_auto_wrap_policy
+
+    got = []
+
+    def record(module, **_):
+        got.append(module)
+        return module
+
+    _recursive_wrap(model, functools.partial(size_based_auto_wrap_policy, min_num_params=min_num_params),
+                    wrapper_cls=record, ignored_modules=set(), ignored_params=set(), only_wrap_children=True)
+    names = {id(m): n for n, m in model.named_modules()}
+    return [names[id(m)] for m in got]
+
+
+def _issue_tree():
+    """A 150M-parameter child inside a parent that is itself a unit (its other 120M reach 100M)."""
+    from torch import nn
+
+    class Parent(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.big = nn.Linear(12248, 12248, bias=False)  # 150.0M
+            self.small = nn.ModuleList(nn.Linear(5477, 5477, bias=False) for _ in range(4))  # 4 x 30.0M
+
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = nn.Embedding(1000, 1000)
+            self.parent = Parent()
+            self.head = nn.Linear(1000, 1000)
+
+    with torch.device("meta"):
+        return Model()
+
+
+def test_the_issue_tree_wraps_the_same_units_everywhere():
+    """Runner (FSDP2), exported script, the estimate's algorithm: the units torch's policy picks."""
+    from shardlab.frameworks import fsdp2
+    from shardlab.frameworks.units import module_tree, size_units
+
+    model = _issue_tree()
+    judge = torch_size_units(model, 100_000_000)
+    assert judge == ["parent.big", "parent"]
+    assert [p for p, _ in size_units(module_tree(model), 100_000_000)] == judge
+    plan = load_plan({"framework": "fsdp2", "wrap": {"policy": "size", "min_num_params": 100_000_000}})
+    names = {id(m): n for n, m in model.named_modules()}
+    assert [names[id(m)] for m in fsdp2.unit_modules(fsdp2.settings(plan), model)] == judge
+    script = load_script(export(plan, "fsdp-code"))
+    assert [names[id(m)] for m in script.wrap_units(model)] == judge
+
+
+@pytest.mark.parametrize("preset", ["gpt-tiny", "gpt-125m", "llama-7b"])
+def test_estimate_wrap_units_are_torchs_size_units(preset):
+    """models.wrap_units (the estimate, no torch) picks what torch's policy picks on the real GPT."""
+    from shardlab.models import PRESETS, wrap_units
+
+    spec = PRESETS[preset]
+    model = build_model(spec, device="meta")
+    for threshold in (1000, spec.block_params // 3, spec.block_params, spec.block_params + 1, 10**8):
+        ours = wrap_units(spec, "size", threshold)
+        assert [n for n, _ in ours[1:]] == torch_size_units(model, threshold), threshold
+        assert sum(n for _, n in ours) == spec.params
