@@ -220,3 +220,83 @@ def test_estimate_wrap_units_are_torchs_size_units(preset):
         ours = wrap_units(spec, "size", threshold)
         assert [n for n, _ in ours[1:]] == torch_size_units(model, threshold), threshold
         assert sum(n for _, n in ours) == spec.params
+
+
+# ---------------------------------------------------------------------------------------------
+# DeepSpeed: the engine the runner builds and the engine built from the exported file resolve the
+# same config (one subprocess, gloo world of 1: DeepSpeed keeps its own process-group state)
+
+DS_MATRIX = [
+    {"sharding": "ddp", "precision": "fp32", "gradient_clipping": 1.0},
+    {"sharding": "zero1", "precision": "bf16", "optimizer": {"name": "adam", "lr": 0.002}},
+    {"sharding": "zero2", "precision": "bf16", "optimizer": {"name": "sgd", "weight_decay": 0.1}, "offload": {"optimizer": "cpu"}},
+    {"sharding": "zero3", "precision": "fp32", "optimizer": {"name": "sgd"}, "offload": {"optimizer": "cpu", "params": "cpu"}, "gradient_clipping": 0.5},
+    {"sharding": "hybrid", "precision": "bf16", "reduce_dtype": "fp32", "grad_accum_steps": 2, "micro_batch_size": 2},
+    {"sharding": "zero3", "precision": "bf16", "compile": True, "activation_checkpointing": True},
+]
+
+_DS_SCRIPT = '''
+import json, os, sys
+os.environ.update(DS_ACCELERATOR="cpu", MASTER_ADDR="127.0.0.1", MASTER_PORT=sys.argv[1], RANK="0", WORLD_SIZE="1",
+                  LOCAL_RANK="0", LOCAL_WORLD_SIZE="1")
+import deepspeed, torch.distributed as dist
+from shardlab.export import export
+from shardlab.frameworks.deepspeed import runtime_config
+from shardlab.models import resolve_model
+from shardlab.plan import load_plan
+from shardlab.run.gpt import build_model, loss_fn
+from shardlab.run.wrap import wrap
+
+dist.init_process_group("gloo")
+spec = resolve_model({"layers": 2, "hidden": 32, "heads": 2, "vocab": 64, "seq_len": 8})
+
+def fingerprint(engine):
+    c, z = engine._config, engine._config.zero_config
+    opt = getattr(engine.optimizer, "optimizer", engine.optimizer)
+    groups = [{k: (list(v) if isinstance(v, tuple) else v) for k, v in g.items() if k in ("lr", "weight_decay", "betas", "eps", "momentum")}
+              for g in opt.param_groups]
+    return {"stage": engine.zero_optimization_stage(), "bf16": engine.bfloat16_enabled(), "fp16": engine.fp16_enabled(),
+            "clip": engine.gradient_clipping(), "micro": engine.train_micro_batch_size_per_gpu(),
+            "accum": engine.gradient_accumulation_steps(), "comm_dtype": str(engine.communication_data_type),
+            "offload_optimizer": str(z.offload_optimizer.device) if z.offload_optimizer else None,
+            "offload_param": str(z.offload_param.device) if z.offload_param else None,
+            "hpz": z.zero_hpz_partition_size, "optimizer": type(opt).__name__, "groups": groups,
+            "compiled": bool(getattr(engine, "is_compiled", False))}
+
+for extra in json.loads(sys.argv[2]):
+    plan = load_plan({"framework": "deepspeed", **extra})
+    ran = wrap(plan, build_model(spec, seed=0), "cpu", loss_fn).engine
+    cfg = runtime_config(json.loads(export(plan, "deepspeed")), plan, "cpu")
+    engine, *_ = deepspeed.initialize(model=build_model(spec, seed=0), config=cfg,
+                                      model_parameters=list(build_model(spec, seed=0).parameters()))
+    if plan.compile:
+        engine.compile()
+    print("FP " + json.dumps([fingerprint(ran), fingerprint(engine)]), flush=True)
+'''
+
+
+@pytest.mark.slow
+def test_deepspeed_engine_from_the_runner_equals_the_engine_from_the_exported_file():
+    import json
+    import subprocess
+    import sys
+
+    from shardlab.run.host import free_port
+
+    # DeepSpeed JIT-builds its CPU shm op into ~/.cache/torch_extensions, keyed by name only: venvs at
+    # other paths rebuild it there in turn. One build directory per venv builds it once.
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TORCH_EXTENSIONS_DIR": os.path.join(sys.prefix, "torch_extensions")}
+    r = subprocess.run([sys.executable, "-c", _DS_SCRIPT, str(free_port()), json.dumps(DS_MATRIX)],
+                       capture_output=True, text=True, timeout=600, env=env)
+    assert r.returncode == 0, r.stderr[-4000:]
+    pairs = [json.loads(line[3:]) for line in r.stdout.splitlines() if line.startswith("FP ")]
+    assert len(pairs) == len(DS_MATRIX)
+    for extra, (ran, exported) in zip(DS_MATRIX, pairs):
+        plan = load_plan({"framework": "deepspeed", **extra})
+        assert ran == exported, extra
+        # and DeepSpeed read the plan's meaning (its own defaults would clip at 1.0, run stage 0, fp32)
+        assert ran["stage"] == {"ddp": 0, "zero1": 1, "zero2": 2, "zero3": 3, "hybrid": 3}[plan.sharding]
+        assert (ran["bf16"], ran["clip"]) == (plan.precision == "bf16", plan.gradient_clipping or 0.0)
+        assert (ran["micro"], ran["accum"]) == (plan.micro_batch_size, plan.grad_accum_steps)
+        assert ran["groups"][0]["lr"] == plan.optimizer.lr and ran["groups"][0]["weight_decay"] == plan.optimizer.weight_decay
+        assert ran["compiled"] == plan.compile
