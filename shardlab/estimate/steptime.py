@@ -88,6 +88,13 @@ DS_NORM_KERNELS_PER_PARAM = 2
 # the host-bound stretches (norms, hooks) are not hidden: fitted to the first H200 probe's FSDP rows
 # (steptime_probe_h200.json, "probe": 1), checked on the H100 FSDP rows and the second probe.
 SERIAL = {"fsdp": 0.15, "deepspeed": 0.27}
+# torch.compile (plan.compile): Inductor fuses the memory-bound kernels of each compiled block and
+# replays them without Python dispatch. COMPILE_MEM / COMPILE_KERNELS scale their bytes and the
+# kernels the host launches (FSDP); DeepSpeed's engine.compile() made ZeRO-3 ~20% slower on an H200
+# (DESIGN.md's measured facts) -> COMPILE_DS_HOST. Not yet checked on a run that ran alone.
+COMPILE_MEM = 0.5
+COMPILE_KERNELS = 0.3
+COMPILE_DS_HOST = 1.2
 OVERLAP = 0.8  # at most this share of the GPU's work can hide prefetched / overlapped collectives
 COLLECTIVE_LATENCY_S = {"intra": 20e-6, "inter": 50e-6}
 CPU_ADAM_PARAMS_PER_S = 2.5e9  # DeepSpeed CPU Adam, parameters per second per node (H100 offload rows: 78-92 TFLOPS)
@@ -185,18 +192,22 @@ def optimizer_bytes(plan: Plan, s: Setup, local: int) -> float:
 
 def host_time(plan: Plan, s: Setup, w: Work, r: Rates) -> float:
     """CPU seconds to issue one optimizer step (all micro-steps)."""
-    micro = w.kernels * r.launch_s
+    micro = w.kernels * r.launch_s * (COMPILE_KERNELS if plan.compile and not s.ds else 1.0)
     if not s.ds:
         micro += w.units * r.fsdp_unit_s * UNIT_HOOK_SHARE.get(s.stage, 1.0)
         opt = (8 * max(1, w.param_tensors // 64) + 10) * r.launch_s  # foreach launches in chunks
         return (micro * s.micro_steps + opt) * r.host_fit
     ac = DS3_RECOMPUTE if plan.activation_checkpointing else 0.0
+    per_step = 0.0
     if s.stage == "zero3":
         hooks = w.modules * DS3_MODULE_S * (1 + ac) + w.param_tensors * DS3_PARAM_S
-    else:
+    elif s.stage == "zero2":
         hooks = w.param_tensors * DS12_PARAM_S
+    else:  # ZeRO-1 / no ZeRO reduce at the accumulation boundary only (comm.py): the bucketing work is once per step
+        hooks, per_step = 0.0, w.param_tensors * DS12_PARAM_S
     opt = w.param_tensors * DS_NORM_KERNELS_PER_PARAM * r.launch_s  # per-parameter norm kernels every step
-    return ((micro + hooks * r.host_scale) * s.micro_steps + opt) * r.host_fit
+    comp = COMPILE_DS_HOST if plan.compile else 1.0
+    return ((micro + hooks * r.host_scale) * s.micro_steps * comp + per_step * r.host_scale + opt) * r.host_fit
 
 
 def _comm_time(s: Setup, gpu: GPU, wire: dict, w: Work) -> float:
@@ -226,6 +237,8 @@ def step_time(plan: Plan, s: Setup, gpu: GPU, wire: dict, rates: Rates | None = 
     precision = plan.precision
     w = work(spec, plan.micro_batch_size, seq, s.P, plan.activation_checkpointing)
     mm, attn, mem = gpu_work_time(w, gpu, precision, s.P, r)
+    if plan.compile and not s.ds:
+        mem *= COMPILE_MEM
     local = spec.params if s.stage == "ddp" else shard_numel(s)
     opt = optimizer_bytes(plan, s, local) / (gpu.hbm_bw * r.hbm_eff)
     gpu_s = ((mm + attn + mem) * s.micro_steps + opt) * r.gpu_scale
