@@ -21,6 +21,7 @@ from shardlab.estimate import estimate
 from shardlab.plan import Plan
 
 RESULTS = Path(__file__).parent / "results"
+MIN_TIMED_STEPS = 5
 GPU_OF = {"H100": "h100-80gb", "H200": "h200"}
 
 
@@ -30,7 +31,7 @@ def _gpu(device: str) -> str:
     return gpu_table_name(device) or "h100-80gb"
 
 
-def rows() -> list[dict]:
+def rows(include_shared: bool = False) -> list[dict]:
     out = []
     for f in sorted(RESULTS.glob("gpu_validate_h100*.json")):
         if "pairs" in f.name:
@@ -55,35 +56,47 @@ def rows() -> list[dict]:
                             "measured": r["tokens_per_s"],
                             # each probe ran on its own machine, calibrated there: probe 1 with run 1's file
                             "calibration": "calibration_h200_run1.json" if r.get("probe", 1) == 1 else "calibration_h200.json"})
-    out += fidelity_rows()
+    out += fidelity_rows(include_shared)
     return out
 
 
-def fidelity_rows() -> list[dict]:
-    """Issue 13's runner matrix (format read defensively: rows with a plan, a model and tokens/s)."""
+def fidelity_rows(include_shared: bool = False) -> list[dict]:
+    """Issue 13's runner matrix (benchmarks/fidelity.py's rows: plan and model rebuilt by its own
+    plan_for / model_for). A row times its configuration only if it ran alone on the GPU
+    ("concurrent" 1) with at least MIN_TIMED_STEPS steps after the first two; the others time the
+    sharing or too few steps, and are left out unless include_shared."""
+    files = sorted(RESULTS.glob("fidelity_*.json"))
+    if not files:
+        return []
+    try:
+        import fidelity  # benchmarks/fidelity.py (issue 13)
+    except ImportError:
+        return []
     out = []
-    for f in sorted(RESULTS.glob("fidelity_*.json")):
-        data = json.load(open(f))
-        items = data if isinstance(data, list) else data.get("rows") or data.get("results") or []
-        for r in items:
-            tps = r.get("tokens_per_s") or (r.get("measured") or {}).get("tokens_per_s")
-            plan, model = r.get("plan"), r.get("model_spec") or r.get("model")
-            if not (tps and plan and model) or r.get("status", "completed") != "completed":
+    for f in files:
+        for r in json.load(open(f)):
+            if r.get("status") != "completed" or not r.get("tokens_per_s"):
                 continue
-            out.append({"source": f.stem, "name": r.get("name") or r.get("config") or "", "plan": plan, "model": model,
-                        "gpu": _gpu(r.get("device", "H200")), "measured": tps})
+            timed = len([x for x in r.get("steps", []) if x.get("step", 0) > 2])
+            if (r.get("concurrent", 1) > 1 or timed < MIN_TIMED_STEPS) and not include_shared:
+                continue
+            name = f"#{r['id']} {r['model']} {r['framework']} {r['sharding']} {r['precision']} mb{r['micro_batch_size']}"
+            out.append({"source": f.stem + ("" if r.get("concurrent", 1) == 1 and timed >= MIN_TIMED_STEPS else " (shared/short)"), "name": name,
+                        "plan": fidelity.plan_for(r), "model": fidelity.model_for(r), "gpu": _gpu(r.get("device", "H200")),
+                        "measured": r["tokens_per_s"], "calibration": "calibration_h200.json"})
     return out
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--json", default=None)
+    ap.add_argument("--shared", action="store_true", help="also issue 13's rows timed while other runs shared the GPU")
     a = ap.parse_args(argv)
     table = []
-    for r in rows():
+    for r in rows(a.shared):
         cal = RESULTS / r.get("calibration", f"calibration_{r['gpu'].split('-')[0]}.json")
         try:
-            pred = estimate(r["plan"], r["model"], r["gpu"], calibration=False).time["tokens_per_s"]
+            pred = estimate(r["plan"], r["model"], r["gpu"], calibration=False).time["tokens_per_s"]  # noqa: E501
             pc = estimate(r["plan"], r["model"], r["gpu"], calibration=json.load(open(cal))).time["tokens_per_s"] if cal.is_file() else None
         except Exception as e:  # a row the estimator cannot read is reported, not skipped silently
             print(f"{r['source']:28} {r['name']:34} cannot estimate: {e}")

@@ -161,14 +161,17 @@ def run_observation(run) -> dict | None:
 
 
 def _device_name(run, m) -> str:
+    """'cpu', or the GPU-table name the worker's start event recorded (else the prediction's GPU)."""
     if run.info.get("device") == "cpu" or run.config.get("device") == "cpu":
         return "cpu"
-    for col in ("gpu_name", "device_name", "gpu"):
-        if col in m and m[col].notna().any():
-            from shardlab.run.worker import gpu_table_name
-
-            return gpu_table_name(str(m[col].dropna().iloc[0])) or str(m[col].dropna().iloc[0])
-    return str(run.info.get("gpu") or "unknown")
+    try:
+        ev = run.events
+        starts = ev[(ev["event"] == "start") & ev["gpu"].notna()] if "gpu" in ev else []
+        if len(starts):
+            return str(starts["gpu"].iloc[0])
+    except Exception:
+        pass
+    return str((run.prediction or {}).get("gpu") or "h100-80gb")
 
 
 def fit_from_runs(observations: list[dict], gpu: GPU, base: Rates | None = None) -> dict:

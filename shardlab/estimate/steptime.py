@@ -88,10 +88,21 @@ DS_NORM_KERNELS_PER_PARAM = 2
 # the host-bound stretches (norms, hooks) are not hidden: fitted to the first H200 probe's FSDP rows
 # (steptime_probe_h200.json, "probe": 1), checked on the H100 FSDP rows and the second probe.
 SERIAL = {"fsdp": 0.15, "deepspeed": 0.27}
+# torch.compile (plan.compile): Inductor fuses the memory-bound kernels of each compiled block and
+# replays them without Python dispatch. COMPILE_MEM / COMPILE_KERNELS scale their bytes and the
+# kernels the host launches (FSDP); DeepSpeed's engine.compile() made ZeRO-3 ~20% slower on an H200
+# (DESIGN.md's measured facts) -> COMPILE_DS_HOST. Not yet checked on a run that ran alone.
+COMPILE_MEM = 0.5
+COMPILE_KERNELS = 0.3
+COMPILE_DS_HOST = 1.2
 OVERLAP = 0.8  # at most this share of the GPU's work can hide prefetched / overlapped collectives
 COLLECTIVE_LATENCY_S = {"intra": 20e-6, "inter": 50e-6}
 CPU_ADAM_PARAMS_PER_S = 2.5e9  # DeepSpeed CPU Adam, parameters per second per node (H100 offload rows: 78-92 TFLOPS)
-TORCH_CPU_ADAM_PARAMS_PER_S = 0.5e9
+# torch's AdamW on the CPU under FSDP offload, parameters per second per node: FSDP1 (flat
+# parameters) 0.5e9 and FSDP2 (one DTensor per parameter, dispatched op by op) 0.15e9, from issue
+# 13's H200 matrix (llama300 with parameters and optimizer offloaded: 1.24 s and 4.8 s per step,
+# three runs sharing the 16 cores, so x3). Weak evidence: a run that ran alone should replace it.
+TORCH_CPU_ADAM_PARAMS_PER_S = {"fsdp1": 0.5e9, "fsdp2": 0.15e9}
 
 # bytes per parameter the optimizer step moves on the GPU (fp32 params, grads and states):
 # torch AdamW foreach (the default on CUDA): decay r/w 8, lerp m 12, v scale 8 + addcmul 12, sqrt 8,
@@ -185,18 +196,22 @@ def optimizer_bytes(plan: Plan, s: Setup, local: int) -> float:
 
 def host_time(plan: Plan, s: Setup, w: Work, r: Rates) -> float:
     """CPU seconds to issue one optimizer step (all micro-steps)."""
-    micro = w.kernels * r.launch_s
+    micro = w.kernels * r.launch_s * (COMPILE_KERNELS if plan.compile and not s.ds else 1.0)
     if not s.ds:
         micro += w.units * r.fsdp_unit_s * UNIT_HOOK_SHARE.get(s.stage, 1.0)
         opt = (8 * max(1, w.param_tensors // 64) + 10) * r.launch_s  # foreach launches in chunks
         return (micro * s.micro_steps + opt) * r.host_fit
     ac = DS3_RECOMPUTE if plan.activation_checkpointing else 0.0
+    per_step = 0.0
     if s.stage == "zero3":
         hooks = w.modules * DS3_MODULE_S * (1 + ac) + w.param_tensors * DS3_PARAM_S
-    else:
+    elif s.stage == "zero2":
         hooks = w.param_tensors * DS12_PARAM_S
+    else:  # ZeRO-1 / no ZeRO reduce at the accumulation boundary only (comm.py): the bucketing work is once per step
+        hooks, per_step = 0.0, w.param_tensors * DS12_PARAM_S
     opt = w.param_tensors * DS_NORM_KERNELS_PER_PARAM * r.launch_s  # per-parameter norm kernels every step
-    return ((micro + hooks * r.host_scale) * s.micro_steps + opt) * r.host_fit
+    comp = COMPILE_DS_HOST if plan.compile else 1.0
+    return ((micro + hooks * r.host_scale) * s.micro_steps * comp + per_step * r.host_scale + opt) * r.host_fit
 
 
 def _comm_time(s: Setup, gpu: GPU, wire: dict, w: Work) -> float:
@@ -215,7 +230,7 @@ def _offload_time(s: Setup, gpu: GPU) -> float:
     moved = (4 + s.P) * local
     if s.stage == "zero3" and s.offload_params != "none":
         moved += 2 * s.P * local * s.micro_steps  # gathered shards come up for forward and backward
-    rate = CPU_ADAM_PARAMS_PER_S if s.ds else TORCH_CPU_ADAM_PARAMS_PER_S
+    rate = CPU_ADAM_PARAMS_PER_S if s.ds else TORCH_CPU_ADAM_PARAMS_PER_S[s.framework]
     return moved / gpu.pcie_bw + local * s.gpn / rate
 
 
@@ -226,6 +241,8 @@ def step_time(plan: Plan, s: Setup, gpu: GPU, wire: dict, rates: Rates | None = 
     precision = plan.precision
     w = work(spec, plan.micro_batch_size, seq, s.P, plan.activation_checkpointing)
     mm, attn, mem = gpu_work_time(w, gpu, precision, s.P, r)
+    if plan.compile and not s.ds:
+        mem *= COMPILE_MEM
     local = spec.params if s.stage == "ddp" else shard_numel(s)
     opt = optimizer_bytes(plan, s, local) / (gpu.hbm_bw * r.hbm_eff)
     gpu_s = ((mm + attn + mem) * s.micro_steps + opt) * r.gpu_scale
