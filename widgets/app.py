@@ -1,7 +1,8 @@
 """The served dashboard (`shardlab app --port N`): build, run and compare in one page.
 
 The same components as in the notebooks: a ConfigBuilder, a RunLauncher that runs the builder's
-current plan, and a RunCompare over the run store ($SHARDLAB_RUNS_DIR, default ./runs). Each browser
+current plan, and a RunCompare over the run store (`shardlab app --runs DIR`, else $SHARDLAB_RUNS_DIR,
+else ./runs). Each browser
 session gets its own objects. The server listens on 127.0.0.1 only: it can start processes, so it is
 not for the network.
 """
