@@ -133,6 +133,39 @@ print(f"built or loaded in {time.time() - t:.1f} s")
 """
 
 
+def stale_locks(root: str | None = None, min_age_s: float = 60.0) -> list[Path]:
+    """Build locks left by a build that was killed (a cancelled or timed-out first run): torch's extension
+    builder waits for such a lock to go away, forever. A lock is stale when it is older than `min_age_s`
+    and no process is working in its folder (ninja and the compiler run there)."""
+    import psutil
+
+    from shardlab.export.launch import extensions_dir
+
+    base = Path(root or extensions_dir())
+    found = [*base.glob("*/lock"), *base.glob("*/*/lock")] if base.is_dir() else []  # with or without a py311_cpu level
+    locks = [p for p in found if time.time() - p.stat().st_mtime > min_age_s]
+    if not locks:
+        return []
+    busy = set()
+    for proc in psutil.process_iter(["cwd"]):
+        try:
+            if proc.info["cwd"]:
+                busy.add(Path(proc.info["cwd"]))
+        except (psutil.Error, OSError):
+            continue
+    return [p for p in locks if p.parent not in busy]
+
+
+def clear_stale_locks() -> Check | None:
+    gone = stale_locks()
+    for p in gone:
+        p.unlink(missing_ok=True)
+    if gone:
+        return Check("stale build locks", None, "removed (a killed build had left them; runs would wait on them forever): "
+                     + ", ".join(str(p.parent.name) for p in gone))
+    return None
+
+
 def warm_op(builder: str) -> Check:
     """Build (first time) or load one DeepSpeed CPU op in a child process, with the env a run gets."""
     from shardlab.export.launch import extensions_dir, sanitized_env
@@ -211,6 +244,7 @@ def checks(warm: bool = True) -> Iterator[tuple[str, Callable[[], Check | list[C
     yield "versions", check_versions
     yield "compiler", check_compiler
     if warm:
+        yield "stale locks", lambda: [c for c in [clear_stale_locks()] if c is not None]
         for builder, why in DS_CPU_OPS:
             yield f"building DeepSpeed {builder} for {why} (first time: about a minute on 2 cores)", lambda b=builder: warm_op(b)
     yield "checking offline assets (imports bokeh and panel)", check_offline
