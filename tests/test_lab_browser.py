@@ -182,13 +182,16 @@ def _wait_done(page, timeout: float = CELL_WAIT_S) -> None:
 
 
 def _save(page, path: Path) -> nbformat.NotebookNode:
+    """File > Save Notebook, then the file as JupyterLab wrote it (outputs with inlined JS: megabytes)."""
     before = path.stat().st_mtime_ns
     page.keyboard.press("Escape")
-    page.keyboard.press("Control+s")
-    end = time.monotonic() + 30
+    page.get_by_role("menuitem", name="File", exact=True).click()
+    page.get_by_role("menuitem", name="Save Notebook").first.click()
+    end = time.monotonic() + 120
     while path.stat().st_mtime_ns == before and time.monotonic() < end:
-        time.sleep(0.3)
+        time.sleep(0.5)
     assert path.stat().st_mtime_ns != before, f"{path.name} was not saved"
+    time.sleep(1)  # let the write finish
     return nbformat.read(path, as_version=4)
 
 
