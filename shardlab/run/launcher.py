@@ -273,6 +273,10 @@ def launch(plan, model="gpt-tiny", steps: int = 10, nproc: int | None = None, de
     if nproc != plan.topology.gpus_per_node:
         plan = load_plan(plan.model_copy(update={"topology": plan.topology.model_copy(update={"gpus_per_node": nproc})}))
     model_name, model_arg = _model_for_worker(model)
+    if factory is None:
+        from shardlab.frameworks import check_model
+
+        check_model(plan, model)  # a block class the GPT lacks: the worker would refuse it at wrap time
     nodes = plan.topology.nodes
     world = plan.world_size
 
@@ -283,6 +287,9 @@ def launch(plan, model="gpt-tiny", steps: int = 10, nproc: int | None = None, de
                                              "factory": factory, "trace_memory": trace_memory, "instrument": instrument})
     for name in ("metrics.jsonl", "events.jsonl", "timeline.jsonl"):
         (run_dir / name).touch()
+    from shardlab.run.prediction import write_prediction
+
+    write_prediction(run_dir, plan, model_arg, device, (visible_gpus() or [0])[0] if device == "cuda" else None)
 
     port = free_port()
     cores = os.cpu_count() or 1
