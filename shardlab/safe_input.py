@@ -32,6 +32,7 @@ MAX_FILE_BYTES = 4 * 2**20  # 4 MiB: the largest real DeepSpeed / accelerate con
 MAX_NODES = 100_000  # values in a document after alias expansion
 MAX_DEPTH = 64  # nesting levels (real configs use 3-4)
 MAX_INT = 10**18  # whole numbers beyond this are no size, count or step anyone means
+MAX_PARAMS = 10**15  # parameters: a thousand times the largest model trained so far
 SHORT = 80  # characters of a quoted value
 MAX_MESSAGE = 1500  # characters of one message (the contract: every message < 2 KB)
 
