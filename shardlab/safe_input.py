@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import reprlib
 import stat
 from pathlib import Path
@@ -151,6 +152,8 @@ def is_existing_file(s: str) -> bool:
 
 def load_yaml(text: str, name: str = "<text>") -> Any:
     """yaml.safe_load with limits: alias expansion, nesting depth, constructor errors as messages."""
+    if _bracket_depth(text) > MAX_DEPTH:  # PyYAML's scanner is quadratic in flow nesting: refuse before it
+        raise fail(name, f"{label(name)} nests deeper than {MAX_DEPTH} levels. A config has a few levels; fix its structure.")
     loader = yaml.SafeLoader(text)
     try:
         try:
@@ -170,6 +173,24 @@ def load_yaml(text: str, name: str = "<text>") -> Any:
         loader.dispose()
     check_data(data, name)
     return data
+
+
+_NOT_BRACKET = re.compile(r"[^\[\]{}]+")
+
+
+def _bracket_depth(text: str) -> int:
+    """The deepest nesting of [ and { in `text` (brackets inside quotes counted too: an upper bound)."""
+    depth = deepest = 0
+    for ch in _NOT_BRACKET.sub("", text):
+        if ch in "[{":
+            depth += 1
+            if depth > deepest:
+                deepest = depth
+                if deepest > MAX_DEPTH:
+                    return deepest
+        elif ch in "]}" and depth:
+            depth -= 1
+    return deepest
 
 
 def _measure(root: yaml.Node, name: str) -> None:
