@@ -70,11 +70,11 @@ def browser(tmp_path):
 def app(tmp_path):
     port = free_port()
     env = {**os.environ, "SHARDLAB_RUNS_DIR": str(tmp_path / "runs")}
-    proc = subprocess.Popen([str(BIN / "shardlab"), "app", "--port", str(port)], env=env, cwd=tmp_path,
+    proc = subprocess.Popen([str(BIN / "shardlab"), "app", "--port", str(port), "--token", "browser-test"], env=env, cwd=tmp_path,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         wait_http(f"http://127.0.0.1:{port}/", proc)
-        yield f"http://127.0.0.1:{port}/", tmp_path / "runs"
+        yield f"http://127.0.0.1:{port}/?token=browser-test", tmp_path / "runs"
     finally:
         stop(proc)
 
