@@ -179,3 +179,23 @@ def test_a_killed_torchrun_agent_fails_the_run_naming_the_agent(tmp_path, standi
         assert _lines(run.dir)[: len(before)] == before
     finally:
         run.cancel()
+
+
+SECRETS = {"NCCL_PASSWD": "s3cr3t-nccl-passwd", "DS_API_PASS": "s3cr3t-ds-api", "OMP_PWD": "s3cr3t-omp-pwd",
+           "GLOO_PRIVATE": "s3cr3t-gloo-private", "HF_TOKEN": "hf_s3cr3tToken", "AWS_SECRET_ACCESS_KEY": "s3cr3t-aws",
+           "TORCH_Api_Key": "s3cr3t-mixed-case", "CUDA_CREDS": "s3cr3t-cuda-creds", "db_password": "s3cr3t-lower",
+           "MASTER_ADDR_SALT": "s3cr3t-salt", "WANDB_API_KEY": "s3cr3t-wandb"}
+
+
+@pytest.mark.timeout(120)
+def test_secret_looking_variables_never_reach_the_run_folder(tmp_path, standin, monkeypatch):
+    for k, v in SECRETS.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(HERE), "/opt/s3cr3t-pythonpath-entry"]))
+    run = launch(PLAN, steps=5, device="cpu", out=tmp_path, worker_module="standin_worker")
+    assert run.wait(timeout=90) == "completed", run.info
+    everything = b"".join(p.read_bytes() for p in run.dir.rglob("*") if p.is_file())
+    found = [k for k, v in SECRETS.items() if v.encode() in everything]
+    assert not found and b"s3cr3t-pythonpath-entry" not in everything, found
+    env = json.loads((run.dir / "launch.json").read_text())["agents"][0]["env"]
+    assert env["OMP_NUM_THREADS"] and env["SHARDLAB_RUN_DIR"] == str(run.dir)  # what a run needs is still recorded
