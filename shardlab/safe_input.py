@@ -103,7 +103,7 @@ def read_file(path: str | Path, what: str = "file") -> str:
     try:
         st = os.stat(p)  # follows links: a link to /dev/zero is judged as /dev/zero
     except FileNotFoundError:
-        raise fail(str(p)[:200], f"{name}: file not found. Check the path (it is relative to {short(os.getcwd(), 200)}).") from None
+        raise fail(str(p)[:200], f"{name}: no such file (file not found). Check the path (a relative path starts at {label(os.getcwd())}).") from None
     except (OSError, ValueError) as e:
         why = getattr(e, "strerror", None) or str(e)
         raise fail(str(p)[:200], f"{name} cannot be opened ({short(why)}). Check the path and its permissions.") from None

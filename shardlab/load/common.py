@@ -65,14 +65,17 @@ def _mapping(key: str, v: Any) -> dict:
 
 
 def read_source(source: str | Path, *, name: str | None = None) -> tuple[str, str, Path | None]:
-    """(text, name, folder that relative paths in it refer to, or None for text that came from no folder).
+    """(text, name, folder that relative paths in it refer to, or None for an upload).
 
     A Path (or a one-line string naming a file) is read as a file; anything else is the config's
-    text itself. `name` marks `source` as text (an upload): it is then never taken for a path."""
+    text itself. `name` marks `source` as uploaded text: it is then never taken for a path, and
+    files it refers to are not read (folder None)."""
     s = str(source)
     if name is None and (isinstance(source, Path) or ("\n" not in s and not s.lstrip().startswith("{") and (s.endswith((".json", ".yaml", ".yml")) or names_file(s)))):
         return read_text(s), s, Path(s).resolve().parent
-    return s, name or "<text>", None
+    if name is not None:
+        return s, name, None  # an upload: it came from no folder of ours, so nothing it names is read
+    return s, "<text>", Path.cwd()
 
 
 def parse_data(text: str, name: str) -> Any:
