@@ -8,7 +8,7 @@ from typing import Any
 
 from shardlab.export import keys as K
 from shardlab.plan import bad_input, read_text
-from shardlab.safe_input import short
+from shardlab.safe_input import label
 
 from .common import _MISSING, _bool, _choice, _float, _int, _mapping, parse_data
 from .deepspeed import _from_deepspeed
@@ -84,7 +84,7 @@ def _from_accelerate(d: dict, folder: Path | None) -> tuple[dict, list[str]]:
         notes.append(f"launch settings at their usual values, not part of the plan: {', '.join(sorted(fixed))}.")
     if launch:
         notes.append("launch settings not modelled by shardlab (not carried into the plan): "
-                     + ", ".join(f"{k}={v!r}" for k, v in sorted(launch.items())) + ".")
+                     + ", ".join(sorted(launch)) + ".")
     if fields["framework"] in ("fsdp1", "fsdp2") and kind == "FSDP":
         _fsdp_from_acc(fsdp, par, fields, notes)
     elif fsdp:
@@ -163,7 +163,7 @@ def _ds_from_acc(c: dict, folder: Path | None, fields: dict, notes: list[str]) -
     ref = c.get("deepspeed_config_file")
     if ref and folder is None:
         # text that came from no folder (an upload to the app): a reference in it is not a file of ours to read
-        notes.append(f"deepspeed_config_file={short(str(ref))} was not followed (this config was given as text, not as a file on disk); its settings are not in the plan. Import that DeepSpeed JSON on its own.")
+        notes.append(f"deepspeed_config_file={label(str(ref))} was not followed (this config was given as text, not as a file on disk); its settings are not in the plan. Import that DeepSpeed JSON on its own.")
     elif ref:
         path = Path(str(ref)) if Path(str(ref)).is_absolute() else folder / str(ref)
         if path.is_file():
@@ -175,7 +175,7 @@ def _ds_from_acc(c: dict, folder: Path | None, fields: dict, notes: list[str]) -
                 fields["topology"] = topology
             notes += ds_notes
         else:
-            notes.append(f"deepspeed_config_file={short(str(ref))} was not found next to the config; its settings are not in the plan. Import it on its own, or put it beside this file.")
+            notes.append(f"deepspeed_config_file={label(str(ref))} was not found next to the config; its settings are not in the plan. Import it on its own, or put it beside this file.")
     if "zero_stage" in c:
         stage = _int("deepspeed_config.zero_stage", c["zero_stage"])
         if stage not in K.STAGE_SHARDING:
