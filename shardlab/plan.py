@@ -191,11 +191,11 @@ def rule(fn: Callable[[Plan], Finding | list[Finding] | None]) -> Rule:
 
 
 def _err(rule_id: str, field: str, msg: str) -> Finding:
-    return Finding("error", rule_id, field, msg)
+    return Finding("error", rule_id, field[:200], safe_input.cap(msg))
 
 
 def _warn(rule_id: str, field: str, msg: str) -> Finding:
-    return Finding("warning", rule_id, field, msg)
+    return Finding("warning", rule_id, field[:200], safe_input.cap(msg))
 
 
 _POSITIVE = (
