@@ -275,6 +275,13 @@ def main() -> int:
     hangs, stalls, blowups, long_msgs, done = [], [], [], [], 0
     by_cmd: dict[str, int] = {}
     t0 = time.time()
+
+    def summarize() -> dict:
+        return {"inputs": done, "seed": a.seed, "seconds": round(time.time() - t0),
+                "tracebacks": sum(c["count"] for c in crashes.values()), "crash_sites": crashes,
+                "hangs_over_5s": hangs, "machine_stalls_over_5s_wall": stalls, "memory_growth_over_500MB": blowups,
+                "messages_2KB_or_more": long_msgs, "by_command": by_cmd}
+
     for i in range(a.n):
         seed = a.seed * 10**7 + i
         rep = runner.run(seed)
@@ -294,12 +301,12 @@ def main() -> int:
         if rep["longest_message"] >= MESSAGE_BYTES:
             long_msgs.append(seed)
         if (i + 1) % 1000 == 0:
+            if a.json:  # the summary so far, so a long run that is stopped still leaves its counts
+                Path(a.json).write_text(json.dumps(summarize(), indent=1))
             print(f"{i + 1} inputs, {time.time() - t0:.0f} s: {sum(c['count'] for c in crashes.values())} tracebacks, "
                   f"{len(hangs)} hangs ({len(stalls)} machine stalls), {len(blowups)} memory blow-ups, {len(long_msgs)} long messages", flush=True)
     runner.conn.send(None)
-    summary = {"inputs": done, "seconds": round(time.time() - t0), "tracebacks": sum(c["count"] for c in crashes.values()),
-               "crash_sites": crashes, "hangs_over_5s": hangs, "machine_stalls_over_5s_wall": stalls, "memory_growth_over_500MB": blowups,
-               "messages_2KB_or_more": long_msgs, "by_command": by_cmd}
+    summary = summarize()
     print(json.dumps(summary, indent=1))
     if a.json:
         Path(a.json).write_text(json.dumps(summary, indent=1))
