@@ -92,12 +92,12 @@ def test_any_file_gives_an_exit_code_and_short_messages_never_a_traceback(tmp_pa
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck))
-@given(flag=st.sampled_from(["--params", "--gpu", "--model"]),
+@given(flag=st.sampled_from(["--params", "--gpu", "--model", "--calibration"]),
        value=st.one_of(st.text(max_size=60), st.sampled_from(["1e308", "nan", "inf", "-1", "0", "9" * 5000, "0x10", "/dev/zero"])))
 def test_any_flag_value_gives_an_exit_code_never_a_traceback(tmp_path_factory, flag, value):
     plan = tmp_path_factory.mktemp("flag") / "plan.yaml"
     plan.write_text("framework: fsdp2\n")
-    extra = [] if flag != "--gpu" else ["--params", "7e9"]
+    extra = [] if flag in ("--params", "--model") else ["--params", "7e9"]
     rc, err = _run(["estimate", str(plan), f"{flag}={value}", *extra])
     assert rc in (0, 2)
     assert all(len(line.encode()) < 2048 for line in err.splitlines())

@@ -139,8 +139,13 @@ def rates_for(gpu: GPU, calibration=None) -> Rates:
     if isinstance(calibration, dict):
         return rates_from(calibration)
     if isinstance(calibration, (str, Path)):
+        from shardlab.plan import bad_input
+        from shardlab.safe_input import is_existing_file, label
+
         p = Path(calibration)
-        cal = load(p) if p.is_file() else find(gpu.name, p)
+        if not is_existing_file(str(p)):
+            raise bad_input("calibration", f"calibration={label(str(p))}: no such file or folder. Give a file or folder written by `shardlab calibrate`, or none.")
+        cal = find(gpu.name, p) if p.is_dir() else load(p)
         return rates_from(cal, str(p)) if cal else Rates()
     cal = find(gpu.name)
     return rates_from(cal) if cal else Rates()

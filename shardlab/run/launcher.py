@@ -156,11 +156,12 @@ def check_capacity(plan, nproc, device: str) -> int:
         have, unit = len(visible_gpus()), "GPUs"
     if world > have:
         fit = have // nodes
-        fix = (f"Pass --nproc {fit} (nodes x nproc <= {have})" if fit >= 1
+        fix = (f"Pass --nproc {fit} (topology.nodes x nproc <= {have})" if fit >= 1
                else f"Use fewer topology.nodes (at most {have}) with --nproc 1")
-        raise bad_input("nproc", f"this run would start {world} processes (topology.nodes={nodes} x {nproc} per node) on a machine with {have} {unit}: "
-                        f"more processes than {unit} only slows every rank down and can exhaust memory. {fix}"
-                        f"{', or device=cpu' if device == 'cuda' else ''}.")
+        if device == "cuda":
+            raise bad_input("nproc", f"this run needs {world} GPUs (topology.nodes={nodes} x nproc={nproc}) but this machine has {have}. {fix}, or device=cpu.")
+        raise bad_input("nproc", f"this run would start {world} processes (topology.nodes={nodes} x nproc={nproc}) on a machine with {have} CPU cores: "
+                        f"more processes than cores only slows every rank down and can exhaust memory. {fix}.")
     return nproc
 
 
