@@ -428,6 +428,10 @@ def launch(plan, model="gpt-tiny", steps: int = 10, nproc: int | None = None, de
     if nproc != plan.topology.gpus_per_node:
         plan = load_plan(plan.model_copy(update={"topology": plan.topology.model_copy(update={"gpus_per_node": nproc})}))
     model_name, model_arg = _model_for_worker(model)
+    if factory is None:
+        from shardlab.frameworks import check_model
+
+        check_model(plan, model)  # a block class the GPT lacks: the worker would refuse it at wrap time
     nodes = plan.topology.nodes
     world = plan.world_size
 
