@@ -75,7 +75,7 @@ def _run(argv: list[str]) -> tuple[int, str]:
     return rc, err.getvalue()
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck))
+@settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))
 @given(doc=documents, cmd=st.sampled_from(COMMANDS), suffix=st.sampled_from([".yaml", ".json", ".yml", ""]))
 def test_any_file_gives_an_exit_code_and_short_messages_never_a_traceback(tmp_path_factory, doc, cmd, suffix):
     d = tmp_path_factory.mktemp("fuzz")

@@ -387,7 +387,10 @@ class LiveRun(Run):
         try:
             w.stdin.write(b"done\n")
             w.stdin.close()
-            w.wait(timeout=5)
+            try:
+                w.wait(timeout=1)
+            except Exception:  # a starved machine: reap it later, the run is over either way
+                threading.Thread(target=w.wait, name="shardlab-watchdog-reap", daemon=True).start()
         except Exception:
             try:
                 w.kill()
