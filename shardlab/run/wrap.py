@@ -262,6 +262,10 @@ def _fsdp2(plan: Plan, model: nn.Module, device: str, loss: Callable) -> Trainer
         if on_meta:
             model.to_empty(device="cpu" if plan.offload.params == "cpu" else device)
         set_model_state_dict(model, full_state, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+        import torch.distributed as dist
+
+        for b in model.buffers():  # non-persistent buffers (a rotary inv_freq) are in no state dict
+            dist.broadcast(b, src=0)
     if plan.forward_prefetch and units:
         for a, b in zip(units, units[1:]):
             a.set_modules_to_forward_prefetch([b])
