@@ -91,9 +91,13 @@ def is_source(text: str) -> bool:
 
 def load_factory(target: str):
     """'module:function' -> the function (the module imported from the current directory or sys.path)."""
+    import sys
+
     mod, _, fn = target.partition(":")
     if not mod or not fn:
         raise bad_input("model", f"model={target!r} must look like 'module:function'.")
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.append(os.getcwd())  # as `python -m` does: a console script (shardlab app) starts without it
     try:
         obj = importlib.import_module(mod)
         for part in fn.split("."):
@@ -123,6 +127,7 @@ class UserModel:
     overrides: dict
     file: bool = False
     _described: tuple | None = field(default=None, repr=False)
+    _hf_ds: object = field(default=None, repr=False)
 
     @property
     def declared_seq_len(self) -> int | None:
@@ -134,8 +139,15 @@ class UserModel:
 
         return config_from(self)
 
-    def build(self, device: str = "cpu", seed: int = 0):
-        """(nn.Module on `device` ("meta": no memory), the factory's own batch_fn or None)."""
+    def build(self, device: str = "cpu", seed: int = 0, zero_init: dict | None = None):
+        """(nn.Module on `device` ("meta": no memory), the factory's own batch_fn or None).
+
+        zero_init: a DeepSpeed ZeRO-3 config: build the model already partitioned (deepspeed.zero.Init).
+        A Hugging Face model is handed to transformers' own ZeRO-3 path (HfDeepSpeedConfig), which
+        also runs the model's weight initialisation on gathered parameters; inside a bare zero.Init
+        it would act on empty partitions and leave torch's defaults (measured: GPT-2's first loss 40
+        instead of 6.3, its tied embedding left at N(0, 1)).
+        """
         import torch
 
         ctx = torch.device("meta") if str(device) == "meta" else contextlib.nullcontext()
@@ -143,10 +155,19 @@ class UserModel:
         if self.kind == "hf":
             from shardlab.hfmodels import build_hf
 
+            cfg = self.hf_config()
+            if zero_init is not None:
+                from transformers.integrations import HfDeepSpeedConfig
+
+                self._hf_ds = HfDeepSpeedConfig(zero_init)  # transformers holds it weakly: keep it alive
             with ctx:
-                return build_hf(self.hf_config()), None
+                return build_hf(cfg), None
         fn = load_factory(self.target)
         kwargs = {k: v for k, v in self.overrides.items() if k not in _OURS}
+        if zero_init is not None:
+            import deepspeed
+
+            ctx = deepspeed.zero.Init(config_dict_or_path=zero_init)
         with ctx:
             out = fn(**kwargs)
         return _model_and_batches(out, self.target)
@@ -212,7 +233,10 @@ def resolve(text: str) -> UserModel:
     if head.endswith(".json"):
         if not Path(head).is_file():
             raise bad_input("--model", f"--model={text!r}: the file {head} does not exist. Give the path of a Hugging Face config.json.")
-        return UserModel(text, "hf", str(Path(head).resolve()), kw, file=True)
+        path = str(Path(head).resolve())
+        # the absolute path travels (run.json, compare from another folder): the same file wherever it is read
+        text = " ".join([shlex.quote(path), *shlex.split(text)[1:]])
+        return UserModel(text, "hf", path, kw, file=True)
     return UserModel(text, "factory", head, kw)
 
 

@@ -216,12 +216,9 @@ class Worker:
         p = self.plan
         seed = self.cfg["seed"]
         if p.low_memory_init and p.framework == "deepspeed" and p.sharding in ("zero3", "hybrid"):
-            import deepspeed
-
             from shardlab.run.wrap import ds_config
 
-            with deepspeed.zero.Init(config_dict_or_path=ds_config(p, self.device)):
-                model, batch_fn = um.build("cpu", seed)
+            model, batch_fn = um.build("cpu", seed, zero_init=ds_config(p, self.device))
         else:
             meta = p.low_memory_init and p.framework != "deepspeed" and self.rank != 0
             model, batch_fn = um.build("meta" if meta else "cpu", seed)
