@@ -191,6 +191,19 @@ class UserModel:
     def inputs(self) -> dict:
         return self._describe()[1]
 
+    def for_trace(self) -> dict:
+        """What the traced estimate (estimate/trace.py) takes for a model that is not shardlab's GPT:
+        {"module": a zero-argument callable building the model (under the caller's FakeTensorMode or
+        device) whose forward(ids) returns logits, "spec": the ModelSpec (vocab, seq_len)}."""
+        if self.inputs.get("kind") != "tokens":
+            raise bad_input("model", f"model={self.text!r} does not take token ids, and the traced estimate feeds token ids. Use the analytical estimate.")
+
+        def build():
+            model, _ = self.build("cpu")
+            return _LogitsOnly(model) if self.kind == "hf" else model
+
+        return {"module": build, "spec": self.spec}
+
     def batches(self, batch_fn, *, seed: int, rank: int, world_size: int, micro_batch_size: int,
                 grad_accum_steps: int, device: str):
         """batches(step, micro) -> (inputs, targets) on `device` for this model."""
@@ -204,6 +217,23 @@ class UserModel:
         if i["kind"] == "tokens":
             return Batches(seq_len=i["seq_len"], vocab=i["vocab"], **common)
         return FloatBatches(shape=tuple(i["shape"]), classes=i["classes"], **common)
+
+
+def _LogitsOnly(model):
+    """`model` with a forward that returns the logits tensor (a Hugging Face model returns a ModelOutput)."""
+    import torch
+
+    from shardlab.describe import logits_of
+
+    class LogitsOnly(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x):
+            return logits_of(self.inner(x))
+
+    return LogitsOnly(model)
 
 
 def _model_and_batches(out, target: str):

@@ -48,6 +48,11 @@ def _prepare_env(device: str) -> None:
         os.environ["TORCH_CUDA_ARCH_LIST"] = sanitize_arch_list(os.environ["TORCH_CUDA_ARCH_LIST"])
     if device == "cpu":
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    # DeepSpeed JIT-builds its CPU ops (shm comm, CPU Adam) into torch's extensions folder. One folder
+    # per Python environment: with the shared default (~/.cache), environments at different paths
+    # rebuild each other's ops and wait on one lock (seen 2026-12-01: 8 venvs on one 2-core machine,
+    # every DeepSpeed CPU run waiting minutes behind other venvs' rebuilds of deepspeed_shm_comm).
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(sys.prefix, "torch_extensions"))
     import warnings
 
     # DeepSpeed calls the old collective names on every step; the warning would flood the run log
