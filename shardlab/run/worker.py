@@ -27,7 +27,6 @@ batch_fn(step, micro) gives (inputs, targets).
 
 from __future__ import annotations
 
-import importlib
 import json
 import os
 import sys
@@ -106,19 +105,6 @@ def peak_tflops(device_name: str, precision: str) -> float | None:
     return get_gpu(name).peak_tflops(precision)
 
 
-def _load_factory(spec: str):
-    """'module:function' -> the function (returns (model, batch_fn))."""
-    from shardlab.plan import bad_input
-
-    mod, _, fn = spec.partition(":")
-    if not mod or not fn:
-        raise bad_input("factory", f"factory={spec!r} must look like 'module:function'.")
-    try:
-        return getattr(importlib.import_module(mod), fn)
-    except (ImportError, AttributeError) as e:
-        raise bad_input("factory", f"factory={spec!r} cannot be loaded ({e}). Check the module is importable and defines {fn}.") from None
-
-
 def _is_oom(e: BaseException) -> bool:
     import torch
 
@@ -181,7 +167,7 @@ class Worker:
 
         self.loss = loss_fn
         if self.cfg.get("factory"):
-            model, self.batches = _load_factory(self.cfg["factory"])()
+            model, self.batches = usermodel.load_factory(self.cfg["factory"])()
             self.spec = None
             self.seq_len = None
         elif isinstance(self.cfg["model"], str) and usermodel.is_source(self.cfg["model"]):
