@@ -118,7 +118,8 @@ def cmd_estimate(a) -> int:
 
     plan = load_plan(a.plan)
     spec = _model_arg(a)
-    est = estimate(plan, spec, gpu=a.gpu)
+    cal = False if a.calibration == "none" else a.calibration
+    est = estimate(plan, spec, gpu=a.gpu, calibration=cal)
     if a.json:
         out = est.to_dict()
         out["model"].update(_model_json(spec))
@@ -129,10 +130,15 @@ def cmd_estimate(a) -> int:
     return 0
 
 
-def cmd_run(a) -> int:
-    from shardlab.run.launcher import launch
+def cmd_calibrate(a) -> int:
+    from shardlab.estimate.calibrate import cli_calibrate
 
+    return cli_calibrate(a)
+
+
+def cmd_run(a) -> int:
     from shardlab.models import resolve_model
+    from shardlab.run.launcher import launch
 
     plan = load_plan(a.plan)
     model = _model_text(a.model)
@@ -206,8 +212,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--model", nargs="+", metavar="MODEL", help=MODEL_HELP)
     s.add_argument("--params", help="bare parameter count, e.g. 7e9 (model states only)")
     s.add_argument("--gpu", default="h100-80gb", help="GPU name from the GPU table")
+    s.add_argument("--calibration", default=None, help="a calibration file or folder; 'none' for the data sheet only (default: this machine's, if any)")
     s.add_argument("--json", action="store_true")
     s.set_defaults(fn=cmd_estimate)
+
+    s = sub.add_parser("calibrate", help="measure this GPU's rates for the step-time model (about a minute), or refit from runs")
+    s.add_argument("--from-runs", nargs="+", metavar="DIR", help="refit from run folders (or run stores) instead of measuring")
+    s.add_argument("--gpu", default=None, help="GPU table name to file the calibration under (default: detected)")
+    s.add_argument("--calibration-dir", default=None, help="where calibrations live (default: $SHARDLAB_CALIBRATION_DIR or ~/.cache/shardlab/calibration)")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(fn=cmd_calibrate)
 
     s = sub.add_parser("run", help="a real sharded training run")
     s.add_argument("plan")
