@@ -47,9 +47,9 @@ def runs(tmp_path_factory):
         plan.write_text(f"framework: {fw}\nsharding: zero3\nprecision: bf16\ntopology: {{gpus_per_node: 2}}\n")
         procs[name] = subprocess.Popen([sys.executable, "-m", "shardlab.cli", "run", str(plan), "--model", *model.split(),
                                         "--steps", str(STEPS), "--device", "cpu", "--out", str(base / "runs"), "--json",
-                                        "--timeout", "400"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                                        "--timeout", "600"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     api = launch({"framework": "deepspeed", "sharding": "zero3", "topology": {"gpus_per_node": 2}}, model=tiny_lm,
-                 steps=STEPS, device="cpu", out=base / "runs", timeout_s=400)
+                 steps=STEPS, device="cpu", out=base / "runs", timeout_s=600)
     done = {}
     for name, p in procs.items():
         out, err = p.communicate(timeout=900)
