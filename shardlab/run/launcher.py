@@ -282,9 +282,14 @@ def launch(plan, model="gpt-tiny", steps: int = 10, nproc: int | None = None, de
     if nproc != plan.topology.gpus_per_node:
         plan = load_plan(plan.model_copy(update={"topology": plan.topology.model_copy(update={"gpus_per_node": nproc})}))
     model_name, model_arg, spec = _model_for_worker(model)
-    from shardlab.usermodel import with_wrap_class
+    from shardlab.usermodel import resolve as resolve_source, with_wrap_class
 
     plan = with_wrap_class(plan, spec)  # a model's own block class, written into the run's plan.yaml
+    if factory is None:
+        from shardlab.frameworks import check_model
+
+        # a block class the model lacks: the worker would refuse it at wrap time
+        check_model(plan, resolve_source(spec.source).build("meta")[0] if spec.source else model_arg)
     nodes = plan.topology.nodes
     world = plan.world_size
 
