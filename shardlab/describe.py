@@ -160,6 +160,8 @@ def describe(model, inputs: dict, config=None, *, name: str, source: str | None 
     fields = shape or {"layers": 0, "hidden": 0, "heads": 1, "vocab": 0, "seq_len": 0}
     if shape and shapes is not None and shapes.layers != shape["layers"]:
         fields = {**shape, "layers": shapes.layers}  # the blocks found rule (e.g. a config with extra layers)
+    from shardlab.frameworks.units import module_tree
+
     return ModelSpec(name, **fields, params_override=total, wrap_unit_params=unit, wrap_unit_count=len(blocks),
                      source=source, wrap_cls=cls.__name__ if cls is not None else None, shapes=shapes,
-                     counted_flops_per_token=count_flops(model, inputs))
+                     counted_flops_per_token=count_flops(model, inputs), tree=module_tree(model))

@@ -48,6 +48,7 @@ class ModelSpec:
     wrap_cls: str | None = field(default=None, compare=False)
     shapes: "ParamShapes | None" = field(default=None, compare=False)
     counted_flops_per_token: int | None = field(default=None, compare=False)
+    tree: object = field(default=None, compare=False, repr=False)  # frameworks.units.Node of the real module
 
     @property
     def n_kv_heads(self) -> int:
@@ -101,7 +102,7 @@ class ModelSpec:
         return self.embedding_params + self.layers * self.block_params + self.head_params
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        return {k: v for k, v in asdict(self).items() if k != "tree"}
 
 
 def _gpt(name, layers, hidden, heads, vocab=50257, seq_len=2048) -> ModelSpec:
@@ -225,7 +226,7 @@ def with_seq_len(spec: ModelSpec, seq_len: int) -> ModelSpec:
 
 def _key(spec: ModelSpec) -> tuple:
     return (spec.layers, spec.hidden, spec.heads, spec.vocab, spec.seq_len, spec.kv_heads, spec.ffn_hidden,
-            spec.family, spec.params_override, spec.wrap_unit_params, spec.wrap_unit_count, spec.shapes)
+            spec.family, spec.params_override, spec.wrap_unit_params, spec.wrap_unit_count, spec.shapes, spec.source)
 
 
 @dataclass(frozen=True)
@@ -344,9 +345,11 @@ def wrap_units(spec: ModelSpec, policy: str = "transformer", min_num_params: int
     if key not in _UNITS:
         from shardlab.frameworks.units import spec_tree, units
 
-        tree = spec_tree(spec)
-        if not spec.is_bare or spec.wrap_unit_params:
-            found = units(tree, policy, min_num_params, ("Block",))
+        # a model counted from its nn.Module (usermodel.py) has its own tree and block class
+        tree = spec.tree if spec.tree is not None else spec_tree(spec)
+        names = (spec.wrap_cls,) if spec.tree is not None and spec.wrap_cls else ("Block",)
+        if not spec.is_bare or spec.wrap_unit_params or spec.tree is not None:
+            found = units(tree, policy, min_num_params, names)
         else:
             found = [("", spec.params)]
         _UNITS[key] = [("root", found[-1][1])] + found[:-1]
