@@ -190,12 +190,34 @@ def shape_from_dict(data: dict, name: str = "custom") -> ModelSpec:
     return ModelSpec(**vals)
 
 
+# The served app (`shardlab app`) turns this off: there a model named in the browser may be a preset,
+# an `hf:` source or a number, never a file on the server or a module:function to import (issue 19).
+SERVER_SOURCES_ALLOWED = True
+
+
+def _served_check(s: str) -> None:
+    t = s.strip()
+    if t in PRESETS or t.startswith("hf:"):
+        return
+    try:
+        float(t)
+        return
+    except ValueError:
+        pass
+    from shardlab.safe_input import short
+
+    raise bad_input("model", f"model={short(t)}: the served app takes a preset, hf:<model_type> [key=value ...] or a parameter count; "
+                    "a file path or module:function would be read or run on the server, so they are off here. Use them from a notebook or the CLI.")
+
+
 def resolve_model(spec: str | int | float | dict | ModelSpec) -> ModelSpec:
     """A preset name, a shape file path, a shape dict, a bare count, an nn.Module or a factory, or a
     user model source (`hf:llama ...`, a Hugging Face config.json, `module:function`; see
     shardlab/usermodel.py) -> ModelSpec (PlanError if bad)."""
     if isinstance(spec, ModelSpec):
         return spec
+    if isinstance(spec, str) and not SERVER_SOURCES_ALLOWED:
+        _served_check(spec)
     if hasattr(spec, "named_parameters") or (callable(spec) and not isinstance(spec, str)):
         return count_module(spec)  # an nn.Module or a factory, counted without importing torch here
     from shardlab import usermodel

@@ -31,6 +31,8 @@ def create_app(runs_dir: str | None = None) -> pn.viewable.Viewable:
     builder = ConfigBuilder()
     launcher = RunLauncher(builder, out=runs_dir)
     compare = RunCompare(runs_dir)
+    # the store is the server's choice (--runs): a browser must not point it at other folders
+    compare.runs_dir.disabled = True
     tabs = pn.Tabs(("Build", builder), ("Run", launcher), ("Compare", compare),
                    dynamic=False, sizing_mode="stretch_width", css_classes=["sl-app-tabs"])
     # The store changes while the app is open: re-read it whenever Compare is shown.
@@ -69,6 +71,9 @@ def serve(port: int = 5006, show: bool = False, runs_dir: str | None = None, thr
 
     token: what a browser must present as ?token=...; None makes a random one, "" serves without one."""
     token = secrets.token_urlsafe(24) if token is None else token
+    import shardlab.models
+
+    shardlab.models.SERVER_SOURCES_ALLOWED = False  # no server file or module named from a browser
     pn.extension()
     url = f"http://127.0.0.1:{port}/" + (f"?token={token}" if token else "")
     print(f"shardlab app: open {url}", flush=True)
