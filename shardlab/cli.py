@@ -85,7 +85,7 @@ def cmd_estimate(a) -> int:
     from shardlab.estimate import estimate
 
     plan = load_plan(a.plan)
-    est = estimate(plan, _model_arg(a), gpu=a.gpu)
+    est = estimate(plan, _model_arg(a), gpu=a.gpu, method="trace" if getattr(a, "trace", False) else "analytic")
     if a.json:
         print(json.dumps(est.to_dict()))
     else:
@@ -164,6 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--model", help="preset name (e.g. gpt-tiny, gpt-1.3b, llama-8b) or a YAML/JSON shape file")
     s.add_argument("--params", help="bare parameter count, e.g. 7e9 (model states only)")
     s.add_argument("--gpu", default="h100-80gb", help="GPU name from the GPU table")
+    s.add_argument("--trace", action="store_true", help="peak memory from one training step on fake tensors (seconds, no GPU) instead of the formulas")
     s.add_argument("--json", action="store_true")
     s.set_defaults(fn=cmd_estimate)
 
