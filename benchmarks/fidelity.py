@@ -51,6 +51,14 @@ MODELS = {
     "llama1b": {"name": "llama1b", "family": "llama", "layers": 16, "hidden": 2048, "heads": 16, "kv_heads": 8,
                 "ffn_hidden": 5632, "vocab": 32000, "seq_len": 2048},
 }
+# shapes for the check set (--set check): none of them was used to find or fit a mechanism
+MODELS.update({
+    "gpt1280": {"name": "gpt1280", "family": "gpt", "layers": 20, "hidden": 1280, "heads": 20, "vocab": 50257, "seq_len": 1536},
+    "llama65k": {"name": "llama65k", "family": "llama", "layers": 12, "hidden": 1536, "heads": 12, "kv_heads": 4,
+                 "ffn_hidden": 4096, "vocab": 65536, "seq_len": 3072},
+    "llama152k": {"name": "llama152k", "family": "llama", "layers": 24, "hidden": 768, "heads": 12, "kv_heads": 12,
+                  "ffn_hidden": 2048, "vocab": 151936, "seq_len": 2048},
+})
 HF_FACTORY = "benchmarks.fidelity_hf:llama"
 
 # (model, framework, sharding, precision, micro-batch, grad accum, AC, offload, compile, hf)
@@ -78,12 +86,21 @@ CONFIGS = [
     C("llama300", "fsdp2", "zero3", hf=True), C("llama300", "deepspeed", "zero3", hf=True), C("llama300", "deepspeed", "zero2", mb=2, ac=True, hf=True),
     C("llama1b", "fsdp2", "zero3", mb=8), C("llama1b", "deepspeed", "zero3"), C("gpt1b", "fsdp2", "zero3"), C("llama1b", "deepspeed", "zero1", mb=1),
 ]
+CHECK_CONFIGS = [  # numbered from 101
+    C("gpt1280", "fsdp2", "zero3", mb=3), C("gpt1280", "fsdp1", "zero2", "fp16", mb=2, ac=True), C("gpt1280", "deepspeed", "zero3", mb=4),
+    C("gpt1280", "fsdp2", "ddp", "fp32", mb=1), C("gpt1280", "deepspeed", "zero1", "fp32", mb=1, ga=2),
+    C("llama65k", "fsdp2", "zero3", mb=2), C("llama65k", "fsdp2", "zero3", mb=1, ac=True, ga=3), C("llama65k", "deepspeed", "zero3", mb=1),
+    C("llama65k", "fsdp1", "zero3", mb=2, off="both"), C("llama65k", "deepspeed", "zero2", mb=2, off="opt"),
+    C("llama152k", "fsdp2", "zero2", mb=4), C("llama152k", "fsdp1", "zero3", "fp16", mb=2), C("llama152k", "deepspeed", "zero3", mb=2, ac=True),
+    C("llama152k", "deepspeed", "zero2", mb=6), C("llama152k", "fsdp2", "zero3", mb=5, comp=True), C("llama152k", "fsdp2", "zero3", mb=2, hf=True),
+    C("llama65k", "deepspeed", "zero3", mb=2, off="both", ac=True), C("gpt1280", "deepspeed", "ddp", mb=2),
+]
 KEYS = ("model", "framework", "sharding", "precision", "micro_batch_size", "grad_accum_steps", "activation_checkpointing",
         "offload", "compile", "hf")
 
 
 def config_dict(i: int) -> dict:
-    return {"id": i, **dict(zip(KEYS, CONFIGS[i - 1]))}
+    return {"id": i, **dict(zip(KEYS, CHECK_CONFIGS[i - 101] if i > 100 else CONFIGS[i - 1]))}
 
 
 def plan_for(row: dict):
@@ -128,14 +145,18 @@ def measured(run, status: str) -> dict:
     later = [r for r in rows if r["step"] > 2] or rows
     res["step_time_s"] = _median(r["step_time_s"] for r in later)
     res["tokens_per_s"] = _median(r["tokens_per_s"] for r in later)
-    res["steps"] = [{k: r.get(k) for k in ("step", "step_time_s", "tokens_per_s", "peak_allocated_bytes", "peak_reserved_bytes",
-                                             "allocated_bytes", "mem_phases")} for r in rows]
+    def nested(r, prefix):  # Run.metrics turns nested dicts into dotted columns
+        d = {k[len(prefix) + 1:]: v for k, v in r.items() if k.startswith(prefix + ".") and v == v and v is not None}
+        return {k: int(v) for k, v in d.items()} or None
+
+    res["steps"] = [{**{k: r.get(k) for k in ("step", "step_time_s", "tokens_per_s", "peak_allocated_bytes", "peak_reserved_bytes",
+                                               "allocated_bytes")}, "mem_phases": nested(r, "mem_phases")} for r in rows]
     for key in ("peak_allocated_bytes", "peak_reserved_bytes"):
         vals = [r.get(key) for r in rows if r.get(key) == r.get(key) and r.get(key) is not None]
         res[key] = int(max(vals)) if vals else None
     last = rows[-1]
-    res["state_bytes"] = last.get("state_bytes")
-    res["state_bytes_cpu"] = last.get("state_bytes_cpu")
+    res["state_bytes"] = nested(last, "state_bytes")
+    res["state_bytes_cpu"] = nested(last, "state_bytes_cpu")
     return res
 
 
@@ -174,7 +195,8 @@ def run_matrix(a) -> list[dict]:
     import torch
 
     device = torch.cuda.get_device_name() if a.device == "cuda" else "cpu"
-    ids = [int(x) for x in a.only.split(",")] if a.only else range(1, len(CONFIGS) + 1)
+    first, configs = (101, CHECK_CONFIGS) if a.set == "check" else (1, CONFIGS)
+    ids = [int(x) for x in a.only.split(",")] if a.only else range(first, first + len(configs))
     rows = [dict(config_dict(i), device=device, steps_run=a.steps) for i in ids]
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -231,6 +253,7 @@ def add_predictions(path: Path, methods) -> list[dict]:
     for r in rows:
         if r.get("status") != "completed":
             continue
+        path.write_text(json.dumps(rows, indent=1))  # a long --predict run keeps what it has done
         pred = predictions(r, methods)
         for method, pg in pred.items():
             r[f"{method}_peak_allocated"] = pg["peak_allocated"]
@@ -239,6 +262,7 @@ def add_predictions(path: Path, methods) -> list[dict]:
             r[f"{method}_error"] = pg["peak_allocated"] / r["peak_allocated_bytes"] - 1
             sb = r.get("state_bytes") or {}
             r[f"{method}_category_diff"] = {k: sb[k] - pg[k] for k in ("params", "grads", "optimizer") if k in sb}
+            print(r["id"], method, f"{r[f'{method}_error']:+.1%}", flush=True)
     path.write_text(json.dumps(rows, indent=1))
     return rows
 
@@ -269,6 +293,7 @@ def main() -> int:
     ap.add_argument("--only", help="comma list of configuration numbers (1-based)")
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--jobs", type=int, default=1)
+    ap.add_argument("--set", default="matrix", choices=("matrix", "check"), help="check: the shapes kept out of the fitting")
     ap.add_argument("--mem-gib", type=float, default=120.0)
     ap.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
     ap.add_argument("--tiny", action="store_true", help="CPU dry run: tiny shapes of the same families")

@@ -134,7 +134,7 @@ def _traced(plan: Plan, s, model) -> dict:
         g["peak_allocated"], g["peak_reserved"] = t["peak"], reserved(t["peak"])
         g["overhead"] = CUDA_CONTEXT_BYTES + int(ALLOCATOR_FRACTION * t["peak"])
         g["total"] = t["peak"] + g["overhead"]
-        what = "whole step traced (wrapping, states, buffers, activations, optimizer step); categories below are analytical"
+        what = "whole step traced (wrapping, states, buffers, activations, optimizer step); the category rows above are analytical"
     at = ", ".join(f"{k} {v / GIB:.2f} GiB" for k, v in t["at_peak"].items())
     mem["notes"]["trace"] = f"{what}; traced peak {t['peak'] / GIB:.2f} GiB ({at})"
     mem["trace"] = t
