@@ -54,3 +54,12 @@ def activation_peak(spec, P: int, tokens: int, checkpointing: bool) -> int:
     if checkpointing:
         return tokens * (spec.layers * spec.hidden * P + max(head, block_bytes(spec, P)))
     return tokens * (spec.layers * block_bytes(spec, P) + head)
+
+
+def saved_blocks(spec, P: int, tokens: int, checkpointing: bool) -> int:
+    """Bytes the blocks still hold when backward leaves the loss and the LM head (the head's loss
+    rows freed, no block's backward run yet): where DeepSpeed ZeRO-1/2 first allocate their buckets."""
+    if spec.is_bare:
+        return 0
+    per = spec.hidden * P if checkpointing else block_bytes(spec, P)
+    return tokens * spec.layers * per

@@ -51,7 +51,7 @@ from __future__ import annotations
 from shardlab.models import wrap_units
 from shardlab.plan import Plan
 
-from .activations import activation_peak
+from .activations import activation_peak, saved_blocks
 from .allocator import reserved
 from .basis import (Setup, ds3_kept_for_backward, ds_largest_module, persistent_numel, shard_numel)
 
@@ -72,12 +72,16 @@ def _fsdp(plan: Plan, s: Setup) -> dict:
     root = 0 if s.unknown_units else units[0][1]
     block = max((n for _, n in units[1:]), default=0)
     depth = 1 if (s.framework == "fsdp2" or plan.backward_prefetch != "none" or plan.forward_prefetch) else 0
-    if s.stage == "zero2":
-        gathered = s.P * s.spec.params  # reshard_after_forward=False keeps every unit until backward
+    if s.stage == "zero2" or (s.stage == "ddp" and s.framework == "fsdp2"):
+        # reshard_after_forward=False keeps every unit gathered until backward; FSDP2's replicate is
+        # the same machinery and gathers into its own storage even in fp32 at world size 1 (H200:
+        # fsdp2 ddp fp32 gpt350 mb2 measured 14.47 GiB, 12.49 predicted without this copy)
+        gathered = at_loss = s.P * s.spec.params
     elif s.stage == "ddp":
-        gathered = s.P * (root + 2 * block) if s.P < 4 else 0  # only the low-precision cast copies
+        gathered = at_loss = s.P * (root + 2 * block) if s.P < 4 else 0  # only the low-precision cast copies
     else:
         gathered = s.P * (root + (1 + depth) * block)
+        at_loss = 0  # every unit (the root too) is resharded after forward and gathered again in backward
     reduce_buf = s.R * max(root, block) if s.stage != "ddp" or s.R != 4 else 0
     step = 4 * local if s.opt_bytes else 0  # foreach Adam: one fp32 temporary per parameter
     notes = {
@@ -92,7 +96,7 @@ def _fsdp(plan: Plan, s: Setup) -> dict:
         params = grads = opt = 0
         step = 0
     return dict(params=params, grads=grads, optimizer=opt, gathered=gathered, reduce=reduce_buf, resident=0,
-                step=step, cpu=cpu, nvme={}, notes=notes)
+                step=step, cpu=cpu, nvme={}, notes=notes, at_loss=at_loss)
 
 
 def _deepspeed(plan: Plan, s: Setup) -> dict:
@@ -164,9 +168,29 @@ def memory(plan: Plan, s: Setup, traced_activations: int | None = None) -> dict:
     parts = _deepspeed(plan, s) if s.ds else _fsdp(plan, s)
     act = activations(plan, s) if traced_activations is None else traced_activations
     buffers = parts["gathered"] + parts["reduce"]
-    grads_in_forward = parts["grads"] if (s.ds or s.micro_steps > 1) else 0
-    live = parts["params"] + parts["optimizer"] + max(grads_in_forward + act + buffers,
-                                                      parts["grads"] + parts["step"] + parts["resident"])
+    if s.ds and s.stage != "zero3":
+        # DeepSpeed without ZeRO-3 makes its gradient buffers lazily: ZeRO-1/2's reduce bucket and
+        # gradient partition at the first gradient hook (stage_1_and_2.py setup_buckets /
+        # copy_grads_in_partition) and frees them when backward ends (_release_ipg_buffers); without
+        # ZeRO the .grad tensors appear one by one in backward. So they are absent at the loss's
+        # peak and meet only the blocks' activations later in backward. (H200 matrix: counting them
+        # in forward over-predicted deepspeed zero2 + AC llama300 mb4 by 20%.)
+        accumulated = parts["grads"] if s.micro_steps > 1 else 0  # kept between micro-batches
+        blocks = saved_blocks(s.spec, s.P, plan.micro_batch_size * s.spec.seq_len, plan.activation_checkpointing)
+        if traced_activations is not None:
+            blocks = min(blocks, act)
+        fwd_bwd = accumulated + max(act, blocks + parts["grads"] - accumulated + buffers)
+        parts["resident"] = 0  # released at the end of backward, before the step
+    elif not s.ds:
+        # FSDP: at the loss's peak only the root unit is gathered (blocks were resharded after
+        # forward, no gradient is being reduced yet); later in backward the head's loss rows are
+        # gone and a block is gathered and its gradient reduced beside the remaining activations
+        grads_in_forward = parts["grads"] if s.micro_steps > 1 else 0
+        blocks = saved_blocks(s.spec, s.P, plan.micro_batch_size * s.spec.seq_len, plan.activation_checkpointing)
+        fwd_bwd = grads_in_forward + max(act + parts["at_loss"], min(blocks, act) + buffers)
+    else:
+        fwd_bwd = parts["grads"] + act + buffers
+    live = parts["params"] + parts["optimizer"] + max(fwd_bwd, parts["grads"] + parts["step"] + parts["resident"])
     overhead = CUDA_CONTEXT_BYTES + int(ALLOCATOR_FRACTION * live)
     per_gpu = {"params": parts["params"], "grads": parts["grads"], "optimizer": parts["optimizer"],
                "activations": act, "buffers": buffers, "step_buffers": parts["step"], "overhead": overhead,
