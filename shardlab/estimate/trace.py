@@ -296,6 +296,9 @@ def _step_fsdp(plan: Plan, module, vocab: int, seq_len: int) -> LiveBytes:
     live = LiveBytes()
     with live.active():
         trainer = wrap(plan, module, "cpu", loss_fn)
+        # fp16's loss scaler reads a value (found_inf.item()) that fake tensors do not have; its own
+        # tensors are a few scalars and it unscales the gradients in place, so the step runs without it
+        trainer.scaler = None
         _foreach(trainer.optimizer)
         live.label_module(trainer.module)
         micro = min(plan.grad_accum_steps, MAX_TRACED_MICRO)
