@@ -240,6 +240,7 @@ def compare(runs: Any, reference: Any = None, gpu: str | None = None) -> pd.Data
             model_params=r.model.params if r.model is not None else None,
             prediction_note=why,
         )
+        row.update(_launch_prediction(r))
         # A CPU run's RSS holds the whole Python runtime and no CUDA context: no match for a GPU figure.
         row["peak_error"] = _err(row["peak_bytes"], row["peak_pred_bytes"]) if r.device == "cuda" else None
         row["state_error"] = _err(row["state_bytes"], states_pred)
@@ -248,6 +249,21 @@ def compare(runs: Any, reference: Any = None, gpu: str | None = None) -> pd.Data
     df = pd.DataFrame(rows).set_index("run")
     df.attrs["reference"] = ref.label
     return df
+
+
+def _launch_prediction(r: RunData) -> dict:
+    """The prediction stored at launch (run/prediction.py) beside the measurement, with residuals
+    (measured / predicted - 1). Runs from before predictions were stored get empty columns."""
+    from shardlab.run.prediction import reconcile
+    from shardlab.run.store import Run
+
+    rec = reconcile(Run(r.dir))
+    pred = rec.get("prediction") or {}
+    if "tokens_per_s" not in pred:
+        return {"tokens_per_s_pred": None, "tokens_per_s_residual": None, "step_time_residual": None, "prediction_calibrated": None}
+    return {"tokens_per_s_pred": pred["tokens_per_s"], "tokens_per_s_residual": rec.get("tokens_per_s_residual"),
+            "step_time_launch_pred_s": pred["step_time_s"], "step_time_residual": rec.get("step_time_residual"),
+            "prediction_calibrated": pred.get("calibrated"), "predicted_on": pred.get("gpu")}
 
 
 def _offload_text(p: Plan) -> str:
@@ -364,7 +380,8 @@ _BYTES = ["peak_bytes", "peak_pred_bytes", "peak_allocated_bytes", "peak_reserve
 _HIGHER_BETTER = ["tokens_per_s", "tflops", "mfu"]
 _LOWER_BETTER = ["peak_bytes", "state_bytes", "comm_bytes", "step_time_s"]
 _LABELS = {
-    "tokens_per_s": "tokens/s per device", "tflops": "TFLOPS", "mfu": "MFU", "step_time_s": "step (s)", "step_time_pred_s": "step predicted (s)",
+    "tokens_per_s": "tokens/s per device", "tokens_per_s_pred": "tokens/s predicted at launch", "tokens_per_s_residual": "tokens/s residual",
+    "step_time_residual": "step residual", "step_time_launch_pred_s": "step predicted at launch (s)", "tflops": "TFLOPS", "mfu": "MFU", "step_time_s": "step (s)", "step_time_pred_s": "step predicted (s)",
     "peak_bytes": "peak (GiB)", "peak_pred_bytes": "peak predicted (GiB)", "peak_allocated_bytes": "max allocated (GiB)", "peak_reserved_bytes": "max reserved (GiB)",
     "params_bytes": "params/rank (GiB)", "grads_bytes": "grads/rank (GiB)", "optimizer_bytes": "optimizer/rank (GiB)",
     "state_bytes": "states/rank (GiB)", "state_pred_bytes": "states predicted (GiB)", "state_error": "states error",
@@ -374,19 +391,25 @@ _LABELS = {
 
 
 def style_compare(df: pd.DataFrame):
-    """A pandas Styler for notebooks: GiB (2^30) with units in the headers, thousands separators,
+    """A pandas Styler for notebooks: bytes in the binary unit that fits each column (shardlab.units), named in the headers, thousands separators,
     percent errors, the best value per column highlighted (most throughput, least memory/traffic)."""
 
-    def gib(v):
-        return "" if v is None or pd.isna(v) else f"{v / GIB:,.3f}"
+    from shardlab.units import unit_for
 
-    fmt: dict[str, Any] = {c: gib for c in _BYTES if c in df}
-    fmt.update({c: "{:,.0f}" for c in ("tokens_per_s", "model_params") if c in df})
+    # one unit per column, fitted to its largest value (gpt-tiny's KiB are not 0.000 GiB)
+    units = {c: unit_for(pd.to_numeric(df[c], errors="coerce").abs().max()) for c in _BYTES if c in df}
+
+    def in_unit(size):
+        return lambda v: "" if v is None or pd.isna(v) else f"{v / size:,.3f}"
+
+    fmt: dict[str, Any] = {c: in_unit(size) for c, (_, size) in units.items()}
+    fmt.update({c: "{:,.0f}" for c in ("tokens_per_s", "tokens_per_s_pred", "model_params") if c in df})
     fmt.update({c: "{:,.3g}" for c in ("tflops",) if c in df})
+    fmt.update({c: "{:+.1%}" for c in ("tokens_per_s_residual", "step_time_residual") if c in df})
     fmt.update({c: "{:.1%}" for c in ("mfu", "peak_error", "state_error", "comm_error") if c in df})
     fmt.update({c: "{:.4f}" for c in ("final_loss",) if c in df})
     fmt.update({c: "{:+.2e}" for c in ("loss_diff", "loss_max_abs_diff") if c in df})
-    fmt.update({c: "{:.3f}" for c in ("step_time_s", "step_time_pred_s") if c in df})
+    fmt.update({c: "{:.3f}" for c in ("step_time_s", "step_time_pred_s", "step_time_launch_pred_s") if c in df})
     best = "font-weight: bold; background-color: #d9f2d9"
     st = df.style.format(fmt, na_rep="–")
     hi = [c for c in _HIGHER_BETTER if c in df and df[c].notna().any()]
@@ -395,6 +418,8 @@ def style_compare(df: pd.DataFrame):
         st = st.highlight_max(subset=hi, props=best)
     if lo:
         st = st.highlight_min(subset=lo, props=best)
-    st = st.relabel_index([_LABELS.get(c, c.replace("_", " ")) for c in df.columns], axis="columns")
+    labels = [_LABELS.get(c, c.replace("_", " ")) for c in df.columns]
+    labels = [lab.replace("(GiB)", f"({units[c][0]})") if c in units else lab for c, lab in zip(df.columns, labels)]
+    st = st.relabel_index(labels, axis="columns")
     ref = df.attrs.get("reference")
     return st.set_caption(f"Measured vs predicted per run (loss reference: {ref})" if ref else "Measured vs predicted per run")

@@ -208,6 +208,11 @@ class Run:
         return steps[(steps["step"] > warmup) & steps["period_s"].notna()].reset_index(drop=True)
 
     @property
+    def prediction(self) -> dict | None:
+        """prediction.json: what the estimator predicted for this run at launch (run/prediction.py), or None."""
+        return read_json(self.dir / "prediction.json", None)
+
+    @property
     def timeline(self):
         """timeline.jsonl as a DataFrame: t (time.time(), the metrics' clock), rank, gpu, source, bytes,
         plus the step and phase (setup, forward, backward, optimizer, other) each sample fell in."""
