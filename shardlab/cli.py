@@ -87,24 +87,60 @@ def cmd_translate(a) -> int:
     return 0
 
 
+MODEL_HELP = ("preset (gpt-tiny, gpt-1.3b, llama-8b, ...), a YAML/JSON shape file, or your own model: "
+              "hf:<model_type> [key=value ...] (e.g. hf:llama hidden_size=2048 num_hidden_layers=16 seq_len=1024), "
+              "a Hugging Face config.json [key=value ...], or module:function (a factory returning an nn.Module)")
+
+
+def _model_text(words: list[str] | None) -> str | None:
+    """--model's words as one source text (`--model hf:llama hidden_size=64` needs no quotes)."""
+    if words is None:
+        return None
+    import shlex
+
+    return words[0] if len(words) == 1 else " ".join(shlex.quote(w) for w in words)
+
+
 def _model_arg(a):
     from shardlab.models import resolve_model
 
     if (a.model is None) == (a.params is None):
-        raise UsageError("give exactly one of --model PRESET|SHAPE_FILE or --params N (e.g. --model gpt-1.3b or --params 7e9).")
-    return resolve_model(a.model if a.model is not None else a.params)
+        raise UsageError("give exactly one of --model PRESET|SHAPE_FILE|SOURCE or --params N (e.g. --model gpt-1.3b, --model hf:llama, or --params 7e9).")
+    return resolve_model(_model_text(a.model) if a.model is not None else a.params)
+
+
+def _describe_model(spec) -> str | None:
+    """One line about a model built from a source (Hugging Face config or factory), for stderr."""
+    if spec.source is None:
+        return None
+    from shardlab.models import flops_per_token
+
+    unit = (f"wrap unit {spec.wrap_cls} x {spec.wrap_unit_count} (found in the model)" if spec.wrap_cls else
+            "no repeated block found (name one in wrap.transformer_layer_cls)")
+    return f"model {spec.name}: {spec.params:,} parameters, {unit}, {flops_per_token(spec) / 1e6:,.2f} MFLOP per token"
+
+
+def _model_json(spec) -> dict:
+    from shardlab.models import flops_per_token
+
+    return {"source": spec.source, "wrap_class": spec.wrap_cls, "wrap_units": spec.wrap_unit_count,
+            "flops_per_token": flops_per_token(spec)}
 
 
 def cmd_estimate(a) -> int:
     from shardlab.estimate import estimate
 
     plan = load_plan(a.plan)
+    spec = _model_arg(a)
     cal = False if a.calibration == "none" else a.calibration
-    est = estimate(plan, _model_arg(a), gpu=a.gpu, method="trace" if getattr(a, "trace", False) else "analytic", calibration=cal)
+    est = estimate(plan, spec, gpu=a.gpu, method="trace" if getattr(a, "trace", False) else "analytic", calibration=cal)
     if a.json:
-        print(json.dumps(est.to_dict()))
+        out = est.to_dict()
+        out["model"].update(_model_json(spec))
+        print(json.dumps(out))
     else:
-        print(est.summary())
+        line = _describe_model(spec)
+        print(est.summary() + (f"\n{line}" if line else ""))
     return 0
 
 
@@ -115,10 +151,15 @@ def cmd_calibrate(a) -> int:
 
 
 def cmd_run(a) -> int:
+    from shardlab.models import resolve_model
     from shardlab.run.launcher import launch
 
     plan = load_plan(a.plan)
-    run = launch(plan, model=a.model, steps=a.steps, nproc=a.nproc, device=a.device, out=a.out,
+    model = _model_text(a.model)
+    line = _describe_model(resolve_model(model))
+    if line:
+        print(line, file=sys.stderr)
+    run = launch(plan, model=model, steps=a.steps, nproc=a.nproc, device=a.device, out=a.out,
                  progress=not a.json, timeout_s=a.timeout)
     try:
         status = run.wait()
@@ -219,7 +260,7 @@ def build_parser() -> argparse.ArgumentParser:
     s = add("estimate", "memory, communication and step time of a plan",
             epilog=f"GPUs (--gpu): {_gpu_names()}\nModel presets (--model): {_model_names()}\n\n{PLAN_FILE_HELP}")
     s.add_argument("plan")
-    s.add_argument("--model", help="preset name (e.g. gpt-tiny, gpt-1.3b, llama-8b) or a YAML/JSON shape file")
+    s.add_argument("--model", nargs="+", metavar="MODEL", help=MODEL_HELP)
     s.add_argument("--params", help="bare parameter count, e.g. 7e9 (model states only)")
     s.add_argument("--gpu", default="h100-80gb", help="GPU name from the GPU table (listed below; default h100-80gb)")
     s.add_argument("--calibration", default=None, help="a calibration file or folder; 'none' for the data sheet only (default: this machine's, if any)")
@@ -238,7 +279,7 @@ def build_parser() -> argparse.ArgumentParser:
             epilog=f"Model presets (--model): {_model_names()}\nThe last line states the run's status, world size and device; "
                    "the run's files are in OUT/<id>/.\n\n{PLAN_FILE_HELP}")
     s.add_argument("plan")
-    s.add_argument("--model", required=True)
+    s.add_argument("--model", nargs="+", metavar="MODEL", required=True, help=MODEL_HELP)
     s.add_argument("--steps", type=int, required=True)
     s.add_argument("--nproc", type=int, default=None, help="processes per node (default: the plan's gpus_per_node)")
     s.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda if present")

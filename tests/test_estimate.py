@@ -253,7 +253,11 @@ def test_matches_deepspeed_zero3_estimator(linear_stack):
     # out the 16-bit gradient partition buffer (grad_partitions_flat_buffer, 2Ψ/N) that stage3.py
     # allocates, and adds 4 x the largest layer for gathering, which we count under buffers.
     ours = states(e) + e.per_gpu["step_buffers"]
-    assert ours - (ds_gpu - largest_mem) == pytest.approx(2 * psi / 4, rel=1e-3)
+    # Parameters at or under stage3_param_persistence_threshold (100k elements: the 16 biases here)
+    # stay whole in 16 bits on every rank besides their partition, which DeepSpeed's estimator leaves
+    # out; the module's own tensors tell us which (the measured CPU runs count them the same way).
+    persistent = sum(p.numel() for p in linear_stack.parameters() if p.numel() <= 100_000)
+    assert ours - (ds_gpu - largest_mem) == pytest.approx(2 * psi / 4 + 2 * persistent, rel=1e-3)
     assert e.per_gpu["grads"] == pytest.approx(2 * psi / 4, rel=1e-3)
     assert e.per_gpu["buffers"] >= largest_mem / 2  # at least the largest layer gathered in bf16
 

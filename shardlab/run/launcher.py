@@ -37,17 +37,25 @@ _LIVE: "set[LiveRun]" = set()
 DONE_GRACE_S = 1.0  # after every rank said done, how long their processes get to exit on their own
 
 
-def _model_for_worker(model) -> tuple[str, object]:
-    """(display name, what run.json carries: a preset name or a shape dict)."""
+def _model_for_worker(model):
+    """(display name, what run.json carries: a preset name, a shape dict or a model source, the ModelSpec)."""
     from shardlab.models import PRESETS, resolve_model
+    from shardlab.usermodel import source_of
 
+    if hasattr(model, "named_parameters"):
+        raise bad_input("model", f"model={type(model).__name__} is an nn.Module object, which the training processes cannot receive. "
+                        "Pass the function that builds it as model='module:function' (or the function itself).")
+    if callable(model) and not isinstance(model, str):
+        model = source_of(model)  # a factory function: its 'module:function' travels to the workers
     spec = resolve_model(model)
+    if spec.source is not None:
+        return spec.name, spec.source, spec
     if spec.is_bare:
         raise bad_input("model", f"model={model!r} is a bare parameter count; a real run needs a shape. Use a preset (e.g. gpt-tiny) or a shape file with layers, hidden, heads, vocab, seq_len.")
     if isinstance(model, str) and model in PRESETS:
-        return model, model
+        return model, model, spec
     shape = {k: v for k, v in spec.to_dict().items() if k in _SHAPE_KEYS and v is not None}
-    return spec.name, shape
+    return spec.name, shape, spec
 
 
 def _recorded_env(env: dict[str, str], ours: dict[str, str]) -> dict[str, str]:
@@ -255,13 +263,16 @@ def launch(plan, model="gpt-tiny", steps: int = 10, nproc: int | None = None, de
     seconds without a new metrics or event line before the run is stopped as 'timeout' (start-up
     counts). mem_limit_bytes: an address-space limit (RLIMIT_AS) put on each rank as soon as it
     starts: on a CPU this is how a run is made to meet an out-of-memory failure on purpose.
-    instrument: True measures every step; False runs the bare loop (loss and timings only);
+    model: a preset, a shape file or dict, a model source ('hf:llama hidden_size=64 ...', a Hugging
+    Face config.json, 'module:function'; see shardlab/usermodel.py) or a factory function defined in
+    an importable module. instrument: True measures every step; False runs the bare loop (loss and timings only);
     "alternate" measures odd steps and runs even steps bare, for comparing the two in one run.
     worker_module: the program torchrun runs (`python -m worker_module RUN_DIR`); only for testing
     the launcher against a stand-in.
     Bad input raises PlanError before anything starts.
     """
     from shardlab.export.launch import RUNNER_ENV, launch_command, sanitized_env
+    from shardlab.models import flops_per_token
     from shardlab.run.timeline import Sampler
 
     import psutil
@@ -272,11 +283,15 @@ def launch(plan, model="gpt-tiny", steps: int = 10, nproc: int | None = None, de
     check_run(plan, steps=steps, nproc=nproc, device=device, launcher=launcher, instrument=instrument)
     if nproc != plan.topology.gpus_per_node:
         plan = load_plan(plan.model_copy(update={"topology": plan.topology.model_copy(update={"gpus_per_node": nproc})}))
-    model_name, model_arg = _model_for_worker(model)
+    model_name, model_arg, spec = _model_for_worker(model)
+    from shardlab.usermodel import resolve as resolve_source, with_wrap_class
+
+    plan = with_wrap_class(plan, spec)  # a model's own block class, written into the run's plan.yaml
     if factory is None:
         from shardlab.frameworks import check_model
 
-        check_model(plan, model)  # a block class the GPT lacks: the worker would refuse it at wrap time
+        # a block class the model lacks: the worker would refuse it at wrap time
+        check_model(plan, resolve_source(spec.source).build("meta")[0] if spec.source else model_arg)
     nodes = plan.topology.nodes
     world = plan.world_size
 
@@ -318,7 +333,8 @@ def launch(plan, model="gpt-tiny", steps: int = 10, nproc: int | None = None, de
         "agents": [{"node": n, "argv": a, "env": _recorded_env(sanitized_env(e), e)} for n, (a, e) in enumerate(cmds)],
     })
     info = {"id": run_id, "status": "running", "model": model_name, "framework": plan.framework,
-            "sharding": plan.sharding, "precision": plan.precision, "device": device, "nodes": nodes,
+            "sharding": plan.sharding, "precision": plan.precision, "wrap_class": spec.wrap_cls or plan.wrap.transformer_layer_cls,
+            "model_params": spec.params, "flops_per_token": flops_per_token(spec), "device": device, "nodes": nodes,
             "nproc_per_node": nproc, "world_size": world, "steps": steps, "steps_done": 0, "seed": seed,
             "timeout_s": timeout_s, "started_at": time.time(), "ended_at": None, "exit_codes": None,
             "failed_rank": None, "error": None, "phase": None, "launcher_pid": os.getpid(), "processes": []}
