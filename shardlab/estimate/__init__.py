@@ -169,7 +169,16 @@ def estimate(plan, model, gpu: str | GPU | dict = "h100-80gb", method: str = "an
     spec = resolve_model(model["spec"] if user_module else model)
     g = get_gpu(gpu)
     s = resolve(plan, spec)
-    mem = memory(plan, s) if method == "analytic" else _traced(plan, s, model if user_module else spec)
+    if method == "analytic":
+        mem = memory(plan, s)
+    elif user_module:
+        mem = _traced(plan, s, model)
+    elif spec.source:  # a Hugging Face config or a factory (shardlab.usermodel): build that model, fake
+        from shardlab.usermodel import resolve as resolve_source
+
+        mem = _traced(plan, s, resolve_source(spec.source).for_trace())
+    else:
+        mem = _traced(plan, s, spec)
     c = comm(plan, s)
     if rates is None:
         from .calibrate import rates_for
