@@ -136,17 +136,25 @@ PRESETS: dict[str, ModelSpec] = {
     )
 }
 
+# Largest shape values taken (the biggest published models use ~100-200 layers, hidden 16-25k,
+# vocab 256k, contexts of 1M): far above any real model, small enough to estimate instantly.
+SHAPE_LIMITS = {"layers": 10_000, "hidden": 1_000_000, "heads": 100_000, "vocab": 100_000_000,
+                "seq_len": 100_000_000, "kv_heads": 100_000, "ffn_hidden": 10_000_000}
 _SHAPE_KEYS = {"layers", "hidden", "heads", "vocab", "seq_len", "kv_heads", "ffn_hidden", "family", "name"}
 
 
 def bare(params: int | float | str) -> ModelSpec:
     """A bare parameter count: model states only (no shape, so no activations)."""
+    from shardlab.safe_input import MAX_PARAMS, short
+
     try:
         n = int(float(params))
-    except (TypeError, ValueError):
-        raise bad_input("--params", f"--params={params!r} is not a number. Give a parameter count such as 7e9 or 1300000000.") from None
+    except (TypeError, ValueError, OverflowError):
+        raise bad_input("--params", f"--params={short(params)} is not a finite number. Give a parameter count such as 7e9 or 1300000000.") from None
     if n <= 0:
-        raise bad_input("--params", f"--params={params!r} must be positive. Give a parameter count such as 7e9.")
+        raise bad_input("--params", f"--params={short(params)} must be positive. Give a parameter count such as 7e9.")
+    if n > MAX_PARAMS:
+        raise bad_input("--params", f"--params={short(params)} is beyond what shardlab models (at most {MAX_PARAMS:.0e} parameters). Give a real model's size, e.g. 7e9.")
     return ModelSpec(f"{n / 1e9:g}B params", layers=0, hidden=0, heads=1, vocab=0, seq_len=0, params_override=n)
 
 
@@ -154,27 +162,52 @@ def shape_from_dict(data: dict, name: str = "custom") -> ModelSpec:
     """A hand-given shape (layers, hidden, heads, vocab, seq_len; optional kv_heads, ffn_hidden, family)."""
     if not isinstance(data, dict):
         raise bad_input("model", f"a model shape must be a mapping with layers, hidden, heads, vocab, seq_len; got {type(data).__name__}.")
-    unknown = set(data) - _SHAPE_KEYS
+    from shardlab.safe_input import short
+
+    unknown = {str(k) for k in data} - _SHAPE_KEYS
     if unknown:
-        raise bad_input("model", f"model shape has unknown keys {sorted(unknown)}; valid keys are {sorted(_SHAPE_KEYS)}.")
+        raise bad_input("model", f"model shape has unknown keys {short(sorted(unknown))}; valid keys are {sorted(_SHAPE_KEYS)}.")
     missing = {"layers", "hidden", "heads", "vocab", "seq_len"} - set(data)
     if missing:
         raise bad_input("model", f"model shape lacks {sorted(missing)}. Add them (e.g. layers: 24, hidden: 2048, heads: 16, vocab: 50257, seq_len: 2048).")
-    vals = {"name": str(data.get("name", name)), "family": data.get("family", "gpt")}
+    vals = {"name": str(data.get("name", name))[:100], "family": data.get("family", "gpt")}
     for k in ("layers", "hidden", "heads", "vocab", "seq_len", "kv_heads", "ffn_hidden"):
         v = data.get(k)
         if v is None and k in ("kv_heads", "ffn_hidden"):
             continue
         if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-            raise bad_input(f"model.{k}", f"model.{k}={v!r} must be a positive whole number.")
+            raise bad_input(f"model.{k}", f"model.{k}={short(v)} must be a positive whole number.")
+        if v > SHAPE_LIMITS[k]:
+            # the estimate walks the layers and multiplies sizes: bounded, so it runs in constant memory
+            raise bad_input(f"model.{k}", f"model.{k}={short(v)} is beyond what shardlab models (at most {SHAPE_LIMITS[k]:,}). Give a real model's shape.")
         vals[k] = v
     if vals["family"] not in ("gpt", "llama"):
-        raise bad_input("model.family", f"model.family={vals['family']!r} must be gpt or llama.")
+        raise bad_input("model.family", f"model.family={short(vals['family'])} must be gpt or llama.")
     if vals["hidden"] % vals["heads"]:
         raise bad_input("model.heads", f"model.heads={vals['heads']} must divide model.hidden={vals['hidden']} (head size = hidden / heads).")
     if vals["heads"] % vals.get("kv_heads", vals["heads"]):
         raise bad_input("model.kv_heads", f"model.kv_heads={vals['kv_heads']} must divide model.heads={vals['heads']} (grouped-query attention).")
     return ModelSpec(**vals)
+
+
+# The served app (`shardlab app`) turns this off: there a model named in the browser may be a preset,
+# an `hf:` source or a number, never a file on the server or a module:function to import (issue 19).
+SERVER_SOURCES_ALLOWED = True
+
+
+def _served_check(s: str) -> None:
+    t = s.strip()
+    if t in PRESETS or t.startswith("hf:"):
+        return
+    try:
+        float(t)
+        return
+    except ValueError:
+        pass
+    from shardlab.safe_input import short
+
+    raise bad_input("model", f"model={short(t)}: the served app takes a preset, hf:<model_type> [key=value ...] or a parameter count; "
+                    "a file path or module:function would be read or run on the server, so they are off here. Use them from a notebook or the CLI.")
 
 
 def resolve_model(spec: str | int | float | dict | ModelSpec) -> ModelSpec:
@@ -183,6 +216,8 @@ def resolve_model(spec: str | int | float | dict | ModelSpec) -> ModelSpec:
     shardlab/usermodel.py) -> ModelSpec (PlanError if bad)."""
     if isinstance(spec, ModelSpec):
         return spec
+    if isinstance(spec, str) and not SERVER_SOURCES_ALLOWED:
+        _served_check(spec)
     if hasattr(spec, "named_parameters") or (callable(spec) and not isinstance(spec, str)):
         return count_module(spec)  # an nn.Module or a factory, counted without importing torch here
     from shardlab import usermodel
@@ -196,19 +231,23 @@ def resolve_model(spec: str | int | float | dict | ModelSpec) -> ModelSpec:
     s = str(spec)
     if s in PRESETS:
         return PRESETS[s]
-    if s.endswith((".yaml", ".yml", ".json")) or Path(s).is_file():
-        from shardlab.plan import parse_text, read_text
+    from shardlab.plan import names_file, parse_text, read_text
 
+    if s.endswith((".yaml", ".yml", ".json")) or names_file(s):
         return shape_from_dict(parse_text(read_text(s), s), name=Path(s).stem)
     try:
-        return bare(float(s))
-    except Exception:
+        n = float(s)
+    except ValueError:
         pass
+    else:
+        return bare(n)
     import difflib
 
-    near = difflib.get_close_matches(s, list(PRESETS), n=1)
+    near = difflib.get_close_matches(s[:100], list(PRESETS), n=1)
     hint = f" Did you mean '{near[0]}'?" if near else ""
-    raise bad_input("--model", f"--model={s!r} is neither a preset nor a shape file nor a model source.{hint} Presets: {', '.join(PRESETS)}; "
+    from shardlab.safe_input import short
+
+    raise bad_input("--model", f"--model={short(s)} is neither a preset nor a shape file nor a model source.{hint} Presets: {', '.join(PRESETS)}; "
                     "or hf:<model_type> [key=value ...] (e.g. hf:llama), a Hugging Face config.json, or module:function.")
 
 

@@ -390,12 +390,23 @@ def _memory_at_failure(device: str) -> dict:
         return {}
 
 
+def _stop(w: "Worker", why: str) -> None:
+    """This rank's parents are gone (watchdog.watch_parents): say so, and end the process now."""
+    try:
+        w.event("error", message=f"rank {w.rank} stopped: {why}", kind="orphaned")
+    finally:
+        os._exit(EXIT_ERROR)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) != 1:
         print("usage: python -m shardlab.run.worker RUN_DIR", file=sys.stderr)
         return 2
     w = Worker(Path(argv[0]))
+    from shardlab.run.watchdog import watch_parents
+
+    watch_parents(lambda why: _stop(w, why))
     try:
         w.setup()
         w.run()
