@@ -159,7 +159,7 @@ def cmd_estimate(a) -> int:
     plan = load_plan(_plan(a.plan))
     spec = _model_arg(a)
     cal = False if a.calibration == "none" else a.calibration
-    est = estimate(plan, spec, gpu=a.gpu, calibration=cal)
+    est = estimate(plan, spec, gpu=a.gpu, method="trace" if getattr(a, "trace", False) else "analytic", calibration=cal)
     if a.json:
         out = est.to_dict()
         out["model"].update(_model_json(spec))
@@ -314,6 +314,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--params", help="bare parameter count, e.g. 7e9 (model states only)")
     s.add_argument("--gpu", default="h100-80gb", help="GPU name from the GPU table (listed below; default h100-80gb)")
     s.add_argument("--calibration", default=None, help="a calibration file or folder; 'none' for the data sheet only (default: this machine's, if any)")
+    s.add_argument("--trace", action="store_true", help="peak memory from one training step on fake tensors (seconds, no GPU) instead of the formulas")
     s.add_argument("--json", action="store_true")
     s.set_defaults(fn=cmd_estimate)
 
