@@ -12,8 +12,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import json
-
 from shardlab.plan import Passthrough, Plan, bad_input, plan_from_dict
 
 from .accelerate import _from_accelerate
@@ -24,9 +22,12 @@ from .translate import translate
 __all__ = ["import_config", "translate"]
 
 
-def import_config(source: str | Path) -> tuple[Plan, list[str]]:
-    """A DeepSpeed JSON or accelerate YAML (path or text) -> (Plan, notes on what did not carry over)."""
-    text, name, folder = read_source(source)
+def import_config(source: str | Path, *, name: str | None = None) -> tuple[Plan, list[str]]:
+    """A DeepSpeed JSON or accelerate YAML (path or text) -> (Plan, notes on what did not carry over).
+
+    With `name` (an upload's file name), `source` is the config's text and is never read as a path,
+    and files it refers to (accelerate's deepspeed_config_file) are not followed."""
+    text, name, folder = read_source(source, name=name)
     data = parse_data(text, name)
     if not isinstance(data, dict) or not data:
         raise bad_input(name, f"{name} is not a DeepSpeed JSON object or an accelerate YAML mapping (got {type(data).__name__}). Give a config file.")
@@ -60,7 +61,7 @@ def carry_into(plan: Plan, docs: dict, notes: list[str]) -> Plan:
         pt[tool], omit = reconcile(doc, natural, keep)
         if omit:
             pt["omit"][tool] = omit
-        carried = [f"{dotted(p)}={json.dumps(v, default=str)}" for p, v in leaves(pt[tool]) if p not in keep]
+        carried = [dotted(p) for p, _ in leaves(pt[tool]) if p not in keep]  # names only: a value may be a secret
         if carried:
             notes.append(f"carried unchanged into the plan's passthrough.{tool} (written back on export to {tool}): {', '.join(carried)}.")
     pt["imported"] = fingerprint(plan.modelled())

@@ -8,6 +8,7 @@ from typing import Any
 
 from shardlab.export import keys as K
 from shardlab.plan import bad_input, read_text
+from shardlab.safe_input import label
 
 from .common import _MISSING, _bool, _choice, _float, _int, _mapping, parse_data
 from .deepspeed import _from_deepspeed
@@ -81,14 +82,14 @@ def _from_accelerate(d: dict, folder: Path | None, docs: dict | None = None) -> 
         fields["compile"] = True
         if str(backend).upper() != K.ACC_DYNAMO_BACKEND:
             notes.append(f"dynamo_backend={backend}: the plan says compile=true (shardlab exports the inductor backend).")
-    notes += [f"dynamo_config.{k}={v!r} is not modelled by shardlab." for k, v in dyn.items() if k != "dynamo_backend"]
+    notes += [f"dynamo_config.{k} is not modelled by shardlab." for k in dyn if k != "dynamo_backend"]
     launch = {k: d[k] for k in d if k not in ACC_MODELLED_TOP and k in d and K.ACC_FIXED_TOP.get(k, _MISSING) != d[k]}
     fixed = [k for k in d if k not in ACC_MODELLED_TOP and k not in launch]
     if fixed:
         notes.append(f"launch settings at their usual values, not part of the plan: {', '.join(sorted(fixed))}.")
     if launch:
         notes.append("launch settings not modelled by shardlab (carried through unchanged): "
-                     + ", ".join(f"{k}={v!r}" for k, v in sorted(launch.items())) + ".")
+                     + ", ".join(sorted(launch)) + ".")
     if fields["framework"] in ("fsdp1", "fsdp2") and kind == "FSDP":
         _fsdp_from_acc(fsdp, par, fields, notes)
     elif fsdp:
@@ -134,7 +135,7 @@ def _fsdp_from_acc(c: dict, par: dict, fields: dict, notes: list[str]) -> None:
     off = sorted(k for k, v in other.items() if v in (1, None))
     if off:
         notes.append(f"{', '.join(f'parallelism_config.{k}' for k in off)} at 1 (off): data parallelism only, as the plan assumes.")
-    notes += [f"parallelism_config.{k}={v!r} (tensor / context parallelism) is not modelled by shardlab." for k, v in other.items() if k not in off]
+    notes += [f"parallelism_config.{k} (tensor / context parallelism) is not modelled by shardlab." for k in other if k not in off]
     if fields.get("sharding") != "ddp":
         fields["sharding"] = sharding
     if "fsdp_offload_params" in c and _bool("fsdp_config.fsdp_offload_params", c["fsdp_offload_params"]):
@@ -161,7 +162,7 @@ def _fsdp_from_acc(c: dict, par: dict, fields: dict, notes: list[str]) -> None:
         if k in done:
             continue
         why = "is not modelled by shardlab" if k in ACC_LAUNCH_FSDP_KEYS else "is not an `accelerate launch` option, so accelerate ignores it"
-        notes.append(f"fsdp_config.{k}={v!r} {why} (carried through unchanged).")
+        notes.append(f"fsdp_config.{k} {why} (carried through unchanged).")
 
 
 def _inline_auto_from_acc(c: dict, fields: dict, notes: list[str]) -> None:
@@ -177,7 +178,7 @@ def _inline_auto_from_acc(c: dict, fields: dict, notes: list[str]) -> None:
         fields["gradient_clipping"] = K.DS_DEFAULT_CLIPPING  # accelerate fills 'auto' with 1.0
     elif _float("deepspeed_config.gradient_clipping", clip) <= 0:
         fields["gradient_clipping"] = K.DS_DEFAULT_CLIPPING
-        notes.append(f"deepspeed_config.gradient_clipping={clip!r}: accelerate drops a zero and DeepSpeed then clips at 1.0, so the plan says 1.0. "
+        notes.append(f"deepspeed_config.gradient_clipping={label(str(clip))}: accelerate drops a zero and DeepSpeed then clips at 1.0, so the plan says 1.0. "
                      "To turn clipping off, use a deepspeed_config_file with gradient_clipping: 0.")
     else:
         fields["gradient_clipping"] = _float("deepspeed_config.gradient_clipping", clip)
@@ -185,7 +186,10 @@ def _inline_auto_from_acc(c: dict, fields: dict, notes: list[str]) -> None:
 
 def _ds_from_acc(c: dict, folder: Path | None, fields: dict, notes: list[str], docs: dict | None) -> None:
     ref = c.get("deepspeed_config_file")
-    if ref and folder is not None:
+    if ref and folder is None:
+        # text that came from no folder (an upload to the app, or a file compared by meaning): a reference in it is not followed
+        notes.append(f"deepspeed_config_file={label(str(ref))} was not followed (this config was given as text, not as a file on disk); its settings are not in the plan. Import that DeepSpeed JSON on its own.")
+    elif ref:
         path = Path(str(ref)) if Path(str(ref)).is_absolute() else folder / str(ref)
         if path.is_file():
             ds_doc = _mapping(str(ref), parse_data(read_text(path), str(path)))
@@ -199,7 +203,7 @@ def _ds_from_acc(c: dict, folder: Path | None, fields: dict, notes: list[str], d
                 fields["topology"] = topology
             notes += ds_notes
         else:
-            notes.append(f"deepspeed_config_file={ref} was not found next to the config; its settings are not in the plan. Import it on its own, or put it beside this file.")
+            notes.append(f"deepspeed_config_file={label(str(ref))} was not found next to the config; its settings are not in the plan. Import it on its own, or put it beside this file.")
     if "zero_stage" in c:
         stage = _int("deepspeed_config.zero_stage", c["zero_stage"])
         if stage not in K.STAGE_SHARDING:
@@ -222,7 +226,7 @@ def _ds_from_acc(c: dict, folder: Path | None, fields: dict, notes: list[str], d
         fields["checkpoint"] = "full_16bit"
     for k, v in c.items():
         if k not in K.ACC_DS_COMPOSITE_KEYS and k not in {x.key for x in K.ACC_DS_KEYS}:
-            notes.append(f"deepspeed_config.{k}={v!r} is a launch setting shardlab does not model (carried through unchanged).")
+            notes.append(f"deepspeed_config.{k} is a launch setting shardlab does not model (carried through unchanged).")
 
 
 # ---------------------------------------------------------------------------------------------

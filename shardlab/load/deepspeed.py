@@ -7,6 +7,7 @@ from typing import Any
 
 from shardlab.export import keys as K
 from shardlab.plan import Plan, bad_input
+from shardlab.safe_input import label
 
 from .common import _MISSING, _bool, _choice, _float, _int, _mapping
 
@@ -110,7 +111,7 @@ def _optimizer_from_ds(get, fields: dict, notes: list[str]) -> None:
     if not isinstance(kind, str) or kind.lower() not in names:
         like = "sgd" if isinstance(kind, str) and kind.lower() in K.DS_ONE_STATE_OPTIMIZERS else "adamw"
         fields.setdefault("optimizer", {})["name"] = like
-        notes.append(f"optimizer.type={kind!r} is kept as written; shardlab does not run it, and estimates count its states as {like}'s.")
+        notes.append(f"optimizer.type={label(str(kind))} is kept as written; shardlab does not run it, and estimates count its states as {like}'s.")
         return
     name = names[kind.lower()]
     w_mode = get(K.DS_ADAM_W_MODE)
@@ -138,7 +139,7 @@ def _offload_from_ds(z: dict, get, fields: dict, notes: list[str]) -> None:
         if path is not _MISSING and path is not None and fields["offload"][what] == "nvme":
             paths[what] = str(path)
         elif path is not _MISSING and path is not None:
-            notes.append(f"{key}.nvme_path={path!r} is unused (device is {fields['offload'][what]}); carried through unchanged.")
+            notes.append(f"{key}.nvme_path is unused (device is {fields['offload'][what]}); carried through unchanged.")
     if paths:
         fields["offload"]["nvme_path"] = paths.get("optimizer", paths.get("params"))
         if len(set(paths.values())) > 1:
