@@ -60,11 +60,11 @@ def _same(a: Any, b: Any) -> bool:
     return a == b
 
 
-def _settings(plan: Plan) -> dict[str, Any]:
+def _settings(plan: Plan, ds_defaults: bool) -> dict[str, Any]:
     """The plan's settings, dotted; a setting left to the training script reads 'auto'."""
     flat = _flat(plan.modelled())
     del flat["auto"]
-    if plan.framework == "deepspeed":  # a bucket the tool chooses is DeepSpeed's default size
+    if ds_defaults:  # two DeepSpeed setups: a bucket the tool chooses is DeepSpeed's default size
         from shardlab.export import keys as K
 
         for k in K.DEEPSPEED_KEYS:
@@ -78,7 +78,8 @@ def _settings(plan: Plan) -> dict[str, Any]:
 
 
 def _setting_rows(pa: Plan, pb: Plan) -> list[dict]:
-    fa, fb = _settings(pa), _settings(pb)
+    both = pa.framework == pb.framework == "deepspeed"
+    fa, fb = _settings(pa, both), _settings(pb, both)
     desc = field_descriptions()
     rows = []
     for key in list(fa) + [k for k in fb if k not in fa]:
@@ -145,12 +146,13 @@ def _default(tool: str, key: str, plan: Plan) -> Any:
     return table.get(key, NOT_SET)
 
 
-def _carried_rows(pa: Plan, pb: Plan, tool: str) -> list[dict]:
+def _carried_rows(pa: Plan, pb: Plan, tool: str, both: bool) -> list[dict]:
+    """Rows for carried keys; `both`: A and B are both this tool's configs, so its defaults fill a missing key."""
     ca, cb = _carried_keys(pa, tool), _carried_keys(pb, tool)
     rows = []
     for key in list(ca) + [k for k in cb if k not in ca]:
-        a = ca[key] if key in ca else _default(tool, key, pa)
-        b = cb[key] if key in cb else _default(tool, key, pb)
+        a = ca[key] if key in ca else _default(tool, key, pa) if both else NOT_SET
+        b = cb[key] if key in cb else _default(tool, key, pb) if both else NOT_SET
         if not _same(a, b):
             where = "a" if key not in cb else "b" if key not in ca else None
             about = f"not modelled by shardlab; {tool}'s default applies on the side that leaves it out" if where else "not modelled by shardlab"
@@ -163,8 +165,8 @@ def diff(a: str | Path | Plan, b: str | Path | Plan) -> dict[str, Any]:
     pa, ka = load_any(a)
     pb, kb = load_any(b)
     rows = _setting_rows(pa, pb)
-    for tool in ("deepspeed", "accelerate"):
-        rows += _carried_rows(pa, pb, tool)
+    rows += _carried_rows(pa, pb, "deepspeed", pa.framework == pb.framework == "deepspeed")
+    rows += _carried_rows(pa, pb, "accelerate", ka == kb == "accelerate")
     return {"a": {"source": str(a) if not isinstance(a, Plan) else "plan", "format": ka, "framework": pa.framework},
             "b": {"source": str(b) if not isinstance(b, Plan) else "plan", "format": kb, "framework": pb.framework},
             "same": not rows, "differences": rows}

@@ -63,6 +63,8 @@ def carry_into(plan: Plan, docs: dict, notes: list[str]) -> Plan:
             pt["omit"][tool] = omit
         carried = [dotted(p) for p, _ in leaves(pt[tool]) if p not in keep]  # names only: a value may be a secret
         if carried:
-            notes.append(f"carried unchanged into the plan's passthrough.{tool} (written back on export to {tool}): {', '.join(carried)}.")
+            more = f" and {len(carried) - 12} more" if len(carried) > 12 else ""
+            notes.append(f"{len(carried)} key(s) carried unchanged into the plan's passthrough.{tool} (written back on export to {tool}): "
+                         f"{', '.join(carried[:12])}{more}.")
     pt["imported"] = fingerprint(plan.modelled())
     return plan.model_copy(update={"passthrough": Passthrough.model_validate(pt)})
