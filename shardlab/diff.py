@@ -16,7 +16,6 @@ in different words, or with and without a default spelled out, show no differenc
 from __future__ import annotations
 
 import json
-from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -101,9 +100,15 @@ def _carried_keys(plan: Plan, tool: str) -> dict[str, Any]:
     return {k: v for k, v in _flat(getattr(plan.passthrough, tool)).items() if k not in modelled and k}
 
 
-@lru_cache(maxsize=8)
-def _deepspeed_defaults(stage: int) -> dict[str, Any]:
-    """DeepSpeed's own defaults: its pydantic ZeRO / fp16 / bf16 models and the KEY / KEY_DEFAULT constants."""
+def _scalar(v: Any) -> bool:
+    return v is None or isinstance(v, (bool, int, float, str))
+
+
+def deepspeed_defaults_live(stage: int) -> dict[str, Any]:
+    """DeepSpeed's own defaults: its pydantic ZeRO / fp16 / bf16 models and the KEY / KEY_DEFAULT constants.
+
+    Importing DeepSpeed takes seconds, so `diff` reads the same table from shardlab/tooldefaults.py;
+    tests/test_diff.py checks that table against this live reading."""
     import os
 
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
@@ -112,16 +117,16 @@ def _deepspeed_defaults(stage: int) -> dict[str, Any]:
     from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
 
     out = {getattr(C, n): getattr(C, n + "_DEFAULT") for n in dir(C)
-           if isinstance(getattr(C, n), str) and hasattr(C, n + "_DEFAULT") and not isinstance(getattr(C, n + "_DEFAULT"), dict)}
-    out.update(_flat(DeepSpeedZeroConfig(stage=stage).model_dump(by_alias=True), "zero_optimization"))
-    out.update(_flat(DeepSpeedFP16Config().model_dump(by_alias=True), "fp16"))
-    out.update(_flat(DeepSpeedBF16Config().model_dump(by_alias=True), "bf16"))
-    return out
+           if isinstance(getattr(C, n), str) and hasattr(C, n + "_DEFAULT") and _scalar(getattr(C, n + "_DEFAULT"))}
+    out.update(_flat(DeepSpeedZeroConfig(stage=stage).model_dump(by_alias=True, mode="json"), "zero_optimization"))
+    out.update(_flat(DeepSpeedFP16Config().model_dump(by_alias=True, mode="json"), "fp16"))
+    out.update(_flat(DeepSpeedBF16Config().model_dump(by_alias=True, mode="json"), "bf16"))
+    return {k: v for k, v in sorted(out.items()) if _scalar(v)}
 
 
-@lru_cache(maxsize=1)
-def _accelerate_defaults() -> dict[str, Any]:
-    """accelerate's defaults: ClusterConfig's fields (top level) and `accelerate launch`'s options (nested)."""
+def accelerate_defaults_live() -> dict[str, Any]:
+    """accelerate's defaults: ClusterConfig's fields (top level) and `accelerate launch`'s options (nested);
+    stored in shardlab/tooldefaults.py like DeepSpeed's."""
     import dataclasses
 
     from accelerate.commands.config.config_args import ClusterConfig
@@ -133,16 +138,15 @@ def _accelerate_defaults() -> dict[str, Any]:
             out[f"fsdp_config.{a.dest}"] = a.default
         elif a.default is not None and a.dest != "help":
             out.setdefault(f"deepspeed_config.{a.dest}", a.default)
-    return out
+    return {k: v for k, v in sorted(out.items()) if _scalar(v)}
 
 
 def _default(tool: str, key: str, plan: Plan) -> Any:
     from shardlab.export import keys as K
 
-    try:
-        table = _deepspeed_defaults(K.DS_STAGE[plan.sharding]) if tool == "deepspeed" else _accelerate_defaults()
-    except ImportError:
-        return NOT_SET
+    from shardlab import tooldefaults as T
+
+    table = T.DEEPSPEED[K.DS_STAGE[plan.sharding]] if tool == "deepspeed" else T.ACCELERATE
     return table.get(key, NOT_SET)
 
 

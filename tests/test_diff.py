@@ -52,3 +52,13 @@ def test_cli_diff_table_and_json(tmp_path, capsys):
     assert main(["diff", str(a), str(b)]) == 0
     assert "zero2" in capsys.readouterr().out
     assert main(["diff", str(a), str(tmp_path / "missing.json")]) == 2
+
+
+def test_the_stored_tool_defaults_are_the_tools_own():
+    """diff reads DeepSpeed's and accelerate's defaults from a stored table (importing them takes seconds):
+    it must be what their pydantic models, constants, ClusterConfig and launch options say."""
+    from shardlab import tooldefaults
+    from shardlab.diff import accelerate_defaults_live, deepspeed_defaults_live
+
+    assert tooldefaults.DEEPSPEED == {stage: deepspeed_defaults_live(stage) for stage in range(4)}
+    assert tooldefaults.ACCELERATE == accelerate_defaults_live()
