@@ -188,7 +188,8 @@ def test_import_uploaded_accelerate_yaml(b):
 def test_imported_auto_and_carried_keys_are_listed_and_a_typed_value_takes_over(b):
     from pathlib import Path
 
-    b.import_config(str(Path(__file__).parent / "corpus" / "hf_zero3_offload_cosine.json"))
+    path = Path(__file__).parent / "corpus" / "hf_zero3_offload_cosine.json"
+    b.import_config(path.read_text(), name=path.name)
     shown = b.carried.object
     assert b.carried.visible and "micro_batch_size: auto" in shown and "scheduler.type" in shown
     assert '"train_micro_batch_size_per_gpu": "auto"' in b.preview_text("deepspeed")
