@@ -16,9 +16,9 @@ from typing import Any
 import pandas as pd
 
 from shardlab import compare as C
+from shardlab.constants import GIB, KIB, MIB
 from shardlab.plan import bad_input
 
-GIB = 2**30
 PHASE_COLORS = {"forward": "#4C78A8", "backward": "#F58518", "optimizer": "#54A24B"}
 PART_COLORS = {"params": "#4C78A8", "grads": "#F58518", "optimizer": "#54A24B", "activations": "#B279A2", "buffers": "#9D755D"}
 PALETTE = ["#4C78A8", "#F58518", "#54A24B", "#E45756", "#72B7B2", "#B279A2", "#FF9DA6", "#9D755D"]
@@ -125,10 +125,10 @@ def _predicted_peaks(rd, gpu) -> dict:
 
 def unit_for(max_bytes: float) -> tuple[str, float]:
     """The binary unit that keeps the largest value readable: ('GiB', 2**30), ('MiB', 2**20) or ('KiB', 2**10)."""
-    for name, size in (("GiB", 2**30), ("MiB", 2**20)):
+    for name, size in (("GiB", GIB), ("MiB", MIB)):
         if max_bytes >= size:
             return name, size
-    return "KiB", 2**10
+    return "KiB", KIB
 
 
 def _stacked(hv, df: pd.DataFrame, cat: str, stack: str, title: str, colors: dict | None = None):

@@ -201,6 +201,7 @@ class Worker:
         import torch.distributed as dist
 
         from shardlab.run import measure
+        from shardlab.run.metrics import StepRecord
 
         cuda = self.device == "cuda"
         accum = self.plan.grad_accum_steps
@@ -284,23 +285,20 @@ class Worker:
                 t_fwd_end = t_start + f_ms / 1e3
                 t_bwd_end = t_fwd_end + b_ms / 1e3
             step_time = t_opt_end - t_start
-            rec = {"step": step, "rank": self.rank, "world_size": self.world,
-                   "loss": loss_value / (accum * self.world),
-                   "t_start": t_start, "t_fwd_end": t_fwd_end, "t_bwd_end": t_bwd_end, "t_opt_end": t_opt_end,
-                   "step_time_s": step_time, "tokens": tokens, "tokens_per_s": tokens / step_time}
+            rec = StepRecord(step=step, rank=self.rank, world_size=self.world, loss=loss_value / (accum * self.world),
+                             t_start=t_start, t_fwd_end=t_fwd_end, t_bwd_end=t_bwd_end, t_opt_end=t_opt_end,
+                             step_time_s=step_time, tokens=tokens, tokens_per_s=tokens / step_time)
             if self.alternate:
-                rec["instrumented"] = inst
+                rec.instrumented = inst
             if inst:
                 tflops = self.fpt * tokens / step_time / 1e12 if self.fpt else None
                 state, state_cpu, measured = self._state
-                rec.update(tflops=tflops, mfu=(tflops / self.peak if tflops and self.peak else None),
-                           state_bytes=state, state_measured_step=measured, comm_bytes=comm[0], comm_count=comm[1])
-                mem = measure.memory(self.device)
-                rec.update(mem)
+                rec.add(tflops=tflops, mfu=(tflops / self.peak if tflops and self.peak else None),
+                        state_bytes=state, state_measured_step=measured, comm_bytes=comm[0], comm_count=comm[1],
+                        **measure.memory(self.device))
                 if cuda:
-                    rec["mem_phases"] = mem_phases
-                    rec["state_bytes_cpu"] = state_cpu  # the offloaded part of state_bytes
-            self.metrics.write(rec)
+                    rec.add(mem_phases=mem_phases, state_bytes_cpu=state_cpu)  # state_bytes_cpu: the offloaded part
+            self.metrics.write(rec.to_json())
             bare_step.close()
         self.phase = "done"
 
