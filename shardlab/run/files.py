@@ -22,8 +22,10 @@ absent, with the reason kept (`read_json_checked`) for those that must say why a
 
 from __future__ import annotations
 
+import io
 import json
 import os
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
@@ -106,23 +108,49 @@ def append_jsonl(path: str | Path, obj: dict) -> None:
         f.flush()
 
 
-def read_json_checked(path: str | Path, kind: type = dict) -> tuple[Any, str | None]:
-    """(the JSON value, None) or (None, why it cannot be read): missing, unreadable, too big, not
-    UTF-8, not JSON, or not a `kind`. Never raises."""
+def open_regular(path: str | Path, text: bool = False):
+    """Open a regular file for reading; OSError for anything else. A FIFO would block a reader
+    forever and a link to /dev/zero never ends, so neither is ever read."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise IsADirectoryError(f"{path} is not a regular file")
+        os.set_blocking(fd, True)
+        f = os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+    return io.TextIOWrapper(f, encoding="utf-8", errors="replace") if text else f
+
+
+def read_text_checked(path: str | Path) -> tuple[str | None, str | None]:
+    """(the text of a regular UTF-8 file, None) or (None, why not): missing, unreadable, not a
+    regular file, over MAX_JSON_BYTES, not UTF-8. Never raises."""
     name = Path(path).name
     try:
-        with open(path, "rb") as f:
+        with open_regular(path) as f:
             raw = f.read(MAX_JSON_BYTES + 1)
     except FileNotFoundError:
         return None, f"{name} is missing"
     except OSError as e:
-        return None, f"{name} cannot be read ({e.strerror or type(e).__name__})"
+        return None, f"{name} cannot be read ({e.strerror or 'not a regular file'})"
     if len(raw) > MAX_JSON_BYTES:
         return None, f"{name} is over {MAX_JSON_BYTES // 2**20} MiB"
     try:
-        value = json.loads(raw.decode("utf-8"))
+        return raw.decode("utf-8"), None
     except UnicodeDecodeError:
         return None, f"{name} is not UTF-8 text"
+
+
+def read_json_checked(path: str | Path, kind: type = dict) -> tuple[Any, str | None]:
+    """(the JSON value, None) or (None, why it cannot be read): as read_text_checked, or not JSON,
+    or not a `kind`. Never raises."""
+    name = Path(path).name
+    text, why = read_text_checked(path)
+    if why:
+        return None, why
+    try:
+        value = json.loads(text)
     except (ValueError, RecursionError):
         return None, f"{name} is not valid JSON"
     if not isinstance(value, kind):
@@ -156,7 +184,7 @@ def read_jsonl(path: str | Path) -> list[dict]:
     """Every JSON object line of a .jsonl file ([] where it is missing or unreadable); bytes that are
     not UTF-8 spoil only the lines they are in."""
     try:
-        with open(path, encoding="utf-8", errors="replace") as f:
+        with open_regular(path, text=True) as f:
             return parse_lines(f)
     except OSError:
         return []
@@ -172,7 +200,7 @@ class JsonlTail:
 
     def new(self) -> list[dict]:
         try:
-            with open(self.path, "rb") as f:
+            with open_regular(self.path) as f:
                 f.seek(self.pos)
                 chunk = f.read()
                 self.pos = f.tell()
@@ -186,6 +214,7 @@ class JsonlTail:
 def read_text(path: str | Path, default: str = "") -> str:
     """A text file's content with undecodable bytes replaced ('' where it cannot be read)."""
     try:
-        return Path(path).read_text(errors="replace")
+        with open_regular(path, text=True) as f:
+            return f.read()
     except (OSError, ValueError):
         return default

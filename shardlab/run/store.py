@@ -30,6 +30,7 @@ from shardlab.run.files import (  # noqa: F401  (re-exported: the store's file A
     read_json_checked,
     read_jsonl,
     read_text,
+    read_text_checked,
     write_json_atomic,
 )
 from shardlab.run.metrics import clean_event, clean_lines, clean_sample
@@ -141,12 +142,14 @@ class Run:
         def read():
             from shardlab.plan import PlanError, load_plan
 
-            if not self.files.plan.is_file():
-                return None, "plan.yaml is missing"
-            try:
-                return load_plan(self.files.plan, check=False), None
-            except (PlanError, OSError, ValueError, RecursionError) as e:
-                return None, f"plan.yaml cannot be read ({str(e).splitlines()[0][:200] if str(e) else type(e).__name__})"
+            text, why = read_text_checked(self.files.plan)
+            if why:
+                return None, why
+            try:  # the trailing newline makes load_plan read it as YAML text, never as a file name
+                return load_plan(text + "\n", check=False), None
+            except (PlanError, ValueError, TypeError, RecursionError) as e:
+                first = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+                return None, f"plan.yaml cannot be read as a plan ({first})"
         return self._once("plan", read)
 
     @property
