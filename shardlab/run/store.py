@@ -89,6 +89,7 @@ class Run:
         self.files = RunFiles(self.dir)
         self.label = ""  # a short name among other runs (compare.load_runs sets it)
         self._cache: dict | None = None
+        self._written: dict = {}
         self._world_size: int | None = None
 
     def __repr__(self) -> str:
@@ -97,15 +98,21 @@ class Run:
     def frozen(self) -> "Run":
         """This run read once: later changes to its files are not seen."""
         r = copy.copy(self)
-        r._cache = {}
+        r._cache, r._written = {}, {}
         return r
 
-    def _once(self, key: str, read):
-        if self._cache is None:
+    def _once(self, key: str, read, written_once: bool = False):
+        """read(), from the cache of a frozen Run; the files written once before a run starts (plan,
+        run.json, launch.json) are cached by every Run as soon as they read well."""
+        cache = self._cache if self._cache is not None else self._written if written_once else None
+        if cache is None:
             return read()
-        if key not in self._cache:
-            self._cache[key] = read()
-        return self._cache[key]
+        if key not in cache:
+            value = read()
+            if cache is self._written and (value == {} or (isinstance(value, tuple) and value[0] is None)):
+                return value  # not there (yet: a run folder being created): look again next time
+            cache[key] = value
+        return cache[key]
 
     # ---- the files
     def _status_file(self) -> tuple[dict, str | None]:
@@ -150,7 +157,7 @@ class Run:
             except (PlanError, ValueError, TypeError, RecursionError) as e:
                 first = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
                 return None, f"plan.yaml cannot be read as a plan ({first})"
-        return self._once("plan", read)
+        return self._once("plan", read, written_once=True)
 
     @property
     def plan(self):
@@ -160,12 +167,12 @@ class Run:
     @property
     def config(self) -> dict:
         """run.json: model, steps, device, seed, factory, trace_memory, instrument ({} if unreadable)."""
-        return self._once("config", lambda: read_json_checked(self.files.config)[0] or {})
+        return self._once("config", lambda: read_json_checked(self.files.config)[0] or {}, written_once=True)
 
     @property
     def launch_info(self) -> dict:
         """launch.json: the agents' argv and recorded environment ({} if unreadable)."""
-        return self._once("launch", lambda: read_json_checked(self.files.launch)[0] or {})
+        return self._once("launch", lambda: read_json_checked(self.files.launch)[0] or {}, written_once=True)
 
     @property
     def metrics(self):
