@@ -85,12 +85,19 @@ def cmd_estimate(a) -> int:
     from shardlab.estimate import estimate
 
     plan = load_plan(a.plan)
-    est = estimate(plan, _model_arg(a), gpu=a.gpu)
+    cal = False if a.calibration == "none" else a.calibration
+    est = estimate(plan, _model_arg(a), gpu=a.gpu, calibration=cal)
     if a.json:
         print(json.dumps(est.to_dict()))
     else:
         print(est.summary())
     return 0
+
+
+def cmd_calibrate(a) -> int:
+    from shardlab.estimate.calibrate import cli_calibrate
+
+    return cli_calibrate(a)
 
 
 def cmd_run(a) -> int:
@@ -164,8 +171,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--model", help="preset name (e.g. gpt-tiny, gpt-1.3b, llama-8b) or a YAML/JSON shape file")
     s.add_argument("--params", help="bare parameter count, e.g. 7e9 (model states only)")
     s.add_argument("--gpu", default="h100-80gb", help="GPU name from the GPU table")
+    s.add_argument("--calibration", default=None, help="a calibration file or folder; 'none' for the data sheet only (default: this machine's, if any)")
     s.add_argument("--json", action="store_true")
     s.set_defaults(fn=cmd_estimate)
+
+    s = sub.add_parser("calibrate", help="measure this GPU's rates for the step-time model (about a minute), or refit from runs")
+    s.add_argument("--from-runs", nargs="+", metavar="DIR", help="refit from run folders (or run stores) instead of measuring")
+    s.add_argument("--gpu", default=None, help="GPU table name to file the calibration under (default: detected)")
+    s.add_argument("--calibration-dir", default=None, help="where calibrations live (default: $SHARDLAB_CALIBRATION_DIR or ~/.cache/shardlab/calibration)")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(fn=cmd_calibrate)
 
     s = sub.add_parser("run", help="a real sharded training run")
     s.add_argument("plan")

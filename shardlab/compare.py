@@ -187,11 +187,31 @@ def _compare_row(r: Run, ref_loss: pd.Series, gpu: str | None) -> dict:
         model_params=r.model.params if r.model is not None else None,
         prediction_note=r.problem or why,
     )
+    row.update(_launch_prediction(r))
     # A CPU run's RSS holds the whole Python runtime and no CUDA context: no match for a GPU figure.
     row["peak_error"] = _err(row["peak_bytes"], row["peak_pred_bytes"]) if r.device == "cuda" else None
     row["state_error"] = _err(row["state_bytes"], states_pred)
     row["comm_error"] = _err(row["comm_bytes"], row["comm_pred_bytes"])
     return row
+
+
+def _launch_prediction(r: Run) -> dict:
+    """The prediction stored at launch (run/prediction.py) beside the measurement, with residuals
+    (measured / predicted - 1). Runs from before predictions were stored, or whose prediction.json
+    cannot be read, get empty columns."""
+    from shardlab.run.prediction import reconcile
+
+    empty = {"tokens_per_s_pred": None, "tokens_per_s_residual": None, "step_time_residual": None, "prediction_calibrated": None}
+    try:
+        rec = reconcile(r)
+        pred = rec.get("prediction") or {}
+        if "tokens_per_s" not in pred:
+            return empty
+        return {"tokens_per_s_pred": pred["tokens_per_s"], "tokens_per_s_residual": rec.get("tokens_per_s_residual"),
+                "step_time_launch_pred_s": pred["step_time_s"], "step_time_residual": rec.get("step_time_residual"),
+                "prediction_calibrated": pred.get("calibrated"), "predicted_on": pred.get("gpu")}
+    except (KeyError, TypeError, ValueError, ArithmeticError):  # a prediction.json written by hand or garbled
+        return empty
 
 
 def _offload_text(p: Plan) -> str:
@@ -308,7 +328,8 @@ _BYTES = ["peak_bytes", "peak_pred_bytes", "peak_allocated_bytes", "peak_reserve
 _HIGHER_BETTER = ["tokens_per_s", "tflops", "mfu"]
 _LOWER_BETTER = ["peak_bytes", "state_bytes", "comm_bytes", "step_time_s"]
 _LABELS = {
-    "tokens_per_s": "tokens/s per device", "tflops": "TFLOPS", "mfu": "MFU", "step_time_s": "step (s)", "step_time_pred_s": "step predicted (s)",
+    "tokens_per_s": "tokens/s per device", "tokens_per_s_pred": "tokens/s predicted at launch", "tokens_per_s_residual": "tokens/s residual",
+    "step_time_residual": "step residual", "step_time_launch_pred_s": "step predicted at launch (s)", "tflops": "TFLOPS", "mfu": "MFU", "step_time_s": "step (s)", "step_time_pred_s": "step predicted (s)",
     "peak_bytes": "peak (GiB)", "peak_pred_bytes": "peak predicted (GiB)", "peak_allocated_bytes": "max allocated (GiB)", "peak_reserved_bytes": "max reserved (GiB)",
     "params_bytes": "params/rank (GiB)", "grads_bytes": "grads/rank (GiB)", "optimizer_bytes": "optimizer/rank (GiB)",
     "state_bytes": "states/rank (GiB)", "state_pred_bytes": "states predicted (GiB)", "state_error": "states error",
@@ -325,12 +346,13 @@ def style_compare(df: pd.DataFrame):
         return "" if v is None or pd.isna(v) else f"{v / GIB:,.3f}"
 
     fmt: dict[str, Any] = {c: gib for c in _BYTES if c in df}
-    fmt.update({c: "{:,.0f}" for c in ("tokens_per_s", "model_params") if c in df})
+    fmt.update({c: "{:,.0f}" for c in ("tokens_per_s", "tokens_per_s_pred", "model_params") if c in df})
     fmt.update({c: "{:,.3g}" for c in ("tflops",) if c in df})
+    fmt.update({c: "{:+.1%}" for c in ("tokens_per_s_residual", "step_time_residual") if c in df})
     fmt.update({c: "{:.1%}" for c in ("mfu", "peak_error", "state_error", "comm_error") if c in df})
     fmt.update({c: "{:.4f}" for c in ("final_loss",) if c in df})
     fmt.update({c: "{:+.2e}" for c in ("loss_diff", "loss_max_abs_diff") if c in df})
-    fmt.update({c: "{:.3f}" for c in ("step_time_s", "step_time_pred_s") if c in df})
+    fmt.update({c: "{:.3f}" for c in ("step_time_s", "step_time_pred_s", "step_time_launch_pred_s") if c in df})
     best = "font-weight: bold; background-color: #d9f2d9"
     st = df.style.format(fmt, na_rep="–")
     hi = [c for c in _HIGHER_BETTER if c in df and df[c].notna().any()]

@@ -324,7 +324,8 @@ def test_activation_checkpointing_trades_memory_for_compute():
     # being recomputed (34·d); the logits and loss copy are the same in both
     tokens, d, L = 4 * 2048, 2048, 24
     assert a.per_gpu["activations"] - b.per_gpu["activations"] == tokens * (34 * d * (L - 1) - 2 * d * L)
-    assert b.time["compute_s"] == pytest.approx(a.time["compute_s"] * 4 / 3)
+    # recomputation repeats the forward (a third of forward + backward); the optimizer step is not repeated
+    assert a.time["compute_s"] * 1.1 < b.time["compute_s"] < a.time["compute_s"] * 4 / 3
     assert b.time["tflops"] < a.time["tflops"]  # recomputation is not model FLOPs
 
 
@@ -343,15 +344,8 @@ def test_offload_moves_states_to_cpu_and_nvme():
     assert cpu.per_gpu["total"] < gpu_only.per_gpu["total"]
 
 
-def test_step_time_reproduces_the_h100_measurements():
-    # DESIGN.md: 0.94B GPT, micro-batch 4, bf16 on one H100: ~470 TFLOPS with FSDP, ~87 with
-    # ZeRO-2 + CPU optimizer offload; peak allocated 22-27 GiB.
-    f = estimate(plan("fsdp2", "zero3", gpn=1, micro_batch_size=4), "gpt-1b")
-    o = estimate(plan("deepspeed", "zero2", gpn=1, micro_batch_size=4, offload={"optimizer": "cpu"}), "gpt-1b")
-    assert f.time["tflops"] == pytest.approx(470, rel=0.05)
-    assert o.time["tflops"] == pytest.approx(87, rel=0.15)
-    assert 20 * GIB < f.per_gpu["total"] < 30 * GIB
-    assert f.time["mfu"] == pytest.approx(f.time["tflops"] / 989)
+# The step-time test that expected the old fitted efficiency (470 TFLOPS) is replaced by
+# tests/test_steptime.py: the model's constants checked on GPU rows they were not fitted to.
 
 
 def test_to_dict_is_the_json_contract():

@@ -110,6 +110,8 @@ VARIANTS = [
     ("metrics-missing", _remove("metrics.jsonl"), False),
     ("timeline-stray-bytes", _insert_line("timeline.jsonl", BAD_UTF8 + b'{"t": "now", "rank": "a", "bytes": null}'), False),
     ("timeline-wrong-types", _insert_line("timeline.jsonl", b'{"t": "now", "rank": 0, "bytes": 5}'), False),
+    ("prediction-a-list", _write("prediction.json", "[]"), False),
+    ("prediction-wrong-types", _write("prediction.json", '{"tokens_per_s": "fast", "step_time_s": null, "phases": 3}'), False),
     ("events-wrong-types", _insert_line("events.jsonl", b'{"event": 5, "gpu": [], "host": 7}'), False),
     ("folder-unreadable", _unreadable_folder, True),
 ]

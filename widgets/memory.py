@@ -2,7 +2,8 @@
 
 Numbers come from `shardlab.estimate.estimate(plan, model, gpu)`; this file only draws them as a
 stacked HTML bar (params / grads / optimizer / activations / buffers / overhead), which redraws in
-well under a millisecond, plus the predicted step time, tokens/s and MFU.
+well under a millisecond, plus the predicted step time, tokens/s and MFU and the step's breakdown
+(steptime.py: compute, host overhead, exposed communication, offload).
 """
 
 from __future__ import annotations
@@ -107,7 +108,9 @@ def speed_html(est: dict[str, Any]) -> str:
         parts.append(f"{est['tokens_per_s']:,.0f} tokens/s")
     if est.get("mfu") is not None:
         parts.append(f"MFU {100 * est['mfu']:.0f}%")
-    return f'<div class="sl-speed">{" · ".join(parts)}</div>'
+    from shardlab_widgets.steptime import step_bar_html
+
+    return f'<div class="sl-speed">{" · ".join(parts)}</div>' + step_bar_html(est)
 
 
 class MemoryPanel:

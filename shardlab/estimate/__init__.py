@@ -70,6 +70,8 @@ class Estimate:
             "tflops": self.time["tflops"],
             "mfu": self.time["mfu"],
             "time": dict(self.time),
+            "step_breakdown": dict(self.time["breakdown"]),
+            "calibrated": self.time["calibrated"],
             "fits": self.fits,
             "headroom_bytes": self.headroom_bytes,
             "labels": {"memory": "bytes per GPU (cpu, nvme: bytes per node)", "comm_per_step":
@@ -106,23 +108,32 @@ class Estimate:
         lines.append(f"  tensor bytes passed to collectives (as the runner counts): {self.comm_payload_per_step['total'] / cd:.3f} {cu}")
         t = self.time
         seq_note = f" (bare count: assumes {BARE_SEQ_LEN}-token sequences)" if m.is_bare else ""
-        lines += ["", f"Step time {t['step_time_s'] * 1e3:.1f} ms (compute {t['compute_s'] * 1e3:.1f}, exposed comm "
-                  f"{t['exposed_comm_s'] * 1e3:.1f}, offload {t['offload_s'] * 1e3:.1f}){seq_note}",
+        cal = "calibrated: " + t["rates_source"] if t["calibrated"] else "uncalibrated: GPU table data sheet and default efficiencies"
+        lines += ["", f"Step time {t['step_time_s'] * 1e3:.1f} ms (compute {t['compute_s'] * 1e3:.1f}, host overhead "
+                  f"{t['host_overhead_s'] * 1e3:.1f}, exposed comm {t['exposed_comm_s'] * 1e3:.1f}, offload {t['offload_s'] * 1e3:.1f}){seq_note}",
+                  f"  {cal}",
                   f"  {t['tokens_per_s']:,.0f} tokens/s per GPU, {t['tflops']:.0f} TFLOPS per GPU, MFU {t['mfu']:.1%}"]
         lines += [f"note: {f}" for f in self.flags]
         return "\n".join(lines)
 
 
-def estimate(plan, model, gpu: str | GPU | dict = "h100-80gb") -> Estimate:
+def estimate(plan, model, gpu: str | GPU | dict = "h100-80gb", *, calibration=None, rates=None) -> Estimate:
     """Predict memory, communication and step time for `plan` (a Plan or anything load_plan takes)
-    training `model` (anything resolve_model takes: preset, shape file/dict, bare count, nn.Module)."""
+    training `model` (anything resolve_model takes: preset, shape file/dict, bare count, nn.Module).
+
+    calibration: None uses this machine's calibration for `gpu` if `shardlab calibrate` made one
+    (estimate/calibrate.py), False ignores it, a path or dict names one. rates: explicit steptime.Rates."""
     plan = load_plan(plan)  # a Plan with errors (e.g. micro_batch_size=0) is bad input, not arithmetic
     spec = resolve_model(model)
     g = get_gpu(gpu)
     s = resolve(plan, spec)
     mem = memory(plan, s)
     c = comm(plan, s)
-    t = step_time(plan, s, g, c["wire"])
+    if rates is None:
+        from .calibrate import rates_for
+
+        rates = rates_for(g, calibration)
+    t = step_time(plan, s, g, c["wire"], rates)
     notes = dict(mem["notes"])
     if c["notes"]:
         notes["comm"] = "; ".join(c["notes"])

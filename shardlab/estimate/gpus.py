@@ -5,7 +5,9 @@ Figures are vendor data sheets' dense (no sparsity) tensor-core peaks and the me
 sees them: `intra_node` is NVLink where the part has it (else PCIe), `inter_node` assumes one NIC
 per GPU of the generation the part is usually deployed with (HDR 200 Gb/s for A100, NDR 400 Gb/s
 for H100/H200, Ethernet for the PCIe cards). They are planning figures: override any of them with
-`register_gpu` or by passing a `GPU` / dict to `estimate(..., gpu=...)`.
+`register_gpu` or by passing a `GPU` / dict to `estimate(..., gpu=...)`. `hbm_bw` is the data sheet's
+device-memory bandwidth and `sms` the streaming-multiprocessor count; the step-time model takes
+achievable fractions of these peaks from a calibration (estimate/calibrate.py) or its defaults.
 """
 
 from __future__ import annotations
@@ -28,6 +30,8 @@ class GPU:
     intra_node_bw: float
     inter_node_bw: float
     pcie_bw: float = 25 * GB  # host <-> device copies (offload)
+    hbm_bw: float = 2000 * GB  # device memory bandwidth, data sheet (memory-bound kernels, the optimizer step)
+    sms: int = 108  # streaming multiprocessors (wave quantization of matmul tiles)
 
     def peak_tflops(self, precision: str) -> float:
         return self.fp32_tflops if precision == "fp32" else self.bf16_tflops
@@ -39,14 +43,14 @@ class GPU:
 GPUS: dict[str, GPU] = {
     g.name: g
     for g in (
-        GPU("a100-40gb", 312.0, 19.5, 40960 * MIB, 300 * GB, 25 * GB, 25 * GB),
-        GPU("a100-80gb", 312.0, 19.5, 81920 * MIB, 300 * GB, 25 * GB, 25 * GB),
-        GPU("h100-80gb", 989.0, 67.0, 81559 * MIB, 450 * GB, 50 * GB, 50 * GB),  # SXM5, NVLink 4
-        GPU("h100-pcie", 756.0, 51.0, 81559 * MIB, 64 * GB, 50 * GB, 50 * GB),  # PCIe Gen5, no NVLink bridge
-        GPU("h200", 989.0, 67.0, 143771 * MIB, 450 * GB, 50 * GB, 50 * GB),
-        GPU("l4", 121.0, 30.3, 23034 * MIB, 32 * GB, 6.25 * GB, 25 * GB),
-        GPU("a10g", 70.0, 31.2, 23028 * MIB, 32 * GB, 6.25 * GB, 25 * GB),
-        GPU("rtx4090", 165.0, 82.6, 24564 * MIB, 32 * GB, 3.125 * GB, 25 * GB),  # bf16 with fp32 accumulate
+        GPU("a100-40gb", 312.0, 19.5, 40960 * MIB, 300 * GB, 25 * GB, 25 * GB, 1555 * GB, 108),
+        GPU("a100-80gb", 312.0, 19.5, 81920 * MIB, 300 * GB, 25 * GB, 25 * GB, 2039 * GB, 108),
+        GPU("h100-80gb", 989.0, 67.0, 81559 * MIB, 450 * GB, 50 * GB, 50 * GB, 3350 * GB, 132),  # SXM5, NVLink 4
+        GPU("h100-pcie", 756.0, 51.0, 81559 * MIB, 64 * GB, 50 * GB, 50 * GB, 2000 * GB, 114),  # PCIe Gen5, no NVLink bridge
+        GPU("h200", 989.0, 67.0, 143771 * MIB, 450 * GB, 50 * GB, 50 * GB, 4800 * GB, 132),
+        GPU("l4", 121.0, 30.3, 23034 * MIB, 32 * GB, 6.25 * GB, 25 * GB, 300 * GB, 58),
+        GPU("a10g", 70.0, 31.2, 23028 * MIB, 32 * GB, 6.25 * GB, 25 * GB, 600 * GB, 80),
+        GPU("rtx4090", 165.0, 82.6, 24564 * MIB, 32 * GB, 3.125 * GB, 25 * GB, 1008 * GB, 128),  # bf16 with fp32 accumulate
     )
 }
 
@@ -74,7 +78,7 @@ def get_gpu(gpu: str | GPU | dict) -> GPU:
         d = dict(gpu)
         name = d.pop("name", "custom")
         known = {f.name for f in fields(GPU)} - {"name"}
-        missing = known - set(d) - {"pcie_bw"}
+        missing = known - set(d) - {"pcie_bw", "hbm_bw", "sms"}
         if missing:
             raise bad_input("gpu", f"a custom GPU needs {sorted(missing)} as well; got {sorted(d)}. Give bf16_tflops, fp32_tflops, memory_bytes, intra_node_bw and inter_node_bw (bytes/s).")
         unknown = set(d) - known

@@ -1,76 +1,277 @@
-"""Step time, tokens/s, TFLOPS and MFU (named steptime.py so it does not shadow the stdlib `time`).
+"""Step time, tokens/s, TFLOPS and MFU from a model of where a training step's time goes.
 
-step = compute + exposed communication + offload traffic and CPU optimizer time, where
-- compute = executed FLOPs / (peak x efficiency). Executed FLOPs are torchtitan's model FLOPs
-  (6N + 12·L·d·T per token) plus a recomputed forward (a third more) under activation checkpointing.
-  EFFICIENCY is the fraction of the dense peak a framework's step reaches with no communication at
-  all, from DESIGN.md's measurement on one H100 (0.94B GPT, T=2048, micro-batch 4, bf16): FSDP1/2
-  about 470 TFLOPS, DeepSpeed ZeRO-1/2 400, ZeRO-3 300, out of 989.
-- communication time = intra-node wire bytes / intra-node bandwidth + inter-node / inter-node.
-  Collectives issued alongside compute (FSDP's prefetched all-gathers and per-unit reduce-scatters,
-  DeepSpeed ZeRO-3 with overlap_comm) hide behind at most OVERLAP of the compute time; DeepSpeed
-  ddp/ZeRO-1/2 reduce and re-gather with overlap_comm off by default, so those are fully exposed.
-- offload: optimizer state traffic over PCIe (fp32 gradients down, updated weights up) plus the CPU
-  optimizer at CPU_ADAM_PARAMS_PER_S (DeepSpeed's CPU Adam; torch's on FSDP offload is slower).
-  These rates reproduce DESIGN.md's 87 TFLOPS for ZeRO-2 + CPU offload within about 10%.
-MFU = model TFLOPS (without recomputation) / dense peak, as torchtitan reports it.
+(Named steptime.py so it does not shadow the stdlib `time`.) One optimizer step on one GPU is
+
+    step = max(gpu, host) + SERIAL x min(gpu, host) + exposed communication + offload
+
+- gpu: the kernels' time (stepwork.py counts the work): each GEMM at the GPU's achievable rate for its
+  shape (the `Rates` fraction of the data sheet's dense peak, times tile and wave quantization over
+  the SMs, or bound by the bytes it moves), flash attention at its own rate, memory-bound kernels
+  and the optimizer step by bytes at the achievable HBM bandwidth. fp32 runs at the fp32 (non-TF32)
+  peak, torch's default (`torch.backends.cuda.matmul.allow_tf32` is False).
+- host: the CPU time to issue the step (per kernel launched; per FSDP unit; DeepSpeed's per-module
+  and per-parameter hooks). The host runs ahead of the GPU until something synchronises them;
+  SERIAL is the share of the shorter of the two that synchronisations leave exposed.
+- exposed communication: wire bytes over the link (intra/inter node) plus a latency per collective,
+  less what overlaps with the GPU's work (FSDP's prefetch, ZeRO-3's overlap_comm); DeepSpeed
+  ZeRO-1/2 reduce and re-gather with overlap_comm off by default: fully exposed. One GPU: none.
+- offload: optimizer state traffic over PCIe and DeepSpeed's CPU Adam (torch's on FSDP offload).
+
+The result carries the breakdown (compute, exposed_comm, host_overhead, offload, which sum to the
+step) and whether the rates came from a calibration of this GPU (estimate/calibrate.py).
+MFU = model TFLOPS (torchtitan's 6N + 12·L·d·T, no recomputation) / dense peak.
 """
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass, field, replace
+
 from shardlab.models import flops_per_token
 from shardlab.plan import Plan
 
-from .gpus import GPU
 from .basis import Setup, shard_numel
+from .gpus import GPU
+from .stepwork import Work, work
 
-EFFICIENCY = {("fsdp", "any"): 0.475, ("deepspeed", "zero3"): 0.30, ("deepspeed", "other"): 0.40}
-OVERLAP = 0.8
-CPU_ADAM_PARAMS_PER_S = 2.5e9  # DeepSpeed CPU Adam, parameters updated per second per node's share
-TORCH_CPU_ADAM_PARAMS_PER_S = 0.5e9
 BARE_SEQ_LEN = 2048  # a bare count has no sequence length; step time assumes this many tokens/sequence
 
+# --- GPU rates when no calibration exists: fractions of the data sheet, measured by `shardlab
+# calibrate` on two H200 machines (2026-12-01, torch 2.11 + CUDA 13; benchmarks/results/
+# calibration_h200.json and calibration_h200_run1.json):
+# MM_EFF the median of the compute-bound matmul grid (bf16 0.77 and 0.80, fp32 0.80 both);
+# HBM_EFF a 1 GiB copy and add (4.29-4.31 TB/s of 4.8); ATTN_EFF and ATTN_T0 flash attention's rate
+# A x T/(T + T0) x (head_dim/128)^0.4 from SDPA forward + backward at head_dim 128, T 2048 and 4096
+# (0.34 and 0.44 of the bf16 peak; the same curve gives 0.32 measured at T 4096, head_dim 64), fp32
+# (mem-efficient kernel) 0.50 at T 2048; ALIGN_EFF a GEMM whose dimension is not a multiple of
+# 16 bytes (GPT-2's vocabulary 50257 in bf16: no aligned tensor-core kernel), 122 TFLOPS at
+# (8192, 768, 50257) = 0.17 of the aligned rate.
+DEFAULT_MM_EFF = {"bf16": 0.78, "fp16": 0.78, "fp32": 0.80}
+DEFAULT_ATTN_EFF = {"bf16": 0.64, "fp16": 0.64, "fp32": 0.94}
+ATTN_T0 = 1825
+DEFAULT_HBM_EFF = 0.89
+ALIGN_EFF = 0.17
+# Host: DEFAULT_LAUNCH_S, seconds per kernel stepwork.py counts (dispatch, autograd, launch), and
+# FSDP_UNIT_S, FSDP2's hooks per unit per micro-step (all-gather/reduce-scatter issue, copy-in/out),
+# from calibrate's tiny-model steps (plain, and FSDP2 with 9 units): 41 us / 1.91 ms on the first
+# H200 host, 50 us / 3.68 ms on the second; the defaults are their geometric means. Host speed
+# differs from machine to machine by this much: calibrating on the machine removes it.
+DEFAULT_LAUNCH_S = 45.5e-6
+FSDP_UNIT_S = 2.65e-3
+# share of a ZeRO-3 unit's four hook phases (pre-forward gather, post-forward reshard, pre-backward
+# gather, post-backward reduce-scatter) a unit runs: SHARD_GRAD_OP keeps parameters gathered from
+# forward to backward (two of them); NO_SHARD only reduces
+UNIT_HOOK_SHARE = {"zero3": 1.0, "zero2": 0.5, "ddp": 0.3}
+KERNEL_FLOOR_S = 2.5e-6  # a kernel's shortest time on the GPU
+TILE = 128  # cuBLAS Hopper/Ampere output tile (rows and columns) for the quantization factors
+K_HALF = 96  # K at which a GEMM's main loop reaches half its rate (prologue/epilogue per tile)
 
-def efficiency(s: Setup) -> float:
+# --- DeepSpeed host costs, from the H100 profile in docs/benchmarks.md (zero3_gap_h100.json,
+# gpt-1b, micro-batch 4): ZeRO-3's gradient hooks took 30 ms over 197 parameter tensors ->
+# DS3_PARAM_S; the host time per step (160 ms, solved from the micro-batch 4 step time 188.5 ms with
+# the GPU's work as modelled here; micro-batch 8 then comes out within 6%) less those hooks, 606
+# kernels and 2 per-parameter norm kernels at DEFAULT_LAUNCH_S, over 150 modules -> DS3_MODULE_S
+# DS3_RECOMPUTE: extra module-hook cost under activation checkpointing (the recomputed forward fires
+# the hooks again and breaks ZeRO-3's recorded module trace, so gathers are no longer prefetched),
+# fitted to the H100 ZeRO-3 checkpointing rows (19,884 and 29,186 tokens/s: their median).
+# ZeRO-1/2: 3,370 launches per step (about 14 per parameter tensor) and a Python gradient hook,
+# fitted to the ZeRO-1/2 rows without checkpointing (138.7-141.7 ms), checked on the rows with it
+# (gpu_validate_h100*.json). A calibration rescales them by its launch cost over DEFAULT_LAUNCH_S.
+DS3_PARAM_S = 150e-6
+DS3_MODULE_S = 0.565e-3
+DS3_RECOMPUTE = 1.5
+DS12_PARAM_S = 0.41e-3
+DS_NORM_KERNELS_PER_PARAM = 2
+# SERIAL: share of min(gpu, host) left exposed by synchronisations. DeepSpeed ZeRO-3 (25
+# cudaStreamSynchronize per step): solved with DS3_MODULE_S from the same two H100 step times. FSDP
+# synchronises once per step (the worker's loss.item()), so each step starts with an empty queue and
+# the host-bound stretches (norms, hooks) are not hidden: fitted to the first H200 probe's FSDP rows
+# (steptime_probe_h200.json, "probe": 1), checked on the H100 FSDP rows and the second probe.
+SERIAL = {"fsdp": 0.15, "deepspeed": 0.27}
+# torch.compile (plan.compile): Inductor fuses the memory-bound kernels of each compiled block and
+# replays them without Python dispatch. COMPILE_MEM / COMPILE_KERNELS scale their bytes and the
+# kernels the host launches (FSDP); DeepSpeed's engine.compile() made ZeRO-3 ~20% slower on an H200
+# (DESIGN.md's measured facts) -> COMPILE_DS_HOST. Not yet checked on a run that ran alone.
+COMPILE_MEM = 0.5
+COMPILE_KERNELS = 0.3
+COMPILE_DS_HOST = 1.2
+OVERLAP = 0.8  # at most this share of the GPU's work can hide prefetched / overlapped collectives
+COLLECTIVE_LATENCY_S = {"intra": 20e-6, "inter": 50e-6}
+CPU_ADAM_PARAMS_PER_S = 2.5e9  # DeepSpeed CPU Adam, parameters per second per node (H100 offload rows: 78-92 TFLOPS)
+TORCH_CPU_ADAM_PARAMS_PER_S = 0.5e9
+
+# bytes per parameter the optimizer step moves on the GPU (fp32 params, grads and states):
+# torch AdamW foreach (the default on CUDA): decay r/w 8, lerp m 12, v scale 8 + addcmul 12, sqrt 8,
+# divide 8, add eps 8, addcdiv 16 = 80; DeepSpeed FusedAdam / torch fused: r p g m v, w p m v = 28;
+# SGD with momentum foreach: 40.
+OPT_BYTES = {("foreach", "adamw"): 80, ("foreach", "adam"): 80, ("foreach", "sgd"): 40,
+             ("fused", "adamw"): 28, ("fused", "adam"): 28, ("fused", "sgd"): 40}
+
+
+@dataclass(frozen=True)
+class Rates:
+    """Achievable rates on one GPU kind; defaults are the constants above, a calibration replaces them."""
+
+    mm_eff: dict = field(default_factory=lambda: dict(DEFAULT_MM_EFF))
+    attn_eff: dict = field(default_factory=lambda: dict(DEFAULT_ATTN_EFF))
+    attn_t0: float = ATTN_T0
+    align_eff: float = ALIGN_EFF
+    hbm_eff: float = DEFAULT_HBM_EFF
+    launch_s: float = DEFAULT_LAUNCH_S
+    fsdp_unit_s: float = FSDP_UNIT_S
+    host_scale: float = 1.0  # CPU speed vs the machines the DeepSpeed hook costs were measured on
+    gpu_scale: float = 1.0  # refit from runs (calibrate --from-runs): the GPU's work
+    host_fit: float = 1.0  # refit from runs: all host time
+    calibrated: bool = False
+    source: str = "defaults (GPU table data sheet, documented efficiencies)"
+
+    def with_(self, **kw) -> "Rates":
+        return replace(self, **kw)
+
+
+def _gemm_time(m: int, k: int, n: int, count: int, peak: float, eff: float, bw: float, P: int, sms: int,
+               align_eff: float = ALIGN_EFF) -> float:
+    if P == 2 and (m % 8 or k % 8 or n % 8):  # 16-byte alignment of 2-byte tensor-core operands
+        eff *= align_eff
+    tiles_m, tiles_n = math.ceil(m / TILE), math.ceil(n / TILE)
+    tiles = tiles_m * tiles_n
+    tile_q = (m * n) / (tiles * TILE * TILE)
+    wave_q = tiles / (math.ceil(tiles / sms) * sms)
+    rate = peak * eff * tile_q * wave_q * k / (k + K_HALF)
+    flops = 2.0 * m * k * n
+    moved = (m * k + k * n + m * n) * P
+    return count * (max(flops / rate, moved / bw) + KERNEL_FLOOR_S)
+
+
+_GEMM_CACHE: dict[tuple, tuple[float, float]] = {}
+
+
+def gpu_work_time(w: Work, gpu: GPU, precision: str, P: int, r: Rates) -> tuple[float, float, float]:
+    """(matmul_s, attention_s, memory_s) of one micro-step's forward + backward."""
+    key = (id(w), gpu.name, gpu.bf16_tflops, gpu.fp32_tflops, gpu.hbm_bw, gpu.sms, precision, r.mm_eff.get(precision),
+           r.attn_eff.get(precision), r.hbm_eff, r.attn_t0, r.align_eff)
+    got = _GEMM_CACHE.get(key)
+    if got is not None and got[0] is w:
+        return got[1]
+    peak = gpu.peak_tflops(precision) * 1e12
+    bw = gpu.hbm_bw * r.hbm_eff
+    eff = r.mm_eff.get(precision, DEFAULT_MM_EFF["bf16"])
+    mm = sum(_gemm_time(g.m, g.k, g.n, g.count, peak, eff, bw, P, gpu.sms, r.align_eff) for g in w.gemms)
+    a_eff = attention_eff(r.attn_eff.get(precision, DEFAULT_ATTN_EFF["bf16"]), w.seq, w.head_dim, r.attn_t0)
+    attn = w.attn_flops / (peak * a_eff) if w.attn_flops else 0.0
+    mem = (w.mem_elems * P + w.mem_bytes_fixed) / bw + w.kernels * KERNEL_FLOOR_S
+    out = (mm, attn, mem)
+    _GEMM_CACHE[key] = (w, out)
+    return out
+
+
+def attention_eff(a: float, seq: int, head_dim: int, t0: float = ATTN_T0) -> float:
+    """Flash attention's share of the peak: A x T/(T + T0) x min(1, head_dim/128)^0.4."""
+    return a * seq / (seq + t0) * min(1.0, (head_dim / 128) ** 0.4)
+
+
+def optimizer_bytes(plan: Plan, s: Setup, local: int) -> float:
+    """Bytes the optimizer step and the framework's per-step copies move on the GPU (per GPU)."""
+    if s.offload_opt != "none":
+        return 2.0 * s.P * local  # only the updated 16-bit weights come back and are copied in place
+    opt = plan.optimizer.name
+    if s.ds:
+        b = OPT_BYTES[("fused", opt)] * local
+        b += (2 * s.P + 20 if s.P != 4 else 12) * local  # grads to fp32, norm, unscale, fp32 -> 16-bit copy
+        per_micro = 2 * s.P * (2 if s.stage == "zero3" else 1)  # bucket copies (+ ZeRO-3 gather copies)
+        return b + per_micro * s.spec.params / max(1, s.shard if s.stage != "ddp" else 1) * s.micro_steps
+    b = OPT_BYTES[("foreach", opt)] * local
+    if plan.gradient_clipping:
+        b += 12 * local  # norm (r 4) and scale (r/w 8)
+    gathers = {"zero3": 2, "zero2": 1}.get(s.stage, 0)
+    # all-gather copy-in (fp32 -> compute dtype) and copy-out per gather; reduce-scatter copy-in,
+    # fp32 cast and accumulation per micro-step; NO_SHARD casts the parameters once per forward
+    per_micro = gathers * (4 + 3 * s.P) + (3 * s.P + 4) if s.stage != "ddp" else (4 + s.P) + 2 * s.P
+    return b + per_micro * local * s.micro_steps
+
+
+def host_time(plan: Plan, s: Setup, w: Work, r: Rates) -> float:
+    """CPU seconds to issue one optimizer step (all micro-steps)."""
+    micro = w.kernels * r.launch_s * (COMPILE_KERNELS if plan.compile and not s.ds else 1.0)
     if not s.ds:
-        return EFFICIENCY[("fsdp", "any")]
-    return EFFICIENCY[("deepspeed", "zero3" if s.stage == "zero3" else "other")]
+        micro += w.units * r.fsdp_unit_s * UNIT_HOOK_SHARE.get(s.stage, 1.0)
+        opt = (8 * max(1, w.param_tensors // 64) + 10) * r.launch_s  # foreach launches in chunks
+        return (micro * s.micro_steps + opt) * r.host_fit
+    ac = DS3_RECOMPUTE if plan.activation_checkpointing else 0.0
+    per_step = 0.0
+    if s.stage == "zero3":
+        hooks = w.modules * DS3_MODULE_S * (1 + ac) + w.param_tensors * DS3_PARAM_S
+    elif s.stage == "zero2":
+        hooks = w.param_tensors * DS12_PARAM_S
+    else:  # ZeRO-1 / no ZeRO reduce at the accumulation boundary only (comm.py): the bucketing work is once per step
+        hooks, per_step = 0.0, w.param_tensors * DS12_PARAM_S
+    opt = w.param_tensors * DS_NORM_KERNELS_PER_PARAM * r.launch_s  # per-parameter norm kernels every step
+    comp = COMPILE_DS_HOST if plan.compile else 1.0
+    return ((micro + hooks * r.host_scale) * s.micro_steps * comp + per_step * r.host_scale + opt) * r.host_fit
 
 
-def step_time(plan: Plan, s: Setup, gpu: GPU, wire: dict) -> dict:
+def _comm_time(s: Setup, gpu: GPU, wire: dict, w: Work) -> float:
+    t = wire["intra_node"] / gpu.intra_node_bw + wire["inter_node"] / gpu.inter_node_bw
+    if s.world > 1:
+        per_micro = 3 * w.units if s.stage in ("zero3", "zero2") else max(1, w.units // 4)
+        lat = COLLECTIVE_LATENCY_S["inter" if s.nodes > 1 else "intra"]
+        t += per_micro * s.micro_steps * lat
+    return t
+
+
+def _offload_time(s: Setup, gpu: GPU) -> float:
+    if s.offload_opt == "none" and s.offload_params == "none":
+        return 0.0
+    local = s.spec.params if s.stage == "ddp" else shard_numel(s)
+    moved = (4 + s.P) * local
+    if s.stage == "zero3" and s.offload_params != "none":
+        moved += 2 * s.P * local * s.micro_steps  # gathered shards come up for forward and backward
+    rate = CPU_ADAM_PARAMS_PER_S if s.ds else TORCH_CPU_ADAM_PARAMS_PER_S
+    return moved / gpu.pcie_bw + local * s.gpn / rate
+
+
+def step_time(plan: Plan, s: Setup, gpu: GPU, wire: dict, rates: Rates | None = None) -> dict:
+    r = rates or Rates()
     spec = s.spec
     seq = BARE_SEQ_LEN if spec.is_bare else spec.seq_len
+    precision = plan.precision
+    w = work(spec, plan.micro_batch_size, seq, s.P, plan.activation_checkpointing)
+    mm, attn, mem = gpu_work_time(w, gpu, precision, s.P, r)
+    if plan.compile and not s.ds:
+        mem *= COMPILE_MEM
+    local = spec.params if s.stage == "ddp" else shard_numel(s)
+    opt = optimizer_bytes(plan, s, local) / (gpu.hbm_bw * r.hbm_eff)
+    gpu_s = ((mm + attn + mem) * s.micro_steps + opt) * r.gpu_scale
+    host_s = host_time(plan, s, w, r)
+    serial = SERIAL["deepspeed" if s.ds else "fsdp"]
+    core = max(gpu_s, host_s) + serial * min(gpu_s, host_s)
+    comm_s = _comm_time(s, gpu, wire, w)
+    exposed = comm_s if (s.ds and s.stage != "zero3") else max(0.0, comm_s - OVERLAP * gpu_s)
+    offload = _offload_time(s, gpu)
+    total = core + exposed + offload
     tokens = plan.micro_batch_size * seq * s.micro_steps
-    model_flops = flops_per_token(spec, seq) * tokens
-    executed = model_flops * (4 / 3 if plan.activation_checkpointing else 1)
-    peak = gpu.peak_tflops(plan.precision) * 1e12
-    compute = executed / (peak * efficiency(s))
-    comm_s = wire["intra_node"] / gpu.intra_node_bw + wire["inter_node"] / gpu.inter_node_bw
-    if s.ds and s.stage != "zero3":
-        exposed = comm_s
-    else:
-        exposed = max(0.0, comm_s - OVERLAP * compute)
-    offload = 0.0
-    if s.offload_opt != "none" or s.offload_params != "none":
-        local = spec.params if s.stage == "ddp" else shard_numel(s)
-        moved = (4 + s.P) * local
-        if s.stage == "zero3" and s.offload_params != "none":
-            moved += 2 * s.P * local * s.micro_steps  # gathered shards come up for forward and backward
-        rate = CPU_ADAM_PARAMS_PER_S if s.ds else TORCH_CPU_ADAM_PARAMS_PER_S
-        offload = moved / gpu.pcie_bw + local * s.gpn / rate
-    total = compute + exposed + offload
+    fpt = flops_per_token(spec, seq)
+    model_flops = fpt * tokens
+    peak = gpu.peak_tflops(precision) * 1e12
     tflops = model_flops / total / 1e12
+    scale = r.gpu_scale * s.micro_steps
     return {
         "step_time_s": total,
-        "compute_s": compute,
+        "compute_s": gpu_s,
+        "host_overhead_s": core - gpu_s,
         "comm_s": comm_s,
         "exposed_comm_s": exposed,
         "offload_s": offload,
+        "breakdown": {"compute": gpu_s, "exposed_comm": exposed, "host_overhead": core - gpu_s, "offload": offload},
+        "detail": {"matmul_s": mm * scale, "attention_s": attn * scale, "memory_bound_s": mem * scale,
+                   "optimizer_s": opt * r.gpu_scale, "host_s": host_s, "kernels_per_micro_step": w.kernels},
+        "calibrated": r.calibrated,
+        "rates_source": r.source,
         "tokens_per_step": tokens,
         "tokens_per_s": tokens / total,
         "tokens_per_s_global": tokens * s.world / total,
         "tflops": tflops,
         "mfu": tflops * 1e12 / peak,
-        "efficiency": efficiency(s),
-        "flops_per_token": flops_per_token(spec, seq),
+        "efficiency": model_flops / (gpu_s * peak) if gpu_s else 0.0,
+        "flops_per_token": fpt,
     }

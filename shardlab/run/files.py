@@ -11,6 +11,7 @@ writers (launcher, worker, sampler) take the names from `RunFiles`, readers go t
   metrics.jsonl    one line per step per rank (written by the worker; schema in run/metrics.py)
   events.jsonl     start / oom / error / done per rank (worker), launch / end (launcher)
   timeline.jsonl   memory sampled by the launcher (see timeline.py)
+  prediction.json  what the estimator predicted at launch (see prediction.py)
   logs/            agent{n}.log (each torchrun agent's own output), node{n}/ (torchrun's per-rank
                    stdout.log / stderr.log tree) and rank{r}.stdout.log / rank{r}.stderr.log links to it
 
@@ -48,6 +49,7 @@ class RunFiles:
     METRICS = "metrics.jsonl"
     EVENTS = "events.jsonl"
     TIMELINE = "timeline.jsonl"
+    PREDICTION = "prediction.json"
     LOGS = "logs"
     APPEND_ONLY = (METRICS, EVENTS, TIMELINE)
     # any one of these makes a folder a run folder (possibly a broken one)
@@ -80,6 +82,10 @@ class RunFiles:
     @property
     def timeline(self) -> Path:
         return self.dir / self.TIMELINE
+
+    @property
+    def prediction(self) -> Path:
+        return self.dir / self.PREDICTION
 
     @property
     def logs(self) -> Path:

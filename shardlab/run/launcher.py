@@ -281,6 +281,9 @@ def launch(plan, model="gpt-tiny", steps: int = 10, nproc: int | None = None, de
                                              "factory": factory, "trace_memory": trace_memory, "instrument": instrument})
     for name in ("metrics.jsonl", "events.jsonl", "timeline.jsonl"):
         (run_dir / name).touch()
+    from shardlab.run.prediction import write_prediction
+
+    write_prediction(run_dir, plan, model_arg, device, (visible_gpus() or [0])[0] if device == "cuda" else None)
 
     port = free_port()
     cores = os.cpu_count() or 1

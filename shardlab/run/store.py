@@ -232,6 +232,12 @@ class Run:
         return d if d in ("cpu", "cuda") else "cpu"
 
     @property
+    def prediction(self) -> dict | None:
+        """prediction.json: what the estimator predicted for this run at launch (run/prediction.py), or
+        None (also where the file is unreadable)."""
+        return self._once("prediction", lambda: read_json_checked(self.files.prediction)[0], written_once=True)
+
+    @property
     def world_size(self) -> int | None:
         """Ranks that really ran: as the launcher set it, else from the metrics, the plan, status.json."""
         if self._world_size is not None:

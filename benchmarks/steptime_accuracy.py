@@ -1,0 +1,123 @@
+"""Predicted vs measured tokens/s on every recorded GPU row, without and with a calibration.
+
+Rows: the H100 matrix (gpu_validate_h100*.json, zero3_gap_h100.json: gpt-1b, micro-batch 4 or 8),
+the H200 probes (steptime_probe_h200.json; each probe on its own lent machine, calibrated there) and the runner matrices of issue 13 when present
+(fidelity_*.json). Uncalibrated = the GPU table and steptime.py's defaults; calibrated = the
+calibration file recorded for that GPU (calibration_<gpu>.json). Prints one line per row, then the
+median and largest absolute error per source.
+
+    .venv/bin/python benchmarks/steptime_accuracy.py [--json OUT]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+
+from shardlab.estimate import estimate
+from shardlab.plan import Plan
+
+RESULTS = Path(__file__).parent / "results"
+MIN_TIMED_STEPS = 5
+GPU_OF = {"H100": "h100-80gb", "H200": "h200"}
+
+
+def _gpu(device: str) -> str:
+    from shardlab.run.worker import gpu_table_name
+
+    return gpu_table_name(device) or "h100-80gb"
+
+
+def rows(include_shared: bool = False) -> list[dict]:
+    out = []
+    for f in sorted(RESULTS.glob("gpu_validate_h100*.json")):
+        if "pairs" in f.name:
+            continue  # the same configurations as the matrix, run as separate pairs
+        for r in json.load(open(f)):
+            if r.get("tokens_per_s"):
+                plan = {"framework": r["framework"], "sharding": r["sharding"], "micro_batch_size": r.get("micro_batch", 4),
+                        "activation_checkpointing": r["activation_checkpointing"],
+                        "offload": {"optimizer": r["offload"]} if r["offload"] != "none" else {}}
+                out.append({"source": f.stem, "name": f"{r['framework']} {r['sharding']} off={r['offload']} ac={int(r['activation_checkpointing'])}",
+                            "plan": plan, "model": r["model"], "gpu": _gpu(r["device"]), "measured": r["tokens_per_s"]})
+    z = json.load(open(RESULTS / "zero3_gap_h100.json"))
+    for r in z["results"]:
+        if r.get("tokens_per_s") and not r.get("overrides") and r["framework"] != "torch":
+            out.append({"source": "zero3_gap_h100", "name": f"{r['variant']} mb={r['micro_batch']}", "model": "gpt-1b", "gpu": "h100-80gb",
+                        "plan": {"framework": r["framework"], "sharding": r["sharding"], "micro_batch_size": r["micro_batch"]},
+                        "measured": r["tokens_per_s"]})
+    for f in sorted(RESULTS.glob("steptime_probe_*.json")):
+        for r in json.load(open(f)):
+            if r.get("tokens_per_s") and r["model"]["name"] != "tiny":
+                out.append({"source": f.stem, "name": r["name"], "plan": r["plan"], "model": r["model"], "gpu": _gpu(r["device"]),
+                            "measured": r["tokens_per_s"],
+                            # each probe ran on its own machine, calibrated there: probe 1 with run 1's file
+                            "calibration": "calibration_h200_run1.json" if r.get("probe", 1) == 1 else "calibration_h200.json"})
+    out += fidelity_rows(include_shared)
+    return out
+
+
+def fidelity_rows(include_shared: bool = False) -> list[dict]:
+    """Issue 13's runner matrix (benchmarks/fidelity.py's rows: plan and model rebuilt by its own
+    plan_for / model_for). A row times its configuration only if it ran alone on the GPU
+    ("concurrent" 1) with at least MIN_TIMED_STEPS steps after the first two; the others time the
+    sharing or too few steps, and are left out unless include_shared."""
+    files = sorted(RESULTS.glob("fidelity_*.json"))
+    if not files:
+        return []
+    try:
+        import fidelity  # benchmarks/fidelity.py (issue 13)
+    except ImportError:
+        return []
+    out = []
+    for f in files:
+        for r in json.load(open(f)):
+            if r.get("status") != "completed" or not r.get("tokens_per_s"):
+                continue
+            timed = len([x for x in r.get("steps", []) if x.get("step", 0) > 2])
+            if (r.get("concurrent", 1) > 1 or timed < MIN_TIMED_STEPS) and not include_shared:
+                continue
+            name = f"#{r['id']} {r['model']} {r['framework']} {r['sharding']} {r['precision']} mb{r['micro_batch_size']}"
+            out.append({"source": f.stem + ("" if r.get("concurrent", 1) == 1 and timed >= MIN_TIMED_STEPS else " (shared/short)"), "name": name,
+                        "plan": fidelity.plan_for(r), "model": fidelity.model_for(r), "gpu": _gpu(r.get("device", "H200")),
+                        "measured": r["tokens_per_s"], "calibration": "calibration_h200.json"})
+    return out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--json", default=None)
+    ap.add_argument("--shared", action="store_true", help="also issue 13's rows timed while other runs shared the GPU")
+    a = ap.parse_args(argv)
+    table = []
+    for r in rows(a.shared):
+        cal = RESULTS / r.get("calibration", f"calibration_{r['gpu'].split('-')[0]}.json")
+        try:
+            pred = estimate(r["plan"], r["model"], r["gpu"], calibration=False).time["tokens_per_s"]  # noqa: E501
+            pc = estimate(r["plan"], r["model"], r["gpu"], calibration=json.load(open(cal))).time["tokens_per_s"] if cal.is_file() else None
+        except Exception as e:  # a row the estimator cannot read is reported, not skipped silently
+            print(f"{r['source']:28} {r['name']:34} cannot estimate: {e}")
+            continue
+        e0 = pred / r["measured"] - 1
+        e1 = pc / r["measured"] - 1 if pc else None
+        table.append({**r, "predicted": pred, "predicted_calibrated": pc, "error": e0, "error_calibrated": e1})
+        print(f"{r['source']:28} {r['name']:34} {r['measured']:>9.0f} {pred:>9.0f} {e0:>+7.1%}" + (f" {pc:>9.0f} {e1:>+7.1%}" if pc else ""))
+    print()
+    for src in sorted({t["source"] for t in table}) + ["all"]:
+        sel = [t for t in table if src == "all" or t["source"] == src]
+        u = [abs(t["error"]) for t in sel]
+        c = [abs(t["error_calibrated"]) for t in sel if t["error_calibrated"] is not None]
+        line = f"{src:28} n={len(sel):3}  uncalibrated median {statistics.median(u):.1%} max {max(u):.1%}"
+        if c:
+            line += f"  calibrated median {statistics.median(c):.1%} max {max(c):.1%}"
+        print(line)
+    if a.json:
+        Path(a.json).write_text(json.dumps(table, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

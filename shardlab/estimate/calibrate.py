@@ -1,0 +1,303 @@
+"""Calibration of the step-time model: a file of measured rates for one GPU kind and software stack.
+
+`shardlab calibrate` (microbench.py) measures, on this machine's GPU, matmul rates over a grid of
+shapes and dtypes, flash attention, HBM bandwidth and the host's cost of a few framework steps, and
+saves them as JSON keyed by the GPU's table name + torch + DeepSpeed versions. Every later estimate
+for that GPU in that software stack uses it (`rates_for`); without one, steptime.py's documented
+defaults apply and the estimate says "uncalibrated". `shardlab calibrate --from-runs DIR...` refits
+two multipliers (the GPU's work and the host's) from runs already in the store, so predictions
+move toward what this machine measured.
+
+Where: $SHARDLAB_CALIBRATION_DIR, else ~/.cache/shardlab/calibration (a `--calibration-dir` flag
+overrides both). One file per key: `<gpu>__torch-<v>__deepspeed-<v>.json`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import statistics
+import time
+from pathlib import Path
+
+from .gpus import GPU
+from .steptime import Rates
+
+ENV_DIR = "SHARDLAB_CALIBRATION_DIR"
+VERSION = 1
+
+
+def calibration_dir(override: str | Path | None = None) -> Path:
+    if override:
+        return Path(override).expanduser()
+    env = os.environ.get(ENV_DIR)
+    if env:
+        return Path(env).expanduser()
+    return Path.home() / ".cache" / "shardlab" / "calibration"
+
+
+_VERSIONS: dict[str, str | None] = {}
+
+
+def installed_version(dist: str) -> str | None:
+    """A distribution's installed version without importing it (torch stays unimported)."""
+    if dist not in _VERSIONS:
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            _VERSIONS[dist] = version(dist)
+        except PackageNotFoundError:
+            _VERSIONS[dist] = None
+    return _VERSIONS[dist]
+
+
+def key_for(gpu_name: str, torch_v: str | None = None, ds_v: str | None = None) -> dict:
+    return {"gpu": gpu_name, "torch": torch_v if torch_v is not None else installed_version("torch"),
+            "deepspeed": ds_v if ds_v is not None else installed_version("deepspeed")}
+
+
+def file_name(key: dict) -> str:
+    clean = lambda v: str(v).replace("/", "_").replace(" ", "_")  # noqa: E731
+    return f"{clean(key['gpu'])}__torch-{clean(key['torch'])}__deepspeed-{clean(key['deepspeed'])}.json"
+
+
+def save(cal: dict, directory: str | Path | None = None) -> Path:
+    d = calibration_dir(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    path = d / file_name(cal["key"])
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(cal, indent=1, sort_keys=True))
+    tmp.replace(path)
+    return path
+
+
+def load(path: str | Path) -> dict:
+    from shardlab.plan import bad_input
+
+    try:
+        cal = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as e:
+        raise bad_input("calibration", f"calibration={str(path)!r} could not be read as JSON ({e}). Give a file written by `shardlab calibrate`, or none.")
+    if not isinstance(cal, dict) or "key" not in cal or "rates" not in cal:
+        raise bad_input("calibration", f"calibration={str(path)!r} is not a shardlab calibration (no 'key' and 'rates'). Run `shardlab calibrate` to make one.")
+    return cal
+
+
+_CACHE: dict[tuple, tuple[float, dict | None]] = {}
+
+
+def find(gpu_name: str, directory: str | Path | None = None) -> dict | None:
+    """The calibration for `gpu_name` in this software stack, or None (cached on the file's mtime)."""
+    path = calibration_dir(directory) / file_name(key_for(gpu_name))
+    try:
+        mtime = path.stat().st_mtime
+    except OSError:
+        return None
+    ck = (str(path),)
+    got = _CACHE.get(ck)
+    if got is not None and got[0] == mtime:
+        return got[1]
+    try:
+        cal = load(path)
+    except Exception:  # an unreadable file is no calibration; `shardlab calibrate` rewrites it
+        cal = None
+    _CACHE[ck] = (mtime, cal)
+    return cal
+
+
+def rates_from(cal: dict, where: str = "") -> Rates:
+    r = cal["rates"]
+    base = Rates()
+    return base.with_(
+        mm_eff={**base.mm_eff, **r.get("mm_eff", {})}, attn_eff={**base.attn_eff, **r.get("attn_eff", {})},
+        hbm_eff=r.get("hbm_eff", base.hbm_eff), attn_t0=r.get("attn_t0", base.attn_t0),
+        align_eff=r.get("align_eff", base.align_eff), launch_s=r.get("launch_s", base.launch_s),
+        fsdp_unit_s=r.get("fsdp_unit_s", base.fsdp_unit_s), host_scale=r.get("host_scale", 1.0),
+        gpu_scale=r.get("gpu_scale", 1.0), host_fit=r.get("host_fit", 1.0), calibrated=True,
+        source=f"calibration {cal['key'].get('gpu')} ({cal.get('source', 'microbench')}, {cal.get('date', '?')}){' ' + where if where else ''}")
+
+
+def rates_for(gpu: GPU, calibration=None) -> Rates:
+    """Rates for an estimate: calibration=False -> defaults; a dict or a path -> that calibration;
+    None -> this machine's calibration for `gpu` if one exists."""
+    if calibration is False:
+        return Rates()
+    if isinstance(calibration, dict):
+        return rates_from(calibration)
+    if isinstance(calibration, (str, Path)):
+        p = Path(calibration)
+        cal = load(p) if p.is_file() else find(gpu.name, p)
+        return rates_from(cal, str(p)) if cal else Rates()
+    cal = find(gpu.name)
+    return rates_from(cal) if cal else Rates()
+
+
+# ---------------------------------------------------------------------------------------------
+# --from-runs: refit the GPU-work and host multipliers from measured step times
+
+
+def run_observation(run) -> dict | None:
+    """(plan, model, device, measured step seconds) of a completed run, or None if it cannot say."""
+    from shardlab.models import resolve_model
+
+    if run.status != "completed":
+        return None
+    try:
+        periods = run.step_periods(warmup=1)
+        m = run.metrics
+    except Exception:
+        return None
+    if periods.empty and (m.empty or "step_time_s" not in m):
+        return None
+    measured = float(periods["period_s"].median()) if not periods.empty else float(m["step_time_s"].median())
+    cfg = run.config
+    try:
+        spec = resolve_model(cfg.get("model", run.info.get("model")))
+    except Exception:
+        return None
+    device = _device_name(run, m)
+    return {"plan": run.plan, "model": spec, "device": device, "measured_s": measured, "dir": str(run.dir)}
+
+
+def _device_name(run, m) -> str:
+    """'cpu', or the GPU-table name the worker's start event recorded (else the prediction's GPU)."""
+    if run.info.get("device") == "cpu" or run.config.get("device") == "cpu":
+        return "cpu"
+    try:
+        ev = run.events
+        starts = ev[(ev["event"] == "start") & ev["gpu"].notna()] if "gpu" in ev else []
+        if len(starts):
+            return str(starts["gpu"].iloc[0])
+    except Exception:
+        pass
+    return str((run.prediction or {}).get("gpu") or "h100-80gb")
+
+
+def fit_from_runs(observations: list[dict], gpu: GPU, base: Rates | None = None) -> dict:
+    """Least squares in log space for (gpu_scale, host_scale): the prediction of each run is
+    max(g·G, h·H) + serial·min(..) + the rest; a grid over both multipliers (0.25x-8x) is enough and
+    never diverges. With a single run only one overall factor can be told apart: both move together."""
+    from shardlab.estimate import estimate
+
+    base = base or Rates()
+    if not observations:
+        from shardlab.plan import bad_input
+
+        raise bad_input("--from-runs", "no completed run with step times was found. Give run folders (or the store's folder) holding completed runs.")
+    grid = [2 ** (i / 8) for i in range(-16, 25)]
+
+    def err(g: float, h: float) -> float:
+        r = base.with_(gpu_scale=base.gpu_scale * g, host_fit=base.host_fit * h)
+        e = 0.0
+        for o in observations:
+            pred = estimate(o["plan"], o["model"], gpu=gpu, rates=r).time["step_time_s"]
+            e += math.log(pred / o["measured_s"]) ** 2
+        return e
+
+    if len(observations) == 1:
+        best = min(((err(s, s), s, s) for s in grid))
+    else:
+        best = min(((err(g, h), g, h) for g in grid[::2] for h in grid[::2]))
+        _, g0, h0 = best
+        fine = [2 ** (i / 16) for i in range(-2, 3)]
+        best = min(((err(g0 * a, h0 * b), g0 * a, h0 * b) for a in fine for b in fine))
+    before = err(1.0, 1.0)
+    _, g, h = best
+    return {"gpu_scale": base.gpu_scale * g, "host_fit": base.host_fit * h,
+            "rms_log_error_before": math.sqrt(before / len(observations)),
+            "rms_log_error_after": math.sqrt(best[0] / len(observations))}
+
+
+def calibrate_from_runs(run_dirs: list[str | Path], gpu: GPU | str | None = None, directory=None, write: bool = True) -> dict:
+    """Refit from run folders (each a run, or a store holding runs); save per device; return a summary."""
+    from shardlab.run.store import Run, list_runs
+
+    from .gpus import get_gpu
+
+    runs = []
+    for d in run_dirs:
+        p = Path(d)
+        if (p / "status.json").is_file():
+            runs.append(Run(p))
+        elif p.is_dir():
+            runs += [Run(x) for x in list_runs(p)["dir"]]
+    obs = [o for o in (run_observation(r) for r in runs) if o]
+    by_device: dict[str, list[dict]] = {}
+    for o in obs:
+        by_device.setdefault(str(gpu.name if isinstance(gpu, GPU) else gpu or o["device"]), []).append(o)
+    out = {"runs_read": len(runs), "runs_used": len(obs), "calibrations": []}
+    for dev, group in by_device.items():
+        g = device_gpu(dev) if not isinstance(gpu, GPU) else gpu
+        prior = find(g.name, directory)
+        base = rates_from(prior) if prior else Rates()
+        fit = fit_from_runs(group, g, base)
+        cal = {"version": VERSION, "key": key_for(g.name), "source": "runs", "date": time.strftime("%Y-%m-%d"),
+               "rates": {**(prior or {}).get("rates", {}), "gpu_scale": fit["gpu_scale"], "host_fit": fit["host_fit"]},
+               "fit": {**fit, "runs": [o["dir"] for o in group], "median_measured_s": statistics.median(o["measured_s"] for o in group)}}
+        if prior:
+            cal["microbench"] = prior.get("microbench")
+        path = save(cal, directory) if write else None
+        out["calibrations"].append({"device": g.name, "path": str(path) if path else None, **fit, "runs": len(group)})
+    return out
+
+
+# A CPU "device" for runs on the CPU (gloo): rough figures for a few server cores, so that
+# --from-runs over CPU runs has a baseline to refit. Not in the GPU table (no one plans on it).
+CPU_DEVICE = GPU("cpu", bf16_tflops=1.0, fp32_tflops=1.0, memory_bytes=64 * 2**30, intra_node_bw=5e9,
+                 inter_node_bw=1e9, pcie_bw=20e9, hbm_bw=20e9, sms=1)
+
+
+def device_gpu(name: str) -> GPU:
+    from .gpus import get_gpu
+
+    return CPU_DEVICE if name == "cpu" else get_gpu(name)
+
+
+def cli_calibrate(a) -> int:
+    """`shardlab calibrate`: measure (exit 2 without a GPU) or refit from runs; print what was saved."""
+    import sys
+
+    if a.from_runs:
+        out = calibrate_from_runs(a.from_runs, gpu=a.gpu, directory=a.calibration_dir)
+        if a.json:
+            print(json.dumps(out))
+        else:
+            print(f"read {out['runs_read']} run(s), used {out['runs_used']} completed one(s) with step times")
+            for c in out["calibrations"]:
+                print(f"  {c['device']}: {c['runs']} run(s), gpu x{c['gpu_scale']:.3f}, host x{c['host_fit']:.3f}; "
+                      f"rms log error {c['rms_log_error_before']:.3f} -> {c['rms_log_error_after']:.3f}; wrote {c['path']}")
+        return 0
+    from shardlab.run.host import gpu_count
+
+    has_gpu = gpu_count() > 0  # NVML: no torch import to find there is nothing to measure
+    if has_gpu:
+        try:
+            import torch
+
+            has_gpu = torch.cuda.is_available()
+        except ImportError:
+            has_gpu = False
+    if not has_gpu:
+        print("error: no CUDA GPU on this machine: `shardlab calibrate` measures a GPU. Run it where the GPU is, "
+              "or refit from recorded runs with `shardlab calibrate --from-runs DIR`.", file=sys.stderr)
+        return 2
+    from .microbench import measure
+
+    t0 = time.perf_counter()
+    cal = measure(a.gpu)
+    path = save(cal, a.calibration_dir)
+    r = cal["rates"]
+    if a.json:
+        print(json.dumps({"path": str(path), **cal}))
+    else:
+        print(f"{cal['device_name']} ({cal['key']['gpu']}), torch {cal['key']['torch']}, deepspeed {cal['key']['deepspeed']}")
+        nan = {"bf16": float("nan"), "fp32": float("nan")}
+        mm, at = r.get("mm_eff", nan), r.get("attn_eff", nan)
+        print(f"  matmul efficiency bf16 {mm['bf16']:.3f}, fp32 {mm['fp32']:.3f} (of the data sheet peak, shape-corrected)")
+        print(f"  attention efficiency bf16 {at['bf16']:.3f}, fp32 {at['fp32']:.3f}; HBM {r.get('hbm_eff', float('nan')):.3f} of the data sheet")
+        print(f"  host: {r.get('launch_s', float('nan')) * 1e6:.1f} us per kernel, FSDP2 unit {r.get('fsdp_unit_s', float('nan')) * 1e3:.3f} ms")
+        for k, v in (cal["microbench"].get("errors") or {}).items():
+            print(f"  {k} failed (default kept): {v}")
+        print(f"wrote {path} in {time.perf_counter() - t0:.1f} s")
+    return 0

@@ -1,0 +1,134 @@
+"""The work of one training micro-step, from the model's shapes: what steptime.py puts a time on.
+
+A step is counted as the runner's model (shardlab/run/gpt.py) executes it, per GPU, for one
+micro-batch of `tokens = micro_batch x seq_len`:
+
+- matmuls: every nn.Linear runs three GEMMs (forward M=tokens, K=in, N=out; input gradient K=out,
+  N=in; weight gradient M=in, K=tokens, N=out), each 2·M·K·N FLOPs; activation checkpointing runs
+  each block's forward GEMMs once more;
+- attention: the fused (flash) SDPA kernel, causal: forward 2·tokens·T·d FLOPs (half of QK^T + AV),
+  backward 2.5x forward (it recomputes the scores);
+- memory-bound kernels (norms, rotary embedding, activations, residual adds, the transpose copy,
+  the fp32 cross entropy over the vocabulary, the embedding gradient) by the bytes they read and
+  write: one pass counts an element read or written once;
+- counts for the host side: kernels launched, modules and parameter tensors (the hooks DeepSpeed
+  ZeRO-3 runs per module and per parameter), FSDP units.
+
+Element counts per token per block (forward; backward moves about twice as much):
+- gpt: LayerNorm 2d each (2), out-projection's transpose copy 2d, residual adds 3d each (2), GELU 2f
+  -> 12d + 2f elements;
+- llama: RMSNorm 6d each (torch's decomposed rms_norm: square, mean, rsqrt, two products, with an
+  fp32 intermediate), the rotary embedding 9 passes over q and k (four products, a sum, a
+  difference, a concatenation), SwiGLU 5f (SiLU 2f, product 3f) -> 20d + 9(d + kv) + 5f.
+Loss per token: logits cast to fp32 (2·(P + 4) bytes with the backward cast, none in fp32),
+log-softmax 8 bytes forward and 12 backward, per vocabulary entry.
+A Hugging Face implementation ("hf", see `implementation`) upcasts norms and rotary embeddings to
+fp32 and runs more kernels per block; its counts are the llama ones scaled by HF_EXTRA.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from shardlab.models import ModelSpec
+
+BWD_MEM_FACTOR = 2.0  # backward of an elementwise op reads its inputs and the incoming gradient, writes one or two gradients
+ATTN_BWD_FACTOR = 2.5  # flash attention backward: 5 matmuls of the forward's 2 (scores recomputed)
+KERNELS_PER_BLOCK_FWD = {"gpt": 12, "llama": 24, "hf": 40}  # eager kernels one block's forward launches
+HF_EXTRA = 1.8  # HF LlamaDecoderLayer vs shardlab's block: fp32 RMSNorm (6 kernels, fp32 round trips), rotate_half RoPE, repeat_kv
+
+
+@dataclass(frozen=True)
+class Gemm:
+    m: int
+    k: int
+    n: int
+    count: int  # how many times per micro-step
+
+    @property
+    def flops(self) -> float:
+        return 2.0 * self.m * self.k * self.n * self.count
+
+
+@dataclass(frozen=True)
+class Work:
+    """One micro-step's work on one GPU (forward + backward, no optimizer)."""
+
+    tokens: int
+    seq: int
+    gemms: tuple[Gemm, ...]
+    attn_flops: float
+    head_dim: int
+    mem_elems: float  # activation-dtype elements moved by memory-bound kernels
+    mem_bytes_fixed: float  # bytes moved in fixed dtypes (fp32 loss, embedding gradient)
+    kernels: int  # kernels launched in forward + backward
+    modules: int
+    param_tensors: int
+    units: int  # FSDP transformer-policy units (blocks + root)
+    bare: bool = False
+
+
+def implementation(spec: ModelSpec) -> str:
+    """Which code runs the model: 'gpt' / 'llama' (shardlab's own run/gpt.py) or 'hf' (a transformers
+    model, recognised by a `source`/`impl` attribute saying so or an 'hf'/'hf:' name)."""
+    src = str(getattr(spec, "source", "") or getattr(spec, "impl", "") or "").lower()
+    name = spec.name.lower()
+    if src in ("hf", "transformers", "huggingface") or name.startswith(("hf:", "hf-", "hf/")):
+        return "hf"
+    return "llama" if spec.family == "llama" else "gpt"
+
+
+def _linears(spec: ModelSpec) -> list[tuple[int, int]]:
+    d, f, kv = spec.hidden, spec.ffn, spec.kv_dim
+    if spec.family == "gpt":
+        return [(d, d + 2 * kv), (d, d), (d, f), (f, d)]
+    return [(d, d + 2 * kv), (d, d), (d, f), (d, f), (f, d)]
+
+
+_CACHE: dict[tuple, Work] = {}
+
+
+def work(spec: ModelSpec, micro_batch: int, seq: int, act_bytes: int, checkpointing: bool) -> Work:
+    """The micro-step's work for a shaped model (cached: widgets call this on every change)."""
+    key = (spec.name, spec.layers, spec.hidden, spec.heads, spec.vocab, spec.kv_heads, spec.ffn_hidden, spec.family,
+           spec.params_override, implementation(spec), micro_batch, seq, act_bytes, checkpointing)
+    got = _CACHE.get(key)
+    if got is None:
+        got = _CACHE[key] = _bare(spec, micro_batch, seq) if spec.is_bare else _shaped(spec, micro_batch, seq, act_bytes, checkpointing)
+    return got
+
+
+def _shaped(spec: ModelSpec, mb: int, seq: int, P: int, ac: bool) -> Work:
+    n, L, d, f, kv, V = mb * seq, spec.layers, spec.hidden, spec.ffn, spec.kv_dim, spec.vocab
+    impl = implementation(spec)
+    fwd_times = 2 if ac else 1
+    gemms = []
+    for i, o in _linears(spec):
+        gemms += [Gemm(n, i, o, L * fwd_times), Gemm(n, o, i, L), Gemm(i, n, o, L)]
+    gemms += [Gemm(n, d, V, 1), Gemm(n, V, d, 1), Gemm(d, n, V, 1)]
+    attn = 2.0 * n * seq * d * L * (fwd_times + ATTN_BWD_FACTOR)
+    if spec.family == "gpt":
+        per_tok = 12 * d + 2 * f
+    else:
+        per_tok = 20 * d + 9 * (d + kv) + 5 * f
+        if impl == "hf":
+            per_tok *= HF_EXTRA
+    mem = n * L * per_tok * (fwd_times + BWD_MEM_FACTOR) + n * (2 * d) * (1 + BWD_MEM_FACTOR) + 2 * n * d
+    cast = 2 * (P + 4) if P != 4 else 0
+    fixed = n * V * (cast + 8 + 12) + 2 * V * d * P  # fp32 loss; dense embedding gradient (zeroed, then written)
+    kpb = KERNELS_PER_BLOCK_FWD[impl]
+    kernels = L * kpb * (fwd_times + 2) + 30
+    if spec.family == "gpt":
+        modules, params, top_m, top_p = 9, 12, 6, 5
+    else:
+        modules, params, top_m, top_p = (14, 7, 6, 3) if impl == "hf" else (10, 7, 5, 3)
+    return Work(n, seq, tuple(gemms), attn, spec.head_dim, mem, fixed, kernels, L * modules + top_m, L * params + top_p, L + 1)
+
+
+def _bare(spec: ModelSpec, mb: int, seq: int) -> Work:
+    """A bare parameter count: no shapes, so one large GEMM family carrying 6·N FLOPs per token."""
+    n = mb * seq
+    k = 4096
+    cols = max(1, spec.params // k)
+    units = max(1, spec.wrap_unit_count) + 1
+    return Work(n, seq, (Gemm(n, k, cols, 3),), 0.0, 128, 0.0, 0.0, 40 * units, 10 * units, 8 * units, units, bare=True)

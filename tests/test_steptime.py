@@ -1,0 +1,183 @@
+"""Step time: the model's constants checked on GPU measurements they were not fitted to, the
+calibration file's lookup, `shardlab calibrate` without a GPU, and every run reconciled with its
+prediction (real CPU runs from analysis_runs.py, shared with the analysis tests).
+
+The GPU rows are recorded measurements (benchmarks/results/, commands and dates in
+docs/benchmarks.md): the H100 matrix and gap study (gpt-1b) and the H200 probe (other shapes).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+import sys
+from pathlib import Path
+
+import pytest
+
+from shardlab.estimate import estimate
+from shardlab.plan import Plan
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+import steptime_accuracy  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent.parent / "benchmarks" / "results"
+
+
+def _rows():
+    """Every recorded GPU row, with repeated measurements of one configuration pooled (median):
+    the H100 ZeRO-3 rows ran 24 and 64 steps and differ by up to 47% run to run (docs/benchmarks.md)."""
+    pooled: dict[tuple, dict] = {}
+    for r in steptime_accuracy.rows():
+        key = (r["gpu"], json.dumps(r["plan"], sort_keys=True), json.dumps(r["model"], sort_keys=True))
+        pooled.setdefault(key, {**r, "all": []})["all"].append(r["measured"])
+    out = []
+    for r in pooled.values():
+        r["measured"] = statistics.median(r["all"])
+        r["error"] = estimate(r["plan"], r["model"], r["gpu"], calibration=False).time["tokens_per_s"] / r["measured"] - 1
+        out.append(r)
+    return out
+
+
+def _named(rows, source, *names):
+    return [r for r in rows if r["source"].startswith(source) and any(r["name"].startswith(n) for n in names)]
+
+
+def test_every_recorded_gpu_row_within_25_percent_median_within_15_uncalibrated():
+    rows = _rows()
+    assert len(rows) >= 15
+    errs = [abs(r["error"]) for r in rows]
+    worst = max(rows, key=lambda r: abs(r["error"]))
+    assert max(errs) <= 0.25, f"{worst['source']} {worst['name']}: {worst['error']:+.1%}"
+    assert statistics.median(errs) <= 0.15
+
+
+# Each fitted constant (steptime.py names its measurement) against rows it was not fitted to.
+HELD_OUT = [
+    # DS12_PARAM_S fitted to the ZeRO-1/2 rows without checkpointing -> the rows with it
+    ("DS12_PARAM_S", "gpu_validate_h100", ("deepspeed zero1 off=none ac=1", "deepspeed zero2 off=none ac=1"), 0.15),
+    # DS3_MODULE_S / SERIAL fitted to the gap study's ZeRO-3 micro-batch 4 -> the matrix's ZeRO-3 rows without
+    # checkpointing and the gap study's micro-batch 8 (DS3_RECOMPUTE is fitted to the checkpointing rows: no check)
+    ("DS3_MODULE_S", "gpu_validate_h100", ("deepspeed zero3 off=none ac=0",), 0.15),
+    ("DS3_MODULE_S mb8", "zero3_gap_h100", ("ds-mb8",), 0.15),
+    # ALIGN_EFF measured by calibrate on an unaligned GEMM -> steps of GPT-2-vocabulary models
+    ("ALIGN_EFF", "steptime_probe_h200", ("gpt350m-fsdp1", "gpt125m-mb8", "gpt350m-fsdp2"), 0.15),
+    # SERIAL["fsdp"] fitted to the first H200 probe's FSDP rows -> the H100 FSDP rows
+    ("SERIAL", "gpu_validate_h100", ("fsdp1", "fsdp2"), 0.15),
+    # matmul / attention / HBM defaults from calibrate's micro-benchmarks -> GPU-bound training steps
+    ("DEFAULT_*_EFF", "steptime_probe_h200", ("llama1b128k-mb", "llama3b", "llamawide", "gpt760m-fp32", "gpt2.5b"), 0.15),
+    # fp32 attention measured at head_dim 128 only -> a head_dim 64 fp32 step (the widest band here)
+    ("DEFAULT_ATTN_EFF fp32", "steptime_probe_h200", ("llama1b128k-fp32",), 0.25),
+]
+
+
+@pytest.mark.parametrize("const,source,names,band", HELD_OUT, ids=[h[0] for h in HELD_OUT])
+def test_constants_hold_on_rows_they_were_not_fitted_to(const, source, names, band):
+    rows = _named(_rows(), source, *names)
+    assert rows, f"no recorded rows for {const}"
+    for r in rows:
+        assert abs(r["error"]) <= band, f"{const}: {r['source']} {r['name']} predicted {r['error']:+.1%}"
+
+
+def test_host_cost_decides_small_steps_as_measured_on_the_h100():
+    """docs/benchmarks.md: DeepSpeed ZeRO-3 reached 67% of FSDP2's TFLOPS at micro-batch 4 and 85% at 8
+    (its host cost stays while the GPU's work doubles). The model must show the same closing gap.
+    (Replaces a test whose expected value was the old fitted efficiency.)"""
+    z = {(r["variant"], r["micro_batch"]): r["tokens_per_s"] for r in json.load(open(RESULTS / "zero3_gap_h100.json"))["results"] if r.get("tokens_per_s")}
+    for mb, ds_key, f_key in ((4, "ds-default", "fsdp2"), (8, "ds-mb8", "fsdp2-mb8")):
+        measured = z[(ds_key, mb)] / z[(f_key, mb)]
+        pred = (estimate(Plan(framework="deepspeed", sharding="zero3", micro_batch_size=mb), "gpt-1b", calibration=False).time["tokens_per_s"]
+                / estimate(Plan(framework="fsdp2", sharding="zero3", micro_batch_size=mb), "gpt-1b", calibration=False).time["tokens_per_s"])
+        assert pred == pytest.approx(measured, rel=0.15), (mb, pred, measured)
+
+
+def test_a_calibration_file_is_found_by_key_and_used(tmp_path, monkeypatch):
+    from shardlab.estimate import calibrate as C
+
+    monkeypatch.setenv(C.ENV_DIR, str(tmp_path))
+    plan = Plan(framework="fsdp2", micro_batch_size=4)
+    before = estimate(plan, "gpt-1b", "h200")
+    assert before.time["calibrated"] is False and "uncalibrated" in before.summary()
+    cal = json.loads((RESULTS / "calibration_h200.json").read_text())
+    cal["key"] = C.key_for("h200")  # this machine's torch / DeepSpeed versions
+    path = C.save(cal)
+    assert path.parent == tmp_path and path.name.startswith("h200__torch-")
+    after = estimate(plan, "gpt-1b", "h200")
+    assert after.time["calibrated"] is True and "calibrated: calibration h200" in after.summary()
+    assert estimate(plan, "gpt-1b", "h100-80gb").time["calibrated"] is False  # another GPU: not this file
+    assert estimate(plan, "gpt-1b", "h200", calibration=False).time["calibrated"] is False
+    cal["key"]["torch"] = "0.0.1"  # another software stack: not this file either
+    C.save(cal)
+    assert estimate(plan, "gpt-1b", "h200").time["calibrated"] is True  # the matching file still is
+
+
+def test_calibrate_without_a_gpu_says_so_and_exits_2(capsys):
+    from shardlab.cli import main
+
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            pytest.skip("this machine has a GPU")
+    except ImportError:
+        pass
+    assert main(["calibrate"]) == 2
+    assert "no CUDA GPU" in capsys.readouterr().err
+
+
+def test_the_step_breakdown_adds_up_and_is_drawn():
+    from shardlab_widgets.steptime import step_bar_html
+
+    d = estimate(Plan(framework="deepspeed", sharding="zero3", offload={"optimizer": "cpu"}, topology={"nodes": 2, "gpus_per_node": 8}),
+                 "gpt-1.3b", "a100-80gb").to_dict()
+    br = d["step_breakdown"]
+    assert set(br) == {"compute", "exposed_comm", "host_overhead", "offload"}
+    assert sum(br.values()) == pytest.approx(d["step_time_s"])
+    html = step_bar_html(d)
+    assert html.count("%;background") == sum(1 for v in br.values() if v > 0) and "ms per step" in html
+
+
+# ---- runs carry their predictions; --from-runs moves predictions toward the measurement
+
+
+@pytest.fixture(scope="module")
+def runs():
+    from analysis_runs import real_runs
+
+    return real_runs()
+
+
+def test_runs_in_the_store_carry_their_prediction(runs):
+    from shardlab.compare import compare
+    from shardlab.run.prediction import reconcile
+    from shardlab.run.store import load_run
+
+    for live in runs:
+        r = load_run(live.dir)
+        p = r.prediction
+        assert p and p["device"] == "cpu" and p["tokens_per_s"] > 0, p
+        assert sum(p["breakdown"].values()) == pytest.approx(p["step_time_s"])
+        assert {"params", "grads", "optimizer", "activations"} <= set(p["memory"])
+        rec = reconcile(r)
+        assert rec["measured"]["tokens_per_s"] > 0 and rec["tokens_per_s_residual"] is not None
+        # the measured states are what the rank holds: the stored prediction names the same categories
+        assert set(rec["memory_residuals"]) >= {"params", "grads", "optimizer"}
+    df = compare([x.dir for x in runs])
+    assert df["tokens_per_s_pred"].notna().all() and df["tokens_per_s_residual"].notna().all()
+
+
+def test_calibrate_from_runs_moves_a_held_out_prediction_toward_its_measurement(runs, tmp_path):
+    from shardlab.estimate.calibrate import CPU_DEVICE, calibrate_from_runs, find, run_observation
+    from shardlab.run.store import load_run
+
+    fit_on, held = [x.dir for x in runs if "deepspeed" not in str(load_run(x.dir).plan.framework)], \
+        [load_run(x.dir) for x in runs if load_run(x.dir).plan.framework == "deepspeed"][0]
+    out = calibrate_from_runs(fit_on, directory=tmp_path)
+    (c,) = out["calibrations"]
+    assert c["device"] == "cpu" and c["runs"] == 2
+    assert c["rms_log_error_after"] < c["rms_log_error_before"]
+    o = run_observation(held)
+    before = estimate(o["plan"], o["model"], CPU_DEVICE, calibration=False).time["step_time_s"]
+    after = estimate(o["plan"], o["model"], CPU_DEVICE, calibration=find("cpu", tmp_path)).time["step_time_s"]
+    assert abs(math.log(after / o["measured_s"])) < abs(math.log(before / o["measured_s"]))
