@@ -16,7 +16,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
 
-from shardlab.constants import GB
+from shardlab.units import GB
 from shardlab.estimate.gpus import DEFAULT_GPU
 from shardlab.run.host import device_and_ranks as lab_device  # noqa: F401  (device, processes) for a lab run
 from shardlab.run.host import visible_gpus
@@ -50,7 +50,9 @@ def run_once(plan, model: str = "gpt-tiny", steps: int = 4, nproc: int | None = 
         same = (cfg.get("model"), cfg.get("steps"), cfg.get("device"), cfg.get("seed")) == (model, steps, device, seed)
         if same and r.plan is not None and r.plan.to_dict() == want.to_dict():
             return r
-    run = shardlab.launch(want, model=model, steps=steps, nproc=nproc, device=device, out=out, timeout_s=timeout_s, seed=seed)
+    # progress: a bar that names each start-up phase, so a lab cell never waits without a word
+    run = shardlab.launch(want, model=model, steps=steps, nproc=nproc, device=device, out=out, timeout_s=timeout_s, seed=seed,
+                          progress=True)
     status = run.wait()
     if status != "completed":
         raise RuntimeError(f"run {run.id} ({want.framework} {want.sharding} {want.precision}) ended {status}: "

@@ -2,17 +2,31 @@
 
 Each subcommand is a thin shell over a library function; heavy modules are imported inside the
 handler that needs them. Bad input of any kind (PlanError, or a ValueError raised for a bad flag
-value) prints its message on stderr and exits 2, never a traceback.
+value) prints its message on stderr and exits 2, never a traceback. Output piped into a program that
+stops reading (`shardlab runs | head`) ends quietly, as other command-line tools do.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
 from shardlab.plan import PlanError, load_plan
+
+PLAN_FILE_HELP = """\
+A plan file is YAML or JSON naming only what differs from the defaults, e.g.
+
+    framework: deepspeed      # fsdp1 | fsdp2 | deepspeed
+    sharding: zero3           # ddp | zero1 (DeepSpeed) | zero2 | zero3 | hybrid
+    precision: bf16           # fp32 | bf16 | fp16
+    offload: {optimizer: cpu} # none | cpu | nvme (params: zero3 only)
+    topology: {nodes: 1, gpus_per_node: 8}
+
+Other fields: activation_checkpointing, micro_batch_size, grad_accum_steps, zeropp. `shardlab validate
+PLAN` checks one; `shardlab import ds_config.json` makes one from a DeepSpeed or accelerate config."""
 
 EXPORT_TARGETS = ("deepspeed", "accelerate", "fsdp-code", "torchrun", "deepspeed-launch", "accelerate-launch", "slurm")
 
@@ -111,10 +125,13 @@ def cmd_run(a) -> int:
     except KeyboardInterrupt:
         run.cancel()
         status = run.status
+    info = run.info
+    world, device = info.get("world_size"), info.get("device")
     if a.json:
-        print(json.dumps({"id": run.id, "status": status, "dir": str(run.dir)}))
+        print(json.dumps({"id": run.id, "status": status, "dir": str(run.dir), "world_size": world, "device": device}))
     else:
-        print(f"run {run.id}: {status} ({run.dir})")
+        nodes, nproc = info.get("nodes"), info.get("nproc_per_node")
+        print(f"run {run.id}: {status}, world size {world} ({nodes} node(s) x {nproc} process(es)) on {device} ({run.dir})")
     return 0 if status == "completed" else 1
 
 
@@ -129,60 +146,96 @@ def cmd_runs(a) -> int:
 def cmd_report(a) -> int:
     from shardlab.report import write_report
 
-    path = write_report(a.run_dirs, a.output)
+    print(f"writing a report of {len(a.run_dirs)} run(s): tables, figures and their PNGs (tens of seconds on a small machine)...",
+          file=sys.stderr, flush=True)
+    path = write_report(a.run_dirs, a.output, progress=_stderr_step)
     print(f"wrote {path}")
     return 0
+
+
+def _stderr_step(what: str) -> None:
+    print(f"  {what}", file=sys.stderr, flush=True)
 
 
 def cmd_app(a) -> int:
     from shardlab_widgets.app import serve
 
-    serve(port=a.port, show=False)
+    serve(port=a.port, show=False, runs_dir=a.runs)
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="shardlab", description="Build, check, export, estimate, run and compare FSDP / DeepSpeed ZeRO setups.")
-    sub = p.add_subparsers(dest="command", required=True)
+def cmd_doctor(a) -> int:
+    from shardlab.doctor import main as doctor
 
-    s = sub.add_parser("validate", help="check a plan file")
+    return doctor(warm=not a.no_build)
+
+
+def _gpu_names() -> str:
+    from shardlab.estimate.gpus import GPUS
+
+    return ", ".join(GPUS)
+
+
+def _model_names() -> str:
+    from shardlab.models import PRESETS
+
+    return ", ".join(PRESETS)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from shardlab import __version__
+
+    fmt = argparse.RawDescriptionHelpFormatter
+    p = argparse.ArgumentParser(prog="shardlab", formatter_class=fmt,
+                                description="Build, check, export, estimate, run and compare FSDP / DeepSpeed ZeRO setups.",
+                                epilog=PLAN_FILE_HELP + "\n\nFirst time on a machine: shardlab doctor. Each command has --help.")
+    p.add_argument("--version", action="version", version=f"shardlab {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def add(name, help, **kw):
+        return sub.add_parser(name, help=help, description=help[0].upper() + help[1:] + ".", formatter_class=fmt, **kw)
+
+    s = add("validate", "check a plan file", epilog=PLAN_FILE_HELP)
     s.add_argument("plan")
     s.set_defaults(fn=cmd_validate)
 
-    s = sub.add_parser("export", help="write a plan in a real tool's format")
+    s = add("export", "write a plan in a real tool's format")
     s.add_argument("plan")
     s.add_argument("--to", required=True, choices=EXPORT_TARGETS)
     s.add_argument("-o", "--output")
     s.set_defaults(fn=cmd_export)
 
-    s = sub.add_parser("import", help="DeepSpeed JSON or accelerate YAML -> plan")
+    s = add("import", "DeepSpeed JSON or accelerate YAML -> plan")
     s.add_argument("file")
     s.add_argument("-o", "--output")
     s.set_defaults(fn=cmd_import)
 
-    s = sub.add_parser("translate", help="the same setup in another framework, with notes")
+    s = add("translate", "the same setup in another framework, with notes")
     s.add_argument("plan")
     s.add_argument("--to", required=True, choices=("fsdp1", "fsdp2", "deepspeed"))
     s.add_argument("-o", "--output")
     s.set_defaults(fn=cmd_translate)
 
-    s = sub.add_parser("estimate", help="memory, communication and step time of a plan")
+    s = add("estimate", "memory, communication and step time of a plan",
+            epilog=f"GPUs (--gpu): {_gpu_names()}\nModel presets (--model): {_model_names()}\n\n{PLAN_FILE_HELP}")
     s.add_argument("plan")
     s.add_argument("--model", help="preset name (e.g. gpt-tiny, gpt-1.3b, llama-8b) or a YAML/JSON shape file")
     s.add_argument("--params", help="bare parameter count, e.g. 7e9 (model states only)")
-    s.add_argument("--gpu", default="h100-80gb", help="GPU name from the GPU table")
+    s.add_argument("--gpu", default="h100-80gb", help="GPU name from the GPU table (listed below; default h100-80gb)")
     s.add_argument("--calibration", default=None, help="a calibration file or folder; 'none' for the data sheet only (default: this machine's, if any)")
     s.add_argument("--json", action="store_true")
     s.set_defaults(fn=cmd_estimate)
 
-    s = sub.add_parser("calibrate", help="measure this GPU's rates for the step-time model (about a minute), or refit from runs")
+    s = add("calibrate", "measure this GPU's rates for the step-time model (about a minute), or refit from runs")
     s.add_argument("--from-runs", nargs="+", metavar="DIR", help="refit from run folders (or run stores) instead of measuring")
     s.add_argument("--gpu", default=None, help="GPU table name to file the calibration under (default: detected)")
     s.add_argument("--calibration-dir", default=None, help="where calibrations live (default: $SHARDLAB_CALIBRATION_DIR or ~/.cache/shardlab/calibration)")
     s.add_argument("--json", action="store_true")
     s.set_defaults(fn=cmd_calibrate)
 
-    s = sub.add_parser("run", help="a real sharded training run")
+    s = add("run", "a real sharded training run on this machine (CPU processes over gloo, or the local GPUs)",
+            epilog=f"Model presets (--model): {_model_names()}\nThe last line states the run's status, world size and device; "
+                   "the run's files are in OUT/<id>/.\n\n{PLAN_FILE_HELP}")
     s.add_argument("plan")
     s.add_argument("--model", required=True)
     s.add_argument("--steps", type=int, required=True)
@@ -193,25 +246,45 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true")
     s.set_defaults(fn=cmd_run)
 
-    s = sub.add_parser("runs", help="list the run store")
+    s = add("runs", "list the run store")
     s.add_argument("dir", nargs="?", default="runs")
     s.set_defaults(fn=cmd_runs)
 
-    s = sub.add_parser("report", help="tables and figures of runs, as one HTML file")
+    s = add("report", "tables and figures of runs, as one HTML file")
     s.add_argument("run_dirs", nargs="+")
     s.add_argument("-o", "--output", required=True)
     s.set_defaults(fn=cmd_report)
 
-    s = sub.add_parser("app", help="serve the dashboard at http://127.0.0.1:PORT/")
+    s = add("app", "serve the dashboard at http://127.0.0.1:PORT/")
     s.add_argument("--port", type=int, default=5006)
+    s.add_argument("--runs", default=None, metavar="DIR",
+                   help="run store the Run and Compare tabs use (default: $SHARDLAB_RUNS_DIR, else ./runs)")
     s.set_defaults(fn=cmd_app)
+
+    s = add("doctor", "first-run check: versions, C++ compiler, DeepSpeed's CPU ops built once, offline assets, machine facts")
+    s.add_argument("--no-build", action="store_true", help="skip building DeepSpeed's CPU ops")
+    s.set_defaults(fn=cmd_doctor)
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def _quiet_broken_pipe() -> int:
+    """The reader went away (`| head`): stop writing, without a traceback or a second error at exit."""
     try:
-        return args.fn(args)
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args = build_parser().parse_args(argv)  # --help | head: a broken pipe here too
+        code = args.fn(args)
+        sys.stdout.flush()
+        return code
+    except BrokenPipeError:
+        return _quiet_broken_pipe()
     except PlanError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -1,14 +1,9 @@
-"""Constants with one home each: units of memory and the exit codes of shardlab's programs.
+"""Exit codes of shardlab's programs: one home, read by the CLI, the worker and the launcher.
 
-Memory is labelled GiB (2^30 bytes) or GB (10^9 bytes) everywhere; JSON figures are bytes. The GPU
-table's default GPU lives with the table (`shardlab.estimate.gpus.DEFAULT_GPU`) and the run store's
-location with the store (`shardlab.run.store.default_runs_dir`, `$SHARDLAB_RUNS_DIR`).
+The other constants with one home each: units of memory in `shardlab.units` (GiB, GB, ...), the GPU
+table's default GPU in `shardlab.estimate.gpus.DEFAULT_GPU`, the run store's location and its
+environment variable in `shardlab.run.store` (`default_runs_dir`, `RUNS_DIR_ENV`).
 """
-
-KIB = 2**10
-MIB = 2**20
-GIB = 2**30  # what torch.cuda and nvidia-smi call "MiB"/"GiB" counts
-GB = 10**9  # what the ZeRO paper, GPU datasheets and network links count
 
 EXIT_OK = 0
 EXIT_FAILED = 1  # a run that did not complete (`shardlab run`), a worker's failure

@@ -312,19 +312,26 @@ def head_activation_bytes_per_token(spec: ModelSpec, dtype_bytes: int = 2) -> in
 
 
 def wrap_units(spec: ModelSpec, policy: str = "transformer", min_num_params: int = 100_000_000) -> list[tuple[str, int]]:
-    """FSDP units in forward order, as (name, parameter count); the first is the root unit.
+    """FSDP units as (name, parameters it gathers), the root unit first, then the others in wrap order.
 
-    transformer: one unit per block, the root keeps embeddings, final norm and head.
-    size: blocks become units only if a block holds at least `min_num_params` (torch's size policy
-    wraps the largest modules over the threshold; a GPT block is the natural one), else one unit.
-    none: the whole model is one unit.
+    The same choice the runner makes (frameworks/units.py) on the module tree of shardlab's GPT for
+    this shape. transformer: one unit per block, the root keeps the rest; size: every module whose
+    not-yet-wrapped parameters reach `min_num_params` (an embedding or LM head too); none: one unit.
     """
-    s = param_shapes(spec)
-    blocks = s.layers if s.block else 0
-    if policy == "none" or blocks == 0 or (policy == "size" and s.block_numel < min_num_params):
-        return [("root", spec.params)]
-    return [("root", s.root_numel)] + [(f"block{i}", s.block_numel) for i in range(blocks)]
+    key = (_key(spec), policy, min_num_params)
+    if key not in _UNITS:
+        from shardlab.frameworks.units import spec_tree, units
 
+        tree = spec_tree(spec)
+        if not spec.is_bare or spec.wrap_unit_params:
+            found = units(tree, policy, min_num_params, ("Block",))
+        else:
+            found = [("", spec.params)]
+        _UNITS[key] = [("root", found[-1][1])] + found[:-1]
+    return list(_UNITS[key])
+
+
+_UNITS: dict[tuple, list[tuple[str, int]]] = {}
 
 def largest_wrap_unit(spec: ModelSpec, policy: str = "transformer", min_num_params: int = 100_000_000) -> int:
     """Parameters of the largest unit FSDP / ZeRO-3 gathers at once (root unit included)."""

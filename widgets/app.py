@@ -1,12 +1,16 @@
 """The served dashboard (`shardlab app --port N`): build, run and compare in one page.
 
 The same components as in the notebooks: a ConfigBuilder, a RunLauncher that runs the builder's
-current plan, and a RunCompare over the run store ($SHARDLAB_RUNS_DIR, default ./runs). Each browser
+current plan, and a RunCompare over the run store (`shardlab app --runs DIR`, else $SHARDLAB_RUNS_DIR,
+else ./runs). Each browser
 session gets its own objects. The server listens on 127.0.0.1 only: it can start processes, so it is
-not for the network.
+not for the network. A spinner in the header turns while the server is busy with anything the page
+asked for (panel's busy state), so no wait goes without a sign.
 """
 
 from __future__ import annotations
+
+import html
 
 import panel as pn
 
@@ -26,7 +30,11 @@ def create_app(runs_dir: str | None = None) -> pn.viewable.Viewable:
                    dynamic=False, sizing_mode="stretch_width", css_classes=["sl-app-tabs"])
     # The store changes while the app is open: re-read it whenever Compare is shown.
     tabs.param.watch(lambda ev: ev.new == 2 and compare.refresh(), "active")
-    header = pn.pane.Markdown("# shardlab — FSDP / DeepSpeed ZeRO config explorer", margin=(0, 10))
+    title = pn.pane.Markdown("# shardlab — FSDP / DeepSpeed ZeRO config explorer", margin=(0, 10))
+    busy = pn.indicators.LoadingSpinner(value=False, size=28, css_classes=["sl-busy"], margin=(18, 10))
+    pn.state.sync_busy(busy)  # spins while any server callback of this session runs
+    store = pn.pane.HTML(f'<span class="sl-runs-dir" style="color:#666">run store: {html.escape(str(runs_dir))}</span>', margin=(24, 10))
+    header = pn.Row(title, busy, pn.layout.HSpacer(), store, sizing_mode="stretch_width")
     return pn.Column(header, tabs, sizing_mode="stretch_width")
 
 

@@ -63,7 +63,7 @@ class ConfigBuilder(pn.viewable.Viewer):
     def set(self, path: str, value: Any) -> None:
         """Change one field as a person would through its control."""
         c = self.form.controls[path]
-        self.control(path).value = c.to_widget(value)
+        self.form.push(path, c.to_widget(value))
 
     def messages(self, path: str | None = None) -> list[str]:
         """Messages shown beside `path`'s control (all findings when None), as a person would read them."""

@@ -211,17 +211,11 @@ def fit_from_runs(observations: list[dict], gpu: GPU, base: Rates | None = None)
 
 def calibrate_from_runs(run_dirs: list[str | Path], gpu: GPU | str | None = None, directory=None, write: bool = True) -> dict:
     """Refit from run folders (each a run, or a store holding runs); save per device; return a summary."""
-    from shardlab.run.store import Run, list_runs
+    from shardlab.run.store import runs_in
 
     from .gpus import get_gpu
 
-    runs = []
-    for d in run_dirs:
-        p = Path(d)
-        if (p / "status.json").is_file():
-            runs.append(Run(p))
-        elif p.is_dir():
-            runs += [Run(x) for x in list_runs(p)["dir"]]
+    runs = runs_in(run_dirs)
     obs = [o for o in (run_observation(r) for r in runs) if o]
     by_device: dict[str, list[dict]] = {}
     for o in obs:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import difflib
 from dataclasses import dataclass, fields, replace
 
-from shardlab.constants import GB, MIB
+from shardlab.units import GB, MIB
 from shardlab.plan import bad_input
 
 

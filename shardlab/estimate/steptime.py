@@ -98,7 +98,11 @@ COMPILE_DS_HOST = 1.2
 OVERLAP = 0.8  # at most this share of the GPU's work can hide prefetched / overlapped collectives
 COLLECTIVE_LATENCY_S = {"intra": 20e-6, "inter": 50e-6}
 CPU_ADAM_PARAMS_PER_S = 2.5e9  # DeepSpeed CPU Adam, parameters per second per node (H100 offload rows: 78-92 TFLOPS)
-TORCH_CPU_ADAM_PARAMS_PER_S = 0.5e9
+# torch's AdamW on the CPU under FSDP offload, parameters per second per node: FSDP1 (flat
+# parameters) 0.5e9 and FSDP2 (one DTensor per parameter, dispatched op by op) 0.15e9, from issue
+# 13's H200 matrix (llama300 with parameters and optimizer offloaded: 1.24 s and 4.8 s per step,
+# three runs sharing the 16 cores, so x3). Weak evidence: a run that ran alone should replace it.
+TORCH_CPU_ADAM_PARAMS_PER_S = {"fsdp1": 0.5e9, "fsdp2": 0.15e9}
 
 # bytes per parameter the optimizer step moves on the GPU (fp32 params, grads and states):
 # torch AdamW foreach (the default on CUDA): decay r/w 8, lerp m 12, v scale 8 + addcmul 12, sqrt 8,
@@ -226,7 +230,7 @@ def _offload_time(s: Setup, gpu: GPU) -> float:
     moved = (4 + s.P) * local
     if s.stage == "zero3" and s.offload_params != "none":
         moved += 2 * s.P * local * s.micro_steps  # gathered shards come up for forward and backward
-    rate = CPU_ADAM_PARAMS_PER_S if s.ds else TORCH_CPU_ADAM_PARAMS_PER_S
+    rate = CPU_ADAM_PARAMS_PER_S if s.ds else TORCH_CPU_ADAM_PARAMS_PER_S[s.framework]
     return moved / gpu.pcie_bw + local * s.gpn / rate
 
 

@@ -22,8 +22,9 @@ Element counts per token per block (forward; backward moves about twice as much)
   difference, a concatenation), SwiGLU 5f (SiLU 2f, product 3f) -> 20d + 9(d + kv) + 5f.
 Loss per token: logits cast to fp32 (2·(P + 4) bytes with the backward cast, none in fp32),
 log-softmax 8 bytes forward and 12 backward, per vocabulary entry.
-A Hugging Face implementation ("hf", see `implementation`) upcasts norms and rotary embeddings to
-fp32 and runs more kernels per block; its counts are the llama ones scaled by HF_EXTRA.
+A transformers LlamaForCausalLM of the same shape is priced as the llama family: issue 13's H200
+rows with the Hugging Face factory came within 2-12% of that (three runs sharing the GPU), so no
+separate term is fitted.
 """
 
 from __future__ import annotations
@@ -34,8 +35,7 @@ from shardlab.models import ModelSpec
 
 BWD_MEM_FACTOR = 2.0  # backward of an elementwise op reads its inputs and the incoming gradient, writes one or two gradients
 ATTN_BWD_FACTOR = 2.5  # flash attention backward: 5 matmuls of the forward's 2 (scores recomputed)
-KERNELS_PER_BLOCK_FWD = {"gpt": 12, "llama": 24, "hf": 40}  # eager kernels one block's forward launches
-HF_EXTRA = 1.8  # HF LlamaDecoderLayer vs shardlab's block: fp32 RMSNorm (6 kernels, fp32 round trips), rotate_half RoPE, repeat_kv
+KERNELS_PER_BLOCK_FWD = {"gpt": 12, "llama": 24}  # eager kernels one block's forward launches
 
 
 @dataclass(frozen=True)
@@ -69,12 +69,7 @@ class Work:
 
 
 def implementation(spec: ModelSpec) -> str:
-    """Which code runs the model: 'gpt' / 'llama' (shardlab's own run/gpt.py) or 'hf' (a transformers
-    model, recognised by a `source`/`impl` attribute saying so or an 'hf'/'hf:' name)."""
-    src = str(getattr(spec, "source", "") or getattr(spec, "impl", "") or "").lower()
-    name = spec.name.lower()
-    if src in ("hf", "transformers", "huggingface") or name.startswith(("hf:", "hf-", "hf/")):
-        return "hf"
+    """Whose block the counts follow: 'gpt' or 'llama' (run/gpt.py's)."""
     return "llama" if spec.family == "llama" else "gpt"
 
 
@@ -111,8 +106,6 @@ def _shaped(spec: ModelSpec, mb: int, seq: int, P: int, ac: bool) -> Work:
         per_tok = 12 * d + 2 * f
     else:
         per_tok = 20 * d + 9 * (d + kv) + 5 * f
-        if impl == "hf":
-            per_tok *= HF_EXTRA
     mem = n * L * per_tok * (fwd_times + BWD_MEM_FACTOR) + n * (2 * d) * (1 + BWD_MEM_FACTOR) + 2 * n * d
     cast = 2 * (P + 4) if P != 4 else 0
     fixed = n * V * (cast + 8 + 12) + 2 * V * d * P  # fp32 loss; dense embedding gradient (zeroed, then written)
@@ -121,7 +114,7 @@ def _shaped(spec: ModelSpec, mb: int, seq: int, P: int, ac: bool) -> Work:
     if spec.family == "gpt":
         modules, params, top_m, top_p = 9, 12, 6, 5
     else:
-        modules, params, top_m, top_p = (14, 7, 6, 3) if impl == "hf" else (10, 7, 5, 3)
+        modules, params, top_m, top_p = 10, 7, 5, 3
     return Work(n, seq, tuple(gemms), attn, spec.head_dim, mem, fixed, kernels, L * modules + top_m, L * params + top_p, L + 1)
 
 

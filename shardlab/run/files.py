@@ -224,3 +224,27 @@ def read_text(path: str | Path, default: str = "") -> str:
             return f.read()
     except (OSError, ValueError):
         return default
+
+
+def is_run_folder(d: Path) -> bool:
+    """Holds one of a run's files, or cannot be looked into (then it is listed, as unreadable)."""
+    try:
+        names = set(os.listdir(d))
+    except (FileNotFoundError, NotADirectoryError):
+        return False
+    except OSError:
+        return True
+    return bool(names & set(RunFiles.MARKERS))
+
+
+def subdirs(root: Path) -> list[Path]:
+    """The folders in `root`, sorted (hidden ones left out); none where `root` cannot be read."""
+    def is_dir(p: Path) -> bool:
+        try:
+            return p.is_dir()
+        except OSError:
+            return False
+    try:
+        return sorted(p for p in root.iterdir() if not p.name.startswith(".") and is_dir(p))
+    except OSError:
+        return []

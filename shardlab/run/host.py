@@ -76,26 +76,12 @@ def check_run(plan: Plan, *, steps: int, nproc: int, device: str, launcher: str,
         raise bad_input("device", f"device={device!r} is not cpu or cuda. Use device='cpu' or device='cuda'.")
     if launcher != "torchrun":
         raise bad_input("launcher", f"launcher={launcher!r}: real runs start through torchrun only (the deepspeed and accelerate launchers are export targets). Use launcher='torchrun'.")
-    zpp = plan.zeropp
-    if device == "cpu":
-        for name in ("quantized_weights", "quantized_gradients"):
-            if getattr(zpp, name):
-                raise bad_input(f"zeropp.{name}", f"zeropp.{name}=true (ZeRO++ {'qwZ' if name == 'quantized_weights' else 'qgZ'}) has no CPU implementation in DeepSpeed; this run is on device=cpu. Run it on GPUs (device='cuda'), or set zeropp.{name}: false.")
-        if plan.offload.optimizer == "nvme" or plan.offload.params == "nvme":
-            raise bad_input("offload", "NVMe offload needs DeepSpeed's async I/O op on a CUDA machine; this run is on device=cpu. Use offload: cpu, or run on GPUs.")
-        if plan.precision == "fp16" and plan.framework == "deepspeed" and not _cpu_fp16_ok():
-            raise bad_input("precision", "precision=fp16 with DeepSpeed on this CPU fails: DeepSpeed's CPU accelerator allows fp16 only where oneDNN has fp16 kernels, and this CPU has none. Use precision: bf16 (or fp32) for CPU runs.")
-    else:
+    from shardlab.frameworks import check_runnable
+
+    check_runnable(plan, device)  # the same check the worker makes before wrapping
+    if device != "cpu":
         have = len(visible_gpus())
         need = nproc * plan.topology.nodes
         if need > have:
             raise bad_input("nproc", f"this run needs {need} GPUs (nproc={nproc} x topology.nodes={plan.topology.nodes}) but this machine has {have}. Use nproc <= {have // max(plan.topology.nodes, 1) or 1}, fewer nodes, or device='cpu'.")
 
-
-def _cpu_fp16_ok() -> bool:
-    try:
-        import torch
-
-        return bool(torch.ops.mkldnn._is_mkldnn_fp16_supported())
-    except Exception:
-        return False

@@ -169,6 +169,8 @@ class LiveRun(Run):
         for ev in self._events.new():
             new = True
             self.worker_events.append(ev)
+            if self.progress is not None:
+                self.progress.event(ev)
             self._emit({"type": "event", **ev})
         return new
 
@@ -259,7 +261,7 @@ def launch(plan, model="gpt-tiny", steps: int = 10, nproc: int | None = None, de
     the launcher against a stand-in.
     Bad input raises PlanError before anything starts.
     """
-    from shardlab.export.launch import launch_command, sanitized_env
+    from shardlab.export.launch import RUNNER_ENV, launch_command, sanitized_env
     from shardlab.run.timeline import Sampler
 
     import psutil
@@ -271,6 +273,10 @@ def launch(plan, model="gpt-tiny", steps: int = 10, nproc: int | None = None, de
     if nproc != plan.topology.gpus_per_node:
         plan = load_plan(plan.model_copy(update={"topology": plan.topology.model_copy(update={"gpus_per_node": nproc})}))
     model_name, model_arg = _model_for_worker(model)
+    if factory is None:
+        from shardlab.frameworks import check_model
+
+        check_model(plan, model)  # a block class the GPT lacks: the worker would refuse it at wrap time
     nodes = plan.topology.nodes
     world = plan.world_size
 
@@ -307,6 +313,8 @@ def launch(plan, model="gpt-tiny", steps: int = 10, nproc: int | None = None, de
         cmds.append((argv, node_env))
     write_json_atomic(run_dir / "launch.json", {
         "launcher": launcher, "cwd": os.getcwd(), "master_port": port,
+        # set for shardlab's own runs only, never written into exports (export/launch.py says why)
+        "runner_env": dict(RUNNER_ENV),
         "agents": [{"node": n, "argv": a, "env": _recorded_env(sanitized_env(e), e)} for n, (a, e) in enumerate(cmds)],
     })
     info = {"id": run_id, "status": "running", "model": model_name, "framework": plan.framework,

@@ -25,6 +25,7 @@ from shardlab.run.files import (  # noqa: F401  (re-exported: the store's file A
     JsonlTail,
     RunFiles,
     append_jsonl,
+    is_run_folder,
     parse_lines,
     read_json,
     read_json_checked,
@@ -313,69 +314,11 @@ def load_run(run_dir: Any) -> Run:
     hint = "Give the folder of a run (e.g. runs/<id>, as listed by `shardlab runs`)."
     if not d.is_dir():
         raise bad_input("run_dir", f"run_dir={str(d)!r} is not a directory. {hint}")
-    if not _is_run_folder(d):
+    if not is_run_folder(d):
         raise bad_input("run_dir", f"run_dir={str(d)!r} is not a run folder (no plan.yaml, status.json, run.json "
                                    f"or metrics.jsonl in it). {hint}")
     return Run(d)
 
 
-def _is_run_folder(d: Path) -> bool:
-    """Holds one of a run's files, or cannot be looked into (then it is listed, as unreadable)."""
-    try:
-        names = set(os.listdir(d))
-    except OSError:
-        return True
-    return bool(names & set(RunFiles.MARKERS))
-
-
-LIST_COLUMNS = ["id", "status", "framework", "sharding", "precision", "model", "device", "world_size",
-                "steps", "steps_done", "started_at", "duration_s", "failed_rank", "problem", "dir"]
-
-
-def _subdirs(root: Path) -> list[Path]:
-    """The folders in `root`, sorted (hidden ones left out); none where `root` cannot be read."""
-    def is_dir(p: Path) -> bool:
-        try:
-            return p.is_dir()
-        except OSError:
-            return False
-    try:
-        return sorted(p for p in root.iterdir() if not p.name.startswith(".") and is_dir(p))
-    except OSError:
-        return []
-
-
-def _typed(info: dict, key: str, kind) -> Any:
-    v = info.get(key)
-    return v if isinstance(v, kind) and not (kind is not bool and isinstance(v, bool)) else None
-
-
-def _utc(t: float | None) -> str | None:
-    try:
-        return datetime.fromtimestamp(t, timezone.utc).strftime("%Y-%m-%d %H:%M:%S") if t else None
-    except (OverflowError, OSError, ValueError):
-        return None
-
-
-def _row(run: Run) -> dict:
-    info, status = run.info, run.status
-    started, ended = _typed(info, "started_at", (int, float)), _typed(info, "ended_at", (int, float))
-    problem = run.problem
-    if status == "orphaned":
-        problem = f"the launching process (pid {info.get('launcher_pid')}) is gone while status.json says running"
-    row = {k: _typed(info, k, str) for k in ("framework", "sharding", "precision", "model", "device")}
-    row.update({k: _typed(info, k, int) for k in ("world_size", "steps", "steps_done", "failed_rank")})
-    row.update(id=run.id, status=status, started_at=_utc(started), problem=problem, dir=str(run.dir),
-               duration_s=round(ended - started, 1) if started and ended else None)
-    return row
-
-
-def list_runs(dir: str | Path | None = None):
-    """The run store (default: default_runs_dir()) as a DataFrame, one row per run folder, oldest
-    first (columns LIST_COLUMNS). Broken folders are listed with status `unreadable` and the reason
-    in `problem`; runs whose launcher died while running, as `orphaned`."""
-    import pandas as pd
-
-    root = Path(dir if dir is not None else default_runs_dir())
-    rows = [_row(Run(d).frozen()) for d in _subdirs(root) if _is_run_folder(d)]
-    return pd.DataFrame(rows, columns=LIST_COLUMNS)
+# The store's listing (list_runs, runs_in) is in listing.py; imported last, as it builds on Run.
+from shardlab.run.listing import LIST_COLUMNS, list_runs, runs_in  # noqa: E402,F401

@@ -4,7 +4,9 @@ It reads RUN_DIR/plan.yaml (a shardlab Plan) and RUN_DIR/run.json ({"model", "st
 "seed", "factory", "trace_memory", "instrument"}), trains `steps` optimizer steps on deterministic
 synthetic batches, and after each step every rank appends one JSON line to RUN_DIR/metrics.jsonl
 (phase timestamps, loss, throughput, the model-state bytes it holds, its collective traffic, memory).
-RUN_DIR/events.jsonl gets start / done / oom / error lines. Exit codes: 0 done, EXIT_OOM (3) when the
+RUN_DIR/events.jsonl gets start / done / oom / error lines, and a "phase" line (with `what`, in words)
+as each start-up phase begins -- rendezvous, building the model, DeepSpeed's ops, wrapping, the first
+step -- so every progress display can name what a run at step 0 is waiting for. Exit codes: 0 done, EXIT_OOM (3) when the
 rank ran out of memory, 1 on any other failure.
 
 A metrics line holds: step (1-based), rank, world_size, loss (global mean, same on every rank),
@@ -98,6 +100,25 @@ def peak_tflops(device_name: str, precision: str) -> float | None:
     return get_gpu(name).peak_tflops(precision)
 
 
+def _load_deepspeed_ops(plan, device: str) -> None:
+    """Load (building on first use) the JIT ops DeepSpeed will ask for during initialize, so their build
+    time is its own named phase instead of a silent wait inside deepspeed.initialize. On a CPU: the shm
+    comm op (every run) and CPU Adam (optimizer offload); on CUDA only CPU Adam (offload). A failure here
+    is left for DeepSpeed to report in its own words when it tries the same build."""
+    names = ["ShareMemCommBuilder"] if device == "cpu" else []
+    if plan.offload.optimizer != "none":
+        names.append("CPUAdamBuilder")
+    try:
+        from deepspeed.accelerator import get_accelerator
+
+        for name in names:
+            builder = get_accelerator().create_op_builder(name)
+            if builder is not None and builder.is_compatible():
+                builder.load(verbose=False)
+    except Exception:  # noqa: BLE001 (see docstring)
+        pass
+
+
 def _load_factory(spec: str):
     """'module:function' -> the function (returns (model, batch_fn))."""
     from shardlab.plan import bad_input
@@ -141,6 +162,11 @@ class Worker:
     def event(self, event: str, **extra) -> None:
         self.events.write({"t": time.time(), "rank": self.rank, "event": event, "phase": self.phase, **extra})
 
+    def startup(self, phase: str, what: str) -> None:
+        """Enter a start-up phase and say so in events.jsonl (the progress displays show `what`)."""
+        self.phase = phase
+        self.event("phase", what=what)
+
     # -- set-up ---------------------------------------------------------------------------------
     def setup(self) -> None:
         _prepare_env(self.device)
@@ -156,6 +182,7 @@ class Worker:
         from shardlab.plan import load_plan
 
         self.plan = load_plan(self.dir / "plan.yaml")
+        self.startup("rendezvous", f"rendezvous: waiting for all {self.world} ranks")
         if self.device == "cuda":
             torch.cuda.set_device(self.local_rank)
             if self.cfg.get("trace_memory"):
@@ -166,7 +193,7 @@ class Worker:
         gpu = gpu_table_name(torch.cuda.get_device_name()) if self.device == "cuda" else None
         self.event("start", world_size=self.world, pid=os.getpid(), host=os.uname().nodename,
                    framework=self.plan.framework, sharding=self.plan.sharding, gpu=gpu)
-        self.phase = "build"
+        self.startup("build", "building the model")
         from shardlab.run.data import Batches
         from shardlab.run.gpt import build_model, loss_fn
 
@@ -184,7 +211,10 @@ class Worker:
             self.batches = Batches(seed=self.cfg["seed"], rank=self.rank, world_size=self.world,
                                    micro_batch_size=self.plan.micro_batch_size, grad_accum_steps=self.plan.grad_accum_steps,
                                    seq_len=self.spec.seq_len, vocab=self.spec.vocab, device=self.device)
-        self.phase = "wrap"
+        if self.plan.framework == "deepspeed":
+            self.startup("ops", "loading DeepSpeed's C++ ops (the first run in an environment builds them: about a minute on 2 cores)")
+            _load_deepspeed_ops(self.plan, self.device)
+        self.startup("wrap", f"wrapping the model ({self.plan.framework} {self.plan.sharding})")
         from shardlab.run.wrap import wrap
 
         self.trainer = wrap(self.plan, model, self.device, loss_fn)
@@ -207,6 +237,7 @@ class Worker:
         accum = self.plan.grad_accum_steps
         t = self.trainer
         pause = self.counter.pause if self.counter is not None else contextlib.nullcontext
+        self.startup("first_step", "first step")
         for step in range(1, int(self.cfg["steps"]) + 1):
             inst = self.instrument and not (self.alternate and step % 2 == 0)
             bare_step = contextlib.ExitStack()

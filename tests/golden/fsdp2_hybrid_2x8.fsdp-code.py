@@ -1,8 +1,8 @@
-"""FSDP2 training set-up exported by shardlab: hybrid, bf16, 2 node(s) x 8 GPU(s).
+"""FSDP2 training set-up exported by shardlab: hybrid (reshard_after_forward=True, hybrid mesh), bf16, 2 node(s) x 8 GPU(s).
 
 Run on each node: torchrun --nnodes=2 --nproc-per-node=8 THIS_FILE [--steps N] [--save DIR]
 (CUDA + NCCL when GPUs are present, otherwise CPU + gloo). `shard_model(model, device)` applies the
-plan to any model; `main()` trains a tiny demo model with it.
+plan to any model; `main()` trains a tiny demo model with it. The constants below are the plan's settings.
 """
 
 import argparse
@@ -16,15 +16,39 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from torch.distributed.device_mesh import init_device_mesh
+from torch.utils.checkpoint import checkpoint
+
 from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
-BLOCK_CLASS_NAMES = ('LlamaDecoderLayer',)  # wrap.transformer_layer_cls: the modules that become shard units
-MICRO_BATCH, GRAD_ACCUM = 1, 1
+
+# The plan's settings, as shardlab's fsdp2 adapter resolved them (shardlab/frameworks/).
+FRAMEWORK = "fsdp2"
+BLOCK_CLASS_NAMES = ("LlamaDecoderLayer",)
+MICRO_BATCH = 1
+GRAD_ACCUM = 1
+MESH = "hybrid"
+RESHARD_AFTER_FORWARD = True
+WRAP_POLICY = "transformer"
+MIN_NUM_PARAMS = 100000000
+PARAM_DTYPE = "bfloat16"
+REDUCE_DTYPE = "bfloat16"
+OFFLOAD_PARAMS = True
+FORWARD_PREFETCH = False
+SYNC_MODULE_STATES = True
+ACTIVATION_CHECKPOINTING = False
+COMPILE = False
+LOW_MEMORY_INIT = True
+OPTIMIZER = "AdamW"
+OPTIMIZER_KWARGS = {"lr": 0.0001, "betas": (0.9, 0.999), "eps": 1e-08, "weight_decay": 0.0}
+GRAD_CLIP = None
+GRAD_SCALER = False
+FULL_CHECKPOINT = True
+
 VOCAB, SEQ, WIDTH, DEPTH = 256, 32, 64, 4
 
 
 class LlamaDecoderLayer(nn.Module):
-    """A pre-norm MLP block: the demo model's shard unit."""
+    """A pre-norm MLP block: the demo model's shard unit (named like wrap.transformer_layer_cls)."""
 
     def __init__(self, d):
         super().__init__()
@@ -59,37 +83,127 @@ def setup():
     return torch.device("cuda", local) if cuda else torch.device("cpu")
 
 
-def hybrid_mesh(device):
-    """Rows are nodes (replicas), columns the processes of one node (shards)."""
+def make_mesh(device):
+    """MESH 'shard': 1-D over all ranks; 'hybrid': rows are nodes (replicas), columns the ranks of
+    one node (shards); 'replicate': every rank a replica (DDP)."""
     world = dist.get_world_size()
     per_node = int(os.environ.get("LOCAL_WORLD_SIZE", world))
-    return init_device_mesh(device.type, (world // per_node, per_node), mesh_dim_names=("replicate", "shard"))
+    if MESH == "shard":
+        return init_device_mesh(device.type, (world,), mesh_dim_names=("shard",))
+    shape = (world // per_node, per_node) if MESH == "hybrid" else (world, 1)
+    return init_device_mesh(device.type, shape, mesh_dim_names=("replicate", "shard"))
 
 
 def block_classes(model):
-    found = tuple({type(m) for m in model.modules() if type(m).__name__ in BLOCK_CLASS_NAMES})
-    if not found:
-        raise ValueError(f"no module of class {BLOCK_CLASS_NAMES} in the model; set wrap.transformer_layer_cls to its block class")
-    return found
+    found = {type(m).__name__: type(m) for m in model.modules()}
+    missing = [n for n in BLOCK_CLASS_NAMES if n not in found]
+    if missing:
+        raise ValueError(f"no module of class {missing[0]} in the model; set wrap.transformer_layer_cls to its block class")
+    return tuple(found[n] for n in BLOCK_CLASS_NAMES)
+
+
+def apply_checkpointing(model):
+    """Recompute each block's activations in backward instead of keeping them (module names stay)."""
+    for m in model.modules():
+        if isinstance(m, block_classes(model)) and not getattr(m, "_shardlab_ckpt", False):
+            m.forward = functools.partial(checkpoint, m.forward, use_reentrant=False)
+            m._shardlab_ckpt = True
+
+
+def dtype(name):
+    return None if name is None else getattr(torch, name)
+
+
+def wrap_units(model):
+    """The modules that get their own fully_shard, children before parents."""
+    if WRAP_POLICY == "transformer":
+        return [m for m in model.modules() if isinstance(m, block_classes(model))]
+    if WRAP_POLICY == "size":
+        raise ValueError("size-based units: export with wrap.policy size")
+    return []
 
 
 def shard_model(model, device):
-    """Apply fully_shard to each unit, then to the root (reshard_after_forward=True)."""
-    mesh = hybrid_mesh(device)  # 2-D: replicate across nodes, shard inside a node
-    # buffers keep their own dtype: FSDP2 has no buffer_dtype.
-    kwargs = dict(mesh=mesh, reshard_after_forward=True, mp_policy=MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.bfloat16),
-                  offload_policy=CPUOffloadPolicy(pin_memory=device.type == 'cuda'))
-    units = [m for m in model.modules() if isinstance(m, block_classes(model))]
+    """fully_shard each unit, then the root, as the settings say."""
+    if ACTIVATION_CHECKPOINTING:
+        apply_checkpointing(model)  # before sharding, as torchtitan does
+    units = wrap_units(model)
+    if COMPILE:
+        for m in units or [model]:
+            m.compile()  # per unit, as torchtitan does; the root when there are no units
+    mixed = MixedPrecisionPolicy(param_dtype=dtype(PARAM_DTYPE), reduce_dtype=dtype(REDUCE_DTYPE))
+    offload = CPUOffloadPolicy(pin_memory=device.type == "cuda") if OFFLOAD_PARAMS else OffloadPolicy()
+    kwargs = dict(mesh=make_mesh(device), reshard_after_forward=RESHARD_AFTER_FORWARD, mp_policy=mixed, offload_policy=offload)
     for unit in units:
         fully_shard(unit, **kwargs)
     fully_shard(model, **kwargs)
+    if FORWARD_PREFETCH:
+        for unit, nxt in zip(units, units[1:]):  # gather the next unit during this one's forward
+            unit.set_modules_to_forward_prefetch([nxt])
     return model
 
 
+def make_scaler(device):
+    return torch.amp.GradScaler(device.type) if GRAD_SCALER else None  # fp16: FSDP2 has no scaler built in
+
+
+def clip_gradients(model):
+    torch.nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP)
+
+
+def make_optimizer(model):
+    return getattr(torch.optim, OPTIMIZER)(model.parameters(), **OPTIMIZER_KWARGS)
+
+
+def train_step(model, optimizer, scaler, batches):
+    """One optimizer step over GRAD_ACCUM micro-batches; returns the summed loss."""
+    total = 0.0
+    for batch in batches:
+        logits = model(batch[:, :-1])
+        loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1)) / GRAD_ACCUM
+        (scaler.scale(loss) if scaler is not None else loss).backward()
+        total += loss.item()
+    if scaler is not None:
+        scaler.unscale_(optimizer)
+    if GRAD_CLIP is not None:
+        clip_gradients(model)
+    if scaler is not None:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return total
+
+
+def build_model(device):
+    torch.manual_seed(0)
+    if not LOW_MEMORY_INIT:
+        return TinyGPT().to(device) if FRAMEWORK == "fsdp2" else TinyGPT()
+    # FSDP1 broadcasts rank 0's weights from GPU memory only: on a CPU run every rank builds them
+    if FRAMEWORK == "fsdp1" and (dist.get_rank() == 0 or device.type != "cuda"):
+        return TinyGPT()
+    with torch.device("meta"):  # no full copy on this rank
+        return TinyGPT()
+
+
+def materialize(model, device):
+    """FSDP2 low_memory_init: allocate only this rank's shards, then initialise them in place."""
+    model.to_empty(device="cpu" if OFFLOAD_PARAMS else device)
+    torch.manual_seed(0)
+    for m in model.modules():
+        if hasattr(m, "reset_parameters"):
+            m.reset_parameters()
+
+
 def save_checkpoint(model, path):
-    """checkpoint=full: one full state dict written by rank 0."""
-    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=torch.cuda.is_available()))
-    if dist.get_rank() == 0:
+    """FULL_CHECKPOINT: one full state dict written by rank 0; else one shard per rank (DCP)."""
+    # gathered weights go to CPU memory on GPU runs; on a CPU run the copy would be redundant
+    options = StateDictOptions(full_state_dict=FULL_CHECKPOINT, cpu_offload=FULL_CHECKPOINT and torch.cuda.is_available())
+    state = get_model_state_dict(model, options=options)
+    if not FULL_CHECKPOINT:
+        dcp.save(state, checkpoint_id=path)
+    elif dist.get_rank() == 0:
         os.makedirs(path, exist_ok=True)
         torch.save(state, os.path.join(path, "model.pt"))
 
@@ -100,33 +214,15 @@ def main():
     parser.add_argument("--save", default=None, help="write a checkpoint to this directory at the end")
     args = parser.parse_args()
     device = setup()
-    torch.manual_seed(0)
-    with torch.device('meta'):  # low_memory_init: no full copy on any rank
-        model = TinyGPT()
-    model = shard_model(model, device)
-    # low_memory_init: allocate only this rank's shards, then initialise them in place.
-    model.to_empty(device='cpu')
-    torch.manual_seed(0)
-    for m in model.modules():
-        if hasattr(m, "reset_parameters"):
-            m.reset_parameters()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=0.0001, weight_decay=0.0)
-    scaler = None
+    model = shard_model(build_model(device), device)
+    if LOW_MEMORY_INIT and FRAMEWORK == "fsdp2":
+        materialize(model, device)
+    optimizer = make_optimizer(model)
+    scaler = make_scaler(device)
     gen = torch.Generator().manual_seed(dist.get_rank())
     batches = [torch.randint(0, VOCAB, (MICRO_BATCH, SEQ + 1), generator=gen).to(device) for _ in range(GRAD_ACCUM)]
     for step in range(args.steps):
-        total = 0.0
-        for batch in batches:
-            logits = model(batch[:, :-1])
-            loss = F.cross_entropy(logits.float().reshape(-1, VOCAB), batch[:, 1:].reshape(-1)) / GRAD_ACCUM
-            (scaler.scale(loss) if scaler is not None else loss).backward()
-            total += loss.item()
-        if scaler is not None:
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        total = train_step(model, optimizer, scaler, batches)
         if dist.get_rank() == 0:
             print(f"step {step} loss {total:.4f}", flush=True)
     if args.save:

@@ -1,0 +1,88 @@
+"""DeepSpeed ZeRO: what it runs, its settings (the config dict) from a Plan, and how the runner applies them.
+
+The config the runner hands to `deepspeed.initialize` is the one `shardlab export --to deepspeed`
+writes (export/deepspeed.py builds it from the key table), plus only what a real run needs and the
+file leaves to the training script: the micro batch and accumulation as numbers, no `train_batch_size`
+(DeepSpeed derives it), torch's Adam on a CPU without offload (DeepSpeed's FusedAdam is a CUDA
+kernel), and a quiet `steps_per_print`. `runtime_config` names each of these additions.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from shardlab.frameworks import base
+from shardlab.plan import Plan, bad_input
+
+NAME = "deepspeed"
+
+
+def settings(plan: Plan) -> dict[str, Any]:
+    """The exported DeepSpeed config (the file's content), as a dict."""
+    from shardlab.export.deepspeed import deepspeed_config
+
+    return deepspeed_config(plan)
+
+
+def runtime_config(exported: dict[str, Any], plan: Plan, device: str) -> dict[str, Any]:
+    """The exported config as a run on `device` hands it to deepspeed.initialize."""
+    cfg = _drop_auto(exported)
+    cfg["train_micro_batch_size_per_gpu"] = plan.micro_batch_size
+    cfg["gradient_accumulation_steps"] = plan.grad_accum_steps
+    cfg.pop("train_batch_size", None)  # DeepSpeed derives it from the two above and the world size
+    opt = cfg.get("optimizer") or {}
+    offloaded = cfg.get("zero_optimization", {}).get("offload_optimizer", {}).get("device", "none") != "none"
+    if device == "cpu" and opt.get("type", "").lower() in ("adam", "adamw") and not offloaded:
+        # DeepSpeed's FusedAdam is a CUDA kernel; on CPU the same update comes from torch's AdamW
+        opt.setdefault("params", {})["torch_adam"] = True
+    cfg.setdefault("steps_per_print", 1 << 30)  # keep DeepSpeed's own per-step log quiet
+    return cfg
+
+
+def ds_config(plan: Plan, device: str) -> dict:
+    """The DeepSpeed config `shardlab export --to deepspeed` writes, plus what only a real run needs."""
+    return runtime_config(settings(plan), plan, device)
+
+
+def _drop_auto(obj):
+    """Keys an exported config leaves as 'auto' (for accelerate to fill) take DeepSpeed's defaults."""
+    if isinstance(obj, dict):
+        return {k: _drop_auto(v) for k, v in obj.items() if v != "auto"}
+    return obj
+
+
+def merge(base_cfg: dict, over: dict) -> dict:
+    """`over` merged into a copy of `base_cfg`, nested dicts key by key."""
+    out = dict(base_cfg)
+    for k, v in over.items():
+        out[k] = merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def check(plan: Plan, device: str) -> None:
+    """Refuse, with a PlanError, valid DeepSpeed plans this device cannot run (found by trying them)."""
+    base.check_device(plan, device)
+    if device == "cpu" and plan.precision == "fp16":
+        raise bad_input("precision", "precision=fp16 with framework=deepspeed does not run on a CPU (DeepSpeed's CPU accelerator has no "
+                        "fp16 support). Use precision: bf16 or fp32 for CPU runs, or run on cuda.")
+
+
+def apply(cfg: dict, model, device: str, loss: Callable, plan: Plan) -> base.Trainer:
+    """deepspeed.initialize with `cfg` (ds_config, possibly with overrides) and return the Trainer."""
+    import deepspeed
+
+    if plan.activation_checkpointing:
+        base.set_activation_checkpointing(model, base.block_classes(model, base.block_names(plan)), True)
+    engine, optimizer, _, _ = deepspeed.initialize(model=model, model_parameters=list(model.parameters()), config=cfg)
+    if plan.compile or cfg.get("compile", {}).get("deepcompile"):
+        engine.compile()  # DeepCompile too needs engine.compile() to turn on
+    t = base.Trainer(NAME, engine, optimizer, loss, plan.gradient_clipping, engine=engine)
+    t.extras["ds_config"] = cfg
+    return t
+
+
+def render(plan: Plan) -> str:
+    """The exported DeepSpeed config file's text."""
+    from shardlab.export.deepspeed import export_deepspeed
+
+    return export_deepspeed(plan)
