@@ -14,9 +14,10 @@ from typing import Any, Callable
 import panel as pn
 
 from shardlab.models import PRESETS, resolve_model
+from shardlab.estimate.gpus import DEFAULT_GPU
 from shardlab.plan import Plan, PlanError
+from shardlab.units import GIB
 
-GIB = 2**30
 PARTS = (
     ("params", "#4c78a8"),
     ("grads", "#f58518"),
@@ -31,7 +32,7 @@ def gpu_names() -> list[str]:
     try:
         from shardlab.estimate.gpus import GPUS
     except ImportError:
-        return ["h100-80gb"]
+        return [DEFAULT_GPU]
     return list(GPUS)
 
 

@@ -21,7 +21,9 @@ import statistics
 import time
 from pathlib import Path
 
-from .gpus import GPU
+from shardlab.units import GIB
+
+from .gpus import DEFAULT_GPU, GPU
 from .steptime import Rates
 
 ENV_DIR = "SHARDLAB_CALIBRATION_DIR"
@@ -171,7 +173,7 @@ def _device_name(run, m) -> str:
             return str(starts["gpu"].iloc[0])
     except Exception:
         pass
-    return str((run.prediction or {}).get("gpu") or "h100-80gb")
+    return str((run.prediction or {}).get("gpu") or DEFAULT_GPU)
 
 
 def fit_from_runs(observations: list[dict], gpu: GPU, base: Rates | None = None) -> dict:
@@ -238,7 +240,7 @@ def calibrate_from_runs(run_dirs: list[str | Path], gpu: GPU | str | None = None
 
 # A CPU "device" for runs on the CPU (gloo): rough figures for a few server cores, so that
 # --from-runs over CPU runs has a baseline to refit. Not in the GPU table (no one plans on it).
-CPU_DEVICE = GPU("cpu", bf16_tflops=1.0, fp32_tflops=1.0, memory_bytes=64 * 2**30, intra_node_bw=5e9,
+CPU_DEVICE = GPU("cpu", bf16_tflops=1.0, fp32_tflops=1.0, memory_bytes=64 * GIB, intra_node_bw=5e9,
                  inter_node_bw=1e9, pcie_bw=20e9, hbm_bw=20e9, sms=1)
 
 

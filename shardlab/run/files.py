@@ -31,9 +31,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
+from shardlab.units import MIB
+
 # Reading a file that a writer garbled must not cost unbounded memory: run files are small (a metrics
 # line is ~3 KB; 10^5 steps x 8 ranks of them is ~2.4 GB, far past any run shardlab starts on a lab machine).
-MAX_JSON_BYTES = 16 * 2**20
+MAX_JSON_BYTES = 16 * MIB
 
 
 @dataclass(frozen=True)
@@ -141,7 +143,7 @@ def read_text_checked(path: str | Path) -> tuple[str | None, str | None]:
     except OSError as e:
         return None, f"{name} cannot be read ({e.strerror or 'not a regular file'})"
     if len(raw) > MAX_JSON_BYTES:
-        return None, f"{name} is over {MAX_JSON_BYTES // 2**20} MiB"
+        return None, f"{name} is over {MAX_JSON_BYTES // MIB} MiB"
     try:
         return raw.decode("utf-8"), None
     except UnicodeDecodeError:

@@ -244,12 +244,13 @@ class LiveRun(Run):
 
 
 def launch(plan, model="gpt-tiny", steps: int = 10, nproc: int | None = None, device: str | None = None,
-           out: str | Path = "runs", seed: int = 0, timeout_s: float | None = None, progress: bool = False,
+           out: str | Path | None = None, seed: int = 0, timeout_s: float | None = None, progress: bool = False,
            on_event: Callable[[dict], None] | None = None, launcher: str = "torchrun", factory: str | None = None,
            trace_memory: bool = False, instrument: bool | str = True, mem_limit_bytes: int | None = None,
            worker_module: str = "shardlab.run.worker") -> LiveRun:
     """Start `plan` for real on this machine and return at once (call .wait() to block).
 
+    out: the run store (default: $SHARDLAB_RUNS_DIR, else ./runs; see store.default_runs_dir).
     nproc: processes per node (default: the plan's topology.gpus_per_node; the plan written to the
     run folder says what really ran). device: 'cuda' if a GPU is present, else 'cpu'. timeout_s:
     seconds without a new metrics or event line before the run is stopped as 'timeout' (start-up

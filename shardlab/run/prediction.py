@@ -14,6 +14,8 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+from shardlab.estimate.gpus import DEFAULT_GPU
+
 MEMORY_KEYS = ("params", "grads", "optimizer", "activations", "buffers", "peak_allocated", "total")
 
 
@@ -42,7 +44,7 @@ def predict(plan, model, device: str, gpu: str | None = None) -> dict:
     if device == "cpu":
         est = estimate(plan, model, gpu=CPU_DEVICE, calibration=find("cpu") or False)
     else:
-        est = estimate(plan, model, gpu=gpu or "h100-80gb")
+        est = estimate(plan, model, gpu=gpu or DEFAULT_GPU)
     t = est.time
     fb = t["step_time_s"] - t["detail"]["optimizer_s"] - t["offload_s"]
     # forward : backward work is about 1 : 2; activation checkpointing recomputes the forward inside backward

@@ -34,7 +34,9 @@ import time
 import traceback
 from pathlib import Path
 
-EXIT_OK, EXIT_ERROR, EXIT_OOM = 0, 1, 3
+from shardlab.constants import EXIT_FAILED as EXIT_ERROR  # exit codes have one home
+from shardlab.constants import EXIT_OK, EXIT_OOM
+
 STATE_EVERY = 10  # steps between full re-measurements of the (fixed-size) sharded model states
 RUN_DEFAULTS = {"steps": 3, "device": "cpu", "seed": 0, "factory": None, "trace_memory": False, "instrument": True}
 
