@@ -126,11 +126,14 @@ class Run:
 
     @property
     def problem(self) -> str | None:
-        """Why this folder cannot be read as a run (status.json or plan.yaml broken), None if it can."""
-        info, why = self._status_file()
-        if why is None and info.get("status") not in STATUSES:
-            why = f"status.json has status={str(info.get('status'))[:40]!r}, not one of {', '.join(STATUSES)}"
-        return why or self._plan()[1]
+        """Why this folder cannot be read as a run (status.json or plan.yaml broken), None if it can.
+        Uses `info`, so a subclass that knows the status otherwise (LiveRun) is judged by that."""
+        info = self.info
+        if not info:
+            return self._status_file()[1] or "status.json is empty"
+        if info.get("status") not in STATUSES:
+            return f"status.json has status={str(info.get('status'))[:40]!r}, not one of {', '.join(STATUSES)}"
+        return self._plan()[1] if self._status_file()[0] is not None else None
 
     @property
     def status(self) -> str:

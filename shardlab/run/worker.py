@@ -38,6 +38,7 @@ from pathlib import Path
 
 from shardlab.constants import EXIT_FAILED as EXIT_ERROR  # exit codes have one home
 from shardlab.constants import EXIT_OK, EXIT_OOM
+from shardlab.run.files import RunFiles
 
 STATE_EVERY = 10  # steps between full re-measurements of the (fixed-size) sharded model states
 RUN_DEFAULTS = {"steps": 3, "device": "cpu", "seed": 0, "factory": None, "trace_memory": False, "instrument": True}
@@ -136,7 +137,8 @@ class Worker:
 
     def __init__(self, run_dir: Path):
         self.dir = run_dir
-        cfg = {**RUN_DEFAULTS, **json.loads((run_dir / "run.json").read_text())}
+        self.files = RunFiles(run_dir)
+        cfg = {**RUN_DEFAULTS, **json.loads(self.files.config.read_text())}
         self.cfg = cfg
         self.device = cfg["device"]
         # True: every step measured; False: the bare loop; "alternate": odd steps measured, even bare
@@ -146,8 +148,8 @@ class Worker:
         self.world = int(os.environ.get("WORLD_SIZE", 1))
         self.local_rank = int(os.environ.get("LOCAL_RANK", 0))
         self.phase = "init"
-        self.events = Log(run_dir / "events.jsonl")
-        self.metrics = Log(run_dir / "metrics.jsonl")
+        self.events = Log(self.files.events)
+        self.metrics = Log(self.files.metrics)
         self.counter = None
 
     def event(self, event: str, **extra) -> None:
@@ -172,7 +174,7 @@ class Worker:
         from shardlab.models import flops_per_token, resolve_model
         from shardlab.plan import load_plan
 
-        self.plan = load_plan(self.dir / "plan.yaml")
+        self.plan = load_plan(self.files.plan)
         self.startup("rendezvous", f"rendezvous: waiting for all {self.world} ranks")
         if self.device == "cuda":
             torch.cuda.set_device(self.local_rank)
