@@ -15,7 +15,6 @@ from typing import Any
 
 import pandas as pd
 
-from shardlab.units import GIB
 from shardlab.estimate.gpus import DEFAULT_GPU
 from shardlab.plan import Plan, bad_input
 from shardlab.run.metrics import STATE_PARTS
@@ -135,6 +134,22 @@ def _err(measured, predicted):
     return (measured - predicted) / predicted
 
 
+def _by_category(row: dict, pg: dict, cpu: dict) -> dict:
+    """Measured minus predicted, bytes per rank, where the runner measures the same thing (issue 13):
+    each model-state category, and (GPU runs) peak allocated / reserved against the estimator's
+    peak_allocated / peak_reserved. A workshop sees which term of the estimate is wrong. The measured
+    states count offloaded tensors too, so the prediction's CPU share is added to them."""
+    out = {"peak_allocated_pred_bytes": pg.get("peak_allocated"), "peak_reserved_pred_bytes": pg.get("peak_reserved")}
+    for k in STATE_PARTS:
+        measured = row.get(f"{k}_bytes")
+        out[f"{k}_minus_pred_bytes"] = (float(measured) - float(pg[k]) - float(cpu.get(k, 0))
+                                        if measured is not None and k in pg else None)
+    for k in ("peak_allocated", "peak_reserved"):
+        measured, pred = row.get(f"{k}_bytes"), pg.get(k)
+        out[f"{k}_minus_pred_bytes"] = float(measured) - float(pred) if measured is not None and pred else None
+    return out
+
+
 def compare(runs: Any, reference: Any = None, gpu: str | None = None) -> pd.DataFrame:
     """One row per run: setup, throughput, memory and communication measured vs predicted, loss.
 
@@ -192,6 +207,7 @@ def _compare_row(r: Run, ref_loss: pd.Series, gpu: str | None) -> dict:
     row["peak_error"] = _err(row["peak_bytes"], row["peak_pred_bytes"]) if r.device == "cuda" else None
     row["state_error"] = _err(row["state_bytes"], states_pred)
     row["comm_error"] = _err(row["comm_bytes"], row["comm_pred_bytes"])
+    row.update(_by_category(row, pg, cpu if isinstance(cpu, dict) else {}))
     return row
 
 
