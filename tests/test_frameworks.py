@@ -18,11 +18,11 @@ import types
 
 import pytest
 import torch
-
 from fingerprints import fingerprint
+
 from shardlab.export import export
 from shardlab.models import resolve_model
-from shardlab.plan import PlanError, load_plan
+from shardlab.plan import load_plan
 from shardlab.run.gpt import build_model, loss_fn
 from shardlab.run.wrap import wrap
 

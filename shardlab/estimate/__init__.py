@@ -13,10 +13,10 @@ from dataclasses import dataclass, field
 from shardlab.models import ModelSpec, resolve_model
 from shardlab.plan import Plan, load_plan
 
+from .basis import resolve
 from .comm import comm
 from .gpus import GPU, GPUS, get_gpu, register_gpu
 from .memory import memory
-from .basis import resolve
 from .steptime import BARE_SEQ_LEN, step_time
 
 __all__ = ["Estimate", "estimate", "GPU", "GPUS", "get_gpu", "register_gpu"]
