@@ -120,6 +120,11 @@ def cmd_run(a) -> int:
     plan = load_plan(a.plan)
     run = launch(plan, model=a.model, steps=a.steps, nproc=a.nproc, device=a.device, out=a.out,
                  progress=not a.json, timeout_s=a.timeout)
+    if run.info.get("device") == "cuda" and not a.json:
+        from shardlab.export.launch import RUNNER_ENV
+
+        print("note: this run sets " + " ".join(f"{k}={v}" for k, v in RUNNER_ENV.items()) + " for this machine's GPUs "
+              "(recorded in launch.json); exported commands leave them out.", file=sys.stderr)
     try:
         status = run.wait()
     except KeyboardInterrupt:
