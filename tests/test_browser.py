@@ -70,11 +70,11 @@ def browser(tmp_path):
 def app(tmp_path):
     port = free_port()
     env = {k: v for k, v in os.environ.items() if k != "SHARDLAB_RUNS_DIR"}
-    proc = subprocess.Popen([str(BIN / "shardlab"), "app", "--port", str(port), "--runs", str(tmp_path / "runs")], env=env, cwd=tmp_path,
+    proc = subprocess.Popen([str(BIN / "shardlab"), "app", "--port", str(port), "--runs", str(tmp_path / "runs"), "--token", "browser-test"], env=env, cwd=tmp_path,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         wait_http(f"http://127.0.0.1:{port}/", proc)
-        yield f"http://127.0.0.1:{port}/", tmp_path / "runs"
+        yield f"http://127.0.0.1:{port}/?token=browser-test", tmp_path / "runs"
     finally:
         stop(proc)
 

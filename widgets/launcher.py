@@ -20,7 +20,7 @@ import panel as pn
 from bokeh.models import ColumnDataSource
 from bokeh.plotting import figure
 
-from shardlab.models import PRESETS
+from shardlab_widgets.modelpick import model_input
 from shardlab.plan import Plan, PlanError, load_plan
 
 MIB = 2**20
@@ -47,7 +47,7 @@ class RunLauncher(pn.viewable.Viewer):
         self._callback = None
         self._phase: str | None = None
 
-        self.model = pn.widgets.Select(label="model preset", options=list(PRESETS), value=model, width=160, css_classes=["sl-run-model"])
+        self.model = model_input(model, label="model", css_class="sl-run-model", width=240)
         self.steps = pn.widgets.IntInput(label="steps", value=steps, start=1, width=100, css_classes=["sl-run-steps"])
         self.nproc = pn.widgets.IntInput(label="processes", value=nproc, start=1, width=100, css_classes=["sl-run-nproc"],
                                          description="Processes per node (GPUs, or CPU processes on a CPU run).")
