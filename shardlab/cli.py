@@ -190,6 +190,11 @@ def cmd_run(a) -> int:
         print(line, file=sys.stderr)
     run = launch(plan, model=model, steps=a.steps, nproc=a.nproc, device=a.device, out=a.out,
                  progress=not a.json, timeout_s=timeout)
+    if run.info.get("device") == "cuda" and not a.json:
+        from shardlab.export.launch import RUNNER_ENV
+
+        print("note: this run sets " + " ".join(f"{k}={v}" for k, v in RUNNER_ENV.items()) + " for this machine's GPUs "
+              "(recorded in launch.json); exported commands leave them out.", file=sys.stderr)
     # `timeout`, `docker stop`, a SLURM cancel (SIGTERM) and a closed terminal (SIGHUP) stop the run
     # as Ctrl-C does; a SIGKILL cannot be caught: the run's watchdog ends it then (run/watchdog.py).
     with _signals_as_interrupt():

@@ -32,7 +32,7 @@ import labkit  # noqa: E402  (the notebooks' helpers live beside them, as the no
 NOTEBOOKS = sorted(LABS.glob("[0-9][0-9]_*.ipynb"))
 NAMES = ["00_check_setup", "01_fsdp_vs_zero_map", "02_build_and_export", "03_memory_math", "04_first_sharded_run",
          "05_head_to_head", "06_beyond_one_gpu", "07_exercises", "08_bring_your_own_model"]
-CELL_TIMEOUT_S = 240
+CELL_TIMEOUT_S = 600  # lab 00 builds DeepSpeed's two CPU ops in a fresh environment (minutes on a busy 2-core box)
 TOTAL_BUDGET_S = 600  # the issue's limit for all notebooks together on 2 cores
 
 _durations: dict[str, float] = {}
