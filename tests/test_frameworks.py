@@ -300,3 +300,30 @@ def test_deepspeed_engine_from_the_runner_equals_the_engine_from_the_exported_fi
         assert (ran["micro"], ran["accum"]) == (plan.micro_batch_size, plan.grad_accum_steps)
         assert ran["groups"][0]["lr"] == plan.optimizer.lr and ran["groups"][0]["weight_decay"] == plan.optimizer.weight_decay
         assert ran["compiled"] == plan.compile
+
+
+# ---------------------------------------------------------------------------------------------
+# launch() refuses, before starting anything, what the worker would refuse
+
+REFUSED_ON_CPU = [
+    ({"framework": "deepspeed", "precision": "fp16"}, "precision"),  # host.check_run used to let this through
+    ({"framework": "fsdp2", "wrap": {"transformer_layer_cls": "LlamaDecoderLayer"}}, "wrap.transformer_layer_cls"),  # so did launch
+    ({"framework": "deepspeed", "activation_checkpointing": True, "wrap": {"transformer_layer_cls": "GPT2Block"}}, "wrap.transformer_layer_cls"),
+    ({"framework": "fsdp1", "offload": {"params": "cpu", "optimizer": "cpu"}}, "offload.params"),
+    ({"framework": "fsdp1", "low_memory_init": True}, "low_memory_init"),
+    ({"framework": "deepspeed", "zeropp": {"quantized_gradients": True}}, "zeropp.quantized_gradients"),
+    ({"framework": "deepspeed", "offload": {"optimizer": "nvme", "nvme_path": "/nvme"}}, "offload"),
+]
+
+
+@pytest.mark.parametrize("plan,field", REFUSED_ON_CPU)
+def test_launch_refuses_before_any_process_what_the_worker_refuses(tmp_path, plan, field):
+    from shardlab.run.launcher import launch
+
+    plan = load_plan({**plan, "topology": {"gpus_per_node": 2}})
+    with pytest.raises(PlanError) as worker:  # the worker's own call, on the model it would build
+        wrap(plan, build_model(SPEC, seed=0), "cpu", loss_fn)
+    with pytest.raises(PlanError) as launched:
+        launch(plan, model="gpt-tiny", steps=1, device="cpu", out=tmp_path)
+    assert launched.value.findings[0].field == worker.value.findings[0].field == field
+    assert not any(tmp_path.iterdir())  # no run folder, so no process was started
