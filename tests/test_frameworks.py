@@ -283,9 +283,7 @@ def test_deepspeed_engine_from_the_runner_equals_the_engine_from_the_exported_fi
 
     from shardlab.run.host import free_port
 
-    # DeepSpeed JIT-builds its CPU shm op into ~/.cache/torch_extensions, keyed by name only: venvs at
-    # other paths rebuild it there in turn. One build directory per venv builds it once.
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TORCH_EXTENSIONS_DIR": os.path.join(sys.prefix, "torch_extensions")}
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     r = subprocess.run([sys.executable, "-c", _DS_SCRIPT, str(free_port()), json.dumps(DS_MATRIX)],
                        capture_output=True, text=True, timeout=600, env=env)
     assert r.returncode == 0, r.stderr[-4000:]
