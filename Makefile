@@ -5,8 +5,14 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+# JupyterLab refuses to start as root (Docker, cloud VMs, workshop images) unless told it may.
+ROOT_FLAG := $(shell [ "$$(id -u)" = 0 ] && echo --allow-root)
+LAB_PORT ?= 8888
+LAB_DIR ?= labs
+# JIT-built C++ ops (DeepSpeed's CPU Adam, shm comm) live in this environment, not in a shared ~/.cache.
+export TORCH_EXTENSIONS_DIR ?= $(abspath $(VENV))/torch_extensions
 
-.PHONY: lab test setup chromium clean
+.PHONY: lab test setup doctor chromium clean reset-runs
 
 $(STAMP): requirements.txt pyproject.toml
 	[ -x $(BIN)/python ] || $(PY) -m venv $(VENV)
@@ -21,7 +27,15 @@ chromium:
 	@command -v chromium >/dev/null 2>&1 || { $(SUDO) apt-get update -qq && $(SUDO) DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; }
 
 lab: $(STAMP)
-	$(BIN)/jupyter lab --ip=127.0.0.1 --no-browser --notebook-dir=labs
+	$(BIN)/jupyter lab --ip=127.0.0.1 --port=$(LAB_PORT) --no-browser --notebook-dir=$(LAB_DIR) $(ROOT_FLAG) $(LAB_ARGS)
+
+# The first-run check: compiler, DeepSpeed's CPU ops built once, offline assets, what to tell the room.
+doctor: $(STAMP)
+	$(BIN)/shardlab doctor
+
+# Empty the run store the labs and the app write to (labs/runs and ./runs).
+reset-runs:
+	rm -rf runs labs/runs
 
 test: $(STAMP) chromium
 	$(BIN)/python -m pytest -q

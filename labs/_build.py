@@ -6,11 +6,18 @@ the .ipynb files are what people open, and they are written without outputs (exe
 outputs []), so a committed notebook never carries one machine's results.
 
     python labs/_build.py          # rewrite every notebook from its source
-    python labs/_build.py --check  # exit 1 if a notebook differs from what its source builds
+    python labs/_build.py --check  # exit 1 if a notebook differs from what its source builds,
+                                   # or a source breaks a rule below
+
+Rules every source keeps, because breaking them only shows in a browser (never in nbclient):
+- offline display: a notebook that displays panel / HoloViz output calls `pn.extension(inline=True)`
+  before it imports hvplot or holoviews (their import loads BokehJS from a CDN otherwise, and the
+  plots stay empty without internet).
 """
 
 from __future__ import annotations
 
+import re
 import sys
 from pathlib import Path
 
@@ -57,11 +64,30 @@ def text_of(nb: nbformat.NotebookNode) -> str:
     return nbformat.writes(nb) + "\n"
 
 
+_INLINE = re.compile(r"^pn\.extension\([^)]*inline=True", re.M)
+_HOLOVIZ_IMPORT = re.compile(r"^\s*(import (hvplot|holoviews)|from (hvplot|holoviews)\b)", re.M)
+_DISPLAYS = re.compile(r"\bpn\.panel\(|\bshardlab_widgets\b|\.hvplot\b|\bplots\.")
+
+
+def rule_breaks(text: str) -> list[str]:
+    """The offline-display rule (module docstring) checked on one source's text: what is wrong, if anything."""
+    inline = _INLINE.search(text)
+    problems = []
+    if _DISPLAYS.search(text) and not inline:
+        problems.append("displays panel/HoloViz output but never calls pn.extension(inline=True)")
+    first_import = _HOLOVIZ_IMPORT.search(text)
+    if first_import and (not inline or first_import.start() < inline.start()):
+        problems.append(f"{first_import.group(0).strip()!r} comes before pn.extension(inline=True): plots would load BokehJS from a CDN")
+    return problems
+
+
 def main(argv: list[str]) -> int:
     check = "--check" in argv
     stale = []
     for src in sorted(SRC.glob("[0-9][0-9]_*.py")):
         out = LABS / f"{src.stem}.ipynb"
+        for problem in rule_breaks(src.read_text()):
+            stale.append(f"{src.name}: {problem}")
         text = text_of(build(src))
         if check:
             if not out.exists() or out.read_text() != text:
@@ -70,7 +96,7 @@ def main(argv: list[str]) -> int:
             out.write_text(text)
             print(f"wrote {out.relative_to(LABS.parent)}")
     if stale:
-        print(f"out of date (run python labs/_build.py): {', '.join(stale)}", file=sys.stderr)
+        print(f"out of date or breaking a rule (see labs/_build.py): {', '.join(stale)}", file=sys.stderr)
         return 1
     return 0
 

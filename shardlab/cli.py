@@ -2,17 +2,33 @@
 
 Each subcommand is a thin shell over a library function; heavy modules are imported inside the
 handler that needs them. Bad input of any kind (PlanError, or a ValueError raised for a bad flag
-value) prints its message on stderr and exits 2, never a traceback.
+value) prints its message on stderr and exits 2, never a traceback. Output piped into a program that
+stops reading (`shardlab runs | head`) ends quietly, as other command-line tools do.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
+import signal
 import sys
 from pathlib import Path
 
 from shardlab.plan import PlanError, load_plan
+
+PLAN_FILE_HELP = """\
+A plan file is YAML or JSON naming only what differs from the defaults, e.g.
+
+    framework: deepspeed      # fsdp1 | fsdp2 | deepspeed
+    sharding: zero3           # ddp | zero1 (DeepSpeed) | zero2 | zero3 | hybrid
+    precision: bf16           # fp32 | bf16 | fp16
+    offload: {optimizer: cpu} # none | cpu | nvme (params: zero3 only)
+    topology: {nodes: 1, gpus_per_node: 8}
+
+Other fields: activation_checkpointing, micro_batch_size, grad_accum_steps, zeropp. `shardlab validate
+PLAN` checks one; `shardlab import ds_config.json` makes one from a DeepSpeed or accelerate config."""
 
 EXPORT_TARGETS = ("deepspeed", "accelerate", "fsdp-code", "torchrun", "deepspeed-launch", "accelerate-launch", "slurm")
 
@@ -21,9 +37,33 @@ class UsageError(ValueError):
     """A bad flag or argument value: printed and exit 2."""
 
 
+def _check_output(out: str | None) -> None:
+    """Refuse an output path that cannot be written before any work is done (exit 2, no traceback)."""
+    if not out:
+        return
+    from shardlab.safe_input import label
+
+    p = Path(out)
+    if p.is_dir() or out.endswith(("/", "\\")):
+        raise UsageError(f"-o {label(out)} is a directory; give a file name, e.g. -o {label(str(p / 'out.yaml'))}.")
+    parent = p.parent if str(p.parent) else Path(".")
+    if not parent.is_dir():
+        raise UsageError(f"-o {label(out)}: the folder {label(str(parent))} does not exist. Create it first (mkdir -p {label(str(parent))}) or write elsewhere.")
+    if not os.access(parent, os.W_OK) or (p.exists() and not os.access(p, os.W_OK)):
+        raise UsageError(f"-o {label(out)} cannot be written (no permission). Choose a path you can write.")
+
+
+def _plan(path: str):
+    """The plan file named on the command line (always a path, never YAML text)."""
+    return load_plan(Path(path), check=False)
+
+
 def _write(text: str, out: str | None) -> None:
     if out:
-        Path(out).write_text(text)
+        try:
+            Path(out).write_text(text)
+        except OSError as e:
+            raise UsageError(f"-o {out}: cannot write it ({e.strerror}). Choose another path.") from None
         print(f"wrote {out}", file=sys.stderr)
     else:
         sys.stdout.write(text if text.endswith("\n") else text + "\n")
@@ -35,7 +75,7 @@ def _print_findings(findings) -> None:
 
 
 def cmd_validate(a) -> int:
-    plan = load_plan(a.plan, check=False)
+    plan = _plan(a.plan)
     found = plan.findings()
     _print_findings(found)
     if any(f.level == "error" for f in found):
@@ -47,7 +87,7 @@ def cmd_validate(a) -> int:
 def cmd_export(a) -> int:
     from shardlab.export import export
 
-    plan = load_plan(a.plan)
+    plan = load_plan(_plan(a.plan))
     _print_findings(plan.warnings())
     _write(export(plan, a.to), a.output)
     return 0
@@ -56,7 +96,7 @@ def cmd_export(a) -> int:
 def cmd_import(a) -> int:
     from shardlab.load import import_config
 
-    plan, notes = import_config(a.file)
+    plan, notes = import_config(Path(a.file))
     for n in notes:
         print(f"note: {n}", file=sys.stderr)
     _write(plan.to_yaml(minimal=True) or "{}\n", a.output)
@@ -66,31 +106,67 @@ def cmd_import(a) -> int:
 def cmd_translate(a) -> int:
     from shardlab.load import translate
 
-    plan, notes = translate(load_plan(a.plan, check=False), a.to)
+    plan, notes = translate(_plan(a.plan), a.to)
     for n in notes:
         print(f"note: {n}", file=sys.stderr)
     _write(plan.to_yaml(minimal=True) or "{}\n", a.output)
     return 0
 
 
+MODEL_HELP = ("preset (gpt-tiny, gpt-1.3b, llama-8b, ...), a YAML/JSON shape file, or your own model: "
+              "hf:<model_type> [key=value ...] (e.g. hf:llama hidden_size=2048 num_hidden_layers=16 seq_len=1024), "
+              "a Hugging Face config.json [key=value ...], or module:function (a factory returning an nn.Module)")
+
+
+def _model_text(words: list[str] | None) -> str | None:
+    """--model's words as one source text (`--model hf:llama hidden_size=64` needs no quotes)."""
+    if words is None:
+        return None
+    import shlex
+
+    return words[0] if len(words) == 1 else " ".join(shlex.quote(w) for w in words)
+
+
 def _model_arg(a):
     from shardlab.models import resolve_model
 
     if (a.model is None) == (a.params is None):
-        raise UsageError("give exactly one of --model PRESET|SHAPE_FILE or --params N (e.g. --model gpt-1.3b or --params 7e9).")
-    return resolve_model(a.model if a.model is not None else a.params)
+        raise UsageError("give exactly one of --model PRESET|SHAPE_FILE|SOURCE or --params N (e.g. --model gpt-1.3b, --model hf:llama, or --params 7e9).")
+    return resolve_model(_model_text(a.model) if a.model is not None else a.params)
+
+
+def _describe_model(spec) -> str | None:
+    """One line about a model built from a source (Hugging Face config or factory), for stderr."""
+    if spec.source is None:
+        return None
+    from shardlab.models import flops_per_token
+
+    unit = (f"wrap unit {spec.wrap_cls} x {spec.wrap_unit_count} (found in the model)" if spec.wrap_cls else
+            "no repeated block found (name one in wrap.transformer_layer_cls)")
+    return f"model {spec.name}: {spec.params:,} parameters, {unit}, {flops_per_token(spec) / 1e6:,.2f} MFLOP per token"
+
+
+def _model_json(spec) -> dict:
+    from shardlab.models import flops_per_token
+
+    return {"source": spec.source, "wrap_class": spec.wrap_cls, "wrap_units": spec.wrap_unit_count,
+            "flops_per_token": flops_per_token(spec)}
 
 
 def cmd_estimate(a) -> int:
     from shardlab.estimate import estimate
 
-    plan = load_plan(a.plan)
+    plan = load_plan(_plan(a.plan))
+    spec = _model_arg(a)
     cal = False if a.calibration == "none" else a.calibration
-    est = estimate(plan, _model_arg(a), gpu=a.gpu, calibration=cal)
+    est = estimate(plan, spec, gpu=a.gpu, method="trace" if getattr(a, "trace", False) else "analytic", calibration=cal)
     if a.json:
-        print(json.dumps(est.to_dict()))
+        out = est.to_dict()
+        out["model"].update(_model_json(spec))
+        print(json.dumps(out))
     else:
-        print(est.summary())
+        line = _describe_model(spec)
+        print(est.summary() + (f"\n{line}" if line else ""))
     return 0
 
 
@@ -101,21 +177,50 @@ def cmd_calibrate(a) -> int:
 
 
 def cmd_run(a) -> int:
+    from shardlab.models import resolve_model
     from shardlab.run.launcher import launch
+    from shardlab.safe_input import finite_number
 
-    plan = load_plan(a.plan)
-    run = launch(plan, model=a.model, steps=a.steps, nproc=a.nproc, device=a.device, out=a.out,
-                 progress=not a.json, timeout_s=a.timeout)
-    try:
-        status = run.wait()
-    except KeyboardInterrupt:
-        run.cancel()
-        status = run.status
+    plan = load_plan(_plan(a.plan))
+    timeout = None if a.timeout is None else finite_number("--timeout", a.timeout, positive=True)
+    model = _model_text(a.model)
+    line = _describe_model(resolve_model(model))
+    if line:
+        print(line, file=sys.stderr)
+    run = launch(plan, model=model, steps=a.steps, nproc=a.nproc, device=a.device, out=a.out,
+                 progress=not a.json, timeout_s=timeout)
+    # `timeout`, `docker stop`, a SLURM cancel (SIGTERM) and a closed terminal (SIGHUP) stop the run
+    # as Ctrl-C does; a SIGKILL cannot be caught: the run's watchdog ends it then (run/watchdog.py).
+    with _signals_as_interrupt():
+        try:
+            status = run.wait()
+        except KeyboardInterrupt:
+            run.cancel()
+            status = run.status
+    info = run.info
+    world, device = info.get("world_size"), info.get("device")
     if a.json:
-        print(json.dumps({"id": run.id, "status": status, "dir": str(run.dir)}))
+        print(json.dumps({"id": run.id, "status": status, "dir": str(run.dir), "world_size": world, "device": device}))
     else:
-        print(f"run {run.id}: {status} ({run.dir})")
+        nodes, nproc = info.get("nodes"), info.get("nproc_per_node")
+        print(f"run {run.id}: {status}, world size {world} ({nodes} node(s) x {nproc} process(es)) on {device} ({run.dir})")
     return 0 if status == "completed" else 1
+
+
+@contextlib.contextmanager
+def _signals_as_interrupt():
+    """SIGTERM / SIGHUP raise KeyboardInterrupt in the main thread while the block runs."""
+    def handler(signum, frame):
+        for sig in (signal.SIGTERM, signal.SIGHUP):
+            signal.signal(sig, signal.SIG_IGN)  # once: the cancel that follows must not be interrupted
+        raise KeyboardInterrupt(signal.Signals(signum).name)
+
+    old = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for sig, h in old.items():
+            signal.signal(sig, h)
 
 
 def cmd_runs(a) -> int:
@@ -129,62 +234,102 @@ def cmd_runs(a) -> int:
 def cmd_report(a) -> int:
     from shardlab.report import write_report
 
-    path = write_report(a.run_dirs, a.output)
+    print(f"writing a report of {len(a.run_dirs)} run(s): tables, figures and their PNGs (tens of seconds on a small machine)...",
+          file=sys.stderr, flush=True)
+    path = write_report(a.run_dirs, a.output, progress=_stderr_step)
     print(f"wrote {path}")
     return 0
 
 
+def _stderr_step(what: str) -> None:
+    print(f"  {what}", file=sys.stderr, flush=True)
+
+
 def cmd_app(a) -> int:
+    from shardlab.run.host import check_port
+
+    check_port(a.port)
     from shardlab_widgets.app import serve
 
-    serve(port=a.port, show=False)
+    serve(port=a.port, show=False, runs_dir=a.runs, token=a.token)
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="shardlab", description="Build, check, export, estimate, run and compare FSDP / DeepSpeed ZeRO setups.")
-    sub = p.add_subparsers(dest="command", required=True)
+def cmd_doctor(a) -> int:
+    from shardlab.doctor import main as doctor
 
-    s = sub.add_parser("validate", help="check a plan file")
+    return doctor(warm=not a.no_build)
+
+
+def _gpu_names() -> str:
+    from shardlab.estimate.gpus import GPUS
+
+    return ", ".join(GPUS)
+
+
+def _model_names() -> str:
+    from shardlab.models import PRESETS
+
+    return ", ".join(PRESETS)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from shardlab import __version__
+
+    fmt = argparse.RawDescriptionHelpFormatter
+    p = argparse.ArgumentParser(prog="shardlab", formatter_class=fmt,
+                                description="Build, check, export, estimate, run and compare FSDP / DeepSpeed ZeRO setups.",
+                                epilog=PLAN_FILE_HELP + "\n\nFirst time on a machine: shardlab doctor. Each command has --help.")
+    p.add_argument("--version", action="version", version=f"shardlab {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def add(name, help, **kw):
+        return sub.add_parser(name, help=help, description=help[0].upper() + help[1:] + ".", formatter_class=fmt, **kw)
+
+    s = add("validate", "check a plan file", epilog=PLAN_FILE_HELP)
     s.add_argument("plan")
     s.set_defaults(fn=cmd_validate)
 
-    s = sub.add_parser("export", help="write a plan in a real tool's format")
+    s = add("export", "write a plan in a real tool's format")
     s.add_argument("plan")
     s.add_argument("--to", required=True, choices=EXPORT_TARGETS)
     s.add_argument("-o", "--output")
     s.set_defaults(fn=cmd_export)
 
-    s = sub.add_parser("import", help="DeepSpeed JSON or accelerate YAML -> plan")
+    s = add("import", "DeepSpeed JSON or accelerate YAML -> plan")
     s.add_argument("file")
     s.add_argument("-o", "--output")
     s.set_defaults(fn=cmd_import)
 
-    s = sub.add_parser("translate", help="the same setup in another framework, with notes")
+    s = add("translate", "the same setup in another framework, with notes")
     s.add_argument("plan")
     s.add_argument("--to", required=True, choices=("fsdp1", "fsdp2", "deepspeed"))
     s.add_argument("-o", "--output")
     s.set_defaults(fn=cmd_translate)
 
-    s = sub.add_parser("estimate", help="memory, communication and step time of a plan")
+    s = add("estimate", "memory, communication and step time of a plan",
+            epilog=f"GPUs (--gpu): {_gpu_names()}\nModel presets (--model): {_model_names()}\n\n{PLAN_FILE_HELP}")
     s.add_argument("plan")
-    s.add_argument("--model", help="preset name (e.g. gpt-tiny, gpt-1.3b, llama-8b) or a YAML/JSON shape file")
+    s.add_argument("--model", nargs="+", metavar="MODEL", help=MODEL_HELP)
     s.add_argument("--params", help="bare parameter count, e.g. 7e9 (model states only)")
-    s.add_argument("--gpu", default="h100-80gb", help="GPU name from the GPU table")
+    s.add_argument("--gpu", default="h100-80gb", help="GPU name from the GPU table (listed below; default h100-80gb)")
     s.add_argument("--calibration", default=None, help="a calibration file or folder; 'none' for the data sheet only (default: this machine's, if any)")
+    s.add_argument("--trace", action="store_true", help="peak memory from one training step on fake tensors (seconds, no GPU) instead of the formulas")
     s.add_argument("--json", action="store_true")
     s.set_defaults(fn=cmd_estimate)
 
-    s = sub.add_parser("calibrate", help="measure this GPU's rates for the step-time model (about a minute), or refit from runs")
+    s = add("calibrate", "measure this GPU's rates for the step-time model (about a minute), or refit from runs")
     s.add_argument("--from-runs", nargs="+", metavar="DIR", help="refit from run folders (or run stores) instead of measuring")
     s.add_argument("--gpu", default=None, help="GPU table name to file the calibration under (default: detected)")
     s.add_argument("--calibration-dir", default=None, help="where calibrations live (default: $SHARDLAB_CALIBRATION_DIR or ~/.cache/shardlab/calibration)")
     s.add_argument("--json", action="store_true")
     s.set_defaults(fn=cmd_calibrate)
 
-    s = sub.add_parser("run", help="a real sharded training run")
+    s = add("run", "a real sharded training run on this machine (CPU processes over gloo, or the local GPUs)",
+            epilog=f"Model presets (--model): {_model_names()}\nThe last line states the run's status, world size and device; "
+                   "the run's files are in OUT/<id>/.\n\n{PLAN_FILE_HELP}")
     s.add_argument("plan")
-    s.add_argument("--model", required=True)
+    s.add_argument("--model", nargs="+", metavar="MODEL", required=True, help=MODEL_HELP)
     s.add_argument("--steps", type=int, required=True)
     s.add_argument("--nproc", type=int, default=None, help="processes per node (default: the plan's gpus_per_node)")
     s.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda if present")
@@ -193,25 +338,49 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true")
     s.set_defaults(fn=cmd_run)
 
-    s = sub.add_parser("runs", help="list the run store")
+    s = add("runs", "list the run store")
     s.add_argument("dir", nargs="?", default="runs")
     s.set_defaults(fn=cmd_runs)
 
-    s = sub.add_parser("report", help="tables and figures of runs, as one HTML file")
+    s = add("report", "tables and figures of runs, as one HTML file")
     s.add_argument("run_dirs", nargs="+")
     s.add_argument("-o", "--output", required=True)
     s.set_defaults(fn=cmd_report)
 
-    s = sub.add_parser("app", help="serve the dashboard at http://127.0.0.1:PORT/")
+    s = add("app", "serve the dashboard at http://127.0.0.1:PORT/")
     s.add_argument("--port", type=int, default=5006)
+    s.add_argument("--token", default=None,
+                   help="the token a browser must present (?token=...); default: a random one, printed at start. "
+                        "Use --token '' to serve without one (only on a machine nobody else can reach)")
+    s.add_argument("--runs", default=None, metavar="DIR",
+                   help="run store the Run and Compare tabs use (default: $SHARDLAB_RUNS_DIR, else ./runs)")
     s.set_defaults(fn=cmd_app)
+
+    s = add("doctor", "first-run check: versions, C++ compiler, DeepSpeed's CPU ops built once, offline assets, machine facts")
+    s.add_argument("--no-build", action="store_true", help="skip building DeepSpeed's CPU ops")
+    s.set_defaults(fn=cmd_doctor)
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def _quiet_broken_pipe() -> int:
+    """The reader went away (`| head`): stop writing, without a traceback or a second error at exit."""
     try:
-        return args.fn(args)
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args = build_parser().parse_args(argv)  # --help | head: a broken pipe here too
+        _check_output(getattr(args, "output", None))
+        code = args.fn(args)
+        sys.stdout.flush()
+        return code
+    except BrokenPipeError:
+        return _quiet_broken_pipe()
     except PlanError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

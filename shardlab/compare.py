@@ -391,13 +391,18 @@ _LABELS = {
 
 
 def style_compare(df: pd.DataFrame):
-    """A pandas Styler for notebooks: GiB (2^30) with units in the headers, thousands separators,
+    """A pandas Styler for notebooks: bytes in the binary unit that fits each column (shardlab.units), named in the headers, thousands separators,
     percent errors, the best value per column highlighted (most throughput, least memory/traffic)."""
 
-    def gib(v):
-        return "" if v is None or pd.isna(v) else f"{v / GIB:,.3f}"
+    from shardlab.units import unit_for
 
-    fmt: dict[str, Any] = {c: gib for c in _BYTES if c in df}
+    # one unit per column, fitted to its largest value (gpt-tiny's KiB are not 0.000 GiB)
+    units = {c: unit_for(pd.to_numeric(df[c], errors="coerce").abs().max()) for c in _BYTES if c in df}
+
+    def in_unit(size):
+        return lambda v: "" if v is None or pd.isna(v) else f"{v / size:,.3f}"
+
+    fmt: dict[str, Any] = {c: in_unit(size) for c, (_, size) in units.items()}
     fmt.update({c: "{:,.0f}" for c in ("tokens_per_s", "tokens_per_s_pred", "model_params") if c in df})
     fmt.update({c: "{:,.3g}" for c in ("tflops",) if c in df})
     fmt.update({c: "{:+.1%}" for c in ("tokens_per_s_residual", "step_time_residual") if c in df})
@@ -413,6 +418,8 @@ def style_compare(df: pd.DataFrame):
         st = st.highlight_max(subset=hi, props=best)
     if lo:
         st = st.highlight_min(subset=lo, props=best)
-    st = st.relabel_index([_LABELS.get(c, c.replace("_", " ")) for c in df.columns], axis="columns")
+    labels = [_LABELS.get(c, c.replace("_", " ")) for c in df.columns]
+    labels = [lab.replace("(GiB)", f"({units[c][0]})") if c in units else lab for c, lab in zip(df.columns, labels)]
+    st = st.relabel_index(labels, axis="columns")
     ref = df.attrs.get("reference")
     return st.set_caption(f"Measured vs predicted per run (loss reference: {ref})" if ref else "Measured vs predicted per run")

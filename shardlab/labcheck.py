@@ -69,7 +69,9 @@ def run_once(plan, model: str = "gpt-tiny", steps: int = 4, nproc: int | None = 
                 return load_run(d)
         except (OSError, ValueError):
             continue
-    run = shardlab.launch(want, model=model, steps=steps, nproc=nproc, device=device, out=out, timeout_s=timeout_s, seed=seed)
+    # progress: a bar that names each start-up phase, so a lab cell never waits without a word
+    run = shardlab.launch(want, model=model, steps=steps, nproc=nproc, device=device, out=out, timeout_s=timeout_s, seed=seed,
+                          progress=True)
     status = run.wait()
     if status != "completed":
         raise RuntimeError(f"run {run.id} ({want.framework} {want.sharding} {want.precision}) ended {status}: "

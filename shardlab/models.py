@@ -42,6 +42,13 @@ class ModelSpec:
     # Set by count_module for a user nn.Module: its repeated block (FSDP/ZeRO-3 gather unit).
     wrap_unit_params: int | None = field(default=None, compare=False)
     wrap_unit_count: int = field(default=0, compare=False)
+    # Set for models counted from a real nn.Module (shardlab/usermodel.py: Hugging Face configs and
+    # factories): how to build it again, its wrap class, its parameter tensors, FLOPs it was counted at.
+    source: str | None = field(default=None, compare=False)
+    wrap_cls: str | None = field(default=None, compare=False)
+    shapes: "ParamShapes | None" = field(default=None, compare=False)
+    counted_flops_per_token: int | None = field(default=None, compare=False)
+    tree: object = field(default=None, compare=False, repr=False)  # frameworks.units.Node of the real module
 
     @property
     def n_kv_heads(self) -> int:
@@ -61,7 +68,8 @@ class ModelSpec:
 
     @property
     def is_bare(self) -> bool:
-        return self.params_override is not None
+        """No transformer shape (a count, or a module without one): model states only, no activations."""
+        return self.params_override is not None and self.layers == 0
 
     @property
     def block_params(self) -> int:
@@ -94,7 +102,7 @@ class ModelSpec:
         return self.embedding_params + self.layers * self.block_params + self.head_params
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        return {k: v for k, v in asdict(self).items() if k != "tree"}
 
 
 def _gpt(name, layers, hidden, heads, vocab=50257, seq_len=2048) -> ModelSpec:
@@ -128,17 +136,25 @@ PRESETS: dict[str, ModelSpec] = {
     )
 }
 
+# Largest shape values taken (the biggest published models use ~100-200 layers, hidden 16-25k,
+# vocab 256k, contexts of 1M): far above any real model, small enough to estimate instantly.
+SHAPE_LIMITS = {"layers": 10_000, "hidden": 1_000_000, "heads": 100_000, "vocab": 100_000_000,
+                "seq_len": 100_000_000, "kv_heads": 100_000, "ffn_hidden": 10_000_000}
 _SHAPE_KEYS = {"layers", "hidden", "heads", "vocab", "seq_len", "kv_heads", "ffn_hidden", "family", "name"}
 
 
 def bare(params: int | float | str) -> ModelSpec:
     """A bare parameter count: model states only (no shape, so no activations)."""
+    from shardlab.safe_input import MAX_PARAMS, short
+
     try:
         n = int(float(params))
-    except (TypeError, ValueError):
-        raise bad_input("--params", f"--params={params!r} is not a number. Give a parameter count such as 7e9 or 1300000000.") from None
+    except (TypeError, ValueError, OverflowError):
+        raise bad_input("--params", f"--params={short(params)} is not a finite number. Give a parameter count such as 7e9 or 1300000000.") from None
     if n <= 0:
-        raise bad_input("--params", f"--params={params!r} must be positive. Give a parameter count such as 7e9.")
+        raise bad_input("--params", f"--params={short(params)} must be positive. Give a parameter count such as 7e9.")
+    if n > MAX_PARAMS:
+        raise bad_input("--params", f"--params={short(params)} is beyond what shardlab models (at most {MAX_PARAMS:.0e} parameters). Give a real model's size, e.g. 7e9.")
     return ModelSpec(f"{n / 1e9:g}B params", layers=0, hidden=0, heads=1, vocab=0, seq_len=0, params_override=n)
 
 
@@ -146,22 +162,27 @@ def shape_from_dict(data: dict, name: str = "custom") -> ModelSpec:
     """A hand-given shape (layers, hidden, heads, vocab, seq_len; optional kv_heads, ffn_hidden, family)."""
     if not isinstance(data, dict):
         raise bad_input("model", f"a model shape must be a mapping with layers, hidden, heads, vocab, seq_len; got {type(data).__name__}.")
-    unknown = set(data) - _SHAPE_KEYS
+    from shardlab.safe_input import short
+
+    unknown = {str(k) for k in data} - _SHAPE_KEYS
     if unknown:
-        raise bad_input("model", f"model shape has unknown keys {sorted(unknown)}; valid keys are {sorted(_SHAPE_KEYS)}.")
+        raise bad_input("model", f"model shape has unknown keys {short(sorted(unknown))}; valid keys are {sorted(_SHAPE_KEYS)}.")
     missing = {"layers", "hidden", "heads", "vocab", "seq_len"} - set(data)
     if missing:
         raise bad_input("model", f"model shape lacks {sorted(missing)}. Add them (e.g. layers: 24, hidden: 2048, heads: 16, vocab: 50257, seq_len: 2048).")
-    vals = {"name": str(data.get("name", name)), "family": data.get("family", "gpt")}
+    vals = {"name": str(data.get("name", name))[:100], "family": data.get("family", "gpt")}
     for k in ("layers", "hidden", "heads", "vocab", "seq_len", "kv_heads", "ffn_hidden"):
         v = data.get(k)
         if v is None and k in ("kv_heads", "ffn_hidden"):
             continue
         if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-            raise bad_input(f"model.{k}", f"model.{k}={v!r} must be a positive whole number.")
+            raise bad_input(f"model.{k}", f"model.{k}={short(v)} must be a positive whole number.")
+        if v > SHAPE_LIMITS[k]:
+            # the estimate walks the layers and multiplies sizes: bounded, so it runs in constant memory
+            raise bad_input(f"model.{k}", f"model.{k}={short(v)} is beyond what shardlab models (at most {SHAPE_LIMITS[k]:,}). Give a real model's shape.")
         vals[k] = v
     if vals["family"] not in ("gpt", "llama"):
-        raise bad_input("model.family", f"model.family={vals['family']!r} must be gpt or llama.")
+        raise bad_input("model.family", f"model.family={short(vals['family'])} must be gpt or llama.")
     if vals["hidden"] % vals["heads"]:
         raise bad_input("model.heads", f"model.heads={vals['heads']} must divide model.hidden={vals['hidden']} (head size = hidden / heads).")
     if vals["heads"] % vals.get("kv_heads", vals["heads"]):
@@ -169,12 +190,40 @@ def shape_from_dict(data: dict, name: str = "custom") -> ModelSpec:
     return ModelSpec(**vals)
 
 
+# The served app (`shardlab app`) turns this off: there a model named in the browser may be a preset,
+# an `hf:` source or a number, never a file on the server or a module:function to import (issue 19).
+SERVER_SOURCES_ALLOWED = True
+
+
+def _served_check(s: str) -> None:
+    t = s.strip()
+    if t in PRESETS or t.startswith("hf:"):
+        return
+    try:
+        float(t)
+        return
+    except ValueError:
+        pass
+    from shardlab.safe_input import short
+
+    raise bad_input("model", f"model={short(t)}: the served app takes a preset, hf:<model_type> [key=value ...] or a parameter count; "
+                    "a file path or module:function would be read or run on the server, so they are off here. Use them from a notebook or the CLI.")
+
+
 def resolve_model(spec: str | int | float | dict | ModelSpec) -> ModelSpec:
-    """A preset name, a shape file path, a shape dict, a bare count or an nn.Module -> ModelSpec (PlanError if bad)."""
+    """A preset name, a shape file path, a shape dict, a bare count, an nn.Module or a factory, or a
+    user model source (`hf:llama ...`, a Hugging Face config.json, `module:function`; see
+    shardlab/usermodel.py) -> ModelSpec (PlanError if bad)."""
     if isinstance(spec, ModelSpec):
         return spec
-    if hasattr(spec, "named_parameters"):  # an nn.Module, counted without importing torch here
-        return count_module(spec)
+    if isinstance(spec, str) and not SERVER_SOURCES_ALLOWED:
+        _served_check(spec)
+    if hasattr(spec, "named_parameters") or (callable(spec) and not isinstance(spec, str)):
+        return count_module(spec)  # an nn.Module or a factory, counted without importing torch here
+    from shardlab import usermodel
+
+    if isinstance(spec, str) and usermodel.is_source(spec):
+        return usermodel.resolve(spec).spec
     if isinstance(spec, dict):
         return shape_from_dict(spec)
     if isinstance(spec, (int, float)) and not isinstance(spec, bool):
@@ -182,19 +231,24 @@ def resolve_model(spec: str | int | float | dict | ModelSpec) -> ModelSpec:
     s = str(spec)
     if s in PRESETS:
         return PRESETS[s]
-    if s.endswith((".yaml", ".yml", ".json")) or Path(s).is_file():
-        from shardlab.plan import parse_text, read_text
+    from shardlab.plan import names_file, parse_text, read_text
 
+    if s.endswith((".yaml", ".yml", ".json")) or names_file(s):
         return shape_from_dict(parse_text(read_text(s), s), name=Path(s).stem)
     try:
-        return bare(float(s))
-    except Exception:
+        n = float(s)
+    except ValueError:
         pass
+    else:
+        return bare(n)
     import difflib
 
-    near = difflib.get_close_matches(s, list(PRESETS), n=1)
+    near = difflib.get_close_matches(s[:100], list(PRESETS), n=1)
     hint = f" Did you mean '{near[0]}'?" if near else ""
-    raise bad_input("--model", f"--model={s!r} is neither a preset nor a shape file.{hint} Presets: {', '.join(PRESETS)}.")
+    from shardlab.safe_input import short
+
+    raise bad_input("--model", f"--model={short(s)} is neither a preset nor a shape file nor a model source.{hint} Presets: {', '.join(PRESETS)}; "
+                    "or hf:<model_type> [key=value ...] (e.g. hf:llama), a Hugging Face config.json, or module:function.")
 
 
 def with_seq_len(spec: ModelSpec, seq_len: int) -> ModelSpec:
@@ -211,7 +265,7 @@ def with_seq_len(spec: ModelSpec, seq_len: int) -> ModelSpec:
 
 def _key(spec: ModelSpec) -> tuple:
     return (spec.layers, spec.hidden, spec.heads, spec.vocab, spec.seq_len, spec.kv_heads, spec.ffn_hidden,
-            spec.family, spec.params_override, spec.wrap_unit_params, spec.wrap_unit_count)
+            spec.family, spec.params_override, spec.wrap_unit_params, spec.wrap_unit_count, spec.shapes, spec.source)
 
 
 @dataclass(frozen=True)
@@ -241,6 +295,8 @@ _SHAPES: dict[tuple, ParamShapes] = {}
 
 def param_shapes(spec: ModelSpec) -> ParamShapes:
     """The model's parameter tensors (for shard padding, persistence thresholds and wrap units)."""
+    if spec.shapes is not None:
+        return spec.shapes
     k = _key(spec)
     got = _SHAPES.get(k)
     if got is not None:
@@ -273,7 +329,13 @@ def flops_per_token(spec: ModelSpec, seq_len: int | None = None) -> int:
     LM head stays in N (it is a matmul). 12·L·d·T is attention's QK^T and AV, forward and backward.
     A bare count has no shape, so it gets 6·N only. Recomputation (activation checkpointing) is
     not counted, as in torchtitan's MFU; the step-time model adds it separately.
+    A model counted from its nn.Module (usermodel.py) has its FLOPs counted by torch's FLOP counter at
+    its own seq_len; another seq_len moves only the attention term.
     """
+    if spec.counted_flops_per_token is not None:
+        t = spec.seq_len if seq_len is None else seq_len
+        extra = 12 * spec.layers * spec.hidden * (t - spec.seq_len) if spec.layers and spec.seq_len else 0
+        return spec.counted_flops_per_token + extra
     if spec.is_bare:
         return 6 * spec.params
     t = spec.seq_len if seq_len is None else seq_len
@@ -322,9 +384,11 @@ def wrap_units(spec: ModelSpec, policy: str = "transformer", min_num_params: int
     if key not in _UNITS:
         from shardlab.frameworks.units import spec_tree, units
 
-        tree = spec_tree(spec)
-        if not spec.is_bare or spec.wrap_unit_params:
-            found = units(tree, policy, min_num_params, ("Block",))
+        # a model counted from its nn.Module (usermodel.py) has its own tree and block class
+        tree = spec.tree if spec.tree is not None else spec_tree(spec)
+        names = (spec.wrap_cls,) if spec.tree is not None and spec.wrap_cls else ("Block",)
+        if not spec.is_bare or spec.wrap_unit_params or spec.tree is not None:
+            found = units(tree, policy, min_num_params, names)
         else:
             found = [("", spec.params)]
         _UNITS[key] = [("root", found[-1][1])] + found[:-1]
@@ -339,60 +403,7 @@ def largest_wrap_unit(spec: ModelSpec, policy: str = "transformer", min_num_para
 
 
 def count_module(module, wrap_cls: str | None = None, name: str | None = None) -> ModelSpec:
-    """Count a user nn.Module (or a zero-argument factory building one, built on the meta device).
+    """Count a user nn.Module or a zero-argument factory (see shardlab.usermodel.count_module)."""
+    from shardlab.usermodel import count_module as count
 
-    Shared (tied) parameters count once. The wrap unit is the modules of class `wrap_cls` if given,
-    else the repeated child class with the most parameters in total (a transformer's block). The
-    result is a bare count with a wrap unit: model states and gather buffers, no activations.
-    """
-    import torch  # only here: `import shardlab` must not import torch
-
-    if not isinstance(module, torch.nn.Module):
-        if not callable(module):
-            raise bad_input("model", f"model={module!r} is not an nn.Module or a function that builds one. Pass the module, or a zero-argument factory.")
-        with torch.device("meta"):
-            module = module()
-        if not isinstance(module, torch.nn.Module):
-            raise bad_input("model", f"the model factory returned {type(module).__name__}, not an nn.Module. Return the module from the factory.")
-    seen: set[int] = set()
-    total = 0
-    for p in module.parameters():
-        if id(p) not in seen:
-            seen.add(id(p))
-            total += p.numel()
-    if total == 0:
-        raise bad_input("model", f"the module {type(module).__name__} has no parameters, so there is nothing to shard. Pass a module with parameters.")
-    containers = (torch.nn.ModuleList, torch.nn.Sequential, torch.nn.ModuleDict)
-    size = {id(m): sum(p.numel() for p in m.parameters()) for m in module.modules()}
-    by_cls: dict[str, list[int]] = {}
-    for m in module.modules():
-        if m is not module and not isinstance(m, containers):
-            by_cls.setdefault(type(m).__name__, []).append(size[id(m)])
-    if wrap_cls is not None:
-        if wrap_cls not in by_cls:
-            import difflib
-
-            near = difflib.get_close_matches(wrap_cls, list(by_cls), n=1)
-            hint = f" Did you mean '{near[0]}'?" if near else ""
-            raise bad_input("wrap.transformer_layer_cls", f"wrap.transformer_layer_cls={wrap_cls!r} is not a class inside {type(module).__name__}.{hint}")
-        sizes = by_cls[wrap_cls]
-    else:
-        # the outermost repeated class: instances nested in another repeated class's instances
-        # (a block's Linears) do not count, so the block wins over its own layers
-        repeated = {c for c, v in by_cls.items() if len(v) > 1 and max(v) > 0}
-        outer: dict[str, list[int]] = {}
-
-        def walk(m, inside: bool) -> None:
-            for child in m.children():
-                name = type(child).__name__
-                counted = name in repeated and not isinstance(child, containers)
-                if counted and not inside:
-                    outer.setdefault(name, []).append(size[id(child)])
-                walk(child, inside or counted)
-
-        walk(module, False)
-        cands = [v for v in outer.values() if len(v) > 1]
-        sizes = max(cands, key=sum) if cands else []
-    unit, count = (max(sizes), len(sizes)) if sizes else (None, 0)
-    return ModelSpec(name or type(module).__name__, layers=0, hidden=0, heads=1, vocab=0, seq_len=0,
-                     params_override=total, wrap_unit_params=unit, wrap_unit_count=count)
+    return count(module, wrap_cls=wrap_cls, name=name)

@@ -16,7 +16,9 @@ from pathlib import Path
 from typing import Any, Callable, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from shardlab import safe_input
 
 Framework = Literal["fsdp1", "fsdp2", "deepspeed"]
 Sharding = Literal["ddp", "zero1", "zero2", "zero3", "hybrid"]
@@ -68,10 +70,24 @@ class Buckets(_Model):
     param_persistence_threshold: Auto = Field("auto", description="DeepSpeed stage3_param_persistence_threshold: parameters smaller than this stay unsharded.")
 
 
+def _finite_or_raise(v: float) -> float:
+    """inf / NaN would be exported as `lr=inf` or `NaN` and train nothing: refused where a value is read."""
+    import math
+
+    if not math.isfinite(v):
+        raise ValueError("must be a finite number, not inf or NaN")
+    return v
+
+
 class Optimizer(_Model):
     name: Literal["adamw", "adam", "sgd"] = Field("adamw", description="Optimizer: AdamW, Adam or SGD with momentum.")
     lr: float = Field(1e-4, description="Learning rate.")
     weight_decay: float = Field(0.0, description="Weight decay (decoupled for AdamW).")
+
+    @field_validator("lr", "weight_decay")
+    @classmethod
+    def _finite(cls, v: float) -> float:
+        return _finite_or_raise(v)
 
 
 class Plan(_Model):
@@ -101,6 +117,11 @@ class Plan(_Model):
     buckets: Buckets = Field(default_factory=Buckets, description="DeepSpeed bucket and prefetch sizes.")
     compile: bool = Field(False, description="Wrap the model with torch.compile.")
     optimizer: Optimizer = Field(default_factory=Optimizer, description="Optimizer and learning rate.")
+
+    @field_validator("gradient_clipping")
+    @classmethod
+    def _finite_clip(cls, v: float | None) -> float | None:
+        return None if v is None else _finite_or_raise(v)
 
     @property
     def world_size(self) -> int:
@@ -145,8 +166,9 @@ class PlanError(ValueError):
     """Bad input: a plan that cannot be read or cannot be run. `findings` holds one entry per problem."""
 
     def __init__(self, findings: list[Finding]):
+        findings = [Finding(f.level, f.rule, f.field[:200], safe_input.cap(f.message)) for f in findings[:50]]
         self.findings = findings
-        super().__init__("\n".join(f.message for f in findings))
+        super().__init__(safe_input.cap("\n".join(f.message for f in findings)))
 
 
 Rule = Callable[[Plan], list[Finding]]
@@ -169,11 +191,11 @@ def rule(fn: Callable[[Plan], Finding | list[Finding] | None]) -> Rule:
 
 
 def _err(rule_id: str, field: str, msg: str) -> Finding:
-    return Finding("error", rule_id, field, msg)
+    return Finding("error", rule_id, field[:200], safe_input.cap(msg))
 
 
 def _warn(rule_id: str, field: str, msg: str) -> Finding:
-    return Finding("warning", rule_id, field, msg)
+    return Finding("warning", rule_id, field[:200], safe_input.cap(msg))
 
 
 _POSITIVE = (
@@ -395,28 +417,41 @@ def _field_names(model: type[BaseModel], loc: tuple) -> list[str]:
     return list(model.model_fields)
 
 
+_UNION_TAGS = ("int", "float", "str", "bool", "none")
+
+
+def _is_tag(x: Any) -> bool:
+    """A union-branch tag pydantic adds to an error's location (e.g. 'int', "literal['auto']")."""
+    return isinstance(x, str) and ("[" in x or x in _UNION_TAGS)
+
+
 def _friendly(err: ValidationError, model: type[BaseModel] = Plan) -> list[Finding]:
     """pydantic errors -> findings naming field, value, why, fix."""
     out = []
-    for e in err.errors():
-        # Drop union-branch tags like 'int' / 'literal['auto']' that pydantic adds to the location.
-        loc = tuple(x for x in e["loc"] if not (isinstance(x, str) and ("[" in x or x in ("int", "float", "str", "bool", "none"))))
-        field = ".".join(str(x) for x in loc) or "(plan)"
-        value = e.get("input")
+    for e in err.errors(include_url=False):
+        raw = tuple(e["loc"])
+        # Drop union tags, but never an unknown key's own name (a key may be called 'int' or 'a[0]').
+        if e["type"] == "extra_forbidden" and raw:
+            loc = tuple(x for x in raw[:-1] if not _is_tag(x)) + raw[-1:]
+        else:
+            loc = tuple(x for x in raw if not _is_tag(x))
+        field = ".".join(str(x) for x in loc)[:200] or "(plan)"
+        value = safe_input.short(e.get("input"))
         if e["type"] == "extra_forbidden":
             valid = _field_names(model, loc)
-            near = difflib.get_close_matches(str(loc[-1]), valid, n=1, cutoff=0.5)
+            near = difflib.get_close_matches(str(loc[-1])[:100], valid, n=1, cutoff=0.5) if loc else []
             hint = f"Did you mean '{near[0]}'?" if near else f"Valid keys here: {', '.join(valid)}."
             out.append(_err("unknown_key", field, f"{field}: unknown key. {hint}"))
         elif e["type"] == "literal_error":
             allowed = e.get("ctx", {}).get("expected", "")
             if allowed == "'auto'":  # the Auto union: 'auto' or a whole number
                 allowed = "'auto' or a whole number of elements"
-            out.append(_err("bad_value", field, f"{field}={value!r} is not one of the allowed values. Use one of {allowed}."))
+            out.append(_err("bad_value", field, f"{field}={value} is not one of the allowed values. Use one of {allowed}."))
         elif e["type"] in ("model_type", "model_attributes_type", "dict_type"):
-            out.append(_err("bad_type", field, f"{field}={value!r} must be a mapping of keys (e.g. {field}: {{...}}). Write it as a nested block."))
+            out.append(_err("bad_type", field, f"{field}={value} must be a mapping of keys (e.g. {field}: {{...}}). Write it as a nested block."))
         else:
-            out.append(_err("bad_type", field, f"{field}={value!r}: {e['msg']}. Fix the value's type in the plan file."))
+            why = safe_input.short(str(e.get("msg", "")), 200).strip("'\"")
+            out.append(_err("bad_type", field, f"{field}={value}: {why}. Fix the value's type in the plan file."))
     # Union types report one error per branch; keep one per field.
     seen, uniq = set(), []
     for f in out:
@@ -432,60 +467,48 @@ def plan_from_dict(data: Any, *, check: bool = True) -> Plan:
         data = {}
     if not isinstance(data, dict):
         raise PlanError([_err("bad_type", "(plan)", f"a plan must be a mapping of keys to values, got {type(data).__name__}. Write it as YAML 'key: value' lines or a JSON object.")])
+    safe_input.check_data(data, "(plan)")
     try:
         plan = Plan.model_validate(data)
     except ValidationError as e:
         raise PlanError(_friendly(e)) from None
     except (TypeError, ValueError, RecursionError) as e:  # odd inputs pydantic does not wrap
-        raise PlanError([_err("bad_type", "(plan)", f"the plan could not be read ({e}). Check the file's structure.")]) from None
+        raise PlanError([_err("bad_type", "(plan)", f"the plan could not be read ({safe_input.short(str(e), 200)}). Check the file's structure.")]) from None
     if check:
         validate(plan)
     return plan
 
 
 def parse_text(text: str | bytes, name: str = "<text>") -> Any:
-    """YAML or JSON text -> plain data, with a PlanError naming the file and line on a syntax error."""
-    if isinstance(text, bytes):
-        try:
-            text = text.decode("utf-8")
-        except UnicodeDecodeError:
-            raise PlanError([_err("bad_file", name, f"{name} is not UTF-8 text. Save it as a UTF-8 YAML or JSON file.")]) from None
+    """YAML or JSON text -> plain data, with a PlanError naming the file and line on a syntax error.
+    Read through safe_input's limits (alias expansion, depth, number size, key types)."""
+    text = safe_input.decode(text, name)
+    label = safe_input.short(name, 200)
     try:
         if name.endswith(".json"):
-            return json.loads(text)
-        return yaml.safe_load(text)  # YAML is a superset of JSON
+            return safe_input.load_json(text, name)
+        return safe_input.load_yaml(text, name)  # YAML is a superset of JSON
     except (yaml.YAMLError, json.JSONDecodeError, ValueError, RecursionError) as e:
+        if isinstance(e, PlanError):
+            raise
         where = ""
         mark = getattr(e, "problem_mark", None)
         if mark is not None:
             where = f" at line {mark.line + 1}, column {mark.column + 1}"
         elif isinstance(e, json.JSONDecodeError):
             where = f" at line {e.lineno}, column {e.colno}"
-        why = getattr(e, "problem", None) or getattr(e, "msg", None) or str(e).splitlines()[0]
-        raise PlanError([_err("bad_file", name, f"{name} is not valid YAML/JSON{where}: {why}. Fix the syntax there.")]) from None
+        why = getattr(e, "problem", None) or getattr(e, "msg", None) or (str(e).splitlines() or [type(e).__name__])[0]
+        raise PlanError([_err("bad_file", name, f"{label} is not valid YAML/JSON{where}: {safe_input.short(str(why), 200)}. Fix the syntax there.")]) from None
 
 
 def read_text(path: str | Path) -> str:
-    """A file's text, or a PlanError that names it (missing, a folder, unreadable)."""
-    p = Path(path)
-    try:
-        return p.read_bytes().decode("utf-8")
-    except FileNotFoundError:
-        raise PlanError([_err("bad_file", str(p), f"{p}: no such file. Check the path.")]) from None
-    except IsADirectoryError:
-        raise PlanError([_err("bad_file", str(p), f"{p} is a directory, not a plan file. Give the path of a .yaml or .json file.")]) from None
-    except UnicodeDecodeError:
-        raise PlanError([_err("bad_file", str(p), f"{p} is not UTF-8 text. Save it as a UTF-8 YAML or JSON file.")]) from None
-    except OSError as e:
-        raise PlanError([_err("bad_file", str(p), f"{p} cannot be read ({e.strerror}). Check its permissions.")]) from None
+    """A file's text, or a PlanError that names it (missing, a folder, not a regular file, too big, unreadable)."""
+    return safe_input.read_file(path, "plan or config file")
 
 
 def names_file(s: str) -> bool:
-    """True if `s` names an existing file; text too long or odd for a path is simply not one."""
-    try:
-        return Path(s).is_file()
-    except (OSError, ValueError):
-        return False
+    """True if `s` names an existing path (read_text then says what is wrong with it if it is no file)."""
+    return safe_input.is_existing_file(s)
 
 
 def load_plan(source: str | Path | dict | Plan, *, check: bool = True) -> Plan:
@@ -499,7 +522,11 @@ def load_plan(source: str | Path | dict | Plan, *, check: bool = True) -> Plan:
     s = str(source)
     if isinstance(source, Path) or ("\n" not in s and (s.endswith((".yaml", ".yml", ".json")) or names_file(s))):
         return plan_from_dict(parse_text(read_text(s), s), check=check)
-    return plan_from_dict(parse_text(s), check=check)
+    data = parse_text(s)
+    if isinstance(data, str) and "\n" not in s.strip():
+        # one word that is no file: almost certainly a mistyped path, not a plan written inline
+        raise bad_input(safe_input.short(s, 200), f"{safe_input.short(s, 200)}: file not found, and it is not a plan written out as YAML either. Check the path.")
+    return plan_from_dict(data, check=check)
 
 
 def field_descriptions(model: type[BaseModel] = Plan, prefix: str = "") -> dict[str, str]:

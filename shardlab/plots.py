@@ -17,6 +17,7 @@ import pandas as pd
 
 from shardlab import compare as C
 from shardlab.plan import bad_input
+from shardlab.units import unit_for  # noqa: F401  (one home for picking KiB/MiB/GiB; plots.unit_for stays importable)
 
 GIB = 2**30
 PHASE_COLORS = {"forward": "#4C78A8", "backward": "#F58518", "optimizer": "#54A24B"}
@@ -61,10 +62,11 @@ def _empty(hv, title: str, why: str):
 
 def memory_timeline(runs: Any, phases: pd.DataFrame | None = None, predicted: dict | None = None, gpu: str | None = None,
                     max_steps: int = 30, zoom_to_steps: bool = True):
-    """Memory per rank over time (GiB), forward/backward/optimizer as coloured bands, predicted peak as a line.
+    """Memory over time, one panel per run with a line per rank (in the unit that fits), forward/backward/optimizer
+    as coloured bands (the lowest rank's), predicted peak as a line.
 
     `runs` is runs/run folders, or a timeline_frame() DataFrame (then `phases` is a phase_frame() and
-    `predicted` maps run label -> predicted peak bytes). One panel per run and rank. Only the last
+    `predicted` maps run label -> predicted peak bytes). Only the last
     `max_steps` steps get bands, so long runs stay readable; `zoom_to_steps` opens the view on those
     steps (start-up is still there: pan or zoom out in the interactive figure).
     """
@@ -76,16 +78,21 @@ def memory_timeline(runs: Any, phases: pd.DataFrame | None = None, predicted: di
         tl, ph = C.timeline_frame(rd), C.phase_frame(rd)
         pred = predicted if predicted is not None else _predicted_peaks(rd, gpu)
     panels = []
-    key = "bands: forward blue, backward orange, optimizer green; dashed red: predicted peak per GPU"
-    for (run, rank), g in tl.groupby(["run", "rank"], sort=True):
+    key = "bands: forward blue, backward orange, optimizer green (lowest rank); dashed red: predicted peak per GPU"
+    # One panel per run with its ranks as lines (one panel per rank made a 16-rank report thousands of px tall).
+    for run, g in tl.groupby("run", sort=True):
+        unit, size = unit_for(max(float(g["bytes"].max()), float(pred.get(run) or 0)))
+        axis = f"memory ({unit})"
         over = []
-        for source, s in g.groupby("source"):
+        for (rank, source), s in g.groupby(["rank", "source"], sort=True):
             s = s.sort_values("seconds")
-            over.append(_o(hv.Curve((s["seconds"], s["bytes"] / GIB), "seconds", "GiB", label=f"{source} rank {rank}"),
-                           xlabel="seconds from start", ylabel="memory (GiB)",
+            over.append(_o(hv.Curve((s["seconds"], s["bytes"] / size), "seconds", unit, label=f"rank {rank} {source}"),
+                           xlabel="seconds from start", ylabel=axis, color=PALETTE[int(rank) % len(PALETTE)],
                            bokeh=dict(tools=["hover"], line_width=2), mpl=dict(linewidth=2, aspect=3)))
-        p = ph[(ph["run"] == run) & (ph["rank"] == rank)]
-        top = max(float(g["bytes"].max()), float(pred.get(run) or 0)) / GIB * 1.05
+        p = ph[ph["run"] == run]
+        if len(p):
+            p = p[p["rank"] == p["rank"].min()]
+        top = max(float(g["bytes"].max()), float(pred.get(run) or 0)) / size * 1.05
         if len(p):
             p = p[p["step"] > p["step"].max() - max_steps]
             for name, color in PHASE_COLORS.items():
@@ -93,17 +100,18 @@ def memory_timeline(runs: Any, phases: pd.DataFrame | None = None, predicted: di
                 if len(spans):
                     # Rectangles, not VSpans: matplotlib layouts lose axis labels next to spans.
                     boxes = [(a, 0.0, b, top) for a, b in zip(spans["start_s"], spans["end_s"])]
-                    over.append(_o(hv.Rectangles(boxes, kdims=["seconds", "GiB", "x1", "y1"], label=name), alpha=0.3,
+                    over.append(_o(hv.Rectangles(boxes, kdims=["seconds", unit, "x1", "y1"], label=name), alpha=0.3,
                                    bokeh=dict(color=color, line_alpha=0), mpl=dict(facecolor=color, edgecolor="none")))
         if pred.get(run):
-            over.append(_o(hv.HLine(pred[run] / GIB, kdims=["seconds", "GiB"], label="predicted peak per GPU"), color="#E45756",
+            over.append(_o(hv.HLine(pred[run] / size, kdims=["seconds", unit], label="predicted peak per GPU"), color="#E45756",
                            bokeh=dict(line_dash="dashed"), mpl=dict(linestyle="dashed")))
         lim = {}
         if zoom_to_steps and len(p):
             a, b = float(p["start_s"].min()), float(p["end_s"].max())
             pad = max(0.1 * (b - a), 0.05)
             lim = dict(xlim=(max(0.0, a - pad), b + pad))
-        panel = _both(hv.Overlay(over), title=f"{run} · rank {rank}", xlabel="seconds from start", ylabel="memory (GiB)", **lim)
+        ranks = g["rank"].nunique()
+        panel = _both(hv.Overlay(over), title=f"{run} · {ranks} rank{'s' if ranks != 1 else ''}", xlabel="seconds from start", ylabel=axis, **lim)
         panels.append(panel)
     if not panels:
         return _empty(hv, "memory timeline", "no memory samples in these runs")
@@ -121,14 +129,6 @@ def _predicted_peaks(rd, gpu) -> dict:
 
 # --------------------------------------------------------------------------------------------
 # Bars
-
-
-def unit_for(max_bytes: float) -> tuple[str, float]:
-    """The binary unit that keeps the largest value readable: ('GiB', 2**30), ('MiB', 2**20) or ('KiB', 2**10)."""
-    for name, size in (("GiB", 2**30), ("MiB", 2**20)):
-        if max_bytes >= size:
-            return name, size
-    return "KiB", 2**10
 
 
 def _stacked(hv, df: pd.DataFrame, cat: str, stack: str, title: str, colors: dict | None = None):

@@ -11,7 +11,7 @@ from __future__ import annotations
 import html
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import pandas as pd
 
@@ -46,15 +46,19 @@ def _df_html(df: pd.DataFrame, caption: str) -> str:
     return f"<div><p class='note'><b>{html.escape(caption)}</b></p>{body}</div>"
 
 
-def write_report(run_dirs: Iterable[Any], out_html: str | Path, gpu: str | None = None, png: bool = True) -> Path:
+def write_report(run_dirs: Iterable[Any], out_html: str | Path, gpu: str | None = None, png: bool = True,
+                 progress: Callable[[str], None] | None = None) -> Path:
     """Write one self-contained HTML report of `run_dirs` (run folders or Run objects) to `out_html`,
-    with the figures also as PNGs in `<stem>_files/`. Returns the HTML path.
+    with the figures also as PNGs in `<stem>_files/`. Returns the HTML path. `progress(what)` is
+    called as each slow part starts (the CLI prints it: a report takes tens of seconds on 2 cores).
 
     Raises PlanError (bad input, exit 2 from the CLI) for a path that is not a run folder or a target
     that is not .html."""
+    say = progress or (lambda what: None)
     out = Path(out_html)
     if out.suffix.lower() not in (".html", ".htm"):
         raise bad_input("--output", f"--output={str(out)!r} must end in .html (the report is one HTML page). Use e.g. -o report.html.")
+    say("reading the runs")
     rd = C.load_runs(run_dirs)
     empty = [r.label for r in rd if r.metrics.empty]
     if len(empty) == len(rd):
@@ -69,17 +73,23 @@ def write_report(run_dirs: Iterable[Any], out_html: str | Path, gpu: str | None 
 
     out.parent.mkdir(parents=True, exist_ok=True)
     files = out.with_name(out.stem + "_files")
+    say("building the figures")
     figs = P.figures(rd, gpu)
-    models = [P.render_bokeh(obj) for _, _, obj in figs]
+    models = []
+    for i, (name, _, obj) in enumerate(figs, 1):
+        say(f"rendering figure {i}/{len(figs)}: {name}")
+        models.append(P.render_bokeh(obj))
     script, divs = components(models)
     bundle = bundle_for_objs_and_resources(models, INLINE)
     # Inline mode puts all of bokeh's code in js_raw; the files left are relative extension URLs (panel's
     # module shim, registered on import) that a page opened from disk cannot load and these plots never use.
     bundle.js_files = []
     if png:
-        for name, _, obj in figs:
+        for i, (name, _, obj) in enumerate(figs, 1):
+            say(f"writing PNG {i}/{len(figs)}: {files.name}/{name}.png")
             P.save_figure(obj, files / f"{name}.png")
 
+    say("comparing with the estimator and the published tables")
     cmp = C.compare(rd, gpu=gpu)
     parts = [f"<h1>shardlab report: {len(rd)} run{'s' if len(rd) != 1 else ''}</h1>",
              f"<p class='note'>Written {datetime.now(timezone.utc):%Y-%m-%d %H:%M UTC}. Memory in GiB (2<sup>30</sup> bytes). "

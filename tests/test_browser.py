@@ -69,12 +69,12 @@ def browser(tmp_path):
 @pytest.fixture
 def app(tmp_path):
     port = free_port()
-    env = {**os.environ, "SHARDLAB_RUNS_DIR": str(tmp_path / "runs")}
-    proc = subprocess.Popen([str(BIN / "shardlab"), "app", "--port", str(port)], env=env, cwd=tmp_path,
+    env = {k: v for k, v in os.environ.items() if k != "SHARDLAB_RUNS_DIR"}
+    proc = subprocess.Popen([str(BIN / "shardlab"), "app", "--port", str(port), "--runs", str(tmp_path / "runs"), "--token", "browser-test"], env=env, cwd=tmp_path,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         wait_http(f"http://127.0.0.1:{port}/", proc)
-        yield f"http://127.0.0.1:{port}/", tmp_path / "runs"
+        yield f"http://127.0.0.1:{port}/?token=browser-test", tmp_path / "runs"
     finally:
         stop(proc)
 
@@ -131,12 +131,17 @@ def test_served_app_builds_checks_and_runs(browser, app):
     page.select_option(".sl-run-device select", "cpu")
     page.locator(".sl-run-start button").click()
     expect(page.locator(".sl-run-status")).to_contain_text("running", timeout=30_000)
+    # Start-up takes seconds on 2 cores: the status names the phase until the first step is done.
+    expect(page.locator(".sl-run-status .sl-run-phase")).to_be_visible(timeout=30_000)
+    phases = set()
 
     seen = []
     end = time.monotonic() + 240
     while time.monotonic() < end:
         seen.append(timeline_points(page))
         status = page.locator(".sl-run-status").inner_text()
+        if page.locator(".sl-run-status .sl-run-phase").count():
+            phases.add(page.locator(".sl-run-status .sl-run-phase").inner_text())
         if "completed" in status or "failed" in status:
             break
         page.wait_for_timeout(500)
@@ -147,6 +152,20 @@ def test_served_app_builds_checks_and_runs(browser, app):
     assert page.locator(".sl-run-progress progress").get_attribute("value") == "6"
     run_dirs = [d for d in runs.iterdir() if d.is_dir()]
     assert len(run_dirs) == 1 and json.loads((run_dirs[0] / "status.json").read_text())["status"] == "completed"
+    assert phases & {"starting 2 processes", "rendezvous: waiting for all 2 ranks", "building the model", "first step"} \
+        or any(p.startswith("wrapping") for p in phases), phases
+    expect(page.locator(".sl-run-status")).to_contain_text("world size 2 on cpu")
+
+    # Compare (the store given with --runs): the table, then a spinner while the figures are built.
+    expect(page.locator(".sl-runs-dir")).to_contain_text(str(runs))
+    page.locator(".sl-app-tabs .bk-tab", has_text="Compare").first.click()
+    page.locator(".sl-cmp-picker select option").first.wait_for(timeout=30_000)
+    page.select_option(".sl-cmp-picker select", index=0)
+    page.locator(".sl-cmp-go button").click()
+    expect(page.locator(".sl-cmp-figures.pn-loading, .sl-cmp-building").first).to_be_visible(timeout=30_000)
+    expect(page.locator(".sl-cmp-table table")).to_be_visible(timeout=60_000)
+    expect(page.locator(".sl-cmp-figures .bk-tab").first).to_be_visible(timeout=120_000)
+    expect(page.locator(".sl-cmp-building")).to_have_count(0, timeout=120_000)
 
     assert page.console_errors == [], "\n".join(page.console_errors)
 

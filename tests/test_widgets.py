@@ -168,10 +168,8 @@ def test_download_gives_the_previewed_text(b):
 def test_import_deepspeed_json_fills_the_builder_and_shows_notes(b, tmp_path):
     cfg = {"train_micro_batch_size_per_gpu": 2, "bf16": {"enabled": True},
            "zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu"}}, "wall_clock_breakdown": True}
-    path = tmp_path / "ds.json"
-    path.write_text(json.dumps(cfg))
-    b.import_path.value = str(path)
-    b.import_button.clicks += 1
+    b.upload.filename = "ds.json"
+    b.upload.value = json.dumps(cfg).encode()
     assert (b.plan.framework, b.plan.sharding, b.plan.offload.optimizer, b.plan.micro_batch_size) == ("deepspeed", "zero2", "cpu", 2)
     assert b.control("sharding").value == "zero2" and b.control("offload.optimizer").value == "cpu"
     assert "Imported" in b.import_notes.object

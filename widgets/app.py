@@ -1,12 +1,22 @@
 """The served dashboard (`shardlab app --port N`): build, run and compare in one page.
 
 The same components as in the notebooks: a ConfigBuilder, a RunLauncher that runs the builder's
-current plan, and a RunCompare over the run store ($SHARDLAB_RUNS_DIR, default ./runs). Each browser
+current plan, and a RunCompare over the run store (`shardlab app --runs DIR`, else $SHARDLAB_RUNS_DIR,
+else ./runs). Each browser
 session gets its own objects. The server listens on 127.0.0.1 only: it can start processes, so it is
-not for the network.
+not for the network. Other users of the same machine (or an SSH tunnel) can still reach that port, so
+the page also asks for a token, as JupyterLab does: a random one printed at start
+(http://127.0.0.1:PORT/?token=...), or the one given with `shardlab app --token`. A session whose
+request does not carry it gets a page saying so, and no builder, launcher or run store. A spinner in
+the header turns while the server is busy with anything the page asked for (panel's busy state), so
+no wait goes without a sign.
 """
 
 from __future__ import annotations
+
+import hmac
+import html
+import secrets
 
 import panel as pn
 
@@ -21,24 +31,59 @@ def create_app(runs_dir: str | None = None) -> pn.viewable.Viewable:
     builder = ConfigBuilder()
     launcher = RunLauncher(builder, out=runs_dir)
     compare = RunCompare(runs_dir)
+    # the store is the server's choice (--runs): a browser must not point it at other folders
+    compare.runs_dir.disabled = True
     tabs = pn.Tabs(("Build", builder), ("Run", launcher), ("Compare", compare),
                    dynamic=False, sizing_mode="stretch_width", css_classes=["sl-app-tabs"])
     # The store changes while the app is open: re-read it whenever Compare is shown.
     tabs.param.watch(lambda ev: ev.new == 2 and compare.refresh(), "active")
-    header = pn.pane.Markdown("# shardlab — FSDP / DeepSpeed ZeRO config explorer", margin=(0, 10))
+    title = pn.pane.Markdown("# shardlab — FSDP / DeepSpeed ZeRO config explorer", margin=(0, 10))
+    busy = pn.indicators.LoadingSpinner(value=False, size=28, css_classes=["sl-busy"], margin=(18, 10))
+    pn.state.sync_busy(busy)  # spins while any server callback of this session runs
+    store = pn.pane.HTML(f'<span class="sl-runs-dir" style="color:#666">run store: {html.escape(str(runs_dir))}</span>', margin=(24, 10))
+    header = pn.Row(title, busy, pn.layout.HSpacer(), store, sizing_mode="stretch_width")
     return pn.Column(header, tabs, sizing_mode="stretch_width")
 
 
-def serve(port: int = 5006, show: bool = False, runs_dir: str | None = None, threaded: bool = False):
-    """Serve the dashboard at http://127.0.0.1:PORT/ (blocks unless `threaded`, which returns the server)."""
+def _token_ok(expected: str) -> bool:
+    """The session's request carries the token (?token=... or a shardlab_token cookie)."""
+    if not expected:
+        return True
+    got = ""
+    args = pn.state.session_args or {}
+    if args.get("token"):
+        got = args["token"][0].decode("utf-8", "replace") if isinstance(args["token"][0], bytes) else str(args["token"][0])
+    elif pn.state.cookies and pn.state.cookies.get("shardlab_token"):
+        got = str(pn.state.cookies["shardlab_token"])
+    return hmac.compare_digest(got.encode(), expected.encode())
+
+
+def _guarded(expected: str, runs_dir: str | None):
+    if not _token_ok(expected):
+        return pn.pane.Markdown("# shardlab\n\nThis dashboard needs its token: open the address `shardlab app` printed "
+                                "(http://127.0.0.1:PORT/?token=...).", css_classes=["sl-token-needed"])
+    return create_app(runs_dir)
+
+
+def serve(port: int = 5006, show: bool = False, runs_dir: str | None = None, threaded: bool = False,
+          token: str | None = None):
+    """Serve the dashboard at http://127.0.0.1:PORT/ (blocks unless `threaded`, which returns the server).
+
+    token: what a browser must present as ?token=...; None makes a random one, "" serves without one."""
+    token = secrets.token_urlsafe(24) if token is None else token
+    import shardlab.models
+
+    shardlab.models.SERVER_SOURCES_ALLOWED = False  # no server file or module named from a browser
     pn.extension()
+    url = f"http://127.0.0.1:{port}/" + (f"?token={token}" if token else "")
+    print(f"shardlab app: open {url}", flush=True)
     return pn.serve(
-        {"/": lambda: create_app(runs_dir)},
+        {"/": lambda: _guarded(token, runs_dir)},
         port=port,
         address="127.0.0.1",
         websocket_origin=[f"127.0.0.1:{port}", f"localhost:{port}"],
         show=show,
         title="shardlab",
         threaded=threaded,
-        print_url=True,
+        print_url=False,
     )

@@ -63,7 +63,7 @@ class ConfigBuilder(pn.viewable.Viewer):
     def set(self, path: str, value: Any) -> None:
         """Change one field as a person would through its control."""
         c = self.form.controls[path]
-        self.control(path).value = c.to_widget(value)
+        self.form.push(path, c.to_widget(value))
 
     def messages(self, path: str | None = None) -> list[str]:
         """Messages shown beside `path`'s control (all findings when None), as a person would read them."""
@@ -118,32 +118,34 @@ class ConfigBuilder(pn.viewable.Viewer):
     # Import
 
     def _build_import(self) -> None:
+        # Uploads only: the page may be open to whoever reaches the server, so nothing typed or
+        # uploaded is ever taken as a path on the server's disk (issue 19).
         self.upload = pn.widgets.FileInput(accept=".json,.yaml,.yml", css_classes=["sl-import-upload"])
-        self.import_path = pn.widgets.TextInput(label="or a path on the server", placeholder="/path/ds_config.json", css_classes=["sl-import-path"])
-        self.import_button = pn.widgets.Button(label="Import path", color="default", css_classes=["sl-import-button"])
         self.import_notes = pn.pane.HTML("", css_classes=["sl-import-notes"], sizing_mode="stretch_width")
         self.upload.param.watch(lambda ev: ev.new and self.import_config(ev.new, name=self.upload.filename or "upload"), "value")
-        self.import_button.on_click(lambda ev: self.import_config(self.import_path.value))
         self.import_box = pn.Card(
-            pn.pane.Markdown("Load an existing DeepSpeed JSON or accelerate YAML into the builder."),
-            self.upload, pn.Row(self.import_path, self.import_button), self.import_notes,
+            pn.pane.Markdown("Upload an existing DeepSpeed JSON or accelerate YAML to load it into the builder."),
+            self.upload, self.import_notes,
             title="Import a config", collapsed=False, sizing_mode="stretch_width",
         )
 
     def import_config(self, source: str | bytes, name: str | None = None) -> list[str]:
-        """Read a DeepSpeed JSON / accelerate YAML (path, text or uploaded bytes) into the builder; returns the notes."""
-        from shardlab.load import import_config
+        """Load a DeepSpeed JSON / accelerate YAML into the builder; returns the notes.
 
-        if isinstance(source, bytes):
-            source = source.decode("utf-8", errors="replace")
+        `source` is the config's text (or uploaded bytes), never a path: to import a file from a
+        notebook, read it yourself (`builder.import_config(Path(f).read_text(), name=f)`)."""
+        from shardlab.load import import_config
+        from shardlab.safe_input import decode
+
         try:
-            plan, notes = import_config(source)
+            text = decode(source, name or "upload", "config")
+            plan, notes = import_config(text, name=name or "upload")
         except PlanError as e:
             self.import_notes.object = f'<div class="sl-error" style="color:#b00020">✖ {_esc(str(e))}</div>'
             return []
         self._bad_text.clear()
         self.plan = plan
-        where = f" from {_esc(name or source)}" if name or "\n" not in str(source) else ""
+        where = f" from {_esc(name)}" if name else ""
         items = "".join(f"<li>{_esc(n)}</li>" for n in notes) or "<li>everything carried over</li>"
         self.import_notes.object = f"<div class='sl-imported'>Imported{where}. Notes:</div><ul>{items}</ul>"
         return list(notes)

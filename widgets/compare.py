@@ -87,12 +87,26 @@ class RunCompare(pn.viewable.Viewer):
             self.message.object = f'<span style="color:#b00020">✖ {html.escape(str(e))}</span>'
             return None
         self.frame = df
-        self.message.object = ""
         self.table.object = style_compare(df).to_html()
         self.figures.clear()
-        for title, fig in self._figures(runs):
-            self.figures.append((title, fig))
+        # The figures take seconds per run on a small machine: say so, spin, and (in a served page)
+        # let the table reach the browser first by building them on the next tick.
+        self.message.object = f'<span class="sl-cmp-building">building the figures for {len(runs)} run(s)…</span>'
+        self.figures.loading = True
+        doc = pn.state.curdoc
+        if doc is not None and getattr(doc, "session_context", None) is not None:
+            doc.add_next_tick_callback(lambda: self._fill_figures(runs))
+        else:
+            self._fill_figures(runs)
         return df
+
+    def _fill_figures(self, runs: list[str]) -> None:
+        try:
+            for title, fig in self._figures(runs):
+                self.figures.append((title, fig))
+        finally:
+            self.figures.loading = False
+            self.message.object = ""
 
     def _figures(self, runs: list[str]) -> list[tuple[str, Any]]:
         try:

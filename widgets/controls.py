@@ -7,11 +7,18 @@ become grouped cards. Beside every control sit two small lines: the validation m
 whose `Finding.field` names it, and the options that cannot apply with the reason. Which options
 cannot apply is found by trying each option on a copy of the plan and asking the rules, never by
 hand-written UI conditions.
+
+Values set from code (the plan shown, or `ConfigBuilder.set`) travel to the browser, and a browser
+that is still busy rendering an earlier one can send that earlier value back afterwards: after
+JupyterLab's "Run All" of lab 02 the builder ended on `hybrid`, a value the notebook had set and then
+replaced. A change from the browser that repeats a value code set within the last ECHO_S seconds,
+but not the latest one, is such an echo: the control is put back to the plan's value instead.
 """
 
 from __future__ import annotations
 
 import html
+import time
 import types
 from dataclasses import dataclass, field
 from typing import Any, Callable, Literal, Union, get_args, get_origin
@@ -22,6 +29,7 @@ from pydantic import BaseModel
 from shardlab.plan import Finding, Plan, PlanError, plan_from_dict
 
 NONE_TYPE = type(None)
+ECHO_S = 10.0  # how long after code set a value a browser's stale copy of it is treated as an echo
 
 
 # ------------------------------------------------------------------------------------------------
@@ -144,6 +152,17 @@ class FieldControl:
     layout: pn.Column = None
     shown: tuple = field(default_factory=tuple)
     unavailable: dict = field(default_factory=dict)  # option -> why it cannot apply, as last shown  # what message/hint last showed, to skip no-op updates
+    pushed: list = field(default_factory=list)  # (monotonic time, widget value) that code set, newest last
+
+    def remember(self, value: Any) -> None:
+        now = time.monotonic()
+        self.pushed = [(t, v) for t, v in self.pushed if now - t < ECHO_S] + [(now, value)]
+
+    def is_echo(self, value: Any) -> bool:
+        """True when `value` is one code set recently but has since replaced (see the module docstring)."""
+        now = time.monotonic()
+        recent = [v for t, v in self.pushed if now - t < ECHO_S]
+        return len(recent) > 1 and value != recent[-1] and value in recent[:-1]
 
     def build(self) -> None:
         name = _label(self.path.rsplit(".", 1)[-1])
@@ -246,6 +265,8 @@ class PlanForm:
         self.controls: dict[str, FieldControl] = {}
         self.group_messages: dict[str, pn.pane.HTML] = {}
         self._syncing = False
+        self._from_code = 0
+        self._shown_plan = None
         self.layout = self._build(model, prefix)
         self.choices = {p: c.options for p, c in self.controls.items() if c.options}
 
@@ -274,11 +295,29 @@ class PlanForm:
     def _changed(self, c: FieldControl) -> None:
         if self._syncing:
             return
+        if not self._from_code and self._shown_plan is not None and c.is_echo(c.widget.value):
+            self._syncing = True  # a stale value back from the browser: show the plan's own again
+            try:
+                c.widget.value = c.to_widget(get_path(self._shown_plan, c.path))
+            finally:
+                self._syncing = False
+            return
         self.on_change(c.path, c.from_widget())
+
+    def push(self, path: str, value: Any) -> None:
+        """Set a control from code, as a person would (its change goes to on_change)."""
+        c = self.controls[path]
+        c.remember(value)
+        self._from_code += 1
+        try:
+            c.widget.value = value
+        finally:
+            self._from_code -= 1
 
     def show_plan(self, plan: Plan) -> None:
         """Make every control show the plan's value (without echoing changes back)."""
         self._syncing = True
+        self._shown_plan = plan
         try:
             for path, c in self.controls.items():
                 want = c.to_widget(get_path(plan, path))
@@ -288,6 +327,7 @@ class PlanForm:
                     if c.kind == "select" and want in c.widget.disabled_options:
                         # The plan (imported, or changed elsewhere) holds it: it must be showable.
                         c.widget.disabled_options = [o for o in c.widget.disabled_options if o != want]
+                    c.remember(want)
                     c.widget.value = want
         finally:
             self._syncing = False

@@ -3,7 +3,9 @@
 The plan comes from a ConfigBuilder (its current plan when Start is pressed) or a Plan. The run is
 `shardlab.launch(...)`; its watcher thread calls `on_event`, which only queues the lines (it must stay
 short and thread-safe), and a periodic callback on the UI's own loop drains the queue and the
-memory timeline file into two bokeh figures. Tests and scripts without an event loop call `poll()`.
+memory timeline file into two bokeh figures. Until the first step is done the bar moves without a
+value (indeterminate) and the status names the start-up phase the worker reported (rendezvous,
+building the model, DeepSpeed's ops, ...). Tests and scripts without an event loop call `poll()`.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import panel as pn
 from bokeh.models import ColumnDataSource
 from bokeh.plotting import figure
 
-from shardlab.models import PRESETS
+from shardlab_widgets.modelpick import model_input
 from shardlab.plan import Plan, PlanError, load_plan
 
 MIB = 2**20
@@ -43,8 +45,9 @@ class RunLauncher(pn.viewable.Viewer):
         self._timeline_tail = None
         self._t0: float | None = None
         self._callback = None
+        self._phase: str | None = None
 
-        self.model = pn.widgets.Select(label="model preset", options=list(PRESETS), value=model, width=160, css_classes=["sl-run-model"])
+        self.model = model_input(model, label="model", css_class="sl-run-model", width=240)
         self.steps = pn.widgets.IntInput(label="steps", value=steps, start=1, width=100, css_classes=["sl-run-steps"])
         self.nproc = pn.widgets.IntInput(label="processes", value=nproc, start=1, width=100, css_classes=["sl-run-nproc"],
                                          description="Processes per node (GPUs, or CPU processes on a CPU run).")
@@ -104,7 +107,8 @@ class RunLauncher(pn.viewable.Viewer):
             self._show_status("refused", str(e))
             return None
         self._timeline_tail = JsonlTail(self.run.dir / "timeline.jsonl")
-        self.progress.param.update(max=int(self.steps.value), value=0, bar_color="primary")
+        self.progress.param.update(max=int(self.steps.value), value=-1, bar_color="primary")  # -1: indeterminate
+        self._phase = f"starting {self.run.world_size} processes"
         self.start_button.disabled, self.cancel_button.disabled = True, False
         self._show_status("running", None)
         self._start_polling()
@@ -132,6 +136,7 @@ class RunLauncher(pn.viewable.Viewer):
     def _reset(self) -> None:
         self._queue.clear()
         self._t0 = None
+        self._phase = None
         self.memory_source.data = dict(seconds=[], mib=[], color=[], rank=[])
         self.speed_source.data = dict(step=[], tokens_per_s=[])
 
@@ -153,6 +158,8 @@ class RunLauncher(pn.viewable.Viewer):
             if item.get("type") == "metrics" and item.get("rank") == 0 and item.get("tokens_per_s") is not None:
                 steps.append(item.get("step", len(self.speed_source.data["step"]) + len(steps)))
                 speeds.append(float(item["tokens_per_s"]))
+            elif item.get("type") == "event" and item.get("event") == "phase" and item.get("rank", 0) == 0:
+                self._phase = item.get("what") or self._phase
             elif item.get("type") == "status":
                 final = item.get("status")
         if steps:
@@ -167,7 +174,8 @@ class RunLauncher(pn.viewable.Viewer):
                                            color=[PALETTE[r % len(PALETTE)] for r in ranks],
                                            rank=[f"rank {r}" for r in ranks]))
         done = getattr(run, "steps_done", None)
-        if done is not None:
+        if done:
+            self._phase = None
             self.progress.value = min(int(done), self.progress.max)
         status = final or run.status
         if status != "running":
@@ -184,14 +192,19 @@ class RunLauncher(pn.viewable.Viewer):
         if status == "completed":
             self.progress.param.update(value=self.progress.max, bar_color="success")
         else:
-            self.progress.bar_color = "danger"
+            self.progress.param.update(value=max(int(self.progress.value), 0), bar_color="danger")
         self.start_button.disabled, self.cancel_button.disabled = False, True
         self._show_status(status, error)
 
     def _show_status(self, status: str, error: str | None) -> None:
         colour = {"completed": "#1b7f3b", "running": "#333"}.get(status, "#b00020")
         where = f" · {html.escape(str(self.run.dir))}" if self.run is not None else ""
-        done = f" · step {self.progress.value}/{self.progress.max}" if self.run is not None else ""
+        step = max(int(self.progress.value), 0)
+        done = f" · step {step}/{self.progress.max}" if self.run is not None else ""
+        if self.run is not None:
+            done += f" · world size {self.run.world_size} on {html.escape(str(self.run.info.get('device')))}"
+        if status == "running" and self._phase:
+            done = f' · <span class="sl-run-phase">{html.escape(self._phase)}</span>' + done
         text = f'<b class="sl-status-{status}" style="color:{colour}">{status}</b>{done}{where}'
         if error:
             text += f'<pre class="sl-run-error" style="color:#b00020;white-space:pre-wrap">{html.escape(str(error))}</pre>'

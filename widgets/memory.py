@@ -13,8 +13,9 @@ from typing import Any, Callable
 
 import panel as pn
 
-from shardlab.models import PRESETS, resolve_model
+from shardlab.models import resolve_model
 from shardlab.plan import Plan, PlanError
+from shardlab_widgets.modelpick import model_input, model_note
 
 GIB = 2**30
 PARTS = (
@@ -65,9 +66,12 @@ def estimate_dict(plan: Plan, model: str, gpu: str) -> dict[str, Any]:
     except ImportError:
         return {"error": "the estimator is not installed in this build of shardlab"}
     try:
-        return estimate(plan, resolve_model(model), gpu=gpu).to_dict()
+        spec = resolve_model(model)
+        out = estimate(plan, spec, gpu=gpu).to_dict()
     except PlanError as e:
         return {"error": str(e)}
+    out["model"].update(source=spec.source, wrap_class=spec.wrap_cls, wrap_units=spec.wrap_unit_count)
+    return out
 
 
 def bar_html(est: dict[str, Any], capacity: int | None, gpu: str) -> str:
@@ -110,7 +114,7 @@ def speed_html(est: dict[str, Any]) -> str:
         parts.append(f"MFU {100 * est['mfu']:.0f}%")
     from shardlab_widgets.steptime import step_bar_html
 
-    return f'<div class="sl-speed">{" · ".join(parts)}</div>' + step_bar_html(est)
+    return f'<div class="sl-speed">{" · ".join(parts)}</div>' + step_bar_html(est) + model_note(est)
 
 
 class MemoryPanel:
@@ -119,8 +123,7 @@ class MemoryPanel:
     def __init__(self, model: str, gpu: str, plan_getter: Callable[[], Plan]):
         self.plan_getter = plan_getter
         gpus = gpu_names()
-        self.model = pn.widgets.Select(label="model preset", options=list(PRESETS), value=model, width=180,
-                                       description="Model shape used for the estimate (shardlab.models presets).", css_classes=["sl-model"])
+        self.model = model_input(model, label="model", css_class="sl-model")
         self.gpu = pn.widgets.Select(label="GPU", options=gpus, value=gpu if gpu in gpus else gpus[0], width=180,
                                      description="GPU whose memory the bar is measured against (shardlab.estimate.gpus).", css_classes=["sl-gpu"])
         self.bar = pn.pane.HTML("", sizing_mode="stretch_width", css_classes=["sl-memory"])

@@ -1,7 +1,9 @@
 """Live export previews: one tab per real tool's format, each with copy and download.
 
 Only the visible tab is re-exported when the plan changes (the others are marked stale and rendered
-when shown), so a control change costs one export, not five. The text is whatever
+when shown), so a control change costs one export, not five. The visible tab follows the plan's
+framework: a tab that has no export for it (DeepSpeed JSON for an FSDP plan, FSDP code for a DeepSpeed
+plan) gives way to the framework's own (FSDP code, DeepSpeed JSON). The text is whatever
 `shardlab.export.export(plan, target)` returns; when the plan cannot be exported the tab says why.
 """
 
@@ -24,6 +26,16 @@ TABS = (
     ("SLURM script", "slurm", "job.slurm"),
 )
 LAUNCHERS = ("auto", "torchrun", "deepspeed-launch", "accelerate-launch")
+DS_TAB, FSDP_TAB = 0, 2
+PREVIEW_HEIGHT = 420  # px
+
+
+def home_tab(framework: str, shown: int) -> int:
+    """The tab to show for a plan of `framework` when `shown` is visible: `shown`, unless it has no export
+    for this framework, then the framework's own tab."""
+    if framework == "deepspeed":
+        return DS_TAB if shown == FSDP_TAB else shown
+    return FSDP_TAB if shown == DS_TAB else shown
 
 
 def export_text(plan: Plan, target: str) -> str:
@@ -61,8 +73,10 @@ class PreviewTabs:
         tabs = []
         for i, (title, target, filename) in enumerate(TABS):
             slug = (target or "launch").replace("-", "")
+            # A fixed height, whatever the text: a tab whose text grows must never push under (or be
+            # covered by) what sits below the tabs, e.g. the import card.
             pane = pn.pane.HTML("", css_classes=["sl-preview", "sl-preview-" + slug], sizing_mode="stretch_width",
-                                styles={"max-height": "420px", "overflow": "auto"})
+                                height=PREVIEW_HEIGHT, styles={"overflow": "auto"})
             # The raw text rides along hidden so the copy button's browser code can read it.
             raw = pn.widgets.TextAreaInput(value="", visible=False)
             copy = pn.widgets.Button(label="Copy", color="light", width=90, css_classes=["sl-copy"])
@@ -92,9 +106,14 @@ class PreviewTabs:
         return export_text(self.plan_getter(), target)
 
     def refresh(self) -> None:
-        """The plan changed: re-export the visible tab, mark the others stale."""
+        """The plan changed: re-export the visible tab (moving to the framework's own tab where the
+        visible one has no export for it), mark the others stale."""
         self._stale = [True] * len(TABS)
-        self._render(self.tabs.active)
+        home = home_tab(self.plan_getter().framework, self.tabs.active)
+        if home != self.tabs.active:
+            self.tabs.active = home  # its watcher renders it
+        else:
+            self._render(home)
 
     def _current(self, i: int) -> str:
         if self._stale[i]:

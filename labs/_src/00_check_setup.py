@@ -16,36 +16,15 @@
 
 # %%
 import platform
-import sys
-from importlib.metadata import version, PackageNotFoundError
-from pathlib import Path
 
 import pandas as pd
 
 import shardlab
+from shardlab import doctor
 
-def pinned():
-    """The pins of requirements.txt, when shardlab is installed from a checkout (as `make lab` does)."""
-    req = Path(shardlab.__file__).resolve().parents[1] / "requirements.txt"
-    pins = {}
-    if req.is_file():
-        for line in req.read_text().splitlines():
-            if "==" in line and not line.startswith("#"):
-                name, ver = line.split("==", 1)
-                pins[name.strip().lower()] = ver.strip()
-    return pins
-
-pins = pinned()
-rows = []
-for name in ["torch", "deepspeed", "accelerate", "pydantic", "pandas", "panel", "bokeh", "holoviews", "hvplot", "jupyterlab"]:
-    try:
-        have = version(name)
-    except PackageNotFoundError:
-        have = "missing"
-    want = pins.get(name.lower(), "")
-    rows.append({"package": name, "installed": have, "pinned": want, "ok": (have == want) if want else None})
+# "ok" follows pip's rule: a local build label is the same release (2.13.0+cpu satisfies the pin 2.13.0)
 print(f"Python {platform.python_version()} on {platform.system()} {platform.machine()}; shardlab {shardlab.__version__}")
-pd.DataFrame(rows).set_index("package")
+pd.DataFrame(doctor.version_rows()).set_index("package")
 
 # %% [markdown]
 # ## 2. The hardware
@@ -75,7 +54,22 @@ DEVICE, NPROC = lab_device()
 print(f"\nThe labs will run on: device={DEVICE!r} with {NPROC} processes; runs are stored in {runs_dir()!r}")
 
 # %% [markdown]
-# ## 3. What this machine could train
+# ## 3. The first-run builds, done now rather than mid-lab
+#
+# DeepSpeed compiles two small C++ operators the first time a run needs them: its shared-memory
+# collectives (every DeepSpeed run on a CPU) and CPU Adam (optimizer offload). On a 2-core laptop that
+# takes a minute or two, and a run would sit at step 0 meanwhile. This cell checks the C++ compiler and
+# builds both once, into this environment's own folder (`.venv/torch_extensions`); later runs load them
+# in a second. It also checks that everything the notebooks and the app display comes from this
+# machine, so the labs work without internet. The same check runs from a terminal: `shardlab doctor`.
+
+# %%
+checks = doctor.run_checks(warm=True)
+failed = [c for c in checks if c.ok is False]
+assert not failed, "fix the FAIL lines above (or ask the facilitator) before going on"
+
+# %% [markdown]
+# ## 4. What this machine could train
 #
 # The estimator (notebook 03 opens it up) predicts memory per GPU for a plan and a model. Here it
 # answers a practical question for the GPU kind in this machine, or for an H100 80GB if there is
@@ -113,16 +107,17 @@ print(f"GPU kind assumed: {GPU} ({GPUS[GPU].memory_bytes / 2**30:.0f} GiB)")
 need
 
 # %% [markdown]
-# ## 4. A real sharded run
+# ## 5. A real sharded run
 #
 # The final check starts the same kind of run the later labs use: `gpt-tiny` (170 thousand
 # parameters), FSDP2 with full sharding, a few optimizer steps. `shardlab.launch` starts `torchrun`,
-# which starts one process per rank; `wait()` blocks until they are done.
+# which starts one process per rank; `wait()` blocks until they are done, and the progress bar names
+# each start-up phase (rendezvous, building the model, ...) until the first step is done.
 
 # %%
 run = shardlab.launch(
     {"framework": "fsdp2", "sharding": "zero3", "precision": "bf16"},
-    model="gpt-tiny", steps=3, nproc=NPROC, device=DEVICE, out=runs_dir(), timeout_s=120,
+    model="gpt-tiny", steps=3, nproc=NPROC, device=DEVICE, out=runs_dir(), timeout_s=120, progress=True,
 )
 status = run.wait()
 print(f"run {run.id}: {status}")

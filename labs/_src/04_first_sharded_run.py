@@ -30,7 +30,7 @@ print(f"device={DEVICE}, {NPROC} ranks, model {MODEL} ({PRESETS[MODEL].params:,}
 
 # %%
 plan = {"framework": "fsdp2", "sharding": "zero3", "precision": "bf16"}
-run = shardlab.launch(plan, model=MODEL, steps=4, nproc=NPROC, device=DEVICE, out=runs_dir(), timeout_s=180)
+run = shardlab.launch(plan, model=MODEL, steps=4, nproc=NPROC, device=DEVICE, out=runs_dir(), timeout_s=180, progress=True)
 print(f"run {run.id} started in {run.dir}")
 status = run.wait()
 print("status:", status)
@@ -72,7 +72,7 @@ share.round(3)
 # it all.
 
 # %%
-ddp = shardlab.launch({**plan, "sharding": "ddp"}, model=MODEL, steps=4, nproc=NPROC, device=DEVICE, out=runs_dir(), timeout_s=180)
+ddp = shardlab.launch({**plan, "sharding": "ddp"}, model=MODEL, steps=4, nproc=NPROC, device=DEVICE, out=runs_dir(), timeout_s=180, progress=True)
 assert ddp.wait() == "completed", ddp.info.get("error")
 both = compare.compare([run, ddp])
 both[["world_size", "params_bytes", "grads_bytes", "optimizer_bytes", "state_bytes", "state_pred_bytes", "comm_bytes", "final_loss"]]

@@ -6,7 +6,9 @@
 # throughput, the bytes each rank held, the bytes each sent, and the losses step by step.
 #
 # Runs already in the run store with exactly the same setup (for example from notebook 04) are reused
-# rather than started again; `run_once` says which. On a laptop the four runs take a minute or two.
+# rather than started again; `run_once` says which. On a laptop the four runs take a minute or two; each
+# shows a progress bar that names its start-up phase (the first DeepSpeed run in a new environment
+# builds its C++ ops: notebook 00 does that ahead of time).
 
 # %%
 import pandas as pd
@@ -30,7 +32,8 @@ for precision in ("bf16", "fp32"):
 # ## 1. The scoreboard
 #
 # `compare` puts each run's measurements next to the estimator's predictions (`*_pred`) for the same
-# plan. Bytes are shown in GiB (2^30); the best value of each column is highlighted. On a CPU the
+# plan. Bytes are shown in the binary unit that fits each column (KiB = 2^10, MiB = 2^20, GiB = 2^30,
+# named in the header); the best value of each column is highlighted. On a CPU the
 # throughput mostly measures Python and gloo overheads of a tiny model (and DeepSpeed's engine does more
 # bookkeeping per step), so read it as a smoke test; on GPUs with a real model it is the number that
 # matters (see docs/benchmarks.md for an H100).
@@ -51,10 +54,35 @@ pn.panel(plots.throughput(table))
 # in bf16 keeps a 16-bit parameter shard and a 16-bit gradient shard, and puts an fp32 master copy
 # beside Adam's states (2 + 2 + 12 bytes). It also keeps very small parameters (biases, norms) whole on
 # every rank, below its `stage3_param_persistence_threshold`. The estimator predicts all of it; the bars
-# show predicted next to measured.
+# show predicted next to measured, in the unit that fits (gpt-tiny's states are a few hundred KiB).
 
 # %%
-pn.panel(plots.memory_breakdown(list(runs.values())))
+pn.panel(plots.memory_breakdown(list(runs.values()), parts=compare.STATE_PARTS))
+
+# %% [markdown]
+# Those bars compare like with like: the model states a rank holds. The estimator's whole per-GPU
+# prediction is much larger than anything measured here, and the table shows why. Its **buffers** are
+# what a framework allocates on a *GPU* whatever the model's size (DeepSpeed's communication buckets and
+# prefetch buffers, FSDP's all-gather buffers), and its **activations** are sized for the GPU's
+# precision; a CPU run never allocates device buffers, so the measured side has nothing to set beside
+# them. On a CPU the only measured total is the **process RSS**, and that is mostly PyTorch itself
+# (about 300–400 MiB per process before any model exists), not the model. So on a CPU read the states
+# row; the totals only meet on a GPU (notebook 06 and `docs/benchmarks.md`).
+
+# %%
+from shardlab.units import fmt_bytes
+
+parts = compare.memory_breakdown(list(runs.values()))
+pred = parts[parts["kind"] == "predicted"].pivot_table(index="run", columns="part", values="bytes", aggfunc="sum")
+lesson = pd.DataFrame({
+    "measured: model states per rank": table["state_bytes"],
+    "predicted: model states per rank": table["state_pred_bytes"],
+    "predicted: activations (GPU)": pred["activations"],
+    "predicted: buffers (GPU only)": pred["buffers"],
+    "predicted: total per GPU": table["peak_pred_bytes"],
+    "measured: process RSS (CPU, mostly PyTorch)": table["peak_bytes"],
+})
+lesson.map(fmt_bytes)
 
 # %% [markdown]
 # ## 3. Communication

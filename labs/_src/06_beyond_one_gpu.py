@@ -12,11 +12,14 @@
 # %%
 from dataclasses import replace
 
-import hvplot.pandas  # noqa: F401  (registers .hvplot on DataFrames)
 import pandas as pd
 import panel as pn
 
-pn.extension(inline=True)  # inline: the widgets work offline too
+# inline, and before hvplot: importing hvplot sets up HoloViews' bokeh output, which would otherwise
+# ask a CDN for BokehJS, and the plots below would stay empty on a machine without internet
+pn.extension(inline=True)
+
+import hvplot.pandas  # noqa: E402,F401  (registers .hvplot on DataFrames)
 
 from shardlab.estimate import estimate, get_gpu
 from shardlab.export import export

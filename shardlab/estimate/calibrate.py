@@ -75,13 +75,26 @@ def save(cal: dict, directory: str | Path | None = None) -> Path:
 def load(path: str | Path) -> dict:
     from shardlab.plan import bad_input
 
+    from shardlab.safe_input import label, load_json, read_file
+
+    text = read_file(path, "calibration file")  # regular files only, bounded size (safe_input)
     try:
-        cal = json.loads(Path(path).read_text())
-    except (OSError, ValueError) as e:
-        raise bad_input("calibration", f"calibration={str(path)!r} could not be read as JSON ({e}). Give a file written by `shardlab calibrate`, or none.")
-    if not isinstance(cal, dict) or "key" not in cal or "rates" not in cal:
-        raise bad_input("calibration", f"calibration={str(path)!r} is not a shardlab calibration (no 'key' and 'rates'). Run `shardlab calibrate` to make one.")
+        cal = load_json(text, str(path))
+    except (ValueError, RecursionError) as e:
+        raise bad_input("calibration", f"calibration={label(str(path))} could not be read as JSON ({label(str(e))}). Give a file written by `shardlab calibrate`, or none.") from None
+    if not isinstance(cal, dict) or not isinstance(cal.get("key"), dict) or not _rates_ok(cal.get("rates")):
+        raise bad_input("calibration", f"calibration={label(str(path))} is not a shardlab calibration (a 'key' mapping and 'rates' of finite numbers). Run `shardlab calibrate` to make one.")
     return cal
+
+
+def _rates_ok(rates) -> bool:
+    import math
+
+    def num(v) -> bool:
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+    return isinstance(rates, dict) and all(
+        num(v) or (isinstance(v, dict) and all(isinstance(k, str) and num(x) for k, x in v.items())) for v in rates.values())
 
 
 _CACHE: dict[tuple, tuple[float, dict | None]] = {}
@@ -126,8 +139,13 @@ def rates_for(gpu: GPU, calibration=None) -> Rates:
     if isinstance(calibration, dict):
         return rates_from(calibration)
     if isinstance(calibration, (str, Path)):
+        from shardlab.plan import bad_input
+        from shardlab.safe_input import is_existing_file, label
+
         p = Path(calibration)
-        cal = load(p) if p.is_file() else find(gpu.name, p)
+        if not is_existing_file(str(p)):
+            raise bad_input("calibration", f"calibration={label(str(p))}: no such file or folder. Give a file or folder written by `shardlab calibrate`, or none.")
+        cal = find(gpu.name, p) if p.is_dir() else load(p)
         return rates_from(cal, str(p)) if cal else Rates()
     cal = find(gpu.name)
     return rates_from(cal) if cal else Rates()

@@ -14,6 +14,13 @@ TARGETS: tuple[str, ...] = ("deepspeed", "accelerate", "fsdp-code", "torchrun", 
                             "accelerate-launch", "slurm")
 
 PROGRAM = "train.py"
+
+
+def program_note(plan: Plan) -> list[str]:
+    """What every exported launch command says about PROGRAM: a stand-in, not a file shardlab ships."""
+    start = ("shardlab export PLAN --to deepspeed -o ds_config.json is the config it passes to deepspeed.initialize"
+             if plan.framework == "deepspeed" else "shardlab export PLAN --to fsdp-code -o train.py writes one that applies this plan")
+    return [f"# {PROGRAM} is a placeholder: put your own training script (and its arguments) there; {start}."]
 MASTER_PORT = 29500
 
 
@@ -26,7 +33,8 @@ def program_args(plan: Plan) -> list[str]:
 
 def _how_to_run(plan: Plan, launcher: str) -> list[str]:
     n, g = plan.topology.nodes, plan.topology.gpus_per_node
-    lines = [f"# {launcher}: {n} node(s) x {g} process(es) per node, {plan.framework} {plan.sharding}, {plan.precision}."]
+    lines = [f"# {launcher}: {n} node(s) x {g} process(es) per node, {plan.framework} {plan.sharding}, {plan.precision}.",
+             *program_note(plan)]
     if launcher == "deepspeed" and n > 1:
         lines += ["# Start once, on the first node; the launcher reaches the others over ssh (pdsh).",
                   f"# 'hostfile' lists one line per node: '<hostname> slots={g}'. Set MASTER_ADDR to the first node."]

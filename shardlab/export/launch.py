@@ -3,7 +3,9 @@
 Building a command is separate from running it: `shardlab export --to torchrun` prints what
 `launch_command` returns, and the runner (shardlab/run/) executes the very same argv, only with real
 values where the export shows placeholders ($MASTER_ADDR, $NODE_RANK, ...). `env` holds only the
-variables shardlab sets; `sanitized_env` merges them into a real environment.
+variables the command itself needs (none by default, so an exported command is portable);
+`sanitized_env` merges them into a real environment together with RUNNER_ENV, the settings that only
+shardlab's own runs on this kind of machine need.
 """
 
 from __future__ import annotations
@@ -17,9 +19,11 @@ from shardlab.plan import Plan
 
 Launcher = Literal["torchrun", "deepspeed", "accelerate"]
 
-# NVLink multicast (NVLS) stays off in every environment shardlab builds: on the lent GPU machines it
-# is not available to containers and NCCL / symmetric memory fail when they try it.
-SAFE_ENV: dict[str, str] = {
+# NVLink multicast (NVLS) stays off in the runs shardlab starts itself: on the GPU hosts this project is
+# measured on it is not available to containers and NCCL / symmetric memory fail when they try it.
+# These are NOT written into exported commands: on a real NVSwitch cluster they would turn NVLink SHARP
+# off for no reason of the user's. The runner records them in each run's launch.json ("runner_env").
+RUNNER_ENV: dict[str, str] = {
     "NCCL_NVLS_ENABLE": "0",
     "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
     "NVSHMEM_DISABLE_NVLS": "1",
@@ -33,10 +37,24 @@ def sanitize_arch_list(value: str) -> str:
     return ";".join(dict.fromkeys(fixed))
 
 
+SAFE_ENV = RUNNER_ENV  # the older name, kept for importers
+
+
+def extensions_dir(prefix: str | None = None) -> str:
+    """Where this environment keeps its JIT-built C++ ops (DeepSpeed's CPU Adam, shm comm):
+    $TORCH_EXTENSIONS_DIR if set, else <venv>/torch_extensions. One folder per environment, so two
+    environments sharing ~/.cache (built against different torch versions) never rebuild each other's ops."""
+    import sys
+
+    return os.environ.get("TORCH_EXTENSIONS_DIR") or os.path.join(prefix or sys.prefix, "torch_extensions")
+
+
 def sanitized_env(extra: Mapping[str, str] | None = None, base: Mapping[str, str] | None = None) -> dict[str, str]:
-    """A child-process environment: `base` (default os.environ) + SAFE_ENV + `extra`, arch list fixed."""
+    """A child-process environment for shardlab's own runs: `base` (default os.environ) + RUNNER_ENV +
+    the per-environment TORCH_EXTENSIONS_DIR (unless set) + `extra`, arch list fixed."""
     env = dict(os.environ if base is None else base)
-    env.update(SAFE_ENV)
+    env.update(RUNNER_ENV)
+    env.setdefault("TORCH_EXTENSIONS_DIR", extensions_dir())
     if extra:
         env.update(extra)
     if env.get("TORCH_CUDA_ARCH_LIST"):
@@ -57,15 +75,17 @@ def launch_command(
     run_id: str = "shardlab",
     torchrun: Sequence[str] = ("torchrun",),
     config_file: str | None = None,
+    env: Mapping[str, str] | None = None,
 ) -> tuple[list[str], dict[str, str]]:
     """The argv and the shardlab-set environment that start `program` on one node of the plan.
 
     `program` is the training script and its arguments; a leading "-m" runs a module. One node with
-    no explicit address binds the rendezvous to 127.0.0.1 on `master_port`.
+    no explicit address binds the rendezvous to 127.0.0.1 on `master_port`. `env`: variables the
+    command must carry (none by default; the runner adds RUNNER_ENV itself through sanitized_env).
     """
     nproc = nproc_per_node or plan.topology.gpus_per_node
     nodes = nnodes or plan.topology.nodes
-    env = dict(SAFE_ENV)
+    env = dict(env or {})
     single = nodes == 1
     addr = "127.0.0.1" if single and master_addr == "$MASTER_ADDR" else master_addr
     if launcher == "torchrun":

@@ -15,7 +15,7 @@ from shardlab.plan import Plan
 
 def export_slurm(plan: Plan, *, job_name: str = "shardlab", time_limit: str = "01:00:00") -> str:
     """The sbatch script's text."""
-    from shardlab.export import MASTER_PORT, program_args
+    from shardlab.export import MASTER_PORT, program_args, program_note
     from shardlab.export.launch import launch_command, render_command
 
     t = plan.topology
@@ -33,6 +33,7 @@ def export_slurm(plan: Plan, *, job_name: str = "shardlab", time_limit: str = "0
         f"#SBATCH --time={time_limit}",
         "#SBATCH --output=%x-%j.out",
         f"# shardlab: {plan.framework} {plan.sharding}, {plan.precision}, {t.nodes} node(s) x {t.gpus_per_node} GPU(s).",
+        *program_note(plan),
         *(["# ds_config.json: shardlab export PLAN --to deepspeed -o ds_config.json"] if plan.framework == "deepspeed" else []),
         "set -euo pipefail",
         "",

@@ -125,6 +125,8 @@ def apply(s: Settings, model, device: str, loss: Callable) -> base.Trainer:
         if on_meta:
             model.to_empty(device="cpu" if s.offload_params else device)
         set_model_state_dict(model, full_state, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+        for b in model.buffers():  # non-persistent buffers (a rotary inv_freq) are in no state dict
+            dist.broadcast(b, src=0)
     if s.forward_prefetch:
         for a, b in zip(units, units[1:]):
             a.set_modules_to_forward_prefetch([b])

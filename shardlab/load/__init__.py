@@ -21,9 +21,12 @@ from .translate import translate
 __all__ = ["import_config", "translate"]
 
 
-def import_config(source: str | Path) -> tuple[Plan, list[str]]:
-    """A DeepSpeed JSON or accelerate YAML (path or text) -> (Plan, notes on what did not carry over)."""
-    text, name, folder = read_source(source)
+def import_config(source: str | Path, *, name: str | None = None) -> tuple[Plan, list[str]]:
+    """A DeepSpeed JSON or accelerate YAML (path or text) -> (Plan, notes on what did not carry over).
+
+    With `name` (an upload's file name), `source` is the config's text and is never read as a path,
+    and files it refers to (accelerate's deepspeed_config_file) are not followed."""
+    text, name, folder = read_source(source, name=name)
     data = parse_data(text, name)
     if not isinstance(data, dict) or not data:
         raise bad_input(name, f"{name} is not a DeepSpeed JSON object or an accelerate YAML mapping (got {type(data).__name__}). Give a config file.")

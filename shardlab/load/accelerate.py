@@ -8,6 +8,7 @@ from typing import Any
 
 from shardlab.export import keys as K
 from shardlab.plan import bad_input, read_text
+from shardlab.safe_input import label
 
 from .common import _MISSING, _bool, _choice, _float, _int, _mapping, parse_data
 from .deepspeed import _from_deepspeed
@@ -29,7 +30,7 @@ ACC_LAUNCH_FSDP_KEYS = {"fsdp_version", "fsdp_offload_params", "fsdp_min_num_par
                         "fsdp_activation_checkpointing_offload"}
 
 
-def _from_accelerate(d: dict, folder: Path) -> tuple[dict, list[str]]:
+def _from_accelerate(d: dict, folder: Path | None) -> tuple[dict, list[str]]:
     unknown = sorted(set(d) - ACC_TOP_KEYS)
     if unknown:
         raise bad_input(unknown[0], f"{', '.join(unknown)}: not an accelerate config key (accelerate's loader refuses the file). Remove it, or check the spelling.")
@@ -76,14 +77,14 @@ def _from_accelerate(d: dict, folder: Path) -> tuple[dict, list[str]]:
         fields["compile"] = True
         if str(backend).upper() != K.ACC_DYNAMO_BACKEND:
             notes.append(f"dynamo_backend={backend}: the plan says compile=true (shardlab exports the inductor backend).")
-    notes += [f"dynamo_config.{k}={v!r} is not modelled by shardlab." for k, v in dyn.items() if k != "dynamo_backend"]
+    notes += [f"dynamo_config.{k} is not modelled by shardlab." for k in dyn if k != "dynamo_backend"]
     launch = {k: d[k] for k in d if k not in ACC_MODELLED_TOP and k in d and K.ACC_FIXED_TOP.get(k, _MISSING) != d[k]}
     fixed = [k for k in d if k not in ACC_MODELLED_TOP and k not in launch]
     if fixed:
         notes.append(f"launch settings at their usual values, not part of the plan: {', '.join(sorted(fixed))}.")
     if launch:
         notes.append("launch settings not modelled by shardlab (not carried into the plan): "
-                     + ", ".join(f"{k}={v!r}" for k, v in sorted(launch.items())) + ".")
+                     + ", ".join(sorted(launch)) + ".")
     if fields["framework"] in ("fsdp1", "fsdp2") and kind == "FSDP":
         _fsdp_from_acc(fsdp, par, fields, notes)
     elif fsdp:
@@ -128,7 +129,7 @@ def _fsdp_from_acc(c: dict, par: dict, fields: dict, notes: list[str]) -> None:
     off = sorted(k for k, v in other.items() if v in (1, None))
     if off:
         notes.append(f"{', '.join(f'parallelism_config.{k}' for k in off)} at 1 (off): data parallelism only, as the plan assumes.")
-    notes += [f"parallelism_config.{k}={v!r} (tensor / context parallelism) is not modelled by shardlab." for k, v in other.items() if k not in off]
+    notes += [f"parallelism_config.{k} (tensor / context parallelism) is not modelled by shardlab." for k in other if k not in off]
     if fields.get("sharding") != "ddp":
         fields["sharding"] = sharding
     if "fsdp_offload_params" in c and _bool("fsdp_config.fsdp_offload_params", c["fsdp_offload_params"]):
@@ -155,12 +156,15 @@ def _fsdp_from_acc(c: dict, par: dict, fields: dict, notes: list[str]) -> None:
         if k in done:
             continue
         why = "is not modelled by shardlab" if k in ACC_LAUNCH_FSDP_KEYS else "is not an `accelerate launch` option, so accelerate ignores it"
-        notes.append(f"fsdp_config.{k}={v!r} {why} (not carried into the plan).")
+        notes.append(f"fsdp_config.{k} {why} (not carried into the plan).")
 
 
-def _ds_from_acc(c: dict, folder: Path, fields: dict, notes: list[str]) -> None:
+def _ds_from_acc(c: dict, folder: Path | None, fields: dict, notes: list[str]) -> None:
     ref = c.get("deepspeed_config_file")
-    if ref:
+    if ref and folder is None:
+        # text that came from no folder (an upload to the app): a reference in it is not a file of ours to read
+        notes.append(f"deepspeed_config_file={label(str(ref))} was not followed (this config was given as text, not as a file on disk); its settings are not in the plan. Import that DeepSpeed JSON on its own.")
+    elif ref:
         path = Path(str(ref)) if Path(str(ref)).is_absolute() else folder / str(ref)
         if path.is_file():
             ds_fields, ds_notes = _from_deepspeed(_mapping(str(ref), parse_data(read_text(path), str(path))), f"{ref}: ")
@@ -171,7 +175,7 @@ def _ds_from_acc(c: dict, folder: Path, fields: dict, notes: list[str]) -> None:
                 fields["topology"] = topology
             notes += ds_notes
         else:
-            notes.append(f"deepspeed_config_file={ref} was not found next to the config; its settings are not in the plan. Import it on its own, or put it beside this file.")
+            notes.append(f"deepspeed_config_file={label(str(ref))} was not found next to the config; its settings are not in the plan. Import it on its own, or put it beside this file.")
     if "zero_stage" in c:
         stage = _int("deepspeed_config.zero_stage", c["zero_stage"])
         if stage not in K.STAGE_SHARDING:
@@ -197,7 +201,7 @@ def _ds_from_acc(c: dict, folder: Path, fields: dict, notes: list[str]) -> None:
         fields["checkpoint"] = "full_16bit"
     for k, v in c.items():
         if k not in K.ACC_DS_COMPOSITE_KEYS and k not in {x.key for x in K.ACC_DS_KEYS}:
-            notes.append(f"deepspeed_config.{k}={v!r} is a launch setting shardlab does not model (not carried into the plan).")
+            notes.append(f"deepspeed_config.{k} is a launch setting shardlab does not model (not carried into the plan).")
 
 
 # ---------------------------------------------------------------------------------------------

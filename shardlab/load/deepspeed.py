@@ -11,7 +11,8 @@ from shardlab.plan import Plan, bad_input
 from .common import _MISSING, _bool, _choice, _float, _int, _mapping
 
 def _leaf_note(key: str, value: Any) -> str:
-    return f"{key}={json.dumps(value, default=str)} is not modelled by shardlab (not carried into the plan; DeepSpeed's default applies on export)."
+    # the key's name only: a value may be a secret (a token, a path) that must not be echoed to a page
+    return f"{key} is not modelled by shardlab (not carried into the plan; DeepSpeed's default applies on export)."
 
 
 def _from_deepspeed(d: dict, notes_prefix: str = "") -> tuple[dict, list[str]]:

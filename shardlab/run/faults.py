@@ -31,6 +31,7 @@ class Failure:
     phase: str | None = None
     error: str | None = None
     event: dict | None = None
+    agent: int | None = None  # a torchrun agent that failed itself (node rank), not one of its ranks
 
 
 def _is_oom_event(ev: dict) -> bool:
@@ -49,6 +50,10 @@ def detect(events: list[dict], sampler, agent_codes: list[int | None]) -> Failur
     if oom:
         ev = min(oom, key=lambda e: e.get("t", 0))
         return Failure("oom", ev.get("rank"), phase=ev.get("phase"), error=ev.get("message") or ev.get("error"), event=ev)
+    killed = [(n, c) for n, c in enumerate(agent_codes) if c is not None and c < 0]
+    if killed:  # a torchrun agent killed by a signal: its ranks' errors only say that it went away
+        n, c = killed[0]
+        return Failure("failed", None, error=f"the torchrun agent of node {n} was killed by {_signame(-c)} (exit code {c}); its ranks were stopped", agent=n)
     gone = [(t, r) for r, t in getattr(sampler, "gone", {}).items() if r not in said]
     if gone:
         t, rank = min(gone)
@@ -62,6 +67,13 @@ def detect(events: list[dict], sampler, agent_codes: list[int | None]) -> Failur
     return None
 
 
+def _signame(num: int) -> str:
+    try:
+        return signal.Signals(num).name
+    except ValueError:
+        return f"signal {num}"
+
+
 def _alive(p: psutil.Process) -> bool:
     try:
         return p.is_running() and p.status() != psutil.STATUS_ZOMBIE
@@ -69,44 +81,67 @@ def _alive(p: psutil.Process) -> bool:
         return False
 
 
-def _strays(run_dir: str) -> list[psutil.Process]:
-    """Our processes whose command line names this run's folder (the workers do): a net under the
-    tracking, for a rank that started and was orphaned before the sampler ever saw it."""
-    me, out = os.getuid(), []
-    for p in psutil.process_iter(["cmdline", "uids"]):
+def recorded_processes(processes: list[dict]) -> list[psutil.Process]:
+    """The live processes status.json records ({"pid", "create_time"}), each checked to be the same
+    process (its start time), so a pid reused by an unrelated program is never signalled."""
+    out = []
+    for rec in processes or ():
         try:
-            if p.info["uids"] and p.info["uids"].real == me and p.pid != os.getpid() and any(run_dir in a for a in p.info["cmdline"] or ()):
+            p = psutil.Process(int(rec["pid"]))
+            if abs(p.create_time() - float(rec.get("create_time") or 0)) < 0.05:
                 out.append(p)
-        except psutil.Error:
+        except (psutil.Error, KeyError, TypeError, ValueError):
             pass
     return out
 
 
-def kill_all(agents, sampler, run_dir: str | None = None) -> None:
-    """End every process of the run: SIGCONT (a stopped one cannot act on SIGTERM), SIGTERM, and after
-    2 s SIGKILL; then reap the agents. Returns when none is left (or after ~5 s)."""
+def own_processes(agents, sampler=None, recorded: list[dict] | None = None) -> list[psutil.Process]:
+    """Every process of the run, found only from what the launcher started: the agents (by pid) and
+    their descendants, the ranks the sampler tracks, and the processes recorded in status.json.
+    Never by command line: an unrelated `tail -f runs/<id>/metrics.jsonl` must survive."""
     procs: dict[int, psutil.Process] = {}
     for a in agents:
         try:
-            ap = psutil.Process(a.pid)
+            ap = a if isinstance(a, psutil.Process) else psutil.Process(a.pid)
             procs[ap.pid] = ap
             for c in ap.children(recursive=True):
                 procs.setdefault(c.pid, c)
         except psutil.Error:
             pass
-    for p in sampler.processes():
+    for p in sampler.processes() if sampler is not None else ():
         procs.setdefault(p.pid, p)
-    if run_dir:
-        for p in _strays(run_dir):
-            procs.setdefault(p.pid, p)
-    live = [p for p in procs.values() if _alive(p)]
+    for p in recorded_processes(recorded or []):
+        procs.setdefault(p.pid, p)
+        try:
+            for c in p.children(recursive=True):
+                procs.setdefault(c.pid, c)
+        except psutil.Error:
+            pass
+    procs.pop(os.getpid(), None)
+    return list(procs.values())
+
+
+def kill_all(agents, sampler, recorded: list[dict] | None = None) -> None:
+    """End every process of the run: SIGCONT (a stopped one cannot act on SIGTERM), SIGTERM, and after
+    2 s SIGKILL; then reap the agents. Returns when none is left (or after ~5 s)."""
+    terminate(own_processes(agents, sampler, recorded))
+    for a in agents:
+        try:
+            a.wait(timeout=1)
+        except Exception:
+            pass
+
+
+def terminate(procs: list[psutil.Process], grace_s: float = 2.0) -> None:
+    """SIGCONT + SIGTERM to each of `procs`, SIGKILL to those left after `grace_s`."""
+    live = [p for p in procs if _alive(p)]
     for sig in (signal.SIGCONT, signal.SIGTERM):
         for p in live:
             try:
                 p.send_signal(sig)  # psutil checks the pid still belongs to the same process
             except psutil.Error:
                 pass
-    _, live = psutil.wait_procs(live, timeout=2)
+    _, live = psutil.wait_procs(live, timeout=grace_s)
     live = [p for p in live if _alive(p)]
     for p in live:
         try:
@@ -114,11 +149,6 @@ def kill_all(agents, sampler, run_dir: str | None = None) -> None:
         except psutil.Error:
             pass
     psutil.wait_procs(live, timeout=3)
-    for a in agents:
-        try:
-            a.wait(timeout=1)
-        except Exception:
-            pass
 
 
 def limit_memory(limit_bytes: int):
@@ -182,9 +212,9 @@ def report(run_dir: Path, status: str, failure: Failure | None, events: list[dic
     if status in ("failed", "oom") or (failure is not None and status not in ("cancelled", "timeout")):
         failure = failure or Failure("failed", None)
         rank = failure.rank
-        if rank is None and summary:
+        if rank is None and summary and failure.agent is None:
             rank = summary[0][0]
-        if rank is None and getattr(sampler, "gone", None):
+        if rank is None and getattr(sampler, "gone", None) and failure.agent is None:
             rank = min((t, r) for r, t in sampler.gone.items())[1]
         oom = (failure.status == "oom" or any(_is_oom_event(e) for e in events)
                or (rank is not None and exit_codes.get(str(rank)) == OOM_EXIT))

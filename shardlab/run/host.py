@@ -20,6 +20,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def check_port(port: int, host: str = "127.0.0.1") -> None:
+    """Refuse a port that is out of range or already taken, before a server tries it (PlanError)."""
+    if not isinstance(port, int) or isinstance(port, bool) or not 1 <= port <= 65535:
+        raise bad_input("--port", f"--port {port} is not a TCP port (1-65535). Use e.g. --port 5006.")
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        try:
+            s.bind((host, port))
+        except OSError as e:
+            raise bad_input("--port", f"--port {port}: cannot listen on {host}:{port} ({e.strerror}; another program may be using it). Use another port, e.g. --port {5006 if port != 5006 else 5007}.") from None
+
+
 def visible_gpus() -> list[int]:
     """NVML indices of the GPUs a run may use: CUDA_VISIBLE_DEVICES (numeric form) if set, else all."""
     n = gpu_count()

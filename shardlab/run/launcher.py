@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import atexit
 import os
-import queue
+import json
 import sys
 import threading
 import time
@@ -26,35 +26,151 @@ from shardlab.run import faults
 from shardlab.run.host import check_run, default_device, free_port, visible_gpus
 from shardlab.run.store import FINAL, JsonlTail, Run, create_run_dir, read_json, write_json_atomic
 
-# Variables copied into launch.json besides the ones shardlab sets: what changes how a run behaves.
-# Never anything that looks like a credential.
-_RECORDED_PREFIXES = ("CUDA_", "NCCL_", "TORCH_", "OMP_", "MKL_", "DS_", "PYTORCH_", "NVSHMEM_", "GLOO_")
-_RECORDED = ("PYTHONPATH", "PYTHONUNBUFFERED", "VIRTUAL_ENV", "MASTER_ADDR", "MASTER_PORT", "LD_LIBRARY_PATH")
-_SECRET_WORDS = ("KEY", "TOKEN", "SECRET", "PASSWORD", "CREDENTIAL", "AUTH")
+# The launching environment's variables copied into launch.json (besides the ones shardlab sets):
+# an allow-list of the settings that change how a run behaves, by exact name. Anything else (a
+# token, a password, a path list such as PYTHONPATH) is never written into the run folder, whatever
+# it is called; a deny-list of "secret-looking" names missed NCCL_PASSWD, DS_API_PASS, OMP_PWD.
+RECORDED_ENV = frozenset({
+    "CUDA_VISIBLE_DEVICES", "CUDA_DEVICE_MAX_CONNECTIONS", "CUDA_LAUNCH_BLOCKING", "CUDA_DEVICE_ORDER",
+    "NCCL_DEBUG", "NCCL_DEBUG_SUBSYS", "NCCL_IB_DISABLE", "NCCL_P2P_DISABLE", "NCCL_SHM_DISABLE",
+    "NCCL_NVLS_ENABLE", "NCCL_ALGO", "NCCL_PROTO", "NCCL_SOCKET_IFNAME", "NCCL_MIN_NCHANNELS",
+    "NCCL_MAX_NCHANNELS", "NCCL_BUFFSIZE", "NCCL_CUMEM_ENABLE", "NCCL_NET_GDR_LEVEL",
+    "TORCH_NCCL_ASYNC_ERROR_HANDLING", "TORCH_NCCL_BLOCKING_WAIT", "TORCH_DISTRIBUTED_DEBUG",
+    "TORCH_CPP_LOG_LEVEL", "TORCH_CUDA_ARCH_LIST", "TORCH_SYMM_MEM_DISABLE_MULTICAST", "TORCH_EXTENSIONS_DIR",
+    "TORCHINDUCTOR_CACHE_DIR", "PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_NO_CUDA_MEMORY_CACHING",
+    "OMP_NUM_THREADS", "MKL_NUM_THREADS", "DS_ACCELERATOR", "DS_BUILD_OPS", "NVSHMEM_DISABLE_NVLS",
+    "GLOO_SOCKET_IFNAME", "PYTHONUNBUFFERED", "PYTHONHASHSEED", "MASTER_ADDR", "MASTER_PORT",
+})
 
 _SHAPE_KEYS = ("name", "family", "layers", "hidden", "heads", "vocab", "seq_len", "kv_heads", "ffn_hidden")
 _LIVE: "set[LiveRun]" = set()
 DONE_GRACE_S = 1.0  # after every rank said done, how long their processes get to exit on their own
+QUEUE_MAX = 10_000  # items kept for a slow (or absent) iterator; older metrics lines are dropped, never blocking
 
 
-def _model_for_worker(model) -> tuple[str, object]:
-    """(display name, what run.json carries: a preset name or a shape dict)."""
+class StatusWriteError(RuntimeError):
+    """status.json could not be written: the run is ended, since its state can no longer be recorded."""
+
+
+def write_status(run_dir: Path, info: dict, *, last: bool = False) -> None:
+    """Write status.json atomically. When that fails (the folder deleted or made read-only), raise
+    StatusWriteError; for the `last` write, first try rewriting the file in place, which a
+    read-only folder still allows, so the store shows the final status and its reason."""
+    path = run_dir / "status.json"
+    try:
+        write_json_atomic(path, info)
+        return
+    except OSError as e:
+        first = e
+    if last:
+        try:
+            with open(path, "r+") as f:
+                f.write(json.dumps(info, indent=1, default=str))
+                f.truncate()
+            return
+        except OSError:
+            pass
+    raise StatusWriteError(f"status.json in {run_dir} cannot be written ({first.strerror or first}); the run was stopped "
+                           "because its state could no longer be recorded. Check that the run folder exists and is writable.")
+
+
+def _me() -> str:
+    """This process as "pid:start time", for the workers' check that their launcher still lives."""
+    import psutil
+
+    return f"{os.getpid()}:{psutil.Process().create_time():.3f}"
+
+
+class _Feed:
+    """The watcher -> iterator queue, bounded: when nobody reads, memory stays at QUEUE_MAX items
+    (the launcher kept every metrics line, ~2.9 KB each, for the whole run); the oldest metrics are
+    dropped first, status items and the end mark never."""
+
+    def __init__(self, maxlen: int = QUEUE_MAX):
+        import collections
+
+        self.items: "collections.deque" = collections.deque()
+        self.maxlen = maxlen
+        self.cond = threading.Condition()
+        self.dropped = 0
+
+    def put(self, item) -> None:
+        with self.cond:
+            if len(self.items) >= self.maxlen:
+                for i, old in enumerate(self.items):
+                    if old is not None and old.get("type") == "metrics":
+                        del self.items[i]
+                        self.dropped += 1
+                        break
+            self.items.append(item)
+            self.cond.notify()
+
+    def get(self):
+        with self.cond:
+            while not self.items:
+                self.cond.wait()
+            return self.items.popleft()
+
+
+def _model_for_worker(model):
+    """(display name, what run.json carries: a preset name, a shape dict or a model source, the ModelSpec)."""
     from shardlab.models import PRESETS, resolve_model
+    from shardlab.usermodel import source_of
 
+    if hasattr(model, "named_parameters"):
+        raise bad_input("model", f"model={type(model).__name__} is an nn.Module object, which the training processes cannot receive. "
+                        "Pass the function that builds it as model='module:function' (or the function itself).")
+    if callable(model) and not isinstance(model, str):
+        model = source_of(model)  # a factory function: its 'module:function' travels to the workers
     spec = resolve_model(model)
+    if spec.source is not None:
+        return spec.name, spec.source, spec
     if spec.is_bare:
         raise bad_input("model", f"model={model!r} is a bare parameter count; a real run needs a shape. Use a preset (e.g. gpt-tiny) or a shape file with layers, hidden, heads, vocab, seq_len.")
     if isinstance(model, str) and model in PRESETS:
-        return model, model
+        return model, model, spec
     shape = {k: v for k, v in spec.to_dict().items() if k in _SHAPE_KEYS and v is not None}
-    return spec.name, shape
+    return spec.name, shape, spec
 
 
 def _recorded_env(env: dict[str, str], ours: dict[str, str]) -> dict[str, str]:
-    keep = {k: v for k, v in env.items()
-            if (k in _RECORDED or k.startswith(_RECORDED_PREFIXES)) and not any(w in k.upper() for w in _SECRET_WORDS)}
+    """What launch.json records: allow-listed variables of `env`, plus what shardlab itself set."""
+    keep = {k: v for k, v in env.items() if k in RECORDED_ENV}
     keep.update(ours)
     return dict(sorted(keep.items()))
+
+
+def usable_cores() -> int:
+    """CPU cores this process may run on (its affinity mask, as taskset / a container's cpuset set it)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def check_capacity(plan, nproc, device: str) -> int:
+    """Processes per node, refused before anything starts if this machine cannot hold the run:
+    at most one process per CPU core (device cpu) or per visible GPU (cuda). Returns nproc."""
+    if nproc is None:
+        nproc = plan.topology.gpus_per_node  # the plan's own count, stated in every message below
+    if isinstance(nproc, bool) or not isinstance(nproc, int) or nproc < 1:
+        raise bad_input("nproc", f"nproc={nproc!r} must be a whole number of at least 1 (processes per node). "
+                        f"Pass --nproc 1 (or more), or leave it out to use the plan's topology.gpus_per_node={plan.topology.gpus_per_node}.")
+    nodes = plan.topology.nodes
+    world = nodes * nproc
+    if device == "cpu":
+        have, unit = usable_cores(), "CPU cores"
+    else:
+        have, unit = len(visible_gpus()), "GPUs"
+    if world > have:
+        fit = have // nodes
+        fix = (f"Pass --nproc {fit} (topology.nodes x nproc <= {have})" if fit >= 1
+               else f"Use fewer topology.nodes (at most {have}) with --nproc 1")
+        if device == "cuda":
+            raise bad_input("nproc", f"this run needs {world} GPUs (topology.nodes={nodes} x nproc={nproc}) but this machine has {have}. {fix}, or device=cpu.")
+        raise bad_input("nproc", f"this run would start {world} processes (topology.nodes={nodes} x nproc={nproc}) on a machine with {have} CPU cores: "
+                        f"more processes than cores only slows every rank down and can exhaust memory. {fix}.")
+    return nproc
 
 
 class LiveRun(Run):
@@ -66,9 +182,11 @@ class LiveRun(Run):
     """
 
     def __init__(self, run_dir: Path, *, agents, sampler, steps: int, world_size: int,
-                 timeout_s: float | None, on_event: Callable[[dict], None] | None, progress, info: dict):
+                 timeout_s: float | None, on_event: Callable[[dict], None] | None, progress, info: dict,
+                 watchdog=None):
         super().__init__(run_dir)
         self.agents = agents  # list of subprocess.Popen, index = node rank
+        self.watchdog = watchdog  # subprocess.Popen of run/watchdog.py, its stdin our pipe
         self.sampler = sampler
         self.steps = steps
         self.world_size = world_size
@@ -76,7 +194,7 @@ class LiveRun(Run):
         self.on_event = on_event
         self.progress = progress
         self._info = info
-        self._queue: queue.Queue = queue.Queue()
+        self._queue = _Feed()
         self._finished = threading.Event()
         self._cancel = threading.Event()
         self._metrics = JsonlTail(run_dir / "metrics.jsonl")
@@ -85,6 +203,16 @@ class LiveRun(Run):
         self.worker_events: list[dict] = []
         self._recorded: dict[int, int] = {}
         self._watcher = threading.Thread(target=self._watch, name=f"shardlab-watch-{self.id}", daemon=True)
+
+    # ---- what the files say, or what this process knows when they cannot say it
+    @property
+    def info(self) -> dict:
+        """status.json; once the run is over, this process's own final record when the file was
+        deleted or could not be written (a run folder removed or made read-only mid-run)."""
+        on_disk = super().info
+        if self._finished.is_set() and on_disk.get("status") not in FINAL:
+            return dict(self._info)
+        return on_disk or dict(self._info)
 
     # ---- public control
     def wait(self, timeout: float | None = None, poll: float = 0.2) -> str:
@@ -133,7 +261,7 @@ class LiveRun(Run):
         if self._info.get("status") == "running" and changes.get("status", "running") == "running" and self._outside_cancel():
             return  # never write over another process's cancel mark; the watcher acts on it next
         self._info.update(changes)
-        write_json_atomic(self.dir / "status.json", self._info)
+        write_status(self.dir, self._info)
 
     def _outside_cancel(self) -> bool:
         """load_run(dir).cancel() in another process marked the run cancelled (before killing it)."""
@@ -169,6 +297,8 @@ class LiveRun(Run):
         for ev in self._events.new():
             new = True
             self.worker_events.append(ev)
+            if self.progress is not None:
+                self.progress.event(ev)
             self._emit({"type": "event", **ev})
         return new
 
@@ -183,6 +313,9 @@ class LiveRun(Run):
         try:
             while True:
                 now = time.monotonic()
+                if not self.dir.is_dir():
+                    status, failure = "failed", faults.Failure("failed", None, error=f"the run folder {self.dir} was deleted while the run was going; the run was stopped.")
+                    break
                 if self._drain():
                     last_progress = now
                     if now - last_written > 0.5:
@@ -220,25 +353,60 @@ class LiveRun(Run):
                     status = "timeout"
                     break
                 time.sleep(0.1)
+        except StatusWriteError as e:
+            status, failure = "failed", faults.Failure("failed", None, error=str(e))
         except Exception as e:  # the watcher itself broke: end the run rather than leave it unwatched
             status, failure = "failed", faults.Failure("failed", None, error=f"shardlab watcher: {type(e).__name__}: {e}")
         self._finish(status, failure)
 
     def _finish(self, status: str, failure) -> None:
-        faults.kill_all(self.agents, self.sampler, str(self.dir))
-        self.sampler.stop()
-        self._drain()  # lines written in the last moments before the end still count
-        faults.link_rank_logs(self.dir, self.sampler)
-        codes = [a.returncode for a in self.agents]
-        report = faults.report(self.dir, status, failure, self.worker_events, self.sampler, codes,
-                               self.steps_done, self.steps)
-        self._write_info(**report, steps_done=self.steps_done, ended_at=time.time())
-        if self.progress is not None:
-            self.progress.close(report["status"])
-        _LIVE.discard(self)
-        self._finished.set()
-        self._emit({"type": "status", "status": report["status"], "id": self.id})
-        self._queue.put(None)
+        """Stop every process, write the final status; whatever fails here, wait() returns."""
+        report = {"status": status, "error": failure.error if failure else None}
+        try:
+            faults.kill_all(self.agents, self.sampler, self._info.get("processes"))
+            self.sampler.stop()
+            self._drain()  # lines written in the last moments before the end still count
+            faults.link_rank_logs(self.dir, self.sampler)
+            codes = [a.returncode for a in self.agents]
+            report = faults.report(self.dir, status, failure, self.worker_events, self.sampler, codes,
+                                   self.steps_done, self.steps)
+            self._info.update(**report, steps_done=self.steps_done, ended_at=time.time())
+            write_status(self.dir, self._info, last=True)
+        except Exception as e:  # noqa: BLE001 - e.g. the folder deleted or read-only: the status stays in memory
+            self._info.update(status=report.get("status", status), ended_at=time.time())
+            if not self._info.get("error"):
+                self._info["error"] = f"{type(e).__name__}: {e}"
+            print(f"shardlab: run {self.id} ended {self._info['status']}, but its status could not be written: {e}", file=sys.stderr)
+        finally:
+            self._release_watchdog()
+            if self.progress is not None:
+                try:
+                    self.progress.close(self._info.get("status", status))
+                except Exception:
+                    pass
+            _LIVE.discard(self)
+            self._finished.set()
+            self._emit({"type": "status", "status": self._info.get("status", status), "id": self.id})
+            self._queue.put(None)
+
+    def _release_watchdog(self) -> None:
+        """Tell the watchdog the run ended normally (it exits); it never acts after this."""
+        w = self.watchdog
+        if w is None:
+            return
+        try:
+            w.stdin.write(b"done\n")
+            w.stdin.close()
+            try:
+                w.wait(timeout=1)
+            except Exception:  # a starved machine: reap it later, the run is over either way
+                threading.Thread(target=w.wait, name="shardlab-watchdog-reap", daemon=True).start()
+        except Exception:
+            try:
+                w.kill()
+                w.wait(timeout=1)
+            except Exception:
+                pass
 
 
 def launch(plan, model="gpt-tiny", steps: int = 10, nproc: int | None = None, device: str | None = None,
@@ -253,28 +421,37 @@ def launch(plan, model="gpt-tiny", steps: int = 10, nproc: int | None = None, de
     seconds without a new metrics or event line before the run is stopped as 'timeout' (start-up
     counts). mem_limit_bytes: an address-space limit (RLIMIT_AS) put on each rank as soon as it
     starts: on a CPU this is how a run is made to meet an out-of-memory failure on purpose.
-    instrument: True measures every step; False runs the bare loop (loss and timings only);
+    model: a preset, a shape file or dict, a model source ('hf:llama hidden_size=64 ...', a Hugging
+    Face config.json, 'module:function'; see shardlab/usermodel.py) or a factory function defined in
+    an importable module. instrument: True measures every step; False runs the bare loop (loss and timings only);
     "alternate" measures odd steps and runs even steps bare, for comparing the two in one run.
     worker_module: the program torchrun runs (`python -m worker_module RUN_DIR`); only for testing
     the launcher against a stand-in.
     Bad input raises PlanError before anything starts.
     """
-    from shardlab.export.launch import launch_command, sanitized_env
+    from shardlab.export.launch import RUNNER_ENV, launch_command, sanitized_env
+    from shardlab.models import flops_per_token
     from shardlab.run.timeline import Sampler
 
     import psutil
 
     plan = load_plan(plan)
     device = device or default_device()
-    nproc = int(nproc or plan.topology.gpus_per_node)
+    if device not in ("cpu", "cuda"):
+        raise bad_input("device", f"device={device!r} is not cpu or cuda. Use device='cpu' or device='cuda'.")
+    nproc = check_capacity(plan, nproc, device)
     check_run(plan, steps=steps, nproc=nproc, device=device, launcher=launcher, instrument=instrument)
     if nproc != plan.topology.gpus_per_node:
         plan = load_plan(plan.model_copy(update={"topology": plan.topology.model_copy(update={"gpus_per_node": nproc})}))
-    model_name, model_arg = _model_for_worker(model)
+    model_name, model_arg, spec = _model_for_worker(model)
+    from shardlab.usermodel import resolve as resolve_source, with_wrap_class
+
+    plan = with_wrap_class(plan, spec)  # a model's own block class, written into the run's plan.yaml
     if factory is None:
         from shardlab.frameworks import check_model
 
-        check_model(plan, model)  # a block class the GPT lacks: the worker would refuse it at wrap time
+        # a block class the model lacks: the worker would refuse it at wrap time
+        check_model(plan, resolve_source(spec.source).build("meta")[0] if spec.source else model_arg)
     nodes = plan.topology.nodes
     world = plan.world_size
 
@@ -292,7 +469,7 @@ def launch(plan, model="gpt-tiny", steps: int = 10, nproc: int | None = None, de
     port = free_port()
     cores = os.cpu_count() or 1
     ours = {"PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS") or str(max(1, cores // world)),
-            "SHARDLAB_RUN_DIR": str(run_dir)}
+            "SHARDLAB_RUN_DIR": str(run_dir), "SHARDLAB_LAUNCHER": _me()}
     if device == "cpu":
         ours["DS_ACCELERATOR"] = "cpu"
     gpus = visible_gpus() if device == "cuda" else []
@@ -311,10 +488,13 @@ def launch(plan, model="gpt-tiny", steps: int = 10, nproc: int | None = None, de
         cmds.append((argv, node_env))
     write_json_atomic(run_dir / "launch.json", {
         "launcher": launcher, "cwd": os.getcwd(), "master_port": port,
+        # set for shardlab's own runs only, never written into exports (export/launch.py says why)
+        "runner_env": dict(RUNNER_ENV),
         "agents": [{"node": n, "argv": a, "env": _recorded_env(sanitized_env(e), e)} for n, (a, e) in enumerate(cmds)],
     })
     info = {"id": run_id, "status": "running", "model": model_name, "framework": plan.framework,
-            "sharding": plan.sharding, "precision": plan.precision, "device": device, "nodes": nodes,
+            "sharding": plan.sharding, "precision": plan.precision, "wrap_class": spec.wrap_cls or plan.wrap.transformer_layer_cls,
+            "model_params": spec.params, "flops_per_token": flops_per_token(spec), "device": device, "nodes": nodes,
             "nproc_per_node": nproc, "world_size": world, "steps": steps, "steps_done": 0, "seed": seed,
             "timeout_s": timeout_s, "started_at": time.time(), "ended_at": None, "exit_codes": None,
             "failed_rank": None, "error": None, "phase": None, "launcher_pid": os.getpid(), "processes": []}
@@ -322,6 +502,11 @@ def launch(plan, model="gpt-tiny", steps: int = 10, nproc: int | None = None, de
 
     import subprocess
 
+    # Started before the agents: from here on, if this process dies the watchdog ends the run.
+    with open(run_dir / "logs" / "watchdog.log", "ab") as wlog:
+        watchdog = subprocess.Popen([sys.executable, "-m", "shardlab.run.watchdog", str(run_dir), str(os.getpid())],
+                                    stdin=subprocess.PIPE, stdout=wlog, stderr=subprocess.STDOUT,
+                                    start_new_session=True, env=sanitized_env({"PYTHONUNBUFFERED": "1"}))
     agents = []
     try:
         for node, (argv, node_env) in enumerate(cmds):
@@ -335,6 +520,7 @@ def launch(plan, model="gpt-tiny", steps: int = 10, nproc: int | None = None, de
             a.wait()
         info.update(status="failed", error=f"could not start torchrun: {e}", ended_at=time.time())
         write_json_atomic(run_dir / "status.json", info)
+        watchdog.stdin.close()
         raise
     procs = {n: psutil.Process(a.pid) for n, a in enumerate(agents)}
     info["processes"] = [{"pid": p.pid, "create_time": p.create_time(), "role": f"agent{n}"} for n, p in procs.items()]
@@ -351,7 +537,7 @@ def launch(plan, model="gpt-tiny", steps: int = 10, nproc: int | None = None, de
 
         bar = Progress(steps, world, desc=f"{plan.framework} {plan.sharding} {model_name}")
     run = LiveRun(run_dir, agents=agents, sampler=sampler, steps=steps, world_size=world, timeout_s=timeout_s,
-                  on_event=on_event, progress=bar, info=info)
+                  on_event=on_event, progress=bar, info=info, watchdog=watchdog)
     _LIVE.add(run)
     run._watcher.start()
     return run

@@ -2,7 +2,10 @@
 in a notebook).
 
 The bar counts steps every rank has finished (the slowest rank sets the pace), and shows the latest
-loss, step time and tokens/s of rank 0. It writes to stderr so `shardlab run --json` keeps stdout clean.
+loss, step time and tokens/s of rank 0. Until the first step is done it names the start-up phase the
+run is in (the worker's "phase" events: rendezvous, building the model, DeepSpeed's ops, wrapping, first
+step), so a wait at 0/N always says what it is waiting for. It writes to stderr so `shardlab run --json`
+keeps stdout clean.
 """
 
 from __future__ import annotations
@@ -10,16 +13,34 @@ from __future__ import annotations
 import sys
 
 
+def phase_text(events) -> str | None:
+    """What a run that has not finished a step is doing, from its event lines: the `what` of the latest
+    start-up "phase" event (lowest rank first among equals), or "starting processes" before any."""
+    latest = None
+    for ev in events:
+        if ev.get("event") == "phase" and ev.get("what"):
+            if latest is None or (ev.get("t", 0), -int(ev.get("rank") or 0)) >= (latest.get("t", 0), -int(latest.get("rank") or 0)):
+                latest = ev
+    return latest["what"] if latest else None
+
+
 class Progress:
-    """Feed it metrics lines (dicts) with `update`; `close(status)` ends the bar with the run's status."""
+    """Feed it metrics lines (dicts) with `update` and event lines with `event`; `close(status)` ends the
+    bar with the run's status."""
 
     def __init__(self, total: int, world_size: int, desc: str = "run", *, file=None, disable: bool = False):
         from tqdm.auto import tqdm
 
         self.world_size = max(world_size, 1)
         self.done: dict[int, int] = {}  # rank -> steps finished
-        self.bar = tqdm(total=total, desc=desc, unit="step", file=file or sys.stderr, disable=disable,
-                        dynamic_ncols=True, leave=True)
+        self.desc = desc
+        self.bar = tqdm(total=total, desc=f"{desc} [starting {self.world_size} processes]", unit="step",
+                        file=file or sys.stderr, disable=disable, dynamic_ncols=True, leave=True)
+
+    def event(self, ev: dict) -> None:
+        """A worker event line: a start-up phase shows in the bar until the first step is done."""
+        if ev.get("event") == "phase" and ev.get("what") and self.bar.n == 0 and ev.get("rank", 0) == 0:
+            self.bar.set_description_str(f"{self.desc} [{ev['what']}]", refresh=True)
 
     def update(self, line: dict) -> None:
         try:
@@ -31,6 +52,8 @@ class Progress:
         count = min(self.done.values()) if len(self.done) >= self.world_size else 0
         count = min(count, self.bar.total or count)
         if count > self.bar.n:
+            if self.bar.n == 0:
+                self.bar.set_description_str(self.desc, refresh=False)
             self.bar.update(count - self.bar.n)
         if rank == 0:
             post = {}
@@ -45,5 +68,5 @@ class Progress:
 
     def close(self, status: str | None = None) -> None:
         if status:
-            self.bar.set_description_str(f"{self.bar.desc} [{status}]", refresh=False)
+            self.bar.set_description_str(f"{self.desc} [{status}]", refresh=False)
         self.bar.close()

@@ -4,7 +4,9 @@ It reads RUN_DIR/plan.yaml (a shardlab Plan) and RUN_DIR/run.json ({"model", "st
 "seed", "factory", "trace_memory", "instrument"}), trains `steps` optimizer steps on deterministic
 synthetic batches, and after each step every rank appends one JSON line to RUN_DIR/metrics.jsonl
 (phase timestamps, loss, throughput, the model-state bytes it holds, its collective traffic, memory).
-RUN_DIR/events.jsonl gets start / done / oom / error lines. Exit codes: 0 done, EXIT_OOM (3) when the
+RUN_DIR/events.jsonl gets start / done / oom / error lines, and a "phase" line (with `what`, in words)
+as each start-up phase begins -- rendezvous, building the model, DeepSpeed's ops, wrapping, the first
+step -- so every progress display can name what a run at step 0 is waiting for. Exit codes: 0 done, EXIT_OOM (3) when the
 rank ran out of memory, 1 on any other failure.
 
 A metrics line holds: step (1-based), rank, world_size, loss (global mean, same on every rank),
@@ -18,13 +20,15 @@ steps are measured and even steps run bare in the same process (each line says w
 "instrumented"): GPU validation compares the two kinds of step without the run-to-run spread that
 separate processes show (up to ±15% between identical DeepSpeed ZeRO-3 runs on an H100).
 
-"factory": "module:function" replaces the GPT: the function returns (model, batch_fn) where the model
-maps token ids [B, T] to logits [B, T, vocab] and batch_fn(step, micro) gives (inputs, targets).
+"model" is a preset, a shape dict, or a model source (shardlab/usermodel.py: `hf:<type> ...`, a Hugging
+Face config.json, `module:function`), which is built here with random weights and fed synthetic
+batches made for its inputs. The older "factory": "module:function" replaces the GPT: the function
+returns (model, batch_fn) where the model maps token ids [B, T] to logits [B, T, vocab] and
+batch_fn(step, micro) gives (inputs, targets).
 """
 
 from __future__ import annotations
 
-import importlib
 import json
 import os
 import sys
@@ -98,17 +102,23 @@ def peak_tflops(device_name: str, precision: str) -> float | None:
     return get_gpu(name).peak_tflops(precision)
 
 
-def _load_factory(spec: str):
-    """'module:function' -> the function (returns (model, batch_fn))."""
-    from shardlab.plan import bad_input
-
-    mod, _, fn = spec.partition(":")
-    if not mod or not fn:
-        raise bad_input("factory", f"factory={spec!r} must look like 'module:function'.")
+def _load_deepspeed_ops(plan, device: str) -> None:
+    """Load (building on first use) the JIT ops DeepSpeed will ask for during initialize, so their build
+    time is its own named phase instead of a silent wait inside deepspeed.initialize. On a CPU: the shm
+    comm op (every run) and CPU Adam (optimizer offload); on CUDA only CPU Adam (offload). A failure here
+    is left for DeepSpeed to report in its own words when it tries the same build."""
+    names = ["ShareMemCommBuilder"] if device == "cpu" else []
+    if plan.offload.optimizer != "none":
+        names.append("CPUAdamBuilder")
     try:
-        return getattr(importlib.import_module(mod), fn)
-    except (ImportError, AttributeError) as e:
-        raise bad_input("factory", f"factory={spec!r} cannot be loaded ({e}). Check the module is importable and defines {fn}.") from None
+        from deepspeed.accelerator import get_accelerator
+
+        for name in names:
+            builder = get_accelerator().create_op_builder(name)
+            if builder is not None and builder.is_compatible():
+                builder.load(verbose=False)
+    except Exception:  # noqa: BLE001 (see docstring)
+        pass
 
 
 def _is_oom(e: BaseException) -> bool:
@@ -141,6 +151,11 @@ class Worker:
     def event(self, event: str, **extra) -> None:
         self.events.write({"t": time.time(), "rank": self.rank, "event": event, "phase": self.phase, **extra})
 
+    def startup(self, phase: str, what: str) -> None:
+        """Enter a start-up phase and say so in events.jsonl (the progress displays show `what`)."""
+        self.phase = phase
+        self.event("phase", what=what)
+
     # -- set-up ---------------------------------------------------------------------------------
     def setup(self) -> None:
         _prepare_env(self.device)
@@ -156,6 +171,7 @@ class Worker:
         from shardlab.plan import load_plan
 
         self.plan = load_plan(self.dir / "plan.yaml")
+        self.startup("rendezvous", f"rendezvous: waiting for all {self.world} ranks")
         if self.device == "cuda":
             torch.cuda.set_device(self.local_rank)
             if self.cfg.get("trace_memory"):
@@ -166,14 +182,18 @@ class Worker:
         gpu = gpu_table_name(torch.cuda.get_device_name()) if self.device == "cuda" else None
         self.event("start", world_size=self.world, pid=os.getpid(), host=os.uname().nodename,
                    framework=self.plan.framework, sharding=self.plan.sharding, gpu=gpu)
-        self.phase = "build"
+        self.startup("build", "building the model")
+        from shardlab import usermodel
         from shardlab.run.data import Batches
         from shardlab.run.gpt import build_model, loss_fn
 
+        self.loss = loss_fn
         if self.cfg.get("factory"):
-            model, self.batches = _load_factory(self.cfg["factory"])()
+            model, self.batches = usermodel.load_factory(self.cfg["factory"])()
             self.spec = None
             self.seq_len = None
+        elif isinstance(self.cfg["model"], str) and usermodel.is_source(self.cfg["model"]):
+            model = self._build_user_model()
         else:
             self.spec = resolve_model(self.cfg["model"])
             torch.manual_seed(self.cfg["seed"])
@@ -184,14 +204,49 @@ class Worker:
             self.batches = Batches(seed=self.cfg["seed"], rank=self.rank, world_size=self.world,
                                    micro_batch_size=self.plan.micro_batch_size, grad_accum_steps=self.plan.grad_accum_steps,
                                    seq_len=self.spec.seq_len, vocab=self.spec.vocab, device=self.device)
-        self.phase = "wrap"
+        if self.plan.framework == "deepspeed":
+            self.startup("ops", "loading DeepSpeed's C++ ops (the first run in an environment builds them: about a minute on 2 cores)")
+            _load_deepspeed_ops(self.plan, self.device)
+        self.startup("wrap", f"wrapping the model ({self.plan.framework} {self.plan.sharding})")
         from shardlab.run.wrap import wrap
 
-        self.trainer = wrap(self.plan, model, self.device, loss_fn)
+        self.trainer = wrap(self.plan, model, self.device, self.loss)
         self.peak = None
         if self.device == "cuda" and self.spec is not None:
             self.peak = peak_tflops(torch.cuda.get_device_name(), self.plan.precision)
         self.fpt = flops_per_token(self.spec) if self.spec is not None else None
+
+    def _build_user_model(self):
+        """A Hugging Face config or a factory (shardlab/usermodel.py), built as low_memory_init says:
+        ranks > 0 on the meta device for FSDP, inside deepspeed.zero.Init for DeepSpeed ZeRO-3."""
+        from shardlab import usermodel
+        from shardlab.describe import ds_leaf_classes, logits_of
+        from shardlab.models import resolve_model
+        from shardlab.run.gpt import loss_fn
+
+        self.spec = resolve_model(self.cfg["model"])
+        self.seq_len = self.spec.seq_len or None
+        um = usermodel.resolve(self.spec.source)
+        # the launcher already named the block class in plan.yaml; a plan written by hand may not have
+        self.plan = usermodel.with_wrap_class(self.plan, self.spec)
+        p = self.plan
+        seed = self.cfg["seed"]
+        if p.low_memory_init and p.framework == "deepspeed" and p.sharding in ("zero3", "hybrid"):
+            from shardlab.run.wrap import ds_config
+
+            model, batch_fn = um.build("cpu", seed, zero_init=ds_config(p, self.device))
+        else:
+            meta = p.low_memory_init and p.framework != "deepspeed" and self.rank != 0
+            model, batch_fn = um.build("meta" if meta else "cpu", seed)
+        leaves = ds_leaf_classes(model)
+        if leaves and p.framework == "deepspeed" and p.sharding in ("zero3", "hybrid"):
+            from deepspeed.utils import set_z3_leaf_modules
+
+            set_z3_leaf_modules(model, leaves)
+        self.batches = um.batches(batch_fn, seed=seed, rank=self.rank, world_size=self.world, micro_batch_size=p.micro_batch_size,
+                                  grad_accum_steps=p.grad_accum_steps, device=self.device)
+        self.loss = lambda out, y: loss_fn(logits_of(out), y)
+        return model
 
     # -- the loop -------------------------------------------------------------------------------
     def run(self) -> None:
@@ -201,11 +256,13 @@ class Worker:
         import torch.distributed as dist
 
         from shardlab.run import measure
+        from shardlab.usermodel import tokens_in
 
         cuda = self.device == "cuda"
         accum = self.plan.grad_accum_steps
         t = self.trainer
         pause = self.counter.pause if self.counter is not None else contextlib.nullcontext
+        self.startup("first_step", "first step")
         for step in range(1, int(self.cfg["steps"]) + 1):
             inst = self.instrument and not (self.alternate and step % 2 == 0)
             bare_step = contextlib.ExitStack()
@@ -224,7 +281,7 @@ class Worker:
                 ev[0].record()
             for micro in range(accum):
                 x, y = self.batches(step, micro)
-                tokens += x.numel()
+                tokens += tokens_in(x)
                 self.phase = "forward"
                 t0 = time.time()
                 loss = t.forward(x, y)
@@ -333,12 +390,23 @@ def _memory_at_failure(device: str) -> dict:
         return {}
 
 
+def _stop(w: "Worker", why: str) -> None:
+    """This rank's parents are gone (watchdog.watch_parents): say so, and end the process now."""
+    try:
+        w.event("error", message=f"rank {w.rank} stopped: {why}", kind="orphaned")
+    finally:
+        os._exit(EXIT_ERROR)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) != 1:
         print("usage: python -m shardlab.run.worker RUN_DIR", file=sys.stderr)
         return 2
     w = Worker(Path(argv[0]))
+    from shardlab.run.watchdog import watch_parents
+
+    watch_parents(lambda why: _stop(w, why))
     try:
         w.setup()
         w.run()

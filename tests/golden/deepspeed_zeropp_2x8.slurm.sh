@@ -6,6 +6,7 @@
 #SBATCH --time=01:00:00
 #SBATCH --output=%x-%j.out
 # shardlab: deepspeed zero3, bf16, 2 node(s) x 8 GPU(s).
+# train.py is a placeholder: put your own training script (and its arguments) there; shardlab export PLAN --to deepspeed -o ds_config.json is the config it passes to deepspeed.initialize.
 # ds_config.json: shardlab export PLAN --to deepspeed -o ds_config.json
 set -euo pipefail
 
@@ -13,9 +14,6 @@ set -euo pipefail
 MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
 export MASTER_ADDR
 export MASTER_PORT=29500
-export NCCL_NVLS_ENABLE=0
-export TORCH_SYMM_MEM_DISABLE_MULTICAST=1
-export NVSHMEM_DISABLE_NVLS=1
 
 # One task per node; single quotes so each node expands its own SLURM_NODEID.
 srun --kill-on-bad-exit=1 bash -c 'torchrun --nnodes=2 --nproc-per-node=8 --rdzv-backend=c10d --rdzv-endpoint=$MASTER_ADDR:$MASTER_PORT --rdzv-id=$SLURM_JOB_ID --node-rank=$SLURM_NODEID --max-restarts=0 train.py --deepspeed_config ds_config.json'

@@ -6,15 +6,13 @@
 #SBATCH --time=01:00:00
 #SBATCH --output=%x-%j.out
 # shardlab: fsdp2 hybrid, bf16, 2 node(s) x 8 GPU(s).
+# train.py is a placeholder: put your own training script (and its arguments) there; shardlab export PLAN --to fsdp-code -o train.py writes one that applies this plan.
 set -euo pipefail
 
 # The first node of the allocation hosts the c10d rendezvous.
 MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
 export MASTER_ADDR
 export MASTER_PORT=29500
-export NCCL_NVLS_ENABLE=0
-export TORCH_SYMM_MEM_DISABLE_MULTICAST=1
-export NVSHMEM_DISABLE_NVLS=1
 
 # One task per node; single quotes so each node expands its own SLURM_NODEID.
 srun --kill-on-bad-exit=1 bash -c 'torchrun --nnodes=2 --nproc-per-node=8 --rdzv-backend=c10d --rdzv-endpoint=$MASTER_ADDR:$MASTER_PORT --rdzv-id=$SLURM_JOB_ID --node-rank=$SLURM_NODEID --max-restarts=0 train.py'

@@ -1,0 +1,167 @@
+"""A real nn.Module (usually on the meta device) -> the ModelSpec the estimators work from.
+
+What is read from the module rather than assumed:
+- parameters, each shared (tied) tensor once;
+- the wrap unit (`find_block_class`): the Hugging Face model's own `_no_split_modules` (the classes
+  it says must not be split across devices: its decoder layer; among several, the one repeated most),
+  else the outermost module class that repeats (a transformer's block beats the Linears inside it);
+- the parameter tensors grouped as FSDP's transformer policy groups them (before the blocks, one
+  block, after the blocks), so shard padding and ZeRO-3 persistence are computed on the real tensors;
+- FLOPs per token: one forward and backward of a one-sample batch under torch's FlopCounterMode on
+  the meta device (matmuls, convolutions and attention as PyTorch counts them; embedding lookups and
+  elementwise ops count nothing, as in the 6N + 12·L·d·T convention);
+- MoE blocks DeepSpeed ZeRO-3 must treat as leaves (`ds_leaf_classes`).
+A Hugging Face config adds the transformer shape (layers, hidden, heads, ...) so activations are
+estimated too; a plain module stays a bare count with wrap units.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+from shardlab.models import ModelSpec, ParamShapes
+
+_CONTAINERS = ("ModuleList", "Sequential", "ModuleDict")
+
+
+def _unique_params(module) -> int:
+    return sum(p.numel() for p in module.parameters())  # parameters() yields a shared tensor once
+
+
+def find_block_class(model) -> type | None:
+    """The transformer block class of `model` (see the module docstring), None if there is none."""
+    named = getattr(model, "_no_split_modules", None) or ()
+    counts = Counter(type(m) for m in model.modules())
+    listed = [c for c in counts if c.__name__ in set(named)]
+    if listed:
+        return max(listed, key=lambda c: (counts[c], _unique_params(next(m for m in model.modules() if type(m) is c))))
+    repeated = {c for c, n in counts.items() if n > 1 and c.__name__ not in _CONTAINERS}
+    outer: Counter = Counter()
+    size: dict[type, int] = {}
+
+    def walk(m, inside: bool) -> None:
+        for child in m.children():
+            c = type(child)
+            counted = c in repeated and _unique_params(child) > 0
+            if counted and not inside:
+                outer[c] += 1
+                size[c] = size.get(c, 0) + _unique_params(child)
+            walk(child, inside or counted)
+
+    walk(model, False)
+    cands = [c for c, n in outer.items() if n > 1]
+    return max(cands, key=lambda c: size[c]) if cands else None
+
+
+def _shape(p) -> tuple[int, int]:
+    return (p.shape[0], p.numel() // p.shape[0]) if p.dim() and p.shape[0] else (1, p.numel())
+
+
+def group_shapes(model, blocks: list) -> ParamShapes | None:
+    """Parameter tensors before the first block, of one block (x count) and after: None when the
+    blocks differ in their tensors (then only the unit size is known)."""
+    if not blocks:
+        return ParamShapes((), (), 0, tuple(_shape(p) for p in model.parameters()))
+    per_block = [tuple(_shape(p) for p in b.parameters()) for b in blocks]
+    if any(s != per_block[0] for s in per_block):
+        return None
+    inside = {id(p) for b in blocks for p in b.parameters()}
+    embed, head, after = [], [], False
+    for p in model.parameters():
+        if id(p) in inside:
+            after = True
+        else:
+            (head if after else embed).append(_shape(p))
+    return ParamShapes(tuple(embed), per_block[0], len(blocks), tuple(head))
+
+
+def logits_of(out):
+    """A model's output -> its logits tensor (Hugging Face ModelOutput, tuple or tensor)."""
+    if hasattr(out, "logits"):
+        return out.logits
+    if isinstance(out, (tuple, list)):
+        return out[0]
+    return out
+
+
+def count_flops(model, inputs: dict) -> int | None:
+    """Training FLOPs per token of `model` (forward + backward of one sample), None if it cannot run on meta."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from shardlab.usermodel import tokens_in
+
+    if inputs.get("kind") == "tokens":
+        x = torch.zeros((1, inputs["seq_len"]), dtype=torch.long, device="meta")
+    elif inputs.get("kind") == "floats":
+        x = torch.zeros((1, *inputs["shape"]), device="meta")
+    else:
+        return None
+    cfg = getattr(model, "config", None)
+    cache = getattr(cfg, "use_cache", None)
+    try:
+        if cache is not None:
+            # transformers (5.17) looks for packed sequences in the positions when there is neither a
+            # mask nor a cache, a data-dependent check meta tensors cannot answer; a cache skips it
+            cfg.use_cache = True
+        with FlopCounterMode(display=False) as fc:
+            logits_of(model(x)).float().sum().backward()
+        return int(fc.get_total_flops() // tokens_in(x))
+    except Exception:  # noqa: BLE001 - a module that cannot run on meta gets the formula instead
+        return None
+    finally:
+        if cache is not None:
+            cfg.use_cache = cache
+        model.zero_grad(set_to_none=True)
+
+
+def ds_leaf_classes(model) -> list[type]:
+    """Mixture-of-experts blocks (a module holding an `experts` list): ZeRO-3 must gather them whole,
+    since a step runs only some experts and its prefetch trace would differ between steps."""
+    import torch
+
+    return sorted({type(m) for m in model.modules() if isinstance(getattr(m, "experts", None), torch.nn.ModuleList)},
+                  key=lambda c: c.__name__)
+
+
+def _wrap_blocks(model, wrap_cls: str | None):
+    from shardlab.plan import bad_input
+
+    if wrap_cls is None:
+        cls = find_block_class(model)
+        found = [m for m in model.modules() if cls is not None and type(m) is cls]
+        return cls, [m for m in found if not any(o is not m and any(x is m for x in o.modules()) for o in found)]
+    classes = {type(m).__name__ for m in model.modules()}
+    if wrap_cls not in classes:
+        import difflib
+
+        near = difflib.get_close_matches(wrap_cls, sorted(classes), n=1)
+        hint = f" Did you mean '{near[0]}'?" if near else ""
+        raise bad_input("wrap.transformer_layer_cls", f"wrap.transformer_layer_cls={wrap_cls!r} is not a class inside {type(model).__name__}.{hint}")
+    blocks = [m for m in model.modules() if type(m).__name__ == wrap_cls]
+    return type(blocks[0]), blocks
+
+
+def describe(model, inputs: dict, config=None, *, name: str, source: str | None = None, wrap_cls: str | None = None) -> ModelSpec:
+    """The ModelSpec of a built module (see the module docstring). PlanError if it has no parameters."""
+    from shardlab.plan import bad_input
+
+    total = _unique_params(model)
+    if total == 0:
+        raise bad_input("model", f"the module {type(model).__name__} has no parameters, so there is nothing to shard. Pass a module with parameters.")
+    cls, blocks = _wrap_blocks(model, wrap_cls)
+    unit = max((_unique_params(b) for b in blocks), default=None)
+    shapes = group_shapes(model, blocks) if wrap_cls is None else None
+    shape = None
+    if config is not None and inputs.get("kind") == "tokens":
+        from shardlab.hfmodels import shape_of
+
+        shape = shape_of(config, inputs["seq_len"], inputs["vocab"])
+    fields = shape or {"layers": 0, "hidden": 0, "heads": 1, "vocab": 0, "seq_len": 0}
+    if shape and shapes is not None and shapes.layers != shape["layers"]:
+        fields = {**shape, "layers": shapes.layers}  # the blocks found rule (e.g. a config with extra layers)
+    from shardlab.frameworks.units import module_tree
+
+    return ModelSpec(name, **fields, params_override=total, wrap_unit_params=unit, wrap_unit_count=len(blocks),
+                     source=source, wrap_cls=cls.__name__ if cls is not None else None, shapes=shapes,
+                     counted_flops_per_token=count_flops(model, inputs), tree=module_tree(model))

@@ -1,0 +1,135 @@
+"""Hugging Face transformers models from a config alone: random weights, nothing downloaded.
+
+`config_from(source)` turns `hf:<model_type> key=value ...` or a config.json (+ overrides) into a
+transformers config (`AutoConfig.for_model`), refusing unknown model types and override keys the
+config does not have (transformers would store a typo silently). `build_hf(config)` instantiates the
+class the config names in "architectures", else the model type's causal-LM head, else its masked-LM
+or image-classification head (an encoder such as BERT gets its masked-LM head), in fp32 with the KV
+cache off. `shape_of(config)` reads the transformer shape the analytical estimator needs.
+Only imported where a Hugging Face model is wanted: transformers takes seconds to import.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+from pathlib import Path
+
+from shardlab.plan import bad_input
+
+# shardlab's names for the shape -> the config attributes that hold it (first present wins; configs
+# also answer the standard names through their attribute_map, e.g. GPT-2's n_embd as hidden_size)
+_SHAPE_ATTRS = {
+    "layers": ("num_hidden_layers", "n_layer", "num_layers"),
+    "hidden": ("hidden_size", "n_embd", "d_model"),
+    "heads": ("num_attention_heads", "n_head"),
+    "kv_heads": ("num_key_value_heads",),
+    "ffn_hidden": ("intermediate_size", "n_inner", "ffn_dim"),
+}
+
+
+def _read_file(path: str) -> dict:
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError) as e:
+        raise bad_input("--model", f"--model={path!r} cannot be read ({e}). Give the path of a Hugging Face config.json.") from None
+    except ValueError as e:
+        raise bad_input("--model", f"--model={path!r} is not a Hugging Face config: it is not JSON ({e}). Give a config.json as "
+                        "transformers writes it (save_pretrained), with a model_type key.") from None
+    if not isinstance(data, dict) or not isinstance(data.get("model_type"), str):
+        raise bad_input("--model", f"--model={path!r} is not a Hugging Face config: it has no model_type key. Give a config.json as "
+                        "transformers writes it (e.g. {\"model_type\": \"llama\", \"hidden_size\": 2048, ...}).")
+    return data
+
+
+def config_from(um):
+    """The transformers config for a UserModel of kind "hf" (PlanError for bad input)."""
+    from transformers import AutoConfig
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+    from transformers.utils import logging
+
+    logging.set_verbosity_error()  # e.g. GPT-2's default bos/eos ids outside a small test vocabulary
+
+    over = {k: v for k, v in um.overrides.items() if k not in ("seq_len",)}
+    if um.file:
+        data = _read_file(um.target)
+        model_type = data.pop("model_type")
+        for k in ("transformers_version", "_name_or_path"):
+            data.pop(k, None)
+    else:
+        model_type, data = um.target, {}
+    if model_type not in CONFIG_MAPPING:
+        near = difflib.get_close_matches(model_type, list(CONFIG_MAPPING.keys()), n=3)
+        hint = f" Did you mean {', '.join(near)}?" if near else ""
+        raise bad_input("--model", f"--model={um.text!r}: {model_type!r} is not a model type transformers knows.{hint} "
+                        "Examples: hf:llama, hf:mistral, hf:qwen2, hf:gpt2, hf:bert, hf:vit.")
+    defaults = CONFIG_MAPPING[model_type]()
+    unknown = [k for k in over if not hasattr(defaults, k)]
+    if unknown:
+        near = difflib.get_close_matches(unknown[0], list(defaults.to_dict()), n=1)
+        hint = f" Did you mean {near[0]!r}?" if near else ""
+        raise bad_input("--model", f"--model={um.text!r}: {unknown[0]!r} is not a setting of {type(defaults).__name__}.{hint} "
+                        "Use the config's own names (as in its config.json), or seq_len=N for the sequence length.")
+    try:
+        cfg = AutoConfig.for_model(model_type, **{**data, **over})
+    except (TypeError, ValueError) as e:
+        raise bad_input("--model", f"--model={um.text!r}: transformers refused the config ({e}). Fix the value it names.") from None
+    if hasattr(cfg, "use_cache"):
+        cfg.use_cache = False  # training: no KV cache
+    return cfg
+
+
+def model_class(cfg):
+    """The class to instantiate: the config's architecture, else a head the training loop can drive."""
+    import transformers
+    from transformers import AutoModelForCausalLM, AutoModelForImageClassification, AutoModelForMaskedLM
+
+    for arch in getattr(cfg, "architectures", None) or []:
+        cls = getattr(transformers, arch, None)
+        if cls is not None:
+            return cls
+    autos = (AutoModelForCausalLM, AutoModelForImageClassification)
+    if type(cfg) in AutoModelForMaskedLM._model_mapping:
+        autos = (AutoModelForMaskedLM, *autos)  # an encoder (BERT): its causal head is a side use
+    for auto in autos:
+        if type(cfg) in auto._model_mapping:
+            return auto._model_mapping[type(cfg)]
+    raise bad_input("--model", f"model type {cfg.model_type!r} has no causal-LM, masked-LM or image-classification head in transformers, "
+                    "which is what shardlab's training loop drives. Pick such a model type, or wrap it in your own factory (module:function).")
+
+
+def build_hf(cfg):
+    """A randomly initialised model from `cfg` (on the current default device: meta when counting)."""
+    import torch
+
+    cls = model_class(cfg)
+    try:
+        return cls._from_config(cfg, dtype=torch.float32)
+    except (ValueError, AssertionError, RuntimeError) as e:
+        raise bad_input("--model", f"{cls.__name__} cannot be built from this config ({type(e).__name__}: {e}). Fix the setting it names.") from None
+
+
+def context_length(cfg) -> int | None:
+    for name in ("max_position_embeddings", "n_positions", "max_sequence_length"):
+        v = getattr(cfg, name, None)
+        if isinstance(v, int) and v > 0:
+            return v
+    return None
+
+
+def shape_of(cfg, seq_len: int, vocab: int) -> dict | None:
+    """ModelSpec shape fields for a transformer config (None when it is not one shardlab can describe).
+
+    family "llama" for gated (SwiGLU-style, silu) MLPs, "gpt" for plain GELU MLPs: the activation
+    arithmetic (models.activation_bytes_per_layer_per_token) differs only there.
+    """
+    vals = {}
+    for key, names in _SHAPE_ATTRS.items():
+        vals[key] = next((getattr(cfg, n) for n in names if isinstance(getattr(cfg, n, None), int)), None)
+    if not all(vals[k] for k in ("layers", "hidden", "heads")) or vals["hidden"] % vals["heads"]:
+        return None
+    if vals["kv_heads"] and vals["heads"] % vals["kv_heads"]:
+        vals["kv_heads"] = None
+    act = str(getattr(cfg, "hidden_act", "") or getattr(cfg, "activation_function", ""))
+    vals["family"] = "llama" if act in ("silu", "swish") and vals["ffn_hidden"] else "gpt"
+    return {**vals, "vocab": vocab, "seq_len": seq_len}

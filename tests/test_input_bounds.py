@@ -1,0 +1,113 @@
+"""Each hostile input the issue-19 review found, through the real command line (in-process): exit 2
+with a short message naming the problem, no traceback, nothing started or allocated. The fuzzers
+(test_fuzz.py, benchmarks/fuzz.py) search further; these pin the known cases.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import socket
+import time
+
+import pytest
+
+from shardlab.cli import main
+
+PLAN = "framework: fsdp2\nsharding: zero3\ntopology: {gpus_per_node: 2}\n"
+
+
+def cli(*argv: str) -> tuple[int, str]:
+    err = io.StringIO()
+    t0 = time.monotonic()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+        try:
+            rc = main(list(argv))
+        except SystemExit as e:
+            rc = e.code
+    assert time.monotonic() - t0 < 5
+    text = err.getvalue()
+    assert "Traceback" not in text and len(text.encode()) < 2048, text[:500]
+    return rc, text
+
+
+def bomb(levels: int = 9, width: int = 9) -> str:
+    lines = ["a0: &a0 [" + ",".join(['"lol"'] * width) + "]"]
+    return "\n".join(lines + [f"a{i}: &a{i} [" + ",".join([f"*a{i - 1}"] * width) + "]" for i in range(1, levels)]) + "\n"
+
+
+@pytest.mark.parametrize("text, says", [
+    (bomb(), "expands to more than"),
+    ("a: &a [*a]\n", "contains itself"),
+    ("[" * 5000 + "]" * 5000, "nests deeper"),
+    ("int: 1\n", "int: unknown key"),
+    ("optimizer: {str: 1, 'a[0]': 2}\n", "unknown key"),
+    ("none: {bool: 1}\n", "none: unknown key"),
+    ("compile: !!bool maybe\n", "cannot read"),
+    ("micro_batch_size: 0x" + "f" * 4000 + "\n", "too large"),
+    ("1: 2\nframework: fsdp2\n", "keys must be names"),
+    ("optimizer: {lr: .nan}\n", "finite"),
+    ("optimizer: {weight_decay: .inf}\n", "finite"),
+    ("gradient_clipping: -.inf\n", "finite"),
+])
+def test_hostile_plans_are_refused_with_a_short_message(tmp_path, text, says):
+    f = tmp_path / "plan.yaml"
+    f.write_text(text)
+    for cmd in (["validate", str(f)], ["estimate", str(f), "--params", "7e9"]):
+        rc, err = cli(*cmd)
+        assert rc == 2 and says in err, err
+
+
+def test_special_files_and_missing_paths_are_named_not_read(tmp_path):
+    os.mkfifo(tmp_path / "fifo.yaml")
+    (tmp_path / "zero.json").symlink_to("/dev/zero")
+    for name, says in (("fifo.yaml", "not a regular file"), ("zero.json", "not a regular file"),
+                       ("nothere.yaml", "no such file"), ("nothere", "file not found")):
+        for cmd in ("validate", "import"):
+            rc, err = cli(cmd, str(tmp_path / name))
+            assert rc == 2 and says in err, (name, err)
+
+
+def test_model_sizes_and_flags_are_bounded_before_any_work(tmp_path):
+    plan = tmp_path / "plan.yaml"
+    plan.write_text(PLAN)
+    shape = tmp_path / "shape.yaml"
+    shape.write_text("layers: 1000000000\nhidden: 64\nheads: 4\nvocab: 100\nseq_len: 10\n")
+    for flags, says in ((["--params", "1e308"], "beyond what shardlab models"), (["--params", "nan"], "not a finite number"),
+                        (["--model", str(shape)], "model.layers=1000000000 is beyond")):
+        rc, err = cli("estimate", str(plan), *flags)
+        assert rc == 2 and says in err, err
+
+
+def test_output_paths_and_ports_that_cannot_work_exit_2(tmp_path):
+    plan = tmp_path / "plan.yaml"
+    plan.write_text(PLAN)
+    rc, err = cli("export", str(plan), "--to", "deepspeed", "-o", str(tmp_path / "missing" / "out.json"))
+    assert rc == 2 and "does not exist" in err
+    rc, err = cli("export", str(plan), "--to", "deepspeed", "-o", str(tmp_path))
+    assert rc == 2 and "is a directory" in err
+    rc, err = cli("app", "--port", "99999")
+    assert rc == 2 and "not a TCP port" in err
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        rc, err = cli("app", "--port", str(s.getsockname()[1]))
+    assert rc == 2 and "cannot listen" in err
+
+
+def test_run_refuses_nproc_0_and_more_processes_than_cores_before_starting(tmp_path):
+    from shardlab.run.launcher import usable_cores
+
+    plan = tmp_path / "plan.yaml"
+    plan.write_text(PLAN)
+    store = tmp_path / "runs"
+    rc, err = cli("run", str(plan), "--model", "gpt-tiny", "--steps", "2", "--device", "cpu", "--nproc", "0", "--out", str(store))
+    assert rc == 2 and "at least 1" in err and "--nproc" in err
+    big = tmp_path / "big.yaml"
+    cores = usable_cores()
+    big.write_text(f"framework: fsdp2\ntopology: {{nodes: 2, gpus_per_node: {cores}}}\n")
+    rc, err = cli("run", str(big), "--model", "gpt-tiny", "--steps", "2", "--device", "cpu", "--out", str(store))
+    assert rc == 2 and f"would start {2 * cores} processes" in err and f"{cores} CPU cores" in err, err
+    assert f"--nproc {cores // 2}" in err or "fewer topology.nodes" in err
+    assert not store.exists() or not any(store.iterdir()), "a run folder was made for a refused run"

@@ -1,0 +1,126 @@
+"""Your own model: Hugging Face configs and nn.Module factories as `--model` / `model=` sources.
+
+Judged from outside shardlab: parameter counts by transformers' own `num_parameters()` on a model
+built on the CPU, FLOPs per token against the 6N + 12·L·d·T count torchtitan uses, config files
+written by transformers' own `to_json_file`, and the CLI's exit codes. (Real CPU runs of these
+models are in test_usermodel_runs.py.)
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from shardlab.cli import main
+from shardlab.estimate import estimate
+from shardlab.models import resolve_model
+from shardlab.plan import PlanError
+from shardlab.usermodel import is_source, resolve, with_wrap_class
+
+TINY = {
+    "llama": ("hidden_size=64 intermediate_size=128 num_hidden_layers=2 num_attention_heads=4 num_key_value_heads=2 vocab_size=512", "LlamaDecoderLayer"),
+    "mistral": ("hidden_size=64 intermediate_size=128 num_hidden_layers=2 num_attention_heads=4 num_key_value_heads=2 vocab_size=512", "MistralDecoderLayer"),
+    "qwen2": ("hidden_size=64 intermediate_size=128 num_hidden_layers=2 num_attention_heads=4 num_key_value_heads=2 vocab_size=512", "Qwen2DecoderLayer"),
+    "gpt2": ("n_embd=64 n_layer=2 n_head=4 vocab_size=512 n_positions=64", "GPT2Block"),
+    "bert": ("hidden_size=64 intermediate_size=128 num_hidden_layers=2 num_attention_heads=4 vocab_size=512", "BertLayer"),
+    "vit": ("hidden_size=64 intermediate_size=128 num_hidden_layers=2 num_attention_heads=4 image_size=32 patch_size=8", "ViTLayer"),
+}
+PLAN2 = {"framework": "fsdp2", "topology": {"gpus_per_node": 2}}
+
+
+def _src(kind: str, extra: str = "seq_len=32") -> str:
+    return f"hf:{kind} {TINY[kind][0]} {extra}"
+
+
+@pytest.mark.parametrize("kind", list(TINY))
+def test_hf_config_counts_like_transformers_and_finds_its_block(kind):
+    um = resolve(_src(kind))
+    real, _ = um.build("cpu")
+    spec = um.spec
+    assert spec.params == real.num_parameters()  # transformers' own count (tied weights once)
+    assert spec.wrap_cls == TINY[kind][1] and spec.wrap_unit_count == 2
+    s = spec.shapes
+    assert sum(a * b for a, b in s.embed + s.head) + s.layers * sum(a * b for a, b in s.block) == spec.params
+    assert spec.counted_flops_per_token and spec.counted_flops_per_token > 0
+    est = estimate(PLAN2, spec).to_dict()
+    assert est["per_gpu"]["params"] > 0 and est["tflops"] > 0
+
+
+def test_llama_flops_per_token_match_the_6n_plus_attention_count():
+    spec = resolve_model(_src("llama", "seq_len=64"))
+    assert (spec.layers, spec.hidden, spec.heads, spec.kv_heads, spec.ffn, spec.vocab, spec.seq_len) == (2, 64, 4, 2, 128, 512, 64)
+    n = spec.params - spec.vocab * spec.hidden  # the input embedding is a lookup, not a matmul
+    assert spec.counted_flops_per_token == pytest.approx(6 * n + 12 * spec.layers * spec.hidden * spec.seq_len, rel=0.01)
+    assert not spec.is_bare
+    assert estimate(PLAN2, spec).to_dict()["per_gpu"]["activations"] > 0
+
+
+def test_a_config_json_written_by_transformers_with_overrides(tmp_path):
+    from transformers import LlamaConfig
+
+    path = tmp_path / "config.json"
+    LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, vocab_size=256).to_json_file(path)
+    assert is_source(str(path))
+    spec = resolve_model(f"{path} num_hidden_layers=3 seq_len=16")
+    assert (spec.layers, spec.seq_len, spec.wrap_unit_count, spec.wrap_cls) == (3, 16, 3, "LlamaDecoderLayer")
+
+
+def test_a_factory_through_the_python_api():
+    from tests.usermodels import tiny_lm
+
+    for model in ("tests.usermodels:tiny_lm", tiny_lm, "tests.usermodels:tiny_lm layers=3"):
+        spec = resolve_model(model)
+        assert spec.wrap_cls == "MyBlock"
+        assert spec.params == sum(p.numel() for p in tiny_lm(layers=spec.wrap_unit_count).parameters())
+        assert spec.counted_flops_per_token > 0
+        assert estimate(PLAN2, model).to_dict()["per_gpu"]["params"] > 0
+    assert resolve("tests.usermodels:tiny_lm").inputs == {"kind": "tokens", "vocab": 256, "seq_len": 16}
+
+
+def test_the_block_class_goes_into_the_plan_unless_the_plan_names_one():
+    from shardlab.plan import load_plan
+
+    spec = resolve_model(_src("gpt2"))
+    assert with_wrap_class(load_plan(PLAN2), spec).wrap.transformer_layer_cls == "GPT2Block"
+    mine = load_plan({**PLAN2, "wrap": {"transformer_layer_cls": "GPT2MLP"}})
+    assert with_wrap_class(mine, spec).wrap.transformer_layer_cls == "GPT2MLP"
+    flat = resolve_model("tests.usermodels:flat")
+    assert flat.wrap_cls is None
+    with pytest.raises(PlanError, match="wrap.transformer_layer_cls"):
+        with_wrap_class(load_plan(PLAN2), flat)
+    assert with_wrap_class(load_plan({"framework": "deepspeed"}), flat).framework == "deepspeed"  # nothing to wrap
+
+
+@pytest.fixture()
+def plan_file(tmp_path):
+    p = tmp_path / "plan.yaml"
+    p.write_text("framework: fsdp2\ntopology: {gpus_per_node: 2}\n")
+    return str(p)
+
+
+@pytest.mark.parametrize("cmd,words,says", [
+    ("estimate", ["hf:lama"], "Did you mean llama"),
+    ("estimate", ["hf:llama", "hiden_size=64"], "'hidden_size'"),
+    ("estimate", ["NOTCONFIG"], "no model_type"),
+    ("estimate", ["BROKEN"], "not JSON"),
+    ("estimate", ["tests.usermodels:not_a_model"], "returned dict"),
+    ("estimate", ["tests.usermodels:nowhere"], "cannot be loaded"),
+    ("run", ["tests.usermodels:flat"], "wrap.transformer_layer_cls"),
+])
+def test_bad_model_input_is_exit_2_with_a_message(cmd, words, says, plan_file, tmp_path, capsys):
+    (tmp_path / "notconfig.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"], "hidden_size": 64}))
+    (tmp_path / "config.json").write_text("{not json")
+    words = [{"NOTCONFIG": str(tmp_path / "notconfig.json"), "BROKEN": str(tmp_path / "config.json")}.get(w, w) for w in words]
+    extra = ["--steps", "1", "--device", "cpu", "--out", str(tmp_path / "runs")] if cmd == "run" else []
+    assert main([cmd, plan_file, "--model", *words, *extra]) == 2
+    err = capsys.readouterr().err
+    assert says in err and "Traceback" not in err
+    assert not (tmp_path / "runs").exists()  # refused before anything started
+
+
+def test_estimate_json_names_the_wrap_class(plan_file, capsys):
+    assert main(["estimate", plan_file, "--model", *_src("qwen2").split(), "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["model"]["wrap_class"] == "Qwen2DecoderLayer" and out["model"]["flops_per_token"] > 0
+    assert out["per_gpu"]["activations"] > 0
