@@ -174,9 +174,10 @@ def estimate(plan, model, gpu: str | GPU | dict = "h100-80gb", method: str = "an
     elif user_module:
         mem = _traced(plan, s, model)
     elif spec.source:  # a Hugging Face config or a factory (shardlab.usermodel): build that model, fake
-        from shardlab.usermodel import resolve as resolve_source
+        from shardlab.usermodel import resolve as resolve_source, with_wrap_class
 
-        mem = _traced(plan, s, resolve_source(spec.source).for_trace())
+        # wrapped as a run wraps it: the model's own block class, not shardlab's GPT "Block"
+        mem = _traced(with_wrap_class(plan, spec), s, resolve_source(spec.source).for_trace())
     else:
         mem = _traced(plan, s, spec)
     c = comm(plan, s)
