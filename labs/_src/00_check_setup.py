@@ -38,7 +38,7 @@ import os
 
 import psutil
 
-from shardlab.labcheck import gpu_count, lab_device, runs_dir
+from labkit import gpu_count, lab_device, runs_dir
 
 n_gpus = gpu_count()
 print(f"CPU cores: {os.cpu_count()}, memory: {psutil.virtual_memory().total / 2**30:.1f} GiB (GiB = 2^30 bytes)")
@@ -79,6 +79,7 @@ assert not failed, "fix the FAIL lines above (or ask the facilitator) before goi
 from shardlab.estimate import GPUS
 from shardlab.estimate.fits import min_gpus
 from shardlab.plan import Plan
+
 
 def table_gpu():
     """The GPU table's entry closest to this machine's first GPU (h100-80gb when there is none)."""

@@ -13,8 +13,8 @@ import panel as pn
 pn.extension(inline=True)  # inline: the widgets work offline too
 
 import shardlab
+from labkit import lab_device, runs_dir
 from shardlab import compare, plots
-from shardlab.labcheck import lab_device, runs_dir
 from shardlab.models import PRESETS
 
 DEVICE, NPROC = lab_device()
