@@ -142,9 +142,8 @@ def accelerate_defaults_live() -> dict[str, Any]:
 
 
 def _default(tool: str, key: str, plan: Plan) -> Any:
-    from shardlab.export import keys as K
-
     from shardlab import tooldefaults as T
+    from shardlab.export import keys as K
 
     table = T.DEEPSPEED[K.DS_STAGE[plan.sharding]] if tool == "deepspeed" else T.ACCELERATE
     return table.get(key, NOT_SET)

@@ -14,8 +14,8 @@ import pytest
 import yaml
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
-
 from judges import accelerate_judge, deepspeed_config
+
 from shardlab.export import export
 from shardlab.export.carry import leaves
 from shardlab.load import import_config

@@ -6,10 +6,11 @@ from __future__ import annotations
 from typing import Any
 
 from shardlab.export import keys as K
-from shardlab.plan import Plan, bad_input
+from shardlab.plan import bad_input
 from shardlab.safe_input import label
 
 from .common import _MISSING, _bool, _choice, _float, _int, _mapping
+
 
 def _from_deepspeed(d: dict, notes_prefix: str = "") -> tuple[dict, list[str]]:
     fields: dict[str, Any] = {"framework": "deepspeed"}
