@@ -16,6 +16,7 @@ import signal
 import sys
 from pathlib import Path
 
+from shardlab.constants import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK
 from shardlab.plan import PlanError, load_plan
 
 PLAN_FILE_HELP = """\
@@ -79,7 +80,7 @@ def cmd_validate(a) -> int:
     found = plan.findings()
     _print_findings(found)
     if any(f.level == "error" for f in found):
-        return 2
+        return EXIT_BAD_INPUT
     print(f"{a.plan}: valid ({plan.framework}, {plan.sharding}, {plan.precision}, world size {plan.world_size})")
     return 0
 
@@ -159,7 +160,7 @@ def cmd_estimate(a) -> int:
     plan = load_plan(_plan(a.plan))
     spec = _model_arg(a)
     cal = False if a.calibration == "none" else a.calibration
-    est = estimate(plan, spec, gpu=a.gpu, calibration=cal)
+    est = estimate(plan, spec, gpu=a.gpu, method="trace" if getattr(a, "trace", False) else "analytic", calibration=cal)
     if a.json:
         out = est.to_dict()
         out["model"].update(_model_json(spec))
@@ -189,6 +190,11 @@ def cmd_run(a) -> int:
         print(line, file=sys.stderr)
     run = launch(plan, model=model, steps=a.steps, nproc=a.nproc, device=a.device, out=a.out,
                  progress=not a.json, timeout_s=timeout)
+    if run.info.get("device") == "cuda" and not a.json:
+        from shardlab.export.launch import RUNNER_ENV
+
+        print("note: this run sets " + " ".join(f"{k}={v}" for k, v in RUNNER_ENV.items()) + " for this machine's GPUs "
+              "(recorded in launch.json); exported commands leave them out.", file=sys.stderr)
     # `timeout`, `docker stop`, a SLURM cancel (SIGTERM) and a closed terminal (SIGHUP) stop the run
     # as Ctrl-C does; a SIGKILL cannot be caught: the run's watchdog ends it then (run/watchdog.py).
     with _signals_as_interrupt():
@@ -204,7 +210,7 @@ def cmd_run(a) -> int:
     else:
         nodes, nproc = info.get("nodes"), info.get("nproc_per_node")
         print(f"run {run.id}: {status}, world size {world} ({nodes} node(s) x {nproc} process(es)) on {device} ({run.dir})")
-    return 0 if status == "completed" else 1
+    return EXIT_OK if status == "completed" else EXIT_FAILED
 
 
 @contextlib.contextmanager
@@ -226,8 +232,11 @@ def _signals_as_interrupt():
 def cmd_runs(a) -> int:
     from shardlab.run.store import list_runs
 
-    df = list_runs(a.dir)
-    print(df.to_string(index=False) if len(df) else f"no runs in {a.dir}")
+    from shardlab.run.store import default_runs_dir
+
+    where = a.dir or default_runs_dir()
+    df = list_runs(where)
+    print(df.to_string(index=False) if len(df) else f"no runs in {where}")
     return 0
 
 
@@ -275,6 +284,7 @@ def _model_names() -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     from shardlab import __version__
+    from shardlab.estimate.gpus import DEFAULT_GPU
 
     fmt = argparse.RawDescriptionHelpFormatter
     p = argparse.ArgumentParser(prog="shardlab", formatter_class=fmt,
@@ -312,8 +322,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("plan")
     s.add_argument("--model", nargs="+", metavar="MODEL", help=MODEL_HELP)
     s.add_argument("--params", help="bare parameter count, e.g. 7e9 (model states only)")
-    s.add_argument("--gpu", default="h100-80gb", help="GPU name from the GPU table (listed below; default h100-80gb)")
+    s.add_argument("--gpu", default=DEFAULT_GPU, help=f"GPU name from the GPU table (listed below; default {DEFAULT_GPU})")
     s.add_argument("--calibration", default=None, help="a calibration file or folder; 'none' for the data sheet only (default: this machine's, if any)")
+    s.add_argument("--trace", action="store_true", help="peak memory from one training step on fake tensors (seconds, no GPU) instead of the formulas")
     s.add_argument("--json", action="store_true")
     s.set_defaults(fn=cmd_estimate)
 
@@ -332,13 +343,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--steps", type=int, required=True)
     s.add_argument("--nproc", type=int, default=None, help="processes per node (default: the plan's gpus_per_node)")
     s.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda if present")
-    s.add_argument("--out", default="runs", help="run store directory")
+    s.add_argument("--out", default=None, help="run store directory (default: $SHARDLAB_RUNS_DIR, else ./runs)")
     s.add_argument("--timeout", type=float, default=None, help="seconds without progress before the run is stopped")
     s.add_argument("--json", action="store_true")
     s.set_defaults(fn=cmd_run)
 
     s = add("runs", "list the run store")
-    s.add_argument("dir", nargs="?", default="runs")
+    s.add_argument("dir", nargs="?", default=None, help="run store directory (default: $SHARDLAB_RUNS_DIR, else ./runs)")
     s.set_defaults(fn=cmd_runs)
 
     s = add("report", "tables and figures of runs, as one HTML file")
@@ -382,10 +393,10 @@ def main(argv: list[str] | None = None) -> int:
         return _quiet_broken_pipe()
     except PlanError as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
+        return EXIT_BAD_INPUT
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
+        return EXIT_BAD_INPUT
 
 
 if __name__ == "__main__":

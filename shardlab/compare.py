@@ -1,119 +1,55 @@
 """Runs and estimates -> pandas DataFrames: what happened next to what was predicted.
 
-A run is read from its folder (DESIGN.md's contract: plan.yaml, run.json, status.json, metrics.jsonl,
-timeline.jsonl), so this works on any run store, whoever wrote it. `compare()` gives one row per run;
-the `*_frame` helpers give the long tables that shardlab.plots draws. Bytes stay bytes here; only
-`style_compare` turns them into GiB (2^30) for people.
+Runs are read through the run store (`shardlab.run.store.Run`), so this works on any run store,
+whoever wrote it, and on broken run folders too: a run whose files cannot be read still gets its
+row (status `unreadable`, the reason in `prediction_note`), with the figures that can be read.
+`compare()` gives one row per run; the `*_frame` helpers give the long tables that shardlab.plots
+draws. Bytes stay bytes here; only `style_compare` turns them into GiB (2^30) for people.
 """
 
 from __future__ import annotations
 
-import json
-from dataclasses import dataclass
-from functools import cached_property, partial
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
-from shardlab.plan import Plan, bad_input, load_plan
+from shardlab.estimate.gpus import DEFAULT_GPU
+from shardlab.plan import Plan, bad_input
+from shardlab.run.metrics import STATE_PARTS
+from shardlab.run.store import Run, load_run
 
-STATE_PARTS = ("params", "grads", "optimizer")
 BREAKDOWN_PARTS = ("params", "grads", "optimizer", "activations", "buffers")
 _NOT_COLLECTIVES = {"intra_node", "inter_node", "total"}
-DEFAULT_GPU = "h100-80gb"
 
 
-def _jsonl(path: Path) -> list[dict]:
-    if not path.exists():
-        return []
-    out = []
-    for line in path.read_text().splitlines():
-        line = line.strip()
-        if line:
-            try:
-                out.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue  # a line cut short by a killed writer; the rest is still good
-    return out
+def _base_label(r: Run) -> str:
+    p = r.plan
+    if p is None:
+        return f"unreadable run {r.id}"
+    off = [k for k in ("optimizer", "params") if getattr(p.offload, k) != "none"]
+    return f"{p.framework} {p.sharding}" + (f" +offload({','.join(off)})" if off else "") + f" {p.precision}"
 
 
-@dataclass
-class RunData:
-    """One run folder, read once: its plan, settings, status, metrics and memory timeline."""
+def load(run: Any) -> Run:
+    """A Run, a run folder path, or anything with `.dir` -> that run, read once (store.Run.frozen()).
 
-    dir: Path
-    plan: Plan
-    meta: dict
-    status: dict
-    metrics: pd.DataFrame
-    timeline: pd.DataFrame
-    label: str = ""
-
-    @property
-    def id(self) -> str:
-        return str(self.meta.get("id") or self.dir.name)
-
-    @property
-    def world_size(self) -> int:
-        return int(self.metrics["world_size"].max()) if "world_size" in self.metrics else self.plan.world_size
-
-    @property
-    def device(self) -> str:
-        return str(self.meta.get("device") or "cpu")
-
-    @property
-    def gpu(self) -> str | None:
-        """The GPU-table name of the run's GPU where the run folder records one (run.json or a start event)."""
-        if self.meta.get("gpu"):
-            return str(self.meta["gpu"])
-        for e in _jsonl(self.dir / "events.jsonl")[:64]:
-            if e.get("event") == "start" and e.get("gpu"):
-                return str(e["gpu"])
-        return None
-
-    @cached_property
-    def model(self):
-        from shardlab.models import resolve_model
-
-        m = self.meta.get("model")
-        return resolve_model(m) if m is not None else None
-
-    def base_label(self) -> str:
-        p = self.plan
-        off = [k for k in ("optimizer", "params") if getattr(p.offload, k) != "none"]
-        return f"{p.framework} {p.sharding}" + (f" +offload({','.join(off)})" if off else "") + f" {p.precision}"
-
-
-def load(run: Any) -> RunData:
-    """A Run object (anything with `.dir`), a run folder path, or RunData -> RunData.
-
-    Raises PlanError (bad input) for a path that is not a run folder.
+    Raises PlanError (bad input) for a path that is not a run folder; a broken run folder loads.
     """
-    if isinstance(run, RunData):
+    if isinstance(run, Run) and run._cache is not None:
         return run
-    d = Path(getattr(run, "dir", run))
-    if not d.is_dir():
-        raise bad_input("run_dir", f"run_dir={str(d)!r} is not a directory. Give the folder of a run (e.g. runs/<id>, as listed by `shardlab runs`).")
-    if not (d / "plan.yaml").exists():
-        raise bad_input("run_dir", f"run_dir={str(d)!r} has no plan.yaml, so it is not a shardlab run folder. Give the folder of a run (e.g. runs/<id>, as listed by `shardlab runs`).")
-    plan = load_plan(d / "plan.yaml", check=False)
-    meta, status = ({} if not (d / n).exists() else json.loads((d / n).read_text()) for n in ("run.json", "status.json"))
-    rows = _jsonl(d / "metrics.jsonl")
-    metrics = pd.json_normalize(rows) if rows else pd.DataFrame(columns=["step", "rank", "loss"])
-    tl = _jsonl(d / "timeline.jsonl")
-    timeline = pd.DataFrame(tl) if tl else pd.DataFrame(columns=["t", "rank", "gpu", "source", "bytes"])
-    return RunData(d, plan, meta, status, metrics, timeline)
+    return load_run(run).frozen()
 
 
-def load_runs(runs: Any) -> list[RunData]:
+def load_runs(runs: Any) -> list[Run]:
     """Load several runs and give each a short unique label (framework, sharding, offload, precision)."""
-    if isinstance(runs, (str, Path)) or hasattr(runs, "dir") or isinstance(runs, RunData):
+    if isinstance(runs, (str, Path, Run)) or hasattr(runs, "dir"):
         runs = [runs]
     out = [load(r) for r in runs]
     if not out:
         raise bad_input("run_dirs", "no runs given. Name at least one run folder (see `shardlab runs`).")
-    base = [r.base_label() for r in out]
+    base = [_base_label(r) for r in out]
     for r, b in zip(out, base):
         r.label = b if base.count(b) == 1 else f"{b} [{r.id}]"
     return out
@@ -136,9 +72,10 @@ def _agg(m: pd.DataFrame, col: str, how: str) -> float | None:
 _mean, _max = partial(_agg, how="mean"), partial(_agg, how="max")
 
 
-def predict(run: RunData, gpu: str | None = None) -> dict | None:
-    """The estimator's figures for the run's plan, model and real world size (None without a model)."""
-    if run.model is None:
+def predict(run: Run, gpu: str | None = None) -> dict | None:
+    """The estimator's figures for the run's plan, model and real world size (None without a model
+    or a readable plan)."""
+    if run.model is None or run.plan is None or not run.world_size:
         return None
     from shardlab.estimate import estimate
 
@@ -149,7 +86,7 @@ def predict(run: RunData, gpu: str | None = None) -> dict | None:
     return estimate(plan, run.model, gpu or run.gpu or DEFAULT_GPU).to_dict()
 
 
-def _try_predict(run: RunData, gpu: str | None) -> tuple[dict | None, str | None]:
+def _try_predict(run: Run, gpu: str | None) -> tuple[dict | None, str | None]:
     """predict(), or None and the reason: a run whose plan the estimator cannot price still compares."""
     try:
         return predict(run, gpu), None
@@ -176,7 +113,7 @@ def _states_measured(m: pd.DataFrame) -> dict[str, float]:
     return {k: _max(last, f"state_bytes.{k}") or 0.0 for k in STATE_PARTS}
 
 
-def _peak_measured(r: RunData) -> tuple[float | None, str]:
+def _peak_measured(r: Run) -> tuple[float | None, str]:
     """The figure to set beside the estimator's per-GPU total, which includes the CUDA context and the
     allocator's slack: on GPUs the device memory NVML saw in use, else the allocator's reserved peak."""
     m, tl = r.metrics, r.timeline
@@ -197,6 +134,22 @@ def _err(measured, predicted):
     return (measured - predicted) / predicted
 
 
+def _by_category(row: dict, pg: dict, cpu: dict) -> dict:
+    """Measured minus predicted, bytes per rank, where the runner measures the same thing (issue 13):
+    each model-state category, and (GPU runs) peak allocated / reserved against the estimator's
+    peak_allocated / peak_reserved. A workshop sees which term of the estimate is wrong. The measured
+    states count offloaded tensors too, so the prediction's CPU share is added to them."""
+    out = {"peak_allocated_pred_bytes": pg.get("peak_allocated"), "peak_reserved_pred_bytes": pg.get("peak_reserved")}
+    for k in STATE_PARTS:
+        measured = row.get(f"{k}_bytes")
+        out[f"{k}_minus_pred_bytes"] = (float(measured) - float(pg[k]) - float(cpu.get(k, 0))
+                                        if measured is not None and k in pg else None)
+    for k in ("peak_allocated", "peak_reserved"):
+        measured, pred = row.get(f"{k}_bytes"), pg.get(k)
+        out[f"{k}_minus_pred_bytes"] = float(measured) - float(pred) if measured is not None and pred else None
+    return out
+
+
 def compare(runs: Any, reference: Any = None, gpu: str | None = None) -> pd.DataFrame:
     """One row per run: setup, throughput, memory and communication measured vs predicted, loss.
 
@@ -204,73 +157,84 @@ def compare(runs: Any, reference: Any = None, gpu: str | None = None) -> pd.Data
     losses are compared with. Errors are relative: (measured - predicted) / predicted. Peak memory is
     CUDA's peak allocation on GPUs; on CPUs it is the process RSS, shown beside the per-GPU prediction
     without an error (the two measure different things). Model states and communication compare on both.
+    A run folder that cannot be read has status `unreadable` and the reason in `prediction_note`.
     """
     rd = load_runs(runs)
     ref = _pick_reference(rd, reference)
-    ref_loss = _loss_by_step(ref)
-    rows = []
-    for r in rd:
-        m = r.metrics
-        steady = _steady(m)
-        est, why = _try_predict(r, gpu)
-        pg = (est or {}).get("per_gpu", {})
-        cpu = (est or {}).get("cpu", {})
-        states = _states_measured(m)
-        states_pred = sum(float(pg.get(k, 0)) + float(cpu.get(k, 0) if isinstance(cpu, dict) else 0) for k in STATE_PARTS) if est else None
-        comm = _comm_measured(m)
-        comm_pred = _comm_pred(est) if est else {}
-        peak, peak_src = _peak_measured(r)
-        loss = _loss_by_step(r)
-        common = loss.index.intersection(ref_loss.index)
-        p = r.plan
-        row = dict(
-            run=r.label, id=r.id, framework=p.framework, strategy=p.sharding, precision=p.precision,
-            offload=_offload_text(p), world_size=r.world_size, device=r.device, status=r.status.get("status"),
-            steps=int(m["step"].nunique()) if "step" in m else 0,
-            tokens_per_s=_mean(steady, "tokens_per_s"), tflops=_mean(steady, "tflops"), mfu=_mean(steady, "mfu"),
-            step_time_s=_mean(steady, "step_time_s"), step_time_pred_s=(est or {}).get("step_time_s") if r.device == "cuda" else None,
-            peak_bytes=peak, peak_source=peak_src, peak_pred_bytes=float(pg["total"]) if "total" in pg else None,
-            peak_allocated_bytes=_max(m, "peak_allocated_bytes"), peak_reserved_bytes=_max(m, "peak_reserved_bytes"),
-            params_bytes=states["params"], grads_bytes=states["grads"], optimizer_bytes=states["optimizer"],
-            state_bytes=sum(states.values()), state_pred_bytes=states_pred,
-            comm_bytes=sum(comm.values()) if comm else None, comm_pred_bytes=sum(comm_pred.values()) if est else None,
-            final_loss=float(loss.iloc[-1]) if len(loss) else None,
-            loss_diff=float(loss.iloc[-1] - ref_loss.iloc[-1]) if len(loss) and len(ref_loss) else None,
-            loss_max_abs_diff=float((loss[common] - ref_loss[common]).abs().max()) if len(common) else None,
-            model_params=r.model.params if r.model is not None else None,
-            prediction_note=why,
-        )
-        row.update(_launch_prediction(r))
-        # A CPU run's RSS holds the whole Python runtime and no CUDA context: no match for a GPU figure.
-        row["peak_error"] = _err(row["peak_bytes"], row["peak_pred_bytes"]) if r.device == "cuda" else None
-        row["state_error"] = _err(row["state_bytes"], states_pred)
-        row["comm_error"] = _err(row["comm_bytes"], row["comm_pred_bytes"])
-        rows.append(row)
-    df = pd.DataFrame(rows).set_index("run")
+    df = pd.DataFrame([_compare_row(r, _loss_by_step(ref), gpu) for r in rd]).set_index("run")
     df.attrs["reference"] = ref.label
     return df
 
 
-def _launch_prediction(r: RunData) -> dict:
-    """The prediction stored at launch (run/prediction.py) beside the measurement, with residuals
-    (measured / predicted - 1). Runs from before predictions were stored get empty columns."""
-    from shardlab.run.prediction import reconcile
-    from shardlab.run.store import Run
+def _setup(r: Run) -> dict:
+    p = r.plan
+    if p is None:
+        return dict(framework=None, strategy=None, precision=None, offload=None)
+    return dict(framework=p.framework, strategy=p.sharding, precision=p.precision, offload=_offload_text(p))
 
-    rec = reconcile(Run(r.dir))
-    pred = rec.get("prediction") or {}
-    if "tokens_per_s" not in pred:
-        return {"tokens_per_s_pred": None, "tokens_per_s_residual": None, "step_time_residual": None, "prediction_calibrated": None}
-    return {"tokens_per_s_pred": pred["tokens_per_s"], "tokens_per_s_residual": rec.get("tokens_per_s_residual"),
-            "step_time_launch_pred_s": pred["step_time_s"], "step_time_residual": rec.get("step_time_residual"),
-            "prediction_calibrated": pred.get("calibrated"), "predicted_on": pred.get("gpu")}
+
+def _compare_row(r: Run, ref_loss: pd.Series, gpu: str | None) -> dict:
+    m = r.metrics
+    steady = _steady(m)
+    est, why = _try_predict(r, gpu)
+    pg = (est or {}).get("per_gpu", {})
+    cpu = (est or {}).get("cpu", {})
+    states = _states_measured(m)
+    states_pred = sum(float(pg.get(k, 0)) + float(cpu.get(k, 0) if isinstance(cpu, dict) else 0) for k in STATE_PARTS) if est else None
+    comm = _comm_measured(m)
+    comm_pred = _comm_pred(est) if est else {}
+    peak, peak_src = _peak_measured(r)
+    loss = _loss_by_step(r)
+    common = loss.index.intersection(ref_loss.index)
+    row = dict(
+        run=r.label, id=r.id, **_setup(r), world_size=r.world_size, device=r.device, status=r.status,
+        steps=int(m["step"].nunique()) if "step" in m else 0,
+        tokens_per_s=_mean(steady, "tokens_per_s"), tflops=_mean(steady, "tflops"), mfu=_mean(steady, "mfu"),
+        step_time_s=_mean(steady, "step_time_s"), step_time_pred_s=(est or {}).get("step_time_s") if r.device == "cuda" else None,
+        peak_bytes=peak, peak_source=peak_src, peak_pred_bytes=float(pg["total"]) if "total" in pg else None,
+        peak_allocated_bytes=_max(m, "peak_allocated_bytes"), peak_reserved_bytes=_max(m, "peak_reserved_bytes"),
+        params_bytes=states["params"], grads_bytes=states["grads"], optimizer_bytes=states["optimizer"],
+        state_bytes=sum(states.values()), state_pred_bytes=states_pred,
+        comm_bytes=sum(comm.values()) if comm else None, comm_pred_bytes=sum(comm_pred.values()) if est else None,
+        final_loss=float(loss.iloc[-1]) if len(loss) else None,
+        loss_diff=float(loss.iloc[-1] - ref_loss.iloc[-1]) if len(loss) and len(ref_loss) else None,
+        loss_max_abs_diff=float((loss[common] - ref_loss[common]).abs().max()) if len(common) else None,
+        model_params=r.model.params if r.model is not None else None,
+        prediction_note=r.problem or why,
+    )
+    row.update(_launch_prediction(r))
+    # A CPU run's RSS holds the whole Python runtime and no CUDA context: no match for a GPU figure.
+    row["peak_error"] = _err(row["peak_bytes"], row["peak_pred_bytes"]) if r.device == "cuda" else None
+    row["state_error"] = _err(row["state_bytes"], states_pred)
+    row["comm_error"] = _err(row["comm_bytes"], row["comm_pred_bytes"])
+    row.update(_by_category(row, pg, cpu if isinstance(cpu, dict) else {}))
+    return row
+
+
+def _launch_prediction(r: Run) -> dict:
+    """The prediction stored at launch (run/prediction.py) beside the measurement, with residuals
+    (measured / predicted - 1). Runs from before predictions were stored, or whose prediction.json
+    cannot be read, get empty columns."""
+    from shardlab.run.prediction import reconcile
+
+    empty = {"tokens_per_s_pred": None, "tokens_per_s_residual": None, "step_time_residual": None, "prediction_calibrated": None}
+    try:
+        rec = reconcile(r)
+        pred = rec.get("prediction") or {}
+        if "tokens_per_s" not in pred:
+            return empty
+        return {"tokens_per_s_pred": pred["tokens_per_s"], "tokens_per_s_residual": rec.get("tokens_per_s_residual"),
+                "step_time_launch_pred_s": pred["step_time_s"], "step_time_residual": rec.get("step_time_residual"),
+                "prediction_calibrated": pred.get("calibrated"), "predicted_on": pred.get("gpu")}
+    except (KeyError, TypeError, ValueError, ArithmeticError):  # a prediction.json written by hand or garbled
+        return empty
 
 
 def _offload_text(p: Plan) -> str:
     return ", ".join(f"{k}:{getattr(p.offload, k)}" for k in ("optimizer", "params") if getattr(p.offload, k) != "none") or "none"
 
 
-def _pick_reference(rd: list[RunData], reference: Any) -> RunData:
+def _pick_reference(rd: list[Run], reference: Any) -> Run:
     if reference is None:
         return rd[0]
     if isinstance(reference, str):
@@ -278,12 +242,12 @@ def _pick_reference(rd: list[RunData], reference: Any) -> RunData:
             if reference in (r.label, r.id, str(r.dir)):
                 return r
     try:
-        return load_runs([reference])[0] if not isinstance(reference, RunData) else reference
+        return load_runs([reference])[0] if not isinstance(reference, Run) else reference
     except Exception:
         raise bad_input("reference", f"reference={reference!r} is neither one of the runs ({', '.join(r.label for r in rd)}) nor a run folder. Give a run label, id or folder.") from None
 
 
-def _loss_by_step(r: RunData) -> pd.Series:
+def _loss_by_step(r: Run) -> pd.Series:
     m = r.metrics
     if m.empty or "loss" not in m:
         return pd.Series(dtype=float)
@@ -294,8 +258,9 @@ def _loss_by_step(r: RunData) -> pd.Series:
 # Long frames for plots
 
 
-def _tag(df: pd.DataFrame, r: RunData) -> pd.DataFrame:
-    return df.assign(run=r.label, id=r.id, framework=r.plan.framework, sharding=r.plan.sharding)
+def _tag(df: pd.DataFrame, r: Run) -> pd.DataFrame:
+    p = r.plan
+    return df.assign(run=r.label, id=r.id, framework=p.framework if p else None, sharding=p.sharding if p else None)
 
 
 def loss_frame(runs: Any) -> pd.DataFrame:
@@ -320,7 +285,7 @@ def phase_frame(runs: Any) -> pd.DataFrame:
     return pd.concat(out, ignore_index=True) if out else pd.DataFrame(columns=cols)
 
 
-def _t0(r: RunData) -> float:
+def _t0(r: Run) -> float:
     """The run's time zero: its first memory sample or first step, whichever came first (same clock)."""
     starts = [v for v in (_agg(r.metrics, "t_start", "min"), _agg(r.timeline, "t", "min")) if v is not None]
     return min(starts, default=0.0)
@@ -375,7 +340,6 @@ def comm_frame(runs: Any, gpu: str | None = None) -> pd.DataFrame:
 # --------------------------------------------------------------------------------------------
 # Notebook styling
 
-GIB = 2**30
 _BYTES = ["peak_bytes", "peak_pred_bytes", "peak_allocated_bytes", "peak_reserved_bytes", "params_bytes", "grads_bytes", "optimizer_bytes", "state_bytes", "state_pred_bytes", "comm_bytes", "comm_pred_bytes"]
 _HIGHER_BETTER = ["tokens_per_s", "tflops", "mfu"]
 _LOWER_BETTER = ["peak_bytes", "state_bytes", "comm_bytes", "step_time_s"]

@@ -23,6 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
+from shardlab.units import GIB
+
 # the packages whose versions a workshop depends on (pins read from requirements.txt)
 PACKAGES = ("torch", "deepspeed", "accelerate", "pydantic", "pandas", "panel", "bokeh", "holoviews", "hvplot",
             "jupyterlab", "ipywidgets", "jupyter_bokeh")
@@ -230,7 +232,7 @@ def facts(runs_dir: str | None = None) -> list[Check]:
     runs = runs_dir or os.environ.get("SHARDLAB_RUNS_DIR") or "runs (labs: labs/runs)"
     return [
         Check("python", None, f"{platform.python_version()} at {sys.executable}"),
-        Check("machine", None, f"{cores} CPU cores, {mem / 2**30:.1f} GiB memory (GiB = 2^30 bytes), {len(gpus)} CUDA GPU(s)"),
+        Check("machine", None, f"{cores} CPU cores, {mem / GIB:.1f} GiB memory (GiB = 2^30 bytes), {len(gpus)} CUDA GPU(s)"),
         Check("lab runs", None, ("CUDA, up to 4 ranks" if len(gpus) >= 2 else "CPU, 2 processes over gloo (gpt-tiny)")
               + f"; a CPU run of N ranks needs N cores to keep pace ({cores} here)"),
         Check("extensions", None, f"DeepSpeed ops build into {extensions_dir()} (TORCH_EXTENSIONS_DIR)"),

@@ -17,9 +17,8 @@ import pandas as pd
 
 from shardlab import compare as C
 from shardlab.plan import bad_input
-from shardlab.units import unit_for  # noqa: F401  (one home for picking KiB/MiB/GiB; plots.unit_for stays importable)
+from shardlab.units import GIB, unit_for  # noqa: F401  (one home for picking KiB/MiB/GiB; plots.unit_for stays importable)
 
-GIB = 2**30
 PHASE_COLORS = {"forward": "#4C78A8", "backward": "#F58518", "optimizer": "#54A24B"}
 PART_COLORS = {"params": "#4C78A8", "grads": "#F58518", "optimizer": "#54A24B", "activations": "#B279A2", "buffers": "#9D755D"}
 PALETTE = ["#4C78A8", "#F58518", "#54A24B", "#E45756", "#72B7B2", "#B279A2", "#FF9DA6", "#9D755D"]

@@ -16,7 +16,9 @@ from typing import Any, Callable, Iterable
 import pandas as pd
 
 from shardlab import compare as C
+from shardlab.estimate.gpus import DEFAULT_GPU
 from shardlab.plan import bad_input
+from shardlab.run.store import Run
 
 _CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:24px auto;max-width:1200px;color:#222}
@@ -27,18 +29,24 @@ th{background:#f4f4f4} caption{caption-side:top;text-align:left;font-weight:600;
 """
 
 
-def _runs_table(rd: list[C.RunData]) -> pd.DataFrame:
+def _runs_table(rd: list[Run]) -> pd.DataFrame:
     rows = []
     for r in rd:
-        st = r.status
-        rows.append(dict(run=r.label, id=r.id, status=st.get("status"), model=r.meta.get("model"), steps=r.meta.get("steps"),
-                         device=r.device, world_size=r.world_size, seed=r.meta.get("seed"),
-                         started=_utc(st.get("started_at")), ended=_utc(st.get("ended_at")), folder=str(r.dir)))
+        st, cfg = r.info, r.config
+        rows.append(dict(run=r.label, id=r.id, status=r.status, model=st.get("model") or cfg.get("model"), steps=cfg.get("steps"),
+                         device=r.device, world_size=r.world_size, seed=cfg.get("seed"),
+                         started=_utc(st.get("started_at")), ended=_utc(st.get("ended_at")), folder=str(r.dir),
+                         problem=r.problem))
     return pd.DataFrame(rows).set_index("run")
 
 
 def _utc(t) -> str | None:
-    return datetime.fromtimestamp(float(t), timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC") if t else None
+    if isinstance(t, bool) or not isinstance(t, (int, float)) or not t:
+        return None
+    try:
+        return datetime.fromtimestamp(t, timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+    except (OverflowError, OSError, ValueError):
+        return None
 
 
 def _df_html(df: pd.DataFrame, caption: str) -> str:
@@ -101,7 +109,7 @@ def write_report(run_dirs: Iterable[Any], out_html: str | Path, gpu: str | None 
     for (name, heading, _), div in zip(figs, divs):
         link = f" <a href='{files.name}/{name}.png'>PNG</a>" if png else ""
         parts.append(f"<h2>{html.escape(heading)}{link}</h2><div class='fig'>{div}</div>")
-    parts.append("<h2>Claims checked by these runs and the estimator</h2>" + _df_html(T.claims(runs=rd, gpu=gpu or C.DEFAULT_GPU), "published figure, shardlab's own figure, agreement"))
+    parts.append("<h2>Claims checked by these runs and the estimator</h2>" + _df_html(T.claims(runs=rd, gpu=gpu or DEFAULT_GPU), "published figure, shardlab's own figure, agreement"))
     for name, df in (("Features", T.features()), ("Offloading", T.offloading()), ("Precision", T.precision()),
                      ("Launchers", T.launchers()), ("When to use which", T.when_to_use())):
         parts.append(f"<h2>{name}</h2>" + _df_html(df, "FSDP1 / FSDP2 / DeepSpeed ZeRO"))

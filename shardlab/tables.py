@@ -14,6 +14,9 @@ from typing import Any
 
 import pandas as pd
 
+from shardlab.estimate.gpus import DEFAULT_GPU
+from shardlab.units import GB
+
 ACCEL = "https://huggingface.co/docs/accelerate/en/concept_guides/fsdp_and_deepspeed"
 FSDP1_DOC = "https://docs.pytorch.org/docs/stable/fsdp.html"
 FSDP2_DOC = "https://docs.pytorch.org/docs/stable/distributed.fsdp.fully_shard.html"
@@ -181,7 +184,7 @@ def _resolve(check, claims_by_id: dict[str, dict]) -> tuple[str, Any]:
     raise ValueError(f"unknown check kind {kind!r}")
 
 
-def _table(rows: list[dict], key: str, gpu: str = "h100-80gb") -> pd.DataFrame:
+def _table(rows: list[dict], key: str, gpu: str = DEFAULT_GPU) -> pd.DataFrame:
     needs_claims = any(r.get("check") and r["check"][0] == "claim" for r in rows)
     by_id = {c["id"]: c for c in claims(gpu=gpu).to_dict("records")} if needs_claims else {}
     out = []
@@ -197,12 +200,12 @@ def features() -> pd.DataFrame:
     return _table(FEATURES, "topic")
 
 
-def offloading(gpu: str = "h100-80gb") -> pd.DataFrame:
+def offloading(gpu: str = DEFAULT_GPU) -> pd.DataFrame:
     """What each framework can offload, where to, and where the optimizer step then runs."""
     return _table(OFFLOADING, "aspect", gpu)
 
 
-def precision(gpu: str = "h100-80gb") -> pd.DataFrame:
+def precision(gpu: str = DEFAULT_GPU) -> pd.DataFrame:
     """Which dtype each framework stores, computes, reduces, steps and saves in."""
     return _table(PRECISION, "aspect", gpu)
 
@@ -212,7 +215,7 @@ def launchers() -> pd.DataFrame:
     return _table(LAUNCHERS, "launcher")
 
 
-def when_to_use(gpu: str = "h100-80gb") -> pd.DataFrame:
+def when_to_use(gpu: str = DEFAULT_GPU) -> pd.DataFrame:
     """Situation -> choice, each backed where possible by the estimator's numbers."""
     return _table(WHEN, "situation", gpu)
 
@@ -220,7 +223,6 @@ def when_to_use(gpu: str = "h100-80gb") -> pd.DataFrame:
 # --------------------------------------------------------------------------------------------
 # Published numbers, recomputed live by the estimator or measured by runs
 
-GB = 1e9
 
 
 _EST_CACHE: dict[tuple, dict] = {}
@@ -365,7 +367,7 @@ CLAIMS: list[dict[str, Any]] = [
 ]
 
 
-def claims(runs=None, gpu: str = "h100-80gb") -> pd.DataFrame:
+def claims(runs=None, gpu: str = DEFAULT_GPU) -> pd.DataFrame:
     """Published numbers next to shardlab's own: estimator claims always, run claims when `runs` are given.
 
     `agrees` is None where shardlab could not compute its number (e.g. no matching run).
@@ -384,7 +386,7 @@ def claims(runs=None, gpu: str = "h100-80gb") -> pd.DataFrame:
     return pd.DataFrame(rows).astype({"claimed": object, "shardlab": object})
 
 
-def all_tables(runs=None, gpu: str = "h100-80gb") -> dict[str, pd.DataFrame]:
+def all_tables(runs=None, gpu: str = DEFAULT_GPU) -> dict[str, pd.DataFrame]:
     """Every comparison table by name; `runs` adds the run-checked claims."""
     return {"features": features(), "offloading": offloading(gpu), "precision": precision(gpu),
             "launchers": launchers(), "when to use which": when_to_use(gpu), "claims": claims(runs=runs, gpu=gpu)}

@@ -3,14 +3,20 @@
 A 170-thousand-parameter model holds a few hundred KiB per rank; a 70B model holds tens of GiB. Showing
 both in GiB prints 0.000 for the first, so every display that shows bytes picks its unit here, from the
 largest value it shows (a table column, a figure axis), and says which unit it used. Binary units
-throughout (KiB = 2^10, MiB = 2^20, GiB = 2^30 bytes), always labelled.
+throughout (KiB = 2^10, MiB = 2^20, GiB = 2^30 bytes), always labelled. The unit constants live here
+too (GB = 10^9 for the figures papers and data sheets give in decimal units): import them, never retype them.
 """
 
 from __future__ import annotations
 
 import math
 
-UNITS: tuple[tuple[str, int], ...] = (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10))
+KIB = 2**10
+MIB = 2**20
+GIB = 2**30  # what torch.cuda and nvidia-smi count in
+GB = 10**9  # what the ZeRO paper, GPU data sheets and network links count in
+
+UNITS: tuple[tuple[str, int], ...] = (("GiB", GIB), ("MiB", MIB), ("KiB", KIB))
 
 
 def unit_for(max_bytes: float) -> tuple[str, float]:

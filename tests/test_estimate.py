@@ -324,10 +324,12 @@ def test_activation_checkpointing_trades_memory_for_compute():
     p0 = plan("fsdp2", "zero3", micro_batch_size=4)
     p1 = plan("fsdp2", "zero3", micro_batch_size=4, activation_checkpointing=True)
     a, b = estimate(p0, "gpt-1.3b"), estimate(p1, "gpt-1.3b")
-    # without: 34·d bytes per layer per token; with: the 2·d block input per layer plus one block
-    # being recomputed (34·d); the logits and loss copy are the same in both
-    tokens, d, L = 4 * 2048, 2048, 24
-    assert a.per_gpu["activations"] - b.per_gpu["activations"] == tokens * (34 * d * (L - 1) - 2 * d * L)
+    # without: 32·d bytes per layer per token in bf16 (6d + 2kv + 2f elements, as autograd saves them
+    # in the runner's gpt block; estimate/activations.py) + 4 bytes of log-sum-exp per head; with: the
+    # 2·d block input per layer. The loss's fp32 rows at the start of backward (12·V bytes per token)
+    # outweigh one recomputed block, so they set the checkpointed peak, as they do the other.
+    tokens, d, L, heads = 4 * 2048, 2048, 24, 16
+    assert a.per_gpu["activations"] - b.per_gpu["activations"] == tokens * L * (32 * d + 4 * heads - 2 * d)
     # recomputation repeats the forward (a third of forward + backward); the optimizer step is not repeated
     assert a.time["compute_s"] * 1.1 < b.time["compute_s"] < a.time["compute_s"] * 4 / 3
     assert b.time["tflops"] < a.time["tflops"]  # recomputation is not model FLOPs
@@ -362,9 +364,12 @@ def test_to_dict_is_the_json_contract():
         assert d[k] > 0
     g = d["per_gpu"]
     # the peak is the larger of the forward/backward peak and the step peak, both holding params and
-    # optimizer states; all model states are alive at the step
+    # optimizer states; all model states are alive at the step. The activation peak (the loss's
+    # backward) and the gather/reduce buffers of a block's backward come at different moments.
     assert g["total"] == g["peak_allocated"] + g["overhead"]
-    assert g["peak_allocated"] >= g["params"] + g["optimizer"] + g["activations"] + g["buffers"]
+    assert g["peak_allocated"] >= g["params"] + g["optimizer"] + g["activations"]
+    assert g["peak_allocated"] >= g["params"] + g["optimizer"] + g["buffers"]
+    assert g["peak_reserved"] >= g["peak_allocated"]
     assert g["peak_allocated"] >= g["params"] + g["grads"] + g["optimizer"] + g["step_buffers"]
     assert d["comm_per_step"]["total"] == d["comm_per_step"]["intra_node"] + d["comm_per_step"]["inter_node"]
 

@@ -74,3 +74,66 @@ def test_alternating_run_periods_go_to_the_step_that_started_them(tmp_path):
     plain = [{k: v for k, v in r.items() if k != "instrumented"} for r in rows]
     only = bench.periods(_run_folder(tmp_path / "bare", plain, False), warmup=0)
     assert only[0] == [] and len(only[1]) == 6
+
+
+# ---------------------------------------------------------------------------------------------
+# The H200 fidelity matrix (issue 13): benchmarks/fidelity.py through shardlab.launch, world size 1.
+# fidelity_h200.json is the matrix the mechanisms were found on; fidelity_h200_check.json holds
+# shapes kept out of that work (run after the analytical model was corrected, not fitted to).
+
+import statistics  # noqa: E402
+
+
+def _fidelity():
+    spec = importlib.util.spec_from_file_location("fidelity", ROOT / "benchmarks" / "fidelity.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+FIDELITY = {name: json.loads((ROOT / "benchmarks" / "results" / f"fidelity_h200{name}.json").read_text())
+            for name in ("", "_check")}
+
+
+def _predicted(row) -> dict:
+    fid = _fidelity()
+    return estimate(fid.plan_for(row), fid.model_for(row), gpu="h200").to_dict()["per_gpu"]
+
+
+def test_the_fidelity_matrix_spans_what_issue_13_asks():
+    rows = FIDELITY[""]
+    assert len(rows) >= 40 and all(r["status"] == "completed" for r in rows + FIDELITY["_check"])
+    fid = _fidelity()
+    specs = [fid.model_for(r) for r in rows]
+    from shardlab.models import resolve_model
+
+    assert any(resolve_model(s).vocab >= 128_000 and resolve_model(s).seq_len >= 4096 for s in specs)
+    assert {r["precision"] for r in rows} == {"fp32", "bf16", "fp16"}
+    assert {r["activation_checkpointing"] for r in rows} == {True, False}
+    assert {(r["framework"], r["sharding"]) for r in rows} >= {(f, s) for f in ("fsdp1", "fsdp2") for s in ("ddp", "zero2", "zero3")} | {
+        ("deepspeed", s) for s in ("ddp", "zero1", "zero2", "zero3")}
+    assert {(r["framework"], r["offload"]) for r in rows} >= {("fsdp1", "both"), ("fsdp2", "both"), ("deepspeed", "opt"), ("deepspeed", "both")}
+    assert any(r["hf"] for r in rows) and any(r["compile"] for r in rows) and any(r["grad_accum_steps"] > 1 for r in rows)
+    assert {r["micro_batch_size"] for r in rows} >= {1, 2, 4, 8}
+    for r in rows:  # what issue 14 reads: throughput beside the memory figures
+        assert r["tokens_per_s"] > 0 and r["step_time_s"] > 0 and r["peak_reserved_bytes"] >= r["peak_allocated_bytes"]
+
+
+@pytest.mark.parametrize("name", ["", "_check"])
+def test_analytical_peak_allocated_on_the_h200_fidelity_rows(name):
+    """Every row re-estimated. The matrix: each row within 15%, median within 3% (the largest misses
+    left are DeepSpeed ZeRO-1 at small micro-batches and parameter offload, see docs/benchmarks.md).
+    The check set (never used to find a mechanism): each within 10%, median within 5%."""
+    errs = {r["id"]: _predicted(r)["peak_allocated"] / r["peak_allocated_bytes"] - 1 for r in FIDELITY[name]}
+    worst, median = (0.15, 0.03) if name == "" else (0.10, 0.05)
+    assert max(abs(e) for e in errs.values()) <= worst, errs
+    assert statistics.median(abs(e) for e in errs.values()) <= median, errs
+
+
+def test_reserved_memory_model_holds_on_rows_it_was_not_fitted_to():
+    """allocator.FRAGMENTATION was fitted on the matrix's odd-numbered rows; the even-numbered rows and
+    the check set judge it (median within 10%; rows that offload parameters are not modelled)."""
+    rows = [r for r in FIDELITY[""] if r["id"] % 2 == 0] + FIDELITY["_check"]
+    errs = [_predicted(r)["peak_reserved"] / r["peak_reserved_bytes"] - 1 for r in rows if r["offload"] != "both"]
+    assert statistics.median(abs(e) for e in errs) <= 0.10
+    assert max(abs(e) for e in errs) <= 0.20

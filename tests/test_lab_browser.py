@@ -181,18 +181,27 @@ def _wait_done(page, timeout: float = CELL_WAIT_S) -> None:
     raise AssertionError("the notebook was still running after Run All")
 
 
-def _save(page, path: Path) -> nbformat.NotebookNode:
-    """File > Save Notebook, then the file as JupyterLab wrote it (outputs with inlined JS: megabytes)."""
-    before = path.stat().st_mtime_ns
+def _save(page, path: Path, want_text: str | None = None) -> nbformat.NotebookNode:
+    """File > Save Notebook, then the file as JupyterLab wrote it (outputs with inlined JS: megabytes).
+    JupyterLab's autosave may have written it already; the file is read until every code cell has run
+    (and `want_text`, if given, is in it) or two minutes pass."""
     page.keyboard.press("Escape")
     page.get_by_role("menuitem", name="File", exact=True).click()
     page.get_by_role("menuitem", name="Save Notebook").first.click()
     end = time.monotonic() + 120
-    while path.stat().st_mtime_ns == before and time.monotonic() < end:
-        time.sleep(0.5)
-    assert path.stat().st_mtime_ns != before, f"{path.name} was not saved"
-    time.sleep(1)  # let the write finish
-    return nbformat.read(path, as_version=4)
+    while True:
+        try:
+            nb = nbformat.read(path, as_version=4)
+            code = [c for c in nb.cells if c.cell_type == "code"]
+            done = all(c.get("execution_count") for c in code)
+            if done and (want_text is None or want_text in json.dumps(nb)):
+                return nb
+        except Exception:  # noqa: BLE001 (read while being written)
+            nb = None
+        if time.monotonic() > end:
+            assert nb is not None, f"{path.name} could not be read"
+            return nb
+        time.sleep(1)
 
 
 def _add_cell_and_run(page, code: str) -> None:
@@ -253,7 +262,7 @@ def test_lab_runs_all_through_jupyterlab_offline(num, lab_server, offline_browse
         page.wait_for_timeout(3000)
         _add_cell_and_run(page, 'print("STATE", builder.plan.framework, builder.plan.sharding, builder.plan.offload.optimizer)')
         _wait_done(page, 60)
-    nb = _save(page, labdir / name)
+    nb = _save(page, labdir / name, want_text="STATE" if num == "02" else None)
     took = time.monotonic() - t0
     print(f"{name}: Run All through JupyterLab in {took:.0f} s")
     _check_ran(nb, name)

@@ -21,15 +21,18 @@ import pytest
 from nbclient import NotebookClient
 from nbclient.exceptions import CellExecutionError
 
-from shardlab import labcheck
 from shardlab.models import PRESETS
+from shardlab.run.store import list_runs
 
 ROOT = Path(__file__).resolve().parents[1]
 LABS = ROOT / "labs"
+sys.path.insert(0, str(LABS))
+import labkit  # noqa: E402  (the notebooks' helpers live beside them, as the notebooks import them)
+
 NOTEBOOKS = sorted(LABS.glob("[0-9][0-9]_*.ipynb"))
 NAMES = ["00_check_setup", "01_fsdp_vs_zero_map", "02_build_and_export", "03_memory_math", "04_first_sharded_run",
          "05_head_to_head", "06_beyond_one_gpu", "07_exercises", "08_bring_your_own_model"]
-CELL_TIMEOUT_S = 240
+CELL_TIMEOUT_S = 600  # lab 00 builds DeepSpeed's two CPU ops in a fresh environment (minutes on a busy 2-core box)
 TOTAL_BUDGET_S = 600  # the issue's limit for all notebooks together on 2 cores
 
 _durations: dict[str, float] = {}
@@ -39,7 +42,7 @@ _durations: dict[str, float] = {}
 def lab_dir(tmp_path_factory):
     """One temporary copy of labs/ for the whole module: later notebooks may read earlier runs, as in a workshop."""
     d = tmp_path_factory.mktemp("labs")
-    for nb in NOTEBOOKS:
+    for nb in [*NOTEBOOKS, LABS / "labkit.py"]:
         shutil.copy(nb, d / nb.name)
     return d
 
@@ -93,13 +96,14 @@ def test_all_notebooks_together_under_ten_minutes(lab_dir):
 def test_runs_use_the_gpus_when_present(tmp_path):
     # With two or more GPUs the labs train on CUDA without edits; with one they stay on the CPU.
     shutil.copy(LABS / "04_first_sharded_run.ipynb", tmp_path)
+    shutil.copy(LABS / "labkit.py", tmp_path)
     _execute("04_first_sharded_run", tmp_path, gpu=True)
     _durations.pop("04_first_sharded_run", None)  # not a CPU timing
-    device, nproc = labcheck.lab_device()
-    statuses = [json.loads(p.read_text()) for p in (tmp_path / "runs").glob("*/status.json")]
-    assert len(statuses) == 2 and all(s["status"] == "completed" for s in statuses)
-    assert {s["device"] for s in statuses} == {device} and {s["world_size"] for s in statuses} == {nproc}
-    assert device == ("cuda" if labcheck.gpu_count() >= 2 else "cpu")
+    device, nproc = labkit.lab_device()
+    runs = list_runs(tmp_path / "runs")
+    assert len(runs) == 2 and set(runs["status"]) == {"completed"}
+    assert set(runs["device"]) == {device} and set(runs["world_size"]) == {nproc}
+    assert device == ("cuda" if labkit.gpu_count() >= 2 else "cpu")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -133,9 +137,13 @@ def test_builder_shows_early_in_notebook_02():
 # Self-checks of notebook 07
 
 
-# Right answers a learner would type, from the published sources (ZeRO paper fig. 1, torch's names)
-# or, for figures only shardlab's estimator defines, rounded as the exercise asks.
-PUBLISHED_RIGHT = {"states_zero2": 16.6, "fsdp_zero2": "SHARD_GRAD_OP", "blamed_field": "sharding", "slow_network": "hybrid"}
+# Right answers a learner would type, from published sources, rounded as the exercises ask:
+# states_zero2: the ZeRO paper's Figure 1 (7.5B parameters, K=12, 64 GPUs, P_os+g: 16.6 GB);
+# comm_ratio: the ZeRO paper sec. 7 (ZeRO-3 moves 3 model sizes per step against DDP's 2: 1.5);
+# max_model: NVIDIA's A100 40GB datasheet (40 GiB of HBM2) x 8 GPUs / 16 bytes per parameter (the ZeRO
+# paper's 2+2+12 for mixed-precision Adam), in billions; fsdp_zero2: torch's ShardingStrategy names.
+PUBLISHED_RIGHT = {"states_zero2": 16.6, "comm_ratio": 1.5, "max_model": round(8 * 40 * 2**30 / 16 / 1e9, 2),
+                   "fsdp_zero2": "SHARD_GRAD_OP", "blamed_field": "sharding", "slow_network": "hybrid"}
 WRONG = {
     "states_zero2": [31.4, 120, 1.9, "sixteen"],  # ZeRO-1's figure, DDP's, ZeRO-3's, not a number
     "comm_ratio": [1.0, 2.0, 3.0],
@@ -150,14 +158,9 @@ WRONG = {
 
 @pytest.mark.parametrize("ex", sorted(PUBLISHED_RIGHT))
 def test_self_check_accepts_the_published_answer(ex):
-    c = labcheck.check(ex, PUBLISHED_RIGHT[ex])
+    c = labkit.check(ex, PUBLISHED_RIGHT[ex])
     assert c.ok is True, str(c)
     assert "right" in str(c)
-
-
-@pytest.mark.parametrize("ex", ["comm_ratio", "max_model"])
-def test_self_check_accepts_the_estimators_figure_rounded_as_asked(ex):
-    assert labcheck.check(ex, round(labcheck.solution(ex), 2)).ok is True
 
 
 def test_self_check_min_gpus_agrees_with_doubling_until_it_fits():
@@ -168,16 +171,15 @@ def test_self_check_min_gpus_agrees_with_doubling_until_it_fits():
     n = 1
     while not estimate(Plan(framework="fsdp2", sharding="zero3", topology={"gpus_per_node": n}), "llama-7b", "h100-80gb").fits:
         n *= 2
-    assert labcheck.check("min_gpus", n).ok is True
-    assert labcheck.check("min_gpus", n // 2).ok is False
+    assert labkit.check("min_gpus", n).ok is True
+    assert labkit.check("min_gpus", n // 2).ok is False
 
 
 def test_self_check_param_bytes_from_the_formula_and_a_real_run(lab_dir):
     by_formula = PRESETS["gpt-tiny"].params * 4 // 2  # fp32 shard on each of 2 ranks
-    assert labcheck.check("param_bytes", by_formula).ok is True
-    runs = [d for d in sorted((lab_dir / "runs").glob("*")) if (d / "plan.yaml").is_file()] if (lab_dir / "runs").is_dir() else []
-    fsdp2 = [d for d in runs if "framework: fsdp2" in (d / "plan.yaml").read_text() and "sharding: zero3" in (d / "plan.yaml").read_text()
-             and json.loads((d / "status.json").read_text()).get("status") == "completed"]
+    assert labkit.check("param_bytes", by_formula).ok is True
+    runs = list_runs(lab_dir / "runs")
+    fsdp2 = list(runs.loc[(runs["framework"] == "fsdp2") & (runs["sharding"] == "zero3") & (runs["status"] == "completed"), "dir"])
     if not fsdp2:  # this test ran alone: make the run the notebooks would have made
         import shardlab
 
@@ -185,8 +187,8 @@ def test_self_check_param_bytes_from_the_formula_and_a_real_run(lab_dir):
                             out=lab_dir / "runs", timeout_s=120)
         assert r.wait() == "completed"
         fsdp2 = [r.dir]
-    assert labcheck.check("param_bytes", by_formula, run=fsdp2[-1]).ok is True
-    assert labcheck.check("param_bytes", by_formula * 2, run=fsdp2[-1]).ok is False
+    assert labkit.check("param_bytes", by_formula, run=fsdp2[-1]).ok is True
+    assert labkit.check("param_bytes", by_formula * 2, run=fsdp2[-1]).ok is False
 
 
 def test_notebook_07_with_right_answers_filled_in_scores_full_marks(lab_dir):
@@ -197,8 +199,7 @@ def test_notebook_07_with_right_answers_filled_in_scores_full_marks(lab_dir):
     n = 1
     while not estimate(Plan(framework="fsdp2", sharding="zero3", topology={"gpus_per_node": n}), "llama-7b", "h100-80gb").fits:
         n *= 2
-    right = {**PUBLISHED_RIGHT, "comm_ratio": round(labcheck.solution("comm_ratio"), 2), "max_model": round(labcheck.solution("max_model"), 2),
-             "min_gpus": n, "param_bytes": PRESETS["gpt-tiny"].params * 4 // 2}
+    right = {**PUBLISHED_RIGHT, "min_gpus": n, "param_bytes": PRESETS["gpt-tiny"].params * 4 // 2}
     nb = nbformat.read(LABS / "07_exercises.ipynb", as_version=4)
     filled = 0
     for cell in nb.cells:
@@ -207,7 +208,7 @@ def test_notebook_07_with_right_answers_filled_in_scores_full_marks(lab_dir):
             if cell.cell_type == "code" and line in cell.source:
                 cell.source = cell.source.replace(line, f'answers["{ex}"] = {value!r}')
                 filled += 1
-    assert filled == len(labcheck.EXERCISES) == len(right)
+    assert filled == len(labkit.EXERCISES) == len(right)
     nbformat.write(nb, lab_dir / "07_filled.ipynb")
     _execute("07_filled", lab_dir)
     _durations.pop("07_filled", None)
@@ -219,14 +220,14 @@ def test_notebook_07_with_right_answers_filled_in_scores_full_marks(lab_dir):
 @pytest.mark.parametrize("ex", sorted(WRONG))
 def test_self_check_rejects_wrong_answers(ex):
     for wrong in WRONG[ex]:
-        c = labcheck.check(ex, wrong)
+        c = labkit.check(ex, wrong)
         assert c.ok is False, f"{ex} accepted {wrong!r}"
         assert "Hint" in c.message
 
 
 def test_unanswered_exercise_is_neither_right_nor_an_error():
-    for ex in labcheck.EXERCISES:
-        c = labcheck.check(ex, None)
+    for ex in labkit.EXERCISES:
+        c = labkit.check(ex, None)
         assert c.ok is None and "not answered" in str(c)
 
 
@@ -234,4 +235,4 @@ def test_unknown_exercise_is_bad_input():
     from shardlab.plan import PlanError
 
     with pytest.raises(PlanError, match="exercise='nope'"):
-        labcheck.check("nope", 1)
+        labkit.check("nope", 1)

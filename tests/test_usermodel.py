@@ -124,3 +124,9 @@ def test_estimate_json_names_the_wrap_class(plan_file, capsys):
     out = json.loads(capsys.readouterr().out)
     assert out["model"]["wrap_class"] == "Qwen2DecoderLayer" and out["model"]["flops_per_token"] > 0
     assert out["per_gpu"]["activations"] > 0
+
+
+def test_the_traced_estimate_wraps_the_hf_model_by_its_own_block_class():
+    # FSDP2 really wraps the fake-tensor model: with shardlab's "Block" it would refuse it
+    e = estimate(PLAN2, _src("gpt2"), method="trace")
+    assert e.per_gpu["peak_allocated"] > e.per_gpu["params"] + e.per_gpu["optimizer"]

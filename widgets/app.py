@@ -20,9 +20,10 @@ import secrets
 
 import panel as pn
 
+from shardlab.run.store import default_runs_dir
 from shardlab_widgets.builder import ConfigBuilder
 from shardlab_widgets.compare import RunCompare
-from shardlab_widgets.launcher import RunLauncher, default_runs_dir
+from shardlab_widgets.launcher import RunLauncher
 
 
 def create_app(runs_dir: str | None = None) -> pn.viewable.Viewable:

@@ -13,7 +13,7 @@ from typing import Any
 import panel as pn
 
 from shardlab.plan import PlanError
-from shardlab_widgets.launcher import default_runs_dir
+from shardlab.run.store import default_runs_dir
 
 # (tab title, shardlab.plots function name); a name plots does not (yet) have is left out.
 FIGURES = (

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import collections
 import html
-import os
 import time
 from typing import Any
 
@@ -22,14 +21,10 @@ from bokeh.plotting import figure
 
 from shardlab_widgets.modelpick import model_input
 from shardlab.plan import Plan, PlanError, load_plan
+from shardlab.run.store import default_runs_dir  # noqa: F401  (kept importable from here)
+from shardlab.units import MIB
 
-MIB = 2**20
 PALETTE = ("#4c78a8", "#f58518", "#54a24b", "#e45756", "#72b7b2", "#b279a2", "#ff9da6", "#9d755d")
-
-
-def default_runs_dir() -> str:
-    """The run store: $SHARDLAB_RUNS_DIR if set (the served app and the browser tests use it), else ./runs."""
-    return os.environ.get("SHARDLAB_RUNS_DIR") or "runs"
 
 
 class RunLauncher(pn.viewable.Viewer):
@@ -106,7 +101,7 @@ class RunLauncher(pn.viewable.Viewer):
         except PlanError as e:
             self._show_status("refused", str(e))
             return None
-        self._timeline_tail = JsonlTail(self.run.dir / "timeline.jsonl")
+        self._timeline_tail = JsonlTail(self.run.files.timeline)
         self.progress.param.update(max=int(self.steps.value), value=-1, bar_color="primary")  # -1: indeterminate
         self._phase = f"starting {self.run.world_size} processes"
         self.start_button.disabled, self.cancel_button.disabled = True, False

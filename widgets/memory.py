@@ -13,11 +13,12 @@ from typing import Any, Callable
 
 import panel as pn
 
+from shardlab.estimate.gpus import DEFAULT_GPU
 from shardlab.models import resolve_model
 from shardlab.plan import Plan, PlanError
+from shardlab.units import GIB
 from shardlab_widgets.modelpick import model_input, model_note
 
-GIB = 2**30
 PARTS = (
     ("params", "#4c78a8"),
     ("grads", "#f58518"),
@@ -32,7 +33,7 @@ def gpu_names() -> list[str]:
     try:
         from shardlab.estimate.gpus import GPUS
     except ImportError:
-        return ["h100-80gb"]
+        return [DEFAULT_GPU]
     return list(GPUS)
 
 

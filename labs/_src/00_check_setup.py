@@ -38,7 +38,7 @@ import os
 
 import psutil
 
-from shardlab.labcheck import gpu_count, lab_device, runs_dir
+from labkit import gpu_count, lab_device, runs_dir
 
 n_gpus = gpu_count()
 print(f"CPU cores: {os.cpu_count()}, memory: {psutil.virtual_memory().total / 2**30:.1f} GiB (GiB = 2^30 bytes)")

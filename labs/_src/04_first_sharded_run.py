@@ -14,7 +14,7 @@ pn.extension(inline=True)  # inline: the widgets work offline too
 
 import shardlab
 from shardlab import compare, plots
-from shardlab.labcheck import lab_device, runs_dir
+from labkit import lab_device, runs_dir
 from shardlab.models import PRESETS
 
 DEVICE, NPROC = lab_device()

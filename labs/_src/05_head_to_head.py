@@ -17,7 +17,7 @@ import panel as pn
 pn.extension(inline=True)  # inline: the widgets work offline too
 
 from shardlab import compare, plots
-from shardlab.labcheck import lab_device, run_once, runs_dir
+from labkit import lab_device, run_once, runs_dir
 
 DEVICE, NPROC = lab_device()
 MODEL, STEPS = "gpt-tiny", 4

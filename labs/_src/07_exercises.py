@@ -13,7 +13,7 @@
 import pandas as pd
 
 from shardlab.estimate import estimate, get_gpu
-from shardlab.labcheck import EXERCISES, check, lab_device, run_once, runs_dir
+from labkit import EXERCISES, check, lab_device, run_once, runs_dir
 from shardlab.models import PRESETS, bare
 from shardlab.plan import Plan, plan_from_dict
 

@@ -77,6 +77,8 @@ class Estimate:
             "labels": {"memory": "bytes per GPU (cpu, nvme: bytes per node)", "comm_per_step":
                        "wire bytes per GPU per optimizer step (ring factor)", "comm_payload_per_step":
                        "tensor bytes passed to collectives per GPU per optimizer step", "tokens_per_s": "per GPU"},
+            "method": getattr(self, "method", "analytic"),
+            "trace": getattr(self, "trace", None),
             "notes": dict(self.notes),
             "flags": list(self.flags),
         }
@@ -92,6 +94,9 @@ class Estimate:
                  "", f"Memory per GPU ({unit} = 2^{30 if big else 20} bytes)"]
         for k in ("params", "grads", "optimizer", "activations", "buffers", "step_buffers", "overhead"):
             lines.append(f"  {k:<13}{gib(self.per_gpu[k])}   {self.notes.get(k, '')}")
+        lines.append(f"  {'peak alloc':<13}{gib(self.per_gpu['peak_allocated'])}   {'traced (one fake-tensor step)' if getattr(self, 'method', 'analytic') == 'trace' else 'analytical'}; caching allocator reserves ~{self.per_gpu['peak_reserved'] / GIB:.2f} GiB")
+        if self.notes.get("trace"):
+            lines.append(f"  trace: {self.notes['trace']}")
         cap = self.gpu.memory_bytes
         verdict = "fits" if self.fits else "DOES NOT FIT"
         lines.append(f"  {'total':<13}{self.per_gpu['total'] / GIB:9.2f} GiB   of {cap / GIB:.1f} GiB: {verdict} "
@@ -117,17 +122,64 @@ class Estimate:
         return "\n".join(lines)
 
 
-def estimate(plan, model, gpu: str | GPU | dict = "h100-80gb", *, calibration=None, rates=None) -> Estimate:
+def _traced(plan: Plan, s, model) -> dict:
+    """memory() with the traced peak (trace.py) in place of the formulas it replaces."""
+    from .allocator import reserved
+    from .memory import ALLOCATOR_FRACTION, CUDA_CONTEXT_BYTES
+    from .trace import traced_memory
+
+    t = traced_memory(plan, model)
+    if t["traced"] == "activations":  # DeepSpeed: traced working set + analytical states and buffers
+        mem = memory(plan, s, traced_activations=t["peak"])
+        what = "forward/backward working set traced; DeepSpeed states, buffers and step temporaries analytical"
+    else:
+        mem = memory(plan, s)
+        g = mem["per_gpu"]
+        g["peak_allocated"], g["peak_reserved"] = t["peak"], reserved(t["peak"])
+        g["overhead"] = CUDA_CONTEXT_BYTES + int(ALLOCATOR_FRACTION * t["peak"])
+        g["total"] = t["peak"] + g["overhead"]
+        what = "whole step traced (wrapping, states, buffers, activations, optimizer step); the category rows above are analytical"
+    at = ", ".join(f"{k} {v / GIB:.2f} GiB" for k, v in t["at_peak"].items())
+    mem["notes"]["trace"] = f"{what}; traced peak {t['peak'] / GIB:.2f} GiB ({at})"
+    mem["trace"] = t
+    return mem
+
+
+def estimate(plan, model, gpu: str | GPU | dict = "h100-80gb", method: str = "analytic", *, calibration=None,
+             rates=None) -> Estimate:
     """Predict memory, communication and step time for `plan` (a Plan or anything load_plan takes)
     training `model` (anything resolve_model takes: preset, shape file/dict, bare count, nn.Module).
 
+    method="analytic" (default): arithmetic, well under 5 ms. method="trace": one real training step
+    on fake tensors (estimate/trace.py; seconds, no GPU) gives peak_allocated; FSDP1/FSDP2 are traced
+    whole, DeepSpeed's forward/backward working set is traced and its states stay analytical
+    (`notes["trace"]` says which). For a trace, `model` may also be {"module": zero-argument callable
+    returning an nn.Module mapping token ids [B, T] to logits [B, T, vocab] (e.g. a Hugging Face
+    model from its config), "spec": a shape (preset, dict or ModelSpec) with its vocab and seq_len}.
+
     calibration: None uses this machine's calibration for `gpu` if `shardlab calibrate` made one
-    (estimate/calibrate.py), False ignores it, a path or dict names one. rates: explicit steptime.Rates."""
+    (estimate/calibrate.py), False ignores it, a path or dict names one. rates: explicit steptime.Rates.
+    """
     plan = load_plan(plan)  # a Plan with errors (e.g. micro_batch_size=0) is bad input, not arithmetic
-    spec = resolve_model(model)
+    if method not in ("analytic", "trace"):
+        from shardlab.plan import bad_input
+
+        raise bad_input("method", f"method={method!r} is not an estimate method. Use 'analytic' (arithmetic, instant) or 'trace' (one fake-tensor step, seconds).")
+    user_module = isinstance(model, dict) and "module" in model
+    spec = resolve_model(model["spec"] if user_module else model)
     g = get_gpu(gpu)
     s = resolve(plan, spec)
-    mem = memory(plan, s)
+    if method == "analytic":
+        mem = memory(plan, s)
+    elif user_module:
+        mem = _traced(plan, s, model)
+    elif spec.source:  # a Hugging Face config or a factory (shardlab.usermodel): build that model, fake
+        from shardlab.usermodel import resolve as resolve_source, with_wrap_class
+
+        # wrapped as a run wraps it: the model's own block class, not shardlab's GPT "Block"
+        mem = _traced(with_wrap_class(plan, spec), s, resolve_source(spec.source).for_trace())
+    else:
+        mem = _traced(plan, s, spec)
     c = comm(plan, s)
     if rates is None:
         from .calibrate import rates_for
@@ -140,4 +192,6 @@ def estimate(plan, model, gpu: str | GPU | dict = "h100-80gb", *, calibration=No
     flags = list(mem["flags"])
     if s.ds and s.stage == "zero3":
         flags.append("DeepSpeed ZeRO-3 figures are the steady state (from the second step, once the module trace is recorded)")
-    return Estimate(plan, spec, g, mem["per_gpu"], mem["cpu"], mem["nvme"], c["wire"], c["payload"], t, notes, flags)
+    e = Estimate(plan, spec, g, mem["per_gpu"], mem["cpu"], mem["nvme"], c["wire"], c["payload"], t, notes, flags)
+    e.method, e.trace = method, mem.get("trace")
+    return e

@@ -21,7 +21,9 @@ import statistics
 import time
 from pathlib import Path
 
-from .gpus import GPU
+from shardlab.units import GIB
+
+from .gpus import DEFAULT_GPU, GPU
 from .steptime import Rates
 
 ENV_DIR = "SHARDLAB_CALIBRATION_DIR"
@@ -189,7 +191,7 @@ def _device_name(run, m) -> str:
             return str(starts["gpu"].iloc[0])
     except Exception:
         pass
-    return str((run.prediction or {}).get("gpu") or "h100-80gb")
+    return str((run.prediction or {}).get("gpu") or DEFAULT_GPU)
 
 
 def fit_from_runs(observations: list[dict], gpu: GPU, base: Rates | None = None) -> dict:
@@ -229,17 +231,11 @@ def fit_from_runs(observations: list[dict], gpu: GPU, base: Rates | None = None)
 
 def calibrate_from_runs(run_dirs: list[str | Path], gpu: GPU | str | None = None, directory=None, write: bool = True) -> dict:
     """Refit from run folders (each a run, or a store holding runs); save per device; return a summary."""
-    from shardlab.run.store import Run, list_runs
+    from shardlab.run.store import runs_in
 
     from .gpus import get_gpu
 
-    runs = []
-    for d in run_dirs:
-        p = Path(d)
-        if (p / "status.json").is_file():
-            runs.append(Run(p))
-        elif p.is_dir():
-            runs += [Run(x) for x in list_runs(p)["dir"]]
+    runs = runs_in(run_dirs)
     obs = [o for o in (run_observation(r) for r in runs) if o]
     by_device: dict[str, list[dict]] = {}
     for o in obs:
@@ -262,7 +258,7 @@ def calibrate_from_runs(run_dirs: list[str | Path], gpu: GPU | str | None = None
 
 # A CPU "device" for runs on the CPU (gloo): rough figures for a few server cores, so that
 # --from-runs over CPU runs has a baseline to refit. Not in the GPU table (no one plans on it).
-CPU_DEVICE = GPU("cpu", bf16_tflops=1.0, fp32_tflops=1.0, memory_bytes=64 * 2**30, intra_node_bw=5e9,
+CPU_DEVICE = GPU("cpu", bf16_tflops=1.0, fp32_tflops=1.0, memory_bytes=64 * GIB, intra_node_bw=5e9,
                  inter_node_bw=1e9, pcie_bw=20e9, hbm_bw=20e9, sms=1)
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 from shardlab.models import ModelSpec, bare, resolve_model
 from shardlab.plan import Plan, load_plan, plan_from_dict
 
-from .gpus import GPU, get_gpu
+from .gpus import DEFAULT_GPU, GPU, get_gpu
 
 # strategy name -> plan changes; zero1 is DeepSpeed only, so it switches the framework
 STRATEGIES: dict[str, dict] = {
@@ -55,7 +55,7 @@ def _used(est, include: str) -> int:
     return _states(est) if include == "states" else est.per_gpu["total"]
 
 
-def fits(plan, model, gpu: str | GPU | dict = "h100-80gb", include: str = "all") -> list[dict]:
+def fits(plan, model, gpu: str | GPU | dict = DEFAULT_GPU, include: str = "all") -> list[dict]:
     """For each strategy: fits or not, bytes used, headroom (GPU memory minus used), CPU per node."""
     from . import estimate
 
@@ -70,7 +70,7 @@ def fits(plan, model, gpu: str | GPU | dict = "h100-80gb", include: str = "all")
     return rows
 
 
-def max_model_size(plan, gpu: str | GPU | dict = "h100-80gb", strategy: str | None = None, include: str = "states",
+def max_model_size(plan, gpu: str | GPU | dict = DEFAULT_GPU, strategy: str | None = None, include: str = "states",
                    seq_len: int = 2048, cpu_memory: int | None = None, hi: float = 1e13) -> int:
     """The largest parameter count that fits per GPU under `strategy` (default: the plan's own).
 
@@ -100,7 +100,7 @@ def max_model_size(plan, gpu: str | GPU | dict = "h100-80gb", strategy: str | No
     return int(lo)
 
 
-def min_gpus(plan, model, gpu: str | GPU | dict = "h100-80gb", include: str = "all", max_gpus: int = 4096) -> int | None:
+def min_gpus(plan, model, gpu: str | GPU | dict = DEFAULT_GPU, include: str = "all", max_gpus: int = 4096) -> int | None:
     """The fewest GPUs (keeping the plan's GPUs per node once past one node) on which `model` fits
     under the plan's strategy; None if even `max_gpus` is not enough (e.g. ddp never shrinks)."""
     from . import estimate

@@ -15,10 +15,8 @@ from __future__ import annotations
 import difflib
 from dataclasses import dataclass, fields, replace
 
+from shardlab.units import GB, MIB
 from shardlab.plan import bad_input
-
-GB = 10**9
-MIB = 2**20
 
 
 @dataclass(frozen=True)
@@ -56,12 +54,13 @@ GPUS: dict[str, GPU] = {
     )
 }
 
+DEFAULT_GPU = "h100-80gb"  # the GPU an estimate is for when none is named (CLI, widgets, compare)
 _ALIASES = {"h100": "h100-80gb", "h100-sxm": "h100-80gb", "a100": "a100-80gb", "4090": "rtx4090", "h200-141gb": "h200"}
 
 
 def register_gpu(name: str, **values) -> GPU:
     """Add (or replace) a GPU in the table; unspecified fields copy h100-80gb's, say so explicitly."""
-    base = GPUS.get(name, GPUS["h100-80gb"])
+    base = GPUS.get(name, GPUS[DEFAULT_GPU])
     known = {f.name for f in fields(GPU)} - {"name"}
     unknown = set(values) - known
     if unknown:

@@ -16,9 +16,10 @@ grads      gradient storage that lives from backward to the step. FSDP: sharded 
 optimizer  fp32 master weights + optimizer states. FSDP: states only (K·S; the fp32 parameters are
            the master copy). DeepSpeed: fp32 master (4·S, none for zero3/ddp in fp32 where the
            master aliases the parameters) + K·S states; ZeRO-1/2 clone a master even in fp32.
-activations what autograd keeps for backward for one micro-batch (models.activation_bytes_*),
-           in P; with activation checkpointing one block input per layer plus one block recomputed.
-           A bare parameter count has no shape: 0, and flagged.
+activations the peak of what one micro-batch's forward keeps for backward plus the loss's fp32
+           temporaries at the start of backward (activations.py), in P; with activation
+           checkpointing one block input per layer plus the larger of the loss peak and one
+           recomputed block. A bare parameter count has no shape: 0, and flagged.
 buffers    transient working memory alive during forward/backward: gathered units (FSDP: root unit
            + (1 + prefetch) largest blocks; zero2 keeps every unit gathered from forward to backward),
            the unsharded gradient of one unit being reduced, DeepSpeed's contiguous reduce bucket
@@ -37,6 +38,8 @@ peak_allocated  what torch.cuda.max_memory_allocated should read: params + optim
            (measured on an H100: fsdp2 zero3 gpt-1b peaks at 21.6 GiB, 3.5 GiB of fp32 grads under
            the sum of all states + activations). DeepSpeed's gradient partitions are flat buffers
            allocated once, so they are there during forward.
+peak_reserved what torch.cuda.max_memory_reserved should read: the caching allocator's segments
+           for peak_allocated (allocator.py).
 total      peak_allocated + overhead.
 
 CPU figures are per node (all local ranks), NVMe per node. Offload moves the optimizer side
@@ -45,9 +48,11 @@ CPU figures are per node (all local ranks), NVMe per node. Offload moves the opt
 
 from __future__ import annotations
 
-from shardlab.models import activation_bytes_per_layer_per_token, head_activation_bytes_per_token, wrap_units
+from shardlab.models import wrap_units
 from shardlab.plan import Plan
 
+from .activations import activation_peak, saved_blocks
+from .allocator import reserved
 from .basis import (Setup, ds3_kept_for_backward, ds_largest_module, persistent_numel, shard_numel)
 
 GIB = 2**30
@@ -56,14 +61,8 @@ ALLOCATOR_FRACTION = 0.05  # caching-allocator fragmentation on top of live tens
 
 
 def activations(plan: Plan, s: Setup) -> int:
-    """Bytes of saved activations for one micro-batch on one GPU."""
-    spec = s.spec
-    if spec.is_bare:
-        return 0
-    tokens = plan.micro_batch_size * spec.seq_len
-    per_layer = activation_bytes_per_layer_per_token(spec, s.P, plan.activation_checkpointing)
-    extra = activation_bytes_per_layer_per_token(spec, s.P, False) if plan.activation_checkpointing else 0
-    return tokens * (spec.layers * per_layer + extra + head_activation_bytes_per_token(spec, s.P))
+    """Peak bytes of activations and loss temporaries for one micro-batch on one GPU (activations.py)."""
+    return activation_peak(s.spec, s.P, plan.micro_batch_size * s.spec.seq_len, plan.activation_checkpointing)
 
 
 def _fsdp(plan: Plan, s: Setup) -> dict:
@@ -73,12 +72,16 @@ def _fsdp(plan: Plan, s: Setup) -> dict:
     root = 0 if s.unknown_units else units[0][1]
     block = max((n for _, n in units[1:]), default=0)
     depth = 1 if (s.framework == "fsdp2" or plan.backward_prefetch != "none" or plan.forward_prefetch) else 0
-    if s.stage == "zero2":
-        gathered = s.P * s.spec.params  # reshard_after_forward=False keeps every unit until backward
+    if s.stage == "zero2" or (s.stage == "ddp" and s.framework == "fsdp2"):
+        # reshard_after_forward=False keeps every unit gathered until backward; FSDP2's replicate is
+        # the same machinery and gathers into its own storage even in fp32 at world size 1 (H200:
+        # fsdp2 ddp fp32 gpt350 mb2 measured 14.47 GiB, 12.49 predicted without this copy)
+        gathered = at_loss = s.P * s.spec.params
     elif s.stage == "ddp":
-        gathered = s.P * (root + 2 * block) if s.P < 4 else 0  # only the low-precision cast copies
+        gathered = at_loss = s.P * (root + 2 * block) if s.P < 4 else 0  # only the low-precision cast copies
     else:
         gathered = s.P * (root + (1 + depth) * block)
+        at_loss = 0  # every unit (the root too) is resharded after forward and gathered again in backward
     reduce_buf = s.R * max(root, block) if s.stage != "ddp" or s.R != 4 else 0
     step = 4 * local if s.opt_bytes else 0  # foreach Adam: one fp32 temporary per parameter
     notes = {
@@ -93,7 +96,7 @@ def _fsdp(plan: Plan, s: Setup) -> dict:
         params = grads = opt = 0
         step = 0
     return dict(params=params, grads=grads, optimizer=opt, gathered=gathered, reduce=reduce_buf, resident=0,
-                step=step, cpu=cpu, nvme={}, notes=notes)
+                step=step, cpu=cpu, nvme={}, notes=notes, at_loss=at_loss)
 
 
 def _deepspeed(plan: Plan, s: Setup) -> dict:
@@ -157,18 +160,41 @@ def _deepspeed(plan: Plan, s: Setup) -> dict:
                 resident=P * bucket, step=step, cpu=cpu, nvme=nvme, notes=notes)
 
 
-def memory(plan: Plan, s: Setup) -> dict:
-    """Per-GPU, CPU (per node) and NVMe (per node) bytes, with notes and flags."""
+def memory(plan: Plan, s: Setup, traced_activations: int | None = None) -> dict:
+    """Per-GPU, CPU (per node) and NVMe (per node) bytes, with notes and flags.
+
+    traced_activations: the forward/backward working set from a trace (trace.py), used in place of
+    the activation formula (DeepSpeed's traced estimate: its states stay analytical)."""
     parts = _deepspeed(plan, s) if s.ds else _fsdp(plan, s)
-    act = activations(plan, s)
+    act = activations(plan, s) if traced_activations is None else traced_activations
     buffers = parts["gathered"] + parts["reduce"]
-    grads_in_forward = parts["grads"] if (s.ds or s.micro_steps > 1) else 0
-    live = parts["params"] + parts["optimizer"] + max(grads_in_forward + act + buffers,
-                                                      parts["grads"] + parts["step"] + parts["resident"])
+    if s.ds and s.stage != "zero3":
+        # DeepSpeed without ZeRO-3 makes its gradient buffers lazily: ZeRO-1/2's reduce bucket and
+        # gradient partition at the first gradient hook (stage_1_and_2.py setup_buckets /
+        # copy_grads_in_partition) and frees them when backward ends (_release_ipg_buffers); without
+        # ZeRO the .grad tensors appear one by one in backward. So they are absent at the loss's
+        # peak and meet only the blocks' activations later in backward. (H200 matrix: counting them
+        # in forward over-predicted deepspeed zero2 + AC llama300 mb4 by 20%.)
+        accumulated = parts["grads"] if s.micro_steps > 1 else 0  # kept between micro-batches
+        blocks = saved_blocks(s.spec, s.P, plan.micro_batch_size * s.spec.seq_len, plan.activation_checkpointing)
+        if traced_activations is not None:
+            blocks = min(blocks, act)
+        fwd_bwd = accumulated + max(act, blocks + parts["grads"] - accumulated + buffers)
+        parts["resident"] = 0  # released at the end of backward, before the step
+    elif not s.ds:
+        # FSDP: at the loss's peak only the root unit is gathered (blocks were resharded after
+        # forward, no gradient is being reduced yet); later in backward the head's loss rows are
+        # gone and a block is gathered and its gradient reduced beside the remaining activations
+        grads_in_forward = parts["grads"] if s.micro_steps > 1 else 0
+        blocks = saved_blocks(s.spec, s.P, plan.micro_batch_size * s.spec.seq_len, plan.activation_checkpointing)
+        fwd_bwd = grads_in_forward + max(act + parts["at_loss"], min(blocks, act) + buffers)
+    else:
+        fwd_bwd = parts["grads"] + act + buffers
+    live = parts["params"] + parts["optimizer"] + max(fwd_bwd, parts["grads"] + parts["step"] + parts["resident"])
     overhead = CUDA_CONTEXT_BYTES + int(ALLOCATOR_FRACTION * live)
     per_gpu = {"params": parts["params"], "grads": parts["grads"], "optimizer": parts["optimizer"],
                "activations": act, "buffers": buffers, "step_buffers": parts["step"], "overhead": overhead,
-               "peak_allocated": live, "total": live + overhead}
+               "peak_allocated": live, "peak_reserved": reserved(live), "total": live + overhead}
     cpu = {k: v * s.gpn for k, v in parts["cpu"].items()}
     cpu["total"] = sum(cpu.values())
     nvme = {k: v * s.gpn for k, v in parts["nvme"].items()}
@@ -180,7 +206,7 @@ def memory(plan: Plan, s: Setup) -> dict:
         flags.append("no wrap units known: per-unit gather buffers counted as 0 (give a shape or an nn.Module)")
     notes = dict(parts["notes"])
     notes["activations"] = ("none (bare count)" if s.spec.is_bare else
-                            f"{plan.micro_batch_size} x {s.spec.seq_len} tokens, {s.P}-byte, SDPA/flash (no T^2 scores)"
+                            f"{plan.micro_batch_size} x {s.spec.seq_len} tokens, {s.P}-byte, SDPA/flash (no T^2 scores), peak at the fp32 loss's backward"
                             + (", checkpointed" if plan.activation_checkpointing else ""))
     notes["step_buffers"] = ("fp32 copy of the gradient partition for the optimizer step" if s.ds else "foreach optimizer temporaries (fp32)")
     notes["overhead"] = f"CUDA context etc. {CUDA_CONTEXT_BYTES / GIB:g} GiB + {ALLOCATOR_FRACTION:.0%} allocator fragmentation"

@@ -18,8 +18,9 @@ from pathlib import Path
 
 import psutil
 
+from shardlab.constants import EXIT_OOM as OOM_EXIT  # the worker's exit code for out of memory
+
 GRACE_S = 2.0  # after a failure, torchrun gets this long to end its workers itself before we do
-OOM_EXIT = 3  # the worker's exit code for out of memory
 _OOM_TEXT = re.compile(r"out of memory|can't allocate memory|cannot allocate memory|OutOfMemoryError|MemoryError", re.I)
 _SUMMARY = re.compile(r"rank\s*:\s*(\d+)\s*\(local_rank:\s*(\d+)\)\s*\n\s*exitcode\s*:\s*(-?\d+)")
 

@@ -65,6 +65,16 @@ def default_device() -> str:
     return "cuda" if visible_gpus() else "cpu"
 
 
+def device_and_ranks(max_gpus: int = 4) -> tuple[str, int]:
+    """(device, processes) for a small sharded run here: CUDA with up to `max_gpus` ranks when two or
+    more GPUs are visible; otherwise 2 CPU processes over gloo. One GPU cannot show sharding (NCCL
+    refuses two ranks on one device), so a single-GPU machine runs on its CPU as well."""
+    n = len(visible_gpus())
+    if n >= 2:
+        return "cuda", min(n, max_gpus)
+    return "cpu", 2
+
+
 def check_run(plan: Plan, *, steps: int, nproc: int, device: str, launcher: str, instrument: bool | str = True) -> None:
     """Runner-level checks a valid plan can still fail on this machine (PlanError naming the field)."""
     if instrument not in (True, False, "alternate"):

@@ -24,7 +24,7 @@ from typing import Callable, Iterator
 from shardlab.plan import bad_input, load_plan
 from shardlab.run import faults
 from shardlab.run.host import check_run, default_device, free_port, visible_gpus
-from shardlab.run.store import FINAL, JsonlTail, Run, create_run_dir, read_json, write_json_atomic
+from shardlab.run.store import FINAL, JsonlTail, Run, RunFiles, create_run_dir, read_json, write_json_atomic
 
 # The launching environment's variables copied into launch.json (besides the ones shardlab sets):
 # an allow-list of the settings that change how a run behaves, by exact name. Anything else (a
@@ -56,7 +56,7 @@ def write_status(run_dir: Path, info: dict, *, last: bool = False) -> None:
     """Write status.json atomically. When that fails (the folder deleted or made read-only), raise
     StatusWriteError; for the `last` write, first try rewriting the file in place, which a
     read-only folder still allows, so the store shows the final status and its reason."""
-    path = run_dir / "status.json"
+    path = RunFiles(run_dir).status
     try:
         write_json_atomic(path, info)
         return
@@ -197,8 +197,8 @@ class LiveRun(Run):
         self._queue = _Feed()
         self._finished = threading.Event()
         self._cancel = threading.Event()
-        self._metrics = JsonlTail(run_dir / "metrics.jsonl")
-        self._events = JsonlTail(run_dir / "events.jsonl")
+        self._metrics = JsonlTail(self.files.metrics)
+        self._events = JsonlTail(self.files.events)
         self.steps_by_rank: dict[int, int] = {}
         self.worker_events: list[dict] = []
         self._recorded: dict[int, int] = {}
@@ -265,7 +265,7 @@ class LiveRun(Run):
 
     def _outside_cancel(self) -> bool:
         """load_run(dir).cancel() in another process marked the run cancelled (before killing it)."""
-        if (read_json(self.dir / "status.json", {}) or {}).get("status") == "cancelled":
+        if (read_json(self.files.status, {}) or {}).get("status") == "cancelled":
             self._cancel.set()
         return self._cancel.is_set()
 
@@ -410,12 +410,13 @@ class LiveRun(Run):
 
 
 def launch(plan, model="gpt-tiny", steps: int = 10, nproc: int | None = None, device: str | None = None,
-           out: str | Path = "runs", seed: int = 0, timeout_s: float | None = None, progress: bool = False,
+           out: str | Path | None = None, seed: int = 0, timeout_s: float | None = None, progress: bool = False,
            on_event: Callable[[dict], None] | None = None, launcher: str = "torchrun", factory: str | None = None,
            trace_memory: bool = False, instrument: bool | str = True, mem_limit_bytes: int | None = None,
            worker_module: str = "shardlab.run.worker") -> LiveRun:
     """Start `plan` for real on this machine and return at once (call .wait() to block).
 
+    out: the run store (default: $SHARDLAB_RUNS_DIR, else ./runs; see store.default_runs_dir).
     nproc: processes per node (default: the plan's topology.gpus_per_node; the plan written to the
     run folder says what really ran). device: 'cuda' if a GPU is present, else 'cpu'. timeout_s:
     seconds without a new metrics or event line before the run is stopped as 'timeout' (start-up
@@ -457,10 +458,11 @@ def launch(plan, model="gpt-tiny", steps: int = 10, nproc: int | None = None, de
 
     run_id, run_dir = create_run_dir(out)
     run_dir = run_dir.resolve()
-    (run_dir / "plan.yaml").write_text(plan.to_yaml())
-    write_json_atomic(run_dir / "run.json", {"model": model_arg, "steps": steps, "device": device, "seed": seed,
+    files = RunFiles(run_dir)
+    files.plan.write_text(plan.to_yaml())
+    write_json_atomic(files.config, {"model": model_arg, "steps": steps, "device": device, "seed": seed,
                                              "factory": factory, "trace_memory": trace_memory, "instrument": instrument})
-    for name in ("metrics.jsonl", "events.jsonl", "timeline.jsonl"):
+    for name in RunFiles.APPEND_ONLY:
         (run_dir / name).touch()
     from shardlab.run.prediction import write_prediction
 
@@ -486,7 +488,7 @@ def launch(plan, model="gpt-tiny", steps: int = 10, nproc: int | None = None, de
             # "nodes" sharing one machine: each agent sees its own slice of the GPUs
             node_env["CUDA_VISIBLE_DEVICES"] = ",".join(str(g) for g in gpus[node * nproc:(node + 1) * nproc])
         cmds.append((argv, node_env))
-    write_json_atomic(run_dir / "launch.json", {
+    write_json_atomic(files.launch, {
         "launcher": launcher, "cwd": os.getcwd(), "master_port": port,
         # set for shardlab's own runs only, never written into exports (export/launch.py says why)
         "runner_env": dict(RUNNER_ENV),
@@ -498,7 +500,7 @@ def launch(plan, model="gpt-tiny", steps: int = 10, nproc: int | None = None, de
             "nproc_per_node": nproc, "world_size": world, "steps": steps, "steps_done": 0, "seed": seed,
             "timeout_s": timeout_s, "started_at": time.time(), "ended_at": None, "exit_codes": None,
             "failed_rank": None, "error": None, "phase": None, "launcher_pid": os.getpid(), "processes": []}
-    write_json_atomic(run_dir / "status.json", info)
+    write_json_atomic(files.status, info)
 
     import subprocess
 
@@ -519,15 +521,15 @@ def launch(plan, model="gpt-tiny", steps: int = 10, nproc: int | None = None, de
             a.kill()
             a.wait()
         info.update(status="failed", error=f"could not start torchrun: {e}", ended_at=time.time())
-        write_json_atomic(run_dir / "status.json", info)
+        write_json_atomic(files.status, info)
         watchdog.stdin.close()
         raise
     procs = {n: psutil.Process(a.pid) for n, a in enumerate(agents)}
     info["processes"] = [{"pid": p.pid, "create_time": p.create_time(), "role": f"agent{n}"} for n, p in procs.items()]
-    write_json_atomic(run_dir / "status.json", info)
+    write_json_atomic(files.status, info)
 
     gpu_index = {(n, i): gpus[n * nproc + i] for n in range(nodes) for i in range(nproc)} if gpus else None
-    sampler = Sampler(run_dir / "timeline.jsonl", procs, nproc_per_node=nproc, gpu_index=gpu_index)
+    sampler = Sampler(files.timeline, procs, nproc_per_node=nproc, gpu_index=gpu_index)
     if mem_limit_bytes:
         sampler.on_rank = faults.limit_memory(int(mem_limit_bytes))
     sampler.start()

@@ -14,7 +14,8 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-FILE = "prediction.json"
+from shardlab.estimate.gpus import DEFAULT_GPU
+
 MEMORY_KEYS = ("params", "grads", "optimizer", "activations", "buffers", "peak_allocated", "total")
 
 
@@ -43,7 +44,7 @@ def predict(plan, model, device: str, gpu: str | None = None) -> dict:
     if device == "cpu":
         est = estimate(plan, model, gpu=CPU_DEVICE, calibration=find("cpu") or False)
     else:
-        est = estimate(plan, model, gpu=gpu or "h100-80gb")
+        est = estimate(plan, model, gpu=gpu or DEFAULT_GPU)
     t = est.time
     fb = t["step_time_s"] - t["detail"]["optimizer_s"] - t["offload_s"]
     # forward : backward work is about 1 : 2; activation checkpointing recomputes the forward inside backward
@@ -63,14 +64,14 @@ def predict(plan, model, device: str, gpu: str | None = None) -> dict:
 
 def write_prediction(run_dir: str | Path, plan, model, device: str, gpu_index: int | None = 0) -> dict:
     """Write RUN_DIR/prediction.json; never fails the launch (an estimator error is recorded instead)."""
-    from shardlab.run.store import write_json_atomic
+    from shardlab.run.files import RunFiles, write_json_atomic
 
     try:
         gpu = gpu_table_name_nvml(gpu_index or 0) if device == "cuda" else None
         rec = predict(plan, model, device, gpu)
     except Exception as e:
         rec = {"version": 1, "created": time.time(), "device": device, "error": f"{type(e).__name__}: {e}"[:500]}
-    write_json_atomic(Path(run_dir) / FILE, rec)
+    write_json_atomic(RunFiles(Path(run_dir)).prediction, rec)
     return rec
 
 

@@ -14,7 +14,6 @@ rank whose parents are gone stops even if this process was killed too.
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import sys
@@ -28,29 +27,24 @@ def orphaned_reason(launcher_pid: int | str) -> str:
 
 
 def steps_done(run_dir: Path) -> int:
-    """Steps every rank finished, counted from metrics.jsonl (torn or foreign lines skipped)."""
-    counts: dict[int, int] = {}
-    try:
-        with open(run_dir / "metrics.jsonl", "rb") as f:
-            for raw in f:
-                try:
-                    rank = json.loads(raw).get("rank")
-                except (ValueError, AttributeError):
-                    continue
-                if isinstance(rank, int):
-                    counts[rank] = counts.get(rank, 0) + 1
-    except OSError:
-        return 0
+    """Steps every rank finished, counted from metrics.jsonl as the metrics schema reads it."""
+    from collections import Counter
+
+    from shardlab.run.files import RunFiles, read_jsonl
+    from shardlab.run.metrics import clean_lines
+
+    counts = Counter(line["rank"] for line in clean_lines(read_jsonl(RunFiles(run_dir).metrics)))
     return min(counts.values()) if counts else 0
 
 
 def stop_orphaned_run(run_dir: Path, launcher_pid: int | str) -> bool:
     """Stop the run recorded in `run_dir` and mark it failed; False if it had already ended."""
     from shardlab.run import faults
-    from shardlab.run.store import read_json, write_json_atomic
+    from shardlab.run.store import RunFiles, read_json, write_json_atomic
 
+    status_file = RunFiles(run_dir).status
     try:
-        info = read_json(run_dir / "status.json", None)
+        info = read_json(status_file, None)
     except (OSError, ValueError):
         info = None
     if not isinstance(info, dict) or info.get("status") != "running":
@@ -59,7 +53,7 @@ def stop_orphaned_run(run_dir: Path, launcher_pid: int | str) -> bool:
     info.update(status="failed", error=orphaned_reason(launcher_pid), failed_rank=None,
                 steps_done=steps_done(run_dir), ended_at=time.time())
     try:
-        write_json_atomic(run_dir / "status.json", info)
+        write_json_atomic(status_file, info)
     except OSError:
         return True  # the folder is gone or read-only: the processes are stopped all the same
     return True

@@ -36,7 +36,10 @@ import time
 import traceback
 from pathlib import Path
 
-EXIT_OK, EXIT_ERROR, EXIT_OOM = 0, 1, 3
+from shardlab.constants import EXIT_FAILED as EXIT_ERROR  # exit codes have one home
+from shardlab.constants import EXIT_OK, EXIT_OOM
+from shardlab.run.files import RunFiles
+
 STATE_EVERY = 10  # steps between full re-measurements of the (fixed-size) sharded model states
 RUN_DEFAULTS = {"steps": 3, "device": "cpu", "seed": 0, "factory": None, "trace_memory": False, "instrument": True}
 
@@ -134,7 +137,8 @@ class Worker:
 
     def __init__(self, run_dir: Path):
         self.dir = run_dir
-        cfg = {**RUN_DEFAULTS, **json.loads((run_dir / "run.json").read_text())}
+        self.files = RunFiles(run_dir)
+        cfg = {**RUN_DEFAULTS, **json.loads(self.files.config.read_text())}
         self.cfg = cfg
         self.device = cfg["device"]
         # True: every step measured; False: the bare loop; "alternate": odd steps measured, even bare
@@ -144,8 +148,8 @@ class Worker:
         self.world = int(os.environ.get("WORLD_SIZE", 1))
         self.local_rank = int(os.environ.get("LOCAL_RANK", 0))
         self.phase = "init"
-        self.events = Log(run_dir / "events.jsonl")
-        self.metrics = Log(run_dir / "metrics.jsonl")
+        self.events = Log(self.files.events)
+        self.metrics = Log(self.files.metrics)
         self.counter = None
 
     def event(self, event: str, **extra) -> None:
@@ -170,7 +174,7 @@ class Worker:
         from shardlab.models import flops_per_token, resolve_model
         from shardlab.plan import load_plan
 
-        self.plan = load_plan(self.dir / "plan.yaml")
+        self.plan = load_plan(self.files.plan)
         self.startup("rendezvous", f"rendezvous: waiting for all {self.world} ranks")
         if self.device == "cuda":
             torch.cuda.set_device(self.local_rank)
@@ -256,6 +260,7 @@ class Worker:
         import torch.distributed as dist
 
         from shardlab.run import measure
+        from shardlab.run.metrics import StepRecord
         from shardlab.usermodel import tokens_in
 
         cuda = self.device == "cuda"
@@ -341,23 +346,20 @@ class Worker:
                 t_fwd_end = t_start + f_ms / 1e3
                 t_bwd_end = t_fwd_end + b_ms / 1e3
             step_time = t_opt_end - t_start
-            rec = {"step": step, "rank": self.rank, "world_size": self.world,
-                   "loss": loss_value / (accum * self.world),
-                   "t_start": t_start, "t_fwd_end": t_fwd_end, "t_bwd_end": t_bwd_end, "t_opt_end": t_opt_end,
-                   "step_time_s": step_time, "tokens": tokens, "tokens_per_s": tokens / step_time}
+            rec = StepRecord(step=step, rank=self.rank, world_size=self.world, loss=loss_value / (accum * self.world),
+                             t_start=t_start, t_fwd_end=t_fwd_end, t_bwd_end=t_bwd_end, t_opt_end=t_opt_end,
+                             step_time_s=step_time, tokens=tokens, tokens_per_s=tokens / step_time)
             if self.alternate:
-                rec["instrumented"] = inst
+                rec.instrumented = inst
             if inst:
                 tflops = self.fpt * tokens / step_time / 1e12 if self.fpt else None
                 state, state_cpu, measured = self._state
-                rec.update(tflops=tflops, mfu=(tflops / self.peak if tflops and self.peak else None),
-                           state_bytes=state, state_measured_step=measured, comm_bytes=comm[0], comm_count=comm[1])
-                mem = measure.memory(self.device)
-                rec.update(mem)
+                rec.add(tflops=tflops, mfu=(tflops / self.peak if tflops and self.peak else None),
+                        state_bytes=state, state_measured_step=measured, comm_bytes=comm[0], comm_count=comm[1],
+                        **measure.memory(self.device))
                 if cuda:
-                    rec["mem_phases"] = mem_phases
-                    rec["state_bytes_cpu"] = state_cpu  # the offloaded part of state_bytes
-            self.metrics.write(rec)
+                    rec.add(mem_phases=mem_phases, state_bytes_cpu=state_cpu)  # state_bytes_cpu: the offloaded part
+            self.metrics.write(rec.to_json())
             bare_step.close()
         self.phase = "done"
 

@@ -1,4 +1,7 @@
-"""Helpers for the lab notebooks (labs/): where to run, where runs go, and notebook 07's self-checks.
+"""The workshop's own helpers, beside the notebooks that import them (`from labkit import ...`; the
+notebooks run with labs/ as their folder): where to run, reusing runs, and notebook 07's exercises
+and self-checks. Course material lives here, not in the `shardlab` package: shardlab keeps only what
+a library user needs (the run store's location, the device choice), and this file re-exports those.
 
 A self-check compares a learner's answer with the answer shardlab itself computes right now (the
 estimator, the exporters, the plan rules, or a real run's metrics), never with a number typed in
@@ -9,38 +12,20 @@ returns a `Check` that shows as a one-line verdict in a notebook; an unanswered 
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
 
-GB = 10**9
-
-
-# --------------------------------------------------------------------------------------------
-# Where to run
-
-
-def runs_dir() -> str:
-    """The run store the labs write to: $SHARDLAB_RUNS_DIR (as the widgets read it), else ./runs."""
-    return os.environ.get("SHARDLAB_RUNS_DIR") or "runs"
+from shardlab.units import GB
+from shardlab.estimate.gpus import DEFAULT_GPU
+from shardlab.run.host import device_and_ranks as lab_device  # noqa: F401  (device, processes) for a lab run
+from shardlab.run.host import visible_gpus
+from shardlab.run.store import default_runs_dir as runs_dir
 
 
 def gpu_count() -> int:
     """CUDA GPUs a run may use here (NVML, narrowed by CUDA_VISIBLE_DEVICES; no torch import)."""
-    from shardlab.run.host import visible_gpus
-
     return len(visible_gpus())
-
-
-def lab_device(max_gpus: int = 4) -> tuple[str, int]:
-    """(device, processes) for a lab run: CUDA with up to `max_gpus` ranks when two or more GPUs are
-    present; otherwise 2 CPU processes over gloo. One GPU cannot show sharding (NCCL refuses two ranks
-    on one device), so a single-GPU machine runs the labs on its CPU as well."""
-    n = gpu_count()
-    if n >= 2:
-        return "cuda", min(n, max_gpus)
-    return "cpu", 2
 
 
 def run_once(plan, model: str = "gpt-tiny", steps: int = 4, nproc: int | None = None, device: str | None = None,
@@ -48,8 +33,6 @@ def run_once(plan, model: str = "gpt-tiny", steps: int = 4, nproc: int | None = 
     """A completed run of exactly this setup (plan, model, steps, ranks, device, seed) from the run store,
     or a new one launched and waited for. A later notebook reuses what an earlier one already ran, so a
     workshop does not pay twice for the same run; a failed run raises with its error and log tail."""
-    import json
-
     import shardlab
     from shardlab.plan import load_plan
     from shardlab.run.store import list_runs, load_run
@@ -62,13 +45,11 @@ def run_once(plan, model: str = "gpt-tiny", steps: int = 4, nproc: int | None = 
     want = load_plan({**want.to_dict(), "topology": {"nodes": want.topology.nodes, "gpus_per_node": nproc}})
     runs = list_runs(out)
     for d in reversed(list(runs.loc[runs["status"] == "completed", "dir"])):
-        try:
-            cfg = json.loads((Path(d) / "run.json").read_text())
-            same = (cfg.get("model"), cfg.get("steps"), cfg.get("device"), cfg.get("seed")) == (model, steps, device, seed)
-            if same and load_plan(Path(d) / "plan.yaml", check=False).to_dict() == want.to_dict():
-                return load_run(d)
-        except (OSError, ValueError):
-            continue
+        r = load_run(d)
+        cfg = r.config
+        same = (cfg.get("model"), cfg.get("steps"), cfg.get("device"), cfg.get("seed")) == (model, steps, device, seed)
+        if same and r.plan is not None and r.plan.to_dict() == want.to_dict():
+            return r
     # progress: a bar that names each start-up phase, so a lab cell never waits without a word
     run = shardlab.launch(want, model=model, steps=steps, nproc=nproc, device=device, out=out, timeout_s=timeout_s, seed=seed,
                           progress=True)
@@ -137,7 +118,7 @@ def _int(answer, expected) -> bool:
 # The answers, computed
 
 
-def _states_bytes(plan_dict: dict, model, gpu: str = "h100-80gb") -> int:
+def _states_bytes(plan_dict: dict, model, gpu: str = DEFAULT_GPU) -> int:
     from shardlab.estimate import estimate
     from shardlab.plan import plan_from_dict
 
@@ -214,7 +195,7 @@ def max_model_zero3_8xa100() -> float:
     from shardlab.plan import Plan
 
     plan = Plan(framework="deepspeed", sharding="zero3", topology={"gpus_per_node": 8})
-    return max_model_size(plan, "a100-40gb", include="states") / 1e9
+    return max_model_size(plan, "a100-40gb", include="states") / GB
 
 
 def param_bytes_per_rank(run=None) -> int:
@@ -223,7 +204,7 @@ def param_bytes_per_rank(run=None) -> int:
     if run is not None:
         from shardlab.run.store import load_run
 
-        r = run if hasattr(run, "metrics") else load_run(run if Path(str(run)).is_dir() else Path(runs_dir()) / str(run))
+        r = load_run(run if hasattr(run, "dir") or Path(str(run)).is_dir() else Path(runs_dir()) / str(run))
         m = r.metrics
         last = m[m["step"] == m["step"].max()]
         return int(last["state_bytes.params"].max())

@@ -1,0 +1,354 @@
+"""GPU fidelity matrix (issue 13): the memory estimators against what torch measures through the runner.
+
+Each configuration (model shape x framework x sharding x precision x micro-batch x accumulation x
+activation checkpointing x offload x torch.compile) is one run through `shardlab.launch` (torchrun,
+the worker, world size 1), a few steps long. Per row it records what the worker measured (rank 0):
+peak allocated and reserved (max over the steps), the allocated bytes at the end of forward,
+backward and the optimizer step, the model-state bytes by category (GPU and offloaded), and the
+steady step time and tokens/s (median over the steps after the first two).
+
+Predictions are added here on a CPU afterwards (`--predict FILE`): the analytical estimate and the
+traced one (shardlab.estimate, method="analytic" / "trace"), with per-category differences, so a
+GPU call spends its time measuring only.
+
+    # on the GPU machine (benchmarks/on_gpu.sh installs the carried wheels first):
+    bash benchmarks/on_gpu.sh benchmarks/fidelity.py --out $OUT/f --jobs 3
+    # here: add the predictions and print the table
+    .venv/bin/python benchmarks/fidelity.py --predict benchmarks/results/fidelity_h200.json
+    # a CPU dry run of the script itself (tiny shapes, what runs on a CPU):
+    .venv/bin/python benchmarks/fidelity.py --out /tmp/f --device cpu --tiny --only 1,12,42
+
+`--jobs N` runs N configurations at once on the one GPU (memory is per process, so peaks are
+unaffected; a row's `concurrent` says how many others ran beside it, and its timings are then not
+clean step times). The scheduler starts a run only while the sum of the runs' generous memory
+guesses stays under `--mem-gib`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+GIB = 2**30
+# Shapes (100M-1B, small enough for a few-second step; each exercises a different term)
+MODELS = {
+    "gpt125": "gpt-125m",                     # 12 x 768, GPT-2 vocab, T=2048
+    "gpt350": "gpt-350m",                     # 24 x 1024, T=2048
+    "gpt1b": "gpt-1b",                        # the shape the estimator was first fitted to
+    "gptT1k": {"name": "gptT1k", "family": "gpt", "layers": 12, "hidden": 1536, "heads": 12, "vocab": 50257, "seq_len": 1024},
+    "llama300": {"name": "llama300", "family": "llama", "layers": 16, "hidden": 1024, "heads": 16, "kv_heads": 4,
+                 "ffn_hidden": 2816, "vocab": 32000, "seq_len": 2048},
+    "llama128k": {"name": "llama128k", "family": "llama", "layers": 8, "hidden": 1024, "heads": 8, "kv_heads": 2,
+                  "ffn_hidden": 3584, "vocab": 128256, "seq_len": 4096},
+    "llama1b": {"name": "llama1b", "family": "llama", "layers": 16, "hidden": 2048, "heads": 16, "kv_heads": 8,
+                "ffn_hidden": 5632, "vocab": 32000, "seq_len": 2048},
+}
+# shapes for the check set (--set check): none of them was used to find or fit a mechanism
+MODELS.update({
+    "gpt1280": {"name": "gpt1280", "family": "gpt", "layers": 20, "hidden": 1280, "heads": 20, "vocab": 50257, "seq_len": 1536},
+    "llama65k": {"name": "llama65k", "family": "llama", "layers": 12, "hidden": 1536, "heads": 12, "kv_heads": 4,
+                 "ffn_hidden": 4096, "vocab": 65536, "seq_len": 3072},
+    "llama152k": {"name": "llama152k", "family": "llama", "layers": 24, "hidden": 768, "heads": 12, "kv_heads": 12,
+                  "ffn_hidden": 2048, "vocab": 151936, "seq_len": 2048},
+})
+HF_FACTORY = "benchmarks.fidelity_hf:llama"
+
+# (model, framework, sharding, precision, micro-batch, grad accum, AC, offload, compile, hf)
+# offload: none | opt (optimizer only) | both (optimizer + params; FSDP offloads everything)
+C = lambda m, fw, sh, pr="bf16", mb=4, ga=1, ac=False, off="none", comp=False, hf=False: (m, fw, sh, pr, mb, ga, ac, off, comp, hf)  # noqa: E731
+CONFIGS = [
+    C("llama300", "fsdp2", "zero3"), C("llama300", "fsdp2", "zero3", ac=True), C("llama300", "fsdp2", "zero2", mb=2),
+    C("llama300", "fsdp2", "ddp", mb=2), C("llama300", "fsdp1", "zero3"), C("llama300", "fsdp1", "zero2", ac=True),
+    C("llama300", "fsdp1", "ddp", mb=2), C("llama300", "deepspeed", "zero1"), C("llama300", "deepspeed", "zero2", ac=True),
+    C("llama300", "deepspeed", "zero3"), C("llama300", "deepspeed", "ddp", mb=2),
+    C("gpt350", "fsdp2", "ddp", "fp32", mb=2), C("gpt350", "fsdp2", "zero3", "fp32", mb=2),
+    C("gpt350", "fsdp1", "zero3", "fp32", mb=2, ac=True), C("gpt350", "deepspeed", "zero1", "fp32", mb=2),
+    C("gpt350", "deepspeed", "zero3", "fp32", mb=2), C("gpt125", "deepspeed", "ddp", "fp32"), C("gpt125", "fsdp1", "ddp", "fp32"),
+    C("gpt350", "fsdp2", "zero3", "fp16"), C("gpt350", "fsdp1", "zero3", "fp16", ac=True), C("gpt350", "deepspeed", "zero2", "fp16"),
+    C("gpt350", "deepspeed", "zero3", "fp16", ac=True),
+    C("llama128k", "fsdp2", "zero3", mb=2), C("llama128k", "fsdp2", "zero3", mb=2, ac=True), C("llama128k", "fsdp1", "zero3", mb=1),
+    C("llama128k", "deepspeed", "zero3", mb=2), C("llama128k", "deepspeed", "zero2", mb=1, ac=True),
+    C("gptT1k", "fsdp2", "zero3", mb=8), C("gptT1k", "deepspeed", "zero3", mb=8, ac=True),
+    C("llama300", "fsdp2", "zero3", mb=2, ga=4), C("llama300", "fsdp1", "zero2", mb=2, ga=2), C("llama300", "deepspeed", "zero1", mb=2, ga=4),
+    C("llama300", "deepspeed", "zero3", mb=1, ga=2),
+    C("llama300", "deepspeed", "zero2", off="opt"), C("llama300", "deepspeed", "zero3", off="both"),
+    C("llama1b", "deepspeed", "zero3", mb=2, ac=True, off="both"), C("llama300", "fsdp2", "zero3", off="both"),
+    C("llama300", "fsdp1", "zero3", mb=2, ac=True, off="both"),
+    C("llama300", "fsdp2", "zero3", comp=True), C("gpt350", "fsdp1", "zero3", comp=True), C("llama300", "deepspeed", "zero3", comp=True),
+    C("llama300", "fsdp2", "zero3", hf=True), C("llama300", "deepspeed", "zero3", hf=True), C("llama300", "deepspeed", "zero2", mb=2, ac=True, hf=True),
+    C("llama1b", "fsdp2", "zero3", mb=8), C("llama1b", "deepspeed", "zero3"), C("gpt1b", "fsdp2", "zero3"), C("llama1b", "deepspeed", "zero1", mb=1),
+]
+CHECK_CONFIGS = [  # numbered from 101
+    C("gpt1280", "fsdp2", "zero3", mb=3), C("gpt1280", "fsdp1", "zero2", "fp16", mb=2, ac=True), C("gpt1280", "deepspeed", "zero3", mb=4),
+    C("gpt1280", "fsdp2", "ddp", "fp32", mb=1), C("gpt1280", "deepspeed", "zero1", "fp32", mb=1, ga=2),
+    C("llama65k", "fsdp2", "zero3", mb=2), C("llama65k", "fsdp2", "zero3", mb=1, ac=True, ga=3), C("llama65k", "deepspeed", "zero3", mb=1),
+    C("llama65k", "fsdp1", "zero3", mb=2, off="both"), C("llama65k", "deepspeed", "zero2", mb=2, off="opt"),
+    C("llama152k", "fsdp2", "zero2", mb=4), C("llama152k", "fsdp1", "zero3", "fp16", mb=2), C("llama152k", "deepspeed", "zero3", mb=2, ac=True),
+    C("llama152k", "deepspeed", "zero2", mb=6), C("llama152k", "fsdp2", "zero3", mb=5, comp=True), C("llama152k", "fsdp2", "zero3", mb=2, hf=True),
+    C("llama65k", "deepspeed", "zero3", mb=2, off="both", ac=True), C("gpt1280", "deepspeed", "ddp", mb=2),
+]
+KEYS = ("model", "framework", "sharding", "precision", "micro_batch_size", "grad_accum_steps", "activation_checkpointing",
+        "offload", "compile", "hf")
+
+
+def config_dict(i: int) -> dict:
+    return {"id": i, **dict(zip(KEYS, CHECK_CONFIGS[i - 101] if i > 100 else CONFIGS[i - 1]))}
+
+
+def plan_for(row: dict):
+    """The Plan of one row (also used by tests/test_gpu_results.py to re-estimate it)."""
+    from shardlab import Plan
+
+    off = row["offload"]
+    data = {"framework": row["framework"], "sharding": row["sharding"], "precision": row["precision"],
+            "micro_batch_size": row["micro_batch_size"], "grad_accum_steps": row["grad_accum_steps"],
+            "activation_checkpointing": row["activation_checkpointing"], "compile": row["compile"],
+            "optimizer": {"name": "adamw", "lr": 1e-4},
+            "offload": {"optimizer": "cpu" if off != "none" else "none", "params": "cpu" if off == "both" else "none"}}
+    if row["hf"]:
+        data["wrap"] = {"transformer_layer_cls": "LlamaDecoderLayer"}
+    return Plan.model_validate(data)
+
+
+def model_for(row: dict, tiny: bool = False):
+    m = MODELS[row["model"]]
+    if tiny:  # same family, CPU-sized
+        fam = m["family"] if isinstance(m, dict) else "gpt"
+        m = {"name": "tiny-" + row["model"], "family": fam, "layers": 2, "hidden": 64, "heads": 4, "vocab": 512, "seq_len": 64}
+        if fam == "llama":
+            m.update(kv_heads=2, ffn_hidden=160)
+    return m
+
+
+def _median(xs):
+    xs = [x for x in xs if x is not None]
+    return float(statistics.median(xs)) if xs else None
+
+
+def measured(run, status: str) -> dict:
+    """Rank 0's figures from a finished run."""
+    m = run.metrics
+    res = {"status": status}
+    if status != "completed" or m is None or len(m) == 0:
+        res["error"] = (run.info or {}).get("error")
+        return res
+    r0 = m[m["rank"] == 0].sort_values("step")
+    rows = r0.to_dict("records")
+    later = [r for r in rows if r["step"] > 2] or rows
+    res["step_time_s"] = _median(r["step_time_s"] for r in later)
+    res["tokens_per_s"] = _median(r["tokens_per_s"] for r in later)
+    def nested(r, prefix):  # Run.metrics turns nested dicts into dotted columns
+        d = {k[len(prefix) + 1:]: v for k, v in r.items() if k.startswith(prefix + ".") and v == v and v is not None}
+        return {k: int(v) for k, v in d.items()} or None
+
+    res["steps"] = [{**{k: r.get(k) for k in ("step", "step_time_s", "tokens_per_s", "peak_allocated_bytes", "peak_reserved_bytes",
+                                               "allocated_bytes")}, "mem_phases": nested(r, "mem_phases")} for r in rows]
+    for key in ("peak_allocated_bytes", "peak_reserved_bytes"):
+        vals = [r.get(key) for r in rows if r.get(key) == r.get(key) and r.get(key) is not None]
+        res[key] = int(max(vals)) if vals else None
+    last = rows[-1]
+    res["state_bytes"] = nested(last, "state_bytes")
+    res["state_bytes_cpu"] = nested(last, "state_bytes_cpu")
+    return res
+
+
+def guess_bytes(row: dict, tiny: bool) -> int:
+    """A generous guess of a run's GPU memory, for the scheduler only."""
+    from shardlab.estimate import estimate
+
+    e = estimate(plan_for(row), model_for(row, tiny), gpu="h200").per_gpu["total"]
+    return int(1.7 * e + 3 * GIB)
+
+
+def run_one(row: dict, a, out: Path, live: dict) -> dict:
+    from shardlab import launch
+
+    factory = HF_FACTORY if row["hf"] else None
+    t0 = time.time()
+    with live["lock"]:
+        live["n"] += 1
+        row["concurrent"] = live["n"] - 1
+    try:
+        run = launch(plan_for(row), model=model_for(row, a.tiny), steps=a.steps, device=a.device, out=out,
+                     instrument=True, timeout_s=400, factory=factory)
+        status = run.wait()
+        row.update(measured(run, status))
+    except Exception as e:  # noqa: BLE001 - a failed configuration is a row, not the end of the matrix
+        row.update(status="error", error=f"{type(e).__name__}: {e}"[:500])
+    finally:
+        with live["lock"]:
+            row["concurrent"] = max(row["concurrent"], live["n"] - 1)
+            live["n"] -= 1
+    row["wall_s"] = round(time.time() - t0, 1)
+    return row
+
+
+def run_matrix(a) -> list[dict]:
+    import torch
+
+    device = torch.cuda.get_device_name() if a.device == "cuda" else "cpu"
+    first, configs = (101, CHECK_CONFIGS) if a.set == "check" else (1, CONFIGS)
+    ids = [int(x) for x in a.only.split(",")] if a.only else range(first, first + len(configs))
+    rows = [dict(config_dict(i), device=device, steps_run=a.steps) for i in ids]
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    budget, used, cv = a.mem_gib * GIB, [0], threading.Condition()
+    live = {"n": 0, "lock": threading.Lock()}
+    finished: list[dict] = []
+
+    def job(row):
+        need = min(guess_bytes(row, a.tiny), budget)
+        with cv:
+            cv.wait_for(lambda: used[0] + need <= budget)
+            used[0] += need
+        try:
+            r = run_one(row, a, Path(a.runs), live)
+        finally:
+            with cv:
+                used[0] -= need
+                cv.notify_all()
+        with live["lock"]:  # written after every row: a call cut short still brings back what ran
+            finished.append(r)
+            (out / "fidelity.json").write_text(json.dumps(sorted(finished, key=lambda x: x["id"]), indent=1, default=str))
+        print(json.dumps({k: r.get(k) for k in ("id", "model", "framework", "sharding", "precision", "status", "peak_allocated_bytes",
+                                                "peak_reserved_bytes", "step_time_s", "wall_s", "concurrent", "error")}), flush=True)
+        return r
+
+    with ThreadPoolExecutor(max_workers=a.jobs) as ex:
+        done = list(ex.map(job, rows))
+    return done
+
+
+# ---------------------------------------------------------------------------------------------
+# predictions (on a CPU, after the GPU run)
+
+
+def predictions(row: dict, methods=("analytic", "trace")) -> dict:
+    """The estimators' per-GPU figures for one row: {method: per_gpu dict}."""
+    from shardlab.estimate import estimate
+
+    out = {}
+    for method in methods:
+        if method == "trace" and row.get("offload") == "both" and row["framework"] != "deepspeed":
+            continue  # FSDP's CPU offload moves tensors off the GPU; on a fake CPU device it cannot be told apart
+        model = model_for(row)
+        if row["hf"] and method == "trace":
+            from benchmarks.fidelity_hf import hf_module
+
+            spec = model
+            model = {"module": (lambda s=spec: hf_module(s)), "spec": spec}
+        e = estimate(plan_for(row), model, gpu="h200", method=method)
+        out[method] = dict(e.per_gpu)
+    return out
+
+
+def add_predictions(path: Path, methods) -> list[dict]:
+    rows = json.loads(path.read_text())
+    for r in rows:
+        if r.get("status") != "completed":
+            continue
+        path.write_text(json.dumps(rows, indent=1))  # a long --predict run keeps what it has done
+        try:
+            pred = predictions(r, methods)
+        except Exception as e:  # noqa: BLE001 - one row's failure is recorded, the rest go on
+            r["predict_error"] = f"{type(e).__name__}: {e}"[:300]
+            continue
+        for method, pg in pred.items():
+            r[f"{method}_peak_allocated"] = pg["peak_allocated"]
+            if "peak_reserved" in pg:
+                r[f"{method}_peak_reserved"] = pg["peak_reserved"]
+            r[f"{method}_error"] = pg["peak_allocated"] / r["peak_allocated_bytes"] - 1
+            sb = r.get("state_bytes") or {}
+            r[f"{method}_category_diff"] = {k: sb[k] - pg[k] for k in ("params", "grads", "optimizer") if k in sb}
+            print(r["id"], method, f"{r[f'{method}_error']:+.1%}", flush=True)
+    path.write_text(json.dumps(rows, indent=1))
+    return rows
+
+
+def table(rows: list[dict], methods) -> str:
+    head = f"{'#':>3} {'model':<10}{'framework':<10}{'shard':<6}{'prec':<5}{'mb':>3}{'ga':>3}{'ac':>3}{'off':>5}{'cmp':>4}{'hf':>3}{'alloc GiB':>10}{'resv GiB':>9}"
+    head += "".join(f"{m[:5] + ' err':>11}" for m in methods) + f"{'tok/s':>9}"
+    lines = [head]
+    for r in rows:
+        g = lambda k: f"{r[k] / GIB:.2f}" if r.get(k) else "-"  # noqa: E731
+        line = (f"{r['id']:>3} {r['model']:<10}{r['framework']:<10}{r['sharding']:<6}{r['precision']:<5}{r['micro_batch_size']:>3}"
+                f"{r['grad_accum_steps']:>3}{'y' if r['activation_checkpointing'] else '-':>3}{r['offload']:>5}{'y' if r['compile'] else '-':>4}"
+                f"{'y' if r['hf'] else '-':>3}{g('peak_allocated_bytes'):>10}{g('peak_reserved_bytes'):>9}")
+        line += "".join(f"{r[m + '_error']:>+11.1%}" if r.get(m + "_error") is not None else f"{'-':>11}" for m in methods)
+        line += f"{r['tokens_per_s']:>9.0f}" if r.get("tokens_per_s") else f"{r.get('status', '-'):>9}"
+        lines.append(line)
+    for m in methods:
+        errs = [abs(r[m + "_error"]) for r in rows if r.get(m + "_error") is not None]
+        if errs:
+            lines.append(f"{m}: {len(errs)} rows, max |error| {max(errs):.1%}, median {statistics.median(errs):.1%}")
+    return "\n".join(lines)
+
+
+def plot(paths: list[Path], png: Path, methods) -> None:
+    """Residuals (predicted / measured - 1 of peak allocated) per row, one marker per method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(10, 3.6))
+    marks = {"analytic": "o", "trace": "x", "reserved": "^"}
+    for path in paths:
+        rows = [r for r in json.loads(path.read_text()) if r.get("status") == "completed"]
+        for r in rows:  # analytic figures re-estimated with the code of today
+            r["analytic_error"] = predictions(r, ("analytic",))["analytic"]["peak_allocated"] / r["peak_allocated_bytes"] - 1
+        for m in methods:
+            pts = [(r["id"], r[m + "_error"]) for r in rows if r.get(m + "_error") is not None]
+            if pts:
+                ax.scatter(*zip(*pts), marker=marks.get(m, "."), label=f"{m} ({path.stem})", s=22)
+    ax.axhline(0, color="k", lw=0.6)
+    for y in (-0.05, 0.05):
+        ax.axhline(y, color="grey", lw=0.5, ls="--")
+    ax.set_xlabel("configuration (1-48: matrix, 101-118: check set)")
+    ax.set_ylabel("predicted / measured - 1")
+    ax.set_title("Peak allocated memory on one H200: estimate vs torch.cuda.max_memory_allocated")
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", help="folder for fidelity.json")
+    ap.add_argument("--runs", default="/tmp/fidelity_runs", help="folder for the run folders")
+    ap.add_argument("--only", help="comma list of configuration numbers (1-based)")
+    ap.add_argument("--steps", type=int, default=4)
+    ap.add_argument("--jobs", type=int, default=1)
+    ap.add_argument("--set", default="matrix", choices=("matrix", "check"), help="check: the shapes kept out of the fitting")
+    ap.add_argument("--mem-gib", type=float, default=120.0)
+    ap.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
+    ap.add_argument("--tiny", action="store_true", help="CPU dry run: tiny shapes of the same families")
+    ap.add_argument("--predict", help="add the estimators' predictions to this results file and print the table")
+    ap.add_argument("--methods", default="analytic,trace")
+    ap.add_argument("--plot", help="write the residual plot of the --results files to this PNG")
+    ap.add_argument("--results", default="benchmarks/results/fidelity_h200.json,benchmarks/results/fidelity_h200_check.json")
+    a = ap.parse_args()
+    methods = a.methods.split(",")
+    if a.plot:
+        plot([Path(p) for p in a.results.split(",")], Path(a.plot), methods)
+        return 0
+    if a.predict:
+        print(table(add_predictions(Path(a.predict), methods), methods))
+        return 0
+    if not a.out:
+        ap.error("--out is needed to run the matrix")
+    rows = run_matrix(a)
+    print(table(rows, []))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,362 @@
+"""Traced memory estimate: one real training step on fake tensors, live bytes counted by category.
+
+`traced_memory(plan, model)` builds the model under torch's `FakeTensorMode` (tensors with shapes and
+dtypes but no storage, so a model too big for any machine still traces, on a CPU, in seconds), wraps
+it as the runner does (`shardlab.run.wrap.wrap`, the same code a real run uses) on an in-process fake
+process group of the plan's world size, and runs two optimizer steps of the plan's micro-batches:
+forward, the runner's loss (fp32 cross-entropy), backward, optimizer step, zero_grad. torch's
+`MemTracker` (`FSDPMemTracker` for FSDP2) follows every storage and records the peak of live bytes
+and what it was made of (parameters, gradients, optimizer states, activations, temporaries).
+
+What is traced, by framework:
+- FSDP1 / FSDP2: everything (sharded parameters, gathered units, gradients, reduce buffers, optimizer
+  states and the foreach AdamW temporaries a CUDA run makes).
+- DeepSpeed: its engine does not run on fake tensors (it allocates flat buffers on the accelerator at
+  start-up), so the model alone runs in DeepSpeed's model dtype, with activation checkpointing, and
+  each gradient is dropped as soon as it is complete (DeepSpeed copies it into its reduce bucket):
+  the trace gives the forward/backward working set; DeepSpeed's model states, buffers and step
+  temporaries come from the analytical model (memory.py). The result's `traced` says which parts.
+
+Differences from a CUDA run that the trace stands in for: tensors live on a fake CPU device, so the
+attention kernel is the CPU's flash attention (it keeps the same tensors for backward as CUDA's flash
+/ memory-efficient kernels: q, k, v, output, log-sum-exp), and the optimizer is told foreach=True as
+on CUDA. Block rounding of the caching allocator is added in allocator.py, not here.
+
+Models: a ModelSpec (a preset or a shape; built with `shardlab.run.gpt.build_model`'s architecture),
+or a dict {"module": zero-argument callable returning an nn.Module whose forward(ids [B, T]) returns
+logits [B, T, vocab], "spec": a ModelSpec or shape dict giving vocab and seq_len for the batch} for
+a user's or a Hugging Face model built from its config (no weights are loaded: it is built under
+FakeTensorMode). `estimate(..., method="trace")` is the public entry point.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+from shardlab.plan import Plan
+
+TRACED_STEPS = 2  # the second step has the optimizer states present during forward (the steady state)
+MAX_TRACED_MICRO = 2  # the third micro-batch of an accumulation looks like the second
+
+
+def _storages(t) -> list:
+    """The untyped storages behind a tensor (a DTensor's local shard, a subclass's inner tensors)."""
+    from torch.utils._python_dispatch import is_traceable_wrapper_subclass
+
+    out, todo = [], [t]
+    while todo:
+        x = todo.pop()
+        if is_traceable_wrapper_subclass(x):
+            attrs, _ = x.__tensor_flatten__()
+            todo.extend(v for v in (getattr(x, a) for a in attrs) if hasattr(v, "untyped_storage"))
+        elif hasattr(x, "untyped_storage"):
+            out.append(x.untyped_storage())
+    return out
+
+
+class LiveBytes:
+    """Live storage bytes by category, and their peak (what torch.cuda.max_memory_allocated sees).
+
+    A TorchDispatchMode sees every tensor an operator returns; each new storage is counted under the
+    current phase's category (forward -> activations, backward -> temporaries, step -> step) until
+    it is garbage collected (a weakref callback), and storage resizes (how FSDP frees and refills
+    its unsharded parameters) are followed. `label` moves known tensors (parameters, gradients,
+    optimizer states) to their own category. O(1) per operator, unlike MemTracker's per-module
+    bookkeeping (which took minutes for a 300M model here).
+    """
+
+    def __init__(self):
+        import weakref
+
+        self._weakref = weakref
+        self.cat = "params"
+        self.info: dict[int, list] = {}  # id(storage) -> [category, bytes, weakref]
+        self.totals: dict[str, int] = {}
+        self.peak, self.at_peak = 0, {}
+        self.live = 0
+
+    def _add(self, cat: str, n: int) -> None:
+        self.totals[cat] = self.totals.get(cat, 0) + n
+        self.live += n
+        if self.live > self.peak:
+            self.peak, self.at_peak = self.live, dict(self.totals)
+
+    def track(self, t, cat: str | None = None) -> None:
+        for st in _storages(t):
+            key = id(st)
+            got = self.info.get(key)
+            if got is not None:
+                if cat is not None and got[0] != cat:
+                    self.totals[got[0]] -= got[1]
+                    self.totals[cat] = self.totals.get(cat, 0) + got[1]
+                    got[0] = cat
+                continue
+            n = st.nbytes()
+            c = cat or self.cat
+
+            def gone(_, key=key):
+                rec = self.info.pop(key, None)
+                if rec is not None:
+                    self._add(rec[0], -rec[1])
+
+            self.info[key] = [c, n, self._weakref.ref(st, gone)]
+            self._add(c, n)
+
+    def resized(self, st) -> None:
+        rec = self.info.get(id(st))
+        if rec is not None:
+            n = st.nbytes()
+            self._add(rec[0], n - rec[1])
+            rec[1] = n
+
+    def mode(self):
+        from torch.utils._python_dispatch import TorchDispatchMode
+        from torch.utils._pytree import tree_flatten
+
+        tracker = self
+
+        class _Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                out = func(*args, **(kwargs or {}))
+                for t in tree_flatten(out)[0]:
+                    if hasattr(t, "untyped_storage"):
+                        tracker.track(t)
+                return out
+
+        return _Mode()
+
+    @contextlib.contextmanager
+    def active(self):
+        import torch
+
+        orig = torch.UntypedStorage.resize_
+
+        def resize_(st, size):
+            r = orig(st, size)
+            self.resized(st)
+            return r
+
+        torch.UntypedStorage.resize_ = resize_
+        try:
+            with self.mode():
+                yield self
+        finally:
+            torch.UntypedStorage.resize_ = orig
+
+    def label_module(self, module, optimizer=None) -> None:
+        for p in module.parameters():
+            self.track(p, "params")
+            if p.grad is not None:
+                self.track(p.grad, "grads")
+        for b in module.buffers():
+            self.track(b, "params")
+        for state in (optimizer.state.values() if optimizer is not None and hasattr(optimizer, "state") else ()):
+            for v in state.values():
+                if hasattr(v, "untyped_storage") and v.numel() > 1:
+                    self.track(v, "optimizer")
+
+
+@contextlib.contextmanager
+def fake_process_group(world_size: int):
+    """An in-process fake process group of `world_size` ranks (this process is rank 0)."""
+    import torch.distributed as dist
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=world_size)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+@contextlib.contextmanager
+def _real_device_meshes():
+    """A DeviceMesh is built from a real rank tensor (its .tolist() cannot run on a fake one): while
+    tracing, torch's init_device_mesh (which fully_shard / replicate call for their default mesh and
+    wrap.py for hybrid) runs with fake mode suspended. The meshes hold rank numbers, not memory."""
+    import importlib
+
+    from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+    saved = []
+    for name in ("torch.distributed.device_mesh", "torch.distributed.tensor", "torch.distributed.fsdp._fully_shard._fsdp_init"):
+        try:
+            mod = importlib.import_module(name)
+        except ImportError:  # pragma: no cover - other torch layouts
+            continue
+        orig = getattr(mod, "init_device_mesh", None)
+        if orig is None:
+            continue
+
+        def real(*a, _orig=orig, **k):
+            with unset_fake_temporarily():
+                return _orig(*a, **k)
+
+        saved.append((mod, orig))
+        mod.init_device_mesh = real
+    try:
+        yield
+    finally:
+        for mod, orig in saved:
+            mod.init_device_mesh = orig
+
+
+@contextlib.contextmanager
+def _cuda_kernels():
+    """Stand-ins, for the fake CPU tensors, of CUDA kernels whose memory differs from the CPU path.
+
+    torch.nn.RMSNorm on CUDA runs the fused `_fused_rms_norm` kernel, which keeps the input and a
+    per-row rstd for backward; on the CPU it decomposes into fp32 ops that keep two fp32 copies of
+    the input (12 bytes/element more per norm; measured: llama300 fsdp2 zero3 mb4 on the H200 peaks
+    at 10.80 GiB, the composite-norm trace said 12.21, the fused stand-in 10.9; see docs/benchmarks.md).
+    """
+    import torch
+    import torch.nn.functional as F
+
+    class FusedRMSNorm(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x, weight, shape, eps):
+            rstd = x.new_empty(x.shape[:-len(shape)] + (1,) * len(shape), dtype=torch.float32)
+            ctx.save_for_backward(x, weight, rstd)
+            return torch.empty_like(x)
+
+        @staticmethod
+        def backward(ctx, grad):
+            x, weight, _ = ctx.saved_tensors
+            return torch.empty_like(x), (torch.empty_like(weight) if weight is not None else None), None, None
+
+    orig = F.rms_norm
+
+    def rms_norm(x, normalized_shape, weight=None, eps=None):
+        return FusedRMSNorm.apply(x, weight, tuple(normalized_shape), eps)
+
+    F.rms_norm = rms_norm
+    try:
+        yield
+    finally:
+        F.rms_norm = orig
+
+
+@contextlib.contextmanager
+def _default_dtype(dtype):
+    """Build parameters in `dtype` (fake tensors cannot be converted in place by module.to)."""
+    import torch
+
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(old)
+
+
+def _build(model, plan: Plan):
+    """(nn.Module on the fake CPU device, vocab, seq_len). Call inside FakeTensorMode: parameters
+    are fake from birth (their initialisation costs nothing)."""
+    from shardlab.models import ModelSpec, resolve_model
+
+    if isinstance(model, dict) and "module" in model:
+        spec = resolve_model(model["spec"])
+        return model["module"](), spec.vocab, spec.seq_len  # fake parameters: no memory, no weights
+    from shardlab.run.gpt import GPT
+
+    spec = model if isinstance(model, ModelSpec) else resolve_model(model)
+    if spec.is_bare:
+        from shardlab.plan import bad_input
+
+        raise bad_input("model", f"model={spec.name!r} is a bare parameter count: a traced estimate needs a shape or an nn.Module. Give a preset, a shape, or a module factory.")
+    return GPT(spec), spec.vocab, spec.seq_len
+
+
+def _foreach(optimizer) -> None:
+    """CUDA runs default to torch's foreach optimizer kernels (one temporary per parameter list); so
+    does the trace, whose fake tensors are on the CPU where torch would pick the per-tensor loop."""
+    if optimizer is None or not hasattr(optimizer, "param_groups"):
+        return
+    for g in optimizer.param_groups:
+        if "foreach" in g:
+            g["foreach"] = True
+
+
+def _drop_grads_as_completed(module) -> None:
+    """DeepSpeed copies each finished gradient into its bucket and frees the .grad: do the same."""
+    for p in module.parameters():
+        if p.requires_grad:
+            p.register_post_accumulate_grad_hook(lambda t: setattr(t, "grad", None))
+
+
+def _step_fsdp(plan: Plan, module, vocab: int, seq_len: int) -> LiveBytes:
+    import torch
+
+    from shardlab.run.gpt import loss_fn
+    from shardlab.run.wrap import wrap
+
+    live = LiveBytes()
+    with live.active():
+        trainer = wrap(plan, module, "cpu", loss_fn)
+        # fp16's loss scaler reads a value (found_inf.item()) that fake tensors do not have; its own
+        # tensors are a few scalars and it unscales the gradients in place, so the step runs without it
+        trainer.scaler = None
+        _foreach(trainer.optimizer)
+        live.label_module(trainer.module)
+        micro = min(plan.grad_accum_steps, MAX_TRACED_MICRO)
+        for _ in range(TRACED_STEPS):
+            for _ in range(micro):
+                x = torch.randint(0, vocab, (plan.micro_batch_size, seq_len))
+                live.cat = "activations"
+                loss = trainer.forward(x, x)
+                live.cat = "temporaries"
+                trainer.backward(loss, plan.grad_accum_steps)
+                del loss
+                live.label_module(trainer.module)
+            live.cat = "step"
+            trainer.step()
+            trainer.zero_grad()
+            live.label_module(trainer.module, trainer.optimizer)
+    return live
+
+
+def _step_model_only(plan: Plan, module, vocab: int, seq_len: int) -> LiveBytes:
+    """Forward/backward of the bare model (built in DeepSpeed's model dtype), grads dropped as done."""
+    import torch
+
+    from shardlab.run.gpt import loss_fn
+    from shardlab.run.wrap import block_class, set_activation_checkpointing
+
+    if plan.activation_checkpointing:
+        set_activation_checkpointing(module, block_class(module, plan.wrap.transformer_layer_cls), True)
+    _drop_grads_as_completed(module)
+    live = LiveBytes()
+    live.label_module(module)
+    with live.active():
+        x = torch.randint(0, vocab, (plan.micro_batch_size, seq_len))
+        live.cat = "activations"
+        loss = loss_fn(module(x), x)
+        live.cat = "temporaries"
+        loss.backward()
+    return live
+
+
+def traced_memory(plan: Plan, model) -> dict:
+    """Peak live bytes of one rank in a traced training step.
+
+    Returns {"peak": bytes, "at_peak": {category: bytes}, "traced": "all" | "activations"}. For
+    "activations" (DeepSpeed) `peak` is the forward/backward working set on top of the model's own
+    parameters (activations, temporaries, gradients in flight).
+    """
+    import torch
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[plan.precision]
+    ds = plan.framework == "deepspeed"  # DeepSpeed holds the model itself in its dtype
+    with fake_process_group(plan.world_size), _real_device_meshes(), _cuda_kernels(), FakeTensorMode(allow_non_fake_inputs=True):
+        with _default_dtype(dtype if ds else torch.float32):
+            module, vocab, seq_len = _build(model, plan)
+        live = _step_model_only(plan, module, vocab, seq_len) if ds else _step_fsdp(plan, module, vocab, seq_len)
+    cats = {k: v for k, v in live.at_peak.items() if v}
+    if ds:
+        params = cats.pop("params", 0)
+        return {"peak": live.peak - params, "at_peak": {"params": params, **cats}, "traced": "activations"}
+    return {"peak": live.peak, "at_peak": cats, "traced": "all"}
