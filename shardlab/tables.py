@@ -1,9 +1,10 @@
 """The FSDP1 / FSDP2 / DeepSpeed ZeRO comparison tables, kept as data and returned as DataFrames.
 
-Each row names its `source`. Where shardlab can check a row itself, `verified_by` says how and the
-table carries the live outcome beside it: a plan-validation rule that must fire for a plan breaking
-the row's fact, the estimator's arithmetic for a published number (the number shardlab gets is
-computed when the table is built, never typed in), or real runs handed to `claims(runs=...)`.
+Each row names its `source`. Where a row can be checked, `verified_by` says how and the table carries
+the live outcome beside it: the installed framework's own API or the launcher's own argument parser
+(tablecheck.py), the estimator's arithmetic for a published number (computed when the table is built,
+never typed in), or real runs handed to `claims(runs=...)`. Separately, `shardlab_refuses` says
+whether shardlab's validation refuses what a row says a framework cannot do.
 Facts come from /work/shared/reference/fsdp-vs-zero-comparison.md and the frameworks' own docs and
 docstrings (torch 2.13, DeepSpeed 0.19.8); the wording is ours.
 """
@@ -28,44 +29,45 @@ REF = "reference/fsdp-vs-zero-comparison.md"
 
 FRAMEWORK_COLUMNS = ("fsdp1", "fsdp2", "deepspeed")
 
-# A check is ("rule", rule_id, plan dict): shardlab's validation must raise that rule for the plan,
-# i.e. shardlab refuses (or warns about) exactly what the row says the framework cannot do.
+# check=("api", name): the installed framework's own API says what the row says (tablecheck.py).
+# rule=(rule_id, plan dict): shardlab's validation refuses what the row says a framework cannot do
+# (shown as shardlab_rule / shardlab_refuses: shardlab agreeing with the table, not evidence for it).
 FEATURES: list[dict[str, Any]] = [
     dict(topic="sharding", fsdp1="sharding_strategy: FULL_SHARD, SHARD_GRAD_OP, NO_SHARD, HYBRID_SHARD",
          fsdp2="fully_shard(reshard_after_forward=True|False|int) on a 1-D mesh; 2-D mesh for HSDP",
          deepspeed="zero_optimization.stage 0-3; ZeRO++ zero_hpz_partition_size",
          note="FULL_SHARD = ZeRO-3, SHARD_GRAD_OP = ZeRO-2; ZeRO-1 (optimizer states only) has no FSDP form.",
-         source=f"{ACCEL}; {FSDP2_DOC}", check=("rule", "zero1_is_deepspeed_only", {"framework": "fsdp2", "sharding": "zero1"})),
+         source=f"{ACCEL}; {FSDP2_DOC}", check=("api", "sharding"), rule=("zero1_is_deepspeed_only", {"framework": "fsdp2", "sharding": "zero1"})),
     dict(topic="offload", fsdp1="CPUOffload(offload_params=True): parameters, gradients and optimizer step go to CPU together",
          fsdp2="offload_policy=CPUOffloadPolicy(): the same all-or-nothing move to CPU",
          deepspeed="offload_optimizer and offload_param set separately, to cpu or nvme",
          note="Only DeepSpeed can offload just the optimizer, or offload to NVMe.",
          source=f"{ACCEL}; torch fsdp/_fully_shard/_fsdp_api.py CPUOffloadPolicy",
-         check=("rule", "fsdp_offload_all_or_nothing", {"framework": "fsdp2", "offload": {"optimizer": "cpu"}})),
+         check=("api", "offload"), rule=("fsdp_offload_all_or_nothing", {"framework": "fsdp2", "offload": {"optimizer": "cpu"}})),
     dict(topic="model loading", fsdp1="build on meta / rank 0 only, param_init_fn + sync_module_states=True (accelerate: fsdp_cpu_ram_efficient_loading)",
          fsdp2="build on the meta device, fully_shard, then to_empty() and initialise or load the shards",
          deepspeed="construct inside deepspeed.zero.Init() (accelerate: zero3_init_flag; automatic with transformers)",
          note="Both avoid a full fp32 copy of the model per rank while building it.",
          source=f"{ACCEL}; {FSDP2_DOC}",
-         check=("rule", "low_memory_init_needs_sync", {"framework": "fsdp1", "low_memory_init": True, "sync_module_states": False})),
+         check=("api", "loading"), rule=("low_memory_init_needs_sync", {"framework": "fsdp1", "low_memory_init": True, "sync_module_states": False})),
     dict(topic="checkpointing", fsdp1="state_dict_type: SHARDED_STATE_DICT (fast) or FULL_STATE_DICT (gathered on rank 0)",
          fsdp2="DTensor state dicts through torch.distributed.checkpoint; full via StateDictOptions(full_state_dict=True)",
          deepspeed="engine.save_checkpoint (a shard per rank), zero_to_fp32.py to consolidate, 16-bit gather on save (ZeRO-3)",
          note="Consolidating on one rank is slow for large models: save sharded and convert offline.",
          source=f"{ACCEL}; torch distributed/checkpoint/state_dict.py",
-         check=("rule", "full_16bit_is_deepspeed_zero3", {"framework": "fsdp1", "checkpoint": "full_16bit"})),
+         check=("api", "checkpointing"), rule=("full_16bit_is_deepspeed_zero3", {"framework": "fsdp1", "checkpoint": "full_16bit"})),
     dict(topic="prefetch", fsdp1="backward_prefetch=BACKWARD_PRE|BACKWARD_POST, forward_prefetch=True, limit_all_gathers",
          fsdp2="one unit ahead implicitly; explicit lists via set_modules_to_forward_prefetch / set_modules_to_backward_prefetch",
          deepspeed="automatic from the traced module order; sized by stage3_prefetch_bucket_size",
          note="FSDP exposes the schedule; DeepSpeed tunes it through bucket sizes.",
          source=f"{ACCEL}; {FSDP2_DOC}; {DS_CONFIG}",
-         check=("rule", "ignored_knobs", {"framework": "deepspeed", "forward_prefetch": True})),
+         check=("api", "prefetch"), rule=("ignored_knobs", {"framework": "deepspeed", "forward_prefetch": True})),
     dict(topic="wrapping", fsdp1="auto_wrap_policy (transformer_auto_wrap_policy, size_based_auto_wrap_policy)",
          fsdp2="call fully_shard on each block, then on the root (bottom-up)",
          deepspeed="none: parameters are partitioned one by one, grouped into buckets for communication",
          note="The FSDP wrap unit sets what is all-gathered at once, hence the peak of gathered parameters.",
          source=f"{ACCEL}; {FSDP2_DOC}",
-         check=("rule", "ignored_knobs", {"framework": "deepspeed", "wrap": {"policy": "size"}})),
+         check=("api", "wrapping"), rule=("ignored_knobs", {"framework": "deepspeed", "wrap": {"policy": "size"}})),
     dict(topic="torch.compile", fsdp1="needs use_orig_params=True (flat parameters otherwise hide the originals)",
          fsdp2="works as is: parameters stay per-tensor DTensors, no flat parameters",
          deepspeed="engine.compile() compiles the wrapped module",
@@ -75,27 +77,27 @@ FEATURES: list[dict[str, Any]] = [
          deepspeed="gradient_accumulation_steps in the config; engine.step() acts only on the boundary",
          note="DeepSpeed's no_sync() refuses ZeRO-2/3, which must reduce every micro-batch.",
          source=f"{ACCEL}; deepspeed runtime/engine.py no_sync",
-         check=("rule", "global_batch_consistent", {"global_batch_size": 3, "micro_batch_size": 1, "grad_accum_steps": 1})),
+         check=("api", "accumulation"), rule=("global_batch_consistent", {"global_batch_size": 3, "micro_batch_size": 1, "grad_accum_steps": 1})),
     dict(topic="mixed precision", fsdp1="MixedPrecision(param_dtype, reduce_dtype, buffer_dtype)",
          fsdp2="MixedPrecisionPolicy(param_dtype, reduce_dtype, output_dtype, cast_forward_inputs)",
          deepspeed="bf16.enabled / fp16.enabled (+ loss_scale), communication_data_type",
          note="See the precision table.", source=f"{ACCEL}; {FSDP2_DOC}; {DS_CONFIG}",
-         check=("rule", "fp16_fsdp2_needs_scaler", {"framework": "fsdp2", "precision": "fp16", "loss_scaling": "none"})),
+         check=("api", "mixed_precision"), rule=("fp16_fsdp2_needs_scaler", {"framework": "fsdp2", "precision": "fp16", "loss_scaling": "none"})),
     dict(topic="multi-node, slow links", fsdp1="HYBRID_SHARD: shard inside a node, replicate across nodes",
          fsdp2="2-D device mesh (replicate, shard)",
          deepspeed="ZeRO++ hpZ (zero_hpz_partition_size = GPUs per node), qwZ / qgZ quantized collectives",
          note="qwZ / qgZ run on CUDA only.", source=f"{REF}; {ZEROPP_PAPER}",
-         check=("rule", "hpz_needs_deepspeed_zero3", {"framework": "fsdp2", "zeropp": {"hpz_partition_size": 2}, "topology": {"gpus_per_node": 2}})),
+         check=("api", "multi_node"), rule=("hpz_needs_deepspeed_zero3", {"framework": "fsdp2", "zeropp": {"hpz_partition_size": 2}, "topology": {"gpus_per_node": 2}})),
 ]
 
 OFFLOADING: list[dict[str, Any]] = [
     dict(aspect="what moves", fsdp1="parameters, gradients and optimizer states, all together", fsdp2="parameters, gradients and optimizer states, all together",
          deepspeed="optimizer states (offload_optimizer, stage 1-3) and parameters (offload_param) independently",
-         source=f"{ACCEL}; torch CPUOffload / CPUOffloadPolicy docstrings", check=("rule", "fsdp_offload_all_or_nothing", {"framework": "fsdp1", "offload": {"params": "cpu"}})),
+         source=f"{ACCEL}; torch CPUOffload / CPUOffloadPolicy docstrings", check=("api", "offload"), rule=("fsdp_offload_all_or_nothing", {"framework": "fsdp1", "offload": {"params": "cpu"}})),
     dict(aspect="parameter offload", fsdp1="with the rest", fsdp2="with the rest", deepspeed="ZeRO-3 only",
-         source=DS_ZERO, check=("rule", "params_offload_needs_zero3", {"framework": "deepspeed", "sharding": "zero2", "offload": {"params": "cpu"}})),
+         source=DS_ZERO, check=None, rule=("params_offload_needs_zero3", {"framework": "deepspeed", "sharding": "zero2", "offload": {"params": "cpu"}})),
     dict(aspect="targets", fsdp1="CPU", fsdp2="CPU", deepspeed="CPU or NVMe (ZeRO-Infinity, needs nvme_path)",
-         source=f"{REF}; {DS_CONFIG}", check=("rule", "nvme_needs_deepspeed", {"framework": "fsdp2", "offload": {"optimizer": "nvme", "params": "nvme", "nvme_path": "/nvme"}})),
+         source=f"{REF}; {DS_CONFIG}", check=("api", "offload"), rule=("nvme_needs_deepspeed", {"framework": "fsdp2", "offload": {"optimizer": "nvme", "params": "nvme", "nvme_path": "/nvme"}})),
     dict(aspect="optimizer step", fsdp1="torch optimizer on the CPU shards", fsdp2="torch optimizer on the CPU shards",
          deepspeed="DeepSpeedCPUAdam (a C++ op, JIT-built on first use) on the CPU, whatever the device",
          source="torch CPUOffloadPolicy docstring; deepspeed runtime/zero/offload_config.py", check=None),
@@ -111,13 +113,13 @@ PRECISION: list[dict[str, Any]] = [
     dict(aspect="compute", fsdp1="MixedPrecision.param_dtype", fsdp2="MixedPrecisionPolicy.param_dtype", deepspeed="bf16 / fp16 section of the config",
          source=f"{ACCEL}; {FSDP2_DOC}", check=None),
     dict(aspect="gradient reduction", fsdp1="reduce_dtype", fsdp2="reduce_dtype (None: the compute dtype)", deepspeed="communication_data_type (default: the training dtype)",
-         source=f"{FSDP2_DOC}; {DS_CONFIG}", check=("rule", "dtype_mismatch", {"precision": "bf16", "reduce_dtype": "fp16"})),
+         source=f"{FSDP2_DOC}; {DS_CONFIG}", check=("api", "mixed_precision"), rule=("dtype_mismatch", {"precision": "bf16", "reduce_dtype": "fp16"})),
     dict(aspect="optimizer step", fsdp1="in the stored dtype", fsdp2="on the sharded parameters in their original dtype", deepspeed="always fp32 (master weights)",
          source=f"{ACCEL}; torch MixedPrecisionPolicy docstring", check=None),
     dict(aspect="fp16 loss scaling", fsdp1="ShardedGradScaler", fsdp2="none built in: torch.amp.GradScaler", deepspeed="built in (fp16.loss_scale 0 = dynamic)",
-         source=f"{FSDP1_DOC}; {DS_CONFIG}", check=("rule", "fp16_fsdp2_needs_scaler", {"framework": "fsdp2", "precision": "fp16", "loss_scaling": "none"})),
+         source=f"{FSDP1_DOC}; {DS_CONFIG}", check=("api", "scaler"), rule=("fp16_fsdp2_needs_scaler", {"framework": "fsdp2", "precision": "fp16", "loss_scaling": "none"})),
     dict(aspect="checkpoint precision", fsdp1="the stored dtype (fp32 when the model is fp32)", fsdp2="the stored dtype", deepspeed="fp32 via zero_to_fp32.py, or 16-bit with stage3_gather_16bit_weights_on_model_save",
-         source=ACCEL, check=("rule", "full_16bit_is_deepspeed_zero3", {"framework": "fsdp2", "checkpoint": "full_16bit"})),
+         source=ACCEL, check=("api", "checkpointing"), rule=("full_16bit_is_deepspeed_zero3", {"framework": "fsdp2", "checkpoint": "full_16bit"})),
 ]
 
 LAUNCHERS: list[dict[str, Any]] = [
@@ -145,7 +147,7 @@ WHEN: list[dict[str, Any]] = [
     dict(situation="PyTorch-native code, torch.compile, composing with tensor or pipeline parallelism", choose="fsdp2",
          why="per-parameter DTensor sharding, no flat parameters, no extra dependency", source=FSDP2_DOC, check=None),
     dict(situation="optimizer states only (ZeRO-1), optimizer-only offload, NVMe", choose="deepspeed",
-         why="FSDP has none of these", source=f"{ACCEL}; {DS_ZERO}", check=("rule", "zero1_is_deepspeed_only", {"framework": "fsdp1", "sharding": "zero1"})),
+         why="FSDP has none of these", source=f"{ACCEL}; {DS_ZERO}", check=("api", "sharding"), rule=("zero1_is_deepspeed_only", {"framework": "fsdp1", "sharding": "zero1"})),
 ]
 
 
@@ -153,31 +155,29 @@ WHEN: list[dict[str, Any]] = [
 # Checks
 
 
-def _check_rule(rule_id: str, plan: dict) -> tuple[str, bool]:
+def _check_rule(rule: tuple[str, dict] | None) -> tuple[str, Any]:
+    """Whether shardlab's own validation refuses what the row says a framework cannot do (shardlab
+    agreeing with the table: a consistency check of shardlab, not evidence for the row)."""
+    if rule is None:
+        return "", None
     from shardlab.plan import plan_from_dict
 
+    rule_id, plan = rule
     found = {f.rule for f in plan_from_dict(plan, check=False).findings()}
     shown = ", ".join(f"{k}={v}" for k, v in plan.items())
     return f"plan rule {rule_id} on {{{shown}}}", rule_id in found
 
 
-def _check_launch(launcher: str) -> tuple[str, bool]:
-    from shardlab.export.launch import launch_command, render_command
-    from shardlab.plan import Plan
-
-    argv, env = launch_command(Plan(topology={"nodes": 2, "gpus_per_node": 8}), ["train.py"], launcher=launcher)
-    line = render_command(argv, {})
-    return f"shardlab export --to {'torchrun' if launcher == 'torchrun' else launcher + '-launch'}: {line}", bool(argv)
-
-
 def _resolve(check, claims_by_id: dict[str, dict]) -> tuple[str, Any]:
     if check is None:
         return "", None
+    from shardlab import tablecheck
+
     kind = check[0]
-    if kind == "rule":
-        return _check_rule(check[1], check[2])
+    if kind == "api":
+        return tablecheck.api(check[1])
     if kind == "launch":
-        return _check_launch(check[1])
+        return tablecheck.launch(check[1])
     if kind == "claim":
         c = claims_by_id[check[1]]
         return f"claim {check[1]}: {c['verified_by']} = {c['shardlab']}", c["agrees"]
@@ -189,8 +189,10 @@ def _table(rows: list[dict], key: str, gpu: str = DEFAULT_GPU) -> pd.DataFrame:
     by_id = {c["id"]: c for c in claims(gpu=gpu).to_dict("records")} if needs_claims else {}
     out = []
     for r in rows:
-        row = {k: v for k, v in r.items() if k != "check"}
+        row = {k: v for k, v in r.items() if k not in ("check", "rule")}
         row["verified_by"], row["verified"] = _resolve(r.get("check"), by_id)
+        if any("rule" in x for x in rows):
+            row["shardlab_rule"], row["shardlab_refuses"] = _check_rule(r.get("rule"))
         out.append(row)
     return pd.DataFrame(out).set_index(key)
 

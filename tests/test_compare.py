@@ -134,16 +134,33 @@ def test_tables_are_data_with_sources():
     assert set(T.features().columns) >= {"fsdp1", "fsdp2", "deepspeed", "verified_by", "verified"}
 
 
-def test_rule_checks_hold_shardlab_to_the_tables():
-    """Every 'the framework cannot do X' row names a plan rule that really refuses X."""
+def test_rows_are_verified_by_the_frameworks_not_by_shardlab():
+    """Rows about what a framework can do are checked against the installed framework's API; the
+    plan rules that refuse the same things are shown beside them as shardlab's agreement."""
     for df in (T.features(), T.offloading(), T.precision(), T.when_to_use()):
-        rows = df[df["verified_by"].str.startswith("plan rule")]
-        assert len(rows)
-        assert rows["verified"].eq(True).all(), rows[rows["verified"] != True]["verified_by"].tolist()  # noqa: E712
+        checked = df[df["verified_by"].str.startswith("framework API")]
+        assert checked["verified"].eq(True).all(), checked[checked["verified"] != True]["verified_by"].tolist()  # noqa: E712
+        assert not df["verified_by"].str.startswith("plan rule").any()
+        rules = df[df["shardlab_rule"].str.len() > 0]
+        assert len(rules) and rules["shardlab_refuses"].eq(True).all()
+    assert T.features()["verified_by"].str.startswith("framework API").sum() >= 9
+
+
+def test_the_api_check_can_fail(monkeypatch):
+    """Negative control: a framework whose enum differs from what the row says is not verified."""
+    import enum
+
+    import torch.distributed.fsdp as fsdp
+
+    from shardlab import tablecheck
+
+    monkeypatch.setattr(fsdp, "ShardingStrategy", enum.Enum("ShardingStrategy", "FULL_SHARD OPTIMIZER_ONLY"))
+    assert tablecheck.api("sharding")[1] is False
 
 
 def test_launcher_rows_show_the_command_shardlab_builds():
     lt = T.launchers()
+    assert lt.loc[["torchrun", "deepspeed", "accelerate launch"], "verified"].eq(True).all()  # their own parsers read it
     assert lt.loc["torchrun", "verified_by"].split(": ", 1)[1].startswith("torchrun --nnodes=2 --nproc-per-node=8")
     assert "--hostfile" in lt.loc["deepspeed", "verified_by"]
     assert "--num_processes=16" in lt.loc["accelerate launch", "verified_by"]

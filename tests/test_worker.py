@@ -52,7 +52,11 @@ def test_custom_shape_with_gqa_and_ffn_counts_exactly():
 
 
 def test_plan_default_wrap_class_is_the_block():
-    assert type(Block).__name__ and Block.__name__ == load_plan({}).wrap.transformer_layer_cls
+    """The default plan's wrap.transformer_layer_cls finds the GPT's Block, and only it."""
+    from shardlab.run.wrap import block_class
+
+    model = build_model(PRESETS["gpt-tiny"], device="meta")
+    assert block_class(model, load_plan({}).wrap.transformer_layer_cls) is Block
 
 
 def test_same_seed_same_weights_other_seed_other_weights():

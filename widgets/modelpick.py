@@ -2,8 +2,8 @@
 
 One text box with suggestions: shardlab's presets and Hugging Face examples, and free text for any
 source `shardlab.models.resolve_model` takes (`hf:llama hidden_size=2048 num_hidden_layers=16`, a
-config.json path, `mymodule:make_model`). The value changes when the person presses Enter or leaves
-the box, so a model is counted once, not on every keystroke. What a source means is documented in
+config.json path, `mymodule:make_model`). The value changes when the person leaves the box (Tab; with
+bokeh 3.9's autocomplete, Enter alone did not apply free text in a browser), so a model is counted once, not on every keystroke. What a source means is documented in
 shardlab/usermodel.py; this file only offers it.
 """
 
@@ -16,7 +16,7 @@ from shardlab.models import PRESETS
 EXAMPLES = ("hf:llama", "hf:mistral", "hf:qwen2", "hf:gpt2", "hf:bert")
 HELP = ("A preset, or your own model: hf:<model_type> key=value ... (random weights from a transformers config, "
         "nothing downloaded), the path of a Hugging Face config.json, or module:function (a factory returning an "
-        "nn.Module, importable from the folder the app or notebook runs in). Press Enter to apply.")
+        "nn.Module, importable from the folder the app or notebook runs in). Leave the box (Tab) to apply.")
 
 
 def model_input(value: str, *, label: str, css_class: str, width: int = 260) -> pn.widgets.AutocompleteInput:

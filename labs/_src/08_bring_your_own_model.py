@@ -149,6 +149,8 @@ estimate(plans["FSDP2"], "my_model:make layers=6 seq_len=256").to_dict()["per_gp
 # - Command line: `shardlab estimate plan.yaml --model hf:llama hidden_size=2048 num_hidden_layers=16`,
 #   `shardlab run plan.yaml --model labs/tiny_llama_config.json --steps 3 --device cpu`,
 #   `shardlab run plan.yaml --model my_model:make --steps 3`.
-# - The app (`shardlab app`, started in the folder holding `my_model.py`): type the source into the model
-#   box of the builder (the estimate follows) or of the Run tab, and press Enter.
+# - The widgets in a notebook (`ConfigBuilder()`, `RunLauncher(builder)`): type the source into the
+#   model box and leave it (Tab): the estimate follows, and Start runs it. The served app
+#   (`shardlab app`) takes presets and `hf:` sources there (not files or `module:function`, which would
+#   be read or run on the server).
 # - If shardlab cannot find a block class in your model, name it: `wrap: {transformer_layer_cls: MyBlock}`.

@@ -40,7 +40,9 @@ def _fsdp_config(plan: Plan) -> dict[str, Any]:
         c["fsdp_min_num_params"] = plan.wrap.min_num_params
     if not v2:
         c["fsdp_backward_prefetch"] = K.ACC_BACKWARD_PREFETCH[plan.backward_prefetch]
-        c["fsdp_use_orig_params"] = True
+        from shardlab.frameworks import fsdp1
+
+        c["fsdp_use_orig_params"] = fsdp1.USE_ORIG_PARAMS  # what the runner and the exported script use
     both_cpu = plan.offload.params == "cpu" and plan.offload.optimizer == "cpu"
     c["fsdp_offload_params"] = both_cpu
     c["fsdp_reshard_after_forward"] = K.FSDP2_RESHARD[plan.sharding] if v2 else K.FSDP1_STRATEGY[plan.sharding]

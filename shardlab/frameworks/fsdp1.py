@@ -19,6 +19,7 @@ from shardlab.frameworks import base
 from shardlab.plan import Plan, bad_input
 
 NAME = "fsdp1"
+USE_ORIG_PARAMS = True  # for every plan (see the module docstring)
 BACKWARD_PREFETCH = {"backward_pre": "BACKWARD_PRE", "backward_post": "BACKWARD_POST", "none": None}
 
 
@@ -66,7 +67,7 @@ def settings(plan: Plan) -> Settings:
         buffer_dtype=base.dtype_name(plan.buffer_dtype, plan.precision) if mixed else None,
         offload_params=plan.offload.params == "cpu", backward_prefetch=BACKWARD_PREFETCH[plan.backward_prefetch],
         forward_prefetch=plan.forward_prefetch, limit_all_gathers=plan.limit_all_gathers,
-        sync_module_states=plan.sync_module_states, use_orig_params=True,
+        sync_module_states=plan.sync_module_states, use_orig_params=USE_ORIG_PARAMS,
         activation_checkpointing=plan.activation_checkpointing, compile=plan.compile, low_memory_init=plan.low_memory_init,
         optimizer=opt.cls, optimizer_kwargs=opt.kwargs, grad_clip=plan.gradient_clipping,
         grad_scaler=plan.precision == "fp16" and plan.loss_scaling == "dynamic", full_checkpoint=plan.checkpoint != "sharded")

@@ -104,10 +104,10 @@ def apply(s: Settings, model, device: str, loss: Callable) -> base.Trainer:
     import torch.distributed as dist
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
+    units = unit_modules(s, model)  # first: a missing block class is refused before any collective
     on_meta, full_state = _prepare(s, model, device)
     if s.activation_checkpointing:
         base.set_activation_checkpointing(model, base.block_classes(model, s.block_class_names), True)
-    units = unit_modules(s, model)
     if s.compile:
         for m in units or [model]:
             m.compile()
