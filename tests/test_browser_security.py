@@ -12,8 +12,9 @@ import os
 import subprocess
 
 import pytest
-from shardlab.run.host import free_port
 from test_browser import BIN, browser, stop, wait_http  # noqa: F401 - browser is a fixture
+
+from shardlab.run.host import free_port
 
 pytestmark = pytest.mark.browser
 
@@ -60,7 +61,7 @@ def upload(page, name: str, content: str) -> None:
         files=[{"name": name, "mimeType": "application/octet-stream", "buffer": content.encode()}])
 
 
-def test_the_app_reads_only_uploads_and_never_shows_a_server_file(browser, served):
+def test_the_app_reads_only_uploads_and_never_shows_a_server_file(browser, served):  # noqa: F811 - the fixture
     from playwright.sync_api import expect
 
     url, app_dir = served
