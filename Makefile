@@ -38,6 +38,7 @@ reset-runs:
 	rm -rf runs labs/runs
 
 test: $(STAMP) chromium
+	$(BIN)/python -m ruff check .
 	$(BIN)/python -m pytest -q
 
 clean:

@@ -278,7 +278,7 @@ def table(rows: list[dict], methods) -> str:
     head += "".join(f"{m[:5] + ' err':>11}" for m in methods) + f"{'tok/s':>9}"
     lines = [head]
     for r in rows:
-        g = lambda k: f"{r[k] / GIB:.2f}" if r.get(k) else "-"  # noqa: E731
+        g = lambda k, r=r: f"{r[k] / GIB:.2f}" if r.get(k) else "-"  # noqa: E731
         line = (f"{r['id']:>3} {r['model']:<10}{r['framework']:<10}{r['sharding']:<6}{r['precision']:<5}{r['micro_batch_size']:>3}"
                 f"{r['grad_accum_steps']:>3}{'y' if r['activation_checkpointing'] else '-':>3}{r['offload']:>5}{'y' if r['compile'] else '-':>4}"
                 f"{'y' if r['hf'] else '-':>3}{g('peak_allocated_bytes'):>10}{g('peak_reserved_bytes'):>9}")

@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
                       "micro_batch_size": args.micro_batch, "topology": {"nodes": 1, "gpus_per_node": args.nproc}})
     times: dict[bool, list[float]] = {False: [], True: []}
     with tempfile.TemporaryDirectory() as tmp:
-        for rep in range(args.repeats):
+        for _ in range(args.repeats):
             for kind, t in run_once(plan, args, Path(tmp)).items():
                 times[kind] += t
     bare, inst = statistics.median(times[False]), statistics.median(times[True])

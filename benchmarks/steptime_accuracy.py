@@ -18,7 +18,6 @@ import sys
 from pathlib import Path
 
 from shardlab.estimate import estimate
-from shardlab.plan import Plan
 
 RESULTS = Path(__file__).parent / "results"
 MIN_TIMED_STEPS = 5

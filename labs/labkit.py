@@ -16,11 +16,11 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
 
-from shardlab.units import GB
 from shardlab.estimate.gpus import DEFAULT_GPU
 from shardlab.run.host import device_and_ranks as lab_device  # noqa: F401  (device, processes) for a lab run
 from shardlab.run.host import visible_gpus
 from shardlab.run.store import default_runs_dir as runs_dir
+from shardlab.units import GB
 
 
 def gpu_count() -> int:

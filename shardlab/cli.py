@@ -230,9 +230,7 @@ def _signals_as_interrupt():
 
 
 def cmd_runs(a) -> int:
-    from shardlab.run.store import list_runs
-
-    from shardlab.run.store import default_runs_dir
+    from shardlab.run.store import default_runs_dir, list_runs
 
     where = a.dir or default_runs_dir()
     df = list_runs(where)

@@ -15,12 +15,9 @@ Architectures (untied input embedding and LM head in both):
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Literal
-
-import yaml
 
 from shardlab.plan import bad_input
 

@@ -77,7 +77,8 @@ def _wrapping() -> tuple[str, bool]:
 
 def _accumulation() -> tuple[str, bool]:
     from deepspeed.runtime.engine import DeepSpeedEngine
-    from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel as FSDP
+    from torch.distributed.fsdp import FSDPModule
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 
     src = inspect.getsource(DeepSpeedEngine.no_sync)
     return "FSDP.no_sync, FSDPModule.set_requires_gradient_sync; DeepSpeedEngine.no_sync asserts gradients are not partitioned", (

@@ -17,6 +17,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+
 from shardlab.run.host import free_port
 
 pytestmark = pytest.mark.browser

@@ -11,8 +11,8 @@ import re
 
 import pandas as pd
 import pytest
-
 from analysis_runs import MODEL, NPROC, STEPS, label, real_runs
+
 from shardlab import compare as C
 from shardlab import tables as T
 from shardlab.models import resolve_model

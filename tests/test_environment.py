@@ -1,9 +1,9 @@
 """One source of truth for versions: requirements.txt. pip (pyproject), conda and Binder all read it."""
 
 import re
-import tomllib
 from pathlib import Path
 
+import tomllib
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -54,13 +54,13 @@ def _pip_section(env_file: Path) -> list[str]:
 def test_environment_yml_agrees_with_pip_setup():
     lines = _pip_section(ROOT / "environment.yml")
     assert "-r requirements.txt" in lines
-    assert not [l for l in lines if "==" in l], "no second set of pins"
+    assert not [ln for ln in lines if "==" in ln], "no second set of pins"
 
 
 def test_binder_environment_agrees_with_pip_setup():
     lines = _pip_section(ROOT / "binder" / "environment.yml")
     assert "-r ../requirements.txt" in lines
-    assert not [l for l in lines if "==" in l]
+    assert not [ln for ln in lines if "==" in ln]
     assert (ROOT / "binder" / "start").stat().st_mode & 0o111
 
 

@@ -226,8 +226,7 @@ def linear_stack():
 
 
 def test_matches_deepspeed_zero2_estimator(linear_stack, capsys):
-    from deepspeed.runtime.zero.stage_1_and_2 import (estimate_zero2_model_states_mem_needs,
-                                                      estimate_zero2_model_states_mem_needs_all_live)
+    from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs, estimate_zero2_model_states_mem_needs_all_live
 
     estimate_zero2_model_states_mem_needs_all_live(linear_stack, num_gpus_per_node=4)
     row = [ln for ln in capsys.readouterr().out.splitlines() if "offload_optimizer=none" in ln][0]
@@ -408,7 +407,7 @@ def test_fits_and_fewest_gpus():
 def test_a_full_estimate_takes_under_5_ms():
     p = plan("deepspeed", "hybrid", nodes=4, gpn=8, zeropp={"quantized_weights": True})
     times = []
-    for i in range(50):
+    for _ in range(50):
         t = time.perf_counter()
         estimate(p, PRESETS["llama-70b"], "h100-80gb").to_dict()
         times.append(time.perf_counter() - t)

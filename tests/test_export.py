@@ -19,13 +19,13 @@ from pathlib import Path
 import pytest
 import yaml
 from hypothesis import HealthCheck, given, settings
-
 from judges import PLACEHOLDERS, accelerate_judge, command_argv, deepspeed_config, torchrun_args, valid_plans
-from shardlab.run.host import free_port
+
 from shardlab.export import TARGETS, export
 from shardlab.export.deepspeed import deepspeed_config as ds_dict
 from shardlab.load import translate
 from shardlab.plan import PlanError, load_plan
+from shardlab.run.host import free_port
 
 GOLDEN = Path(__file__).parent / "golden"
 PLANS = {p.stem: load_plan(p) for p in sorted((GOLDEN / "plans").glob("*.yaml"))}

@@ -18,8 +18,8 @@ import types
 
 import pytest
 import torch
-
 from fingerprints import fingerprint
+
 from shardlab.export import export
 from shardlab.models import resolve_model
 from shardlab.plan import PlanError, load_plan
@@ -283,9 +283,8 @@ def test_deepspeed_engine_from_the_runner_equals_the_engine_from_the_exported_fi
     import subprocess
     import sys
 
-    from shardlab.run.host import free_port
-
     from shardlab.export.launch import extensions_dir
+    from shardlab.run.host import free_port
 
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TORCH_EXTENSIONS_DIR": extensions_dir()}  # as the worker's runs do
     r = subprocess.run([sys.executable, "-c", _DS_SCRIPT, str(free_port()), json.dumps(DS_MATRIX)],

@@ -48,7 +48,7 @@ def test_predicted_peak_within_10_percent_of_torch(row):
     assert predicted == pytest.approx(row["peak_allocated_bytes"], rel=0.10)
 
 
-def _run_folder(tmp_path, rows: list[dict], instrument) -> "Run":
+def _run_folder(tmp_path, rows: list[dict], instrument):
     from shardlab.run.store import Run
 
     tmp_path.mkdir()

@@ -13,8 +13,8 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from proc import leftovers
+
 from shardlab.export.launch import launch_command
 from shardlab.plan import PlanError, load_plan
 from shardlab.run.launcher import launch

@@ -10,8 +10,8 @@ import signal
 import time
 
 import pytest
-
 from proc import leftovers, start_cli_run
+
 from shardlab.run.launcher import launch
 
 PLAN = {"framework": "fsdp2", "sharding": "zero3", "topology": {"gpus_per_node": 2}}

@@ -10,8 +10,8 @@ import pytest
 import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
 from judges import accelerate_judge, deepspeed_config, valid_plans
+
 from shardlab.export import export
 from shardlab.export import keys as K
 from shardlab.load import import_config, translate

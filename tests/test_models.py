@@ -6,9 +6,7 @@ import sys
 
 import pytest
 
-from shardlab.models import (PRESETS, ModelSpec, activation_bytes_per_layer_per_token, bare, count_module,
-                             flops_per_token, head_activation_bytes_per_token, largest_wrap_unit, resolve_model,
-                             wrap_units)
+from shardlab.models import PRESETS, ModelSpec, activation_bytes_per_layer_per_token, bare, count_module, flops_per_token, head_activation_bytes_per_token, largest_wrap_unit, resolve_model, wrap_units
 from shardlab.plan import PlanError
 
 

@@ -10,9 +10,9 @@ import sys
 
 import numpy as np
 import pytest
+from analysis_runs import label, real_runs
 from PIL import Image
 
-from analysis_runs import label, real_runs
 from shardlab import compare as C
 from shardlab import plots as P
 from shardlab.plan import PlanError

@@ -8,9 +8,9 @@ import subprocess
 import sys
 
 import pytest
+from analysis_runs import label, real_runs
 from PIL import Image
 
-from analysis_runs import label, real_runs
 from shardlab.plan import PlanError
 from shardlab.report import write_report
 

@@ -18,8 +18,8 @@ import time
 
 import pandas as pd
 import pytest
-
 from analysis_runs import real_runs
+
 from shardlab import cli
 from shardlab import compare as C
 from shardlab.run.metrics import StepRecord, clean_line

@@ -48,8 +48,8 @@ def test_traced_peak_agrees_with_the_analytical_model_within_5_percent(case):
 
 def test_a_user_module_traces_and_a_bad_method_is_bad_input():
     """A zero-argument module factory with a shape for the batch (how i17's Hugging Face models plug in)."""
-    from shardlab.run.gpt import GPT
     from shardlab.models import resolve_model
+    from shardlab.run.gpt import GPT
 
     spec = resolve_model(SHAPES["gpt"])
     plan = _plan("fsdp2", "zero3", "bf16", 1, 1, False)

@@ -62,7 +62,7 @@ def test_plan_default_wrap_class_is_the_block():
 def test_same_seed_same_weights_other_seed_other_weights():
     spec = PRESETS["gpt-tiny"]
     a, b, c = build_model(spec, seed=1), build_model(spec, seed=1), build_model(spec, seed=2)
-    for (n, pa), pb, pc in zip(a.named_parameters(), b.parameters(), c.parameters()):
+    for (n, pa), pb, _pc in zip(a.named_parameters(), b.parameters(), c.parameters()):
         assert torch.equal(pa, pb), n
     assert not torch.equal(a.tok_emb.weight, c.tok_emb.weight)
 
@@ -313,7 +313,7 @@ def test_alternating_run_measures_odd_steps_and_leaves_even_steps_bare(tmp_path,
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = _by_rank_step(_lines(d / "metrics.jsonl"))
     assert len(rows) == 8
-    for (rank, step), m in rows.items():
+    for (_rank, step), m in rows.items():
         measured = step % 2 == 1
         assert m["instrumented"] is measured
         assert ("state_bytes" in m) is measured and ("comm_bytes" in m) is measured

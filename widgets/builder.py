@@ -16,6 +16,7 @@ from typing import Any
 import panel as pn
 import param
 
+from shardlab.estimate.gpus import DEFAULT_GPU
 from shardlab.plan import Plan, PlanError, load_plan
 from shardlab_widgets.controls import PlanForm, with_value
 from shardlab_widgets.memory import MemoryPanel
@@ -27,7 +28,7 @@ class ConfigBuilder(pn.viewable.Viewer):
 
     plan = param.ClassSelector(class_=Plan, doc="The plan being built; the only state the builder owns.")
 
-    def __init__(self, plan: Plan | dict | str | None = None, *, model: str = "gpt-1.3b", gpu: str = "h100-80gb", **params):
+    def __init__(self, plan: Plan | dict | str | None = None, *, model: str = "gpt-1.3b", gpu: str = DEFAULT_GPU, **params):
         params["plan"] = load_plan(plan, check=False) if plan is not None else Plan()
         super().__init__(**params)
         self._bad_text: dict[str, str] = {}

@@ -19,10 +19,10 @@ import panel as pn
 from bokeh.models import ColumnDataSource
 from bokeh.plotting import figure
 
-from shardlab_widgets.modelpick import model_input
 from shardlab.plan import Plan, PlanError, load_plan
 from shardlab.run.store import default_runs_dir  # noqa: F401  (kept importable from here)
 from shardlab.units import MIB
+from shardlab_widgets.modelpick import model_input
 
 PALETTE = ("#4c78a8", "#f58518", "#54a24b", "#e45756", "#72b7b2", "#b279a2", "#ff9da6", "#9d755d")
 

@@ -80,6 +80,7 @@ from shardlab.estimate import GPUS
 from shardlab.estimate.fits import min_gpus
 from shardlab.plan import Plan
 
+
 def table_gpu():
     """The GPU table's entry closest to this machine's first GPU (h100-80gb when there is none)."""
     if not n_gpus:

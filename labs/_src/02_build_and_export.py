@@ -178,6 +178,7 @@ print(export(back, "deepspeed"))
 import subprocess
 import sys
 
+
 def shardlab_cli(*args):
     """Run `shardlab ARGS` with this kernel's Python and show what it prints."""
     r = subprocess.run([sys.executable, "-m", "shardlab.cli", *args], capture_output=True, text=True)

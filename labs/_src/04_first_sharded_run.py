@@ -13,8 +13,8 @@ import panel as pn
 pn.extension(inline=True)  # inline: the widgets work offline too
 
 import shardlab
-from shardlab import compare, plots
 from labkit import lab_device, runs_dir
+from shardlab import compare, plots
 from shardlab.models import PRESETS
 
 DEVICE, NPROC = lab_device()

@@ -16,8 +16,8 @@ import panel as pn
 
 pn.extension(inline=True)  # inline: the widgets work offline too
 
-from shardlab import compare, plots
 from labkit import lab_device, run_once, runs_dir
+from shardlab import compare, plots
 
 DEVICE, NPROC = lab_device()
 MODEL, STEPS = "gpt-tiny", 4

@@ -12,8 +12,8 @@
 # %%
 import pandas as pd
 
-from shardlab.estimate import estimate, get_gpu
 from labkit import EXERCISES, check, lab_device, run_once, runs_dir
+from shardlab.estimate import estimate, get_gpu
 from shardlab.models import PRESETS, bare
 from shardlab.plan import Plan, plan_from_dict
 

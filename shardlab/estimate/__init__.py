@@ -12,17 +12,15 @@ from dataclasses import dataclass, field
 
 from shardlab.models import ModelSpec, resolve_model
 from shardlab.plan import Plan, load_plan
+from shardlab.units import GB, GIB, MIB  # noqa: F401  (GB: estimate.GB stays importable)
 
-from .comm import comm
-from .gpus import GPU, GPUS, get_gpu, register_gpu
-from .memory import memory
 from .basis import resolve
+from .comm import comm
+from .gpus import DEFAULT_GPU, GPU, GPUS, get_gpu, register_gpu
+from .memory import memory
 from .steptime import BARE_SEQ_LEN, step_time
 
 __all__ = ["Estimate", "estimate", "GPU", "GPUS", "get_gpu", "register_gpu"]
-
-GIB = 2**30
-GB = 10**9
 
 
 @dataclass
@@ -87,7 +85,7 @@ class Estimate:
         p, m = self.plan, self.model
         # small models read better in MiB; the unit is always named
         big = max(self.per_gpu[k] for k in ("params", "grads", "optimizer", "activations", "buffers")) >= GIB
-        unit, div = ("GiB", GIB) if big else ("MiB", 2**20)
+        unit, div = ("GiB", GIB) if big else ("MiB", MIB)
         gib = lambda b: f"{b / div:9.2f} {unit}"  # noqa: E731
         lines = [f"{m.name} ({m.params:,} params) | {p.framework} {p.sharding} {p.precision} | "
                  f"{p.topology.nodes} node(s) x {p.topology.gpus_per_node} {self.gpu.name}",
@@ -145,7 +143,7 @@ def _traced(plan: Plan, s, model) -> dict:
     return mem
 
 
-def estimate(plan, model, gpu: str | GPU | dict = "h100-80gb", method: str = "analytic", *, calibration=None,
+def estimate(plan, model, gpu: str | GPU | dict = DEFAULT_GPU, method: str = "analytic", *, calibration=None,
              rates=None) -> Estimate:
     """Predict memory, communication and step time for `plan` (a Plan or anything load_plan takes)
     training `model` (anything resolve_model takes: preset, shape file/dict, bare count, nn.Module).
@@ -174,7 +172,8 @@ def estimate(plan, model, gpu: str | GPU | dict = "h100-80gb", method: str = "an
     elif user_module:
         mem = _traced(plan, s, model)
     elif spec.source:  # a Hugging Face config or a factory (shardlab.usermodel): build that model, fake
-        from shardlab.usermodel import resolve as resolve_source, with_wrap_class
+        from shardlab.usermodel import resolve as resolve_source
+        from shardlab.usermodel import with_wrap_class
 
         # wrapped as a run wraps it: the model's own block class, not shardlab's GPT "Block"
         mem = _traced(with_wrap_class(plan, spec), s, resolve_source(spec.source).for_trace())

@@ -76,7 +76,6 @@ def save(cal: dict, directory: str | Path | None = None) -> Path:
 
 def load(path: str | Path) -> dict:
     from shardlab.plan import bad_input
-
     from shardlab.safe_input import label, load_json, read_file
 
     text = read_file(path, "calibration file")  # regular files only, bounded size (safe_input)
@@ -233,7 +232,6 @@ def calibrate_from_runs(run_dirs: list[str | Path], gpu: GPU | str | None = None
     """Refit from run folders (each a run, or a store holding runs); save per device; return a summary."""
     from shardlab.run.store import runs_in
 
-    from .gpus import get_gpu
 
     runs = runs_in(run_dirs)
     obs = [o for o in (run_observation(r) for r in runs) if o]

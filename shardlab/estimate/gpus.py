@@ -15,8 +15,8 @@ from __future__ import annotations
 import difflib
 from dataclasses import dataclass, fields, replace
 
-from shardlab.units import GB, MIB
 from shardlab.plan import bad_input
+from shardlab.units import GB, MIB
 
 
 @dataclass(frozen=True)

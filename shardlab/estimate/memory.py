@@ -50,12 +50,12 @@ from __future__ import annotations
 
 from shardlab.models import wrap_units
 from shardlab.plan import Plan
+from shardlab.units import GIB
 
 from .activations import activation_peak, saved_blocks
 from .allocator import reserved
-from .basis import (Setup, ds3_kept_for_backward, ds_largest_module, persistent_numel, shard_numel)
+from .basis import Setup, ds3_kept_for_backward, ds_largest_module, persistent_numel, shard_numel
 
-GIB = 2**30
 CUDA_CONTEXT_BYTES = 1 * GIB  # context ~0.5 GiB on Hopper/Ampere + NCCL buffers + cuBLAS workspace
 ALLOCATOR_FRACTION = 0.05  # caching-allocator fragmentation on top of live tensors
 

@@ -61,7 +61,7 @@ def matmuls(gpu) -> dict:
             a, b = torch.randn(m, k, device="cuda", dtype=dtype), torch.randn(k, n, device="cuda", dtype=dtype)
             flops = 2.0 * m * k * n
             reps = max(3, min(50, int(2e13 / flops))) if precision == "bf16" else max(2, min(10, int(1e12 / flops)))
-            t = _time_cuda(lambda: torch.mm(a, b), reps)
+            t = _time_cuda(lambda a=a, b=b: torch.mm(a, b), reps)
             e = flops / t / _shape_rate(gpu, m, k, n, precision)
             points.append({"dtype": precision, "m": m, "k": k, "n": n, "tflops": flops / t / 1e12, "eff": e})
             del a, b
@@ -80,7 +80,7 @@ def attention(gpu) -> dict:
             q, k, v = (torch.randn(b, h, t, hd, device="cuda", dtype=dtype, requires_grad=True) for _ in range(3))
             g = torch.randn(b, h, t, hd, device="cuda", dtype=dtype)
 
-            def step():
+            def step(q=q, k=k, v=v, g=g):
                 y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
                 y.backward(g)
 

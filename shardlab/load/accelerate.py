@@ -152,7 +152,7 @@ def _fsdp_from_acc(c: dict, par: dict, fields: dict, notes: list[str]) -> None:
     if "fsdp_use_orig_params" in c and not _bool("fsdp_config.fsdp_use_orig_params", c["fsdp_use_orig_params"]):
         notes.append("fsdp_use_orig_params=false is not modelled; shardlab's exports use true (needed by torch.compile and parameter groups).")
     done = {k.key for k in K.ACC_FSDP_KEYS + K.ACC_FSDP1_ONLY_KEYS} | set(K.ACC_FSDP_COMPOSITE_KEYS)
-    for k, v in c.items():
+    for k in c:
         if k in done:
             continue
         why = "is not modelled by shardlab" if k in ACC_LAUNCH_FSDP_KEYS else "is not an `accelerate launch` option, so accelerate ignores it"
@@ -199,7 +199,7 @@ def _ds_from_acc(c: dict, folder: Path | None, fields: dict, notes: list[str]) -
         fields["low_memory_init"] = _bool("deepspeed_config.zero3_init_flag", c["zero3_init_flag"])
     if "zero3_save_16bit_model" in c and _bool("deepspeed_config.zero3_save_16bit_model", c["zero3_save_16bit_model"]):
         fields["checkpoint"] = "full_16bit"
-    for k, v in c.items():
+    for k in c:
         if k not in K.ACC_DS_COMPOSITE_KEYS and k not in {x.key for x in K.ACC_DS_KEYS}:
             notes.append(f"deepspeed_config.{k} is a launch setting shardlab does not model (not carried into the plan).")
 

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 from shardlab.export import keys as K
 from shardlab.plan import Plan, bad_input
 
 from .common import _MISSING, _bool, _choice, _float, _int, _mapping
+
 
 def _leaf_note(key: str, value: Any) -> str:
     # the key's name only: a value may be a secret (a token, a path) that must not be echoed to a page

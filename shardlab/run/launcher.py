@@ -13,8 +13,8 @@ process of the run is gone when status.json turns final.
 from __future__ import annotations
 
 import atexit
-import os
 import json
+import os
 import sys
 import threading
 import time
@@ -159,9 +159,9 @@ def check_capacity(plan, nproc, device: str) -> int:
     nodes = plan.topology.nodes
     world = nodes * nproc
     if device == "cpu":
-        have, unit = usable_cores(), "CPU cores"
+        have = usable_cores()
     else:
-        have, unit = len(visible_gpus()), "GPUs"
+        have = len(visible_gpus())
     if world > have:
         fit = have // nodes
         fix = (f"Pass --nproc {fit} (topology.nodes x nproc <= {have})" if fit >= 1
@@ -430,11 +430,11 @@ def launch(plan, model="gpt-tiny", steps: int = 10, nproc: int | None = None, de
     the launcher against a stand-in.
     Bad input raises PlanError before anything starts.
     """
+    import psutil
+
     from shardlab.export.launch import RUNNER_ENV, launch_command, sanitized_env
     from shardlab.models import flops_per_token
     from shardlab.run.timeline import Sampler
-
-    import psutil
 
     plan = load_plan(plan)
     device = device or default_device()
@@ -445,7 +445,8 @@ def launch(plan, model="gpt-tiny", steps: int = 10, nproc: int | None = None, de
     if nproc != plan.topology.gpus_per_node:
         plan = load_plan(plan.model_copy(update={"topology": plan.topology.model_copy(update={"gpus_per_node": nproc})}))
     model_name, model_arg, spec = _model_for_worker(model)
-    from shardlab.usermodel import resolve as resolve_source, with_wrap_class
+    from shardlab.usermodel import resolve as resolve_source
+    from shardlab.usermodel import with_wrap_class
 
     plan = with_wrap_class(plan, spec)  # a model's own block class, written into the run's plan.yaml
     if factory is None:

@@ -342,7 +342,7 @@ class Worker:
             loss_value = loss_sum.item()
             t_opt_end = time.time()
             if ev:
-                f_ms, b_ms, o_ms = ev[0].elapsed_time(ev[1]), ev[1].elapsed_time(ev[2]), ev[2].elapsed_time(ev[3])
+                f_ms, b_ms, _ = ev[0].elapsed_time(ev[1]), ev[1].elapsed_time(ev[2]), ev[2].elapsed_time(ev[3])
                 t_fwd_end = t_start + f_ms / 1e3
                 t_bwd_end = t_fwd_end + b_ms / 1e3
             step_time = t_opt_end - t_start
