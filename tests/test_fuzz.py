@@ -13,7 +13,6 @@ import json
 import time
 from pathlib import Path
 
-import pytest
 import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -114,7 +113,6 @@ def _store(root: Path) -> Path:
     return d
 
 
-@pytest.mark.xfail(reason="the run store's tolerance of corrupt folders is issue 16's (i16b); fuzzed here, reported to the lead", strict=False)
 @settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck))
 @given(name=st.sampled_from(["status.json", "run.json", "metrics.jsonl", "events.jsonl", "plan.yaml"]),
        content=st.one_of(st.binary(max_size=200), data.map(lambda d: json.dumps(d, default=str).encode())))

@@ -38,6 +38,10 @@ from shardlab.units import MIB
 MAX_JSON_BYTES = 16 * MIB
 
 
+def _path(name: str) -> property:
+    return property(lambda self: self.dir / name, doc=f"RUN_DIR/{name}")
+
+
 @dataclass(frozen=True)
 class RunFiles:
     """The paths of one run folder's files."""
@@ -57,41 +61,9 @@ class RunFiles:
     # any one of these makes a folder a run folder (possibly a broken one)
     MARKERS = (STATUS, PLAN, CONFIG, METRICS)
 
-    @property
-    def plan(self) -> Path:
-        return self.dir / self.PLAN
-
-    @property
-    def config(self) -> Path:
-        return self.dir / self.CONFIG
-
-    @property
-    def launch(self) -> Path:
-        return self.dir / self.LAUNCH
-
-    @property
-    def status(self) -> Path:
-        return self.dir / self.STATUS
-
-    @property
-    def metrics(self) -> Path:
-        return self.dir / self.METRICS
-
-    @property
-    def events(self) -> Path:
-        return self.dir / self.EVENTS
-
-    @property
-    def timeline(self) -> Path:
-        return self.dir / self.TIMELINE
-
-    @property
-    def prediction(self) -> Path:
-        return self.dir / self.PREDICTION
-
-    @property
-    def logs(self) -> Path:
-        return self.dir / self.LOGS
+    plan, config, launch, status = _path(PLAN), _path(CONFIG), _path(LAUNCH), _path(STATUS)
+    metrics, events, timeline = _path(METRICS), _path(EVENTS), _path(TIMELINE)
+    prediction, logs = _path(PREDICTION), _path(LOGS)
 
     def rank_log(self, rank: int, stream: str) -> Path:
         return self.logs / f"rank{rank}.{stream}.log"
