@@ -225,11 +225,12 @@ def facts(runs_dir: str | None = None) -> list[Check]:
 
     from shardlab.export.launch import extensions_dir
     from shardlab.run.host import visible_gpus
+    from shardlab.run.store import RUNS_DIR_ENV
 
     cores = os.cpu_count() or 1
     mem = psutil.virtual_memory().total
     gpus = visible_gpus()
-    runs = runs_dir or os.environ.get("SHARDLAB_RUNS_DIR") or "runs (labs: labs/runs)"
+    runs = runs_dir or os.environ.get(RUNS_DIR_ENV) or "runs (labs: labs/runs)"
     return [
         Check("python", None, f"{platform.python_version()} at {sys.executable}"),
         Check("machine", None, f"{cores} CPU cores, {mem / GIB:.1f} GiB memory (GiB = 2^30 bytes), {len(gpus)} CUDA GPU(s)"),
