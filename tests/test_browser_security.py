@@ -16,7 +16,7 @@ from test_browser import BIN, browser, stop, wait_http  # noqa: F401 - browser i
 
 from shardlab.run.host import free_port
 
-pytestmark = pytest.mark.browser
+pytestmark = [pytest.mark.browser, pytest.mark.heavy]
 
 SECRET = "AKIA-PLANTED-7f3a91-SECRET"
 TOKEN = "t0ken-for-the-test"

@@ -18,7 +18,7 @@ import pytest
 from shardlab.run.host import free_port
 from tests.test_browser import BIN, browser, stop, wait_http  # noqa: F401 - browser is a fixture
 
-pytestmark = pytest.mark.browser
+pytestmark = [pytest.mark.browser, pytest.mark.heavy]
 
 MY_MODEL = '''
 import torch

@@ -19,6 +19,8 @@ import pytest
 from shardlab.estimate import estimate
 from shardlab.run.store import load_run
 
+pytestmark = pytest.mark.heavy  # SHARDLAB_HEAVY_TESTS=1 runs it (the 25-minute budget of make test)
+
 LLAMA = "hf:llama hidden_size=64 intermediate_size=128 num_hidden_layers=2 num_attention_heads=4 num_key_value_heads=2 vocab_size=256 seq_len=32"
 GPT2 = "hf:gpt2 n_embd=64 n_layer=2 n_head=4 vocab_size=256 n_positions=32 seq_len=32"
 FACTORY = "tests.usermodels:tiny_lm"

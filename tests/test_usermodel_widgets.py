@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import pytest
 
+pytestmark = pytest.mark.heavy  # SHARDLAB_HEAVY_TESTS=1 runs it (the 25-minute budget of make test)
+
 pytest.importorskip("panel")
 
 from shardlab.models import PRESETS  # noqa: E402
