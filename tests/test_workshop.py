@@ -213,6 +213,7 @@ def test_progress_bar_names_the_start_up_phase_until_the_first_step():
     assert "building the model" in out.getvalue()
 
 
+@pytest.mark.heavy  # a whole CLI run; the served-app browser test checks the phase and "world size 2 on cpu" too
 def test_a_real_run_reports_its_phases_and_states_world_size_and_device(tmp_path):
     plan = tmp_path / "plan.yaml"
     plan.write_text("framework: fsdp2\nsharding: zero3\nprecision: fp32\ntopology: {gpus_per_node: 2}\n")
