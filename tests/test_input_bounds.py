@@ -97,7 +97,7 @@ def test_output_paths_and_ports_that_cannot_work_exit_2(tmp_path):
 
 
 def test_run_refuses_nproc_0_and_more_processes_than_cores_before_starting(tmp_path):
-    from shardlab.run.launcher import usable_cores
+    from shardlab.run.launcher import CPU_RANKS_PER_CORE, usable_cores
 
     plan = tmp_path / "plan.yaml"
     plan.write_text(PLAN)
@@ -106,8 +106,9 @@ def test_run_refuses_nproc_0_and_more_processes_than_cores_before_starting(tmp_p
     assert rc == 2 and "at least 1" in err and "--nproc" in err
     big = tmp_path / "big.yaml"
     cores = usable_cores()
-    big.write_text(f"framework: fsdp2\ntopology: {{nodes: 2, gpus_per_node: {cores}}}\n")
+    per_node = CPU_RANKS_PER_CORE * cores  # two nodes of this many: twice what the machine may hold
+    big.write_text(f"framework: fsdp2\ntopology: {{nodes: 2, gpus_per_node: {per_node}}}\n")
     rc, err = cli("run", str(big), "--model", "gpt-tiny", "--steps", "2", "--device", "cpu", "--out", str(store))
-    assert rc == 2 and f"would start {2 * cores} processes" in err and f"{cores} CPU cores" in err, err
-    assert f"--nproc {cores // 2}" in err or "fewer topology.nodes" in err
+    assert rc == 2 and f"would start {2 * per_node} processes" in err and f"{cores} CPU cores" in err, err
+    assert f"--nproc {per_node // 2}" in err or "fewer topology.nodes" in err
     assert not store.exists() or not any(store.iterdir()), "a run folder was made for a refused run"
