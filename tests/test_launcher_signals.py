@@ -22,6 +22,8 @@ import pytest
 
 from shardlab.run.launcher import launch
 
+pytestmark = pytest.mark.heavy  # real torchrun per fault; SHARDLAB_HEAVY_TESTS=1 runs them (make test's 25-minute budget)
+
 HERE = Path(__file__).parent
 PLAN = {"framework": "fsdp2", "sharding": "zero3", "topology": {"gpus_per_node": 1}}
 MANY = 100_000  # steps: the run is always still going when the fault comes
@@ -86,8 +88,7 @@ def _cli_run(store: Path, plan: Path, **popen) -> tuple[subprocess.Popen, Path]:
 
 
 @pytest.mark.timeout(120)
-# SIGHUP takes SIGTERM's path (both map to cancel): opt-in (SHARDLAB_HEAVY_TESTS=1) for make test's budget
-@pytest.mark.parametrize("sig, status", [(signal.SIGTERM, "cancelled"), pytest.param(signal.SIGHUP, "cancelled", marks=pytest.mark.heavy),
+@pytest.mark.parametrize("sig, status", [(signal.SIGTERM, "cancelled"), (signal.SIGHUP, "cancelled"),
                                          (signal.SIGKILL, "failed")])
 def test_the_launching_process_ended_by_a_signal_ends_the_run(sig, status, tmp_path, standin):
     cli, run_dir = _cli_run(tmp_path / "runs", tmp_path / "plan.json")
