@@ -34,7 +34,9 @@ def _plan(fw, sh, pr, mb, ga, ac):
                                 "grad_accum_steps": ga, "activation_checkpointing": ac})
 
 
-@pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(str(x) for x in c))
+# two cases by default (one FSDP, one DeepSpeed); the rest with SHARDLAB_HEAVY_TESTS=1 (make test's budget)
+@pytest.mark.parametrize("case", [c if i in (0, 4) else pytest.param(c, marks=pytest.mark.heavy) for i, c in enumerate(CASES)],
+                         ids=lambda c: "-".join(str(x) for x in c))
 def test_traced_peak_agrees_with_the_analytical_model_within_5_percent(case):
     shape, *rest = case
     plan = _plan(*rest)

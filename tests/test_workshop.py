@@ -69,6 +69,7 @@ def test_a_reader_that_goes_away_ends_quietly():
         assert p.wait(60) == 0 and "Traceback" not in err and "BrokenPipe" not in err, err
 
 
+@pytest.mark.heavy  # builds the whole app; the served-app browser test covers --runs too
 def test_app_takes_a_run_store(tmp_path, monkeypatch):
     from shardlab.cli import build_parser
     from shardlab_widgets.app import create_app
