@@ -31,6 +31,7 @@ import nbformat
 import pytest
 
 from shardlab.run.host import free_port
+from tests.test_browser import wait_http
 
 pytestmark = pytest.mark.browser
 
@@ -72,20 +73,6 @@ def _make_lab(labdir: Path, home: Path, port: int, user: str | None = None) -> s
 _PASSED = ("HOME", "PATH", "IPYTHONDIR", "SHARDLAB_RUNS_DIR", "CUDA_VISIBLE_DEVICES", "JUPYTERLAB_SETTINGS_DIR", "JUPYTERLAB_WORKSPACES_DIR")
 
 
-def _wait_http(url: str, proc: subprocess.Popen, timeout: float = 180) -> None:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if proc.poll() is not None:
-            raise AssertionError(f"make lab exited with {proc.returncode}:\n{proc.stdout.read() if proc.stdout else ''}")
-        try:
-            with urllib.request.urlopen(url, timeout=5) as r:
-                if r.status == 200:
-                    return
-        except OSError:
-            time.sleep(0.5)
-    raise AssertionError(f"{url} did not answer within {timeout} s")
-
-
 def _stop(proc: subprocess.Popen) -> str:
     """End make and the JupyterLab it started (their own process group); return what they printed."""
     try:
@@ -111,7 +98,7 @@ def lab_server(tmp_path_factory):
     port = free_port()
     proc = _make_lab(labdir, base / "home", port)
     try:
-        _wait_http(f"http://127.0.0.1:{port}/lab", proc)
+        wait_http(f"http://127.0.0.1:{port}/lab", proc, timeout=180)
         yield f"http://127.0.0.1:{port}", labdir
     finally:
         _stop(proc)
@@ -321,7 +308,7 @@ def test_make_lab_as_a_user_who_is_not_root():
         pytest.skip(f"{user} cannot run {venv_python} ({venv_python.resolve()}); the dry run above showed no --allow-root")
     proc = _make_lab(labdir, home, port, user=user)
     try:
-        _wait_http(f"http://127.0.0.1:{port}/lab", proc)
+        wait_http(f"http://127.0.0.1:{port}/lab", proc, timeout=180)
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/contents/00_check_setup.ipynb?content=0", timeout=10) as r:
             assert json.loads(r.read())["name"] == "00_check_setup.ipynb"
         ps = subprocess.run(["ps", "-o", "user=,args=", "-g", str(proc.pid)], capture_output=True, text=True).stdout
