@@ -72,14 +72,21 @@ def _write(text: str, out: str | None) -> None:
 
 def _print_findings(findings) -> None:
     for f in findings:
-        print(str(f), file=sys.stderr)
+        _say(str(f))
+
+
+def _say(message: str) -> None:
+    """One message to stderr, at most safe_input.MAX_MESSAGE characters (a note may list keys an input named)."""
+    from shardlab.safe_input import cap
+
+    print(cap(message), file=sys.stderr)
 
 
 def _say_assumed(plan) -> None:
     """Settings left to the training script ('auto'): which value an estimate or run assumed."""
     if plan.auto:
         said = ", ".join(f"{k}={v}" for k, v in plan.assumed().items())
-        print(f"note: 'auto' (left to the training script) assumed as {said}", file=sys.stderr)
+        _say(f"note: 'auto' (left to the training script) assumed as {said}")
 
 
 def cmd_validate(a) -> int:
@@ -117,7 +124,7 @@ def cmd_import(a) -> int:
 
     plan, notes = import_config(Path(a.file))
     for n in notes:
-        print(f"note: {n}", file=sys.stderr)
+        _say(f"note: {n}")
     _write(plan.to_yaml(minimal=True) or "{}\n", a.output)
     return 0
 
@@ -127,7 +134,7 @@ def cmd_translate(a) -> int:
 
     plan, notes = translate(_plan(a.plan), a.to)
     for n in notes:
-        print(f"note: {n}", file=sys.stderr)
+        _say(f"note: {n}")
     _write(plan.to_yaml(minimal=True) or "{}\n", a.output)
     return 0
 
@@ -419,10 +426,10 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:
         return _quiet_broken_pipe()
     except PlanError as e:
-        print(f"error: {e}", file=sys.stderr)
+        _say(f"error: {e}")
         return EXIT_BAD_INPUT
     except UsageError as e:
-        print(f"error: {e}", file=sys.stderr)
+        _say(f"error: {e}")
         return EXIT_BAD_INPUT
 
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import difflib
 import json
-from pathlib import Path
 
 from shardlab.plan import bad_input
 
@@ -29,11 +28,12 @@ _SHAPE_ATTRS = {
 
 
 def _read_file(path: str) -> dict:
+    from shardlab.safe_input import read_file
+
+    text = read_file(path, "Hugging Face config.json")  # regular files of bounded size only; PlanError names the path
     try:
-        data = json.loads(Path(path).read_text())
-    except (OSError, UnicodeDecodeError) as e:
-        raise bad_input("--model", f"--model={path!r} cannot be read ({e}). Give the path of a Hugging Face config.json.") from None
-    except ValueError as e:
+        data = json.loads(text)
+    except (ValueError, RecursionError) as e:
         raise bad_input("--model", f"--model={path!r} is not a Hugging Face config: it is not JSON ({e}). Give a config.json as "
                         "transformers writes it (save_pretrained), with a model_type key.") from None
     if not isinstance(data, dict) or not isinstance(data.get("model_type"), str):
