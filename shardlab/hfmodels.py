@@ -12,7 +12,6 @@ Only imported where a Hugging Face model is wanted: transformers takes seconds t
 from __future__ import annotations
 
 import difflib
-import json
 
 from shardlab.plan import bad_input
 
@@ -28,12 +27,12 @@ _SHAPE_ATTRS = {
 
 
 def _read_file(path: str) -> dict:
-    from shardlab.safe_input import read_file
+    from shardlab.safe_input import load_json, read_file
 
     text = read_file(path, "Hugging Face config.json")  # regular files of bounded size only; PlanError names the path
     try:
-        data = json.loads(text)
-    except (ValueError, RecursionError) as e:
+        data = load_json(text, path)
+    except ValueError as e:
         raise bad_input("--model", f"--model={path!r} is not a Hugging Face config: it is not JSON ({e}). Give a config.json as "
                         "transformers writes it (save_pretrained), with a model_type key.") from None
     if not isinstance(data, dict) or not isinstance(data.get("model_type"), str):

@@ -233,7 +233,10 @@ def _children(node: yaml.Node) -> list[yaml.Node]:
 
 
 def load_json(text: str, name: str = "<text>") -> Any:
-    """json.loads, then the same value checks as YAML (JSON has no aliases; its size is bounded by the file's)."""
+    """json.loads, then the same value checks as YAML (JSON has no aliases; its size is bounded by the file's).
+    Nesting past MAX_DEPTH is refused before parsing (json's parser recurses: RecursionError otherwise)."""
+    if _bracket_depth(text) > MAX_DEPTH:
+        raise fail(name, f"{label(name)} nests deeper than {MAX_DEPTH} levels. A config has a few levels; fix its structure.")
     data = json.loads(text)
     check_data(data, name)
     return data

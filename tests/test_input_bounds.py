@@ -76,6 +76,10 @@ def test_special_files_and_missing_paths_are_named_not_read(tmp_path):
             os.mkfifo(tmp_path / name)
         rc, err = cli("estimate", str(plan), "--model", str(tmp_path / name))
         assert rc == 2 and "not a regular file" in err, (name, err)
+    deep = tmp_path / "deep.json"
+    deep.write_text("[" * 5000)  # json's parser recurses: RecursionError unless refused first
+    rc, err = cli("estimate", str(plan), "--model", str(deep))
+    assert rc == 2 and "nests deeper" in err, err
 
 
 def test_notes_listing_hostile_key_names_stay_short(tmp_path):

@@ -17,7 +17,7 @@ from pathlib import Path
 import shardlab
 from shardlab import compare
 from shardlab.estimate import estimate
-from shardlab.labcheck import lab_device, runs_dir
+from labkit import lab_device, runs_dir
 from shardlab.models import flops_per_token, resolve_model
 
 DEVICE, NPROC = lab_device()
