@@ -54,7 +54,8 @@ def tune(model: Any = "gpt-tiny", gpus: int = 1, nodes: int = 1, gpu: str | None
          budget: Any = 5, frameworks=None, dry_run: bool = False, out=None, *, device: str | None = None,
          space: Space | None = None, base=None, global_batch: int | None = None, steps: int = DEFAULT_STEPS,
          warmup: int = DEFAULT_WARMUP, bound: float = STEP_ERROR_BOUND, margin: float = MEMORY_MARGIN,
-         on_event: Callable[[dict], None] | None = None, cancel=None, runner=None, timeout_s: float = 300) -> TuneResult:
+         on_event: Callable[[dict], None] | None = None, cancel=None, runner=None, timeout_s: float = 300,
+         launch_kw: dict | None = None) -> TuneResult:
     """Search plans for `model` on `nodes` x `gpus` GPUs (or CPU processes) and return the TuneResult.
 
     gpu: the GPU-table name to price and fit against (default: this machine's GPU; on a CPU run the
@@ -65,7 +66,8 @@ def tune(model: Any = "gpt-tiny", gpus: int = 1, nodes: int = 1, gpu: str | None
     (accumulation = global / (micro-batch x GPUs)). on_event: called with each trial's start and end
     ({"type": "trial", ...}) and every runner line (launch's on_event). cancel: a threading.Event;
     setting it stops the current trial run (no process left) and the search. runner: what runs a
-    trial (a callable taking a Candidate; tests pass a stand-in), a TrialRunner if None.
+    trial (a callable taking a Candidate; tests pass a stand-in), a TrialRunner if None; launch_kw:
+    more arguments for each trial's launch() (the GPU benchmark passes its worker_module).
     """
     from shardlab.models import resolve_model
     from shardlab.plan import Plan, load_plan
@@ -109,7 +111,7 @@ def tune(model: Any = "gpt-tiny", gpus: int = 1, nodes: int = 1, gpu: str | None
         from .trials import TrialRunner
 
         runner = TrialRunner(model, device=device, nproc=gpus, steps=steps, warmup=warmup, out=out, tune_id=tune_id,
-                             timeout_s=timeout_s, on_event=on_event, cancel=cancel)
+                             timeout_s=timeout_s, on_event=on_event, cancel=cancel, launch_kw=launch_kw)
     stop = search(cands, goal, b, runner, bound=bound, margin=margin, on_event=on_event, cancelled=cancel.is_set)
     from .search import best
 

@@ -47,12 +47,13 @@ class TrialRunner:
     makes the search stop."""
 
     def __init__(self, model, *, device: str, nproc: int, steps: int, warmup: int, out=None, tune_id: str,
-                 timeout_s: float = 300, on_event=None, cancel: threading.Event | None = None):
+                 timeout_s: float = 300, on_event=None, cancel: threading.Event | None = None, launch_kw: dict | None = None):
         self.model, self.device, self.nproc = model, device, nproc
         self.steps, self.warmup, self.out, self.tune_id = steps, warmup, out, tune_id
         self.timeout_s, self.on_event = timeout_s, on_event
         self.current = None
         self._cancel = cancel or threading.Event()
+        self.launch_kw = dict(launch_kw or {})  # more launch() arguments (benchmarks: worker_module)
 
     @property
     def cancelled(self) -> bool:
@@ -68,7 +69,7 @@ class TrialRunner:
             c.status, c.reason = "cancelled", "the tune was cancelled before this trial started"
             return
         run = launch(c.plan, model=self.model, steps=self.steps, nproc=self.nproc, device=self.device, out=self.out,
-                     timeout_s=self.timeout_s, on_event=self.on_event)
+                     timeout_s=self.timeout_s, on_event=self.on_event, **self.launch_kw)
         self.current = run
         c.run_id, c.run_dir = run.id, str(run.dir)
         tag(run.dir, self.tune_id, c)
