@@ -95,12 +95,25 @@ CHECK_CONFIGS = [  # numbered from 101
     C("llama152k", "deepspeed", "zero2", mb=6), C("llama152k", "fsdp2", "zero3", mb=5, comp=True), C("llama152k", "fsdp2", "zero3", mb=2, hf=True),
     C("llama65k", "deepspeed", "zero3", mb=2, off="both", ac=True), C("gpt1280", "deepspeed", "ddp", mb=2),
 ]
+# the host probe (--set host, numbered from 201): one small-shape model at two widths with the same
+# tensor count (hostA: the GPU's work negligible; hostB: 16x the bytes per tensor), under every
+# framework and stage, so per-tensor host costs (hooks, bucketing) separate from per-byte ones
+MODELS.update({
+    "hostA": {"name": "hostA", "family": "gpt", "layers": 16, "hidden": 256, "heads": 4, "vocab": 8192, "seq_len": 256},
+    "hostB": {"name": "hostB", "family": "gpt", "layers": 16, "hidden": 1024, "heads": 8, "vocab": 8192, "seq_len": 256},
+})
+HOST_CONFIGS = [C(m, fw, sh, mb=1) for m in ("hostA", "hostB") for fw, sh in (
+    ("deepspeed", "ddp"), ("deepspeed", "zero1"), ("deepspeed", "zero2"), ("deepspeed", "zero3"),
+    ("fsdp1", "ddp"), ("fsdp1", "zero3"), ("fsdp2", "ddp"), ("fsdp2", "zero2"), ("fsdp2", "zero3"))] + [
+    C("hostB", "fsdp1", "zero2", "fp16", mb=1), C("hostB", "deepspeed", "zero2", "fp16", mb=1), C("hostB", "fsdp2", "zero3", mb=1, ga=4)]
+SETS = {"matrix": (1, CONFIGS), "check": (101, CHECK_CONFIGS), "host": (201, HOST_CONFIGS)}
 KEYS = ("model", "framework", "sharding", "precision", "micro_batch_size", "grad_accum_steps", "activation_checkpointing",
         "offload", "compile", "hf")
 
 
 def config_dict(i: int) -> dict:
-    return {"id": i, **dict(zip(KEYS, CHECK_CONFIGS[i - 101] if i > 100 else CONFIGS[i - 1]))}
+    first, configs = max((v for v in SETS.values() if v[0] <= i), key=lambda v: v[0])
+    return {"id": i, **dict(zip(KEYS, configs[i - first]))}
 
 
 def plan_for(row: dict):
@@ -195,7 +208,7 @@ def run_matrix(a) -> list[dict]:
     import torch
 
     device = torch.cuda.get_device_name() if a.device == "cuda" else "cpu"
-    first, configs = (101, CHECK_CONFIGS) if a.set == "check" else (1, CONFIGS)
+    first, configs = SETS[a.set]
     ids = [int(x) for x in a.only.split(",")] if a.only else range(first, first + len(configs))
     rows = [dict(config_dict(i), device=device, steps_run=a.steps) for i in ids]
     out = Path(a.out)
@@ -327,7 +340,7 @@ def main() -> int:
     ap.add_argument("--only", help="comma list of configuration numbers (1-based)")
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--jobs", type=int, default=1)
-    ap.add_argument("--set", default="matrix", choices=("matrix", "check"), help="check: the shapes kept out of the fitting")
+    ap.add_argument("--set", default="matrix", choices=tuple(SETS), help="check: the shapes kept out of the fitting; host: the host-cost probe")
     ap.add_argument("--mem-gib", type=float, default=120.0)
     ap.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
     ap.add_argument("--tiny", action="store_true", help="CPU dry run: tiny shapes of the same families")

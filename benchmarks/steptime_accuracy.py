@@ -20,7 +20,7 @@ from pathlib import Path
 from shardlab.estimate import estimate
 
 RESULTS = Path(__file__).parent / "results"
-MIN_TIMED_STEPS = 5
+MIN_TIMED_STEPS = 4  # the median of at least this many steady steps (steps 3.., after warm-up)
 GPU_OF = {"H100": "h100-80gb", "H200": "h200"}
 
 
@@ -62,7 +62,7 @@ def rows(include_shared: bool = False) -> list[dict]:
 def fidelity_rows(include_shared: bool = False) -> list[dict]:
     """Issue 13's runner matrix (benchmarks/fidelity.py's rows: plan and model rebuilt by its own
     plan_for / model_for). A row times its configuration only if it ran alone on the GPU
-    ("concurrent" 1) with at least MIN_TIMED_STEPS steps after the first two; the others time the
+    (fidelity.py's "concurrent" counts the runs beside it: 0) with at least MIN_TIMED_STEPS steps after the first two; the others time the
     sharing or too few steps, and are left out unless include_shared."""
     files = sorted(RESULTS.glob("fidelity_*.json"))
     if not files:
@@ -77,10 +77,11 @@ def fidelity_rows(include_shared: bool = False) -> list[dict]:
             if r.get("status") != "completed" or not r.get("tokens_per_s"):
                 continue
             timed = len([x for x in r.get("steps", []) if x.get("step", 0) > 2])
-            if (r.get("concurrent", 1) > 1 or timed < MIN_TIMED_STEPS) and not include_shared:
+            alone = r.get("concurrent", 1) == 0 and timed >= MIN_TIMED_STEPS
+            if not alone and not include_shared:
                 continue
             name = f"#{r['id']} {r['model']} {r['framework']} {r['sharding']} {r['precision']} mb{r['micro_batch_size']}"
-            out.append({"source": f.stem + ("" if r.get("concurrent", 1) == 1 and timed >= MIN_TIMED_STEPS else " (shared/short)"), "name": name,
+            out.append({"source": f.stem + ("" if alone else " (shared/short)"), "name": name,
                         "plan": fidelity.plan_for(r), "model": fidelity.model_for(r), "gpu": _gpu(r.get("device", "H200")),
                         "measured": r["tokens_per_s"], "calibration": "calibration_h200.json"})
     return out

@@ -58,10 +58,6 @@ ALIGN_EFF = 0.17
 # differs from machine to machine by this much: calibrating on the machine removes it.
 DEFAULT_LAUNCH_S = 45.5e-6
 FSDP_UNIT_S = 2.65e-3
-# share of a ZeRO-3 unit's four hook phases (pre-forward gather, post-forward reshard, pre-backward
-# gather, post-backward reduce-scatter) a unit runs: SHARD_GRAD_OP keeps parameters gathered from
-# forward to backward (two of them); NO_SHARD only reduces
-UNIT_HOOK_SHARE = {"zero3": 1.0, "zero2": 0.5, "ddp": 0.3}
 KERNEL_FLOOR_S = 2.5e-6  # a kernel's shortest time on the GPU
 TILE = 128  # cuBLAS Hopper/Ampere output tile (rows and columns) for the quantization factors
 K_HALF = 96  # K at which a GEMM's main loop reaches half its rate (prologue/epilogue per tile)
@@ -74,13 +70,16 @@ K_HALF = 96  # K at which a GEMM's main loop reaches half its rate (prologue/epi
 # DS3_RECOMPUTE: extra module-hook cost under activation checkpointing (the recomputed forward fires
 # the hooks again and breaks ZeRO-3's recorded module trace, so gathers are no longer prefetched),
 # fitted to the H100 ZeRO-3 checkpointing rows (19,884 and 29,186 tokens/s: their median).
-# ZeRO-1/2: 3,370 launches per step (about 14 per parameter tensor) and a Python gradient hook,
-# fitted to the ZeRO-1/2 rows without checkpointing (138.7-141.7 ms), checked on the rows with it
-# (gpu_validate_h100*.json). A calibration rescales them by its launch cost over DEFAULT_LAUNCH_S.
+# DS12_PARAM_S: ZeRO-0/1/2's Python work per parameter tensor (gradient hook, bucketing, partition
+# bookkeeping) on top of the kernels counted: from the host probe (fidelity_h200_host.json #201-#203,
+# #210-#212, #220: tiny models where the GPU's work is hidden, 58-82 ms per step, 197 tensors, at
+# widths 256 and 1024 alike, so it is per tensor, not per byte). An earlier value (0.41 ms, fitted to
+# gpt-1b on an H100 where the step was GPU-bound) absorbed GPU time and overpredicted every host-bound
+# DeepSpeed ZeRO-0/1/2 step by 35-55%. A calibration rescales it by its launch cost over DEFAULT_LAUNCH_S.
 DS3_PARAM_S = 150e-6
 DS3_MODULE_S = 0.565e-3
 DS3_RECOMPUTE = 1.5
-DS12_PARAM_S = 0.41e-3
+DS12_PARAM_S = 0.12e-3
 DS_NORM_KERNELS_PER_PARAM = 2
 # SERIAL: share of min(gpu, host) left exposed by synchronisations. DeepSpeed ZeRO-3 (25
 # cudaStreamSynchronize per step): solved with DS3_MODULE_S from the same two H100 step times. FSDP
@@ -92,17 +91,26 @@ SERIAL = {"fsdp": 0.15, "deepspeed": 0.27}
 # replays them without Python dispatch. COMPILE_MEM / COMPILE_KERNELS scale their bytes and the
 # kernels the host launches (FSDP); DeepSpeed's engine.compile() made ZeRO-3 ~20% slower on an H200
 # (DESIGN.md's measured facts) -> COMPILE_DS_HOST. Not yet checked on a run that ran alone.
+# share of a FULL_SHARD unit's hook cost other stages pay per micro-step. Every stage runs a unit's
+# pre/post forward and backward hooks; NO_SHARD's cost as much (host probe, fidelity_h200_host.json:
+# FSDP1/FSDP2 NO_SHARD 75-89 ms vs FULL_SHARD 68-79 ms on tiny models). SHARD_GRAD_OP skips the
+# post-forward reshard and pre-backward gather: the probe's host measured it at full cost (61, 77 ms),
+# the check set's host at about half (#111, llama152k: 116 ms of a predicted 112 at half, 147 at
+# full); machines' hosts differ by this much, so the middle.
+UNIT_HOOK_SHARE = {"zero3": 1.0, "zero2": 0.75, "ddp": 1.0}
 COMPILE_MEM = 0.5
 COMPILE_KERNELS = 0.3
 COMPILE_DS_HOST = 1.2
 OVERLAP = 0.8  # at most this share of the GPU's work can hide prefetched / overlapped collectives
 COLLECTIVE_LATENCY_S = {"intra": 20e-6, "inter": 50e-6}
 CPU_ADAM_PARAMS_PER_S = 2.5e9  # DeepSpeed CPU Adam, parameters per second per node (H100 offload rows: 78-92 TFLOPS)
-# torch's AdamW on the CPU under FSDP offload, parameters per second per node: FSDP1 (flat
-# parameters) 0.5e9 and FSDP2 (one DTensor per parameter, dispatched op by op) 0.15e9, from issue
-# 13's H200 matrix (llama300 with parameters and optimizer offloaded: 1.24 s and 4.8 s per step,
-# three runs sharing the 16 cores, so x3). Weak evidence: a run that ran alone should replace it.
-TORCH_CPU_ADAM_PARAMS_PER_S = {"fsdp1": 0.5e9, "fsdp2": 0.15e9}
+# torch's AdamW on the CPU under FSDP offload, parameters per second per node. FSDP1 (flat
+# parameters): 1.0e9, from issue 13's check row #109 run alone on an H200 host (llama65k, 503M
+# parameters, parameters and optimizer offloaded: 0.69 s per step, of which ~0.08 s GPU/host work and
+# ~0.12 s PCIe; fidelity_h200_check_alone.json). FSDP2 (one DTensor per parameter, dispatched op by
+# op) was 3.3x slower than FSDP1 in the one matrix that ran both (fidelity_h200.json #37/#38, runs
+# sharing the CPU alike) -> 0.3e9; no FSDP2 offload row has run alone yet.
+TORCH_CPU_ADAM_PARAMS_PER_S = {"fsdp1": 1.0e9, "fsdp2": 0.3e9}
 
 # bytes per parameter the optimizer step moves on the GPU (fp32 params, grads and states):
 # torch AdamW foreach (the default on CUDA): decay r/w 8, lerp m 12, v scale 8 + addcmul 12, sqrt 8,
