@@ -184,12 +184,9 @@ def test_cli_validate_prints_warnings_but_passes(tmp_path):
     assert "warning:" in r.stderr and "hybrid" in r.stderr
 
 
-def test_import_shardlab_is_light_and_fast():
-    code = (
-        "import sys, time; t = time.perf_counter(); import shardlab; dt = time.perf_counter() - t; "
-        "print(dt, 'torch' in sys.modules, 'deepspeed' in sys.modules)"
-    )
+def test_import_shardlab_is_light():
+    """Neither torch nor deepspeed on `import shardlab` (its time is measured by benchmarks/estimate_speed.py)."""
+    code = "import sys; import shardlab; print('torch' in sys.modules, 'deepspeed' in sys.modules)"
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    dt, torch_loaded, ds_loaded = r.stdout.split()
+    torch_loaded, ds_loaded = r.stdout.split()
     assert torch_loaded == "False" and ds_loaded == "False"
-    assert float(dt) < 0.5

@@ -1,8 +1,8 @@
-"""The served dashboard (`shardlab app --port N`): build, run and compare in one page.
+"""The served dashboard (`shardlab app --port N`): build, run, compare and tune in one page.
 
 The same components as in the notebooks: a ConfigBuilder, a RunLauncher that runs the builder's
-current plan, and a RunCompare over the run store (`shardlab app --runs DIR`, else $SHARDLAB_RUNS_DIR,
-else ./runs). Each browser
+current plan, a RunCompare over the run store (`shardlab app --runs DIR`, else $SHARDLAB_RUNS_DIR,
+else ./runs), and a TuneRunner whose trials land in that store. Each browser
 session gets its own objects. The server listens on 127.0.0.1 only: it can start processes, so it is
 not for the network. Other users of the same machine (or an SSH tunnel) can still reach that port, so
 the page also asks for a token, as JupyterLab does: a random one printed at start
@@ -25,17 +25,19 @@ from shardlab.run.store import default_runs_dir
 from shardlab_widgets.builder import ConfigBuilder
 from shardlab_widgets.compare import RunCompare
 from shardlab_widgets.launcher import RunLauncher
+from shardlab_widgets.tune import TuneRunner
 
 
 def create_app(runs_dir: str | None = None) -> pn.viewable.Viewable:
-    """One session's dashboard: Build / Run / Compare tabs sharing the builder's plan."""
+    """One session's dashboard: Build / Run / Compare tabs sharing the builder's plan, and Tune."""
     runs_dir = runs_dir or default_runs_dir()
     builder = ConfigBuilder()
     launcher = RunLauncher(builder, out=runs_dir)
     compare = RunCompare(runs_dir)
     # the store is the server's choice (--runs): a browser must not point it at other folders
     compare.runs_dir.disabled = True
-    tabs = pn.Tabs(("Build", builder), ("Run", launcher), ("Compare", compare),
+    tune = TuneRunner(out=runs_dir)
+    tabs = pn.Tabs(("Build", builder), ("Run", launcher), ("Compare", compare), ("Tune", tune),
                    dynamic=False, sizing_mode="stretch_width", css_classes=["sl-app-tabs"])
     # The store changes while the app is open: re-read it whenever Compare is shown.
     tabs.param.watch(lambda ev: ev.new == 2 and compare.refresh(), "active")
