@@ -85,7 +85,9 @@ def short(v: Any, n: int = SHORT) -> str:
 
 
 def cap(message: str) -> str:
-    """A message no longer than MAX_MESSAGE characters (the middle is cut, the fix at the end kept)."""
+    """A message no longer than MAX_MESSAGE characters (the middle is cut, the fix at the end kept), in
+    valid UTF-8 (lone surrogates that a YAML/JSON escape such as "\\ud800" makes are written as escapes)."""
+    message = message.encode("utf-8", "backslashreplace").decode("utf-8")
     if len(message) <= MAX_MESSAGE:
         return message
     keep = MAX_MESSAGE // 2 - 10

@@ -82,6 +82,15 @@ def test_special_files_and_missing_paths_are_named_not_read(tmp_path):
     assert rc == 2 and "nests deeper" in err, err
 
 
+def test_a_lone_surrogate_in_a_key_is_printed_as_an_escape(tmp_path):
+    # "\ud800" in a YAML/JSON string makes a lone surrogate: no UTF-8 stream can take it as it is
+    f = tmp_path / "plan.yaml"
+    f.write_text('{"\\ud800\\udc00": 1000000000000000001}')
+    rc, err = cli("validate", str(f))
+    err.encode("utf-8")
+    assert rc == 2 and "\\ud800" in err, err
+
+
 def test_notes_listing_hostile_key_names_stay_short(tmp_path):
     # unmodelled keys are carried and named in a note: names the fuzzer made 4 KB long must not make it long
     keys = {f"k{i}_" + "f" * 1500: 1 for i in range(3)}
