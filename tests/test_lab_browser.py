@@ -93,8 +93,8 @@ def lab_server(tmp_path_factory):
     base = tmp_path_factory.mktemp("lab")
     labdir = base / "labs"
     labdir.mkdir()
-    for nb in sorted((ROOT / "labs").glob("[0-9][0-9]_*.ipynb")):
-        shutil.copy(nb, labdir / nb.name)
+    for nb in [*sorted((ROOT / "labs").glob("[0-9][0-9]_*.ipynb")), ROOT / "labs" / "labkit.py"]:
+        shutil.copy(nb, labdir / nb.name)  # labkit.py: the notebooks' helpers, imported from beside them
     port = free_port()
     proc = _make_lab(labdir, base / "home", port)
     try:
