@@ -91,3 +91,22 @@ def render(plan: Plan) -> str:
     from shardlab.export.deepspeed import export_deepspeed
 
     return export_deepspeed(plan)
+
+
+def load_ops(plan: Plan, device: str) -> None:
+    """Load (building on first use) the JIT ops DeepSpeed will ask for during initialize, so their build
+    time is its own named phase instead of a silent wait inside deepspeed.initialize. On a CPU: the shm
+    comm op (every run) and CPU Adam (optimizer offload); on CUDA only CPU Adam (offload). A failure here
+    is left for DeepSpeed to report in its own words when it tries the same build."""
+    names = ["ShareMemCommBuilder"] if device == "cpu" else []
+    if plan.offload.optimizer != "none":
+        names.append("CPUAdamBuilder")
+    try:
+        from deepspeed.accelerator import get_accelerator
+
+        for name in names:
+            builder = get_accelerator().create_op_builder(name)
+            if builder is not None and builder.is_compatible():
+                builder.load(verbose=False)
+    except Exception:  # noqa: BLE001 (see docstring)
+        pass
