@@ -138,14 +138,6 @@ def apply(s: Settings, model, device: str, loss: Callable) -> base.Trainer:
 def render(plan: Plan) -> str:
     """The exported FSDP2 script for `plan`."""
     from shardlab.frameworks.render import render as fill
+    from shardlab.frameworks.render import script_doc
 
-    return fill(settings(plan), _doc(plan))
-
-
-def _doc(plan: Plan) -> str:
-    t = plan.topology
-    return (f"FSDP2 training set-up exported by shardlab: {plan.sharding} (reshard_after_forward={FSDP2_RESHARD[plan.sharding]}, "
-            f"{MESH[plan.sharding]} mesh), {plan.precision}, {t.nodes} node(s) x {t.gpus_per_node} GPU(s).\n\n"
-            f"Run on each node: torchrun --nnodes={t.nodes} --nproc-per-node={t.gpus_per_node} THIS_FILE [--steps N] [--save DIR]\n"
-            "(CUDA + NCCL when GPUs are present, otherwise CPU + gloo). `shard_model(model, device)` applies the\n"
-            "plan to any model; `main()` trains a tiny demo model with it. The constants below are the plan's settings.")
+    return fill(settings(plan), script_doc(plan, "FSDP2", f"reshard_after_forward={FSDP2_RESHARD[plan.sharding]}, {MESH[plan.sharding]} mesh"))
