@@ -153,3 +153,11 @@ def render(plan: Plan) -> str:
     from shardlab.frameworks.render import script_doc
 
     return fill(settings(plan), script_doc(plan, "FSDP1", FSDP1_STRATEGY[plan.sharding]))
+
+
+def translate_from(plan: Plan, d: dict, notes: list[str]) -> None:
+    """`shardlab translate --to fsdp1`: adjust `d` (the plan as a dict, framework already set) to what
+    FSDP1 can express, with a note for each behaviour that changes."""
+    base.fsdp_translate_from(plan, d, notes, NAME)
+    if d["precision"] == "fp16":
+        notes.append("fp16 with FSDP1 scales the loss with ShardedGradScaler in the training loop (DeepSpeed scales inside the engine).")

@@ -141,3 +141,23 @@ def render(plan: Plan) -> str:
     from shardlab.frameworks.render import script_doc
 
     return fill(settings(plan), script_doc(plan, "FSDP2", f"reshard_after_forward={FSDP2_RESHARD[plan.sharding]}, {MESH[plan.sharding]} mesh"))
+
+
+def translate_from(plan: Plan, d: dict, notes: list[str]) -> None:
+    """`shardlab translate --to fsdp2`: adjust `d` (the plan as a dict, framework already set) to what
+    FSDP2 can express, with a note for each behaviour that changes."""
+    base.fsdp_translate_from(plan, d, notes, NAME)
+    default = Plan()
+    if d["precision"] == "fp16" and d["loss_scaling"] == "none":
+        d["loss_scaling"] = "dynamic"
+        notes.append("fp16 with FSDP2 needs a gradient scaler; loss_scaling set to dynamic (torch.amp.GradScaler).")
+    if d["backward_prefetch"] != default.backward_prefetch:
+        notes.append(f"backward_prefetch={d['backward_prefetch']} is FSDP1-only; FSDP2 always prefetches one unit ahead in backward. Reset.")
+        d["backward_prefetch"] = default.backward_prefetch
+    if plan.framework == "fsdp1" and not d["limit_all_gathers"]:
+        notes.append("limit_all_gathers=false has no FSDP2 counterpart (FSDP2 frees memory without a rate limiter).")
+    if d["buffer_dtype"] != "auto":
+        notes.append(f"buffer_dtype={d['buffer_dtype']} has no FSDP2 counterpart (MixedPrecisionPolicy leaves buffers alone); reset to auto.")
+        d["buffer_dtype"] = "auto"
+    if d["sharding"] in ("hybrid", "ddp"):
+        notes.append(f"sharding={d['sharding']} is expressed in FSDP2 by a 2-D device mesh (replicate x shard) with reshard_after_forward.")
