@@ -9,14 +9,11 @@ and hf: sources are taken, so this runs where the person's own code runs, the no
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import time
 
 import pytest
 
-from shardlab.run.host import free_port
-from tests.test_browser import BIN, browser, stop, wait_http  # noqa: F401 - browser is a fixture
+from tests.test_browser import browser, jupyterlab, open_and_run_all  # noqa: F401 - browser is a fixture
 
 pytestmark = [pytest.mark.browser, pytest.mark.heavy]
 
@@ -65,25 +62,9 @@ NOTEBOOK = {
 
 @pytest.fixture
 def lab(tmp_path):
-    root = tmp_path / "lab"
-    root.mkdir()
-    (root / "mine.ipynb").write_text(json.dumps(NOTEBOOK))
-    (root / "mymodel.py").write_text(MY_MODEL)
-    port = free_port()
-    home = tmp_path / "home"
-    env = {**os.environ, "JUPYTER_CONFIG_DIR": str(home / "config"), "JUPYTER_RUNTIME_DIR": str(home / "runtime"),
-           "JUPYTERLAB_SETTINGS_DIR": str(home / "settings"), "JUPYTERLAB_WORKSPACES_DIR": str(home / "workspaces"),
-           "IPYTHONDIR": str(home / "ipython"), "DS_ACCELERATOR": "cpu"}
-    proc = subprocess.Popen([str(BIN / "jupyter"), "lab", "--no-browser", f"--port={port}", "--ip=127.0.0.1",
-                             "--allow-root", "--IdentityProvider.token=", "--ServerApp.password=", "--ServerApp.disable_check_xsrf=True",
-                             f"--ServerApp.root_dir={root}", "--LabApp.news_url=",
-                             "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate"],
-                            env=env, cwd=root, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        wait_http(f"http://127.0.0.1:{port}/lab", proc)
-        yield f"http://127.0.0.1:{port}/lab/tree/mine.ipynb", root
-    finally:
-        stop(proc)
+    files = {"mine.ipynb": json.dumps(NOTEBOOK), "mymodel.py": MY_MODEL}
+    with jupyterlab(tmp_path, files, env={"DS_ACCELERATOR": "cpu"}) as (base, root):
+        yield f"{base}/tree/mine.ipynb", root
 
 
 def test_my_model_is_estimated_in_the_builder_and_runs_from_the_launcher(browser, lab):  # noqa: F811
@@ -91,17 +72,7 @@ def test_my_model_is_estimated_in_the_builder_and_runs_from_the_launcher(browser
 
     url, root = lab
     page = browser
-    page.goto(url)
-    expect(page.locator(".jp-Notebook .jp-Cell").first).to_be_visible(timeout=90_000)
-    choose = page.locator(".jp-Dialog .jp-mod-accept")
-    try:
-        choose.wait_for(timeout=15_000)
-        choose.click()
-    except Exception:  # no dialog: the kernel started by itself
-        pass
-    expect(page.locator(".jp-Notebook-ExecutionIndicator[data-status='idle']")).to_have_count(1, timeout=90_000)
-    page.get_by_role("menuitem", name="Run", exact=True).click()
-    page.get_by_role("menuitem", name="Run All Cells").first.click()
+    open_and_run_all(page, url)
     picker = page.locator(".jp-OutputArea .sl-model input")
     expect(picker).to_be_visible(timeout=240_000)
 
