@@ -9,7 +9,9 @@ and hf: sources are taken, so this runs where the person's own code runs, the no
 from __future__ import annotations
 
 import json
+import re
 import time
+from pathlib import Path
 
 import pytest
 
@@ -17,35 +19,17 @@ from tests.test_browser import browser, jupyterlab, open_and_run_all  # noqa: F4
 
 pytestmark = [pytest.mark.browser, pytest.mark.heavy]
 
-MY_MODEL = '''
-import torch
-from torch import nn
+# Lab 08's own model file (labs/_src/08_bring_your_own_model.py writes it), so the lab and this test
+# cannot drift apart; a smaller factory is added for a quick CPU run with a declared sequence length.
+LAB_08 = Path(__file__).resolve().parents[1] / "labs" / "_src" / "08_bring_your_own_model.py"
+MY_MODEL = re.search(r"Path\(.my_model\.py.\)\.write_text\('{3}(.*?)'{3}\)", LAB_08.read_text(), re.S).group(1) + """
 
-
-class MyBlock(nn.Module):
-    def __init__(self, d):
-        super().__init__()
-        self.fc1, self.fc2 = nn.Linear(d, 4 * d), nn.Linear(4 * d, d)
-
-    def forward(self, x):
-        return x + self.fc2(torch.relu(self.fc1(x)))
-
-
-class MyLM(nn.Module):
-    def __init__(self, vocab=128, d=32, layers=2):
-        super().__init__()
-        self.seq_len = 16
-        self.emb = nn.Embedding(vocab, d)
-        self.blocks = nn.Sequential(*[MyBlock(d) for _ in range(layers)])
-        self.head = nn.Linear(d, vocab)
-
-    def forward(self, ids):
-        return self.head(self.blocks(self.emb(ids)))
-
-
-def make():
-    return MyLM()
-'''
+def make_small():
+    model = MyLM(vocab=128, d=32, layers=2)
+    model.seq_len = 16
+    return model
+"""
+SOURCE = "mymodel:make_small"
 
 
 NOTEBOOK = {
@@ -76,13 +60,13 @@ def test_my_model_is_estimated_in_the_builder_and_runs_from_the_launcher(browser
     picker = page.locator(".jp-OutputArea .sl-model input")
     expect(picker).to_be_visible(timeout=240_000)
 
-    picker.fill("mymodel:make")
+    picker.fill(SOURCE)
     picker.press("Enter")
     picker.press("Tab")  # leaving the box applies it (measured: Enter alone did not, bokeh 3.9's autocomplete)
     expect(page.locator(".jp-OutputArea .sl-model-note")).to_contain_text("MyBlock", timeout=120_000)
 
     model = page.locator(".jp-OutputArea .sl-run-model input")
-    model.fill("mymodel:make")
+    model.fill(SOURCE)
     model.press("Enter")
     model.press("Tab")
     page.locator(".jp-OutputArea .sl-run-start button").click()
@@ -97,4 +81,4 @@ def test_my_model_is_estimated_in_the_builder_and_runs_from_the_launcher(browser
     run_dirs = [d for d in (root / "runs").iterdir() if d.is_dir()]
     assert len(run_dirs) == 1
     info = json.loads((run_dirs[0] / "status.json").read_text())
-    assert info["status"] == "completed" and info["model"] == "mymodel:make" and info["wrap_class"] == "MyBlock"
+    assert info["status"] == "completed" and info["model"] == SOURCE and info["wrap_class"] == "MyBlock"
