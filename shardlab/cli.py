@@ -1,7 +1,7 @@
 """The `shardlab` command (DESIGN.md's command-line contract): one parser, assembled from groups.
 
 The subcommands live in `shardlab.commands` (configs: validate/export/diff/import/translate;
-estimating: estimate/calibrate; running: run/runs/report/app/doctor); a new subcommand goes into the
+estimating: estimate/calibrate; running: run/runs/report/app/doctor; tuning: tune); a new subcommand goes into the
 group it belongs to (or a new group module listed in GROUPS) with its handler and its arguments together.
 Each subcommand is a thin shell over a library function; heavy modules are imported inside the
 handler that needs them. Bad input of any kind (PlanError, or a ValueError raised for a bad flag
@@ -15,14 +15,14 @@ import argparse
 import os
 import sys
 
-from shardlab.commands import configs, estimating, running
-from shardlab.commands.common import PLAN_FILE_HELP, UsageError, check_output
+from shardlab.commands import configs, estimating, running, tuning
+from shardlab.commands.common import PLAN_FILE_HELP, UsageError, check_output, say
 from shardlab.constants import EXIT_BAD_INPUT
 from shardlab.plan import PlanError
 
 __all__ = ["GROUPS", "UsageError", "build_parser", "main"]
 
-GROUPS = (configs, estimating, running)  # the order `shardlab --help` lists their subcommands in
+GROUPS = (configs, estimating, running, tuning)  # the order `shardlab --help` lists their subcommands in
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:
         return _quiet_broken_pipe()
     except (PlanError, UsageError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        say(f"error: {e}")
         return EXIT_BAD_INPUT
 
 

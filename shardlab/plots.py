@@ -223,6 +223,31 @@ def loss_curves(data: Any):
     return hv.Overlay([c for c in curves.values()]).opts(title="Loss per step", show_legend=True)
 
 
+TUNE_COLORS = {"pick": "#E45756", "completed": "#4C78A8", "unrun": "#BBBBBB", "oom": "#000000", "failed": "#000000"}
+
+
+def tune_pareto(df: pd.DataFrame):
+    """Memory per GPU vs tokens/s for a tune's candidates that fit (TuneResult.pareto()): grey the
+    predictions, blue the measured trials, red the pick, and the Pareto front as a line."""
+    hv = _hv()
+    if df.empty:
+        return _empty(hv, "tune: memory vs speed", "no candidate fits")
+    unit, div = unit_for(float(df["memory_bytes"].max()))
+    d = df.assign(memory=df["memory_bytes"] / div, kind=df["status"].where(df["status"].isin(list(TUNE_COLORS)), "failed"))
+    xlabel, ylabel = f"peak reserved per GPU ({unit})", "tokens/s per GPU"
+    layers = []
+    for kind, label in (("unrun", "predicted (not run)"), ("completed", "measured trial"), ("pick", "pick")):
+        g = d[d["kind"] == kind]
+        if len(g):
+            layers.append(_o(hv.Scatter(g, "memory", ["tokens_per_s", "key"], label=label), color=TUNE_COLORS[kind],
+                             bokeh=dict(size=10 if kind == "pick" else 6, tools=["hover"]), mpl=dict(s=60 if kind == "pick" else 20)))
+    front = d[d["front"]].sort_values("memory")
+    if len(front) > 1:
+        layers.append(_o(hv.Curve((front["memory"], front["tokens_per_s"]), "memory", "tokens_per_s", label="Pareto front"),
+                         color="#54A24B", bokeh=dict(line_dash="dashed"), mpl=dict(linestyle="dashed")))
+    return _both(hv.Overlay(layers), title="tune: memory per GPU vs tokens/s", xlabel=xlabel, ylabel=ylabel, show_legend=True)
+
+
 def figures(runs: Any, gpu: str | None = None) -> list[tuple[str, str, Any]]:
     """Every figure for a set of runs as (name, heading, figure): what `shardlab report` shows."""
     rd = C.load_runs(runs)
@@ -282,5 +307,5 @@ def render_bokeh(obj):
     return hv.render(obj, backend="bokeh")
 
 
-__all__ = ["memory_timeline", "memory_breakdown", "comm_bytes", "throughput", "loss_curves", "figures", "notebook",
+__all__ = ["tune_pareto", "memory_timeline", "memory_breakdown", "comm_bytes", "throughput", "loss_curves", "figures", "notebook",
            "save_figure", "render_bokeh"]

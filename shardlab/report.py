@@ -72,27 +72,40 @@ def write_report(run_dirs: Iterable[Any], out_html: str | Path, gpu: str | None 
     if len(empty) == len(rd):
         raise bad_input("run_dirs", f"none of the runs has recorded a step yet ({', '.join(str(r.dir) for r in rd)}); there is nothing to report. Wait for a run to train, or pick completed runs from `shardlab runs`.")
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    files = out.with_name(out.stem + "_files")
-    figs, script, divs, scripts = _figures(rd, gpu, files if png else None, say)
+    from shardlab import plots as P
+    from shardlab import tables as T
+
+    say("building the figures")
+    figs_html, head = render_figures(P.figures(rd, gpu), out, png, say)
     say("comparing with the estimator and the published tables")
-    parts = _sections(rd, empty, gpu, figs, divs, files.name if png else None)
-    page = ("<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>shardlab report</title>"
-            f"<style>{_CSS}</style>{scripts}{script}</head><body>{''.join(parts)}</body></html>")
-    out.write_text(page, encoding="utf-8")
+    cmp = C.compare(rd, gpu=gpu)
+    parts = [f"<h1>shardlab report: {len(rd)} run{'s' if len(rd) != 1 else ''}</h1>",
+             f"<p class='note'>Written {datetime.now(timezone.utc):%Y-%m-%d %H:%M UTC}. Memory in GiB (2<sup>30</sup> bytes). "
+             f"Predictions: shardlab's estimator for each run's plan, model and world size. Losses compared with <b>{html.escape(cmp.attrs.get('reference', ''))}</b>.</p>"]
+    if empty:
+        parts.append(f"<p class='note'>No steps recorded for: {html.escape(', '.join(empty))}.</p>")
+    parts.append("<h2>Measured vs predicted</h2>" + C.style_compare(cmp).to_html())
+    parts.append("<h2>Runs</h2>" + _df_html(_runs_table(rd), "settings and status"))
+    parts += figs_html
+    parts.append("<h2>Claims checked by these runs and the estimator</h2>" + _df_html(T.claims(runs=rd, gpu=gpu or DEFAULT_GPU), "published figure, shardlab's own figure, agreement"))
+    for name, df in (("Features", T.features()), ("Offloading", T.offloading()), ("Precision", T.precision()),
+                     ("Launchers", T.launchers()), ("When to use which", T.when_to_use())):
+        parts.append(f"<h2>{name}</h2>" + _df_html(df, "FSDP1 / FSDP2 / DeepSpeed ZeRO"))
+    out.write_text(html_page("shardlab report", head, parts), encoding="utf-8")
     return out
 
 
-def _figures(rd, gpu, png_dir: Path | None, say):
-    """(figures, bokeh's script, one div per figure, bokeh's inline code); PNGs into `png_dir` if given."""
+def render_figures(figs, out: Path, png: bool, say: Callable[[str], None]) -> tuple[list[str], str]:
+    """Figures (name, heading, HoloViews object) as HTML sections with their bokeh script for the page
+    head; with `png`, each also written as <out stem>_files/<name>.png and linked."""
     from bokeh.embed import components
     from bokeh.embed.bundle import bundle_for_objs_and_resources
     from bokeh.resources import INLINE
 
     from shardlab import plots as P
 
-    say("building the figures")
-    figs = P.figures(rd, gpu)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    files = out.with_name(out.stem + "_files")
     models = []
     for i, (name, _, obj) in enumerate(figs, 1):
         say(f"rendering figure {i}/{len(figs)}: {name}")
@@ -102,33 +115,21 @@ def _figures(rd, gpu, png_dir: Path | None, say):
     # Inline mode puts all of bokeh's code in js_raw; the files left are relative extension URLs (panel's
     # module shim, registered on import) that a page opened from disk cannot load and these plots never use.
     bundle.js_files = []
-    if png_dir is not None:
+    if png:
         for i, (name, _, obj) in enumerate(figs, 1):
-            say(f"writing PNG {i}/{len(figs)}: {png_dir.name}/{name}.png")
-            P.save_figure(obj, png_dir / f"{name}.png")
-    return figs, script, divs, bundle.scripts()
-
-
-def _sections(rd, empty: list[str], gpu, figs, divs, png_folder: str | None) -> list[str]:
-    """The report's HTML sections: measured vs predicted, the runs, the figures, the claims and tables."""
-    from shardlab import tables as T
-
-    cmp = C.compare(rd, gpu=gpu)
-    parts = [f"<h1>shardlab report: {len(rd)} run{'s' if len(rd) != 1 else ''}</h1>",
-             f"<p class='note'>Written {datetime.now(timezone.utc):%Y-%m-%d %H:%M UTC}. Memory in GiB (2<sup>30</sup> bytes). "
-             f"Predictions: shardlab's estimator for each run's plan, model and world size. Losses compared with <b>{html.escape(cmp.attrs.get('reference', ''))}</b>.</p>"]
-    if empty:
-        parts.append(f"<p class='note'>No steps recorded for: {html.escape(', '.join(empty))}.</p>")
-    parts.append("<h2>Measured vs predicted</h2>" + C.style_compare(cmp).to_html())
-    parts.append("<h2>Runs</h2>" + _df_html(_runs_table(rd), "settings and status"))
+            say(f"writing PNG {i}/{len(figs)}: {files.name}/{name}.png")
+            P.save_figure(obj, files / f"{name}.png")
+    sections = []
     for (name, heading, _), div in zip(figs, divs):
-        link = f" <a href='{png_folder}/{name}.png'>PNG</a>" if png_folder else ""
-        parts.append(f"<h2>{html.escape(heading)}{link}</h2><div class='fig'>{div}</div>")
-    parts.append("<h2>Claims checked by these runs and the estimator</h2>" + _df_html(T.claims(runs=rd, gpu=gpu or DEFAULT_GPU), "published figure, shardlab's own figure, agreement"))
-    for name, df in (("Features", T.features()), ("Offloading", T.offloading()), ("Precision", T.precision()),
-                     ("Launchers", T.launchers()), ("When to use which", T.when_to_use())):
-        parts.append(f"<h2>{name}</h2>" + _df_html(df, "FSDP1 / FSDP2 / DeepSpeed ZeRO"))
-    return parts
+        link = f" <a href='{files.name}/{name}.png'>PNG</a>" if png else ""
+        sections.append(f"<h2>{html.escape(heading)}{link}</h2><div class='fig'>{div}</div>")
+    return sections, bundle.scripts() + script
 
 
-__all__ = ["write_report"]
+def html_page(title: str, head: str, parts: list[str]) -> str:
+    """One self-contained page: the house style, `head` (figure scripts) and the body parts."""
+    return (f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+            f"<style>{_CSS}</style>{head}</head><body>{''.join(parts)}</body></html>")
+
+
+__all__ = ["write_report", "render_figures", "html_page"]

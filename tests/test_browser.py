@@ -14,6 +14,7 @@ import os
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -29,15 +30,20 @@ ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-f
 BIN = Path(sys.executable).parent
 
 
-def wait_http(url: str, proc: subprocess.Popen, timeout: float = 120) -> None:
+def wait_http(url: str, proc: subprocess.Popen, timeout: float = 120, status: int = 200) -> None:
+    """Until `url` answers with `status` (the app's /login page answers 403: it needs its token)."""
     end = time.monotonic() + timeout
     while time.monotonic() < end:
         if proc.poll() is not None:
             raise AssertionError(f"server exited with {proc.returncode}: {proc.stdout.read() if proc.stdout else ''}")
         try:
             with urllib.request.urlopen(url, timeout=5) as r:
-                if r.status == 200:
+                if r.status == status:
                     return
+        except urllib.error.HTTPError as e:
+            if e.code == status:
+                return
+            time.sleep(0.5)
         except OSError:
             time.sleep(0.5)
     raise AssertionError(f"{url} did not answer within {timeout} s")
@@ -75,7 +81,7 @@ def app(tmp_path):
     proc = subprocess.Popen([str(BIN / "shardlab"), "app", "--port", str(port), "--runs", str(tmp_path / "runs"), "--token", "browser-test"], env=env, cwd=tmp_path,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        wait_http(f"http://127.0.0.1:{port}/", proc)
+        wait_http(f"http://127.0.0.1:{port}/login", proc, status=403)
         yield f"http://127.0.0.1:{port}/?token=browser-test", tmp_path / "runs"
     finally:
         stop(proc)

@@ -31,7 +31,7 @@ import labkit  # noqa: E402  (the notebooks' helpers live beside them, as the no
 
 NOTEBOOKS = sorted(LABS.glob("[0-9][0-9]_*.ipynb"))
 NAMES = ["00_check_setup", "01_fsdp_vs_zero_map", "02_build_and_export", "03_memory_math", "04_first_sharded_run",
-         "05_head_to_head", "06_beyond_one_gpu", "07_exercises", "08_bring_your_own_model"]
+         "05_head_to_head", "06_beyond_one_gpu", "07_exercises", "08_bring_your_own_model", "09_tune"]
 CELL_TIMEOUT_S = 600  # lab 00 builds DeepSpeed's two CPU ops in a fresh environment (minutes on a busy 2-core box)
 
 _durations: dict[str, float] = {}
@@ -73,8 +73,8 @@ def test_the_labs_exist():
     assert [p.stem for p in NOTEBOOKS] == NAMES
 
 
-# Lab 08 starts four real runs with transformers models: opt-in (SHARDLAB_HEAVY_TESTS=1) for make test's budget.
-@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.heavy) if n.startswith("08_") else n for n in NAMES])
+# Lab 08 starts four real runs with transformers models, lab 09 two tune trials (~1 min): opt-in (SHARDLAB_HEAVY_TESTS=1) for make test's budget.
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.heavy) if n.startswith(("08_", "09_")) else n for n in NAMES])
 def test_notebook_runs_top_to_bottom_on_cpu(name, lab_dir):
     took = _execute(name, lab_dir)
     print(f"{name}: {took:.1f} s")

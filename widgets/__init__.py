@@ -9,7 +9,7 @@ The same components are served by `shardlab app` (shardlab_widgets.app.serve). E
 Viewer; `pn.ipywidget(component)` gives an ipywidget where one is needed.
 """
 
-__all__ = ["ConfigBuilder", "RunLauncher", "RunCompare", "serve"]
+__all__ = ["ConfigBuilder", "RunLauncher", "RunCompare", "TuneRunner", "serve"]
 
 
 def __getattr__(name: str):
@@ -26,6 +26,10 @@ def __getattr__(name: str):
         from shardlab_widgets.compare import RunCompare
 
         return RunCompare
+    if name == "TuneRunner":
+        from shardlab_widgets.tune import TuneRunner
+
+        return TuneRunner
     if name == "serve":
         from shardlab_widgets.app import serve
 

@@ -55,7 +55,7 @@ def cmd_calibrate(a) -> int:
     return cli_calibrate(a)
 
 
-def _gpu_names() -> str:
+def gpu_names() -> str:
     from shardlab.estimate.gpus import GPUS
 
     return ", ".join(GPUS)
@@ -66,7 +66,7 @@ def register(add) -> None:
     from shardlab.estimate.gpus import DEFAULT_GPU
 
     s = add("estimate", "memory, communication and step time of a plan",
-            epilog=f"GPUs (--gpu): {_gpu_names()}\nModel presets (--model): {model_names()}\n\n{PLAN_FILE_HELP}")
+            epilog=f"GPUs (--gpu): {gpu_names()}\nModel presets (--model): {model_names()}\n\n{PLAN_FILE_HELP}")
     s.add_argument("plan")
     s.add_argument("--model", nargs="+", metavar="MODEL", help=MODEL_HELP)
     s.add_argument("--params", help="bare parameter count, e.g. 7e9 (model states only)")

@@ -1,0 +1,236 @@
+"""`shardlab tune` against the exhaustive measured grid (issue 20), one named case per call.
+
+For a case (a model, one GPU, a search space), every valid configuration of the space is run for real
+through the ordinary runner (`shardlab.launch`: torchrun, one fresh process per configuration, a few
+warm-up and timed steps): that is the grid, at least 30 configurations, those predicted not to fit
+included (they show whether the memory pruning was right). Then `tune` searches the same space with a
+budget of trial runs, and the JSON says whether its pick is within 5% of the grid's measured best
+tokens/s, and how long tune took.
+
+The grid's runs use benchmarks/tune_worker.py: the ordinary worker behind a lock, so queued runs
+overlap only their imports while one configuration at a time owns the GPU (each is timed alone), and
+optionally on an allocator capped to fewer bytes than the GPU has (a case where the memory limit
+binds without a model too big to run 30 times in a few minutes). Tune's trials use the same worker
+(the same cap), one at a time as tune always runs them.
+
+    # on the GPU machine (benchmarks/on_gpu.sh installs the carried wheels first):
+    bash benchmarks/on_gpu.sh benchmarks/tune_gpu.py --case gpt125 --out $OUT/t
+    # a CPU smoke run of the script itself (tiny shapes):
+    .venv/bin/python benchmarks/tune_gpu.py --case gpt125 --device cpu --tiny --grid 3 --budget 2 --out /tmp/t
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+GIB = 2**30
+WORKER = "benchmarks.tune_worker"
+LLAMA1B = {"name": "llama1b", "family": "llama", "layers": 16, "hidden": 2048, "heads": 16, "kv_heads": 8,
+           "ffn_hidden": 5632, "vocab": 32000, "seq_len": 2048}
+THREE = ("fsdp1", "fsdp2", "deepspeed")
+# case -> model, global batch (sequences per optimizer step), the search space, an allocator cap
+CASES = {
+    "gpt125": {"model": "gpt-125m", "global_batch": 16, "gpu_limit_gib": None,
+               "space": dict(frameworks=THREE, shardings=("ddp", "zero3"), offloads=("none",), checkpointing=(False, True),
+                             micro_batches=(4, 8, 16), compile=(False,), knobs=False)},
+    "llama1b": {"model": LLAMA1B, "global_batch": 4, "gpu_limit_gib": None,
+                "space": dict(frameworks=THREE, shardings=("zero2", "zero3"), offloads=("none",), checkpointing=(False, True),
+                              micro_batches=(1, 2, 4), compile=(False,), knobs=False)},
+    # gpt-350m on the H200 capped to 18 GiB: micro-batch 4 fits only with checkpointing or offload
+    "gpt350cap": {"model": "gpt-350m", "global_batch": 8, "gpu_limit_gib": 18,
+                  "space": dict(frameworks=THREE, shardings=("zero2", "zero3"), offloads=("none", "optimizer"),
+                                checkpointing=(False, True), micro_batches=(2, 4), compile=(False,), knobs=False)},
+}
+
+
+def case_model(case: dict, tiny: bool):
+    if not tiny:
+        return case["model"]
+    return {"name": "tiny", "family": "gpt", "layers": 2, "hidden": 64, "heads": 4, "vocab": 512, "seq_len": 64}
+
+
+def target(case: dict, device: str):
+    """The GPU-table entry the case is priced and fitted against (the H200, or the H200 capped)."""
+    from dataclasses import replace
+
+    from shardlab.estimate import get_gpu
+    from shardlab.estimate.calibrate import CPU_DEVICE
+
+    if device == "cpu":
+        return CPU_DEVICE
+    g = get_gpu("h200")
+    cap = case["gpu_limit_gib"]
+    return replace(g, name=f"h200-capped-{cap}gib", memory_bytes=int(cap * GIB)) if cap else g
+
+
+def write_bench(runs: Path, gate: bool, case: dict, device: str) -> None:
+    runs.mkdir(parents=True, exist_ok=True)
+    cap = case["gpu_limit_gib"] if device == "cuda" else None
+    (runs / "bench.json").write_text(json.dumps({"gate": gate, "gpu_limit_bytes": int(cap * GIB) if cap else None}))
+
+
+def prebuild(space: dict) -> dict:
+    """Build DeepSpeed's JIT ops once, before anything is timed (the workers load them from the cache)."""
+    import os
+
+    from shardlab.export.launch import extensions_dir
+
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", extensions_dir())
+    out = {}
+    if "deepspeed" not in space["frameworks"]:
+        return out
+    from deepspeed.ops.op_builder import CPUAdamBuilder, FusedAdamBuilder
+
+    builders = [FusedAdamBuilder] + ([CPUAdamBuilder] if set(space["offloads"]) - {"none"} else [])
+    for b in builders:
+        t0 = time.time()
+        try:
+            b().load()
+            out[b.__name__] = round(time.time() - t0, 1)
+        except Exception as e:  # noqa: BLE001 - the runs will say what fails
+            out[b.__name__] = f"{type(e).__name__}: {e}"[:300]
+    return out
+
+
+def grid_rows(case: dict, model, device: str, limit: int | None):
+    """Every valid configuration of the case's space, with its prediction (fit or not)."""
+    from shardlab import Plan
+    from shardlab.tune import Space, candidates
+    from shardlab.tune.search import predict
+
+    sp = Space(**case["space"], global_batch=case["global_batch"])
+    cands = candidates(sp, Plan())
+    predict(cands, model, target(case, device))
+    grid = [c for c in cands if c.predicted]  # valid plans: the estimator priced them (fit or not)
+    return grid[:limit] if limit else grid
+
+
+def run_grid(grid, model, a, runs: Path) -> list[dict]:
+    from shardlab import launch
+    from shardlab.tune.trials import measure
+
+    rows: list[dict] = []
+    out = Path(a.out)
+
+    def one(c):
+        t0 = time.time()
+        row = {"key": c.key, "plan": c.plan.model_dump(mode="json"), "predicted": c.predicted,
+               "predicted_fits": c.status != "rejected", "prune_reason": c.reason}
+        try:
+            run = launch(c.plan, model=model, steps=a.steps, device=a.device, out=runs, timeout_s=400, worker_module=WORKER)
+            status = run.wait()
+            row.update(status=status, run_id=run.id, measured=measure(run, a.warmup) if status == "completed" else {},
+                       error=None if status == "completed" else str((run.info or {}).get("error"))[:500])
+        except Exception as e:  # noqa: BLE001 - a configuration that cannot start is a row, not the end
+            row.update(status="error", measured={}, error=f"{type(e).__name__}: {e}"[:500])
+        row["wall_s"] = round(time.time() - t0, 1)
+        rows.append(row)
+        (out / "grid_partial.json").write_text(json.dumps(rows, indent=1, default=str))
+        m = row["measured"]
+        print(f"grid {len(rows):>2}/{len(grid)} {row['status']:<9} {c.key:<40} pred {c.predicted['tokens_per_s']:>9,.0f} "
+              f"meas {m.get('tokens_per_s') or 0:>9,.0f} tok/s  peak res {(m.get('peak_reserved_bytes') or 0) / GIB:6.2f} GiB "
+              f"(pred {c.predicted['peak_reserved_bytes'] / GIB:6.2f}) {row['wall_s']:5.1f} s", flush=True)
+        return row
+
+    with ThreadPoolExecutor(max_workers=a.jobs) as ex:
+        list(ex.map(one, grid))
+    order = {c.key: i for i, c in enumerate(grid)}
+    return sorted(rows, key=lambda r: order[r["key"]])
+
+
+def run_tune(case: dict, model, a, runs: Path) -> dict:
+    from shardlab.tune import Space, tune
+
+    t0 = time.time()
+    r = tune(model, gpus=1, gpu=target(case, a.device), budget=a.budget, device=a.device, out=runs,
+             space=Space(**case["space"]), global_batch=case["global_batch"], steps=a.steps, warmup=a.warmup,
+             launch_kw={"worker_module": WORKER}, timeout_s=400)
+    d = r.to_dict()
+    d.pop("table")
+    d["wall_s_outer"] = round(time.time() - t0, 1)
+    d["summary"] = r.summary()
+    print(r.summary(), flush=True)
+    return d
+
+
+def judge(grid: list[dict], tuned: dict | None) -> dict:
+    ok = [g for g in grid if g["status"] == "completed" and g["measured"].get("tokens_per_s")]
+    if not ok:
+        return {"grid_best": None}
+    top = max(ok, key=lambda g: g["measured"]["tokens_per_s"])
+    res = {"grid_best": {"key": top["key"], "tokens_per_s": top["measured"]["tokens_per_s"]},
+           "grid_completed": len(ok), "grid_size": len(grid),
+           "grid_failed": {g["key"]: g["status"] for g in grid if g["status"] != "completed"},
+           "pruned_but_ran": [g["key"] for g in ok if not g["predicted_fits"]],
+           "kept_but_failed": [g["key"] for g in grid if g["predicted_fits"] and g["status"] == "oom"]}
+    pick = (tuned or {}).get("pick")
+    if pick:
+        same = next((g for g in grid if g["key"] == pick["key"]), None)
+        gt = same["measured"].get("tokens_per_s") if same else None
+        res.update(pick=pick["key"], pick_grid_tokens_per_s=gt,
+                   pick_vs_best=(gt / res["grid_best"]["tokens_per_s"] - 1) if gt else None,
+                   within_5pct=bool(gt and gt >= 0.95 * res["grid_best"]["tokens_per_s"]))
+        trial = next((t for t in tuned["trials"] if t["key"] == pick["key"]), None)
+        if trial and trial["measured"].get("tokens_per_s"):
+            res["pick_trial_tokens_per_s"] = trial["measured"]["tokens_per_s"]
+    return res
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--case", choices=sorted(CASES), required=True)
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--runs", default=None, help="run store (default OUT/../runs_CASE outside OUT: run folders do not come back)")
+    ap.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
+    ap.add_argument("--tiny", action="store_true", help="CPU-sized model (smoke test of the script)")
+    ap.add_argument("--grid", type=int, default=None, help="run only the first N grid configurations (smoke)")
+    ap.add_argument("--budget", default="5")
+    ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--jobs", type=int, default=3, help="grid runs started at once (one trains at a time: tune_worker's gate)")
+    ap.add_argument("--no-tune", action="store_true")
+    a = ap.parse_args()
+    case = CASES[a.case]
+    model = case_model(case, a.tiny)
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    runs = Path(a.runs or f"/tmp/tune_runs_{a.case}")
+    t0 = time.time()
+    info = {"case": a.case, "model": model, "global_batch": case["global_batch"], "gpu_limit_gib": case["gpu_limit_gib"],
+            "space": {k: list(v) if isinstance(v, tuple) else v for k, v in case["space"].items()},
+            "steps": a.steps, "warmup": a.warmup, "budget": a.budget, "device": a.device, "argv": sys.argv[1:],
+            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+    import torch
+
+    info["versions"] = {"torch": torch.__version__, "gpu": torch.cuda.get_device_name() if a.device == "cuda" else "cpu"}
+    if a.device == "cuda":
+        import deepspeed
+
+        info["versions"]["deepspeed"] = deepspeed.__version__
+        info["prebuild_s"] = prebuild(case["space"])
+    grid = grid_rows(case, model, a.device, a.grid)
+    print(f"case {a.case}: {len(grid)} grid configurations", flush=True)
+    write_bench(runs / "grid", True, case, a.device)
+    t1 = time.time()
+    rows = run_grid(grid, model, a, runs / "grid")
+    info["grid_wall_s"] = round(time.time() - t1, 1)
+    tuned = None
+    if not a.no_tune:
+        write_bench(runs / "tune", False, case, a.device)
+        tuned = run_tune(case, model, a, runs / "tune")
+    res = {**info, "judge": judge(rows, tuned), "tune": tuned, "grid": rows, "wall_s": round(time.time() - t0, 1)}
+    (out / f"tune_{a.case}.json").write_text(json.dumps(res, indent=1, default=str))
+    print(json.dumps(res["judge"], indent=1, default=str))
+    print(f"wall {res['wall_s']} s (grid {info['grid_wall_s']} s, tune {tuned and tuned['wall_s']} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,93 @@
+"""One tune trial = one ordinary run through the runner (`shardlab.launch`), tagged and measured.
+
+The run lands in the run store like any other (`shardlab runs` lists it, `shardlab report` reads
+it); a `tune.json` beside its plan says which tune it belongs to and which candidate it was. What a
+trial measures: tokens/s per GPU as the median step period after `warmup` steps (the slowest rank
+sets each period: Run.step_periods), and the peak allocated / reserved bytes rank 0's worker recorded
+(a GPU run; a CPU run records none).
+"""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+from shardlab.run.files import write_json_atomic
+
+from .space import Candidate
+
+TAG_FILE = "tune.json"
+
+
+def measure(run, warmup: int) -> dict:
+    """tokens/s per GPU (median period after `warmup` steps), step time, peak bytes and per-step periods."""
+    out: dict = {}
+    periods = run.step_periods(warmup=warmup)
+    if periods.empty:
+        periods = run.step_periods(warmup=0)
+    if not periods.empty:
+        step = float(periods["period_s"].median())
+        out.update(step_time_s=step, tokens_per_s=float(periods["tokens"].median()) / step,
+                   step_times_s=[round(float(x), 6) for x in periods["period_s"]], timed_steps=len(periods))
+    m = run.metrics
+    for key in ("peak_allocated_bytes", "peak_reserved_bytes"):
+        if not m.empty and key in m and m[key].notna().any():
+            out[key] = int(m[key].max())
+    return out
+
+
+def tag(run_dir, tune_id: str, c: Candidate) -> None:
+    write_json_atomic(Path(run_dir) / TAG_FILE, {"tune_id": tune_id, "trial": c.trial, "candidate": c.key,
+                                                 "predicted": c.predicted})
+
+
+class TrialRunner:
+    """Runs candidates through `shardlab.launch` one at a time. Setting `cancel` (a threading.Event)
+    stops the current run within a fraction of a second (LiveRun.cancel: every process ended) and
+    makes the search stop."""
+
+    def __init__(self, model, *, device: str, nproc: int, steps: int, warmup: int, out=None, tune_id: str,
+                 timeout_s: float = 300, on_event=None, cancel: threading.Event | None = None, launch_kw: dict | None = None):
+        self.model, self.device, self.nproc = model, device, nproc
+        self.steps, self.warmup, self.out, self.tune_id = steps, warmup, out, tune_id
+        self.timeout_s, self.on_event = timeout_s, on_event
+        self.current = None
+        self._cancel = cancel or threading.Event()
+        self.launch_kw = dict(launch_kw or {})  # more launch() arguments (benchmarks: worker_module)
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancel.is_set()
+
+    def cancel(self) -> None:
+        self._cancel.set()
+
+    def __call__(self, c: Candidate) -> None:
+        from shardlab.run.launcher import launch
+
+        if self.cancelled:
+            c.status, c.reason = "cancelled", "the tune was cancelled before this trial started"
+            return
+        run = launch(c.plan, model=self.model, steps=self.steps, nproc=self.nproc, device=self.device, out=self.out,
+                     timeout_s=self.timeout_s, on_event=self.on_event, **self.launch_kw)
+        self.current = run
+        c.run_id, c.run_dir = run.id, str(run.dir)
+        tag(run.dir, self.tune_id, c)
+        while not run.done:
+            run.wait(timeout=0.2)
+            if self.cancelled:
+                run.cancel()
+        status = run.wait()
+        self.current = None
+        c.status = status
+        if status == "completed":
+            c.measured = measure(run, self.warmup)
+            if not c.measured.get("tokens_per_s"):
+                c.status, c.reason = "failed", "completed without a timed step"
+        else:
+            c.measured = measure(run, self.warmup) if status != "cancelled" else {}
+            c.reason = (run.info or {}).get("error") or status
+            c.reason = str(c.reason)[:500]
+
+
+__all__ = ["TrialRunner", "measure", "tag", "TAG_FILE"]

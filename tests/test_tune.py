@@ -1,0 +1,131 @@
+"""shardlab tune: the stop rule and pruning on synthetic candidates, the command line's bad input, a
+budget of 0 (estimate only, nothing run), and one real tune over gpt-tiny on CPU processes whose pick
+is fed to accelerate's own launcher validation."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from shardlab import Plan, load_plan
+from shardlab.cli import main
+from shardlab.estimate import get_gpu
+from shardlab.tune import Budget, Space, candidates, tune
+from shardlab.tune.search import MEMORY_MARGIN, STEP_ERROR_BOUND, beats_all, predict, search
+from shardlab.tune.space import Candidate
+from shardlab.units import GIB
+
+
+def cand(key, tps, mem_gib=1.0, fw="fsdp2", mb=1):
+    c = Candidate(key, Plan(framework=fw, micro_batch_size=mb))
+    c.predicted = {"tokens_per_s": tps, "peak_reserved_bytes": int(mem_gib * GIB), "peak_allocated_bytes": int(mem_gib * GIB)}
+    return c
+
+
+def fake_runner(truth: dict):
+    """A trial that 'measures' truth[key] tokens/s, or fails with the reason given as a string."""
+    def run(c):
+        t = truth[c.key]
+        if isinstance(t, str):
+            c.status, c.reason = "oom", t
+        else:
+            c.status, c.measured = "completed", {"tokens_per_s": t}
+    return run
+
+
+def test_stop_rule_needs_the_measured_best_above_every_optimistic_prediction():
+    a, b = cand("a", 1000), cand("b", 700)
+    a.trial, a.status, a.measured = 1, "completed", {"tokens_per_s": 1000}
+    # b's optimistic prediction: 700 x (1 + 0.25) = 875 < 1000 measured: stop
+    assert beats_all([a, b], "fastest")
+    b.predicted["tokens_per_s"] = 850  # 850 x 1.25 = 1062.5 > 1000: it could still win
+    assert not beats_all([a, b], "fastest")
+    # the machine runs 20% slower than the step model says: unrun predictions are scaled alike
+    a.measured["tokens_per_s"] = 800
+    assert not beats_all([a, b], "fastest", bound=STEP_ERROR_BOUND)
+    assert beats_all([a, b], "fastest", bound=0.0)
+
+
+def test_search_stops_by_the_rule_goes_on_after_a_failed_trial_and_respects_the_budget():
+    cs = [cand("best-pred-ooms", 2000), cand("good", 1500), cand("slow", 500), cand("slower", 400)]
+    truth = {"best-pred-ooms": "CUDA out of memory", "good": 1400, "slow": 450, "slower": 380}
+    assert search(cs, "fastest", Budget(runs=5), fake_runner(truth)) == "rule"
+    by = {c.key: c for c in cs}
+    assert by["best-pred-ooms"].status == "oom" and by["best-pred-ooms"].reason == "CUDA out of memory"
+    assert by["good"].status == "completed" and by["slow"].status == "unrun"  # 500 x 1400/1500 x 1.25 < 1400
+    cs = [cand(k, t) for k, t in (("x", 1000), ("y", 990), ("z", 980))]
+    assert search(cs, "fastest", Budget(runs=2), fake_runner({"x": 900, "y": 950, "z": 1})) == "budget"
+    assert [c.status for c in cs] == ["completed", "completed", "unrun"]
+    assert search([cand("x", 1)], "fastest", Budget(runs=0), fake_runner({})) == "estimate-only"
+
+
+def test_largest_batch_and_least_memory_goals_rank_by_their_own_measure():
+    small, big = cand("mb1", 2000, 10, mb=1), cand("mb8", 1000, 60, mb=8)
+    search([small, big], "largest-batch", Budget(runs=1), fake_runner({"mb8": 900, "mb1": 1800}))
+    assert big.status == "completed" and small.status == "unrun"
+    small, big = cand("mb1", 2000, 10, mb=1), cand("mb8", 1000, 60, mb=8)
+    search([small, big], "least-memory", Budget(runs=1), fake_runner({"mb8": 900, "mb1": 1800}))
+    assert small.status == "completed" and big.status == "unrun"
+
+
+def test_pruning_rejects_invalid_plans_with_the_rule_and_what_cannot_fit_by_the_zero_arithmetic():
+    # 13B parameters with AdamW in mixed precision hold 16 bytes/parameter of model states unsharded
+    # (the ZeRO paper's 2 + 2 + 12): 208 GB, which no 80 GB GPU holds; ZeRO-3 with everything
+    # offloaded keeps only a working set on the GPU.
+    space = Space(frameworks=("fsdp1", "deepspeed"), shardings=("ddp", "zero1", "zero3"), offloads=("none", "all"),
+                  checkpointing=(True,), micro_batches=(1,), compile=(False,), knobs=False)
+    cs = candidates(space, Plan())
+    predict(cs, "gpt-13b", get_gpu("h100-80gb"))
+    by = {c.key: c for c in cs}
+    assert by["fsdp1 zero1 mb1x1 ac"].status == "rejected" and "zero1" in by["fsdp1 zero1 mb1x1 ac"].reason
+    assert by["deepspeed ddp mb1x1 ac"].status == "rejected" and by["deepspeed ddp mb1x1 ac"].reason.startswith("does not fit")
+    assert f"{MEMORY_MARGIN:.0%} margin" in by["deepspeed ddp mb1x1 ac"].reason
+    assert by["deepspeed zero3 mb1x1 offload-all ac"].status == "unrun"
+
+
+@pytest.mark.parametrize("args, word", [
+    (["--budget", "lots"], "budget"), (["--frameworks", "fsdp3"], "fsdp3"), (["--gpus", "0"], "gpus"),
+    (["--gpu", "tpu-v9", "--dry-run"], "tpu-v9"), (["--global-batch", "3", "--gpus", "2", "--dry-run", "--gpu", "h200"], "global_batch"),
+    (["--device", "cpu", "--budget", "2"], "parameters"),
+])
+def test_bad_input_exits_2_naming_the_field(args, word, capsys, tmp_path):
+    model = ["gpt-1.3b"] if "parameters" == word else ["gpt-tiny"]
+    assert main(["tune", "--model", *model, "--runs", str(tmp_path), *args]) == 2
+    err = capsys.readouterr().err
+    assert word in err and "Traceback" not in err
+    assert not list(tmp_path.iterdir())  # nothing was started
+
+
+def test_budget_0_ranks_by_estimate_only_and_runs_nothing(capsys, tmp_path):
+    runs = tmp_path / "runs"
+    assert main(["tune", "--model", "gpt-1.3b", "--gpus", "8", "--gpu", "a100-40gb", "--budget", "0", "--runs", str(runs),
+                 "--frameworks", "fsdp2,deepspeed", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["stop"] == "estimate-only" and out["trials"] == [] and not runs.exists()
+    statuses = {r["status"] for r in out["table"]}
+    assert statuses <= {"pick", "unrun", "rejected"} and out["pick"]["measured"] is False
+    tps = [r["predicted_tokens_per_s"] for r in out["table"] if r["status"] in ("pick", "unrun")]
+    assert tps == sorted(tps, reverse=True)  # fastest first
+
+
+def test_tune_gpt_tiny_on_cpu_runs_trials_stops_by_rule_and_its_pick_is_exportable(tmp_path):
+    from judges import accelerate_judge
+
+    from shardlab.export import export
+    from shardlab.run.listing import list_runs
+    from shardlab.tune.trials import TAG_FILE
+
+    # micro-batch 8 is predicted ~7x faster than 1 on the CPU stand-in: once it is measured, even 25%
+    # above the rescaled prediction the others cannot win, so one trial of the budget's three is enough
+    space = Space(frameworks=("fsdp2",), shardings=("zero2",), offloads=("none",), checkpointing=(False,),
+                  micro_batches=(1, 8), compile=(False,), knobs=False)
+    r = tune("gpt-tiny", budget=3, device="cpu", space=space, out=tmp_path / "runs", steps=4, warmup=1)
+    assert r.stop == "rule" and len(r.trials) == 1
+    assert r.pick is r.trials[0] and r.pick.status == "completed" and r.pick.measured["tokens_per_s"] > 0
+    listed = list_runs(tmp_path / "runs")
+    assert list(listed["status"]) == ["completed"] and listed["id"][0] == r.pick.run_id  # an ordinary run in the store
+    assert json.loads((tmp_path / "runs" / r.pick.run_id / TAG_FILE).read_text())["tune_id"] == r.tune_id
+    paths = r.write(tmp_path / "out", report=False)
+    seen = accelerate_judge(export(load_plan(paths["plan"]), "accelerate"))
+    assert seen["args"].use_fsdp and str(seen["args"].fsdp_version) == "2"
