@@ -218,7 +218,11 @@ def test_generated_deepspeed_configs_come_back(cfg):
         assume(False)  # a setup shardlab refuses (with a message), e.g. an offload the stage cannot do
     assert _changed(cfg, out) == []
     if "auto" not in json.dumps(cfg):  # DeepSpeed reads both the same way, defaults applied
-        a, b = deepspeed_config(cfg, plan.world_size), deepspeed_config(out, plan.world_size)
+        try:
+            a = deepspeed_config(cfg, plan.world_size)
+        except ValueError:  # a mix DeepSpeed itself refuses (compute_grad_norm=false at stage 0): no round trip to judge
+            assume(False)
+        b = deepspeed_config(out, plan.world_size)
         assert a.zero_config.model_dump() == b.zero_config.model_dump() and a.gradient_clipping == b.gradient_clipping
 
 
