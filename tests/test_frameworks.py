@@ -272,6 +272,13 @@ for extra in json.loads(sys.argv[2]):
     if plan.compile:
         engine.compile()
     print("FP " + json.dumps([fingerprint(ran), fingerprint(engine)]), flush=True)
+
+# the negative control: the first plan's exported file with one value edited must fingerprint differently
+plan = load_plan({"framework": "deepspeed", **json.loads(sys.argv[2])[0]})
+cfg = {**runtime_config(json.loads(export(plan, "deepspeed")), plan, "cpu"), "gradient_clipping": 0.25}
+model = build_model(spec, seed=0)
+engine, *_ = deepspeed.initialize(model=model, config=cfg, model_parameters=list(model.parameters()))
+print("NEG " + json.dumps(fingerprint(engine)), flush=True)
 '''
 
 
@@ -294,6 +301,8 @@ def test_deepspeed_engine_from_the_runner_equals_the_engine_from_the_exported_fi
     assert r.returncode == 0, r.stderr[-4000:]
     pairs = [json.loads(line[3:]) for line in r.stdout.splitlines() if line.startswith("FP ")]
     assert len(pairs) == len(DS_MATRIX)
+    edited = [json.loads(line[4:]) for line in r.stdout.splitlines() if line.startswith("NEG ")]
+    assert len(edited) == 1 and edited[0] != pairs[0][1] and edited[0]["clip"] == 0.25  # the fingerprint sees an edit
     for extra, (ran, exported) in zip(DS_MATRIX, pairs):
         plan = load_plan({"framework": "deepspeed", **extra})
         assert ran == exported, extra
