@@ -295,7 +295,7 @@ def test_deepspeed_engine_from_the_runner_equals_the_engine_from_the_exported_fi
     from shardlab.export.launch import extensions_dir
     from shardlab.run.host import free_port
 
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TORCH_EXTENSIONS_DIR": extensions_dir()}  # as the worker's runs do
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TORCH_EXTENSIONS_DIR": extensions_dir()}  # as the worker's runs do (conftest sets it too)
     r = subprocess.run([sys.executable, "-c", _DS_SCRIPT, str(free_port()), json.dumps(DS_MATRIX)],
                        capture_output=True, text=True, timeout=600, env=env)
     assert r.returncode == 0, r.stderr[-4000:]
