@@ -120,7 +120,7 @@ def shape_of(cfg, seq_len: int, vocab: int) -> dict | None:
     """ModelSpec shape fields for a transformer config (None when it is not one shardlab can describe).
 
     family "llama" for gated (SwiGLU-style, silu) MLPs, "gpt" for plain GELU MLPs: the activation
-    arithmetic (models.activation_bytes_per_layer_per_token) differs only there.
+    arithmetic (estimate/activations.py) differs only there.
     """
     vals = {}
     for key, names in _SHAPE_ATTRS.items():
