@@ -174,12 +174,15 @@ def _wait_done(page, timeout: float = CELL_WAIT_S) -> None:
 
 def _save(page, path: Path, want_text: str | None = None) -> nbformat.NotebookNode:
     """File > Save Notebook, then the file as JupyterLab wrote it (outputs with inlined JS: megabytes).
-    JupyterLab's autosave may have written it already; the file is read until every code cell has run
-    (and `want_text`, if given, is in it) or two minutes pass."""
+    The saved file is the judge: it is read, and the notebook saved again every 10 s (Ctrl+S), until
+    every code cell has run (and `want_text`, if given, is in it) or CELL_WAIT_S pass. (The page's
+    busy signs can miss a long cell: JupyterLab renders only the cells in view, so a "[*]" prompt
+    off screen is not in the page.)"""
     page.keyboard.press("Escape")
     page.get_by_role("menuitem", name="File", exact=True).click()
     page.get_by_role("menuitem", name="Save Notebook").first.click()
-    end = time.monotonic() + 120
+    end = time.monotonic() + CELL_WAIT_S
+    saved = time.monotonic()
     while True:
         try:
             nb = nbformat.read(path, as_version=4)
@@ -192,6 +195,10 @@ def _save(page, path: Path, want_text: str | None = None) -> nbformat.NotebookNo
         if time.monotonic() > end:
             assert nb is not None, f"{path.name} could not be read"
             return nb
+        if time.monotonic() - saved > 10:
+            page.keyboard.press("Escape")
+            page.keyboard.press("Control+s")
+            saved = time.monotonic()
         time.sleep(1)
 
 
