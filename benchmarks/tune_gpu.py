@@ -109,7 +109,9 @@ def grid_rows(case: dict, model, device: str, limit: int | None):
     cands = candidates(sp, Plan())
     predict(cands, model, target(case, device))
     grid = [c for c in cands if c.predicted]  # valid plans: the estimator priced them (fit or not)
-    return grid[:limit] if limit else grid
+    if limit and limit < len(grid):  # a smoke run: configurations spread over the grid (every framework)
+        grid = [grid[round(i * (len(grid) - 1) / max(1, limit - 1))] for i in range(limit)]
+    return grid
 
 
 def run_grid(grid, model, a, runs: Path) -> list[dict]:
@@ -119,8 +121,14 @@ def run_grid(grid, model, a, runs: Path) -> list[dict]:
     rows: list[dict] = []
     out = Path(a.out)
 
+    deadline = time.time() + a.grid_deadline_s if a.grid_deadline_s else None
+
     def one(c):
         t0 = time.time()
+        if deadline and t0 > deadline:  # the call's time is up: say so rather than overrun the device limit
+            rows.append({"key": c.key, "plan": c.plan.model_dump(mode="json"), "predicted": c.predicted,
+                         "predicted_fits": c.status != "rejected", "status": "not-run", "measured": {}, "error": "grid deadline"})
+            return rows[-1]
         row = {"key": c.key, "plan": c.plan.model_dump(mode="json"), "predicted": c.predicted,
                "predicted_fits": c.status != "rejected", "prune_reason": c.reason}
         try:
@@ -190,11 +198,12 @@ def main() -> int:
     ap.add_argument("--runs", default=None, help="run store (default OUT/../runs_CASE outside OUT: run folders do not come back)")
     ap.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
     ap.add_argument("--tiny", action="store_true", help="CPU-sized model (smoke test of the script)")
-    ap.add_argument("--grid", type=int, default=None, help="run only the first N grid configurations (smoke)")
+    ap.add_argument("--grid", type=int, default=None, help="run only N grid configurations, spread over the grid (smoke)")
     ap.add_argument("--budget", default="5")
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--jobs", type=int, default=3, help="grid runs started at once (one trains at a time: tune_worker's gate)")
+    ap.add_argument("--grid-deadline-s", type=float, default=None, help="start no grid run after this many seconds")
     ap.add_argument("--no-tune", action="store_true")
     a = ap.parse_args()
     case = CASES[a.case]
