@@ -7,11 +7,11 @@ included (they show whether the memory pruning was right). Then `tune` searches 
 budget of trial runs, and the JSON says whether its pick is within 5% of the grid's measured best
 tokens/s, and how long tune took.
 
-The grid's runs use benchmarks/tune_worker.py: the ordinary worker behind a lock, so queued runs
-overlap only their imports while one configuration at a time owns the GPU (each is timed alone), and
-optionally on an allocator capped to fewer bytes than the GPU has (a case where the memory limit
-binds without a model too big to run 30 times in a few minutes). Tune's trials use the same worker
-(the same cap), one at a time as tune always runs them.
+The grid's runs use benchmarks/tune_worker.py: the ordinary worker with its training loop behind a
+lock, so queued runs do their start-up while one configuration at a time trains (each is timed alone
+on the GPU), optionally on an allocator capped to fewer bytes than the GPU has (a case where the
+memory limit binds without a model too big to run 30 times in a few minutes). Tune's trials use the
+same worker (the same cap) without the lock, one at a time as tune always runs them.
 
     # on the GPU machine (benchmarks/on_gpu.sh installs the carried wheels first):
     bash benchmarks/on_gpu.sh benchmarks/tune_gpu.py --case gpt125 --out $OUT/t
@@ -125,9 +125,11 @@ def run_grid(grid, model, a, runs: Path) -> list[dict]:
 
     def one(c):
         t0 = time.time()
-        if deadline and t0 > deadline:  # the call's time is up: say so rather than overrun the device limit
+        broken = len(rows) >= 3 and all(r["status"] in ("failed", "error") for r in rows)
+        if broken or (deadline and t0 > deadline):  # the call's time is up: say so rather than overrun the device limit
             rows.append({"key": c.key, "plan": c.plan.model_dump(mode="json"), "predicted": c.predicted,
-                         "predicted_fits": c.status != "rejected", "status": "not-run", "measured": {}, "error": "grid deadline"})
+                         "predicted_fits": c.status != "rejected", "status": "not-run", "measured": {},
+                         "error": "the first runs all failed" if broken else "grid deadline"})
             return rows[-1]
         row = {"key": c.key, "plan": c.plan.model_dump(mode="json"), "predicted": c.predicted,
                "predicted_fits": c.status != "rejected", "prune_reason": c.reason}
