@@ -129,3 +129,48 @@ def test_tune_gpt_tiny_on_cpu_runs_trials_stops_by_rule_and_its_pick_is_exportab
     paths = r.write(tmp_path / "out", report=False)
     seen = accelerate_judge(export(load_plan(paths["plan"]), "accelerate"))
     assert seen["args"].use_fsdp and str(seen["args"].fsdp_version) == "2"
+
+
+def _tune_bench():
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("tune_gpu", Path(__file__).resolve().parents[1] / "benchmarks" / "tune_gpu.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _recorded_grids():
+    from pathlib import Path
+
+    return sorted((Path(__file__).resolve().parents[1] / "benchmarks" / "results").glob("tune_h200_*.json"))
+
+
+@pytest.mark.parametrize("path", _recorded_grids(), ids=lambda p: p.stem)
+def test_search_replayed_on_a_recorded_gpu_grid_picks_within_5_percent_of_its_best(path):
+    """The search of today's estimator, replayed on the grid measured on the H200 (each trial answered
+    by the grid's own measurement of that configuration): 5 trials find a configuration within 5% of
+    the grid's measured best tokens/s. A change to the estimator or the search that ranks worse fails."""
+    from shardlab.tune.search import best
+
+    rec = json.loads(path.read_text())
+    bench = _tune_bench()
+    case = bench.CASES[rec["case"]]
+    rows = {r["key"]: r for r in rec["grid"]}
+    cs = candidates(Space(**case["space"], global_batch=case["global_batch"]), Plan())
+    predict(cs, case["model"], bench.target(case, "cuda"))
+
+    def answer(c):
+        r = rows.get(c.key)
+        if r is None or r["status"] == "not-run":
+            c.status, c.reason = "failed", "not measured in the recorded grid"
+        elif r["status"] == "completed":
+            c.status, c.measured = "completed", r["measured"]
+        else:
+            c.status, c.reason = r["status"], r.get("error")
+
+    search(cs, "fastest", Budget(runs=5), answer)
+    done = [r for r in rows.values() if r["status"] == "completed"]
+    top = max(r["measured"]["tokens_per_s"] for r in done)
+    assert best(cs, "fastest").measured["tokens_per_s"] >= 0.95 * top
