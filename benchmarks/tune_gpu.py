@@ -232,12 +232,14 @@ def main() -> int:
     t1 = time.time()
     rows = run_grid(grid, model, a, runs / "grid")
     info["grid_wall_s"] = round(time.time() - t1, 1)
+    path = out / f"tune_{a.case}.json"
+    path.write_text(json.dumps({**info, "judge": judge(rows, None), "tune": None, "grid": rows}, indent=1, default=str))
     tuned = None
     if not a.no_tune:
         write_bench(runs / "tune", False, case, a.device)
         tuned = run_tune(case, model, a, runs / "tune")
     res = {**info, "judge": judge(rows, tuned), "tune": tuned, "grid": rows, "wall_s": round(time.time() - t0, 1)}
-    (out / f"tune_{a.case}.json").write_text(json.dumps(res, indent=1, default=str))
+    path.write_text(json.dumps(res, indent=1, default=str))
     print(json.dumps(res["judge"], indent=1, default=str))
     print(f"wall {res['wall_s']} s (grid {info['grid_wall_s']} s, tune {tuned and tuned['wall_s']} s)")
     return 0
