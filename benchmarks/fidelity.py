@@ -106,7 +106,22 @@ HOST_CONFIGS = [C(m, fw, sh, mb=1) for m in ("hostA", "hostB") for fw, sh in (
     ("deepspeed", "ddp"), ("deepspeed", "zero1"), ("deepspeed", "zero2"), ("deepspeed", "zero3"),
     ("fsdp1", "ddp"), ("fsdp1", "zero3"), ("fsdp2", "ddp"), ("fsdp2", "zero2"), ("fsdp2", "zero3"))] + [
     C("hostB", "fsdp1", "zero2", "fp16", mb=1), C("hostB", "deepspeed", "zero2", "fp16", mb=1), C("hostB", "fsdp2", "zero3", mb=1, ga=4)]
-SETS = {"matrix": (1, CONFIGS), "check": (101, CHECK_CONFIGS), "host": (201, HOST_CONFIGS)}
+# the validation set (--set val, numbered from 301): shapes and settings chosen after the host probe's
+# changes, run on a machine calibrated in the same call, to judge the model and the calibration
+MODELS.update({
+    "gpt1152": {"name": "gpt1152", "family": "gpt", "layers": 28, "hidden": 1152, "heads": 18, "vocab": 50257, "seq_len": 1024},
+    "llama100k": {"name": "llama100k", "family": "llama", "layers": 20, "hidden": 1792, "heads": 14, "kv_heads": 2,
+                  "ffn_hidden": 4864, "vocab": 100352, "seq_len": 2048},
+    "llamawide6": {"name": "llamawide6", "family": "llama", "layers": 6, "hidden": 3072, "heads": 24, "kv_heads": 8,
+                   "ffn_hidden": 8192, "vocab": 32000, "seq_len": 4096},
+})
+VAL_CONFIGS = [
+    C("gpt1152", "fsdp2", "zero3", mb=4), C("gpt1152", "deepspeed", "zero2", mb=4), C("gpt1152", "fsdp1", "zero3", "fp32", mb=1),
+    C("llama100k", "fsdp2", "zero3", mb=2, ac=True), C("llama100k", "deepspeed", "zero3", mb=2), C("llama100k", "deepspeed", "zero1", mb=1, ga=2),
+    C("llama100k", "fsdp1", "zero2", mb=2), C("llama100k", "fsdp2", "zero3", mb=2, off="both"), C("llama100k", "deepspeed", "zero3", mb=2, off="opt"),
+    C("llamawide6", "fsdp2", "zero3", mb=1), C("llamawide6", "deepspeed", "zero3", mb=1), C("llamawide6", "fsdp1", "ddp", mb=1, ac=True),
+]
+SETS = {"matrix": (1, CONFIGS), "check": (101, CHECK_CONFIGS), "host": (201, HOST_CONFIGS), "val": (301, VAL_CONFIGS)}
 KEYS = ("model", "framework", "sharding", "precision", "micro_batch_size", "grad_accum_steps", "activation_checkpointing",
         "offload", "compile", "hf")
 

@@ -5,7 +5,7 @@ int / str / none / a[0], huge and non-finite numbers, `!!bool maybe`, alias bomb
 mixed-type keys), mutated real configs (tests/corpus, tests/golden/plans), special files (a FIFO,
 a link to /dev/zero, a folder, a missing path), and corrupt run folders. Each goes through
 `shardlab.cli.main` as `validate`, `import`, `translate`, `estimate` (--params / --model shape file),
-`diff` (when the command exists) or `runs`.
+`diff` (when the command exists), or the run store's readers (`runs`, and `load`: the loaders and\nframes behind `report` and the app's Compare tab, without drawing).
 
 Counted, per the robustness contract (issue 19): tracebacks (any exception other than the exit 2 of
 bad input, grouped by crash site), hangs (an input taking over 5 s of CPU, or 60 s of wall time
@@ -130,8 +130,8 @@ def make_input(r: random.Random, work: Path) -> tuple[list[str], str]:
             f.symlink_to("/dev/zero")
         elif what == "dir":
             f.mkdir()
-    else:
-        return ["runs", str(_store(r, work))], kind
+    else:  # the store's readers: the `runs` listing, or the loaders behind `report` and the Compare tab
+        return [r.choice(["runs", "load"]), str(_store(r, work))], kind
     cmd = r.choice(["validate", "import", "translate", "estimate", "estimate-model", "diff"])
     if cmd == "translate":
         return ["translate", str(f), "--to", r.choice(["fsdp1", "fsdp2", "deepspeed"])], kind
@@ -185,6 +185,18 @@ def _store(r: random.Random, work: Path) -> Path:
 # The child: runs inputs, reports what happened
 
 
+def load_store(store: str) -> int:
+    """What `shardlab report` and the app's Compare tab read, without drawing: every run of `store`
+    loaded, then the comparison table and the frames the figures are made from."""
+    from shardlab import compare as c
+    from shardlab.run.files import subdirs
+
+    runs = c.load_runs([str(d) for d in subdirs(Path(store))])
+    for frame in (c.compare, c.loss_frame, c.phase_frame, c.timeline_frame, c.memory_breakdown, c.comm_frame):
+        frame(runs)
+    return 0
+
+
 def _child(conn, work: str) -> None:
     from shardlab.cli import main
 
@@ -217,7 +229,7 @@ def _child(conn, work: str) -> None:
         t0 = time.monotonic()
         try:
             with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-                rc = main(argv)
+                rc = load_store(argv[1]) if argv[0] == "load" else main(argv)
         except SystemExit as e:
             rc = e.code
         except BaseException as e:  # noqa: BLE001 - this is what is being counted

@@ -59,6 +59,13 @@ def rows(include_shared: bool = False) -> list[dict]:
     return out
 
 
+def _calibration_of(results: Path) -> str:
+    """The calibration made on the machine that ran these rows (fidelity_h200_X.json ->
+    calibration_h200_X.json, same device call), else the recorded H200 one from another lease."""
+    own = results.name.replace("fidelity_", "calibration_")
+    return own if (RESULTS / own).is_file() else "calibration_h200.json"
+
+
 def fidelity_rows(include_shared: bool = False) -> list[dict]:
     """Issue 13's runner matrix (benchmarks/fidelity.py's rows: plan and model rebuilt by its own
     plan_for / model_for). A row times its configuration only if it ran alone on the GPU
@@ -83,7 +90,7 @@ def fidelity_rows(include_shared: bool = False) -> list[dict]:
             name = f"#{r['id']} {r['model']} {r['framework']} {r['sharding']} {r['precision']} mb{r['micro_batch_size']}"
             out.append({"source": f.stem + ("" if alone else " (shared/short)"), "name": name,
                         "plan": fidelity.plan_for(r), "model": fidelity.model_for(r), "gpu": _gpu(r.get("device", "H200")),
-                        "measured": r["tokens_per_s"], "calibration": "calibration_h200.json"})
+                        "measured": r["tokens_per_s"], "calibration": _calibration_of(f)})
     return out
 
 

@@ -16,7 +16,7 @@ import os
 import sys
 
 from shardlab.commands import configs, estimating, running, tuning
-from shardlab.commands.common import PLAN_FILE_HELP, UsageError, check_output
+from shardlab.commands.common import PLAN_FILE_HELP, UsageError, check_output, say
 from shardlab.constants import EXIT_BAD_INPUT
 from shardlab.plan import PlanError
 
@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:
         return _quiet_broken_pipe()
     except (PlanError, UsageError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        say(f"error: {e}")
         return EXIT_BAD_INPUT
 
 

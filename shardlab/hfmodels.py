@@ -12,8 +12,6 @@ Only imported where a Hugging Face model is wanted: transformers takes seconds t
 from __future__ import annotations
 
 import difflib
-import json
-from pathlib import Path
 
 from shardlab.plan import bad_input
 
@@ -29,10 +27,11 @@ _SHAPE_ATTRS = {
 
 
 def _read_file(path: str) -> dict:
+    from shardlab.safe_input import load_json, read_file
+
+    text = read_file(path, "Hugging Face config.json")  # regular files of bounded size only; PlanError names the path
     try:
-        data = json.loads(Path(path).read_text())
-    except (OSError, UnicodeDecodeError) as e:
-        raise bad_input("--model", f"--model={path!r} cannot be read ({e}). Give the path of a Hugging Face config.json.") from None
+        data = load_json(text, path)
     except ValueError as e:
         raise bad_input("--model", f"--model={path!r} is not a Hugging Face config: it is not JSON ({e}). Give a config.json as "
                         "transformers writes it (save_pretrained), with a model_type key.") from None
@@ -121,7 +120,7 @@ def shape_of(cfg, seq_len: int, vocab: int) -> dict | None:
     """ModelSpec shape fields for a transformer config (None when it is not one shardlab can describe).
 
     family "llama" for gated (SwiGLU-style, silu) MLPs, "gpt" for plain GELU MLPs: the activation
-    arithmetic (models.activation_bytes_per_layer_per_token) differs only there.
+    arithmetic (estimate/activations.py) differs only there.
     """
     vals = {}
     for key, names in _SHAPE_ATTRS.items():

@@ -339,37 +339,6 @@ def flops_per_token(spec: ModelSpec, seq_len: int | None = None) -> int:
     return 6 * (spec.params - spec.embedding_params) + 12 * spec.layers * spec.hidden * t
 
 
-def activation_bytes_per_layer_per_token(spec: ModelSpec, dtype_bytes: int = 2, checkpointing: bool = False) -> int:
-    """Bytes one block keeps for backward per token (SDPA / flash attention: no T×T score matrix).
-
-    Counted from what autograd saves in the runner's blocks, no dropout:
-    - gpt: LN1 input d, qkv input d, q/k/v d+2·kv (SDPA keeps them and its output d), out-proj input
-      d, LN2 input d, fc input d, GELU input f, fc2 input f  → 7d + 2kv + 2f elements (34·d bytes
-      in bf16 for d = kv, f = 4d: the 34·s·b·h of Korthikanti et al. without the 5·a·s/h term
-      that flash attention removes).
-    - llama: norm inputs 2d, q/k/v + SDPA out d+2kv+d, o-proj input d, MLP input d, gate/up
-      outputs and SiLU output 3f, down input f → 7d + 2kv + 4f elements.
-    Per-row statistics (norm mean/rstd, SDPA logsumexp) are a few fp32 values per token: ignored.
-    With checkpointing only the block input (d elements) is kept; the recomputed block's full
-    activations exist once at a time (the estimator adds one layer's worth).
-    """
-    if spec.is_bare:
-        return 0
-    d, f, kv = spec.hidden, spec.ffn, spec.kv_dim
-    if checkpointing:
-        return d * dtype_bytes
-    elems = 7 * d + 2 * kv + (2 * f if spec.family == "gpt" else 4 * f)
-    return elems * dtype_bytes
-
-
-def head_activation_bytes_per_token(spec: ModelSpec, dtype_bytes: int = 2) -> int:
-    """Final norm and LM head per token: norm input d, head input d, logits V, and an fp32
-    log-softmax copy V for the loss (conservative: a loss computed on float logits keeps one)."""
-    if spec.is_bare:
-        return 0
-    return 2 * spec.hidden * dtype_bytes + spec.vocab * (dtype_bytes + 4)
-
-
 def wrap_units(spec: ModelSpec, policy: str = "transformer", min_num_params: int = 100_000_000) -> list[tuple[str, int]]:
     """FSDP units as (name, parameters it gathers), the root unit first, then the others in wrap order.
 
@@ -393,6 +362,7 @@ def wrap_units(spec: ModelSpec, policy: str = "transformer", min_num_params: int
 
 
 _UNITS: dict[tuple, list[tuple[str, int]]] = {}
+
 
 def largest_wrap_unit(spec: ModelSpec, policy: str = "transformer", min_num_params: int = 100_000_000) -> int:
     """Parameters of the largest unit FSDP / ZeRO-3 gathers at once (root unit included)."""

@@ -85,7 +85,9 @@ def short(v: Any, n: int = SHORT) -> str:
 
 
 def cap(message: str) -> str:
-    """A message no longer than MAX_MESSAGE characters (the middle is cut, the fix at the end kept)."""
+    """A message no longer than MAX_MESSAGE characters (the middle is cut, the fix at the end kept), in
+    valid UTF-8 (lone surrogates that a YAML/JSON escape such as "\\ud800" makes are written as escapes)."""
+    message = message.encode("utf-8", "backslashreplace").decode("utf-8")
     if len(message) <= MAX_MESSAGE:
         return message
     keep = MAX_MESSAGE // 2 - 10
@@ -233,7 +235,10 @@ def _children(node: yaml.Node) -> list[yaml.Node]:
 
 
 def load_json(text: str, name: str = "<text>") -> Any:
-    """json.loads, then the same value checks as YAML (JSON has no aliases; its size is bounded by the file's)."""
+    """json.loads, then the same value checks as YAML (JSON has no aliases; its size is bounded by the file's).
+    Nesting past MAX_DEPTH is refused before parsing (json's parser recurses: RecursionError otherwise)."""
+    if _bracket_depth(text) > MAX_DEPTH:
+        raise fail(name, f"{label(name)} nests deeper than {MAX_DEPTH} levels. A config has a few levels; fix its structure.")
     data = json.loads(text)
     check_data(data, name)
     return data

@@ -25,7 +25,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import importlib
-import json
 import os
 import re
 import shlex
@@ -33,7 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from shardlab.models import ModelSpec
-from shardlab.plan import bad_input
+from shardlab.plan import PlanError, bad_input
 
 _FACTORY = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
 DEFAULT_SEQ_LEN = 2048  # a Hugging Face model's sequence length when its context is longer and seq_len is not given
@@ -73,9 +72,11 @@ def _is_config_file(head: str) -> bool:
 
 
 def _json_has(path: str, *keys: str) -> bool:
-    try:
-        data = json.loads(Path(path).read_text()[:1_000_000])
-    except (OSError, ValueError):
+    from shardlab.safe_input import load_json, read_file
+
+    try:  # the one reader: a regular file of bounded size (a FIFO or a link to /dev/zero is not read)
+        data = load_json(read_file(path, "model config"), path)
+    except (PlanError, ValueError):
         return False
     return isinstance(data, dict) and any(k in data for k in keys)
 

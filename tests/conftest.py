@@ -5,7 +5,13 @@ import shutil
 
 import pytest
 
+from shardlab.export.launch import extensions_dir
+
 os.environ.setdefault("DS_ACCELERATOR", "cpu") if not shutil.which("nvidia-smi") else None
+# DeepSpeed's JIT ops in this environment's own folder, as `make test` and shardlab's runs use it, for the
+# tests that start DeepSpeed in a plain subprocess too: outside make, they used ~/.cache/torch_extensions,
+# where a build lock left by a killed process (seen 2026-12-01) makes torch wait forever.
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", extensions_dir())
 
 
 def _has_cuda() -> bool:

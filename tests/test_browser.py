@@ -8,11 +8,13 @@ JupyterLab extension, and they talk to the kernel. No console errors in either.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -28,15 +30,20 @@ ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-f
 BIN = Path(sys.executable).parent
 
 
-def wait_http(url: str, proc: subprocess.Popen, timeout: float = 120) -> None:
+def wait_http(url: str, proc: subprocess.Popen, timeout: float = 120, status: int = 200) -> None:
+    """Until `url` answers with `status` (the app's /login page answers 403: it needs its token)."""
     end = time.monotonic() + timeout
     while time.monotonic() < end:
         if proc.poll() is not None:
             raise AssertionError(f"server exited with {proc.returncode}: {proc.stdout.read() if proc.stdout else ''}")
         try:
             with urllib.request.urlopen(url, timeout=5) as r:
-                if r.status == 200:
+                if r.status == status:
                     return
+        except urllib.error.HTTPError as e:
+            if e.code == status:
+                return
+            time.sleep(0.5)
         except OSError:
             time.sleep(0.5)
     raise AssertionError(f"{url} did not answer within {timeout} s")
@@ -74,7 +81,7 @@ def app(tmp_path):
     proc = subprocess.Popen([str(BIN / "shardlab"), "app", "--port", str(port), "--runs", str(tmp_path / "runs"), "--token", "browser-test"], env=env, cwd=tmp_path,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        wait_http(f"http://127.0.0.1:{port}/", proc)
+        wait_http(f"http://127.0.0.1:{port}/login", proc, status=403)
         yield f"http://127.0.0.1:{port}/?token=browser-test", tmp_path / "runs"
     finally:
         stop(proc)
@@ -181,16 +188,19 @@ NOTEBOOK = {
 }
 
 
-@pytest.fixture
-def lab(tmp_path):
+@contextlib.contextmanager
+def jupyterlab(tmp_path: Path, files: dict[str, str], env: dict[str, str] | None = None):
+    """JupyterLab serving a fresh folder holding `files` (name -> text), with its own settings and no
+    token; yields (the server's /lab URL, the folder). test_browser_usermodel.py uses it too."""
     root = tmp_path / "lab"
     root.mkdir()
-    (root / "builder.ipynb").write_text(json.dumps(NOTEBOOK))
+    for name, text in files.items():
+        (root / name).write_text(text)
     port = free_port()
     home = tmp_path / "home"
     env = {**os.environ, "JUPYTER_CONFIG_DIR": str(home / "config"), "JUPYTER_RUNTIME_DIR": str(home / "runtime"),
            "JUPYTERLAB_SETTINGS_DIR": str(home / "settings"), "JUPYTERLAB_WORKSPACES_DIR": str(home / "workspaces"),
-           "IPYTHONDIR": str(home / "ipython")}
+           "IPYTHONDIR": str(home / "ipython"), **(env or {})}
     proc = subprocess.Popen([str(BIN / "jupyter"), "lab", "--no-browser", f"--port={port}", "--ip=127.0.0.1",
                              "--allow-root", "--IdentityProvider.token=", "--ServerApp.password=", "--ServerApp.disable_check_xsrf=True",
                              f"--ServerApp.root_dir={root}", "--LabApp.news_url=",
@@ -198,18 +208,18 @@ def lab(tmp_path):
                             env=env, cwd=root, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         wait_http(f"http://127.0.0.1:{port}/lab", proc)
-        yield f"http://127.0.0.1:{port}/lab/tree/builder.ipynb"
+        yield f"http://127.0.0.1:{port}/lab", root
     finally:
         stop(proc)
 
 
-def test_jupyterlab_renders_the_builder(browser, lab):
+def open_and_run_all(page, url: str) -> None:
+    """Open the notebook at `url`, start its kernel (accepting JupyterLab's kernel dialog if it asks),
+    wait for the kernel to be idle, then Run > Run All Cells."""
     from playwright.sync_api import expect
 
-    page = browser
-    page.goto(lab)
-    cell = page.locator(".jp-Notebook .jp-Cell").first
-    expect(cell).to_be_visible(timeout=90_000)
+    page.goto(url)
+    expect(page.locator(".jp-Notebook .jp-Cell").first).to_be_visible(timeout=90_000)
     # A fresh JupyterLab may ask which kernel to start: the notebook's own (python3) is preselected.
     choose = page.locator(".jp-Dialog .jp-mod-accept")
     try:
@@ -220,6 +230,19 @@ def test_jupyterlab_renders_the_builder(browser, lab):
     expect(page.locator(".jp-Notebook-ExecutionIndicator[data-status='idle']")).to_have_count(1, timeout=90_000)
     page.get_by_role("menuitem", name="Run", exact=True).click()
     page.get_by_role("menuitem", name="Run All Cells").first.click()
+
+
+@pytest.fixture
+def lab(tmp_path):
+    with jupyterlab(tmp_path, {"builder.ipynb": json.dumps(NOTEBOOK)}) as (base, _):
+        yield f"{base}/tree/builder.ipynb"
+
+
+def test_jupyterlab_renders_the_builder(browser, lab):
+    from playwright.sync_api import expect
+
+    page = browser
+    open_and_run_all(page, lab)
     select = page.locator(".jp-OutputArea .sl-field-framework select")
     try:
         expect(select).to_be_visible(timeout=240_000)  # a busy 2-core box: kernel start + panel import

@@ -9,46 +9,27 @@ and hf: sources are taken, so this runs where the person's own code runs, the no
 from __future__ import annotations
 
 import json
-import os
-import subprocess
+import re
 import time
+from pathlib import Path
 
 import pytest
 
-from shardlab.run.host import free_port
-from tests.test_browser import BIN, browser, stop, wait_http  # noqa: F401 - browser is a fixture
+from tests.test_browser import browser, jupyterlab, open_and_run_all  # noqa: F401 - browser is a fixture
 
 pytestmark = [pytest.mark.browser, pytest.mark.heavy]
 
-MY_MODEL = '''
-import torch
-from torch import nn
+# Lab 08's own model file (labs/_src/08_bring_your_own_model.py writes it), so the lab and this test
+# cannot drift apart; a smaller factory is added for a quick CPU run with a declared sequence length.
+LAB_08 = Path(__file__).resolve().parents[1] / "labs" / "_src" / "08_bring_your_own_model.py"
+MY_MODEL = re.search(r"Path\(.my_model\.py.\)\.write_text\('{3}(.*?)'{3}\)", LAB_08.read_text(), re.S).group(1) + """
 
-
-class MyBlock(nn.Module):
-    def __init__(self, d):
-        super().__init__()
-        self.fc1, self.fc2 = nn.Linear(d, 4 * d), nn.Linear(4 * d, d)
-
-    def forward(self, x):
-        return x + self.fc2(torch.relu(self.fc1(x)))
-
-
-class MyLM(nn.Module):
-    def __init__(self, vocab=128, d=32, layers=2):
-        super().__init__()
-        self.seq_len = 16
-        self.emb = nn.Embedding(vocab, d)
-        self.blocks = nn.Sequential(*[MyBlock(d) for _ in range(layers)])
-        self.head = nn.Linear(d, vocab)
-
-    def forward(self, ids):
-        return self.head(self.blocks(self.emb(ids)))
-
-
-def make():
-    return MyLM()
-'''
+def make_small():
+    model = MyLM(vocab=128, d=32, layers=2)
+    model.seq_len = 16
+    return model
+"""
+SOURCE = "mymodel:make_small"
 
 
 NOTEBOOK = {
@@ -65,25 +46,9 @@ NOTEBOOK = {
 
 @pytest.fixture
 def lab(tmp_path):
-    root = tmp_path / "lab"
-    root.mkdir()
-    (root / "mine.ipynb").write_text(json.dumps(NOTEBOOK))
-    (root / "mymodel.py").write_text(MY_MODEL)
-    port = free_port()
-    home = tmp_path / "home"
-    env = {**os.environ, "JUPYTER_CONFIG_DIR": str(home / "config"), "JUPYTER_RUNTIME_DIR": str(home / "runtime"),
-           "JUPYTERLAB_SETTINGS_DIR": str(home / "settings"), "JUPYTERLAB_WORKSPACES_DIR": str(home / "workspaces"),
-           "IPYTHONDIR": str(home / "ipython"), "DS_ACCELERATOR": "cpu"}
-    proc = subprocess.Popen([str(BIN / "jupyter"), "lab", "--no-browser", f"--port={port}", "--ip=127.0.0.1",
-                             "--allow-root", "--IdentityProvider.token=", "--ServerApp.password=", "--ServerApp.disable_check_xsrf=True",
-                             f"--ServerApp.root_dir={root}", "--LabApp.news_url=",
-                             "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate"],
-                            env=env, cwd=root, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        wait_http(f"http://127.0.0.1:{port}/lab", proc)
-        yield f"http://127.0.0.1:{port}/lab/tree/mine.ipynb", root
-    finally:
-        stop(proc)
+    files = {"mine.ipynb": json.dumps(NOTEBOOK), "mymodel.py": MY_MODEL}
+    with jupyterlab(tmp_path, files, env={"DS_ACCELERATOR": "cpu"}) as (base, root):
+        yield f"{base}/tree/mine.ipynb", root
 
 
 def test_my_model_is_estimated_in_the_builder_and_runs_from_the_launcher(browser, lab):  # noqa: F811
@@ -91,27 +56,17 @@ def test_my_model_is_estimated_in_the_builder_and_runs_from_the_launcher(browser
 
     url, root = lab
     page = browser
-    page.goto(url)
-    expect(page.locator(".jp-Notebook .jp-Cell").first).to_be_visible(timeout=90_000)
-    choose = page.locator(".jp-Dialog .jp-mod-accept")
-    try:
-        choose.wait_for(timeout=15_000)
-        choose.click()
-    except Exception:  # no dialog: the kernel started by itself
-        pass
-    expect(page.locator(".jp-Notebook-ExecutionIndicator[data-status='idle']")).to_have_count(1, timeout=90_000)
-    page.get_by_role("menuitem", name="Run", exact=True).click()
-    page.get_by_role("menuitem", name="Run All Cells").first.click()
+    open_and_run_all(page, url)
     picker = page.locator(".jp-OutputArea .sl-model input")
     expect(picker).to_be_visible(timeout=240_000)
 
-    picker.fill("mymodel:make")
+    picker.fill(SOURCE)
     picker.press("Enter")
     picker.press("Tab")  # leaving the box applies it (measured: Enter alone did not, bokeh 3.9's autocomplete)
     expect(page.locator(".jp-OutputArea .sl-model-note")).to_contain_text("MyBlock", timeout=120_000)
 
     model = page.locator(".jp-OutputArea .sl-run-model input")
-    model.fill("mymodel:make")
+    model.fill(SOURCE)
     model.press("Enter")
     model.press("Tab")
     page.locator(".jp-OutputArea .sl-run-start button").click()
@@ -126,4 +81,4 @@ def test_my_model_is_estimated_in_the_builder_and_runs_from_the_launcher(browser
     run_dirs = [d for d in (root / "runs").iterdir() if d.is_dir()]
     assert len(run_dirs) == 1
     info = json.loads((run_dirs[0] / "status.json").read_text())
-    assert info["status"] == "completed" and info["model"] == "mymodel:make" and info["wrap_class"] == "MyBlock"
+    assert info["status"] == "completed" and info["model"] == SOURCE and info["wrap_class"] == "MyBlock"

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import os
 import socket
 import time
@@ -67,6 +68,36 @@ def test_special_files_and_missing_paths_are_named_not_read(tmp_path):
         for cmd in ("validate", "import"):
             rc, err = cli(cmd, str(tmp_path / name))
             assert rc == 2 and says in err, (name, err)
+    # a model given as a .json path (a Hugging Face config.json, issue 17) goes through the same reader
+    plan = tmp_path / "plan.yaml"
+    plan.write_text(PLAN)
+    for name in ("fifo.json", "zero.json"):
+        if name == "fifo.json":
+            os.mkfifo(tmp_path / name)
+        rc, err = cli("estimate", str(plan), "--model", str(tmp_path / name))
+        assert rc == 2 and "not a regular file" in err, (name, err)
+    deep = tmp_path / "deep.json"
+    deep.write_text("[" * 5000)  # json's parser recurses: RecursionError unless refused first
+    rc, err = cli("estimate", str(plan), "--model", str(deep))
+    assert rc == 2 and "nests deeper" in err, err
+
+
+def test_a_lone_surrogate_in_a_key_is_printed_as_an_escape(tmp_path):
+    # "\ud800" in a YAML/JSON string makes a lone surrogate: no UTF-8 stream can take it as it is
+    f = tmp_path / "plan.yaml"
+    f.write_text('{"\\ud800\\udc00": 1000000000000000001}')
+    rc, err = cli("validate", str(f))
+    err.encode("utf-8")
+    assert rc == 2 and "\\ud800" in err, err
+
+
+def test_notes_listing_hostile_key_names_stay_short(tmp_path):
+    # unmodelled keys are carried and named in a note: names the fuzzer made 4 KB long must not make it long
+    keys = {f"k{i}_" + "f" * 1500: 1 for i in range(3)}
+    f = tmp_path / "ds.json"
+    f.write_text(json.dumps({"zero_optimization": {"stage": 2}, **keys}))
+    rc, err = cli("import", str(f))  # cli() asserts the whole of stderr < 2 KB
+    assert rc == 0 and "carried unchanged" in err, err
 
 
 def test_model_sizes_and_flags_are_bounded_before_any_work(tmp_path):

@@ -22,7 +22,13 @@ import pytest
 
 from shardlab.run.launcher import launch
 
-pytestmark = pytest.mark.heavy  # real torchrun per fault; SHARDLAB_HEAVY_TESTS=1 runs them (make test's 25-minute budget)
+# Each case starts a real torchrun (it imports torch: ~3.5 s of CPU) and takes 12-27 s on the shared
+# 2-core box, whichever way they are arranged (all six started at once in one fixture took longer: 157 s
+# against 132 s one after another, CPU-bound). By default: SIGTERM (the cancel path), SIGKILL (the
+# watchdog path) and the killed agent with the planted secrets. Heavy (SHARDLAB_HEAVY_TESTS=1): SIGHUP
+# (the same handler as SIGTERM) and the two run-folder faults (both end through the same failed status
+# write), for make test's 25-minute budget.
+HEAVY = pytest.mark.heavy
 
 HERE = Path(__file__).parent
 PLAN = {"framework": "fsdp2", "sharding": "zero3", "topology": {"gpus_per_node": 1}}
@@ -88,7 +94,7 @@ def _cli_run(store: Path, plan: Path, **popen) -> tuple[subprocess.Popen, Path]:
 
 
 @pytest.mark.timeout(120)
-@pytest.mark.parametrize("sig, status", [(signal.SIGTERM, "cancelled"), (signal.SIGHUP, "cancelled"),
+@pytest.mark.parametrize("sig, status", [(signal.SIGTERM, "cancelled"), pytest.param(signal.SIGHUP, "cancelled", marks=HEAVY),
                                          (signal.SIGKILL, "failed")])
 def test_the_launching_process_ended_by_a_signal_ends_the_run(sig, status, tmp_path, standin):
     cli, run_dir = _cli_run(tmp_path / "runs", tmp_path / "plan.json")
@@ -116,6 +122,7 @@ def test_the_launching_process_ended_by_a_signal_ends_the_run(sig, status, tmp_p
                 p.wait()
 
 
+@HEAVY
 @pytest.mark.timeout(120)
 def test_the_run_folder_deleted_mid_run_ends_it_failed(tmp_path, standin):
     run = launch(PLAN, steps=MANY, device="cpu", out=tmp_path, worker_module="standin_worker")
@@ -142,6 +149,7 @@ def _read_only(d: Path):
     return lambda: subprocess.run(["chattr", "-i", str(d)], capture_output=True)
 
 
+@HEAVY
 @pytest.mark.timeout(120)
 def test_the_run_folder_made_read_only_mid_run_ends_it_failed_and_says_why(tmp_path, standin):
     cli, run_dir = _cli_run(tmp_path / "runs", tmp_path / "plan.json")

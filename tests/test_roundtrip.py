@@ -209,16 +209,28 @@ def deepspeed_configs(draw):
     return cfg
 
 
+def _comes_back(cfg: dict, target: str) -> tuple[dict, Plan]:
+    """A generated config re-exported to its own format with no key changed: (the export, the plan).
+    A setup shardlab refuses (with a message), e.g. an offload the stage cannot do, is not a case."""
+    text = json.dumps(cfg) if target == "deepspeed" else yaml.safe_dump(cfg)
+    try:
+        out, plan = _reexport(text, target)
+    except PlanError:
+        assume(False)
+    assert _changed(cfg, out) == []
+    return out, plan
+
+
 @FEW
 @given(deepspeed_configs())
 def test_generated_deepspeed_configs_come_back(cfg):
-    try:
-        out, plan = _reexport(json.dumps(cfg), "deepspeed")
-    except PlanError:
-        assume(False)  # a setup shardlab refuses (with a message), e.g. an offload the stage cannot do
-    assert _changed(cfg, out) == []
+    out, plan = _comes_back(cfg, "deepspeed")
     if "auto" not in json.dumps(cfg):  # DeepSpeed reads both the same way, defaults applied
-        a, b = deepspeed_config(cfg, plan.world_size), deepspeed_config(out, plan.world_size)
+        try:
+            a = deepspeed_config(cfg, plan.world_size)
+        except ValueError:  # a mix DeepSpeed itself refuses (compute_grad_norm=false at stage 0): no round trip to judge
+            assume(False)
+        b = deepspeed_config(out, plan.world_size)
         assert a.zero_config.model_dump() == b.zero_config.model_dump() and a.gradient_clipping == b.gradient_clipping
 
 
@@ -274,11 +286,7 @@ def accelerate_configs(draw):
 @FEW
 @given(accelerate_configs())
 def test_generated_accelerate_configs_come_back(cfg):
-    try:
-        out, _ = _reexport(yaml.safe_dump(cfg), "accelerate")
-    except PlanError:
-        assume(False)
-    assert _changed(cfg, out) == []
+    _comes_back(cfg, "accelerate")
 
 
 # ---------------------------------------------------------------------------------------------

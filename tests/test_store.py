@@ -254,3 +254,27 @@ def test_the_workers_metrics_lines_keep_the_contract_and_read_back_unchanged(goo
         assert clean_line(line) == line
         rebuilt = StepRecord(**{k: v for k, v in line.items() if k in StepRecord.__dataclass_fields__}).to_json()
         assert rebuilt == line
+
+
+def test_the_live_feed_passes_the_same_lines_the_store_reads_back(tmp_path):
+    """A garbled metrics line (step as text, a string where bytes belong) and an event without a name:
+    the launcher's live feed must give what `load_run(dir).metrics()` later gives, not its own reading."""
+    from shardlab.run.liverun import LiveRun
+
+    good = {"step": 1, "rank": 0, "loss": 2.5, "tokens_per_s": 10.0, "state_bytes": {"params": 4, "grads": "x", "optimizer": 8}}
+    lines = [good, {"step": "2", "rank": 0, "loss": 1.0}, {"step": 2, "rank": 1, "rss_bytes": "lots", "loss": 1.5}]
+    events = [{"event": "phase", "rank": 0, "what": "building"}, {"rank": 0, "what": "no event name"}]
+    for name in ("plan.yaml", "status.json"):
+        (tmp_path / name).write_text("{}\n")
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    (tmp_path / "events.jsonl").write_text("".join(json.dumps(x) + "\n" for x in events))
+    run = LiveRun(tmp_path, agents=[], sampler=None, steps=2, world_size=2, timeout_s=None, on_event=None,
+                  progress=None, info={"status": "running"})
+    assert run._drain() is True and run._drain() is False
+    fed = [run._queue.get() for _ in range(3)]
+    fed_metrics = [{k: v for k, v in x.items() if k != "type"} for x in fed if x["type"] == "metrics"]
+    stored = load_run(tmp_path).metrics.to_dict("records")
+    assert [x["step"] for x in fed_metrics] == [x["step"] for x in stored] == [1, 2]
+    assert fed_metrics[0]["state_bytes"] == {"params": 4, "optimizer": 8} and "rss_bytes" not in fed_metrics[1]
+    assert [x.get("what") for x in fed if x["type"] == "event"] == ["building"] == [e["what"] for e in run.worker_events]
+    assert run.steps_by_rank == {0: 1, 1: 1}

@@ -6,8 +6,9 @@ else ./runs), and a TuneRunner whose trials land in that store. Each browser
 session gets its own objects. The server listens on 127.0.0.1 only: it can start processes, so it is
 not for the network. Other users of the same machine (or an SSH tunnel) can still reach that port, so
 the page also asks for a token, as JupyterLab does: a random one printed at start
-(http://127.0.0.1:PORT/?token=...), or the one given with `shardlab app --token`. A session whose
-request does not carry it gets a page saying so, and no builder, launcher or run store. A spinner in
+(http://127.0.0.1:PORT/?token=...), or the one given with `shardlab app --token`. The first visit
+with it sets an HttpOnly cookie and redirects to the address without the token (`token_guard`); a
+request with neither gets a page saying so, and no builder, launcher or run store. A spinner in
 the header turns while the server is busy with anything the page asked for (panel's busy state), so
 no wait goes without a sign.
 """
@@ -48,31 +49,58 @@ def create_app(runs_dir: str | None = None) -> pn.viewable.Viewable:
     return pn.Column(header, tabs, sizing_mode="stretch_width")
 
 
-def _token_ok(expected: str) -> bool:
-    """The session's request carries the token (?token=... or a shardlab_token cookie)."""
-    if not expected:
-        return True
-    got = ""
-    args = pn.state.session_args or {}
-    if args.get("token"):
-        got = args["token"][0].decode("utf-8", "replace") if isinstance(args["token"][0], bytes) else str(args["token"][0])
-    elif pn.state.cookies and pn.state.cookies.get("shardlab_token"):
-        got = str(pn.state.cookies["shardlab_token"])
-    return hmac.compare_digest(got.encode(), expected.encode())
+COOKIE = "shardlab_token"
+NEEDS_TOKEN = ("<!doctype html><title>shardlab</title><h1>shardlab</h1><p class='sl-token-needed'>This dashboard needs "
+               "its token: open the address <code>shardlab app</code> printed (http://127.0.0.1:PORT/?token=...).</p>")
 
 
-def _guarded(expected: str, runs_dir: str | None):
-    if not _token_ok(expected):
-        return pn.pane.Markdown("# shardlab\n\nThis dashboard needs its token: open the address `shardlab app` printed "
-                                "(http://127.0.0.1:PORT/?token=...).", css_classes=["sl-token-needed"])
-    return create_app(runs_dir)
+def token_guard(expected: str):
+    """A Bokeh auth provider: a request is let in with the token's cookie, or with ?token=... once, which
+    sets the cookie (HttpOnly, SameSite=Strict) and redirects to the same address without the token, so
+    it stays out of the address bar, the history, Referer headers and access logs from then on, as
+    JupyterLab's login does. Anything else is sent to /login, a page saying a token is needed."""
+    from urllib.parse import parse_qsl, urlencode, urlsplit
+
+    import tornado.web
+    from bokeh.server.auth_provider import AuthProvider
+
+    def matches(got) -> bool:
+        return bool(got) and hmac.compare_digest(str(got).encode(), expected.encode())
+
+    class Login(tornado.web.RequestHandler):
+        def get(self):
+            self.set_status(403)
+            self.finish(NEEDS_TOKEN)
+
+    class Guard(AuthProvider):
+        login_url = "/login"
+        login_handler = Login
+
+        @property
+        def get_user(self):
+            return self._user
+
+        def _user(self, handler):
+            if matches(handler.get_cookie(COOKIE)):
+                return "shardlab"
+            if not matches(handler.get_query_argument("token", None)):
+                return None
+            handler.set_cookie(COOKIE, expected, path="/", httponly=True, samesite="Strict")
+            if handler.request.method != "GET":
+                return "shardlab"
+            url = urlsplit(handler.request.uri)
+            rest = urlencode([(k, v) for k, v in parse_qsl(url.query, keep_blank_values=True) if k != "token"])
+            handler.redirect(url.path + (f"?{rest}" if rest else ""))
+            raise tornado.web.Finish()
+
+    return Guard()
 
 
 def serve(port: int = 5006, show: bool = False, runs_dir: str | None = None, threaded: bool = False,
           token: str | None = None):
     """Serve the dashboard at http://127.0.0.1:PORT/ (blocks unless `threaded`, which returns the server).
 
-    token: what a browser must present as ?token=...; None makes a random one, "" serves without one."""
+    token: what a browser must present once as ?token=... (then a cookie carries it); None makes a random one, "" serves without one."""
     token = secrets.token_urlsafe(24) if token is None else token
     import shardlab.models
 
@@ -81,7 +109,7 @@ def serve(port: int = 5006, show: bool = False, runs_dir: str | None = None, thr
     url = f"http://127.0.0.1:{port}/" + (f"?token={token}" if token else "")
     print(f"shardlab app: open {url}", flush=True)
     return pn.serve(
-        {"/": lambda: _guarded(token, runs_dir)},
+        {"/": lambda: create_app(runs_dir)},
         port=port,
         address="127.0.0.1",
         websocket_origin=[f"127.0.0.1:{port}", f"localhost:{port}"],
@@ -89,4 +117,5 @@ def serve(port: int = 5006, show: bool = False, runs_dir: str | None = None, thr
         title="shardlab",
         threaded=threaded,
         print_url=False,
+        **({"auth_provider": token_guard(token)} if token else {}),
     )

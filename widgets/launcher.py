@@ -20,6 +20,7 @@ from bokeh.models import ColumnDataSource
 from bokeh.plotting import figure
 
 from shardlab.plan import Plan, PlanError, load_plan
+from shardlab.run.metrics import clean_sample
 from shardlab.run.store import default_runs_dir  # noqa: F401  (kept importable from here)
 from shardlab.units import MIB
 from shardlab_widgets.modelpick import model_input
@@ -159,7 +160,7 @@ class RunLauncher(pn.viewable.Viewer):
                 final = item.get("status")
         if steps:
             self.speed_source.stream(dict(step=steps, tokens_per_s=speeds))
-        lines = self._timeline_tail.new() if self._timeline_tail else []
+        lines = [x for x in map(clean_sample, self._timeline_tail.new()) if x] if self._timeline_tail else []
         if lines:
             if self._t0 is None:
                 self._t0 = min(float(x["t"]) for x in lines)

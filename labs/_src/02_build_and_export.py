@@ -140,7 +140,7 @@ for n in notes:
 # *Import a config* box does the same from an uploaded file):
 
 # %%
-builder.import_config(str(FILES / "ds_config.json"))
+builder.import_config((FILES / "ds_config.json").read_text(), name="ds_config.json")  # the file's text, as an upload gives it
 print(builder.plan.framework, builder.plan.sharding, builder.plan.offload)
 
 # %% [markdown]

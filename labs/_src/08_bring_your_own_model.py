@@ -15,9 +15,9 @@ import json
 from pathlib import Path
 
 import shardlab
+from labkit import lab_device, runs_dir
 from shardlab import compare
 from shardlab.estimate import estimate
-from shardlab.labcheck import lab_device, runs_dir
 from shardlab.models import flops_per_token, resolve_model
 
 DEVICE, NPROC = lab_device()

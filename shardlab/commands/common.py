@@ -66,21 +66,28 @@ def write_out(text: str, out: str | None) -> None:
         sys.stdout.write(text if text.endswith("\n") else text + "\n")
 
 
+def say(message: str) -> None:
+    """One message to stderr, at most safe_input.MAX_MESSAGE characters (a note may list keys an input named)."""
+    from shardlab.safe_input import cap
+
+    print(cap(message), file=sys.stderr)
+
+
 def print_findings(findings) -> None:
     for f in findings:
-        print(str(f), file=sys.stderr)
+        say(str(f))
 
 
 def print_notes(notes) -> None:
     for n in notes:
-        print(f"note: {n}", file=sys.stderr)
+        say(f"note: {n}")
 
 
 def say_assumed(plan) -> None:
     """Settings left to the training script ('auto'): which value an estimate or run assumed."""
     if plan.auto:
         said = ", ".join(f"{k}={v}" for k, v in plan.assumed().items())
-        print(f"note: 'auto' (left to the training script) assumed as {said}", file=sys.stderr)
+        say(f"note: 'auto' (left to the training script) assumed as {said}")
 
 
 def model_text(words: list[str] | None) -> str | None:

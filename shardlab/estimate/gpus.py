@@ -92,3 +92,26 @@ def get_gpu(gpu: str | GPU | dict) -> GPU:
     near = difflib.get_close_matches(key, list(GPUS) + list(_ALIASES), n=1, cutoff=0.5)
     hint = f" Did you mean '{_ALIASES.get(near[0], near[0])}'?" if near else ""
     raise bad_input("--gpu", f"--gpu={gpu!r} is not in the GPU table.{hint} Known GPUs: {', '.join(GPUS)} (or register your own with shardlab.estimate.gpus.register_gpu).")
+
+
+# torch.cuda.get_device_name() patterns -> shardlab's GPU table (shardlab/estimate/gpus.py); first match wins
+_GPU_NAMES = ((r"\bh200\b", "h200"), (r"\bh100\b.*\bpcie\b", "h100-pcie"), (r"\bh100\b", "h100-80gb"),
+              (r"\ba100\b.*\b40gb\b", "a100-40gb"), (r"\ba100\b", "a100-80gb"), (r"\ba10g\b", "a10g"),
+              (r"\brtx 4090\b", "rtx4090"), (r"\bl4\b", "l4"))
+
+
+def gpu_table_name(device_name: str) -> str | None:
+    """'NVIDIA H100 80GB HBM3' -> 'h100-80gb'; None when the table has no such GPU."""
+    import re
+
+    low = device_name.lower().replace("-", " ")
+    for pattern, name in _GPU_NAMES:
+        if re.search(pattern, low):
+            return name
+    return None
+
+
+def peak_tflops(device_name: str, precision: str) -> float | None:
+    """This GPU's dense peak TFLOPS for `precision` from the table (by its CUDA name), None if unknown."""
+    name = gpu_table_name(device_name)
+    return None if name is None else get_gpu(name).peak_tflops(precision)

@@ -206,7 +206,7 @@ def measure(gpu=None) -> dict:
     """Run every measurement on the current CUDA device; return a calibration dict (see calibrate.py)."""
     import torch
 
-    from shardlab.run.worker import gpu_table_name
+    from shardlab.estimate.gpus import gpu_table_name
 
     from .calibrate import VERSION, key_for
     from .gpus import get_gpu

@@ -108,9 +108,10 @@ CPU_ADAM_PARAMS_PER_S = 2.5e9  # DeepSpeed CPU Adam, parameters per second per n
 # parameters): 1.0e9, from issue 13's check row #109 run alone on an H200 host (llama65k, 503M
 # parameters, parameters and optimizer offloaded: 0.69 s per step, of which ~0.08 s GPU/host work and
 # ~0.12 s PCIe; fidelity_h200_check_alone.json). FSDP2 (one DTensor per parameter, dispatched op by
-# op) was 3.3x slower than FSDP1 in the one matrix that ran both (fidelity_h200.json #37/#38, runs
-# sharing the CPU alike) -> 0.3e9; no FSDP2 offload row has run alone yet.
-TORCH_CPU_ADAM_PARAMS_PER_S = {"fsdp1": 1.0e9, "fsdp2": 0.3e9}
+# op): 0.65e9, from validation row #308 run alone on another H200 host (llama100k, 1.03B parameters,
+# everything offloaded: 1.89 s per step; fidelity_h200_val.json). The lent machines' CPUs differ: the
+# same host's DeepSpeed CPU Adam ran 40% below CPU_ADAM_PARAMS_PER_S there (#309).
+TORCH_CPU_ADAM_PARAMS_PER_S = {"fsdp1": 1.0e9, "fsdp2": 0.65e9}
 
 # bytes per parameter the optimizer step moves on the GPU (fp32 params, grads and states):
 # torch AdamW foreach (the default on CUDA): decay r/w 8, lerp m 12, v scale 8 + addcmul 12, sqrt 8,

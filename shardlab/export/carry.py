@@ -19,6 +19,8 @@ import hashlib
 import json
 from typing import Any, Callable, Iterator
 
+from shardlab.export.keys import get_in
+
 Path = tuple[str, ...]
 _MISSING = object()
 
@@ -33,11 +35,8 @@ def leaves(data: Any, path: Path = ()) -> Iterator[tuple[Path, Any]]:
 
 
 def get_path(data: Any, path: Path) -> Any:
-    for part in path:
-        if not isinstance(data, dict) or part not in data:
-            return _MISSING
-        data = data[part]
-    return data
+    """The value at `path` (its parts may hold dots), or _MISSING."""
+    return get_in(data, path, _MISSING)
 
 
 def set_path(data: dict, path: Path, value: Any) -> None:

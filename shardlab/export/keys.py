@@ -126,14 +126,19 @@ ACC_FIXED_TOP = {"compute_environment": "LOCAL_MACHINE", "debug": False, "downca
                  "same_network": True, "use_cpu": False}
 
 
-def get_dotted(data: dict, dotted: str, default: Any = None) -> Any:
-    """data['a']['b'] for 'a.b', or `default` where a level is missing or not a mapping."""
+def get_in(data: Any, parts, default: Any = None) -> Any:
+    """data[a][b] for parts (a, b), or `default` where a level is missing or not a mapping."""
     cur: Any = data
-    for part in dotted.split("."):
+    for part in parts:
         if not isinstance(cur, dict) or part not in cur:
             return default
         cur = cur[part]
     return cur
+
+
+def get_dotted(data: dict, dotted: str, default: Any = None) -> Any:
+    """data['a']['b'] for 'a.b', or `default` where a level is missing or not a mapping."""
+    return get_in(data, dotted.split("."), default)
 
 
 def set_dotted(data: dict, dotted: str, value: Any) -> None:

@@ -2,7 +2,8 @@
 
 Each adapter module owns, for its framework: `check(plan, device)` (what a valid plan still cannot
 run here), `settings(plan)` (every Plan field it uses, resolved once), `apply(...)` (the runner builds
-from the settings) and `render(plan)` (the export writes from the same settings). The runner
+from the settings), `render(plan)` (the export writes from the same settings) and
+`translate_from(plan, d, notes)` (what `shardlab translate --to` it changes in a plan, with notes). The runner
 (run/wrap.py, the worker), the launcher's checks (run/host.py) and the exporters all come here, so
 what is exported is what runs. No torch import at module level.
 """

@@ -183,3 +183,55 @@ class Trainer:
     @property
     def zero_optimizer(self):
         return self.engine.optimizer if self.engine is not None else self.optimizer
+
+
+def fsdp_translate_from(plan: Plan, d: dict, notes: list[str], to: str) -> None:
+    """What FSDP1 and FSDP2 both change in a plan translated to them (`to`) from another framework:
+    ZeRO-1, ZeRO++, offload, 16-bit checkpoints and buckets (DeepSpeed-only), and from DeepSpeed its
+    prefetch, wrap and zero.Init. Each adapter's `translate_from` adds its own version's rules."""
+    src, default = plan.framework, Plan()
+    if d["sharding"] == "zero1":
+        d["sharding"] = "zero2"
+        notes.append("sharding=zero1 has no FSDP equivalent (FSDP shards gradients with the optimizer states); using zero2 (SHARD_GRAD_OP).")
+    zp = d["zeropp"]
+    if zp["hpz_partition_size"] > 1:
+        if d["sharding"] == "zero3" and plan.topology.nodes > 1 and zp["hpz_partition_size"] == plan.topology.gpus_per_node:
+            d["sharding"] = "hybrid"
+            notes.append("ZeRO++ hpZ over one node becomes sharding=hybrid (HYBRID_SHARD): FSDP replicates gradients and optimizer "
+                         "states across nodes too, so each GPU holds more than with hpZ, and gradients are all-reduced across nodes.")
+        else:
+            notes.append(f"zeropp.hpz_partition_size={zp['hpz_partition_size']} (a secondary weight shard inside a node) has no FSDP equivalent; dropped.")
+        zp["hpz_partition_size"] = 1
+    for q in ("quantized_weights", "quantized_gradients"):
+        if zp[q]:
+            zp[q] = False
+            notes.append(f"zeropp.{q} (ZeRO++ int8/int4 communication) has no FSDP equivalent; dropped, so {to} sends full-precision bytes.")
+    off = d["offload"]
+    if "nvme" in (off["optimizer"], off["params"]):
+        notes.append("NVMe offload (ZeRO-Infinity) has no FSDP equivalent; FSDP can offload to CPU only.")
+    wants = off["optimizer"] != "none" or off["params"] != "none"
+    if wants and d["sharding"] in ("zero3", "hybrid"):
+        if off["optimizer"] != off["params"] or "nvme" in (off["optimizer"], off["params"]):
+            notes.append("offload: FSDP offloads all or nothing (CPUOffload moves parameters, gradients and the optimizer step "
+                         f"together); optimizer={off['optimizer']}, params={off['params']} becomes both on cpu.")
+        off.update(optimizer="cpu", params="cpu", nvme_path=None)
+    elif wants:
+        notes.append(f"offload: FSDP offloads all or nothing and only with parameters sharded (zero3); with sharding={d['sharding']} "
+                     "the optimizer stays on the GPU, so GPU memory rises. Use sharding zero3 to offload everything to CPU.")
+        off.update(optimizer="none", params="none", nvme_path=None)
+    elif off["nvme_path"]:
+        off["nvme_path"] = None
+    if d["checkpoint"] == "full_16bit":
+        d["checkpoint"] = "full"
+        notes.append("checkpoint=full_16bit (DeepSpeed's gathered 16-bit save) becomes checkpoint=full (one full state dict).")
+    if any(v != "auto" for v in d["buckets"].values()):
+        notes.append("bucket sizes are DeepSpeed knobs; FSDP communicates one wrap unit at a time (set by wrap). Reset to auto.")
+    d["buckets"] = default.buckets.model_dump()
+    if src == "deepspeed":
+        notes.append("prefetch: ZeRO-3 prefetches by bucket size (stage3_prefetch_bucket_size); FSDP prefetches the next wrap unit "
+                     f"({'backward_prefetch, forward_prefetch' if to == 'fsdp1' else 'one unit ahead in backward; forward_prefetch explicit'}).")
+        notes.append(f"wrap: DeepSpeed partitions parameters individually; {to} shards by wrap unit, here wrap.policy={d['wrap']['policy']} "
+                     f"({d['wrap']['transformer_layer_cls']}). Check it names your model's block class.")
+        if d["low_memory_init"]:
+            d["sync_module_states"] = True
+            notes.append("low_memory_init: zero.Init becomes FSDP's meta-device construction with rank 0 broadcasting the weights (sync_module_states).")

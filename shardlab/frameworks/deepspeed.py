@@ -91,3 +91,49 @@ def render(plan: Plan) -> str:
     from shardlab.export.deepspeed import export_deepspeed
 
     return export_deepspeed(plan)
+
+
+def load_ops(plan: Plan, device: str) -> None:
+    """Load (building on first use) the JIT ops DeepSpeed will ask for during initialize, so their build
+    time is its own named phase instead of a silent wait inside deepspeed.initialize. On a CPU: the shm
+    comm op (every run) and CPU Adam (optimizer offload); on CUDA only CPU Adam (offload). A failure here
+    is left for DeepSpeed to report in its own words when it tries the same build."""
+    names = ["ShareMemCommBuilder"] if device == "cpu" else []
+    if plan.offload.optimizer != "none":
+        names.append("CPUAdamBuilder")
+    try:
+        from deepspeed.accelerator import get_accelerator
+
+        for name in names:
+            builder = get_accelerator().create_op_builder(name)
+            if builder is not None and builder.is_compatible():
+                builder.load(verbose=False)
+    except Exception:  # noqa: BLE001 (see docstring)
+        pass
+
+
+def translate_from(plan: Plan, d: dict, notes: list[str]) -> None:
+    """`shardlab translate --to deepspeed`: adjust `d` (the FSDP plan `plan` as a dict, framework
+    already set) to what DeepSpeed can express, with a note for each behaviour that changes."""
+    default = Plan()
+    if d["sharding"] == "hybrid":
+        notes.append("sharding=hybrid becomes ZeRO-3 with hpZ (zero_hpz_partition_size = GPUs per node): DeepSpeed still shards "
+                     "gradients and optimizer states over all GPUs and keeps only a secondary weight copy per node, where "
+                     "HYBRID_SHARD replicates everything across nodes. Memory per GPU is lower, inter-node traffic higher.")
+    if d["offload"]["params"] == "cpu":
+        notes.append("offload: FSDP's CPUOffload becomes ZeRO-Offload of parameters and optimizer; DeepSpeed runs the optimizer "
+                     "step on the CPU (DeepSpeedCPUAdam), where FSDP steps the CPU shards with the torch optimizer.")
+    fsdp_only = {"forward_prefetch": "ZeRO-3 prefetches by buckets.prefetch_bucket_size instead",
+                 "backward_prefetch": "DeepSpeed has no such knob", "limit_all_gathers": "DeepSpeed bounds gathers by stage3_max_live_parameters",
+                 "sync_module_states": "DeepSpeed broadcasts the initial weights itself", "buffer_dtype": "DeepSpeed casts the whole module"}
+    for name, why in fsdp_only.items():
+        if d[name] != getattr(default, name):
+            notes.append(f"{name}={d[name]} is an FSDP knob that does not carry over ({why}); reset to {getattr(default, name)}.")
+            d[name] = getattr(default, name)
+    if d["wrap"] != default.wrap.model_dump():
+        notes.append("wrap: DeepSpeed partitions each parameter on its own and has no wrap units; wrap reset to its default.")
+        d["wrap"] = default.wrap.model_dump()
+    if d["low_memory_init"]:
+        notes.append("low_memory_init: FSDP's meta-device / rank-0 loading becomes DeepSpeed's zero.Init (ZeRO-3) construction.")
+    notes.append("bucket sizes: DeepSpeed communicates in buckets (reduce_bucket_size, prefetch_bucket_size) where FSDP "
+                 "communicates one wrap unit at a time; the plan leaves them on auto.")

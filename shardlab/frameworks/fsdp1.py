@@ -150,14 +150,14 @@ def apply(s: Settings, model, device: str, loss: Callable) -> base.Trainer:
 def render(plan: Plan) -> str:
     """The exported FSDP1 script for `plan`."""
     from shardlab.frameworks.render import render as fill
+    from shardlab.frameworks.render import script_doc
 
-    return fill(settings(plan), _doc(plan))
+    return fill(settings(plan), script_doc(plan, "FSDP1", FSDP1_STRATEGY[plan.sharding]))
 
 
-def _doc(plan: Plan) -> str:
-    t = plan.topology
-    return (f"FSDP1 training set-up exported by shardlab: {plan.sharding} ({FSDP1_STRATEGY[plan.sharding]}), {plan.precision}, "
-            f"{t.nodes} node(s) x {t.gpus_per_node} GPU(s).\n\n"
-            f"Run on each node: torchrun --nnodes={t.nodes} --nproc-per-node={t.gpus_per_node} THIS_FILE [--steps N] [--save DIR]\n"
-            "(CUDA + NCCL when GPUs are present, otherwise CPU + gloo). `shard_model(model, device)` applies the\n"
-            "plan to any model; `main()` trains a tiny demo model with it. The constants below are the plan's settings.")
+def translate_from(plan: Plan, d: dict, notes: list[str]) -> None:
+    """`shardlab translate --to fsdp1`: adjust `d` (the plan as a dict, framework already set) to what
+    FSDP1 can express, with a note for each behaviour that changes."""
+    base.fsdp_translate_from(plan, d, notes, NAME)
+    if d["precision"] == "fp16":
+        notes.append("fp16 with FSDP1 scales the loss with ShardedGradScaler in the training loop (DeepSpeed scales inside the engine).")

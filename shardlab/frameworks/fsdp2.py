@@ -138,14 +138,26 @@ def apply(s: Settings, model, device: str, loss: Callable) -> base.Trainer:
 def render(plan: Plan) -> str:
     """The exported FSDP2 script for `plan`."""
     from shardlab.frameworks.render import render as fill
+    from shardlab.frameworks.render import script_doc
 
-    return fill(settings(plan), _doc(plan))
+    return fill(settings(plan), script_doc(plan, "FSDP2", f"reshard_after_forward={FSDP2_RESHARD[plan.sharding]}, {MESH[plan.sharding]} mesh"))
 
 
-def _doc(plan: Plan) -> str:
-    t = plan.topology
-    return (f"FSDP2 training set-up exported by shardlab: {plan.sharding} (reshard_after_forward={FSDP2_RESHARD[plan.sharding]}, "
-            f"{MESH[plan.sharding]} mesh), {plan.precision}, {t.nodes} node(s) x {t.gpus_per_node} GPU(s).\n\n"
-            f"Run on each node: torchrun --nnodes={t.nodes} --nproc-per-node={t.gpus_per_node} THIS_FILE [--steps N] [--save DIR]\n"
-            "(CUDA + NCCL when GPUs are present, otherwise CPU + gloo). `shard_model(model, device)` applies the\n"
-            "plan to any model; `main()` trains a tiny demo model with it. The constants below are the plan's settings.")
+def translate_from(plan: Plan, d: dict, notes: list[str]) -> None:
+    """`shardlab translate --to fsdp2`: adjust `d` (the plan as a dict, framework already set) to what
+    FSDP2 can express, with a note for each behaviour that changes."""
+    base.fsdp_translate_from(plan, d, notes, NAME)
+    default = Plan()
+    if d["precision"] == "fp16" and d["loss_scaling"] == "none":
+        d["loss_scaling"] = "dynamic"
+        notes.append("fp16 with FSDP2 needs a gradient scaler; loss_scaling set to dynamic (torch.amp.GradScaler).")
+    if d["backward_prefetch"] != default.backward_prefetch:
+        notes.append(f"backward_prefetch={d['backward_prefetch']} is FSDP1-only; FSDP2 always prefetches one unit ahead in backward. Reset.")
+        d["backward_prefetch"] = default.backward_prefetch
+    if plan.framework == "fsdp1" and not d["limit_all_gathers"]:
+        notes.append("limit_all_gathers=false has no FSDP2 counterpart (FSDP2 frees memory without a rate limiter).")
+    if d["buffer_dtype"] != "auto":
+        notes.append(f"buffer_dtype={d['buffer_dtype']} has no FSDP2 counterpart (MixedPrecisionPolicy leaves buffers alone); reset to auto.")
+        d["buffer_dtype"] = "auto"
+    if d["sharding"] in ("hybrid", "ddp"):
+        notes.append(f"sharding={d['sharding']} is expressed in FSDP2 by a 2-D device mesh (replicate x shard) with reshard_after_forward.")

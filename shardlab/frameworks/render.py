@@ -61,6 +61,17 @@ def _units_source() -> str:
     return "# Size-based wrap units: the algorithm shardlab uses (shardlab/frameworks/units.py).\n" + "".join(parts)
 
 
+def script_doc(plan, framework: str, how: str) -> str:
+    """The exported script's docstring: `framework` ("FSDP1"), how it shards the plan's sharding
+    (`how`, e.g. "FULL_SHARD"), precision, topology, and how to run it."""
+    t = plan.topology
+    return (f"{framework} training set-up exported by shardlab: {plan.sharding} ({how}), {plan.precision}, "
+            f"{t.nodes} node(s) x {t.gpus_per_node} GPU(s).\n\n"
+            f"Run on each node: torchrun --nnodes={t.nodes} --nproc-per-node={t.gpus_per_node} THIS_FILE [--steps N] [--save DIR]\n"
+            "(CUDA + NCCL when GPUs are present, otherwise CPU + gloo). `shard_model(model, device)` applies the\n"
+            "plan to any model; `main()` trains a tiny demo model with it. The constants below are the plan's settings.")
+
+
 def render(settings, doc: str) -> str:
     """The script for `settings` (an fsdp1 or fsdp2 Settings) with module docstring `doc`."""
     values = constants(settings)

@@ -44,19 +44,41 @@ def _from_accelerate(d: dict, folder: Path | None, docs: dict | None = None) -> 
     fsdp = _mapping("fsdp_config", d.get("fsdp_config"))
     par = _mapping("parallelism_config", d.get("parallelism_config"))
     kind = kind.upper()
+    fields["framework"] = _framework(kind, fsdp, notes)
+    if kind not in ("FSDP", "DEEPSPEED"):
+        fields["sharding"] = "ddp"
+
+    _precision(d, fields, notes)
+    _topology_and_compile(d, fields, notes)
+    if fields["framework"] in ("fsdp1", "fsdp2") and kind == "FSDP":
+        _fsdp_from_acc(fsdp, par, fields, notes)
+    elif fsdp:
+        notes.append(f"fsdp_config is ignored with distributed_type={kind} (accelerate ignores it too).")
+    if fields["framework"] == "deepspeed":
+        _ds_from_acc(_mapping("deepspeed_config", d.get("deepspeed_config")), folder, fields, notes, docs)
+    for k in ("megatron_lm_config", "mpirun_config", "fp8_config"):
+        if d.get(k):
+            notes.append(f"{k} is not modelled by shardlab (carried through unchanged).")
+    return fields, notes
+
+
+def _framework(kind: str, fsdp: dict, notes: list[str]) -> str:
+    """The plan's framework for accelerate's distributed_type (upper case); plain data parallel is fsdp2 ddp."""
     if kind == "FSDP":
         version = _int("fsdp_config.fsdp_version", fsdp.get("fsdp_version", 1))
         if version not in (1, 2):
             raise bad_input("fsdp_config.fsdp_version", f"fsdp_config.fsdp_version={version} is not an FSDP version. Use 1 or 2.")
-        fields["framework"] = f"fsdp{version}"
-    elif kind == "DEEPSPEED":
-        fields["framework"] = "deepspeed"
-    elif kind in ("NO", "MULTI_GPU", "MULTI_CPU", "MULTI_XPU", "MULTI_NPU", "MULTI_MLU", "MULTI_SDAA", "MULTI_MUSA", "MULTI_HPU"):
-        fields.update(framework="fsdp2", sharding="ddp")
+        return f"fsdp{version}"
+    if kind == "DEEPSPEED":
+        return "deepspeed"
+    if kind in ("NO", "MULTI_GPU", "MULTI_CPU", "MULTI_XPU", "MULTI_NPU", "MULTI_MLU", "MULTI_SDAA", "MULTI_MUSA", "MULTI_HPU"):
         notes.append(f"distributed_type={kind} is plain data parallelism; the plan models it as sharding ddp with fsdp2 (nothing sharded).")
-    else:
-        raise bad_input("distributed_type", f"distributed_type={kind} is not something shardlab models (it models FSDP, DEEPSPEED and plain data parallel). Use one of those.")
+        return "fsdp2"
+    raise bad_input("distributed_type", f"distributed_type={kind} is not something shardlab models (it models FSDP, DEEPSPEED and plain data parallel). Use one of those.")
 
+
+def _precision(d: dict, fields: dict, notes: list[str]) -> None:
+    """precision from mixed_precision (or the old `fp16: true`); left to a DeepSpeed file when it has one."""
     mp = d.get("mixed_precision")
     if mp is None and d.get("fp16") is True:
         mp = "fp16"
@@ -68,6 +90,10 @@ def _from_accelerate(d: dict, folder: Path | None, docs: dict | None = None) -> 
         if str(mp).lower() == "fp8":
             notes.append("mixed_precision=fp8 is not modelled; the plan uses bf16 (fp8 runs its matmuls in fp8 on top of bf16).")
         fields["precision"] = prec
+
+
+def _topology_and_compile(d: dict, fields: dict, notes: list[str]) -> None:
+    """topology from num_machines / num_processes, compile from dynamo, and notes on launch-only settings."""
     nodes = _int("num_machines", d.get("num_machines", 1))
     procs = _int("num_processes", d.get("num_processes", -1))
     if procs < 1 or nodes < 1:
@@ -90,23 +116,11 @@ def _from_accelerate(d: dict, folder: Path | None, docs: dict | None = None) -> 
     if launch:
         notes.append("launch settings not modelled by shardlab (carried through unchanged): "
                      + ", ".join(sorted(launch)) + ".")
-    if fields["framework"] in ("fsdp1", "fsdp2") and kind == "FSDP":
-        _fsdp_from_acc(fsdp, par, fields, notes)
-    elif fsdp:
-        notes.append(f"fsdp_config is ignored with distributed_type={kind} (accelerate ignores it too).")
-    if fields["framework"] == "deepspeed":
-        _ds_from_acc(_mapping("deepspeed_config", d.get("deepspeed_config")), folder, fields, notes, docs)
-    for k in ("megatron_lm_config", "mpirun_config", "fp8_config"):
-        if d.get(k):
-            notes.append(f"{k} is not modelled by shardlab (carried through unchanged).")
-    return fields, notes
 
 
-def _fsdp_from_acc(c: dict, par: dict, fields: dict, notes: list[str]) -> None:
-    v2 = fields["framework"] == "fsdp2"
-    for k in K.ACC_FSDP_KEYS + (() if v2 else K.ACC_FSDP1_ONLY_KEYS):  # accelerate's FSDP2 ignores the FSDP1-only ones
-        if k.key in c:
-            K.set_dotted(fields, k.field, _bool(f"fsdp_config.{k.key}", c[k.key]))
+def _fsdp_sharding(c: dict, par: dict, v2: bool, notes: list[str]) -> str:
+    """The plan's sharding from fsdp_sharding_strategy / fsdp_reshard_after_forward and, for FSDP2, the
+    parallelism_config's data-parallel mesh."""
     strategy = c.get("fsdp_reshard_after_forward", c.get("fsdp_sharding_strategy", True if v2 else "FULL_SHARD"))
     key = "fsdp_config.fsdp_reshard_after_forward" if "fsdp_reshard_after_forward" in c else "fsdp_config.fsdp_sharding_strategy"
     if isinstance(strategy, int) and not isinstance(strategy, bool) and 1 <= strategy <= 5:
@@ -136,6 +150,15 @@ def _fsdp_from_acc(c: dict, par: dict, fields: dict, notes: list[str]) -> None:
     if off:
         notes.append(f"{', '.join(f'parallelism_config.{k}' for k in off)} at 1 (off): data parallelism only, as the plan assumes.")
     notes += [f"parallelism_config.{k} (tensor / context parallelism) is not modelled by shardlab." for k in other if k not in off]
+    return sharding
+
+
+def _fsdp_from_acc(c: dict, par: dict, fields: dict, notes: list[str]) -> None:
+    v2 = fields["framework"] == "fsdp2"
+    for k in K.ACC_FSDP_KEYS + (() if v2 else K.ACC_FSDP1_ONLY_KEYS):  # accelerate's FSDP2 ignores the FSDP1-only ones
+        if k.key in c:
+            K.set_dotted(fields, k.field, _bool(f"fsdp_config.{k.key}", c[k.key]))
+    sharding = _fsdp_sharding(c, par, v2, notes)
     if fields.get("sharding") != "ddp":
         fields["sharding"] = sharding
     if "fsdp_offload_params" in c and _bool("fsdp_config.fsdp_offload_params", c["fsdp_offload_params"]):

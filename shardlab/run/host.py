@@ -96,3 +96,42 @@ def check_run(plan: Plan, *, steps: int, nproc: int, device: str, launcher: str,
         if need > have:
             raise bad_input("nproc", f"this run needs {need} GPUs (nproc={nproc} x topology.nodes={plan.topology.nodes}) but this machine has {have}. Use nproc <= {have // max(plan.topology.nodes, 1) or 1}, fewer nodes, or device='cpu'.")
 
+
+def usable_cores() -> int:
+    """CPU cores this process may run on (its affinity mask, as taskset / a container's cpuset set it)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+# CPU ranks per core allowed: the suite's CPU matrix trains 4 gloo ranks (hybrid 2x2) on a 2-core
+# machine (DESIGN.md's measured facts: 2-4 processes); 16 ranks on 2 cores (a 2x8 plan) is refused.
+CPU_RANKS_PER_CORE = 2
+
+
+def check_capacity(plan, nproc, device: str) -> int:
+    """Processes per node, refused before anything starts if this machine cannot hold the run:
+    at most CPU_RANKS_PER_CORE processes per CPU core (device cpu) or one per visible GPU (cuda).
+    Returns nproc."""
+    if nproc is None:
+        nproc = plan.topology.gpus_per_node  # the plan's own count, stated in every message below
+    if isinstance(nproc, bool) or not isinstance(nproc, int) or nproc < 1:
+        raise bad_input("nproc", f"nproc={nproc!r} must be a whole number of at least 1 (processes per node). "
+                        f"Pass --nproc 1 (or more), or leave it out to use the plan's topology.gpus_per_node={plan.topology.gpus_per_node}.")
+    nodes = plan.topology.nodes
+    world = nodes * nproc
+    if device == "cpu":
+        cores = usable_cores()
+        have = CPU_RANKS_PER_CORE * cores
+    else:
+        have = len(visible_gpus())
+    if world > have:
+        fit = have // nodes
+        fix = (f"Pass --nproc {fit} (topology.nodes x nproc <= {have})" if fit >= 1
+               else f"Use fewer topology.nodes (at most {have}) with --nproc 1")
+        if device == "cuda":
+            raise bad_input("nproc", f"this run needs {world} GPUs (topology.nodes={nodes} x nproc={nproc}) but this machine has {have}. {fix}, or device=cpu.")
+        raise bad_input("nproc", f"this run would start {world} processes (topology.nodes={nodes} x nproc={nproc}) on a machine with {cores} CPU cores: "
+                        f"more than {CPU_RANKS_PER_CORE} processes per core only slows every rank down and can exhaust memory. {fix}.")
+    return nproc

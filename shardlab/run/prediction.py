@@ -31,7 +31,7 @@ def gpu_table_name_nvml(index: int = 0) -> str | None:
             pynvml.nvmlShutdown()
     except Exception:
         return None
-    from shardlab.run.worker import gpu_table_name
+    from shardlab.estimate.gpus import gpu_table_name
 
     return gpu_table_name(name.decode() if isinstance(name, bytes) else str(name))
 
