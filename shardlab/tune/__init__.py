@@ -11,6 +11,7 @@ alone for any target GPU and runs nothing.
 
 from __future__ import annotations
 
+import sys
 import time
 from typing import Any, Callable
 
@@ -123,5 +124,15 @@ def tune(model: Any = "gpt-tiny", gpus: int = 1, nodes: int = 1, gpu: str | None
         on_event({"type": "done", "stop": stop, "pick": pick.key if pick else None})
     return res
 
+
+class _CallableModule(type(sys.modules[__name__])):
+    """`shardlab.tune` is this package and the function at once: `shardlab.tune(model, ...)` and
+    `from shardlab import tune; tune(...)` call tune(), as `shardlab.launch(...)` calls launch()."""
+
+    def __call__(self, *args, **kwargs) -> TuneResult:
+        return tune(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule
 
 __all__ = ["tune", "TuneResult", "Space", "Candidate", "Budget", "GOALS", "STEP_ERROR_BOUND", "MEMORY_MARGIN", "candidates"]
