@@ -7,11 +7,11 @@ included (they show whether the memory pruning was right). Then `tune` searches 
 budget of trial runs, and the JSON says whether its pick is within 5% of the grid's measured best
 tokens/s, and how long tune took.
 
-The grid's runs use benchmarks/tune_worker.py: the ordinary worker behind a lock, so queued runs
-overlap only their imports while one configuration at a time owns the GPU (each is timed alone), and
-optionally on an allocator capped to fewer bytes than the GPU has (a case where the memory limit
-binds without a model too big to run 30 times in a few minutes). Tune's trials use the same worker
-(the same cap), one at a time as tune always runs them.
+The grid's runs use benchmarks/tune_worker.py: the ordinary worker with its training loop behind a
+lock, so queued runs do their start-up while one configuration at a time trains (each is timed alone
+on the GPU), optionally on an allocator capped to fewer bytes than the GPU has (a case where the
+memory limit binds without a model too big to run 30 times in a few minutes). Tune's trials use the
+same worker (the same cap) without the lock, one at a time as tune always runs them.
 
     # on the GPU machine (benchmarks/on_gpu.sh installs the carried wheels first):
     bash benchmarks/on_gpu.sh benchmarks/tune_gpu.py --case gpt125 --out $OUT/t
@@ -80,9 +80,11 @@ def prebuild(space: dict) -> dict:
     """Build DeepSpeed's JIT ops once, before anything is timed (the workers load them from the cache)."""
     import os
 
-    from shardlab.export.launch import extensions_dir
+    from shardlab.export.launch import extensions_dir, sanitize_arch_list
 
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", extensions_dir())
+    if os.environ.get("TORCH_CUDA_ARCH_LIST"):  # '9.0a' broke FusedAdam's build here on 2026-12-01 (as the workers do)
+        os.environ["TORCH_CUDA_ARCH_LIST"] = sanitize_arch_list(os.environ["TORCH_CUDA_ARCH_LIST"])
     out = {}
     if "deepspeed" not in space["frameworks"]:
         return out
@@ -109,7 +111,9 @@ def grid_rows(case: dict, model, device: str, limit: int | None):
     cands = candidates(sp, Plan())
     predict(cands, model, target(case, device))
     grid = [c for c in cands if c.predicted]  # valid plans: the estimator priced them (fit or not)
-    return grid[:limit] if limit else grid
+    if limit and limit < len(grid):  # a smoke run: configurations spread over the grid (every framework)
+        grid = [grid[round(i * (len(grid) - 1) / max(1, limit - 1))] for i in range(limit)]
+    return grid
 
 
 def run_grid(grid, model, a, runs: Path) -> list[dict]:
@@ -119,8 +123,16 @@ def run_grid(grid, model, a, runs: Path) -> list[dict]:
     rows: list[dict] = []
     out = Path(a.out)
 
+    deadline = time.time() + a.grid_deadline_s if a.grid_deadline_s else None
+
     def one(c):
         t0 = time.time()
+        broken = len(rows) >= 3 and all(r["status"] in ("failed", "error") for r in rows)
+        if broken or (deadline and t0 > deadline):  # the call's time is up: say so rather than overrun the device limit
+            rows.append({"key": c.key, "plan": c.plan.model_dump(mode="json"), "predicted": c.predicted,
+                         "predicted_fits": c.status != "rejected", "status": "not-run", "measured": {},
+                         "error": "the first runs all failed" if broken else "grid deadline"})
+            return rows[-1]
         row = {"key": c.key, "plan": c.plan.model_dump(mode="json"), "predicted": c.predicted,
                "predicted_fits": c.status != "rejected", "prune_reason": c.reason}
         try:
@@ -190,11 +202,14 @@ def main() -> int:
     ap.add_argument("--runs", default=None, help="run store (default OUT/../runs_CASE outside OUT: run folders do not come back)")
     ap.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
     ap.add_argument("--tiny", action="store_true", help="CPU-sized model (smoke test of the script)")
-    ap.add_argument("--grid", type=int, default=None, help="run only the first N grid configurations (smoke)")
+    ap.add_argument("--grid", type=int, default=None, help="run only N grid configurations, spread over the grid (smoke)")
     ap.add_argument("--budget", default="5")
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--warmup", type=int, default=3)
-    ap.add_argument("--jobs", type=int, default=3, help="grid runs started at once (one trains at a time: tune_worker's gate)")
+    # --jobs 4 on the H200 (2026-12-01) timed the grid's configurations 0.62-0.76x of the same plans run
+    # alone by tune (the gate serializes training loops, not the other runs' start-up): use 1 for timings
+    ap.add_argument("--jobs", type=int, default=1, help="grid runs started at once (one trains at a time: tune_worker's gate)")
+    ap.add_argument("--grid-deadline-s", type=float, default=None, help="start no grid run after this many seconds")
     ap.add_argument("--no-tune", action="store_true")
     a = ap.parse_args()
     case = CASES[a.case]
@@ -221,12 +236,14 @@ def main() -> int:
     t1 = time.time()
     rows = run_grid(grid, model, a, runs / "grid")
     info["grid_wall_s"] = round(time.time() - t1, 1)
+    path = out / f"tune_{a.case}.json"
+    path.write_text(json.dumps({**info, "judge": judge(rows, None), "tune": None, "grid": rows}, indent=1, default=str))
     tuned = None
     if not a.no_tune:
         write_bench(runs / "tune", False, case, a.device)
         tuned = run_tune(case, model, a, runs / "tune")
     res = {**info, "judge": judge(rows, tuned), "tune": tuned, "grid": rows, "wall_s": round(time.time() - t0, 1)}
-    (out / f"tune_{a.case}.json").write_text(json.dumps(res, indent=1, default=str))
+    path.write_text(json.dumps(res, indent=1, default=str))
     print(json.dumps(res["judge"], indent=1, default=str))
     print(f"wall {res['wall_s']} s (grid {info['grid_wall_s']} s, tune {tuned and tuned['wall_s']} s)")
     return 0

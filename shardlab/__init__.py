@@ -8,7 +8,7 @@ from shardlab.plan import Finding, Plan, PlanError, bad_input, load_plan, valida
 
 __version__ = "0.1.0"
 
-__all__ = ["Plan", "PlanError", "Finding", "bad_input", "load_plan", "validate", "launch", "__version__"]
+__all__ = ["Plan", "PlanError", "Finding", "bad_input", "load_plan", "validate", "launch", "tune", "__version__"]
 
 
 def __getattr__(name: str):
@@ -17,4 +17,8 @@ def __getattr__(name: str):
         from shardlab.run.launcher import launch
 
         return launch
+    if name == "tune":  # the package shardlab.tune, callable as tune(...) (see its __init__)
+        import shardlab.tune
+
+        return shardlab.tune
     raise AttributeError(f"module 'shardlab' has no attribute {name!r}")

@@ -1,6 +1,6 @@
 """Real CPU runs shared by the analysis tests (test_compare, test_plots, test_report).
 
-Three tiny runs (gpt-tiny, 2 processes, 3 steps, fp32, same seed) launched once per pytest process:
+Three tiny runs (gpt-tiny, 2 processes, 3 steps, fp32, same seed) launched together once per pytest process:
 FSDP2 ZeRO-3, DeepSpeed ZeRO-3 and FSDP1 DDP. About a minute on two cores.
 """
 
@@ -23,12 +23,12 @@ def real_runs() -> list:
 
         out = Path(tempfile.mkdtemp(prefix="shardlab-analysis-runs-"))
         runs = []
-        for framework, sharding in SETUPS:
+        for framework, sharding in SETUPS:  # started together: most of a tiny run is process start-up
             plan = Plan(framework=framework, sharding=sharding, precision="fp32", topology={"nodes": 1, "gpus_per_node": NPROC})
-            run = shardlab.launch(plan, model=MODEL, steps=STEPS, nproc=NPROC, device="cpu", out=out, seed=0, timeout_s=300)
+            runs.append(shardlab.launch(plan, model=MODEL, steps=STEPS, nproc=NPROC, device="cpu", out=out, seed=0, timeout_s=300))
+        for (framework, sharding), run in zip(SETUPS, runs):
             status = run.wait()
             assert status == "completed", f"{framework} {sharding} run ended {status}: see {run.dir}/status.json"
-            runs.append(run)
         _cache["runs"] = runs
     return _cache["runs"]
 

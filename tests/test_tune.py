@@ -129,3 +129,15 @@ def test_tune_gpt_tiny_on_cpu_runs_trials_stops_by_rule_and_its_pick_is_exportab
     paths = r.write(tmp_path / "out", report=False)
     seen = accelerate_judge(export(load_plan(paths["plan"]), "accelerate"))
     assert seen["args"].use_fsdp and str(seen["args"].fsdp_version) == "2"
+
+
+
+def test_shardlab_tune_is_callable_like_launch_and_imports_no_torch():
+    import subprocess
+    import sys
+
+    code = ("import sys, shardlab; r = shardlab.tune('gpt-1.3b', gpus=8, gpu='h100-80gb', dry_run=True); "
+            "from shardlab import tune; assert tune is shardlab.tune; "
+            "print(r.stop, 'torch' in sys.modules, 'deepspeed' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.stdout.split() == ["estimate-only", "False", "False"], out.stderr[-2000:]

@@ -165,8 +165,8 @@ def test_comm_counter_counts_each_collective_once_by_family(one_rank_group):
 # Real 2-process CPU runs
 
 
-def _start(run_dir: Path, plan_yaml: str, *, nproc: int = 2, steps: int = STEPS, instrument: bool | str = True,
-           factory: str | None = None, extra_path: str | None = None) -> subprocess.CompletedProcess:
+def _spawn(run_dir: Path, plan_yaml: str, *, nproc: int = 2, steps: int = STEPS, instrument: bool | str = True,
+           factory: str | None = None, extra_path: str | None = None) -> subprocess.Popen:
     run_dir.mkdir(parents=True, exist_ok=True)
     plan = load_plan(plan_yaml)
     (run_dir / "plan.yaml").write_text(plan.to_yaml())
@@ -177,7 +177,20 @@ def _start(run_dir: Path, plan_yaml: str, *, nproc: int = 2, steps: int = STEPS,
     extra = {**env, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
     if extra_path:
         extra["PYTHONPATH"] = os.pathsep.join(p for p in (extra_path, os.environ.get("PYTHONPATH")) if p)
-    return subprocess.run(argv, env=sanitized_env(extra), capture_output=True, text=True, timeout=420)
+    return subprocess.Popen(argv, env=sanitized_env(extra), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _finish(proc: subprocess.Popen) -> subprocess.CompletedProcess:
+    try:
+        out, err = proc.communicate(timeout=420)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, err = proc.communicate()
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+def _start(run_dir: Path, plan_yaml: str, **kw) -> subprocess.CompletedProcess:
+    return _finish(_spawn(run_dir, plan_yaml, **kw))
 
 
 def _lines(path: Path) -> list[dict]:
@@ -204,18 +217,30 @@ CONFIGS = {
 }
 
 
+AHEAD = 3  # configurations started ahead of the test that needs them: most of a tiny run is start-up
+
+
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     """run(name) -> (completed process, metrics lines, event lines); each config runs once."""
     root = tmp_path_factory.mktemp("runs")
+    started: dict[str, subprocess.Popen] = {}
+    names = list(CONFIGS)
 
     @lru_cache(maxsize=None)
     def go(name: str):
+        for n in names[names.index(name):names.index(name) + AHEAD]:
+            if n not in started:
+                started[n] = _spawn(root / n, _BASE + CONFIGS[n])
         d = root / name
-        proc = _start(d, _BASE + CONFIGS[name])
+        proc = _finish(started[name])
         return proc, _lines(d / "metrics.jsonl"), _lines(d / "events.jsonl")
 
-    return go
+    yield go
+    for p in started.values():  # a test stopped early leaves no run behind
+        if p.poll() is None:
+            p.kill()
+            p.communicate()
 
 
 def _by_rank_step(metrics: list[dict]) -> dict[tuple[int, int], dict]:

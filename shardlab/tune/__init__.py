@@ -11,6 +11,7 @@ alone for any target GPU and runs nothing.
 
 from __future__ import annotations
 
+import sys
 import time
 from typing import Any, Callable
 
@@ -50,6 +51,31 @@ def _check_cpu_model(spec) -> None:
                         "--gpu), run on a machine with a GPU, or tune a small model such as gpt-tiny.")
 
 
+def _checked_budget(goal, budget, dry_run, gpus, nodes, steps, warmup) -> Budget:
+    """tune()'s arguments checked (PlanError naming the field otherwise); the trial budget."""
+    check_goal(goal)
+    b = Budget(runs=0) if dry_run else Budget.parse(budget)
+    for name, v in (("gpus", gpus), ("nodes", nodes), ("steps", steps)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise bad_input(name, f"{name}={v!r} must be a whole number of at least 1. Use e.g. --{name} 1.")
+    if isinstance(warmup, bool) or not isinstance(warmup, int) or not 0 <= warmup < steps:
+        raise bad_input("warmup", f"warmup={warmup!r} must be at least 0 and below steps={steps} (some steps must be timed).")
+    return b
+
+
+def _space_for(space: Space | None, frameworks, global_batch, cpu_trials: bool) -> Space:
+    """What to vary: the given Space or the default one, narrowed to `frameworks` / a fixed global batch."""
+    defaulted = space is None
+    space = space or Space()
+    if frameworks:
+        space.frameworks = tuple(f.strip() for f in (frameworks.split(",") if isinstance(frameworks, str) else frameworks) if f.strip())
+    if global_batch is not None:
+        space.global_batch = global_batch
+    if cpu_trials and defaulted:
+        space.compile = (False,)  # torch.compile on CPU processes needs a C++ toolchain and minutes: not by default
+    return space
+
+
 def tune(model: Any = "gpt-tiny", gpus: int = 1, nodes: int = 1, gpu: str | None = None, goal: str = "fastest",
          budget: Any = 5, frameworks=None, dry_run: bool = False, out=None, *, device: str | None = None,
          space: Space | None = None, base=None, global_batch: int | None = None, steps: int = DEFAULT_STEPS,
@@ -75,22 +101,9 @@ def tune(model: Any = "gpt-tiny", gpus: int = 1, nodes: int = 1, gpu: str | None
     from shardlab.run.store import new_run_id
 
     t0 = time.monotonic()
-    check_goal(goal)
-    b = Budget(runs=0) if dry_run else Budget.parse(budget)
-    for name, v in (("gpus", gpus), ("nodes", nodes), ("steps", steps)):
-        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-            raise bad_input(name, f"{name}={v!r} must be a whole number of at least 1. Use e.g. --{name} 1.")
-    if isinstance(warmup, bool) or not isinstance(warmup, int) or not 0 <= warmup < steps:
-        raise bad_input("warmup", f"warmup={warmup!r} must be at least 0 and below steps={steps} (some steps must be timed).")
-    defaulted = space is None
-    space = space or Space()
-    if frameworks:
-        space.frameworks = tuple(f.strip() for f in (frameworks.split(",") if isinstance(frameworks, str) else frameworks) if f.strip())
-    if global_batch is not None:
-        space.global_batch = global_batch
+    b = _checked_budget(goal, budget, dry_run, gpus, nodes, steps, warmup)
     device = device or default_device()
-    if device == "cpu" and defaulted and not b.zero:
-        space.compile = (False,)  # torch.compile on CPU processes needs a C++ toolchain and minutes: not by default
+    space = _space_for(space, frameworks, global_batch, cpu_trials=device == "cpu" and not b.zero)
     spec = resolve_model(model)
     if not b.zero and device == "cpu":
         _check_cpu_model(spec)
@@ -123,5 +136,15 @@ def tune(model: Any = "gpt-tiny", gpus: int = 1, nodes: int = 1, gpu: str | None
         on_event({"type": "done", "stop": stop, "pick": pick.key if pick else None})
     return res
 
+
+class _CallableModule(type(sys.modules[__name__])):
+    """`shardlab.tune` is this package and the function at once: `shardlab.tune(model, ...)` and
+    `from shardlab import tune; tune(...)` call tune(), as `shardlab.launch(...)` calls launch()."""
+
+    def __call__(self, *args, **kwargs) -> TuneResult:
+        return tune(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule
 
 __all__ = ["tune", "TuneResult", "Space", "Candidate", "Budget", "GOALS", "STEP_ERROR_BOUND", "MEMORY_MARGIN", "candidates"]
