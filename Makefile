@@ -39,7 +39,7 @@ reset-runs:
 
 test: $(STAMP) chromium
 	$(BIN)/python -m ruff check .
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=30
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .hypothesis
