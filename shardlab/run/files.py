@@ -12,6 +12,8 @@ writers (launcher, worker, sampler) take the names from `RunFiles`, readers go t
   events.jsonl     start / oom / error / done per rank (worker), launch / end (launcher)
   timeline.jsonl   memory sampled by the launcher (see timeline.py)
   prediction.json  what the estimator predicted at launch (see prediction.py)
+  cancel           empty; another process asked for the run to stop (Run.cancel). The launcher reads it
+                   and never writes it, so the request cannot be lost to a status.json rewrite
   logs/            agent{n}.log (each torchrun agent's own output), node{n}/ (torchrun's per-rank
                    stdout.log / stderr.log tree) and rank{r}.stdout.log / rank{r}.stderr.log links to it
 
@@ -56,6 +58,7 @@ class RunFiles:
     EVENTS = "events.jsonl"
     TIMELINE = "timeline.jsonl"
     PREDICTION = "prediction.json"
+    CANCEL = "cancel"
     LOGS = "logs"
     APPEND_ONLY = (METRICS, EVENTS, TIMELINE)
     # any one of these makes a folder a run folder (possibly a broken one)
@@ -63,7 +66,7 @@ class RunFiles:
 
     plan, config, launch, status = _path(PLAN), _path(CONFIG), _path(LAUNCH), _path(STATUS)
     metrics, events, timeline = _path(METRICS), _path(EVENTS), _path(TIMELINE)
-    prediction, logs = _path(PREDICTION), _path(LOGS)
+    prediction, logs, cancel = _path(PREDICTION), _path(LOGS), _path(CANCEL)
 
     def rank_log(self, rank: int, stream: str) -> Path:
         return self.logs / f"rank{rank}.{stream}.log"

@@ -174,7 +174,7 @@ class LiveRun(Run):
 
     def _outside_cancel(self) -> bool:
         """load_run(dir).cancel() in another process marked the run cancelled (before killing it)."""
-        if (read_json(self.files.status, {}) or {}).get("status") == "cancelled":
+        if self.files.cancel.exists() or (read_json(self.files.status, {}) or {}).get("status") == "cancelled":
             self._cancel.set()
         return self._cancel.is_set()
 
@@ -263,6 +263,8 @@ class LiveRun(Run):
             status, failure = "failed", faults.Failure("failed", None, error=str(e))
         except Exception as e:  # the watcher itself broke: end the run rather than leave it unwatched
             status, failure = "failed", faults.Failure("failed", None, error=f"shardlab watcher: {type(e).__name__}: {e}")
+        if status in ("failed", "timeout") and self._outside_cancel():
+            status, failure = "cancelled", None  # the ranks died because another process cancelled the run
         self._finish(status, failure)
 
     def _finish(self, status: str, failure) -> None:
