@@ -58,6 +58,13 @@ ALIGN_EFF = 0.17
 # differs from machine to machine by this much: calibrating on the machine removes it.
 DEFAULT_LAUNCH_S = 45.5e-6
 FSDP_UNIT_S = 2.65e-3
+# share of a FULL_SHARD unit's hook cost other stages pay per micro-step. Every stage runs a unit's
+# pre/post forward and backward hooks; NO_SHARD's cost as much (host probe, fidelity_h200_host.json:
+# FSDP1/FSDP2 NO_SHARD 75-89 ms vs FULL_SHARD 68-79 ms on tiny models). SHARD_GRAD_OP skips the
+# post-forward reshard and pre-backward gather: the probe's host measured it at full cost (61, 77 ms),
+# the check set's host at about half (#111, llama152k: 116 ms of a predicted 112 at half, 147 at
+# full); machines' hosts differ by this much, so the middle.
+UNIT_HOOK_SHARE = {"zero3": 1.0, "zero2": 0.75, "ddp": 1.0}
 KERNEL_FLOOR_S = 2.5e-6  # a kernel's shortest time on the GPU
 TILE = 128  # cuBLAS Hopper/Ampere output tile (rows and columns) for the quantization factors
 K_HALF = 96  # K at which a GEMM's main loop reaches half its rate (prologue/epilogue per tile)
@@ -91,13 +98,6 @@ SERIAL = {"fsdp": 0.15, "deepspeed": 0.27}
 # replays them without Python dispatch. COMPILE_MEM / COMPILE_KERNELS scale their bytes and the
 # kernels the host launches (FSDP); DeepSpeed's engine.compile() made ZeRO-3 ~20% slower on an H200
 # (DESIGN.md's measured facts) -> COMPILE_DS_HOST. Not yet checked on a run that ran alone.
-# share of a FULL_SHARD unit's hook cost other stages pay per micro-step. Every stage runs a unit's
-# pre/post forward and backward hooks; NO_SHARD's cost as much (host probe, fidelity_h200_host.json:
-# FSDP1/FSDP2 NO_SHARD 75-89 ms vs FULL_SHARD 68-79 ms on tiny models). SHARD_GRAD_OP skips the
-# post-forward reshard and pre-backward gather: the probe's host measured it at full cost (61, 77 ms),
-# the check set's host at about half (#111, llama152k: 116 ms of a predicted 112 at half, 147 at
-# full); machines' hosts differ by this much, so the middle.
-UNIT_HOOK_SHARE = {"zero3": 1.0, "zero2": 0.75, "ddp": 1.0}
 COMPILE_MEM = 0.5
 COMPILE_KERNELS = 0.3
 COMPILE_DS_HOST = 1.2
