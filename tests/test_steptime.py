@@ -1,6 +1,6 @@
 """Step time: the model's constants checked on GPU measurements they were not fitted to, the
 calibration file's lookup, `shardlab calibrate` without a GPU, and every run reconciled with its
-prediction (real CPU runs from analysis_runs.py, shared with the analysis tests).
+prediction (real CPU runs from cpu_runs.py, shared with the analysis tests).
 
 The GPU rows are recorded measurements (benchmarks/results/, commands and dates in
 docs/benchmarks.md): the H100 matrix and gap study (gpt-1b) and the H200 probe (other shapes).
@@ -162,7 +162,7 @@ def test_the_step_breakdown_adds_up_and_is_drawn():
 
 @pytest.fixture(scope="module")
 def runs():
-    from analysis_runs import real_runs
+    from cpu_runs import real_runs
 
     return real_runs()
 
