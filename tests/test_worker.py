@@ -169,6 +169,8 @@ def test_comm_counter_counts_each_collective_once_by_family(one_rank_group):
 
 def _spawn(run_dir: Path, plan, *, nproc: int = 2, steps: int = STEPS, instrument: bool | str = True,
            factory: str | None = None, extra_path: str | None = None) -> subprocess.Popen:
+    """torchrun running the worker on `run_dir`, as the launcher starts it; its output goes to files there
+    (a pipe nobody reads while other starts are waited for could fill and stall it)."""
     run_dir.mkdir(parents=True, exist_ok=True)
     plan = load_plan(plan)
     (run_dir / "plan.yaml").write_text(plan.to_yaml())
@@ -179,20 +181,55 @@ def _spawn(run_dir: Path, plan, *, nproc: int = 2, steps: int = STEPS, instrumen
     extra = {**env, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
     if extra_path:
         extra["PYTHONPATH"] = os.pathsep.join(p for p in (extra_path, os.environ.get("PYTHONPATH")) if p)
-    return subprocess.Popen(argv, env=sanitized_env(extra), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    with open(run_dir / "torchrun.out", "w") as out, open(run_dir / "torchrun.err", "w") as err:
+        return subprocess.Popen(argv, env=sanitized_env(extra), stdout=out, stderr=err, text=True)
 
 
-def _finish(proc: subprocess.Popen) -> subprocess.CompletedProcess:
+def _finish(run_dir: Path, proc: subprocess.Popen) -> subprocess.CompletedProcess:
     try:
-        out, err = proc.communicate(timeout=420)
+        proc.wait(timeout=420)
     except subprocess.TimeoutExpired:
         proc.kill()
-        out, err = proc.communicate()
-    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+        proc.wait()
+    return subprocess.CompletedProcess(proc.args, proc.returncode, (run_dir / "torchrun.out").read_text(),
+                                       (run_dir / "torchrun.err").read_text())
 
 
-def _start(run_dir: Path, plan, **kw) -> subprocess.CompletedProcess:
-    return _finish(_spawn(run_dir, plan, **kw))
+DIRECT_AT_ONCE = 3  # direct starts going at the same time: most of a tiny run is start-up
+
+
+@pytest.fixture(scope="module")
+def direct(tmp_path_factory):
+    """name -> (completed torchrun, run folder) of the runs only a start of their own can show, started
+    DIRECT_AT_ONCE at a time: no or alternating instrumentation, low_memory_init, a user factory (one
+    that trains, one that runs out of memory) and a plan the worker itself must refuse (launch() refuses
+    it before starting anything)."""
+    root = tmp_path_factory.mktemp("direct")
+    (root / "userfactory.py").write_text(_FACTORY)
+    fsdp2 = SETUPS["fsdp2-zero3"]
+    starts = {
+        "bare": dict(plan=fsdp2, steps=2, instrument=False),
+        "alternate": dict(plan=SETUPS["deepspeed-zero2"], steps=4, instrument="alternate"),
+        "lowmem": dict(plan={**fsdp2, "low_memory_init": True}, steps=2),
+        "factory": dict(plan=fsdp2, steps=2, factory="userfactory:good", extra_path=str(root)),
+        "oom": dict(plan=fsdp2, steps=2, factory="userfactory:oom", extra_path=str(root)),
+        "fp16": dict(plan={**SETUPS["deepspeed-zero2"], "precision": "fp16"}, steps=1),
+    }
+    going: dict[str, subprocess.Popen] = {}
+    done = {}
+    try:
+        for name, kw in starts.items():
+            if len(going) >= DIRECT_AT_ONCE:
+                first = next(iter(going))
+                done[first] = (_finish(root / first, going.pop(first)), root / first)
+            going[name] = _spawn(root / name, **kw)
+        for name in list(going):
+            done[name] = (_finish(root / name, going.pop(name)), root / name)
+    finally:
+        for p in going.values():  # an error above leaves no run behind
+            p.kill()
+            p.wait()
+    return done
 
 
 # The 2-rank fp32 setups of the shared runs (cpu_runs.py); their DeepSpeed ZeRO-3 runs set
@@ -289,9 +326,8 @@ def test_zero1_and_zero2_shard_optimizer_states_not_parameters(run):
 
 
 @pytest.mark.slow
-def test_uninstrumented_run_logs_loss_only(tmp_path, run):
-    d = tmp_path / "bare"
-    proc = _start(d, SETUPS["fsdp2-zero3"], steps=2, instrument=False)
+def test_uninstrumented_run_logs_loss_only(direct, run):
+    proc, d = direct["bare"]
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = _by_rank_step(read_jsonl(d / "metrics.jsonl"))
     assert len(rows) == 4 and all("state_bytes" not in m and "comm_bytes" not in m for m in rows.values())
@@ -300,9 +336,8 @@ def test_uninstrumented_run_logs_loss_only(tmp_path, run):
 
 
 @pytest.mark.slow
-def test_alternating_run_measures_odd_steps_and_leaves_even_steps_bare(tmp_path, run):
-    d = tmp_path / "alt"
-    proc = _start(d, SETUPS["deepspeed-zero2"], steps=4, instrument="alternate")
+def test_alternating_run_measures_odd_steps_and_leaves_even_steps_bare(direct, run):
+    proc, d = direct["alternate"]
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = _by_rank_step(read_jsonl(d / "metrics.jsonl"))
     assert len(rows) == 8
@@ -391,22 +426,18 @@ _FACTORY = textwrap.dedent('''
 
 
 @pytest.mark.slow
-def test_user_factory_model_trains(tmp_path):
-    (tmp_path / "userfactory.py").write_text(_FACTORY)
-    d = tmp_path / "run"
-    proc = _start(d, SETUPS["fsdp2-zero3"], steps=2, factory="userfactory:good", extra_path=str(tmp_path))
+def test_user_factory_model_trains(direct):
+    proc, d = direct["factory"]
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = _by_rank_step(read_jsonl(d / "metrics.jsonl"))
     assert len(rows) == 4 and rows[(0, 1)]["tokens"] == 4 and rows[(0, 1)]["tflops"] is None
 
 
 @pytest.mark.slow
-def test_out_of_memory_is_an_oom_event_and_exit_code_3(tmp_path):
+def test_out_of_memory_is_an_oom_event_and_exit_code_3(direct):
     from shardlab.run.worker import EXIT_OOM
 
-    (tmp_path / "userfactory.py").write_text(_FACTORY)
-    d = tmp_path / "run"
-    proc = _start(d, SETUPS["fsdp2-zero3"], steps=2, factory="userfactory:oom", extra_path=str(tmp_path))
+    proc, d = direct["oom"]
     assert proc.returncode != 0
     ooms = [e for e in read_jsonl(d / "events.jsonl") if e["event"] == "oom"]
     assert {e["rank"] for e in ooms} == {0, 1}
@@ -415,19 +446,17 @@ def test_out_of_memory_is_an_oom_event_and_exit_code_3(tmp_path):
 
 
 @pytest.mark.slow
-def test_a_plan_the_cpu_cannot_run_is_an_error_event_naming_the_field(tmp_path):
-    d = tmp_path / "run"
-    proc = _start(d, "framework: deepspeed\nsharding: zero2\nprecision: fp16\ntopology: {nodes: 1, gpus_per_node: 2}\n", steps=1)
+def test_a_plan_the_cpu_cannot_run_is_an_error_event_naming_the_field(direct):
+    proc, d = direct["fp16"]
     assert proc.returncode != 0
     errors = [e for e in read_jsonl(d / "events.jsonl") if e["event"] == "error"]
     assert errors and all("precision=fp16" in e["message"] and "bf16" in e["message"] and "traceback" not in e for e in errors)
 
 
 @pytest.mark.slow
-def test_low_memory_init_starts_from_rank_0_weights(tmp_path, run):
+def test_low_memory_init_starts_from_rank_0_weights(direct, run):
     """FSDP2 with low_memory_init: rank 1 builds a meta model and receives rank 0's weights."""
-    d = tmp_path / "lowmem"
-    proc = _start(d, {**SETUPS["fsdp2-zero3"], "low_memory_init": True}, steps=2)
+    proc, d = direct["lowmem"]
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = _by_rank_step(read_jsonl(d / "metrics.jsonl"))
     ref = _by_rank_step(run("fsdp2-zero3")[1])
