@@ -54,7 +54,7 @@ from shardlab.units import GIB
 
 from .activations import activation_peak, saved_blocks
 from .allocator import reserved
-from .basis import Setup, ds3_kept_for_backward, ds_largest_module, persistent_numel, shard_numel
+from .basis import DS_SUB_GROUP, Setup, ds3_kept_for_backward, ds_largest_module, persistent_numel, shard_numel
 
 CUDA_CONTEXT_BYTES = 1 * GIB  # context ~0.5 GiB on Hopper/Ampere + NCCL buffers + cuBLAS workspace
 ALLOCATOR_FRACTION = 0.05  # caching-allocator fragmentation on top of live tensors
@@ -113,6 +113,16 @@ def _fsdp(plan: Plan, s: Setup) -> dict:
                 step=step, cpu=cpu, nvme={}, notes=notes, at_loss=at_loss)
 
 
+def _ds_step_copies(s: Setup, local: int) -> int:
+    """DeepSpeed ZeRO's optimizer-step temporaries: it flattens the gradient partition into a new
+    16-bit tensor and casts that to fp32 (stage_1_and_2.py step: flatten(...).to(fp32); stage3.py
+    _prepare_fp32_grad_for_sub_group, one sub-group at a time), both alive at the cast; in fp32 the
+    cast returns the flattened copy itself. (H200 host probe #212 hostB ZeRO-2: the step peaks
+    1.63 GiB over the resident states = the 16-bit partition + its flat copy + the fp32 copy.)"""
+    n = min(local, DS_SUB_GROUP) if s.stage == "zero3" else local
+    return 4 * n + (s.P * n if s.P < 4 else 0)
+
+
 def _deepspeed(plan: Plan, s: Setup) -> dict:
     psi, P = s.spec.params, s.P
     master = 4 if (P < 4 or s.stage in ("zero1", "zero2")) else 0
@@ -132,7 +142,7 @@ def _deepspeed(plan: Plan, s: Setup) -> dict:
         # the partition (as ZeRO-2 does every micro-batch)
         full_grads = s.stage == "zero1" and s.micro_steps > 1
         grads = P * psi if full_grads else P * local
-        step = 4 * local
+        step = _ds_step_copies(s, local)
         gathered = 0
         notes["grads"] = f"full {P}-byte .grad (accumulating between boundaries)" if full_grads else f"{P}-byte gradient partition"
     else:
@@ -140,7 +150,7 @@ def _deepspeed(plan: Plan, s: Setup) -> dict:
         # persistent parameters (numel <= threshold) are held whole besides their partition
         params = P * local + P * persistent_numel(s) + (P * shard_numel(s, s.hpz) if s.hpz > 1 else 0)
         grads = P * local
-        step = 4 * local
+        step = _ds_step_copies(s, local)
         # only partitioned (non-persistent) parameters are ever gathered: at most all of them
         partitioned = psi - persistent_numel(s)
         inflight = min(s.prefetch_bucket, partitioned) + ds_largest_module(s)
