@@ -7,9 +7,9 @@ included (they show whether the memory pruning was right). Then `tune` searches 
 budget of trial runs, and the JSON says whether its pick is within 5% of the grid's measured best
 tokens/s, and how long tune took.
 
-The grid's runs use benchmarks/tune_worker.py: the ordinary worker with its training loop behind a
-lock, so queued runs do their start-up while one configuration at a time trains (each is timed alone
-on the GPU), optionally on an allocator capped to fewer bytes than the GPU has (a case where the
+The grid's runs use benchmarks/tune_worker.py: the ordinary worker with everything after its imports
+behind a lock, so queued runs import torch / DeepSpeed while one configuration at a time owns the GPU
+(each is set up, timed and torn down alone on it), optionally on an allocator capped to fewer bytes than the GPU has (a case where the
 memory limit binds without a model too big to run 30 times in a few minutes). Tune's trials use the
 same worker (the same cap) without the lock, one at a time as tune always runs them.
 
@@ -206,9 +206,9 @@ def main() -> int:
     ap.add_argument("--budget", default="5")
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--warmup", type=int, default=3)
-    # --jobs 4 on the H200 (2026-12-01) timed the grid's configurations 0.62-0.76x of the same plans run
-    # alone by tune (the gate serializes training loops, not the other runs' start-up): use 1 for timings
-    ap.add_argument("--jobs", type=int, default=1, help="grid runs started at once (one trains at a time: tune_worker's gate)")
+    # --jobs 4 with a gate around the training loop only (2026-12-01) timed the grid's configurations 0.62-0.76x
+    # of the same plans run alone by tune; the gate now covers everything after the imports (tune_worker.py)
+    ap.add_argument("--jobs", type=int, default=1, help="grid runs started at once (one owns the GPU at a time: tune_worker's gate)")
     ap.add_argument("--grid-deadline-s", type=float, default=None, help="start no grid run after this many seconds")
     ap.add_argument("--no-tune", action="store_true")
     a = ap.parse_args()
