@@ -134,7 +134,7 @@ def _traced(plan: Plan, s, model, gpu) -> dict:
         mem = memory(plan, s, gpu=gpu)
         g = mem["per_gpu"]
         peak = t["peak"] + cublas_workspaces(gpu)  # a fake-tensor step runs no cuBLAS
-        g["peak_allocated"], g["peak_reserved"] = peak, reserved(peak)
+        g["peak_allocated"], g["peak_reserved"] = peak, reserved(peak, get_gpu(gpu).memory_bytes)
         g["overhead"] = CUDA_CONTEXT_BYTES + int(ALLOCATOR_FRACTION * peak)
         g["total"] = peak + g["overhead"]
         what = "whole step traced (wrapping, states, buffers, activations, optimizer step) + the cuBLAS workspaces; the category rows above are analytical"

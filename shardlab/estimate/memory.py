@@ -189,15 +189,19 @@ def _deepspeed(plan: Plan, s: Setup) -> dict:
                 resident=P * bucket, step=step, cpu=cpu, nvme=nvme, notes=notes)
 
 
+def _gpu(gpu=None):
+    from .gpus import DEFAULT_GPU, get_gpu
+
+    return get_gpu(gpu if gpu is not None else DEFAULT_GPU)
+
+
 def cublas_workspaces(gpu=None) -> int:
     """Bytes of the cuBLAS workspaces a training step holds: torch allocates one per (cuBLAS handle,
     stream) through the caching allocator and keeps it, and a training step uses two handles, the
     forward's thread and autograd's backward thread (so 64 MiB on Hopper). Measured: the H200 host
     probe's rows whose states and activations are tiny (#205-#209, 17M parameters, and #214-#219,
     219M) each peak 63-66 MiB above the analytical sum, whatever the framework."""
-    from .gpus import DEFAULT_GPU, get_gpu
-
-    return 2 * get_gpu(gpu if gpu is not None else DEFAULT_GPU).cublas_workspace
+    return 2 * _gpu(gpu).cublas_workspace
 
 
 def memory(plan: Plan, s: Setup, traced_activations: int | None = None, gpu=None) -> dict:
@@ -236,7 +240,7 @@ def memory(plan: Plan, s: Setup, traced_activations: int | None = None, gpu=None
     overhead = CUDA_CONTEXT_BYTES + int(ALLOCATOR_FRACTION * live)
     per_gpu = {"params": parts["params"], "grads": parts["grads"], "optimizer": parts["optimizer"],
                "activations": act, "buffers": buffers + workspace, "step_buffers": parts["step"], "overhead": overhead,
-               "peak_allocated": live, "peak_reserved": reserved(live), "total": live + overhead}
+               "peak_allocated": live, "peak_reserved": reserved(live, _gpu(gpu).memory_bytes), "total": live + overhead}
     cpu = {k: v * s.gpn for k, v in parts["cpu"].items()}
     cpu["total"] = sum(cpu.values())
     nvme = {k: v * s.gpn for k, v in parts["nvme"].items()}
