@@ -131,7 +131,11 @@ def _deepspeed(plan: Plan, s: Setup) -> dict:
     if s.stage == "ddp":
         local = psi
         params, grads = P * psi, P * psi
-        step = 4 * psi if P < 4 else 0
+        # 16-bit without ZeRO is DeepSpeed's FP16_Optimizer (engine.py: DDP_BFLOAT16 / FP16): its step
+        # casts every .grad to fp32 and flattens the list, so both fp32 copies live at the flatten
+        # (fp16/fused_optimizer.py step; H200 host probe #210 hostB: the step peaks 2.04 GiB = 2 + 4 + 4
+        # bytes per parameter over the resident states). In fp32 it hands the torch optimizer the model.
+        step = 8 * psi if P < 4 else 0
         gathered = 0
         notes["grads"] = f"full {P}-byte .grad tensors"
     elif s.stage in ("zero1", "zero2"):
