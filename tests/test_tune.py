@@ -247,3 +247,20 @@ def test_trials_on_a_device_this_machine_lacks_exit_2_before_the_search(capsys, 
     assert main(["tune", "--model", "gpt-tiny", "--device", "cuda", "--gpu", "h200", "--budget", "1", "--runs", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert "gpus" in err and "--dry-run" in err and "Traceback" not in err and not list(tmp_path.iterdir())
+
+
+def test_replayed_on_the_recorded_capped_h200_grid_the_search_picks_the_grids_measured_best():
+    """benchmarks/tune_replay.py: today's search over gpt-350m on the H200 capped at 18 GiB, each trial
+    read from the grid's measurement (tune_h200_gpt350cap.json). Session 4's live tune, pruning by
+    peak reserved, could not try the grid's fastest plan and picked one 35.6% slower."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "tune_replay.py"
+    spec = importlib.util.spec_from_file_location("tune_replay", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    r = mod.replay(path.parent / "results" / "tune_h200_gpt350cap.json", budget="5")
+    assert r["pick"] == r["grid_best"] == "deepspeed zero2 mb4x2" and len(r["trials"]) <= 5
+    groups = [t[2] for t in r["trials"]]
+    assert len(groups) == len(set(groups))  # one trial per group of twins

@@ -101,7 +101,7 @@ class Estimate:
                  "", f"Memory per GPU ({unit} = 2^{30 if big else 20} bytes)"]
         for k in ("params", "grads", "optimizer", "activations", "buffers", "step_buffers", "overhead"):
             lines.append(f"  {k:<13}{gib(self.per_gpu[k])}   {self.notes.get(k, '')}")
-        lines.append(f"  {'peak alloc':<13}{gib(self.per_gpu['peak_allocated'])}   {'traced (one fake-tensor step)' if getattr(self, 'method', 'analytic') == 'trace' else 'analytical'}; caching allocator reserves ~{self.per_gpu['peak_reserved'] / GIB:.2f} GiB")
+        lines.append(f"  {'peak alloc':<13}{gib(self.per_gpu['peak_allocated'])}   {'traced (one fake-tensor step)' if getattr(self, 'method', 'analytic') == 'trace' else 'analytical'}; caching allocator reserves ~{self.per_gpu['peak_reserved'] / GIB:.2f} GiB when nothing limits it (near the limit it frees its cache)")
         if self.notes.get("trace"):
             lines.append(f"  trace: {self.notes['trace']}")
         cap, f = self.gpu.memory_bytes, self.fit
