@@ -95,9 +95,13 @@ def bar_html(est: dict[str, Any], capacity: int | None, gpu: str) -> str:
     mark = ""
     if capacity:
         mark = f'<div style="position:absolute;left:{100 * capacity / scale:.3f}%;top:-3px;bottom:-3px;border-left:2px dashed #222"></div>'
-        fits = total <= capacity
-        verdict = (f'<span class="sl-fits" style="color:#1b7f3b">fits: {total / GIB:.2f} of {capacity / GIB:.0f} GiB on {html.escape(gpu)}</span>' if fits else
-                   f'<span class="sl-oom" style="color:#b00020">does not fit: {total / GIB:.2f} GiB needed, {html.escape(gpu)} has {capacity / GIB:.0f} GiB</span>')
+        # the estimate's own verdict (shardlab.estimate.allocator.fit), the rule tune prunes by
+        fit = est.get("fit") or {"verdict": "fits" if total <= capacity else "does not fit", "why": ""}
+        why = html.escape(fit["why"])
+        verdict = {"fits": f'<span class="sl-fits" style="color:#1b7f3b" title="{why}">fits: {total / GIB:.2f} of {capacity / GIB:.0f} GiB on {html.escape(gpu)}</span>',
+                   "tight": f'<span class="sl-fits sl-tight" style="color:#9a6700" title="{why}">fits, tight: {total / GIB:.2f} of {capacity / GIB:.0f} GiB on '
+                            f'{html.escape(gpu)}; within the estimate\'s {fit.get("margin", 0):.0%} error of the limit, a run decides</span>',
+                   "does not fit": f'<span class="sl-oom" style="color:#b00020" title="{why}">does not fit: {total / GIB:.2f} GiB needed, {html.escape(gpu)} has {capacity / GIB:.0f} GiB</span>'}[fit["verdict"]]
     else:
         verdict = f"total {total / GIB:.2f} GiB"
     return (

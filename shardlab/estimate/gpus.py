@@ -36,6 +36,9 @@ class GPU:
     # its default (CUBLAS_WORKSPACE_CONFIG unset, aten CublasHandlePool) is ":4096:8" = 32 MiB on
     # sm90 (Hopper), ":4096:2:16:8" = 8 MiB + 128 KiB on the others
     cublas_workspace: int = 8 * MIB + 128 * KIB
+    # the caching allocator's cap (torch.cuda.set_per_process_memory_fraction x memory) where a process
+    # sets one; None: the memory less the CUDA context (allocator.fit decides what fits against it)
+    allocator_limit_bytes: int | None = None
 
     def peak_tflops(self, precision: str) -> float:
         return self.fp32_tflops if precision == "fp32" else self.bf16_tflops
@@ -82,7 +85,7 @@ def get_gpu(gpu: str | GPU | dict) -> GPU:
         d = dict(gpu)
         name = d.pop("name", "custom")
         known = {f.name for f in fields(GPU)} - {"name"}
-        missing = known - set(d) - {"pcie_bw", "hbm_bw", "sms", "cublas_workspace"}
+        missing = known - set(d) - {"pcie_bw", "hbm_bw", "sms", "cublas_workspace", "allocator_limit_bytes"}
         if missing:
             raise bad_input("gpu", f"a custom GPU needs {sorted(missing)} as well; got {sorted(d)}. Give bf16_tflops, fp32_tflops, memory_bytes, intra_node_bw and inter_node_bw (bytes/s).")
         unknown = set(d) - known
@@ -96,6 +99,16 @@ def get_gpu(gpu: str | GPU | dict) -> GPU:
     near = difflib.get_close_matches(key, list(GPUS) + list(_ALIASES), n=1, cutoff=0.5)
     hint = f" Did you mean '{_ALIASES.get(near[0], near[0])}'?" if near else ""
     raise bad_input("--gpu", f"--gpu={gpu!r} is not in the GPU table.{hint} Known GPUs: {', '.join(GPUS)} (or register your own with shardlab.estimate.gpus.register_gpu).")
+
+
+def capped(gpu: str | GPU | dict, limit_bytes: int) -> GPU:
+    """`gpu` as a process sees it after torch.cuda.set_per_process_memory_fraction(limit / memory):
+    the allocator may reserve `limit_bytes`; the CUDA context lives outside that cap."""
+    g = get_gpu(gpu)
+    if isinstance(limit_bytes, bool) or not isinstance(limit_bytes, int) or not 0 < limit_bytes <= g.memory_bytes:
+        raise bad_input("allocator_limit_bytes", f"allocator_limit_bytes={limit_bytes!r} must be a whole number of bytes between 1 and "
+                        f"{g.name}'s {g.memory_bytes:,}. Use e.g. capped('h200', 18 * 2**30).")
+    return replace(g, name=f"{g.name}-capped-{limit_bytes / 2**30:g}gib", allocator_limit_bytes=limit_bytes)
 
 
 # torch.cuda.get_device_name() patterns -> shardlab's GPU table (shardlab/estimate/gpus.py); first match wins

@@ -27,8 +27,8 @@ buffers    transient working memory alive during forward/backward: gathered unit
            parameters kept gathered by the reuse-distance rule.
 step_buffers temporaries of the optimizer step (DeepSpeed's fp32 copy of the gradient partition,
            torch's foreach Adam temporaries); they exist after activations are freed.
-overhead   CUDA_CONTEXT_BYTES (CUDA context, cuBLAS workspace, NCCL communicator buffers) plus
-           ALLOCATOR_FRACTION of everything else (caching-allocator fragmentation).
+overhead   CUDA_CONTEXT_BYTES (CUDA context, NCCL communicator buffers) plus what the caching
+           allocator cannot give back at the memory limit (allocator.STRANDED of the peak allocated).
 peak_allocated  what torch.cuda.max_memory_allocated should read: params + optimizer + the larger of
            the forward/backward peak (activations + buffers, plus gradients where they already exist
            then) and the step peak (grads + step_buffers + resident buffers, those alive for the whole
@@ -40,7 +40,7 @@ peak_allocated  what torch.cuda.max_memory_allocated should read: params + optim
            allocated once, so they are there during forward.
 peak_reserved what torch.cuda.max_memory_reserved should read: the caching allocator's segments
            for peak_allocated (allocator.py).
-total      peak_allocated + overhead.
+total      peak_allocated + overhead: what the GPU must hold (allocator.fit gives the verdict).
 
 CPU figures are per node (all local ranks), NVMe per node. Offload moves the optimizer side
 (master, states, fp32 gradients) and, for ZeRO-3 / FSDP, the parameter shards.
@@ -53,11 +53,8 @@ from shardlab.plan import Plan
 from shardlab.units import GIB
 
 from .activations import activation_peak, saved_blocks
-from .allocator import reserved
+from .allocator import CUDA_CONTEXT_BYTES, STRANDED, reserved, stranded
 from .basis import DS_SUB_GROUP, Setup, ds3_kept_for_backward, ds_largest_module, persistent_numel, shard_numel
-
-CUDA_CONTEXT_BYTES = 1 * GIB  # context ~0.5 GiB on Hopper/Ampere + NCCL buffers + cuBLAS workspace
-ALLOCATOR_FRACTION = 0.05  # caching-allocator fragmentation on top of live tensors
 
 
 def activations(plan: Plan, s: Setup) -> int:
@@ -241,10 +238,10 @@ def memory(plan: Plan, s: Setup, traced_activations: int | None = None, gpu=None
         fwd_bwd = parts["grads"] + act + buffers
     workspace = cublas_workspaces(gpu)  # resident from the first forward and backward matmul on
     live = parts["params"] + parts["optimizer"] + workspace + max(fwd_bwd, parts["grads"] + parts["step"] + parts["resident"])
-    overhead = CUDA_CONTEXT_BYTES + int(ALLOCATOR_FRACTION * live)
+    overhead = CUDA_CONTEXT_BYTES + stranded(live)
     per_gpu = {"params": parts["params"], "grads": parts["grads"], "optimizer": parts["optimizer"],
                "activations": act, "buffers": buffers + workspace, "step_buffers": parts["step"], "overhead": overhead,
-               "peak_allocated": live, "peak_reserved": reserved(live, _gpu(gpu).memory_bytes), "total": live + overhead}
+               "peak_allocated": live, "peak_reserved": reserved(live), "total": live + overhead}
     cpu = {k: v * s.gpn for k, v in parts["cpu"].items()}
     cpu["total"] = sum(cpu.values())
     nvme = {k: v * s.gpn for k, v in parts["nvme"].items()}
@@ -260,5 +257,5 @@ def memory(plan: Plan, s: Setup, traced_activations: int | None = None, gpu=None
                             f"{plan.micro_batch_size} x {s.spec.seq_len} tokens, {s.P}-byte, SDPA/flash (no T^2 scores), peak at the fp32 loss's backward"
                             + (", checkpointed" if plan.activation_checkpointing else ""))
     notes["step_buffers"] = ("fp32 copy of the gradient partition for the optimizer step" if s.ds else "foreach optimizer temporaries (fp32)")
-    notes["overhead"] = f"CUDA context etc. {CUDA_CONTEXT_BYTES / GIB:g} GiB + {ALLOCATOR_FRACTION:.0%} allocator fragmentation"
+    notes["overhead"] = f"CUDA context etc. {CUDA_CONTEXT_BYTES / GIB:g} GiB + {STRANDED:.0%} of the peak stranded in the allocator's split segments"
     return {"per_gpu": per_gpu, "cpu": cpu, "nvme": nvme, "notes": notes, "flags": flags}
