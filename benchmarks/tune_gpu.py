@@ -7,9 +7,9 @@ included (they show whether the memory pruning was right). Then `tune` searches 
 budget of trial runs, and the JSON says whether its pick is within 5% of the grid's measured best
 tokens/s, and how long tune took.
 
-The grid's runs use benchmarks/tune_worker.py: the ordinary worker with its training loop behind a
-lock, so queued runs do their start-up while one configuration at a time trains (each is timed alone
-on the GPU), optionally on an allocator capped to fewer bytes than the GPU has (a case where the
+The grid's runs use benchmarks/tune_worker.py: the ordinary worker with everything after its imports
+behind a lock, so queued runs import torch / DeepSpeed while one configuration at a time owns the GPU
+(each is set up, timed and torn down alone on it), optionally on an allocator capped to fewer bytes than the GPU has (a case where the
 memory limit binds without a model too big to run 30 times in a few minutes). Tune's trials use the
 same worker (the same cap) without the lock, one at a time as tune always runs them.
 
@@ -116,11 +116,26 @@ def grid_rows(case: dict, model, device: str, limit: int | None):
     return grid
 
 
+def earlier_rows(path: str | None) -> dict[str, dict]:
+    """The grid rows a previous call already ran (--resume): a case's grid can take two device calls."""
+    if not path:
+        return {}
+    rows = json.loads(Path(path).read_text())
+    rows = rows["grid"] if isinstance(rows, dict) else rows
+    return {r["key"]: {**r, "call": r.get("call", 1)} for r in rows if r["status"] != "not-run"}
+
+
 def run_grid(grid, model, a, runs: Path) -> list[dict]:
     from shardlab import launch
     from shardlab.tune.trials import measure
 
-    rows: list[dict] = []
+    done = earlier_rows(a.resume)
+    rows: list[dict] = list(done.values())
+    grid_keys = {c.key for c in grid}
+    assert set(done) <= grid_keys, f"--resume rows not in this case's grid: {sorted(set(done) - grid_keys)}"
+    todo = [c for c in grid if c.key not in done]
+    if done:
+        print(f"{len(done)} configurations from {a.resume}, {len(todo)} to run", flush=True)
     out = Path(a.out)
 
     deadline = time.time() + a.grid_deadline_s if a.grid_deadline_s else None
@@ -134,7 +149,7 @@ def run_grid(grid, model, a, runs: Path) -> list[dict]:
                          "error": "the first runs all failed" if broken else "grid deadline"})
             return rows[-1]
         row = {"key": c.key, "plan": c.plan.model_dump(mode="json"), "predicted": c.predicted,
-               "predicted_fits": c.status != "rejected", "prune_reason": c.reason}
+               "predicted_fits": c.status != "rejected", "prune_reason": c.reason, "call": 2 if done else 1}
         try:
             run = launch(c.plan, model=model, steps=a.steps, device=a.device, out=runs, timeout_s=400, worker_module=WORKER)
             status = run.wait()
@@ -152,7 +167,7 @@ def run_grid(grid, model, a, runs: Path) -> list[dict]:
         return row
 
     with ThreadPoolExecutor(max_workers=a.jobs) as ex:
-        list(ex.map(one, grid))
+        list(ex.map(one, todo))
     order = {c.key: i for i, c in enumerate(grid)}
     return sorted(rows, key=lambda r: order[r["key"]])
 
@@ -206,11 +221,12 @@ def main() -> int:
     ap.add_argument("--budget", default="5")
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--warmup", type=int, default=3)
-    # --jobs 4 on the H200 (2026-12-01) timed the grid's configurations 0.62-0.76x of the same plans run
-    # alone by tune (the gate serializes training loops, not the other runs' start-up): use 1 for timings
-    ap.add_argument("--jobs", type=int, default=1, help="grid runs started at once (one trains at a time: tune_worker's gate)")
+    # --jobs 4 with a gate around the training loop only (2026-12-01) timed the grid's configurations 0.62-0.76x
+    # of the same plans run alone by tune; the gate now covers everything after the imports (tune_worker.py)
+    ap.add_argument("--jobs", type=int, default=1, help="grid runs started at once (one owns the GPU at a time: tune_worker's gate)")
     ap.add_argument("--grid-deadline-s", type=float, default=None, help="start no grid run after this many seconds")
     ap.add_argument("--no-tune", action="store_true")
+    ap.add_argument("--resume", default=None, help="a grid JSON of an earlier call: its run rows are kept, the rest run")
     a = ap.parse_args()
     case = CASES[a.case]
     model = case_model(case, a.tiny)

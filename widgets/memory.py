@@ -3,7 +3,8 @@
 Numbers come from `shardlab.estimate.estimate(plan, model, gpu)`; this file only draws them as a
 stacked HTML bar (params / grads / optimizer / activations / buffers / overhead), which redraws in
 well under a millisecond, plus the predicted step time, tokens/s and MFU and the step's breakdown
-(steptime.py: compute, host overhead, exposed communication, offload).
+(steptime.py: compute, host overhead, exposed communication, offload). Beside it, on request, the
+traced estimate and its difference from the analytical one (tracepane.py).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from shardlab.models import resolve_model
 from shardlab.plan import Plan, PlanError
 from shardlab.units import GIB
 from shardlab_widgets.modelpick import model_input, model_note
+from shardlab_widgets.tracepane import TracePane, trace_dict
 
 PARTS = (
     ("params", "#4c78a8"),
@@ -93,9 +95,13 @@ def bar_html(est: dict[str, Any], capacity: int | None, gpu: str) -> str:
     mark = ""
     if capacity:
         mark = f'<div style="position:absolute;left:{100 * capacity / scale:.3f}%;top:-3px;bottom:-3px;border-left:2px dashed #222"></div>'
-        fits = total <= capacity
-        verdict = (f'<span class="sl-fits" style="color:#1b7f3b">fits: {total / GIB:.2f} of {capacity / GIB:.0f} GiB on {html.escape(gpu)}</span>' if fits else
-                   f'<span class="sl-oom" style="color:#b00020">does not fit: {total / GIB:.2f} GiB needed, {html.escape(gpu)} has {capacity / GIB:.0f} GiB</span>')
+        # the estimate's own verdict (shardlab.estimate.allocator.fit), the rule tune prunes by
+        fit = est.get("fit") or {"verdict": "fits" if total <= capacity else "does not fit", "why": ""}
+        why = html.escape(fit["why"])
+        verdict = {"fits": f'<span class="sl-fits" style="color:#1b7f3b" title="{why}">fits: {total / GIB:.2f} of {capacity / GIB:.0f} GiB on {html.escape(gpu)}</span>',
+                   "tight": f'<span class="sl-fits sl-tight" style="color:#9a6700" title="{why}">fits, tight: {total / GIB:.2f} of {capacity / GIB:.0f} GiB on '
+                            f'{html.escape(gpu)}; within the estimate\'s {fit.get("margin", 0):.0%} error of the limit, a run decides</span>',
+                   "does not fit": f'<span class="sl-oom" style="color:#b00020" title="{why}">does not fit: {total / GIB:.2f} GiB needed, {html.escape(gpu)} has {capacity / GIB:.0f} GiB</span>'}[fit["verdict"]]
     else:
         verdict = f"total {total / GIB:.2f} GiB"
     return (
@@ -130,10 +136,15 @@ class MemoryPanel:
         self.bar = pn.pane.HTML("", sizing_mode="stretch_width", css_classes=["sl-memory"])
         self.speed = pn.pane.HTML("", sizing_mode="stretch_width", css_classes=["sl-speed-pane"])
         self.last: dict[str, Any] = {}
+        self.traced = TracePane(self._trace, lambda: (self.plan_getter(), self.model.value, self.gpu.value))
         for w in (self.model, self.gpu):
             w.param.watch(lambda ev: self.refresh(), "value")
-        self.layout = pn.Card(pn.Row(self.model, self.gpu), self.bar, self.speed, title="Memory per GPU (estimate)",
-                              sizing_mode="stretch_width", css_classes=["sl-memory-card"])
+        self.layout = pn.Card(pn.Row(self.model, self.gpu), self.bar, self.traced.layout, self.speed,
+                              title="Memory per GPU (estimate)", sizing_mode="stretch_width", css_classes=["sl-memory-card"])
+
+    def _trace(self) -> tuple[dict, dict]:
+        """(the traced estimate, the analytical one it is compared with), for the current inputs."""
+        return trace_dict(self.plan_getter(), self.model.value, self.gpu.value), self.last
 
     def refresh(self) -> None:
         est = estimate_dict(self.plan_getter(), self.model.value, self.gpu.value)
@@ -143,3 +154,4 @@ class MemoryPanel:
             self.bar.object = b
         if self.speed.object != s:
             self.speed.object = s
+        self.traced.follow()

@@ -177,7 +177,7 @@ class TuneRunner(pn.viewable.Viewer):
         self.result = result
         self._end()
         t = result.table()
-        self.table.object = t[["rank", "key", "status", "predicted_tokens_per_s", "measured_tokens_per_s", "reason"]]
+        self.table.object = t[["rank", "key", "status", "group", "predicted_tokens_per_s", "measured_tokens_per_s", "reason"]]
         self.plot.objects = [pn.pane.HoloViews(P.tune_pareto(result.pareto()), backend="bokeh", sizing_mode="stretch_width")]
         self.progress.param.update(value=self.progress.max, bar_color="success" if result.pick else "danger")
         pick = f"pick: {result.pick.key}" if result.pick else "no pick"

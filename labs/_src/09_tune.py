@@ -29,7 +29,11 @@ print(f"device={DEVICE}, trials on {NPROC if DEVICE == 'cuda' else 1} rank(s), r
 #
 # A dry run prices every candidate for any GPU in the table, without running anything: here gpt-1.3b
 # on 8 H100s. Count why candidates were rejected: a rule of the plan (e.g. zero1 has no FSDP
-# equivalent), or "does not fit" (predicted peak reserved + 10% margin above the GPU's memory).
+# equivalent), or "does not fit" (the predicted peak allocated, plus what the caching allocator cannot
+# give back when it frees its cache at the limit, plus the CUDA context, above the GPU's memory). A
+# "tight" candidate fits only if the estimate is not short by its measured error (10%): it is kept,
+# and a trial decides. The `grp` column groups twins: predictions within 1% that the step model cannot
+# tell apart (e.g. FSDP1 vs FSDP2 with the same knobs); the search runs at most one trial per group.
 
 # %%
 dry = tune("gpt-1.3b", gpus=8, gpu="h100-80gb", dry_run=True)

@@ -92,16 +92,20 @@ def register(add) -> None:
     s = add("tune", "search plans for a model on given GPUs: pruned by the estimates, confirmed by short real runs",
             epilog=f"GPUs (--gpu): {gpu_names()}\nModel presets (--model): {model_names()}\n\n"
                    "Candidates: framework x sharding x offload x activation checkpointing x micro-batch (x accumulation at a fixed\n"
-                   "--global-batch) x torch.compile x bucket/prefetch knobs. Those that are invalid or do not fit (predicted peak\n"
-                   "reserved + 10% margin, issue 13's bar) are rejected with the reason; the rest are ranked by the estimate and the\n"
-                   "best few are run (each an ordinary run in the store) until the measured best beats every unrun candidate's\n"
-                   "prediction + 25% (issue 14's bar) or the budget is spent. Without a GPU trials run on CPU processes (small models).")
+                   "--global-batch) x torch.compile x bucket/prefetch knobs. Those that are invalid or do not fit by the estimate\n"
+                   "(peak allocated + what the caching allocator cannot give back at the limit, beside the CUDA context) are rejected\n"
+                   "with the reason; 'tight' ones (within the estimate's 10% error of the limit) are kept and marked. The rest are\n"
+                   "ranked by the estimate; predictions within 1% are twins (one group, 'grp'). The best few are run (each an\n"
+                   "ordinary run in the store), at most one per group of twins, until the measured best beats every other unrun\n"
+                   "candidate's prediction + 25% (issue 14's bar) or the budget is spent. Without a GPU trials run on CPU\n"
+                   "processes (small models).")
     s.add_argument("--model", nargs="+", metavar="MODEL", required=True, help=MODEL_HELP)
     s.add_argument("--gpus", type=int, default=1, help="GPUs (or CPU processes) per node (default 1)")
     s.add_argument("--nodes", type=int, default=1, help="nodes (default 1)")
     s.add_argument("--gpu", default=None, help="GPU table name to price and fit against (default: this machine's GPU; required with --dry-run on a machine without one)")
-    s.add_argument("--goal", default="fastest", choices=("fastest", "largest-batch", "least-memory"))
-    s.add_argument("--budget", default="5", help="trial runs (e.g. 5) or minutes (e.g. 10m); 0 ranks by estimate only (default 5)")
+    s.add_argument("--goal", default="fastest", help="fastest (default), largest-batch or least-memory")
+    s.add_argument("--budget", default="5", help="trial runs, a whole number (e.g. 5), or minutes with an m (e.g. 10m, 2.5min); "
+                   "0 ranks by estimate only (default 5). Checked with --dry-run too")
     s.add_argument("--frameworks", default=None, help="comma-separated subset of fsdp1,fsdp2,deepspeed (default: all)")
     s.add_argument("--global-batch", type=int, default=None, help="sequences per optimizer step, fixed: accumulation = global / (micro-batch x GPUs)")
     s.add_argument("--steps", type=int, default=8, help="steps per trial, the first 3 not timed (default 8)")

@@ -40,12 +40,20 @@ class Estimate:
     flags: list = field(default_factory=list)
 
     @property
+    def fit(self) -> dict:
+        """The memory verdict (allocator.fit: "fits" | "tight" | "does not fit", with its figures)."""
+        from .allocator import fit
+
+        return fit(self.per_gpu["peak_allocated"], self.gpu)
+
+    @property
     def fits(self) -> bool:
-        return self.per_gpu["total"] <= self.gpu.memory_bytes
+        """Fits by the estimate ("fits" or "tight"): the one rule tune, the widgets and fits.py use."""
+        return self.fit["verdict"] != "does not fit"
 
     @property
     def headroom_bytes(self) -> int:
-        return self.gpu.memory_bytes - self.per_gpu["total"]
+        return self.fit["headroom_bytes"]
 
     def to_dict(self) -> dict:
         p = self.plan
@@ -71,6 +79,7 @@ class Estimate:
             "step_breakdown": dict(self.time["breakdown"]),
             "calibrated": self.time["calibrated"],
             "fits": self.fits,
+            "fit": self.fit,
             "headroom_bytes": self.headroom_bytes,
             "labels": {"memory": "bytes per GPU (cpu, nvme: bytes per node)", "comm_per_step":
                        "wire bytes per GPU per optimizer step (ring factor)", "comm_payload_per_step":
@@ -92,13 +101,14 @@ class Estimate:
                  "", f"Memory per GPU ({unit} = 2^{30 if big else 20} bytes)"]
         for k in ("params", "grads", "optimizer", "activations", "buffers", "step_buffers", "overhead"):
             lines.append(f"  {k:<13}{gib(self.per_gpu[k])}   {self.notes.get(k, '')}")
-        lines.append(f"  {'peak alloc':<13}{gib(self.per_gpu['peak_allocated'])}   {'traced (one fake-tensor step)' if getattr(self, 'method', 'analytic') == 'trace' else 'analytical'}; caching allocator reserves ~{self.per_gpu['peak_reserved'] / GIB:.2f} GiB")
+        lines.append(f"  {'peak alloc':<13}{gib(self.per_gpu['peak_allocated'])}   {'traced (one fake-tensor step)' if getattr(self, 'method', 'analytic') == 'trace' else 'analytical'}; caching allocator reserves ~{self.per_gpu['peak_reserved'] / GIB:.2f} GiB when nothing limits it (near the limit it frees its cache)")
         if self.notes.get("trace"):
             lines.append(f"  trace: {self.notes['trace']}")
-        cap = self.gpu.memory_bytes
-        verdict = "fits" if self.fits else "DOES NOT FIT"
+        cap, f = self.gpu.memory_bytes, self.fit
+        verdict = {"fits": "fits", "tight": "TIGHT", "does not fit": "DOES NOT FIT"}[f["verdict"]]
         lines.append(f"  {'total':<13}{self.per_gpu['total'] / GIB:9.2f} GiB   of {cap / GIB:.1f} GiB: {verdict} "
                      f"(headroom {self.headroom_bytes / GIB:.2f} GiB)")
+        lines.append(f"  {'':<13}{f['why']}")
         if self.cpu["total"] or self.nvme["total"]:
             lines.append(f"  CPU RAM per node {self.cpu['total'] / GIB:.2f} GiB, NVMe per node {self.nvme['total'] / GIB:.2f} GiB")
         c = self.comm_per_step
@@ -120,23 +130,24 @@ class Estimate:
         return "\n".join(lines)
 
 
-def _traced(plan: Plan, s, model) -> dict:
+def _traced(plan: Plan, s, model, gpu) -> dict:
     """memory() with the traced peak (trace.py) in place of the formulas it replaces."""
-    from .allocator import reserved
-    from .memory import ALLOCATOR_FRACTION, CUDA_CONTEXT_BYTES
+    from .allocator import CUDA_CONTEXT_BYTES, reserved, stranded
+    from .memory import cublas_workspaces
     from .trace import traced_memory
 
     t = traced_memory(plan, model)
     if t["traced"] == "activations":  # DeepSpeed: traced working set + analytical states and buffers
-        mem = memory(plan, s, traced_activations=t["peak"])
+        mem = memory(plan, s, traced_activations=t["peak"], gpu=gpu)
         what = "forward/backward working set traced; DeepSpeed states, buffers and step temporaries analytical"
     else:
-        mem = memory(plan, s)
+        mem = memory(plan, s, gpu=gpu)
         g = mem["per_gpu"]
-        g["peak_allocated"], g["peak_reserved"] = t["peak"], reserved(t["peak"])
-        g["overhead"] = CUDA_CONTEXT_BYTES + int(ALLOCATOR_FRACTION * t["peak"])
-        g["total"] = t["peak"] + g["overhead"]
-        what = "whole step traced (wrapping, states, buffers, activations, optimizer step); the category rows above are analytical"
+        peak = t["peak"] + cublas_workspaces(gpu)  # a fake-tensor step runs no cuBLAS
+        g["peak_allocated"], g["peak_reserved"] = peak, reserved(peak)
+        g["overhead"] = CUDA_CONTEXT_BYTES + stranded(peak)
+        g["total"] = peak + g["overhead"]
+        what = "whole step traced (wrapping, states, buffers, activations, optimizer step) + the cuBLAS workspaces; the category rows above are analytical"
     at = ", ".join(f"{k} {v / GIB:.2f} GiB" for k, v in t["at_peak"].items())
     mem["notes"]["trace"] = f"{what}; traced peak {t['peak'] / GIB:.2f} GiB ({at})"
     mem["trace"] = t
@@ -168,17 +179,17 @@ def estimate(plan, model, gpu: str | GPU | dict = DEFAULT_GPU, method: str = "an
     g = get_gpu(gpu)
     s = resolve(plan, spec)
     if method == "analytic":
-        mem = memory(plan, s)
+        mem = memory(plan, s, gpu=g)
     elif user_module:
-        mem = _traced(plan, s, model)
+        mem = _traced(plan, s, model, g)
     elif spec.source:  # a Hugging Face config or a factory (shardlab.usermodel): build that model, fake
         from shardlab.usermodel import resolve as resolve_source
         from shardlab.usermodel import with_wrap_class
 
         # wrapped as a run wraps it: the model's own block class, not shardlab's GPT "Block"
-        mem = _traced(with_wrap_class(plan, spec), s, resolve_source(spec.source).for_trace())
+        mem = _traced(with_wrap_class(plan, spec), s, resolve_source(spec.source).for_trace(), g)
     else:
-        mem = _traced(plan, s, spec)
+        mem = _traced(plan, s, spec, g)
     c = comm(plan, s)
     if rates is None:
         from .calibrate import rates_for

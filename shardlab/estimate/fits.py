@@ -3,8 +3,9 @@
 Two ways to count, because published "max model size" claims rarely say which they mean:
 - include="states": parameters + gradients + optimizer states (the ZeRO paper's model states) must
   fit in the GPU's memory; nothing else is counted.
-- include="all": the estimator's whole per-GPU total (activations of a GPT shape of that size at the
-  plan's micro-batch and sequence length, buffers, CUDA context) must fit.
+- include="all": the estimate's own verdict (Estimate.fits, allocator.fit): the peak allocated
+  (activations of a GPT shape of that size at the plan's micro-batch and sequence length, buffers)
+  plus what the allocator cannot give back must fit beside the CUDA context.
 """
 
 from __future__ import annotations
@@ -55,6 +56,10 @@ def _used(est, include: str) -> int:
     return _states(est) if include == "states" else est.per_gpu["total"]
 
 
+def _fits(est, include: str) -> bool:
+    return _states(est) <= est.gpu.memory_bytes if include == "states" else est.fits
+
+
 def fits(plan, model, gpu: str | GPU | dict = DEFAULT_GPU, include: str = "all") -> list[dict]:
     """For each strategy: fits or not, bytes used, headroom (GPU memory minus used), CPU per node."""
     from . import estimate
@@ -65,7 +70,7 @@ def fits(plan, model, gpu: str | GPU | dict = DEFAULT_GPU, include: str = "all")
     for name, changes in STRATEGIES.items():
         e = estimate(_with(plan, changes), spec, g)
         used = _used(e, include)
-        rows.append({"strategy": name, "framework": e.plan.framework, "fits": used <= g.memory_bytes, "used_bytes": used,
+        rows.append({"strategy": name, "framework": e.plan.framework, "fits": _fits(e, include), "used_bytes": used,
                      "headroom_bytes": g.memory_bytes - used, "cpu_bytes_per_node": e.cpu["total"]})
     return rows
 
@@ -89,7 +94,7 @@ def max_model_size(plan, gpu: str | GPU | dict = DEFAULT_GPU, strategy: str | No
 
     def ok(n: float) -> bool:
         e = estimate(plan, make(n), g)
-        return _used(e, include) <= g.memory_bytes and (cpu_memory is None or e.cpu["total"] <= cpu_memory)
+        return _fits(e, include) and (cpu_memory is None or e.cpu["total"] <= cpu_memory)
 
     lo = 1e6
     if not ok(lo):
@@ -114,7 +119,7 @@ def min_gpus(plan, model, gpu: str | GPU | dict = DEFAULT_GPU, include: str = "a
         p = _with(plan, {"topology": {"nodes": nodes, "gpus_per_node": per}})
         if p.sharding == "hybrid" and nodes == 1:
             p = _with(p, {"sharding": "zero3"})
-        if _used(estimate(p, spec, g), include) <= g.memory_bytes:
+        if _fits(estimate(p, spec, g), include):
             return nodes * per
         n *= 2
     return None

@@ -16,7 +16,7 @@ import difflib
 from dataclasses import dataclass, fields, replace
 
 from shardlab.plan import bad_input
-from shardlab.units import GB, MIB
+from shardlab.units import GB, KIB, MIB
 
 
 @dataclass(frozen=True)
@@ -32,6 +32,13 @@ class GPU:
     pcie_bw: float = 25 * GB  # host <-> device copies (offload)
     hbm_bw: float = 2000 * GB  # device memory bandwidth, data sheet (memory-bound kernels, the optimizer step)
     sms: int = 108  # streaming multiprocessors (wave quantization of matmul tiles)
+    # one cuBLAS workspace, which torch allocates through the caching allocator per (handle, stream):
+    # its default (CUBLAS_WORKSPACE_CONFIG unset, aten CublasHandlePool) is ":4096:8" = 32 MiB on
+    # sm90 (Hopper), ":4096:2:16:8" = 8 MiB + 128 KiB on the others
+    cublas_workspace: int = 8 * MIB + 128 * KIB
+    # the caching allocator's cap (torch.cuda.set_per_process_memory_fraction x memory) where a process
+    # sets one; None: the memory less the CUDA context (allocator.fit decides what fits against it)
+    allocator_limit_bytes: int | None = None
 
     def peak_tflops(self, precision: str) -> float:
         return self.fp32_tflops if precision == "fp32" else self.bf16_tflops
@@ -45,9 +52,9 @@ GPUS: dict[str, GPU] = {
     for g in (
         GPU("a100-40gb", 312.0, 19.5, 40960 * MIB, 300 * GB, 25 * GB, 25 * GB, 1555 * GB, 108),
         GPU("a100-80gb", 312.0, 19.5, 81920 * MIB, 300 * GB, 25 * GB, 25 * GB, 2039 * GB, 108),
-        GPU("h100-80gb", 989.0, 67.0, 81559 * MIB, 450 * GB, 50 * GB, 50 * GB, 3350 * GB, 132),  # SXM5, NVLink 4
-        GPU("h100-pcie", 756.0, 51.0, 81559 * MIB, 64 * GB, 50 * GB, 50 * GB, 2000 * GB, 114),  # PCIe Gen5, no NVLink bridge
-        GPU("h200", 989.0, 67.0, 143771 * MIB, 450 * GB, 50 * GB, 50 * GB, 4800 * GB, 132),
+        GPU("h100-80gb", 989.0, 67.0, 81559 * MIB, 450 * GB, 50 * GB, 50 * GB, 3350 * GB, 132, 32 * MIB),  # SXM5, NVLink 4
+        GPU("h100-pcie", 756.0, 51.0, 81559 * MIB, 64 * GB, 50 * GB, 50 * GB, 2000 * GB, 114, 32 * MIB),  # PCIe Gen5, no NVLink bridge
+        GPU("h200", 989.0, 67.0, 143771 * MIB, 450 * GB, 50 * GB, 50 * GB, 4800 * GB, 132, 32 * MIB),
         GPU("l4", 121.0, 30.3, 23034 * MIB, 32 * GB, 6.25 * GB, 25 * GB, 300 * GB, 58),
         GPU("a10g", 70.0, 31.2, 23028 * MIB, 32 * GB, 6.25 * GB, 25 * GB, 600 * GB, 80),
         GPU("rtx4090", 165.0, 82.6, 24564 * MIB, 32 * GB, 3.125 * GB, 25 * GB, 1008 * GB, 128),  # bf16 with fp32 accumulate
@@ -78,7 +85,7 @@ def get_gpu(gpu: str | GPU | dict) -> GPU:
         d = dict(gpu)
         name = d.pop("name", "custom")
         known = {f.name for f in fields(GPU)} - {"name"}
-        missing = known - set(d) - {"pcie_bw", "hbm_bw", "sms"}
+        missing = known - set(d) - {"pcie_bw", "hbm_bw", "sms", "cublas_workspace", "allocator_limit_bytes"}
         if missing:
             raise bad_input("gpu", f"a custom GPU needs {sorted(missing)} as well; got {sorted(d)}. Give bf16_tflops, fp32_tflops, memory_bytes, intra_node_bw and inter_node_bw (bytes/s).")
         unknown = set(d) - known
@@ -92,6 +99,16 @@ def get_gpu(gpu: str | GPU | dict) -> GPU:
     near = difflib.get_close_matches(key, list(GPUS) + list(_ALIASES), n=1, cutoff=0.5)
     hint = f" Did you mean '{_ALIASES.get(near[0], near[0])}'?" if near else ""
     raise bad_input("--gpu", f"--gpu={gpu!r} is not in the GPU table.{hint} Known GPUs: {', '.join(GPUS)} (or register your own with shardlab.estimate.gpus.register_gpu).")
+
+
+def capped(gpu: str | GPU | dict, limit_bytes: int) -> GPU:
+    """`gpu` as a process sees it after torch.cuda.set_per_process_memory_fraction(limit / memory):
+    the allocator may reserve `limit_bytes`; the CUDA context lives outside that cap."""
+    g = get_gpu(gpu)
+    if isinstance(limit_bytes, bool) or not isinstance(limit_bytes, int) or not 0 < limit_bytes <= g.memory_bytes:
+        raise bad_input("allocator_limit_bytes", f"allocator_limit_bytes={limit_bytes!r} must be a whole number of bytes between 1 and "
+                        f"{g.name}'s {g.memory_bytes:,}. Use e.g. capped('h200', 18 * 2**30).")
+    return replace(g, name=f"{g.name}-capped-{limit_bytes / 2**30:g}gib", allocator_limit_bytes=limit_bytes)
 
 
 # torch.cuda.get_device_name() patterns -> shardlab's GPU table (shardlab/estimate/gpus.py); first match wins

@@ -19,7 +19,7 @@ from shardlab.plan import bad_input
 
 from .result import TuneResult
 from .search import GOALS, MEMORY_MARGIN, STEP_ERROR_BOUND, Budget, check_goal, predict, rank, search
-from .space import Candidate, Space, candidates
+from .space import FRAMEWORKS, Candidate, Space, candidates
 
 # Largest model (parameters) tune runs trials of on CPU processes: gpt-tiny (0.7M) trains in seconds
 # there; a 30M model already takes tens of seconds a step on the 2-core machines the labs run on.
@@ -54,7 +54,10 @@ def _check_cpu_model(spec) -> None:
 def _checked_budget(goal, budget, dry_run, gpus, nodes, steps, warmup) -> Budget:
     """tune()'s arguments checked (PlanError naming the field otherwise); the trial budget."""
     check_goal(goal)
-    b = Budget(runs=0) if dry_run else Budget.parse(budget)
+    b = Budget.parse(budget)  # checked even when dry_run makes it 0: a bad value is a mistake either way
+    if not isinstance(dry_run, bool):
+        raise bad_input("dry_run", f"dry_run={dry_run!r} must be True or False. Use dry_run=True to rank by estimate only.")
+    b = Budget(runs=0) if dry_run else b
     for name, v in (("gpus", gpus), ("nodes", nodes), ("steps", steps)):
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             raise bad_input(name, f"{name}={v!r} must be a whole number of at least 1. Use e.g. --{name} 1.")
@@ -63,12 +66,29 @@ def _checked_budget(goal, budget, dry_run, gpus, nodes, steps, warmup) -> Budget
     return b
 
 
+def _check_host(base, gpus: int, device: str) -> None:
+    """Trial runs need the GPUs (or CPU cores) here: refused before the search, naming --gpus / --nodes."""
+    from shardlab.plan import PlanError
+    from shardlab.run.host import check_capacity
+
+    try:
+        check_capacity(base, gpus, device)
+    except PlanError as e:
+        why = str(e).split(". ")[0].removeprefix("error: ").replace("nproc=", "gpus=")
+        raise bad_input("gpus", f"trial runs of --nodes {base.topology.nodes} x --gpus {gpus} on device={device} cannot start here: {why}. "
+                        "Use fewer --gpus / --nodes, --device cpu (small models), or rank by estimate only: --dry-run --gpu NAME.") from None
+
+
 def _space_for(space: Space | None, frameworks, global_batch, cpu_trials: bool) -> Space:
     """What to vary: the given Space or the default one, narrowed to `frameworks` / a fixed global batch."""
     defaulted = space is None
     space = space or Space()
-    if frameworks:
-        space.frameworks = tuple(f.strip() for f in (frameworks.split(",") if isinstance(frameworks, str) else frameworks) if f.strip())
+    if frameworks is not None:
+        names = frameworks.split(",") if isinstance(frameworks, str) else frameworks
+        if not isinstance(names, (list, tuple)) or not all(isinstance(f, str) for f in names):
+            raise bad_input("frameworks", f"frameworks={str(frameworks)[:60]!r} must be names: a comma-separated string or a list "
+                            f"of some of {', '.join(FRAMEWORKS)}. Use e.g. frameworks='fsdp2,deepspeed'.")
+        space.frameworks = tuple(f.strip() for f in names if f.strip())
     if global_batch is not None:
         space.global_batch = global_batch
     if cpu_trials and defaulted:
@@ -109,6 +129,8 @@ def tune(model: Any = "gpt-tiny", gpus: int = 1, nodes: int = 1, gpu: str | None
         _check_cpu_model(spec)
     base = load_plan(base if base is not None else Plan(), check=False)
     base = base.model_copy(update={"topology": base.topology.model_copy(update={"nodes": nodes, "gpus_per_node": gpus})})
+    if not b.zero and runner is None:
+        _check_host(base, gpus, device)
     target, calibration = _target(device if not b.zero else (device if gpu is None else "cuda"), gpu)
     cands = candidates(space, base)
     predict(cands, spec, target, calibration, margin)

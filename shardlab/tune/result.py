@@ -18,10 +18,10 @@ from pathlib import Path
 
 from shardlab.units import GIB
 
-from .search import expected, measured_score
+from .search import TIE_RESOLUTION, expected, measured_score
 from .space import Candidate
 
-COLUMNS = ["rank", "key", "status", "trial", "framework", "sharding", "offload", "activation_checkpointing",
+COLUMNS = ["rank", "key", "status", "trial", "group", "framework", "sharding", "offload", "activation_checkpointing",
            "micro_batch_size", "grad_accum_steps", "compile", "predicted_tokens_per_s", "measured_tokens_per_s",
            "tokens_per_s_error", "predicted_peak_reserved_bytes", "measured_peak_reserved_bytes",
            "predicted_peak_allocated_bytes", "measured_peak_allocated_bytes", "reason", "run_id"]
@@ -58,11 +58,16 @@ class TuneResult:
         import pandas as pd
 
         rows = []
+        tried = {c.group: c.trial for c in sorted(self.trials, key=lambda c: -c.trial) if c.status == "completed" and c.group is not None}
         for i, c in enumerate(self._ordered(), 1):
             p, pr, me = c.plan, c.predicted, c.measured
+            reason = c.reason
+            if c.status == "unrun" and c.group in tried:  # the stop rule did not wait on it (search.py, Twins)
+                reason = f"twin of trial {tried[c.group]}: predicted within {TIE_RESOLUTION:.0%}, the step model cannot tell them apart" + (
+                    f"; {reason}" if reason else "")
             off = "none" if p is None else ("all" if p.offload.params != "none" else "optimizer" if p.offload.optimizer != "none" else "none")
             pt, mt = pr.get("tokens_per_s"), me.get("tokens_per_s")
-            rows.append({"rank": i, "key": c.key, "status": ("pick" if c is self.pick else c.status), "trial": c.trial,
+            rows.append({"rank": i, "key": c.key, "status": ("pick" if c is self.pick else c.status), "trial": c.trial, "group": c.group,
                          "framework": p and p.framework, "sharding": p and p.sharding, "offload": off,
                          "activation_checkpointing": p and p.activation_checkpointing,
                          "micro_batch_size": p and p.micro_batch_size, "grad_accum_steps": p and p.grad_accum_steps,
@@ -72,7 +77,7 @@ class TuneResult:
                          "measured_peak_reserved_bytes": me.get("peak_reserved_bytes"),
                          "predicted_peak_allocated_bytes": pr.get("peak_allocated_bytes"),
                          "measured_peak_allocated_bytes": me.get("peak_allocated_bytes"),
-                         "reason": c.reason, "run_id": c.run_id})
+                         "reason": reason, "run_id": c.run_id})
         return pd.DataFrame(rows, columns=COLUMNS)
 
     def pareto(self):
@@ -116,12 +121,12 @@ class TuneResult:
                  f"stopped: {STOP_WHY.get(self.stop, self.stop)}; {self.wall_s:.1f} s", ""]
         gib = lambda b: "-" if b is None or b != b else f"{b / GIB:.2f}"  # noqa: E731
         num = lambda x: "-" if x is None or x != x else f"{x:,.0f}"  # noqa: E731
-        lines.append(f"{'#':>3} {'status':<10} {'candidate':<44} {'pred tok/s':>11} {'meas tok/s':>11} {'pred GiB':>9} {'meas GiB':>9}  note")
-        shown = t[t["status"] != "rejected"].head(top)
-        for _, r in shown.iterrows():
-            lines.append(f"{r['rank']:>3} {r['status']:<10} {r['key'][:44]:<44} {num(r['predicted_tokens_per_s']):>11} "
+        lines.append(f"{'#':>3} {'status':<10} {'grp':>4} {'candidate':<44} {'pred tok/s':>11} {'meas tok/s':>11} {'pred GiB':>9} {'meas GiB':>9}  note")
+        for r, twins in _distinct(t[t["status"] != "rejected"], top):
+            note = (f"+{twins} twin{'s' if twins > 1 else ''} (group {_num(r['group'])}) " if twins else "") + _text(r["reason"])
+            lines.append(f"{r['rank']:>3} {r['status']:<10} {_num(r['group']):>4} {r['key'][:44]:<44} {num(r['predicted_tokens_per_s']):>11} "
                          f"{num(r['measured_tokens_per_s']):>11} {gib(r['predicted_peak_reserved_bytes']):>9} "
-                         f"{gib(r['measured_peak_reserved_bytes']):>9}  {_text(r['reason'])[:70]}")
+                         f"{gib(r['measured_peak_reserved_bytes']):>9}  {note[:90]}")
         rej = t[t["status"] == "rejected"]
         if len(rej):
             why = rej["reason"].str.split(":").str[0].value_counts()
@@ -132,7 +137,8 @@ class TuneResult:
         else:
             how = "measured" if self.pick.status == "completed" else "by estimate only"
             lines.append(f"pick ({how}): {self.pick.key}")
-        lines.append("tokens/s per GPU; memory: peak reserved per GPU in GiB (2^30 bytes); a CPU run measures no GPU memory")
+        lines.append("tokens/s per GPU; memory: peak reserved per GPU in GiB (2^30 bytes); a CPU run measures no GPU memory; "
+                     f"grp: predictions equal within {TIE_RESOLUTION:.0%} (twins: one row shown, all in the table)")
         return "\n".join(lines)
 
     def write(self, out_dir, report: bool = True, png: bool = True) -> dict:
@@ -152,6 +158,28 @@ class TuneResult:
 
             paths["report"] = write_tune_report(self, d / "report.html", png=png)
         return {k: str(v) for k, v in paths.items()}
+
+
+def _distinct(t, top: int):
+    """(row, number of unrun twins folded into it) for the first `top` rows, an unrun row folded into
+    the first shown row of its group."""
+    shown: list = []
+    first: dict = {}
+    for _, r in t.iterrows():
+        g = r["group"]
+        if r["status"] == "unrun" and g == g and g is not None and g in first:
+            shown[first[g]][1] += 1
+            continue
+        if len(shown) >= top:
+            continue
+        if g == g and g is not None:
+            first.setdefault(g, len(shown))
+        shown.append([r, 0])
+    return [(r, n) for r, n in shown]
+
+
+def _num(v) -> str:
+    return "-" if v is None or v != v else f"{int(v)}"
 
 
 def _text(v) -> str:

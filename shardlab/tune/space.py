@@ -67,7 +67,8 @@ class Space:
 @dataclass
 class Candidate:
     """One combination: its plan (None when the combination cannot be written as a plan) and what
-    became of it. `status`: rejected | unrun | running | completed | oom | failed | cancelled | timeout."""
+    became of it. `status`: rejected | unrun | running | completed | oom | failed | cancelled | timeout;
+    `reason`: why it was rejected or failed, or "tight: ..." for one that fits only by the estimate."""
 
     key: str
     plan: Plan | None
@@ -78,6 +79,7 @@ class Candidate:
     run_id: str | None = None
     run_dir: str | None = None
     trial: int | None = None
+    group: int | None = None  # candidates predicted equal within search.TIE_RESOLUTION share a number (twins)
 
     @property
     def batch(self) -> int:
