@@ -136,9 +136,14 @@ def test_deepspeed_zero3_holds_16bit_partitions_and_fp32_master():
     no_persist = {"param_persistence_threshold": 0}
     g = estimate(plan("deepspeed", "zero3", "bf16", buckets=no_persist), TINY).per_gpu
     assert (g["params"], g["grads"], g["optimizer"]) == (2 * HALF, 2 * HALF, (4 + 8) * HALF)
-    # fp32: the master aliases the fp32 partitions (stage3.py _create_fp32_partitions)
+    # fp32: stage3.py _create_fp32_partitions would alias the fp32 partitions, but its test compares
+    # tensor.device with the device *name*, which torch never finds equal, so it clones a master
+    # (the H200 run #16, gpt350 ZeRO-3 fp32, holds those 4 bytes/param: benchmarks/results)
+    import torch
+
+    assert not (torch.zeros(1).device == "cpu")
     g = estimate(plan("deepspeed", "zero3", "fp32", buckets=no_persist), TINY).per_gpu
-    assert (g["params"], g["grads"], g["optimizer"]) == (4 * HALF, 4 * HALF, 8 * HALF)
+    assert (g["params"], g["grads"], g["optimizer"]) == (4 * HALF, 4 * HALF, (4 + 8) * HALF)
 
 
 def test_deepspeed_zero3_keeps_persistent_parameters_whole():

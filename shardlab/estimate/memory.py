@@ -14,8 +14,8 @@ grads      gradient storage that lives from backward to the step. FSDP: sharded 
            same while accumulating (grad_accum_steps > 1) and else the P·S partition, zero2 the P·S
            partition buffer, zero3 the P·S grad_partitions_flat_buffer.
 optimizer  fp32 master weights + optimizer states. FSDP: states only (K·S; the fp32 parameters are
-           the master copy). DeepSpeed: fp32 master (4·S, none for zero3/ddp in fp32 where the
-           master aliases the parameters) + K·S states; ZeRO-1/2 clone a master even in fp32.
+           the master copy). DeepSpeed: fp32 master (4·S; ZeRO-1/2/3 clone one even in fp32,
+           without ZeRO fp32 has none) + K·S states.
 activations the peak of what one micro-batch's forward keeps for backward plus the loss's fp32
            temporaries at the start of backward (activations.py), in P; with activation
            checkpointing one block input per layer plus the larger of the loss peak and one
@@ -122,7 +122,12 @@ def _ds_step_copies(s: Setup, local: int) -> int:
 
 def _deepspeed(plan: Plan, s: Setup) -> dict:
     psi, P = s.spec.params, s.P
-    master = 4 if (P < 4 or s.stage in ("zero1", "zero2")) else 0
+    # ZeRO clones an fp32 master even from an fp32 model: stage 1/2 always, and stage 3 because its
+    # aliasing test compares a tensor's device with the string 'cuda:N' (stage3.py
+    # _create_fp32_partitions), which torch.device never equals. H200 #16 (gpt350 ZeRO-3 fp32) holds
+    # 4 bytes/param more between steps than the aliased master allows. Without ZeRO in fp32 the
+    # torch optimizer updates the model itself.
+    master = 4 if (P < 4 or s.stage != "ddp") else 0
     notes = {}
     bucket = min(s.reduce_bucket, psi) if s.stage == "ddp" else s.reduce_bucket
     if s.stage == "ddp":

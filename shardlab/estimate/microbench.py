@@ -9,7 +9,8 @@
 - HBM: a 1 GiB copy and an in-place add -> `hbm_eff` (achieved / data sheet).
 - host: the runner's model (run/gpt.py) at a size where the GPU's work is negligible, plain and
   wrapped with FSDP2 `fully_shard` on a one-rank group: seconds per counted kernel (`launch_s`) and
-  per FSDP unit (`fsdp_unit_s`); `host_scale` = launch_s over the default, applied to DeepSpeed's hooks.
+  per FSDP unit (`fsdp_unit_s`). DeepSpeed's hook costs are not rescaled by the launch cost (steptime.py
+  says why: the two did not move together on the lent hosts).
 """
 
 from __future__ import annotations
@@ -210,7 +211,6 @@ def measure(gpu=None) -> dict:
 
     from .calibrate import VERSION, key_for
     from .gpus import get_gpu
-    from .steptime import DEFAULT_LAUNCH_S
 
     name = torch.cuda.get_device_name()
     table = gpu if gpu else gpu_table_name(name)
@@ -233,8 +233,6 @@ def measure(gpu=None) -> dict:
     rates = fit_rates(mm.get("points", []), at.get("points", []))
     rates.update({k: v for k, v in (("hbm_eff", bw.get("hbm_eff")), ("launch_s", hs.get("launch_s")),
                                     ("fsdp_unit_s", hs.get("fsdp_unit_s"))) if v is not None})
-    if "launch_s" in hs:
-        rates["host_scale"] = hs["launch_s"] / DEFAULT_LAUNCH_S
     return {"version": VERSION, "key": key_for(g.name),
             "device_name": name, "source": "microbench", "date": time.strftime("%Y-%m-%d"), "rates": rates,
             "microbench": {"matmul": mm.get("points"), "attention": at.get("points"), "hbm_bytes_per_s": bw.get("hbm_bytes_per_s"),
