@@ -129,6 +129,7 @@ def rates_from(cal: dict, where: str = "") -> Rates:
         align_eff=r.get("align_eff", base.align_eff), launch_s=r.get("launch_s", base.launch_s),
         fsdp_unit_s=r.get("fsdp_unit_s", base.fsdp_unit_s),
         gpu_scale=r.get("gpu_scale", 1.0), host_fit=r.get("host_fit", 1.0), calibrated=True,
+        ds3_hook_scale=r.get("ds3_hook_scale", 1.0), ds12_hook_scale=r.get("ds12_hook_scale", 1.0),
         source=f"calibration {cal['key'].get('gpu')} ({cal.get('source', 'microbench')}, {cal.get('date', '?')}){' ' + where if where else ''}")
 
 

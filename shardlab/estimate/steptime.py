@@ -86,8 +86,8 @@ K_HALF = 96  # K at which a GEMM's main loop reaches half its rate (prologue/epi
 # hook costs: on the validation host (fidelity_h200_val.json) launches were 25% cheaper than the default
 # while DeepSpeed's steps ran 24-41% slower than predicted, and scaling by the launch cost made the
 # calibrated DeepSpeed rows 60-79% fast. Without that scaling, the 131 recorded rows calibrated: median
-# 12.3% -> 11.2%, max 78.9% -> 54.4% (benchmarks/steptime_accuracy.py); a calibration that times
-# DeepSpeed's own hooks on the machine is the next step (issue 14).
+# 12.3% -> 11.2%, max 78.9% -> 54.4% (benchmarks/steptime_accuracy.py). `shardlab calibrate` now times
+# DeepSpeed's hooks themselves (microbench.py: Rates.ds3_hook_scale / ds12_hook_scale).
 DS3_PARAM_S = 150e-6
 DS3_MODULE_S = 0.565e-3
 DS3_RECOMPUTE = 1.5
@@ -157,6 +157,8 @@ class Rates:
     fsdp_unit_s: float = FSDP_UNIT_S
     gpu_scale: float = 1.0  # refit from runs (calibrate --from-runs): the GPU's work
     host_fit: float = 1.0  # refit from runs: all host time
+    ds3_hook_scale: float = 1.0  # DeepSpeed's hooks timed on this host (calibrate) over DS3_* / DS12_PARAM_S
+    ds12_hook_scale: float = 1.0
     calibrated: bool = False
     source: str = "defaults (GPU table data sheet, documented efficiencies)"
 
@@ -235,11 +237,11 @@ def host_time(plan: Plan, s: Setup, w: Work, r: Rates) -> float:
     ac = DS3_RECOMPUTE if plan.activation_checkpointing else 0.0
     per_step = 0.0
     if s.stage == "zero3":
-        hooks = w.modules * DS3_MODULE_S * (1 + ac) + w.param_tensors * DS3_PARAM_S
+        hooks = (w.modules * DS3_MODULE_S * (1 + ac) + w.param_tensors * DS3_PARAM_S) * r.ds3_hook_scale
     elif s.stage == "zero2":
-        hooks = w.param_tensors * DS12_PARAM_S
+        hooks = w.param_tensors * DS12_PARAM_S * r.ds12_hook_scale
     else:  # ZeRO-1 / no ZeRO reduce at the accumulation boundary only (comm.py): the bucketing work is once per step
-        hooks, per_step = 0.0, w.param_tensors * DS12_PARAM_S
+        hooks, per_step = 0.0, w.param_tensors * DS12_PARAM_S * r.ds12_hook_scale
     comp = COMPILE_DS_HOST if plan.compile else 1.0
     return ((micro + hooks) * s.micro_steps * comp + per_step) * r.host_fit
 
