@@ -42,25 +42,19 @@ def _last_step(run):
     return m[m["step"] == m["step"].max()]
 
 
-# DeepSpeed 0.19.8's ZeRO-3 keeps an fp32 master partition even in fp32: stage3.py's _create_fp32_partitions
-# would reuse the parameter partition only where `partition.device == self.device`, a torch.device compared
-# with the string 'cpu' (or 'cuda:N'), which is never equal; so it clones. The estimator (estimate/memory.py)
-# counts no master for ZeRO-3 in fp32, 2/3 of what the ranks hold. Seen 2026-12-01 when these runs became
-# fp32 (they were bf16, where both count the master). Estimator code is issue 13's: drop the mark with its fix.
-_DS3_FP32_MASTER = pytest.mark.xfail(strict=True, reason="estimator counts no fp32 master for DeepSpeed ZeRO-3 in fp32")
-
-
-@pytest.mark.parametrize("name, part", [
-    *((n, p) for n in ("fsdp1-zero3", "fsdp2-zero3") for p in ("params", "grads", "optimizer")),
-    ("deepspeed-zero3", "params"), ("deepspeed-zero3", "grads"),
-    pytest.param("deepspeed-zero3", "optimizer", marks=_DS3_FP32_MASTER)])
-def test_model_state_bytes_per_rank_under_zero3_match_the_estimator_within_5_percent(runs, name, part):
+# DeepSpeed 0.19.8's ZeRO-3 keeps an fp32 master partition even in fp32 (stage3.py's _create_fp32_partitions
+# reuses the parameter partition only where a torch.device equals the string 'cpu' or 'cuda:N': never), so
+# its optimizer figure here is master + Adam states, as the estimator now says (it counted no master until
+# these runs became fp32 and showed it, 2026-12-01).
+@pytest.mark.parametrize("name", ["fsdp1-zero3", "fsdp2-zero3", "deepspeed-zero3"])
+def test_model_state_bytes_per_rank_under_zero3_match_the_estimator_within_5_percent(runs, name):
     run = runs[name]
     assert run.status == "completed"
-    predicted = estimate(run.plan, "gpt-tiny").to_dict()["per_gpu"][part]
+    est = estimate(run.plan, "gpt-tiny").to_dict()["per_gpu"]
     for _, row in _last_step(run).iterrows():
-        measured = row[f"state_bytes.{part}"]
-        assert measured == pytest.approx(predicted, rel=0.05), (name, int(row["rank"]), part, measured, predicted)
+        for part in ("params", "grads", "optimizer"):
+            measured, predicted = row[f"state_bytes.{part}"], est[part]
+            assert measured == pytest.approx(predicted, rel=0.05), (name, int(row["rank"]), part, measured, predicted)
 
 
 @pytest.mark.parametrize("name", list(SETUPS))
