@@ -340,7 +340,7 @@ def plot(paths: list[Path], png: Path, methods) -> None:
     ax.axhline(0, color="k", lw=0.6)
     for y in (-0.05, 0.05):
         ax.axhline(y, color="grey", lw=0.5, ls="--")
-    ax.set_xlabel("configuration (1-48: matrix, 101-118: check set)")
+    ax.set_xlabel("configuration (1-48: matrix, 101-118: check set, 201-221: host probe, 301-312: validation set)")
     ax.set_ylabel("predicted / measured - 1")
     ax.set_title("Peak allocated memory on one H200: estimate vs torch.cuda.max_memory_allocated")
     ax.legend(fontsize=7, ncol=2)

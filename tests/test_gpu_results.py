@@ -119,15 +119,37 @@ def test_the_fidelity_matrix_spans_what_issue_13_asks():
         assert r["tokens_per_s"] > 0 and r["step_time_s"] > 0 and r["peak_reserved_bytes"] >= r["peak_allocated_bytes"]
 
 
-@pytest.mark.parametrize("name", ["", "_check"])
-def test_analytical_peak_allocated_on_the_h200_fidelity_rows(name):
-    """Every row re-estimated. The matrix: each row within 15%, median within 3% (the largest misses
-    left are DeepSpeed ZeRO-1 at small micro-batches and parameter offload, see docs/benchmarks.md).
-    The check set (never used to find a mechanism): each within 10%, median within 5%."""
-    errs = {r["id"]: _predicted(r)["peak_allocated"] / r["peak_allocated_bytes"] - 1 for r in FIDELITY[name]}
-    worst, median = (0.15, 0.03) if name == "" else (0.10, 0.05)
-    assert max(abs(e) for e in errs.values()) <= worst, errs
-    assert statistics.median(abs(e) for e in errs.values()) <= median, errs
+# Rows still over issue 13's 5% (benchmarks/memory_accuracy.py lists them), each with what is known;
+# held to 15% so they cannot worsen silently. Every other row must be within 5%.
+KNOWN_MISSES = {
+    15: "DeepSpeed ZeRO-1 fp32 (+7%): the loss peak without the reduce bucket; fp32 ZeRO-1/3 not pinned down",
+    32: "DeepSpeed ZeRO-1, 4 micro-batches (-13%): more gradient copies between micro-batches than modelled",
+    36: "DeepSpeed ZeRO-3 + parameter offload, llama1b (-10%): parameter staging not modelled",
+    42: "Hugging Face LlamaForCausalLM under FSDP2 (-7%): its Python RMSNorm keeps fp32 copies (the trace counts them)",
+    43: "Hugging Face LlamaForCausalLM under DeepSpeed ZeRO-3 (-6%): the same norms",
+    105: "DeepSpeed ZeRO-1 fp32, 2 micro-batches (-6%): as 15 and 32",
+}
+
+
+def _memory_accuracy():
+    spec = importlib.util.spec_from_file_location("memory_accuracy", ROOT / "benchmarks" / "memory_accuracy.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_analytical_peak_allocated_on_every_recorded_h200_row():
+    """Every recorded GPU row (the matrix, the check set, the host probe, the validation set and tune's
+    measured grids) re-estimated: each within 5% but the named misses (within 15%), the median of
+    every file within 2% (issue 13's "Must show")."""
+    rows = _memory_accuracy().fidelity_rows() + _memory_accuracy().tune_rows()
+    assert len(rows) >= 140
+    for r in rows:
+        rid = int(r["name"][1:].split()[0]) if r["name"].startswith("#") else None
+        bar = 0.15 if rid in KNOWN_MISSES else 0.05
+        assert abs(r["alloc_error"]) <= bar, (r["source"], r["name"], r["alloc_error"])
+    for src in {r["source"] for r in rows}:
+        assert statistics.median(abs(r["alloc_error"]) for r in rows if r["source"] == src) <= 0.02, src
 
 
 def test_reserved_memory_model_holds_on_rows_it_was_not_fitted_to():

@@ -235,6 +235,28 @@ def test_memory_bar_tracks_model_gpu_and_plan(b):
     assert b.memory.last["per_gpu"]["params"] > sharded
 
 
+def test_trace_this_step_shows_the_traced_peak_beside_the_analytical_one(b):
+    """The button runs shardlab's traced estimate, shows it with the analytical one and their
+    difference, and marks it stale on a change (one trace of gpt-tiny: a few seconds)."""
+    from shardlab.units import MIB
+
+    b.memory.model.value = "gpt-tiny"
+    b.plan = b.plan.model_copy(update={"framework": "fsdp2", "sharding": "zero3"})
+    assert b.memory.traced.pane.object == ""  # nothing traced until asked: the bar stays instant
+    b.memory.traced.button.clicks += 1
+    traced = b.memory.traced.last
+    assert traced["method"] == "trace" and traced["plan"]["framework"] == "fsdp2"
+    shown = b.memory.traced.pane.object
+    assert f"{traced['per_gpu']['peak_allocated'] / MIB:.1f} MiB" in shown
+    assert "traced peak allocated" in shown and "analytical" in shown and "traced − analytical" in shown
+    assert "whole step traced" in shown  # FSDP2: what the trace covered is said
+    b.plan = b.plan.model_copy(update={"micro_batch_size": 2})
+    assert "trace again" in b.memory.traced.pane.object and b.memory.traced.last == {}
+    b.memory.model.value = "1000000"  # a bare parameter count has no shape to trace: a message, no traceback
+    b.memory.traced.trace()
+    assert "sl-error" in b.memory.traced.pane.object and "bare parameter count" in b.memory.traced.pane.object
+
+
 def test_controls_update_everything_fast(b):
     times = []
     for i in range(30):

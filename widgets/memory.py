@@ -3,7 +3,8 @@
 Numbers come from `shardlab.estimate.estimate(plan, model, gpu)`; this file only draws them as a
 stacked HTML bar (params / grads / optimizer / activations / buffers / overhead), which redraws in
 well under a millisecond, plus the predicted step time, tokens/s and MFU and the step's breakdown
-(steptime.py: compute, host overhead, exposed communication, offload).
+(steptime.py: compute, host overhead, exposed communication, offload). Beside it, on request, the
+traced estimate and its difference from the analytical one (tracepane.py).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from shardlab.models import resolve_model
 from shardlab.plan import Plan, PlanError
 from shardlab.units import GIB
 from shardlab_widgets.modelpick import model_input, model_note
+from shardlab_widgets.tracepane import TracePane, trace_dict
 
 PARTS = (
     ("params", "#4c78a8"),
@@ -134,10 +136,15 @@ class MemoryPanel:
         self.bar = pn.pane.HTML("", sizing_mode="stretch_width", css_classes=["sl-memory"])
         self.speed = pn.pane.HTML("", sizing_mode="stretch_width", css_classes=["sl-speed-pane"])
         self.last: dict[str, Any] = {}
+        self.traced = TracePane(self._trace, lambda: (self.plan_getter(), self.model.value, self.gpu.value))
         for w in (self.model, self.gpu):
             w.param.watch(lambda ev: self.refresh(), "value")
-        self.layout = pn.Card(pn.Row(self.model, self.gpu), self.bar, self.speed, title="Memory per GPU (estimate)",
-                              sizing_mode="stretch_width", css_classes=["sl-memory-card"])
+        self.layout = pn.Card(pn.Row(self.model, self.gpu), self.bar, self.traced.layout, self.speed,
+                              title="Memory per GPU (estimate)", sizing_mode="stretch_width", css_classes=["sl-memory-card"])
+
+    def _trace(self) -> tuple[dict, dict]:
+        """(the traced estimate, the analytical one it is compared with), for the current inputs."""
+        return trace_dict(self.plan_getter(), self.model.value, self.gpu.value), self.last
 
     def refresh(self) -> None:
         est = estimate_dict(self.plan_getter(), self.model.value, self.gpu.value)
@@ -147,3 +154,4 @@ class MemoryPanel:
             self.bar.object = b
         if self.speed.object != s:
             self.speed.object = s
+        self.traced.follow()

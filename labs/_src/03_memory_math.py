@@ -114,6 +114,32 @@ for ckpt in (False, True):
           f"total {e.per_gpu['total'] / GIB:6.2f} GiB, step {e.time['step_time_s'] * 1e3:.0f} ms")
 
 # %% [markdown]
+# ### The same step, traced
+#
+# The figures above are arithmetic. `estimate(..., method="trace")` checks them another way: it builds
+# the model on *fake tensors* (shapes and dtypes, no storage), wraps it with the real FSDP code on a
+# fake process group of the plan's world size, runs one real training step (forward, loss, backward,
+# optimizer step) and records the peak of live bytes. No GPU and no memory are needed, so it takes
+# seconds, not the minutes of a real run, and even a model too big for any machine traces. For
+# DeepSpeed (whose engine does not run on fake tensors) the forward/backward working set is traced
+# and the model states stay arithmetic; the result says which. In the ConfigBuilder (lab 02), the
+# **trace this step** button beside the memory bar shows the traced figure next to the analytical one.
+# A small 4-layer shape keeps this cell to a few seconds:
+
+# %%
+small = {"name": "gpt-4layer", "family": "gpt", "layers": 4, "hidden": 768, "heads": 12, "vocab": 50257, "seq_len": 2048}
+plan = Plan(framework="fsdp2", sharding="zero3", precision="bf16", micro_batch_size=4, topology={"gpus_per_node": 8})
+arith, traced = estimate(plan, small, "h100-80gb"), estimate(plan, small, "h100-80gb", method="trace")
+a, t = arith.per_gpu["peak_allocated"], traced.per_gpu["peak_allocated"]
+print(f"peak allocated per GPU: analytical {a / GIB:.2f} GiB, traced {t / GIB:.2f} GiB, traced - analytical {(t - a) / GIB:+.2f} GiB ({t / a - 1:+.1%})")
+print(traced.notes["trace"])
+
+# %% [markdown]
+# When the two disagree, one of them misses a mechanism: that is how several terms above were found
+# (the fp32 loss's copies of the logits, DeepSpeed's copy of the gradient partition in its step).
+# Both are checked against peaks measured on a GPU (docs/benchmarks.md).
+
+# %% [markdown]
 # ## 5. What fits on your GPUs
 #
 # `fits` tries every strategy on one plan and model and says which fit in a GPU's memory (everything

@@ -130,22 +130,24 @@ class Estimate:
         return "\n".join(lines)
 
 
-def _traced(plan: Plan, s, model) -> dict:
+def _traced(plan: Plan, s, model, gpu) -> dict:
     """memory() with the traced peak (trace.py) in place of the formulas it replaces."""
     from .allocator import CUDA_CONTEXT_BYTES, reserved, stranded
+    from .memory import cublas_workspaces
     from .trace import traced_memory
 
     t = traced_memory(plan, model)
     if t["traced"] == "activations":  # DeepSpeed: traced working set + analytical states and buffers
-        mem = memory(plan, s, traced_activations=t["peak"])
+        mem = memory(plan, s, traced_activations=t["peak"], gpu=gpu)
         what = "forward/backward working set traced; DeepSpeed states, buffers and step temporaries analytical"
     else:
-        mem = memory(plan, s)
+        mem = memory(plan, s, gpu=gpu)
         g = mem["per_gpu"]
-        g["peak_allocated"], g["peak_reserved"] = t["peak"], reserved(t["peak"])
-        g["overhead"] = CUDA_CONTEXT_BYTES + stranded(t["peak"])
-        g["total"] = t["peak"] + g["overhead"]
-        what = "whole step traced (wrapping, states, buffers, activations, optimizer step); the category rows above are analytical"
+        peak = t["peak"] + cublas_workspaces(gpu)  # a fake-tensor step runs no cuBLAS
+        g["peak_allocated"], g["peak_reserved"] = peak, reserved(peak)
+        g["overhead"] = CUDA_CONTEXT_BYTES + stranded(peak)
+        g["total"] = peak + g["overhead"]
+        what = "whole step traced (wrapping, states, buffers, activations, optimizer step) + the cuBLAS workspaces; the category rows above are analytical"
     at = ", ".join(f"{k} {v / GIB:.2f} GiB" for k, v in t["at_peak"].items())
     mem["notes"]["trace"] = f"{what}; traced peak {t['peak'] / GIB:.2f} GiB ({at})"
     mem["trace"] = t
@@ -177,17 +179,17 @@ def estimate(plan, model, gpu: str | GPU | dict = DEFAULT_GPU, method: str = "an
     g = get_gpu(gpu)
     s = resolve(plan, spec)
     if method == "analytic":
-        mem = memory(plan, s)
+        mem = memory(plan, s, gpu=g)
     elif user_module:
-        mem = _traced(plan, s, model)
+        mem = _traced(plan, s, model, g)
     elif spec.source:  # a Hugging Face config or a factory (shardlab.usermodel): build that model, fake
         from shardlab.usermodel import resolve as resolve_source
         from shardlab.usermodel import with_wrap_class
 
         # wrapped as a run wraps it: the model's own block class, not shardlab's GPT "Block"
-        mem = _traced(with_wrap_class(plan, spec), s, resolve_source(spec.source).for_trace())
+        mem = _traced(with_wrap_class(plan, spec), s, resolve_source(spec.source).for_trace(), g)
     else:
-        mem = _traced(plan, s, spec)
+        mem = _traced(plan, s, spec, g)
     c = comm(plan, s)
     if rates is None:
         from .calibrate import rates_for

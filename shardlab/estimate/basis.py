@@ -22,6 +22,7 @@ DS_PREFETCH_BUCKET = 50_000_000  # stage3_prefetch_bucket_size (elements)
 DS_PERSISTENCE = 100_000  # stage3_param_persistence_threshold (elements)
 DS_MAX_REUSE = 1_000_000_000  # stage3_max_reuse_distance (elements)
 DS_MAX_LIVE = 1_000_000_000  # stage3_max_live_parameters (elements)
+DS_SUB_GROUP = 1_000_000_000  # sub_group_size: ZeRO-3 steps its partition in sub-groups of this many elements
 DS_ALIGN = 2  # ZeRO-1/2 pad the flat 16-bit group to a multiple of 2 x world size (nccl start alignment)
 
 # Bytes of optimizer state per parameter, kept in fp32 by every framework here.

@@ -16,7 +16,7 @@ import difflib
 from dataclasses import dataclass, fields, replace
 
 from shardlab.plan import bad_input
-from shardlab.units import GB, MIB
+from shardlab.units import GB, KIB, MIB
 
 
 @dataclass(frozen=True)
@@ -32,6 +32,10 @@ class GPU:
     pcie_bw: float = 25 * GB  # host <-> device copies (offload)
     hbm_bw: float = 2000 * GB  # device memory bandwidth, data sheet (memory-bound kernels, the optimizer step)
     sms: int = 108  # streaming multiprocessors (wave quantization of matmul tiles)
+    # one cuBLAS workspace, which torch allocates through the caching allocator per (handle, stream):
+    # its default (CUBLAS_WORKSPACE_CONFIG unset, aten CublasHandlePool) is ":4096:8" = 32 MiB on
+    # sm90 (Hopper), ":4096:2:16:8" = 8 MiB + 128 KiB on the others
+    cublas_workspace: int = 8 * MIB + 128 * KIB
     # the caching allocator's cap (torch.cuda.set_per_process_memory_fraction x memory) where a process
     # sets one; None: the memory less the CUDA context (allocator.fit decides what fits against it)
     allocator_limit_bytes: int | None = None
@@ -48,9 +52,9 @@ GPUS: dict[str, GPU] = {
     for g in (
         GPU("a100-40gb", 312.0, 19.5, 40960 * MIB, 300 * GB, 25 * GB, 25 * GB, 1555 * GB, 108),
         GPU("a100-80gb", 312.0, 19.5, 81920 * MIB, 300 * GB, 25 * GB, 25 * GB, 2039 * GB, 108),
-        GPU("h100-80gb", 989.0, 67.0, 81559 * MIB, 450 * GB, 50 * GB, 50 * GB, 3350 * GB, 132),  # SXM5, NVLink 4
-        GPU("h100-pcie", 756.0, 51.0, 81559 * MIB, 64 * GB, 50 * GB, 50 * GB, 2000 * GB, 114),  # PCIe Gen5, no NVLink bridge
-        GPU("h200", 989.0, 67.0, 143771 * MIB, 450 * GB, 50 * GB, 50 * GB, 4800 * GB, 132),
+        GPU("h100-80gb", 989.0, 67.0, 81559 * MIB, 450 * GB, 50 * GB, 50 * GB, 3350 * GB, 132, 32 * MIB),  # SXM5, NVLink 4
+        GPU("h100-pcie", 756.0, 51.0, 81559 * MIB, 64 * GB, 50 * GB, 50 * GB, 2000 * GB, 114, 32 * MIB),  # PCIe Gen5, no NVLink bridge
+        GPU("h200", 989.0, 67.0, 143771 * MIB, 450 * GB, 50 * GB, 50 * GB, 4800 * GB, 132, 32 * MIB),
         GPU("l4", 121.0, 30.3, 23034 * MIB, 32 * GB, 6.25 * GB, 25 * GB, 300 * GB, 58),
         GPU("a10g", 70.0, 31.2, 23028 * MIB, 32 * GB, 6.25 * GB, 25 * GB, 600 * GB, 80),
         GPU("rtx4090", 165.0, 82.6, 24564 * MIB, 32 * GB, 3.125 * GB, 25 * GB, 1008 * GB, 128),  # bf16 with fp32 accumulate
@@ -81,7 +85,7 @@ def get_gpu(gpu: str | GPU | dict) -> GPU:
         d = dict(gpu)
         name = d.pop("name", "custom")
         known = {f.name for f in fields(GPU)} - {"name"}
-        missing = known - set(d) - {"pcie_bw", "hbm_bw", "sms", "allocator_limit_bytes"}
+        missing = known - set(d) - {"pcie_bw", "hbm_bw", "sms", "cublas_workspace", "allocator_limit_bytes"}
         if missing:
             raise bad_input("gpu", f"a custom GPU needs {sorted(missing)} as well; got {sorted(d)}. Give bf16_tflops, fp32_tflops, memory_bytes, intra_node_bw and inter_node_bw (bytes/s).")
         unknown = set(d) - known

@@ -14,8 +14,8 @@ grads      gradient storage that lives from backward to the step. FSDP: sharded 
            same while accumulating (grad_accum_steps > 1) and else the P·S partition, zero2 the P·S
            partition buffer, zero3 the P·S grad_partitions_flat_buffer.
 optimizer  fp32 master weights + optimizer states. FSDP: states only (K·S; the fp32 parameters are
-           the master copy). DeepSpeed: fp32 master (4·S, none for zero3/ddp in fp32 where the
-           master aliases the parameters) + K·S states; ZeRO-1/2 clone a master even in fp32.
+           the master copy). DeepSpeed: fp32 master (4·S; ZeRO-1/2/3 clone one even in fp32,
+           without ZeRO fp32 has none) + K·S states.
 activations the peak of what one micro-batch's forward keeps for backward plus the loss's fp32
            temporaries at the start of backward (activations.py), in P; with activation
            checkpointing one block input per layer plus the larger of the loss peak and one
@@ -54,7 +54,7 @@ from shardlab.units import GIB
 
 from .activations import activation_peak, saved_blocks
 from .allocator import CUDA_CONTEXT_BYTES, STRANDED, reserved, stranded
-from .basis import Setup, ds3_kept_for_backward, ds_largest_module, persistent_numel, shard_numel
+from .basis import DS_SUB_GROUP, Setup, ds3_kept_for_backward, ds_largest_module, persistent_numel, shard_numel
 
 
 def activations(plan: Plan, s: Setup) -> int:
@@ -62,30 +62,44 @@ def activations(plan: Plan, s: Setup) -> int:
     return activation_peak(s.spec, s.P, plan.micro_batch_size * s.spec.seq_len, plan.activation_checkpointing)
 
 
+def _fsdp_stage(s: Setup) -> str:
+    """The sharding FSDP really applies: FSDP1 clamps every strategy to NO_SHARD when its process
+    group has one rank (torch/distributed/fsdp/_init_utils.py, _init_core_state: "FSDP is switching
+    to use NO_SHARD ... since the world size is 1"), so SHARD_GRAD_OP on one GPU keeps no gathered
+    copy of the model from forward to backward (H200 #307, llama100k fsdp1 zero2: predicted +7.2%
+    with every unit kept gathered)."""
+    return "ddp" if s.framework == "fsdp1" and s.shard == 1 else s.stage
+
+
 def _fsdp(plan: Plan, s: Setup) -> dict:
-    local = s.spec.params if s.stage == "ddp" else shard_numel(s)
+    stage = _fsdp_stage(s)
+    local = s.spec.params if stage == "ddp" else shard_numel(s)
     params, grads, opt = 4 * local, 4 * local, s.opt_bytes * local
     units = wrap_units(s.spec, plan.wrap.policy, plan.wrap.min_num_params)
     root = 0 if s.unknown_units else units[0][1]
     block = max((n for _, n in units[1:]), default=0)
     depth = 1 if (s.framework == "fsdp2" or plan.backward_prefetch != "none" or plan.forward_prefetch) else 0
-    if s.stage == "zero2" or (s.stage == "ddp" and s.framework == "fsdp2"):
+    if stage == "zero2" or (stage == "ddp" and s.framework == "fsdp2"):
         # reshard_after_forward=False keeps every unit gathered until backward; FSDP2's replicate is
         # the same machinery and gathers into its own storage even in fp32 at world size 1 (H200:
         # fsdp2 ddp fp32 gpt350 mb2 measured 14.47 GiB, 12.49 predicted without this copy)
         gathered = at_loss = s.P * s.spec.params
-    elif s.stage == "ddp":
-        gathered = at_loss = s.P * (root + 2 * block) if s.P < 4 else 0  # only the low-precision cast copies
+    elif stage == "ddp":
+        # only the low-precision cast copies; FSDP1's NO_SHARD frees each unit's copy when its forward
+        # ends (_flat_param.py post_reshard frees _mp_shard for NO_SHARD), so none is left at the loss
+        gathered = s.P * (root + 2 * block) if s.P < 4 else 0
+        at_loss = gathered if s.framework == "fsdp2" else 0
     else:
         gathered = s.P * (root + (1 + depth) * block)
         at_loss = 0  # every unit (the root too) is resharded after forward and gathered again in backward
-    reduce_buf = s.R * max(root, block) if s.stage != "ddp" or s.R != 4 else 0
+    reduce_buf = s.R * max(root, block) if stage != "ddp" or s.R != 4 else 0
     step = 4 * local if s.opt_bytes else 0  # foreach Adam: one fp32 temporary per parameter
     notes = {
         "params": f"sharded fp32 parameters (4 B x {local:,} elements)",
         "grads": f"sharded fp32 gradients (4 B x {local:,})",
         "optimizer": f"optimizer states fp32 ({s.opt_bytes} B x {local:,}); the fp32 params are the master copy",
-        "buffers": f"gathered units in {s.P}-byte dtype ({'all units, zero2' if s.stage == 'zero2' else f'root + {1 + depth} blocks'}) + one unit's unsharded gradient",
+        "buffers": f"gathered units in {s.P}-byte dtype ({'all units, zero2' if stage == 'zero2' else f'root + {1 + depth} blocks'}) + one unit's unsharded gradient"
+                   + (" (FSDP1 on one rank is NO_SHARD)" if stage != s.stage else ""),
     }
     cpu = {"params": 0, "grads": 0, "optimizer": 0}
     if s.offload_opt == "cpu" or s.offload_params == "cpu":  # FSDP offloads all three or none
@@ -96,15 +110,34 @@ def _fsdp(plan: Plan, s: Setup) -> dict:
                 step=step, cpu=cpu, nvme={}, notes=notes, at_loss=at_loss)
 
 
+def _ds_step_copies(s: Setup, local: int) -> int:
+    """DeepSpeed ZeRO's optimizer-step temporaries: it flattens the gradient partition into a new
+    16-bit tensor and casts that to fp32 (stage_1_and_2.py step: flatten(...).to(fp32); stage3.py
+    _prepare_fp32_grad_for_sub_group, one sub-group at a time), both alive at the cast; in fp32 the
+    cast returns the flattened copy itself. (H200 host probe #212 hostB ZeRO-2: the step peaks
+    1.63 GiB over the resident states = the 16-bit partition + its flat copy + the fp32 copy.)"""
+    n = min(local, DS_SUB_GROUP) if s.stage == "zero3" else local
+    return 4 * n + (s.P * n if s.P < 4 else 0)
+
+
 def _deepspeed(plan: Plan, s: Setup) -> dict:
     psi, P = s.spec.params, s.P
-    master = 4 if (P < 4 or s.stage in ("zero1", "zero2")) else 0
+    # ZeRO clones an fp32 master even from an fp32 model: stage 1/2 always, and stage 3 because its
+    # aliasing test compares a tensor's device with the string 'cuda:N' (stage3.py
+    # _create_fp32_partitions), which torch.device never equals. H200 #16 (gpt350 ZeRO-3 fp32) holds
+    # 4 bytes/param more between steps than the aliased master allows. Without ZeRO in fp32 the
+    # torch optimizer updates the model itself.
+    master = 4 if (P < 4 or s.stage != "ddp") else 0
     notes = {}
     bucket = min(s.reduce_bucket, psi) if s.stage == "ddp" else s.reduce_bucket
     if s.stage == "ddp":
         local = psi
         params, grads = P * psi, P * psi
-        step = 4 * psi if P < 4 else 0
+        # 16-bit without ZeRO is DeepSpeed's FP16_Optimizer (engine.py: DDP_BFLOAT16 / FP16): its step
+        # casts every .grad to fp32 and flattens the list, so both fp32 copies live at the flatten
+        # (fp16/fused_optimizer.py step; H200 host probe #210 hostB: the step peaks 2.04 GiB = 2 + 4 + 4
+        # bytes per parameter over the resident states). In fp32 it hands the torch optimizer the model.
+        step = 8 * psi if P < 4 else 0
         gathered = 0
         notes["grads"] = f"full {P}-byte .grad tensors"
     elif s.stage in ("zero1", "zero2"):
@@ -115,7 +148,7 @@ def _deepspeed(plan: Plan, s: Setup) -> dict:
         # the partition (as ZeRO-2 does every micro-batch)
         full_grads = s.stage == "zero1" and s.micro_steps > 1
         grads = P * psi if full_grads else P * local
-        step = 4 * local
+        step = _ds_step_copies(s, local)
         gathered = 0
         notes["grads"] = f"full {P}-byte .grad (accumulating between boundaries)" if full_grads else f"{P}-byte gradient partition"
     else:
@@ -123,11 +156,16 @@ def _deepspeed(plan: Plan, s: Setup) -> dict:
         # persistent parameters (numel <= threshold) are held whole besides their partition
         params = P * local + P * persistent_numel(s) + (P * shard_numel(s, s.hpz) if s.hpz > 1 else 0)
         grads = P * local
-        step = 4 * local
+        step = _ds_step_copies(s, local)
         # only partitioned (non-persistent) parameters are ever gathered: at most all of them
         partitioned = psi - persistent_numel(s)
         inflight = min(s.prefetch_bucket, partitioned) + ds_largest_module(s)
         gathered = P * min(ds3_kept_for_backward(s) + inflight, partitioned)
+        if s.shard == 1 and s.offload_params == "none":
+            # a partition of one rank is the whole parameter: the "gather" points param.data at its
+            # ds_tensor (partition_parameters.py, all_gather_coalesced -> _no_gather_coalesced ->
+            # NoGatherHandle), no copy. With parameter offload the partition is copied to the GPU.
+            gathered = 0
         notes["grads"] = f"{P}-byte gradient partitions (grad_partitions_flat_buffer)"
     opt = (master + s.opt_bytes) * local
     notes["params"] = (f"{P}-byte model, full" if s.stage != "zero3" else
@@ -157,11 +195,27 @@ def _deepspeed(plan: Plan, s: Setup) -> dict:
                 resident=P * bucket, step=step, cpu=cpu, nvme=nvme, notes=notes)
 
 
-def memory(plan: Plan, s: Setup, traced_activations: int | None = None) -> dict:
+def _gpu(gpu=None):
+    from .gpus import DEFAULT_GPU, get_gpu
+
+    return get_gpu(gpu if gpu is not None else DEFAULT_GPU)
+
+
+def cublas_workspaces(gpu=None) -> int:
+    """Bytes of the cuBLAS workspaces a training step holds: torch allocates one per (cuBLAS handle,
+    stream) through the caching allocator and keeps it, and a training step uses two handles, the
+    forward's thread and autograd's backward thread (so 64 MiB on Hopper). Measured: the H200 host
+    probe's rows whose states and activations are tiny (#205-#209, 17M parameters, and #214-#219,
+    219M) each peak 63-66 MiB above the analytical sum, whatever the framework."""
+    return 2 * _gpu(gpu).cublas_workspace
+
+
+def memory(plan: Plan, s: Setup, traced_activations: int | None = None, gpu=None) -> dict:
     """Per-GPU, CPU (per node) and NVMe (per node) bytes, with notes and flags.
 
     traced_activations: the forward/backward working set from a trace (trace.py), used in place of
-    the activation formula (DeepSpeed's traced estimate: its states stay analytical)."""
+    the activation formula (DeepSpeed's traced estimate: its states stay analytical).
+    gpu: the GPU (table name or GPU) whose cuBLAS workspace size applies (default: DEFAULT_GPU's)."""
     parts = _deepspeed(plan, s) if s.ds else _fsdp(plan, s)
     act = activations(plan, s) if traced_activations is None else traced_activations
     buffers = parts["gathered"] + parts["reduce"]
@@ -187,10 +241,11 @@ def memory(plan: Plan, s: Setup, traced_activations: int | None = None) -> dict:
         fwd_bwd = grads_in_forward + max(act + parts["at_loss"], min(blocks, act) + buffers)
     else:
         fwd_bwd = parts["grads"] + act + buffers
-    live = parts["params"] + parts["optimizer"] + max(fwd_bwd, parts["grads"] + parts["step"] + parts["resident"])
+    workspace = cublas_workspaces(gpu)  # resident from the first forward and backward matmul on
+    live = parts["params"] + parts["optimizer"] + workspace + max(fwd_bwd, parts["grads"] + parts["step"] + parts["resident"])
     overhead = CUDA_CONTEXT_BYTES + stranded(live)
     per_gpu = {"params": parts["params"], "grads": parts["grads"], "optimizer": parts["optimizer"],
-               "activations": act, "buffers": buffers, "step_buffers": parts["step"], "overhead": overhead,
+               "activations": act, "buffers": buffers + workspace, "step_buffers": parts["step"], "overhead": overhead,
                "peak_allocated": live, "peak_reserved": reserved(live), "total": live + overhead}
     cpu = {k: v * s.gpn for k, v in parts["cpu"].items()}
     cpu["total"] = sum(cpu.values())
@@ -202,6 +257,7 @@ def memory(plan: Plan, s: Setup, traced_activations: int | None = None) -> dict:
     if s.unknown_units:
         flags.append("no wrap units known: per-unit gather buffers counted as 0 (give a shape or an nn.Module)")
     notes = dict(parts["notes"])
+    notes["buffers"] += f"; cuBLAS workspaces {workspace / 2**20:g} MiB (forward and backward threads)"
     notes["activations"] = ("none (bare count)" if s.spec.is_bare else
                             f"{plan.micro_batch_size} x {s.spec.seq_len} tokens, {s.P}-byte, SDPA/flash (no T^2 scores), peak at the fp32 loss's backward"
                             + (", checkpointed" if plan.activation_checkpointing else ""))
