@@ -51,7 +51,7 @@ STRANDED = 0.02
 # The estimate's measured error on peak allocated: issue 13's held-out bar. On every H200 row with a
 # measurement (benchmarks/results/fidelity_h200*.json, tune_h200_*.json: 238 rows on 2026-12-01,
 # analytic estimate, benchmarks/fit_check.py) the run allocated more than predicted by over 10% only
-# in DeepSpeed ZeRO-1 at micro-batch 1 (#32 +14.4%) and ZeRO-3 with parameter offload (#36 +11.0%);
+# in DeepSpeed ZeRO-1 with accumulation (#32, mb2 x 4: +14.4%) and ZeRO-3 with parameter offload (#36 +11.0%);
 # next +7.8% (#42); median +0.1%.
 MEMORY_MARGIN = 0.10
 VERDICTS = ("fits", "tight", "does not fit")
