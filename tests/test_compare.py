@@ -11,7 +11,7 @@ import re
 
 import pandas as pd
 import pytest
-from analysis_runs import MODEL, NPROC, STEPS, label, real_runs
+from cpu_runs import MODEL, NPROC, STEPS, label, real_runs
 
 from shardlab import compare as C
 from shardlab import tables as T

@@ -10,7 +10,7 @@ import sys
 
 import numpy as np
 import pytest
-from analysis_runs import label, real_runs
+from cpu_runs import label, real_runs
 from PIL import Image
 
 from shardlab import compare as C

@@ -8,7 +8,7 @@ import subprocess
 import sys
 
 import pytest
-from analysis_runs import label, real_runs
+from cpu_runs import label, real_runs
 from PIL import Image
 
 from shardlab.plan import PlanError

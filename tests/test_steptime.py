@@ -1,6 +1,6 @@
 """Step time: the model's constants checked on GPU measurements they were not fitted to, the
 calibration file's lookup, `shardlab calibrate` without a GPU, and every run reconciled with its
-prediction (real CPU runs from analysis_runs.py, shared with the analysis tests).
+prediction (real CPU runs from cpu_runs.py, shared with the analysis tests).
 
 The GPU rows are recorded measurements (benchmarks/results/, commands and dates in
 docs/benchmarks.md): the H100 matrix and gap study (gpt-1b) and the H200 probe (other shapes).
@@ -149,6 +149,18 @@ def test_a_calibration_file_is_found_by_key_and_used(tmp_path, monkeypatch):
     assert estimate(plan, "gpt-1b", "h200").time["calibrated"] is True  # the matching file still is
 
 
+def test_deepspeed_hooks_timed_by_calibrate_move_only_deepspeed_host_bound_steps():
+    """A host whose DeepSpeed hooks measured twice steptime.py's constants (calibrate's ds3_hook_scale):
+    a host-bound ZeRO-3 step (the host probe's tiny shape) takes longer, FSDP's does not move."""
+    cal = json.loads((RESULTS / "calibration_h200.json").read_text())
+    slow = {**cal, "rates": {**cal["rates"], "ds3_hook_scale": 2.0, "ds12_hook_scale": 2.0}}
+    tiny = {"name": "hostA", "family": "gpt", "layers": 16, "hidden": 256, "heads": 4, "vocab": 512, "seq_len": 256}
+    for fw, stage, moves in (("deepspeed", "zero3", True), ("deepspeed", "zero2", True), ("fsdp2", "zero3", False)):
+        plan = Plan(framework=fw, sharding=stage, micro_batch_size=1)
+        a, b = (estimate(plan, tiny, "h200", calibration=c).time["step_time_s"] for c in (cal, slow))
+        assert (b > 1.3 * a) if moves else b == pytest.approx(a), (fw, stage, a, b)
+
+
 def test_calibrate_without_a_gpu_says_so_and_exits_2(capsys):
     from shardlab.cli import main
     from shardlab.run.host import gpu_count
@@ -176,7 +188,7 @@ def test_the_step_breakdown_adds_up_and_is_drawn():
 
 @pytest.fixture(scope="module")
 def runs():
-    from analysis_runs import real_runs
+    from cpu_runs import real_runs
 
     return real_runs()
 

@@ -1,6 +1,6 @@
 """The run store as the one reader: any corrupt run folder is listed as unreadable and breaks no reader.
 
-The good run is a real CPU run (analysis_runs: FSDP2 ZeRO-3, gpt-tiny, 2 ranks); each variant copies
+The good run is a real CPU run (cpu_runs.py: FSDP2 ZeRO-3, gpt-tiny, 2 ranks); each variant copies
 its folder and breaks one thing the way a crash, a full disk, a stray editor or a careless script
 would. Then `list_runs`, `shardlab runs`, `compare`, the figures and `report` are run over the good
 run and the broken one together: none may raise, the good run must still read as it did, and a
@@ -18,7 +18,7 @@ import time
 
 import pandas as pd
 import pytest
-from analysis_runs import real_runs
+from cpu_runs import real_runs
 
 from shardlab import cli
 from shardlab import compare as C

@@ -1,9 +1,11 @@
 """The training worker: the model matches the spec, data is deterministic, real sharded CPU runs train
 and report what each rank holds and sends.
 
-Real runs start `python -m shardlab.run.worker RUN_DIR` through torchrun exactly as the launcher does
-(launch_command + sanitized_env), 2 processes with gloo, gpt-tiny, 3 steps. Each run happens once per
-test session (cached) and several tests read its files.
+The sharded runs are the suite's shared CPU runs (cpu_runs.py: gpt-tiny, 2 processes with gloo, 3 steps,
+fp32, started by launch(), which runs `python -m shardlab.run.worker RUN_DIR` through torchrun); the
+tests here read the files the worker wrote. What only a run of its own can show (no or alternating
+instrumentation, a user factory, out of memory, a plan the worker itself refuses, low_memory_init)
+starts the worker directly, with the command the launcher uses (launch_command + sanitized_env).
 """
 
 from __future__ import annotations
@@ -14,11 +16,11 @@ import os
 import subprocess
 import sys
 import textwrap
-from functools import lru_cache
 from pathlib import Path
 
 import pytest
 import torch
+from cpu_runs import SETUPS, STEPS, cpu_runs
 
 from shardlab.export.launch import launch_command, sanitized_env
 from shardlab.models import PRESETS, resolve_model
@@ -26,8 +28,8 @@ from shardlab.plan import load_plan
 from shardlab.run.data import Batches, global_batch
 from shardlab.run.gpt import Block, build_model, loss_fn
 from shardlab.run.host import free_port
+from shardlab.run.store import read_jsonl
 
-STEPS = 3
 TINY_BYTES = PRESETS["gpt-tiny"].params * 4  # fp32 model bytes
 
 
@@ -165,10 +167,12 @@ def test_comm_counter_counts_each_collective_once_by_family(one_rank_group):
 # Real 2-process CPU runs
 
 
-def _spawn(run_dir: Path, plan_yaml: str, *, nproc: int = 2, steps: int = STEPS, instrument: bool | str = True,
+def _spawn(run_dir: Path, plan, *, nproc: int = 2, steps: int = STEPS, instrument: bool | str = True,
            factory: str | None = None, extra_path: str | None = None) -> subprocess.Popen:
+    """torchrun running the worker on `run_dir`, as the launcher starts it; its output goes to files there
+    (a pipe nobody reads while other starts are waited for could fill and stall it)."""
     run_dir.mkdir(parents=True, exist_ok=True)
-    plan = load_plan(plan_yaml)
+    plan = load_plan(plan)
     (run_dir / "plan.yaml").write_text(plan.to_yaml())
     (run_dir / "run.json").write_text(json.dumps({"model": "gpt-tiny", "steps": steps, "device": "cpu", "seed": 0,
                                                   "factory": factory, "trace_memory": False, "instrument": instrument}))
@@ -177,70 +181,71 @@ def _spawn(run_dir: Path, plan_yaml: str, *, nproc: int = 2, steps: int = STEPS,
     extra = {**env, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
     if extra_path:
         extra["PYTHONPATH"] = os.pathsep.join(p for p in (extra_path, os.environ.get("PYTHONPATH")) if p)
-    return subprocess.Popen(argv, env=sanitized_env(extra), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    with open(run_dir / "torchrun.out", "w") as out, open(run_dir / "torchrun.err", "w") as err:
+        return subprocess.Popen(argv, env=sanitized_env(extra), stdout=out, stderr=err, text=True)
 
 
-def _finish(proc: subprocess.Popen) -> subprocess.CompletedProcess:
+def _finish(run_dir: Path, proc: subprocess.Popen) -> subprocess.CompletedProcess:
     try:
-        out, err = proc.communicate(timeout=420)
+        proc.wait(timeout=420)
     except subprocess.TimeoutExpired:
         proc.kill()
-        out, err = proc.communicate()
-    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+        proc.wait()
+    return subprocess.CompletedProcess(proc.args, proc.returncode, (run_dir / "torchrun.out").read_text(),
+                                       (run_dir / "torchrun.err").read_text())
 
 
-def _start(run_dir: Path, plan_yaml: str, **kw) -> subprocess.CompletedProcess:
-    return _finish(_spawn(run_dir, plan_yaml, **kw))
-
-
-def _lines(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
-
-
-_BASE = "precision: fp32\ntopology: {nodes: 1, gpus_per_node: 2}\n"
-# DeepSpeed keeps every parameter below stage3_param_persistence_threshold (1e5 elements) gathered;
-# all of gpt-tiny's are that small, so a ZeRO-3 run shards parameters only with the threshold at 0.
-_DS3 = "buckets: {param_persistence_threshold: 0}\n"
-CONFIGS = {
-    "fsdp1-ddp": "framework: fsdp1\nsharding: ddp\n",
-    "fsdp1-zero2": "framework: fsdp1\nsharding: zero2\n",
-    "fsdp1-zero3": "framework: fsdp1\nsharding: zero3\n",
-    "fsdp2-ddp": "framework: fsdp2\nsharding: ddp\n",
-    "fsdp2-zero2": "framework: fsdp2\nsharding: zero2\n",
-    "fsdp2-zero3": "framework: fsdp2\nsharding: zero3\n",
-    "deepspeed-ddp": "framework: deepspeed\nsharding: ddp\n",
-    "deepspeed-zero1": "framework: deepspeed\nsharding: zero1\n",
-    "deepspeed-zero2": "framework: deepspeed\nsharding: zero2\n",
-    "deepspeed-zero3": "framework: deepspeed\nsharding: zero3\n" + _DS3,
-    "deepspeed-zero2-offload-optimizer": "framework: deepspeed\nsharding: zero2\noffload: {optimizer: cpu}\n",
-    "deepspeed-zero3-offload-params": "framework: deepspeed\nsharding: zero3\noffload: {optimizer: cpu, params: cpu}\n" + _DS3,
-}
-
-
-AHEAD = 3  # configurations started ahead of the test that needs them: most of a tiny run is start-up
+DIRECT_AT_ONCE = 3  # direct starts going at the same time: most of a tiny run is start-up
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    """run(name) -> (completed process, metrics lines, event lines); each config runs once."""
-    root = tmp_path_factory.mktemp("runs")
-    started: dict[str, subprocess.Popen] = {}
-    names = list(CONFIGS)
-
-    @lru_cache(maxsize=None)
-    def go(name: str):
-        for n in names[names.index(name):names.index(name) + AHEAD]:
-            if n not in started:
-                started[n] = _spawn(root / n, _BASE + CONFIGS[n])
-        d = root / name
-        proc = _finish(started[name])
-        return proc, _lines(d / "metrics.jsonl"), _lines(d / "events.jsonl")
-
-    yield go
-    for p in started.values():  # a test stopped early leaves no run behind
-        if p.poll() is None:
+def direct(tmp_path_factory):
+    """name -> (completed torchrun, run folder) of the runs only a start of their own can show, started
+    DIRECT_AT_ONCE at a time: no or alternating instrumentation, low_memory_init, a user factory (one
+    that trains, one that runs out of memory) and a plan the worker itself must refuse (launch() refuses
+    it before starting anything)."""
+    root = tmp_path_factory.mktemp("direct")
+    (root / "userfactory.py").write_text(_FACTORY)
+    fsdp2 = SETUPS["fsdp2-zero3"]
+    starts = {
+        "bare": dict(plan=fsdp2, steps=2, instrument=False),
+        "alternate": dict(plan=SETUPS["deepspeed-zero2"], steps=4, instrument="alternate"),
+        "lowmem": dict(plan={**fsdp2, "low_memory_init": True}, steps=2),
+        "factory": dict(plan=fsdp2, steps=2, factory="userfactory:good", extra_path=str(root)),
+        "oom": dict(plan=fsdp2, steps=2, factory="userfactory:oom", extra_path=str(root)),
+        "fp16": dict(plan={**SETUPS["deepspeed-zero2"], "precision": "fp16"}, steps=1),
+    }
+    going: dict[str, subprocess.Popen] = {}
+    done = {}
+    try:
+        for name, kw in starts.items():
+            if len(going) >= DIRECT_AT_ONCE:
+                first = next(iter(going))
+                done[first] = (_finish(root / first, going.pop(first)), root / first)
+            going[name] = _spawn(root / name, **kw)
+        for name in list(going):
+            done[name] = (_finish(root / name, going.pop(name)), root / name)
+    finally:
+        for p in going.values():  # an error above leaves no run behind
             p.kill()
-            p.communicate()
+            p.wait()
+    return done
+
+
+# The 2-rank fp32 setups of the shared runs (cpu_runs.py); their DeepSpeed ZeRO-3 runs set
+# stage3_param_persistence_threshold to 0, or gpt-tiny's parameters (all under 1e5 elements) would stay whole.
+CONFIGS = [n for n, p in SETUPS.items() if p["topology"] == {"nodes": 1, "gpus_per_node": 2} and p["precision"] == "fp32"]
+
+
+@pytest.fixture(scope="module")
+def run():
+    """run(name) -> (LiveRun, metrics lines, event lines) as the worker wrote them; each setup runs once."""
+    runs = cpu_runs(CONFIGS)
+
+    def lines(name: str):
+        r = runs[name]
+        return r, read_jsonl(r.files.metrics), read_jsonl(r.files.events)
+    return lines
 
 
 def _by_rank_step(metrics: list[dict]) -> dict[tuple[int, int], dict]:
@@ -248,10 +253,10 @@ def _by_rank_step(metrics: list[dict]) -> dict[tuple[int, int], dict]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", list(CONFIGS))
+@pytest.mark.parametrize("name", CONFIGS)
 def test_sharded_run_trains_and_reports(run, name):
-    proc, metrics, events = run(name)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    live, metrics, events = run(name)
+    assert live.status == "completed", (live.info.get("error"), live.log(0)[-3000:])
     rows = _by_rank_step(metrics)
     assert set(rows) == {(r, s) for r in range(2) for s in range(1, STEPS + 1)}
     for (rank, step), m in rows.items():
@@ -321,22 +326,20 @@ def test_zero1_and_zero2_shard_optimizer_states_not_parameters(run):
 
 
 @pytest.mark.slow
-def test_uninstrumented_run_logs_loss_only(tmp_path, run):
-    d = tmp_path / "bare"
-    proc = _start(d, _BASE + CONFIGS["fsdp2-zero3"], steps=2, instrument=False)
+def test_uninstrumented_run_logs_loss_only(direct, run):
+    proc, d = direct["bare"]
     assert proc.returncode == 0, proc.stderr[-3000:]
-    rows = _by_rank_step(_lines(d / "metrics.jsonl"))
+    rows = _by_rank_step(read_jsonl(d / "metrics.jsonl"))
     assert len(rows) == 4 and all("state_bytes" not in m and "comm_bytes" not in m for m in rows.values())
     instrumented = _by_rank_step(run("fsdp2-zero3")[1])
     assert [rows[(0, s)]["loss"] for s in (1, 2)] == pytest.approx([instrumented[(0, s)]["loss"] for s in (1, 2)], rel=1e-6)
 
 
 @pytest.mark.slow
-def test_alternating_run_measures_odd_steps_and_leaves_even_steps_bare(tmp_path, run):
-    d = tmp_path / "alt"
-    proc = _start(d, _BASE + CONFIGS["deepspeed-zero2"], steps=4, instrument="alternate")
+def test_alternating_run_measures_odd_steps_and_leaves_even_steps_bare(direct, run):
+    proc, d = direct["alternate"]
     assert proc.returncode == 0, proc.stderr[-3000:]
-    rows = _by_rank_step(_lines(d / "metrics.jsonl"))
+    rows = _by_rank_step(read_jsonl(d / "metrics.jsonl"))
     assert len(rows) == 8
     for (_rank, step), m in rows.items():
         measured = step % 2 == 1
@@ -423,45 +426,39 @@ _FACTORY = textwrap.dedent('''
 
 
 @pytest.mark.slow
-def test_user_factory_model_trains(tmp_path):
-    (tmp_path / "userfactory.py").write_text(_FACTORY)
-    d = tmp_path / "run"
-    proc = _start(d, _BASE + "framework: fsdp2\nsharding: zero3\n", steps=2, factory="userfactory:good", extra_path=str(tmp_path))
+def test_user_factory_model_trains(direct):
+    proc, d = direct["factory"]
     assert proc.returncode == 0, proc.stderr[-3000:]
-    rows = _by_rank_step(_lines(d / "metrics.jsonl"))
+    rows = _by_rank_step(read_jsonl(d / "metrics.jsonl"))
     assert len(rows) == 4 and rows[(0, 1)]["tokens"] == 4 and rows[(0, 1)]["tflops"] is None
 
 
 @pytest.mark.slow
-def test_out_of_memory_is_an_oom_event_and_exit_code_3(tmp_path):
+def test_out_of_memory_is_an_oom_event_and_exit_code_3(direct):
     from shardlab.run.worker import EXIT_OOM
 
-    (tmp_path / "userfactory.py").write_text(_FACTORY)
-    d = tmp_path / "run"
-    proc = _start(d, _BASE + "framework: fsdp2\nsharding: zero3\n", steps=2, factory="userfactory:oom", extra_path=str(tmp_path))
+    proc, d = direct["oom"]
     assert proc.returncode != 0
-    ooms = [e for e in _lines(d / "events.jsonl") if e["event"] == "oom"]
+    ooms = [e for e in read_jsonl(d / "events.jsonl") if e["event"] == "oom"]
     assert {e["rank"] for e in ooms} == {0, 1}
     assert all(e["phase"] == "forward" and "out of memory" in e["message"] and e["rss_bytes"] > 0 for e in ooms)
     assert f"exitcode  : {EXIT_OOM}" in proc.stderr or f"exitcode: {EXIT_OOM}" in proc.stderr.replace(" ", "")
 
 
 @pytest.mark.slow
-def test_a_plan_the_cpu_cannot_run_is_an_error_event_naming_the_field(tmp_path):
-    d = tmp_path / "run"
-    proc = _start(d, "framework: deepspeed\nsharding: zero2\nprecision: fp16\ntopology: {nodes: 1, gpus_per_node: 2}\n", steps=1)
+def test_a_plan_the_cpu_cannot_run_is_an_error_event_naming_the_field(direct):
+    proc, d = direct["fp16"]
     assert proc.returncode != 0
-    errors = [e for e in _lines(d / "events.jsonl") if e["event"] == "error"]
+    errors = [e for e in read_jsonl(d / "events.jsonl") if e["event"] == "error"]
     assert errors and all("precision=fp16" in e["message"] and "bf16" in e["message"] and "traceback" not in e for e in errors)
 
 
 @pytest.mark.slow
-def test_low_memory_init_starts_from_rank_0_weights(tmp_path, run):
+def test_low_memory_init_starts_from_rank_0_weights(direct, run):
     """FSDP2 with low_memory_init: rank 1 builds a meta model and receives rank 0's weights."""
-    d = tmp_path / "lowmem"
-    proc = _start(d, _BASE + CONFIGS["fsdp2-zero3"] + "low_memory_init: true\n", steps=2)
+    proc, d = direct["lowmem"]
     assert proc.returncode == 0, proc.stderr[-3000:]
-    rows = _by_rank_step(_lines(d / "metrics.jsonl"))
+    rows = _by_rank_step(read_jsonl(d / "metrics.jsonl"))
     ref = _by_rank_step(run("fsdp2-zero3")[1])
     assert [rows[(0, s)]["loss"] for s in (1, 2)] == pytest.approx([ref[(0, s)]["loss"] for s in (1, 2)], rel=1e-6)
     assert rows[(1, 2)]["state_bytes"] == ref[(1, 2)]["state_bytes"]

@@ -127,8 +127,9 @@ def rates_from(cal: dict, where: str = "") -> Rates:
         mm_eff={**base.mm_eff, **r.get("mm_eff", {})}, attn_eff={**base.attn_eff, **r.get("attn_eff", {})},
         hbm_eff=r.get("hbm_eff", base.hbm_eff), attn_t0=r.get("attn_t0", base.attn_t0),
         align_eff=r.get("align_eff", base.align_eff), launch_s=r.get("launch_s", base.launch_s),
-        fsdp_unit_s=r.get("fsdp_unit_s", base.fsdp_unit_s), host_scale=r.get("host_scale", 1.0),
+        fsdp_unit_s=r.get("fsdp_unit_s", base.fsdp_unit_s),
         gpu_scale=r.get("gpu_scale", 1.0), host_fit=r.get("host_fit", 1.0), calibrated=True,
+        ds3_hook_scale=r.get("ds3_hook_scale", 1.0), ds12_hook_scale=r.get("ds12_hook_scale", 1.0),
         source=f"calibration {cal['key'].get('gpu')} ({cal.get('source', 'microbench')}, {cal.get('date', '?')}){' ' + where if where else ''}")
 
 
@@ -194,7 +195,7 @@ def _device_name(run, m) -> str:
 
 
 def fit_from_runs(observations: list[dict], gpu: GPU, base: Rates | None = None) -> dict:
-    """Least squares in log space for (gpu_scale, host_scale): the prediction of each run is
+    """Least squares in log space for (gpu_scale, host_fit): the prediction of each run is
     max(g·G, h·H) + serial·min(..) + the rest; a grid over both multipliers (0.25x-8x) is enough and
     never diverges. With a single run only one overall factor can be told apart: both move together."""
     from shardlab.estimate import estimate

@@ -9,7 +9,8 @@
 - HBM: a 1 GiB copy and an in-place add -> `hbm_eff` (achieved / data sheet).
 - host: the runner's model (run/gpt.py) at a size where the GPU's work is negligible, plain and
   wrapped with FSDP2 `fully_shard` on a one-rank group: seconds per counted kernel (`launch_s`) and
-  per FSDP unit (`fsdp_unit_s`); `host_scale` = launch_s over the default, applied to DeepSpeed's hooks.
+  per FSDP unit (`fsdp_unit_s`); and stepped by DeepSpeed ZeRO-3 / ZeRO-2 engines: DeepSpeed's hook
+  costs on this host over steptime.py's (`ds3_hook_scale`, `ds12_hook_scale`).
 """
 
 from __future__ import annotations
@@ -179,20 +180,72 @@ def host(steps: int = 12) -> dict:
         out.update(_fsdp2_units(spec, per_step, plain, w))
     except Exception as e:  # no process group possible here: keep the default per-unit cost
         out["fsdp_error"] = f"{type(e).__name__}: {e}"
+    try:
+        out.update(_deepspeed_hooks(spec, tokens, plain, w, out["launch_s"], steps))
+    except Exception as e:  # no DeepSpeed here, or it cannot start: DeepSpeed's defaults stay
+        out["deepspeed_error"] = f"{type(e).__name__}: {e}"[:300]
     return out
 
 
-def _fsdp2_units(spec, per_step, plain: float, w) -> dict:
-    import torch
+def _one_rank_group() -> None:
     import torch.distributed as dist
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-
-    from shardlab.run.gpt import build_model
 
     if not dist.is_initialized():
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(29000 + os.getpid() % 1000))
         dist.init_process_group("nccl", rank=0, world_size=1)
+
+
+def _deepspeed_hooks(spec, tokens, plain: float, w, launch_s: float, steps: int) -> dict:
+    """DeepSpeed's own host cost on this machine. The same tiny model stepped by a ZeRO-3 and a ZeRO-2
+    engine on a one-rank group: the step less the plain step and the per-tensor norm launches, over
+    what steptime.py's DeepSpeed constants (measured on other hosts) predict for it, gives
+    ds3_hook_scale and ds12_hook_scale. DeepSpeed's hooks are Python, and did not track the kernel
+    launch cost from host to host (steptime.py), so they are timed rather than scaled."""
+    import deepspeed
+    import torch
+
+    from shardlab.run.gpt import build_model, loss_fn
+
+    from .steptime import DS3_MODULE_S, DS3_PARAM_S, DS12_PARAM_S, DS_NORM_KERNELS_PER_PARAM
+
+    _one_rank_group()
+    norms = w.param_tensors * DS_NORM_KERNELS_PER_PARAM * launch_s
+    predicted = {3: w.modules * DS3_MODULE_S + w.param_tensors * DS3_PARAM_S, 2: w.param_tensors * DS12_PARAM_S}
+    out = {}
+    for stage, key in ((3, "ds3_hook_scale"), (2, "ds12_hook_scale")):
+        model = build_model(spec, device="cpu").to("cuda")
+        cfg = {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1, "bf16": {"enabled": True},
+               "zero_optimization": {"stage": stage, "stage3_param_persistence_threshold": 0}, "steps_per_print": 10**9}
+        engine, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.AdamW(model.parameters()), config=cfg)
+        step = _engine_step_s(engine, loss_fn, tokens, steps)
+        engine.destroy()
+        out[f"deepspeed_zero{stage}_step_s"] = step
+        out[key] = min(4.0, max(0.25, (step - plain - norms) / predicted[stage]))
+    return out
+
+
+def _engine_step_s(engine, loss_fn, tokens, steps: int) -> float:
+    def one():
+        loss = loss_fn(engine(tokens), tokens)
+        engine.backward(loss)
+        engine.step()
+        loss.item()
+    for _ in range(3):
+        one()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        one()
+    return (time.perf_counter() - t0) / steps
+
+
+def _fsdp2_units(spec, per_step, plain: float, w) -> dict:
+    import torch
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    from shardlab.run.gpt import build_model
+
+    _one_rank_group()
     model = build_model(spec, device="cpu").to("cuda")
     mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.bfloat16)
     for b in model.blocks:
@@ -210,7 +263,6 @@ def measure(gpu=None) -> dict:
 
     from .calibrate import VERSION, key_for
     from .gpus import get_gpu
-    from .steptime import DEFAULT_LAUNCH_S
 
     name = torch.cuda.get_device_name()
     table = gpu if gpu else gpu_table_name(name)
@@ -232,9 +284,8 @@ def measure(gpu=None) -> dict:
     mm, at, bw, hs = attempt(matmuls, g), attempt(attention, g), attempt(bandwidth, g), attempt(host)
     rates = fit_rates(mm.get("points", []), at.get("points", []))
     rates.update({k: v for k, v in (("hbm_eff", bw.get("hbm_eff")), ("launch_s", hs.get("launch_s")),
-                                    ("fsdp_unit_s", hs.get("fsdp_unit_s"))) if v is not None})
-    if "launch_s" in hs:
-        rates["host_scale"] = hs["launch_s"] / DEFAULT_LAUNCH_S
+                                    ("fsdp_unit_s", hs.get("fsdp_unit_s")), ("ds3_hook_scale", hs.get("ds3_hook_scale")),
+                                    ("ds12_hook_scale", hs.get("ds12_hook_scale"))) if v is not None})
     return {"version": VERSION, "key": key_for(g.name),
             "device_name": name, "source": "microbench", "date": time.strftime("%Y-%m-%d"), "rates": rates,
             "microbench": {"matmul": mm.get("points"), "attention": at.get("points"), "hbm_bytes_per_s": bw.get("hbm_bytes_per_s"),

@@ -1,0 +1,95 @@
+"""The real CPU training runs the suite shares: each setup trains once per pytest process, through `launch()`.
+
+gpt-tiny, seed 0, 3 steps, fp32, 2 ranks (the 2x2 setups: two "nodes" of two processes), started a few
+at a time (most of a tiny run is process start-up). test_run_matrix checks every setup against the
+estimator, test_worker checks what the worker wrote, and the analysis tests (test_compare, test_plots,
+test_report, test_store, test_steptime) read three of them (`real_runs`). A run is started the first
+time a test asks for it, so a file run alone starts only the runs it reads.
+
+fp32 and 2 ranks make the expected figures exact (one full copy of the parameters is params x 4 bytes;
+ZeRO-3 holds half of it). DeepSpeed keeps every parameter under stage3_param_persistence_threshold
+(1e5 elements) gathered, and all of gpt-tiny's are that small, so its ZeRO-3 setups set the threshold
+to 0: they then shard parameters the way ZeRO-3 is meant to (the estimator reads the same plan).
+The two 2x2 setups train in bf16, so real bf16 runs of FSDP2 and DeepSpeed stay in the suite.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from pathlib import Path
+
+MODEL, STEPS, NPROC, SEED = "gpt-tiny", 3, 2, 0
+AT_ONCE = 5  # runs going at the same time
+_TWO = {"nodes": 1, "gpus_per_node": NPROC}
+_TWO_BY_TWO = {"nodes": 2, "gpus_per_node": 2}
+_DS3 = {"buckets": {"param_persistence_threshold": 0}}
+
+
+def _plan(framework: str, sharding: str, topology=_TWO, precision: str = "fp32", **more) -> dict:
+    return {"framework": framework, "sharding": sharding, "precision": precision, "topology": topology, **more}
+
+
+SETUPS: dict[str, dict] = {
+    "fsdp1-ddp": _plan("fsdp1", "ddp"),
+    "fsdp1-zero2": _plan("fsdp1", "zero2"),
+    "fsdp1-zero3": _plan("fsdp1", "zero3"),
+    "fsdp2-ddp": _plan("fsdp2", "ddp"),
+    "fsdp2-zero2": _plan("fsdp2", "zero2"),
+    "fsdp2-zero3": _plan("fsdp2", "zero3"),
+    "deepspeed-ddp": _plan("deepspeed", "ddp"),
+    "deepspeed-zero1": _plan("deepspeed", "zero1"),
+    "deepspeed-zero2": _plan("deepspeed", "zero2"),
+    "deepspeed-zero3": _plan("deepspeed", "zero3", **_DS3),
+    "deepspeed-zero2-offload-optimizer": _plan("deepspeed", "zero2", offload={"optimizer": "cpu"}),
+    "deepspeed-zero3-offload-params": _plan("deepspeed", "zero3", offload={"params": "cpu", "optimizer": "cpu"}, **_DS3),
+    "fsdp2-hybrid-2x2": _plan("fsdp2", "hybrid", _TWO_BY_TWO, "bf16"),
+    "deepspeed-hpz-2x2": _plan("deepspeed", "zero3", _TWO_BY_TWO, "bf16", zeropp={"hpz_partition_size": 2}),
+}
+# the analysis tests' three runs, in the order their tables list them
+ANALYSIS = ("fsdp2-zero3", "deepspeed-zero3", "fsdp1-ddp")
+
+_runs: dict = {}
+_store: list[Path] = []
+
+
+def _launch(name: str):
+    from shardlab.run.launcher import launch
+
+    if not _store:
+        _store.append(Path(tempfile.mkdtemp(prefix="shardlab-cpu-runs-")))
+    # 540 s without progress: a first CPU-offload run may JIT-build CPU Adam when lab 00 has not warmed it
+    return launch(SETUPS[name], model=MODEL, steps=STEPS, device="cpu", out=_store[0], seed=SEED, timeout_s=540)
+
+
+def cpu_runs(names=tuple(SETUPS)) -> dict:
+    """{name: LiveRun} of these setups, each finished; the ones not yet run are started, AT_ONCE at a time.
+    A run that stops making progress is ended by the launcher (timeout_s), so this cannot wait forever."""
+    todo = [n for n in names if n not in _runs]
+    while todo:
+        for _ in range(AT_ONCE - sum(1 for r in _runs.values() if not r.done)):
+            if todo:
+                name = todo.pop(0)
+                _runs[name] = _launch(name)
+        time.sleep(0.5)
+    for n in names:
+        _runs[n].wait()
+    return {n: _runs[n] for n in names}
+
+
+def cpu_run(name: str):
+    """The LiveRun of one setup, finished."""
+    return cpu_runs([name])[name]
+
+
+def real_runs() -> list:
+    """The analysis tests' runs (FSDP2 ZeRO-3, DeepSpeed ZeRO-3, FSDP1 DDP), each completed."""
+    runs = cpu_runs(ANALYSIS)
+    for name, run in runs.items():
+        assert run.status == "completed", f"{name} run ended {run.status}: see {run.dir}/status.json"
+    return list(runs.values())
+
+
+def label(framework: str, sharding: str) -> str:
+    """The label compare() gives a run of an analysis setup (framework, sharding, precision)."""
+    return f"{framework} {sharding} fp32"
