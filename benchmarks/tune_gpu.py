@@ -57,17 +57,17 @@ def case_model(case: dict, tiny: bool):
 
 
 def target(case: dict, device: str):
-    """The GPU-table entry the case is priced and fitted against (the H200, or the H200 capped)."""
-    from dataclasses import replace
-
+    """The GPU-table entry the case is priced and fitted against: the H200, or the H200 whose allocator
+    is capped (tune_worker.py's set_per_process_memory_fraction; the CUDA context lies outside the cap)."""
     from shardlab.estimate import get_gpu
     from shardlab.estimate.calibrate import CPU_DEVICE
+    from shardlab.estimate.gpus import capped
 
     if device == "cpu":
         return CPU_DEVICE
     g = get_gpu("h200")
     cap = case["gpu_limit_gib"]
-    return replace(g, name=f"h200-capped-{cap}gib", memory_bytes=int(cap * GIB)) if cap else g
+    return capped(g, int(cap * GIB)) if cap else g
 
 
 def write_bench(runs: Path, gate: bool, case: dict, device: str) -> None:

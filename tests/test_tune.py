@@ -96,7 +96,7 @@ def _fit_check():
 
 
 def test_the_fit_rule_keeps_every_recorded_h200_run_that_trained_under_its_limit():
-    """Judged by the runs: every H200 row with a measurement (fidelity and tune grids, 169) trained
+    """Judged by the runs: every H200 row with a measurement (fidelity and tune grids: 238) trained
     under the limit it ran under (the full GPU, or the allocator capped at 18 GiB); the rule must not
     have rejected any. Session 4's rule (peak reserved x 1.1 + 1 GiB) rejected five capped rows that
     trained (the grid's fastest among them): the check sees the difference."""
@@ -107,11 +107,11 @@ def test_the_fit_rule_keeps_every_recorded_h200_run_that_trained_under_its_limit
     assert res["fit: need"]["at its limit: pruned wrongly"] == []
     assert len(res["tune before"]["at its limit: pruned wrongly"]) == 5
     # at any allocator cap, bounded by each run's own measured peaks: the new prune threshold sits above
-    # a row's certain-to-run cap once (deepspeed zero2 mb4x2, 0.08 GiB), the old one 134 times
+    # a row's certain-to-run cap once (deepspeed zero2 mb4x2 under the cap), the old one 208 times
     assert len(res["fit: need"]["any cap: pruned wrongly"]) <= 1 < len(res["tune before"]["any cap: pruned wrongly"])
-    # "fits" (with the 10% margin) under a cap the run could not have trained in: only the rows the
-    # estimate is known to miss by more than 10% (allocator.py's MEMORY_MARGIN comment)
-    assert len(res["fit: safe"]["any cap: kept wrongly"]) <= 9
+    # "fits" (with the 10% margin) under a cap the run could not have trained in: only where the
+    # estimate misses by more than 10% (allocator.py's MEMORY_MARGIN comment): fidelity #32 today
+    assert len(res["fit: safe"]["any cap: kept wrongly"]) <= 3
 
 
 def test_tune_prunes_by_the_estimates_own_verdict_and_keeps_tight_plans_under_a_capped_allocator():
@@ -137,18 +137,20 @@ def test_tune_prunes_by_the_estimates_own_verdict_and_keeps_tight_plans_under_a_
 def test_twins_get_one_trial_per_group_and_the_stop_rule_does_not_wait_on_them():
     from shardlab.tune.result import TuneResult
 
-    # a and its twins (within 1%): fsdp1 twin, a 0.5%-slower twin; then two distinct predictions
-    cs = [cand("a", 1000), cand("a-fsdp1", 1000, fw="fsdp1"), cand("a-near", 995), cand("c", 900), cand("d", 500)]
-    truth = {"a": 800, "a-fsdp1": 850, "a-near": 810, "c": 700, "d": 400}
+    # a and its twins of the same framework (equal, 0.5% slower); then two distinct predictions; and
+    # another framework's equal prediction, which is no twin (FSDP1 and FSDP2 measure far apart)
+    cs = [cand("a", 1000), cand("a-prefetch", 1000), cand("a-near", 995), cand("a-fsdp1", 1000, fw="fsdp1"),
+          cand("c", 900), cand("d", 500)]
+    truth = {"a": 800, "a-prefetch": 850, "a-near": 810, "a-fsdp1": 790, "c": 700, "d": 400}
     assert search(cs, "fastest", Budget(runs=5), fake_runner(truth)) == "rule"
     by = {c.key: c for c in cs}
-    assert [c.key for c in sorted((c for c in cs if c.trial), key=lambda c: c.trial)] == ["a", "c"]
-    assert by["a"].group == by["a-fsdp1"].group == by["a-near"].group != by["c"].group
+    assert [c.key for c in sorted((c for c in cs if c.trial), key=lambda c: c.trial)] == ["a", "a-fsdp1", "c"]
+    assert by["a"].group == by["a-prefetch"].group == by["a-near"].group != by["a-fsdp1"].group != by["c"].group
     t = TuneResult(cs, by["a"], "fastest", "rule").table().set_index("key")
-    assert t.loc["a-fsdp1", "reason"].startswith("twin of trial 1") and t.loc["a-fsdp1", "group"] == t.loc["a", "group"]
-    # a twin whose trial failed is no stand-in: the next twin (another framework) is tried
-    cs = [cand("a", 1000, 30), cand("a-fsdp1", 1000, 30, fw="fsdp1"), cand("c", 600)]
-    search(cs, "fastest", Budget(runs=5), fake_runner({"a": "CUDA out of memory", "a-fsdp1": 850, "c": 500}))
+    assert t.loc["a-prefetch", "reason"].startswith("twin of trial 1") and t.loc["a-prefetch", "group"] == t.loc["a", "group"]
+    # a twin whose trial failed is no stand-in: the next twin (needing less memory) is tried
+    cs = [cand("a", 1000, 30), cand("a-smaller", 1000, 28), cand("c", 600)]
+    search(cs, "fastest", Budget(runs=5), fake_runner({"a": "CUDA out of memory", "a-smaller": 850, "c": 500}))
     assert [c.status for c in cs] == ["oom", "completed", "unrun"]
 
 

@@ -32,8 +32,8 @@ print(f"device={DEVICE}, trials on {NPROC if DEVICE == 'cuda' else 1} rank(s), r
 # equivalent), or "does not fit" (the predicted peak allocated, plus what the caching allocator cannot
 # give back when it frees its cache at the limit, plus the CUDA context, above the GPU's memory). A
 # "tight" candidate fits only if the estimate is not short by its measured error (10%): it is kept,
-# and a trial decides. The `grp` column groups twins: predictions within 1% that the step model cannot
-# tell apart (e.g. FSDP1 vs FSDP2 with the same knobs); the search runs at most one trial per group.
+# and a trial decides. The `grp` column groups twins: one framework's predictions within 1%, which the
+# step model cannot tell apart (e.g. forward prefetch on/off); the search runs at most one trial per group.
 
 # %%
 dry = tune("gpt-1.3b", gpus=8, gpu="h100-80gb", dry_run=True)

@@ -95,7 +95,7 @@ def register(add) -> None:
                    "--global-batch) x torch.compile x bucket/prefetch knobs. Those that are invalid or do not fit by the estimate\n"
                    "(peak allocated + what the caching allocator cannot give back at the limit, beside the CUDA context) are rejected\n"
                    "with the reason; 'tight' ones (within the estimate's 10% error of the limit) are kept and marked. The rest are\n"
-                   "ranked by the estimate; predictions within 1% are twins (one group, 'grp'). The best few are run (each an\n"
+                   "ranked by the estimate; one framework's predictions within 1% are twins (one group, 'grp'). The best few are run (each an\n"
                    "ordinary run in the store), at most one per group of twins, until the measured best beats every other unrun\n"
                    "candidate's prediction + 25% (issue 14's bar) or the budget is spent. Without a GPU trials run on CPU\n"
                    "processes (small models).")

@@ -48,11 +48,11 @@ CUDA_CONTEXT_BYTES = 1 * GIB  # context ~0.5 GiB on Hopper/Ampere + NCCL buffers
 # mb4x2) 17.54 GiB allocated trained with reserved <= 18 GiB, so at most 0.46 GiB (2.6%) stayed
 # stranded there; the other four capped rows allow up to 7%. No OOM recorded bounds it from below.
 STRANDED = 0.02
-# The estimate's measured error on peak allocated: issue 13's held-out bar. On every H200 row with
-# a measurement (benchmarks/results/fidelity_h200*.json, tune_h200_*.json: 161 rows, analytic
-# estimate) the run allocated more than predicted by over 10% only in DeepSpeed ZeRO-0/1 at small
-# micro-batches (#32 +15%, #210 +22%), ZeRO-3 with parameter offload (#36 +13%) and models under
-# 0.5 GiB (host probes, +0.07-0.13 GiB); median +0.8%.
+# The estimate's measured error on peak allocated: issue 13's held-out bar. On every H200 row with a
+# measurement (benchmarks/results/fidelity_h200*.json, tune_h200_*.json: 238 rows on 2026-12-01,
+# analytic estimate, benchmarks/fit_check.py) the run allocated more than predicted by over 10% only
+# in DeepSpeed ZeRO-1 with accumulation (#32, mb2 x 4: +14.4%) and ZeRO-3 with parameter offload (#36 +11.0%);
+# next +7.8% (#42); median +0.1%.
 MEMORY_MARGIN = 0.10
 VERDICTS = ("fits", "tight", "does not fit")
 

@@ -129,8 +129,11 @@ class TuneResult:
                          f"{gib(r['measured_peak_reserved_bytes']):>9}  {note[:90]}")
         rej = t[t["status"] == "rejected"]
         if len(rej):
-            why = rej["reason"].str.split(":").str[0].value_counts()
+            why = rej["reason"].str.split(":").str[0].str.split(" on ").str[0].value_counts()
             lines.append("    rejected: " + ", ".join(f"{n} {w}" for w, n in why.items()) + " (all in the table)")
+        tight = sum(c.predicted.get("fit") == "tight" and c.status != "rejected" for c in self.candidates)
+        if tight:
+            lines.append(f"    tight: {tight} kept that fit by the estimate but not with its error margin (a trial decides)")
         lines.append("")
         if self.pick is None:
             lines.append("no pick: nothing fits (see the rejected reasons)")

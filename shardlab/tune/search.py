@@ -12,11 +12,13 @@
    the budget (runs or minutes) is spent, or the search is cancelled. A failed trial (OOM, crash) is
    recorded with its reason and the search goes on.
 
-Twins: candidates whose predictions are equal within TIE_RESOLUTION (forward_prefetch on/off, FSDP1
-vs FSDP2 with the same knobs, ddp vs zero3 on one GPU) form a group. The step model cannot tell them
-apart, so a trial of one stands for the group: the search runs at most one trial per group (the next
-trial always comes from a group without a completed trial), and the stop rule does not wait on the
-twins of a completed trial. The table numbers the groups, so a twin is one export away.
+Twins: candidates of one framework whose predictions are equal within TIE_RESOLUTION (forward_prefetch
+on/off, ddp vs zero3 on one GPU) form a group. The step model cannot tell them apart, so a trial of one
+stands for the group: the search runs at most one trial per group (the next trial always comes from a
+group without a completed trial), and the stop rule does not wait on the twins of a completed trial.
+The table numbers the groups, so a twin is one export away. Equal predictions of different frameworks
+(FSDP1 vs FSDP2 with the same knobs) are not twins: they measured far apart (TIE_RESOLUTION's comment),
+and each framework's measured / predicted ratio is learned from its own trial.
 
 "Predicted" for an unrun candidate is the estimate rescaled by what the trials so far measured
 (measured / predicted tokens/s of the completed trial of the same framework with the largest ratio,
@@ -42,9 +44,11 @@ from .space import Candidate
 # median 12.8%, max 27.3%, 3 of 18 rows over 25%. An unrun candidate is given up only when even 25%
 # faster than its (rescaled) prediction it could not beat the measured best.
 STEP_ERROR_BOUND = 0.25
-# Predictions closer than 1% are ties. A trial cannot rank them: the steadiest H200 trials' step
-# periods spread 0.4-0.6% within one run, and twins the model cannot tell apart measured 0.2-2.3%
-# apart alone (benchmarks/results/tune_h200_gpt125.json, gpt350cap.json: fsdp1 vs fsdp2 trials).
+# Predictions of one framework closer than 1% are ties: below what one trial resolves (the steadiest
+# H200 trials' step periods spread 0.4-0.6% within a run, tune_h200_gpt125.json), and such twins measured
+# close: ddp vs zero3 on one GPU 4.5% (fsdp1 mb16x1) and 5.0% (fsdp2) apart in the gpt125 grid timed
+# alone (tune_h200_gpt125_grid.json). Across frameworks equal predictions are not ties: FSDP1 vs FSDP2
+# ddp measured 210,041 / 176,819 tokens/s at mb16x1 and 146,471 / 196,011 at mb8x2 in that grid.
 TIE_RESOLUTION = 0.01
 GOALS = ("fastest", "largest-batch", "least-memory")
 
@@ -125,16 +129,18 @@ def _close(a: tuple, b: tuple, resolution: float) -> bool:
 
 
 def group_twins(cands: list[Candidate], goal: str, resolution: float = TIE_RESOLUTION) -> None:
-    """Number the groups of candidates predicted equal within `resolution` (in place, `c.group`; 1 is
-    the best prediction): each group starts at the best prediction not yet grouped and takes every
-    prediction within `resolution` of it."""
+    """Number the groups of twins (in place, `c.group`; 1 holds the best prediction): within each
+    framework, a group starts at the best prediction not yet grouped and takes the following ones
+    within `resolution` of it."""
     priced = sorted((c for c in cands if c.predicted and c.status != "rejected"), key=lambda c: expected(c, goal), reverse=True)
-    head, n = None, 0
+    heads: dict = {}  # framework -> (score, group) of its current group's head
+    n = 0
     for c in priced:
-        score = expected(c, goal)
-        if head is None or not _close(score, head, resolution):
-            head, n = score, n + 1
-        c.group = n
+        score, fw = expected(c, goal), c.plan.framework if c.plan else None
+        if fw not in heads or not _close(score, heads[fw][0], resolution):
+            n += 1
+            heads[fw] = (score, n)
+        c.group = heads[fw][1]
 
 
 def _settled_groups(cands: list[Candidate]) -> set:
