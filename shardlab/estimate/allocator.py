@@ -57,9 +57,9 @@ MEMORY_MARGIN = 0.10
 VERDICTS = ("fits", "tight", "does not fit")
 
 
-def reserved(peak_allocated: int, limit: int | None = None) -> int:
+def reserved(peak_allocated: int) -> int:
     """Predicted torch.cuda.max_memory_reserved() for a step whose peak allocation is `peak_allocated`,
-    on a device whose allocator may hold at most `limit` bytes (None: no limit)."""
+    with no allocator limit (under a limit the allocator frees its cache and retries: see fit())."""
     if peak_allocated <= 0:
         return 0
     segments = -(-peak_allocated // SEGMENT) * SEGMENT
