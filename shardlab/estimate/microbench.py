@@ -166,12 +166,7 @@ def host(steps: int = 12) -> dict:
             opt.step()
             opt.zero_grad(set_to_none=True)
             loss.item()
-        for _ in range(3):
-            one()
-        t0 = time.perf_counter()
-        for _ in range(steps):
-            one()
-        return (time.perf_counter() - t0) / steps
+        return _seconds_per(one, steps)
 
     model = build_model(spec, device="cpu").to("cuda")
     plain = per_step(model, torch.optim.AdamW(model.parameters()))
@@ -218,24 +213,25 @@ def _deepspeed_hooks(spec, tokens, plain: float, w, launch_s: float, steps: int)
         cfg = {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1, "bf16": {"enabled": True},
                "zero_optimization": {"stage": stage, "stage3_param_persistence_threshold": 0}, "steps_per_print": 10**9}
         engine, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.AdamW(model.parameters()), config=cfg)
-        step = _engine_step_s(engine, loss_fn, tokens, steps)
+        def one(engine=engine):  # timed at once, in this iteration
+            loss = loss_fn(engine(tokens), tokens)
+            engine.backward(loss)
+            engine.step()
+            loss.item()
+        step = _seconds_per(one, steps)
         engine.destroy()
         out[f"deepspeed_zero{stage}_step_s"] = step
         out[key] = min(4.0, max(0.25, (step - plain - norms) / predicted[stage]))
     return out
 
 
-def _engine_step_s(engine, loss_fn, tokens, steps: int) -> float:
-    def one():
-        loss = loss_fn(engine(tokens), tokens)
-        engine.backward(loss)
-        engine.step()
-        loss.item()
-    for _ in range(3):
-        one()
+def _seconds_per(step, steps: int, warm: int = 3) -> float:
+    """Host seconds per call of `step` (which ends in a synchronising .item()), after `warm` calls."""
+    for _ in range(warm):
+        step()
     t0 = time.perf_counter()
     for _ in range(steps):
-        one()
+        step()
     return (time.perf_counter() - t0) / steps
 
 
