@@ -36,8 +36,9 @@ RESULTS = ROOT / "benchmarks" / "results"
 GIB = 2**30
 
 
-def _fidelity():
-    spec = importlib.util.spec_from_file_location("fidelity", ROOT / "benchmarks" / "fidelity.py")
+def _bench(name: str):
+    """benchmarks/NAME.py as a module (its row readers)."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
@@ -47,7 +48,7 @@ def rows() -> list[dict]:
     """{name, plan, model, cap (allocator cap in bytes or None), status, ma, mr} for every measured row."""
     from shardlab import Plan
 
-    fid, out = _fidelity(), []
+    fid, tune_gpu, out = _bench("fidelity"), _bench("tune_gpu"), []
     for f in sorted(RESULTS.glob("fidelity_h200*.json")):
         for r in json.loads(f.read_text()):
             out.append({"name": f"{f.stem}#{r['id']}", "plan": fid.plan_for(r), "model": fid.model_for(r), "cap": None,
@@ -55,13 +56,13 @@ def rows() -> list[dict]:
     for f in sorted(RESULTS.glob("tune_h200_*.json")):
         d = json.loads(f.read_text())
         cap = int(d["gpu_limit_gib"] * GIB) if d.get("gpu_limit_gib") else None
-        runs = [(g["key"], g["plan"], g["status"], g.get("measured") or {}) for g in d["grid"]]
-        runs += [(f"trial {t['trial']} {t['key']}", t["plan"], t["status"], t.get("measured") or {}) for t in (d.get("tune") or {}).get("trials", [])]
-        for key, plan, status, m in runs:
-            if status in ("not-run", "error"):
+        for kind, r in tune_gpu.recorded_runs(d):
+            if r["status"] in ("not-run", "error"):
                 continue
-            out.append({"name": f"{f.stem}:{key}", "plan": Plan.model_validate(plan), "model": d["model"], "cap": cap,
-                        "status": status, "ma": m.get("peak_allocated_bytes"), "mr": m.get("peak_reserved_bytes")})
+            key = r["key"] if kind == "grid" else f"trial {r['trial']} {r['key']}"
+            m = r.get("measured") or {}
+            out.append({"name": f"{f.stem}:{key}", "plan": Plan.model_validate(r["plan"]), "model": d["model"], "cap": cap,
+                        "status": r["status"], "ma": m.get("peak_allocated_bytes"), "mr": m.get("peak_reserved_bytes")})
     return out
 
 

@@ -64,13 +64,16 @@ def tune_rows() -> list[dict]:
     """Issue 20's measured grids (benchmarks/tune_gpu.py) whose configurations ran one at a time
     (`--jobs 1`: nothing else on the GPU or starting beside them), and tune's own trials (always
     alone). Grids run several at once (tune_h200_gpt125.json, _gated.json) time the sharing: left out."""
+    import tune_gpu  # benchmarks/tune_gpu.py wrote these files
+
     out = []
     for f in sorted(RESULTS.glob("tune_*.json")):
         d = json.load(open(f))
         argv = d.get("argv", [])
         alone = "--jobs" not in argv or argv[argv.index("--jobs") + 1] == "1"
-        picked = [("grid", g) for g in d.get("grid", []) if alone] + [("trial", t) for t in (d.get("tune") or {}).get("trials", [])]
-        for kind, r in picked:
+        for kind, r in tune_gpu.recorded_runs(d):
+            if kind == "grid" and not alone:
+                continue
             m = r.get("measured") or {}
             if r.get("status") == "completed" and len(m.get("step_times_s") or []) >= MIN_TIMED_STEPS and m.get("tokens_per_s"):
                 out.append({"source": f.stem + ("" if kind == "grid" else " trials"), "name": r["key"], "plan": r["plan"],

@@ -187,6 +187,12 @@ def run_tune(case: dict, model, a, runs: Path) -> dict:
     return d
 
 
+def recorded_runs(d: dict) -> list[tuple[str, dict]]:
+    """("grid", row) for each grid row and ("trial", row) for each of tune's trials in a JSON this
+    script wrote; both rows carry key, plan, status and measured. The one reader of that layout."""
+    return [("grid", g) for g in d.get("grid", [])] + [("trial", t) for t in (d.get("tune") or {}).get("trials", [])]
+
+
 def judge(grid: list[dict], tuned: dict | None) -> dict:
     ok = [g for g in grid if g["status"] == "completed" and g["measured"].get("tokens_per_s")]
     if not ok:
