@@ -241,9 +241,25 @@ def run_tune(case: dict, model, a, runs: Path) -> dict:
 
 
 def recorded_runs(d: dict) -> list[tuple[str, dict]]:
-    """("grid", row) for each grid row and ("trial", row) for each of tune's trials in a JSON this
-    script wrote; both rows carry key, plan, status and measured. The one reader of that layout."""
-    return [("grid", g) for g in d.get("grid", [])] + [("trial", t) for t in (d.get("tune") or {}).get("trials", [])]
+    """("grid", row) for each grid row, ("trial", row) for each of tune's trials and ("repeat", row)
+    for each --repeat timing in a JSON this script wrote; every row carries key, plan, status and
+    measured. The one reader of that layout."""
+    plans = {g["key"]: g["plan"] for g in d.get("grid", [])}
+    return ([("grid", g) for g in d.get("grid", [])] + [("trial", t) for t in (d.get("tune") or {}).get("trials", [])]
+            + [("repeat", {"plan": plans.get(r["key"]), **r}) for r in d.get("repeats", [])])
+
+
+def recorded_files(results: Path):
+    """(file, its JSON, kind, row) over every tune_*.json in `results`, each run once: a call that
+    resumed an earlier grid (--resume) carries that grid's rows again, told apart by their run ids."""
+    seen = set()
+    for f in sorted(results.glob("tune_*.json")):
+        d = json.loads(f.read_text())
+        for kind, r in recorded_runs(d):
+            if r.get("run_id") and r["run_id"] in seen:
+                continue
+            seen.add(r.get("run_id"))
+            yield f, d, kind, r
 
 
 def repeated_best(grid: list[dict], tuned: dict | None, repeats: list[dict]) -> dict:
