@@ -330,7 +330,7 @@ def test_make_lab_serves_and_the_offline_browser_connects(lab_server, offline_br
     listing = page.locator(".jp-DirListing-content")
     for name in ("00_check_setup.ipynb", "06_beyond_one_gpu.ipynb"):
         expect(listing.get_by_text(name, exact=True)).to_be_visible(timeout=120_000)
-    ps = subprocess.run(["ps", "-o", "user=,args=", "-g", str(proc.pid)], capture_output=True, text=True).stdout
+    ps = subprocess.run(["ps", "-ww", "-o", "user=,args=", "-g", str(proc.pid)], capture_output=True, text=True).stdout
     root_flag = [ln for ln in ps.splitlines() if "jupyter-lab" in ln or "jupyter lab" in ln]
     assert root_flag and all(("--allow-root" in ln) == (os.geteuid() == 0) for ln in root_flag), ps
 
@@ -420,7 +420,7 @@ def test_make_lab_as_a_user_who_is_not_root():
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/contents/00_check_setup.ipynb?content=0", timeout=10) as r:
             assert json.loads(r.read())["name"] == "00_check_setup.ipynb"
         _assert_kernel_init_warning_on(f"http://127.0.0.1:{port}")
-        ps = subprocess.run(["ps", "-o", "user=,args=", "-g", str(proc.pid)], capture_output=True, text=True).stdout
+        ps = subprocess.run(["ps", "-ww", "-o", "user=,args=", "-g", str(proc.pid)], capture_output=True, text=True).stdout
         lab_lines = [ln for ln in ps.splitlines() if "jupyter-lab" in ln or "jupyter lab" in ln]
         assert lab_lines and all(ln.split()[0] == user for ln in lab_lines), ps
     finally:
