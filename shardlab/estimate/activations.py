@@ -6,11 +6,19 @@ on the runner's blocks, and as a whole against the traced estimate and the H200 
 - gpt block, elements per token: LN1 input d, LN1 output d (the qkv input), the fused qkv output
   d+2kv (SDPA's k, q, v are views of it, so the whole storage stays), the SDPA output d (the out
   projection's input is a view of it), LN2 input d, LN2 output d, fc output f (GELU input), GELU
-  output f  ->  6d + 2kv + 2f.
+  output f  ->  6d + 2kv + 2f; each LayerNorm also keeps its fp32 mean and rstd per token (16 bytes
+  per block).
 - llama block: norm1 input d and output d, qkv output d+2kv, the rotated q d and k kv (new tensors),
-  SDPA output d, norm2 input d and output d, gate output f, SiLU output f, up output f, their
-  product f (the down projection's input)  ->  7d + 3kv + 4f. On CUDA torch's RMSNorm is the fused
-  kernel (keeps its input and a per-row fp32 rstd); the CPU's decomposed norm would keep two fp32
+  SDPA output d, the out projection's input d, norm2 input d and output d, gate output f, SiLU
+  output f, up output f, their product f (the down projection's input)  ->  8d + 3kv + 4f. The out
+  projection's input is a copy here, unlike gpt's: RoPE's torch.cat makes q contiguous as
+  [B, heads, T, head_dim], the flash kernel allocates its output with q's layout (empty_like), so
+  y.transpose(1, 2).reshape(B, T, d) must copy (checked with saved_tensors_hooks on the runner's
+  block, and on the H200: every llama row without checkpointing peaked 2d bytes per token per
+  layer above 7d + 3kv + 4f, gpt rows within 17 bytes). RoPE keeps its cos and sin tables
+  ([T, head_dim / 2], model dtype) once for q and once for k: 2·T·head_dim·P bytes per block and
+  micro-batch, whatever the batch. On CUDA torch's RMSNorm is the fused kernel (keeps its input
+  and a per-row fp32 rstd: 8 bytes per block); the CPU's decomposed norm would keep two fp32
   copies more, which is not what a GPU run holds.
   Flash / memory-efficient attention keep no T x T scores, only a per-row fp32 log-sum-exp (4 bytes
   per head per token, counted).
@@ -29,16 +37,23 @@ LOSS_FP32_COPIES = 3  # log_softmax output + nll gradient + log_softmax input gr
 
 
 def block_elements(spec) -> int:
-    """Elements one block saves for backward per token (see the module docstring)."""
+    """Elements one block saves for backward per token in the model dtype (see the module docstring)."""
     d, f, kv = spec.hidden, spec.ffn, spec.kv_dim
     if spec.family == "llama":
-        return 7 * d + 3 * kv + 4 * f
+        return 8 * d + 3 * kv + 4 * f
     return 6 * d + 2 * kv + 2 * f
 
 
 def block_bytes(spec, P: int) -> int:
-    """Bytes per token one block keeps (P = activation dtype bytes), + the fp32 log-sum-exp per head."""
-    return block_elements(spec) * P + 4 * spec.heads
+    """Bytes per token one block keeps (P = activation dtype bytes): its tensors, the fp32 log-sum-exp
+    per head and the norms' fp32 statistics (LayerNorm mean + rstd, RMSNorm rstd; two norms)."""
+    stats = 8 if spec.family == "llama" else 16
+    return block_elements(spec) * P + 4 * spec.heads + stats
+
+
+def rope_tables(spec, P: int) -> int:
+    """Bytes of RoPE's cos/sin tables one block keeps per micro-batch (llama: q's and k's pair)."""
+    return 2 * spec.seq_len * spec.head_dim * P if spec.family == "llama" else 0
 
 
 def head_peak_bytes(spec, P: int) -> int:
@@ -50,10 +65,10 @@ def activation_peak(spec, P: int, tokens: int, checkpointing: bool) -> int:
     """Peak bytes of activations and loss temporaries for one micro-batch of `tokens` tokens."""
     if spec.is_bare:
         return 0
-    head = head_peak_bytes(spec, P)
+    head = tokens * head_peak_bytes(spec, P)
     if checkpointing:
-        return tokens * (spec.layers * spec.hidden * P + max(head, block_bytes(spec, P)))
-    return tokens * (spec.layers * block_bytes(spec, P) + head)
+        return tokens * spec.layers * spec.hidden * P + max(head, tokens * block_bytes(spec, P) + rope_tables(spec, P))
+    return saved_blocks(spec, P, tokens, False) + head
 
 
 def saved_blocks(spec, P: int, tokens: int, checkpointing: bool) -> int:
@@ -61,5 +76,6 @@ def saved_blocks(spec, P: int, tokens: int, checkpointing: bool) -> int:
     rows freed, no block's backward run yet): where DeepSpeed ZeRO-1/2 first allocate their buckets."""
     if spec.is_bare:
         return 0
-    per = spec.hidden * P if checkpointing else block_bytes(spec, P)
-    return tokens * spec.layers * per
+    if checkpointing:
+        return tokens * spec.layers * spec.hidden * P
+    return spec.layers * (tokens * block_bytes(spec, P) + rope_tables(spec, P))
