@@ -22,6 +22,12 @@ on the runner's blocks, and as a whole against the traced estimate and the H200 
   copies more, which is not what a GPU run holds.
   Flash / memory-efficient attention keep no T x T scores, only a per-row fp32 log-sum-exp (4 bytes
   per head per token, counted).
+- torch.compile of each block (FSDP2 compiles its units, fsdp2.py): AOTAutograd's min-cut
+  partitioner saves SwiGLU's gate and up outputs and recomputes the SiLU in backward, and
+  recomputes RoPE's tables: 8d + 3kv + 3f per token, no tables (CPU Inductor, saved_tensors_hooks
+  on the runner's block: eager - compiled = 2f bytes + the tables; H200 #39, llama300 fsdp2 zero3
+  compiled mb4: 5650 bytes/token/layer under the eager run #1, 2f + tables = 5696). FSDP1 compiles
+  the wrapped model whole and DeepSpeed its engine: their runs kept what eager keeps (#40, #41).
 - head: final norm input d and output d (the LM head input), then the runner's loss: logits are
   cast to fp32 and log_softmax keeps its fp32 output (4V). At the start of backward, nll_loss's
   gradient (4V, fp32) and log_softmax's input gradient (4V) exist beside it: the activation peak
@@ -36,24 +42,24 @@ from __future__ import annotations
 LOSS_FP32_COPIES = 3  # log_softmax output + nll gradient + log_softmax input gradient, fp32 [tokens, V]
 
 
-def block_elements(spec) -> int:
+def block_elements(spec, compiled: bool = False) -> int:
     """Elements one block saves for backward per token in the model dtype (see the module docstring)."""
     d, f, kv = spec.hidden, spec.ffn, spec.kv_dim
     if spec.family == "llama":
-        return 8 * d + 3 * kv + 4 * f
+        return 8 * d + 3 * kv + (3 if compiled else 4) * f
     return 6 * d + 2 * kv + 2 * f
 
 
-def block_bytes(spec, P: int) -> int:
+def block_bytes(spec, P: int, compiled: bool = False) -> int:
     """Bytes per token one block keeps (P = activation dtype bytes): its tensors, the fp32 log-sum-exp
     per head and the norms' fp32 statistics (LayerNorm mean + rstd, RMSNorm rstd; two norms)."""
     stats = 8 if spec.family == "llama" else 16
-    return block_elements(spec) * P + 4 * spec.heads + stats
+    return block_elements(spec, compiled) * P + 4 * spec.heads + stats
 
 
-def rope_tables(spec, P: int) -> int:
+def rope_tables(spec, P: int, compiled: bool = False) -> int:
     """Bytes of RoPE's cos/sin tables one block keeps per micro-batch (llama: q's and k's pair)."""
-    return 2 * spec.seq_len * spec.head_dim * P if spec.family == "llama" else 0
+    return 2 * spec.seq_len * spec.head_dim * P if spec.family == "llama" and not compiled else 0
 
 
 def head_peak_bytes(spec, P: int) -> int:
@@ -61,21 +67,23 @@ def head_peak_bytes(spec, P: int) -> int:
     return 2 * spec.hidden * P + LOSS_FP32_COPIES * 4 * spec.vocab
 
 
-def activation_peak(spec, P: int, tokens: int, checkpointing: bool) -> int:
-    """Peak bytes of activations and loss temporaries for one micro-batch of `tokens` tokens."""
+def activation_peak(spec, P: int, tokens: int, checkpointing: bool, compiled: bool = False) -> int:
+    """Peak bytes of activations and loss temporaries for one micro-batch of `tokens` tokens
+    (`compiled`: each block under torch.compile, see the module docstring)."""
     if spec.is_bare:
         return 0
     head = tokens * head_peak_bytes(spec, P)
     if checkpointing:
-        return tokens * spec.layers * spec.hidden * P + max(head, tokens * block_bytes(spec, P) + rope_tables(spec, P))
-    return saved_blocks(spec, P, tokens, False) + head
+        one = tokens * block_bytes(spec, P, compiled) + rope_tables(spec, P, compiled)
+        return tokens * spec.layers * spec.hidden * P + max(head, one)
+    return saved_blocks(spec, P, tokens, False, compiled) + head
 
 
-def saved_blocks(spec, P: int, tokens: int, checkpointing: bool) -> int:
+def saved_blocks(spec, P: int, tokens: int, checkpointing: bool, compiled: bool = False) -> int:
     """Bytes the blocks still hold when backward leaves the loss and the LM head (the head's loss
     rows freed, no block's backward run yet): where DeepSpeed ZeRO-1/2 first allocate their buckets."""
     if spec.is_bare:
         return 0
     if checkpointing:
         return tokens * spec.layers * spec.hidden * P
-    return spec.layers * (tokens * block_bytes(spec, P) + rope_tables(spec, P))
+    return spec.layers * (tokens * block_bytes(spec, P, compiled) + rope_tables(spec, P, compiled))
