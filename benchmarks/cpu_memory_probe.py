@@ -109,7 +109,7 @@ class Probe:
         self.peaks = {"fwd/bwd": (0, []), "step": (0, [])}
 
 
-def run(plan, spec: dict, steps: int, top: int, min_bytes: int) -> None:
+def run(plan, spec: dict, steps: int, top: int, min_bytes: int, ds_overrides: dict | None = None) -> None:
     import torch
     import torch.distributed as dist
 
@@ -131,7 +131,7 @@ def run(plan, spec: dict, steps: int, top: int, min_bytes: int) -> None:
     with _fused_rms_norm():  # CUDA's fused RMSNorm keeps what a GPU run keeps
         with live.active():
             live.label_module(module)
-            t = wrap(plan, module, "cpu", loss_fn)
+            t = wrap(plan, module, "cpu", loss_fn, ds_overrides)
             live.label_module(t.module)
             inner = t.optimizer
             while hasattr(inner, "optimizer"):  # DeepSpeed's ZeRO optimizer wraps the torch one
@@ -180,6 +180,7 @@ def main() -> int:
     ap.add_argument("--ac", action="store_true")
     ap.add_argument("--offload", default="none", choices=("none", "opt", "both"))
     ap.add_argument("--plan", default="{}", help="more Plan fields as JSON (merged)")
+    ap.add_argument("--ds", default="{}", help="DeepSpeed config keys the Plan does not model, as JSON (wrap's ds_overrides)")
     ap.add_argument("--model", default=json.dumps(TINY))
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--top", type=int, default=14)
@@ -194,7 +195,7 @@ def main() -> int:
             "grad_accum_steps": a.ga, "activation_checkpointing": a.ac, "optimizer": {"name": "adamw", "lr": 1e-4},
             "offload": {"optimizer": "cpu" if a.offload != "none" else "none", "params": "cpu" if a.offload == "both" else "none"},
             **json.loads(a.plan)}
-    run(Plan.model_validate(data), json.loads(a.model), a.steps, a.top, int(a.min_mib * MIB))
+    run(Plan.model_validate(data), json.loads(a.model), a.steps, a.top, int(a.min_mib * MIB), json.loads(a.ds))
     return 0
 
 
