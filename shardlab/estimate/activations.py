@@ -28,6 +28,15 @@ on the runner's blocks, and as a whole against the traced estimate and the H200 
   on the runner's block: eager - compiled = 2f bytes + the tables; H200 #39, llama300 fsdp2 zero3
   compiled mb4: 5650 bytes/token/layer under the eager run #1, 2f + tables = 5696). FSDP1 compiles
   the wrapped model whole and DeepSpeed its engine: their runs kept what eager keeps (#40, #41).
+- transformers' llama-family blocks (LlamaDecoderLayer, Qwen2DecoderLayer: `layout="transformers"`,
+  models built from a Hugging Face config): their RMSNorm is Python code that keeps an fp32 copy of
+  its input (4d bytes) and its normalised 16-bit tensor, q, k and v come from separate projections
+  (no fused qkv storage), and the rotary cos/sin are made once per model: P·(6d + 2kv + 4f) + 8d
+  bytes per token, + 4d for the final norm (CPU, saved_tensors_hooks over transformers 5.17's
+  LlamaForCausalLM and Qwen2ForCausalLM at four shapes: exactly 20d + 4kv + 8f + 4·heads + 8 in bf16;
+  H200 #42/#43, llama300 from a config, peaked 3784 bytes/token/layer above the runner's block, this
+  says 3776). Other transformers families (gpt2's Python GELU, its attention) are not modelled:
+  use the traced estimate for them.
 - head: final norm input d and output d (the LM head input), then the runner's loss: logits are
   cast to fp32 and log_softmax keeps its fp32 output (4V). At the start of backward, nll_loss's
   gradient (4V, fp32) and log_softmax's input gradient (4V) exist beside it: the activation peak
@@ -42,9 +51,15 @@ from __future__ import annotations
 LOSS_FP32_COPIES = 3  # log_softmax output + nll gradient + log_softmax input gradient, fp32 [tokens, V]
 
 
+def _hf_llama(spec) -> bool:
+    return getattr(spec, "layout", "shardlab") == "transformers" and spec.family == "llama"
+
+
 def block_elements(spec, compiled: bool = False) -> int:
     """Elements one block saves for backward per token in the model dtype (see the module docstring)."""
     d, f, kv = spec.hidden, spec.ffn, spec.kv_dim
+    if _hf_llama(spec):
+        return 6 * d + 2 * kv + 4 * f
     if spec.family == "llama":
         return 8 * d + 3 * kv + (3 if compiled else 4) * f
     return 6 * d + 2 * kv + 2 * f
@@ -54,17 +69,19 @@ def block_bytes(spec, P: int, compiled: bool = False) -> int:
     """Bytes per token one block keeps (P = activation dtype bytes): its tensors, the fp32 log-sum-exp
     per head and the norms' fp32 statistics (LayerNorm mean + rstd, RMSNorm rstd; two norms)."""
     stats = 8 if spec.family == "llama" else 16
-    return block_elements(spec, compiled) * P + 4 * spec.heads + stats
+    fp32_norm_inputs = 2 * 4 * spec.hidden if _hf_llama(spec) else 0
+    return block_elements(spec, compiled) * P + 4 * spec.heads + stats + fp32_norm_inputs
 
 
 def rope_tables(spec, P: int, compiled: bool = False) -> int:
     """Bytes of RoPE's cos/sin tables one block keeps per micro-batch (llama: q's and k's pair)."""
-    return 2 * spec.seq_len * spec.head_dim * P if spec.family == "llama" and not compiled else 0
+    return 2 * spec.seq_len * spec.head_dim * P if spec.family == "llama" and not compiled and not _hf_llama(spec) else 0
 
 
 def head_peak_bytes(spec, P: int) -> int:
-    """Bytes per token at the loss's backward: final norm in/out (P) + three fp32 [V] rows."""
-    return 2 * spec.hidden * P + LOSS_FP32_COPIES * 4 * spec.vocab
+    """Bytes per token at the loss's backward: final norm in/out (P; transformers' keeps an fp32 copy
+    of its input too) + three fp32 [V] rows."""
+    return 2 * spec.hidden * P + (4 * spec.hidden if _hf_llama(spec) else 0) + LOSS_FP32_COPIES * 4 * spec.vocab
 
 
 def activation_peak(spec, P: int, tokens: int, checkpointing: bool, compiled: bool = False) -> int:
