@@ -299,8 +299,10 @@ def predictions(row: dict, methods=("analytic", "trace")) -> dict:
 
             spec = model
             model = {"module": (lambda s=spec: hf_module(s)), "spec": spec}
-        e = estimate(plan_for(row), model, gpu="h200", method=method)
-        out[method] = dict(e.per_gpu)
+        try:
+            out[method] = dict(estimate(plan_for(row), model, gpu="h200", method=method).per_gpu)
+        except Exception as e:  # noqa: BLE001 - one method failing leaves the other's figures
+            out[f"{method}_failed"] = f"{type(e).__name__}: {e}"[:300]
     return out
 
 
@@ -316,6 +318,10 @@ def add_predictions(path: Path, methods) -> list[dict]:
             r["predict_error"] = f"{type(e).__name__}: {e}"[:300]
             continue
         for method, pg in pred.items():
+            if isinstance(pg, str):
+                r["predict_error"] = pg
+                continue
+            r.pop("predict_error", None)
             r[f"{method}_peak_allocated"] = pg["peak_allocated"]
             if "peak_reserved" in pg:
                 r[f"{method}_peak_reserved"] = pg["peak_reserved"]
