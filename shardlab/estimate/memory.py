@@ -150,6 +150,33 @@ def _ds12_backward(s: Setup, bucket: int, head: int, partition: int) -> tuple[in
     return acc, (0 if many else head + bucket), end - acc
 
 
+def _ds3_states(s: Setup) -> tuple[int, int, int, int, int]:
+    """DeepSpeed ZeRO-3 on the GPU: (partition elements, parameter, gradient, step-temporary and
+    gathered bytes)."""
+    psi, P = s.spec.params, s.P
+    local = shard_numel(s)
+    # persistent parameters (numel <= threshold) are held whole besides their partition
+    params = P * local + P * persistent_numel(s) + (P * shard_numel(s, s.hpz) if s.hpz > 1 else 0)
+    # only partitioned (non-persistent) parameters are ever gathered: at most all of them
+    partitioned = psi - persistent_numel(s)
+    inflight = min(s.prefetch_bucket, partitioned) + ds_largest_module(s)
+    gathered = P * min(ds3_kept_for_backward(s) + inflight, partitioned)
+    if s.shard == 1 and s.offload_params == "none":
+        # a partition of one rank is the whole parameter: the "gather" points param.data at its
+        # ds_tensor (partition_parameters.py, all_gather_coalesced -> _no_gather_coalesced ->
+        # NoGatherHandle), no copy. With parameter offload the partition is copied to the GPU.
+        gathered = 0
+    elif s.offload_params != "none":
+        # With parameter offload every partitioned parameter was still gathered at the loss's
+        # peak in all three H200 runs (measured peak - activations - reduce bucket - cuBLAS
+        # workspaces = the whole 16-bit model within 0.01 GiB: #35 llama300, #117 llama65k + AC,
+        # and #36 llama1b + AC, where the reuse-distance rule would release 40% of it: 9.9% under).
+        # Why DeepSpeed's coordinator keeps them is not pinned down in its source; the rule is
+        # the measurement's, and applies up to stage3_max_live_parameters.
+        gathered = P * min(partitioned, DS_MAX_LIVE)
+    return local, params, P * local, _ds_step_copies(s, local), gathered
+
+
 def _deepspeed(plan: Plan, s: Setup) -> dict:
     psi, P = s.spec.params, s.P
     # ZeRO clones an fp32 master even from an fp32 model: stage 1/2 always, and stage 3 because its
@@ -191,28 +218,7 @@ def _deepspeed(plan: Plan, s: Setup) -> dict:
         acc, bwd_start, bwd_end = _ds12_backward(s, P * s.reduce_bucket, head, partition)
         notes["grads"] = f"full {P}-byte .grad (accumulating between boundaries)" if full_grads else f"{P}-byte gradient partition"
     else:
-        local = shard_numel(s)
-        # persistent parameters (numel <= threshold) are held whole besides their partition
-        params = P * local + P * persistent_numel(s) + (P * shard_numel(s, s.hpz) if s.hpz > 1 else 0)
-        grads = P * local
-        step = _ds_step_copies(s, local)
-        # only partitioned (non-persistent) parameters are ever gathered: at most all of them
-        partitioned = psi - persistent_numel(s)
-        inflight = min(s.prefetch_bucket, partitioned) + ds_largest_module(s)
-        gathered = P * min(ds3_kept_for_backward(s) + inflight, partitioned)
-        if s.shard == 1 and s.offload_params == "none":
-            # a partition of one rank is the whole parameter: the "gather" points param.data at its
-            # ds_tensor (partition_parameters.py, all_gather_coalesced -> _no_gather_coalesced ->
-            # NoGatherHandle), no copy. With parameter offload the partition is copied to the GPU.
-            gathered = 0
-        elif s.offload_params != "none":
-            # With parameter offload every partitioned parameter was still gathered at the loss's
-            # peak in all three H200 runs (measured peak - activations - reduce bucket - cuBLAS
-            # workspaces = the whole 16-bit model within 0.01 GiB: #35 llama300, #117 llama65k + AC,
-            # and #36 llama1b + AC, where the reuse-distance rule would release 40% of it: 9.9% under).
-            # Why DeepSpeed's coordinator keeps them is not pinned down in its source; the rule is
-            # the measurement's, and applies up to stage3_max_live_parameters.
-            gathered = P * min(partitioned, DS_MAX_LIVE)
+        local, params, grads, step, gathered = _ds3_states(s)
         notes["grads"] = f"{P}-byte gradient partitions (grad_partitions_flat_buffer)"
     opt = (master + s.opt_bytes) * local
     notes["params"] = (f"{P}-byte model, full" if s.stage != "zero3" else
