@@ -10,10 +10,16 @@ Face Llama under DeepSpeed ZeRO-3 ran 49-79% slower than shardlab's Llama counts
 (benchmarks/results/fidelity_h200_hf.json #403, #404).
 
 `BlockCounter` is a TorchDispatchMode that counts, while the first block's forward runs on the meta
-device (describe.count_step's one-sample pass), every aten operator that launches a kernel (views,
-aliases and allocation-only operators launch none) and the elements each memory-bound one reads and
-writes (GEMMs and attention are priced by their FLOPs instead). Per token: the counts are for a
-one-sample batch of `seq_len` tokens.
+device (describe.count_step's one-sample pass, the model in bf16 as a mixed-precision run computes),
+every aten operator that launches a kernel (views, aliases and allocation-only operators launch none)
+and the elements each memory-bound one reads and writes (GEMMs and attention are priced by their FLOPs
+instead). With them, what the block saves for backward (torch.autograd.graph.saved_tensors_hooks, each
+storage once): the activation-dtype elements and the bytes of everything else (fp32 norm statistics,
+dropout masks), so activations.py prices the block as the model really holds it (transformers' GPT-2
+keeps every step of its tanh GELU: analytic peak 22% under on the H200, fidelity_h200_hf.json #405).
+Scaled-dot-product attention is counted as the fused GPU kernel it is (one launch; saves q, k, v, its
+output and a per-row fp32 log-sum-exp), not the unfused math the meta device runs.
+Per token: the counts are for a one-sample batch of `seq_len` tokens.
 """
 
 from __future__ import annotations
@@ -58,33 +64,66 @@ class _FusedAttention(TorchFunctionMode):
         c = self.counter
         inside, c.inside_attention = c.inside_attention, True
         try:
-            return func(*args, **(kwargs or {}))
+            out = func(*args, **(kwargs or {}))
         finally:
             c.inside_attention = inside
-            if c.active and not inside:
-                c.kernels += 1
+        if c.active and not inside:
+            c.kernels += 1
+            q = args[0] if args else kwargs["query"]
+            for t in (*args[:3], out):  # the flash kernel's backward reads q, k, v and the output
+                c.save(t)
+            c.saved_other += 4 * q.shape[-3] * q.shape[-2] if q.dim() >= 3 else 0  # log-sum-exp, fp32, per head and row
+        return out
 
 
 class BlockCounter(TorchDispatchMode):
     """Counts kernels and memory-bound elements while `active` (set by the block's forward hooks).
     Use as a context manager: it enters _FusedAttention too."""
 
-    def __init__(self):
+    def __init__(self, dtype=torch.bfloat16):
         super().__init__()
         self.active = False
         self.inside_attention = False
         self.kernels = 0
         self.elements = 0
+        self.dtype = dtype  # the activation dtype the model was counted in
+        self.saved_lowp = 0  # elements of `dtype` saved for backward
+        self.saved_other = 0  # bytes of other dtypes saved (fp32 statistics, bool masks)
+        self._storages: set[int] = set()
         self._attention = _FusedAttention(self)
+        self._saved = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
+
+    def ignore(self, tensors) -> None:
+        """Tensors not to count as saved activations: the parameters (the memory model has them)."""
+        self._storages.update(t.untyped_storage()._cdata for t in tensors)
+
+    def save(self, t) -> None:
+        """Count a tensor autograd keeps, once per storage."""
+        if not isinstance(t, torch.Tensor) or not self.active or self.inside_attention:
+            return
+        key = t.untyped_storage()._cdata
+        if key in self._storages:
+            return
+        self._storages.add(key)
+        if t.dtype == self.dtype:
+            self.saved_lowp += t.untyped_storage().nbytes() // t.element_size()
+        else:
+            self.saved_other += t.untyped_storage().nbytes()
+
+    def _pack(self, t):
+        self.save(t)
+        return t
 
     def __enter__(self):
         self._attention.__enter__()
+        self._saved.__enter__()
         return super().__enter__()
 
     def __exit__(self, *exc):
         try:
             return super().__exit__(*exc)
         finally:
+            self._saved.__exit__(*exc)
             self._attention.__exit__(*exc)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
@@ -123,5 +162,6 @@ def block_work(counter: BlockCounter, block, model, blocks: int, seq_len: int) -
     all_m = sum(1 for _ in model.modules())
     all_p = sum(1 for _ in model.parameters())
     return {"kernels": counter.kernels, "elems_per_token": counter.elements / seq_len,
+            "saved_elems_per_token": counter.saved_lowp / seq_len, "saved_other_bytes_per_token": counter.saved_other / seq_len,
             "modules": per_m, "params": per_p,
             "top_modules": max(0, all_m - blocks * per_m), "top_params": max(0, all_p - blocks * per_p)}

@@ -95,15 +95,24 @@ def count_step(model, inputs: dict, blocks: list) -> tuple[int | None, dict | No
     from shardlab.blockwork import BlockCounter, block_work, hooked
     from shardlab.usermodel import tokens_in
 
-    if inputs.get("kind") == "tokens":
-        x = torch.zeros((1, inputs["seq_len"]), dtype=torch.long, device="meta")
-    elif inputs.get("kind") == "floats":
-        x = torch.zeros((1, *inputs["shape"]), device="meta")
-    else:
+    if inputs.get("kind") not in ("tokens", "floats"):
         return None, None
+    dtype = torch.float32
+    if blocks and all(p.is_meta for p in model.parameters()):
+        # count as a mixed-precision run computes: in bf16, on a copy (meta: it costs nothing)
+        import copy
+
+        i = next(i for i, m in enumerate(model.modules()) if m is blocks[0])
+        dtype, model = torch.bfloat16, copy.deepcopy(model).to(torch.bfloat16)
+        blocks = [next(m for j, m in enumerate(model.modules()) if j == i)] + blocks[1:]
+    if inputs["kind"] == "tokens":
+        x = torch.zeros((1, inputs["seq_len"]), dtype=torch.long, device="meta")
+    else:
+        x = torch.zeros((1, *inputs["shape"]), dtype=dtype, device="meta")
     cfg = getattr(model, "config", None)
     cache = getattr(cfg, "use_cache", None)
-    counter = BlockCounter()
+    counter = BlockCounter(dtype)
+    counter.ignore(model.parameters())
     hooks = hooked(counter, blocks[0]) if blocks else []
     was_training = model.training
     try:

@@ -65,17 +65,30 @@ def block_elements(spec, compiled: bool = False) -> int:
     return 6 * d + 2 * kv + 2 * f
 
 
+def _counted(spec) -> dict | None:
+    """What the model's own block saved, counted on the meta device (shardlab/blockwork.py), if it was."""
+    bw = getattr(spec, "block_work", None)
+    return bw if bw and "saved_elems_per_token" in bw else None
+
+
 def block_bytes(spec, P: int, compiled: bool = False) -> int:
     """Bytes per token one block keeps (P = activation dtype bytes): its tensors, the fp32 log-sum-exp
-    per head and the norms' fp32 statistics (LayerNorm mean + rstd, RMSNorm rstd; two norms)."""
+    per head and the norms' fp32 statistics (LayerNorm mean + rstd, RMSNorm rstd; two norms).
+    A model counted from its own module (Hugging Face, your factory: shardlab/blockwork.py) keeps what
+    its real block saved: activation-dtype elements x P, plus its fp32 statistics and masks as counted."""
+    bw = _counted(spec)
+    if bw:
+        return int(bw["saved_elems_per_token"] * P + bw["saved_other_bytes_per_token"])
     stats = 8 if spec.family == "llama" else 16
     fp32_norm_inputs = 2 * 4 * spec.hidden if _hf_llama(spec) else 0
     return block_elements(spec, compiled) * P + 4 * spec.heads + stats + fp32_norm_inputs
 
 
 def rope_tables(spec, P: int, compiled: bool = False) -> int:
-    """Bytes of RoPE's cos/sin tables one block keeps per micro-batch (llama: q's and k's pair)."""
-    return 2 * spec.seq_len * spec.head_dim * P if spec.family == "llama" and not compiled and not _hf_llama(spec) else 0
+    """Bytes of RoPE's cos/sin tables one block keeps per micro-batch (llama: q's and k's pair; in a
+    counted block they are among its saved tensors already)."""
+    own = spec.family == "llama" and not compiled and not _hf_llama(spec) and not _counted(spec)
+    return 2 * spec.seq_len * spec.head_dim * P if own else 0
 
 
 def head_peak_bytes(spec, P: int) -> int:
