@@ -11,7 +11,8 @@ a time (more only thrash 2 cores). Most of a run is starting Python, torch and t
 Hugging Face runs call the CLI's own `main(argv)` in processes forked from one server that imported
 shardlab and transformers once (multiprocessing's forkserver): the same parsing, model resolution,
 launch and exit code as the `shardlab` command, without six more ~10 s imports. The factory's CLI run is
-the real command, `python -m shardlab.cli run ...`, in a new interpreter.
+the real command, `python -m shardlab.cli run ...`, in a new interpreter (test_launcher.py relies on it
+for the `--json` line of a whole `shardlab run`).
 """
 
 from __future__ import annotations
@@ -141,6 +142,8 @@ def test_cli_run_trains_with_the_wrap_class_found_tflops_and_states_as_estimated
     rc, info, err = runs[name]
     assert f"wrap unit {wrap_cls}" in err  # shown before the run starts
     _check(rc, info, err, model, wrap_cls)
+    # `run --json`'s one line: at least id, status and dir (DESIGN.md's contract), and no traceback
+    assert info["status"] == "completed" and Path(info["dir"]).name == info["id"] and "Traceback" not in err
 
 
 def test_a_factory_function_through_the_python_api(runs):

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import pytest
 
-
 pytest.importorskip("panel")
 
 from shardlab.models import PRESETS  # noqa: E402
