@@ -63,7 +63,8 @@ HF_FACTORY = "benchmarks.fidelity_hf:llama"
 
 # (model, framework, sharding, precision, micro-batch, grad accum, AC, offload, compile, hf)
 # offload: none | opt (optimizer only) | both (optimizer + params; FSDP offloads everything)
-C = lambda m, fw, sh, pr="bf16", mb=4, ga=1, ac=False, off="none", comp=False, hf=False: (m, fw, sh, pr, mb, ga, ac, off, comp, hf)  # noqa: E731
+# hf: the row's model goes through benchmarks/fidelity_hf.py's factory (a models' "hf:" source needs no flag)
+C = lambda m, fw, sh, pr="bf16", mb=4, ga=1, ac=False, off="none", comp=False, hf=False, lmi=False: (m, fw, sh, pr, mb, ga, ac, off, comp, hf, lmi)  # noqa: E731
 CONFIGS = [
     C("llama300", "fsdp2", "zero3"), C("llama300", "fsdp2", "zero3", ac=True), C("llama300", "fsdp2", "zero2", mb=2),
     C("llama300", "fsdp2", "ddp", mb=2), C("llama300", "fsdp1", "zero3"), C("llama300", "fsdp1", "zero2", ac=True),
@@ -121,9 +122,24 @@ VAL_CONFIGS = [
     C("llama100k", "fsdp1", "zero2", mb=2), C("llama100k", "fsdp2", "zero3", mb=2, off="both"), C("llama100k", "deepspeed", "zero3", mb=2, off="opt"),
     C("llamawide6", "fsdp2", "zero3", mb=1), C("llamawide6", "deepspeed", "zero3", mb=1), C("llamawide6", "fsdp1", "ddp", mb=1, ac=True),
 ]
-SETS = {"matrix": (1, CONFIGS), "check": (101, CHECK_CONFIGS), "host": (201, HOST_CONFIGS), "val": (301, VAL_CONFIGS)}
+# Hugging Face models the way a user gives them (--set hf, numbered from 401; issue 17): `hf:<type> key=value`
+# sources, built by transformers from the config alone, wrap unit found by shardlab, each with
+# low_memory_init off and on (FSDP: meta device + rank-0 broadcast; ZeRO-3: deepspeed.zero.Init through
+# transformers' HfDeepSpeedConfig). Shapes chosen for this set, none used to fit anything.
+MODELS.update({
+    "hf-llama": "hf:llama hidden_size=1536 intermediate_size=4096 num_hidden_layers=12 num_attention_heads=12 "
+                "num_key_value_heads=4 vocab_size=32000 seq_len=2048",
+    "hf-gpt2": "hf:gpt2 n_embd=1024 n_layer=16 n_head=16 vocab_size=50257 seq_len=1024",
+    "hf-qwen2": "hf:qwen2 hidden_size=896 intermediate_size=4864 num_hidden_layers=24 num_attention_heads=14 "
+                "num_key_value_heads=2 vocab_size=151936 seq_len=2048",
+})
+HF_CONFIGS = [C("hf-llama", fw, "zero3", lmi=lmi) for fw in ("fsdp2", "deepspeed") for lmi in (False, True)] + [
+    C("hf-gpt2", "fsdp2", "zero3", mb=8, lmi=True), C("hf-gpt2", "deepspeed", "zero3", mb=8, ac=True, lmi=True),
+    C("hf-qwen2", "deepspeed", "zero3", mb=2, lmi=True), C("hf-qwen2", "fsdp1", "zero3", mb=2, ac=True, lmi=True)]
+SETS = {"matrix": (1, CONFIGS), "check": (101, CHECK_CONFIGS), "host": (201, HOST_CONFIGS), "val": (301, VAL_CONFIGS),
+        "hf": (401, HF_CONFIGS)}
 KEYS = ("model", "framework", "sharding", "precision", "micro_batch_size", "grad_accum_steps", "activation_checkpointing",
-        "offload", "compile", "hf")
+        "offload", "compile", "hf", "low_memory_init")
 
 
 def config_dict(i: int) -> dict:
@@ -139,6 +155,7 @@ def plan_for(row: dict):
     data = {"framework": row["framework"], "sharding": row["sharding"], "precision": row["precision"],
             "micro_batch_size": row["micro_batch_size"], "grad_accum_steps": row["grad_accum_steps"],
             "activation_checkpointing": row["activation_checkpointing"], "compile": row["compile"],
+            "low_memory_init": bool(row.get("low_memory_init")),
             "optimizer": {"name": "adamw", "lr": 1e-4},
             "offload": {"optimizer": "cpu" if off != "none" else "none", "params": "cpu" if off == "both" else "none"}}
     if row["hf"]:
@@ -148,12 +165,19 @@ def plan_for(row: dict):
 
 def model_for(row: dict, tiny: bool = False):
     m = MODELS[row["model"]]
+    if isinstance(m, str):  # a Hugging Face source: tiny keeps its family, shrinks its shape
+        return m.split()[0] + TINY_HF[m.split()[0]] if tiny else m
     if tiny:  # same family, CPU-sized
         fam = m["family"] if isinstance(m, dict) else "gpt"
         m = {"name": "tiny-" + row["model"], "family": fam, "layers": 2, "hidden": 64, "heads": 4, "vocab": 512, "seq_len": 64}
         if fam == "llama":
             m.update(kv_heads=2, ffn_hidden=160)
     return m
+
+
+TINY_HF = {"hf:llama": " hidden_size=64 intermediate_size=160 num_hidden_layers=2 num_attention_heads=4 num_key_value_heads=2 vocab_size=512 seq_len=64",
+           "hf:gpt2": " n_embd=64 n_layer=2 n_head=4 vocab_size=512 seq_len=64",
+           "hf:qwen2": " hidden_size=64 intermediate_size=160 num_hidden_layers=2 num_attention_heads=4 num_key_value_heads=2 vocab_size=512 seq_len=64"}
 
 
 def _median(xs):
@@ -273,8 +297,10 @@ def predictions(row: dict, methods=("analytic", "trace")) -> dict:
 
             spec = model
             model = {"module": (lambda s=spec: hf_module(s)), "spec": spec}
-        e = estimate(plan_for(row), model, gpu="h200", method=method)
-        out[method] = dict(e.per_gpu)
+        try:
+            out[method] = dict(estimate(plan_for(row), model, gpu="h200", method=method).per_gpu)
+        except Exception as e:  # noqa: BLE001 - one method failing leaves the other's figures
+            out[f"{method}_failed"] = f"{type(e).__name__}: {e}"[:300]
     return out
 
 
@@ -290,6 +316,10 @@ def add_predictions(path: Path, methods) -> list[dict]:
             r["predict_error"] = f"{type(e).__name__}: {e}"[:300]
             continue
         for method, pg in pred.items():
+            if isinstance(pg, str):
+                r["predict_error"] = pg
+                continue
+            r.pop("predict_error", None)
             r[f"{method}_peak_allocated"] = pg["peak_allocated"]
             if "peak_reserved" in pg:
                 r[f"{method}_peak_reserved"] = pg["peak_reserved"]

@@ -53,16 +53,14 @@ def rows() -> list[dict]:
         for r in json.loads(f.read_text()):
             out.append({"name": f"{f.stem}#{r['id']}", "plan": fid.plan_for(r), "model": fid.model_for(r), "cap": None,
                         "status": r["status"], "ma": r.get("peak_allocated_bytes"), "mr": r.get("peak_reserved_bytes")})
-    for f in sorted(RESULTS.glob("tune_h200_*.json")):
-        d = json.loads(f.read_text())
+    for f, d, kind, r in tune_gpu.recorded_files(RESULTS):
         cap = int(d["gpu_limit_gib"] * GIB) if d.get("gpu_limit_gib") else None
-        for kind, r in tune_gpu.recorded_runs(d):
-            if r["status"] in ("not-run", "error"):
-                continue
-            key = r["key"] if kind == "grid" else f"trial {r['trial']} {r['key']}"
-            m = r.get("measured") or {}
-            out.append({"name": f"{f.stem}:{key}", "plan": Plan.model_validate(r["plan"]), "model": d["model"], "cap": cap,
-                        "status": r["status"], "ma": m.get("peak_allocated_bytes"), "mr": m.get("peak_reserved_bytes")})
+        if r["status"] in ("not-run", "error") or not f.name.startswith("tune_h200_"):
+            continue
+        key = r["key"] if kind == "grid" else f"{kind} {r.get('trial', '')} {r['key']}"
+        m = r.get("measured") or {}
+        out.append({"name": f"{f.stem}:{key}", "plan": Plan.model_validate(r["plan"]), "model": d["model"], "cap": cap,
+                    "status": r["status"], "ma": m.get("peak_allocated_bytes"), "mr": m.get("peak_reserved_bytes")})
     return out
 
 

@@ -67,25 +67,25 @@ def tune_rows() -> list[dict]:
     import tune_gpu  # benchmarks/tune_gpu.py wrote these files
 
     out = []
-    for f in sorted(RESULTS.glob("tune_*.json")):
-        d = json.load(open(f))
+    for f, d, kind, r in tune_gpu.recorded_files(RESULTS):
         argv = d.get("argv", [])
         alone = "--jobs" not in argv or argv[argv.index("--jobs") + 1] == "1"
-        for kind, r in tune_gpu.recorded_runs(d):
-            if kind == "grid" and not alone:
-                continue
-            m = r.get("measured") or {}
-            if r.get("status") == "completed" and len(m.get("step_times_s") or []) >= MIN_TIMED_STEPS and m.get("tokens_per_s"):
-                out.append({"source": f.stem + ("" if kind == "grid" else " trials"), "name": r["key"], "plan": r["plan"],
-                            "model": d["model"], "gpu": "h200", "measured": m["tokens_per_s"]})
+        if kind == "grid" and not alone:
+            continue
+        m = r.get("measured") or {}
+        if r.get("status") == "completed" and len(m.get("step_times_s") or []) >= MIN_TIMED_STEPS and m.get("tokens_per_s"):
+            out.append({"source": f.stem + ("" if kind == "grid" else f" {kind}s"), "name": r["key"], "plan": r["plan"],
+                        "model": d["model"], "gpu": "h200", "measured": m["tokens_per_s"], "calibration": _calibration_of(f)})
     return out
 
 
 def _calibration_of(results: Path) -> str:
-    """The calibration made on the machine that ran these rows (fidelity_h200_X.json ->
-    calibration_h200_X.json, same device call), else the recorded H200 one from another lease."""
-    own = results.name.replace("fidelity_", "calibration_")
-    return own if (RESULTS / own).is_file() else "calibration_h200.json"
+    """The calibration made on the machine that ran these rows: as results/calibrations.json lists it,
+    else by name (fidelity_h200_X.json -> calibration_h200_X.json, same device call), else the
+    recorded H200 one from another lease."""
+    listed = json.loads((RESULTS / "calibrations.json").read_text())
+    own = listed.get(results.name) or (results.name.replace("fidelity_", "calibration_") if results.name.startswith("fidelity_") else None)
+    return own if own and (RESULTS / own).is_file() else "calibration_h200.json"
 
 
 def fidelity_rows(include_shared: bool = False) -> list[dict]:

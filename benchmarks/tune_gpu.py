@@ -125,10 +125,70 @@ def earlier_rows(path: str | None) -> dict[str, dict]:
     return {r["key"]: {**r, "call": r.get("call", 1)} for r in rows if r["status"] != "not-run"}
 
 
-def run_grid(grid, model, a, runs: Path) -> list[dict]:
+def startup_seconds(run_dir: Path) -> dict:
+    """Where a run's wall time went, from its own files: launcher -> torchrun agent -> rank 0 process
+    (status.json's process create times, 10 ms resolution), the worker's start-up phase events, the steps (metrics.jsonl),
+    and the end (the last step to status.json's ended_at: teardown, exit, the launcher noticing)."""
+    def jl(name):
+        f = run_dir / name
+        return [json.loads(x) for x in f.read_text().splitlines() if x.strip()] if f.exists() else []
+
+    try:
+        st = json.loads((run_dir / "status.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    procs = {p.get("role"): p.get("create_time") for p in st.get("processes") or []}
+    marks = [("agent", procs.get("agent0")), ("rank0", procs.get("rank0"))]
+    marks += [(e["phase"], e["t"]) for e in jl("events.jsonl") if e.get("event") == "phase" and e.get("rank", 0) == 0]
+    steps = [m for m in jl("metrics.jsonl") if m.get("rank", 0) == 0]
+    if steps:
+        marks += [("steps_2_on", steps[0]["t_opt_end"]), ("end", steps[-1]["t_opt_end"])]
+    marks.append(("exit", st.get("ended_at")))
+    marks = [(k, t) for k, t in marks if t]
+    return {f"{a}->{b}": round(tb - ta, 2) for (a, ta), (b, tb) in zip(marks, marks[1:])}
+
+
+def run_one(plan, model, a, runs: Path) -> dict:
+    """One configuration run through the ordinary runner: status, measured figures, where its time went."""
     from shardlab import launch
     from shardlab.tune.trials import measure
 
+    t0 = time.time()
+    try:
+        run = launch(plan, model=model, steps=a.steps, device=a.device, out=runs, timeout_s=400, worker_module=WORKER)
+        status = run.wait()
+        row = dict(status=status, run_id=run.id, measured=measure(run, a.warmup) if status == "completed" else {},
+                   error=None if status == "completed" else str((run.info or {}).get("error"))[:500],
+                   startup_s=startup_seconds(run.dir))
+    except Exception as e:  # noqa: BLE001 - a configuration that cannot start is a row, not the end
+        row = dict(status="error", measured={}, error=f"{type(e).__name__}: {e}"[:500])
+    row["wall_s"] = round(time.time() - t0, 1)
+    return row
+
+
+def run_repeats(rows: list[dict], tuned: dict | None, model, a, runs: Path) -> list[dict]:
+    """Time the grid's K best configurations (and tune's pick) once more each, alone: one 4-step timing
+    per configuration cannot rank within 5% on hosts whose same plan differs by up to 22% between runs."""
+    from shardlab import Plan
+
+    ok = sorted((g for g in rows if g["status"] == "completed" and g["measured"].get("tokens_per_s")),
+                key=lambda g: -g["measured"]["tokens_per_s"])
+    keys = [g["key"] for g in ok[:a.repeat]]
+    pick = ((tuned or {}).get("pick") or {}).get("key")
+    if pick and pick not in keys:
+        keys.append(pick)
+    plans = {g["key"]: g["plan"] for g in rows}
+    if pick:
+        plans.setdefault(pick, tuned["pick"]["plan"])  # a smoke run's partial grid may not hold it
+    out = []
+    for k in keys:
+        r = {"key": k, **run_one(Plan.model_validate(plans[k]), model, a, runs)}
+        out.append(r)
+        print(f"repeat {k:<40} {r['status']:<9} meas {r['measured'].get('tokens_per_s') or 0:>9,.0f} tok/s {r['wall_s']:5.1f} s", flush=True)
+    return out
+
+
+def run_grid(grid, model, a, runs: Path) -> list[dict]:
     done = earlier_rows(a.resume)
     rows: list[dict] = list(done.values())
     grid_keys = {c.key for c in grid}
@@ -150,14 +210,7 @@ def run_grid(grid, model, a, runs: Path) -> list[dict]:
             return rows[-1]
         row = {"key": c.key, "plan": c.plan.model_dump(mode="json"), "predicted": c.predicted,
                "predicted_fits": c.status != "rejected", "prune_reason": c.reason, "call": 2 if done else 1}
-        try:
-            run = launch(c.plan, model=model, steps=a.steps, device=a.device, out=runs, timeout_s=400, worker_module=WORKER)
-            status = run.wait()
-            row.update(status=status, run_id=run.id, measured=measure(run, a.warmup) if status == "completed" else {},
-                       error=None if status == "completed" else str((run.info or {}).get("error"))[:500])
-        except Exception as e:  # noqa: BLE001 - a configuration that cannot start is a row, not the end
-            row.update(status="error", measured={}, error=f"{type(e).__name__}: {e}"[:500])
-        row["wall_s"] = round(time.time() - t0, 1)
+        row.update(run_one(c.plan, model, a, runs))
         rows.append(row)
         (out / "grid_partial.json").write_text(json.dumps(rows, indent=1, default=str))
         m = row["measured"]
@@ -188,12 +241,49 @@ def run_tune(case: dict, model, a, runs: Path) -> dict:
 
 
 def recorded_runs(d: dict) -> list[tuple[str, dict]]:
-    """("grid", row) for each grid row and ("trial", row) for each of tune's trials in a JSON this
-    script wrote; both rows carry key, plan, status and measured. The one reader of that layout."""
-    return [("grid", g) for g in d.get("grid", [])] + [("trial", t) for t in (d.get("tune") or {}).get("trials", [])]
+    """("grid", row) for each grid row, ("trial", row) for each of tune's trials and ("repeat", row)
+    for each --repeat timing in a JSON this script wrote; every row carries key, plan, status and
+    measured. The one reader of that layout."""
+    plans = {g["key"]: g["plan"] for g in d.get("grid", [])}
+    return ([("grid", g) for g in d.get("grid", [])] + [("trial", t) for t in (d.get("tune") or {}).get("trials", [])]
+            + [("repeat", {"plan": plans.get(r["key"]), **r}) for r in d.get("repeats", [])])
 
 
-def judge(grid: list[dict], tuned: dict | None) -> dict:
+def recorded_files(results: Path):
+    """(file, its JSON, kind, row) over every tune_*.json in `results`, each run once: a call that
+    resumed an earlier grid (--resume) carries that grid's rows again, told apart by their run ids."""
+    seen = set()
+    for f in sorted(results.glob("tune_*.json")):
+        d = json.loads(f.read_text())
+        for kind, r in recorded_runs(d):
+            if r.get("run_id") and r["run_id"] in seen:
+                continue
+            seen.add(r.get("run_id"))
+            yield f, d, kind, r
+
+
+def repeated_best(grid: list[dict], tuned: dict | None, repeats: list[dict]) -> dict:
+    """Each configuration's median tokens/s over every timing of it (grid row, tune's trial, repeats);
+    the best of those medians, and tune's pick against it."""
+    import statistics
+
+    seen: dict[str, list[float]] = {}
+    for _, r in recorded_runs({"grid": grid, "tune": tuned}) + [("repeat", r) for r in repeats]:
+        if r.get("status") == "completed" and r["measured"].get("tokens_per_s"):
+            seen.setdefault(r["key"], []).append(r["measured"]["tokens_per_s"])
+    med = {k: statistics.median(v) for k, v in seen.items() if len(v) > 1}
+    if not med:
+        return {}
+    best = max(med, key=med.get)
+    res = {"medians_of_repeated": {k: [round(med[k]), len(seen[k])] for k in sorted(med, key=med.get, reverse=True)},
+           "best": best, "best_tokens_per_s": med[best]}
+    pick = ((tuned or {}).get("pick") or {}).get("key")
+    if pick in med:
+        res.update(pick=pick, pick_vs_best=med[pick] / med[best] - 1, within_5pct=med[pick] >= 0.95 * med[best])
+    return res
+
+
+def judge(grid: list[dict], tuned: dict | None, repeats: list[dict] | None = None) -> dict:
     ok = [g for g in grid if g["status"] == "completed" and g["measured"].get("tokens_per_s")]
     if not ok:
         return {"grid_best": None}
@@ -213,6 +303,8 @@ def judge(grid: list[dict], tuned: dict | None) -> dict:
         trial = next((t for t in tuned["trials"] if t["key"] == pick["key"]), None)
         if trial and trial["measured"].get("tokens_per_s"):
             res["pick_trial_tokens_per_s"] = trial["measured"]["tokens_per_s"]
+    if repeats:
+        res["repeated"] = repeated_best(grid, tuned, repeats)
     return res
 
 
@@ -232,6 +324,7 @@ def main() -> int:
     ap.add_argument("--jobs", type=int, default=1, help="grid runs started at once (one owns the GPU at a time: tune_worker's gate)")
     ap.add_argument("--grid-deadline-s", type=float, default=None, help="start no grid run after this many seconds")
     ap.add_argument("--no-tune", action="store_true")
+    ap.add_argument("--repeat", type=int, default=0, help="after tune, time the grid's N best and tune's pick once more each")
     ap.add_argument("--resume", default=None, help="a grid JSON of an earlier call: its run rows are kept, the rest run")
     a = ap.parse_args()
     case = CASES[a.case]
@@ -264,7 +357,14 @@ def main() -> int:
     if not a.no_tune:
         write_bench(runs / "tune", False, case, a.device)
         tuned = run_tune(case, model, a, runs / "tune")
-    res = {**info, "judge": judge(rows, tuned), "tune": tuned, "grid": rows, "wall_s": round(time.time() - t0, 1)}
+    if tuned:
+        for t in tuned.get("trials", []):
+            if t.get("run_id"):
+                t["startup_s"] = startup_seconds(runs / "tune" / t["run_id"])
+    path.write_text(json.dumps({**info, "judge": judge(rows, tuned), "tune": tuned, "grid": rows}, indent=1, default=str))
+    repeats = run_repeats(rows, tuned, model, a, runs / "grid") if a.repeat else []
+    res = {**info, "judge": judge(rows, tuned, repeats), "tune": tuned, "grid": rows, "repeats": repeats,
+           "wall_s": round(time.time() - t0, 1)}
     path.write_text(json.dumps(res, indent=1, default=str))
     print(json.dumps(res["judge"], indent=1, default=str))
     print(f"wall {res['wall_s']} s (grid {info['grid_wall_s']} s, tune {tuned and tuned['wall_s']} s)")

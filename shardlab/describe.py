@@ -10,6 +10,8 @@ What is read from the module rather than assumed:
 - FLOPs per token: one forward and backward of a one-sample batch under torch's FlopCounterMode on
   the meta device (matmuls, convolutions and attention as PyTorch counts them; embedding lookups and
   elementwise ops count nothing, as in the 6N + 12·L·d·T convention);
+- in the same pass, what one block's forward launches and moves (blockwork.py), which the step-time
+  model uses instead of shardlab's own block's counts;
 - MoE blocks DeepSpeed ZeRO-3 must treat as leaves (`ds_leaf_classes`).
 A Hugging Face config adds the transformer shape (layers, hidden, heads, ...) so activations are
 estimated too; a plain module stays a bare count with wrap units.
@@ -84,32 +86,52 @@ def logits_of(out):
     return out
 
 
-def count_flops(model, inputs: dict) -> int | None:
-    """Training FLOPs per token of `model` (forward + backward of one sample), None if it cannot run on meta."""
+def count_step(model, inputs: dict, blocks: list) -> tuple[int | None, dict | None]:
+    """(training FLOPs per token of `model`, forward + backward of one sample; the first block's work
+    as blockwork.py counts it), (None, None) if the model cannot run on meta."""
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
+    from shardlab.blockwork import BlockCounter, block_work, hooked
     from shardlab.usermodel import tokens_in
 
-    if inputs.get("kind") == "tokens":
+    if inputs.get("kind") not in ("tokens", "floats"):
+        return None, None
+    dtype = torch.float32
+    if blocks and all(p.is_meta for p in model.parameters()):
+        # count as a mixed-precision run computes: in bf16, on a copy (meta: it costs nothing)
+        import copy
+
+        i = next(i for i, m in enumerate(model.modules()) if m is blocks[0])
+        dtype, model = torch.bfloat16, copy.deepcopy(model).to(torch.bfloat16)
+        blocks = [next(m for j, m in enumerate(model.modules()) if j == i)] + blocks[1:]
+    if inputs["kind"] == "tokens":
         x = torch.zeros((1, inputs["seq_len"]), dtype=torch.long, device="meta")
-    elif inputs.get("kind") == "floats":
-        x = torch.zeros((1, *inputs["shape"]), device="meta")
     else:
-        return None
+        x = torch.zeros((1, *inputs["shape"]), dtype=dtype, device="meta")
     cfg = getattr(model, "config", None)
     cache = getattr(cfg, "use_cache", None)
+    counter = BlockCounter(dtype)
+    counter.ignore(model.parameters())
+    hooks = hooked(counter, blocks[0]) if blocks else []
+    was_training = model.training
     try:
         if cache is not None:
             # transformers (5.17) looks for packed sequences in the positions when there is neither a
             # mask nor a cache, a data-dependent check meta tensors cannot answer; a cache skips it
             cfg.use_cache = True
-        with FlopCounterMode(display=False) as fc:
+        model.train()  # dropout and the like run as in training
+        with FlopCounterMode(display=False) as fc, counter:
             logits_of(model(x)).float().sum().backward()
-        return int(fc.get_total_flops() // tokens_in(x))
+        seq = x.shape[1] if inputs.get("kind") == "tokens" else 0
+        work = block_work(counter, blocks[0], model, len(blocks), seq) if blocks else None
+        return int(fc.get_total_flops() // tokens_in(x)), work
     except Exception:  # noqa: BLE001 - a module that cannot run on meta gets the formula instead
-        return None
+        return None, None
     finally:
+        for h in hooks:
+            h.remove()
+        model.train(was_training)
         if cache is not None:
             cfg.use_cache = cache
         model.zero_grad(set_to_none=True)
@@ -162,6 +184,7 @@ def describe(model, inputs: dict, config=None, *, name: str, source: str | None 
         fields = {**shape, "layers": shapes.layers}  # the blocks found rule (e.g. a config with extra layers)
     from shardlab.frameworks.units import module_tree
 
+    flops, work = count_step(model, inputs, blocks)
     return ModelSpec(name, **fields, params_override=total, wrap_unit_params=unit, wrap_unit_count=len(blocks),
                      source=source, wrap_cls=cls.__name__ if cls is not None else None, shapes=shapes,
-                     counted_flops_per_token=count_flops(model, inputs), tree=module_tree(model))
+                     counted_flops_per_token=flops, block_work=work if shape else None, tree=module_tree(model))

@@ -45,6 +45,7 @@ class ModelSpec:
     wrap_cls: str | None = field(default=None, compare=False)
     shapes: "ParamShapes | None" = field(default=None, compare=False)
     counted_flops_per_token: int | None = field(default=None, compare=False)
+    block_work: dict | None = field(default=None, compare=False)  # blockwork.py's counts of one real block
     tree: object = field(default=None, compare=False, repr=False)  # frameworks.units.Node of the real module
 
     @property

@@ -37,7 +37,12 @@ def block_elements(spec) -> int:
 
 
 def block_bytes(spec, P: int) -> int:
-    """Bytes per token one block keeps (P = activation dtype bytes), + the fp32 log-sum-exp per head."""
+    """Bytes per token one block keeps (P = activation dtype bytes), + the fp32 log-sum-exp per head.
+    A model counted from its own module (Hugging Face, your factory: shardlab/blockwork.py) keeps what
+    its real block saved: activation-dtype elements x P, plus its fp32 statistics and masks as counted."""
+    bw = getattr(spec, "block_work", None)
+    if bw and "saved_elems_per_token" in bw:
+        return int(bw["saved_elems_per_token"] * P + bw["saved_other_bytes_per_token"])
     return block_elements(spec) * P + 4 * spec.heads
 
 

@@ -186,6 +186,10 @@ def _one_rank_group() -> None:
     import torch.distributed as dist
 
     if not dist.is_initialized():
+        # DeepSpeed's engine reads these, as torchrun would set them (it refuses to start without LOCAL_RANK)
+        for k in ("RANK", "LOCAL_RANK"):
+            os.environ.setdefault(k, "0")
+        os.environ.setdefault("WORLD_SIZE", "1")
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(29000 + os.getpid() % 1000))
         dist.init_process_group("nccl", rank=0, world_size=1)

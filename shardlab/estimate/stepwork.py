@@ -86,7 +86,7 @@ _CACHE: dict[tuple, Work] = {}
 def work(spec: ModelSpec, micro_batch: int, seq: int, act_bytes: int, checkpointing: bool) -> Work:
     """The micro-step's work for a shaped model (cached: widgets call this on every change)."""
     key = (spec.name, spec.layers, spec.hidden, spec.heads, spec.vocab, spec.kv_heads, spec.ffn_hidden, spec.family,
-           spec.params_override, implementation(spec), micro_batch, seq, act_bytes, checkpointing)
+           spec.params_override, implementation(spec), spec.source, micro_batch, seq, act_bytes, checkpointing)
     got = _CACHE.get(key)
     if got is None:
         got = _CACHE[key] = _bare(spec, micro_batch, seq) if spec.is_bare else _shaped(spec, micro_batch, seq, act_bytes, checkpointing)
@@ -102,16 +102,21 @@ def _shaped(spec: ModelSpec, mb: int, seq: int, P: int, ac: bool) -> Work:
         gemms += [Gemm(n, i, o, L * fwd_times), Gemm(n, o, i, L), Gemm(i, n, o, L)]
     gemms += [Gemm(n, d, V, 1), Gemm(n, V, d, 1), Gemm(d, n, V, 1)]
     attn = 2.0 * n * seq * d * L * (fwd_times + ATTN_BWD_FACTOR)
-    if spec.family == "gpt":
+    bw = spec.block_work  # a real model's block, counted (blockwork.py); else shardlab's own block
+    if bw:
+        per_tok = bw["elems_per_token"]
+    elif spec.family == "gpt":
         per_tok = 12 * d + 2 * f
     else:
         per_tok = 20 * d + 9 * (d + kv) + 5 * f
     mem = n * L * per_tok * (fwd_times + BWD_MEM_FACTOR) + n * (2 * d) * (1 + BWD_MEM_FACTOR) + 2 * n * d
     cast = 2 * (P + 4) if P != 4 else 0
     fixed = n * V * (cast + 8 + 12) + 2 * V * d * P  # fp32 loss; dense embedding gradient (zeroed, then written)
-    kpb = KERNELS_PER_BLOCK_FWD[impl]
+    kpb = bw["kernels"] if bw else KERNELS_PER_BLOCK_FWD[impl]
     kernels = L * kpb * (fwd_times + 2) + 30
-    if spec.family == "gpt":
+    if bw:
+        modules, params, top_m, top_p = bw["modules"], bw["params"], bw["top_modules"], bw["top_params"]
+    elif spec.family == "gpt":
         modules, params, top_m, top_p = 9, 12, 6, 5
     else:
         modules, params, top_m, top_p = 10, 7, 5, 3

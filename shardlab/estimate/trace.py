@@ -349,6 +349,9 @@ def traced_memory(plan: Plan, model) -> dict:
     import torch
     from torch._subclasses.fake_tensor import FakeTensorMode
 
+    # low_memory_init decides where the weights are first made (run/build.py), not what a step holds;
+    # its meta-device build and rank-0 broadcast cannot run on fake tensors (FSDP1 refuses it off a GPU)
+    plan = plan.model_copy(update={"low_memory_init": False})
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[plan.precision]
     ds = plan.framework == "deepspeed"  # DeepSpeed holds the model itself in its dtype
     with fake_process_group(plan.world_size), _real_device_meshes(), _cuda_kernels(), FakeTensorMode(allow_non_fake_inputs=True):

@@ -1,0 +1,167 @@
+"""What one transformer block of a real model asks of the GPU's host and memory, counted from the model.
+
+The step-time model (estimate/stepwork.py) prices a block by the kernels its forward launches (each
+costs the host a launch), the elements its memory-bound kernels move (norms, activations, rotary,
+residual adds, dropout: bound by bandwidth), and its modules and parameter tensors (the hooks FSDP and
+DeepSpeed attach). For shardlab's own GPT/Llama those are known constants; a Hugging Face block or your
+own differs (transformers' Llama normalises in fp32 and applies rotary embeddings in Python, GPT-2
+computes its tanh GELU in eight elementwise kernels and has dropout): measured on an H200, a Hugging
+Face Llama under DeepSpeed ZeRO-3 ran 49-79% slower than shardlab's Llama counts predicted
+(benchmarks/results/fidelity_h200_hf.json #403, #404).
+
+`BlockCounter` is a TorchDispatchMode that counts, while the first block's forward runs on the meta
+device (describe.count_step's one-sample pass, the model in bf16 as a mixed-precision run computes),
+every aten operator that launches a kernel (views, aliases and allocation-only operators launch none)
+and the elements each memory-bound one reads and writes (GEMMs and attention are priced by their FLOPs
+instead). With them, what the block saves for backward (torch.autograd.graph.saved_tensors_hooks, each
+storage once): the activation-dtype elements and the bytes of everything else (fp32 norm statistics,
+dropout masks), so activations.py prices the block as the model really holds it (transformers' GPT-2
+keeps every step of its tanh GELU: analytic peak 22% under on the H200, fidelity_h200_hf.json #405).
+Scaled-dot-product attention is counted as the fused GPU kernel it is (one launch; saves q, k, v, its
+output and a per-row fp32 log-sum-exp), not the unfused math the meta device runs.
+Per token: the counts are for a one-sample batch of `seq_len` tokens.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode
+
+# operators that launch no kernel (metadata, allocation without a fill, host-side reads)
+_NO_KERNEL = {"empty", "empty_strided", "empty_like", "_unsafe_view", "detach", "alias", "lift_fresh",
+              "_local_scalar_dense", "sym_size", "sym_stride", "sym_numel", "sym_storage_offset", "is_same_size",
+              "_has_compatible_shallow_copy_type", "set_", "resize_", "_reshape_alias", "item"}
+# operators priced by their FLOPs (stepwork's GEMMs and attention), not by the bytes they move
+_COMPUTE = {"mm", "addmm", "bmm", "baddbmm", "addbmm", "matmul", "linear", "convolution", "_convolution",
+            "_scaled_dot_product_flash_attention", "_scaled_dot_product_efficient_attention",
+            "_scaled_dot_product_cudnn_attention", "_scaled_dot_product_attention_math", "_flash_attention_forward",
+            "_efficient_attention_forward", "scaled_dot_product_attention"}
+
+
+def _elements(x) -> int:
+    if isinstance(x, torch.Tensor):
+        return x.numel()
+    if isinstance(x, (list, tuple)):
+        return sum(_elements(y) for y in x)
+    return 0
+
+
+_SDPA = {torch.nn.functional.scaled_dot_product_attention, torch._C._nn.scaled_dot_product_attention}
+
+
+class _FusedAttention(TorchFunctionMode):
+    """Scaled-dot-product attention is one fused kernel on a GPU, but on the meta device torch runs
+    its unfused math (scores, softmax, T^2 elements): count the call once and nothing inside it."""
+
+    def __init__(self, counter: "BlockCounter"):
+        super().__init__()
+        self.counter = counter
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func not in _SDPA:
+            return func(*args, **(kwargs or {}))
+        c = self.counter
+        inside, c.inside_attention = c.inside_attention, True
+        try:
+            out = func(*args, **(kwargs or {}))
+        finally:
+            c.inside_attention = inside
+        if c.active and not inside:
+            c.kernels += 1
+            q = args[0] if args else kwargs["query"]
+            for t in (*args[:3], out):  # the flash kernel's backward reads q, k, v and the output
+                c.save(t)
+            c.saved_other += 4 * q.shape[-3] * q.shape[-2] if q.dim() >= 3 else 0  # log-sum-exp, fp32, per head and row
+        return out
+
+
+class BlockCounter(TorchDispatchMode):
+    """Counts kernels and memory-bound elements while `active` (set by the block's forward hooks).
+    Use as a context manager: it enters _FusedAttention too."""
+
+    def __init__(self, dtype=torch.bfloat16):
+        super().__init__()
+        self.active = False
+        self.inside_attention = False
+        self.kernels = 0
+        self.elements = 0
+        self.dtype = dtype  # the activation dtype the model was counted in
+        self.saved_lowp = 0  # elements of `dtype` saved for backward
+        self.saved_other = 0  # bytes of other dtypes saved (fp32 statistics, bool masks)
+        self._storages: set[int] = set()
+        self._attention = _FusedAttention(self)
+        self._saved = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
+
+    def ignore(self, tensors) -> None:
+        """Tensors not to count as saved activations: the parameters (the memory model has them)."""
+        self._storages.update(t.untyped_storage()._cdata for t in tensors)
+
+    def save(self, t) -> None:
+        """Count a tensor autograd keeps, once per storage."""
+        if not isinstance(t, torch.Tensor) or not self.active or self.inside_attention:
+            return
+        key = t.untyped_storage()._cdata
+        if key in self._storages:
+            return
+        self._storages.add(key)
+        if t.dtype == self.dtype:
+            self.saved_lowp += t.untyped_storage().nbytes() // t.element_size()
+        else:
+            self.saved_other += t.untyped_storage().nbytes()
+
+    def _pack(self, t):
+        self.save(t)
+        return t
+
+    def __enter__(self):
+        self._attention.__enter__()
+        self._saved.__enter__()
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        try:
+            return super().__exit__(*exc)
+        finally:
+            self._saved.__exit__(*exc)
+            self._attention.__exit__(*exc)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if self.active and not self.inside_attention:
+            name = func.overloadpacket.__name__.rstrip("_") if func.overloadpacket.__name__ != "set_" else "set_"
+            if not (func.is_view or name in _NO_KERNEL or func.overloadpacket.__name__ in _NO_KERNEL):
+                self.kernels += 1
+                if name not in _COMPUTE:
+                    self.elements += _elements(args) + _elements(list((kwargs or {}).values())) + _elements(out)
+        return out
+
+
+def hooked(counter: BlockCounter, block):
+    """Forward hooks on `block` that switch `counter` on for the block's first forward only."""
+    state = {"done": False}
+
+    def pre(module, args):
+        if not state["done"]:
+            counter.active = True
+
+    def post(module, args, out):
+        counter.active = False
+        state["done"] = True
+
+    return [block.register_forward_pre_hook(pre), block.register_forward_hook(post)]
+
+
+def block_work(counter: BlockCounter, block, model, blocks: int, seq_len: int) -> dict | None:
+    """The counted block, per stepwork.py's terms: kernels of one forward, elements moved per token,
+    modules and parameter tensors of one block and of the rest of the model."""
+    if not counter.kernels or seq_len <= 0:
+        return None
+    per_m = sum(1 for _ in block.modules())
+    per_p = sum(1 for _ in block.parameters())
+    all_m = sum(1 for _ in model.modules())
+    all_p = sum(1 for _ in model.parameters())
+    return {"kernels": counter.kernels, "elems_per_token": counter.elements / seq_len,
+            "saved_elems_per_token": counter.saved_lowp / seq_len, "saved_other_bytes_per_token": counter.saved_other / seq_len,
+            "modules": per_m, "params": per_p,
+            "top_modules": max(0, all_m - blocks * per_m), "top_params": max(0, all_p - blocks * per_p)}
