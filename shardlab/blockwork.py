@@ -91,6 +91,7 @@ class BlockCounter(TorchDispatchMode):
         self.saved_lowp = 0  # elements of `dtype` saved for backward
         self.saved_other = 0  # bytes of other dtypes saved (fp32 statistics, bool masks)
         self._storages: set[int] = set()
+        self._kept: list = []
         self._attention = _FusedAttention(self)
         self._saved = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
 
@@ -106,6 +107,7 @@ class BlockCounter(TorchDispatchMode):
         if key in self._storages:
             return
         self._storages.add(key)
+        self._kept.append(t)  # alive until the count ends: a freed storage's address could come back as another's
         if t.dtype == self.dtype:
             self.saved_lowp += t.untyped_storage().nbytes() // t.element_size()
         else:
