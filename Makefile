@@ -9,6 +9,10 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 ROOT_FLAG := $(shell [ "$$(id -u)" = 0 ] && echo --allow-root)
 LAB_PORT ?= 8888
 LAB_DIR ?= labs
+# JupyterLab defaults for the labs (labs/_jupyter/labconfig/default_setting_overrides.json), ahead of any
+# JUPYTER_CONFIG_PATH of the user's: warn when Run All is clicked while the kernel is still starting
+# (JupyterLab otherwise skips every cell without a word; docs/facilitator_guide.md, Troubleshooting).
+LAB_CONFIG_PATH := $(abspath labs/_jupyter)$(if $(JUPYTER_CONFIG_PATH),:$(JUPYTER_CONFIG_PATH))
 # JIT-built C++ ops (DeepSpeed's CPU Adam, shm comm) live in this environment, not in a shared ~/.cache.
 export TORCH_EXTENSIONS_DIR ?= $(abspath $(VENV))/torch_extensions
 
@@ -27,7 +31,7 @@ chromium:
 	@command -v chromium >/dev/null 2>&1 || { $(SUDO) apt-get update -qq && $(SUDO) DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; }
 
 lab: $(STAMP)
-	$(BIN)/jupyter lab --ip=127.0.0.1 --port=$(LAB_PORT) --no-browser --notebook-dir=$(LAB_DIR) $(ROOT_FLAG) $(LAB_ARGS)
+	JUPYTER_CONFIG_PATH=$(LAB_CONFIG_PATH) $(BIN)/jupyter lab --ip=127.0.0.1 --port=$(LAB_PORT) --no-browser --notebook-dir=$(LAB_DIR) $(ROOT_FLAG) $(LAB_ARGS)
 
 # The first-run check: compiler, DeepSpeed's CPU ops built once, offline assets, what to tell the room.
 doctor: $(STAMP)

@@ -9,6 +9,12 @@ outputs []), so a committed notebook never carries one machine's results.
     python labs/_build.py --check  # exit 1 if a notebook differs from what its source builds,
                                    # or a source breaks a rule below
 
+Every notebook ends with the same closing cell (CLOSING, added here, not written in the sources): close
+and shut down before opening the next lab, and wait for the kernel before Run All. Both come from a
+failed workshop sitting (2026-12-01, docs/facilitator_guide.md, Troubleshooting): JupyterLab silently
+skips every cell of a Run All clicked while the kernel is still starting, and a page holding many open
+labs starts the next one's kernel slowly.
+
 Rules every source keeps, because breaking them only shows in a browser (never in nbclient):
 - offline display: a notebook that displays panel / HoloViz output calls `pn.extension(inline=True)`
   before it imports hvplot or holoviews (their import loads BokehJS from a CDN otherwise, and the
@@ -26,6 +32,11 @@ import nbformat
 LABS = Path(__file__).resolve().parent
 SRC = LABS / "_src"
 KERNEL = {"display_name": "Python 3 (ipykernel)", "language": "python", "name": "python3"}
+CLOSING = """---
+**Done with this lab?** Use *File > Close and Shut Down Notebook* before you open the next one: it stops
+this notebook's kernel and frees the memory it holds. In the next lab, wait until the status bar at the
+bottom says `Python 3 (ipykernel) | Idle` before *Run > Run All Cells*: cells run while the kernel is
+still starting are skipped (JupyterLab says so in a notification when started by `make lab`)."""
 
 
 def cells_of(text: str) -> list:
@@ -54,7 +65,7 @@ def cells_of(text: str) -> list:
 def build(src: Path) -> nbformat.NotebookNode:
     nb = nbformat.v4.new_notebook()
     nb.metadata = {"kernelspec": KERNEL, "language_info": {"name": "python"}}
-    nb.cells = cells_of(src.read_text())
+    nb.cells = [*cells_of(src.read_text()), nbformat.v4.new_markdown_cell(CLOSING)]
     for i, c in enumerate(nb.cells):
         c.id = f"{src.stem[:2]}-{i:02d}"  # stable ids: rebuilding an unchanged source changes nothing
     return nb

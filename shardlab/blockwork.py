@@ -16,7 +16,8 @@ and the elements each memory-bound one reads and writes (GEMMs and attention are
 instead). With them, what the block saves for backward (torch.autograd.graph.saved_tensors_hooks, each
 storage once): the activation-dtype elements and the bytes of everything else (fp32 norm statistics,
 dropout masks), so activations.py prices the block as the model really holds it (transformers' GPT-2
-keeps every step of its tanh GELU: analytic peak 22% under on the H200, fidelity_h200_hf.json #405).
+keeps four [tokens, 4d] tensors of its tanh GELU: analytic peak 22% under on the H200 before, -0.1% with
+the count, fidelity_h200_hf.json #405).
 Scaled-dot-product attention is counted as the fused GPU kernel it is (one launch; saves q, k, v, its
 output and a per-row fp32 log-sum-exp), not the unfused math the meta device runs.
 Per token: the counts are for a one-sample batch of `seq_len` tokens.

@@ -34,6 +34,10 @@ LAB_EXTENSIONS = ("@jupyter-widgets/jupyterlab-manager", "@pyviz/jupyterlab_pyvi
 DS_CPU_OPS = (("ShareMemCommBuilder", "every DeepSpeed run on a CPU (shm collectives)"),
               ("CPUAdamBuilder", "DeepSpeed optimizer offload (CPU Adam)"))
 RESET_COMMAND = "make reset-runs   (or: rm -rf labs/runs runs)"
+# JupyterLab 4 skips every cell of a Run All clicked while the kernel starts, silently unless the setting
+# `make lab` turns on (labs/_jupyter); seen as "lab 06 never ran" in a sitting with six labs open (2026-12-01).
+JUPYTERLAB_ADVICE = ("Run All only once the status bar says 'Python 3 (ipykernel) | Idle' (earlier, every cell is skipped); "
+                     "File > Close and Shut Down Notebook before opening the next lab")
 
 
 @dataclass
@@ -238,6 +242,7 @@ def facts(runs_dir: str | None = None) -> list[Check]:
               + f"; a CPU run of N ranks needs N cores to keep pace ({cores} here)"),
         Check("extensions", None, f"DeepSpeed ops build into {extensions_dir()} (TORCH_EXTENSIONS_DIR)"),
         Check("run store", None, f"{runs}; reset: {RESET_COMMAND}"),
+        Check("in JupyterLab", None, JUPYTERLAB_ADVICE),
     ]
 
 

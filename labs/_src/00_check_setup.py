@@ -7,6 +7,12 @@
 #
 # Nothing in these labs needs a GPU. On a laptop they train `gpt-tiny` with 2 CPU processes talking
 # over gloo; where two or more CUDA GPUs are present they use those instead, with no edits.
+#
+# **How to run every lab:** open it, wait until the status bar at the bottom says
+# `Python 3 (ipykernel) | Idle` (it says `Initializing`, then `Connecting`, while the kernel starts),
+# then *Run > Run All Cells*. When you are done, *File > Close and Shut Down Notebook* before opening
+# the next lab. A Run All clicked while the kernel is still starting runs nothing: every cell stays
+# `[ ]`. Run it again once the status bar says `Idle`.
 
 # %% [markdown]
 # ## 1. The software
