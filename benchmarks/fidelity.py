@@ -167,6 +167,8 @@ def model_for(row: dict, tiny: bool = False):
     m = MODELS[row["model"]]
     if isinstance(m, str):  # a Hugging Face source: tiny keeps its family, shrinks its shape
         return m.split()[0] + TINY_HF[m.split()[0]] if tiny else m
+    if row.get("hf") and isinstance(m, dict):  # built by transformers through fidelity_hf's factory
+        m = {**m, "layout": "transformers"}
     if tiny:  # same family, CPU-sized
         fam = m["family"] if isinstance(m, dict) else "gpt"
         m = {"name": "tiny-" + row["model"], "family": fam, "layers": 2, "hidden": 64, "heads": 4, "vocab": 512, "seq_len": 64}

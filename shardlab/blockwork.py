@@ -16,13 +16,17 @@ and the elements each memory-bound one reads and writes (GEMMs and attention are
 instead). With them, what the block saves for backward (torch.autograd.graph.saved_tensors_hooks, each
 storage once): the activation-dtype elements and the bytes of everything else (fp32 norm statistics,
 dropout masks), so activations.py prices the block as the model really holds it (transformers' GPT-2
-keeps every step of its tanh GELU: analytic peak 22% under on the H200, fidelity_h200_hf.json #405).
+keeps four [tokens, 4d] tensors of its tanh GELU: analytic peak 22% under on the H200 before, -0.1% with
+the count, fidelity_h200_hf.json #405).
 Scaled-dot-product attention is counted as the fused GPU kernel it is (one launch; saves q, k, v, its
 output and a per-row fp32 log-sum-exp), not the unfused math the meta device runs.
 Per token: the counts are for a one-sample batch of `seq_len` tokens.
 """
 
 from __future__ import annotations
+
+import gc
+import weakref
 
 import torch
 from torch.overrides import TorchFunctionMode
@@ -90,6 +94,7 @@ class BlockCounter(TorchDispatchMode):
         self.saved_lowp = 0  # elements of `dtype` saved for backward
         self.saved_other = 0  # bytes of other dtypes saved (fp32 statistics, bool masks)
         self._storages: set[int] = set()
+        self._refs: list = []  # weak references to the counted storages (see save)
         self._attention = _FusedAttention(self)
         self._saved = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
 
@@ -98,17 +103,34 @@ class BlockCounter(TorchDispatchMode):
         self._storages.update(t.untyped_storage()._cdata for t in tensors)
 
     def save(self, t) -> None:
-        """Count a tensor autograd keeps, once per storage."""
+        """Count a tensor autograd keeps, once per storage, for as long as it lives in the block's
+        forward: a tensor saved by a graph branch that is dropped again (freed when the cyclic garbage
+        collector gets to it) is taken back off, so its address, reused by a later tensor, cannot
+        hide that one (keyed by address alone the count varied with PYTHONHASHSEED: transformers'
+        GPT-2 block 29,696 or 33,792 elements per token, 2026-12-01)."""
         if not isinstance(t, torch.Tensor) or not self.active or self.inside_attention:
             return
-        key = t.untyped_storage()._cdata
+        st = t.untyped_storage()
+        key = st._cdata
         if key in self._storages:
             return
         self._storages.add(key)
-        if t.dtype == self.dtype:
-            self.saved_lowp += t.untyped_storage().nbytes() // t.element_size()
+        lowp = t.dtype == self.dtype
+        n = st.nbytes() // t.element_size() if lowp else st.nbytes()
+        self._count(lowp, n)
+
+        def gone(_, key=key, lowp=lowp, n=n):
+            if self.active:  # once the block's forward is over the counts stand
+                self._storages.discard(key)
+                self._count(lowp, -n)
+
+        self._refs.append(weakref.ref(st, gone))
+
+    def _count(self, lowp: bool, n: int) -> None:
+        if lowp:
+            self.saved_lowp += n
         else:
-            self.saved_other += t.untyped_storage().nbytes()
+            self.saved_other += n
 
     def _pack(self, t):
         self.save(t)
@@ -146,6 +168,7 @@ def hooked(counter: BlockCounter, block):
             counter.active = True
 
     def post(module, args, out):
+        gc.collect()  # graph branches the block dropped, freed now: what it saved is what stays (save)
         counter.active = False
         state["done"] = True
 

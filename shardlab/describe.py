@@ -187,4 +187,5 @@ def describe(model, inputs: dict, config=None, *, name: str, source: str | None 
     flops, work = count_step(model, inputs, blocks)
     return ModelSpec(name, **fields, params_override=total, wrap_unit_params=unit, wrap_unit_count=len(blocks),
                      source=source, wrap_cls=cls.__name__ if cls is not None else None, shapes=shapes,
+                     layout="transformers" if shape is not None else "shardlab",
                      counted_flops_per_token=flops, block_work=work if shape else None, tree=module_tree(model))

@@ -4,7 +4,7 @@
 transformers config (`AutoConfig.for_model`), refusing unknown model types and override keys the
 config does not have (transformers would store a typo silently). `build_hf(config)` instantiates the
 class the config names in "architectures", else the model type's causal-LM head, else its masked-LM
-or image-classification head (an encoder such as BERT gets its masked-LM head), in fp32 with the KV
+or image-classification head (an encoder such as BERT gets its masked-LM head), in torch's default dtype (fp32) with the KV
 cache off. `shape_of(config)` reads the transformer shape the analytical estimator needs.
 Only imported where a Hugging Face model is wanted: transformers takes seconds to import.
 """
@@ -98,12 +98,14 @@ def model_class(cfg):
 
 
 def build_hf(cfg):
-    """A randomly initialised model from `cfg` (on the current default device: meta when counting)."""
+    """A randomly initialised model from `cfg` (on the current default device: meta when counting), in
+    torch's default dtype (fp32 unless the caller set one: the traced estimate of a DeepSpeed plan builds
+    in the model dtype DeepSpeed holds), never the config's own torch_dtype."""
     import torch
 
     cls = model_class(cfg)
     try:
-        return cls._from_config(cfg, dtype=torch.float32)
+        return cls._from_config(cfg, dtype=torch.get_default_dtype())
     except (ValueError, AssertionError, RuntimeError) as e:
         raise bad_input("--model", f"{cls.__name__} cannot be built from this config ({type(e).__name__}: {e}). Fix the setting it names.") from None
 

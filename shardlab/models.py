@@ -47,6 +47,10 @@ class ModelSpec:
     counted_flops_per_token: int | None = field(default=None, compare=False)
     block_work: dict | None = field(default=None, compare=False)  # blockwork.py's counts of one real block
     tree: object = field(default=None, compare=False, repr=False)  # frameworks.units.Node of the real module
+    # Whose code runs the blocks, for the activation arithmetic (estimate/activations.py): "shardlab"
+    # (shardlab.run.gpt) or "transformers" (a model transformers builds from its config: its Python
+    # RMSNorm and rotary embedding keep other tensors than the runner's).
+    layout: str = field(default="shardlab", compare=False)
 
     @property
     def n_kv_heads(self) -> int:
@@ -138,7 +142,8 @@ PRESETS: dict[str, ModelSpec] = {
 # vocab 256k, contexts of 1M): far above any real model, small enough to estimate instantly.
 SHAPE_LIMITS = {"layers": 10_000, "hidden": 1_000_000, "heads": 100_000, "vocab": 100_000_000,
                 "seq_len": 100_000_000, "kv_heads": 100_000, "ffn_hidden": 10_000_000}
-_SHAPE_KEYS = {"layers", "hidden", "heads", "vocab", "seq_len", "kv_heads", "ffn_hidden", "family", "name"}
+_SHAPE_KEYS = {"layers", "hidden", "heads", "vocab", "seq_len", "kv_heads", "ffn_hidden", "family", "name", "layout"}
+LAYOUTS = ("shardlab", "transformers")
 
 
 def bare(params: int | float | str) -> ModelSpec:
@@ -181,6 +186,10 @@ def shape_from_dict(data: dict, name: str = "custom") -> ModelSpec:
         vals[k] = v
     if vals["family"] not in ("gpt", "llama"):
         raise bad_input("model.family", f"model.family={short(vals['family'])} must be gpt or llama.")
+    if data.get("layout", "shardlab") not in LAYOUTS:
+        raise bad_input("model.layout", f"model.layout={short(data.get('layout'))} must be one of {', '.join(LAYOUTS)} "
+                        "(transformers: the model is built by Hugging Face transformers from its config).")
+    vals["layout"] = data.get("layout", "shardlab")
     if vals["hidden"] % vals["heads"]:
         raise bad_input("model.heads", f"model.heads={vals['heads']} must divide model.hidden={vals['hidden']} (head size = hidden / heads).")
     if vals["heads"] % vals.get("kv_heads", vals["heads"]):
@@ -263,7 +272,7 @@ def with_seq_len(spec: ModelSpec, seq_len: int) -> ModelSpec:
 
 def _key(spec: ModelSpec) -> tuple:
     return (spec.layers, spec.hidden, spec.heads, spec.vocab, spec.seq_len, spec.kv_heads, spec.ffn_hidden,
-            spec.family, spec.params_override, spec.wrap_unit_params, spec.wrap_unit_count, spec.shapes, spec.source)
+            spec.family, spec.params_override, spec.wrap_unit_params, spec.wrap_unit_count, spec.shapes, spec.source, spec.layout)
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,7 @@
 """The real CPU training runs the suite shares: each setup trains once per pytest process, through `launch()`.
 
 gpt-tiny, seed 0, 3 steps, fp32, 2 ranks (the 2x2 setups: two "nodes" of two processes), started a few
-at a time (most of a tiny run is process start-up). test_run_matrix checks every setup against the
+two at a time (most of a tiny run is process start-up). test_run_matrix checks every setup against the
 estimator, test_worker checks what the worker wrote, and the analysis tests (test_compare, test_plots,
 test_report, test_store, test_steptime) read three of them (`real_runs`). A run is started the first
 time a test asks for it, so a file run alone starts only the runs it reads.
@@ -20,7 +20,10 @@ import time
 from pathlib import Path
 
 MODEL, STEPS, NPROC, SEED = "gpt-tiny", 3, 2, 0
-AT_ONCE = 5  # runs going at the same time
+# Runs going at the same time. All 14 setups on the 2-core machine, 2026-12-01, others' load 6-13
+# (benchmarks/suite_runs.py, docs/benchmarks.md): 5 at once 555 s wall / 610 CPU-s, 2 at once 308 s /
+# 368 CPU-s, 1 at once 391 s / 346 CPU-s. More than two runs (4+ ranks) on 2 cores wait on each other.
+AT_ONCE = 2
 _TWO = {"nodes": 1, "gpus_per_node": NPROC}
 _TWO_BY_TWO = {"nodes": 2, "gpus_per_node": 2}
 _DS3 = {"buckets": {"param_persistence_threshold": 0}}

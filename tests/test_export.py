@@ -214,15 +214,22 @@ def test_exported_fsdp_code_compiles(plan):
     assert ("FSDP(model, **kwargs)" in code) == (plan.framework == "fsdp1")
 
 
-def _train(code: str, tmp_path: Path, launch: list[str], steps: int = 4) -> tuple[list[float], str]:
-    script = tmp_path / "train.py"
-    script.write_text(code)
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    r = subprocess.run([*launch, str(script), "--steps", str(steps), "--save", str(tmp_path / "ckpt")],
-                       cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr[-3000:]
-    losses = [float(x) for x in re.findall(r"step \d+ loss ([\d.]+)", r.stdout)]
-    return losses, r.stdout
+# The four exported FSDP scripts that train for real (2 CPU processes each, 4 steps) start from one fixture,
+# two at a time: most of such a run is starting torch, and two runs fill 2 cores (tests/cpu_runs.py's
+# AT_ONCE measured it); one after another they took ~46 s in CI.
+TRAINED = {
+    "fsdp1-ac": {"framework": "fsdp1", "topology": {"gpus_per_node": 2}, "activation_checkpointing": True,
+                 "checkpoint": "full", "gradient_clipping": 1.0, "optimizer": {"lr": 0.01}},
+    "fsdp1-hybrid": {"framework": "fsdp1", "sharding": "hybrid", "topology": {"nodes": 2, "gpus_per_node": 1},
+                     "offload": {"optimizer": "cpu", "params": "cpu"}, "low_memory_init": True,
+                     "wrap": {"policy": "size", "min_num_params": 20000}, "optimizer": {"lr": 0.01}},
+    "fsdp2-2d": {"framework": "fsdp2", "sharding": "hybrid", "topology": {"nodes": 2, "gpus_per_node": 1},
+                 "offload": {"optimizer": "cpu", "params": "cpu"}, "low_memory_init": True,
+                 "wrap": {"policy": "size", "min_num_params": 20000}, "forward_prefetch": True, "optimizer": {"lr": 0.01}},
+    "fsdp2-exported-torchrun": {"framework": "fsdp2", "topology": {"gpus_per_node": 2}, "activation_checkpointing": True,
+                                "optimizer": {"lr": 0.01}},
+}
+TRAIN_AT_ONCE = 2
 
 
 def _torchrun(nproc: int) -> list[str]:
@@ -230,43 +237,80 @@ def _torchrun(nproc: int) -> list[str]:
             f"--rdzv-endpoint=127.0.0.1:{free_port()}"]
 
 
-@pytest.mark.slow
-def test_fsdp1_code_trains_with_activation_checkpointing_and_writes_a_full_checkpoint(tmp_path):
-    plan = load_plan({"framework": "fsdp1", "topology": {"gpus_per_node": 2}, "activation_checkpointing": True,
-                      "checkpoint": "full", "gradient_clipping": 1.0, "optimizer": {"lr": 0.01}})
-    losses, _ = _train(export(plan, "fsdp-code"), tmp_path, _torchrun(2))
-    assert len(losses) == 4 and losses[-1] < losses[0]
-    assert (tmp_path / "ckpt" / "model.pt").exists()
-
-
-@pytest.mark.slow
-def test_fsdp1_hybrid_code_trains_with_meta_init_offload_and_size_wrapping(tmp_path):
-    plan = load_plan({"framework": "fsdp1", "sharding": "hybrid", "topology": {"nodes": 2, "gpus_per_node": 1},
-                      "offload": {"optimizer": "cpu", "params": "cpu"}, "low_memory_init": True,
-                      "wrap": {"policy": "size", "min_num_params": 20000}, "optimizer": {"lr": 0.01}})
-    losses, _ = _train(export(plan, "fsdp-code"), tmp_path, _torchrun(2))
-    assert len(losses) == 4 and losses[-1] < losses[0]
-    assert sorted(p.name for p in (tmp_path / "ckpt").glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
-
-
-@pytest.mark.slow
-def test_fsdp2_code_trains_on_a_2d_mesh_with_offload_and_meta_init(tmp_path):
-    plan = load_plan({"framework": "fsdp2", "sharding": "hybrid", "topology": {"nodes": 2, "gpus_per_node": 1},
-                      "offload": {"optimizer": "cpu", "params": "cpu"}, "low_memory_init": True,
-                      "wrap": {"policy": "size", "min_num_params": 20000}, "forward_prefetch": True, "optimizer": {"lr": 0.01}})
-    losses, _ = _train(export(plan, "fsdp-code"), tmp_path, _torchrun(2))
-    assert len(losses) == 4 and losses[-1] < losses[0]
-    assert sorted(p.name for p in (tmp_path / "ckpt").glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
-
-
-@pytest.mark.slow
-def test_exported_torchrun_command_starts_the_exported_fsdp2_code(tmp_path):
-    """The torchrun line exactly as exported (port changed) runs the exported FSDP2 script."""
-    plan = load_plan({"framework": "fsdp2", "topology": {"gpus_per_node": 2}, "activation_checkpointing": True,
-                      "optimizer": {"lr": 0.01}})
+def _launcher(name: str, plan) -> list[str]:
+    if name != "fsdp2-exported-torchrun":
+        return _torchrun(2)
+    # the torchrun line exactly as exported (port changed), without 'train.py': the script is appended
     argv = command_argv(export(plan, "torchrun").replace("29500", str(free_port())))
-    argv = [sys.executable, "-m", "torch.distributed.run", *argv[1:-1]]  # drop 'train.py': _train appends the script
-    losses, _ = _train(export(plan, "fsdp-code"), tmp_path, argv)
+    return [sys.executable, "-m", "torch.distributed.run", *argv[1:-1]]
+
+
+def _start(name: str, where: Path) -> subprocess.Popen:
+    plan = load_plan(TRAINED[name])
+    where.mkdir()
+    (where / "train.py").write_text(export(plan, "fsdp-code"))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    with open(where / "stdout", "w") as out, open(where / "stderr", "w") as err:
+        return subprocess.Popen([*_launcher(name, plan), str(where / "train.py"), "--steps", "4", "--save", str(where / "ckpt")],
+                                cwd=where, env=env, stdout=out, stderr=err, text=True)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """name -> (exit code, folder with stdout, stderr, ckpt) of each TRAINED plan's exported script."""
+    import time
+
+    base = tmp_path_factory.mktemp("trained")
+    todo, going = list(TRAINED), {}
+    try:
+        while todo:
+            if sum(p.poll() is None for p in going.values()) >= TRAIN_AT_ONCE:
+                time.sleep(0.2)
+                continue
+            name = todo.pop(0)
+            going[name] = _start(name, base / name)
+        for p in going.values():
+            p.wait(timeout=300)
+    finally:
+        for p in going.values():  # an error above leaves no run behind
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    return {name: (p.returncode, base / name) for name, p in going.items()}
+
+
+def _losses(trained, name: str) -> tuple[list[float], Path]:
+    """The losses the exported script printed (it must have exited 0), and its folder."""
+    code, where = trained[name]
+    assert code == 0, (where / "stderr").read_text()[-3000:]
+    return [float(x) for x in re.findall(r"step \d+ loss ([\d.]+)", (where / "stdout").read_text())], where
+
+
+@pytest.mark.slow
+def test_fsdp1_code_trains_with_activation_checkpointing_and_writes_a_full_checkpoint(trained):
+    losses, where = _losses(trained, "fsdp1-ac")
+    assert len(losses) == 4 and losses[-1] < losses[0]
+    assert (where / "ckpt" / "model.pt").exists()
+
+
+@pytest.mark.slow
+def test_fsdp1_hybrid_code_trains_with_meta_init_offload_and_size_wrapping(trained):
+    losses, where = _losses(trained, "fsdp1-hybrid")
+    assert len(losses) == 4 and losses[-1] < losses[0]
+    assert sorted(p.name for p in (where / "ckpt").glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
+
+
+@pytest.mark.slow
+def test_fsdp2_code_trains_on_a_2d_mesh_with_offload_and_meta_init(trained):
+    losses, where = _losses(trained, "fsdp2-2d")
+    assert len(losses) == 4 and losses[-1] < losses[0]
+    assert sorted(p.name for p in (where / "ckpt").glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
+
+
+@pytest.mark.slow
+def test_exported_torchrun_command_starts_the_exported_fsdp2_code(trained):
+    """The torchrun line exactly as exported (port changed) runs the exported FSDP2 script."""
+    losses, _ = _losses(trained, "fsdp2-exported-torchrun")
     assert len(losses) == 4 and losses[-1] < losses[0]
 
 

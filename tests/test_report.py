@@ -4,13 +4,12 @@ interactive figures, PNGs beside it, and bad input answered with exit 2 and a me
 from __future__ import annotations
 
 import re
-import subprocess
-import sys
 
 import pytest
 from cpu_runs import label, real_runs
 from PIL import Image
 
+from shardlab.cli import main
 from shardlab.plan import PlanError
 from shardlab.report import write_report
 
@@ -84,18 +83,15 @@ def test_runs_without_steps_are_named_not_fatal(tmp_path, runs):
     assert not (tmp_path / "mixed_files").exists()
 
 
-def _cli(*args):
-    return subprocess.run([sys.executable, "-m", "shardlab.cli", *args], capture_output=True, text=True, timeout=600)
-
-
-def test_cli_report(tmp_path, runs):
+def test_cli_report(tmp_path, runs, capsys):
+    # the command's own main() in this process: the report's imports are already paid by the fixtures
     out = tmp_path / "cli.html"
-    p = _cli("report", str(runs[0].dir), str(runs[2].dir), "-o", str(out))
-    assert p.returncode == 0, p.stderr
+    assert main(["report", str(runs[0].dir), str(runs[2].dir), "-o", str(out)]) == 0, capsys.readouterr().err
     assert out.exists() and label("fsdp1", "ddp") in out.read_text()
-    bad = _cli("report", str(tmp_path / "missing"), "-o", str(tmp_path / "x.html"))
-    assert bad.returncode == 2
-    assert "run_dir=" in bad.stderr and "Traceback" not in bad.stderr
+    capsys.readouterr()
+    assert main(["report", str(tmp_path / "missing"), "-o", str(tmp_path / "x.html")]) == 2
+    err = capsys.readouterr().err
+    assert "run_dir=" in err and "Traceback" not in err
     assert not (tmp_path / "x.html").exists()
 
 

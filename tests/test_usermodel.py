@@ -18,8 +18,6 @@ from shardlab.models import resolve_model
 from shardlab.plan import PlanError
 from shardlab.usermodel import is_source, resolve, with_wrap_class
 
-pytestmark = pytest.mark.heavy  # transformers models of six families; SHARDLAB_HEAVY_TESTS=1 runs them (make test's budget)
-
 TINY = {
     "llama": ("hidden_size=64 intermediate_size=128 num_hidden_layers=2 num_attention_heads=4 num_key_value_heads=2 vocab_size=512", "LlamaDecoderLayer"),
     "mistral": ("hidden_size=64 intermediate_size=128 num_hidden_layers=2 num_attention_heads=4 num_key_value_heads=2 vocab_size=512", "MistralDecoderLayer"),

@@ -1,11 +1,9 @@
 """Your own model in the widgets: the ConfigBuilder's model picker estimates it, the RunLauncher
-runs it (the browser test of both is in test_browser_usermodel.py)."""
+runs it (the browser test of both is in test_browser.py, one JupyterLab session with the builder)."""
 
 from __future__ import annotations
 
 import pytest
-
-pytestmark = pytest.mark.heavy  # SHARDLAB_HEAVY_TESTS=1 runs it (the 25-minute budget of make test)
 
 pytest.importorskip("panel")
 

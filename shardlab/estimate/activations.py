@@ -6,14 +6,37 @@ on the runner's blocks, and as a whole against the traced estimate and the H200 
 - gpt block, elements per token: LN1 input d, LN1 output d (the qkv input), the fused qkv output
   d+2kv (SDPA's k, q, v are views of it, so the whole storage stays), the SDPA output d (the out
   projection's input is a view of it), LN2 input d, LN2 output d, fc output f (GELU input), GELU
-  output f  ->  6d + 2kv + 2f.
+  output f  ->  6d + 2kv + 2f; each LayerNorm also keeps its fp32 mean and rstd per token (16 bytes
+  per block).
 - llama block: norm1 input d and output d, qkv output d+2kv, the rotated q d and k kv (new tensors),
-  SDPA output d, norm2 input d and output d, gate output f, SiLU output f, up output f, their
-  product f (the down projection's input)  ->  7d + 3kv + 4f. On CUDA torch's RMSNorm is the fused
-  kernel (keeps its input and a per-row fp32 rstd); the CPU's decomposed norm would keep two fp32
+  SDPA output d, the out projection's input d, norm2 input d and output d, gate output f, SiLU
+  output f, up output f, their product f (the down projection's input)  ->  8d + 3kv + 4f. The out
+  projection's input is a copy here, unlike gpt's: RoPE's torch.cat makes q contiguous as
+  [B, heads, T, head_dim], the flash kernel allocates its output with q's layout (empty_like), so
+  y.transpose(1, 2).reshape(B, T, d) must copy (checked with saved_tensors_hooks on the runner's
+  block, and on the H200: every llama row without checkpointing peaked 2d bytes per token per
+  layer above 7d + 3kv + 4f, gpt rows within 17 bytes). RoPE keeps its cos and sin tables
+  ([T, head_dim / 2], model dtype) once for q and once for k: 2·T·head_dim·P bytes per block and
+  micro-batch, whatever the batch. On CUDA torch's RMSNorm is the fused kernel (keeps its input
+  and a per-row fp32 rstd: 8 bytes per block); the CPU's decomposed norm would keep two fp32
   copies more, which is not what a GPU run holds.
   Flash / memory-efficient attention keep no T x T scores, only a per-row fp32 log-sum-exp (4 bytes
   per head per token, counted).
+- torch.compile of each block (FSDP2 compiles its units, fsdp2.py): AOTAutograd's min-cut
+  partitioner saves SwiGLU's gate and up outputs and recomputes the SiLU in backward, and
+  recomputes RoPE's tables: 8d + 3kv + 3f per token, no tables (CPU Inductor, saved_tensors_hooks
+  on the runner's block: eager - compiled = 2f bytes + the tables; H200 #39, llama300 fsdp2 zero3
+  compiled mb4: 5650 bytes/token/layer under the eager run #1, 2f + tables = 5696). FSDP1 compiles
+  the wrapped model whole and DeepSpeed its engine: their runs kept what eager keeps (#40, #41).
+- transformers' llama-family blocks (LlamaDecoderLayer, Qwen2DecoderLayer: `layout="transformers"`,
+  models built from a Hugging Face config): their RMSNorm is Python code that keeps an fp32 copy of
+  its input (4d bytes) and its normalised 16-bit tensor, q, k and v come from separate projections
+  (no fused qkv storage), and the rotary cos/sin are made once per model: P·(6d + 2kv + 4f) + 8d
+  bytes per token, + 4d for the final norm (CPU, saved_tensors_hooks over transformers 5.17's
+  LlamaForCausalLM and Qwen2ForCausalLM at four shapes: exactly 20d + 4kv + 8f + 4·heads + 8 in bf16;
+  H200 #42/#43, llama300 from a config, peaked 3784 bytes/token/layer above the runner's block, this
+  says 3776). Other transformers families (gpt2's Python GELU, its attention) are not modelled:
+  use the traced estimate for them.
 - head: final norm input d and output d (the LM head input), then the runner's loss: logits are
   cast to fp32 and log_softmax keeps its fp32 output (4V). At the start of backward, nll_loss's
   gradient (4V, fp32) and log_softmax's input gradient (4V) exist beside it: the activation peak
@@ -28,43 +51,69 @@ from __future__ import annotations
 LOSS_FP32_COPIES = 3  # log_softmax output + nll gradient + log_softmax input gradient, fp32 [tokens, V]
 
 
-def block_elements(spec) -> int:
-    """Elements one block saves for backward per token (see the module docstring)."""
+def _hf_llama(spec) -> bool:
+    return getattr(spec, "layout", "shardlab") == "transformers" and spec.family == "llama"
+
+
+def block_elements(spec, compiled: bool = False) -> int:
+    """Elements one block saves for backward per token in the model dtype (see the module docstring)."""
     d, f, kv = spec.hidden, spec.ffn, spec.kv_dim
+    if _hf_llama(spec):
+        return 6 * d + 2 * kv + 4 * f
     if spec.family == "llama":
-        return 7 * d + 3 * kv + 4 * f
+        return 8 * d + 3 * kv + (3 if compiled else 4) * f
     return 6 * d + 2 * kv + 2 * f
 
 
-def block_bytes(spec, P: int) -> int:
-    """Bytes per token one block keeps (P = activation dtype bytes), + the fp32 log-sum-exp per head.
+def _counted(spec) -> dict | None:
+    """What the model's own block saved, counted on the meta device (shardlab/blockwork.py), if it was."""
+    bw = getattr(spec, "block_work", None)
+    return bw if bw and "saved_elems_per_token" in bw else None
+
+
+def block_bytes(spec, P: int, compiled: bool = False) -> int:
+    """Bytes per token one block keeps (P = activation dtype bytes): its tensors, the fp32 log-sum-exp
+    per head and the norms' fp32 statistics (LayerNorm mean + rstd, RMSNorm rstd; two norms).
     A model counted from its own module (Hugging Face, your factory: shardlab/blockwork.py) keeps what
     its real block saved: activation-dtype elements x P, plus its fp32 statistics and masks as counted."""
-    bw = getattr(spec, "block_work", None)
-    if bw and "saved_elems_per_token" in bw:
+    bw = _counted(spec)
+    if bw:
         return int(bw["saved_elems_per_token"] * P + bw["saved_other_bytes_per_token"])
-    return block_elements(spec) * P + 4 * spec.heads
+    stats = 8 if spec.family == "llama" else 16
+    fp32_norm_inputs = 2 * 4 * spec.hidden if _hf_llama(spec) else 0
+    return block_elements(spec, compiled) * P + 4 * spec.heads + stats + fp32_norm_inputs
+
+
+def rope_tables(spec, P: int, compiled: bool = False) -> int:
+    """Bytes of RoPE's cos/sin tables one block keeps per micro-batch (llama: q's and k's pair; in a
+    counted block they are among its saved tensors already)."""
+    own = spec.family == "llama" and not compiled and not _hf_llama(spec) and not _counted(spec)
+    return 2 * spec.seq_len * spec.head_dim * P if own else 0
 
 
 def head_peak_bytes(spec, P: int) -> int:
-    """Bytes per token at the loss's backward: final norm in/out (P) + three fp32 [V] rows."""
-    return 2 * spec.hidden * P + LOSS_FP32_COPIES * 4 * spec.vocab
+    """Bytes per token at the loss's backward: final norm in/out (P; transformers' keeps an fp32 copy
+    of its input too) + three fp32 [V] rows."""
+    return 2 * spec.hidden * P + (4 * spec.hidden if _hf_llama(spec) else 0) + LOSS_FP32_COPIES * 4 * spec.vocab
 
 
-def activation_peak(spec, P: int, tokens: int, checkpointing: bool) -> int:
-    """Peak bytes of activations and loss temporaries for one micro-batch of `tokens` tokens."""
+def activation_peak(spec, P: int, tokens: int, checkpointing: bool, compiled: bool = False) -> int:
+    """Peak bytes of activations and loss temporaries for one micro-batch of `tokens` tokens
+    (`compiled`: each block under torch.compile, see the module docstring)."""
     if spec.is_bare:
         return 0
-    head = head_peak_bytes(spec, P)
+    head = tokens * head_peak_bytes(spec, P)
     if checkpointing:
-        return tokens * (spec.layers * spec.hidden * P + max(head, block_bytes(spec, P)))
-    return tokens * (spec.layers * block_bytes(spec, P) + head)
+        one = tokens * block_bytes(spec, P, compiled) + rope_tables(spec, P, compiled)
+        return tokens * spec.layers * spec.hidden * P + max(head, one)
+    return saved_blocks(spec, P, tokens, False, compiled) + head
 
 
-def saved_blocks(spec, P: int, tokens: int, checkpointing: bool) -> int:
+def saved_blocks(spec, P: int, tokens: int, checkpointing: bool, compiled: bool = False) -> int:
     """Bytes the blocks still hold when backward leaves the loss and the LM head (the head's loss
     rows freed, no block's backward run yet): where DeepSpeed ZeRO-1/2 first allocate their buckets."""
     if spec.is_bare:
         return 0
-    per = spec.hidden * P if checkpointing else block_bytes(spec, P)
-    return tokens * spec.layers * per
+    if checkpointing:
+        return tokens * spec.layers * spec.hidden * P
+    return spec.layers * (tokens * block_bytes(spec, P, compiled) + rope_tables(spec, P, compiled))

@@ -23,6 +23,7 @@ DS_PERSISTENCE = 100_000  # stage3_param_persistence_threshold (elements)
 DS_MAX_REUSE = 1_000_000_000  # stage3_max_reuse_distance (elements)
 DS_MAX_LIVE = 1_000_000_000  # stage3_max_live_parameters (elements)
 DS_SUB_GROUP = 1_000_000_000  # sub_group_size: ZeRO-3 steps its partition in sub-groups of this many elements
+DS_ALLREDUCE_SIZE = 500_000_000  # without ZeRO the engine flattens gradients this many elements at a time to all-reduce them
 DS_ALIGN = 2  # ZeRO-1/2 pad the flat 16-bit group to a multiple of 2 x world size (nccl start alignment)
 
 # Bytes of optimizer state per parameter, kept in fp32 by every framework here.

@@ -54,12 +54,18 @@ from shardlab.units import GIB
 
 from .activations import activation_peak, saved_blocks
 from .allocator import CUDA_CONTEXT_BYTES, STRANDED, reserved, stranded
-from .basis import DS_SUB_GROUP, Setup, ds3_kept_for_backward, ds_largest_module, persistent_numel, shard_numel
+from .basis import DS_ALLREDUCE_SIZE, DS_MAX_LIVE, DS_SUB_GROUP, Setup, ds3_kept_for_backward, ds_largest_module, persistent_numel, shard_numel
+
+
+def _compiled_blocks(plan: Plan, s: Setup) -> bool:
+    """Whether each block runs under torch.compile (FSDP2 compiles its units; activations.py)."""
+    return bool(plan.compile) and s.framework == "fsdp2"
 
 
 def activations(plan: Plan, s: Setup) -> int:
     """Peak bytes of activations and loss temporaries for one micro-batch on one GPU (activations.py)."""
-    return activation_peak(s.spec, s.P, plan.micro_batch_size * s.spec.seq_len, plan.activation_checkpointing)
+    return activation_peak(s.spec, s.P, plan.micro_batch_size * s.spec.seq_len, plan.activation_checkpointing,
+                           _compiled_blocks(plan, s))
 
 
 def _fsdp_stage(s: Setup) -> str:
@@ -120,6 +126,57 @@ def _ds_step_copies(s: Setup, local: int) -> int:
     return 4 * n + (s.P * n if s.P < 4 else 0)
 
 
+def _ds12_backward(s: Setup, bucket: int, head: int, partition: int) -> tuple[int, int, int]:
+    """DeepSpeed ZeRO-1/2 gradient memory in backward, as (kept between micro-batches, beside all the
+    blocks' saved activations when their backward starts, at the end of backward); bytes.
+
+    Both allocate the whole reduce bucket at the first gradient hook (stage_1_and_2.py setup_buckets).
+    ZeRO-2 copies each gradient into it as it is made and frees the .grad; its reduction epilogue
+    (every micro-batch) makes the partition buffer beside the bucket, then frees the bucket. ZeRO-1
+    without overlap_comm (its default) only allocates the bucket in its hooks: the .grad tensors
+    stay, and the epilogue that reduces them and frees the bucket runs only at the accumulation
+    boundary (engine.py allreduce_gradients -> reduce_gradients), so between micro-batches the
+    bucket stays beside the accumulated .grad, through the next forward's loss peak (H200 #32,
+    llama300 ZeRO-1 mb2 x 4: 12.6% under without it; #105, gpt1280 fp32 mb1 x 2: 6.2%). Activations
+    are freed block by block as gradients appear, so the backward peak is at one of its ends.
+    """
+    psi, P = s.spec.params, s.P
+    many = s.micro_steps > 1
+    if s.stage == "zero2":
+        return (partition if many else 0), bucket, bucket + (0 if many else partition)
+    acc = P * psi + bucket if many else 0
+    # at the boundary the .grad tensors move into the bucket and on into the partition buffer
+    end = P * psi + bucket + max(0, partition - P * min(psi, s.reduce_bucket))
+    return acc, (0 if many else head + bucket), end - acc
+
+
+def _ds3_states(s: Setup) -> tuple[int, int, int, int, int]:
+    """DeepSpeed ZeRO-3 on the GPU: (partition elements, parameter, gradient, step-temporary and
+    gathered bytes)."""
+    psi, P = s.spec.params, s.P
+    local = shard_numel(s)
+    # persistent parameters (numel <= threshold) are held whole besides their partition
+    params = P * local + P * persistent_numel(s) + (P * shard_numel(s, s.hpz) if s.hpz > 1 else 0)
+    # only partitioned (non-persistent) parameters are ever gathered: at most all of them
+    partitioned = psi - persistent_numel(s)
+    inflight = min(s.prefetch_bucket, partitioned) + ds_largest_module(s)
+    gathered = P * min(ds3_kept_for_backward(s) + inflight, partitioned)
+    if s.shard == 1 and s.offload_params == "none":
+        # a partition of one rank is the whole parameter: the "gather" points param.data at its
+        # ds_tensor (partition_parameters.py, all_gather_coalesced -> _no_gather_coalesced ->
+        # NoGatherHandle), no copy. With parameter offload the partition is copied to the GPU.
+        gathered = 0
+    elif s.offload_params != "none":
+        # With parameter offload every partitioned parameter was still gathered at the loss's
+        # peak in all three H200 runs (measured peak - activations - reduce bucket - cuBLAS
+        # workspaces = the whole 16-bit model within 0.01 GiB: #35 llama300, #117 llama65k + AC,
+        # and #36 llama1b + AC, where the reuse-distance rule would release 40% of it: 9.9% under).
+        # Why DeepSpeed's coordinator keeps them is not pinned down in its source; the rule is
+        # the measurement's, and applies up to stage3_max_live_parameters.
+        gathered = P * min(partitioned, DS_MAX_LIVE)
+    return local, params, P * local, _ds_step_copies(s, local), gathered
+
+
 def _deepspeed(plan: Plan, s: Setup) -> dict:
     psi, P = s.spec.params, s.P
     # ZeRO clones an fp32 master even from an fp32 model: stage 1/2 always, and stage 3 because its
@@ -129,7 +186,9 @@ def _deepspeed(plan: Plan, s: Setup) -> dict:
     # torch optimizer updates the model itself.
     master = 4 if (P < 4 or s.stage != "ddp") else 0
     notes = {}
-    bucket = min(s.reduce_bucket, psi) if s.stage == "ddp" else s.reduce_bucket
+    bucket = min(DS_ALLREDUCE_SIZE, psi) if s.stage == "ddp" else s.reduce_bucket
+    head = P * sum(a * b for a, b in s.shapes.head)  # final norm + LM head: the first gradients of backward
+    many = s.micro_steps > 1
     if s.stage == "ddp":
         local = psi
         params, grads = P * psi, P * psi
@@ -139,6 +198,11 @@ def _deepspeed(plan: Plan, s: Setup) -> dict:
         # bytes per parameter over the resident states). In fp32 it hands the torch optimizer the model.
         step = 8 * psi if P < 4 else 0
         gathered = 0
+        # .grad tensors appear one by one in backward (accumulated in place from the second
+        # micro-batch on); at the boundary the engine flattens them for its all-reduce
+        # (engine.py allreduce_gradients -> buffered_allreduce_fallback, 500M elements at a time)
+        acc = grads if many else 0
+        bwd_start, bwd_end = (0 if many else head), (0 if many else grads) + P * bucket
         notes["grads"] = f"full {P}-byte .grad tensors"
     elif s.stage in ("zero1", "zero2"):
         local = shard_numel(s)
@@ -146,26 +210,15 @@ def _deepspeed(plan: Plan, s: Setup) -> dict:
         # ZeRO-1 reduces only at the accumulation boundary: between micro-batches the full 16-bit
         # .grad accumulates; in the boundary backward it is reduced and freed as it goes, leaving
         # the partition (as ZeRO-2 does every micro-batch)
-        full_grads = s.stage == "zero1" and s.micro_steps > 1
+        full_grads = s.stage == "zero1" and many
         grads = P * psi if full_grads else P * local
         step = _ds_step_copies(s, local)
         gathered = 0
+        partition = 0 if s.offload_opt != "none" else P * local  # offload copies it to the CPU instead
+        acc, bwd_start, bwd_end = _ds12_backward(s, P * s.reduce_bucket, head, partition)
         notes["grads"] = f"full {P}-byte .grad (accumulating between boundaries)" if full_grads else f"{P}-byte gradient partition"
     else:
-        local = shard_numel(s)
-        # persistent parameters (numel <= threshold) are held whole besides their partition
-        params = P * local + P * persistent_numel(s) + (P * shard_numel(s, s.hpz) if s.hpz > 1 else 0)
-        grads = P * local
-        step = _ds_step_copies(s, local)
-        # only partitioned (non-persistent) parameters are ever gathered: at most all of them
-        partitioned = psi - persistent_numel(s)
-        inflight = min(s.prefetch_bucket, partitioned) + ds_largest_module(s)
-        gathered = P * min(ds3_kept_for_backward(s) + inflight, partitioned)
-        if s.shard == 1 and s.offload_params == "none":
-            # a partition of one rank is the whole parameter: the "gather" points param.data at its
-            # ds_tensor (partition_parameters.py, all_gather_coalesced -> _no_gather_coalesced ->
-            # NoGatherHandle), no copy. With parameter offload the partition is copied to the GPU.
-            gathered = 0
+        local, params, grads, step, gathered = _ds3_states(s)
         notes["grads"] = f"{P}-byte gradient partitions (grad_partitions_flat_buffer)"
     opt = (master + s.opt_bytes) * local
     notes["params"] = (f"{P}-byte model, full" if s.stage != "zero3" else
@@ -191,8 +244,11 @@ def _deepspeed(plan: Plan, s: Setup) -> dict:
             cpu["params"] = moved
         else:
             nvme["params"] = moved
-    return dict(params=params, grads=grads, optimizer=opt, gathered=gathered, reduce=P * bucket,
-                resident=P * bucket, step=step, cpu=cpu, nvme=nvme, notes=notes)
+    out = dict(params=params, grads=grads, optimizer=opt, gathered=gathered, reduce=P * bucket,
+               resident=P * bucket, step=step, cpu=cpu, nvme=nvme, notes=notes)
+    if s.stage != "zero3":
+        out.update(acc=acc, bwd_start=bwd_start, bwd_end=bwd_end)
+    return out
 
 
 def _gpu(gpu=None):
@@ -226,18 +282,19 @@ def memory(plan: Plan, s: Setup, traced_activations: int | None = None, gpu=None
         # ZeRO the .grad tensors appear one by one in backward. So they are absent at the loss's
         # peak and meet only the blocks' activations later in backward. (H200 matrix: counting them
         # in forward over-predicted deepspeed zero2 + AC llama300 mb4 by 20%.)
-        accumulated = parts["grads"] if s.micro_steps > 1 else 0  # kept between micro-batches
-        blocks = saved_blocks(s.spec, s.P, plan.micro_batch_size * s.spec.seq_len, plan.activation_checkpointing)
+        blocks = saved_blocks(s.spec, s.P, plan.micro_batch_size * s.spec.seq_len, plan.activation_checkpointing,
+                              _compiled_blocks(plan, s))
         if traced_activations is not None:
             blocks = min(blocks, act)
-        fwd_bwd = accumulated + max(act, blocks + parts["grads"] - accumulated + buffers)
+        fwd_bwd = parts["acc"] + max(act, blocks + parts["bwd_start"], parts["bwd_end"])
         parts["resident"] = 0  # released at the end of backward, before the step
     elif not s.ds:
         # FSDP: at the loss's peak only the root unit is gathered (blocks were resharded after
         # forward, no gradient is being reduced yet); later in backward the head's loss rows are
         # gone and a block is gathered and its gradient reduced beside the remaining activations
         grads_in_forward = parts["grads"] if s.micro_steps > 1 else 0
-        blocks = saved_blocks(s.spec, s.P, plan.micro_batch_size * s.spec.seq_len, plan.activation_checkpointing)
+        blocks = saved_blocks(s.spec, s.P, plan.micro_batch_size * s.spec.seq_len, plan.activation_checkpointing,
+                              _compiled_blocks(plan, s))
         fwd_bwd = grads_in_forward + max(act + parts["at_loss"], min(blocks, act) + buffers)
     else:
         fwd_bwd = parts["grads"] + act + buffers
