@@ -262,6 +262,7 @@ def _type_model(box, source: str) -> None:
     box.press("Tab")  # leaving the box applies it (measured: Enter alone did not, bokeh 3.9's autocomplete)
 
 
+@pytest.mark.heavy  # ~92 s of make test (fresh clone 2026-12-01: the suite over its 25 minutes with it)
 def test_jupyterlab_renders_the_builder_and_runs_my_model_from_the_launcher(browser, lab):
     """One JupyterLab session (its start is most of the cost): the ConfigBuilder renders live controls,
     and the person's own nn.Module (lab 08's model file beside the notebook) typed into the builder's

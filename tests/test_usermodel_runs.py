@@ -30,6 +30,10 @@ import pytest
 from shardlab.estimate import estimate
 from shardlab.run.store import load_run
 
+# heavy again (SHARDLAB_HEAVY_TESTS=1 runs it): the eight runs cost ~125 s of make test, and the fresh-clone
+# suite with them took 1479 s of pytest, 27m45s in all on 2 cores (2026-12-01 22:02), over the 25-minute budget
+pytestmark = pytest.mark.heavy
+
 LLAMA = "hf:llama hidden_size=64 intermediate_size=128 num_hidden_layers=2 num_attention_heads=4 num_key_value_heads=2 vocab_size=256 seq_len=32"
 GPT2 = "hf:gpt2 n_embd=64 n_layer=2 n_head=4 vocab_size=256 n_positions=32 seq_len=32"
 FACTORY = "tests.usermodels:tiny_lm"
