@@ -184,8 +184,9 @@ def describe(model, inputs: dict, config=None, *, name: str, source: str | None 
         fields = {**shape, "layers": shapes.layers}  # the blocks found rule (e.g. a config with extra layers)
     from shardlab.frameworks.units import module_tree
 
-    flops, work = count_step(model, inputs, blocks)
+    # the block is counted only where a shape lets the estimators use it (no bf16 copy, no hooks otherwise)
+    flops, work = count_step(model, inputs, blocks if shape else [])
     return ModelSpec(name, **fields, params_override=total, wrap_unit_params=unit, wrap_unit_count=len(blocks),
                      source=source, wrap_cls=cls.__name__ if cls is not None else None, shapes=shapes,
                      layout="transformers" if shape is not None else "shardlab",
-                     counted_flops_per_token=flops, block_work=work if shape else None, tree=module_tree(model))
+                     counted_flops_per_token=flops, block_work=work, tree=module_tree(model))
