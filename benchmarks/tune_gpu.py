@@ -125,22 +125,19 @@ def earlier_rows(path: str | None) -> dict[str, dict]:
     return {r["key"]: {**r, "call": r.get("call", 1)} for r in rows if r["status"] != "not-run"}
 
 
-def startup_seconds(run_dir: Path) -> dict:
+def startup_seconds(run) -> dict:
     """Where a run's wall time went, from its own files: launcher -> torchrun agent -> rank 0 process
     (status.json's process create times, 10 ms resolution), the worker's start-up phase events, the steps (metrics.jsonl),
     and the end (the last step to status.json's ended_at: teardown, exit, the launcher noticing)."""
-    def jl(name):
-        f = run_dir / name
-        return [json.loads(x) for x in f.read_text().splitlines() if x.strip()] if f.exists() else []
+    from shardlab.run.files import read_jsonl
 
-    try:
-        st = json.loads((run_dir / "status.json").read_text())
-    except (OSError, ValueError):
+    st = run.info
+    if not st:
         return {}
     procs = {p.get("role"): p.get("create_time") for p in st.get("processes") or []}
     marks = [("agent", procs.get("agent0")), ("rank0", procs.get("rank0"))]
-    marks += [(e["phase"], e["t"]) for e in jl("events.jsonl") if e.get("event") == "phase" and e.get("rank", 0) == 0]
-    steps = [m for m in jl("metrics.jsonl") if m.get("rank", 0) == 0]
+    marks += [(e["phase"], e["t"]) for e in read_jsonl(run.files.events) if e.get("event") == "phase" and e.get("rank", 0) == 0]
+    steps = [m for m in read_jsonl(run.files.metrics) if m.get("rank", 0) == 0]
     if steps:
         marks += [("steps_2_on", steps[0]["t_opt_end"]), ("end", steps[-1]["t_opt_end"])]
     marks.append(("exit", st.get("ended_at")))
@@ -159,7 +156,7 @@ def run_one(plan, model, a, runs: Path) -> dict:
         status = run.wait()
         row = dict(status=status, run_id=run.id, measured=measure(run, a.warmup) if status == "completed" else {},
                    error=None if status == "completed" else str((run.info or {}).get("error"))[:500],
-                   startup_s=startup_seconds(run.dir))
+                   startup_s=startup_seconds(run))
     except Exception as e:  # noqa: BLE001 - a configuration that cannot start is a row, not the end
         row = dict(status="error", measured={}, error=f"{type(e).__name__}: {e}"[:500])
     row["wall_s"] = round(time.time() - t0, 1)
@@ -360,7 +357,9 @@ def main() -> int:
     if tuned:
         for t in tuned.get("trials", []):
             if t.get("run_id"):
-                t["startup_s"] = startup_seconds(runs / "tune" / t["run_id"])
+                from shardlab.run.store import load_run
+
+                t["startup_s"] = startup_seconds(load_run(runs / "tune" / t["run_id"]))
     path.write_text(json.dumps({**info, "judge": judge(rows, tuned), "tune": tuned, "grid": rows}, indent=1, default=str))
     repeats = run_repeats(rows, tuned, model, a, runs / "grid") if a.repeat else []
     res = {**info, "judge": judge(rows, tuned, repeats), "tune": tuned, "grid": rows, "repeats": repeats,
