@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from cpu_runs import ANALYSIS, needs, real_runs
 
 from shardlab.estimate import estimate
 from shardlab.plan import Plan
@@ -202,9 +203,8 @@ def test_the_step_breakdown_adds_up_and_is_drawn():
 
 
 @pytest.fixture(scope="module")
+@needs(*ANALYSIS)
 def runs():
-    from cpu_runs import real_runs
-
     return real_runs()
 
 
