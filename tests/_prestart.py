@@ -8,22 +8,23 @@ not-skipped test right after collection, in suite order; one driver thread start
 time; the fixture's `get(job)` moves its jobs to the front of the queue and returns each one's handle once
 started. What each run checks is unchanged: the same runs, the same files, read by the same tests.
 
-The driver thread lowers its own scheduling priority (nice NICE) before it starts anything, and every
-process it starts (torchrun agents, ranks, DeepSpeed's JIT builds, a forkserver) inherits that: the
-foreground tests keep the CPU they need, so their timing checks ("cancel ends every process within 5 s")
-judge the code, not the background; the background runs take what the foreground leaves. A test waiting
-for its runs leaves the cores to them. Nothing here is used by shardlab itself.
+Each process a job starts (a torchrun agent, the launcher's watchdog, a CLI process) is given a lower
+scheduling priority (nice NICE) right after its start, before it starts the ranks, which inherit it (and so
+do DeepSpeed's JIT builds): the foreground tests keep the CPU they need, so their timing checks ("cancel
+ends every process within 5 s") judge the code, not the background; the background runs take what the
+foreground leaves, and a test waiting for its runs leaves the cores to them. The threads in pytest's own
+process (the launcher's watcher and sampler) keep their priority: a low-priority thread holding the GIL
+would stall the foreground. Nothing here is used by shardlab itself.
 """
 
 from __future__ import annotations
 
-import os
 import threading
 import time
 from typing import Any, Callable
 
 AT_ONCE = 2  # runs going at once: 2 runs (4 ranks) fill 2 cores (cpu_runs.py's comment has the measurement)
-NICE = 5  # the background's niceness: CFS weight 335 against the foreground's 1024 (~25% of a contended core)
+NICE = 10  # the background's niceness: CFS weight 110 against the foreground's 1024 (~10% of a contended core)
 
 
 class _Failed:
@@ -38,16 +39,18 @@ class Queue:
 
     def __init__(self, at_once: int | None = None, nice: int = NICE):
         self.at_once, self.nice = at_once, nice
-        self.jobs: dict[str, tuple[Callable[[], Any], Callable[[Any], bool]]] = {}
+        self.jobs: dict[str, tuple[Callable[[], Any], Callable[[Any], bool], Callable[[Any], list[int]]]] = {}
         self.started: dict[str, Any] = {}
         self.ended: set[str] = set()  # started jobs seen done (each is asked only until then)
         self.wanted: list[str] = []
         self._cond = threading.Condition()
         self._driver: threading.Thread | None = None
 
-    def register(self, name: str, start: Callable[[], Any], done: Callable[[Any], bool]) -> None:
-        """A job: `start()` starts it and returns a handle at once; `done(handle)` says whether it still holds a slot."""
-        self.jobs[name] = (start, done)
+    def register(self, name: str, start: Callable[[], Any], done: Callable[[Any], bool],
+                 pids: Callable[[Any], list[int]] = lambda handle: [handle.pid]) -> None:
+        """A job: `start()` starts it and returns a handle at once; `done(handle)` says whether it still holds a
+        slot; `pids(handle)` the processes it started (their priority is lowered with their children's)."""
+        self.jobs[name] = (start, done, pids)
 
     def want(self, names, first: bool = False) -> None:
         """Queue these jobs (not yet started ones), at the front when `first`; start the driver if it is idle."""
@@ -78,11 +81,19 @@ class Queue:
             raise handle.error
         return handle
 
+    def _lower(self, pids: list[int]) -> None:
+        """These processes and their children so far at nice `self.nice` (children started later inherit it)."""
+        import psutil
+
+        for pid in pids:
+            try:  # (only ever lowered: a process whose nice is already higher keeps it)
+                top = psutil.Process(pid)
+                for p in (top, *top.children(recursive=True)):
+                    p.nice(max(p.nice(), self.nice))
+            except psutil.Error:  # already gone: nothing to lower
+                pass
+
     def _drive(self) -> None:
-        try:
-            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), self.nice)  # this thread only; children inherit it
-        except (OSError, AttributeError):
-            pass
         while True:
             with self._cond:
                 self.ended.update(n for n, h in self.started.items()
@@ -90,16 +101,27 @@ class Queue:
                 going = len(self.started) - len(self.ended)
                 while self.wanted and going < (self.at_once or AT_ONCE):
                     name = self.wanted.pop(0)
+                    start, _, pids = self.jobs[name]
                     try:
-                        self.started[name] = self.jobs[name][0]()
-                        going += 1
+                        self.started[name] = start()
                     except BaseException as e:  # noqa: BLE001 - handed to the test that needs it
                         self.started[name] = _Failed(e)
+                    else:
+                        going += 1
+                        try:
+                            self._lower(pids(self.started[name]))
+                        except Exception as e:  # noqa: BLE001 - the run goes on at normal priority; say so
+                            print(f"_prestart: could not lower the priority of {name}: {e!r}")
                     self._cond.notify_all()
                 if not self.wanted:
                     self._driver = None
                     return
             time.sleep(0.25)
+
+
+def run_pids(run) -> list[int]:
+    """A LiveRun's own processes: its torchrun agents and its watchdog."""
+    return [a.pid for a in run.agents] + ([run.watchdog.pid] if run.watchdog is not None else [])
 
 
 QUEUE = Queue()  # the suite's one queue: its runs share the 2 cores

@@ -72,7 +72,7 @@ def job(name: str) -> str:
 
 
 for _name in SETUPS:
-    _prestart.register(job(_name), lambda name=_name: _launch(name), lambda run: run.done)
+    _prestart.register(job(_name), lambda name=_name: _launch(name), lambda run: run.done, _prestart.run_pids)
 # the order the background starts them in when every setup is wanted: the analysis runs first (the
 # earliest tests read them), then the optimizer-offload run, whose first start builds CPU Adam
 ORDER = tuple(dict.fromkeys((*ANALYSIS, "deepspeed-zero2-offload-optimizer", *SETUPS)))

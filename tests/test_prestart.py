@@ -1,7 +1,8 @@
 """The background queue of the suite's shared runs (_prestart.py), with `sleep` processes for runs: what is
-started runs at the lowered priority the kernel reports, in order, a fixture's own jobs first, never more
-than at_once at a time, and a start that fails fails the test that needs it. A test of its own Queue, so
-the suite's queue (busy with real runs in a whole-suite session) is not touched. About a second."""
+started runs at the lowered priority the kernel reports (pytest's own threads do not), in order, a
+fixture's own jobs first, never more than at_once at a time, and a start that fails fails the test that
+needs it. A Queue of its own, so the suite's queue (busy with real runs in a whole-suite session) is not
+touched. About two seconds."""
 
 from __future__ import annotations
 

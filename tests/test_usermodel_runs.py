@@ -112,7 +112,7 @@ def _start_cli(name: str) -> _Cli:
     plan.write_text(f"framework: {fw}\nsharding: zero3\nprecision: bf16\ntopology: {{gpus_per_node: 2}}\n")
     (base / name).mkdir()
     argv = ["run", str(plan), "--model", *model.split(), "--steps", str(STEPS), "--device", "cpu",
-            "--out", str(base / "runs"), "--json", "--timeout", "600"]
+            "--out", str(base / "runs"), "--json", "--timeout", "900"]
     return _Cli(argv, base / name, name not in NEW_INTERPRETER, _forkserver[0])
 
 
@@ -121,14 +121,14 @@ def _start_api():
     from tests.usermodels import tiny_lm
 
     return launch({"framework": "deepspeed", "sharding": "zero3", "topology": {"gpus_per_node": 2}}, model=tiny_lm,
-                  steps=STEPS, device="cpu", out=_where() / "runs", timeout_s=600)
+                  steps=STEPS, device="cpu", out=_where() / "runs", timeout_s=900)
 
 
 API = "factory-api-deepspeed"
 JOBS = {name: f"usermodel {name}" for name in (*sorted(CLI_RUNS, key=lambda n: n not in NEW_INTERPRETER), API)}
 for _name in CLI_RUNS:
-    _prestart.register(JOBS[_name], lambda name=_name: _start_cli(name), lambda cli: cli.done())
-_prestart.register(JOBS[API], _start_api, lambda run: run.done)
+    _prestart.register(JOBS[_name], lambda name=_name: _start_cli(name), lambda cli: cli.done(), lambda cli: [cli.proc.pid])
+_prestart.register(JOBS[API], _start_api, lambda run: run.done, _prestart.run_pids)
 
 
 @pytest.fixture(scope="module")
