@@ -19,6 +19,7 @@ Timings of traced runs are not clean step times; only the memory figures are kep
 from __future__ import annotations
 
 import argparse
+import gzip
 import json
 import pickle
 import sys
@@ -97,7 +98,14 @@ def run_one(i: int, a) -> dict:
         snap = Path(run.dir) / "memory_snapshot_rank0.pickle"
         if snap.exists():
             with open(snap, "rb") as fh:
-                row["allocator"] = summarize(pickle.load(fh))
+                data = pickle.load(fh)
+            row["allocator"] = summarize(data)
+            if a.out:  # the request sequence itself, for replaying through cachesim.py
+                events = [[e["action"][0] + e["action"].split("_")[-1][0], e["addr"], e["size"], e.get("stream", 0)]
+                          for dev in data.get("device_traces", []) for e in dev
+                          if e["action"] in ("alloc", "free_completed", "segment_alloc", "segment_free")]
+                with gzip.open(Path(a.out) / f"events_{i}.json.gz", "wt") as fh:
+                    json.dump(events, fh)
     except Exception as e:  # noqa: BLE001 - a failed configuration is a row
         row.update(status="error", error=f"{type(e).__name__}: {e}"[:500])
     row["wall_s"] = round(time.time() - t0, 1)
