@@ -136,8 +136,22 @@ MODELS.update({
 HF_CONFIGS = [C("hf-llama", fw, "zero3", lmi=lmi) for fw in ("fsdp2", "deepspeed") for lmi in (False, True)] + [
     C("hf-gpt2", "fsdp2", "zero3", mb=8, lmi=True), C("hf-gpt2", "deepspeed", "zero3", mb=8, ac=True, lmi=True),
     C("hf-qwen2", "deepspeed", "zero3", mb=2, lmi=True), C("hf-qwen2", "fsdp1", "zero3", mb=2, ac=True, lmi=True)]
+# held out for issue 14's step-time model (--set held, numbered from 501): shapes and settings written down
+# before they ran (session 7), after the ZeRO-3 serialisation / recompute / offload-accumulation changes
+MODELS.update({
+    "gpt1792": {"name": "gpt1792", "family": "gpt", "layers": 18, "hidden": 1792, "heads": 14, "vocab": 50304, "seq_len": 1024},
+    "llama80k": {"name": "llama80k", "family": "llama", "layers": 14, "hidden": 2304, "heads": 18, "kv_heads": 6,
+                 "ffn_hidden": 6144, "vocab": 80000, "seq_len": 2048},
+    "llama32L": {"name": "llama32L", "family": "llama", "layers": 32, "hidden": 1024, "heads": 16, "kv_heads": 4,
+                 "ffn_hidden": 2816, "vocab": 49152, "seq_len": 2048},
+})
+HELD_CONFIGS = [
+    C("llama80k", "deepspeed", "zero3", mb=2), C("llama32L", "deepspeed", "zero3", mb=4, ac=True),
+    C("gpt1792", "deepspeed", "zero3", mb=2, ga=2), C("gpt1792", "deepspeed", "zero2", mb=4, ga=2, off="opt"),
+    C("llama32L", "deepspeed", "zero3", mb=4, off="opt"), C("llama80k", "fsdp2", "zero3", mb=2),
+    C("gpt1792", "fsdp1", "zero3", mb=4, ac=True), C("llama32L", "deepspeed", "zero1", mb=4)]
 SETS = {"matrix": (1, CONFIGS), "check": (101, CHECK_CONFIGS), "host": (201, HOST_CONFIGS), "val": (301, VAL_CONFIGS),
-        "hf": (401, HF_CONFIGS)}
+        "hf": (401, HF_CONFIGS), "held": (501, HELD_CONFIGS)}
 KEYS = ("model", "framework", "sharding", "precision", "micro_batch_size", "grad_accum_steps", "activation_checkpointing",
         "offload", "compile", "hf", "low_memory_init")
 
