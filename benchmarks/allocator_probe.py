@@ -13,6 +13,9 @@ were allocated" instead of guessed.
     # here: print a results file again
     .venv/bin/python benchmarks/allocator_probe.py --show benchmarks/results/allocator_probe_h200.json
 
+Recorded (2026-12-01, H200, torch 2.11.0+cu130, DeepSpeed 0.19.8): benchmarks/results/allocator_probe_h200.json,
+and five rows' request sequences in allocator_events_h200.json.gz (tests/test_cachesim.py replays them).
+
 Timings of traced runs are not clean step times; only the memory figures are kept.
 """
 
@@ -138,7 +141,8 @@ def main() -> int:
     ap.add_argument("--show", help="print a results file")
     a = ap.parse_args()
     if a.show:
-        print(show(json.loads(Path(a.show).read_text())))
+        doc = json.loads(Path(a.show).read_text())
+        print(show(doc["rows"] if isinstance(doc, dict) else doc))
         return 0
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
