@@ -103,12 +103,10 @@ def run_one(i: int, a) -> dict:
             with open(snap, "rb") as fh:
                 data = pickle.load(fh)
             row["allocator"] = summarize(data)
-            if a.out:  # the request sequence itself, for replaying through cachesim.py
-                events = [[e["action"][0] + e["action"].split("_")[-1][0], e["addr"], e["size"], e.get("stream", 0)]
-                          for dev in data.get("device_traces", []) for e in dev
-                          if e["action"] in ("alloc", "free_completed", "segment_alloc", "segment_free")]
-                with gzip.open(Path(a.out) / f"events_{i}.json.gz", "wt") as fh:
-                    json.dump(events, fh)
+            # the request sequence itself, for replaying through cachesim.py
+            row["events"] = [[e["action"][0] + e["action"].split("_")[-1][0], e["addr"], e["size"], e.get("stream", 0)]
+                             for dev in data.get("device_traces", []) for e in dev
+                             if e["action"] in ("alloc", "free_completed", "segment_alloc", "segment_free")]
     except Exception as e:  # noqa: BLE001 - a failed configuration is a row
         row.update(status="error", error=f"{type(e).__name__}: {e}"[:500])
     row["wall_s"] = round(time.time() - t0, 1)
@@ -148,10 +146,15 @@ def main() -> int:
     out.mkdir(parents=True, exist_ok=True)
     done: list[dict] = []
 
+    events: dict[str, list] = {}
+
     def job(i):
         r = run_one(i, a)
+        events[str(i)] = r.pop("events", [])
         done.append(r)
         (out / "allocator_probe.json").write_text(json.dumps(sorted(done, key=lambda x: x["id"]), indent=1, default=str))
+        with gzip.open(out / "events.json.gz", "wt") as fh:  # every row's requests in one file
+            json.dump(events, fh)
         print(show([r]), flush=True)
 
     with ThreadPoolExecutor(max_workers=a.jobs) as ex:
