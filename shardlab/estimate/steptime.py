@@ -74,9 +74,12 @@ K_HALF = 96  # K at which a GEMM's main loop reaches half its rate (prologue/epi
 # DS3_PARAM_S; the host time per step (160 ms, solved from the micro-batch 4 step time 188.5 ms with
 # the GPU's work as modelled here; micro-batch 8 then comes out within 6%) less those hooks, 606
 # kernels and 2 per-parameter norm kernels at DEFAULT_LAUNCH_S, over 150 modules -> DS3_MODULE_S
-# DS3_RECOMPUTE: extra module-hook cost under activation checkpointing (the recomputed forward fires
-# the hooks again and breaks ZeRO-3's recorded module trace, so gathers are no longer prefetched),
-# fitted to the H100 ZeRO-3 checkpointing rows (19,884 and 29,186 tokens/s: their median).
+# DS3_RECOMPUTE: extra module-hook cost under activation checkpointing: the recomputed forward fires
+# every module's pre/post-forward hooks (gather, trace bookkeeping, release) once more, i.e. one more
+# forward's worth of module hooks. 1.0 fitted (with SERIAL["deepspeed_zero3"]) to the three ZeRO-3
+# checkpointing rows of issue 20's gpt125 grid (tune_h200_gpt125_grid.json, mb4x4/8x2/16x1 ac: +6.7%,
+# +0.2%, -2.6%); held out: #113 (-19.9%), #117 (-8.8%), the H100 rows (+7.3% / -26.9%, run to run). The
+# earlier 1.5, fitted to the H100 rows under the old SERIAL 0.27, over-counted #113 and #406.
 # DS12_PARAM_S: ZeRO-0/1/2's Python work per parameter tensor (gradient hook, bucketing, partition
 # bookkeeping) on top of the kernels counted: from the host probe (fidelity_h200_host.json #201-#203,
 # #210-#212, #220: tiny models where the GPU's work is hidden, 58-82 ms per step, 197 tensors, at
@@ -90,7 +93,7 @@ K_HALF = 96  # K at which a GEMM's main loop reaches half its rate (prologue/epi
 # DeepSpeed's hooks themselves (microbench.py: Rates.ds3_hook_scale / ds12_hook_scale).
 DS3_PARAM_S = 150e-6
 DS3_MODULE_S = 0.565e-3
-DS3_RECOMPUTE = 1.5
+DS3_RECOMPUTE = 1.0
 DS12_PARAM_S = 0.12e-3
 DS_NORM_KERNELS_PER_PARAM = 2
 # DS_OPT_SERIAL: those per-tensor norm launches come after the backward has drained the GPU's queue
@@ -103,7 +106,17 @@ DS_NORM_KERNELS_PER_PARAM = 2
 # synchronises once per step (the worker's loss.item()), so each step starts with an empty queue and
 # the host-bound stretches (norms, hooks) are not hidden: fitted to the first H200 probe's FSDP rows
 # (steptime_probe_h200.json, "probe": 1), checked on the H100 FSDP rows and the second probe.
-SERIAL = {"fsdp": 0.15, "deepspeed": 0.27}
+# DeepSpeed ZeRO-3 (deepspeed_zero3): host and GPU do not overlap at all on the lent H200 hosts. With the
+# host cost pinned by the host probe (fidelity_h200_host.json #204 / #213: tiny models, GPU ~3 ms, measured
+# 163 / 168 ms for the 161 ms the hook constants give), the host time each GPU-heavy ZeRO-3 row implies is
+# 0.86-1.19x those constants if host and GPU add (#103, #108, #305 twice, #311 twice, #403/#404, #407, the
+# gpt125 grid's mb16x1 where the GPU's work exceeds the host's) and 1.14-1.9x if they overlapped as SERIAL
+# 0.27 says (#311 1.59x and #305 1.25x on the same host, the gpt125 mb16x1 1.9x): a cost per byte or per host
+# cannot reconcile those, the serialisation does. The H100 gap study's rows (zero3_gap_h100.json, 188.5 ms
+# at mb4), from which 0.27 was solved, are the exception: that host ran the same plan at 187-257 ms in six
+# timings (docs/benchmarks.md), the slow ones as the sum says (gpu_validate_h100.json: 253.7 ms).
+# Effect on the 28 ZeRO-3 rows, uncalibrated: median 19.3% -> 8.1% (benchmarks/steptime_accuracy.py).
+SERIAL = {"fsdp": 0.15, "deepspeed": 0.27, "deepspeed_zero3": 1.0}
 # torch.compile (plan.compile): Inductor fuses the memory-bound kernels of each compiled block and
 # replays them without Python dispatch. COMPILE_MEM / COMPILE_KERNELS scale their bytes and the
 # kernels the host launches (FSDP); DeepSpeed's engine.compile() made ZeRO-3 ~20% slower on an H200
@@ -276,6 +289,11 @@ def _offload_time(s: Setup, gpu: GPU) -> float:
     moved = (4 + s.P) * local
     if s.stage == "zero3" and s.offload_params != "none":
         moved += 2 * s.P * local * s.micro_steps  # gathered shards come up for forward and backward
+    if s.ds and s.stage != "zero3" and s.micro_steps > 1:
+        # DeepSpeed ZeRO-1/2 with the optimizer offloaded accumulates gradients in CPU memory: every
+        # micro-step copies its gradients down, and each after the first brings the sum up to add to
+        # (stage_1_and_2.py, async_accumulate_grad_in_cpu_via_gpu): (2 x micro-steps - 1) 16-bit copies
+        moved += (2 * s.micro_steps - 1) * s.P * local
     rate = CPU_ADAM_PARAMS_PER_S if s.ds else TORCH_CPU_ADAM_PARAMS_PER_S[s.framework]
     return moved / gpu.pcie_bw + local * s.gpn / rate
 
@@ -293,7 +311,7 @@ def step_time(plan: Plan, s: Setup, gpu: GPU, wire: dict, rates: Rates | None = 
     opt = optimizer_bytes(plan, s, local) / (gpu.hbm_bw * r.hbm_eff)
     gpu_s = ((mm + attn + mem) * s.micro_steps + opt) * r.gpu_scale
     host_s = host_time(plan, s, w, r) + checkpoint_time(plan, s, w, r)
-    serial = SERIAL["deepspeed" if s.ds else "fsdp"]
+    serial = SERIAL[("deepspeed_zero3" if s.stage == "zero3" else "deepspeed") if s.ds else "fsdp"]
     core = max(gpu_s, host_s) + serial * min(gpu_s, host_s) + ds_optimizer_host(s, w, r)  # DS_OPT_SERIAL
     comm_s = _comm_time(s, gpu, wire, w)
     exposed = comm_s if (s.ds and s.stage != "zero3") else max(0.0, comm_s - OVERLAP * gpu_s)
