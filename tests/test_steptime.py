@@ -167,16 +167,22 @@ def test_a_calibration_file_is_found_by_key_and_used(tmp_path, monkeypatch):
     assert estimate(plan, "gpt-1b", "h200").time["calibrated"] is True  # the matching file still is
 
 
-def test_deepspeed_hooks_timed_by_calibrate_move_only_deepspeed_host_bound_steps():
-    """A host whose DeepSpeed hooks measured twice steptime.py's constants (calibrate's ds3_hook_scale):
-    a host-bound ZeRO-3 step (the host probe's tiny shape) takes longer, FSDP's does not move."""
+def test_a_calibration_applies_gpu_rates_and_run_fitted_host_not_microbench_host_timings():
+    """calibrate.py APPLY_MICROBENCH_HOST: the micro-benchmark's host timings (here DeepSpeed's hooks at twice
+    the constants) leave a host-bound step where it was, a measured matmul rate moves a GPU-bound one, and
+    `--from-runs`' host_fit (real steps) moves the host-bound one."""
     cal = json.loads((RESULTS / "calibration_h200.json").read_text())
-    slow = {**cal, "rates": {**cal["rates"], "ds3_hook_scale": 2.0, "ds12_hook_scale": 2.0}}
+    slow_hooks = {**cal, "rates": {**cal["rates"], "ds3_hook_scale": 2.0, "ds12_hook_scale": 2.0, "launch_s": 1e-4}}
+    fitted = {**cal, "rates": {**cal["rates"], "host_fit": 1.5}}
+    fast_mm = {**cal, "rates": {**cal["rates"], "mm_eff": {"bf16": 0.95}}}
     tiny = {"name": "hostA", "family": "gpt", "layers": 16, "hidden": 256, "heads": 4, "vocab": 512, "seq_len": 256}
-    for fw, stage, moves in (("deepspeed", "zero3", True), ("deepspeed", "zero2", True), ("fsdp2", "zero3", False)):
-        plan = Plan(framework=fw, sharding=stage, micro_batch_size=1)
-        a, b = (estimate(plan, tiny, "h200", calibration=c).time["step_time_s"] for c in (cal, slow))
-        assert (b > 1.3 * a) if moves else b == pytest.approx(a), (fw, stage, a, b)
+    plan = Plan(framework="deepspeed", sharding="zero3", micro_batch_size=1)
+    t = {k: estimate(plan, tiny, "h200", calibration=c).time["step_time_s"] for k, c in
+         (("cal", cal), ("slow_hooks", slow_hooks), ("fitted", fitted))}
+    assert t["slow_hooks"] == pytest.approx(t["cal"]) and t["fitted"] > 1.3 * t["cal"], t
+    big = Plan(framework="fsdp2", sharding="zero3", micro_batch_size=8)
+    a, b = (estimate(big, "gpt-1b", "h200", calibration=c).time["step_time_s"] for c in (cal, fast_mm))
+    assert b < 0.95 * a, (a, b)
 
 
 def test_calibrate_without_a_gpu_says_so_and_exits_2(capsys):
