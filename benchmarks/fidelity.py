@@ -150,8 +150,22 @@ HELD_CONFIGS = [
     C("gpt1792", "deepspeed", "zero3", mb=2, ga=2), C("gpt1792", "deepspeed", "zero2", mb=4, ga=2, off="opt"),
     C("llama32L", "deepspeed", "zero3", mb=4, off="opt"), C("llama80k", "fsdp2", "zero3", mb=2),
     C("gpt1792", "fsdp1", "zero3", mb=4, ac=True), C("llama32L", "deepspeed", "zero1", mb=4)]
+# the reserved set (--set res, numbered from 601; issue 13's reserved memory): shapes used nowhere before,
+# run after cachesim.py and the traced reserved were written, to judge them (and the analytical reserved)
+MODELS.update({
+    "gpt896": {"name": "gpt896", "family": "gpt", "layers": 14, "hidden": 896, "heads": 14, "vocab": 50257, "seq_len": 1536},
+    "llama48k": {"name": "llama48k", "family": "llama", "layers": 10, "hidden": 1280, "heads": 10, "kv_heads": 2,
+                 "ffn_hidden": 3456, "vocab": 48000, "seq_len": 2560},
+})
+RES_CONFIGS = [
+    C("gpt896", "fsdp2", "zero3", mb=3), C("gpt896", "fsdp2", "zero2", mb=4, ac=True), C("gpt896", "fsdp2", "ddp", "fp32", mb=1),
+    C("gpt896", "fsdp1", "zero3", mb=2), C("gpt896", "deepspeed", "zero2", mb=2), C("gpt896", "deepspeed", "ddp", mb=3),
+    C("llama48k", "fsdp2", "zero3", mb=2), C("llama48k", "fsdp2", "zero3", "fp16", mb=1, ga=2), C("llama48k", "fsdp1", "ddp", mb=3, ac=True),
+    C("llama48k", "deepspeed", "zero3", mb=2), C("llama48k", "deepspeed", "zero1", mb=1, ga=2), C("llama48k", "fsdp2", "ddp", mb=2, ac=True),
+]
 SETS = {"matrix": (1, CONFIGS), "check": (101, CHECK_CONFIGS), "host": (201, HOST_CONFIGS), "val": (301, VAL_CONFIGS),
-        "hf": (401, HF_CONFIGS), "held": (501, HELD_CONFIGS)}
+        "hf": (401, HF_CONFIGS), "held": (501, HELD_CONFIGS),
+        "res": (601, RES_CONFIGS)}
 KEYS = ("model", "framework", "sharding", "precision", "micro_batch_size", "grad_accum_steps", "activation_checkpointing",
         "offload", "compile", "hf", "low_memory_init")
 

@@ -34,7 +34,9 @@ def _row(source, name, per_gpu, alloc, resv) -> dict:
             "measured_allocated_gib": alloc / GIB, "measured_reserved_gib": (resv or 0) / GIB}
 
 
-def fidelity_rows() -> list[dict]:
+def fidelity_rows(trace: str | None = None, only: set[str] | None = None) -> list[dict]:
+    """Every completed fidelity row re-estimated; with `trace` ("all" or one framework) also traced
+    (fidelity.predictions: FSDP with CPU offload is not traced), `only` limiting the files (their stems)."""
     import fidelity
 
     from shardlab.estimate import estimate
@@ -43,6 +45,8 @@ def fidelity_rows() -> list[dict]:
     for f in sorted(RESULTS.glob("fidelity_h200*.json")):
         if f.stem.endswith("_alone"):
             continue  # the check set again, run alone for timing: the same memory figures
+        if only and f.stem not in only:
+            continue
         for r in json.loads(f.read_text()):
             if r.get("status") != "completed" or not r.get("peak_allocated_bytes"):
                 continue
@@ -51,6 +55,14 @@ def fidelity_rows() -> list[dict]:
                     + (" compile" if r["compile"] else "") + (" hf" if r["hf"] else ""))
             pg = estimate(fidelity.plan_for(r), fidelity.model_for(r), gpu="h200").per_gpu
             out.append(_row(f.stem, name, pg, r["peak_allocated_bytes"], r.get("peak_reserved_bytes")))
+            if trace and (trace == "all" or r["framework"] == trace):
+                tr = fidelity.predictions(r, ("trace",)).get("trace")
+                row = out[-1]
+                row["trace_error"] = tr["peak_allocated"] / r["peak_allocated_bytes"] - 1 if tr else None
+                resv = r.get("peak_reserved_bytes")
+                row["trace_reserved_error"] = tr["peak_reserved"] / resv - 1 if tr and resv else None
+                print(f"{name:<70} traced allocated {row['trace_error']:+6.1%} reserved {row['trace_reserved_error'] or 0:+6.1%}"
+                      f" (analytical reserved {row['reserved_error'] or 0:+6.1%})" if tr else f"{name:<70} not traced", flush=True)
     return out
 
 
@@ -86,8 +98,11 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--all", action="store_true", help="print every row, not only those over the bars")
     ap.add_argument("--json", help="write the rows to this file")
+    ap.add_argument("--trace", nargs="?", const="all", help="also the traced estimate of each fidelity row (seconds a row): all, or one framework's rows")
+    ap.add_argument("--files", help="comma list of results files (stems) to read, e.g. fidelity_h200_val")
     a = ap.parse_args()
-    rows = fidelity_rows() + tune_rows()
+    only = set(a.files.split(",")) if a.files else None
+    rows = fidelity_rows(a.trace, only) + ([] if only else tune_rows())
     print("\n".join(summary(rows)))
     print(f"\nrows over the bars (allocated {ALLOCATED_BAR:.0%}, reserved {RESERVED_BAR:.0%}):" if not a.all else "\nevery row:")
     for r in rows:

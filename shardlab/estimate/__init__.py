@@ -144,10 +144,14 @@ def _traced(plan: Plan, s, model, gpu) -> dict:
         mem = memory(plan, s, gpu=gpu)
         g = mem["per_gpu"]
         peak = t["peak"] + cublas_workspaces(gpu)  # a fake-tensor step runs no cuBLAS
-        g["peak_allocated"], g["peak_reserved"] = peak, reserved(peak)
+        # reserved: the traced step's own requests replayed through the caching allocator's rules
+        # (cachesim.py), + the workspaces (segments of their own)
+        resv = t["reserved"] + cublas_workspaces(gpu) if t.get("reserved") else reserved(peak)
+        g["peak_allocated"], g["peak_reserved"] = peak, resv
         g["overhead"] = CUDA_CONTEXT_BYTES + stranded(peak)
         g["total"] = peak + g["overhead"]
-        what = "whole step traced (wrapping, states, buffers, activations, optimizer step) + the cuBLAS workspaces; the category rows above are analytical"
+        what = ("whole step traced (wrapping, states, buffers, activations, optimizer step) + the cuBLAS workspaces; reserved: the"
+                " step's requests replayed through the caching allocator's rules on their streams (cachesim.py); the category rows above are analytical")
     at = ", ".join(f"{k} {v / GIB:.2f} GiB" for k, v in t["at_peak"].items())
     mem["notes"]["trace"] = f"{what}; traced peak {t['peak'] / GIB:.2f} GiB ({at})"
     mem["trace"] = t

@@ -20,7 +20,14 @@ What is traced, by framework:
 Differences from a CUDA run that the trace stands in for: tensors live on a fake CPU device, so the
 attention kernel is the CPU's flash attention (it keeps the same tensors for backward as CUDA's flash
 / memory-efficient kernels: q, k, v, output, log-sum-exp), and the optimizer is told foreach=True as
-on CUDA. Block rounding of the caching allocator is added in allocator.py, not here.
+on CUDA. Every storage the step makes and frees is also replayed through cachesim.py (torch's caching
+allocator rules: 512-byte rounding, small/large pools, best-fit splitting, segment sizes) on the stream
+the framework made it on (FSDP enters its unshard / all-gather / reduce-scatter streams through the
+device handle, torch.cpu's here, which keeps the current stream object), so an FSDP trace also gives
+the reserved bytes (`reserved`): the order and sizes of the requests decide it, not the peak alone.
+What the replay cannot know: a CUDA run frees a tensor used on another stream only when that stream's
+work is done (record_stream), later than the CPU's free, so FSDP1's reserved varies from run to run
+(H200 #7, #25, #109: 8-14% between two runs of the same configuration).
 
 Models: a ModelSpec (a preset or a shape; built with `shardlab.run.gpt.build_model`'s architecture),
 or a dict {"module": zero-argument callable returning an nn.Module whose forward(ids [B, T]) returns
@@ -68,7 +75,11 @@ class LiveBytes:
     def __init__(self):
         import weakref
 
+        from .cachesim import CachingAllocator
+
         self._weakref = weakref
+        self.sim = CachingAllocator()  # the same storages through torch's caching allocator rules
+        self.streams: dict[int, int] = {}  # id(stream object) -> 0 (the default), 1, 2, ...
         self.cat = "params"
         self.info: dict[int, list] = {}  # id(storage) -> [category, bytes, weakref]
         self.totals: dict[str, int] = {}
@@ -98,9 +109,23 @@ class LiveBytes:
                 rec = self.info.pop(key, None)
                 if rec is not None:
                     self._add(rec[0], -rec[1])
+                    self.sim.free(key)
 
             self.info[key] = [c, n, self._weakref.ref(st, gone)]
             self._add(c, n)
+            if n:
+                self.sim.alloc(key, n, self._stream())
+
+    def _stream(self) -> int:
+        """The stream a CUDA run would allocate on: FSDP enters its unshard / all-gather / reduce
+        streams through the device handle, which on the fake CPU device is torch.cpu's, and that one
+        keeps the current stream object. Each stream has its own cached blocks in the allocator."""
+        import torch
+
+        cur = torch.cpu.current_stream()
+        if not self.streams:
+            self.streams[id(torch.cpu._default_cpu_stream)] = 0
+        return self.streams.setdefault(id(cur), len(self.streams))
 
     def resized(self, st) -> None:
         rec = self.info.get(id(st))
@@ -108,6 +133,9 @@ class LiveBytes:
             n = st.nbytes()
             self._add(rec[0], n - rec[1])
             rec[1] = n
+            self.sim.free(id(st))
+            if n:
+                self.sim.alloc(id(st), n, self._stream())
 
     def mode(self):
         from torch.utils._python_dispatch import TorchDispatchMode
@@ -342,7 +370,8 @@ def _step_model_only(plan: Plan, module, vocab: int, seq_len: int) -> LiveBytes:
 def traced_memory(plan: Plan, model) -> dict:
     """Peak live bytes of one rank in a traced training step.
 
-    Returns {"peak": bytes, "at_peak": {category: bytes}, "traced": "all" | "activations"}. For
+    Returns {"peak": bytes, "at_peak": {category: bytes}, "traced": "all" | "activations"} and, for
+    "all", "reserved": the peak of the caching allocator's segments for the step's requests. For
     "activations" (DeepSpeed) `peak` is the forward/backward working set on top of the model's own
     parameters (activations, temporaries, gradients in flight).
     """
@@ -362,4 +391,4 @@ def traced_memory(plan: Plan, model) -> dict:
     if ds:
         params = cats.pop("params", 0)
         return {"peak": live.peak - params, "at_peak": {"params": params, **cats}, "traced": "activations"}
-    return {"peak": live.peak, "at_peak": cats, "traced": "all"}
+    return {"peak": live.peak, "at_peak": cats, "traced": "all", "reserved": live.sim.peak_reserved}

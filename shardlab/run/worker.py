@@ -130,7 +130,8 @@ class Worker:
         if self.device == "cuda":
             torch.cuda.set_device(self.local_rank)
             if self.cfg.get("trace_memory"):
-                torch.cuda.memory._record_memory_history(max_entries=200_000)
+                # Python frames only: symbolising C++ frames at the dump takes minutes
+                torch.cuda.memory._record_memory_history(max_entries=400_000, stacks="python")
         dist.init_process_group("nccl" if self.device == "cuda" else "gloo",
                                 device_id=torch.device("cuda", self.local_rank) if self.device == "cuda" else None)
         # the GPU's name in shardlab's table lets compare() predict for the GPU the run really used
