@@ -140,6 +140,10 @@ def main(argv=None) -> int:
     if a.child:
         cpu_adam_child(a.child)
         return 0
+    from shardlab.export.launch import sanitize_arch_list
+
+    if os.environ.get("TORCH_CUDA_ARCH_LIST"):  # "9.0a" on the Hopper image: DeepSpeed's op builder cannot parse it
+        os.environ["TORCH_CUDA_ARCH_LIST"] = sanitize_arch_list(os.environ["TORCH_CUDA_ARCH_LIST"])
     out = {"host": host_info()}
     print("host", out["host"], flush=True)
     llamawide6 = {"name": "llamawide6", "family": "llama", "layers": 6, "hidden": 3072, "heads": 24, "kv_heads": 8,

@@ -3,7 +3,7 @@
 Trains every setup of tests/cpu_runs.py once, `--at-once N` at a time, in this process (as a pytest
 process does), and prints the wall time and the CPU time the runs used (getrusage of the waited-for
 children: torchrun agents, ranks, watchdogs). On 2 cores, more runs at once than the cores can feed
-spend CPU on waiting for each other; the figure chosen for cpu_runs.AT_ONCE is recorded in
+spend CPU on waiting for each other; the figure chosen for _prestart.AT_ONCE is recorded in
 docs/benchmarks.md with the command that measured it.
 
     .venv/bin/python benchmarks/suite_runs.py --at-once 2
@@ -26,9 +26,10 @@ def main() -> None:
     ap.add_argument("--at-once", type=int, default=2, help="runs going at the same time")
     a = ap.parse_args()
     sys.path[:0] = [str(ROOT / "tests"), str(ROOT)]
+    import _prestart
     import cpu_runs
 
-    cpu_runs.AT_ONCE = a.at_once
+    _prestart.AT_ONCE = a.at_once
     load, t0 = os.getloadavg()[0], time.monotonic()
     runs = cpu_runs.cpu_runs()
     used = resource.getrusage(resource.RUSAGE_CHILDREN)

@@ -1,4 +1,5 @@
-"""Shared test set-up: `gpu` tests run only where CUDA is present; runs go to a temporary store."""
+"""Shared test set-up: `gpu` tests run only where CUDA is present; runs go to a temporary store; the shared
+real runs the selected tests read start in the background right after collection (_prestart.py)."""
 
 import os
 import shutil
@@ -36,3 +37,11 @@ def pytest_collection_modifyitems(config, items):
         for item in items:
             if "gpu" in item.keywords:
                 item.add_marker(skip)
+
+
+def pytest_collection_finish(session):
+    # after -k/-m deselection and the skip marks above: only what will really run is started
+    if not session.config.option.collectonly:
+        import _prestart
+
+        _prestart.queue_for(session.items)

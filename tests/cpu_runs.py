@@ -1,10 +1,11 @@
 """The real CPU training runs the suite shares: each setup trains once per pytest process, through `launch()`.
 
-gpt-tiny, seed 0, 3 steps, fp32, 2 ranks (the 2x2 setups: two "nodes" of two processes), started a few
-two at a time (most of a tiny run is process start-up). test_run_matrix checks every setup against the
+gpt-tiny, seed 0, 3 steps, fp32, 2 ranks (the 2x2 setups: two "nodes" of two processes), started two
+at a time (most of a tiny run is process start-up). test_run_matrix checks every setup against the
 estimator, test_worker checks what the worker wrote, and the analysis tests (test_compare, test_plots,
-test_report, test_store, test_steptime) read three of them (`real_runs`). A run is started the first
-time a test asks for it, so a file run alone starts only the runs it reads.
+test_report, test_store, test_steptime) read three of them (`real_runs`). The fixtures that read them say
+so (`@needs(...)`): the runs the selected tests read are started in the background right after collection
+(_prestart.py), the analysis three first, so a file run alone starts only the runs it reads.
 
 fp32 and 2 ranks make the expected figures exact (one full copy of the parameters is params x 4 bytes;
 ZeRO-3 holds half of it). DeepSpeed keeps every parameter under stage3_param_persistence_threshold
@@ -16,14 +17,14 @@ The two 2x2 setups train in bf16, so real bf16 runs of FSDP2 and DeepSpeed stay 
 from __future__ import annotations
 
 import tempfile
-import time
 from pathlib import Path
 
+import _prestart
+
 MODEL, STEPS, NPROC, SEED = "gpt-tiny", 3, 2, 0
-# Runs going at the same time. All 14 setups on the 2-core machine, 2026-12-01, others' load 6-13
-# (benchmarks/suite_runs.py, docs/benchmarks.md): 5 at once 555 s wall / 610 CPU-s, 2 at once 308 s /
-# 368 CPU-s, 1 at once 391 s / 346 CPU-s. More than two runs (4+ ranks) on 2 cores wait on each other.
-AT_ONCE = 2
+# Runs going at the same time (_prestart.AT_ONCE). All 14 setups on the 2-core machine, 2026-12-01, others'
+# load 6-13 (benchmarks/suite_runs.py, docs/benchmarks.md): 5 at once 555 s wall / 610 CPU-s, 2 at once
+# 308 s / 368 CPU-s, 1 at once 391 s / 346 CPU-s. More than two runs (4+ ranks) on 2 cores wait on each other.
 _TWO = {"nodes": 1, "gpus_per_node": NPROC}
 _TWO_BY_TWO = {"nodes": 2, "gpus_per_node": 2}
 _DS3 = {"buckets": {"param_persistence_threshold": 0}}
@@ -52,7 +53,6 @@ SETUPS: dict[str, dict] = {
 # the analysis tests' three runs, in the order their tables list them
 ANALYSIS = ("fsdp2-zero3", "deepspeed-zero3", "fsdp1-ddp")
 
-_runs: dict = {}
 _store: list[Path] = []
 
 
@@ -61,24 +61,38 @@ def _launch(name: str):
 
     if not _store:
         _store.append(Path(tempfile.mkdtemp(prefix="shardlab-cpu-runs-")))
-    # 540 s without progress: a first CPU-offload run may JIT-build CPU Adam when lab 00 has not warmed it
-    return launch(SETUPS[name], model=MODEL, steps=STEPS, device="cpu", out=_store[0], seed=SEED, timeout_s=540)
+    # 900 s without progress: a first CPU-offload run may JIT-build CPU Adam at low priority (_prestart.NICE)
+    # while the foreground tests keep both cores busy
+    return launch(SETUPS[name], model=MODEL, steps=STEPS, device="cpu", out=_store[0], seed=SEED, timeout_s=900)
+
+
+def job(name: str) -> str:
+    """The background job (_prestart.py) that trains this setup."""
+    return f"cpu-run {name}"
+
+
+for _name in SETUPS:
+    _prestart.register(job(_name), lambda name=_name: _launch(name), lambda run: run.done, _prestart.run_pids)
+# the order the background starts them in when every setup is wanted: the analysis runs first (the
+# earliest tests read them), then the optimizer-offload run, whose first start builds CPU Adam
+ORDER = tuple(dict.fromkeys((*ANALYSIS, "deepspeed-zero2-offload-optimizer", *SETUPS)))
+
+
+def needs(*names: str):
+    """Under a fixture's `@pytest.fixture`: it reads these setups (all of them by default)."""
+    return _prestart.needs(*(job(n) for n in names or ORDER))
 
 
 def cpu_runs(names=tuple(SETUPS)) -> dict:
-    """{name: LiveRun} of these setups, each finished; the ones not yet run are started, AT_ONCE at a time.
-    A run that stops making progress is ended by the launcher (timeout_s); a launcher that never ends it
-    fails the tests that read it (status running) after 900 s instead of hanging the suite."""
-    todo = [n for n in names if n not in _runs]
-    while todo:
-        for _ in range(AT_ONCE - sum(1 for r in _runs.values() if not r.done)):
-            if todo:
-                name = todo.pop(0)
-                _runs[name] = _launch(name)
-        time.sleep(0.5)
-    for n in names:
-        _runs[n].wait(timeout=900)
-    return {n: _runs[n] for n in names}
+    """{name: LiveRun} of these setups, each finished; the ones not yet started go first in the background
+    queue (_prestart.py, AT_ONCE at a time). A run that stops making progress is ended by the launcher
+    (timeout_s); a launcher that never ends it fails the tests that read it (status running) after 1500 s
+    instead of hanging the suite."""
+    _prestart.want([job(n) for n in names], first=True)
+    runs = {n: _prestart.get(job(n)) for n in names}
+    for run in runs.values():
+        run.wait(timeout=1500)
+    return runs
 
 
 def real_runs() -> list:

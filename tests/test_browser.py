@@ -21,6 +21,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from _jupyterlab import wait_kernel_idle
 
 from shardlab.run.host import free_port
 
@@ -231,20 +232,13 @@ def jupyterlab(tmp_path: Path, files: dict[str, str], env: dict[str, str] | None
 
 
 def open_and_run_all(page, url: str) -> None:
-    """Open the notebook at `url`, start its kernel (accepting JupyterLab's kernel dialog if it asks),
-    wait for the kernel to be idle, then Run > Run All Cells."""
+    """Open the notebook at `url`, wait until the status bar shows its kernel Idle (accepting JupyterLab's
+    kernel dialog if it asks: _jupyterlab.py says why not the toolbar's indicator), then Run > Run All Cells."""
     from playwright.sync_api import expect
 
     page.goto(url)
     expect(page.locator(".jp-Notebook .jp-Cell").first).to_be_visible(timeout=90_000)
-    # A fresh JupyterLab may ask which kernel to start: the notebook's own (python3) is preselected.
-    choose = page.locator(".jp-Dialog .jp-mod-accept")
-    try:
-        choose.wait_for(timeout=15_000)
-        choose.click()
-    except Exception:  # no dialog: the kernel started by itself
-        pass
-    expect(page.locator(".jp-Notebook-ExecutionIndicator[data-status='idle']")).to_have_count(1, timeout=90_000)
+    wait_kernel_idle(page, url.rsplit("/", 1)[-1], timeout_s=180)
     page.get_by_role("menuitem", name="Run", exact=True).click()
     page.get_by_role("menuitem", name="Run All Cells").first.click()
 
@@ -262,7 +256,6 @@ def _type_model(box, source: str) -> None:
     box.press("Tab")  # leaving the box applies it (measured: Enter alone did not, bokeh 3.9's autocomplete)
 
 
-@pytest.mark.heavy  # ~92 s of make test (fresh clone 2026-12-01: the suite over its 25 minutes with it)
 def test_jupyterlab_renders_the_builder_and_runs_my_model_from_the_launcher(browser, lab):
     """One JupyterLab session (its start is most of the cost): the ConfigBuilder renders live controls,
     and the person's own nn.Module (lab 08's model file beside the notebook) typed into the builder's

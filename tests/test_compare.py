@@ -11,7 +11,7 @@ import re
 
 import pandas as pd
 import pytest
-from cpu_runs import MODEL, NPROC, STEPS, label, real_runs
+from cpu_runs import ANALYSIS, MODEL, NPROC, STEPS, label, needs, real_runs
 
 from shardlab import compare as C
 from shardlab import tables as T
@@ -22,6 +22,7 @@ FULL = resolve_model(MODEL).params * 4  # fp32 bytes of one full copy of the par
 
 
 @pytest.fixture(scope="session")
+@needs(*ANALYSIS)
 def runs():
     return real_runs()
 

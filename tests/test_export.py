@@ -14,8 +14,10 @@ import re
 import shlex
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
+import _prestart
 import pytest
 import yaml
 from hypothesis import HealthCheck, given, settings
@@ -214,9 +216,9 @@ def test_exported_fsdp_code_compiles(plan):
     assert ("FSDP(model, **kwargs)" in code) == (plan.framework == "fsdp1")
 
 
-# The four exported FSDP scripts that train for real (2 CPU processes each, 4 steps) start from one fixture,
-# two at a time: most of such a run is starting torch, and two runs fill 2 cores (tests/cpu_runs.py's
-# AT_ONCE measured it); one after another they took ~46 s in CI.
+# The four exported FSDP scripts that train for real (2 CPU processes each, 4 steps) start in the background
+# right after collection (_prestart.py), two at a time: most of such a run is starting torch, and two runs
+# fill 2 cores (tests/cpu_runs.py has the measurement); one after another they took ~46 s in CI.
 TRAINED = {
     "fsdp1-ac": {"framework": "fsdp1", "topology": {"gpus_per_node": 2}, "activation_checkpointing": True,
                  "checkpoint": "full", "gradient_clipping": 1.0, "optimizer": {"lr": 0.01}},
@@ -229,7 +231,6 @@ TRAINED = {
     "fsdp2-exported-torchrun": {"framework": "fsdp2", "topology": {"gpus_per_node": 2}, "activation_checkpointing": True,
                                 "optimizer": {"lr": 0.01}},
 }
-TRAIN_AT_ONCE = 2
 
 
 def _torchrun(nproc: int) -> list[str]:
@@ -255,28 +256,33 @@ def _start(name: str, where: Path) -> subprocess.Popen:
                                 cwd=where, env=env, stdout=out, stderr=err, text=True)
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """name -> (exit code, folder with stdout, stderr, ckpt) of each TRAINED plan's exported script."""
-    import time
+_trained_root: list[Path] = []
 
-    base = tmp_path_factory.mktemp("trained")
-    todo, going = list(TRAINED), {}
-    try:
-        while todo:
-            if sum(p.poll() is None for p in going.values()) >= TRAIN_AT_ONCE:
-                time.sleep(0.2)
-                continue
-            name = todo.pop(0)
-            going[name] = _start(name, base / name)
-        for p in going.values():
+
+def _trained_dir() -> Path:
+    if not _trained_root:
+        _trained_root.append(Path(tempfile.mkdtemp(prefix="shardlab-export-trained-")))
+    return _trained_root[0]
+
+
+TRAINED_JOBS = {name: f"exported script {name}" for name in TRAINED}
+for _name in TRAINED:
+    _prestart.register(TRAINED_JOBS[_name], lambda name=_name: _start(name, _trained_dir() / name), lambda proc: proc.poll() is not None)
+
+
+@pytest.fixture(scope="module")
+@_prestart.needs(*TRAINED_JOBS.values())
+def trained():
+    """name -> (exit code, folder with stdout, stderr, ckpt) of each TRAINED plan's exported script."""
+    _prestart.want(TRAINED_JOBS.values(), first=True)
+    started = {name: _prestart.get(job) for name, job in TRAINED_JOBS.items()}
+    for p in started.values():
+        try:
             p.wait(timeout=300)
-    finally:
-        for p in going.values():  # an error above leaves no run behind
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-    return {name: (p.returncode, base / name) for name, p in going.items()}
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+    return {name: (p.returncode, _trained_dir() / name) for name, p in started.items()}
 
 
 def _losses(trained, name: str) -> tuple[list[float], Path]:

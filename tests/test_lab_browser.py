@@ -38,6 +38,7 @@ from pathlib import Path
 
 import nbformat
 import pytest
+from _jupyterlab import wait_kernel_idle
 
 from shardlab.run.host import free_port
 from tests.test_browser import wait_http
@@ -166,33 +167,13 @@ def offline_browser(tmp_path_factory):
 
 
 def _open(page, base: str, name: str) -> None:
-    """Open `name` and wait until its kernel is really there (see _wait_kernel_idle)."""
+    """Open `name` and wait until its kernel is really there (_jupyterlab.wait_kernel_idle, which also
+    accepts the kernel dialog a fresh JupyterLab may show)."""
     from playwright.sync_api import expect
 
     page.goto(f"{base}/lab/tree/{name}")
     expect(page.locator(".jp-NotebookPanel:not(.lm-mod-hidden) .jp-Cell").first).to_be_visible(timeout=120_000)
-    choose = page.locator(".jp-Dialog .jp-mod-accept")
-    try:  # a fresh JupyterLab may ask which kernel to start: the notebook's own is preselected
-        choose.wait_for(timeout=5_000)
-        choose.click()
-    except Exception:
-        pass
-    _wait_kernel_idle(page, name)
-
-
-# The status bar's kernel item ("Python 3 (ipykernel) | Idle") reads SessionContext.kernelDisplayStatus:
-# "Idle" only once a kernel exists, is connected and idle ("Initializing", "Connecting", "Unknown" before).
-_KERNEL_IDLE_JS = """(name) => {
-    const items = Array.from(document.querySelectorAll('.jp-StatusBar-TextItem')).map(e => e.textContent.trim());
-    return items.includes(name) && items.some(t => / [|] Idle$/.test(t) && !t.startsWith('No Kernel'));
-}"""
-
-
-def _wait_kernel_idle(page, name: str, timeout_s: float = 300) -> None:
-    """Until the status bar shows `name` as the current notebook and its kernel as Idle: what the
-    facilitator guide tells the room to wait for before Run All. (Not the toolbar's execution
-    indicator: its data-status is "idle" from the start, before a kernel exists.)"""
-    page.wait_for_function(_KERNEL_IDLE_JS, arg=name, timeout=timeout_s * 1000)
+    wait_kernel_idle(page, name)
 
 
 def _run_all(page, timeout_s: float = 60) -> None:

@@ -10,7 +10,7 @@ import sys
 
 import numpy as np
 import pytest
-from cpu_runs import label, real_runs
+from cpu_runs import ANALYSIS, label, needs, real_runs
 from PIL import Image
 
 from shardlab import compare as C
@@ -19,6 +19,7 @@ from shardlab.plan import PlanError
 
 
 @pytest.fixture(scope="session")
+@needs(*ANALYSIS)
 def runs():
     return real_runs()
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import re
 
 import pytest
-from cpu_runs import label, real_runs
+from cpu_runs import ANALYSIS, label, needs, real_runs
 from PIL import Image
 
 from shardlab.cli import main
@@ -17,6 +17,7 @@ FIGURES = ("memory_states", "memory_breakdown", "memory_timeline", "throughput",
 
 
 @pytest.fixture(scope="session")
+@needs(*ANALYSIS)
 def runs():
     return real_runs()
 

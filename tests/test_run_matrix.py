@@ -12,12 +12,13 @@ from __future__ import annotations
 import math
 
 import pytest
-from cpu_runs import SETUPS, STEPS, cpu_runs
+from cpu_runs import SETUPS, STEPS, cpu_runs, needs
 
 from shardlab.estimate import estimate
 
 
 @pytest.fixture(scope="module")
+@needs()
 def runs():
     return cpu_runs(list(SETUPS))
 

@@ -18,7 +18,7 @@ import time
 
 import pandas as pd
 import pytest
-from cpu_runs import real_runs
+from cpu_runs import ANALYSIS, needs, real_runs
 
 from shardlab import cli
 from shardlab import compare as C
@@ -138,6 +138,7 @@ def _deny(monkeypatch, folder):
 
 
 @pytest.fixture(scope="module")
+@needs(*ANALYSIS)
 def good():
     return real_runs()[0]
 

@@ -7,7 +7,8 @@ written into the run's plan, TFLOPS reported, and the sharded model states every
 (measured from the frameworks' own tensors) within 5% of the estimate.
 
 Cost (the default suite's 25-minute budget on 2 cores): 2-layer, hidden-64 models, 2 steps, two runs at
-a time (more only thrash 2 cores). Most of a run is starting Python, torch and transformers, so the six
+a time (more only thrash 2 cores), started in the background right after collection (_prestart.py) so they
+train while earlier tests leave a core idle. Most of a run is starting Python, torch and transformers, so the six
 Hugging Face runs call the CLI's own `main(argv)` in processes forked from one server that imported
 shardlab and transformers once (multiprocessing's forkserver): the same parsing, model resolution,
 launch and exit code as the `shardlab` command, without six more ~10 s imports. The factory's CLI run is
@@ -22,17 +23,14 @@ import multiprocessing
 import os
 import subprocess
 import sys
-import time
+import tempfile
 from pathlib import Path
 
+import _prestart
 import pytest
 
 from shardlab.estimate import estimate
 from shardlab.run.store import load_run
-
-# heavy again (SHARDLAB_HEAVY_TESTS=1 runs it): the eight runs cost ~125 s of make test, and the fresh-clone
-# suite with them took 1479 s of pytest, 27m45s in all on 2 cores (2026-12-01 22:02), over the 25-minute budget
-pytestmark = pytest.mark.heavy
 
 LLAMA = "hf:llama hidden_size=64 intermediate_size=128 num_hidden_layers=2 num_attention_heads=4 num_key_value_heads=2 vocab_size=256 seq_len=32"
 GPT2 = "hf:gpt2 n_embd=64 n_layer=2 n_head=4 vocab_size=256 n_positions=32 seq_len=32"
@@ -48,7 +46,6 @@ CLI_RUNS = {
 }
 NEW_INTERPRETER = {"factory-fsdp2"}  # the others: main(argv) forked from the preloaded server
 STEPS = 2
-AT_ONCE = 2  # CLI runs going at the same time (each is 2 ranks + torchrun on 2 cores)
 PRELOAD = ["shardlab.cli", "shardlab.commands.running", "shardlab.run.launcher", "shardlab.usermodel", "shardlab.estimate",
            "transformers", "transformers.models.llama.modeling_llama", "transformers.models.gpt2.modeling_gpt2"]
 
@@ -93,33 +90,57 @@ class _Cli:
         return rc, json.loads(out.strip().splitlines()[-1]) if out.strip() else {}, err
 
 
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    """Every run of CLI_RUNS and the one through launch(), AT_ONCE at a time."""
+_base: list[Path] = []
+_forkserver: list = []
+
+
+def _where() -> Path:
+    """The runs' folder (one per pytest process: the runs start before any fixture could give one)."""
+    if not _base:
+        _base.append(Path(tempfile.mkdtemp(prefix="shardlab-usermodel-runs-")))
+    return _base[0]
+
+
+def _start_cli(name: str) -> _Cli:
+    model, fw, _ = CLI_RUNS[name]
+    base = _where()
+    if not _forkserver:
+        ctx = multiprocessing.get_context("forkserver")
+        ctx.set_forkserver_preload(PRELOAD)
+        _forkserver.append(ctx)
+    plan = base / f"{name}.yaml"
+    plan.write_text(f"framework: {fw}\nsharding: zero3\nprecision: bf16\ntopology: {{gpus_per_node: 2}}\n")
+    (base / name).mkdir()
+    argv = ["run", str(plan), "--model", *model.split(), "--steps", str(STEPS), "--device", "cpu",
+            "--out", str(base / "runs"), "--json", "--timeout", "900"]
+    return _Cli(argv, base / name, name not in NEW_INTERPRETER, _forkserver[0])
+
+
+def _start_api():
     from shardlab.run.launcher import launch
     from tests.usermodels import tiny_lm
 
-    base = tmp_path_factory.mktemp("usermodel")
-    ctx = multiprocessing.get_context("forkserver")
-    ctx.set_forkserver_preload(PRELOAD)
-    api = launch({"framework": "deepspeed", "sharding": "zero3", "topology": {"gpus_per_node": 2}}, model=tiny_lm,
-                 steps=STEPS, device="cpu", out=base / "runs", timeout_s=600)
-    todo, going = sorted(CLI_RUNS, key=lambda n: n not in NEW_INTERPRETER), {}
-    while todo:
-        if sum(not c.done() for c in going.values()) + (not api.done) >= AT_ONCE:
-            time.sleep(0.2)
-            continue
-        name = todo.pop(0)
-        model, fw, _ = CLI_RUNS[name]
-        plan = base / f"{name}.yaml"
-        plan.write_text(f"framework: {fw}\nsharding: zero3\nprecision: bf16\ntopology: {{gpus_per_node: 2}}\n")
-        (base / name).mkdir()
-        argv = ["run", str(plan), "--model", *model.split(), "--steps", str(STEPS), "--device", "cpu",
-                "--out", str(base / "runs"), "--json", "--timeout", "600"]
-        going[name] = _Cli(argv, base / name, name not in NEW_INTERPRETER, ctx)
-    done = {name: c.result() for name, c in going.items()}
+    return launch({"framework": "deepspeed", "sharding": "zero3", "topology": {"gpus_per_node": 2}}, model=tiny_lm,
+                  steps=STEPS, device="cpu", out=_where() / "runs", timeout_s=900)
+
+
+API = "factory-api-deepspeed"
+JOBS = {name: f"usermodel {name}" for name in (*sorted(CLI_RUNS, key=lambda n: n not in NEW_INTERPRETER), API)}
+for _name in CLI_RUNS:
+    _prestart.register(JOBS[_name], lambda name=_name: _start_cli(name), lambda cli: cli.done(), lambda cli: [cli.proc.pid])
+_prestart.register(JOBS[API], _start_api, lambda run: run.done, _prestart.run_pids)
+
+
+@pytest.fixture(scope="module")
+@_prestart.needs(*JOBS.values())
+def runs():
+    """Every run of CLI_RUNS and the one through launch(), two at a time in the background (_prestart.py)."""
+    _prestart.want(JOBS.values(), first=True)
+    started = {name: _prestart.get(job) for name, job in JOBS.items()}
+    api = started.pop(API)
+    done = {name: cli.result() for name, cli in started.items()}
     api.wait(timeout=900)
-    done["factory-api-deepspeed"] = (0 if api.status == "completed" else 1, {"dir": str(api.dir)}, "")
+    done[API] = (0 if api.status == "completed" else 1, {"dir": str(api.dir)}, "")
     return done
 
 
@@ -151,6 +172,6 @@ def test_cli_run_trains_with_the_wrap_class_found_tflops_and_states_as_estimated
 
 
 def test_a_factory_function_through_the_python_api(runs):
-    rc, info, err = runs["factory-api-deepspeed"]
+    rc, info, err = runs[API]
     _check(rc, info, err, FACTORY, "MyBlock")
     assert load_run(info["dir"]).info["model"] == FACTORY  # the function travelled as module:function

@@ -15,12 +15,14 @@ import math
 import os
 import subprocess
 import sys
+import tempfile
 import textwrap
 from pathlib import Path
 
+import _prestart
 import pytest
 import torch
-from cpu_runs import SETUPS, STEPS, cpu_runs
+from cpu_runs import SETUPS, STEPS, cpu_runs, needs
 
 from shardlab.export.launch import launch_command, sanitized_env
 from shardlab.models import PRESETS, resolve_model
@@ -195,41 +197,50 @@ def _finish(run_dir: Path, proc: subprocess.Popen) -> subprocess.CompletedProces
                                        (run_dir / "torchrun.err").read_text())
 
 
-DIRECT_AT_ONCE = 2  # direct starts going at the same time: 2 runs (4 ranks) fill 2 cores (cpu_runs.AT_ONCE says why)
+# The runs only a start of their own can show: no or alternating instrumentation, low_memory_init, a user
+# factory (one that trains, one that runs out of memory) and a plan the worker itself must refuse (launch()
+# refuses it before starting anything). `user`: the run imports userfactory.py from the runs' folder.
+DIRECT = {
+    "bare": dict(plan=SETUPS["fsdp2-zero3"], steps=2, instrument=False),
+    "alternate": dict(plan=SETUPS["deepspeed-zero2"], steps=4, instrument="alternate"),
+    "lowmem": dict(plan={**SETUPS["fsdp2-zero3"], "low_memory_init": True}, steps=2),
+    "factory": dict(plan=SETUPS["fsdp2-zero3"], steps=2, factory="userfactory:good", user=True),
+    "oom": dict(plan=SETUPS["fsdp2-zero3"], steps=2, factory="userfactory:oom", user=True),
+    "fp16": dict(plan={**SETUPS["deepspeed-zero2"], "precision": "fp16"}, steps=1),
+}
+_direct_root: list[Path] = []
+
+
+def _direct_dir() -> Path:
+    """The direct runs' folder, with the user factory module (one per pytest process: the runs start in the
+    background right after collection, before any fixture could give a folder)."""
+    if not _direct_root:
+        root = Path(tempfile.mkdtemp(prefix="shardlab-worker-direct-"))
+        (root / "userfactory.py").write_text(_FACTORY)
+        _direct_root.append(root)
+    return _direct_root[0]
+
+
+def _start_direct(name: str) -> subprocess.Popen:
+    root, kw = _direct_dir(), dict(DIRECT[name])
+    if kw.pop("user", False):
+        kw["extra_path"] = str(root)
+    return _spawn(root / name, **kw)
+
+
+DIRECT_JOBS = {name: f"worker-direct {name}" for name in DIRECT}
+for _name in DIRECT:
+    _prestart.register(DIRECT_JOBS[_name], lambda name=_name: _start_direct(name), lambda proc: proc.poll() is not None)
 
 
 @pytest.fixture(scope="module")
-def direct(tmp_path_factory):
-    """name -> (completed torchrun, run folder) of the runs only a start of their own can show, started
-    DIRECT_AT_ONCE at a time: no or alternating instrumentation, low_memory_init, a user factory (one
-    that trains, one that runs out of memory) and a plan the worker itself must refuse (launch() refuses
-    it before starting anything)."""
-    root = tmp_path_factory.mktemp("direct")
-    (root / "userfactory.py").write_text(_FACTORY)
-    fsdp2 = SETUPS["fsdp2-zero3"]
-    starts = {
-        "bare": dict(plan=fsdp2, steps=2, instrument=False),
-        "alternate": dict(plan=SETUPS["deepspeed-zero2"], steps=4, instrument="alternate"),
-        "lowmem": dict(plan={**fsdp2, "low_memory_init": True}, steps=2),
-        "factory": dict(plan=fsdp2, steps=2, factory="userfactory:good", extra_path=str(root)),
-        "oom": dict(plan=fsdp2, steps=2, factory="userfactory:oom", extra_path=str(root)),
-        "fp16": dict(plan={**SETUPS["deepspeed-zero2"], "precision": "fp16"}, steps=1),
-    }
-    going: dict[str, subprocess.Popen] = {}
-    done = {}
-    try:
-        for name, kw in starts.items():
-            if len(going) >= DIRECT_AT_ONCE:
-                first = next(iter(going))
-                done[first] = (_finish(root / first, going.pop(first)), root / first)
-            going[name] = _spawn(root / name, **kw)
-        for name in list(going):
-            done[name] = (_finish(root / name, going.pop(name)), root / name)
-    finally:
-        for p in going.values():  # an error above leaves no run behind
-            p.kill()
-            p.wait()
-    return done
+@_prestart.needs(*DIRECT_JOBS.values())
+def direct():
+    """name -> (completed torchrun, run folder) of each DIRECT run, started two at a time in the background
+    (_prestart.py; 2 runs, 4 ranks, fill 2 cores: cpu_runs.py says why)."""
+    _prestart.want(DIRECT_JOBS.values(), first=True)
+    started = {name: _prestart.get(job) for name, job in DIRECT_JOBS.items()}
+    return {name: (_finish(_direct_dir() / name, proc), _direct_dir() / name) for name, proc in started.items()}
 
 
 # The 2-rank fp32 setups of the shared runs (cpu_runs.py); their DeepSpeed ZeRO-3 runs set
@@ -238,6 +249,7 @@ CONFIGS = [n for n, p in SETUPS.items() if p["topology"] == {"nodes": 1, "gpus_p
 
 
 @pytest.fixture(scope="module")
+@needs(*CONFIGS)
 def run():
     """run(name) -> (LiveRun, metrics lines, event lines) as the worker wrote them; each setup runs once."""
     runs = cpu_runs(CONFIGS)
