@@ -66,7 +66,14 @@ def block_elements(spec, compiled: bool = False) -> int:
 
 
 def _counted(spec) -> dict | None:
-    """What the model's own block saved, counted on the meta device (shardlab/blockwork.py), if it was."""
+    """What the model's own block saved, counted on the meta device (shardlab/blockwork.py), if it was
+    and no layout above describes the block. One way per block: transformers' llama-family blocks use
+    the layout (checked per tensor on the CPU; H200 #401-#404, #407: 0.0%), the count only blocks no
+    layout covers. The meta-device count of a LlamaDecoderLayer is short by exactly d - kv/2 elements
+    per token against that per-tensor count (896 at llama300's shape, 1280 at hf-llama's: #401 -1.8%,
+    #403 -1.5%, #407 -0.6% when the count was used), a saved tensor blockwork.py does not see."""
+    if _hf_llama(spec):
+        return None
     bw = getattr(spec, "block_work", None)
     return bw if bw and "saved_elems_per_token" in bw else None
 
@@ -74,8 +81,9 @@ def _counted(spec) -> dict | None:
 def block_bytes(spec, P: int, compiled: bool = False) -> int:
     """Bytes per token one block keeps (P = activation dtype bytes): its tensors, the fp32 log-sum-exp
     per head and the norms' fp32 statistics (LayerNorm mean + rstd, RMSNorm rstd; two norms).
-    A model counted from its own module (Hugging Face, your factory: shardlab/blockwork.py) keeps what
-    its real block saved: activation-dtype elements x P, plus its fp32 statistics and masks as counted."""
+    A model counted from its own module (Hugging Face, your factory: shardlab/blockwork.py) whose block
+    no layout describes keeps what its real block saved: activation-dtype elements x P, plus its fp32
+    statistics and masks as counted (transformers' llama-family blocks use their layout: _counted)."""
     bw = _counted(spec)
     if bw:
         return int(bw["saved_elems_per_token"] * P + bw["saved_other_bytes_per_token"])
