@@ -259,8 +259,6 @@ def _type_model(box, source: str) -> None:
 # heavy again: 138 s + 13 s set-up of foreground work the background runs cannot absorb; the lead's fresh clone
 # with it in the default suite (main 4e6b3a5, 2026-12-02 00:28) took real 25m52s, pytest 1406 s, over 25 minutes
 @pytest.mark.heavy
-# heavy (SHARDLAB_HEAVY_TESTS=1): 138 s of the fresh clone's suite (2026-12-02), which ran over 25 minutes with it
-@pytest.mark.heavy
 def test_jupyterlab_renders_the_builder_and_runs_my_model_from_the_launcher(browser, lab):
     """One JupyterLab session (its start is most of the cost): the ConfigBuilder renders live controls,
     and the person's own nn.Module (lab 08's model file beside the notebook) typed into the builder's
