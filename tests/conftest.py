@@ -1,5 +1,5 @@
 """Shared test set-up: `gpu` tests run only where CUDA is present; runs go to a temporary store; the shared
-real runs the selected tests read start in the background right after collection (_prestart.py)."""
+real runs start through _prestart.py when the first fixture that reads them asks (all at collection: opt-in)."""
 
 import os
 import shutil
@@ -44,7 +44,7 @@ def pytest_collection_finish(session):
     # Off (2026-12-02): started beside other tests, a run reads os.environ while a foreground test has it
     # swapped out (test_labs clears and restores it around each notebook), and the fresh clone's .ci/run at
     # 7288d3a failed 13 tests whose runs had started that way ("Intel oneMKL FATAL ERROR: Cannot load
-    # libtorch_cpu.so", KeyError on the run's environment). Each fixture's runs still start through
+    # libtorch_cpu.so"; the KeyErrors were those runs' missing metrics). Each fixture's runs still start through
     # _prestart when the fixture asks (two at a time), not during other files' tests.
     if os.environ.get("SHARDLAB_PRESTART_AT_COLLECTION") == "1" and not session.config.option.collectonly:
         import _prestart
