@@ -174,10 +174,13 @@ def test_served_app_builds_checks_and_runs(browser, app):
     page.locator(".sl-cmp-picker select option").first.wait_for(timeout=30_000)
     page.select_option(".sl-cmp-picker select", index=0)
     page.locator(".sl-cmp-go button").click()
-    expect(page.locator(".sl-cmp-figures.pn-loading, .sl-cmp-building").first).to_be_visible(timeout=30_000)
+    # Feedback while the figures are built: the spinner/message, or (when they were built between two looks)
+    # the message that says they were built and how long it took.
+    expect(page.locator(".sl-cmp-figures.pn-loading, .sl-cmp-building, .sl-cmp-built").first).to_be_visible(timeout=30_000)
     expect(page.locator(".sl-cmp-table table")).to_be_visible(timeout=60_000)
     expect(page.locator(".sl-cmp-figures .bk-tab").first).to_be_visible(timeout=120_000)
     expect(page.locator(".sl-cmp-building")).to_have_count(0, timeout=120_000)
+    expect(page.locator(".sl-cmp-built")).to_contain_text("figure(s) for 1 run(s)")
 
     assert page.console_errors == [], "\n".join(page.console_errors)
 

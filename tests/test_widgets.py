@@ -339,3 +339,5 @@ def test_compare_lists_the_store_and_compares_picked_runs(finished_run):
     assert c.frame is not None and c.frame["status"].tolist() == ["completed"]
     assert "fsdp2" in c.table.object and "<table" in c.table.object
     assert "Loss" in c.figures._names and "Memory timeline" in c.figures._names
+    # The outcome of the figure build stays on screen (the spinner alone can come and go unseen).
+    assert "sl-cmp-built" in c.message.object and "figure(s) for 1 run(s)" in c.message.object

@@ -8,6 +8,7 @@ wires the selection to them.
 from __future__ import annotations
 
 import html
+import time
 from typing import Any
 
 import panel as pn
@@ -101,12 +102,17 @@ class RunCompare(pn.viewable.Viewer):
         return df
 
     def _fill_figures(self, runs: list[str]) -> None:
+        started = time.monotonic()
+        built = 0
         try:
             for title, fig in self._figures(runs):
                 self.figures.append((title, fig))
+                built += 1
         finally:
             self.figures.loading = False
-            self.message.object = ""
+            # The spinner can come and go between two looks of a user (or a test): the outcome stays.
+            self.message.object = (f'<span class="sl-cmp-built">built {built} figure(s) for {len(runs)} run(s) '
+                                   f'in {time.monotonic() - started:.1f} s</span>')
 
     def _figures(self, runs: list[str]) -> list[tuple[str, Any]]:
         try:
