@@ -55,10 +55,13 @@ PRELOAD = ["shardlab.cli", "shardlab.commands.running", "shardlab.run.launcher",
            "transformers", "transformers.models.llama.modeling_llama", "transformers.models.gpt2.modeling_gpt2"]
 
 
-def _cli_main(argv: list[str], out: str, err: str) -> None:
-    """In a forked child: `shardlab ARGV` with stdout and stderr going to files, exiting with its code."""
+def _cli_main(argv: list[str], out: str, err: str, env: dict[str, str], cwd: str) -> None:
+    """In a forked child: `shardlab ARGV` in `env` and `cwd`, stdout and stderr going to files, exiting with its code."""
     from shardlab.cli import main
 
+    os.environ.clear()
+    os.environ.update(env)
+    os.chdir(cwd)
     with open(out, "w") as o, open(err, "w") as e:
         os.dup2(o.fileno(), 1)
         os.dup2(e.fileno(), 2)
@@ -76,11 +79,12 @@ class _Cli:
     def __init__(self, argv: list[str], where: Path, forked: bool, ctx):
         self.out, self.err = where / "stdout", where / "stderr"
         if forked:
-            self.proc = ctx.Process(target=_cli_main, args=(argv, str(self.out), str(self.err)))
+            self.proc = ctx.Process(target=_cli_main, args=(argv, str(self.out), str(self.err), _prestart.base_env(), _prestart.CWD))
             self.proc.start()
         else:
             with open(self.out, "w") as o, open(self.err, "w") as e:
-                self.proc = subprocess.Popen([sys.executable, "-m", "shardlab.cli", *argv], stdout=o, stderr=e)
+                self.proc = subprocess.Popen([sys.executable, "-m", "shardlab.cli", *argv], stdout=o, stderr=e,
+                                             env=_prestart.base_env(), cwd=_prestart.CWD)
 
     def done(self) -> bool:
         return (self.proc.exitcode if isinstance(self.proc, multiprocessing.process.BaseProcess) else self.proc.poll()) is not None
@@ -106,13 +110,24 @@ def _where() -> Path:
     return _base[0]
 
 
+def _start_forkserver() -> None:
+    """The preloaded forkserver, started from the thread that wants the runs (not the background driver's,
+    which may start it while a foreground test has os.environ changed: _prestart.py), at low priority."""
+    if _forkserver:
+        return
+    from multiprocessing import forkserver
+
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(PRELOAD)
+    forkserver.ensure_running()
+    _forkserver.append(ctx)
+    _prestart.lower([forkserver._forkserver._forkserver_pid])
+
+
 def _start_cli(name: str) -> _Cli:
     model, fw, _ = CLI_RUNS[name]
     base = _where()
-    if not _forkserver:
-        ctx = multiprocessing.get_context("forkserver")
-        ctx.set_forkserver_preload(PRELOAD)
-        _forkserver.append(ctx)
+    _start_forkserver()
     plan = base / f"{name}.yaml"
     plan.write_text(f"framework: {fw}\nsharding: zero3\nprecision: bf16\ntopology: {{gpus_per_node: 2}}\n")
     (base / name).mkdir()
@@ -122,17 +137,17 @@ def _start_cli(name: str) -> _Cli:
 
 
 def _start_api():
-    from shardlab.run.launcher import launch
     from tests.usermodels import tiny_lm
 
-    return launch({"framework": "deepspeed", "sharding": "zero3", "topology": {"gpus_per_node": 2}}, model=tiny_lm,
+    return _prestart.launch({"framework": "deepspeed", "sharding": "zero3", "topology": {"gpus_per_node": 2}}, model=tiny_lm,
                   steps=STEPS, device="cpu", out=_where() / "runs", timeout_s=900)
 
 
 API = "factory-api-deepspeed"
 JOBS = {name: f"usermodel {name}" for name in (*sorted(CLI_RUNS, key=lambda n: n not in NEW_INTERPRETER), API)}
 for _name in CLI_RUNS:
-    _prestart.register(JOBS[_name], lambda name=_name: _start_cli(name), lambda cli: cli.done(), lambda cli: [cli.proc.pid])
+    _prestart.register(JOBS[_name], lambda name=_name: _start_cli(name), lambda cli: cli.done(), lambda cli: [cli.proc.pid],
+                       prepare=None if _name in NEW_INTERPRETER else _start_forkserver)
 _prestart.register(JOBS[API], _start_api, lambda run: run.done, _prestart.run_pids)
 
 
