@@ -8,7 +8,9 @@ written into the run's plan, TFLOPS reported, and the sharded model states every
 
 Cost (the default suite's 25-minute budget on 2 cores): 2-layer, hidden-64 models, 2 steps, two runs at
 a time (more only thrash 2 cores), started in the background right after collection (_prestart.py) so they
-train while earlier tests leave a core idle. Most of a run is starting Python, torch and transformers, so the six
+train while earlier tests leave a core idle, from the suite's collection-time environment (_prestart.ENV:
+the forked CLI processes, the forkserver and the new interpreter too), whatever a foreground test does to
+os.environ meanwhile. Most of a run is starting Python, torch and transformers, so the six
 Hugging Face runs call the CLI's own `main(argv)` in processes forked from one server that imported
 shardlab and transformers once (multiprocessing's forkserver): the same parsing, model resolution,
 launch and exit code as the `shardlab` command, without six more ~10 s imports. The factory's CLI run is
@@ -31,11 +33,6 @@ import pytest
 
 from shardlab.estimate import estimate
 from shardlab.run.store import load_run
-
-# heavy again (SHARDLAB_HEAVY_TESTS=1 runs it): with these eight runs and the JupyterLab RunLauncher test in the
-# default suite, the fresh clone's `.ci/run` took real 25m52s (pytest 1406 s, 2026-12-02 00:28-00:54, quiet
-# 2-core machine), over the 25-minute budget even with the shared runs started in the background
-pytestmark = pytest.mark.heavy
 
 LLAMA = "hf:llama hidden_size=64 intermediate_size=128 num_hidden_layers=2 num_attention_heads=4 num_key_value_heads=2 vocab_size=256 seq_len=32"
 GPT2 = "hf:gpt2 n_embd=64 n_layer=2 n_head=4 vocab_size=256 n_positions=32 seq_len=32"
