@@ -152,6 +152,20 @@ CPU_ADAM_PARAMS_PER_S = 2.5e9  # DeepSpeed CPU Adam, parameters per second per n
 # everything offloaded: 1.89 s per step; fidelity_h200_val.json). The lent machines' CPUs differ: the
 # same host's DeepSpeed CPU Adam ran 40% below CPU_ADAM_PARAMS_PER_S there (#309).
 TORCH_CPU_ADAM_PARAMS_PER_S = {"fsdp1": 1.0e9, "fsdp2": 0.65e9}
+# DS3_OFFLOAD_COPY_BYTES_PER_S: how ZeRO-3 (optimizer offloaded, parameters on the GPU) brings the updated
+# weights back differs from ZeRO-1/2's. ZeRO-1/2 (stage_1_and_2.py, step) convert the fp32 partition into a
+# pinned 16-bit CPU buffer made once, then copy it up non-blocking: priced by CPU_ADAM_PARAMS_PER_S and the
+# PCIe rate. ZeRO-3 (stage3.py, _reassign_or_swap_out_partitioned_parameters) calls
+# `gpu_16bit_flat.copy_(cpu_fp32_flat)`; torch converts a CPU -> CUDA copy of another dtype on the CPU
+# (aten/src/ATen/native/cuda/Copy.cu, copy_kernel_cuda: `src.to(dst dtype)` when the destination is CUDA)
+# into a new, pageable tensor (freshly mapped pages every step), then copies that pageable buffer up in
+# a blocking, staged copy. Priced per 16-bit byte landing on the GPU. Fitted to one row: validation #309
+# (fidelity_h200_val.json, llama100k ZeRO-3 + CPU Adam, 1.03B parameters: 0.29 s per step above the
+# other offload terms, against its no-offload twin #305 on the same host). Checked on rows not used:
+# #309 again on the second host (fidelity_h200_val_s6.json: +70.7% -> +24.6%), the held-out #505
+# (fidelity_h200_held.json, llama32L, 461M: +10.7% -> -8.3%). The parameter-offload path (#117, 'both')
+# keeps its 16-bit partition on the CPU: no such copy.
+DS3_OFFLOAD_COPY_BYTES_PER_S = 7.1e9
 
 # bytes per parameter the optimizer step moves on the GPU (fp32 params, grads and states):
 # torch AdamW foreach (the default on CUDA): decay r/w 8, lerp m 12, v scale 8 + addcmul 12, sqrt 8,
@@ -301,7 +315,10 @@ def _offload_time(s: Setup, gpu: GPU) -> float:
         # #504 (fidelity_h200_held.json, ga 2) -2.9% -> -17.2%, where the copies look hidden under the backward
         moved += (2 * s.micro_steps - 1) * s.P * local
     rate = CPU_ADAM_PARAMS_PER_S if s.ds else TORCH_CPU_ADAM_PARAMS_PER_S[s.framework]
-    return moved / gpu.pcie_bw + local * s.gpn / rate
+    t = moved / gpu.pcie_bw + local * s.gpn / rate
+    if s.ds and s.stage == "zero3" and s.offload_params == "none":
+        t += s.P * local / DS3_OFFLOAD_COPY_BYTES_PER_S  # the converting, pageable copy back (above)
+    return t
 
 
 def step_time(plan: Plan, s: Setup, gpu: GPU, wire: dict, rates: Rates | None = None) -> dict:
