@@ -155,7 +155,7 @@ def run_one(plan, model, a, runs: Path, step_time_s: float | None = None) -> dic
     from shardlab.tune.window import trial_steps
 
     t0 = time.time()
-    steps = a.steps or trial_steps(step_time_s, a.warmup, a.window_s)
+    steps = a.steps or trial_steps(step_time_s, a.warmup, a.window_s, a.device)
     try:
         run = launch(plan, model=model, steps=steps, device=a.device, out=runs, timeout_s=400, worker_module=WORKER)
         status = run.wait()

@@ -259,11 +259,19 @@ def search(cands: list[Candidate], goal: str, budget: Budget, run_trial: Callabl
         c = order[0]
         n += 1
         c.trial, c.status = n, "running"
+        c.step_time_hint_s = _step_hint(c, cands)
         say({"type": "trial", "trial": n, "key": c.key, "status": "running", "predicted": dict(c.predicted)})
         _run(c, run_trial)
         learn_from_oom(cands, c)
         say({"type": "trial", "trial": n, "key": c.key, "status": c.status, "reason": c.reason,
              "predicted": dict(c.predicted), "measured": dict(c.measured), "run_id": c.run_id})
+
+
+def _step_hint(c: Candidate, cands: list[Candidate]) -> float | None:
+    """The predicted step time rescaled by what the trials so far measured (ratio_for): how long the
+    trial's steps are expected to take, which sizes its timed window (trials.py, window.py)."""
+    st = c.predicted.get("step_time_s")
+    return st / ratio_for(c, [x for x in cands if x.trial is not None]) if st else None
 
 
 def _run(c: Candidate, run_trial) -> None:
@@ -313,6 +321,7 @@ def remeasure_top_two(cands, goal, budget: Budget, run_trial, n: int, t0: float,
             break
         n += 1
         first, run_id, run_dir, trial = dict(c.measured), c.run_id, c.run_dir, c.trial
+        c.step_time_hint_s = first.get("step_time_s") or c.step_time_hint_s  # its own measured step sizes the window
         c.status, c.measured = "running", {}
         say({"type": "trial", "trial": n, "key": c.key, "status": "running", "remeasure": True, "predicted": dict(c.predicted)})
         _run(c, run_trial)

@@ -5,7 +5,8 @@ it); a `tune.json` beside its plan says which tune it belongs to and which candi
 trial measures: tokens/s per GPU as the median step period after `warmup` steps (the slowest rank
 sets each period: Run.step_periods) with its interquartile interval, and the peak allocated / reserved bytes rank 0's worker recorded
 (a GPU run; a CPU run records none). How many steps: `steps` when given, else `warmup` + enough to time
-window.WINDOW_S seconds at the candidate's predicted step time (window.trial_steps).
+window.WINDOW_S seconds at the candidate's step time as the search expects it (its prediction rescaled
+by the trials so far: search._step_hint; window.trial_steps).
 """
 
 from __future__ import annotations
@@ -71,7 +72,8 @@ class TrialRunner:
         if self.cancelled:
             c.status, c.reason = "cancelled", "the tune was cancelled before this trial started"
             return
-        steps = self.steps or trial_steps(c.predicted.get("step_time_s"), self.warmup, self.window_s)
+        hint = c.step_time_hint_s or c.predicted.get("step_time_s")
+        steps = self.steps or trial_steps(hint, self.warmup, self.window_s, self.device)
         run = launch(c.plan, model=self.model, steps=steps, nproc=self.nproc, device=self.device, out=self.out,
                      timeout_s=self.timeout_s, on_event=self.on_event, **self.launch_kw)
         self.current = run

@@ -30,6 +30,11 @@ MIN_TIMED = 5
 # Most timed periods: a step the estimate prices at milliseconds (gpt-tiny on CPU processes) would
 # otherwise ask for thousands; 60 periods resolve the median to a few percent however fast a step is.
 MAX_TIMED = 60
+# On CPU processes (the labs' small models) the estimate's step time can be far off: gpt-tiny mb4x4
+# fsdp1 on this 2-core machine at load average 8 measured 278 tokens/s against 19,241 predicted
+# (benchmarks/tune_gpu.py --device cpu --tiny, 2026-12-02), so 60 periods took 220 s. A CPU trial times
+# at most this many.
+MAX_TIMED_CPU = 12
 
 
 def timed_steps(step_time_s: float | None, window_s: float = WINDOW_S, lo: int = MIN_TIMED, hi: int = MAX_TIMED) -> int:
@@ -40,10 +45,11 @@ def timed_steps(step_time_s: float | None, window_s: float = WINDOW_S, lo: int =
     return max(lo, min(hi, math.ceil(window_s / step_time_s)))
 
 
-def trial_steps(step_time_s: float | None, warmup: int, window_s: float = WINDOW_S) -> int:
-    """Steps to launch for a trial: `warmup` untimed, then the timed ones. A step's period runs to the
-    next step's start (Run.step_periods), so the last step adds the last period's end: +1."""
-    return warmup + timed_steps(step_time_s, window_s) + 1
+def trial_steps(step_time_s: float | None, warmup: int, window_s: float = WINDOW_S, device: str = "cuda") -> int:
+    """Steps to launch for a trial on `device`: `warmup` untimed, then the timed ones. A step's period
+    runs to the next step's start (Run.step_periods), so the last step adds the last period's end: +1."""
+    hi = MAX_TIMED_CPU if device == "cpu" else MAX_TIMED
+    return warmup + timed_steps(step_time_s, window_s, min(MIN_TIMED, hi), hi) + 1
 
 
 def quantile(xs: list[float], q: float) -> float:
@@ -97,4 +103,4 @@ def _tokens_per_step(m: dict) -> float | None:
     return m["tokens_per_s"] * m["step_time_s"] if m.get("tokens_per_s") and m.get("step_time_s") else None
 
 
-__all__ = ["WINDOW_S", "MIN_TIMED", "MAX_TIMED", "timed_steps", "trial_steps", "quantile", "spread", "interval", "overlap", "pooled"]
+__all__ = ["WINDOW_S", "MIN_TIMED", "MAX_TIMED", "MAX_TIMED_CPU", "timed_steps", "trial_steps", "quantile", "spread", "interval", "overlap", "pooled"]
