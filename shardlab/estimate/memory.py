@@ -39,7 +39,8 @@ peak_allocated  what torch.cuda.max_memory_allocated should read: params + optim
            the sum of all states + activations). DeepSpeed's gradient partitions are flat buffers
            allocated once, so they are there during forward.
 peak_reserved what torch.cuda.max_memory_reserved should read: the caching allocator's segments
-           for peak_allocated (allocator.py).
+           for peak_allocated (allocator.py), at least the peak plus DeepSpeed ZeRO-1/2's reduce
+           bucket, which each step makes again in a segment of its own.
 total      peak_allocated + overhead: what the GPU must hold (allocator.fit gives the verdict).
 
 CPU figures are per node (all local ranks), NVMe per node. Offload moves the optimizer side
