@@ -7,9 +7,11 @@ torch.cuda.max_memory_allocated and its peak reserved against max_memory_reserve
 reserved figure is the unconstrained one (allocator.py), so the reserved of a grid run under an
 allocator cap (gpu_limit_gib) is not compared: at the cap the allocator frees its cache instead. Prints the median and largest error per file, then every row over the bars
 (allocated 5%, reserved 10%) with its framework, stage, offload, precision and checkpointing.
-Nothing is written; no GPU is needed.
+`--groups` lists the reserved misses by group (framework and sharding, precision, offload, model
+family, micro-batch, checkpointing): rows over the bar / rows, and the median signed error, each
+configuration counted once (the tune files repeat their grid). Nothing is written; no GPU is needed.
 
-    .venv/bin/python benchmarks/memory_accuracy.py [--all] [--json OUT]
+    .venv/bin/python benchmarks/memory_accuracy.py [--all] [--groups] [--json OUT]
 """
 
 from __future__ import annotations
@@ -28,10 +30,26 @@ ALLOCATED_BAR, RESERVED_BAR = 0.05, 0.10  # issue 13's "Must show"
 GIB = 2**30
 
 
-def _row(source, name, per_gpu, alloc, resv) -> dict:
-    return {"source": source, "name": name, "alloc_error": per_gpu["peak_allocated"] / alloc - 1,
-            "reserved_error": per_gpu["peak_reserved"] / resv - 1 if resv else None,
-            "measured_allocated_gib": alloc / GIB, "measured_reserved_gib": (resv or 0) / GIB}
+def _row(source, name, per_gpu, alloc, resv, plan=None, family=None) -> dict:
+    out = {"source": source, "name": name, "alloc_error": per_gpu["peak_allocated"] / alloc - 1,
+           "reserved_error": per_gpu["peak_reserved"] / resv - 1 if resv else None,
+           "measured_allocated_gib": alloc / GIB, "measured_reserved_gib": (resv or 0) / GIB}
+    if plan is not None:
+        off = "both" if plan.offload.params != "none" else "opt" if plan.offload.optimizer != "none" else "none"
+        out["group"] = {"framework": f"{plan.framework} {plan.sharding}", "precision": plan.precision, "offload": off,
+                        "family": family, "micro_batch": plan.micro_batch_size,
+                        "checkpointing": "on" if plan.activation_checkpointing else "off"}
+    return out
+
+
+def _family(model) -> str:
+    """The model family of a row's model (a preset, a shape dict or a Hugging Face source)."""
+    if isinstance(model, str) and model.startswith("hf:"):
+        return "hf-" + model.split()[0][3:]
+    from shardlab.models import resolve_model
+
+    spec = resolve_model(model)
+    return ("hf-" if getattr(spec, "layout", "") == "transformers" else "") + spec.family
 
 
 def fidelity_rows(trace: str | None = None, only: set[str] | None = None) -> list[dict]:
@@ -53,8 +71,9 @@ def fidelity_rows(trace: str | None = None, only: set[str] | None = None) -> lis
             name = (f"#{r['id']} {r['model']} {r['framework']} {r['sharding']} {r['precision']} mb{r['micro_batch_size']}"
                     f" ga{r['grad_accum_steps']} ac={int(r['activation_checkpointing'])} off={r['offload']}"
                     + (" compile" if r["compile"] else "") + (" hf" if r["hf"] else ""))
-            pg = estimate(fidelity.plan_for(r), fidelity.model_for(r), gpu="h200").per_gpu
-            out.append(_row(f.stem, name, pg, r["peak_allocated_bytes"], r.get("peak_reserved_bytes")))
+            plan, model = fidelity.plan_for(r), fidelity.model_for(r)
+            pg = estimate(plan, model, gpu="h200").per_gpu
+            out.append(_row(f.stem, name, pg, r["peak_allocated_bytes"], r.get("peak_reserved_bytes"), plan, _family(model)))
             if trace and (trace == "all" or r["framework"] == trace):
                 tr = fidelity.predictions(r, ("trace",)).get("trace")
                 row = out[-1]
@@ -78,9 +97,10 @@ def tune_rows() -> list[dict]:
             m = g.get("measured") or {}
             if g.get("status") != "completed" or not m.get("peak_allocated_bytes"):
                 continue
-            pg = estimate(Plan.model_validate(g["plan"]), d["model"], gpu="h200").per_gpu
+            plan = Plan.model_validate(g["plan"])
+            pg = estimate(plan, d["model"], gpu="h200").per_gpu
             out.append(_row(f.stem, f"{d['model']} {g['key']}", pg, m["peak_allocated_bytes"],
-                            None if capped else m.get("peak_reserved_bytes")))
+                            None if capped else m.get("peak_reserved_bytes"), plan, _family(d["model"])))
     return out
 
 
@@ -94,16 +114,40 @@ def summary(rows: list[dict]) -> list[str]:
     return lines
 
 
+def groups(rows: list[dict]) -> list[str]:
+    """Reserved misses by group: per dimension and value, rows over the bar / rows and the median signed
+    error; a configuration measured in several files (same name and measurement) counts once."""
+    seen, uniq = set(), []
+    for r in rows:
+        key = (r["name"], round(r["measured_reserved_gib"], 3))
+        if r["reserved_error"] is not None and "group" in r and key not in seen:
+            seen.add(key)
+            uniq.append(r)
+    over = sum(abs(r["reserved_error"]) > RESERVED_BAR for r in uniq)
+    lines = [f"reserved over {RESERVED_BAR:.0%}: {over} of {len(uniq)} distinct configurations"]
+    for dim in ("framework", "precision", "offload", "family", "micro_batch", "checkpointing"):
+        by: dict = {}
+        for r in uniq:
+            by.setdefault(r["group"][dim], []).append(r["reserved_error"])
+        cells = [f"{v}: {sum(abs(e) > RESERVED_BAR for e in es)}/{len(es)} ({statistics.median(es):+.1%})"
+                 for v, es in sorted(by.items(), key=lambda kv: str(kv[0]))]
+        lines.append(f"  {dim:<14} " + ", ".join(cells))
+    return lines
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--all", action="store_true", help="print every row, not only those over the bars")
     ap.add_argument("--json", help="write the rows to this file")
+    ap.add_argument("--groups", action="store_true", help="list the reserved misses by framework, precision, offload, family, micro-batch, checkpointing")
     ap.add_argument("--trace", nargs="?", const="all", help="also the traced estimate of each fidelity row (seconds a row): all, or one framework's rows")
     ap.add_argument("--files", help="comma list of results files (stems) to read, e.g. fidelity_h200_val")
     a = ap.parse_args()
     only = set(a.files.split(",")) if a.files else None
     rows = fidelity_rows(a.trace, only) + ([] if only else tune_rows())
     print("\n".join(summary(rows)))
+    if a.groups:
+        print("\n" + "\n".join(groups(rows)))
     print(f"\nrows over the bars (allocated {ALLOCATED_BAR:.0%}, reserved {RESERVED_BAR:.0%}):" if not a.all else "\nevery row:")
     for r in rows:
         over = abs(r["alloc_error"]) > ALLOCATED_BAR or abs(r["reserved_error"] or 0) > RESERVED_BAR

@@ -12,9 +12,28 @@ reserved(): live bytes rounded to 2 MiB segments, times (1 + FRAGMENTATION): wha
 torch.cuda.max_memory_reserved reads when nothing limits the allocator. FRAGMENTATION is fitted, not
 derived: the odd-numbered rows of the H200 fidelity matrix (benchmarks/results/fidelity_h200.json,
 2026-12-01: reserved / allocated from 1.11 to 1.35, least squares 1.218) and checked on the
-even-numbered rows (median error 6%; tests/test_gpu_results.py). It is weakest where little is
-allocated and much is staged: with CPU offload of parameters the allocator keeps ~2.5 GiB of
-transfer blocks that a 2-8 GiB peak does not explain (rows 36, 38).
+even-numbered rows and every other recorded file (tests/test_gpu_results.py). One factor cannot hold
+everywhere: the measured ratio runs from 1.03 to 1.41 without offload, and what decides it is the
+order and sizes of the requests (cachesim.py; the traced estimate replays them). Tried and not kept
+(docs/benchmarks.md, session 8): a factor of its own for activation checkpointing (its backward
+re-runs each block's forward beside the gradients: the matrix's 10 checkpointed rows fit 1.297, and
+the other fidelity files' checkpointed rows went from 5.5% to 2.0% median error) over-predicted the
+tune grids' gpt-125m checkpointed rows (16 of 18 within 10% -> 9 of 18: +18%), whose peak is the loss's
+large fp32 rows reused whole step after step.
+
+A second mechanism sets a floor (`again`): a large transient buffer freed at the end of one step and
+split by the next requests cannot be reused whole by the next step, which makes it again in a new
+segment. DeepSpeed ZeRO-1/2's reduce bucket (reduce_bucket_size elements, 954 MiB in bf16) is freed
+when backward ends, FusedAdam makes its states at the first step inside it, and the second step's
+bucket takes a segment of its own (allocator probe, benchmarks/results/allocator_probe_h200.json:
+two 954 MiB segments made by setup_buckets in #202/#203). So reserved >= peak + that buffer: it
+decides only where the bucket is large beside the peak (#202/#203, 1.25 GiB allocated: -28% -> +3%).
+
+What neither covers (docs/benchmarks.md, memory section): FSDP1's side streams (each with its own
+cache, reserved varying 5-14% run to run), parameter offload's transfer blocks (FSDP's and
+DeepSpeed's: rows 36, 38, 109, 117, 308 reserve 1.4-1.8 x their peak), DeepSpeed ZeRO-3's
+empty_cache calls and sub-group-sized fp32 buffers in segments of their own. The traced estimate
+replays a fake step's own requests through cachesim.py instead (FSDP1/FSDP2).
 
 fit(): what decides whether a plan fits, for the estimate, `shardlab tune` and the widgets alike.
 That cache is not what runs out. When a new segment would pass the limit (cudaMalloc fails, or the
@@ -57,13 +76,15 @@ MEMORY_MARGIN = 0.10
 VERDICTS = ("fits", "tight", "does not fit")
 
 
-def reserved(peak_allocated: int) -> int:
+def reserved(peak_allocated: int, again: int = 0) -> int:
     """Predicted torch.cuda.max_memory_reserved() for a step whose peak allocation is `peak_allocated`,
-    with no allocator limit (under a limit the allocator frees its cache and retries: see fit())."""
+    with no allocator limit (under a limit the allocator frees its cache and retries: see fit()).
+    again: bytes of a transient buffer each step makes again in a segment of its own (see above)."""
     if peak_allocated <= 0:
         return 0
     segments = -(-peak_allocated // SEGMENT) * SEGMENT
-    return int(segments * (1 + FRAGMENTATION))
+    floor = segments + (-(-again // SEGMENT) * SEGMENT if again > 0 else 0)
+    return max(int(segments * (1 + FRAGMENTATION)), floor)
 
 
 def stranded(peak_allocated: int) -> int:

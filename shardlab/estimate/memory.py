@@ -39,7 +39,8 @@ peak_allocated  what torch.cuda.max_memory_allocated should read: params + optim
            the sum of all states + activations). DeepSpeed's gradient partitions are flat buffers
            allocated once, so they are there during forward.
 peak_reserved what torch.cuda.max_memory_reserved should read: the caching allocator's segments
-           for peak_allocated (allocator.py).
+           for peak_allocated (allocator.py), at least the peak plus DeepSpeed ZeRO-1/2's reduce
+           bucket, which each step makes again in a segment of its own.
 total      peak_allocated + overhead: what the GPU must hold (allocator.fit gives the verdict).
 
 CPU figures are per node (all local ranks), NVMe per node. Offload moves the optimizer side
@@ -248,6 +249,10 @@ def _deepspeed(plan: Plan, s: Setup) -> dict:
                resident=P * bucket, step=step, cpu=cpu, nvme=nvme, notes=notes)
     if s.stage != "zero3":
         out.update(acc=acc, bwd_start=bwd_start, bwd_end=bwd_end)
+    if s.stage in ("zero1", "zero2") and s.offload_opt == "none":
+        # the reduce bucket, freed when backward ends and split by the optimizer step's requests, is made
+        # again in a segment of its own next step (allocator.py, `again`)
+        out["again"] = P * bucket
     return out
 
 
@@ -303,7 +308,8 @@ def memory(plan: Plan, s: Setup, traced_activations: int | None = None, gpu=None
     overhead = CUDA_CONTEXT_BYTES + stranded(live)
     per_gpu = {"params": parts["params"], "grads": parts["grads"], "optimizer": parts["optimizer"],
                "activations": act, "buffers": buffers + workspace, "step_buffers": parts["step"], "overhead": overhead,
-               "peak_allocated": live, "peak_reserved": reserved(live), "total": live + overhead}
+               "peak_allocated": live, "peak_reserved": reserved(live, parts.get("again", 0)),
+               "total": live + overhead}
     cpu = {k: v * s.gpn for k, v in parts["cpu"].items()}
     cpu["total"] = sum(cpu.values())
     nvme = {k: v * s.gpn for k, v in parts["nvme"].items()}
