@@ -29,6 +29,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from shardlab.tune.window import WINDOW_S  # noqa: E402 - shardlab from this checkout
 
 GIB = 2**30
 WORKER = "benchmarks.tune_worker"
@@ -145,14 +146,18 @@ def startup_seconds(run) -> dict:
     return {f"{a}->{b}": round(tb - ta, 2) for (a, ta), (b, tb) in zip(marks, marks[1:])}
 
 
-def run_one(plan, model, a, runs: Path) -> dict:
-    """One configuration run through the ordinary runner: status, measured figures, where its time went."""
+def run_one(plan, model, a, runs: Path, step_time_s: float | None = None) -> dict:
+    """One configuration run through the ordinary runner: status, measured figures, where its time went.
+    Steps: --steps when given, else --warmup + a window of --window-s at the predicted step time, as tune's
+    trials (shardlab/tune/window.py)."""
     from shardlab import launch
     from shardlab.tune.trials import measure
+    from shardlab.tune.window import trial_steps
 
     t0 = time.time()
+    steps = a.steps or trial_steps(step_time_s, a.warmup, a.window_s, a.device)
     try:
-        run = launch(plan, model=model, steps=a.steps, device=a.device, out=runs, timeout_s=400, worker_module=WORKER)
+        run = launch(plan, model=model, steps=steps, device=a.device, out=runs, timeout_s=400, worker_module=WORKER)
         status = run.wait()
         row = dict(status=status, run_id=run.id, measured=measure(run, a.warmup) if status == "completed" else {},
                    error=None if status == "completed" else str((run.info or {}).get("error"))[:500],
@@ -175,11 +180,12 @@ def run_repeats(rows: list[dict], tuned: dict | None, model, a, runs: Path) -> l
     if pick and pick not in keys:
         keys.append(pick)
     plans = {g["key"]: g["plan"] for g in rows}
+    step_s = {g["key"]: (g.get("predicted") or {}).get("step_time_s") for g in rows}
     if pick:
         plans.setdefault(pick, tuned["pick"]["plan"])  # a smoke run's partial grid may not hold it
     out = []
     for k in keys:
-        r = {"key": k, **run_one(Plan.model_validate(plans[k]), model, a, runs)}
+        r = {"key": k, **run_one(Plan.model_validate(plans[k]), model, a, runs, step_s.get(k))}
         out.append(r)
         print(f"repeat {k:<40} {r['status']:<9} meas {r['measured'].get('tokens_per_s') or 0:>9,.0f} tok/s {r['wall_s']:5.1f} s", flush=True)
     return out
@@ -207,7 +213,7 @@ def run_grid(grid, model, a, runs: Path) -> list[dict]:
             return rows[-1]
         row = {"key": c.key, "plan": c.plan.model_dump(mode="json"), "predicted": c.predicted,
                "predicted_fits": c.status != "rejected", "prune_reason": c.reason, "call": 2 if done else 1}
-        row.update(run_one(c.plan, model, a, runs))
+        row.update(run_one(c.plan, model, a, runs, c.predicted.get("step_time_s")))
         rows.append(row)
         (out / "grid_partial.json").write_text(json.dumps(rows, indent=1, default=str))
         m = row["measured"]
@@ -228,7 +234,7 @@ def run_tune(case: dict, model, a, runs: Path) -> dict:
     t0 = time.time()
     r = tune(model, gpus=1, gpu=target(case, a.device), budget=a.budget, device=a.device, out=runs,
              space=Space(**case["space"]), global_batch=case["global_batch"], steps=a.steps, warmup=a.warmup,
-             launch_kw={"worker_module": WORKER}, timeout_s=400)
+             launch_kw={"worker_module": WORKER}, timeout_s=400, window_s=a.window_s)
     d = r.to_dict()
     d.pop("table")
     d["wall_s_outer"] = round(time.time() - t0, 1)
@@ -314,8 +320,10 @@ def main() -> int:
     ap.add_argument("--tiny", action="store_true", help="CPU-sized model (smoke test of the script)")
     ap.add_argument("--grid", type=int, default=None, help="run only N grid configurations, spread over the grid (smoke)")
     ap.add_argument("--budget", default="5")
-    ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--steps", type=int, default=None, help="steps per run, fixed (sessions 4-7: 8); default: --warmup + a "
+                    "window of --window-s seconds at the predicted step time (shardlab/tune/window.py)")
     ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--window-s", type=float, default=WINDOW_S, help=f"timed seconds per run when --steps is not given (default {WINDOW_S:g})")
     # --jobs 4 with a gate around the training loop only (2026-12-01) timed the grid's configurations 0.62-0.76x
     # of the same plans run alone by tune; the gate now covers everything after the imports (tune_worker.py)
     ap.add_argument("--jobs", type=int, default=1, help="grid runs started at once (one owns the GPU at a time: tune_worker's gate)")
@@ -332,7 +340,7 @@ def main() -> int:
     t0 = time.time()
     info = {"case": a.case, "model": model, "global_batch": case["global_batch"], "gpu_limit_gib": case["gpu_limit_gib"],
             "space": {k: list(v) if isinstance(v, tuple) else v for k, v in case["space"].items()},
-            "steps": a.steps, "warmup": a.warmup, "budget": a.budget, "device": a.device, "argv": sys.argv[1:],
+            "steps": a.steps, "warmup": a.warmup, "window_s": None if a.steps else a.window_s, "budget": a.budget, "device": a.device, "argv": sys.argv[1:],
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
     import torch
 

@@ -267,3 +267,105 @@ def test_replayed_on_the_recorded_capped_h200_grid_the_search_picks_the_grids_me
     assert r["pick"] == r["grid_best"] == "deepspeed zero2 mb4x2" and len(r["trials"]) <= 5
     groups = [t[2] for t in r["trials"]]
     assert len(groups) == len(set(groups))  # one trial per group of twins
+
+
+# --- timed windows and the overlap rule (window.py), on figures recorded on the H200 (benchmarks/results) ---
+
+def _recorded(name: str) -> dict:
+    from pathlib import Path
+
+    return json.loads((Path(__file__).resolve().parents[1] / "benchmarks" / "results" / name).read_text())
+
+
+def _live_gpt125_trials() -> dict:
+    """The live gpt125 tune's trials (session 6, tune_h200_gpt125_tune.json), key -> measured."""
+    return {t["key"]: t["measured"] for t in _recorded("tune_h200_gpt125_tune.json")["tune"]["trials"]}
+
+
+def test_a_trials_timed_window_covers_a_few_seconds_at_the_predicted_step_time_within_bounds():
+    from shardlab.tune.window import MAX_TIMED, MAX_TIMED_CPU, MIN_TIMED, WINDOW_S, timed_steps, trial_steps
+
+    trial = _recorded("tune_h200_gpt125_tune.json")["tune"]["trials"][0]  # fsdp1 ddp mb16x1: 4 periods timed, 0.148-0.207 s
+    n = timed_steps(trial["predicted"]["step_time_s"])
+    assert n > 4 * len(trial["measured"]["step_times_s"])  # where the fixed 8 steps timed 4
+    assert n * trial["measured"]["step_time_s"] >= 0.9 * WINDOW_S  # the measured median period: ~3 s of steps
+    assert trial_steps(trial["predicted"]["step_time_s"], warmup=3) == 3 + n + 1  # the last step closes the last period
+    slow = max(_recorded("tune_h200_gpt350cap_grid.json")["grid"], key=lambda g: g["predicted"]["step_time_s"])
+    assert timed_steps(slow["predicted"]["step_time_s"]) == MIN_TIMED  # ZeRO-3 on the capped H200, >1 s a step
+    assert timed_steps(1e-4) == timed_steps(None) == MAX_TIMED
+    assert trial_steps(1e-4, warmup=1, device="cpu") == 1 + MAX_TIMED_CPU + 1  # CPU estimates can be far too fast
+
+
+def test_a_measurements_spread_is_the_interquartile_range_of_its_step_periods_as_numpy_computes_it():
+    import numpy as np
+
+    from shardlab.tune.window import spread
+
+    m = _live_gpt125_trials()["fsdp1 ddp mb16x1"]
+    tokens = m["tokens_per_s"] * m["step_time_s"]
+    s = spread(m["step_times_s"], tokens)
+    q25, q50, q75 = np.percentile(m["step_times_s"], [25, 50, 75])
+    assert s["tokens_per_s"] == pytest.approx(m["tokens_per_s"])  # the median, as the trial recorded it
+    assert (s["tokens_per_s_lo"], s["tokens_per_s_hi"]) == (pytest.approx(tokens / q75), pytest.approx(tokens / q25))
+    assert s["step_time_s"] == pytest.approx(q50) and s["timed_steps"] == 4
+
+
+def test_two_recorded_trials_whose_intervals_overlap_are_not_told_apart():
+    from shardlab.tune.search import not_told_apart
+    from shardlab.tune.window import overlap, spread
+
+    def cand_of(key, m):
+        c = Candidate(key, None, "completed")
+        c.measured = {**m, **spread(m["step_times_s"], m["tokens_per_s"] * m["step_time_s"])}
+        return c
+
+    live = _live_gpt125_trials()
+    # the live tune picked fsdp2 ddp mb16x1 (216,056 tok/s) over fsdp1 ddp mb16x1 (209,199, one period 0.207 s);
+    # their medians over 3 timings each were 194,974 and 209,199: one trial each had not ranked them
+    a, b = cand_of("fsdp2 ddp mb16x1", live["fsdp2 ddp mb16x1"]), cand_of("fsdp1 ddp mb16x1", live["fsdp1 ddp mb16x1"])
+    assert overlap(a.measured, b.measured) and not_told_apart([a, b], "fastest") == [b]
+    from shardlab.tune.result import TuneResult
+
+    text = TuneResult([a, b], a, "fastest", "budget", {}).summary()
+    assert "not told apart from fsdp1 ddp mb16x1" in text and "one trial each does not rank them" in text
+    # gpt350cap: DeepSpeed ZeRO-2 mb4x2 with and without checkpointing, 85,634 vs 75,455: apart
+    g = {r["key"]: r["measured"] for r in _recorded("tune_h200_gpt350cap_grid.json")["grid"]}
+    c, d = cand_of("x", g["deepspeed zero2 mb4x2"]), cand_of("y", g["deepspeed zero2 mb4x2 ac"])
+    assert not overlap(c.measured, d.measured) and not_told_apart([c, d], "fastest") == []
+
+
+def _replay():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "tune_replay.py"
+    spec = importlib.util.spec_from_file_location("tune_replay", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod, path.parent / "results"
+
+
+def test_replayed_live_gpt125_tune_spends_its_last_two_runs_re_measuring_the_overlapping_top_two():
+    """The live tune's own timings first (tune_h200_gpt125_tune.json), its --repeat timings as the
+    re-measures: within 5 runs the search re-runs the two it could not tell apart, pools their periods,
+    and still says they are not told apart (their medians over 3 timings were 6.8% apart)."""
+    mod, results = _replay()
+    r = mod.replay(results / "tune_h200_gpt125_tune.json", budget="5", first="trials")
+    assert r["trial_runs"] == 5 and len(r["trials"]) == 3
+    again = {t[1]: t[6] for t in r["trials"]}
+    assert again["fsdp1 ddp mb16x1"] and again["fsdp2 ddp mb16x1"]  # re-measured in trials 4 and 5
+    assert r["pick"] == "fsdp2 ddp mb16x1" and r["not_told_apart"] == ["fsdp1 ddp mb16x1"]
+    r = mod.replay(results / "tune_h200_gpt350cap_grid.json", budget="5")  # apart: no re-measure, the grid's best
+    assert r["stop"] == "rule" and r["pick"] == r["grid_best"] and not any(t[6] for t in r["trials"])
+
+
+def test_pooling_a_re_measure_keeps_both_runs_periods():
+    from shardlab.tune.window import pooled
+
+    rec = _recorded("tune_h200_gpt125_tune.json")
+    first = _live_gpt125_trials()["fsdp2 ddp mb16x1"]
+    again = next(r["measured"] for r in rec["repeats"] if r["key"] == "fsdp2 ddp mb16x1")
+    p = pooled(first, again)
+    assert p["runs"] == 2 and p["timed_steps"] == 8 and p["run_tokens_per_s"] == [first["tokens_per_s"], again["tokens_per_s"]]
+    assert again["tokens_per_s"] < p["tokens_per_s"] < first["tokens_per_s"]
+    assert p["tokens_per_s_hi"] - p["tokens_per_s_lo"] > 0.05 * first["tokens_per_s"]  # the runs' difference widens it

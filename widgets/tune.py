@@ -160,7 +160,7 @@ class TuneRunner(pn.viewable.Viewer):
         rows = []
         for n, t in sorted(self._trials.items()):
             p, m = t.get("predicted", {}).get("tokens_per_s"), (t.get("measured") or {}).get("tokens_per_s")
-            rows.append([n, t["key"], t["status"], round(p) if p else None, round(m) if m else None,
+            rows.append([n, t["key"], t["status"] + (" (re-measure)" if t.get("remeasure") else ""), round(p) if p else None, round(m) if m else None,
                          round(m / p, 3) if p and m else None, t.get("reason") or ""])
         return pd.DataFrame(rows, columns=TRIAL_COLUMNS)
 
@@ -177,10 +177,13 @@ class TuneRunner(pn.viewable.Viewer):
         self.result = result
         self._end()
         t = result.table()
-        self.table.object = t[["rank", "key", "status", "group", "predicted_tokens_per_s", "measured_tokens_per_s", "reason"]]
+        self.table.object = t[["rank", "key", "status", "group", "predicted_tokens_per_s", "measured_tokens_per_s",
+                               "measured_tokens_per_s_lo", "measured_tokens_per_s_hi", "reason"]]
         self.plot.objects = [pn.pane.HoloViews(P.tune_pareto(result.pareto()), backend="bokeh", sizing_mode="stretch_width")]
         self.progress.param.update(value=self.progress.max, bar_color="success" if result.pick else "danger")
         pick = f"pick: {result.pick.key}" if result.pick else "no pick"
+        apart = [c.key for c in result.not_told_apart]
+        pick += f" (not told apart from {', '.join(apart)}: their measured ranges overlap)" if apart else ""
         status = "cancelled" if result.stop == "cancelled" else "completed"
         self._show(status, None, f"{pick} · stopped: {STOP_WHY.get(result.stop, result.stop)} · {result.wall_s:.1f} s")
 

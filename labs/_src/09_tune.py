@@ -62,8 +62,19 @@ print(result.summary())
 
 # %%
 t = result.table()
-trials = t[t["trial"].notna()][["trial", "key", "status", "predicted_tokens_per_s", "measured_tokens_per_s", "tokens_per_s_error"]]
+trials = t[t["trial"].notna()][["trial", "key", "status", "predicted_tokens_per_s", "measured_tokens_per_s",
+                                 "measured_tokens_per_s_lo", "measured_tokens_per_s_hi", "tokens_per_s_error"]]
 trials
+
+# %% [markdown]
+# A measured figure is the median step period of the trial, and `_lo` / `_hi` are tokens/s at the slow
+# and fast quartile periods: how much the steps of that one run wandered. When two trials' ranges overlap,
+# one run each did not tell them apart: `result.summary()` says so under the pick, and with budget to
+# spare tune runs the two best again and pools their steps. On a GPU a trial times about 3 seconds of
+# steps (a fixed `steps=` like ours here overrides that).
+
+# %%
+print("not told apart from the pick:", [c.key for c in result.not_told_apart] or "none")
 
 # %% [markdown]
 # The pick is a plan like any other: `result.plan` (export it with `shardlab export`, or write it with

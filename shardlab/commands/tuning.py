@@ -97,8 +97,9 @@ def register(add) -> None:
                    "with the reason; 'tight' ones (within the estimate's 10% error of the limit) are kept and marked. The rest are\n"
                    "ranked by the estimate; one framework's predictions within 1% are twins (one group, 'grp'). The best few are run (each an\n"
                    "ordinary run in the store), at most one per group of twins, until the measured best beats every other unrun\n"
-                   "candidate's prediction + 25% (issue 14's bar) or the budget is spent. Without a GPU trials run on CPU\n"
-                   "processes (small models).")
+                   "candidate's prediction + 25% (issue 14's bar) or the budget is spent. Each trial times ~3 s of steps and\n"
+                   "reports the median with its interquartile interval; two trials whose intervals overlap are not told apart:\n"
+                   "the two best are run again when the budget allows. Without a GPU trials run on CPU processes (small models).")
     s.add_argument("--model", nargs="+", metavar="MODEL", required=True, help=MODEL_HELP)
     s.add_argument("--gpus", type=int, default=1, help="GPUs (or CPU processes) per node (default 1)")
     s.add_argument("--nodes", type=int, default=1, help="nodes (default 1)")
@@ -108,7 +109,8 @@ def register(add) -> None:
                    "0 ranks by estimate only (default 5). Checked with --dry-run too")
     s.add_argument("--frameworks", default=None, help="comma-separated subset of fsdp1,fsdp2,deepspeed (default: all)")
     s.add_argument("--global-batch", type=int, default=None, help="sequences per optimizer step, fixed: accumulation = global / (micro-batch x GPUs)")
-    s.add_argument("--steps", type=int, default=8, help="steps per trial, the first 3 not timed (default 8)")
+    s.add_argument("--steps", type=int, default=None, help="steps per trial, the first 3 not timed (default: 3 + enough to time "
+                   "3 s at the candidate's predicted step time, 5 to 60 timed steps)")
     s.add_argument("--device", choices=("cpu", "cuda"), default=None, help="where trials run (default: cuda if present)")
     s.add_argument("--dry-run", action="store_true", help="rank by estimate only; run nothing (as --budget 0)")
     s.add_argument("--out", default=None, metavar="DIR", help="write pick.yaml, tune.json, table.csv and report.html here")

@@ -3,7 +3,9 @@
 `tune(model, gpus=1, ...) -> TuneResult`: enumerate candidate plans (space.py), drop the invalid and
 those that do not fit by the memory estimate with a margin, rank the rest by the estimate, and
 confirm the best few with short real runs through the ordinary runner until the measured best beats
-every unrun candidate's optimistic prediction or the budget is spent (search.py, trials.py). The
+every unrun candidate's optimistic prediction or the budget is spent (search.py, trials.py). Each
+trial times a few seconds of steps and reports the median with its spread (window.py); two trials
+whose intervals overlap are not told apart, and the top two are re-measured when the budget allows. The
 result (result.py) holds the pick as a Plan, the ranked table and the Pareto data. Without a GPU the
 trials run as CPU processes (small models only); a budget of 0 (`dry_run=True`) ranks by estimate
 alone for any target GPU and runs nothing.
@@ -20,11 +22,12 @@ from shardlab.plan import bad_input
 from .result import TuneResult
 from .search import GOALS, MEMORY_MARGIN, STEP_ERROR_BOUND, Budget, check_goal, predict, rank, search
 from .space import FRAMEWORKS, Candidate, Space, candidates
+from .window import WINDOW_S
 
 # Largest model (parameters) tune runs trials of on CPU processes: gpt-tiny (0.7M) trains in seconds
 # there; a 30M model already takes tens of seconds a step on the 2-core machines the labs run on.
 CPU_MAX_PARAMS = 30_000_000
-DEFAULT_STEPS, DEFAULT_WARMUP = 8, 3  # 3 warm-up + 5 timed steps per trial
+DEFAULT_WARMUP = 3  # untimed steps per trial; the timed ones cover window.WINDOW_S seconds unless steps is given
 
 
 def _target(device: str, gpu: str | None):
@@ -58,10 +61,10 @@ def _checked_budget(goal, budget, dry_run, gpus, nodes, steps, warmup) -> Budget
     if not isinstance(dry_run, bool):
         raise bad_input("dry_run", f"dry_run={dry_run!r} must be True or False. Use dry_run=True to rank by estimate only.")
     b = Budget(runs=0) if dry_run else b
-    for name, v in (("gpus", gpus), ("nodes", nodes), ("steps", steps)):
+    for name, v in (("gpus", gpus), ("nodes", nodes)) + ((("steps", steps),) if steps is not None else ()):
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             raise bad_input(name, f"{name}={v!r} must be a whole number of at least 1. Use e.g. --{name} 1.")
-    if isinstance(warmup, bool) or not isinstance(warmup, int) or not 0 <= warmup < steps:
+    if isinstance(warmup, bool) or not isinstance(warmup, int) or not 0 <= warmup < (steps or warmup + 2):
         raise bad_input("warmup", f"warmup={warmup!r} must be at least 0 and below steps={steps} (some steps must be timed).")
     return b
 
@@ -98,8 +101,8 @@ def _space_for(space: Space | None, frameworks, global_batch, cpu_trials: bool) 
 
 def tune(model: Any = "gpt-tiny", gpus: int = 1, nodes: int = 1, gpu: str | None = None, goal: str = "fastest",
          budget: Any = 5, frameworks=None, dry_run: bool = False, out=None, *, device: str | None = None,
-         space: Space | None = None, base=None, global_batch: int | None = None, steps: int = DEFAULT_STEPS,
-         warmup: int = DEFAULT_WARMUP, bound: float = STEP_ERROR_BOUND, margin: float = MEMORY_MARGIN,
+         space: Space | None = None, base=None, global_batch: int | None = None, steps: int | None = None,
+         warmup: int = DEFAULT_WARMUP, window_s: float = WINDOW_S, bound: float = STEP_ERROR_BOUND, margin: float = MEMORY_MARGIN,
          on_event: Callable[[dict], None] | None = None, cancel=None, runner=None, timeout_s: float = 300,
          launch_kw: dict | None = None) -> TuneResult:
     """Search plans for `model` on `nodes` x `gpus` GPUs (or CPU processes) and return the TuneResult.
@@ -109,7 +112,9 @@ def tune(model: Any = "gpt-tiny", gpus: int = 1, nodes: int = 1, gpu: str | None
     dry_run=True does. frameworks: a subset of fsdp1, fsdp2, deepspeed (list or comma-separated).
     out: the run store for the trials (default: the usual one). space: what to vary (space.Space);
     base: the plan the unvaried settings come from. global_batch: sequences per optimizer step, fixed
-    (accumulation = global / (micro-batch x GPUs)). on_event: called with each trial's start and end
+    (accumulation = global / (micro-batch x GPUs)). steps: steps per trial, fixed; None (the default):
+    `warmup` untimed steps, then enough to time `window_s` seconds at the candidate's predicted step
+    time (window.py, bounded). on_event: called with each trial's start and end
     ({"type": "trial", ...}) and every runner line (launch's on_event). cancel: a threading.Event;
     setting it stops the current trial run (no process left) and the search. runner: what runs a
     trial (a callable taking a Candidate; tests pass a stand-in), a TrialRunner if None; launch_kw:
@@ -137,6 +142,7 @@ def tune(model: Any = "gpt-tiny", gpus: int = 1, nodes: int = 1, gpu: str | None
     tune_id = new_run_id()
     settings = {"model": spec.name, "params": spec.params, "gpus": gpus, "nodes": nodes, "target": target.name,
                 "device": device if not b.zero else None, "goal": goal, "budget": str(b), "steps": steps, "warmup": warmup,
+                "window_s": None if steps else window_s,
                 "step_error_bound": bound, "memory_margin": margin, "frameworks": list(space.frameworks),
                 "global_batch": space.global_batch}
     import threading
@@ -146,7 +152,7 @@ def tune(model: Any = "gpt-tiny", gpus: int = 1, nodes: int = 1, gpu: str | None
         from .trials import TrialRunner
 
         runner = TrialRunner(model, device=device, nproc=gpus, steps=steps, warmup=warmup, out=out, tune_id=tune_id,
-                             timeout_s=timeout_s, on_event=on_event, cancel=cancel, launch_kw=launch_kw)
+                             timeout_s=timeout_s, on_event=on_event, cancel=cancel, launch_kw=launch_kw, window_s=window_s)
     stop = search(cands, goal, b, runner, bound=bound, margin=margin, on_event=on_event, cancelled=cancel.is_set)
     from .search import best
 
@@ -169,4 +175,4 @@ class _CallableModule(type(sys.modules[__name__])):
 
 sys.modules[__name__].__class__ = _CallableModule
 
-__all__ = ["tune", "TuneResult", "Space", "Candidate", "Budget", "GOALS", "STEP_ERROR_BOUND", "MEMORY_MARGIN", "candidates"]
+__all__ = ["tune", "TuneResult", "Space", "Candidate", "Budget", "GOALS", "STEP_ERROR_BOUND", "MEMORY_MARGIN", "WINDOW_S", "candidates"]

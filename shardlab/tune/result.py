@@ -1,7 +1,8 @@
 """What `shardlab tune` found: the pick, the ranked table, the Pareto data, and the files they go to.
 
 `TuneResult.table()` has one row per candidate (rejected ones too, with why), ranked: trials first by
-the goal's measured score, then the unrun by expected score, then the rejected. Memory columns are
+the goal's measured score (the median step period; its interquartile tokens/s interval beside it, and
+`not_told_apart` the trials whose interval overlaps the pick's), then the unrun by expected score, then the rejected. Memory columns are
 bytes (the JSON and CSV) and GiB (2^30 bytes) in the printed summary. `pareto()` holds the candidates
 that fit, with memory per GPU (measured peak reserved where a GPU measured it, else predicted) and
 tokens/s (measured where run, else predicted), and whether each is on the Pareto front (no other
@@ -18,12 +19,12 @@ from pathlib import Path
 
 from shardlab.units import GIB
 
-from .search import TIE_RESOLUTION, expected, measured_score
+from .search import TIE_RESOLUTION, expected, measured_score, not_told_apart
 from .space import Candidate
 
 COLUMNS = ["rank", "key", "status", "trial", "group", "framework", "sharding", "offload", "activation_checkpointing",
            "micro_batch_size", "grad_accum_steps", "compile", "predicted_tokens_per_s", "measured_tokens_per_s",
-           "tokens_per_s_error", "predicted_peak_reserved_bytes", "measured_peak_reserved_bytes",
+           "measured_tokens_per_s_lo", "measured_tokens_per_s_hi", "timed_steps", "runs", "tokens_per_s_error", "predicted_peak_reserved_bytes", "measured_peak_reserved_bytes",
            "predicted_peak_allocated_bytes", "measured_peak_allocated_bytes", "reason", "run_id"]
 
 
@@ -45,6 +46,11 @@ class TuneResult:
     def plan(self):
         """The pick's plan (None when nothing fits)."""
         return self.pick.plan if self.pick else None
+
+    @property
+    def not_told_apart(self) -> list[Candidate]:
+        """Trials whose measured tokens/s interval overlaps the pick's: not ranked against it (search.py, 4)."""
+        return not_told_apart(self.candidates, self.goal) if self.pick is not None and self.pick.status == "completed" else []
 
     def _ordered(self) -> list[Candidate]:
         run = sorted((c for c in self.candidates if c.status == "completed"), key=lambda c: measured_score(c, self.goal), reverse=True)
@@ -72,6 +78,8 @@ class TuneResult:
                          "activation_checkpointing": p and p.activation_checkpointing,
                          "micro_batch_size": p and p.micro_batch_size, "grad_accum_steps": p and p.grad_accum_steps,
                          "compile": p and p.compile, "predicted_tokens_per_s": pt, "measured_tokens_per_s": mt,
+                         "measured_tokens_per_s_lo": me.get("tokens_per_s_lo"), "measured_tokens_per_s_hi": me.get("tokens_per_s_hi"),
+                         "timed_steps": me.get("timed_steps"), "runs": me.get("runs", 1) if mt else None,
                          "tokens_per_s_error": (mt / pt - 1) if pt and mt else None,
                          "predicted_peak_reserved_bytes": pr.get("peak_reserved_bytes"),
                          "measured_peak_reserved_bytes": me.get("peak_reserved_bytes"),
@@ -104,7 +112,8 @@ class TuneResult:
         t = self.table()
         return {"tune_id": self.tune_id, "goal": self.goal, "stop": self.stop, "wall_s": self.wall_s, "settings": self.settings,
                 "pick": None if self.pick is None else {"key": self.pick.key, "measured": self.pick.status == "completed",
-                                                         "plan": self.pick.plan.model_dump(mode="json"), "run_id": self.pick.run_id},
+                                                         "plan": self.pick.plan.model_dump(mode="json"), "run_id": self.pick.run_id,
+                                                         "not_told_apart": [c.key for c in self.not_told_apart]},
                 "trials": [{"trial": c.trial, "key": c.key, "status": c.status, "reason": c.reason, "run_id": c.run_id,
                             "predicted": c.predicted, "measured": c.measured,
                             "plan": c.plan.model_dump(mode="json")} for c in self.trials],
@@ -139,7 +148,10 @@ class TuneResult:
             lines.append("no pick: nothing fits (see the rejected reasons)")
         else:
             how = "measured" if self.pick.status == "completed" else "by estimate only"
-            lines.append(f"pick ({how}): {self.pick.key}")
+            lines.append(f"pick ({how}): {self.pick.key}" + (f", {_spread(self.pick.measured)}" if self.pick.status == "completed" else ""))
+            for c in self.not_told_apart:
+                lines.append(f"    not told apart from {c.key}, {_spread(c.measured)}: the intervals overlap, "
+                             + ("even after re-measuring" if c.measured.get("runs", 1) > 1 else "one trial each does not rank them"))
         lines.append("tokens/s per GPU; memory: peak reserved per GPU in GiB (2^30 bytes); a CPU run measures no GPU memory; "
                      f"grp: predictions equal within {TIE_RESOLUTION:.0%} (twins: one row shown, all in the table)")
         return "\n".join(lines)
@@ -179,6 +191,13 @@ def _distinct(t, top: int):
             first.setdefault(g, len(shown))
         shown.append([r, 0])
     return [(r, n) for r, n in shown]
+
+
+def _spread(m: dict) -> str:
+    """'209,199 tokens/s (interquartile 188,702-218,319; 4 timed steps, 1 run)'"""
+    lo, hi, n = m.get("tokens_per_s_lo"), m.get("tokens_per_s_hi"), m.get("runs", 1)
+    iqr = f"interquartile {lo:,.0f}-{hi:,.0f}; " if lo and hi else ""
+    return f"{m['tokens_per_s']:,.0f} tokens/s ({iqr}{m.get('timed_steps', '?')} timed steps, {n} run{'s' if n > 1 else ''})"
 
 
 def _num(v) -> str:

@@ -11,6 +11,12 @@
    expected first, until the measured best beats every unrun candidate's optimistic prediction, or
    the budget (runs or minutes) is spent, or the search is cancelled. A failed trial (OOM, crash) is
    recorded with its reason and the search goes on.
+4. Measured figures carry their spread (window.py: median step period and the tokens/s interval at
+   its quartiles). The stop rule compares with the slow end of the best's interval. Two candidates
+   whose intervals overlap are not told apart by one trial each: when the two best overlap and the
+   search ends by its rule (or runs out of candidates) with two runs of budget left, or a budget of
+   trial runs is down to its last two, both run again and each one's periods are pooled; the pick is the better pooled median, and the result names what
+   it is still not told apart from (`not_told_apart`).
 
 Twins: candidates of one framework whose predictions are equal within TIE_RESOLUTION (forward_prefetch
 on/off, ddp vs zero3 on one GPU) form a group. The step model cannot tell them apart, so a trial of one
@@ -38,6 +44,7 @@ from shardlab.plan import bad_input
 from shardlab.units import GIB
 
 from .space import Candidate
+from .window import interval, overlap, pooled
 
 # Issue 14's held-out bar for the uncalibrated step model: every run's tokens/s within 25% of the
 # prediction. Measured on its H200 check set timed alone (docs/benchmarks.md, after the host probe):
@@ -148,11 +155,11 @@ def _settled_groups(cands: list[Candidate]) -> set:
 
 
 def open_candidates(cands: list[Candidate], goal: str, bound: float = STEP_ERROR_BOUND, margin: float = MEMORY_MARGIN) -> list[Candidate]:
-    """Unrun candidates that could still beat the measured best (optimistic prediction above it) and
-    are not the twin of a completed trial, best expected first (ties: a safe fit before a tight one)."""
+    """Unrun candidates that could still beat the measured best (optimistic prediction above the slow
+    end of its measured interval: a noisy best keeps more candidates open) and are not the twin of a completed trial, best expected first (ties: a safe fit before a tight one)."""
     settled, top = _settled_groups(cands), best(cands, goal)
     done = [c for c in cands if c.trial is not None]
-    s = measured_score(top, goal) if top else None
+    s = measured_score(top, goal, low=True) if top else None
     out = [c for c in cands if c.status == "unrun" and (c.group is None or c.group not in settled)
            and (s is None or expected(c, goal, ratio_for(c, done), bound, margin) >= s)]
     return sorted(out, key=lambda c: (expected(c, goal, ratio_for(c, done)), c.predicted.get("fit") != "tight"), reverse=True)
@@ -193,10 +200,11 @@ def expected(c: Candidate, goal: str, ratio: float = 1.0, bound: float = 0.0, ma
     return (tps,)
 
 
-def measured_score(c: Candidate, goal: str) -> tuple:
+def measured_score(c: Candidate, goal: str, low: bool = False) -> tuple:
     """The goal's score of a completed trial from its measurement (memory: measured peak reserved on a
-    GPU; a CPU run measures none, so the prediction stands in)."""
-    tps = c.measured["tokens_per_s"]
+    GPU; a CPU run measures none, so the prediction stands in). `low`: tokens/s at the slow end of its
+    interquartile interval (window.interval) instead of the median: what the stop rule compares with."""
+    tps = interval(c.measured)[0] if low else c.measured["tokens_per_s"]
     if goal == "largest-batch":
         return (c.batch, tps)
     if goal == "least-memory":
@@ -237,27 +245,99 @@ def search(cands: list[Candidate], goal: str, budget: Budget, run_trial: Callabl
     while True:
         if cancelled():
             return "cancelled"
-        if beats_all(cands, goal, bound, margin):
-            return "rule"
-        if budget.spent(n, time.monotonic() - t0):
-            return "budget"
-        order = open_candidates(cands, goal, bound, margin)
-        if not order:
-            return "exhausted"
+        stop = "rule" if beats_all(cands, goal, bound, margin) else "budget" if budget.spent(n, time.monotonic() - t0) else None
+        order = [] if stop else open_candidates(cands, goal, bound, margin)
+        if not stop and order and _last_two_runs(budget, n) and _top_two_overlap(cands, goal):
+            stop = "budget"  # the last two runs resolve the top two rather than try one more candidate
+            remeasure_top_two(cands, goal, budget, run_trial, n, t0, say, cancelled)
+            return stop
+        if stop or not order:
+            stop = stop or "exhausted"
+            if stop != "budget":
+                remeasure_top_two(cands, goal, budget, run_trial, n, t0, say, cancelled)
+            return stop
         c = order[0]
         n += 1
         c.trial, c.status = n, "running"
+        c.step_time_hint_s = _step_hint(c, cands)
         say({"type": "trial", "trial": n, "key": c.key, "status": "running", "predicted": dict(c.predicted)})
-        try:
-            run_trial(c)
-        except Exception as e:  # noqa: BLE001 - a trial that cannot even start is a failed trial
-            c.status, c.reason = "failed", f"{type(e).__name__}: {e}"[:500]
-        if c.status == "running":
-            c.status = "failed"
+        _run(c, run_trial)
         learn_from_oom(cands, c)
         say({"type": "trial", "trial": n, "key": c.key, "status": c.status, "reason": c.reason,
              "predicted": dict(c.predicted), "measured": dict(c.measured), "run_id": c.run_id})
 
 
+def _step_hint(c: Candidate, cands: list[Candidate]) -> float | None:
+    """The predicted step time rescaled by what the trials so far measured (ratio_for): how long the
+    trial's steps are expected to take, which sizes its timed window (trials.py, window.py)."""
+    st = c.predicted.get("step_time_s")
+    return st / ratio_for(c, [x for x in cands if x.trial is not None]) if st else None
+
+
+def _run(c: Candidate, run_trial) -> None:
+    try:
+        run_trial(c)
+    except Exception as e:  # noqa: BLE001 - a trial that cannot even start is a failed trial
+        c.status, c.reason = "failed", f"{type(e).__name__}: {e}"[:500]
+    if c.status == "running":
+        c.status = "failed"
+
+
+def _last_two_runs(budget: Budget, n: int) -> bool:
+    return budget.runs is not None and budget.runs - n == 2
+
+
+def _top_two_overlap(cands: list[Candidate], goal: str) -> bool:
+    two = top_two(cands, goal)
+    return len(two) == 2 and two[1] in not_told_apart(cands, goal)
+
+
+def top_two(cands: list[Candidate], goal: str) -> list[Candidate]:
+    ok = [c for c in cands if c.status == "completed" and c.measured.get("tokens_per_s")]
+    return sorted(ok, key=lambda c: measured_score(c, goal), reverse=True)[:2]
+
+
+def not_told_apart(cands: list[Candidate], goal: str) -> list[Candidate]:
+    """Completed candidates other than the measured best whose tokens/s interval overlaps the best's
+    (window.overlap): their trials do not rank them against it. Only their speed is in doubt, so for
+    largest-batch / least-memory only candidates equal on the goal's first figure count."""
+    top = best(cands, goal)
+    if top is None:
+        return []
+    head = measured_score(top, goal)[:-1]
+    return [c for c in cands if c is not top and c.status == "completed" and c.measured.get("tokens_per_s")
+            and measured_score(c, goal)[:-1] == head and overlap(top.measured, c.measured)]
+
+
+def remeasure_top_two(cands, goal, budget: Budget, run_trial, n: int, t0: float, say, cancelled) -> int:
+    """When the two best measured candidates' intervals overlap and the budget allows two more runs, run
+    both again and pool each one's periods (window.pooled); return the trial count. A re-run that fails
+    leaves the first measurement standing, with the failure in its reason."""
+    two = top_two(cands, goal)
+    if not _top_two_overlap(cands, goal) or budget.spent(n + 1, time.monotonic() - t0):
+        return n
+    for c in two:
+        if cancelled() or budget.spent(n, time.monotonic() - t0):
+            break
+        n += 1
+        first, run_id, run_dir, trial = dict(c.measured), c.run_id, c.run_dir, c.trial
+        c.step_time_hint_s = first.get("step_time_s") or c.step_time_hint_s  # its own measured step sizes the window
+        c.status, c.measured = "running", {}
+        say({"type": "trial", "trial": n, "key": c.key, "status": "running", "remeasure": True, "predicted": dict(c.predicted)})
+        _run(c, run_trial)
+        again_id = c.run_id
+        if c.status == "completed" and c.measured.get("tokens_per_s"):
+            c.measured = {**pooled(first, c.measured), "run_ids": [*first.get("run_ids", [run_id]), again_id]}
+        else:
+            c.reason = f"re-measure (trial {n}) {c.status}: {c.reason}"[:500]
+            c.measured = first
+        c.status, c.run_id, c.run_dir, c.trial = "completed", run_id, run_dir, trial
+        c.measured["retrials"] = [*first.get("retrials", []), n]
+        say({"type": "trial", "trial": n, "key": c.key, "status": "completed", "remeasure": True, "reason": c.reason,
+             "predicted": dict(c.predicted), "measured": dict(c.measured), "run_id": again_id})
+    return n
+
+
 __all__ = ["Budget", "GOALS", "STEP_ERROR_BOUND", "MEMORY_MARGIN", "TIE_RESOLUTION", "predict", "rank", "best", "beats_all",
-           "search", "check_goal", "expected", "measured_score", "ratio_for", "group_twins", "open_candidates", "learn_from_oom"]
+           "search", "check_goal", "expected", "measured_score", "ratio_for", "group_twins", "open_candidates", "learn_from_oom",
+           "not_told_apart", "remeasure_top_two", "top_two"]

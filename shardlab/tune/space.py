@@ -80,6 +80,7 @@ class Candidate:
     run_dir: str | None = None
     trial: int | None = None
     group: int | None = None  # candidates predicted equal within search.TIE_RESOLUTION share a number (twins)
+    step_time_hint_s: float | None = None  # the search's expected step time when it starts the trial (sizes its window)
 
     @property
     def batch(self) -> int:

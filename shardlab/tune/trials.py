@@ -3,8 +3,10 @@
 The run lands in the run store like any other (`shardlab runs` lists it, `shardlab report` reads
 it); a `tune.json` beside its plan says which tune it belongs to and which candidate it was. What a
 trial measures: tokens/s per GPU as the median step period after `warmup` steps (the slowest rank
-sets each period: Run.step_periods), and the peak allocated / reserved bytes rank 0's worker recorded
-(a GPU run; a CPU run records none).
+sets each period: Run.step_periods) with its interquartile interval, and the peak allocated / reserved bytes rank 0's worker recorded
+(a GPU run; a CPU run records none). How many steps: `steps` when given, else `warmup` + enough to time
+window.WINDOW_S seconds at the candidate's step time as the search expects it (its prediction rescaled
+by the trials so far: search._step_hint; window.trial_steps).
 """
 
 from __future__ import annotations
@@ -15,20 +17,21 @@ from pathlib import Path
 from shardlab.run.files import write_json_atomic
 
 from .space import Candidate
+from .window import WINDOW_S, spread, trial_steps
 
 TAG_FILE = "tune.json"
 
 
 def measure(run, warmup: int) -> dict:
-    """tokens/s per GPU (median period after `warmup` steps), step time, peak bytes and per-step periods."""
+    """tokens/s per GPU at the median step period after `warmup` steps, its interquartile interval
+    (window.spread), the per-step periods, and the peak bytes."""
     out: dict = {}
     periods = run.step_periods(warmup=warmup)
     if periods.empty:
         periods = run.step_periods(warmup=0)
     if not periods.empty:
-        step = float(periods["period_s"].median())
-        out.update(step_time_s=step, tokens_per_s=float(periods["tokens"].median()) / step,
-                   step_times_s=[round(float(x), 6) for x in periods["period_s"]], timed_steps=len(periods))
+        out.update(spread(list(periods["period_s"]), float(periods["tokens"].median())))
+        out["step_times_s"] = [round(float(x), 6) for x in periods["period_s"]]
     m = run.metrics
     for key in ("peak_allocated_bytes", "peak_reserved_bytes"):
         if not m.empty and key in m and m[key].notna().any():
@@ -46,9 +49,10 @@ class TrialRunner:
     stops the current run within a fraction of a second (LiveRun.cancel: every process ended) and
     makes the search stop."""
 
-    def __init__(self, model, *, device: str, nproc: int, steps: int, warmup: int, out=None, tune_id: str,
-                 timeout_s: float = 300, on_event=None, cancel: threading.Event | None = None, launch_kw: dict | None = None):
-        self.model, self.device, self.nproc = model, device, nproc
+    def __init__(self, model, *, device: str, nproc: int, steps: int | None, warmup: int, out=None, tune_id: str,
+                 timeout_s: float = 300, on_event=None, cancel: threading.Event | None = None, launch_kw: dict | None = None,
+                 window_s: float = WINDOW_S):
+        self.model, self.device, self.nproc, self.window_s = model, device, nproc, window_s
         self.steps, self.warmup, self.out, self.tune_id = steps, warmup, out, tune_id
         self.timeout_s, self.on_event = timeout_s, on_event
         self.current = None
@@ -68,7 +72,9 @@ class TrialRunner:
         if self.cancelled:
             c.status, c.reason = "cancelled", "the tune was cancelled before this trial started"
             return
-        run = launch(c.plan, model=self.model, steps=self.steps, nproc=self.nproc, device=self.device, out=self.out,
+        hint = c.step_time_hint_s or c.predicted.get("step_time_s")
+        steps = self.steps or trial_steps(hint, self.warmup, self.window_s, self.device)
+        run = launch(c.plan, model=self.model, steps=steps, nproc=self.nproc, device=self.device, out=self.out,
                      timeout_s=self.timeout_s, on_event=self.on_event, **self.launch_kw)
         self.current = run
         c.run_id, c.run_dir = run.id, str(run.dir)
