@@ -8,6 +8,7 @@ docs/benchmarks.md): the H100 matrix and gap study (gpt-1b) and the H200 probe (
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import statistics
@@ -34,9 +35,11 @@ def _plain(o):
     return d
 
 
-def _rows():
+@functools.lru_cache(maxsize=1)
+def _rows() -> tuple:
     """Every recorded GPU row, with repeated measurements of one configuration pooled (median):
-    the H100 ZeRO-3 rows ran 24 and 64 steps and differ by up to 47% run to run (docs/benchmarks.md)."""
+    the H100 ZeRO-3 rows ran 24 and 64 steps and differ by up to 47% run to run (docs/benchmarks.md).
+    Computed once per session (12 tests read it; none changes it)."""
     pooled: dict[tuple, dict] = {}
     for r in steptime_accuracy.rows():
         plan = _plain(Plan.model_validate(r["plan"]) if isinstance(r["plan"], dict) else r["plan"])
@@ -47,7 +50,7 @@ def _rows():
         r["measured"] = statistics.median(r["all"])
         r["error"] = estimate(r["plan"], r["model"], r["gpu"], calibration=False).time["tokens_per_s"] / r["measured"] - 1
         out.append(r)
-    return out
+    return tuple(out)
 
 
 def _named(rows, source, *names):
