@@ -7,7 +7,12 @@ calibration made on the machine that ran the row (results/calibrations.json, or 
 device call); rows whose machine was not calibrated have no calibrated figure. Prints one line per row,
 then the median and largest absolute error per source.
 
-    .venv/bin/python benchmarks/steptime_accuracy.py [--json OUT]
+    .venv/bin/python benchmarks/steptime_accuracy.py [--json OUT] [--zero3]
+
+--zero3 prints, for every DeepSpeed ZeRO-3 row without offload, the share of min(GPU, host) its
+measurement leaves exposed (steptime.py's SERIAL["deepspeed_zero3"] solved per row), next to the
+shape-side quantities it might depend on (GPU/host ratio, host seconds per module hook), and the
+plans measured more than once: the question of what decides ZeRO-3's overlap (issue 14).
 """
 
 from __future__ import annotations
@@ -118,11 +123,48 @@ def fidelity_rows(include_shared: bool = False) -> list[dict]:
     return out
 
 
+def zero3_regimes(rows_: list[dict]) -> None:
+    """The exposed share each ZeRO-3 row implies, and the plans measured more than once (--zero3)."""
+    from shardlab.estimate.steptime import SERIAL
+    from shardlab.estimate.stepwork import work
+
+    seen: dict[str, list[float]] = {}
+    # implied: the exposed share that reproduces the row; host alone: predicted host + the rest over the
+    # measured step (above 1: the host cost alone is over-predicted, whatever the overlap)
+    print(f"{'source':28} {'row':34} {'meas s':>7} {'gpu s':>6} {'host s':>6} {'gpu/host':>8} {'ms/module':>9} {'implied':>7} {'host alone':>10}")
+    for r in rows_:
+        plan = r["plan"] if isinstance(r["plan"], dict) else r["plan"].model_dump(mode="json")
+        off = plan.get("offload") or {}
+        if plan.get("framework") != "deepspeed" or plan.get("sharding") != "zero3" or any(v not in (None, "none") for v in off.values()):
+            continue
+        e = estimate(r["plan"], r["model"], r["gpu"], calibration=False)
+        t = e.time
+        g, h = t["compute_s"], t["detail"]["host_s"]
+        rest = t["step_time_s"] - max(g, h) - SERIAL["deepspeed_zero3"] * min(g, h)
+        meas = t["tokens_per_step"] / r["measured"]
+        implied = (meas - rest - max(g, h)) / min(g, h)
+        spec = e.model
+        modules = 0 if spec.is_bare else work(spec, e.plan.micro_batch_size, spec.seq_len, 2, e.plan.activation_checkpointing).modules
+        per_mod = 1e3 * h / modules if modules else float("nan")  # host ms per module hook, whole step
+        print(f"{r['source']:28} {r['name'][:34]:34} {meas:7.3f} {g:6.3f} {h:6.3f} {g / h:8.2f} {per_mod:9.2f} {implied:+7.2f} {(h + rest) / meas:10.2f}")
+        same = {k: v for k, v in e.plan.model_dump(mode="json").items() if k != "low_memory_init"}  # not the step's
+        key = json.dumps([r["gpu"], same, r["model"]], sort_keys=True, default=str)
+        seen.setdefault(key, []).append(round(implied, 2))
+    print("plans measured more than once (implied exposed share each time):")
+    for k, v in seen.items():
+        if len(v) > 1:
+            print(" ", json.loads(k)[2] if isinstance(json.loads(k)[2], str) else json.loads(k)[2].get("name"), v)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--json", default=None)
     ap.add_argument("--shared", action="store_true", help="also issue 13's rows timed while other runs shared the GPU")
+    ap.add_argument("--zero3", action="store_true", help="what each DeepSpeed ZeRO-3 row implies for its overlap")
     a = ap.parse_args(argv)
+    if a.zero3:
+        zero3_regimes(rows(a.shared))
+        return 0
     table = []
     for r in rows(a.shared):
         cal = RESULTS / r["calibration"] if r.get("calibration") else None  # only one made on the row's own machine

@@ -29,7 +29,9 @@ class GPU:
     memory_bytes: int
     intra_node_bw: float
     inter_node_bw: float
-    pcie_bw: float = 25 * GB  # host <-> device copies (offload)
+    # host <-> device copies (offload), pinned, one direction. H100/H200 SXM: PCIe Gen5 x16, 64 GB/s each way
+    # (the data sheets' 128 GB/s counts both); the table's 50 GB/s assumes ~80% of it, not measured on the lent hosts
+    pcie_bw: float = 25 * GB
     hbm_bw: float = 2000 * GB  # device memory bandwidth, data sheet (memory-bound kernels, the optimizer step)
     sms: int = 108  # streaming multiprocessors (wave quantization of matmul tiles)
     # one cuBLAS workspace, which torch allocates through the caching allocator per (handle, stream):
