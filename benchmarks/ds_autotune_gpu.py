@@ -106,7 +106,7 @@ def measure_pick(pick: dict, model, runs: Path, device: str) -> dict:
                 grad_accum_steps=int(pick.get("grad_accum") or 1))
     c = Candidate("autotuner pick", plan)
     predict([c], model, get_gpu("h200") if device == "cuda" else CPU_DEVICE)
-    steps = trial_steps(c.predicted.get("step_time_s"), 3)
+    steps = trial_steps(c.predicted.get("step_time_s"), 3, device=device)
     t0 = time.time()
     run = launch(plan, model=model, steps=steps, device=device, out=runs, timeout_s=400)
     status = run.wait()

@@ -5,7 +5,10 @@ it imports neither torch nor deepspeed, since a timing on a shared 2-core machin
 A full estimate = load nothing, resolve the model, memory + communication + step time, and
 `to_dict()`. Plans and models vary across the loop so no single cached shape flatters the figure.
 
-    .venv/bin/python benchmarks/estimate_speed.py [--repeat 2000]
+`--trace` times the traced estimate instead (issue 13: gpt-1.3b and llama-8b, 8 GPUs, ZeRO-3, mb 1;
+seconds to minutes on a CPU, the first trace of a process paying a one-time set-up).
+
+    .venv/bin/python benchmarks/estimate_speed.py [--repeat 2000] [--trace]
 """
 
 from __future__ import annotations
@@ -36,10 +39,33 @@ def import_seconds(repeat: int = 5) -> float:
                for _ in range(repeat))
 
 
+TRACE_CASES = [("gpt-1.3b", "fsdp2"), ("llama-8b", "fsdp2"), ("llama-8b", "deepspeed")]
+
+
+def trace_times() -> None:
+    """Wall and CPU seconds of one traced estimate per TRACE_CASES entry, with its figures beside the
+    analytical ones (GiB)."""
+    gib = 2**30
+    for model, fw in TRACE_CASES:
+        plan = plan_from_dict({"framework": fw, "sharding": "zero3", "precision": "bf16", "micro_batch_size": 1,
+                               "topology": {"gpus_per_node": 8}}, check=False)
+        wall, cpu = time.perf_counter(), time.process_time()
+        t = estimate(plan, model, "h200", method="trace").per_gpu
+        wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+        a = estimate(plan, model, "h200").per_gpu
+        print(f"{model} {fw} zero3 x8 mb1: trace {wall:.1f} s wall ({cpu:.1f} s CPU), traced peak "
+              f"{t['peak_allocated'] / gib:.2f} GiB reserved {t['peak_reserved'] / gib:.2f}, analytic "
+              f"{a['peak_allocated'] / gib:.2f} GiB reserved {a['peak_reserved'] / gib:.2f}", flush=True)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeat", type=int, default=2000)
+    ap.add_argument("--trace", action="store_true", help="time the traced estimate (gpt-1.3b, llama-8b) instead")
     a = ap.parse_args(argv)
+    if a.trace:
+        trace_times()
+        return 0
     plans = [(plan_from_dict(p, check=False), m) for p, m in CASES]
     for p, m in plans:  # warm the shape caches, as a running widget would have
         estimate(p, m).to_dict()

@@ -319,8 +319,6 @@ def predictions(row: dict, methods=("analytic", "trace")) -> dict:
 
     out = {}
     for method in methods:
-        if method == "trace" and row.get("offload") == "both" and row["framework"] != "deepspeed":
-            continue  # FSDP's CPU offload moves tensors off the GPU; on a fake CPU device it cannot be told apart
         model = model_for(row)
         if row["hf"] and method == "trace":
             from benchmarks.fidelity_hf import hf_module

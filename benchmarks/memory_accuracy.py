@@ -54,7 +54,7 @@ def _family(model) -> str:
 
 def fidelity_rows(trace: str | None = None, only: set[str] | None = None) -> list[dict]:
     """Every completed fidelity row re-estimated; with `trace` ("all" or one framework) also traced
-    (fidelity.predictions: FSDP with CPU offload is not traced), `only` limiting the files (their stems)."""
+    (fidelity.predictions), `only` limiting the files (their stems)."""
     import fidelity
 
     from shardlab.estimate import estimate

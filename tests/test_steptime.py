@@ -8,6 +8,7 @@ docs/benchmarks.md): the H100 matrix and gap study (gpt-1b) and the H200 probe (
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import statistics
@@ -34,9 +35,11 @@ def _plain(o):
     return d
 
 
-def _rows():
+@functools.lru_cache(maxsize=1)
+def _rows() -> tuple:
     """Every recorded GPU row, with repeated measurements of one configuration pooled (median):
-    the H100 ZeRO-3 rows ran 24 and 64 steps and differ by up to 47% run to run (docs/benchmarks.md)."""
+    the H100 ZeRO-3 rows ran 24 and 64 steps and differ by up to 47% run to run (docs/benchmarks.md).
+    Computed once per session (12 tests read it; none changes it)."""
     pooled: dict[tuple, dict] = {}
     for r in steptime_accuracy.rows():
         plan = _plain(Plan.model_validate(r["plan"]) if isinstance(r["plan"], dict) else r["plan"])
@@ -47,7 +50,7 @@ def _rows():
         r["measured"] = statistics.median(r["all"])
         r["error"] = estimate(r["plan"], r["model"], r["gpu"], calibration=False).time["tokens_per_s"] / r["measured"] - 1
         out.append(r)
-    return out
+    return tuple(out)
 
 
 def _named(rows, source, *names):
@@ -116,6 +119,10 @@ HELD_OUT = [
     ("DEFAULT_*_EFF", "steptime_probe_h200", ("llama1b128k-mb", "llama3b", "llamawide", "gpt760m-fp32", "gpt2.5b"), 0.15),
     # DS3_OFFLOAD_COPY_BYTES_PER_S fitted to #309 on the validation host -> the held-out host's ZeRO-3 offload row
     ("DS3_OFFLOAD_COPY_BYTES_PER_S", "fidelity_h200_held", ("#505",), 0.15),
+    # ZeRO-2 + optimizer offload + accumulation: host and GPU add (a wait per parameter, stage_1_and_2.py; no
+    # constant fitted) -> the gpt350cap grid's four such rows (before: +10 / +18 / +25 / +38%)
+    ("SERIAL_DS2_OFFLOAD_ACCUM", "tune_h200_gpt350cap_grid",
+     ("deepspeed zero2 mb2x4 offload-optimizer", "deepspeed zero2 mb4x2 offload-optimizer"), 0.15),
     # fp32 attention measured at head_dim 128 only -> a head_dim 64 fp32 step (the widest band here)
     ("DEFAULT_ATTN_EFF fp32", "steptime_probe_h200", ("llama1b128k-fp32",), 0.25),
 ]

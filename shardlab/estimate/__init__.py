@@ -137,9 +137,11 @@ def _traced(plan: Plan, s, model, gpu) -> dict:
     from .trace import traced_memory
 
     t = traced_memory(plan, model)
-    if t["traced"] == "activations":  # DeepSpeed: traced working set + analytical states and buffers
+    if t["traced"] == "activations":  # DeepSpeed, FSDP offload: traced working set + analytical states and buffers
         mem = memory(plan, s, traced_activations=t["peak"], gpu=gpu)
-        what = "forward/backward working set traced; DeepSpeed states, buffers and step temporaries analytical"
+        whose = ("DeepSpeed states, buffers and step temporaries" if plan.framework == "deepspeed" else
+                 "FSDP's states (offloaded to the CPU: not told apart on a fake device), gathered units and step temporaries")
+        what = f"forward/backward working set traced; {whose} analytical; reserved: the analytical allocator model on that peak"
     else:
         mem = memory(plan, s, gpu=gpu)
         g = mem["per_gpu"]

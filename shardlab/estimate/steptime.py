@@ -128,6 +128,15 @@ DS_NORM_KERNELS_PER_PARAM = 2
 # (host and GPU add); 0.55 stays as the minimax. A GPU run to settle it: benchmarks/ds_host_probe.py (the
 # step's synchronisations with their Python origin) on one plan repeated on two hosts.
 SERIAL = {"fsdp": 0.15, "deepspeed": 0.27, "deepspeed_zero3": 0.55}
+# ZeRO-2 with the optimizer offloaded and gradients accumulated (micro-steps > 1): every micro-step, each
+# parameter's gradient goes through stage_1_and_2.py's async_accumulate_grad_in_cpu_via_gpu, which first
+# calls _wait_for_offload_copies (an event.synchronize() on the previous parameter's copy to the CPU): the
+# host waits for the GPU once per parameter, so no micro-step's GPU work runs under the host's next one and
+# the two add (share 1). No constant fitted: checked on the gpt350cap grid's four ZeRO-2 offload rows
+# (tune_h200_gpt350cap_grid.json, accumulation 4 and 2: +10.1 / +18.0 / +24.7 / +38.4% -> -3.8 / -1.8 / +7.4 /
+# +12.8%) and the held-out #504 (fidelity_h200_held.json, accumulation 2: -17.2% -> -23.5%, a host whose CPU
+# optimizer ran faster than CPU_ADAM_PARAMS_PER_S). With one micro-step the path is skipped (no wait).
+SERIAL_DS2_OFFLOAD_ACCUM = 1.0
 # torch.compile (plan.compile): Inductor fuses the memory-bound kernels of each compiled block and
 # replays them without Python dispatch. COMPILE_MEM / COMPILE_KERNELS scale their bytes and the
 # kernels the host launches (FSDP); DeepSpeed's engine.compile() made ZeRO-3 ~20% slower on an H200
@@ -342,6 +351,8 @@ def step_time(plan: Plan, s: Setup, gpu: GPU, wire: dict, rates: Rates | None = 
     gpu_s = ((mm + attn + mem) * s.micro_steps + opt) * r.gpu_scale
     host_s = host_time(plan, s, w, r) + checkpoint_time(plan, s, w, r)
     serial = SERIAL[("deepspeed_zero3" if s.stage == "zero3" else "deepspeed") if s.ds else "fsdp"]
+    if s.ds and s.stage == "zero2" and s.offload_opt != "none" and s.micro_steps > 1:
+        serial = SERIAL_DS2_OFFLOAD_ACCUM
     core = max(gpu_s, host_s) + serial * min(gpu_s, host_s) + ds_optimizer_host(s, w, r)  # DS_OPT_SERIAL
     comm_s = _comm_time(s, gpu, wire, w)
     exposed = comm_s if (s.ds and s.stage != "zero3") else max(0.0, comm_s - OVERLAP * gpu_s)
