@@ -72,6 +72,7 @@ class Queue:
         self.at_once, self.nice = at_once, nice
         self.jobs: dict[str, tuple[Callable[[], Any], Callable[[Any], bool], Callable[[Any], list[int]]]] = {}
         self.prepare: dict[str, Callable[[], None]] = {}  # run once, in the thread that first wants the job
+        self.early: set[str] = set()  # queued before every other job at collection (queue_for)
         self.started: dict[str, Any] = {}
         self.ended: set[str] = set()  # started jobs seen done (each is asked only until then)
         self.wanted: list[str] = []
@@ -80,12 +81,16 @@ class Queue:
 
     def register(self, name: str, start: Callable[[], Any], done: Callable[[Any], bool],
                  pids: Callable[[Any], list[int]] = lambda handle: [handle.pid],
-                 prepare: Callable[[], None] | None = None) -> None:
+                 prepare: Callable[[], None] | None = None, early: bool = False) -> None:
         """A job: `start()` starts it and returns a handle at once; `done(handle)` says whether it still holds a
         slot; `pids(handle)` the processes it started (their priority is lowered with their children's);
         `prepare()`, if given, runs once in the thread that first wants the job (collection's or a fixture's,
-        never the driver's), e.g. to start a helper process while os.environ is still the suite's own."""
+        never the driver's), e.g. to start a helper process while os.environ is still the suite's own;
+        `early`: queued at collection before the jobs of the first tests (a build that later jobs and
+        foreground tests would otherwise wait for)."""
         self.jobs[name] = (start, done, pids)
+        if early:
+            self.early.add(name)
         if prepare is not None:
             self.prepare[name] = prepare
 
@@ -190,7 +195,7 @@ def queue_for(items) -> list[str]:
         for fixture in getattr(item, "fixturenames", ()):
             for fd in (info.name2fixturedefs.get(fixture, ()) if info else ()):
                 names.extend(getattr(fd.func, "prestart", ()))
-    names = list(dict.fromkeys(names))
+    names = sorted(dict.fromkeys(names), key=lambda n: n not in QUEUE.early)  # (stable: suite order otherwise)
     if names:
         want(names)
     return names

@@ -16,6 +16,8 @@ The two 2x2 setups train in bf16, so real bf16 runs of FSDP2 and DeepSpeed stay 
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -71,14 +73,24 @@ def job(name: str) -> str:
 
 for _name in SETUPS:
     _prestart.register(job(_name), lambda name=_name: _launch(name), lambda run: run.done, _prestart.run_pids)
+# DeepSpeed's CPU Adam (optimizer offload), built (or, when built already, loaded: ~5 CPU-s) by shardlab doctor's
+# own warm_op in the background before every other job: in a fresh clone the first optimizer-offload run or
+# lab 00 built it otherwise, lab 00 in the foreground (154.84 s, the slowest test of the fresh clone at 7288d3a,
+# /tmp/ci9.log). The shm comm op is built by the first DeepSpeed run, among the first jobs anyway.
+CPU_ADAM = "deepspeed op CPUAdamBuilder"
+_WARM = "import sys; from shardlab.doctor import warm_op; c = warm_op(sys.argv[1]); print(c.line()); sys.exit(0 if c.ok else 1)"
+_prestart.register(CPU_ADAM, lambda: subprocess.Popen([sys.executable, "-c", _WARM, "CPUAdamBuilder"], env=_prestart.base_env(),
+                                                      cwd=_prestart.CWD, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL),
+                   lambda proc: proc.poll() is not None, early=True)
 # the order the background starts them in when every setup is wanted: the analysis runs first (the
 # earliest tests read them), then the optimizer-offload run, whose first start builds CPU Adam
 ORDER = tuple(dict.fromkeys((*ANALYSIS, "deepspeed-zero2-offload-optimizer", *SETUPS)))
 
 
 def needs(*names: str):
-    """Under a fixture's `@pytest.fixture`: it reads these setups (all of them by default)."""
-    return _prestart.needs(*(job(n) for n in names or ORDER))
+    """Under a fixture's `@pytest.fixture`: it reads these setups (all of them by default); CPU Adam's build
+    comes with them (queued first)."""
+    return _prestart.needs(CPU_ADAM, *(job(n) for n in names or ORDER))
 
 
 def cpu_runs(names=tuple(SETUPS)) -> dict:
