@@ -15,16 +15,47 @@ ends every process within 5 s") judge the code, not the background; the backgrou
 foreground leaves, and a test waiting for its runs leaves the cores to them. The threads in pytest's own
 process (the launcher's watcher and sampler) keep their priority: a low-priority thread holding the GIL
 would stall the foreground. Nothing here is used by shardlab itself.
+
+Every job starts from the environment and working folder the suite had at collection (`snapshot()`, which
+conftest calls once; `ENV`, `CWD`), never from os.environ as it is when the driver thread gets to it: some
+foreground tests change os.environ for a while (test_labs clears and restores it around each notebook,
+test_launcher_signals replaces PYTHONPATH, judges.py chdirs), and runs started beside them died with
+"Intel oneMKL FATAL ERROR: Cannot load libtorch_cpu.so" (the fresh clone at 7288d3a, 13 failed tests).
+`launch(...)` is shardlab's launch() with that environment and folder; a job that starts processes of its
+own passes `ENV` / `CWD` to them the same way.
 """
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from typing import Any, Callable
 
 AT_ONCE = 2  # runs going at once: 2 runs (4 ranks) fill 2 cores (cpu_runs.py's comment has the measurement)
 NICE = 10  # the background's niceness: CFS weight 110 against the foreground's 1024 (~10% of a contended core)
+ENV: dict[str, str] = {}  # os.environ at collection (snapshot()): every background job's environment
+CWD: str = os.getcwd()  # the working folder at collection (a 'module:function' factory imports from it)
+
+
+def snapshot() -> None:
+    """Take ENV and CWD from this process now (conftest: once, at collection, before any test runs)."""
+    ENV.clear()
+    ENV.update(os.environ)
+    global CWD
+    CWD = os.getcwd()
+
+
+def base_env() -> dict[str, str]:
+    """A copy of the collection-time environment (os.environ now, if snapshot() was never called)."""
+    return dict(ENV or os.environ)
+
+
+def launch(plan, **kwargs):
+    """shardlab.run.launcher.launch, started from the collection-time environment and folder."""
+    from shardlab.run.launcher import launch as real_launch
+
+    return real_launch(plan, env=base_env(), cwd=CWD, **kwargs)
 
 
 class _Failed:
@@ -40,6 +71,7 @@ class Queue:
     def __init__(self, at_once: int | None = None, nice: int = NICE):
         self.at_once, self.nice = at_once, nice
         self.jobs: dict[str, tuple[Callable[[], Any], Callable[[Any], bool], Callable[[Any], list[int]]]] = {}
+        self.prepare: dict[str, Callable[[], None]] = {}  # run once, in the thread that first wants the job
         self.started: dict[str, Any] = {}
         self.ended: set[str] = set()  # started jobs seen done (each is asked only until then)
         self.wanted: list[str] = []
@@ -47,10 +79,15 @@ class Queue:
         self._driver: threading.Thread | None = None
 
     def register(self, name: str, start: Callable[[], Any], done: Callable[[Any], bool],
-                 pids: Callable[[Any], list[int]] = lambda handle: [handle.pid]) -> None:
+                 pids: Callable[[Any], list[int]] = lambda handle: [handle.pid],
+                 prepare: Callable[[], None] | None = None) -> None:
         """A job: `start()` starts it and returns a handle at once; `done(handle)` says whether it still holds a
-        slot; `pids(handle)` the processes it started (their priority is lowered with their children's)."""
+        slot; `pids(handle)` the processes it started (their priority is lowered with their children's);
+        `prepare()`, if given, runs once in the thread that first wants the job (collection's or a fixture's,
+        never the driver's), e.g. to start a helper process while os.environ is still the suite's own."""
         self.jobs[name] = (start, done, pids)
+        if prepare is not None:
+            self.prepare[name] = prepare
 
     def want(self, names, first: bool = False) -> None:
         """Queue these jobs (not yet started ones), at the front when `first`; start the driver if it is idle."""
@@ -59,6 +96,12 @@ class Queue:
             for n in new:
                 if n not in self.jobs:
                     raise KeyError(f"no background job {n!r} is registered")
+            for n in list(new):
+                try:
+                    self.prepare.pop(n, lambda: None)()
+                except BaseException as e:  # noqa: BLE001 - handed to the test that needs it, as a failed start
+                    self.started[n] = _Failed(e)
+                    new.remove(n)
             if first:
                 self.wanted[:] = new + [n for n in self.wanted if n not in new]
             else:
@@ -125,7 +168,7 @@ def run_pids(run) -> list[int]:
 
 
 QUEUE = Queue()  # the suite's one queue: its runs share the 2 cores
-register, want, get = QUEUE.register, QUEUE.want, QUEUE.get
+register, want, get, lower = QUEUE.register, QUEUE.want, QUEUE.get, QUEUE._lower
 
 
 def needs(*names: str):

@@ -1,5 +1,8 @@
 """Shared test set-up: `gpu` tests run only where CUDA is present; runs go to a temporary store; the shared
-real runs start through _prestart.py when the first fixture that reads them asks (all at collection: opt-in)."""
+real runs (cpu_runs.py, test_usermodel_runs.py) start in the background right after collection, two at a
+time, through _prestart.py, from the environment and working folder the suite had at collection (a snapshot
+taken here, before any test can change os.environ). SHARDLAB_PRESTART_AT_COLLECTION=0 opts out: each
+fixture's runs then start when the fixture asks (from the same snapshot)."""
 
 import os
 import shutil
@@ -13,6 +16,10 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu") if not shutil.which("nvidia-smi")
 # tests that start DeepSpeed in a plain subprocess too: outside make, they used ~/.cache/torch_extensions,
 # where a build lock left by a killed process (seen 2026-12-01) makes torch wait forever.
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", extensions_dir())
+
+import _prestart  # noqa: E402 - after the two defaults above, which the snapshot must hold
+
+_prestart.snapshot()  # every background run's environment (_prestart.py says why)
 
 
 def _has_cuda() -> bool:
@@ -40,13 +47,9 @@ def pytest_collection_modifyitems(config, items):
 
 
 def pytest_collection_finish(session):
-    # after -k/-m deselection and the skip marks above: only what will really run is started
-    # Off (2026-12-02): started beside other tests, a run reads os.environ while a foreground test has it
-    # swapped out (test_labs clears and restores it around each notebook), and the fresh clone's .ci/run at
-    # 7288d3a failed 13 tests whose runs had started that way ("Intel oneMKL FATAL ERROR: Cannot load
-    # libtorch_cpu.so"; the KeyErrors were those runs' missing metrics). Each fixture's runs still start through
-    # _prestart when the fixture asks (two at a time), not during other files' tests.
-    if os.environ.get("SHARDLAB_PRESTART_AT_COLLECTION") == "1" and not session.config.option.collectonly:
-        import _prestart
-
+    # after -k/-m deselection and the skip marks above: only what will really run is started.
+    # On by default again (2026-12-02): the fresh clone at 7288d3a failed 13 tests whose runs the driver thread
+    # had started while a foreground test had os.environ changed ("Intel oneMKL FATAL ERROR: Cannot load
+    # libtorch_cpu.so"); every background run now starts from the snapshot above (launch(env=..., cwd=...)).
+    if os.environ.get("SHARDLAB_PRESTART_AT_COLLECTION") != "0" and not session.config.option.collectonly:
         _prestart.queue_for(session.items)

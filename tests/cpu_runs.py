@@ -57,13 +57,11 @@ _store: list[Path] = []
 
 
 def _launch(name: str):
-    from shardlab.run.launcher import launch
-
     if not _store:
         _store.append(Path(tempfile.mkdtemp(prefix="shardlab-cpu-runs-")))
     # 900 s without progress: a first CPU-offload run may JIT-build CPU Adam at low priority (_prestart.NICE)
     # while the foreground tests keep both cores busy
-    return launch(SETUPS[name], model=MODEL, steps=STEPS, device="cpu", out=_store[0], seed=SEED, timeout_s=900)
+    return _prestart.launch(SETUPS[name], model=MODEL, steps=STEPS, device="cpu", out=_store[0], seed=SEED, timeout_s=900)
 
 
 def job(name: str) -> str:

@@ -250,7 +250,7 @@ def _start(name: str, where: Path) -> subprocess.Popen:
     plan = load_plan(TRAINED[name])
     where.mkdir()
     (where / "train.py").write_text(export(plan, "fsdp-code"))
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = {**_prestart.base_env(), "OMP_NUM_THREADS": "1"}  # started in the background: _prestart.py says why
     with open(where / "stdout", "w") as out, open(where / "stderr", "w") as err:
         return subprocess.Popen([*_launcher(name, plan), str(where / "train.py"), "--steps", "4", "--save", str(where / "ckpt")],
                                 cwd=where, env=env, stdout=out, stderr=err, text=True)

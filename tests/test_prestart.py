@@ -1,15 +1,20 @@
 """The background queue of the suite's shared runs (_prestart.py), with `sleep` processes for runs: what is
 started runs at the lowered priority the kernel reports (pytest's own threads do not), in order, a
 fixture's own jobs first, never more than at_once at a time, and a start that fails fails the test that
-needs it. A Queue of its own, so the suite's queue (busy with real runs in a whole-suite session) is not
-touched. About two seconds."""
+needs it; a run the driver starts while a foreground test has changed os.environ and the working folder
+starts from the suite's collection-time environment and folder (one real torchrun with the stand-in worker).
+A Queue of its own, so the suite's queue (busy with real runs in a whole-suite session) is not touched.
+About ten seconds."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import time
 
+import _prestart
+import psutil
 import pytest
 from _prestart import Queue, needs
 
@@ -73,3 +78,30 @@ def test_a_fixture_names_its_jobs_for_collection():
         return None
 
     assert fixture_function.prestart == ("a", "b")
+
+
+@pytest.mark.timeout(120)
+def test_a_run_started_in_the_background_ignores_the_foregrounds_environment_and_folder(tmp_path, monkeypatch):
+    """What failed 13 tests of the fresh clone at 7288d3a: the driver thread started runs with whatever
+    os.environ a foreground test had at that moment. Here the foreground changes a recorded variable, plants
+    one and replaces PYTHONPATH, and leaves the repository folder (the stand-in worker is imported from it as
+    tests.standin_worker, like a module:function factory); the run must not see any of it."""
+    assert _prestart.ENV, "conftest takes the collection-time snapshot"
+    monkeypatch.setenv("OMP_NUM_THREADS", "7")
+    monkeypatch.setenv("SHARDLAB_FOREGROUND_ONLY", "planted")
+    monkeypatch.setenv("PYTHONPATH", "/nonexistent/foreground-only")
+    monkeypatch.chdir(tmp_path)
+    q = Queue(at_once=1, nice=7)
+    plan = {"framework": "fsdp2", "sharding": "zero3", "topology": {"gpus_per_node": 2}}
+    q.register("run", lambda: _prestart.launch(plan, steps=3, device="cpu", out=tmp_path / "runs", timeout_s=60,
+                                               worker_module="tests.standin_worker"),
+               lambda run: run.done, _prestart.run_pids)
+    run = q.get("run", timeout=60)
+    agent_env = psutil.Process(run.agents[0].pid).environ()  # read from the kernel: what the agent really got
+    assert "SHARDLAB_FOREGROUND_ONLY" not in agent_env and "foreground-only" not in agent_env.get("PYTHONPATH", "")
+    assert agent_env["OMP_NUM_THREADS"] != "7"
+    recorded = json.loads((run.dir / "launch.json").read_text())
+    assert recorded["agents"][0]["env"]["OMP_NUM_THREADS"] == agent_env["OMP_NUM_THREADS"]
+    assert recorded["cwd"] == _prestart.CWD != str(tmp_path)
+    run.wait(timeout=90)
+    assert run.status == "completed", (run.dir / "logs" / "agent0.log").read_text()[-2000:]

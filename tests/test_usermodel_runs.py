@@ -8,7 +8,9 @@ written into the run's plan, TFLOPS reported, and the sharded model states every
 
 Cost (the default suite's 25-minute budget on 2 cores): 2-layer, hidden-64 models, 2 steps, two runs at
 a time (more only thrash 2 cores), started in the background right after collection (_prestart.py) so they
-train while earlier tests leave a core idle. Most of a run is starting Python, torch and transformers, so the six
+train while earlier tests leave a core idle, from the suite's collection-time environment (_prestart.ENV:
+the forked CLI processes, the forkserver and the new interpreter too), whatever a foreground test does to
+os.environ meanwhile. Most of a run is starting Python, torch and transformers, so the six
 Hugging Face runs call the CLI's own `main(argv)` in processes forked from one server that imported
 shardlab and transformers once (multiprocessing's forkserver): the same parsing, model resolution,
 launch and exit code as the `shardlab` command, without six more ~10 s imports. The factory's CLI run is
@@ -32,11 +34,6 @@ import pytest
 from shardlab.estimate import estimate
 from shardlab.run.store import load_run
 
-# heavy again (SHARDLAB_HEAVY_TESTS=1 runs it): with these eight runs and the JupyterLab RunLauncher test in the
-# default suite, the fresh clone's `.ci/run` took real 25m52s (pytest 1406 s, 2026-12-02 00:28-00:54, quiet
-# 2-core machine), over the 25-minute budget even with the shared runs started in the background
-pytestmark = pytest.mark.heavy
-
 LLAMA = "hf:llama hidden_size=64 intermediate_size=128 num_hidden_layers=2 num_attention_heads=4 num_key_value_heads=2 vocab_size=256 seq_len=32"
 GPT2 = "hf:gpt2 n_embd=64 n_layer=2 n_head=4 vocab_size=256 n_positions=32 seq_len=32"
 FACTORY = "tests.usermodels:tiny_lm"
@@ -55,10 +52,13 @@ PRELOAD = ["shardlab.cli", "shardlab.commands.running", "shardlab.run.launcher",
            "transformers", "transformers.models.llama.modeling_llama", "transformers.models.gpt2.modeling_gpt2"]
 
 
-def _cli_main(argv: list[str], out: str, err: str) -> None:
-    """In a forked child: `shardlab ARGV` with stdout and stderr going to files, exiting with its code."""
+def _cli_main(argv: list[str], out: str, err: str, env: dict[str, str], cwd: str) -> None:
+    """In a forked child: `shardlab ARGV` in `env` and `cwd`, stdout and stderr going to files, exiting with its code."""
     from shardlab.cli import main
 
+    os.environ.clear()
+    os.environ.update(env)
+    os.chdir(cwd)
     with open(out, "w") as o, open(err, "w") as e:
         os.dup2(o.fileno(), 1)
         os.dup2(e.fileno(), 2)
@@ -76,11 +76,12 @@ class _Cli:
     def __init__(self, argv: list[str], where: Path, forked: bool, ctx):
         self.out, self.err = where / "stdout", where / "stderr"
         if forked:
-            self.proc = ctx.Process(target=_cli_main, args=(argv, str(self.out), str(self.err)))
+            self.proc = ctx.Process(target=_cli_main, args=(argv, str(self.out), str(self.err), _prestart.base_env(), _prestart.CWD))
             self.proc.start()
         else:
             with open(self.out, "w") as o, open(self.err, "w") as e:
-                self.proc = subprocess.Popen([sys.executable, "-m", "shardlab.cli", *argv], stdout=o, stderr=e)
+                self.proc = subprocess.Popen([sys.executable, "-m", "shardlab.cli", *argv], stdout=o, stderr=e,
+                                             env=_prestart.base_env(), cwd=_prestart.CWD)
 
     def done(self) -> bool:
         return (self.proc.exitcode if isinstance(self.proc, multiprocessing.process.BaseProcess) else self.proc.poll()) is not None
@@ -106,13 +107,24 @@ def _where() -> Path:
     return _base[0]
 
 
+def _start_forkserver() -> None:
+    """The preloaded forkserver, started from the thread that wants the runs (not the background driver's,
+    which may start it while a foreground test has os.environ changed: _prestart.py), at low priority."""
+    if _forkserver:
+        return
+    from multiprocessing import forkserver
+
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(PRELOAD)
+    forkserver.ensure_running()
+    _forkserver.append(ctx)
+    _prestart.lower([forkserver._forkserver._forkserver_pid])
+
+
 def _start_cli(name: str) -> _Cli:
     model, fw, _ = CLI_RUNS[name]
     base = _where()
-    if not _forkserver:
-        ctx = multiprocessing.get_context("forkserver")
-        ctx.set_forkserver_preload(PRELOAD)
-        _forkserver.append(ctx)
+    _start_forkserver()
     plan = base / f"{name}.yaml"
     plan.write_text(f"framework: {fw}\nsharding: zero3\nprecision: bf16\ntopology: {{gpus_per_node: 2}}\n")
     (base / name).mkdir()
@@ -122,17 +134,17 @@ def _start_cli(name: str) -> _Cli:
 
 
 def _start_api():
-    from shardlab.run.launcher import launch
     from tests.usermodels import tiny_lm
 
-    return launch({"framework": "deepspeed", "sharding": "zero3", "topology": {"gpus_per_node": 2}}, model=tiny_lm,
+    return _prestart.launch({"framework": "deepspeed", "sharding": "zero3", "topology": {"gpus_per_node": 2}}, model=tiny_lm,
                   steps=STEPS, device="cpu", out=_where() / "runs", timeout_s=900)
 
 
 API = "factory-api-deepspeed"
 JOBS = {name: f"usermodel {name}" for name in (*sorted(CLI_RUNS, key=lambda n: n not in NEW_INTERPRETER), API)}
 for _name in CLI_RUNS:
-    _prestart.register(JOBS[_name], lambda name=_name: _start_cli(name), lambda cli: cli.done(), lambda cli: [cli.proc.pid])
+    _prestart.register(JOBS[_name], lambda name=_name: _start_cli(name), lambda cli: cli.done(), lambda cli: [cli.proc.pid],
+                       prepare=None if _name in NEW_INTERPRETER else _start_forkserver)
 _prestart.register(JOBS[API], _start_api, lambda run: run.done, _prestart.run_pids)
 
 

@@ -172,7 +172,8 @@ def test_comm_counter_counts_each_collective_once_by_family(one_rank_group):
 def _spawn(run_dir: Path, plan, *, nproc: int = 2, steps: int = STEPS, instrument: bool | str = True,
            factory: str | None = None, extra_path: str | None = None) -> subprocess.Popen:
     """torchrun running the worker on `run_dir`, as the launcher starts it; its output goes to files there
-    (a pipe nobody reads while other starts are waited for could fill and stall it)."""
+    (a pipe nobody reads while other starts are waited for could fill and stall it). Started in the background,
+    from the suite's collection-time environment and folder (_prestart.py says why)."""
     run_dir.mkdir(parents=True, exist_ok=True)
     plan = load_plan(plan)
     (run_dir / "plan.yaml").write_text(plan.to_yaml())
@@ -182,9 +183,10 @@ def _spawn(run_dir: Path, plan, *, nproc: int = 2, steps: int = STEPS, instrumen
                                torchrun=[sys.executable, "-m", "torch.distributed.run"], master_port=free_port())
     extra = {**env, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
     if extra_path:
-        extra["PYTHONPATH"] = os.pathsep.join(p for p in (extra_path, os.environ.get("PYTHONPATH")) if p)
+        extra["PYTHONPATH"] = os.pathsep.join(p for p in (extra_path, _prestart.base_env().get("PYTHONPATH")) if p)
     with open(run_dir / "torchrun.out", "w") as out, open(run_dir / "torchrun.err", "w") as err:
-        return subprocess.Popen(argv, env=sanitized_env(extra), stdout=out, stderr=err, text=True)
+        return subprocess.Popen(argv, env=sanitized_env(extra, base=_prestart.base_env()), cwd=_prestart.CWD,
+                                stdout=out, stderr=err, text=True)
 
 
 def _finish(run_dir: Path, proc: subprocess.Popen) -> subprocess.CompletedProcess:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import socket
+from typing import Mapping
 
 from shardlab.plan import Plan, bad_input
 
@@ -31,10 +32,11 @@ def check_port(port: int, host: str = "127.0.0.1") -> None:
             raise bad_input("--port", f"--port {port}: cannot listen on {host}:{port} ({e.strerror}; another program may be using it). Use another port, e.g. --port {5006 if port != 5006 else 5007}.") from None
 
 
-def visible_gpus() -> list[int]:
-    """NVML indices of the GPUs a run may use: CUDA_VISIBLE_DEVICES (numeric form) if set, else all."""
+def visible_gpus(env: Mapping[str, str] | None = None) -> list[int]:
+    """NVML indices of the GPUs a run may use: CUDA_VISIBLE_DEVICES (numeric form) of `env` (default
+    os.environ) if set, else all."""
     n = gpu_count()
-    vis = os.environ.get("CUDA_VISIBLE_DEVICES")
+    vis = (os.environ if env is None else env).get("CUDA_VISIBLE_DEVICES")
     if vis is None:
         return list(range(n))
     out = []
@@ -61,8 +63,8 @@ def gpu_count() -> int:
         return 0
 
 
-def default_device() -> str:
-    return "cuda" if visible_gpus() else "cpu"
+def default_device(env: Mapping[str, str] | None = None) -> str:
+    return "cuda" if visible_gpus(env) else "cpu"
 
 
 def device_and_ranks(max_gpus: int = 4) -> tuple[str, int]:
@@ -75,8 +77,10 @@ def device_and_ranks(max_gpus: int = 4) -> tuple[str, int]:
     return "cpu", 2
 
 
-def check_run(plan: Plan, *, steps: int, nproc: int, device: str, launcher: str, instrument: bool | str = True) -> None:
-    """Runner-level checks a valid plan can still fail on this machine (PlanError naming the field)."""
+def check_run(plan: Plan, *, steps: int, nproc: int, device: str, launcher: str, instrument: bool | str = True,
+              env: Mapping[str, str] | None = None) -> None:
+    """Runner-level checks a valid plan can still fail on this machine (PlanError naming the field);
+    `env`: the run's environment (default os.environ), for the GPUs it may see."""
     if instrument not in (True, False, "alternate"):
         raise bad_input("instrument", f"instrument={instrument!r} is not true, false or 'alternate'. Use instrument=True (measure every step), False (bare loop) or 'alternate' (odd steps measured, even steps bare).")
     if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
@@ -91,7 +95,7 @@ def check_run(plan: Plan, *, steps: int, nproc: int, device: str, launcher: str,
 
     check_runnable(plan, device)  # the same check the worker makes before wrapping
     if device != "cpu":
-        have = len(visible_gpus())
+        have = len(visible_gpus(env))
         need = nproc * plan.topology.nodes
         if need > have:
             raise bad_input("nproc", f"this run needs {need} GPUs (nproc={nproc} x topology.nodes={plan.topology.nodes}) but this machine has {have}. Use nproc <= {have // max(plan.topology.nodes, 1) or 1}, fewer nodes, or device='cpu'.")
@@ -110,10 +114,10 @@ def usable_cores() -> int:
 CPU_RANKS_PER_CORE = 2
 
 
-def check_capacity(plan, nproc, device: str) -> int:
+def check_capacity(plan, nproc, device: str, env: Mapping[str, str] | None = None) -> int:
     """Processes per node, refused before anything starts if this machine cannot hold the run:
-    at most CPU_RANKS_PER_CORE processes per CPU core (device cpu) or one per visible GPU (cuda).
-    Returns nproc."""
+    at most CPU_RANKS_PER_CORE processes per CPU core (device cpu) or one per GPU visible in `env`
+    (default os.environ; device cuda). Returns nproc."""
     if nproc is None:
         nproc = plan.topology.gpus_per_node  # the plan's own count, stated in every message below
     if isinstance(nproc, bool) or not isinstance(nproc, int) or nproc < 1:
@@ -125,7 +129,7 @@ def check_capacity(plan, nproc, device: str) -> int:
         cores = usable_cores()
         have = CPU_RANKS_PER_CORE * cores
     else:
-        have = len(visible_gpus())
+        have = len(visible_gpus(env))
     if world > have:
         fit = have // nodes
         fix = (f"Pass --nproc {fit} (topology.nodes x nproc <= {have})" if fit >= 1

@@ -17,7 +17,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Mapping
 
 from shardlab.plan import bad_input, load_plan
 from shardlab.run import faults
@@ -87,7 +87,8 @@ def launch(plan, model="gpt-tiny", steps: int = 10, nproc: int | None = None, de
            out: str | Path | None = None, seed: int = 0, timeout_s: float | None = None, progress: bool = False,
            on_event: Callable[[dict], None] | None = None, launcher: str = "torchrun", factory: str | None = None,
            trace_memory: bool = False, instrument: bool | str = True, mem_limit_bytes: int | None = None,
-           worker_module: str = "shardlab.run.worker") -> LiveRun:
+           worker_module: str = "shardlab.run.worker", env: Mapping[str, str] | None = None,
+           cwd: str | Path | None = None) -> LiveRun:
     """Start `plan` for real on this machine and return at once (call .wait() to block).
 
     out: the run store (default: $SHARDLAB_RUNS_DIR, else ./runs; see store.default_runs_dir).
@@ -102,18 +103,26 @@ def launch(plan, model="gpt-tiny", steps: int = 10, nproc: int | None = None, de
     "alternate" measures odd steps and runs even steps bare, for comparing the two in one run.
     worker_module: the program torchrun runs (`python -m worker_module RUN_DIR`); only for testing
     the launcher against a stand-in.
+    env: the environment the run's processes start from (default: os.environ as it is now), before
+    shardlab adds its own variables; every variable launch() passes on to them (OMP_NUM_THREADS,
+    CUDA_VISIBLE_DEVICES, TORCH_EXTENSIONS_DIR, ...) is read from it, never from os.environ. A program that
+    starts runs from one thread while another changes os.environ (a test suite, a server) passes a copy
+    taken while os.environ was as the runs need it. cwd: the agents' working folder (default: the
+    current one), where a 'module:function' factory's module is imported from.
     Bad input raises PlanError before anything starts.
     """
-    device = device or default_device()
-    plan, nproc, (model_name, model_arg, spec) = _checked(plan, model, steps, nproc, device, launcher, instrument, factory)
+    env = dict(os.environ if env is None else env)  # one copy: every later read sees the same variables
+    cwd = str(Path(cwd if cwd is not None else os.getcwd()).resolve())
+    device = device or default_device(env)
+    plan, nproc, (model_name, model_arg, spec) = _checked(plan, model, steps, nproc, device, launcher, instrument, factory, env)
     run_id, run_dir = create_run_dir(out)
     run_dir = run_dir.resolve()
-    _write_inputs(run_dir, plan, model_arg, steps, device, seed, factory, trace_memory, instrument)
-    gpus = visible_gpus() if device == "cuda" else []
-    cmds = _agent_commands(plan, run_dir, run_id, nproc, device, gpus, worker_module, launcher)
+    gpus = visible_gpus(env) if device == "cuda" else []
+    _write_inputs(run_dir, plan, model_arg, steps, device, seed, factory, trace_memory, instrument, gpus)
+    cmds = _agent_commands(plan, run_dir, run_id, nproc, device, gpus, worker_module, launcher, env, cwd)
     info = _first_status(run_id, plan, model_name, spec, device, nproc, steps, seed, timeout_s)
     write_json_atomic(RunFiles(run_dir).status, info)
-    watchdog, agents = _start_processes(run_dir, cmds, info)
+    watchdog, agents = _start_processes(run_dir, cmds, info, env, cwd)
     sampler = _start_sampler(run_dir, agents, info, nproc, gpus, mem_limit_bytes)
     bar = None
     if progress:
@@ -127,14 +136,14 @@ def launch(plan, model="gpt-tiny", steps: int = 10, nproc: int | None = None, de
     return run
 
 
-def _checked(plan, model, steps, nproc, device, launcher, instrument, factory):
+def _checked(plan, model, steps, nproc, device, launcher, instrument, factory, env):
     """(plan as it will run, nproc, (model name, model for run.json, ModelSpec)); PlanError for
     anything the worker would refuse, before a file is written or a process started."""
     plan = load_plan(plan)
     if device not in ("cpu", "cuda"):
         raise bad_input("device", f"device={device!r} is not cpu or cuda. Use device='cpu' or device='cuda'.")
-    nproc = check_capacity(plan, nproc, device)
-    check_run(plan, steps=steps, nproc=nproc, device=device, launcher=launcher, instrument=instrument)
+    nproc = check_capacity(plan, nproc, device, env)
+    check_run(plan, steps=steps, nproc=nproc, device=device, launcher=launcher, instrument=instrument, env=env)
     if nproc != plan.topology.gpus_per_node:
         plan = load_plan(plan.model_copy(update={"topology": plan.topology.model_copy(update={"gpus_per_node": nproc})}))
     model_name, model_arg, spec = _model_for_worker(model)
@@ -150,7 +159,7 @@ def _checked(plan, model, steps, nproc, device, launcher, instrument, factory):
     return plan, nproc, (model_name, model_arg, spec)
 
 
-def _write_inputs(run_dir: Path, plan, model_arg, steps, device, seed, factory, trace_memory, instrument) -> None:
+def _write_inputs(run_dir: Path, plan, model_arg, steps, device, seed, factory, trace_memory, instrument, gpus) -> None:
     """plan.yaml, run.json, the empty append-only files and prediction.json: what the worker reads."""
     files = RunFiles(run_dir)
     files.plan.write_text(plan.to_yaml())
@@ -160,22 +169,22 @@ def _write_inputs(run_dir: Path, plan, model_arg, steps, device, seed, factory, 
         (run_dir / name).touch()
     from shardlab.run.prediction import write_prediction
 
-    write_prediction(run_dir, plan, model_arg, device, (visible_gpus() or [0])[0] if device == "cuda" else None)
+    write_prediction(run_dir, plan, model_arg, device, (gpus or [0])[0] if device == "cuda" else None)
 
 
 def _agent_commands(plan, run_dir: Path, run_id: str, nproc: int, device: str, gpus: list, worker_module: str,
-                    launcher: str) -> list[tuple[list[str], dict]]:
-    """(argv, env) of each node's torchrun agent: the exported launch command with this run's values.
-    Records them (without the environment's other variables) in launch.json."""
+                    launcher: str, env: Mapping[str, str], cwd: str) -> list[tuple[list[str], dict]]:
+    """(argv, full environment) of each node's torchrun agent: the exported launch command with this run's
+    values, its environment `env` + shardlab's variables. Records them (only RECORDED_ENV of `env`) in launch.json."""
     from shardlab.export.launch import RUNNER_ENV, launch_command, sanitized_env
 
     nodes, port = plan.topology.nodes, free_port()
     cores = os.cpu_count() or 1
-    ours = {"PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS") or str(max(1, cores // plan.world_size)),
+    ours = {"PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": env.get("OMP_NUM_THREADS") or str(max(1, cores // plan.world_size)),
             "SHARDLAB_RUN_DIR": str(run_dir), "SHARDLAB_LAUNCHER": _me()}
     if device == "cpu":
         ours["DS_ACCELERATOR"] = "cpu"
-    cmds = []
+    cmds, recorded = [], []
     for node in range(nodes):
         argv, set_env = launch_command(
             plan, ["-m", worker_module, str(run_dir)], launcher="torchrun", nproc_per_node=nproc, nnodes=nodes,
@@ -187,12 +196,13 @@ def _agent_commands(plan, run_dir: Path, run_id: str, nproc: int, device: str, g
         if device == "cuda" and nodes > 1:
             # "nodes" sharing one machine: each agent sees its own slice of the GPUs
             node_env["CUDA_VISIBLE_DEVICES"] = ",".join(str(g) for g in gpus[node * nproc:(node + 1) * nproc])
-        cmds.append((argv, node_env))
+        cmds.append((argv, sanitized_env(node_env, base=env)))
+        recorded.append(_recorded_env(cmds[-1][1], node_env))
     write_json_atomic(RunFiles(run_dir).launch, {
-        "launcher": launcher, "cwd": os.getcwd(), "master_port": port,
+        "launcher": launcher, "cwd": cwd, "master_port": port,
         # set for shardlab's own runs only, never written into exports (export/launch.py says why)
         "runner_env": dict(RUNNER_ENV),
-        "agents": [{"node": n, "argv": a, "env": _recorded_env(sanitized_env(e), e)} for n, (a, e) in enumerate(cmds)],
+        "agents": [{"node": n, "argv": a, "env": recorded[n]} for n, (a, _) in enumerate(cmds)],
     })
     return cmds
 
@@ -210,9 +220,10 @@ def _first_status(run_id, plan, model_name, spec, device, nproc, steps, seed, ti
             "processes": []}
 
 
-def _start_processes(run_dir: Path, cmds, info: dict):
+def _start_processes(run_dir: Path, cmds, info: dict, env: Mapping[str, str], cwd: str):
     """(watchdog, agents): the watchdog first (from then on, if this process dies the watchdog ends the
-    run), then one torchrun agent per node, each in a session of its own. Their pids go into status.json."""
+    run), then one torchrun agent per node (each with its full environment from `cmds`), each in a session
+    of its own, all in `cwd`. Their pids go into status.json."""
     import subprocess
 
     import psutil
@@ -223,13 +234,13 @@ def _start_processes(run_dir: Path, cmds, info: dict):
     with open(run_dir / "logs" / "watchdog.log", "ab") as wlog:
         watchdog = subprocess.Popen([sys.executable, "-m", "shardlab.run.watchdog", str(run_dir), str(os.getpid())],
                                     stdin=subprocess.PIPE, stdout=wlog, stderr=subprocess.STDOUT,
-                                    start_new_session=True, env=sanitized_env({"PYTHONUNBUFFERED": "1"}))
+                                    start_new_session=True, env=sanitized_env({"PYTHONUNBUFFERED": "1"}, base=env), cwd=cwd)
     agents = []
     try:
         for node, (argv, node_env) in enumerate(cmds):
             log = open(run_dir / "logs" / f"agent{node}.log", "ab")
-            agents.append(subprocess.Popen(argv, env=sanitized_env(node_env), stdin=subprocess.DEVNULL,
-                                           stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=os.getcwd()))
+            agents.append(subprocess.Popen(argv, env=node_env, stdin=subprocess.DEVNULL,
+                                           stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=cwd))
             log.close()
     except OSError as e:
         for a in agents:
