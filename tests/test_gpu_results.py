@@ -201,6 +201,16 @@ def test_traced_fsdp_cpu_offload_counts_only_what_stays_on_the_gpu():
     assert t.per_gpu["peak_allocated"] == pytest.approx(row["peak_allocated_bytes"], rel=0.03)
 
 
+@pytest.mark.heavy
+def test_traced_transformers_gpt2_with_attention_dropout_matches_the_h200():
+    """H200 #405: transformers' GPT-2 (attention dropout 0.1), FSDP2 ZeRO-3, mb 8, T=1024. The trace ran
+    the CPU's unfused attention for dropout (+169%); traced as CUDA's fused kernels run it (trace.py)."""
+    fid = _fidelity()
+    row = next(r for r in json.loads((ROOT / "benchmarks" / "results" / "fidelity_h200_hf.json").read_text()) if r["id"] == 405)
+    t = estimate(fid.plan_for(row), fid.model_for(row), gpu="h200", method="trace")
+    assert t.per_gpu["peak_allocated"] == pytest.approx(row["peak_allocated_bytes"], rel=0.05)
+
+
 # The traced estimate's reserved (issue 13): the fake step's own requests replayed through cachesim.py
 # on their streams. Judged by what the H200 reserved for the same configuration; the host probe's
 # FSDP rows (16 layers, seconds to trace). benchmarks/memory_accuracy.py --trace fsdp2 / fsdp1 prints

@@ -246,6 +246,8 @@ def _cuda_kernels():
     per-row rstd for backward; on the CPU it decomposes into fp32 ops that keep two fp32 copies of
     the input (12 bytes/element more per norm; measured: llama300 fsdp2 zero3 mb4 on the H200 peaks
     at 10.80 GiB, the composite-norm trace said 12.21, the fused stand-in 10.9; see docs/benchmarks.md).
+    Attention with dropout runs fused on CUDA and unfused (T x T) on the CPU: the trace drops the
+    dropout probability, which changes values only (see sdpa below).
     """
     import torch
     import torch.nn.functional as F
@@ -262,16 +264,28 @@ def _cuda_kernels():
             x, weight, _ = ctx.saved_tensors
             return torch.empty_like(x), (torch.empty_like(weight) if weight is not None else None), None, None
 
-    orig = F.rms_norm
+    orig, orig_sdpa = F.rms_norm, F.scaled_dot_product_attention
 
     def rms_norm(x, normalized_shape, weight=None, eps=None):
         return FusedRMSNorm.apply(x, weight, tuple(normalized_shape), eps)
 
-    F.rms_norm = rms_norm
+    def sdpa(*args, **kwargs):
+        # Attention dropout (transformers' GPT-2: attn_pdrop 0.1): CUDA's flash and memory-efficient
+        # kernels draw the dropout inside the kernel from a seed and keep no mask, so a CUDA step keeps
+        # what it keeps without dropout; the CPU sends any dropout_p > 0 to the math path, which keeps
+        # the [B, heads, T, T] scores, their softmax and a dropout mask (#405, transformers GPT-2 mb8
+        # T=1024 on the H200: traced +169% that way). Values do not matter on fake tensors.
+        if len(args) > 4:
+            args = (*args[:4], 0.0, *args[5:])
+        elif kwargs.get("dropout_p"):
+            kwargs["dropout_p"] = 0.0
+        return orig_sdpa(*args, **kwargs)
+
+    F.rms_norm, F.scaled_dot_product_attention = rms_norm, sdpa
     try:
         yield
     finally:
-        F.rms_norm = orig
+        F.rms_norm, F.scaled_dot_product_attention = orig, orig_sdpa
 
 
 @contextlib.contextmanager
