@@ -334,12 +334,11 @@ def served_widgets(tmp_path):
         stop(proc)
 
 
-# heavy: the lead's fresh clone of main fd244c6 with it (and issue 17's eight CLI/API runs) in the default suite
-# took real 24m21.7s (pytest 1296.60 s; this test 64.14 s + 10.80 s set-up), 2026-12-02 03:27-03:52 on the quiet
-# 2-core machine: too close to the 25-minute limit. The eight runs of tests/test_usermodel_runs.py stay in.
-@pytest.mark.heavy
+# In the default suite: the lead's fresh clones of main, 2026-12-02 (docs/benchmarks.md, session 8): fd244c6 with this
+# test, real 24m21.7s (a helper's tests still ran during its first minutes); 312d0f8 without it on a quiet machine,
+# real 18m17.8s (pytest 987.12 s). This test costs ~75 s of that.
 def test_my_model_factory_is_estimated_in_the_builder_and_trained_from_the_launcher(browser, served_widgets):
-    """Issue 17's Must show 2: a person's own nn.Module factory (lab 08's model file)
+    """Issue 17's Must show 2 in the default suite: a person's own nn.Module factory (lab 08's model file)
     typed into the ConfigBuilder's model box gets an estimate naming its block class, and typed into the
     RunLauncher's trains on the CPU under FSDP2 (2 processes) to completion. The widgets are served by
     `panel serve` from the notebook cell's own code; the JupyterLab test (heavy) checks the same in JupyterLab."""
