@@ -260,6 +260,27 @@ def _type_model(box, source: str) -> None:
     box.press("Tab")  # leaving the box applies it (measured: Enter alone did not, bokeh 3.9's autocomplete)
 
 
+def estimate_and_run_my_model(page, root: Path, scope: str = "") -> None:
+    """Type MY_SOURCE into the ConfigBuilder's model box (its estimate names MyBlock) and the RunLauncher's,
+    start the run, and check it completed in `root`/runs as an FSDP2 run of 2 processes of MyBlock units.
+    `scope`: a CSS prefix for where the widgets are (a notebook's output area)."""
+    from playwright.sync_api import expect
+
+    _type_model(page.locator(f"{scope}.sl-model input"), MY_SOURCE)
+    expect(page.locator(f"{scope}.sl-model-note")).to_contain_text("MyBlock", timeout=120_000)
+    _type_model(page.locator(f"{scope}.sl-run-model input"), MY_SOURCE)
+    page.locator(f"{scope}.sl-run-start button").click()
+    # Playwright's text matching reads into the pane's shadow DOM (inner_text() of the host reads '')
+    status = page.locator(f"{scope}.sl-run-status")
+    expect(status).to_contain_text(re.compile("completed|failed|refused"), timeout=400_000)
+    expect(status).to_contain_text("completed")
+    run_dirs = [d for d in (root / "runs").iterdir() if d.is_dir()]
+    assert len(run_dirs) == 1
+    info = json.loads((run_dirs[0] / "status.json").read_text())
+    assert info["status"] == "completed" and info["model"] == MY_SOURCE and info["wrap_class"] == "MyBlock"
+    assert info["framework"] == "fsdp2" and info["world_size"] == 2
+
+
 # heavy again: 138 s + 13 s set-up of foreground work the background runs cannot absorb; the lead's fresh clone
 # with it in the default suite (main 4e6b3a5, 2026-12-02 00:28) took real 25m52s, pytest 1406 s, over 25 minutes
 @pytest.mark.heavy
@@ -288,19 +309,7 @@ def test_jupyterlab_renders_the_builder_and_runs_my_model_from_the_launcher(brow
     expect(page.locator(".jp-OutputArea .sl-preview-deepspeed pre")).to_contain_text('"stage": 3', timeout=30_000)
     select.select_option("fsdp2")
 
-    _type_model(page.locator(".jp-OutputArea .sl-model input"), MY_SOURCE)
-    expect(page.locator(".jp-OutputArea .sl-model-note")).to_contain_text("MyBlock", timeout=120_000)
-    _type_model(page.locator(".jp-OutputArea .sl-run-model input"), MY_SOURCE)
-    page.locator(".jp-OutputArea .sl-run-start button").click()
-    # Playwright's text matching reads into the pane's shadow DOM (inner_text() of the host reads '')
-    status = page.locator(".jp-OutputArea .sl-run-status")
-    expect(status).to_contain_text(re.compile("completed|failed|refused"), timeout=400_000)
-    expect(status).to_contain_text("completed")
-    run_dirs = [d for d in (root / "runs").iterdir() if d.is_dir()]
-    assert len(run_dirs) == 1
-    info = json.loads((run_dirs[0] / "status.json").read_text())
-    assert info["status"] == "completed" and info["model"] == MY_SOURCE and info["wrap_class"] == "MyBlock"
-    assert info["framework"] == "fsdp2"
+    estimate_and_run_my_model(page, root, ".jp-OutputArea ")
 
     # In a notebook panel links its theme stylesheets (not its code: inline=True sends that with the
     # output) from cdn.holoviz.org, which this offline box cannot reach. Those loads are the only
@@ -351,16 +360,5 @@ def test_my_model_factory_is_estimated_in_the_builder_and_trained_from_the_launc
     page = browser
     page.goto(url)
     expect(page.locator(".sl-field-framework select")).to_be_visible(timeout=120_000)
-    _type_model(page.locator(".sl-model input"), MY_SOURCE)
-    expect(page.locator(".sl-model-note")).to_contain_text("MyBlock", timeout=120_000)
-    _type_model(page.locator(".sl-run-model input"), MY_SOURCE)
-    page.locator(".sl-run-start button").click()
-    status = page.locator(".sl-run-status")
-    expect(status).to_contain_text(re.compile("completed|failed|refused"), timeout=400_000)
-    expect(status).to_contain_text("completed")
-    run_dirs = [d for d in (root / "runs").iterdir() if d.is_dir()]
-    assert len(run_dirs) == 1
-    info = json.loads((run_dirs[0] / "status.json").read_text())
-    assert info["status"] == "completed" and info["model"] == MY_SOURCE and info["wrap_class"] == "MyBlock"
-    assert info["framework"] == "fsdp2" and info["world_size"] == 2
+    estimate_and_run_my_model(page, root)
     assert page.console_errors == [], "\n".join(page.console_errors)
