@@ -289,6 +289,32 @@ def _cuda_kernels():
 
 
 @contextlib.contextmanager
+def _unpacked_hf_batches():
+    """transformers' masks as a real run makes them, for a model built by transformers (if imported).
+
+    A Hugging Face causal LM given no attention mask looks at its position ids for packed sequences
+    (masking_utils.find_packed_sequence_indices); on real tensors the runner's rows (one sequence each,
+    positions 0..T-1) are found unpacked, the mask is skipped and sdpa runs with is_causal=True and
+    enable_gqa (k and v kept at their kv heads). transformers takes a fake tensor for a graph trace
+    (is_tracing) and keeps the packed-sequence check, so the trace built a [B, 1, T, T] mask, a
+    per-layer copy of it in the activation dtype, and repeated k/v to every head (H200 #401, hf-llama
+    FSDP2 mb4 T=2048: 384 + 576 MiB at the peak, traced +5.5%). The runner never packs sequences.
+    """
+    import sys
+
+    mu = sys.modules.get("transformers.masking_utils")
+    orig = getattr(mu, "find_packed_sequence_indices", None)
+    if orig is None:
+        yield
+        return
+    mu.find_packed_sequence_indices = lambda position_ids: None
+    try:
+        yield
+    finally:
+        mu.find_packed_sequence_indices = orig
+
+
+@contextlib.contextmanager
 def _default_dtype(dtype):
     """Build parameters in `dtype` (fake tensors cannot be converted in place by module.to)."""
     import torch
@@ -414,7 +440,8 @@ def traced_memory(plan: Plan, model) -> dict:
     with fake_process_group(plan.world_size), _real_device_meshes(), _cuda_kernels(), FakeTensorMode(allow_non_fake_inputs=True):
         with _default_dtype(dtype if ds else torch.float32):
             module, vocab, seq_len = _build(model, plan)
-        live = _step_model_only(plan, module, vocab, seq_len) if ds else _step_fsdp(plan, module, vocab, seq_len)
+        with _unpacked_hf_batches():  # after the build: transformers' modules are imported by then
+            live = _step_model_only(plan, module, vocab, seq_len) if ds else _step_fsdp(plan, module, vocab, seq_len)
     cats = {k: v for k, v in live.at_peak.items() if v}
     if ds:
         params = cats.pop("params", 0)
