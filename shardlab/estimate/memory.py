@@ -56,6 +56,7 @@ from shardlab.units import GIB
 from .activations import activation_peak, saved_blocks
 from .allocator import CUDA_CONTEXT_BYTES, STRANDED, reserved, stranded
 from .basis import DS_ALLREDUCE_SIZE, DS_MAX_LIVE, DS_SUB_GROUP, Setup, ds3_kept_for_backward, ds_largest_module, persistent_numel, shard_numel
+from .stepsim import replayed_reserved
 
 
 def _compiled_blocks(plan: Plan, s: Setup) -> bool:
@@ -306,9 +307,12 @@ def memory(plan: Plan, s: Setup, traced_activations: int | None = None, gpu=None
     workspace = cublas_workspaces(gpu)  # resident from the first forward and backward matmul on
     live = parts["params"] + parts["optimizer"] + workspace + max(fwd_bwd, parts["grads"] + parts["step"] + parts["resident"])
     overhead = CUDA_CONTEXT_BYTES + stranded(live)
+    # reserved: the step's own requests replayed through the allocator's rules where the replay covers
+    # the plan (stepsim.py), else the fitted allocator model (allocator.py)
+    resv = replayed_reserved(plan, s, workspace)
     per_gpu = {"params": parts["params"], "grads": parts["grads"], "optimizer": parts["optimizer"],
                "activations": act, "buffers": buffers + workspace, "step_buffers": parts["step"], "overhead": overhead,
-               "peak_allocated": live, "peak_reserved": reserved(live, parts.get("again", 0)),
+               "peak_allocated": live, "peak_reserved": max(resv, live) if resv else reserved(live, parts.get("again", 0)),
                "total": live + overhead}
     cpu = {k: v * s.gpn for k, v in parts["cpu"].items()}
     cpu["total"] = sum(cpu.values())
