@@ -38,8 +38,11 @@ peak_allocated  what torch.cuda.max_memory_allocated should read: params + optim
            (measured on an H100: fsdp2 zero3 gpt-1b peaks at 21.6 GiB, 3.5 GiB of fp32 grads under
            the sum of all states + activations). DeepSpeed's gradient partitions are flat buffers
            allocated once, so they are there during forward.
-peak_reserved what torch.cuda.max_memory_reserved should read: the caching allocator's segments
-           for peak_allocated (allocator.py), at least the peak plus DeepSpeed ZeRO-1/2's reduce
+peak_reserved what torch.cuda.max_memory_reserved should read. FSDP1/FSDP2 without CPU offload:
+           the segments a replay of this step's requests makes (stepsim.py: states, activations,
+           loss rows, gathered units, reduce buffers, optimizer states and temporaries, two steps,
+           through the caching allocator's rules). Otherwise the allocator model (allocator.py): the
+           peak's segments times a fitted factor, at least the peak plus DeepSpeed ZeRO-1/2's reduce
            bucket, which each step makes again in a segment of its own.
 total      peak_allocated + overhead: what the GPU must hold (allocator.fit gives the verdict).
 
