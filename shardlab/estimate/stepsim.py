@@ -2,18 +2,20 @@
 through torch's caching allocator rules (cachesim.py), instead of a fitted fragmentation factor.
 
 The analytical model (memory.py, activations.py) already knows every tensor a step makes, its size
-and when it lives: the states at start, each block's saved activations in forward order, the loss's
-[tokens, vocab] rows, each block's gradients in backward (the saved tensors freed as their block's
-backward ends), the gathered units and reduce buffers of FSDP, the optimizer's lazily made states
-and its foreach temporaries, zero_grad. `replayed_reserved(plan, s, parts)` issues those requests
-for two optimizer steps (the second is the steady state: the first step's optimizer states were
-carved out of freed activation blocks) and returns the simulator's peak reserved bytes: what
-torch.cuda.max_memory_reserved reads when nothing limits the allocator.
+and when it lives: the parameters at start, each block's saved tensors in forward order, the loss's
+[tokens, vocab] fp32 rows, each block's gradients in backward (its saved tensors freed as they are
+used), the gathered units and reduce buffers of FSDP, the optimizer's lazily made states and its
+foreach temporaries, zero_grad. `replayed_reserved(plan, s, workspace)` issues those requests for two
+optimizer steps (the second is the steady state: the first step's optimizer states were carved out
+of freed activation and loss blocks, so the second step's large requests may need new segments) and
+returns the simulator's peak reserved bytes: what torch.cuda.max_memory_reserved reads when nothing
+limits the allocator. No constant is fitted; a replay takes 5-30 ms, so it is cached by its inputs
+(`Recipe`).
 
-Covered: FSDP1 and FSDP2 without CPU offload (their requests were recorded on the H200 by the
-allocator probe, benchmarks/results/allocator_events_h200.json.gz, #1 and the FSDP1 rows). Not
-covered (None: allocator.reserved's factor applies): DeepSpeed (its start-up flattening and
-ZeRO-3's empty_cache calls are not in the sequence), CPU offload (transfer blocks on side streams).
+Covered: FSDP1 and FSDP2 without CPU offload (recorded H200 rows: docs/benchmarks.md, session 9).
+Not covered (None: allocator.reserved's factor applies): DeepSpeed (its start-up flattening and
+ZeRO-3's empty_cache calls are not in the sequence), CPU offload (transfer blocks on side streams),
+bare parameter counts (no shape).
 """
 
 from __future__ import annotations
