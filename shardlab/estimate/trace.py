@@ -27,7 +27,11 @@ allocator model's figure on their peak (allocator.py).
 Differences from a CUDA run that the trace stands in for: tensors live on a fake CPU device, so the
 attention kernel is the CPU's flash attention (it keeps the same tensors for backward as CUDA's flash
 / memory-efficient kernels: q, k, v, output, log-sum-exp), and the optimizer is told foreach=True as
-on CUDA. Every storage the step makes and frees is also replayed through cachesim.py (torch's caching
+on CUDA. A model built by transformers sees the runner's unpacked rows as on real tensors (no causal
+mask, k/v at their kv heads: `_unpacked_hf_batches`). With `compile`, each unit the runner compiles is
+partitioned as Inductor does (AOTAutograd's min-cut decides what is saved) and run op by op on the
+fake tensors (`_compile_without_codegen`): what a compiled block keeps is traced, its fused kernels'
+transient buffers are not. Every storage the step makes and frees is also replayed through cachesim.py (torch's caching
 allocator rules: 512-byte rounding, small/large pools, best-fit splitting, segment sizes) on the stream
 the framework made it on (FSDP enters its unshard / all-gather / reduce-scatter streams through the
 device handle, torch.cpu's here, which keeps the current stream object), so an FSDP trace also gives
