@@ -112,7 +112,8 @@ class _Step:
 
     def _forward(self, mb) -> None:
         sim, r = self.sim, self.r
-        self._gather(r.root, ("g", "root"))
+        if r.mode is not None:
+            sim.alloc(("g", "root"), r.P * r.root)
         sim.alloc(("x", mb, -1), self.d_bytes)  # the embedding's output: block 0's input
         for i, unit in enumerate(r.blocks):
             self._gather(unit, ("g", i))
@@ -148,7 +149,6 @@ class _Step:
         sim.free(("dlogits", mb))
         sim.free(("dlsm", mb))
         sim.free(("norm", mb))
-        self._release(("g", "root"))
 
     def _reduce(self, unit: int, key, first: bool) -> None:
         """A unit's gradient: made unsharded in the compute dtype, copied into the reduce stream's
@@ -168,7 +168,6 @@ class _Step:
         """Blocks in reverse: (gathered again,) recomputed under checkpointing, each saved tensor's
         gradient made as the tensor is freed, the block's gradient reduced."""
         sim, r = self.sim, self.r
-        self._gather(r.root, ("g", "root"), backward=True)
         self._reduce(r.head, ("head",), first)
         for i in reversed(range(len(r.blocks))):
             self._gather(r.blocks[i], ("g", i), backward=True)
@@ -187,7 +186,8 @@ class _Step:
         sim.free(("x", mb, -1))
         sim.free(("dx", mb))
         self._reduce(r.root - r.head, ("embed",), first)
-        self._release(("g", "root"), backward=True)
+        if r.mode is not None:  # the root unit is not resharded after forward (FSDP1 and FSDP2 keep it for backward)
+            sim.free(("g", "root"))
 
     def _step(self) -> None:
         """foreach AdamW: its states made at the first step (zeros_like each parameter, one after
