@@ -9,7 +9,7 @@ foreach temporaries, zero_grad. `replayed_reserved(plan, s, workspace)` issues t
 optimizer steps (the second is the steady state: the first step's optimizer states were carved out
 of freed activation and loss blocks, so the second step's large requests may need new segments) and
 returns the simulator's peak reserved bytes: what torch.cuda.max_memory_reserved reads when nothing
-limits the allocator. No constant is fitted; a replay takes 5-30 ms, so it is cached by its inputs
+limits the allocator. No constant is fitted; a replay takes 3-80 ms, so it is cached by its inputs
 (`Recipe`).
 
 Covered: FSDP1 and FSDP2 without CPU offload (recorded H200 rows: docs/benchmarks.md, session 9).
