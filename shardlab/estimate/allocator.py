@@ -29,6 +29,11 @@ bucket takes a segment of its own (allocator probe, benchmarks/results/allocator
 two 954 MiB segments made by setup_buckets in #202/#203). So reserved >= peak + that buffer: it
 decides only where the bucket is large beside the peak (#202/#203, 1.25 GiB allocated: -28% -> +3%).
 
+Where the plan allows (FSDP1/FSDP2 without CPU offload), memory.py takes reserved from stepsim.py
+instead: the analytical model's own step, request by request, through cachesim.py, with no fitted
+constant (session 9: those recorded fidelity rows median 1.5% off, against the factor's 5%). The factor
+stays for DeepSpeed and offload.
+
 What neither covers (docs/benchmarks.md, memory section): FSDP1's side streams (each with its own
 cache, reserved varying 5-14% run to run), parameter offload's transfer blocks (FSDP's and
 DeepSpeed's: rows 36, 38, 109, 117, 308 reserve 1.4-1.8 x their peak), DeepSpeed ZeRO-3's

@@ -38,8 +38,11 @@ peak_allocated  what torch.cuda.max_memory_allocated should read: params + optim
            (measured on an H100: fsdp2 zero3 gpt-1b peaks at 21.6 GiB, 3.5 GiB of fp32 grads under
            the sum of all states + activations). DeepSpeed's gradient partitions are flat buffers
            allocated once, so they are there during forward.
-peak_reserved what torch.cuda.max_memory_reserved should read: the caching allocator's segments
-           for peak_allocated (allocator.py), at least the peak plus DeepSpeed ZeRO-1/2's reduce
+peak_reserved what torch.cuda.max_memory_reserved should read. FSDP1/FSDP2 without CPU offload:
+           the segments a replay of this step's requests makes (stepsim.py: states, activations,
+           loss rows, gathered units, reduce buffers, optimizer states and temporaries, two steps,
+           through the caching allocator's rules). Otherwise the allocator model (allocator.py): the
+           peak's segments times a fitted factor, at least the peak plus DeepSpeed ZeRO-1/2's reduce
            bucket, which each step makes again in a segment of its own.
 total      peak_allocated + overhead: what the GPU must hold (allocator.fit gives the verdict).
 
@@ -56,6 +59,7 @@ from shardlab.units import GIB
 from .activations import activation_peak, saved_blocks
 from .allocator import CUDA_CONTEXT_BYTES, STRANDED, reserved, stranded
 from .basis import DS_ALLREDUCE_SIZE, DS_MAX_LIVE, DS_SUB_GROUP, Setup, ds3_kept_for_backward, ds_largest_module, persistent_numel, shard_numel
+from .stepsim import replayed_reserved
 
 
 def _compiled_blocks(plan: Plan, s: Setup) -> bool:
@@ -306,9 +310,12 @@ def memory(plan: Plan, s: Setup, traced_activations: int | None = None, gpu=None
     workspace = cublas_workspaces(gpu)  # resident from the first forward and backward matmul on
     live = parts["params"] + parts["optimizer"] + workspace + max(fwd_bwd, parts["grads"] + parts["step"] + parts["resident"])
     overhead = CUDA_CONTEXT_BYTES + stranded(live)
+    # reserved: the step's own requests replayed through the allocator's rules where the replay covers
+    # the plan (stepsim.py), else the fitted allocator model (allocator.py)
+    resv = replayed_reserved(plan, s, workspace)
     per_gpu = {"params": parts["params"], "grads": parts["grads"], "optimizer": parts["optimizer"],
                "activations": act, "buffers": buffers + workspace, "step_buffers": parts["step"], "overhead": overhead,
-               "peak_allocated": live, "peak_reserved": reserved(live, parts.get("again", 0)),
+               "peak_allocated": live, "peak_reserved": max(resv, live) if resv else reserved(live, parts.get("again", 0)),
                "total": live + overhead}
     cpu = {k: v * s.gpn for k, v in parts["cpu"].items()}
     cpu["total"] = sum(cpu.values())

@@ -1,0 +1,238 @@
+"""Reserved memory from a replay: the analytical model's own training step, request by request,
+through torch's caching allocator rules (cachesim.py), instead of a fitted fragmentation factor.
+
+The analytical model (memory.py, activations.py) already knows every tensor a step makes, its size
+and when it lives: the parameters at start, each block's saved tensors in forward order, the loss's
+[tokens, vocab] fp32 rows, each block's gradients in backward (its saved tensors freed as they are
+used), the gathered units and reduce buffers of FSDP, the optimizer's lazily made states and its
+foreach temporaries, zero_grad. `replayed_reserved(plan, s, workspace)` issues those requests for two
+optimizer steps (the second is the steady state: the first step's optimizer states were carved out
+of freed activation and loss blocks, so the second step's large requests may need new segments) and
+returns the simulator's peak reserved bytes: what torch.cuda.max_memory_reserved reads when nothing
+limits the allocator. No constant is fitted; a replay takes 5-30 ms, so it is cached by its inputs
+(`Recipe`).
+
+Covered: FSDP1 and FSDP2 without CPU offload (recorded H200 rows: docs/benchmarks.md, session 9).
+Not covered (None: allocator.reserved's factor applies): DeepSpeed (its start-up flattening and
+ZeRO-3's empty_cache calls are not in the sequence), CPU offload (transfer blocks on side streams),
+bare parameter counts (no shape).
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from typing import NamedTuple
+
+from .activations import _counted, _hf_llama, rope_tables
+from .cachesim import CachingAllocator
+
+REDUCE_STREAM = 1  # FSDP reduces gradients on a stream of its own: its blocks are cached apart
+
+
+def block_tensors(spec, P: int, tokens: int, compiled: bool = False) -> list[int]:
+    """The tensors (bytes) one block saves for backward in forward order (activations.py's layout)."""
+    from .activations import block_bytes
+
+    d, f, kv = spec.hidden, spec.ffn, spec.kv_dim
+    stats = tokens * (4 * spec.heads + (8 if spec.family == "llama" else 16))
+    if spec.family == "llama" and not _hf_llama(spec) and not _counted(spec):
+        elems = [d, d, d + 2 * kv, d, kv, d, d, d, d] + [f] * (3 if compiled else 4)
+    elif spec.family != "llama" and not _counted(spec):
+        elems = [d, d, d + 2 * kv, d, d, d, f, f]
+    else:  # a layout without a tensor list: the block's bytes in hidden-sized pieces
+        total = tokens * block_bytes(spec, P, compiled)
+        piece = tokens * d * P
+        n, rest = divmod(total, piece)
+        return [piece] * n + ([rest] if rest else [])
+    out = [tokens * e * P for e in elems] + [stats]
+    tables = rope_tables(spec, P, compiled)
+    return out + ([tables] if tables else [])
+
+
+class Recipe(NamedTuple):
+    """Everything the replayed requests depend on (hashable: replays are cached by it). Bytes."""
+
+    framework: str
+    mode: str | None  # a unit's compute-dtype copy: "reshard" (made in forward and again in backward), "keep", None
+    P: int
+    shard: int
+    opt_states: int  # optimizer state tensors per parameter (Adam 2, SGD 1, none 0)
+    micro: int  # micro-batches replayed per step (the third of an accumulation repeats the second)
+    checkpointing: bool
+    tokens: int
+    hidden: int
+    vocab: int
+    saved: tuple  # one block's saved tensors after its input, forward order
+    root: int  # root unit elements (embedding + final norm + LM head)
+    head: int  # final norm + LM head elements
+    blocks: tuple  # the other units' elements, wrap order
+    params: tuple  # the parameter tensors' elements as the framework holds them (FSDP2: each; FSDP1: per unit)
+    workspace: int  # one cuBLAS workspace
+
+
+def recipe(plan, s, workspace: int) -> Recipe:
+    """The replay's inputs for `plan` on the resolved setup `s` (basis.Setup)."""
+    from shardlab.models import wrap_units
+
+    spec, sh = s.spec, s.shapes
+    tokens = plan.micro_batch_size * spec.seq_len
+    compiled = bool(plan.compile) and s.framework == "fsdp2"
+    units = wrap_units(spec, plan.wrap.policy, plan.wrap.min_num_params)
+    stage = "ddp" if s.framework == "fsdp1" and s.shard == 1 else s.stage  # FSDP1 on one rank is NO_SHARD
+    mode = ("reshard" if stage == "zero3" else "keep" if stage == "zero2" or s.framework == "fsdp2" else
+            "reshard" if s.P < 4 else None)
+    if s.framework == "fsdp2":
+        params = tuple(a * b for a, b in list(sh.embed) + list(sh.block) * sh.layers + list(sh.head))
+    else:
+        params = tuple(n for _, n in units)
+    return Recipe(s.framework, mode, s.P, max(s.shard, 1), s.opt_bytes // 4, min(s.micro_steps, 2),
+                  bool(plan.activation_checkpointing), tokens, spec.hidden, spec.vocab,
+                  tuple(block_tensors(spec, s.P, tokens, compiled)[1:]), units[0][1],
+                  sum(a * b for a, b in sh.head), tuple(n for _, n in units[1:]), params, workspace // 2)
+
+
+class _Step:
+    """Issues one recipe's requests into a CachingAllocator; keys are tuples naming the tensor."""
+
+    def __init__(self, r: Recipe):
+        self.sim, self.r = CachingAllocator(), r
+        self.d_bytes = r.tokens * r.hidden * r.P
+        self.made_states = False
+
+    def _gather(self, unit: int, key, backward: bool = False) -> None:
+        if self.r.mode == "reshard" or (self.r.mode == "keep" and not backward):
+            self.sim.alloc(key, self.r.P * unit)
+
+    def _release(self, key, backward: bool = False) -> None:
+        if self.r.mode == "reshard" or (self.r.mode == "keep" and backward):
+            self.sim.free(key)
+
+    def _forward(self, mb) -> None:
+        sim, r = self.sim, self.r
+        self._gather(r.root, ("g", "root"))
+        sim.alloc(("x", mb, -1), self.d_bytes)  # the embedding's output: block 0's input
+        for i, unit in enumerate(r.blocks):
+            self._gather(unit, ("g", i))
+            for j, n in enumerate(r.saved):
+                sim.alloc(("a", mb, i, j), n)
+            sim.alloc(("t", i), self.d_bytes)  # the output projection's result, before the residual add
+            sim.free(("t", i))
+            sim.alloc(("x", mb, i), self.d_bytes)  # the block output (the next block's input)
+            if r.checkpointing:  # only the block input is kept
+                for j in range(len(r.saved)):
+                    sim.free(("a", mb, i, j))
+            self._release(("g", i))
+
+    def _loss(self, mb) -> None:
+        """Final norm, LM head, the fp32 loss (activations.py: log_softmax keeps its fp32 output; at
+        the start of backward nll_loss's and log_softmax's gradients are made beside it), and the
+        gradient back to the 16-bit logits and the head's input."""
+        sim, r = self.sim, self.r
+        rows = 4 * r.tokens * r.vocab
+        sim.alloc(("norm", mb), self.d_bytes)
+        sim.alloc(("logits", mb), r.P * r.tokens * r.vocab)
+        if r.P < 4:
+            sim.alloc(("f32", mb), rows)
+        sim.alloc(("lsm", mb), rows)
+        sim.free(("f32", mb))
+        sim.free(("logits", mb))
+        for k in ("dnll", "dlsm"):
+            sim.alloc((k, mb), rows)
+        sim.free(("dnll", mb))
+        sim.free(("lsm", mb))
+        if r.P < 4:
+            sim.alloc(("dlogits", mb), r.P * r.tokens * r.vocab)
+            sim.free(("dlsm", mb))
+        sim.alloc(("dx", mb), self.d_bytes)
+        sim.free(("dlogits", mb))
+        sim.free(("dlsm", mb))
+        sim.free(("norm", mb))
+        self._release(("g", "root"))
+
+    def _reduce(self, unit: int, key, first: bool) -> None:
+        """A unit's gradient: made unsharded in the compute dtype, copied into the reduce stream's
+        flat buffer, reduced, and cast there to the fp32 sharded gradient, which then lives until
+        zero_grad (allocator probe #1, FSDP2: the fp32 cast of each block's gradient took a segment
+        of the reduce stream's own, 16 x 44 MiB; FSDP1's _cast_grad_to_param_dtype likewise). From
+        the second micro-batch on the cast is a temporary added into that gradient."""
+        sim, r = self.sim, self.r
+        sim.alloc(("ug",) + key, r.P * unit)
+        sim.alloc(("rs",) + key, r.P * unit, REDUCE_STREAM)
+        sim.free(("ug",) + key)
+        sim.alloc((("grad",) if first else ("rf",)) + key, 4 * -(-unit // r.shard), REDUCE_STREAM)
+        sim.free(("rs",) + key)
+        sim.free(("rf",) + key)
+
+    def _backward(self, mb, first: bool) -> None:
+        """Blocks in reverse: (gathered again,) recomputed under checkpointing, each saved tensor's
+        gradient made as the tensor is freed, the block's gradient reduced."""
+        sim, r = self.sim, self.r
+        self._gather(r.root, ("g", "root"), backward=True)
+        self._reduce(r.head, ("head",), first)
+        for i in reversed(range(len(r.blocks))):
+            self._gather(r.blocks[i], ("g", i), backward=True)
+            if r.checkpointing:  # the block's forward again
+                for j, n in enumerate(r.saved):
+                    sim.alloc(("a", mb, i, j), n)
+            sim.free(("x", mb, i))
+            prev = None
+            for j in reversed(range(len(r.saved))):
+                sim.alloc(("da", j), r.saved[j])
+                sim.free(("a", mb, i, j))
+                if prev is not None:
+                    sim.free(prev)
+                prev = ("da", j)
+            sim.free(("dx", mb))
+            sim.alloc(("dx", mb), self.d_bytes)
+            sim.free(prev)
+            self._reduce(r.blocks[i], ("b", i), first)
+            self._release(("g", i), backward=True)
+        sim.free(("x", mb, -1))
+        sim.free(("dx", mb))
+        self._reduce(r.root - r.head, ("embed",), first)
+        self._release(("g", "root"), backward=True)
+
+    def _step(self) -> None:
+        """foreach AdamW: its states made at the first step (zeros_like each parameter, one after
+        the other), one fp32 temporary per parameter; then zero_grad(set_to_none=True)."""
+        sim, r = self.sim, self.r
+        params = [4 * -(-n // r.shard) for n in r.params]
+        if not self.made_states:
+            for k, n in enumerate(params):
+                for st in range(r.opt_states):
+                    sim.alloc(("os", st, k), n)
+            self.made_states = True
+        if r.opt_states:
+            for k, n in enumerate(params):
+                sim.alloc(("tmp", k), n)
+            for k in range(len(params)):
+                sim.free(("tmp", k))
+        for key in [k for k in sim.live if k[0] == "grad"]:
+            sim.free(key)
+
+    def run(self, steps: int = 2) -> int:
+        r = self.r
+        for k, n in enumerate(r.params):
+            self.sim.alloc(("p", k), 4 * -(-n // r.shard))
+        for k in range(2):  # forward's and autograd's cuBLAS handles (memory.cublas_workspaces)
+            self.sim.alloc(("ws", k), r.workspace)
+        for _ in range(steps):
+            for mb in range(r.micro):
+                self._forward(mb)
+                self._loss(mb)
+                self._backward(mb, first=mb == 0)
+            self._step()
+        return self.sim.peak_reserved
+
+
+@lru_cache(maxsize=512)
+def _replay(r: Recipe) -> int:
+    return _Step(r).run()
+
+
+def replayed_reserved(plan, s, workspace: int) -> int | None:
+    """Peak reserved bytes of the replayed step, or None where the replay does not cover the plan
+    (see the module docstring). workspace: bytes of the step's cuBLAS workspaces."""
+    if s.ds or s.offload_opt != "none" or s.offload_params != "none" or s.spec.is_bare or s.unknown_units:
+        return None
+    return _replay(recipe(plan, s, workspace))
