@@ -49,13 +49,13 @@ UNIT_HOOK_SHARE = {"zero3": 1.0, "zero2": 0.75, "ddp": 1.0}
 # every operator through Python (nn.Module calls, the model's own code) and records the autograd graph;
 # the backward replays that graph in autograd's C++ engine. Measured on the CPU with the runner's own model
 # (run/gpt.py, 8 layers at hidden 32 so the kernels' own work is negligible; forward and backward timed
-# apart, median of 140 steps; benchmarks/host_phase_probe.py, benchmarks/results/host_phase_cpu.json):
-# 1.56 for the GPT block, 2.0 for the Llama block (its rotary embedding and RMSNorm are more Python
-# per kernel). DEFAULT_LAUNCH_S stays the mean over a step's counted kernels (a step measured whole); the
-# ratio only says how it divides between the passes, which decides how much of each pass's GPU work the
-# host hides. Not measured on a GPU yet (CUDA adds a launch of a few microseconds per kernel to both
-# passes, which would bring the ratio toward 1).
-FWD_HOST_RATIO = {"gpt": 1.56, "llama": 2.0}
+# apart in the thread's CPU time, median of 140 steps; benchmarks/host_phase_probe.py, torch 2.13 CPU,
+# 2026-12-02, two runs: GPT 1.65 / 1.65, Llama 2.18 / 2.28; benchmarks/results/host_phase_cpu.json).
+# DEFAULT_LAUNCH_S stays the mean over a step's counted kernels (calibrate times a step whole); the ratio
+# only says how it divides between the passes, which decides how much of each pass's GPU work the host
+# hides. Not measured on a GPU yet (CUDA adds a launch of a few microseconds per kernel to both passes,
+# which would bring the ratio toward 1; 1.0 instead of these: all recorded rows' median 9.6% -> 10.7%).
+FWD_HOST_RATIO = {"gpt": 1.65, "llama": 2.2}
 # BATCH_UPLOAD_SYNC: the worker moves each micro-batch to the GPU with x.to("cuda", non_blocking=True) from
 # an ordinary (pageable) CPU tensor (run/data.py). CUDA stages pageable memory through a pinned buffer and
 # "may synchronize with the stream" to do so (CUDA runtime API, "API synchronization behavior", Memcpy,
