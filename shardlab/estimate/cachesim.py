@@ -73,9 +73,12 @@ class CachingAllocator:
     def alloc(self, key, nbytes: int, stream: int = 0) -> None:
         if key in self.live:
             self.free(key)
-        size = round_size(nbytes)
-        pool = (stream, size <= SMALL)
-        lst = self.pools.setdefault(pool, [])
+        size = BLOCK if nbytes < BLOCK else -(-nbytes // BLOCK) * BLOCK
+        small = size <= SMALL
+        pool = (stream, small)
+        lst = self.pools.get(pool)
+        if lst is None:
+            lst = self.pools[pool] = []
         i = bisect.bisect_left(lst, (size, -1))
         if i < len(lst):
             b = lst.pop(i)[2]
@@ -85,18 +88,20 @@ class CachingAllocator:
             self._next_addr += seg
             self.reserved += seg
             self.segments += 1
-            self.peak_reserved = max(self.peak_reserved, self.reserved)
+            if self.reserved > self.peak_reserved:
+                self.peak_reserved = self.reserved
         rest = b.size - size
-        if rest >= BLOCK if pool[1] else rest > SMALL:
+        if rest >= BLOCK if small else rest > SMALL:
             tail = _Block(b.addr + size, rest, pool, b, b.next)
             if b.next is not None:
                 b.next.prev = tail
             b.next, b.size = tail, size
-            self._insert(tail)
+            bisect.insort(lst, (rest, tail.addr, tail))
         b.free = False
         self.live[key] = b
         self.allocated += b.size
-        self.peak_allocated = max(self.peak_allocated, self.allocated)
+        if self.allocated > self.peak_allocated:
+            self.peak_allocated = self.allocated
 
     def free(self, key) -> None:
         b = self.live.pop(key, None)
@@ -104,18 +109,18 @@ class CachingAllocator:
             return
         self.allocated -= b.size
         b.free = True
-        for nb in (b.prev, b.next):  # merge with free neighbours of the same segment
-            if nb is not None and nb.free:
-                self._remove(nb)
-                if nb is b.prev:
-                    nb.size += b.size
-                    nb.next = b.next
-                    if b.next is not None:
-                        b.next.prev = nb
-                    b = nb
-                else:
-                    b.size += nb.size
-                    b.next = nb.next
-                    if nb.next is not None:
-                        nb.next.prev = b
+        prev, nxt = b.prev, b.next
+        if prev is not None and prev.free:  # merge with free neighbours of the same segment
+            self._remove(prev)
+            prev.size += b.size
+            prev.next = nxt
+            if nxt is not None:
+                nxt.prev = prev
+            b = prev
+        if nxt is not None and nxt.free:
+            self._remove(nxt)
+            b.size += nxt.size
+            b.next = nxt.next
+            if nxt.next is not None:
+                nxt.next.prev = b
         self._insert(b)

@@ -57,7 +57,7 @@ from shardlab.plan import Plan
 from shardlab.units import GIB
 
 from .activations import activation_peak, saved_blocks
-from .allocator import CUDA_CONTEXT_BYTES, STRANDED, reserved, stranded
+from .allocator import CUDA_CONTEXT_BYTES, FRAGMENTATION, STRANDED, reserved, stranded
 from .basis import DS_ALLREDUCE_SIZE, DS_MAX_LIVE, DS_SUB_GROUP, Setup, ds3_kept_for_backward, ds_largest_module, persistent_numel, shard_numel
 from .stepsim import replayed_reserved
 
@@ -332,5 +332,8 @@ def memory(plan: Plan, s: Setup, traced_activations: int | None = None, gpu=None
                             f"{plan.micro_batch_size} x {s.spec.seq_len} tokens, {s.P}-byte, SDPA/flash (no T^2 scores), peak at the fp32 loss's backward"
                             + (", checkpointed" if plan.activation_checkpointing else ""))
     notes["step_buffers"] = ("fp32 copy of the gradient partition for the optimizer step" if s.ds else "foreach optimizer temporaries (fp32)")
+    notes["peak_reserved"] = ("this step's requests replayed through the caching allocator's rules (stepsim.py)" if resv else
+                              f"peak allocated in 2 MiB segments x {1 + FRAGMENTATION:.3f}, a fitted fragmentation factor (allocator.py)"
+                              + (", at least the peak + the reduce bucket made again each step" if parts.get("again") else ""))
     notes["overhead"] = f"CUDA context etc. {CUDA_CONTEXT_BYTES / GIB:g} GiB + {STRANDED:.0%} of the peak stranded in the allocator's split segments"
     return {"per_gpu": per_gpu, "cpu": cpu, "nvme": nvme, "notes": notes, "flags": flags}
