@@ -214,33 +214,6 @@ def test_fsdp1_runs_no_shard_on_one_gpu_and_is_priced_as_it_runs():
     assert two["zero3"] != pytest.approx(two["ddp"])  # with two ranks the stages differ again
 
 
-def test_a_forward_kernel_costs_the_host_more_than_a_backward_one():
-    """hostcost.FWD_HOST_RATIO's premise, judged by torch on this CPU: the runner's own Llama block (run/gpt.py)
-    at a width where the kernels' work is negligible spends more host time per counted forward kernel (Python
-    modules, graph recording) than per backward one (autograd's C++ engine); stepwork counts the backward as
-    twice the forward's kernels. Session 9: 2.1 for the block, 2.2 for the whole model (benchmarks/host_phase_probe.py)."""
-    import time
-
-    import torch
-
-    from shardlab.estimate.hostcost import FWD_HOST_RATIO
-    from shardlab.models import ModelSpec
-    from shardlab.run.gpt import Block
-
-    block = Block(ModelSpec("host-phase", layers=1, hidden=32, heads=4, vocab=256, seq_len=32, family="llama"))
-    x = torch.randn(1, 32, 32, requires_grad=True)
-    fwd, bwd = [], []
-    for _ in range(20):  # the thread's CPU time: other processes on the cores do not count
-        t0 = time.thread_time()
-        y = block(x).sum()
-        t1 = time.thread_time()
-        y.backward()
-        fwd.append(t1 - t0)
-        bwd.append(time.thread_time() - t1)
-    ratio = 2 * statistics.median(fwd[4:]) / statistics.median(bwd[4:])  # per kernel: the backward launches twice as many
-    assert ratio >= 1.3 and FWD_HOST_RATIO["llama"] == pytest.approx(ratio, rel=0.35), ratio
-
-
 def test_a_calibration_file_is_found_by_key_and_used(tmp_path, monkeypatch):
     from shardlab.estimate import calibrate as C
 
