@@ -60,7 +60,10 @@ FWD_HOST_RATIO = {"gpt": 1.65, "llama": 2.2}
 # an ordinary (pageable) CPU tensor (run/data.py). CUDA stages pageable memory through a pinned buffer and
 # "may synchronize with the stream" to do so (CUDA runtime API, "API synchronization behavior", Memcpy,
 # asynchronous): the host waits for the previous micro-step's backward before it issues the next forward.
-# No constant: a synchronisation in the timeline. Checked (not fitted) on the rows with accumulation 2
+# Under DeepSpeed the wait is certain: its ThroughputTimer (config `timers.throughput`, enabled and
+# synchronized by default; deepspeed/utils/timer.py) calls get_accelerator().synchronize() when each forward
+# starts (engine.forward, no training_data given) and in every engine.step(), which the worker calls after
+# each micro-step. No constant: a synchronisation in the timeline. Checked (not fitted) on the rows with accumulation 2
 # (tune_h200_gpt125_grid.json's eight FSDP mb8x2 rows: median +33% -> +24%; the tune trials' fsdp2 ddp
 # mb8x2 +10.6% -> +0.4%). Rows with accumulation 4 at micro-batch 4 do not move (host-bound either way).
 BATCH_UPLOAD_SYNC = True
@@ -92,6 +95,11 @@ DS3_MODULE_S = 0.565e-3
 DS3_RECOMPUTE = 1.0
 DS12_PARAM_S = 0.12e-3
 DS_NORM_KERNELS_PER_PARAM = 2
+# DS_OPT_SERIAL (open, session 9): with bf16 and gradient_clipping 0 (shardlab's export) ZeRO-1/2's step
+# (stage_1_and_2.py, step -> scaled_global_norm -> get_grad_norm_direct) launches its per-tensor norms with no
+# .item() before them; yet without this wait the GPU-bound rows get worse (H100 ZeRO-1/2 +2..5% -> +6..15%,
+# the gpt125 grid's DeepSpeed ddp rows +15..20% -> +22..28%): something in the step serialises that the source
+# read so far does not show.
 # DS_OPT_SERIAL: those per-tensor norm launches come after the backward has drained the GPU's queue
 # (the engine synchronises before its step), so they are added to the step rather than hidden under the
 # GPU's work. Checked, not fitted: the GPU-bound H100 DeepSpeed rows (gpu_validate_h100.json) went from a
