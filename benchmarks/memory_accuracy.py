@@ -2,7 +2,7 @@
 
 Rows: issue 13's runner matrices (benchmarks/results/fidelity_h200*.json, through fidelity.py's own
 plan_for / model_for) and the measured grids of issue 20 (tune_h200_*.json: each grid row's Plan
-and the case's model on the H200). For each: the analytical estimate's peak allocated against
+and the case's model on the H200); with --h100 also issue 8's H100 validation runs. For each: the analytical estimate's peak allocated against
 torch.cuda.max_memory_allocated and its peak reserved against max_memory_reserved. The estimate's
 reserved figure is the unconstrained one (allocator.py), so the reserved of a grid run under an
 allocator cap (gpu_limit_gib) is not compared: at the cap the allocator frees its cache instead. Prints the median and largest error per file, then every row over the bars
@@ -11,7 +11,7 @@ allocator cap (gpu_limit_gib) is not compared: at the cap the allocator frees it
 family, micro-batch, checkpointing): rows over the bar / rows, and the median signed error, each
 configuration counted once (the tune files repeat their grid). Nothing is written; no GPU is needed.
 
-    .venv/bin/python benchmarks/memory_accuracy.py [--all] [--groups] [--json OUT]
+    .venv/bin/python benchmarks/memory_accuracy.py [--all] [--groups] [--h100] [--json OUT]
 """
 
 from __future__ import annotations
@@ -104,6 +104,28 @@ def tune_rows() -> list[dict]:
     return out
 
 
+def validate_rows() -> list[dict]:
+    """The H100 validation runs of issue 8 (gpu_validate_h100*.json: gpt-1b, world size 1, every
+    framework), re-estimated for that GPU."""
+    import importlib.util
+
+    from shardlab.estimate import estimate
+
+    spec = importlib.util.spec_from_file_location("gpu_validate", Path(__file__).parent / "gpu_validate.py")
+    gv = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gv)
+    out = []
+    for f in sorted(RESULTS.glob("gpu_validate_h100*.json")):
+        for r in json.loads(f.read_text()):
+            if r.get("status") != "completed" or not r.get("peak_allocated_bytes"):
+                continue
+            plan = gv.plan_for(r["framework"], r["sharding"], r["offload"], r["activation_checkpointing"])
+            pg = estimate(plan, r["model"], gpu="h100-80gb").per_gpu
+            name = f"{r['model']} {r['framework']} {r['sharding']} off={r['offload']} ac={int(r['activation_checkpointing'])}"
+            out.append(_row(f.stem, name, pg, r["peak_allocated_bytes"], r.get("peak_reserved_bytes"), plan, _family(r["model"])))
+    return out
+
+
 def summary(rows: list[dict]) -> list[str]:
     lines = []
     for src in dict.fromkeys(r["source"] for r in rows):
@@ -141,10 +163,11 @@ def main() -> int:
     ap.add_argument("--json", help="write the rows to this file")
     ap.add_argument("--groups", action="store_true", help="list the reserved misses by framework, precision, offload, family, micro-batch, checkpointing")
     ap.add_argument("--trace", nargs="?", const="all", help="also the traced estimate of each fidelity row (seconds a row): all, or one framework's rows")
+    ap.add_argument("--h100", action="store_true", help="also the H100 validation rows (gpu_validate_h100*.json)")
     ap.add_argument("--files", help="comma list of results files (stems) to read, e.g. fidelity_h200_val")
     a = ap.parse_args()
     only = set(a.files.split(",")) if a.files else None
-    rows = fidelity_rows(a.trace, only) + ([] if only else tune_rows())
+    rows = fidelity_rows(a.trace, only) + ([] if only else tune_rows() + (validate_rows() if a.h100 else []))
     print("\n".join(summary(rows)))
     if a.groups:
         print("\n" + "\n".join(groups(rows)))

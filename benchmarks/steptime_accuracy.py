@@ -9,8 +9,8 @@ then the median and largest absolute error per source.
 
     .venv/bin/python benchmarks/steptime_accuracy.py [--json OUT] [--zero3]
 
---zero3 prints, for every DeepSpeed ZeRO-3 row without offload, the share of min(GPU, host) its
-measurement leaves exposed (steptime.py's SERIAL["deepspeed_zero3"] solved per row), next to the
+--zero3 prints, for every DeepSpeed ZeRO-3 row without offload, the share of the time its host/GPU
+timeline overlaps that its measurement leaves exposed (hostcost.py's SERIAL["deepspeed_zero3"] solved per row), next to the
 shape-side quantities it might depend on (GPU/host ratio, host seconds per module hook), and the
 plans measured more than once: the question of what decides ZeRO-3's overlap (issue 14).
 """
@@ -124,8 +124,9 @@ def fidelity_rows(include_shared: bool = False) -> list[dict]:
 
 
 def zero3_regimes(rows_: list[dict]) -> None:
-    """The exposed share each ZeRO-3 row implies, and the plans measured more than once (--zero3)."""
-    from shardlab.estimate.steptime import SERIAL
+    """The exposed share each ZeRO-3 row implies (of the time the step's host/GPU timeline overlaps), and
+    the plans measured more than once (--zero3)."""
+    from shardlab.estimate.hostcost import SERIAL
     from shardlab.estimate.stepwork import work
 
     seen: dict[str, list[float]] = {}
@@ -139,10 +140,11 @@ def zero3_regimes(rows_: list[dict]) -> None:
             continue
         e = estimate(r["plan"], r["model"], r["gpu"], calibration=False)
         t = e.time
-        g, h = t["compute_s"], t["detail"]["host_s"]
-        rest = t["step_time_s"] - max(g, h) - SERIAL["deepspeed_zero3"] * min(g, h)
+        g, h, ov = t["compute_s"], t["detail"]["host_s"], t["detail"]["overlapped_s"]
+        rest = t["exposed_comm_s"] + t["offload_s"]
+        timeline = t["step_time_s"] - rest - SERIAL["deepspeed_zero3"] * ov
         meas = t["tokens_per_step"] / r["measured"]
-        implied = (meas - rest - max(g, h)) / min(g, h)
+        implied = (meas - rest - timeline) / ov
         spec = e.model
         modules = 0 if spec.is_bare else work(spec, e.plan.micro_batch_size, spec.seq_len, 2, e.plan.activation_checkpointing).modules
         per_mod = 1e3 * h / modules if modules else float("nan")  # host ms per module hook, whole step

@@ -178,18 +178,18 @@ def test_reserved_memory_model_holds_on_rows_it_was_not_fitted_to():
 
 
 def test_analytical_reserved_on_every_recorded_h200_row(recorded_rows):
-    """Peak reserved against every recorded run without an allocator cap (248 rows on 2026-12-02, the
-    tune files repeating their grids four times): a band that holds today's count, so a change that
-    loses rows fails. Since session 9 FSDP without offload replays its step (stepsim.py): median 3.7%
-    (5.1% with the factor alone), 206 within 10% (212 before: the gpt-125m rows named in
-    test_replayed_fsdp_reserved_on_every_recorded_row, six configurations counted four times each, went
-    from -2..-8% to -15..-17%, while 13 other configurations came within 10%); 204 of the 241 without
-    parameter offload, whose transfer blocks are not modelled (docs/benchmarks.md, memory section)."""
+    """Peak reserved against every recorded run without an allocator cap (283 rows on 2026-12-02 with
+    session 9's llama1b grid, the gpt125 tune files repeating their grid four times): a band that holds
+    today's count, so a change that loses rows fails. Since session 9 FSDP without offload replays its
+    step (stepsim.py): median 3.7% (4.9% with the factor alone), 242 within 10% (244 with the factor:
+    the gpt-125m rows named in test_replayed_fsdp_reserved_on_every_recorded_row, six configurations
+    counted four times each, went from -2..-8% to -15..-17%, while 31 -> 25 of 206 configurations
+    miss); 240 of the 276 without parameter offload, whose transfer blocks are not modelled."""
     rows = [r for r in recorded_rows if r["reserved_error"] is not None]
-    assert len(rows) >= 240
+    assert len(rows) >= 283
     plain = [r for r in rows if r.get("group", {}).get("offload") != "both"]
-    assert sum(abs(r["reserved_error"]) <= 0.10 for r in rows) >= 206
-    assert sum(abs(r["reserved_error"]) <= 0.10 for r in plain) >= 204
+    assert sum(abs(r["reserved_error"]) <= 0.10 for r in rows) >= 242
+    assert sum(abs(r["reserved_error"]) <= 0.10 for r in plain) >= 240
     assert max(abs(r["reserved_error"]) for r in plain) <= 0.19
     assert statistics.median(abs(r["reserved_error"]) for r in rows) <= 0.045
 
@@ -197,20 +197,31 @@ def test_analytical_reserved_on_every_recorded_h200_row(recorded_rows):
 def test_replayed_fsdp_reserved_on_every_recorded_row(recorded_rows):
     """FSDP1/FSDP2 without offload: reserved from the analytical step replayed through the allocator's
     rules (stepsim.py, no fitted constant), judged by every recorded H200 run of those plans: the
-    fidelity files' rows within 12% (#303, gpt1152 FSDP1 fp32, +11.7%; FSDP1's own reserved moves
-    5-14% between runs), median within 2%; the tune grids' gpt-125m rows within 10% except those without
+    fidelity files' 57 rows within 10% (largest #303, gpt1152 FSDP1 fp32, +9.1%; FSDP1's own reserved
+    moves 5-14% between runs), median within 2%; the tune grids' gpt-125m rows within 10% except those without
     checkpointing at micro-batch 8 and 16, where the H200 made one more [tokens, vocab] fp32 block in
     the second step than the replay does (-15..-17%, not explained: named so they cannot worsen)."""
     rows = [r for r in recorded_rows if r["reserved_error"] is not None and r["group"]["offload"] == "none"
             and r["group"]["framework"].startswith("fsdp")]
     fid = [r for r in rows if r["source"].startswith("fidelity")]
-    assert len(fid) >= 55 and max(abs(r["reserved_error"]) for r in fid) <= 0.12
+    assert len(fid) >= 55 and max(abs(r["reserved_error"]) for r in fid) <= 0.10
     assert statistics.median(abs(r["reserved_error"]) for r in fid) <= 0.02
     for r in rows:
         if r in fid:
             continue
         known = " ac" not in r["name"] and r["group"]["micro_batch"] >= 8
         assert abs(r["reserved_error"]) <= (0.18 if known else 0.10), (r["source"], r["name"], r["reserved_error"])
+
+
+def test_reserved_on_the_held_out_llama1b_grid(recorded_rows):
+    """Issue 13's held-out bar on runs nobody fitted anything to: the H200 llama1b grid of session 9
+    (tune_h200_llama1b_grid.json: 16 layers, GQA, FSDP1/FSDP2/DeepSpeed x ZeRO-2/3 x checkpointing x
+    micro-batch 1/2/4, measured after the FSDP replay was written). Every run within 10%, median within
+    5% (with the fitted factor alone: 32 of 35, FSDP2 mb2x2 +14.3%)."""
+    rows = [r for r in recorded_rows if r["source"] == "tune_h200_llama1b_grid" and r["reserved_error"] is not None]
+    assert len(rows) >= 35
+    assert max(abs(r["reserved_error"]) for r in rows) <= 0.10
+    assert statistics.median(abs(r["reserved_error"]) for r in rows) <= 0.05
 
 
 def test_deepspeed_zero12_bucket_takes_a_second_segment():

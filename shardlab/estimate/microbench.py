@@ -206,7 +206,7 @@ def _deepspeed_hooks(spec, tokens, plain: float, w, launch_s: float, steps: int)
 
     from shardlab.run.gpt import build_model, loss_fn
 
-    from .steptime import DS3_MODULE_S, DS3_PARAM_S, DS12_PARAM_S, DS_NORM_KERNELS_PER_PARAM
+    from .hostcost import DS3_MODULE_S, DS3_PARAM_S, DS12_PARAM_S, DS_NORM_KERNELS_PER_PARAM
 
     _one_rank_group()
     norms = w.param_tensors * DS_NORM_KERNELS_PER_PARAM * launch_s

@@ -9,7 +9,7 @@ foreach temporaries, zero_grad. `replayed_reserved(plan, s, workspace)` issues t
 optimizer steps (the second is the steady state: the first step's optimizer states were carved out
 of freed activation and loss blocks, so the second step's large requests may need new segments) and
 returns the simulator's peak reserved bytes: what torch.cuda.max_memory_reserved reads when nothing
-limits the allocator. No constant is fitted; a replay takes 5-30 ms, so it is cached by its inputs
+limits the allocator. No constant is fitted; a replay takes 3-80 ms, so it is cached by its inputs
 (`Recipe`).
 
 Covered: FSDP1 and FSDP2 without CPU offload (recorded H200 rows: docs/benchmarks.md, session 9).
@@ -112,7 +112,8 @@ class _Step:
 
     def _forward(self, mb) -> None:
         sim, r = self.sim, self.r
-        self._gather(r.root, ("g", "root"))
+        if r.mode is not None:
+            sim.alloc(("g", "root"), r.P * r.root)
         sim.alloc(("x", mb, -1), self.d_bytes)  # the embedding's output: block 0's input
         for i, unit in enumerate(r.blocks):
             self._gather(unit, ("g", i))
@@ -148,27 +149,31 @@ class _Step:
         sim.free(("dlogits", mb))
         sim.free(("dlsm", mb))
         sim.free(("norm", mb))
-        self._release(("g", "root"))
 
     def _reduce(self, unit: int, key, first: bool) -> None:
-        """A unit's gradient: made unsharded in the compute dtype, copied into the reduce stream's
-        flat buffer, reduced, and cast there to the fp32 sharded gradient, which then lives until
-        zero_grad (allocator probe #1, FSDP2: the fp32 cast of each block's gradient took a segment
-        of the reduce stream's own, 16 x 44 MiB; FSDP1's _cast_grad_to_param_dtype likewise). From
-        the second micro-batch on the cast is a temporary added into that gradient."""
+        """A unit's gradient: made unsharded in the compute dtype by autograd; FSDP2 copies it into a
+        flat buffer on its reduce stream (FSDP1's flat parameter's gradient is flat already); over more
+        than one rank the reduce-scatter writes a new shard there; then the shard is cast there to the
+        fp32 sharded gradient, which lives until zero_grad (allocator probe #1, FSDP2: 16 x 44 MiB
+        segments of the reduce stream's own for the blocks' fp32 gradients; FSDP1's
+        _cast_grad_to_param_dtype likewise, #109). From the second micro-batch on the fp32 shard is a
+        temporary added into that gradient."""
         sim, r = self.sim, self.r
+        shard = -(-unit // r.shard)
         sim.alloc(("ug",) + key, r.P * unit)
-        sim.alloc(("rs",) + key, r.P * unit, REDUCE_STREAM)
-        sim.free(("ug",) + key)
-        sim.alloc((("grad",) if first else ("rf",)) + key, 4 * -(-unit // r.shard), REDUCE_STREAM)
-        sim.free(("rs",) + key)
-        sim.free(("rf",) + key)
+        if r.framework == "fsdp2":
+            sim.alloc(("rs",) + key, r.P * unit, REDUCE_STREAM)
+            sim.free(("ug",) + key)
+        if r.shard > 1:
+            sim.alloc(("out",) + key, r.P * shard, REDUCE_STREAM)
+        sim.alloc((("grad",) if first else ("rf",)) + key, 4 * shard, REDUCE_STREAM)
+        for k in ("ug", "rs", "out", "rf"):
+            sim.free((k,) + key)
 
     def _backward(self, mb, first: bool) -> None:
         """Blocks in reverse: (gathered again,) recomputed under checkpointing, each saved tensor's
         gradient made as the tensor is freed, the block's gradient reduced."""
         sim, r = self.sim, self.r
-        self._gather(r.root, ("g", "root"), backward=True)
         self._reduce(r.head, ("head",), first)
         for i in reversed(range(len(r.blocks))):
             self._gather(r.blocks[i], ("g", i), backward=True)
@@ -187,7 +192,8 @@ class _Step:
         sim.free(("x", mb, -1))
         sim.free(("dx", mb))
         self._reduce(r.root - r.head, ("embed",), first)
-        self._release(("g", "root"), backward=True)
+        if r.mode is not None:  # the root unit is not resharded after forward (FSDP1 and FSDP2 keep it for backward)
+            sim.free(("g", "root"))
 
     def _step(self) -> None:
         """foreach AdamW: its states made at the first step (zeros_like each parameter, one after

@@ -66,6 +66,11 @@ class Work:
     param_tensors: int
     units: int  # FSDP transformer-policy units (blocks + root)
     bare: bool = False
+    # the forward's share, for the host/GPU timeline (timeline.py): what one forward pass of all blocks
+    # moves and launches (recomputation under checkpointing is the backward's), and the loss's forward bytes
+    fwd_elems: float = 0.0
+    fwd_fixed_bytes: float = 0.0
+    fwd_kernels: int = 0
 
 
 def implementation(spec: ModelSpec) -> str:
@@ -120,7 +125,9 @@ def _shaped(spec: ModelSpec, mb: int, seq: int, P: int, ac: bool) -> Work:
         modules, params, top_m, top_p = 9, 12, 6, 5
     else:
         modules, params, top_m, top_p = 10, 7, 5, 3
-    return Work(n, seq, tuple(gemms), attn, spec.head_dim, mem, fixed, kernels, L * modules + top_m, L * params + top_p, L + 1)
+    fwd_fixed = n * V * ((P + 4 if P != 4 else 0) + 8)  # logits cast and log-softmax forward
+    return Work(n, seq, tuple(gemms), attn, spec.head_dim, mem, fixed, kernels, L * modules + top_m, L * params + top_p, L + 1,
+                fwd_elems=n * L * per_tok, fwd_fixed_bytes=fwd_fixed, fwd_kernels=L * kpb + 10)
 
 
 def _bare(spec: ModelSpec, mb: int, seq: int) -> Work:
@@ -129,4 +136,5 @@ def _bare(spec: ModelSpec, mb: int, seq: int) -> Work:
     k = 4096
     cols = max(1, spec.params // k)
     units = max(1, spec.wrap_unit_count) + 1
-    return Work(n, seq, (Gemm(n, k, cols, 3),), 0.0, 128, 0.0, 0.0, 40 * units, 10 * units, 8 * units, units, bare=True)
+    return Work(n, seq, (Gemm(n, k, cols, 3),), 0.0, 128, 0.0, 0.0, 40 * units, 10 * units, 8 * units, units, bare=True,
+                fwd_kernels=40 * units // 3)

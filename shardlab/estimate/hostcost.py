@@ -1,0 +1,239 @@
+"""What the host costs in a training step, and where it waits for the GPU: the host side of steptime.py.
+
+The host (Python, autograd, the frameworks' hooks) issues every kernel; timeline.py plays its launch
+stream against the GPU's queue. This file prices the host's work per micro-step and lays the step out
+as segments for that simulation (`step_segments`):
+
+- kernels launched, as stepwork.py counts them, split between forward and backward by FWD_HOST_RATIO
+  (a forward op goes through Python modules and records the autograd graph; the backward runs in
+  autograd's C++ engine);
+- FSDP's unit hooks (half in each pass), checkpointing's machinery (backward), DeepSpeed's module,
+  parameter and gradient hooks (ZeRO-3 forward and backward, ZeRO-2 backward, ZeRO-0/1 at the
+  accumulation boundary);
+- the synchronisations found in the code that runs: the worker's per-micro-step batch upload from
+  pageable memory (BATCH_UPLOAD_SYNC), DeepSpeed's norm `.item()` before its optimizer step
+  (DS_OPT_SERIAL), ZeRO-2 + optimizer offload's wait per parameter under accumulation, and the step's
+  closing loss.item().
+
+Every constant names the measurement it comes from (steptime.py's docstring gives the step's formula).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from .timeline import Seg
+
+if TYPE_CHECKING:
+    from shardlab.plan import Plan
+
+    from .basis import Setup
+    from .steptime import Rates
+    from .stepwork import Work
+
+# Host: DEFAULT_LAUNCH_S, seconds per kernel stepwork.py counts (dispatch, autograd, launch), and
+# FSDP_UNIT_S, FSDP2's hooks per unit per micro-step (all-gather/reduce-scatter issue, copy-in/out),
+# from calibrate's tiny-model steps (plain, and FSDP2 with 9 units): 41 us / 1.91 ms on the first
+# H200 host, 50 us / 3.68 ms on the second; the defaults are their geometric means. Host speed
+# differs from machine to machine by this much: calibrating on the machine removes it.
+DEFAULT_LAUNCH_S = 45.5e-6
+FSDP_UNIT_S = 2.65e-3
+# share of a FULL_SHARD unit's hook cost other stages pay per micro-step. Every stage runs a unit's
+# pre/post forward and backward hooks; NO_SHARD's cost as much (host probe, fidelity_h200_host.json:
+# FSDP1/FSDP2 NO_SHARD 75-89 ms vs FULL_SHARD 68-79 ms on tiny models). SHARD_GRAD_OP skips the
+# post-forward reshard and pre-backward gather: the probe's host measured it at full cost (61, 77 ms),
+# the check set's host at about half (#111, llama152k: 116 ms of a predicted 112 at half, 147 at
+# full); machines' hosts differ by this much, so the middle.
+UNIT_HOOK_SHARE = {"zero3": 1.0, "zero2": 0.75, "ddp": 1.0}
+# FWD_HOST_RATIO: host seconds per counted forward kernel over a counted backward one. The forward runs
+# every operator through Python (nn.Module calls, the model's own code) and records the autograd graph;
+# the backward replays that graph in autograd's C++ engine. Measured on the CPU with the runner's own model
+# (run/gpt.py, 8 layers at hidden 32 so the kernels' own work is negligible; forward and backward timed
+# apart in the thread's CPU time, median of 140 steps; benchmarks/host_phase_probe.py, torch 2.13 CPU,
+# 2026-12-02, two runs: GPT 1.65 / 1.65, Llama 2.18 / 2.28; benchmarks/results/host_phase_cpu.json).
+# DEFAULT_LAUNCH_S stays the mean over a step's counted kernels (calibrate times a step whole); the ratio
+# only says how it divides between the passes, which decides how much of each pass's GPU work the host
+# hides. Not measured on a GPU yet (CUDA adds a launch of a few microseconds per kernel to both passes,
+# which would bring the ratio toward 1; 1.0 instead of these: all recorded rows' median 9.6% -> 10.7%).
+FWD_HOST_RATIO = {"gpt": 1.65, "llama": 2.2}
+# BATCH_UPLOAD_SYNC: the worker moves each micro-batch to the GPU with x.to("cuda", non_blocking=True) from
+# an ordinary (pageable) CPU tensor (run/data.py). CUDA stages pageable memory through a pinned buffer and
+# "may synchronize with the stream" to do so (CUDA runtime API, "API synchronization behavior", Memcpy,
+# asynchronous): the host waits for the previous micro-step's backward before it issues the next forward.
+# Under DeepSpeed the wait is certain: its ThroughputTimer (config `timers.throughput`, enabled and
+# synchronized by default; deepspeed/utils/timer.py) calls get_accelerator().synchronize() when each forward
+# starts (engine.forward, no training_data given) and in every engine.step(), which the worker calls after
+# each micro-step. No constant: a synchronisation in the timeline. Checked (not fitted) on the rows with accumulation 2
+# (tune_h200_gpt125_grid.json's eight FSDP mb8x2 rows: median +33% -> +24%; the tune trials' fsdp2 ddp
+# mb8x2 +10.6% -> +0.4%). Rows with accumulation 4 at micro-batch 4 do not move (host-bound either way).
+BATCH_UPLOAD_SYNC = True
+# --- DeepSpeed host costs, from the H100 profile in docs/benchmarks.md (zero3_gap_h100.json,
+# gpt-1b, micro-batch 4): ZeRO-3's gradient hooks took 30 ms over 197 parameter tensors ->
+# DS3_PARAM_S; the host time per step (160 ms, solved from the micro-batch 4 step time 188.5 ms with
+# the GPU's work as modelled here; micro-batch 8 then comes out within 6%) less those hooks, 606
+# kernels and 2 per-parameter norm kernels at DEFAULT_LAUNCH_S, over 150 modules -> DS3_MODULE_S
+# DS3_RECOMPUTE: extra module-hook cost under activation checkpointing: the recomputed forward fires
+# every module's pre/post-forward hooks (gather, trace bookkeeping, release) once more, i.e. one more
+# forward's worth of module hooks: 1.0. Chosen with SERIAL["deepspeed_zero3"] 1.0 on the three ZeRO-3
+# checkpointing rows of issue 20's gpt125 grid (tune_h200_gpt125_grid.json, mb4x4/8x2/16x1 ac: +7%, +0%,
+# -3%); at the final 0.55 they are +16%, +15%, +21% (that grid's slow host) and the rows not used: #113
+# -16%, #117 -5%, the held-out #502 +4%, the H100's two timings +27% / -14%. The earlier 1.5 (fitted to
+# the H100 rows) over-counted #113 (-27%) and #406.
+# DS12_PARAM_S: ZeRO-0/1/2's Python work per parameter tensor (gradient hook, bucketing, partition
+# bookkeeping) on top of the kernels counted: from the host probe (fidelity_h200_host.json #201-#203,
+# #210-#212, #220: tiny models where the GPU's work is hidden, 58-82 ms per step, 197 tensors, at
+# widths 256 and 1024 alike, so it is per tensor, not per byte). An earlier value (0.41 ms, fitted to
+# gpt-1b on an H100 where the step was GPU-bound) absorbed GPU time and overpredicted every host-bound
+# DeepSpeed ZeRO-0/1/2 step by 35-55%. A calibration's kernel-launch cost does not rescale DeepSpeed's
+# hook costs: on the validation host (fidelity_h200_val.json) launches were 25% cheaper than the default
+# while DeepSpeed's steps ran 24-41% slower than predicted, and scaling by the launch cost made the
+# calibrated DeepSpeed rows 60-79% fast. Without that scaling, the 131 recorded rows calibrated: median
+# 12.3% -> 11.2%, max 78.9% -> 54.4% (benchmarks/steptime_accuracy.py). `shardlab calibrate` now times
+# DeepSpeed's hooks themselves (microbench.py: Rates.ds3_hook_scale / ds12_hook_scale).
+DS3_PARAM_S = 150e-6
+DS3_MODULE_S = 0.565e-3
+DS3_RECOMPUTE = 1.0
+DS12_PARAM_S = 0.12e-3
+DS_NORM_KERNELS_PER_PARAM = 2
+# DS_OPT_SERIAL (open, session 9): with bf16 and gradient_clipping 0 (shardlab's export) ZeRO-1/2's step
+# (stage_1_and_2.py, step -> scaled_global_norm -> get_grad_norm_direct) launches its per-tensor norms with no
+# .item() before them; yet without this wait the GPU-bound rows get worse (H100 ZeRO-1/2 +2..5% -> +6..15%,
+# the gpt125 grid's DeepSpeed ddp rows +15..20% -> +22..28%): something in the step serialises that the source
+# read so far does not show.
+# DS_OPT_SERIAL: those per-tensor norm launches come after the backward has drained the GPU's queue
+# (the engine synchronises before its step), so they are added to the step rather than hidden under the
+# GPU's work. Checked, not fitted: the GPU-bound H100 DeepSpeed rows (gpu_validate_h100.json) went from a
+# median error of 8.0% to 3.9%, zero3_gap_h100.json from max 14.7% to 4.4%, issue 20's gpt125 grid from
+# 24.2% to 21.2%; one row worsened (fidelity_h200_check_alone.json #105, fp32 ZeRO-1: -6.7% -> -11.8%).
+# SERIAL: share of the time in which host and GPU both work (timeline.py's `overlapped`) that DeepSpeed's
+# synchronisations not located in its source leave exposed, on top of those the timeline does model
+# (step_segments). Before session 9 it was the share of min(gpu, host) in max + SERIAL x min; the values
+# are kept, since the timeline's overlap equals min(gpu, host) wherever host and GPU are balanced across
+# the step. DeepSpeed ZeRO-3 (25 cudaStreamSynchronize per step): solved with DS3_MODULE_S from the same
+# two H100 step times. FSDP has no such share any more (session 9): its steps are the timeline's alone.
+# DeepSpeed ZeRO-3 (deepspeed_zero3) at world size 1 runs in two regimes, and which one a run gets is
+# not a property of its shape: with the host cost pinned by the host probe (fidelity_h200_host.json #204 /
+# #213: the GPU's work negligible, 163 / 168 ms measured for the 161 ms the hook constants give), the
+# GPU-heavy rows either add host and GPU (SERIAL 1: the validation hosts' #305 and #311 twice, #108,
+# #403/#404, #407, the gpt125 grid's mb16x1) or hide most of the GPU under the host (SERIAL ~0.27: the
+# H100 gap study's 188.5 ms at mb4, the held-out set's #501, fidelity_h200_held.json, and #103); the
+# H100 host itself gave the same plan 184-257 ms in six timings, and the held-out host ran #502 / #505
+# (32 thin layers) as a sum and #501 (14 wide ones) hidden. 0.55 is the value that keeps both regimes
+# closest (minimax over the 15 H200 ZeRO-3 rows without offload or GPT-2 checkpointing: largest error
+# 42% at 0.27, 35% at 1.0, 25% at 0.55; benchmarks/steptime_accuracy.py). It was chosen after
+# fidelity_h200_held.json ran (with 1.0 that set had median 8.9%, #501 -34.7%; with 0.27, 6.2% / 24.9%),
+# so that set no longer counts as held out for this constant. What decides the regime is not in the recorded
+# rows (session 8, `benchmarks/steptime_accuracy.py --zero3`): the same plan measured twice lands in both
+# (H100 gpt-1b mb4: exposed share 0.90 in one run, 0.23 and 0.27 in two others; HF Llama #403 / #404: 1.33
+# / 0.54); across the 25 H200 rows the share does not follow the GPU/host ratio (0.74 gives 0.23 and 0.90)
+# nor the host time per module hook; every row uses DeepSpeed's default prefetch bucket, so its size cannot
+# be tested. Three of the "hidden" rows (#501, #406, #113) are predicted slower by their host time alone than
+# they ran: their host cost is over-predicted, whatever the overlap. The H200 rows' median share is ~1.0
+# (host and GPU add); 0.55 stays as the minimax. A GPU run to settle it: benchmarks/ds_host_probe.py (the
+# step's synchronisations with their Python origin) on one plan repeated on two hosts.
+SERIAL = {"deepspeed": 0.27, "deepspeed_zero3": 0.55}
+# ZeRO-2 with the optimizer offloaded and gradients accumulated (micro-steps > 1): every micro-step, each
+# parameter's gradient goes through stage_1_and_2.py's async_accumulate_grad_in_cpu_via_gpu, which first
+# calls _wait_for_offload_copies (an event.synchronize() on the previous parameter's copy to the CPU): the
+# host waits for the GPU once per parameter, so the backward's GPU work does not run under the host's
+# hooks (step_segments: a wait per block, the hooks after it). No constant fitted (before session 9 a
+# share of 1 in the max + share x min formula, SERIAL_DS2_OFFLOAD_ACCUM): checked on the gpt350cap grid's
+# four ZeRO-2 offload rows (tune_h200_gpt350cap_grid.json, accumulation 4 and 2: +10.1 / +18.0 / +24.7 /
+# +38.4% with no wait) and the held-out #504 (fidelity_h200_held.json, accumulation 2, a host whose CPU
+# optimizer ran faster than CPU_ADAM_PARAMS_PER_S). With one micro-step the path is skipped (no wait).
+# torch.compile (plan.compile): Inductor fuses the memory-bound kernels of each compiled block and
+# replays them without Python dispatch. steptime.COMPILE_MEM / COMPILE_KERNELS scale their bytes and the
+# kernels the host launches (FSDP); DeepSpeed's engine.compile() made ZeRO-3 ~20% slower on an H200
+# (DESIGN.md's measured facts) -> COMPILE_DS_HOST. Not yet checked on a run that ran alone.
+COMPILE_KERNELS = 0.3
+COMPILE_DS_HOST = 1.2
+# AC_BLOCK_S: under FSDP, torch.utils.checkpoint (non-reentrant, one region per block:
+# frameworks/base.py) costs the host more than re-issuing the block's forward kernels (counted in
+# stepwork.py): the saved-tensor hooks of the forward and of the recomputation, the RNG state saved and
+# restored, the recomputation started from the backward. Host work, so hidden when the GPU is the
+# bottleneck (the H100 gpt-1b rows stay within 12%). From the four FSDP rows with checkpointing run
+# alone on H200 hosts (fidelity_h200_check_alone.json #102, #107, fidelity_h200_val.json #304, #312):
+# measured minus predicted without it, 1.31, 5.81, 1.60 and 1.42 ms per block per micro-step; the
+# median. Checked on tune_h200_gpt125_grid.json's 12 FSDP checkpointing rows (not fitted): their
+# median error went from +37% to +30%, the largest from +70% to +36% (that host ran the same plans
+# up to 22% slower than the host of the earlier tune trials did). DeepSpeed's checkpointing rows do not show it (the gpt350cap ZeRO-2 trial
+# would be -28% with it, the H100 ZeRO-1/2 rows are within 9% without); ZeRO-3's DS3_RECOMPUTE is
+# fitted to its own.
+AC_BLOCK_S = 1.5e-3
+
+
+def host_phases(plan: Plan, s: Setup, w: Work, r: Rates) -> tuple[float, float, float]:
+    """Host seconds of one micro-step: (forward, backward, the accumulation boundary's extra), all blocks
+    and the rest. Kernel launches as counted, divided between the passes by FWD_HOST_RATIO; FSDP's unit
+    hooks half in each pass; checkpointing's machinery (AC_BLOCK_S) and the recomputed forward's launches in
+    the backward; DeepSpeed ZeRO-3's module hooks (pre/post forward, pre/post backward, once more for a
+    recomputed forward) and parameter hooks (backward); ZeRO-2's gradient hooks every backward, ZeRO-0/1's
+    at the boundary."""
+    from .stepwork import implementation
+
+    launch = r.launch_s * (COMPILE_KERNELS if plan.compile and not s.ds else 1.0)
+    k_f, k_b = w.fwd_kernels, w.kernels - w.fwd_kernels
+    ratio = 1.0 if w.bare else FWD_HOST_RATIO[implementation(s.spec)]
+    per_b = launch * w.kernels / (ratio * k_f + k_b)  # the step's mean cost per kernel kept
+    fwd, bwd, boundary = ratio * k_f * per_b, k_b * per_b, 0.0
+    if not s.ds:
+        unit = w.units * r.fsdp_unit_s * UNIT_HOOK_SHARE.get(s.stage, 1.0)
+        ac = AC_BLOCK_S * max(0, w.units - 1) if plan.activation_checkpointing else 0.0
+        return (fwd + unit / 2) * r.host_fit, (bwd + unit / 2 + ac) * r.host_fit, 0.0
+    comp = COMPILE_DS_HOST if plan.compile else 1.0
+    if s.stage == "zero3":
+        mod = w.modules * DS3_MODULE_S * r.ds3_hook_scale
+        recompute = mod * DS3_RECOMPUTE if plan.activation_checkpointing else 0.0
+        fwd += mod / 2
+        bwd += mod / 2 + recompute + w.param_tensors * DS3_PARAM_S * r.ds3_hook_scale
+    elif s.stage == "zero2":
+        bwd += w.param_tensors * DS12_PARAM_S * r.ds12_hook_scale
+    else:  # ZeRO-1 / no ZeRO reduce at the accumulation boundary only (comm.py): the bucketing work is once per step
+        boundary = w.param_tensors * DS12_PARAM_S * r.ds12_hook_scale
+    return fwd * comp * r.host_fit, bwd * comp * r.host_fit, boundary * r.host_fit
+
+
+def host_time(plan: Plan, s: Setup, w: Work, r: Rates) -> float:
+    """CPU seconds to issue one optimizer step (all micro-steps; the optimizer's launches under FSDP)."""
+    f, b, boundary = host_phases(plan, s, w, r)
+    return (f + b) * s.micro_steps + boundary + _opt_launch(s, w, r)
+
+
+def _opt_launch(s: Setup, w: Work, r: Rates) -> float:
+    """FSDP: torch's foreach optimizer launches in chunks of tensors. DeepSpeed: its per-tensor norms
+    (DS_OPT_SERIAL), after the engine's synchronisation."""
+    if s.ds:
+        return w.param_tensors * DS_NORM_KERNELS_PER_PARAM * r.launch_s * r.host_fit
+    return (8 * max(1, w.param_tensors // 64) + 10) * r.launch_s * r.host_fit
+
+
+def step_segments(plan: Plan, s: Setup, w: Work, r: Rates, gpu_ph: tuple, opt_gpu: float, floor: float) -> list[Seg]:
+    """One optimizer step as the host issues it, for timeline.simulate. gpu_ph: GPU seconds of one
+    micro-step's (blocks' forward, blocks' backward, loss forward, loss backward); opt_gpu: the optimizer
+    step's; floor: a kernel's shortest GPU time. Per micro-step the batch upload (waits for the GPU after
+    the first), the blocks' forward, the loss, the blocks' backward; then the optimizer; then the worker's
+    loss.item(), so every step starts with an empty queue."""
+    blk_f, blk_b, loss_f, loss_b = gpu_ph
+    h_f, h_b, boundary = host_phases(plan, s, w, r)
+    L = max(1, w.units - 1)
+    per_kernel = r.launch_s * r.host_fit
+    h_loss = 0.0 if w.bare else 30 * per_kernel  # the embedding, final norm and loss: stepwork's 30 kernels
+    h_f, h_b = max(0.0, h_f - h_loss / 3), max(0.0, h_b - 2 * h_loss / 3)
+    wait_per_block = s.ds and s.stage == "zero2" and s.offload_opt != "none" and s.micro_steps > 1
+    segs = []
+    for micro in range(s.micro_steps):
+        if micro and BATCH_UPLOAD_SYNC:
+            segs.append(Seg("batch upload", 0.0, 0.0, sync=True))
+        segs += [Seg("forward", h_f / L, blk_f / L, L), Seg("loss", h_loss, loss_f + loss_b)]
+        if wait_per_block:  # each block's gradient copy is waited for before its hooks run
+            segs += [Seg("backward", 0.0, blk_b / L, L, sync=True), Seg("gradient hooks", h_b / L, 0.0, L)]
+        else:
+            segs.append(Seg("backward", h_b / L, blk_b / L, L))
+    segs.append(Seg("boundary", boundary, 0.0))
+    if s.ds:  # DS_OPT_SERIAL: the engine's norm .item() first waits for the backward, then per-tensor norms
+        n = w.param_tensors * DS_NORM_KERNELS_PER_PARAM
+        segs += [Seg("norm sync", 0.0, 0.0, sync=True), Seg("norms", _opt_launch(s, w, r), n * floor),
+                 Seg("optimizer", 0.0, opt_gpu)]
+    else:
+        segs.append(Seg("optimizer", _opt_launch(s, w, r), opt_gpu))
+    return segs + [Seg("loss.item()", 0.0, 0.0, sync=True)]
