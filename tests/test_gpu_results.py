@@ -181,36 +181,34 @@ def test_analytical_reserved_on_every_recorded_h200_row(recorded_rows):
     """Peak reserved against every recorded run without an allocator cap (283 rows on 2026-12-02 with
     session 9's llama1b grid, the gpt125 tune files repeating their grid four times): a band that holds
     today's count, so a change that loses rows fails. Since session 9 FSDP without offload replays its
-    step (stepsim.py): median 3.7% (4.9% with the factor alone), 242 within 10% (244 with the factor:
-    the gpt-125m rows named in test_replayed_fsdp_reserved_on_every_recorded_row, six configurations
-    counted four times each, went from -2..-8% to -15..-17%, while 31 -> 25 of 206 configurations
-    miss); 240 of the 276 without parameter offload, whose transfer blocks are not modelled."""
+    step (stepsim.py): median 3.2% (4.9% with the factor alone), 266 within 10% (244 with the factor);
+    264 of the 276 without parameter offload, whose transfer blocks are not modelled. (Session 9's
+    first replay had 242: the gpt-125m rows named in test_replayed_fsdp_reserved_on_every_recorded_row
+    were -15..-17% until the replay declined them, stepsim.UNVERIFIED_ROWS.)"""
     rows = [r for r in recorded_rows if r["reserved_error"] is not None]
     assert len(rows) >= 283
     plain = [r for r in rows if r.get("group", {}).get("offload") != "both"]
-    assert sum(abs(r["reserved_error"]) <= 0.10 for r in rows) >= 242
-    assert sum(abs(r["reserved_error"]) <= 0.10 for r in plain) >= 240
+    assert sum(abs(r["reserved_error"]) <= 0.10 for r in rows) >= 266
+    assert sum(abs(r["reserved_error"]) <= 0.10 for r in plain) >= 264
     assert max(abs(r["reserved_error"]) for r in plain) <= 0.19
-    assert statistics.median(abs(r["reserved_error"]) for r in rows) <= 0.045
+    assert statistics.median(abs(r["reserved_error"]) for r in rows) <= 0.04
 
 
 def test_replayed_fsdp_reserved_on_every_recorded_row(recorded_rows):
     """FSDP1/FSDP2 without offload: reserved from the analytical step replayed through the allocator's
     rules (stepsim.py, no fitted constant), judged by every recorded H200 run of those plans: the
     fidelity files' 57 rows within 10% (largest #303, gpt1152 FSDP1 fp32, +9.1%; FSDP1's own reserved
-    moves 5-14% between runs), median within 2%; the tune grids' gpt-125m rows within 10% except those without
-    checkpointing at micro-batch 8 and 16, where the H200 made one more [tokens, vocab] fp32 block in
-    the second step than the replay does (-15..-17%, not explained: named so they cannot worsen)."""
+    moves 5-14% between runs), median within 2%; the tune grids' gpt-125m rows within 10%. Those
+    without checkpointing at micro-batch 16 x 1 and 8 x 2 are not replayed (stepsim.UNVERIFIED_ROWS:
+    the H200 made one more [tokens, vocab] fp32 block in the second step than the replay and the
+    trace do, -15..-17%, not explained): the factor gives them -2..-8%."""
     rows = [r for r in recorded_rows if r["reserved_error"] is not None and r["group"]["offload"] == "none"
             and r["group"]["framework"].startswith("fsdp")]
     fid = [r for r in rows if r["source"].startswith("fidelity")]
     assert len(fid) >= 55 and max(abs(r["reserved_error"]) for r in fid) <= 0.10
     assert statistics.median(abs(r["reserved_error"]) for r in fid) <= 0.02
     for r in rows:
-        if r in fid:
-            continue
-        known = " ac" not in r["name"] and r["group"]["micro_batch"] >= 8
-        assert abs(r["reserved_error"]) <= (0.18 if known else 0.10), (r["source"], r["name"], r["reserved_error"])
+        assert abs(r["reserved_error"]) <= 0.10, (r["source"], r["name"], r["reserved_error"])
 
 
 def test_reserved_on_the_held_out_llama1b_grid(recorded_rows):
