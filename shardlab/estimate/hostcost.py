@@ -159,7 +159,8 @@ COMPILE_DS_HOST = 1.2
 # up to 22% slower than the host of the earlier tune trials did). DeepSpeed's checkpointing rows do not show it (the gpt350cap ZeRO-2 trial
 # would be -28% with it, the H100 ZeRO-1/2 rows are within 9% without); ZeRO-3's DS3_RECOMPUTE is
 # fitted to its own.
-AC_BLOCK_S = 1.5e-3
+AC_BLOCK_S = 1.15e-3
+RECOMPUTE_AT_FWD_RATE = 1
 
 
 def host_phases(plan: Plan, s: Setup, w: Work, r: Rates) -> tuple[float, float, float]:
@@ -172,10 +173,11 @@ def host_phases(plan: Plan, s: Setup, w: Work, r: Rates) -> tuple[float, float, 
     from .stepwork import implementation
 
     launch = r.launch_s * (COMPILE_KERNELS if plan.compile and not s.ds else 1.0)
-    k_f, k_b = w.fwd_kernels, w.kernels - w.fwd_kernels
+    k_f, k_r = w.fwd_kernels, w.recompute_kernels
+    k_b = w.kernels - k_f - k_r
     ratio = 1.0 if w.bare else FWD_HOST_RATIO[implementation(s.spec)]
-    per_b = launch * w.kernels / (ratio * k_f + k_b)  # the step's mean cost per kernel kept
-    fwd, bwd, boundary = ratio * k_f * per_b, k_b * per_b, 0.0
+    per_b = launch * (k_f + k_b) / (ratio * k_f + k_b)  # a step without recomputation averages `launch`
+    fwd, bwd, boundary = ratio * k_f * per_b, (k_b + RECOMPUTE_AT_FWD_RATE * ratio * k_r + (1 - RECOMPUTE_AT_FWD_RATE) * k_r) * per_b, 0.0
     if not s.ds:
         unit = w.units * r.fsdp_unit_s * UNIT_HOOK_SHARE.get(s.stage, 1.0)
         ac = AC_BLOCK_S * max(0, w.units - 1) if plan.activation_checkpointing else 0.0
