@@ -51,9 +51,19 @@ UNIT_HOOK_SHARE = {"zero3": 1.0, "zero2": 0.75, "ddp": 1.0}
 # (run/gpt.py, 8 layers at hidden 32 so the kernels' own work is negligible; forward and backward timed
 # apart in the thread's CPU time, median of 140 steps; benchmarks/host_phase_probe.py, torch 2.13 CPU,
 # 2026-12-02, two runs: GPT 1.65 / 1.65, Llama 2.18 / 2.28; benchmarks/results/host_phase_cpu.json).
-# DEFAULT_LAUNCH_S stays the mean over a step's counted kernels (calibrate times a step whole); the ratio
-# only says how it divides between the passes, which decides how much of each pass's GPU work the host
-# hides. Not measured on a GPU yet (CUDA adds a launch of a few microseconds per kernel to both passes,
+# DEFAULT_LAUNCH_S stays the mean over the counted kernels of a step without checkpointing (calibrate times
+# a step whole; the probe's two models average 23.1 / 23.6 us per kernel, so the mean holds for both); the
+# ratio says how it divides between the passes, which decides how much of each pass's GPU work the host
+# hides. Under checkpointing the recomputed forward (stepwork's recompute_kernels) runs the blocks' forward
+# code again, modules, Python and graph recording alike, so it is priced at the forward's rate, not at
+# the step's mean (session 9, wave 2: before, the mean was kept over the recomputing step as well, which
+# priced a recomputed Llama kernel at 0.77x the launch default instead of 1.57x). No constant fitted; checked
+# on issue 20's llama1b grid (tune_h200_llama1b_grid.json, held out for this change), with AC_BLOCK_S
+# re-derived below: its 17 checkpointing rows, median |error| 15.1% -> 13.1%, largest 35.7% -> 31.7%; the
+# five DeepSpeed ones 18.5% -> 12.6% (+20.4 / +18.5 / +16.9 / +22.3% -> +9.5 / +8.9 / +13.1 / +18.6% at
+# micro-batch 1-2); the FSDP ones at micro-batch 1-2 21.5% -> 19.3%. GPT rows move less (ratio 1.65) and
+# the gpt125 grid's FSDP checkpointing rows 0.3-3.3 points the wrong way (+47.1% largest), since the
+# re-derived AC_BLOCK_S is smaller. Not measured on a GPU yet (CUDA adds a launch of a few microseconds per kernel to both passes,
 # which would bring the ratio toward 1; 1.0 instead of these: all recorded rows' median 9.6% -> 10.7%).
 FWD_HOST_RATIO = {"gpt": 1.65, "llama": 2.2}
 # BATCH_UPLOAD_SYNC: the worker moves each micro-batch to the GPU with x.to("cuda", non_blocking=True) from
@@ -153,23 +163,25 @@ COMPILE_DS_HOST = 1.2
 # restored, the recomputation started from the backward. Host work, so hidden when the GPU is the
 # bottleneck (the H100 gpt-1b rows stay within 12%). From the four FSDP rows with checkpointing run
 # alone on H200 hosts (fidelity_h200_check_alone.json #102, #107, fidelity_h200_val.json #304, #312):
-# measured minus predicted without it, 1.31, 5.81, 1.60 and 1.42 ms per block per micro-step; the
-# median. Checked on tune_h200_gpt125_grid.json's 12 FSDP checkpointing rows (not fitted): their
+# the value that reproduces each row, 0.37, 1.51, 0.79 and 2.29 ms per block per micro-step; the median
+# (session 9, wave 2, with the recomputed forward priced at the forward's rate; before, 1.5 ms from 1.31,
+# 5.81, 1.60 and 1.42). What it prices is per block, not per recomputed kernel: GPT's 12-kernel block
+# (#102) and Llama's 24 (#107, #304, #312) give 0.03-0.10 ms per kernel, no tighter than per block.
+# Checked (wave 1, at 1.5 ms) on tune_h200_gpt125_grid.json's 12 FSDP checkpointing rows (not fitted): their
 # median error went from +37% to +30%, the largest from +70% to +36% (that host ran the same plans
 # up to 22% slower than the host of the earlier tune trials did). DeepSpeed's checkpointing rows do not show it (the gpt350cap ZeRO-2 trial
 # would be -28% with it, the H100 ZeRO-1/2 rows are within 9% without); ZeRO-3's DS3_RECOMPUTE is
 # fitted to its own.
 AC_BLOCK_S = 1.15e-3
-RECOMPUTE_AT_FWD_RATE = 1
 
 
 def host_phases(plan: Plan, s: Setup, w: Work, r: Rates) -> tuple[float, float, float]:
     """Host seconds of one micro-step: (forward, backward, the accumulation boundary's extra), all blocks
     and the rest. Kernel launches as counted, divided between the passes by FWD_HOST_RATIO; FSDP's unit
-    hooks half in each pass; checkpointing's machinery (AC_BLOCK_S) and the recomputed forward's launches in
-    the backward; DeepSpeed ZeRO-3's module hooks (pre/post forward, pre/post backward, once more for a
-    recomputed forward) and parameter hooks (backward); ZeRO-2's gradient hooks every backward, ZeRO-0/1's
-    at the boundary."""
+    hooks half in each pass; checkpointing's machinery (AC_BLOCK_S) and the recomputed forward's launches
+    (at the forward's rate) in the backward; DeepSpeed ZeRO-3's module hooks (pre/post forward, pre/post
+    backward, once more for a recomputed forward) and parameter hooks (backward); ZeRO-2's gradient hooks
+    every backward, ZeRO-0/1's at the boundary."""
     from .stepwork import implementation
 
     launch = r.launch_s * (COMPILE_KERNELS if plan.compile and not s.ds else 1.0)
@@ -177,7 +189,8 @@ def host_phases(plan: Plan, s: Setup, w: Work, r: Rates) -> tuple[float, float, 
     k_b = w.kernels - k_f - k_r
     ratio = 1.0 if w.bare else FWD_HOST_RATIO[implementation(s.spec)]
     per_b = launch * (k_f + k_b) / (ratio * k_f + k_b)  # a step without recomputation averages `launch`
-    fwd, bwd, boundary = ratio * k_f * per_b, (k_b + RECOMPUTE_AT_FWD_RATE * ratio * k_r + (1 - RECOMPUTE_AT_FWD_RATE) * k_r) * per_b, 0.0
+    # checkpointing's recomputation re-runs the blocks' forward code in the backward: forward kernels
+    fwd, bwd, boundary = ratio * k_f * per_b, (k_b + ratio * k_r) * per_b, 0.0
     if not s.ds:
         unit = w.units * r.fsdp_unit_s * UNIT_HOOK_SHARE.get(s.stage, 1.0)
         ac = AC_BLOCK_S * max(0, w.units - 1) if plan.activation_checkpointing else 0.0
