@@ -11,7 +11,7 @@ as segments for that simulation (`step_segments`):
   parameter and gradient hooks (ZeRO-3 forward and backward, ZeRO-2 backward, ZeRO-0/1 at the
   accumulation boundary);
 - the synchronisations found in the code that runs: the worker's per-micro-step batch upload from
-  pageable memory (BATCH_UPLOAD_SYNC), DeepSpeed's norm `.item()` before its optimizer step
+  pageable memory (BATCH_UPLOAD_SYNC), DeepSpeed's overflow-check `.item()` before its norms and optimizer step
   (DS_OPT_SERIAL), ZeRO-2 + optimizer offload's wait per parameter under accumulation, and the step's
   closing loss.item().
 
@@ -105,11 +105,18 @@ DS3_MODULE_S = 0.565e-3
 DS3_RECOMPUTE = 1.0
 DS12_PARAM_S = 0.12e-3
 DS_NORM_KERNELS_PER_PARAM = 2
-# DS_OPT_SERIAL (open, session 9): with bf16 and gradient_clipping 0 (shardlab's export) ZeRO-1/2's step
-# (stage_1_and_2.py, step -> scaled_global_norm -> get_grad_norm_direct) launches its per-tensor norms with no
-# .item() before them; yet without this wait the GPU-bound rows get worse (H100 ZeRO-1/2 +2..5% -> +6..15%,
-# the gpt125 grid's DeepSpeed ddp rows +15..20% -> +22..28%): something in the step serialises that the source
-# read so far does not show.
+# DS_OPT_SERIAL, located (session 9, wave 2, DeepSpeed 0.19.8 as installed): with bf16, `bf16.check_grad_overflow`
+# defaults to true (runtime/precision_config.py), so ZeRO-1/2's step() first runs has_overflow_partitioned_grads_serial
+# (about 7 kernels per gradient tensor: amax, amin, two isfinite, logical_and, logical_not, an add) and then
+# overflow_gpu[0].item(): the host waits for the backward there, before the per-tensor norms
+# (get_grad_norm_direct); is_invalid_grad_norm then reads the norm back as a bool, a second wait before the
+# optimizer. ZeRO-0 with bf16 runs FP16_Optimizer (the engine's DDP_BFLOAT16 choice), whose has_overflow_serial
+# tests each gradient with a Python `if`: a wait per tensor, the norm on the flattened group. The per-tensor
+# overflow kernels run before the wait, as DS12_PARAM_S's work does here; they are not counted apart from it.
+# fp32 (check_grad_overflow off for it, engine._configure_zero_optimizer) has no overflow .item(): ZeRO-1/2's first
+# wait is that bool of the norm, after the norm launches, which then run under the backward's GPU tail. The
+# only such row: #105 (fidelity_h200_check_alone.json, fp32 ZeRO-1) -11.9% -> -7.1%; not held out (it is why
+# this was read), no other row moves.
 # DS_OPT_SERIAL: those per-tensor norm launches come after the backward has drained the GPU's queue
 # (the engine synchronises before its step), so they are added to the step rather than hidden under the
 # GPU's work. Checked, not fitted: the GPU-bound H100 DeepSpeed rows (gpu_validate_h100.json) went from a
@@ -245,10 +252,13 @@ def step_segments(plan: Plan, s: Setup, w: Work, r: Rates, gpu_ph: tuple, opt_gp
         else:
             segs.append(Seg("backward", h_b / L, blk_b / L, L))
     segs.append(Seg("boundary", boundary, 0.0))
-    if s.ds:  # DS_OPT_SERIAL: the engine's norm .item() first waits for the backward, then per-tensor norms
+    if s.ds:  # DS_OPT_SERIAL: the bf16 overflow check's .item() waits for the backward, then per-tensor norms
         n = w.param_tensors * DS_NORM_KERNELS_PER_PARAM
-        segs += [Seg("norm sync", 0.0, 0.0, sync=True), Seg("norms", _opt_launch(s, w, r), n * floor),
-                 Seg("optimizer", 0.0, opt_gpu)]
+        norms = Seg("norms", _opt_launch(s, w, r), n * floor)
+        # fp32 checks no overflow (check_grad_overflow off): the first wait is the norm's read-back, after the norms
+        first = [norms, Seg("norm sync", 0.0, 0.0, sync=True)] if plan.precision == "fp32" and s.stage in ("zero1", "zero2") \
+            else [Seg("norm sync", 0.0, 0.0, sync=True), norms]
+        segs += first + [Seg("optimizer", 0.0, opt_gpu)]
     else:
         segs.append(Seg("optimizer", _opt_launch(s, w, r), opt_gpu))
     return segs + [Seg("loss.item()", 0.0, 0.0, sync=True)]
