@@ -110,7 +110,7 @@ DS_NORM_KERNELS_PER_PARAM = 2
 # (about 7 kernels per gradient tensor: amax, amin, two isfinite, logical_and, logical_not, an add) and then
 # overflow_gpu[0].item(): the host waits for the backward there, before the per-tensor norms
 # (get_grad_norm_direct); is_invalid_grad_norm then reads the norm back as a bool, a second wait before the
-# optimizer. ZeRO-0 with bf16 runs FP16_Optimizer (the engine's DDP_BFLOAT16 choice), whose has_overflow_serial
+# optimizer. ZeRO-0 with bf16 runs FP16_Optimizer (the engine's DDP_BFLOAT16 choice, with FusedAdam), whose has_overflow_serial
 # tests each gradient with a Python `if`: a wait per tensor, the norm on the flattened group. The per-tensor
 # overflow kernels run before the wait, as DS12_PARAM_S's work does here; they are not counted apart from it.
 # fp32 (check_grad_overflow off for it, engine._configure_zero_optimizer) has no overflow .item(): ZeRO-1/2's first
