@@ -190,7 +190,8 @@ def main(argv=None) -> int:
             line += f"  calibrated median {statistics.median(c):.1%} max {max(c):.1%}"
         print(line)
     if a.json:
-        Path(a.json).write_text(json.dumps(table, indent=1))
+        plain = [{**t, "plan": t["plan"] if isinstance(t["plan"], dict) else t["plan"].model_dump(mode="json")} for t in table]
+        Path(a.json).write_text(json.dumps(plain, indent=1))  # issue 13's rows carry a Plan
     return 0
 
 

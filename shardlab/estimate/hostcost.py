@@ -11,7 +11,7 @@ as segments for that simulation (`step_segments`):
   parameter and gradient hooks (ZeRO-3 forward and backward, ZeRO-2 backward, ZeRO-0/1 at the
   accumulation boundary);
 - the synchronisations found in the code that runs: the worker's per-micro-step batch upload from
-  pageable memory (BATCH_UPLOAD_SYNC), DeepSpeed's norm `.item()` before its optimizer step
+  pageable memory (BATCH_UPLOAD_SYNC), DeepSpeed's overflow-check `.item()` before its norms and optimizer step
   (DS_OPT_SERIAL), ZeRO-2 + optimizer offload's wait per parameter under accumulation, and the step's
   closing loss.item().
 
@@ -51,9 +51,19 @@ UNIT_HOOK_SHARE = {"zero3": 1.0, "zero2": 0.75, "ddp": 1.0}
 # (run/gpt.py, 8 layers at hidden 32 so the kernels' own work is negligible; forward and backward timed
 # apart in the thread's CPU time, median of 140 steps; benchmarks/host_phase_probe.py, torch 2.13 CPU,
 # 2026-12-02, two runs: GPT 1.65 / 1.65, Llama 2.18 / 2.28; benchmarks/results/host_phase_cpu.json).
-# DEFAULT_LAUNCH_S stays the mean over a step's counted kernels (calibrate times a step whole); the ratio
-# only says how it divides between the passes, which decides how much of each pass's GPU work the host
-# hides. Not measured on a GPU yet (CUDA adds a launch of a few microseconds per kernel to both passes,
+# DEFAULT_LAUNCH_S stays the mean over the counted kernels of a step without checkpointing (calibrate times
+# a step whole; the probe's two models average 23.1 / 23.6 us per kernel, so the mean holds for both); the
+# ratio says how it divides between the passes, which decides how much of each pass's GPU work the host
+# hides. Under checkpointing the recomputed forward (stepwork's recompute_kernels) runs the blocks' forward
+# code again, modules, Python and graph recording alike, so it is priced at the forward's rate, not at
+# the step's mean (session 9, wave 2: before, the mean was kept over the recomputing step as well, which
+# priced a recomputed Llama kernel at 0.77x the launch default instead of 1.57x). No constant fitted; checked
+# on issue 20's llama1b grid (tune_h200_llama1b_grid.json, held out for this change), with AC_BLOCK_S
+# re-derived below: its 17 checkpointing rows, median |error| 15.1% -> 13.1%, largest 35.7% -> 31.7%; the
+# five DeepSpeed ones 18.5% -> 12.6% (+20.4 / +18.5 / +16.9 / +22.3% -> +9.5 / +8.9 / +13.1 / +18.6% at
+# micro-batch 1-2); the FSDP ones at micro-batch 1-2 21.5% -> 19.3%. GPT rows move less (ratio 1.65) and
+# the gpt125 grid's FSDP checkpointing rows 0.3-3.3 points the wrong way (+47.1% largest), since the
+# re-derived AC_BLOCK_S is smaller. Not measured on a GPU yet (CUDA adds a launch of a few microseconds per kernel to both passes,
 # which would bring the ratio toward 1; 1.0 instead of these: all recorded rows' median 9.6% -> 10.7%).
 FWD_HOST_RATIO = {"gpt": 1.65, "llama": 2.2}
 # BATCH_UPLOAD_SYNC: the worker moves each micro-batch to the GPU with x.to("cuda", non_blocking=True) from
@@ -95,11 +105,18 @@ DS3_MODULE_S = 0.565e-3
 DS3_RECOMPUTE = 1.0
 DS12_PARAM_S = 0.12e-3
 DS_NORM_KERNELS_PER_PARAM = 2
-# DS_OPT_SERIAL (open, session 9): with bf16 and gradient_clipping 0 (shardlab's export) ZeRO-1/2's step
-# (stage_1_and_2.py, step -> scaled_global_norm -> get_grad_norm_direct) launches its per-tensor norms with no
-# .item() before them; yet without this wait the GPU-bound rows get worse (H100 ZeRO-1/2 +2..5% -> +6..15%,
-# the gpt125 grid's DeepSpeed ddp rows +15..20% -> +22..28%): something in the step serialises that the source
-# read so far does not show.
+# DS_OPT_SERIAL, located (session 9, wave 2, DeepSpeed 0.19.8 as installed): with bf16, `bf16.check_grad_overflow`
+# defaults to true (runtime/precision_config.py), so ZeRO-1/2's step() first runs has_overflow_partitioned_grads_serial
+# (about 7 kernels per gradient tensor: amax, amin, two isfinite, logical_and, logical_not, an add) and then
+# overflow_gpu[0].item(): the host waits for the backward there, before the per-tensor norms
+# (get_grad_norm_direct); is_invalid_grad_norm then reads the norm back as a bool, a second wait before the
+# optimizer. ZeRO-0 with bf16 runs FP16_Optimizer (the engine's DDP_BFLOAT16 choice, with FusedAdam), whose has_overflow_serial
+# tests each gradient with a Python `if`: a wait per tensor, the norm on the flattened group. The per-tensor
+# overflow kernels run before the wait, as DS12_PARAM_S's work does here; they are not counted apart from it.
+# fp32 (check_grad_overflow off for it, engine._configure_zero_optimizer) has no overflow .item(): ZeRO-1/2's first
+# wait is that bool of the norm, after the norm launches, which then run under the backward's GPU tail. The
+# only such row: #105 (fidelity_h200_check_alone.json, fp32 ZeRO-1) -11.9% -> -7.1%; not held out (it is why
+# this was read), no other row moves.
 # DS_OPT_SERIAL: those per-tensor norm launches come after the backward has drained the GPU's queue
 # (the engine synchronises before its step), so they are added to the step rather than hidden under the
 # GPU's work. Checked, not fitted: the GPU-bound H100 DeepSpeed rows (gpu_validate_h100.json) went from a
@@ -153,29 +170,34 @@ COMPILE_DS_HOST = 1.2
 # restored, the recomputation started from the backward. Host work, so hidden when the GPU is the
 # bottleneck (the H100 gpt-1b rows stay within 12%). From the four FSDP rows with checkpointing run
 # alone on H200 hosts (fidelity_h200_check_alone.json #102, #107, fidelity_h200_val.json #304, #312):
-# measured minus predicted without it, 1.31, 5.81, 1.60 and 1.42 ms per block per micro-step; the
-# median. Checked on tune_h200_gpt125_grid.json's 12 FSDP checkpointing rows (not fitted): their
+# the value that reproduces each row, 0.37, 1.51, 0.79 and 2.29 ms per block per micro-step; the median
+# (session 9, wave 2, with the recomputed forward priced at the forward's rate; before, 1.5 ms from 1.31,
+# 5.81, 1.60 and 1.42). What it prices is per block, not per recomputed kernel: GPT's 12-kernel block
+# (#102) and Llama's 24 (#107, #304, #312) give 0.03-0.10 ms per kernel, no tighter than per block.
+# Checked (wave 1, at 1.5 ms) on tune_h200_gpt125_grid.json's 12 FSDP checkpointing rows (not fitted): their
 # median error went from +37% to +30%, the largest from +70% to +36% (that host ran the same plans
 # up to 22% slower than the host of the earlier tune trials did). DeepSpeed's checkpointing rows do not show it (the gpt350cap ZeRO-2 trial
 # would be -28% with it, the H100 ZeRO-1/2 rows are within 9% without); ZeRO-3's DS3_RECOMPUTE is
 # fitted to its own.
-AC_BLOCK_S = 1.5e-3
+AC_BLOCK_S = 1.15e-3
 
 
 def host_phases(plan: Plan, s: Setup, w: Work, r: Rates) -> tuple[float, float, float]:
     """Host seconds of one micro-step: (forward, backward, the accumulation boundary's extra), all blocks
     and the rest. Kernel launches as counted, divided between the passes by FWD_HOST_RATIO; FSDP's unit
-    hooks half in each pass; checkpointing's machinery (AC_BLOCK_S) and the recomputed forward's launches in
-    the backward; DeepSpeed ZeRO-3's module hooks (pre/post forward, pre/post backward, once more for a
-    recomputed forward) and parameter hooks (backward); ZeRO-2's gradient hooks every backward, ZeRO-0/1's
-    at the boundary."""
+    hooks half in each pass; checkpointing's machinery (AC_BLOCK_S) and the recomputed forward's launches
+    (at the forward's rate) in the backward; DeepSpeed ZeRO-3's module hooks (pre/post forward, pre/post
+    backward, once more for a recomputed forward) and parameter hooks (backward); ZeRO-2's gradient hooks
+    every backward, ZeRO-0/1's at the boundary."""
     from .stepwork import implementation
 
     launch = r.launch_s * (COMPILE_KERNELS if plan.compile and not s.ds else 1.0)
-    k_f, k_b = w.fwd_kernels, w.kernels - w.fwd_kernels
+    k_f, k_r = w.fwd_kernels, w.recompute_kernels
+    k_b = w.kernels - k_f - k_r
     ratio = 1.0 if w.bare else FWD_HOST_RATIO[implementation(s.spec)]
-    per_b = launch * w.kernels / (ratio * k_f + k_b)  # the step's mean cost per kernel kept
-    fwd, bwd, boundary = ratio * k_f * per_b, k_b * per_b, 0.0
+    per_b = launch * (k_f + k_b) / (ratio * k_f + k_b)  # a step without recomputation averages `launch`
+    # checkpointing's recomputation re-runs the blocks' forward code in the backward: forward kernels
+    fwd, bwd, boundary = ratio * k_f * per_b, (k_b + ratio * k_r) * per_b, 0.0
     if not s.ds:
         unit = w.units * r.fsdp_unit_s * UNIT_HOOK_SHARE.get(s.stage, 1.0)
         ac = AC_BLOCK_S * max(0, w.units - 1) if plan.activation_checkpointing else 0.0
@@ -230,10 +252,13 @@ def step_segments(plan: Plan, s: Setup, w: Work, r: Rates, gpu_ph: tuple, opt_gp
         else:
             segs.append(Seg("backward", h_b / L, blk_b / L, L))
     segs.append(Seg("boundary", boundary, 0.0))
-    if s.ds:  # DS_OPT_SERIAL: the engine's norm .item() first waits for the backward, then per-tensor norms
+    if s.ds:  # DS_OPT_SERIAL: the bf16 overflow check's .item() waits for the backward, then per-tensor norms
         n = w.param_tensors * DS_NORM_KERNELS_PER_PARAM
-        segs += [Seg("norm sync", 0.0, 0.0, sync=True), Seg("norms", _opt_launch(s, w, r), n * floor),
-                 Seg("optimizer", 0.0, opt_gpu)]
+        norms = Seg("norms", _opt_launch(s, w, r), n * floor)
+        # fp32 checks no overflow (check_grad_overflow off): the first wait is the norm's read-back, after the norms
+        first = [norms, Seg("norm sync", 0.0, 0.0, sync=True)] if plan.precision == "fp32" and s.stage in ("zero1", "zero2") \
+            else [Seg("norm sync", 0.0, 0.0, sync=True), norms]
+        segs += first + [Seg("optimizer", 0.0, opt_gpu)]
     else:
         segs.append(Seg("optimizer", _opt_launch(s, w, r), opt_gpu))
     return segs + [Seg("loss.item()", 0.0, 0.0, sync=True)]

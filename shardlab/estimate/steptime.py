@@ -14,7 +14,7 @@
 - timeline: the host's launch stream and the GPU's queue simulated pass by pass and block by block
   (timeline.py over hostcost.step_segments): the GPU cannot run a kernel before the host issues it,
   the host runs ahead until a synchronisation found in the code makes it wait (the batch upload per
-  micro-step, DeepSpeed's norm .item(), the step's loss.item()). How much of the shorter clock is hidden
+  micro-step, DeepSpeed's overflow-check .item(), the step's loss.item()). How much of the shorter clock is hidden
   follows from where each spends its time; no fitted overlap share for FSDP. DeepSpeed keeps one
   (hostcost.SERIAL) for the synchronisations not yet located in its source, applied to the time the
   timeline overlaps.

@@ -71,6 +71,7 @@ class Work:
     fwd_elems: float = 0.0
     fwd_fixed_bytes: float = 0.0
     fwd_kernels: int = 0
+    recompute_kernels: int = 0  # the blocks' forward launched again in backward (checkpointing), counted in kernels
 
 
 def implementation(spec: ModelSpec) -> str:
@@ -127,7 +128,8 @@ def _shaped(spec: ModelSpec, mb: int, seq: int, P: int, ac: bool) -> Work:
         modules, params, top_m, top_p = 10, 7, 5, 3
     fwd_fixed = n * V * ((P + 4 if P != 4 else 0) + 8)  # logits cast and log-softmax forward
     return Work(n, seq, tuple(gemms), attn, spec.head_dim, mem, fixed, kernels, L * modules + top_m, L * params + top_p, L + 1,
-                fwd_elems=n * L * per_tok, fwd_fixed_bytes=fwd_fixed, fwd_kernels=L * kpb + 10)
+                fwd_elems=n * L * per_tok, fwd_fixed_bytes=fwd_fixed, fwd_kernels=L * kpb + 10,
+                recompute_kernels=L * kpb if ac else 0)
 
 
 def _bare(spec: ModelSpec, mb: int, seq: int) -> Work:
