@@ -248,7 +248,7 @@ class _Step:
             return
         for k, (full, _) in enumerate(r.init):
             sim.alloc(("full", k), full)
-        for k, (full, held) in enumerate(r.init):
+        for k, (_, held) in enumerate(r.init):
             if held > SMALL:
                 sim.alloc(("p", k), held)
             sim.free(("full", k))
