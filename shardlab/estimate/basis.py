@@ -67,6 +67,15 @@ class Setup:
         return self.spec.is_bare and not self.spec.wrap_unit_count
 
 
+def fsdp_stage(s: Setup) -> str:
+    """The sharding FSDP really applies: FSDP1 clamps every strategy to NO_SHARD when its sharding
+    process group has one rank (torch/distributed/fsdp/_init_utils.py, _init_core_state: "FSDP is
+    switching to use NO_SHARD ... since the world size is 1"; for hybrid sharding that group is the
+    node's). Memory (H200 #307, llama100k fsdp1 zero2: +7.2% with every unit kept gathered), the
+    replayed step and the step time (issue 20's llama1b grid) all price FSDP1 on one rank as NO_SHARD."""
+    return "ddp" if s.framework == "fsdp1" and s.shard == 1 else s.stage
+
+
 def _auto(v, default: int) -> int:
     return default if v == "auto" else int(v)
 

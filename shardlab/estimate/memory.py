@@ -58,7 +58,7 @@ from shardlab.units import GIB
 
 from .activations import activation_peak, saved_blocks
 from .allocator import CUDA_CONTEXT_BYTES, FRAGMENTATION, STRANDED, reserved, stranded
-from .basis import DS_ALLREDUCE_SIZE, DS_MAX_LIVE, DS_SUB_GROUP, Setup, ds3_kept_for_backward, ds_largest_module, persistent_numel, shard_numel
+from .basis import DS_ALLREDUCE_SIZE, DS_MAX_LIVE, DS_SUB_GROUP, Setup, ds3_kept_for_backward, ds_largest_module, fsdp_stage, persistent_numel, shard_numel
 from .stepsim import replayed_reserved
 
 
@@ -73,17 +73,8 @@ def activations(plan: Plan, s: Setup) -> int:
                            _compiled_blocks(plan, s))
 
 
-def _fsdp_stage(s: Setup) -> str:
-    """The sharding FSDP really applies: FSDP1 clamps every strategy to NO_SHARD when its process
-    group has one rank (torch/distributed/fsdp/_init_utils.py, _init_core_state: "FSDP is switching
-    to use NO_SHARD ... since the world size is 1"), so SHARD_GRAD_OP on one GPU keeps no gathered
-    copy of the model from forward to backward (H200 #307, llama100k fsdp1 zero2: predicted +7.2%
-    with every unit kept gathered)."""
-    return "ddp" if s.framework == "fsdp1" and s.shard == 1 else s.stage
-
-
 def _fsdp(plan: Plan, s: Setup) -> dict:
-    stage = _fsdp_stage(s)
+    stage = fsdp_stage(s)
     local = s.spec.params if stage == "ddp" else shard_numel(s)
     params, grads, opt = 4 * local, 4 * local, s.opt_bytes * local
     units = wrap_units(s.spec, plan.wrap.policy, plan.wrap.min_num_params)

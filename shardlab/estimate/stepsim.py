@@ -26,6 +26,7 @@ from functools import lru_cache
 from typing import NamedTuple
 
 from .activations import _counted, _hf_llama, rope_tables
+from .basis import fsdp_stage
 from .cachesim import BLOCK, SMALL, SMALL_SEGMENT, CachingAllocator
 
 REDUCE_STREAM = 1  # FSDP reduces gradients on a stream of its own: its blocks are cached apart
@@ -93,7 +94,7 @@ def recipe(plan, s, workspace: int) -> Recipe:
     tokens = plan.micro_batch_size * spec.seq_len
     compiled = bool(plan.compile) and s.framework == "fsdp2"
     units = wrap_units(spec, plan.wrap.policy, plan.wrap.min_num_params)
-    stage = "ddp" if s.framework == "fsdp1" and s.shard == 1 else s.stage  # FSDP1 on one rank is NO_SHARD
+    stage = fsdp_stage(s)
     mode = ("reshard" if stage == "zero3" else "keep" if stage == "zero2" or s.framework == "fsdp2" else
             "reshard" if s.P < 4 else None)
     if s.framework == "fsdp2":

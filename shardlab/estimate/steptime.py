@@ -36,7 +36,7 @@ from dataclasses import dataclass, field, replace
 from shardlab.models import flops_per_token
 from shardlab.plan import Plan
 
-from .basis import Setup, shard_numel
+from .basis import Setup, fsdp_stage, shard_numel
 from .gpus import GPU
 from .hostcost import DEFAULT_LAUNCH_S, FSDP_UNIT_S, SERIAL, host_time, step_segments
 from .stepwork import ATTN_BWD_FACTOR, BWD_MEM_FACTOR, Work, work
@@ -253,12 +253,12 @@ def _offload_time(s: Setup, gpu: GPU) -> float:
     return t
 
 
-# FSDP1 at world size 1 runs NO_SHARD whatever the plan asks (torch/distributed/fsdp/_init_utils.py,
-# _init_core_state: "FSDP is switching to use NO_SHARD instead of ... since the world size is 1"): its
-# step has NO_SHARD's hooks and copies. Found while reading issue 20's llama1b grid
-# (tune_h200_llama1b_grid.json), so that grid is not held out for this rule; checked on earlier rows.
+# FSDP1 on one rank runs NO_SHARD whatever the plan asks (basis.fsdp_stage): its step has NO_SHARD's
+# hooks and copies. Found while reading issue 20's llama1b grid (tune_h200_llama1b_grid.json), so that
+# grid is not held out for this rule; checked on earlier rows.
 def _effective(s: Setup) -> Setup:
-    return replace(s, stage="ddp") if s.framework == "fsdp1" and s.world == 1 and s.stage != "ddp" else s
+    stage = fsdp_stage(s)
+    return s if stage == s.stage else replace(s, stage=stage)
 
 
 def step_time(plan: Plan, s: Setup, gpu: GPU, wire: dict, rates: Rates | None = None) -> dict:
