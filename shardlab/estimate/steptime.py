@@ -188,15 +188,17 @@ def optimizer_bytes_split(plan: Plan, s: Setup, local: int) -> tuple[float, floa
     return b, per_micro * local
 
 
-def gpu_phases(w: Work, gpu: GPU, precision: str, P: int, r: Rates) -> tuple[float, float, float, float]:
+def gpu_phases(w: Work, gpu: GPU, precision: str, P: int, r: Rates,
+               work_s: tuple[float, float, float]) -> tuple[float, float, float, float]:
     """GPU seconds of (all blocks' forward, all blocks' backward, the rest's forward, the rest's backward)
     in one micro-step: the forward is each block GEMM's first product once (the recomputation under
     checkpointing runs in the backward), attention's forward, the blocks' memory-bound forward; the rest
-    is the embedding, final norm, the vocabulary's GEMMs and the fp32 loss."""
+    is the embedding, final norm, the vocabulary's GEMMs and the fp32 loss. work_s: gpu_work_time's
+    (matmul, attention, memory-bound) seconds of the micro-step, which the phases split."""
     peak = gpu.peak_tflops(precision) * 1e12
     bw = gpu.hbm_bw * r.hbm_eff
     eff = r.mm_eff.get(precision, DEFAULT_MM_EFF["bf16"])
-    mm, attn, mem = gpu_work_time(w, gpu, precision, P, r)
+    mm, attn, mem = work_s
     t = [_gemm_time(g.m, g.k, g.n, g.count, peak, eff, bw, P, gpu.sms, r.align_eff) for g in w.gemms]
     if w.bare:
         return mm / 3 + mem / 3, mm * 2 / 3 + 2 * mem / 3, 0.0, 0.0
@@ -212,12 +214,13 @@ def gpu_phases(w: Work, gpu: GPU, precision: str, P: int, r: Rates) -> tuple[flo
     return fwd, mm + attn + mem - fwd - rest_f - rest_b, rest_f, rest_b
 
 
-def _timeline(plan: Plan, s: Setup, w: Work, r: Rates, gpu: GPU, compiled: float, local: int) -> Timeline:
+def _timeline(plan: Plan, s: Setup, w: Work, r: Rates, gpu: GPU, work_s: tuple[float, float, float], compiled: float,
+              local: int) -> Timeline:
     """The step's host and GPU clocks (timeline.py) over hostcost.step_segments: the GPU's work by pass,
     the framework's per-micro-step copies half in each pass, the optimizer step at the end."""
     hbm = gpu.hbm_bw * r.hbm_eff
     step_b, micro_b = optimizer_bytes_split(plan, s, local)
-    blk_f, blk_b, loss_f, loss_b = (x * compiled * r.gpu_scale for x in gpu_phases(w, gpu, plan.precision, s.P, r))
+    blk_f, blk_b, loss_f, loss_b = (x * compiled * r.gpu_scale for x in gpu_phases(w, gpu, plan.precision, s.P, r, work_s))
     copies = micro_b / hbm / 2 * r.gpu_scale
     ph = (blk_f + copies, blk_b + copies, loss_f, loss_b)
     return simulate(step_segments(plan, s, w, r, ph, step_b / hbm * r.gpu_scale, KERNEL_FLOOR_S))
@@ -268,14 +271,15 @@ def step_time(plan: Plan, s: Setup, gpu: GPU, wire: dict, rates: Rates | None = 
     seq = BARE_SEQ_LEN if spec.is_bare else spec.seq_len
     precision = plan.precision
     w = work(spec, plan.micro_batch_size, seq, s.P, plan.activation_checkpointing)
-    mm, attn, mem = gpu_work_time(w, gpu, precision, s.P, r)
+    work_s = gpu_work_time(w, gpu, precision, s.P, r)
+    mm, attn, mem = work_s
     if plan.compile and not s.ds:
         mem *= COMPILE_MEM
     local = spec.params if s.stage == "ddp" else shard_numel(s)
     opt = optimizer_bytes(plan, s, local) / (gpu.hbm_bw * r.hbm_eff)
     gpu_s = ((mm + attn + mem) * s.micro_steps + opt) * r.gpu_scale
     host_s = host_time(plan, s, w, r)
-    tl = _timeline(plan, s, w, r, gpu, (mm + attn + mem) / max(1e-30, sum(gpu_work_time(w, gpu, precision, s.P, r))), local)
+    tl = _timeline(plan, s, w, r, gpu, work_s, (mm + attn + mem) / max(1e-30, sum(work_s)), local)
     core = tl.step + (SERIAL[("deepspeed_zero3" if s.stage == "zero3" else "deepspeed")] * tl.overlapped if s.ds else 0.0)
     comm_s = _comm_time(s, gpu, wire, w)
     exposed = comm_s if (s.ds and s.stage != "zero3") else max(0.0, comm_s - OVERLAP * gpu_s)
