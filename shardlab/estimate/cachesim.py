@@ -11,7 +11,9 @@ no max_split_size, no garbage-collection threshold: torch's defaults):
 - when no cached block holds it, a new segment is made (cudaMalloc): 2 MiB for small requests,
   20 MiB for large requests under 10 MiB, else the request rounded up to 2 MiB;
 - a freed block merges with free neighbours of its own segment; segments are never given back
-  (torch only does that on empty_cache() or when cudaMalloc fails at the memory limit).
+  (torch only does that on empty_cache() or when cudaMalloc fails at the memory limit);
+- empty_cache() gives back every segment with no live block in it (DeepSpeed calls it while it
+  builds its engine: dsreplay.py).
 
 So reserved memory (what torch.cuda.max_memory_reserved reads) depends on the order and sizes of
 the requests, not only on their peak: a long-lived tensor allocated inside a freed transient block
@@ -124,3 +126,15 @@ class CachingAllocator:
             if nxt.next is not None:
                 nxt.next.prev = b
         self._insert(b)
+
+    def empty_cache(self) -> None:
+        """torch.cuda.empty_cache(): every cached segment that holds no live block is given back."""
+        for pool, lst in self.pools.items():
+            keep = []
+            for size, addr, b in lst:
+                if b.prev is None and b.next is None:  # a free block that is its whole segment
+                    self.reserved -= size
+                    self.segments -= 1
+                else:
+                    keep.append((size, addr, b))
+            self.pools[pool] = keep

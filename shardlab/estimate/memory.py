@@ -59,6 +59,7 @@ from shardlab.units import GIB
 from .activations import activation_peak, saved_blocks
 from .allocator import CUDA_CONTEXT_BYTES, FRAGMENTATION, STRANDED, reserved, stranded
 from .basis import DS_ALLREDUCE_SIZE, DS_MAX_LIVE, DS_SUB_GROUP, Setup, ds3_kept_for_backward, ds_largest_module, fsdp_stage, persistent_numel, shard_numel
+from .dsreplay import ds_replayed_reserved
 from .stepsim import replayed_reserved
 
 
@@ -303,7 +304,7 @@ def memory(plan: Plan, s: Setup, traced_activations: int | None = None, gpu=None
     overhead = CUDA_CONTEXT_BYTES + stranded(live)
     # reserved: the step's own requests replayed through the allocator's rules where the replay covers
     # the plan (stepsim.py), else the fitted allocator model (allocator.py)
-    resv = replayed_reserved(plan, s, workspace)
+    resv = ds_replayed_reserved(plan, s, workspace) if s.ds else replayed_reserved(plan, s, workspace)
     per_gpu = {"params": parts["params"], "grads": parts["grads"], "optimizer": parts["optimizer"],
                "activations": act, "buffers": buffers + workspace, "step_buffers": parts["step"], "overhead": overhead,
                "peak_allocated": live, "peak_reserved": max(resv, live) if resv else reserved(live, parts.get("again", 0)),

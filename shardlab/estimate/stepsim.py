@@ -281,13 +281,19 @@ def _replay(r: Recipe) -> int:
     return _Step(r).run() + _small_pool(r)
 
 
+def unverified(plan, s) -> bool:
+    """The regime no replay has matched (UNVERIFIED_TOKENS / UNVERIFIED_ROWS above): FSDP's replay and
+    DeepSpeed's (dsreplay.py) both decline it."""
+    tokens = plan.micro_batch_size * s.spec.seq_len
+    return not plan.activation_checkpointing and tokens >= UNVERIFIED_TOKENS and 4 * tokens * s.spec.vocab > UNVERIFIED_ROWS
+
+
 def replayed_reserved(plan, s, workspace: int) -> int | None:
     """Peak reserved bytes of the replayed step, or None where the replay does not cover the plan
     (see the module docstring). workspace: bytes of the step's cuBLAS workspaces."""
     if s.ds or s.offload_opt != "none" or s.offload_params != "none" or s.spec.is_bare or s.unknown_units:
         return None
-    tokens = plan.micro_batch_size * s.spec.seq_len
-    if not plan.activation_checkpointing and tokens >= UNVERIFIED_TOKENS and 4 * tokens * s.spec.vocab > UNVERIFIED_ROWS:
+    if unverified(plan, s):
         return None
     r = recipe(plan, s, workspace)
     if len(r.blocks) != s.spec.layers:  # units that are not one per block (size / none policies): not replayed
