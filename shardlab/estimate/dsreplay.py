@@ -46,7 +46,6 @@ from typing import NamedTuple
 from .basis import DS_ALLREDUCE_SIZE, DS_SUB_GROUP, shard_numel
 from .stepsim import REDUCE_STREAM, Recipe, _Step, recipe, unverified
 
-
 # Stages whose reserved memory comes from the replay. ZeRO-2 is replayed but not used: on the recorded
 # H200 rows (16 configurations, docs/benchmarks.md "Session 10: reserved") the replay's median error is
 # 0.7% against the factor's 4.1%, but 3 rows miss by more than 10% against the factor's 1, each short by
@@ -95,8 +94,9 @@ class DSStep(_Step):
 
     def _init(self) -> None:
         sim, d, P = self.sim, self.d, self.r.P
-        for k, n in enumerate(self.order):  # module.to(device), already cast on the CPU
-            sim.alloc(("p", k), P * n)
+        if d.stage != "zero3":
+            for k, n in enumerate(self.order):  # module.to(device), already cast on the CPU
+                sim.alloc(("p", k), P * n)
         if d.stage == "ddp":
             if P < 4:  # FP16_Optimizer: clone, flatten, fp32 master, one step on zero gradients
                 for k, n in enumerate(self.order):
@@ -120,12 +120,8 @@ class DSStep(_Step):
             sim.alloc(("g32",), 4 * d.local)  # initialize_optimizer_states' zero gradient, dropped
             sim.free(("g32",))
         else:
-            shard = self.r.shard
-            for k, n in enumerate(self.order):  # each parameter's partition, then defragment
-                sim.alloc(("ds", k), P * -(-n // shard))
-                sim.free(("p", k))
-            for k in range(len(self.order)):
-                sim.free(("ds", k))
+            # each parameter partitioned, then `defragment` frees every partition and calls empty_cache:
+            # nothing of the per-parameter blocks stays reserved, so they are not replayed
             sim.empty_cache()
             sim.alloc(("flat",), P * d.local)
             for i, n in enumerate(_chunks(d.local, DS_SUB_GROUP)):
