@@ -13,11 +13,11 @@ limits the allocator. No constant is fitted; a replay takes 3-80 ms, so it is ca
 (`Recipe`).
 
 Covered: FSDP1 and FSDP2 without CPU offload (recorded H200 rows: docs/benchmarks.md, session 9).
-Not covered (None: allocator.reserved's factor applies): without activation checkpointing, a micro-batch
-of 16k tokens or more whose fp32 loss rows exceed 2 GiB (UNVERIFIED_ROWS: the H200 held a segment
-more than the replay, not explained yet), DeepSpeed (its start-up flattening and
-ZeRO-3's empty_cache calls are not in the sequence), CPU offload (transfer blocks on side streams),
-bare parameter counts (no shape).
+DeepSpeed replays the same forward, loss and backward with its own parameters, gradients and optimizer
+step (dsreplay.py's DSStep, a subclass). Not covered (None: allocator.reserved's factor applies):
+without activation checkpointing, a micro-batch of 16k tokens or more whose fp32 loss rows exceed
+2 GiB (UNVERIFIED_ROWS: the H200 held a segment more than the replay, not explained yet), CPU offload
+(transfer blocks on side streams), bare parameter counts (no shape).
 """
 
 from __future__ import annotations
