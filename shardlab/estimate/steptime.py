@@ -49,7 +49,7 @@ BARE_SEQ_LEN = 2048  # a bare count has no sequence length; step time assumes th
 # calibration_h200.json and calibration_h200_run1.json):
 # MM_EFF the median of the compute-bound matmul grid (bf16 0.77 and 0.80, fp32 0.80 both);
 # HBM_EFF a 1 GiB copy and add (4.29-4.31 TB/s of 4.8); ATTN_EFF and ATTN_T0 flash attention's rate
-# A x T/(T + T0) x (head_dim/128)^0.4 from SDPA forward + backward at head_dim 128, T 2048 and 4096
+# A x T/(T + T0) (attention_eff) from SDPA forward + backward at head_dim 128, T 2048 and 4096
 # (0.34 and 0.44 of the bf16 peak; narrower heads: ATTN_HD_EXP below), fp32
 # (mem-efficient kernel) 0.50 at T 2048; ALIGN_EFF a GEMM whose dimension is not a multiple of
 # 16 bytes (GPT-2's vocabulary 50257 in bf16: no aligned tensor-core kernel), 122 TFLOPS at
