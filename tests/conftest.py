@@ -52,4 +52,10 @@ def pytest_collection_finish(session):
     # had started while a foreground test had os.environ changed ("Intel oneMKL FATAL ERROR: Cannot load
     # libtorch_cpu.so"); every background run now starts from the snapshot above (launch(env=..., cwd=...)).
     if os.environ.get("SHARDLAB_PRESTART_AT_COLLECTION") != "0" and not session.config.option.collectonly:
+        # numpy imported here, before the driver thread can import it first: pytest.approx peeks at
+        # sys.modules["numpy"] without the import lock, and a foreground test that compared while the driver was
+        # half way through importing numpy failed with "partially initialized module 'numpy' has no attribute
+        # 'isscalar'" (session 10, test_gpu_results.py run together with test_tune.py)
+        import numpy  # noqa: F401
+
         _prestart.queue_for(session.items)

@@ -147,6 +147,11 @@ HELD_OUT = [
     # micro-batch 1-2, host-bound (at the step's mean kernel cost: +20.4 / +18.5 / +16.9 / +22.3%)
     ("recompute at forward rate", "tune_h200_llama1b_grid",
      ("deepspeed zero2 mb1x4 ac", "deepspeed zero2 mb2x2 ac", "deepspeed zero3 mb1x4 ac", "deepspeed zero3 mb2x2 ac"), 0.20),
+    # ATTN_HD_EXP (flash attention's T0 grows below head_dim 128), fitted to the calibrations' SDPA points ->
+    # GPU-bound steps of gpt-125m (head_dim 64, T 1024) that the tune trials timed (pooled repeats; at the earlier
+    # (head_dim/128)^0.4 factor +9.1 / +11.3 / +8.1 / +19.6 / +20.0%, with it +6.6 / +8.7 / +5.6 / +16.9 / +16.5%)
+    ("ATTN_HD_EXP", "tune_h200_gpt125 trials",
+     ("fsdp1 ddp mb16x1", "fsdp2 ddp mb16x1", "fsdp1 zero3 mb16x1", "fsdp2 zero3 mb16x1", "deepspeed ddp mb16x1"), 0.18),
     # fp32 attention measured at head_dim 128 only -> a head_dim 64 fp32 step (the widest band here)
     ("DEFAULT_ATTN_EFF fp32", "steptime_probe_h200", ("llama1b128k-fp32",), 0.25),
 ]

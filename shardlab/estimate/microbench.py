@@ -115,9 +115,11 @@ def fit_rates(mm_points: list, attn_points: list) -> dict:
     if len(wide) >= 2:  # fit the T curve where the head-dim factor is 1; short, narrow heads scatter (0.10-0.18 at T 1024, hd 64)
         bf = wide
     if bf:
+        from .steptime import attention_eff
+
         def implied(p, t0):
             _, _, t, hd = p["shape"]
-            return p["eff"] / (t / (t + t0) * min(1.0, (hd / 128) ** 0.4))
+            return p["eff"] / attention_eff(1.0, t, hd, t0, p["dtype"] != "fp32")
 
         def spread(t0):
             logs = [math.log(implied(p, t0)) for p in bf]

@@ -49,14 +49,24 @@ BARE_SEQ_LEN = 2048  # a bare count has no sequence length; step time assumes th
 # calibration_h200.json and calibration_h200_run1.json):
 # MM_EFF the median of the compute-bound matmul grid (bf16 0.77 and 0.80, fp32 0.80 both);
 # HBM_EFF a 1 GiB copy and add (4.29-4.31 TB/s of 4.8); ATTN_EFF and ATTN_T0 flash attention's rate
-# A x T/(T + T0) x (head_dim/128)^0.4 from SDPA forward + backward at head_dim 128, T 2048 and 4096
-# (0.34 and 0.44 of the bf16 peak; the same curve gives 0.32 measured at T 4096, head_dim 64), fp32
+# A x T/(T + T0) (attention_eff) from SDPA forward + backward at head_dim 128, T 2048 and 4096
+# (0.34 and 0.44 of the bf16 peak; narrower heads: ATTN_HD_EXP below), fp32
 # (mem-efficient kernel) 0.50 at T 2048; ALIGN_EFF a GEMM whose dimension is not a multiple of
 # 16 bytes (GPT-2's vocabulary 50257 in bf16: no aligned tensor-core kernel), 122 TFLOPS at
 # (8192, 768, 50257) = 0.17 of the aligned rate.
 DEFAULT_MM_EFF = {"bf16": 0.78, "fp16": 0.78, "fp32": 0.80}
 DEFAULT_ATTN_EFF = {"bf16": 0.64, "fp16": 0.64, "fp32": 0.94}
 ATTN_T0 = 1825
+# ATTN_HD_EXP: below head_dim 128 flash attention reaches its rate only at longer sequences: T0 grows as
+# (128/head_dim)^ATTN_HD_EXP. Each score element costs the same softmax work (exp, running max, rescale on
+# the CUDA cores) whatever the head's width, while its matmul work shrinks with it, so a narrow head needs more
+# keys per query block to hide that fixed part. Fitted (least squares in log space, A and T0 of head_dim 128
+# held) to the head_dim-64 points of the seven H200 calibrations in benchmarks/results/calibration_h200*.json
+# (SDPA forward + backward, B x H x T x hd = 8x12x1024x64: 0.079-0.179 of the bf16 peak, median 0.112;
+# 2x16x4096x64: 0.315-0.333): 1.3 gives 0.119 and 0.305 (sum of squared log errors 0.56, against 1.86 for
+# the earlier A x T/(T + T0) x (head_dim/128)^0.4, which gave 0.174 at T 1024, 1.5x the measured median).
+# head_dim >= 128 unchanged. Checked on training rows it was not fitted to (docs/benchmarks.md, session 10).
+ATTN_HD_EXP = 1.3
 DEFAULT_HBM_EFF = 0.89
 ALIGN_EFF = 0.17
 KERNEL_FLOOR_S = 2.5e-6  # a kernel's shortest time on the GPU
@@ -148,7 +158,7 @@ def gpu_work_time(w: Work, gpu: GPU, precision: str, P: int, r: Rates) -> tuple[
     bw = gpu.hbm_bw * r.hbm_eff
     eff = r.mm_eff.get(precision, DEFAULT_MM_EFF["bf16"])
     mm = sum(_gemm_time(g.m, g.k, g.n, g.count, peak, eff, bw, P, gpu.sms, r.align_eff) for g in w.gemms)
-    a_eff = attention_eff(r.attn_eff.get(precision, DEFAULT_ATTN_EFF["bf16"]), w.seq, w.head_dim, r.attn_t0)
+    a_eff = attention_eff(r.attn_eff.get(precision, DEFAULT_ATTN_EFF["bf16"]), w.seq, w.head_dim, r.attn_t0, precision != "fp32")
     attn = w.attn_flops / (peak * a_eff) if w.attn_flops else 0.0
     mem = (w.mem_elems * P + w.mem_bytes_fixed) / bw + w.kernels * KERNEL_FLOOR_S
     out = (mm, attn, mem)
@@ -156,9 +166,13 @@ def gpu_work_time(w: Work, gpu: GPU, precision: str, P: int, r: Rates) -> tuple[
     return out
 
 
-def attention_eff(a: float, seq: int, head_dim: int, t0: float = ATTN_T0) -> float:
-    """Flash attention's share of the peak: A x T/(T + T0) x min(1, head_dim/128)^0.4."""
-    return a * seq / (seq + t0) * min(1.0, (head_dim / 128) ** 0.4)
+def attention_eff(a: float, seq: int, head_dim: int, t0: float = ATTN_T0, flash: bool = True) -> float:
+    """Fused attention's share of the peak. Flash (bf16 / fp16): A x T/(T + T0 x max(1, 128/head_dim)^ATTN_HD_EXP).
+    fp32 runs SDPA's memory-efficient kernel, measured at head_dim 128 only: A x T/(T + T0) x min(1, head_dim/128)^0.4
+    (the earlier curve, whose head_dim factor came from one flash point at T 4096)."""
+    if not flash:
+        return a * seq / (seq + t0) * min(1.0, (head_dim / 128) ** 0.4)
+    return a * seq / (seq + t0 * max(1.0, 128 / head_dim) ** ATTN_HD_EXP)
 
 
 def optimizer_bytes(plan: Plan, s: Setup, local: int) -> float:
