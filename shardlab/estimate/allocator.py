@@ -34,7 +34,8 @@ instead: the analytical model's own step, request by request, through cachesim.p
 constant (session 9: those recorded fidelity rows median 1.5% off, against the factor's 5%); since
 session 10 DeepSpeed without ZeRO, ZeRO-1 and ZeRO-3 without offload replay DeepSpeed's own order
 (dsreplay.py: 39 of 42 fidelity rows within 10%, median 0.7%, against the factor's 32 and 5.2%). The
-factor stays for ZeRO-2 (replayed, not used: dsreplay.REPLAYED says why) and for offload.
+factor stays for ZeRO-2 (replayed, not used: dsreplay.REPLAYED says why) and for offload except
+FSDP1's (stepsim.py replays it since session 10: #38 -51% -> -18%, #109 -32% -> -20%).
 
 What neither covers (docs/benchmarks.md, memory section): FSDP1's side streams (each with its own
 cache, reserved varying 5-14% run to run), parameter offload's transfer blocks (FSDP's and

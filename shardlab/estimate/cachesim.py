@@ -55,13 +55,15 @@ class _Block:
 
 
 class CachingAllocator:
-    """alloc(key, nbytes, stream=0) / free(key); `reserved`, `peak_reserved`, `allocated`, `peak_allocated`."""
+    """alloc(key, nbytes, stream=0) / free(key); `reserved`, `peak_reserved`, `allocated`, `peak_allocated`,
+    `pool_reserved` (bytes of segments per (stream, small pool?))."""
 
     def __init__(self):
         self.pools: dict[tuple, list] = {}  # (stream, small?) -> sorted [(size, addr, block)] of free blocks
         self.live: dict = {}  # key -> block
         self.reserved = self.peak_reserved = self.allocated = self.peak_allocated = 0
         self.segments = 0
+        self.pool_reserved: dict[tuple, int] = {}  # (stream, small?) -> bytes of its segments
         self._next_addr = 0
 
     def _insert(self, b: _Block) -> None:
@@ -89,6 +91,7 @@ class CachingAllocator:
             b = _Block(self._next_addr, seg, pool)
             self._next_addr += seg
             self.reserved += seg
+            self.pool_reserved[pool] = self.pool_reserved.get(pool, 0) + seg
             self.segments += 1
             if self.reserved > self.peak_reserved:
                 self.peak_reserved = self.reserved
@@ -134,6 +137,7 @@ class CachingAllocator:
             for size, addr, b in lst:
                 if b.prev is None and b.next is None:  # a free block that is its whole segment
                     self.reserved -= size
+                    self.pool_reserved[pool] -= size
                     self.segments -= 1
                 else:
                     keep.append((size, addr, b))

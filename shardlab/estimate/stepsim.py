@@ -13,11 +13,15 @@ limits the allocator. No constant is fitted; a replay takes 3-80 ms, so it is ca
 (`Recipe`).
 
 Covered: FSDP1 and FSDP2 without CPU offload (recorded H200 rows: docs/benchmarks.md, session 9).
-DeepSpeed replays the same forward, loss and backward with its own parameters, gradients and optimizer
-step (dsreplay.py's DSStep, a subclass). Not covered (None: allocator.reserved's factor applies):
-without activation checkpointing, a micro-batch of 16k tokens or more whose fp32 loss rows exceed
-2 GiB (UNVERIFIED_ROWS: the H200 held a segment more than the replay, not explained yet), CPU offload
-(transfer blocks on side streams), bare parameter counts (no shape).
+FSDP1 with CPU offload (session 10): no parameters or optimizer states on the GPU; each unit copied
+in as fp32 on the unshard stream and cast there; every unit's fp32 gradient held on the reduce stream
+until the step (allocator probe #38 and #109: those two streams' reserved bytes replayed exactly; the
+whole run's reserved varies 18% between two runs of #38, 3.51 and 4.15 GiB). DeepSpeed replays the same
+forward, loss and backward with its own parameters, gradients and optimizer step (dsreplay.py's DSStep,
+a subclass). Not covered (None: allocator.reserved's factor applies): without activation
+checkpointing, a micro-batch of 16k tokens or more whose fp32 loss rows exceed 2 GiB (UNVERIFIED_ROWS:
+the H200 held a segment more than the replay, not explained yet), FSDP2's CPU offload, bare parameter
+counts (no shape).
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from .activations import _counted, _hf_llama, rope_tables
 from .basis import fsdp_stage
 from .cachesim import BLOCK, SMALL, SMALL_SEGMENT, CachingAllocator
 
+UNSHARD_STREAM = 2  # FSDP1 copies offloaded parameters in on a stream of its own
 REDUCE_STREAM = 1  # FSDP reduces gradients on a stream of its own: its blocks are cached apart
 # Without activation checkpointing, a micro-batch of at least UNVERIFIED_TOKENS tokens whose fp32
 # [tokens, vocab] loss rows exceed UNVERIFIED_ROWS is not replayed: no recorded run that the replay
@@ -84,6 +89,7 @@ class Recipe(NamedTuple):
     small: int  # bytes of those of at most 1 MiB (norms, biases): the small pool, see _small_pool
     workspace: int  # one cuBLAS workspace
     init: tuple  # FSDP2's start-up, in wrap order (blocks, then the root): (full fp32 bytes, shard bytes) per tensor
+    offload: bool = False  # FSDP1's CPU offload: each unit copied to the GPU in fp32 on the unshard stream, then cast
 
 
 def recipe(plan, s, workspace: int) -> Recipe:
@@ -127,6 +133,17 @@ class _Step:
 
     def _gather(self, unit: int, key, backward: bool = False) -> None:
         if self.r.mode == "reshard" or (self.r.mode == "keep" and not backward):
+            self._copy_in(key, unit)
+
+    def _copy_in(self, key, unit: int) -> None:
+        """A unit's compute-dtype copy; with CPU offload its fp32 parameters are first copied to the GPU
+        on the unshard stream and cast there (H200 allocator probe #109: per unit a 4-byte block made and
+        freed beside the 2-byte one that stays, on a stream of their own)."""
+        if self.r.offload:
+            self.sim.alloc(("h2d",), 4 * -(-unit // self.r.shard), UNSHARD_STREAM)
+            self.sim.alloc(key, self.r.P * unit, UNSHARD_STREAM)
+            self.sim.free(("h2d",))
+        else:
             self.sim.alloc(key, self.r.P * unit)
 
     def _release(self, key, backward: bool = False) -> None:
@@ -136,7 +153,7 @@ class _Step:
     def _forward(self, mb) -> None:
         sim, r = self.sim, self.r
         if r.mode is not None:
-            sim.alloc(("g", "root"), r.P * r.root)
+            self._copy_in(("g", "root"), r.root)
         sim.alloc(("x", mb, -1), self.d_bytes)  # the embedding's output: block 0's input
         for i, unit in enumerate(r.blocks):
             self._gather(unit, ("g", i))
@@ -170,7 +187,7 @@ class _Step:
         if r.P < 4:
             sim.alloc(("dlogits", mb), r.P * r.tokens * r.vocab)
             if self.root_out:
-                sim.alloc(("g", "root"), r.P * r.root)
+                self._copy_in(("g", "root"), r.root)
             sim.free(("dlsm", mb))
         sim.alloc(("dx", mb), self.d_bytes)
         sim.free(("dlogits", mb))
@@ -296,14 +313,19 @@ def unverified(plan, s) -> bool:
     return not plan.activation_checkpointing and tokens >= UNVERIFIED_TOKENS and 4 * tokens * s.spec.vocab > UNVERIFIED_ROWS
 
 
+def covered_recipe(plan, s, workspace: int) -> Recipe | None:
+    """The replay's recipe for `plan`, or None where the replay does not cover it (module docstring)."""
+    offload = s.offload_opt != "none" or s.offload_params != "none"
+    if s.ds or (offload and s.framework != "fsdp1") or s.spec.is_bare or s.unknown_units or unverified(plan, s):
+        return None
+    r = recipe(plan, s, workspace)
+    if offload:  # FSDP1 offloads parameters, gradients and optimizer together: none of them stay on the GPU
+        r = r._replace(params=(), small=0, opt_states=0, offload=True)
+    return r if len(r.blocks) == s.spec.layers else None  # units not one per block (size / none policies): not replayed
+
+
 def replayed_reserved(plan, s, workspace: int) -> int | None:
     """Peak reserved bytes of the replayed step, or None where the replay does not cover the plan
     (see the module docstring). workspace: bytes of the step's cuBLAS workspaces."""
-    if s.ds or s.offload_opt != "none" or s.offload_params != "none" or s.spec.is_bare or s.unknown_units:
-        return None
-    if unverified(plan, s):
-        return None
-    r = recipe(plan, s, workspace)
-    if len(r.blocks) != s.spec.layers:  # units that are not one per block (size / none policies): not replayed
-        return None
-    return _replay(r)
+    r = covered_recipe(plan, s, workspace)
+    return None if r is None else _replay(r)
