@@ -38,8 +38,8 @@ peak_allocated  what torch.cuda.max_memory_allocated should read: params + optim
            (measured on an H100: fsdp2 zero3 gpt-1b peaks at 21.6 GiB, 3.5 GiB of fp32 grads under
            the sum of all states + activations). DeepSpeed's gradient partitions are flat buffers
            allocated once, so they are there during forward.
-peak_reserved what torch.cuda.max_memory_reserved should read. FSDP1 (with or without CPU
-           offload) and FSDP2 without: the segments a replay of this step's requests makes
+peak_reserved what torch.cuda.max_memory_reserved should read. FSDP1 and FSDP2, with or
+           without CPU offload: the segments a replay of this step's requests makes
            (stepsim.py: states, activations, loss rows, gathered units, reduce buffers, optimizer
            states and temporaries, two steps, through the caching allocator's rules). DeepSpeed without ZeRO, ZeRO-1 and ZeRO-3 without
            offload: the same replay with DeepSpeed's own allocation order (dsreplay.py: the engine's

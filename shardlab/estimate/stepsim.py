@@ -13,15 +13,16 @@ limits the allocator. No constant is fitted; a replay takes 3-80 ms, so it is ca
 (`Recipe`).
 
 Covered: FSDP1 and FSDP2 without CPU offload (recorded H200 rows: docs/benchmarks.md, session 9).
-FSDP1 with CPU offload (session 10): no parameters or optimizer states on the GPU; each unit copied
-in as fp32 on the unshard stream and cast there; every unit's fp32 gradient held on the reduce stream
-until the step (allocator probe #38 and #109: those two streams' reserved bytes replayed exactly; the
-whole run's reserved varies 18% between two runs of #38, 3.51 and 4.15 GiB). DeepSpeed replays the same
+CPU offload (session 10): no parameters or optimizer states on the GPU after start-up. FSDP1 copies
+each unit in as fp32 on the unshard stream and casts it there, and holds every unit's fp32 gradient
+on the reduce stream until the step (allocator probe #38 and #109: those two streams' reserved bytes
+replayed within 2%; the whole run's reserved varies 18% between two runs of #38, 3.51 and 4.15 GiB).
+FSDP2 moves its shards to the CPU after start-up, copies each reduced gradient out and frees it, and
+reduces its root group once at the end of backward (probe #308: both streams within 1%). DeepSpeed replays the same
 forward, loss and backward with its own parameters, gradients and optimizer step (dsreplay.py's DSStep,
 a subclass). Not covered (None: allocator.reserved's factor applies): without activation
 checkpointing, a micro-batch of 16k tokens or more whose fp32 loss rows exceed 2 GiB (UNVERIFIED_ROWS:
-the H200 held a segment more than the replay, not explained yet), FSDP2's CPU offload, bare parameter
-counts (no shape).
+the H200 held a segment more than the replay, not explained yet), bare parameter counts (no shape).
 """
 
 from __future__ import annotations
@@ -130,6 +131,11 @@ class _Step:
         # root's too (_flat_param.py post_reshard frees _mp_shard), and casts the root again when the
         # gradient reaches its output, the logits (H200 #609: kept to the end of backward, +12.1%)
         self.root_out = r.framework == "fsdp1" and r.mode == "reshard" and r.shard == 1
+        # FSDP2 reduces its root group (embedding, final norm, head) once, when backward ends (allocator
+        # probe #308, CPU offload: its reduce stream held the root's 688 MiB reduce-scatter buffer and
+        # its 1374 MiB fp32 cast, 2.2 GiB in all, replayed exactly). Only with offload: without it the
+        # recorded rows fit the head's reduce at backward's start better (docs/benchmarks.md, session 10)
+        self._root_at_end = r.framework == "fsdp2" and r.offload
 
     def _gather(self, unit: int, key, backward: bool = False) -> None:
         if self.r.mode == "reshard" or (self.r.mode == "keep" and not backward):
@@ -139,7 +145,7 @@ class _Step:
         """A unit's compute-dtype copy; with CPU offload its fp32 parameters are first copied to the GPU
         on the unshard stream and cast there (H200 allocator probe #109: per unit a 4-byte block made and
         freed beside the 2-byte one that stays, on a stream of their own)."""
-        if self.r.offload:
+        if self.r.offload and self.r.framework == "fsdp1":
             self.sim.alloc(("h2d",), 4 * -(-unit // self.r.shard), UNSHARD_STREAM)
             self.sim.alloc(key, self.r.P * unit, UNSHARD_STREAM)
             self.sim.free(("h2d",))
@@ -213,12 +219,15 @@ class _Step:
         sim.alloc((("grad",) if first else ("rf",)) + key, 4 * shard, REDUCE_STREAM)
         for k in ("ug", "rs", "out", "rf"):
             sim.free((k,) + key)
+        if r.offload and r.framework == "fsdp2":  # the gradient lives on the CPU: copied out, freed
+            sim.free(("grad",) + key)  # (probe #308: the blocks' fp32 gradients share two segments)
 
     def _backward(self, mb, first: bool) -> None:
         """Blocks in reverse: (gathered again,) recomputed under checkpointing, each saved tensor's
         gradient made as the tensor is freed, the block's gradient reduced."""
         sim, r = self.sim, self.r
-        self._reduce(r.head, ("head",), first)
+        if not self._root_at_end:
+            self._reduce(r.head, ("head",), first)
         for i in reversed(range(len(r.blocks))):
             self._gather(r.blocks[i], ("g", i), backward=True)
             if r.checkpointing:  # the block's forward again
@@ -235,7 +244,10 @@ class _Step:
             self._release(("g", i), backward=True)
         sim.free(("x", mb, -1))
         sim.free(("dx", mb))
-        self._reduce(r.root - r.head, ("embed",), first)
+        if self._root_at_end:  # FSDP2's root group (embedding, final norm, head) reduces once, at the end
+            self._reduce(r.root, ("root",), first)
+        else:
+            self._reduce(r.root - r.head, ("embed",), first)
         if r.mode is not None:  # the root unit is not resharded after forward (FSDP1 and FSDP2 keep it for backward)
             sim.free(("g", "root"))
 
@@ -278,6 +290,9 @@ class _Step:
             if held > SMALL:
                 sim.alloc(("p", k), held)
             sim.free(("full", k))
+        if r.offload:  # CPUOffloadPolicy: the shards move to the CPU, their segments stay cached
+            for k in range(len(r.init)):
+                sim.free(("p", k))
 
     def run(self, steps: int = 2) -> int:
         r = self.r
@@ -316,7 +331,7 @@ def unverified(plan, s) -> bool:
 def covered_recipe(plan, s, workspace: int) -> Recipe | None:
     """The replay's recipe for `plan`, or None where the replay does not cover it (module docstring)."""
     offload = s.offload_opt != "none" or s.offload_params != "none"
-    if s.ds or (offload and s.framework != "fsdp1") or s.spec.is_bare or s.unknown_units or unverified(plan, s):
+    if s.ds or s.spec.is_bare or s.unknown_units or unverified(plan, s):
         return None
     r = recipe(plan, s, workspace)
     if offload:  # FSDP1 offloads parameters, gradients and optimizer together: none of them stay on the GPU
