@@ -176,9 +176,10 @@ class DSStep(_Step):
         super()._backward(mb, first)
         sim, d, P = self.sim, self.d, self.r.P
         boundary = mb == self.r.micro - 1
-        if d.stage in ("zero2", "zero3"):
+        if d.stage in ("zero2", "zero3"):  # the epilogue flushes the bucket; ZeRO-2 frees it, ZeRO-3 keeps it
             self._flush()
-            sim.free(("bucket",)) if d.stage == "zero2" else None
+            if d.stage == "zero2":
+                sim.free(("bucket",))
         elif boundary and d.stage == "zero1":  # reduce_gradients: .grad into the bucket, on into the partition
             done = 0
             for k, n in enumerate(self.order):
