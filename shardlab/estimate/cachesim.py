@@ -24,7 +24,7 @@ The traced estimate (trace.py) replays every storage of its fake training step t
 
 from __future__ import annotations
 
-import bisect
+from bisect import bisect_left, insort
 
 BLOCK = 512
 SMALL = 1 << 20  # kSmallSize: requests up to 1 MiB use the small pool
@@ -47,98 +47,147 @@ def segment_size(n: int) -> int:
     return -(-n // ROUND_LARGE) * ROUND_LARGE
 
 
-class _Block:
-    __slots__ = ("addr", "size", "free", "prev", "next", "pool")
-
-    def __init__(self, addr, size, pool, prev=None, nxt=None):
-        self.addr, self.size, self.pool, self.free, self.prev, self.next = addr, size, pool, True, prev, nxt
+# A block is a list [address, size, free?, previous block, next block, pool] (lists are made and read
+# faster than objects, and the replays make thousands per estimate); a pool is 2 x stream + small?.
+# A cached free block's place in its pool's sorted list: size << _SHIFT | address, one int, so that
+# bisect finds the best fit (smallest size, then lowest address, as the allocator's block set orders
+# them) by comparing ints instead of tuples.
+_SHIFT = 48
+_ADDR = (1 << _SHIFT) - 1
 
 
 class CachingAllocator:
-    """alloc(key, nbytes, stream=0) / free(key); `reserved`, `peak_reserved`, `allocated`, `peak_allocated`,
-    `pool_reserved` (bytes of segments per (stream, small pool?))."""
+    """alloc(key, nbytes, stream=0) / free(key) / touch(nbytes, stream=0) / empty_cache(); `reserved`,
+    `peak_reserved`, `allocated`, `peak_allocated`, `segments`, `pool_reserved` (bytes of segments per
+    (stream, small pool?)), `live` (key -> block)."""
 
     def __init__(self):
-        self.pools: dict[tuple, list] = {}  # (stream, small?) -> sorted [(size, addr, block)] of free blocks
+        self.pools: dict[int, list] = {}  # 2 x stream + small? -> sorted sort keys of its cached free blocks
+        self._cached: dict[int, list] = {}  # address -> cached free block
         self.live: dict = {}  # key -> block
         self.reserved = self.peak_reserved = self.allocated = self.peak_allocated = 0
         self.segments = 0
         self.pool_reserved: dict[tuple, int] = {}  # (stream, small?) -> bytes of its segments
         self._next_addr = 0
 
-    def _insert(self, b: _Block) -> None:
-        bisect.insort(self.pools.setdefault(b.pool, []), (b.size, b.addr, b))
-
-    def _remove(self, b: _Block) -> None:
-        lst = self.pools[b.pool]
-        i = bisect.bisect_left(lst, (b.size, b.addr))
-        del lst[i]
+    def _segment(self, size: int, pool: int) -> list:
+        """cudaMalloc: a new segment for a rounded request no cached block holds, as one free block."""
+        seg = segment_size(size)
+        b = [self._next_addr, seg, True, None, None, pool]
+        self._next_addr += seg
+        self.reserved += seg
+        name = (pool >> 1, bool(pool & 1))
+        self.pool_reserved[name] = self.pool_reserved.get(name, 0) + seg
+        self.segments += 1
+        if self.reserved > self.peak_reserved:
+            self.peak_reserved = self.reserved
+        return b
 
     def alloc(self, key, nbytes: int, stream: int = 0) -> None:
-        if key in self.live:
+        live = self.live
+        if key in live:
             self.free(key)
-        size = BLOCK if nbytes < BLOCK else -(-nbytes // BLOCK) * BLOCK
+        size = BLOCK if nbytes < BLOCK else (nbytes + BLOCK - 1) & -BLOCK
         small = size <= SMALL
-        pool = (stream, small)
+        pool = 2 * stream + small
         lst = self.pools.get(pool)
         if lst is None:
             lst = self.pools[pool] = []
-        i = bisect.bisect_left(lst, (size, -1))
-        if i < len(lst):
-            b = lst.pop(i)[2]
-        else:  # no cached block holds it: a new segment
-            seg = segment_size(size)
-            b = _Block(self._next_addr, seg, pool)
-            self._next_addr += seg
-            self.reserved += seg
-            self.pool_reserved[pool] = self.pool_reserved.get(pool, 0) + seg
-            self.segments += 1
-            if self.reserved > self.peak_reserved:
-                self.peak_reserved = self.reserved
-        rest = b.size - size
-        if rest >= BLOCK if small else rest > SMALL:
-            tail = _Block(b.addr + size, rest, pool, b, b.next)
-            if b.next is not None:
-                b.next.prev = tail
-            b.next, b.size = tail, size
-            bisect.insort(lst, (rest, tail.addr, tail))
-        b.free = False
-        self.live[key] = b
-        self.allocated += b.size
+        i = bisect_left(lst, size << _SHIFT)
+        b = self._cached.pop(lst.pop(i) & _ADDR) if i < len(lst) else self._segment(size, pool)
+        rest = b[1] - size
+        if rest >= BLOCK if small else rest > SMALL:  # split: the remainder stays cached, free
+            addr, nxt = b[0] + size, b[4]
+            tail = [addr, rest, True, b, nxt, pool]
+            if nxt is not None:
+                nxt[3] = tail
+            b[4], b[1] = tail, size
+            insort(lst, rest << _SHIFT | addr)
+            self._cached[addr] = tail
+        b[2] = False
+        live[key] = b
+        self.allocated += b[1]
         if self.allocated > self.peak_allocated:
             self.peak_allocated = self.allocated
+
+    def touch(self, nbytes: int, stream: int = 0) -> None:
+        """alloc then free at once (a temporary with no other request beside it): the same state as the
+        two calls. A cached block that holds it is split and merged back whole, so only a new segment
+        (where none holds it) and the peak allocated change."""
+        size = BLOCK if nbytes < BLOCK else (nbytes + BLOCK - 1) & -BLOCK
+        small = size <= SMALL
+        pool = 2 * stream + small
+        lst = self.pools.get(pool)
+        if lst is None:
+            lst = self.pools[pool] = []
+        i = bisect_left(lst, size << _SHIFT)
+        if i < len(lst):
+            have = lst[i] >> _SHIFT
+        else:
+            b = self._segment(size, pool)
+            have = b[1]
+            insort(lst, have << _SHIFT | b[0])
+            self._cached[b[0]] = b
+        rest = have - size
+        held = size if (rest >= BLOCK if small else rest > SMALL) else have
+        if self.allocated + held > self.peak_allocated:
+            self.peak_allocated = self.allocated + held
 
     def free(self, key) -> None:
         b = self.live.pop(key, None)
         if b is None:
             return
-        self.allocated -= b.size
-        b.free = True
-        prev, nxt = b.prev, b.next
-        if prev is not None and prev.free:  # merge with free neighbours of the same segment
-            self._remove(prev)
-            prev.size += b.size
-            prev.next = nxt
+        self.allocated -= b[1]
+        b[2] = True
+        lst, cached = self.pools[b[5]], self._cached
+        prev, nxt = b[3], b[4]
+        if prev is not None and prev[2]:  # merge with free neighbours of the same segment
+            del lst[bisect_left(lst, prev[1] << _SHIFT | prev[0])]
+            del cached[prev[0]]
+            prev[1] += b[1]
+            prev[4] = nxt
             if nxt is not None:
-                nxt.prev = prev
+                nxt[3] = prev
             b = prev
-        if nxt is not None and nxt.free:
-            self._remove(nxt)
-            b.size += nxt.size
-            b.next = nxt.next
-            if nxt.next is not None:
-                nxt.next.prev = b
-        self._insert(b)
+        if nxt is not None and nxt[2]:
+            del lst[bisect_left(lst, nxt[1] << _SHIFT | nxt[0])]
+            del cached[nxt[0]]
+            b[1] += nxt[1]
+            after = b[4] = nxt[4]
+            if after is not None:
+                after[3] = b
+        insort(lst, b[1] << _SHIFT | b[0])
+        cached[b[0]] = b
 
     def empty_cache(self) -> None:
         """torch.cuda.empty_cache(): every cached segment that holds no live block is given back."""
         for pool, lst in self.pools.items():
             keep = []
-            for size, addr, b in lst:
-                if b.prev is None and b.next is None:  # a free block that is its whole segment
-                    self.reserved -= size
-                    self.pool_reserved[pool] -= size
+            for k in lst:
+                b = self._cached[k & _ADDR]
+                if b[3] is None and b[4] is None:  # a free block that is its whole segment
+                    del self._cached[b[0]]
+                    self.reserved -= b[1]
+                    self.pool_reserved[(pool >> 1, bool(pool & 1))] -= b[1]
                     self.segments -= 1
                 else:
-                    keep.append((size, addr, b))
+                    keep.append(k)
             self.pools[pool] = keep
+
+    def copy(self) -> "CachingAllocator":
+        """An independent allocator in the same state (the replays resume from a cached start-up)."""
+        new = CachingAllocator.__new__(CachingAllocator)
+        new.__dict__.update(self.__dict__)
+        twin = {}  # id(block) -> its copy
+        for b in list(self.live.values()) + list(self._cached.values()):
+            twin[id(b)] = b[:]
+        for c in twin.values():
+            if c[3] is not None:
+                c[3] = twin[id(c[3])]
+            if c[4] is not None:
+                c[4] = twin[id(c[4])]
+        new.live = {k: twin[id(b)] for k, b in self.live.items()}
+        new._cached = {a: twin[id(b)] for a, b in self._cached.items()}
+        new.pools = {p: lst[:] for p, lst in self.pools.items()}
+        new.pool_reserved = dict(self.pool_reserved)
+        return new

@@ -92,6 +92,10 @@ class DSStep(_Step):
             first, n = 0, ne
         return [(first + k, self.order[first + k]) for k in range(n)]
 
+    def _start_key(self) -> tuple:
+        r = self.r
+        return self.d, r.P, r.opt_states, r.workspace
+
     def _init(self) -> None:
         sim, d, P = self.sim, self.d, self.r.P
         if d.stage != "zero3":
@@ -117,8 +121,7 @@ class DSStep(_Step):
             for k in range(len(self.order)):
                 sim.free(("p", k))
             self._master(d.local)
-            sim.alloc(("g32",), 4 * d.local)  # initialize_optimizer_states' zero gradient, dropped
-            sim.free(("g32",))
+            sim.touch(4 * d.local)  # initialize_optimizer_states' zero gradient, dropped
         else:
             # each parameter partitioned, then `defragment` frees every partition and calls empty_cache:
             # nothing of the per-parameter blocks stays reserved, so they are not replayed
@@ -128,8 +131,7 @@ class DSStep(_Step):
                 sim.alloc(("cast", i), 4 * n)
                 sim.alloc(("master", i), 4 * n)
                 sim.free(("cast", i))
-            sim.alloc(("g32",), 4 * min(d.local, DS_SUB_GROUP))
-            sim.free(("g32",))
+            sim.touch(4 * min(d.local, DS_SUB_GROUP))
             sim.alloc(("bucket",), P * d.bucket)
             sim.alloc(("part",), P * d.local)
         sim.peak_reserved = sim.reserved  # the runner resets the peak statistics at each measured step
@@ -147,8 +149,7 @@ class DSStep(_Step):
         """The bucket's gradients reduced into this rank's partition buffer."""
         sim, d = self.sim, self.d
         if d.stage == "zero3":
-            sim.alloc(("rs",), self.r.P * -(-self.fill // self.r.shard), REDUCE_STREAM)
-            sim.free(("rs",))
+            sim.touch(self.r.P * -(-self.fill // self.r.shard), REDUCE_STREAM)
         elif d.stage == "zero2" and ("part",) not in sim.live:
             sim.alloc(("part",), self.r.P * d.local)
         self.fill = 0
@@ -158,19 +159,19 @@ class DSStep(_Step):
         sim, d, P = self.sim, self.d, self.r.P
         if d.stage in ("zero1", "zero2") and ("bucket",) not in sim.live:
             sim.alloc(("bucket",), P * d.bucket)  # setup_buckets at the first hook
+        alloc, free, touch = sim.alloc, sim.free, sim.touch
         for k, n in self._unit_params(key):
             if d.stage in ("ddp", "zero1"):
                 if first:
-                    sim.alloc(("grad", k), P * n)
+                    alloc(("grad", k), P * n)
                 else:  # accumulated in place: the new gradient is a temporary
-                    sim.alloc(("gt",), P * n)
-                    sim.free(("gt",))
+                    touch(P * n)
                 continue
-            sim.alloc(("gt",), P * n)
+            alloc(("gt",), P * n)
             if self.fill + n > d.bucket:
                 self._flush()
             self.fill += n
-            sim.free(("gt",))
+            free(("gt",))
 
     def _backward(self, mb, first: bool) -> None:
         super()._backward(mb, first)
@@ -193,8 +194,7 @@ class DSStep(_Step):
             for k, m in enumerate(self.order):
                 n += m
                 if n > DS_ALLREDUCE_SIZE or k == len(self.order) - 1:
-                    sim.alloc(("ar",), P * n)
-                    sim.free(("ar",))
+                    sim.touch(P * n)
                     n = 0
 
     def _step(self) -> None:
@@ -218,9 +218,9 @@ class DSStep(_Step):
                 sim.free(("grad", k))
             return
         if P < 4:  # get_grad_norm_direct: each gradient's partition cast to fp32 in turn
+            touch, shard = sim.touch, self.r.shard
             for n in self.order:
-                sim.alloc(("nt",), 4 * -(-n // self.r.shard))
-                sim.free(("nt",))
+                touch(4 * -(-n // shard))
         for i, n in enumerate(_chunks(d.local, DS_SUB_GROUP if d.stage == "zero3" else d.local)):
             sim.alloc(("fg",), P * n)
             if P < 4:

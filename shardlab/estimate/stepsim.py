@@ -120,6 +120,9 @@ def recipe(plan, s, workspace: int) -> Recipe:
                   sum(a * b for a, b in sh.head), tuple(n for _, n in units[1:]), params, small, workspace // 2, init)
 
 
+_STARTS: dict = {}  # _Step._start's cache: start key -> (allocator after start-up, made_states)
+
+
 class _Step:
     """Issues one recipe's requests into a CachingAllocator; keys are tuples naming the tensor."""
 
@@ -158,17 +161,18 @@ class _Step:
 
     def _forward(self, mb) -> None:
         sim, r = self.sim, self.r
+        alloc, free, saved, d_bytes = sim.alloc, sim.free, r.saved, self.d_bytes
         if r.mode is not None:
             self._copy_in(("g", "root"), r.root)
-        sim.alloc(("x", mb, -1), self.d_bytes)  # the embedding's output: block 0's input
+        alloc(("x", mb, -1), d_bytes)  # the embedding's output: block 0's input
         for i, unit in enumerate(r.blocks):
             self._gather(unit, ("g", i))
-            for j, n in enumerate(r.saved):
-                sim.alloc(("a", mb, i, j), n)
-            sim.alloc(("x", mb, i), self.d_bytes)  # the block output (the next block's input)
+            for j, n in enumerate(saved):
+                alloc(("a", mb, i, j), n)
+            alloc(("x", mb, i), d_bytes)  # the block output (the next block's input)
             if r.checkpointing:  # only the block input is kept
-                for j in range(len(r.saved)):
-                    sim.free(("a", mb, i, j))
+                for j in range(len(saved)):
+                    free(("a", mb, i, j))
             self._release(("g", i))
 
     def _loss(self, mb) -> None:
@@ -209,18 +213,24 @@ class _Step:
         _cast_grad_to_param_dtype likewise, #109). From the second micro-batch on the fp32 shard is a
         temporary added into that gradient."""
         sim, r = self.sim, self.r
+        alloc, free = sim.alloc, sim.free
         shard = -(-unit // r.shard)
-        sim.alloc(("ug",) + key, r.P * unit)
-        if r.framework == "fsdp2":
-            sim.alloc(("rs",) + key, r.P * unit, REDUCE_STREAM)
-            sim.free(("ug",) + key)
-        if r.shard > 1:
-            sim.alloc(("out",) + key, r.P * shard, REDUCE_STREAM)
-        sim.alloc((("grad",) if first else ("rf",)) + key, 4 * shard, REDUCE_STREAM)
-        for k in ("ug", "rs", "out", "rf"):
-            sim.free((k,) + key)
+        fsdp2, out = r.framework == "fsdp2", r.shard > 1
+        alloc(("ug",) + key, r.P * unit)
+        if fsdp2:
+            alloc(("rs",) + key, r.P * unit, REDUCE_STREAM)
+            free(("ug",) + key)
+        if out:
+            alloc(("out",) + key, r.P * shard, REDUCE_STREAM)
+        alloc((("grad",) if first else ("rf",)) + key, 4 * shard, REDUCE_STREAM)
+        # the temporaries freed in the order ug, rs, out, rf (each only where it was made)
+        free((("rs",) if fsdp2 else ("ug",)) + key)
+        if out:
+            free(("out",) + key)
+        if not first:
+            free(("rf",) + key)
         if r.offload and r.framework == "fsdp2":  # the gradient lives on the CPU: copied out, freed
-            sim.free(("grad",) + key)  # (probe #308: the blocks' fp32 gradients share two segments)
+            free(("grad",) + key)  # (probe #308: the blocks' fp32 gradients share two segments)
 
     def _backward(self, mb, first: bool) -> None:
         """Blocks in reverse: (gathered again,) recomputed under checkpointing, each saved tensor's
@@ -228,18 +238,19 @@ class _Step:
         sim, r = self.sim, self.r
         if not self._root_at_end:
             self._reduce(r.head, ("head",), first)
+        alloc, free, saved, d_bytes, da = sim.alloc, sim.free, r.saved, self.d_bytes, max(r.saved)
         for i in reversed(range(len(r.blocks))):
             self._gather(r.blocks[i], ("g", i), backward=True)
             if r.checkpointing:  # the block's forward again
-                for j, n in enumerate(r.saved):
-                    sim.alloc(("a", mb, i, j), n)
-            sim.free(("x", mb, i))
-            sim.alloc(("da",), max(r.saved))
-            for j in reversed(range(len(r.saved))):
-                sim.free(("a", mb, i, j))
-            sim.free(("dx", mb))
-            sim.alloc(("dx", mb), self.d_bytes)
-            sim.free(("da",))
+                for j, n in enumerate(saved):
+                    alloc(("a", mb, i, j), n)
+            free(("x", mb, i))
+            alloc(("da",), da)
+            for j in reversed(range(len(saved))):
+                free(("a", mb, i, j))
+            free(("dx", mb))
+            alloc(("dx", mb), d_bytes)
+            free(("da",))
             self._reduce(r.blocks[i], ("b", i), first)
             self._release(("g", i), backward=True)
         sim.free(("x", mb, -1))
@@ -294,11 +305,30 @@ class _Step:
             for k in range(len(r.init)):
                 sim.free(("p", k))
 
-    def run(self, steps: int = 2) -> int:
+    def _start_key(self) -> tuple:
+        """What the start-up (_init and the workspaces) depends on: neither the batch nor checkpointing."""
         r = self.r
+        return r.framework, r.params, r.init, r.offload, r.workspace
+
+    def _start(self) -> None:
+        """Start-up, resumed from a copy where one with the same inputs was replayed before: a widget
+        changing the micro-batch, accumulation or checkpointing replays the same start-up (for FSDP2
+        every parameter's full tensor and shard, a quarter of the requests)."""
+        key = (type(self),) + self._start_key()
+        done = _STARTS.get(key)
+        if done is not None:
+            self.sim, self.made_states = done[0].copy(), done[1]
+            return
         self._init()
         for k in range(2):  # forward's and autograd's cuBLAS handles (memory.cublas_workspaces)
-            self.sim.alloc(("ws", k), r.workspace)
+            self.sim.alloc(("ws", k), self.r.workspace)
+        if len(_STARTS) >= 64:
+            del _STARTS[next(iter(_STARTS))]
+        _STARTS[key] = (self.sim.copy(), self.made_states)
+
+    def run(self, steps: int = 2) -> int:
+        r = self.r
+        self._start()
         for _ in range(steps):
             for mb in range(r.micro):
                 self._forward(mb)
