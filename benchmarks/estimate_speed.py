@@ -3,7 +3,13 @@ long `import shardlab` takes in a fresh interpreter (budget 0.5 s; tests/test_pl
 it imports neither torch nor deepspeed, since a timing on a shared 2-core machine is no test).
 
 A full estimate = load nothing, resolve the model, memory + communication + step time, and
-`to_dict()`. Plans and models vary across the loop so no single cached shape flatters the figure.
+`to_dict()`. Two figures: the median over plans estimated again and again (warm: every cache filled),
+and the cold ones, which the 5 ms budget holds to: a widget changes one field at a time, so what a
+user waits for is a plan never estimated before. Cold, per framework and setting (COLD): "new plan"
+is gpt-1.3b at micro-batches it has not been estimated at (the shape warm, as in a running widget;
+the median of COLD_MICRO), "new shape" shapes never seen (29-31 layers, hidden 3072, T 4096; the
+median of three). Most of a
+cold estimate is the reserved-memory replay (stepsim.py, dsreplay.py: thousands of allocator requests).
 
 `--trace` times the traced estimate instead (issue 13: gpt-1.3b and llama-8b, 8 GPUs, ZeRO-3, mb 1;
 seconds to minutes on a CPU, the first trace of a process paying a one-time set-up).
@@ -30,6 +36,44 @@ CASES = [
     ({"framework": "deepspeed", "sharding": "zero2", "offload": {"optimizer": "cpu"}}, "gpt-13b"),
     ({"framework": "deepspeed", "sharding": "zero1", "activation_checkpointing": True}, 7e9),
 ]
+
+
+COLD = [  # (label, plan): the cold figures, one per framework and setting the replays cover
+    ("fsdp1 zero3", {"framework": "fsdp1", "sharding": "zero3"}),
+    ("fsdp2 zero3", {"framework": "fsdp2", "sharding": "zero3"}),
+    ("fsdp2 zero2 x8", {"framework": "fsdp2", "sharding": "zero2", "topology": {"gpus_per_node": 8}}),
+    ("fsdp1 cpu offload", {"framework": "fsdp1", "sharding": "zero3", "offload": {"optimizer": "cpu", "params": "cpu"}}),
+    ("fsdp2 cpu offload", {"framework": "fsdp2", "sharding": "zero3", "offload": {"optimizer": "cpu", "params": "cpu"}}),
+    ("deepspeed ddp", {"framework": "deepspeed", "sharding": "ddp"}),
+    ("deepspeed zero1", {"framework": "deepspeed", "sharding": "zero1"}),
+    ("deepspeed zero3", {"framework": "deepspeed", "sharding": "zero3"}),
+    ("deepspeed zero3 x8", {"framework": "deepspeed", "sharding": "zero3", "topology": {"gpus_per_node": 8}}),
+    ("deepspeed zero2 cpu offload", {"framework": "deepspeed", "sharding": "zero2", "offload": {"optimizer": "cpu"}}),
+]
+COLD_MICRO = (3, 5, 6)  # micro-batches never estimated before in this process (CASES use the default, 1)
+
+
+def cold_times() -> dict:
+    """label -> (median seconds of a new plan, median seconds of a new shape), for each COLD entry."""
+    from shardlab.models import ModelSpec
+
+    out = {}
+    for k, (label, d) in enumerate(COLD):
+        base = plan_from_dict(d, check=False)
+        estimate(base, "gpt-1.3b", "h100-80gb").to_dict()  # the shape warm, as a running widget has it
+        fresh = []
+        for mb in COLD_MICRO:
+            p = base.model_copy(update={"micro_batch_size": mb})
+            t = time.perf_counter()
+            estimate(p, "gpt-1.3b", "h100-80gb").to_dict()
+            fresh.append(time.perf_counter() - t)
+        shapes = []
+        for layers in (29, 30, 31):  # uncached: a shape not seen before (its replay neither)
+            t = time.perf_counter()
+            estimate(base, ModelSpec(f"fresh{k}-{layers}", layers, 3072, 24, 50000, 4096), "h100-80gb").to_dict()
+            shapes.append(time.perf_counter() - t)
+        out[label] = (statistics.median(fresh), statistics.median(shapes))
+    return out
 
 
 def import_seconds(repeat: int = 5) -> float:
@@ -77,29 +121,17 @@ def main(argv=None) -> int:
         times.append(time.perf_counter() - t)
     times.sort()
     med, p99 = statistics.median(times), times[int(0.99 * len(times))]
-    cold = time.perf_counter()
-    from shardlab.models import ModelSpec
-
-    estimate(plans[0][0], ModelSpec("fresh", 30, 3072, 24, 50000, 4096)).to_dict()  # uncached shape
-    cold = time.perf_counter() - cold
-    fresh = []  # plans not estimated before on a warm shape: FSDP's reserved replay (stepsim.py) is not cached yet
-    for mb in (3, 5, 6):
-        p = plans[0][0].model_copy(update={"micro_batch_size": mb})
-        t = time.perf_counter()
-        estimate(p, plans[0][1], "h100-80gb").to_dict()
-        fresh.append(time.perf_counter() - t)
-    fresh_ds = []  # the same for DeepSpeed's replay (dsreplay.py), ZeRO-3 and ZeRO-1 on gpt-1.3b
-    for stage, mb in (("zero3", 3), ("zero3", 5), ("zero1", 6)):
-        p = plans[0][0].model_copy(update={"framework": "deepspeed", "sharding": stage, "micro_batch_size": mb})
-        t = time.perf_counter()
-        estimate(p, plans[0][1], "h100-80gb").to_dict()
-        fresh_ds.append(time.perf_counter() - t)
-    print(f"full estimate: median {med * 1e3:.3f} ms, p99 {p99 * 1e3:.3f} ms, uncached shape {cold * 1e3:.3f} ms, "
-          f"new FSDP plan {statistics.median(fresh) * 1e3:.1f} ms, new DeepSpeed plan {statistics.median(fresh_ds) * 1e3:.1f} ms "
-          f"({a.repeat} runs, {len(CASES)} plans; budget 5 ms)")
+    cold = cold_times()
+    worst = max(max(v) for v in cold.values())
+    print(f"full estimate, warm (plans repeated): median {med * 1e3:.3f} ms, p99 {p99 * 1e3:.3f} ms ({a.repeat} runs, "
+          f"{len(CASES)} plans)")
+    print("cold estimate (a plan or shape not estimated before: what a widget user waits for; the 5 ms budget holds to these):")
+    for name, (plan_s, shape_s) in cold.items():
+        print(f"  {name:<24} new plan {plan_s * 1e3:6.2f} ms   new shape {shape_s * 1e3:6.2f} ms")
+    print(f"worst cold {worst * 1e3:.2f} ms: {'within' if worst < 0.005 else 'OVER'} the 5 ms budget")
     imp = import_seconds()
     print(f"import shardlab: {imp:.3f} s (fastest of 5 fresh interpreters; budget 0.5 s)")
-    return 0 if med < 0.005 and imp < 0.5 else 1
+    return 0 if worst < 0.005 and imp < 0.5 else 1
 
 
 if __name__ == "__main__":

@@ -70,3 +70,36 @@ def test_segment_sizes_follow_torchs_rules():
     assert segment_size(512) == 2 << 20 and segment_size(1 << 20) == 2 << 20
     assert segment_size((1 << 20) + 512) == 20 << 20 and segment_size((10 << 20) - 512) == 20 << 20
     assert segment_size(10 << 20) == 10 << 20 and segment_size((10 << 20) + 512) == 12 << 20
+
+
+def _replay_fast(ops, sim, copy_at=None):
+    """The same requests through the replays' shortcuts: an allocation freed at once as touch(), and,
+    at op `copy_at`, the rest issued into a copy() (the start-up cache of stepsim.py)."""
+    k = 0
+    while k < len(ops):
+        if k == copy_at:
+            sim = sim.copy()
+        op = ops[k]
+        nxt = ops[k + 1] if k + 1 < len(ops) else None
+        if op[0] == "a" and nxt is not None and nxt[0] == "f" and nxt[1] == op[1] and op[1] not in sim.live and k + 1 != copy_at:
+            sim.touch(op[2])
+            k += 2
+            continue
+        sim.alloc(op[1], op[2]) if op[0] == "a" else sim.free(op[1])
+        k += 1
+    return sim
+
+
+def test_touch_and_copy_reserve_what_the_h200_reserved():
+    """touch() (allocate and free at once) and copy() (resume from a copied state) are what the replays
+    use to issue fewer requests: the H200's random sequences through them still give its figures."""
+    doc = json.loads((RESULTS / "cachesim_h200.json").read_text())
+    seq = _check_script().sequence
+    touched = 0
+    for row in doc["rows"]:
+        ops = list(seq(row["seed"]))
+        touched += sum(1 for a, b in zip(ops, ops[1:]) if a[0] == "a" and b[0] == "f" and a[1] == b[1])
+        sim = _replay_fast(ops, CachingAllocator(), copy_at=len(ops) // 2)
+        assert (sim.peak_reserved, sim.segments) == (row["peak_reserved_bytes"], row["segments"]), row["seed"]
+        assert sim.peak_allocated == row["peak_allocated_bytes"]
+    assert touched > 0  # the shortcut was exercised

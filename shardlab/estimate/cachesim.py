@@ -20,6 +20,11 @@ the requests, not only on their peak: a long-lived tensor allocated inside a fre
 (optimizer states made lazily at the first step inside the first backward's freed activations or
 reduce bucket) splits it, and the next step's transient tensor of that size needs a new segment.
 The traced estimate (trace.py) replays every storage of its fake training step through this.
+
+Speed: the analytical estimate replays its step through this for every plan a widget has not shown
+before (stepsim.py, dsreplay.py), so the bookkeeping is lean: blocks are lists, a pool's free blocks
+one sorted list of ints (size << 48 | address: best fit by bisect), `touch()` stands for an allocation
+freed at once (the same state as the two calls), `copy()` lets a replay resume from a cached state.
 """
 
 from __future__ import annotations
