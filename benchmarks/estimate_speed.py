@@ -88,8 +88,15 @@ def main(argv=None) -> int:
         t = time.perf_counter()
         estimate(p, plans[0][1], "h100-80gb").to_dict()
         fresh.append(time.perf_counter() - t)
+    fresh_ds = []  # the same for DeepSpeed's replay (dsreplay.py), ZeRO-3 and ZeRO-1 on gpt-1.3b
+    for stage, mb in (("zero3", 3), ("zero3", 5), ("zero1", 6)):
+        p = plans[0][0].model_copy(update={"framework": "deepspeed", "sharding": stage, "micro_batch_size": mb})
+        t = time.perf_counter()
+        estimate(p, plans[0][1], "h100-80gb").to_dict()
+        fresh_ds.append(time.perf_counter() - t)
     print(f"full estimate: median {med * 1e3:.3f} ms, p99 {p99 * 1e3:.3f} ms, uncached shape {cold * 1e3:.3f} ms, "
-          f"new FSDP plan {statistics.median(fresh) * 1e3:.1f} ms ({a.repeat} runs, {len(CASES)} plans; budget 5 ms)")
+          f"new FSDP plan {statistics.median(fresh) * 1e3:.1f} ms, new DeepSpeed plan {statistics.median(fresh_ds) * 1e3:.1f} ms "
+          f"({a.repeat} runs, {len(CASES)} plans; budget 5 ms)")
     imp = import_seconds()
     print(f"import shardlab: {imp:.3f} s (fastest of 5 fresh interpreters; budget 0.5 s)")
     return 0 if med < 0.005 and imp < 0.5 else 1

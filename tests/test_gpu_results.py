@@ -14,6 +14,7 @@ import pytest
 from shardlab.estimate import estimate
 
 ROOT = Path(__file__).resolve().parents[1]
+GIB = 2**30
 RESULTS = sorted((ROOT / "benchmarks" / "results").glob("gpu_validate_*.json"))
 KEYS = {"device", "world_size", "framework", "sharding", "offload", "activation_checkpointing", "tokens_per_s",
         "tflops", "mfu", "peak_allocated_bytes", "predicted_peak_bytes", "bare_tokens_per_s"}
@@ -178,20 +179,47 @@ def test_reserved_memory_model_holds_on_rows_it_was_not_fitted_to():
 
 
 def test_analytical_reserved_on_every_recorded_h200_row(recorded_rows):
-    """Peak reserved against every recorded run without an allocator cap (283 rows on 2026-12-02 with
-    session 9's llama1b grid, the gpt125 tune files repeating their grid four times): a band that holds
-    today's count, so a change that loses rows fails. Since session 9 FSDP without offload replays its
-    step (stepsim.py): median 3.2% (4.9% with the factor alone), 266 within 10% (244 with the factor);
-    264 of the 276 without parameter offload, whose transfer blocks are not modelled. (Session 9's
-    first replay had 242: the gpt-125m rows named in test_replayed_fsdp_reserved_on_every_recorded_row
-    were -15..-17% until the replay declined them, stepsim.UNVERIFIED_ROWS.)"""
+    """Peak reserved against every recorded run without an allocator cap (331 rows on 2026-12-02 with
+    session 10's res set and live llama1b tune, the gpt125 tune files repeating their grid four times): a
+    band that holds today's count, so a change that loses rows fails. FSDP without offload replays its
+    step (stepsim.py) since session 9, DeepSpeed ddp / ZeRO-1 / ZeRO-3 without offload (dsreplay.py) since
+    session 10, FSDP's CPU offload too: median 2.3% (3.2% before), 318 within 10% (312 before); 315 of
+    the 324 without parameter offload (310 before, largest miss 18.2% -> 13.6%); every row within 32%
+    (51% before: FSDP1 offload #38)."""
     rows = [r for r in recorded_rows if r["reserved_error"] is not None]
-    assert len(rows) >= 283
+    assert len(rows) >= 331
     plain = [r for r in rows if r.get("group", {}).get("offload") != "both"]
-    assert sum(abs(r["reserved_error"]) <= 0.10 for r in rows) >= 266
-    assert sum(abs(r["reserved_error"]) <= 0.10 for r in plain) >= 264
-    assert max(abs(r["reserved_error"]) for r in plain) <= 0.19
-    assert statistics.median(abs(r["reserved_error"]) for r in rows) <= 0.04
+    assert sum(abs(r["reserved_error"]) <= 0.10 for r in rows) >= 318
+    assert sum(abs(r["reserved_error"]) <= 0.10 for r in plain) >= 315
+    assert max(abs(r["reserved_error"]) for r in plain) <= 0.14
+    assert max(abs(r["reserved_error"]) for r in rows) <= 0.32
+    assert statistics.median(abs(r["reserved_error"]) for r in rows) <= 0.025
+
+
+def test_replayed_deepspeed_reserved_on_every_recorded_row(recorded_rows):
+    """DeepSpeed without ZeRO, ZeRO-1 and ZeRO-3, no offload: reserved from DeepSpeed's own allocation
+    order replayed through the allocator's rules (dsreplay.py, no fitted constant), judged by every
+    recorded H200 run of those plans. The fidelity files' 42 rows: 39 within 10% (32 with the fitted
+    factor, whose misses ran +18% for small models and -11% for large ones), median within 1% (5.2%).
+    The three misses are short by one step-sized segment the run made and the replay does not: #118
+    (gpt1280 ddp, Ψ over DeepSpeed's 500M all-reduce chunk, -13.6%), #306 (llama100k ZeRO-1 ga2, -11.2%),
+    #105 (gpt1280 ZeRO-1 fp32 ga2, -10.2%)."""
+    rows = [r for r in recorded_rows if r["reserved_error"] is not None and r["group"]["offload"] == "none"
+            and r["group"]["framework"] in ("deepspeed ddp", "deepspeed zero1", "deepspeed zero3")]
+    fid = [r for r in rows if r["source"].startswith("fidelity")]
+    assert len(fid) >= 42 and sum(abs(r["reserved_error"]) <= 0.10 for r in fid) >= 39
+    assert statistics.median(abs(r["reserved_error"]) for r in fid) <= 0.01
+    assert max(abs(r["reserved_error"]) for r in fid) <= 0.14
+
+
+def test_reserved_on_the_held_out_res_set(recorded_rows):
+    """Issue 13's held-out bar on session 10's res set (fidelity_h200_res.json, #601-612: gpt896 and
+    llama48k shapes, every framework, measured before any change of that session and fitted by no
+    one): every run within 10%, median within 5% (before session 10: #609 +12.1%, #606 +10.1%)."""
+    rows = [r for r in recorded_rows if r["source"] == "fidelity_h200_res" and r["reserved_error"] is not None]
+    assert len(rows) >= 12
+    assert max(abs(r["reserved_error"]) for r in rows) <= 0.10
+    assert statistics.median(abs(r["reserved_error"]) for r in rows) <= 0.05
 
 
 def test_replayed_fsdp_reserved_on_every_recorded_row(recorded_rows):
@@ -201,7 +229,9 @@ def test_replayed_fsdp_reserved_on_every_recorded_row(recorded_rows):
     moves 5-14% between runs), median within 2%; the tune grids' gpt-125m rows within 10%. Those
     without checkpointing at micro-batch 16 x 1 and 8 x 2 are not replayed (stepsim.UNVERIFIED_ROWS:
     the H200 made one more [tokens, vocab] fp32 block in the second step than the replay and the
-    trace do, -15..-17%, not explained): the factor gives them -2..-8%."""
+    trace do, -15..-17%, not explained): the factor gives them -2..-8%. (#609, FSDP1 NO_SHARD on one
+    rank, was +12.1% until session 10: the replay kept the root unit's compute-dtype copy from forward
+    to the end of backward, which NO_SHARD frees after forward and casts again for backward.)"""
     rows = [r for r in recorded_rows if r["reserved_error"] is not None and r["group"]["offload"] == "none"
             and r["group"]["framework"].startswith("fsdp")]
     fid = [r for r in rows if r["source"].startswith("fidelity")]
@@ -222,11 +252,48 @@ def test_reserved_on_the_held_out_llama1b_grid(recorded_rows):
     assert statistics.median(abs(r["reserved_error"]) for r in rows) <= 0.05
 
 
+def test_replayed_fsdp_offload_streams_match_the_allocator_probe():
+    """FSDP1 and FSDP2 with CPU offload (stepsim.py since session 10) judged by the allocator probe's segments per
+    stream (allocator_probe_h200.json, #38 llama300 and #109 llama65k, both NO_SHARD on one H200): the
+    unshard stream (each unit copied in as fp32 and cast) and the reduce stream (every unit's fp32
+    gradient held until the step) within 2% of what the H200 reserved on them; the whole within 15% of
+    the probe run's peak (#38 -2.9%, #109 -13%: its default stream is 1.5 GiB short, the pre-unshard
+    stream's 0.4 GiB is not modelled). The fidelity runs of the same plans reserved 18% (#38) and 8%
+    (#109) more than the probe's runs: FSDP1's side streams make reserved vary run to run."""
+    from shardlab.estimate import stepsim
+    from shardlab.estimate.basis import resolve
+    from shardlab.estimate.memory import cublas_workspaces
+    from shardlab.models import resolve_model
+
+    fid = _fidelity()
+    probe = {r["id"]: r for r in json.loads((ROOT / "benchmarks" / "results" / "allocator_probe_h200.json").read_text())["rows"]}
+    for rid, unshard, grads in ((38, 0.369, 0.934), (109, 1.129, 1.9)):
+        row = next(r for f in FIDELITY.values() for r in f if r["id"] == rid)
+        plan = fid.plan_for(row)
+        r = stepsim.covered_recipe(plan, resolve(plan, resolve_model(fid.model_for(row))), cublas_workspaces("h200"))
+        step = stepsim._Step(r)
+        step.run()
+        got = step.sim.pool_reserved
+        assert got[(stepsim.UNSHARD_STREAM, False)] / GIB == pytest.approx(unshard, rel=0.02)
+        assert got[(stepsim.REDUCE_STREAM, False)] / GIB == pytest.approx(grads, rel=0.02)
+        assert step.sim.peak_reserved == pytest.approx(probe[rid]["peak_reserved_bytes"], rel=0.15)
+    # FSDP2 with CPU offload (#308, llama100k ZeRO-3): shards on the CPU after start-up, each reduced
+    # gradient copied out and freed, the root group reduced once at the end: both streams within 2%
+    row = next(r for r in json.loads((ROOT / "benchmarks" / "results" / "fidelity_h200_val.json").read_text()) if r["id"] == 308)
+    plan = fid.plan_for(row)
+    step = stepsim._Step(stepsim.covered_recipe(plan, resolve(plan, resolve_model(fid.model_for(row))), cublas_workspaces("h200")))
+    step.run()
+    assert step.sim.pool_reserved[(0, False)] / GIB == pytest.approx(11.715, rel=0.02)
+    assert step.sim.pool_reserved[(stepsim.REDUCE_STREAM, False)] / GIB == pytest.approx(2.201, rel=0.02)
+    assert step.sim.peak_reserved == pytest.approx(probe[308]["peak_reserved_bytes"], rel=0.02)
+
+
 def test_deepspeed_zero12_bucket_takes_a_second_segment():
     """ZeRO-1/2's reduce bucket (954 MiB in bf16) is made again each step in a segment of its own (its
     freed block is split by the optimizer step's requests: allocator probe, two setup_buckets segments).
     On a small model that decides reserved: H200 host rows #202 (ZeRO-1) and #203 (ZeRO-2) reserved
-    2.11 GiB at 1.25 GiB allocated, 28% over the fragmentation factor's 1.52 GiB."""
+    2.11 GiB at 1.25 GiB allocated, 28% over the fragmentation factor's 1.52 GiB. ZeRO-1's figure comes
+    from DeepSpeed's replayed step (dsreplay.py) since session 10, ZeRO-2's from the factor's floor."""
     for rid in (202, 203):
         row = HOST[rid]
         assert _predicted(row)["peak_reserved"] == pytest.approx(row["peak_reserved_bytes"], rel=0.05)

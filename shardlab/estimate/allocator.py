@@ -31,13 +31,18 @@ decides only where the bucket is large beside the peak (#202/#203, 1.25 GiB allo
 
 Where the plan allows (FSDP1/FSDP2 without CPU offload), memory.py takes reserved from stepsim.py
 instead: the analytical model's own step, request by request, through cachesim.py, with no fitted
-constant (session 9: those recorded fidelity rows median 1.5% off, against the factor's 5%). The factor
-stays for DeepSpeed and offload.
+constant (session 9: those recorded fidelity rows median 1.5% off, against the factor's 5%); since
+session 10 DeepSpeed without ZeRO, ZeRO-1 and ZeRO-3 without offload replay DeepSpeed's own order
+(dsreplay.py: 39 of 42 fidelity rows within 10%, median 0.7%, against the factor's 32 and 5.2%). The
+factor stays for ZeRO-2 (replayed, not used: dsreplay.REPLAYED says why) and for DeepSpeed's offload;
+FSDP's offload is replayed since session 10 (stepsim.py: #38 -51% -> -18%, #109 -32% -> -20%, #308
+-13% -> +0.1%, #37 -7.7% -> -9.0%).
 
 What neither covers (docs/benchmarks.md, memory section): FSDP1's side streams (each with its own
 cache, reserved varying 5-14% run to run), parameter offload's transfer blocks (FSDP's and
 DeepSpeed's: rows 36, 38, 109, 117, 308 reserve 1.4-1.8 x their peak), DeepSpeed ZeRO-3's
-empty_cache calls and sub-group-sized fp32 buffers in segments of their own. The traced estimate
+empty_cache calls and sub-group-sized fp32 buffers in segments of their own (dsreplay.py models
+both since session 10). The traced estimate
 replays a fake step's own requests through cachesim.py instead (FSDP1/FSDP2).
 
 fit(): what decides whether a plan fits, for the estimate, `shardlab tune` and the widgets alike.

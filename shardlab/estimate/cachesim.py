@@ -11,7 +11,9 @@ no max_split_size, no garbage-collection threshold: torch's defaults):
 - when no cached block holds it, a new segment is made (cudaMalloc): 2 MiB for small requests,
   20 MiB for large requests under 10 MiB, else the request rounded up to 2 MiB;
 - a freed block merges with free neighbours of its own segment; segments are never given back
-  (torch only does that on empty_cache() or when cudaMalloc fails at the memory limit).
+  (torch only does that on empty_cache() or when cudaMalloc fails at the memory limit);
+- empty_cache() gives back every segment with no live block in it (DeepSpeed calls it while it
+  builds its engine: dsreplay.py).
 
 So reserved memory (what torch.cuda.max_memory_reserved reads) depends on the order and sizes of
 the requests, not only on their peak: a long-lived tensor allocated inside a freed transient block
@@ -53,13 +55,15 @@ class _Block:
 
 
 class CachingAllocator:
-    """alloc(key, nbytes, stream=0) / free(key); `reserved`, `peak_reserved`, `allocated`, `peak_allocated`."""
+    """alloc(key, nbytes, stream=0) / free(key); `reserved`, `peak_reserved`, `allocated`, `peak_allocated`,
+    `pool_reserved` (bytes of segments per (stream, small pool?))."""
 
     def __init__(self):
         self.pools: dict[tuple, list] = {}  # (stream, small?) -> sorted [(size, addr, block)] of free blocks
         self.live: dict = {}  # key -> block
         self.reserved = self.peak_reserved = self.allocated = self.peak_allocated = 0
         self.segments = 0
+        self.pool_reserved: dict[tuple, int] = {}  # (stream, small?) -> bytes of its segments
         self._next_addr = 0
 
     def _insert(self, b: _Block) -> None:
@@ -87,6 +91,7 @@ class CachingAllocator:
             b = _Block(self._next_addr, seg, pool)
             self._next_addr += seg
             self.reserved += seg
+            self.pool_reserved[pool] = self.pool_reserved.get(pool, 0) + seg
             self.segments += 1
             if self.reserved > self.peak_reserved:
                 self.peak_reserved = self.reserved
@@ -124,3 +129,16 @@ class CachingAllocator:
             if nxt.next is not None:
                 nxt.next.prev = b
         self._insert(b)
+
+    def empty_cache(self) -> None:
+        """torch.cuda.empty_cache(): every cached segment that holds no live block is given back."""
+        for pool, lst in self.pools.items():
+            keep = []
+            for size, addr, b in lst:
+                if b.prev is None and b.next is None:  # a free block that is its whole segment
+                    self.reserved -= size
+                    self.pool_reserved[pool] -= size
+                    self.segments -= 1
+                else:
+                    keep.append((size, addr, b))
+            self.pools[pool] = keep

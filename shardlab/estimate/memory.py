@@ -38,12 +38,15 @@ peak_allocated  what torch.cuda.max_memory_allocated should read: params + optim
            (measured on an H100: fsdp2 zero3 gpt-1b peaks at 21.6 GiB, 3.5 GiB of fp32 grads under
            the sum of all states + activations). DeepSpeed's gradient partitions are flat buffers
            allocated once, so they are there during forward.
-peak_reserved what torch.cuda.max_memory_reserved should read. FSDP1/FSDP2 without CPU offload:
-           the segments a replay of this step's requests makes (stepsim.py: states, activations,
-           loss rows, gathered units, reduce buffers, optimizer states and temporaries, two steps,
-           through the caching allocator's rules). Otherwise the allocator model (allocator.py): the
-           peak's segments times a fitted factor, at least the peak plus DeepSpeed ZeRO-1/2's reduce
-           bucket, which each step makes again in a segment of its own.
+peak_reserved what torch.cuda.max_memory_reserved should read. FSDP1 and FSDP2, with or
+           without CPU offload: the segments a replay of this step's requests makes
+           (stepsim.py: states, activations, loss rows, gathered units, reduce buffers, optimizer
+           states and temporaries, two steps, through the caching allocator's rules). DeepSpeed without ZeRO, ZeRO-1 and ZeRO-3 without
+           offload: the same replay with DeepSpeed's own allocation order (dsreplay.py: the engine's
+           flat buffers and empty_cache at start-up, gradient buckets and partitions, its optimizer
+           step). Otherwise the allocator model (allocator.py): the peak's segments times a fitted
+           factor, at least the peak plus DeepSpeed ZeRO-1/2's reduce bucket, which each step makes
+           again in a segment of its own.
 total      peak_allocated + overhead: what the GPU must hold (allocator.fit gives the verdict).
 
 CPU figures are per node (all local ranks), NVMe per node. Offload moves the optimizer side
@@ -59,6 +62,7 @@ from shardlab.units import GIB
 from .activations import activation_peak, saved_blocks
 from .allocator import CUDA_CONTEXT_BYTES, FRAGMENTATION, STRANDED, reserved, stranded
 from .basis import DS_ALLREDUCE_SIZE, DS_MAX_LIVE, DS_SUB_GROUP, Setup, ds3_kept_for_backward, ds_largest_module, fsdp_stage, persistent_numel, shard_numel
+from .dsreplay import ds_replayed_reserved
 from .stepsim import replayed_reserved
 
 
@@ -303,7 +307,7 @@ def memory(plan: Plan, s: Setup, traced_activations: int | None = None, gpu=None
     overhead = CUDA_CONTEXT_BYTES + stranded(live)
     # reserved: the step's own requests replayed through the allocator's rules where the replay covers
     # the plan (stepsim.py), else the fitted allocator model (allocator.py)
-    resv = replayed_reserved(plan, s, workspace)
+    resv = ds_replayed_reserved(plan, s, workspace) if s.ds else replayed_reserved(plan, s, workspace)
     per_gpu = {"params": parts["params"], "grads": parts["grads"], "optimizer": parts["optimizer"],
                "activations": act, "buffers": buffers + workspace, "step_buffers": parts["step"], "overhead": overhead,
                "peak_allocated": live, "peak_reserved": max(resv, live) if resv else reserved(live, parts.get("again", 0)),
@@ -323,7 +327,7 @@ def memory(plan: Plan, s: Setup, traced_activations: int | None = None, gpu=None
                             f"{plan.micro_batch_size} x {s.spec.seq_len} tokens, {s.P}-byte, SDPA/flash (no T^2 scores), peak at the fp32 loss's backward"
                             + (", checkpointed" if plan.activation_checkpointing else ""))
     notes["step_buffers"] = ("fp32 copy of the gradient partition for the optimizer step" if s.ds else "foreach optimizer temporaries (fp32)")
-    notes["peak_reserved"] = ("this step's requests replayed through the caching allocator's rules (stepsim.py)" if resv else
+    notes["peak_reserved"] = (f"this step's requests replayed through the caching allocator's rules ({'dsreplay' if s.ds else 'stepsim'}.py)" if resv else
                               f"peak allocated in 2 MiB segments x {1 + FRAGMENTATION:.3f}, a fitted fragmentation factor (allocator.py)"
                               + (", at least the peak + the reduce bucket made again each step" if parts.get("again") else ""))
     notes["overhead"] = f"CUDA context etc. {CUDA_CONTEXT_BYTES / GIB:g} GiB + {STRANDED:.0%} of the peak stranded in the allocator's split segments"

@@ -13,11 +13,16 @@ limits the allocator. No constant is fitted; a replay takes 3-80 ms, so it is ca
 (`Recipe`).
 
 Covered: FSDP1 and FSDP2 without CPU offload (recorded H200 rows: docs/benchmarks.md, session 9).
-Not covered (None: allocator.reserved's factor applies): without activation checkpointing, a micro-batch
-of 16k tokens or more whose fp32 loss rows exceed 2 GiB (UNVERIFIED_ROWS: the H200 held a segment
-more than the replay, not explained yet), DeepSpeed (its start-up flattening and
-ZeRO-3's empty_cache calls are not in the sequence), CPU offload (transfer blocks on side streams),
-bare parameter counts (no shape).
+CPU offload (session 10): no parameters or optimizer states on the GPU after start-up. FSDP1 copies
+each unit in as fp32 on the unshard stream and casts it there, and holds every unit's fp32 gradient
+on the reduce stream until the step (allocator probe #38 and #109: those two streams' reserved bytes
+replayed within 2%; the whole run's reserved varies 18% between two runs of #38, 3.51 and 4.15 GiB).
+FSDP2 moves its shards to the CPU after start-up, copies each reduced gradient out and frees it, and
+reduces its root group once at the end of backward (probe #308: both streams within 1%). DeepSpeed replays the same
+forward, loss and backward with its own parameters, gradients and optimizer step (dsreplay.py's DSStep,
+a subclass). Not covered (None: allocator.reserved's factor applies): without activation
+checkpointing, a micro-batch of 16k tokens or more whose fp32 loss rows exceed 2 GiB (UNVERIFIED_ROWS:
+the H200 held a segment more than the replay, not explained yet), bare parameter counts (no shape).
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ from .activations import _counted, _hf_llama, rope_tables
 from .basis import fsdp_stage
 from .cachesim import BLOCK, SMALL, SMALL_SEGMENT, CachingAllocator
 
+UNSHARD_STREAM = 2  # FSDP1 copies offloaded parameters in on a stream of its own
 REDUCE_STREAM = 1  # FSDP reduces gradients on a stream of its own: its blocks are cached apart
 # Without activation checkpointing, a micro-batch of at least UNVERIFIED_TOKENS tokens whose fp32
 # [tokens, vocab] loss rows exceed UNVERIFIED_ROWS is not replayed: no recorded run that the replay
@@ -84,6 +90,7 @@ class Recipe(NamedTuple):
     small: int  # bytes of those of at most 1 MiB (norms, biases): the small pool, see _small_pool
     workspace: int  # one cuBLAS workspace
     init: tuple  # FSDP2's start-up, in wrap order (blocks, then the root): (full fp32 bytes, shard bytes) per tensor
+    offload: bool = False  # FSDP1's CPU offload: each unit copied to the GPU in fp32 on the unshard stream, then cast
 
 
 def recipe(plan, s, workspace: int) -> Recipe:
@@ -120,9 +127,29 @@ class _Step:
         self.sim, self.r = CachingAllocator(), r
         self.d_bytes = r.tokens * r.hidden * r.P
         self.made_states = False
+        # FSDP1's NO_SHARD (one rank) frees every unit's compute-dtype copy when its forward ends, the
+        # root's too (_flat_param.py post_reshard frees _mp_shard), and casts the root again when the
+        # gradient reaches its output, the logits (H200 #609: kept to the end of backward, +12.1%)
+        self.root_out = r.framework == "fsdp1" and r.mode == "reshard" and r.shard == 1
+        # FSDP2 reduces its root group (embedding, final norm, head) once, when backward ends (allocator
+        # probe #308, CPU offload: its reduce stream held the root's 688 MiB reduce-scatter buffer and
+        # its 1374 MiB fp32 cast, 2.2 GiB in all, replayed exactly). Only with offload: without it the
+        # recorded rows fit the head's reduce at backward's start better (docs/benchmarks.md, session 10)
+        self._root_at_end = r.framework == "fsdp2" and r.offload
 
     def _gather(self, unit: int, key, backward: bool = False) -> None:
         if self.r.mode == "reshard" or (self.r.mode == "keep" and not backward):
+            self._copy_in(key, unit)
+
+    def _copy_in(self, key, unit: int) -> None:
+        """A unit's compute-dtype copy; with CPU offload its fp32 parameters are first copied to the GPU
+        on the unshard stream and cast there (H200 allocator probe #109: per unit a 4-byte block made and
+        freed beside the 2-byte one that stays, on a stream of their own)."""
+        if self.r.offload and self.r.framework == "fsdp1":
+            self.sim.alloc(("h2d",), 4 * -(-unit // self.r.shard), UNSHARD_STREAM)
+            self.sim.alloc(key, self.r.P * unit, UNSHARD_STREAM)
+            self.sim.free(("h2d",))
+        else:
             self.sim.alloc(key, self.r.P * unit)
 
     def _release(self, key, backward: bool = False) -> None:
@@ -132,7 +159,7 @@ class _Step:
     def _forward(self, mb) -> None:
         sim, r = self.sim, self.r
         if r.mode is not None:
-            sim.alloc(("g", "root"), r.P * r.root)
+            self._copy_in(("g", "root"), r.root)
         sim.alloc(("x", mb, -1), self.d_bytes)  # the embedding's output: block 0's input
         for i, unit in enumerate(r.blocks):
             self._gather(unit, ("g", i))
@@ -152,6 +179,8 @@ class _Step:
         rows = 4 * r.tokens * r.vocab
         sim.alloc(("norm", mb), self.d_bytes)
         sim.alloc(("logits", mb), r.P * r.tokens * r.vocab)
+        if self.root_out:
+            sim.free(("g", "root"))
         if r.P < 4:
             sim.alloc(("f32", mb), rows)
         sim.alloc(("lsm", mb), rows)
@@ -163,6 +192,8 @@ class _Step:
         sim.free(("lsm", mb))
         if r.P < 4:
             sim.alloc(("dlogits", mb), r.P * r.tokens * r.vocab)
+            if self.root_out:
+                self._copy_in(("g", "root"), r.root)
             sim.free(("dlsm", mb))
         sim.alloc(("dx", mb), self.d_bytes)
         sim.free(("dlogits", mb))
@@ -188,12 +219,15 @@ class _Step:
         sim.alloc((("grad",) if first else ("rf",)) + key, 4 * shard, REDUCE_STREAM)
         for k in ("ug", "rs", "out", "rf"):
             sim.free((k,) + key)
+        if r.offload and r.framework == "fsdp2":  # the gradient lives on the CPU: copied out, freed
+            sim.free(("grad",) + key)  # (probe #308: the blocks' fp32 gradients share two segments)
 
     def _backward(self, mb, first: bool) -> None:
         """Blocks in reverse: (gathered again,) recomputed under checkpointing, each saved tensor's
         gradient made as the tensor is freed, the block's gradient reduced."""
         sim, r = self.sim, self.r
-        self._reduce(r.head, ("head",), first)
+        if not self._root_at_end:
+            self._reduce(r.head, ("head",), first)
         for i in reversed(range(len(r.blocks))):
             self._gather(r.blocks[i], ("g", i), backward=True)
             if r.checkpointing:  # the block's forward again
@@ -210,7 +244,10 @@ class _Step:
             self._release(("g", i), backward=True)
         sim.free(("x", mb, -1))
         sim.free(("dx", mb))
-        self._reduce(r.root - r.head, ("embed",), first)
+        if self._root_at_end:  # FSDP2's root group (embedding, final norm, head) reduces once, at the end
+            self._reduce(r.root, ("root",), first)
+        else:
+            self._reduce(r.root - r.head, ("embed",), first)
         if r.mode is not None:  # the root unit is not resharded after forward (FSDP1 and FSDP2 keep it for backward)
             sim.free(("g", "root"))
 
@@ -253,6 +290,9 @@ class _Step:
             if held > SMALL:
                 sim.alloc(("p", k), held)
             sim.free(("full", k))
+        if r.offload:  # CPUOffloadPolicy: the shards move to the CPU, their segments stay cached
+            for k in range(len(r.init)):
+                sim.free(("p", k))
 
     def run(self, steps: int = 2) -> int:
         r = self.r
@@ -281,15 +321,26 @@ def _replay(r: Recipe) -> int:
     return _Step(r).run() + _small_pool(r)
 
 
+def unverified(plan, s) -> bool:
+    """The regime no replay has matched (UNVERIFIED_TOKENS / UNVERIFIED_ROWS above): FSDP's replay and
+    DeepSpeed's (dsreplay.py) both decline it."""
+    tokens = plan.micro_batch_size * s.spec.seq_len
+    return not plan.activation_checkpointing and tokens >= UNVERIFIED_TOKENS and 4 * tokens * s.spec.vocab > UNVERIFIED_ROWS
+
+
+def covered_recipe(plan, s, workspace: int) -> Recipe | None:
+    """The replay's recipe for `plan`, or None where the replay does not cover it (module docstring)."""
+    offload = s.offload_opt != "none" or s.offload_params != "none"
+    if s.ds or s.spec.is_bare or s.unknown_units or unverified(plan, s):
+        return None
+    r = recipe(plan, s, workspace)
+    if offload:  # FSDP1 offloads parameters, gradients and optimizer together: none of them stay on the GPU
+        r = r._replace(params=(), small=0, opt_states=0, offload=True)
+    return r if len(r.blocks) == s.spec.layers else None  # units not one per block (size / none policies): not replayed
+
+
 def replayed_reserved(plan, s, workspace: int) -> int | None:
     """Peak reserved bytes of the replayed step, or None where the replay does not cover the plan
     (see the module docstring). workspace: bytes of the step's cuBLAS workspaces."""
-    if s.ds or s.offload_opt != "none" or s.offload_params != "none" or s.spec.is_bare or s.unknown_units:
-        return None
-    tokens = plan.micro_batch_size * s.spec.seq_len
-    if not plan.activation_checkpointing and tokens >= UNVERIFIED_TOKENS and 4 * tokens * s.spec.vocab > UNVERIFIED_ROWS:
-        return None
-    r = recipe(plan, s, workspace)
-    if len(r.blocks) != s.spec.layers:  # units that are not one per block (size / none policies): not replayed
-        return None
-    return _replay(r)
+    r = covered_recipe(plan, s, workspace)
+    return None if r is None else _replay(r)

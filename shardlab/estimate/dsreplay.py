@@ -1,0 +1,262 @@
+"""DeepSpeed's reserved memory from a replay: its own allocation order through the caching allocator.
+
+stepsim.py replays FSDP's training step request by request through cachesim.py's rules. DeepSpeed
+allocates in an order of its own, and that order is what decides its reserved memory (no fitted
+factor): `DSStep` keeps stepsim's forward, loss and backward of the activations (they do not depend on
+the framework) and replaces the parameters, gradients and optimizer with DeepSpeed 0.19.8's requests:
+
+engine start-up  the model is cast on the CPU and moved to the GPU parameter by parameter (engine.py
+                 _configure_distributed_model). Without ZeRO in 16-bit, FP16_Optimizer clones every
+                 parameter, flattens the clones into one buffer (the parameters become views of it),
+                 clones that to an fp32 master and runs one optimizer step on zero gradients, so Adam's
+                 states exist from the start (fp16/fused_optimizer.py). ZeRO-1/2 call empty_cache,
+                 flatten the 16-bit model into one buffer (the per-parameter blocks stay cached, free),
+                 clone this rank's partition to fp32 and make and drop one fp32 gradient
+                 (stage_1_and_2.py __init__, initialize_optimizer_states). ZeRO-3 partitions each
+                 parameter, then `defragment` frees every partition and calls empty_cache (the whole
+                 model's segments are given back) before one flat 16-bit buffer is made; the fp32
+                 master (a cast, then a clone), a zeroed fp32 gradient of the largest sub-group, the
+                 contiguous gradient bucket (reduce_bucket_size elements) and the flat gradient
+                 partition (stage3.py _setup_for_real_optimizer) follow and stay.
+backward         each parameter's gradient is made by autograd. Without ZeRO and in ZeRO-1 it stays
+                 (.grad) until the boundary; ZeRO-1 allocates its whole bucket at the first gradient
+                 hook and frees it when the boundary's reduction has moved the gradients into the
+                 partition buffer. ZeRO-2 copies each gradient into its bucket and frees it; the
+                 partition buffer is made when the bucket first flushes, the bucket freed at every
+                 backward's end. ZeRO-3 copies into its resident bucket; each flush reduce-scatters
+                 into a new tensor on its reduce stream, copied into the flat partition and freed.
+                 Without ZeRO the boundary flattens the gradients to all-reduce them (500M elements
+                 at a time).
+optimizer step   FP16_Optimizer casts each .grad to fp32 and flattens the casts (both alive at the
+                 flatten). ZeRO-1/2/3 take the gradient norm one gradient at a time in fp32, flatten
+                 the partition in 16 bits and cast that to fp32 (per sub-group in ZeRO-3). FusedAdam
+                 makes its two states at the first step (ZeRO and fp32 without ZeRO).
+
+The runner resets the peak statistics at every measured step, after the engine is built, so the
+replay's peak is taken from the first step on. Reserved memory is what the replay's allocator holds at
+its peak: what torch.cuda.max_memory_reserved reads. Not covered (None: allocator.reserved's factor):
+CPU or NVMe offload (pinned host buffers and transfer blocks on side streams), ZeRO++, a bare count.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from typing import NamedTuple
+
+from .basis import DS_ALLREDUCE_SIZE, DS_SUB_GROUP, shard_numel
+from .stepsim import REDUCE_STREAM, Recipe, _Step, recipe, unverified
+
+# Stages whose reserved memory comes from the replay. ZeRO-2 is replayed but not used: on the recorded
+# H200 rows (16 configurations, docs/benchmarks.md "Session 10: reserved") the replay's median error is
+# 0.7% against the factor's 4.1%, but 3 rows miss by more than 10% against the factor's 1, each short by
+# one segment of a step-sized buffer the run made and the replay does not (#9 -12.0%, #114 -16.2%,
+# the llama1b grid's zero2 mb4x1 -10.4%; not explained yet).
+REPLAYED = ("ddp", "zero1", "zero3")
+
+
+class DSRecipe(NamedTuple):
+    """DeepSpeed's side of the replay (elements unless named bytes); hashable, replays are cached."""
+
+    stage: str  # ddp | zero1 | zero2 | zero3
+    psi: int  # parameters
+    local: int  # this rank's partition (padded)
+    bucket: int  # reduce_bucket_size
+    embed: tuple  # parameter elements, forward order
+    block: tuple
+    layers: int
+    head: tuple
+
+
+def _chunks(total: int, size: int) -> list[int]:
+    return [min(size, total - k) for k in range(0, total, size)] if total else []
+
+
+class DSStep(_Step):
+    """stepsim's step with DeepSpeed's parameters, gradients and optimizer (module docstring)."""
+
+    def __init__(self, r: Recipe, d: DSRecipe):
+        super().__init__(r)
+        self.d = d
+        self.fill = 0  # elements waiting in the gradient bucket
+        self.order = list(d.embed) + list(d.block) * d.layers + list(d.head)
+
+    # parameters of a backward unit (stepsim's _backward names them by key), with their index
+    def _unit_params(self, key) -> list[tuple[int, int]]:
+        d = self.d
+        ne, nb = len(d.embed), len(d.block)
+        if key[0] == "head":
+            first, n = ne + nb * d.layers, len(d.head)
+        elif key[0] == "b":
+            first, n = ne + nb * key[1], nb
+        else:
+            first, n = 0, ne
+        return [(first + k, self.order[first + k]) for k in range(n)]
+
+    def _init(self) -> None:
+        sim, d, P = self.sim, self.d, self.r.P
+        if d.stage != "zero3":
+            for k, n in enumerate(self.order):  # module.to(device), already cast on the CPU
+                sim.alloc(("p", k), P * n)
+        if d.stage == "ddp":
+            if P < 4:  # FP16_Optimizer: clone, flatten, fp32 master, one step on zero gradients
+                for k, n in enumerate(self.order):
+                    sim.alloc(("c", k), P * n)
+                sim.alloc(("flat",), P * d.psi)
+                for k in range(len(self.order)):
+                    sim.free(("c", k))
+                    sim.free(("p", k))
+                self._master(d.psi)
+                sim.alloc(("g32",), 4 * d.psi)
+                for st in range(self.r.opt_states):
+                    sim.alloc(("os", st), 4 * d.psi)
+                sim.free(("g32",))
+                self.made_states = True
+        elif d.stage in ("zero1", "zero2"):
+            sim.empty_cache()
+            sim.alloc(("flat",), P * d.psi)
+            for k in range(len(self.order)):
+                sim.free(("p", k))
+            self._master(d.local)
+            sim.alloc(("g32",), 4 * d.local)  # initialize_optimizer_states' zero gradient, dropped
+            sim.free(("g32",))
+        else:
+            # each parameter partitioned, then `defragment` frees every partition and calls empty_cache:
+            # nothing of the per-parameter blocks stays reserved, so they are not replayed
+            sim.empty_cache()
+            sim.alloc(("flat",), P * d.local)
+            for i, n in enumerate(_chunks(d.local, DS_SUB_GROUP)):
+                sim.alloc(("cast", i), 4 * n)
+                sim.alloc(("master", i), 4 * n)
+                sim.free(("cast", i))
+            sim.alloc(("g32",), 4 * min(d.local, DS_SUB_GROUP))
+            sim.free(("g32",))
+            sim.alloc(("bucket",), P * d.bucket)
+            sim.alloc(("part",), P * d.local)
+        sim.peak_reserved = sim.reserved  # the runner resets the peak statistics at each measured step
+
+    def _master(self, n: int) -> None:
+        """The fp32 master weights: a 16-bit clone of the flat buffer (or partition) cast to fp32."""
+        if self.r.P < 4:
+            self.sim.alloc(("mc",), self.r.P * n)
+            self.sim.alloc(("master",), 4 * n)
+            self.sim.free(("mc",))
+        else:
+            self.sim.alloc(("master",), 4 * n)
+
+    def _flush(self) -> None:
+        """The bucket's gradients reduced into this rank's partition buffer."""
+        sim, d = self.sim, self.d
+        if d.stage == "zero3":
+            sim.alloc(("rs",), self.r.P * -(-self.fill // self.r.shard), REDUCE_STREAM)
+            sim.free(("rs",))
+        elif d.stage == "zero2" and ("part",) not in sim.live:
+            sim.alloc(("part",), self.r.P * d.local)
+        self.fill = 0
+
+    def _reduce(self, unit: int, key, first: bool) -> None:
+        """Gradient hooks of one backward unit's parameters (stepsim calls this per unit)."""
+        sim, d, P = self.sim, self.d, self.r.P
+        if d.stage in ("zero1", "zero2") and ("bucket",) not in sim.live:
+            sim.alloc(("bucket",), P * d.bucket)  # setup_buckets at the first hook
+        for k, n in self._unit_params(key):
+            if d.stage in ("ddp", "zero1"):
+                if first:
+                    sim.alloc(("grad", k), P * n)
+                else:  # accumulated in place: the new gradient is a temporary
+                    sim.alloc(("gt",), P * n)
+                    sim.free(("gt",))
+                continue
+            sim.alloc(("gt",), P * n)
+            if self.fill + n > d.bucket:
+                self._flush()
+            self.fill += n
+            sim.free(("gt",))
+
+    def _backward(self, mb, first: bool) -> None:
+        super()._backward(mb, first)
+        sim, d, P = self.sim, self.d, self.r.P
+        boundary = mb == self.r.micro - 1
+        if d.stage in ("zero2", "zero3"):  # the epilogue flushes the bucket; ZeRO-2 frees it, ZeRO-3 keeps it
+            self._flush()
+            if d.stage == "zero2":
+                sim.free(("bucket",))
+        elif boundary and d.stage == "zero1":  # reduce_gradients: .grad into the bucket, on into the partition
+            done = 0
+            for k, n in enumerate(self.order):
+                sim.free(("grad", k))
+                done += n
+                if ("part",) not in sim.live and done >= min(d.psi, d.bucket):
+                    sim.alloc(("part",), P * d.local)
+            sim.free(("bucket",))
+        elif boundary:  # without ZeRO: whole gradients flattened for the all-reduce until a chunk passes
+            n = 0  # DS_ALLREDUCE_SIZE elements (engine.py allreduce_no_retain)
+            for k, m in enumerate(self.order):
+                n += m
+                if n > DS_ALLREDUCE_SIZE or k == len(self.order) - 1:
+                    sim.alloc(("ar",), P * n)
+                    sim.free(("ar",))
+                    n = 0
+
+    def _step(self) -> None:
+        sim, d, P = self.sim, self.d, self.r.P
+        if d.stage == "ddp":
+            if P < 4:  # FP16_Optimizer.step: fp32 casts of each .grad, flattened
+                for k, n in enumerate(self.order):
+                    sim.alloc(("g32", k), 4 * n)
+                sim.alloc(("g32",), 4 * d.psi)
+                for k in range(len(self.order)):
+                    sim.free(("g32", k))
+                    sim.free(("grad", k))
+                sim.free(("g32",))
+                return
+            if not self.made_states:  # FusedAdam's states, per parameter, at the first step
+                for k, n in enumerate(self.order):
+                    for st in range(self.r.opt_states):
+                        sim.alloc(("os", st, k), 4 * n)
+                self.made_states = True
+            for k in range(len(self.order)):
+                sim.free(("grad", k))
+            return
+        if P < 4:  # get_grad_norm_direct: each gradient's partition cast to fp32 in turn
+            for n in self.order:
+                sim.alloc(("nt",), 4 * -(-n // self.r.shard))
+                sim.free(("nt",))
+        for i, n in enumerate(_chunks(d.local, DS_SUB_GROUP if d.stage == "zero3" else d.local)):
+            sim.alloc(("fg",), P * n)
+            if P < 4:
+                sim.alloc(("g32", i), 4 * n)
+                sim.free(("fg",))
+            if d.stage != "zero3" and i == 0:
+                sim.free(("part",))
+            if not self.made_states:
+                for st in range(self.r.opt_states):
+                    sim.alloc(("os", st, i), 4 * n)
+            sim.free(("g32", i))
+            sim.free(("fg",))
+        self.made_states = True
+
+
+@lru_cache(maxsize=512)
+def _replay(r: Recipe, d: DSRecipe) -> int:
+    return DSStep(r, d).run()
+
+
+def ds_replayed_reserved(plan, s, workspace: int) -> int | None:
+    """Peak reserved bytes of DeepSpeed's replayed step, or None where it is not covered."""
+    if (not s.ds or s.stage not in REPLAYED or s.offload_opt != "none" or s.offload_params != "none" or s.spec.is_bare or s.unknown_units
+            or s.qw or s.qg or s.hpz > 1 or unverified(plan, s)):
+        return None
+    base = recipe(plan, s, workspace)
+    sh = s.shapes
+    numel = lambda ts: tuple(a * b for a, b in ts)  # noqa: E731
+    zero3_multi = s.stage == "zero3" and s.shard > 1
+    # ZeRO-3 over several ranks gathers each block's parameters in forward and again in backward
+    # (stepsim's "reshard" gathers); on one rank a partition is the parameter itself (no gather)
+    base = base._replace(mode="reshard" if zero3_multi else None, root=sh.root_numel, head=sum(numel(sh.head)),
+                         blocks=(sh.block_numel,) * sh.layers, params=(), small=0, init=())
+    local = s.spec.params if s.stage == "ddp" else shard_numel(s)
+    d = DSRecipe(s.stage, s.spec.params, local, s.reduce_bucket, numel(sh.embed), numel(sh.block), sh.layers,
+                 numel(sh.head))
+    return _replay(base, d)
+
+
