@@ -36,6 +36,11 @@ if TYPE_CHECKING:
 # from calibrate's tiny-model steps (plain, and FSDP2 with 9 units): 41 us / 1.91 ms on the first
 # H200 host, 50 us / 3.68 ms on the second; the defaults are their geometric means. Host speed
 # differs from machine to machine by this much: calibrating on the machine removes it.
+# calibrate's step is the whole FSDP2 step less the plain one, so FSDP_UNIT_S also holds FSDP2's per-tensor
+# host work at its model's 11.2 tensors per unit (101 in 9): DTensor dispatch in AdamW (~25 us per tensor on the
+# CPU), per-tensor unshard copies at world size 1 (a unit ~0.7 ms + 60-70 us per tensor on the CPU;
+# benchmarks/fsdp_host_probe.py). Priced per tensor instead, rows of one model and framework all move one way
+# (docs/benchmarks.md, "FSDP's host cost by mechanism"): not done.
 DEFAULT_LAUNCH_S = 45.5e-6
 FSDP_UNIT_S = 2.65e-3
 # share of a FULL_SHARD unit's hook cost other stages pay per micro-step. Every stage runs a unit's
