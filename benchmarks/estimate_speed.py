@@ -14,7 +14,9 @@ cold estimate is the reserved-memory replay (stepsim.py, dsreplay.py: thousands 
 `--trace` times the traced estimate instead (issue 13: gpt-1.3b and llama-8b, 8 GPUs, ZeRO-3, mb 1;
 seconds to minutes on a CPU, the first trace of a process paying a one-time set-up).
 
-    .venv/bin/python benchmarks/estimate_speed.py [--repeat 2000] [--trace]
+`--per-layer` prints how the replayed reserved bytes grow per added layer (is one block's effect a repeat?).
+
+    .venv/bin/python benchmarks/estimate_speed.py [--repeat 2000] [--trace | --per-layer]
 """
 
 from __future__ import annotations
@@ -76,6 +78,36 @@ def cold_times() -> dict:
     return out
 
 
+PER_LAYER = [  # the plans --per-layer replays at 1..32 layers
+    {"framework": "fsdp1", "sharding": "zero3", "micro_batch_size": 1},
+    {"framework": "fsdp2", "sharding": "zero2", "micro_batch_size": 2, "activation_checkpointing": True,
+     "topology": {"gpus_per_node": 8}},
+    {"framework": "deepspeed", "sharding": "zero3", "micro_batch_size": 5, "topology": {"gpus_per_node": 8}},
+    {"framework": "deepspeed", "sharding": "zero1", "micro_batch_size": 2, "grad_accum_steps": 2},
+    {"framework": "deepspeed", "sharding": "ddp", "micro_batch_size": 3},
+    {"framework": "fsdp2", "sharding": "zero3", "micro_batch_size": 3},
+    {"framework": "deepspeed", "sharding": "zero3", "micro_batch_size": 1},
+]
+
+
+def per_layer() -> None:
+    """The replayed reserved bytes' increase per added layer (MiB), 1..32 layers of d 2048, 16 heads,
+    vocab 50257, T 2048: whether a replay could repeat one block's effect instead of replaying it."""
+    from shardlab.estimate.basis import resolve
+    from shardlab.estimate.dsreplay import ds_replayed_reserved
+    from shardlab.estimate.memory import cublas_workspaces
+    from shardlab.estimate.stepsim import replayed_reserved
+    from shardlab.models import ModelSpec
+
+    for d in PER_LAYER:
+        p, vals = plan_from_dict(d, check=False), []
+        for layers in range(1, 33):
+            s = resolve(p, ModelSpec(f"layers{layers}", layers, 2048, 16, 50257, 2048))
+            vals.append((ds_replayed_reserved if s.ds else replayed_reserved)(p, s, cublas_workspaces(None)))
+        print(f"{p.framework} {p.sharding} mb{p.micro_batch_size}x{p.grad_accum_steps} ac={int(p.activation_checkpointing)} "
+              f"x{p.world_size}:", " ".join(str((b - a) >> 20) for a, b in zip(vals, vals[1:])))
+
+
 def import_seconds(repeat: int = 5) -> float:
     """The fastest of `repeat` fresh-interpreter `import shardlab` times, in seconds."""
     code = "import time; t = time.perf_counter(); import shardlab; print(time.perf_counter() - t)"
@@ -106,7 +138,11 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeat", type=int, default=2000)
     ap.add_argument("--trace", action="store_true", help="time the traced estimate (gpt-1.3b, llama-8b) instead")
+    ap.add_argument("--per-layer", action="store_true", help="print the replay's reserved increase per added layer instead")
     a = ap.parse_args(argv)
+    if a.per_layer:
+        per_layer()
+        return 0
     if a.trace:
         trace_times()
         return 0
