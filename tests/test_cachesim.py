@@ -72,34 +72,54 @@ def test_segment_sizes_follow_torchs_rules():
     assert segment_size(10 << 20) == 10 << 20 and segment_size((10 << 20) + 512) == 12 << 20
 
 
+def _batchable(ops, k):
+    """The allocations from op k on, if nothing but frees follows them until each is freed, else []."""
+    j = k
+    while j < len(ops) and ops[j][0] == "a":
+        j += 1
+    keys, t = {op[1] for op in ops[k:j]}, j
+    while keys and t < len(ops) and ops[t][0] == "f":
+        keys.discard(ops[t][1])
+        t += 1
+    return ops[k:j] if j > k and not keys else []
+
+
 def _replay_fast(ops, sim, copy_at=None):
-    """The same requests through the replays' shortcuts: an allocation freed at once as touch(), and,
-    at op `copy_at`, the rest issued into a copy() (the start-up cache of stepsim.py)."""
-    k = 0
+    """The same requests through the replays' shortcuts: allocations all freed afterwards as one
+    batch() (their frees are then of nothing live: no-ops), and, at op `copy_at`, the rest issued into
+    a copy() (the start-up cache of stepsim.py). Returns the allocator and how many batches."""
+    k = batches = 0
     while k < len(ops):
         if k == copy_at:
             sim = sim.copy()
-        op = ops[k]
-        nxt = ops[k + 1] if k + 1 < len(ops) else None
-        if op[0] == "a" and nxt is not None and nxt[0] == "f" and nxt[1] == op[1] and op[1] not in sim.live and k + 1 != copy_at:
-            sim.touch(op[2])
-            k += 2
+        run = _batchable(ops, k) if copy_at is None or k >= copy_at else []
+        if run and not any(op[1] in sim.live for op in run):
+            sim.batch([op[2] for op in run])
+            batches += 1
+            k += len(run)
             continue
+        op = ops[k]
         sim.alloc(op[1], op[2]) if op[0] == "a" else sim.free(op[1])
         k += 1
-    return sim
+    return sim, batches
 
 
-def test_touch_and_copy_reserve_what_the_h200_reserved():
-    """touch() (allocate and free at once) and copy() (resume from a copied state) are what the replays
-    use to issue fewer requests: the H200's random sequences through them still give its figures."""
+def test_batch_and_copy_reserve_what_the_h200_reserved():
+    """batch() (allocations all freed afterwards; touch() is a batch of one) and copy() (resume from a
+    copied state) are what the replays use to issue fewer requests: the H200's random sequences through
+    them still give its figures."""
     doc = json.loads((RESULTS / "cachesim_h200.json").read_text())
     seq = _check_script().sequence
-    touched = 0
+    batches = 0
     for row in doc["rows"]:
         ops = list(seq(row["seed"]))
-        touched += sum(1 for a, b in zip(ops, ops[1:]) if a[0] == "a" and b[0] == "f" and a[1] == b[1])
-        sim = _replay_fast(ops, CachingAllocator(), copy_at=len(ops) // 2)
+        sim, n = _replay_fast(ops, CachingAllocator())  # batches everywhere they apply
+        batches += n
         assert (sim.peak_reserved, sim.segments) == (row["peak_reserved_bytes"], row["segments"]), row["seed"]
         assert sim.peak_allocated == row["peak_allocated_bytes"]
-    assert touched > 0  # the shortcut was exercised
+        sim, _ = _replay_fast(ops, CachingAllocator(), copy_at=len(ops) // 2)  # plain up to a copy, then batches
+        assert (sim.peak_reserved, sim.segments) == (row["peak_reserved_bytes"], row["segments"]), row["seed"]
+    assert batches > 200  # the shortcut was exercised (267 runs of allocations, 35 of several)
+    one = CachingAllocator()
+    one.touch(3 << 20)
+    assert (one.segments, one.reserved, one.peak_allocated) == (1, 20 << 20, 3 << 20)

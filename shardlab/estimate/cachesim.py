@@ -24,7 +24,8 @@ The traced estimate (trace.py) replays every storage of its fake training step t
 Speed: the analytical estimate replays its step through this for every plan a widget has not shown
 before (stepsim.py, dsreplay.py), so the bookkeeping is lean: blocks are lists, a pool's free blocks
 one sorted list of ints (size << 48 | address: best fit by bisect), `touch()` stands for an allocation
-freed at once (the same state as the two calls), `copy()` lets a replay resume from a cached state.
+freed at once and `batch()` for allocations all freed afterwards (the optimizer's per-parameter
+temporaries: the same state as the calls), `copy()` lets a replay resume from a cached state.
 """
 
 from __future__ import annotations
@@ -62,9 +63,9 @@ _ADDR = (1 << _SHIFT) - 1
 
 
 class CachingAllocator:
-    """alloc(key, nbytes, stream=0) / free(key) / touch(nbytes, stream=0) / empty_cache(); `reserved`,
-    `peak_reserved`, `allocated`, `peak_allocated`, `segments`, `pool_reserved` (bytes of segments per
-    (stream, small pool?)), `live` (key -> block)."""
+    """alloc(key, nbytes, stream=0) / free(key) / touch(nbytes, stream=0) / batch(sizes, stream=0) /
+    empty_cache(); `reserved`, `peak_reserved`, `allocated`, `peak_allocated`, `segments`, `pool_reserved`
+    (bytes of segments per (stream, small pool?)), `live` (key -> block)."""
 
     def __init__(self):
         self.pools: dict[int, list] = {}  # 2 x stream + small? -> sorted sort keys of its cached free blocks
@@ -135,6 +136,41 @@ class CachingAllocator:
             self._cached[b[0]] = b
         rest = have - size
         held = size if (rest >= BLOCK if small else rest > SMALL) else have
+        if self.allocated + held > self.peak_allocated:
+            self.peak_allocated = self.allocated + held
+
+    def batch(self, sizes, stream: int = 0) -> None:
+        """Allocate tensors of `sizes` one after the other, then free them all (other frees may follow
+        or come between those frees): the same state as those calls, at a fraction of their cost. While
+        they are allocated nothing is freed, so each takes the best-fitting cached block by size and
+        address alone (adjacency only matters to a free), and once all are freed every cached block
+        they were carved from is whole again (its neighbours were live, or it would have been merged
+        with them) and every segment they made is one free block. So only the segments made and the
+        peak allocated change; the best fits are found on a copy of each pool's sorted list."""
+        scratch: dict[int, list] = {}
+        held = 0
+        for nbytes in sizes:
+            size = BLOCK if nbytes < BLOCK else (nbytes + BLOCK - 1) & -BLOCK
+            small = size <= SMALL
+            pool = 2 * stream + small
+            lst = scratch.get(pool)
+            if lst is None:
+                lst = scratch[pool] = list(self.pools.get(pool, ()))
+            i = bisect_left(lst, size << _SHIFT)
+            if i < len(lst):
+                k = lst.pop(i)
+                have, addr = k >> _SHIFT, k & _ADDR
+            else:  # a new segment: it stays, cached and whole once the batch is freed
+                b = self._segment(size, pool)
+                have, addr = b[1], b[0]
+                insort(self.pools.setdefault(pool, []), have << _SHIFT | addr)
+                self._cached[addr] = b
+            rest = have - size
+            if rest >= BLOCK if small else rest > SMALL:
+                insort(lst, rest << _SHIFT | (addr + size))
+                held += size
+            else:
+                held += have
         if self.allocated + held > self.peak_allocated:
             self.peak_allocated = self.allocated + held
 

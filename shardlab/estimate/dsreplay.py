@@ -200,14 +200,10 @@ class DSStep(_Step):
     def _step(self) -> None:
         sim, d, P = self.sim, self.d, self.r.P
         if d.stage == "ddp":
-            if P < 4:  # FP16_Optimizer.step: fp32 casts of each .grad, flattened
-                for k, n in enumerate(self.order):
-                    sim.alloc(("g32", k), 4 * n)
-                sim.alloc(("g32",), 4 * d.psi)
+            if P < 4:  # FP16_Optimizer.step: fp32 casts of each .grad, flattened (all freed, as the .grads)
+                sim.batch([4 * n for n in self.order] + [4 * d.psi])
                 for k in range(len(self.order)):
-                    sim.free(("g32", k))
                     sim.free(("grad", k))
-                sim.free(("g32",))
                 return
             if not self.made_states:  # FusedAdam's states, per parameter, at the first step
                 for k, n in enumerate(self.order):

@@ -275,11 +275,8 @@ class _Step:
                 for st in range(r.opt_states):
                     sim.alloc(("os", st, k), n)
             self.made_states = True
-        if r.opt_states:
-            for k, n in enumerate(params):
-                sim.alloc(("tmp", k), n)
-            for k in range(len(params)):
-                sim.free(("tmp", k))
+        if r.opt_states:  # the temporaries, made one after the other and all freed
+            sim.batch(params)
         for key in [k for k in sim.live if k[0] == "grad"]:
             sim.free(key)
 
