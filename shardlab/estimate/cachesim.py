@@ -63,7 +63,7 @@ _ADDR = (1 << _SHIFT) - 1
 
 
 class CachingAllocator:
-    """alloc(key, nbytes, stream=0) / free(key) / touch(nbytes, stream=0) / batch(sizes, stream=0) /
+    """alloc(key, nbytes, stream=0) / free(key) / touch(nbytes, stream=0) / batch(sizes, stream=0, keep) /
     empty_cache(); `reserved`, `peak_reserved`, `allocated`, `peak_allocated`, `segments`, `pool_reserved`
     (bytes of segments per (stream, small pool?)), `live` (key -> block)."""
 
@@ -139,17 +139,23 @@ class CachingAllocator:
         if self.allocated + held > self.peak_allocated:
             self.peak_allocated = self.allocated + held
 
-    def batch(self, sizes, stream: int = 0) -> None:
-        """Allocate tensors of `sizes` one after the other, then free them all (other frees may follow
-        or come between those frees): the same state as those calls, at a fraction of their cost. While
-        they are allocated nothing is freed, so each takes the best-fitting cached block by size and
-        address alone (adjacency only matters to a free), and once all are freed every cached block
-        they were carved from is whole again (its neighbours were live, or it would have been merged
-        with them) and every segment they made is one free block. So only the segments made and the
-        peak allocated change; the best fits are found on a copy of each pool's sorted list."""
+    def batch(self, sizes, stream: int = 0, keep: dict | None = None) -> None:
+        """Allocate tensors of `sizes` one after the other, then free all but the kept ones (other frees
+        may follow or come between those frees): the same state as those calls, at a fraction of their
+        cost. keep: {index in sizes: key}, the tensors that stay, live under `key` (not live before).
+
+        While they are allocated nothing is freed, so each takes the best-fitting cached block by size
+        and address alone (adjacency only matters to a free): the best fits are found on a scratch copy
+        of each pool's sorted list. Once the others are freed, every cached block they were carved from
+        (whole before: its neighbours were live, or it would have been merged with them) and every
+        segment they made is free again except where a kept tensor sits: that block is cut around the
+        kept tensors, in address order, into free and live pieces. The peak allocated is that of the
+        moment all are allocated."""
         scratch: dict[int, list] = {}
+        origin: dict[int, list] = {}  # scratch block address -> the real free block it lies in (for keep)
+        kept: dict[int, list] = {}  # id(real block) -> [real block, (address, block size, key), ...]
         held = 0
-        for nbytes in sizes:
+        for idx, nbytes in enumerate(sizes):
             size = BLOCK if nbytes < BLOCK else (nbytes + BLOCK - 1) & -BLOCK
             small = size <= SMALL
             pool = 2 * stream + small
@@ -159,20 +165,60 @@ class CachingAllocator:
             i = bisect_left(lst, size << _SHIFT)
             if i < len(lst):
                 k = lst.pop(i)
-                have, addr = k >> _SHIFT, k & _ADDR
-            else:  # a new segment: it stays, cached and whole once the batch is freed
-                b = self._segment(size, pool)
-                have, addr = b[1], b[0]
+                have, addr, real = k >> _SHIFT, k & _ADDR, None
+            else:  # a new segment: cached and whole once the batch is freed, but for what is kept
+                real = self._segment(size, pool)
+                have, addr = real[1], real[0]
                 insort(self.pools.setdefault(pool, []), have << _SHIFT | addr)
-                self._cached[addr] = b
+                self._cached[addr] = real
             rest = have - size
             if rest >= BLOCK if small else rest > SMALL:
                 insort(lst, rest << _SHIFT | (addr + size))
-                held += size
-            else:
-                held += have
+                if keep:
+                    origin[addr + size] = real or origin.get(addr) or self._cached[addr]
+                have = size
+            held += have
+            if keep and idx in keep:
+                key = keep[idx]
+                if key in self.live:
+                    raise ValueError(f"batch: {key!r} is live already")
+                real = real or origin.get(addr) or self._cached[addr]
+                kept.setdefault(id(real), [real]).append((addr, have, key))
         if self.allocated + held > self.peak_allocated:
             self.peak_allocated = self.allocated + held
+        for real, *places in kept.values():
+            self._cut(real, places)
+
+    def _cut(self, real: list, places: list) -> None:
+        """Cut the cached free block `real` into live blocks at `places` [(address, size, key)] and free
+        pieces between them."""
+        lst, pool = self.pools[real[5]], real[5]
+        del lst[bisect_left(lst, real[1] << _SHIFT | real[0])]
+        del self._cached[real[0]]
+        end, prev, at = real[0] + real[1], real[3], real[0]
+        pieces = []
+        for addr, size, key in sorted(places, key=lambda p: p[0]):
+            if addr > at:
+                pieces.append([at, addr - at, True, None, None, pool])
+            pieces.append([addr, size, False, None, None, pool, key])
+            at = addr + size
+        if at < end:
+            pieces.append([at, end - at, True, None, None, pool])
+        after = real[4]
+        for b in pieces:
+            b[3] = prev
+            if prev is not None:
+                prev[4] = b
+            prev = b
+            if b[2]:
+                insort(lst, b[1] << _SHIFT | b[0])
+                self._cached[b[0]] = b
+            else:
+                self.live[b.pop()] = b
+                self.allocated += b[1]
+        prev[4] = after
+        if after is not None:
+            after[3] = prev
 
     def free(self, key) -> None:
         b = self.live.pop(key, None)

@@ -98,28 +98,23 @@ class DSStep(_Step):
 
     def _init(self) -> None:
         sim, d, P = self.sim, self.d, self.r.P
-        if d.stage != "zero3":
-            for k, n in enumerate(self.order):  # module.to(device), already cast on the CPU
-                sim.alloc(("p", k), P * n)
+        # module.to(device), parameter by parameter, already cast on the CPU: where the parameters are
+        # freed once flattened, they and what is made beside them are one batch (cachesim.batch)
+        moved = [P * n for n in self.order]
         if d.stage == "ddp":
-            if P < 4:  # FP16_Optimizer: clone, flatten, fp32 master, one step on zero gradients
-                for k, n in enumerate(self.order):
-                    sim.alloc(("c", k), P * n)
-                sim.alloc(("flat",), P * d.psi)
-                for k in range(len(self.order)):
-                    sim.free(("c", k))
-                    sim.free(("p", k))
+            if P < 4:  # FP16_Optimizer: clone, flatten (the parameters and clones freed), fp32 master, one
+                sim.batch(moved + moved + [P * d.psi], keep={2 * len(moved): ("flat",)})  # step on zero gradients
                 self._master(d.psi)
-                sim.alloc(("g32",), 4 * d.psi)
-                for st in range(self.r.opt_states):
-                    sim.alloc(("os", st), 4 * d.psi)
-                sim.free(("g32",))
+                states = self.r.opt_states
+                sim.batch([4 * d.psi] * (1 + states), keep={1 + st: ("os", st) for st in range(states)})
                 self.made_states = True
+            else:
+                for k, n in enumerate(moved):
+                    sim.alloc(("p", k), n)
         elif d.stage in ("zero1", "zero2"):
-            sim.empty_cache()
-            sim.alloc(("flat",), P * d.psi)
-            for k in range(len(self.order)):
-                sim.free(("p", k))
+            # empty_cache between the move and the flat buffer gives nothing back here (the allocator
+            # is fresh, so every segment holds a parameter still alive): left out of the batch
+            sim.batch(moved + [P * d.psi], keep={len(moved): ("flat",)})
             self._master(d.local)
             sim.touch(4 * d.local)  # initialize_optimizer_states' zero gradient, dropped
         else:
@@ -139,9 +134,7 @@ class DSStep(_Step):
     def _master(self, n: int) -> None:
         """The fp32 master weights: a 16-bit clone of the flat buffer (or partition) cast to fp32."""
         if self.r.P < 4:
-            self.sim.alloc(("mc",), self.r.P * n)
-            self.sim.alloc(("master",), 4 * n)
-            self.sim.free(("mc",))
+            self.sim.batch([self.r.P * n, 4 * n], keep={1: ("master",)})
         else:
             self.sim.alloc(("master",), 4 * n)
 
