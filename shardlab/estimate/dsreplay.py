@@ -160,11 +160,16 @@ class DSStep(_Step):
                 else:  # accumulated in place: the new gradient is a temporary
                     touch(P * n)
                 continue
-            alloc(("gt",), P * n)
-            if self.fill + n > d.bucket:
+            flush = self.fill + n > d.bucket
+            if d.stage == "zero3" or ("part",) in sim.live or not flush:
+                touch(P * n)  # nothing else made on its stream while it lives (the flush's is another)
+                if flush:
+                    self._flush()
+            else:  # ZeRO-2's first flush makes the partition buffer beside it
+                alloc(("gt",), P * n)
                 self._flush()
+                free(("gt",))
             self.fill += n
-            free(("gt",))
 
     def _backward(self, mb, first: bool) -> None:
         super()._backward(mb, first)

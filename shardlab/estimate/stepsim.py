@@ -235,23 +235,26 @@ class _Step:
         _cast_grad_to_param_dtype likewise, #109). From the second micro-batch on the fp32 shard is a
         temporary added into that gradient."""
         sim, r = self.sim, self.r
-        alloc, free = sim.alloc, sim.free
         shard = -(-unit // r.shard)
+        # The pools of the two streams never share a block, so each stream's requests are issued on
+        # their own: on the compute stream the unsharded gradient is made and freed with nothing made
+        # there between (a touch); on the reduce stream the flat copy (FSDP2), the reduce-scatter
+        # output (several ranks) and the fp32 shard are made, then the first two freed
+        sim.touch(r.P * unit)
+        alloc, free = sim.alloc, sim.free
         fsdp2, out = r.framework == "fsdp2", r.shard > 1
-        alloc(("ug",) + key, r.P * unit)
         if fsdp2:
             alloc(("rs",) + key, r.P * unit, REDUCE_STREAM)
-            free(("ug",) + key)
         if out:
             alloc(("out",) + key, r.P * shard, REDUCE_STREAM)
         alloc((("grad",) if first else ("rf",)) + key, 4 * shard, REDUCE_STREAM)
-        # the temporaries freed in the order ug, rs, out, rf (each only where it was made)
-        free((("rs",) if fsdp2 else ("ug",)) + key)
+        if fsdp2:
+            free(("rs",) + key)
         if out:
             free(("out",) + key)
         if not first:
             free(("rf",) + key)
-        if r.offload and r.framework == "fsdp2":  # the gradient lives on the CPU: copied out, freed
+        if r.offload and fsdp2:  # the gradient lives on the CPU: copied out, freed
             free(("grad",) + key)  # (probe #308: the blocks' fp32 gradients share two segments)
 
     def _backward(self, mb, first: bool) -> None:
