@@ -10,10 +10,10 @@ optimizer steps (the second is the steady state: the first step's optimizer stat
 of freed activation and loss blocks, so the second step's large requests may need new segments) and
 returns the simulator's peak reserved bytes: what torch.cuda.max_memory_reserved reads when nothing
 limits the allocator. No constant is fitted. A replay issues thousands of requests (gpt-1.3b: 3-6
-thousand, 3-6 ms on a quiet 2-core CPU, 2026-12-02), so it is cached by its inputs (`Recipe`), and its
+thousand, 3-7 ms on a quiet 2-core CPU, 2026-12-02), so it is cached by its inputs (`Recipe`), and its
 start-up by what the start-up depends on (`_Step._start`: a new micro-batch or checkpointing setting
 resumes from a copy of the allocator after start-up); a temporary freed as soon as it is made is one
-`touch()` of the allocator.
+`touch()` of the allocator, a run of requests freed together (but for those kept) one `batch()`.
 
 Covered: FSDP1 and FSDP2 without CPU offload (recorded H200 rows: docs/benchmarks.md, session 9).
 CPU offload (session 10): no parameters or optimizer states on the GPU after start-up. FSDP1 copies
