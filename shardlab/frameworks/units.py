@@ -65,12 +65,25 @@ def class_units(root: Node, class_names: tuple[str, ...]) -> list[tuple[str, int
             visit(c)
 
     visit(root)
+    paths = {n.path for n in found}
     inside: dict[str, int] = {}
     for n in found:  # a unit's own share excludes units nested in it
-        parent = max((m.path for m in found if n.path.startswith(m.path + ".")), key=len, default=None)
+        parent = _nearest_ancestor(n.path, paths)
         if parent is not None:
             inside[parent] = inside.get(parent, 0) + n.total
     return [(n.path, n.total - inside.get(n.path, 0)) for n in found]
+
+
+def _nearest_ancestor(path: str, paths: set[str]) -> str | None:
+    """The longest of `paths` that `path` lies under (`path` starts with it and a dot), or None. Each
+    dotted prefix is looked up, instead of every path tested (a shape's estimate builds this for every
+    block: quadratic in the layers, most of a new shape's arithmetic before)."""
+    parts = path.split(".")
+    for k in range(len(parts) - 1, 0, -1):
+        q = ".".join(parts[:k])
+        if q in paths:
+            return q
+    return None
 
 
 def units(root: Node, policy: str, min_num_params: int, class_names: tuple[str, ...]) -> list[tuple[str, int]]:
@@ -78,7 +91,8 @@ def units(root: Node, policy: str, min_num_params: int, class_names: tuple[str, 
     below = {"transformer": lambda: class_units(root, class_names),
              "size": lambda: size_units(root, min_num_params),
              "none": lambda: []}[policy]()
-    top = [p for p, _ in below if not any(p.startswith(q + ".") for q, _ in below)]
+    paths = {p for p, _ in below}
+    top = [p for p, _ in below if _nearest_ancestor(p, paths) is None]
     totals = _totals(root)
     return below + [("", root.total - sum(totals[p] for p in top))]
 
