@@ -240,7 +240,7 @@ def ds_replayed_reserved(plan, s, workspace: int) -> int | None:
     if (not s.ds or s.stage not in REPLAYED or s.offload_opt != "none" or s.offload_params != "none" or s.spec.is_bare or s.unknown_units
             or s.qw or s.qg or s.hpz > 1 or unverified(plan, s)):
         return None
-    base = recipe(plan, s, workspace)
+    base = recipe(plan, s, workspace, units=False)  # root, blocks, params, small, init: set below
     sh = s.shapes
     numel = lambda ts: tuple(a * b for a, b in ts)  # noqa: E731
     zero3_multi = s.stage == "zero3" and s.shard > 1

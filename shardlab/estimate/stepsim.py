@@ -96,17 +96,24 @@ class Recipe(NamedTuple):
     offload: bool = False  # FSDP1's CPU offload: each unit copied to the GPU in fp32 on the unshard stream, then cast
 
 
-def recipe(plan, s, workspace: int) -> Recipe:
-    """The replay's inputs for `plan` on the resolved setup `s` (basis.Setup)."""
+def recipe(plan, s, workspace: int, units: bool = True) -> Recipe:
+    """The replay's inputs for `plan` on the resolved setup `s` (basis.Setup). units=False: without the
+    FSDP units and what is derived from them (root, blocks, params, small, init left empty: DeepSpeed's
+    replay sets its own; the wrap units of a new shape are a third of its estimate outside the replay)."""
     from shardlab.models import wrap_units
 
     spec, sh = s.spec, s.shapes
     tokens = plan.micro_batch_size * spec.seq_len
     compiled = bool(plan.compile) and s.framework == "fsdp2"
-    units = wrap_units(spec, plan.wrap.policy, plan.wrap.min_num_params)
     stage = fsdp_stage(s)
     mode = ("reshard" if stage == "zero3" else "keep" if stage == "zero2" or s.framework == "fsdp2" else
             "reshard" if s.P < 4 else None)
+    saved = tuple(block_tensors(spec, s.P, tokens, compiled)[1:])
+    common = (s.P, max(s.shard, 1), s.opt_bytes // 4, min(s.micro_steps, 2), bool(plan.activation_checkpointing),
+              tokens, spec.hidden, spec.vocab, saved)
+    if not units:
+        return Recipe(s.framework, mode, *common, 0, 0, (), (), 0, workspace // 2, ())
+    units = wrap_units(spec, plan.wrap.policy, plan.wrap.min_num_params)
     if s.framework == "fsdp2":
         numels = [a * b for a, b in list(sh.embed) + list(sh.block) * sh.layers + list(sh.head)]
     else:
@@ -117,10 +124,8 @@ def recipe(plan, s, workspace: int) -> Recipe:
     if s.framework == "fsdp2":  # the root unit's tensors (embedding, final norm, head) are sharded last
         root = set(range(len(sh.embed))) | set(range(len(numels) - len(sh.head), len(numels)))
         init = tuple((4 * numels[i], held[i]) for i in [i for i in range(len(numels)) if i not in root] + sorted(root))
-    return Recipe(s.framework, mode, s.P, max(s.shard, 1), s.opt_bytes // 4, min(s.micro_steps, 2),
-                  bool(plan.activation_checkpointing), tokens, spec.hidden, spec.vocab,
-                  tuple(block_tensors(spec, s.P, tokens, compiled)[1:]), units[0][1],
-                  sum(a * b for a, b in sh.head), tuple(n for _, n in units[1:]), params, small, workspace // 2, init)
+    return Recipe(s.framework, mode, *common, units[0][1], sum(a * b for a, b in sh.head), tuple(n for _, n in units[1:]),
+                  params, small, workspace // 2, init)
 
 
 _STARTS: dict = {}  # _Step._start's cache: start key -> (allocator after start-up, made_states)
