@@ -200,7 +200,7 @@ class DSStep(_Step):
         if d.stage == "ddp":
             if P < 4:  # FP16_Optimizer.step: fp32 casts of each .grad, flattened (all freed, as the .grads)
                 sim.batch([4 * n for n in self.order] + [4 * d.psi])
-                for k in range(len(self.order)):
+                for k in range(0 if self.last else len(self.order)):  # (_Step.last)
                     sim.free(("grad", k))
                 return
             if not self.made_states:  # FusedAdam's states, per parameter, at the first step
@@ -208,7 +208,7 @@ class DSStep(_Step):
                     for st in range(self.r.opt_states):
                         sim.alloc(("os", st, k), 4 * n)
                 self.made_states = True
-            for k in range(len(self.order)):
+            for k in range(0 if self.last else len(self.order)):
                 sim.free(("grad", k))
             return
         if P < 4:  # get_grad_norm_direct: each gradient's partition cast to fp32 in turn
