@@ -44,7 +44,7 @@ from functools import lru_cache
 from typing import NamedTuple
 
 from .basis import DS_ALLREDUCE_SIZE, DS_SUB_GROUP, shard_numel
-from .stepsim import REDUCE_STREAM, Recipe, _Step, recipe, unverified
+from .stepsim import REDUCE_STREAM, Recipe, _Step, declined, recipe
 
 # Stages whose reserved memory comes from the replay. ZeRO-2 is replayed but not used: on the recorded
 # H200 rows (16 configurations, docs/benchmarks.md "Session 10: reserved") the replay's median error is
@@ -237,17 +237,17 @@ def _replay(r: Recipe, d: DSRecipe) -> int:
 
 def ds_replayed_reserved(plan, s, workspace: int) -> int | None:
     """Peak reserved bytes of DeepSpeed's replayed step, or None where it is not covered."""
-    if (not s.ds or s.stage not in REPLAYED or s.offload_opt != "none" or s.offload_params != "none" or s.spec.is_bare or s.unknown_units
-            or s.qw or s.qg or s.hpz > 1 or unverified(plan, s)):
+    if (not s.ds or s.stage not in REPLAYED or s.offload_opt != "none" or s.offload_params != "none"
+            or s.qw or s.qg or s.hpz > 1 or declined(plan, s)):
         return None
-    base = recipe(plan, s, workspace, units=False)  # root, blocks, params, small, init: set below
+    base = recipe(plan, s, workspace, units=False)  # FSDP's units left out: root, head and blocks set below
     sh = s.shapes
     numel = lambda ts: tuple(a * b for a, b in ts)  # noqa: E731
     zero3_multi = s.stage == "zero3" and s.shard > 1
     # ZeRO-3 over several ranks gathers each block's parameters in forward and again in backward
     # (stepsim's "reshard" gathers); on one rank a partition is the parameter itself (no gather)
     base = base._replace(mode="reshard" if zero3_multi else None, root=sh.root_numel, head=sum(numel(sh.head)),
-                         blocks=(sh.block_numel,) * sh.layers, params=(), small=0, init=())
+                         blocks=(sh.block_numel,) * sh.layers)
     local = s.spec.params if s.stage == "ddp" else shard_numel(s)
     d = DSRecipe(s.stage, s.spec.params, local, s.reduce_bucket, numel(sh.embed), numel(sh.block), sh.layers,
                  numel(sh.head))

@@ -384,9 +384,12 @@ def _replay(r: Recipe) -> int:
     return _Step(r).run() + _small_pool(r)
 
 
-def unverified(plan, s) -> bool:
-    """The regime no replay has matched (UNVERIFIED_TOKENS / UNVERIFIED_ROWS above): FSDP's replay and
-    DeepSpeed's (dsreplay.py) both decline it."""
+def declined(plan, s) -> bool:
+    """What both replays (this one and dsreplay.py's) decline whatever the framework: a bare parameter
+    count (no shape), units that could not be resolved, and the regime no replay has matched
+    (UNVERIFIED_TOKENS / UNVERIFIED_ROWS above)."""
+    if s.spec.is_bare or s.unknown_units:
+        return True
     tokens = plan.micro_batch_size * s.spec.seq_len
     return not plan.activation_checkpointing and tokens >= UNVERIFIED_TOKENS and 4 * tokens * s.spec.vocab > UNVERIFIED_ROWS
 
@@ -394,7 +397,7 @@ def unverified(plan, s) -> bool:
 def covered_recipe(plan, s, workspace: int) -> Recipe | None:
     """The replay's recipe for `plan`, or None where the replay does not cover it (module docstring)."""
     offload = s.offload_opt != "none" or s.offload_params != "none"
-    if s.ds or s.spec.is_bare or s.unknown_units or unverified(plan, s):
+    if s.ds or declined(plan, s):
         return None
     r = recipe(plan, s, workspace)
     if offload:  # FSDP1 offloads parameters, gradients and optimizer together: none of them stay on the GPU
