@@ -217,13 +217,11 @@ def as_calibrate(reps: int) -> dict:
 
     import torch
 
-    from shardlab.estimate.stepwork import work
-    from shardlab.models import ModelSpec
+    from shardlab.estimate.microbench import host_model, launch_seconds
     from shardlab.run.gpt import build_model, loss_fn
 
-    spec = ModelSpec("calib-host", layers=8, hidden=64, heads=4, vocab=256, seq_len=32)
+    spec, w = host_model()
     tok = torch.randint(0, spec.vocab, (1, spec.seq_len))
-    w = work(spec, 1, spec.seq_len, 2, False)
     models = {}
     for name in ("plain", "fsdp2"):
         torch.manual_seed(0)
@@ -237,7 +235,7 @@ def as_calibrate(reps: int) -> dict:
         models[name] = (m, fwd, _adamw(m))
     ph = _phases(models, reps)
     plain, sharded = (sum(ph[k].values()) for k in ("plain", "fsdp2"))
-    return {"plain_step_s": plain, "fsdp2_step_s": sharded, "launch_s": plain / (w.kernels + 40),
+    return {"plain_step_s": plain, "fsdp2_step_s": sharded, "launch_s": launch_seconds(plain, w),
             "fsdp_unit_s": (sharded - plain) / w.units, "phases": ph}
 
 

@@ -147,18 +147,32 @@ def bandwidth(gpu) -> dict:
     return {"hbm_eff": bw / gpu.hbm_bw, "hbm_bytes_per_s": bw}
 
 
-def host(steps: int = 12) -> dict:
-    """Host seconds per counted kernel and per FSDP2 unit, from tiny models (GPU time negligible)."""
-    import torch
-
+def host_model():
+    """The tiny model host() times (GPU time negligible beside the host's) and its counted work; also
+    benchmarks/fsdp_host_probe.py's, which times the same steps on a CPU."""
     from shardlab.models import ModelSpec
-    from shardlab.run.gpt import build_model, loss_fn
 
     from .stepwork import work
 
     spec = ModelSpec("calib-host", layers=8, hidden=64, heads=4, vocab=256, seq_len=32)
+    return spec, work(spec, 1, spec.seq_len, 2, False)
+
+
+def launch_seconds(plain_step_s: float, w) -> float:
+    """Host seconds per counted kernel: the plain step's host time over its counted kernels plus 40, an
+    allowance for launches stepwork does not count, set when calibrate was written (f4a288e) without a
+    measurement named for it."""
+    return plain_step_s / (w.kernels + 40)
+
+
+def host(steps: int = 12) -> dict:
+    """Host seconds per counted kernel and per FSDP2 unit, from tiny models (GPU time negligible)."""
+    import torch
+
+    from shardlab.run.gpt import build_model, loss_fn
+
+    spec, w = host_model()
     tokens = torch.randint(0, spec.vocab, (1, spec.seq_len), device="cuda")
-    w = work(spec, 1, spec.seq_len, 2, False)
 
     def per_step(model, opt) -> float:
         def one():
@@ -172,7 +186,7 @@ def host(steps: int = 12) -> dict:
 
     model = build_model(spec, device="cpu").to("cuda")
     plain = per_step(model, torch.optim.AdamW(model.parameters()))
-    out = {"plain_step_s": plain, "launch_s": plain / (w.kernels + 40)}
+    out = {"plain_step_s": plain, "launch_s": launch_seconds(plain, w)}
     try:
         out.update(_fsdp2_units(spec, per_step, plain, w))
     except Exception as e:  # no process group possible here: keep the default per-unit cost
