@@ -95,16 +95,14 @@ def per_layer() -> None:
     """The replayed reserved bytes' increase per added layer (MiB), 1..32 layers of d 2048, 16 heads,
     vocab 50257, T 2048: whether a replay could repeat one block's effect instead of replaying it."""
     from shardlab.estimate.basis import resolve
-    from shardlab.estimate.dsreplay import ds_replayed_reserved
-    from shardlab.estimate.memory import cublas_workspaces
-    from shardlab.estimate.stepsim import replayed_reserved
+    from shardlab.estimate.memory import cublas_workspaces, replayed
     from shardlab.models import ModelSpec
 
     for d in PER_LAYER:
         p, vals = plan_from_dict(d, check=False), []
         for layers in range(1, 33):
             s = resolve(p, ModelSpec(f"layers{layers}", layers, 2048, 16, 50257, 2048))
-            vals.append((ds_replayed_reserved if s.ds else replayed_reserved)(p, s, cublas_workspaces(None)))
+            vals.append(replayed(p, s, cublas_workspaces(None)))
         print(f"{p.framework} {p.sharding} mb{p.micro_batch_size}x{p.grad_accum_steps} ac={int(p.activation_checkpointing)} "
               f"x{p.world_size}:", " ".join(str((b - a) >> 20) for a, b in zip(vals, vals[1:])))
 

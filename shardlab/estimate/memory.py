@@ -71,6 +71,12 @@ def _compiled_blocks(plan: Plan, s: Setup) -> bool:
     return bool(plan.compile) and s.framework == "fsdp2"
 
 
+def replayed(plan: Plan, s: Setup, workspace: int) -> int | None:
+    """Peak reserved bytes from the replay of this framework's step (dsreplay.py for DeepSpeed, stepsim.py
+    for FSDP), or None where that replay does not cover the plan."""
+    return (ds_replayed_reserved if s.ds else replayed_reserved)(plan, s, workspace)
+
+
 def activations(plan: Plan, s: Setup) -> int:
     """Peak bytes of activations and loss temporaries for one micro-batch on one GPU (activations.py)."""
     return activation_peak(s.spec, s.P, plan.micro_batch_size * s.spec.seq_len, plan.activation_checkpointing,
@@ -307,7 +313,7 @@ def memory(plan: Plan, s: Setup, traced_activations: int | None = None, gpu=None
     overhead = CUDA_CONTEXT_BYTES + stranded(live)
     # reserved: the step's own requests replayed through the allocator's rules where the replay covers
     # the plan (stepsim.py), else the fitted allocator model (allocator.py)
-    resv = ds_replayed_reserved(plan, s, workspace) if s.ds else replayed_reserved(plan, s, workspace)
+    resv = replayed(plan, s, workspace)
     per_gpu = {"params": parts["params"], "grads": parts["grads"], "optimizer": parts["optimizer"],
                "activations": act, "buffers": buffers + workspace, "step_buffers": parts["step"], "overhead": overhead,
                "peak_allocated": live, "peak_reserved": max(resv, live) if resv else reserved(live, parts.get("again", 0)),
