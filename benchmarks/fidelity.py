@@ -163,9 +163,34 @@ RES_CONFIGS = [
     C("llama48k", "fsdp2", "zero3", mb=2), C("llama48k", "fsdp2", "zero3", "fp16", mb=1, ga=2), C("llama48k", "fsdp1", "ddp", mb=3, ac=True),
     C("llama48k", "deepspeed", "zero3", mb=2), C("llama48k", "deepspeed", "zero1", mb=1, ga=2), C("llama48k", "fsdp2", "ddp", mb=2, ac=True),
 ]
+# the unseen set of session 11 (--set new, numbered from 701; issues 13 and 14): shapes and settings written
+# down before they ran (2026-12-02 11:35 UTC), none used to find or fit anything: a deep narrow gpt (host-bound),
+# a wide shallow llama, multi-query attention with narrow heads and a 128k vocabulary, T=4096, a Qwen2 model
+# through transformers; every framework, fp32 / fp16 / bf16, accumulation, checkpointing, offload, compile
+MODELS.update({
+    "gpt640x32": {"name": "gpt640x32", "family": "gpt", "layers": 32, "hidden": 640, "heads": 10, "vocab": 50257, "seq_len": 1024},
+    "llama2560": {"name": "llama2560", "family": "llama", "layers": 8, "hidden": 2560, "heads": 20, "kv_heads": 4,
+                  "ffn_hidden": 6912, "vocab": 64000, "seq_len": 2048},
+    "llamaMQA": {"name": "llamaMQA", "family": "llama", "layers": 18, "hidden": 1536, "heads": 24, "kv_heads": 1,
+                 "ffn_hidden": 4096, "vocab": 128256, "seq_len": 1024},
+    "gptT4k": {"name": "gptT4k", "family": "gpt", "layers": 12, "hidden": 1024, "heads": 8, "vocab": 32768, "seq_len": 4096},
+    "hf-qwen2b": "hf:qwen2 hidden_size=1280 intermediate_size=3584 num_hidden_layers=16 num_attention_heads=10 "
+                 "num_key_value_heads=2 vocab_size=64000 seq_len=2048",
+})
+NEW_CONFIGS = [
+    C("gpt640x32", "fsdp2", "zero3", mb=4), C("gpt640x32", "fsdp1", "zero3", mb=8, ac=True),
+    C("gpt640x32", "deepspeed", "zero1", mb=4, ga=2), C("gpt640x32", "fsdp2", "ddp", "fp16", mb=2),
+    C("llama2560", "fsdp2", "zero3", mb=2), C("llama2560", "deepspeed", "zero3", mb=1, ga=4, ac=True),
+    C("llama2560", "deepspeed", "zero2", mb=2, off="opt"), C("llama2560", "fsdp1", "zero3", "fp32", mb=1),
+    C("llamaMQA", "fsdp2", "zero3", mb=4, ac=True), C("llamaMQA", "deepspeed", "zero3", mb=2),
+    C("llamaMQA", "fsdp2", "zero2", mb=2, comp=True), C("llamaMQA", "deepspeed", "ddp", "fp32", mb=1),
+    C("gptT4k", "fsdp2", "zero3", mb=1, ga=2), C("gptT4k", "deepspeed", "zero3", mb=2, ac=True),
+    C("gptT4k", "fsdp1", "ddp", "fp16", mb=2), C("hf-qwen2b", "fsdp2", "zero3", mb=2),
+    C("hf-qwen2b", "deepspeed", "zero3", mb=2, ac=True), C("llama2560", "fsdp2", "zero3", mb=2, off="both"),
+]
 SETS = {"matrix": (1, CONFIGS), "check": (101, CHECK_CONFIGS), "host": (201, HOST_CONFIGS), "val": (301, VAL_CONFIGS),
         "hf": (401, HF_CONFIGS), "held": (501, HELD_CONFIGS),
-        "res": (601, RES_CONFIGS)}
+        "res": (601, RES_CONFIGS), "new": (701, NEW_CONFIGS)}
 KEYS = ("model", "framework", "sharding", "precision", "micro_batch_size", "grad_accum_steps", "activation_checkpointing",
         "offload", "compile", "hf", "low_memory_init")
 
