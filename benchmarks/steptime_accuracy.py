@@ -7,7 +7,7 @@ calibration made on the machine that ran the row (results/calibrations.json, or 
 device call); rows whose machine was not calibrated have no calibrated figure. Prints one line per row,
 then the median and largest absolute error per source.
 
-    .venv/bin/python benchmarks/steptime_accuracy.py [--json OUT] [--zero3]
+    .venv/bin/python benchmarks/steptime_accuracy.py [--json OUT] [--zero3] [--twins]
 
 --zero3 prints, for every DeepSpeed ZeRO-3 row without offload, the share of the time its host/GPU
 timeline overlaps that its measurement leaves exposed (hostcost.py's SERIAL["deepspeed_zero3"] solved per row), next to the
@@ -158,11 +158,38 @@ def zero3_regimes(rows_: list[dict]) -> None:
             print(" ", json.loads(k)[2] if isinstance(json.loads(k)[2], str) else json.loads(k)[2].get("name"), v)
 
 
+def twins(table: list[dict]) -> None:
+    """The same program timed more than once in one results file (one machine, one sitting): FSDP1 on one rank
+    runs NO_SHARD whatever the plan's sharding (basis.fsdp_stage), so its ddp / zero2 / zero3 rows of a grid are
+    one program, and a few plans were repeated. The spread between such rows is the timing's own noise, which no
+    model can follow: a row over the bars whose twin is within them says so (--twins)."""
+    groups: dict[str, list[dict]] = {}
+    for t in table:
+        plan = t["plan"] if isinstance(t["plan"], dict) else t["plan"].model_dump(mode="json")
+        plan = {k: v for k, v in plan.items() if k not in ("low_memory_init", "auto", "passthrough")}
+        world = (plan.get("topology") or {}).get("nodes", 1) * (plan.get("topology") or {}).get("gpus_per_node", 1)
+        if plan.get("framework") == "fsdp1" and world == 1:
+            plan["sharding"] = "one rank (NO_SHARD)"
+        key = json.dumps([t["source"].split(" ")[0], t["gpu"], plan, t["model"]], sort_keys=True, default=str)
+        groups.setdefault(key, []).append(t)
+    spreads = []
+    for rows_ in groups.values():
+        if len(rows_) < 2:
+            continue
+        m = [r["measured"] for r in rows_]
+        spreads.append(max(m) / min(m) - 1)
+        print(f"{rows_[0]['source']:28} spread {spreads[-1]:6.1%}  " + "  ".join(f"{r['name']} {r['error']:+.1%}" for r in rows_))
+    if spreads:
+        print(f"{len(spreads)} programs timed more than once: spread (fastest to slowest) median {statistics.median(spreads):.1%},"
+              f" largest {max(spreads):.1%}")
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--json", default=None)
     ap.add_argument("--shared", action="store_true", help="also issue 13's rows timed while other runs shared the GPU")
     ap.add_argument("--zero3", action="store_true", help="what each DeepSpeed ZeRO-3 row implies for its overlap")
+    ap.add_argument("--twins", action="store_true", help="after the table: the same program timed more than once on one machine")
     a = ap.parse_args(argv)
     if a.zero3:
         zero3_regimes(rows(a.shared))
@@ -189,6 +216,9 @@ def main(argv=None) -> int:
         if c:
             line += f"  calibrated median {statistics.median(c):.1%} max {max(c):.1%}"
         print(line)
+    if a.twins:
+        print()
+        twins(table)
     if a.json:
         plain = [{**t, "plan": t["plan"] if isinstance(t["plan"], dict) else t["plan"].model_dump(mode="json")} for t in table]
         Path(a.json).write_text(json.dumps(plain, indent=1))  # issue 13's rows carry a Plan

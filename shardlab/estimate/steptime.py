@@ -98,7 +98,23 @@ TORCH_CPU_ADAM_PARAMS_PER_S = {"fsdp1": 1.0e9, "fsdp2": 0.65e9}
 # #309 again on the second host (fidelity_h200_val_s6.json: +70.7% -> +24.6%), the held-out #505
 # (fidelity_h200_held.json, llama32L, 461M: +10.7% -> -8.3%). The parameter-offload path (#117, 'both')
 # keeps its 16-bit partition on the CPU: no such copy.
-DS3_OFFLOAD_COPY_BYTES_PER_S = 7.1e9
+# Session 11 (issue 14, helper i14): re-solved by the same rule (0.29 s for #309) once the gradient round trip
+# below is priced apart: 0.29 s - 8 B x 1.03e9 / 50 GB/s (0.165 s) = 0.125 s for 2.06 GB -> 16.4e9 B/s. #309
+# is therefore unchanged by construction; the earlier 7.1e9 held the round trip of #309's one micro-step.
+DS3_OFFLOAD_COPY_BYTES_PER_S = 16.4e9
+# DS3_GRAD_ROUNDTRIP_BYTES: ZeRO-3 with the optimizer offloaded keeps its gradient accumulation buffer
+# (grad_partitions_flat_buffer, fp32) on the CPU: stage3.py sets self.device to the CPU when offload_optimizer
+# is set and allocates that buffer there (pinned: offload_config.py pin_memory defaults to True). partition_grads
+# then, every micro-step, for every parameter: at the first micro-step copies the gradient partition down into it
+# (fp32: 4 B) and brings it straight back up (`grad_buffer.to(device)`, 4 B); at the later ones brings the
+# buffer up (4 B), adds on the GPU and copies the sum down (4 B). The default reduce bucket (5e8 elements) holds
+# a model of this size whole, so that happens at the end of the backward, and independent_gradient_partition_
+# epilogue then synchronizes the reduce stream: exposed, 8 B per parameter per micro-step at the PCIe rate. The
+# boundary's copy into the optimizer's fp32 gradients (4 B) is the 4 of _offload_time's (4 + P). Derived from
+# the source, not fitted; checked on rows not used: tune_h200_gpt350cap_grid.json's two ZeRO-3 offload rows
+# (accumulation 4 and 2) +35.5% -> +17.4% and +44.7% -> +34.4%; #505 and #309 (one micro-step) do not move (the
+# constant above re-solved); #117 (parameters offloaded too: the same buffer) -6.3% -> -18.2%.
+DS3_GRAD_ROUNDTRIP_BYTES = 8
 
 # bytes per parameter the optimizer step moves on the GPU (fp32 params, grads and states):
 # torch AdamW foreach (the default on CUDA): decay r/w 8, lerp m 12, v scale 8 + addcmul 12, sqrt 8,
@@ -267,6 +283,8 @@ def _offload_time(s: Setup, gpu: GPU) -> float:
     t = moved / gpu.pcie_bw + local * s.gpn / rate
     if s.ds and s.stage == "zero3" and s.offload_params == "none":
         t += s.P * local / DS3_OFFLOAD_COPY_BYTES_PER_S  # the converting, pageable copy back (above)
+    if s.ds and s.stage == "zero3":  # the gradient's round trip through the CPU buffer, every micro-step (above)
+        t += DS3_GRAD_ROUNDTRIP_BYTES * local * s.micro_steps / gpu.pcie_bw
     return t
 
 
