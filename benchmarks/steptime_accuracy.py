@@ -72,8 +72,12 @@ def tune_rows() -> list[dict]:
     alone). Grids run several at once (tune_h200_gpt125.json, _gated.json) time the sharing: left out."""
     import tune_gpu  # benchmarks/tune_gpu.py wrote these files
 
+    from shardlab.estimate.gpus import capped
+
     out = []
     for f, d, kind, r in tune_gpu.recorded_files(RESULTS):
+        # the grid's allocator cap (tune_worker.py's set_per_process_memory_fraction): the estimate prices its flushes
+        gpu = capped("h200", int(d["gpu_limit_gib"] * 2**30)) if d.get("gpu_limit_gib") else "h200"
         argv = d.get("argv", [])
         alone = "--jobs" not in argv or argv[argv.index("--jobs") + 1] == "1"
         if kind == "grid" and not alone:
@@ -81,7 +85,7 @@ def tune_rows() -> list[dict]:
         m = r.get("measured") or {}
         if r.get("status") == "completed" and len(m.get("step_times_s") or []) >= MIN_TIMED_STEPS and m.get("tokens_per_s"):
             out.append({"source": f.stem + ("" if kind == "grid" else f" {kind}s"), "name": r["key"], "plan": r["plan"],
-                        "model": d["model"], "gpu": "h200", "measured": m["tokens_per_s"], "calibration": _calibration_of(f)})
+                        "model": d["model"], "gpu": gpu, "measured": m["tokens_per_s"], "calibration": _calibration_of(f)})
     return out
 
 

@@ -124,3 +124,30 @@ def test_batch_and_copy_reserve_what_the_h200_reserved():
     one = CachingAllocator()
     one.touch(3 << 20)
     assert (one.segments, one.reserved, one.peak_allocated) == (1, 20 << 20, 3 << 20)
+
+
+def test_a_limit_gives_the_cache_back_and_counts_it():
+    """Under a limit, a request no cached block holds and that would pass it frees every cached segment with no
+    live block first (torch's release_cached_blocks before its retry); the flushes and the bytes given back are
+    counted for the step time (steptime.FLUSH_S_PER_BYTE)."""
+    mib = 2**20
+    a = CachingAllocator()
+    a.limit = 100 * mib
+    a.alloc("live", 40 * mib)
+    a.alloc("x", 30 * mib)
+    a.alloc("y", 20 * mib)
+    a.free("x")
+    a.free("y")  # 90 MiB reserved, 40 live; 50 cached in two segments of their own
+    a.alloc("z", 32 * mib)  # no cached block holds 32 MiB and a new segment would pass 100 MiB
+    assert (a.flushes, a.flushed_bytes, a.flushed_segments) == (1, 50 * mib, 2)
+    assert a.reserved == 72 * mib
+    a.free("z")
+    a.alloc("w", 30 * mib)  # the 32 MiB segment holds it: no flush
+    assert a.flushes == 1
+    b = CachingAllocator()  # no limit: nothing is given back
+    for k, n in (("live", 40), ("x", 30), ("y", 20)):
+        b.alloc(k, n * mib)
+    b.free("x")
+    b.free("y")
+    b.alloc("z", 32 * mib)
+    assert b.flushes == 0 and b.reserved == 122 * mib

@@ -75,10 +75,24 @@ class CachingAllocator:
         self.segments = 0
         self.pool_reserved: dict[tuple, int] = {}  # (stream, small?) -> bytes of its segments
         self._next_addr = 0
+        # an allocator cap (set_per_process_memory_fraction, or the memory itself): where a new segment would pass
+        # it, torch frees every cached segment with no live block (release_cached_blocks: cudaFree, which
+        # synchronises) and retries; flushes / flushed_bytes / flushed_segments count what was given back, to be
+        # made again by cudaMalloc (steptime.py prices it). Not inside batch(), whose scratch lists hold the
+        # cached blocks of the moment (reserved may pass the cap there; the next request flushes).
+        self.limit: int | None = None
+        self.flushes = self.flushed_bytes = self.flushed_segments = 0
+        self._in_batch = False
 
     def _segment(self, size: int, pool: int) -> list:
         """cudaMalloc: a new segment for a rounded request no cached block holds, as one free block."""
         seg = segment_size(size)
+        if self.limit is not None and not self._in_batch and self.reserved + seg > self.limit:
+            before, segments = self.reserved, self.segments
+            self.empty_cache()
+            self.flushes += 1
+            self.flushed_bytes += before - self.reserved
+            self.flushed_segments += segments - self.segments
         b = [self._next_addr, seg, True, None, None, pool]
         self._next_addr += seg
         self.reserved += seg
@@ -151,6 +165,13 @@ class CachingAllocator:
         segment they made is free again except where a kept tensor sits: that block is cut around the
         kept tensors, in address order, into free and live pieces. The peak allocated is that of the
         moment all are allocated."""
+        self._in_batch = True
+        try:
+            self._batch(sizes, stream, keep)
+        finally:
+            self._in_batch = False
+
+    def _batch(self, sizes, stream: int, keep: dict | None) -> None:
         scratch: dict[int, list] = {}
         origin: dict[int, list] = {}  # scratch block address -> the real free block it lies in (for keep)
         kept: dict[int, list] = {}  # id(real block) -> [real block, (address, block size, key), ...]
@@ -259,7 +280,7 @@ class CachingAllocator:
                     self.segments -= 1
                 else:
                     keep.append(k)
-            self.pools[pool] = keep
+            lst[:] = keep  # in place: alloc and touch hold this list while a cap's flush runs
 
     def copy(self) -> "CachingAllocator":
         """An independent allocator in the same state (the replays resume from a cached start-up)."""

@@ -410,3 +410,35 @@ def replayed_reserved(plan, s, workspace: int) -> int | None:
     (see the module docstring). workspace: bytes of the step's cuBLAS workspaces."""
     r = covered_recipe(plan, s, workspace)
     return None if r is None else _replay(r)
+
+
+CHURN_STEPS = 6  # replayed steps under a cap; the first two (start-up, first optimizer states) are not counted
+
+
+@lru_cache(maxsize=256)
+def _churn(r: Recipe, limit: int) -> tuple[float, float, float]:
+    st = _Step(r)
+    st._start()
+    sim = st.sim
+    sim.limit = limit - _small_pool(r)  # the small pool's segments are counted beside the replay, not in it
+    seen = []
+    for step in range(CHURN_STEPS):
+        before = (sim.flushes, sim.flushed_bytes, sim.flushed_segments)
+        for mb in range(r.micro):
+            st._forward(mb)
+            st._loss(mb)
+            st._backward(mb, first=mb == 0)
+        st._step()
+        if step >= 2:
+            seen.append((sim.flushes - before[0], sim.flushed_bytes - before[1], sim.flushed_segments - before[2]))
+    n = len(seen)
+    return tuple(sum(x[i] for x in seen) / n for i in range(3))
+
+
+def capped_churn(plan, s, workspace: int, limit: int) -> tuple[float, float, float] | None:
+    """Under an allocator cap of `limit` bytes: per steady step, (flushes, bytes given back, segments given
+    back) - the caching allocator's free-and-retry at the cap (cachesim.CachingAllocator.limit), each byte
+    of which cudaMalloc makes again. None where the replay does not cover the plan. The replay's start-up
+    and first step are left out (they run before the timed steps)."""
+    r = covered_recipe(plan, s, workspace)
+    return None if r is None else _churn(r, int(limit))

@@ -116,6 +116,14 @@ DS3_OFFLOAD_COPY_BYTES_PER_S = 16.4e9
 # constant above re-solved); #117 (parameters offloaded too: the same buffer) -6.3% -> -18.2%.
 DS3_GRAD_ROUNDTRIP_BYTES = 8
 
+# FLUSH_S_PER_BYTE: at the allocator's limit (a cap, or the GPU's memory) torch frees every cached segment that
+# holds no live block (cudaFree, synchronising the device) and retries; the step then makes those segments again
+# (cudaMalloc). stepsim.capped_churn replays the step with the limit and counts the bytes given back per step (no
+# constant: the cap grid's gpt-350m FSDP plans at micro-batch 4 x 2 give back 6.9 GiB (FSDP1) and 11.4 GiB (FSDP2
+# ZeRO-2) a step, FSDP2 ZeRO-3 settles after its second step and gives back none; every other plan of that grid
+# none). The seconds per byte, cudaFree + cudaMalloc, from benchmarks/allocator_flush_probe.py on an H200 (PENDING).
+FLUSH_S_PER_BYTE = 0.0
+
 # bytes per parameter the optimizer step moves on the GPU (fp32 params, grads and states):
 # torch AdamW foreach (the default on CUDA): decay r/w 8, lerp m 12, v scale 8 + addcmul 12, sqrt 8,
 # divide 8, add eps 8, addcdiv 16 = 80; DeepSpeed FusedAdam / torch fused: r p g m v, w p m v = 28;
@@ -296,8 +304,25 @@ def _effective(s: Setup) -> Setup:
     return s if stage == s.stage else replace(s, stage=stage)
 
 
+def _allocator_flush_time(plan: Plan, s: Setup, gpu: GPU) -> float:
+    """Seconds per step the caching allocator spends giving its cache back at its limit and making it again
+    (FLUSH_S_PER_BYTE): only where the replayed step (stepsim.py, FSDP without offload) reserves more than the
+    allocator may hold, so every other plan pays nothing and costs no second replay."""
+    from .allocator import allocator_limit
+    from .memory import cublas_workspaces
+    from .stepsim import capped_churn, replayed_reserved
+
+    limit, ws = allocator_limit(gpu), cublas_workspaces(gpu)
+    peak = replayed_reserved(plan, s, ws)
+    if peak is None or peak <= limit:
+        return 0.0
+    _, nbytes, _ = capped_churn(plan, s, ws, limit)
+    return nbytes * FLUSH_S_PER_BYTE
+
+
 def step_time(plan: Plan, s: Setup, gpu: GPU, wire: dict, rates: Rates | None = None) -> dict:
     r = rates or Rates()
+    flush = _allocator_flush_time(plan, s, gpu)
     s = _effective(s)
     spec = s.spec
     seq = BARE_SEQ_LEN if spec.is_bare else spec.seq_len
@@ -316,6 +341,7 @@ def step_time(plan: Plan, s: Setup, gpu: GPU, wire: dict, rates: Rates | None = 
     comm_s = _comm_time(s, gpu, wire, w)
     exposed = comm_s if (s.ds and s.stage != "zero3") else max(0.0, comm_s - OVERLAP * gpu_s)
     offload = _offload_time(s, gpu)
+    core += flush * r.host_fit
     total = core + exposed + offload
     tokens = plan.micro_batch_size * seq * s.micro_steps
     fpt = flops_per_token(spec, seq)
@@ -333,7 +359,8 @@ def step_time(plan: Plan, s: Setup, gpu: GPU, wire: dict, rates: Rates | None = 
         "breakdown": {"compute": gpu_s, "exposed_comm": exposed, "host_overhead": core - gpu_s, "offload": offload},
         "detail": {"matmul_s": mm * scale, "attention_s": attn * scale, "memory_bound_s": mem * scale,
                    "optimizer_s": opt * r.gpu_scale, "host_s": host_s, "kernels_per_micro_step": w.kernels,
-                   "gpu_idle_s": tl.gpu_idle, "host_wait_s": tl.host_wait, "overlapped_s": tl.overlapped},
+                   "gpu_idle_s": tl.gpu_idle, "host_wait_s": tl.host_wait, "overlapped_s": tl.overlapped,
+                   "allocator_flush_s": flush * r.host_fit},
         "calibrated": r.calibrated,
         "rates_source": r.source,
         "tokens_per_step": tokens,
