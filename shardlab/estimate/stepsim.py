@@ -34,6 +34,7 @@ from functools import lru_cache
 from typing import NamedTuple
 
 from .activations import _counted, _hf_llama, rope_tables
+from .allocator import stranded
 from .basis import fsdp_stage
 from .cachesim import BLOCK, SMALL, SMALL_SEGMENT, CachingAllocator
 
@@ -380,8 +381,14 @@ def _small_pool(r: Recipe) -> int:
 
 
 @lru_cache(maxsize=512)
+def _replay_both(r: Recipe) -> tuple[int, int]:
+    st = _Step(r)
+    reserved = st.run() + _small_pool(r)
+    return reserved, st.sim.peak_allocated + _small_pool(r)
+
+
 def _replay(r: Recipe) -> int:
-    return _Step(r).run() + _small_pool(r)
+    return _replay_both(r)[0]
 
 
 def declined(plan, s) -> bool:
@@ -412,7 +419,7 @@ def replayed_reserved(plan, s, workspace: int) -> int | None:
     return None if r is None else _replay(r)
 
 
-CHURN_STEPS = 6  # replayed steps under a cap; the first two (start-up, first optimizer states) are not counted
+CHURN_STEPS = 4  # replayed steps under a cap; the first two (start-up, first optimizer states) are not counted
 
 
 @lru_cache(maxsize=256)
@@ -436,9 +443,16 @@ def _churn(r: Recipe, limit: int) -> tuple[float, float, float]:
 
 
 def capped_churn(plan, s, workspace: int, limit: int) -> tuple[float, float, float] | None:
-    """Under an allocator cap of `limit` bytes: per steady step, (flushes, bytes given back, segments given
+    """Under an allocator limit of `limit` bytes: per steady step, (flushes, bytes given back, segments given
     back) - the caching allocator's free-and-retry at the cap (cachesim.CachingAllocator.limit), each byte
-    of which cudaMalloc makes again. None where the replay does not cover the plan. The replay's start-up
-    and first step are left out (they run before the timed steps)."""
+    of which cudaMalloc makes again. None where the replay does not cover the plan; nothing where the
+    replayed step never reaches the limit, or where its live bytes pass it (the plan does not fit:
+    allocator.fit), so that only plans at the limit pay this second replay. The replay's start-up and first
+    step are left out (they run before the timed steps)."""
     r = covered_recipe(plan, s, workspace)
-    return None if r is None else _churn(r, int(limit))
+    if r is None:
+        return None
+    reserved, allocated = _replay_both(r)
+    if reserved <= limit or allocated + stranded(allocated) > limit:
+        return (0.0, 0.0, 0.0)  # never at the limit, or past it whatever the cache (allocator.fit: does not fit)
+    return _churn(r, int(limit))

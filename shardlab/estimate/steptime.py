@@ -310,14 +310,10 @@ def _allocator_flush_time(plan: Plan, s: Setup, gpu: GPU) -> float:
     allocator may hold, so every other plan pays nothing and costs no second replay."""
     from .allocator import allocator_limit
     from .memory import cublas_workspaces
-    from .stepsim import capped_churn, replayed_reserved
+    from .stepsim import capped_churn
 
-    limit, ws = allocator_limit(gpu), cublas_workspaces(gpu)
-    peak = replayed_reserved(plan, s, ws)
-    if peak is None or peak <= limit:
-        return 0.0
-    _, nbytes, _ = capped_churn(plan, s, ws, limit)
-    return nbytes * FLUSH_S_PER_BYTE
+    churn = capped_churn(plan, s, cublas_workspaces(gpu), allocator_limit(gpu))
+    return churn[1] * FLUSH_S_PER_BYTE if churn else 0.0
 
 
 def step_time(plan: Plan, s: Setup, gpu: GPU, wire: dict, rates: Rates | None = None) -> dict:
