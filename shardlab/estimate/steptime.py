@@ -121,8 +121,13 @@ DS3_GRAD_ROUNDTRIP_BYTES = 8
 # (cudaMalloc). stepsim.capped_churn replays the step with the limit and counts the bytes given back per step (no
 # constant: the cap grid's gpt-350m FSDP plans at micro-batch 4 x 2 give back 6.9 GiB (FSDP1) and 11.4 GiB (FSDP2
 # ZeRO-2) a step, FSDP2 ZeRO-3 settles after its second step and gives back none; every other plan of that grid
-# none). The seconds per byte, cudaFree + cudaMalloc, from benchmarks/allocator_flush_probe.py on an H200 (PENDING).
-FLUSH_S_PER_BYTE = 0.0
+# none). The seconds per byte from benchmarks/allocator_flush_probe.py's measurement on an H200 (torch 2.11.0+cu130,
+# 2026-12-02 11:42 UTC, benchmarks/results/allocator_flush_h200.json; no training step involved): under a 24 GiB cap,
+# an 8 GiB request that first needs 40 cached 300 MiB segments (11.7 GiB) given back took 49.4 ms (median of 5;
+# 39-73 ms; num_alloc_retries 1 each) against 3.3 ms for the same request with nothing to give back: 3.93 ms/GiB;
+# making 36 x 320 MiB segments again, 0.45 ms/GiB (cudaMalloc, median of 5): 4.4 ms per GiB given back in all.
+# Checked on the rows it was not fitted to (none was): the gpt350cap grid's three flushing plans.
+FLUSH_S_PER_BYTE = 4.4e-3 / 2**30
 
 # bytes per parameter the optimizer step moves on the GPU (fp32 params, grads and states):
 # torch AdamW foreach (the default on CUDA): decay r/w 8, lerp m 12, v scale 8 + addcmul 12, sqrt 8,
