@@ -224,7 +224,8 @@ def main(argv=None) -> int:
         print()
         twins(table)
     if a.json:
-        plain = [{**t, "plan": t["plan"] if isinstance(t["plan"], dict) else t["plan"].model_dump(mode="json")} for t in table]
+        plain = [{**t, "plan": t["plan"] if isinstance(t["plan"], dict) else t["plan"].model_dump(mode="json"),
+                  "gpu": t["gpu"] if isinstance(t["gpu"], str) else t["gpu"].name} for t in table]  # a capped GPU by name
         Path(a.json).write_text(json.dumps(plain, indent=1))  # issue 13's rows carry a Plan
     return 0
 
