@@ -188,9 +188,26 @@ NEW_CONFIGS = [
     C("gptT4k", "fsdp1", "ddp", "fp16", mb=2), C("hf-qwen2b", "fsdp2", "zero3", mb=2),
     C("hf-qwen2b", "deepspeed", "zero3", mb=2, ac=True), C("llama2560", "fsdp2", "zero3", mb=2, off="both"),
 ]
+# the second unseen set of session 11 (--set new3, numbered from 801): written down 2026-12-02 12:30 UTC, after
+# i14's allocator-cap and offload changes landed, before it ran; judges them and the session's later changes
+MODELS.update({
+    "gpt1536x10": {"name": "gpt1536x10", "family": "gpt", "layers": 10, "hidden": 1536, "heads": 12, "vocab": 50257, "seq_len": 2048},
+    "llama24L": {"name": "llama24L", "family": "llama", "layers": 24, "hidden": 1280, "heads": 10, "kv_heads": 5,
+                 "ffn_hidden": 3584, "vocab": 32000, "seq_len": 3072},
+    "llama96k": {"name": "llama96k", "family": "llama", "layers": 12, "hidden": 2048, "heads": 32, "kv_heads": 8,
+                 "ffn_hidden": 5504, "vocab": 96000, "seq_len": 1024},
+})
+NEW3_CONFIGS = [
+    C("gpt1536x10", "fsdp2", "zero3", mb=4), C("gpt1536x10", "deepspeed", "zero2", mb=2, ga=2),
+    C("gpt1536x10", "fsdp1", "zero3", mb=8, ac=True), C("llama24L", "fsdp2", "zero2", mb=2, ac=True),
+    C("llama24L", "deepspeed", "zero3", mb=2), C("llama24L", "deepspeed", "zero1", "fp32", mb=1),
+    C("llama96k", "fsdp2", "zero3", mb=4), C("llama96k", "deepspeed", "zero3", mb=4, ac=True),
+    C("llama96k", "fsdp1", "ddp", mb=2, ga=2), C("llama96k", "fsdp2", "ddp", "fp16", mb=2),
+]
 SETS = {"matrix": (1, CONFIGS), "check": (101, CHECK_CONFIGS), "host": (201, HOST_CONFIGS), "val": (301, VAL_CONFIGS),
         "hf": (401, HF_CONFIGS), "held": (501, HELD_CONFIGS),
-        "res": (601, RES_CONFIGS), "new": (701, NEW_CONFIGS)}
+        "res": (601, RES_CONFIGS), "new": (701, NEW_CONFIGS),
+        "new3": (801, NEW3_CONFIGS)}
 KEYS = ("model", "framework", "sharding", "precision", "micro_batch_size", "grad_accum_steps", "activation_checkpointing",
         "offload", "compile", "hf", "low_memory_init")
 
