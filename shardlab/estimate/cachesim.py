@@ -60,6 +60,8 @@ def segment_size(n: int) -> int:
 # 5 ms budget waits on.
 _SHIFT = 48
 _ADDR = (1 << _SHIFT) - 1
+_ROUND, _MASK = BLOCK - 1, -BLOCK  # round up to a multiple of BLOCK: (n + _ROUND) & _MASK
+_ROUND2M, _MASK2M = ROUND_LARGE - 1, -ROUND_LARGE
 
 
 class CachingAllocator:
@@ -73,7 +75,7 @@ class CachingAllocator:
         self.live: dict = {}  # key -> block
         self.reserved = self.peak_reserved = self.allocated = self.peak_allocated = 0
         self.segments = 0
-        self.pool_reserved: dict[tuple, int] = {}  # (stream, small?) -> bytes of its segments
+        self._pool_res: dict[int, int] = {}  # pool -> bytes of its segments (pool_reserved names them)
         self._next_addr = 0
         # an allocator cap (set_per_process_memory_fraction, or the memory itself): where a new segment would pass
         # it, torch frees every cached segment with no live block (release_cached_blocks: cudaFree, which
@@ -86,7 +88,7 @@ class CachingAllocator:
 
     def _segment(self, size: int, pool: int) -> list:
         """cudaMalloc: a new segment for a rounded request no cached block holds, as one free block."""
-        seg = segment_size(size)
+        seg = SMALL_SEGMENT if size <= SMALL else LARGE_SEGMENT if size < MIN_LARGE_ALLOC else (size + _ROUND2M) & _MASK2M
         if self.limit is not None and not self._in_batch and self.reserved + seg > self.limit:
             before, segments = self.reserved, self.segments
             self.empty_cache()
@@ -96,39 +98,110 @@ class CachingAllocator:
         b = [self._next_addr, seg, True, None, None, pool]
         self._next_addr += seg
         self.reserved += seg
-        name = (pool >> 1, bool(pool & 1))
-        self.pool_reserved[name] = self.pool_reserved.get(name, 0) + seg
+        self._pool_res[pool] = self._pool_res.get(pool, 0) + seg
         self.segments += 1
         if self.reserved > self.peak_reserved:
             self.peak_reserved = self.reserved
         return b
 
+    @property
+    def pool_reserved(self) -> dict[tuple, int]:
+        """Bytes of segments per (stream, small pool?)."""
+        return {(pool >> 1, bool(pool & 1)): n for pool, n in self._pool_res.items()}
+
     def alloc(self, key, nbytes: int, stream: int = 0) -> None:
         live = self.live
         if key in live:
             self.free(key)
-        size = BLOCK if nbytes < BLOCK else (nbytes + BLOCK - 1) & -BLOCK
+        size = BLOCK if nbytes < BLOCK else (nbytes + _ROUND) & _MASK
         small = size <= SMALL
         pool = 2 * stream + small
         lst = self.pools.get(pool)
         if lst is None:
             lst = self.pools[pool] = []
         i = bisect_left(lst, size << _SHIFT)
-        b = self._cached.pop(lst.pop(i) & _ADDR) if i < len(lst) else self._segment(size, pool)
-        rest = b[1] - size
+        if i < len(lst):
+            b = self._cached.pop(lst.pop(i) & _ADDR)
+            rest = b[1] - size
+        else:  # cudaMalloc (_segment, inline: this is the hot path)
+            seg = SMALL_SEGMENT if small else LARGE_SEGMENT if size < MIN_LARGE_ALLOC else (size + _ROUND2M) & _MASK2M
+            if self.limit is not None:  # a cap: _segment gives the cache back first where it would pass it
+                b = self._segment(size, pool)
+            else:
+                addr = self._next_addr
+                b = [addr, seg, True, None, None, pool]
+                self._next_addr = addr + seg
+                self.reserved += seg
+                self._pool_res[pool] = self._pool_res.get(pool, 0) + seg
+                self.segments += 1
+                if self.reserved > self.peak_reserved:
+                    self.peak_reserved = self.reserved
+            rest = seg - size
         if rest >= BLOCK if small else rest > SMALL:  # split: the remainder stays cached, free
             addr, nxt = b[0] + size, b[4]
             tail = [addr, rest, True, b, nxt, pool]
             if nxt is not None:
                 nxt[3] = tail
-            b[4], b[1] = tail, size
+            b[4] = tail
+            b[1] = size
             insort(lst, rest << _SHIFT | addr)
             self._cached[addr] = tail
         b[2] = False
         live[key] = b
-        self.allocated += b[1]
-        if self.allocated > self.peak_allocated:
-            self.peak_allocated = self.allocated
+        a = self.allocated = self.allocated + b[1]
+        if a > self.peak_allocated:
+            self.peak_allocated = a
+
+    def allocs(self, keys, sizes, stream: int = 0) -> None:
+        """alloc(key, nbytes, stream) for each pair of `keys` and `sizes`, in order: the same state as those
+        calls. alloc's body in one loop, its lookups made once: a replay's runs of requests (a block's
+        saved tensors, a unit's gradients) issued at a fraction of their cost per call."""
+        live, pools, cached, pool_res = self.live, self.pools, self._cached, self._pool_res
+        allocated, peak = self.allocated, self.peak_allocated
+        for key, nbytes in zip(keys, sizes):
+            if key in live:
+                self.allocated = allocated
+                self.free(key)
+                allocated = self.allocated
+            size = BLOCK if nbytes < BLOCK else (nbytes + _ROUND) & _MASK
+            small = size <= SMALL
+            pool = 2 * stream + small
+            lst = pools.get(pool)
+            if lst is None:
+                lst = pools[pool] = []
+            i = bisect_left(lst, size << _SHIFT)
+            if i < len(lst):
+                b = cached.pop(lst.pop(i) & _ADDR)
+                rest = b[1] - size
+            else:  # cudaMalloc, as in alloc
+                seg = SMALL_SEGMENT if small else LARGE_SEGMENT if size < MIN_LARGE_ALLOC else (size + _ROUND2M) & _MASK2M
+                if self.limit is not None:  # a cap: _segment gives the cache back first where it would pass it
+                    b = self._segment(size, pool)
+                else:
+                    addr = self._next_addr
+                    b = [addr, seg, True, None, None, pool]
+                    self._next_addr = addr + seg
+                    self.reserved += seg
+                    pool_res[pool] = pool_res.get(pool, 0) + seg
+                    self.segments += 1
+                    if self.reserved > self.peak_reserved:
+                        self.peak_reserved = self.reserved
+                rest = seg - size
+            if rest >= BLOCK if small else rest > SMALL:
+                addr, nxt = b[0] + size, b[4]
+                tail = [addr, rest, True, b, nxt, pool]
+                if nxt is not None:
+                    nxt[3] = tail
+                b[4] = tail
+                b[1] = size
+                insort(lst, rest << _SHIFT | addr)
+                cached[addr] = tail
+            b[2] = False
+            live[key] = b
+            allocated += b[1]
+            if allocated > peak:
+                peak = allocated
+        self.allocated, self.peak_allocated = allocated, peak
 
     def touch(self, nbytes: int, stream: int = 0) -> None:
         """alloc then free at once (a temporary with no other request beside it): the same state as the
@@ -267,6 +340,37 @@ class CachingAllocator:
         insort(lst, b[1] << _SHIFT | b[0])
         cached[b[0]] = b
 
+    def frees(self, keys) -> None:
+        """free(key) for each of `keys`, in order: the same state as those calls, in one loop (allocs)."""
+        live, pools, cached = self.live, self.pools, self._cached
+        allocated = self.allocated
+        for key in keys:
+            b = live.pop(key, None)
+            if b is None:
+                continue
+            allocated -= b[1]
+            b[2] = True
+            lst = pools[b[5]]
+            prev, nxt = b[3], b[4]
+            if prev is not None and prev[2]:
+                del lst[bisect_left(lst, prev[1] << _SHIFT | prev[0])]
+                del cached[prev[0]]
+                prev[1] += b[1]
+                prev[4] = nxt
+                if nxt is not None:
+                    nxt[3] = prev
+                b = prev
+            if nxt is not None and nxt[2]:
+                del lst[bisect_left(lst, nxt[1] << _SHIFT | nxt[0])]
+                del cached[nxt[0]]
+                b[1] += nxt[1]
+                after = b[4] = nxt[4]
+                if after is not None:
+                    after[3] = b
+            insort(lst, b[1] << _SHIFT | b[0])
+            cached[b[0]] = b
+        self.allocated = allocated
+
     def empty_cache(self) -> None:
         """torch.cuda.empty_cache(): every cached segment that holds no live block is given back."""
         for pool, lst in self.pools.items():
@@ -276,7 +380,7 @@ class CachingAllocator:
                 if b[3] is None and b[4] is None:  # a free block that is its whole segment
                     del self._cached[b[0]]
                     self.reserved -= b[1]
-                    self.pool_reserved[(pool >> 1, bool(pool & 1))] -= b[1]
+                    self._pool_res[pool] -= b[1]
                     self.segments -= 1
                 else:
                     keep.append(k)
@@ -297,5 +401,5 @@ class CachingAllocator:
         new.live = {k: twin[id(b)] for k, b in self.live.items()}
         new._cached = {a: twin[id(b)] for a, b in self._cached.items()}
         new.pools = {p: lst[:] for p, lst in self.pools.items()}
-        new.pool_reserved = dict(self.pool_reserved)
+        new._pool_res = dict(self._pool_res)
         return new
