@@ -151,6 +151,7 @@ class _Step:
         # the last step's frees after its last request change no reserved byte (what run returns) and
         # feed no later request: _step skips them there (zero_grad's, a few hundred per DeepSpeed ddp step)
         self.last = False
+        self._block_keys: dict = {}  # micro-batch index -> per block, its keys (_keys)
 
     def _gather(self, unit: int, key, backward: bool = False) -> None:
         if self.r.mode == "reshard" or (self.r.mode == "keep" and not backward):
@@ -171,24 +172,34 @@ class _Step:
         if self.r.mode == "reshard" or (self.r.mode == "keep" and backward):
             self.sim.free(key)
 
+    def _keys(self, mb) -> list:
+        """Per block, the keys of its saved tensors and its output (forward order): made once per
+        micro-batch index and reused by every step (a replay's requests are mostly these)."""
+        keys = self._block_keys.get(mb)
+        if keys is None:
+            ns = len(self.r.saved)
+            keys = self._block_keys[mb] = [[("a", mb, i, j) for j in range(ns)] + [("x", mb, i)]
+                                            for i in range(len(self.r.blocks))]
+        return keys
+
     def _forward(self, mb) -> None:
         sim, r = self.sim, self.r
-        alloc, free, saved, d_bytes = sim.alloc, sim.free, r.saved, self.d_bytes
         if r.mode is not None:
             self._copy_in(("g", "root"), r.root)
-        alloc(("x", mb, -1), d_bytes)  # the embedding's output: block 0's input
+        sim.alloc(("x", mb, -1), self.d_bytes)  # the embedding's output: block 0's input
         if r.checkpointing and not (r.offload and r.framework == "fsdp1"):
             self._forward_checkpointed(mb)
             return
-        for i, unit in enumerate(r.blocks):
-            self._gather(unit, ("g", i))
-            for j, n in enumerate(saved):
-                alloc(("a", mb, i, j), n)
-            alloc(("x", mb, i), d_bytes)  # the block output (the next block's input)
+        allocs, frees, sizes = sim.allocs, sim.frees, r.saved + (self.d_bytes,)
+        gather = r.mode is not None  # _gather and _release in forward: "reshard" and "keep" gather, "reshard" frees
+        for i, keys in enumerate(self._keys(mb)):
+            if gather:
+                self._copy_in(("g", i), r.blocks[i])
+            allocs(keys, sizes)  # the saved tensors, then the block output (the next block's input)
             if r.checkpointing:  # only the block input is kept
-                for j in range(len(saved)):
-                    free(("a", mb, i, j))
-            self._release(("g", i))
+                frees(keys[:-1])
+            if r.mode == "reshard":
+                sim.free(("g", i))
 
     def _forward_checkpointed(self, mb) -> None:
         """_forward's blocks under checkpointing, one cachesim.batch per block: the gathered unit (kept
@@ -272,21 +283,23 @@ class _Step:
         sim, r = self.sim, self.r
         if not self._root_at_end:
             self._reduce(r.head, ("head",), first)
-        alloc, free, saved, d_bytes, da = sim.alloc, sim.free, r.saved, self.d_bytes, max(r.saved)
+        alloc, free, allocs, frees, d_bytes, da = sim.alloc, sim.free, sim.allocs, sim.frees, self.d_bytes, max(r.saved)
+        keys, saved = self._keys(mb), r.saved
         for i in reversed(range(len(r.blocks))):
-            self._gather(r.blocks[i], ("g", i), backward=True)
+            if r.mode is not None:  # _gather in backward: "reshard" gathers again
+                self._gather(r.blocks[i], ("g", i), backward=True)
+            k = keys[i]
             if r.checkpointing:  # the block's forward again
-                for j, n in enumerate(saved):
-                    alloc(("a", mb, i, j), n)
-            free(("x", mb, i))
+                allocs(k[:-1], saved)
+            free(k[-1])
             alloc(("da",), da)
-            for j in reversed(range(len(saved))):
-                free(("a", mb, i, j))
+            frees(k[-2::-1])  # the saved tensors, last first
             free(("dx", mb))
             alloc(("dx", mb), d_bytes)
             free(("da",))
             self._reduce(r.blocks[i], ("b", i), first)
-            self._release(("g", i), backward=True)
+            if r.mode is not None:
+                self._release(("g", i), backward=True)
         sim.free(("x", mb, -1))
         sim.free(("dx", mb))
         if self._root_at_end:  # FSDP2's root group (embedding, final norm, head) reduces once, at the end
@@ -302,16 +315,14 @@ class _Step:
         sim, r = self.sim, self.r
         params = r.params
         if not self.made_states:
-            for k, n in enumerate(params):
-                for st in range(r.opt_states):
-                    sim.alloc(("os", st, k), n)
+            sim.allocs([("os", st, k) for k in range(len(params)) for st in range(r.opt_states)],
+                       [n for n in params for _ in range(r.opt_states)])
             self.made_states = True
         if r.opt_states:  # the temporaries, made one after the other and all freed
             sim.batch(params)
         if self.last:
             return
-        for key in [k for k in sim.live if k[0] == "grad"]:
-            sim.free(key)
+        sim.frees([k for k in sim.live if k[0] == "grad"])
 
     def _init(self) -> None:
         """Start-up. FSDP2 as the runner wraps (frameworks/fsdp2.py): the full fp32 model is moved to
