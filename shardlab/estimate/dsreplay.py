@@ -79,9 +79,10 @@ class DSStep(_Step):
         self.d = d
         self.fill = 0  # elements waiting in the gradient bucket
         self.order = list(d.embed) + list(d.block) * d.layers + list(d.head)
+        self.grads = [("grad", k) for k in range(len(self.order))]  # each parameter's .grad key, made once
 
-    # parameters of a backward unit (stepsim's _backward names them by key), with their index
-    def _unit_params(self, key) -> list[tuple[int, int]]:
+    # parameters of a backward unit (stepsim's _backward names them by key): the range of their indices
+    def _unit_params(self, key) -> range:
         d = self.d
         ne, nb = len(d.embed), len(d.block)
         if key[0] == "head":
@@ -90,7 +91,7 @@ class DSStep(_Step):
             first, n = ne + nb * key[1], nb
         else:
             first, n = 0, ne
-        return [(first + k, self.order[first + k]) for k in range(n)]
+        return range(first, first + n)
 
     def _start_key(self) -> tuple:
         r = self.r
@@ -152,14 +153,16 @@ class DSStep(_Step):
         sim, d, P = self.sim, self.d, self.r.P
         if d.stage in ("zero1", "zero2") and ("bucket",) not in sim.live:
             sim.alloc(("bucket",), P * d.bucket)  # setup_buckets at the first hook
-        alloc, free, touch = sim.alloc, sim.free, sim.touch
-        for k, n in self._unit_params(key):
-            if d.stage in ("ddp", "zero1"):
-                if first:
-                    alloc(("grad", k), P * n)
-                else:  # accumulated in place: the new gradient is a temporary
-                    touch(P * n)
-                continue
+        alloc, free, touch, ks, order = sim.alloc, sim.free, sim.touch, self._unit_params(key), self.order
+        if d.stage in ("ddp", "zero1"):
+            if first:  # each parameter's .grad, in hook order
+                sim.allocs(self.grads[ks.start:ks.stop], [P * n for n in order[ks.start:ks.stop]])
+            else:  # accumulated in place: each new gradient is a temporary
+                for k in ks:
+                    touch(P * order[k])
+            return
+        for k in ks:
+            n = order[k]
             flush = self.fill + n > d.bucket
             if d.stage == "zero3" or ("part",) in sim.live or not flush:
                 touch(P * n)  # nothing else made on its stream while it lives (the flush's is another)
@@ -180,12 +183,18 @@ class DSStep(_Step):
             if d.stage == "zero2":
                 sim.free(("bucket",))
         elif boundary and d.stage == "zero1":  # reduce_gradients: .grad into the bucket, on into the partition
-            done = 0
-            for k, n in enumerate(self.order):
-                sim.free(("grad", k))
-                done += n
-                if ("part",) not in sim.live and done >= min(d.psi, d.bucket):
-                    sim.alloc(("part",), P * d.local)
+            cut = None  # the partition buffer is made after the gradient that fills the bucket (until then
+            if ("part",) not in sim.live:  # only .grads are freed)
+                done, need = 0, min(d.psi, d.bucket)
+                for k, n in enumerate(self.order):
+                    done += n
+                    if done >= need:
+                        cut = k + 1
+                        break
+            sim.frees(self.grads[:cut])
+            if cut is not None:
+                sim.alloc(("part",), P * d.local)
+                sim.frees(self.grads[cut:])
             sim.free(("bucket",))
         elif boundary:  # without ZeRO: whole gradients flattened for the all-reduce until a chunk passes
             n = 0  # DS_ALLREDUCE_SIZE elements (engine.py allreduce_no_retain)
@@ -200,16 +209,16 @@ class DSStep(_Step):
         if d.stage == "ddp":
             if P < 4:  # FP16_Optimizer.step: fp32 casts of each .grad, flattened (all freed, as the .grads)
                 sim.batch([4 * n for n in self.order] + [4 * d.psi])
-                for k in range(0 if self.last else len(self.order)):  # (_Step.last)
-                    sim.free(("grad", k))
+                if not self.last:  # (_Step.last)
+                    sim.frees(self.grads)
                 return
             if not self.made_states:  # FusedAdam's states, per parameter, at the first step
-                for k, n in enumerate(self.order):
-                    for st in range(self.r.opt_states):
-                        sim.alloc(("os", st, k), 4 * n)
+                states = range(self.r.opt_states)
+                sim.allocs([("os", st, k) for k in range(len(self.order)) for st in states],
+                           [4 * n for n in self.order for _ in states])
                 self.made_states = True
-            for k in range(0 if self.last else len(self.order)):
-                sim.free(("grad", k))
+            if not self.last:
+                sim.frees(self.grads)
             return
         if P < 4:  # get_grad_norm_direct: each gradient's partition cast to fp32 in turn
             touch, shard = sim.touch, self.r.shard
