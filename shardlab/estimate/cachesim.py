@@ -245,6 +245,9 @@ class CachingAllocator:
             self._in_batch = False
 
     def _batch(self, sizes, stream: int, keep: dict | None) -> None:
+        if not keep:
+            self._batch_freed(sizes, stream)
+            return
         scratch: dict[int, list] = {}
         origin: dict[int, list] = {}  # scratch block address -> the real free block it lies in (for keep)
         kept: dict[int, list] = {}  # id(real block) -> [real block, (address, block size, key), ...]
@@ -282,6 +285,36 @@ class CachingAllocator:
             self.peak_allocated = self.allocated + held
         for real, *places in kept.values():
             self._cut(real, places)
+
+    def _batch_freed(self, sizes, stream: int) -> None:
+        """batch() with nothing kept: the best fits on scratch copies of the stream's two pools, the new
+        segments made (cached, whole once all are freed), the peak allocated (its most common use: the
+        optimizer's and start-up's temporaries; batch's loop without what keeping needs)."""
+        pools, cached = self.pools, self._cached
+        ps, pl = 2 * stream + 1, 2 * stream
+        small_lst, large_lst = list(pools.get(ps, ())), list(pools.get(pl, ()))
+        held = 0
+        for nbytes in sizes:
+            size = BLOCK if nbytes < BLOCK else (nbytes + _ROUND) & _MASK
+            small = size <= SMALL
+            lst = small_lst if small else large_lst
+            i = bisect_left(lst, size << _SHIFT)
+            if i < len(lst):
+                k = lst.pop(i)
+                have, addr = k >> _SHIFT, k & _ADDR
+            else:  # a new segment: cached and whole once the batch is freed
+                pool = ps if small else pl
+                real = self._segment(size, pool)
+                have, addr = real[1], real[0]
+                insort(pools.setdefault(pool, []), have << _SHIFT | addr)
+                cached[addr] = real
+            rest = have - size
+            if rest >= BLOCK if small else rest > SMALL:
+                insort(lst, rest << _SHIFT | (addr + size))
+                have = size
+            held += have
+        if self.allocated + held > self.peak_allocated:
+            self.peak_allocated = self.allocated + held
 
     def _cut(self, real: list, places: list) -> None:
         """Cut the cached free block `real` into live blocks at `places` [(address, size, key)] and free
