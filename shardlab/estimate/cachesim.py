@@ -30,7 +30,7 @@ temporaries: the same state as the calls), `copy()` lets a replay resume from a 
 
 from __future__ import annotations
 
-from bisect import bisect_left, insort
+from bisect import bisect_left, bisect_right, insort
 
 BLOCK = 512
 SMALL = 1 << 20  # kSmallSize: requests up to 1 MiB use the small pool
@@ -238,63 +238,36 @@ class CachingAllocator:
         segment they made is free again except where a kept tensor sits: that block is cut around the
         kept tensors, in address order, into free and live pieces. The peak allocated is that of the
         moment all are allocated."""
-        self._in_batch = True
+        self._in_batch = True  # (no cap's flush inside: the limit's comment in __init__)
         try:
             self._batch(sizes, stream, keep)
         finally:
             self._in_batch = False
 
     def _batch(self, sizes, stream: int, keep: dict | None) -> None:
-        if not keep:
-            self._batch_freed(sizes, stream)
+        places = self._batch_fits(sizes, stream, keep)
+        if not places:
             return
-        scratch: dict[int, list] = {}
-        origin: dict[int, list] = {}  # scratch block address -> the real free block it lies in (for keep)
+        cached = self._cached
+        starts = sorted(cached)  # each kept tensor lies in one cached block: one there before, or a new segment
         kept: dict[int, list] = {}  # id(real block) -> [real block, (address, block size, key), ...]
-        held = 0
-        for idx, nbytes in enumerate(sizes):
-            size = BLOCK if nbytes < BLOCK else (nbytes + BLOCK - 1) & -BLOCK
-            small = size <= SMALL
-            pool = 2 * stream + small
-            lst = scratch.get(pool)
-            if lst is None:
-                lst = scratch[pool] = list(self.pools.get(pool, ()))
-            i = bisect_left(lst, size << _SHIFT)
-            if i < len(lst):
-                k = lst.pop(i)
-                have, addr, real = k >> _SHIFT, k & _ADDR, None
-            else:  # a new segment: cached and whole once the batch is freed, but for what is kept
-                real = self._segment(size, pool)
-                have, addr = real[1], real[0]
-                insort(self.pools.setdefault(pool, []), have << _SHIFT | addr)
-                self._cached[addr] = real
-            rest = have - size
-            if rest >= BLOCK if small else rest > SMALL:
-                insort(lst, rest << _SHIFT | (addr + size))
-                if keep:
-                    origin[addr + size] = real or origin.get(addr) or self._cached[addr]
-                have = size
-            held += have
-            if keep and idx in keep:
-                key = keep[idx]
-                if key in self.live:
-                    raise ValueError(f"batch: {key!r} is live already")
-                real = real or origin.get(addr) or self._cached[addr]
-                kept.setdefault(id(real), [real]).append((addr, have, key))
-        if self.allocated + held > self.peak_allocated:
-            self.peak_allocated = self.allocated + held
+        for addr, have, key in places:
+            if key in self.live:
+                raise ValueError(f"batch: {key!r} is live already")
+            real = cached[starts[bisect_right(starts, addr) - 1]]
+            kept.setdefault(id(real), [real]).append((addr, have, key))
         for real, *places in kept.values():
             self._cut(real, places)
 
-    def _batch_freed(self, sizes, stream: int) -> None:
-        """batch() with nothing kept: the best fits on scratch copies of the stream's two pools, the new
-        segments made (cached, whole once all are freed), the peak allocated (its most common use: the
-        optimizer's and start-up's temporaries; batch's loop without what keeping needs)."""
+    def _batch_fits(self, sizes, stream: int, keep) -> list:
+        """batch()'s allocations: the best fits on scratch copies of the stream's two pools, the new
+        segments made (cached, whole once all are freed) and the peak allocated. Returns the kept
+        tensors' places [(address, block size, key)]."""
         pools, cached = self.pools, self._cached
         ps, pl = 2 * stream + 1, 2 * stream
         small_lst, large_lst = list(pools.get(ps, ())), list(pools.get(pl, ()))
-        held = 0
-        for nbytes in sizes:
+        held, places = 0, []
+        for idx, nbytes in enumerate(sizes):
             size = BLOCK if nbytes < BLOCK else (nbytes + _ROUND) & _MASK
             small = size <= SMALL
             lst = small_lst if small else large_lst
@@ -302,7 +275,7 @@ class CachingAllocator:
             if i < len(lst):
                 k = lst.pop(i)
                 have, addr = k >> _SHIFT, k & _ADDR
-            else:  # a new segment: cached and whole once the batch is freed
+            else:  # a new segment: cached and whole once the batch is freed, but for what is kept
                 pool = ps if small else pl
                 real = self._segment(size, pool)
                 have, addr = real[1], real[0]
@@ -313,8 +286,11 @@ class CachingAllocator:
                 insort(lst, rest << _SHIFT | (addr + size))
                 have = size
             held += have
+            if keep and idx in keep:
+                places.append((addr, have, keep[idx]))
         if self.allocated + held > self.peak_allocated:
             self.peak_allocated = self.allocated + held
+        return places
 
     def _cut(self, real: list, places: list) -> None:
         """Cut the cached free block `real` into live blocks at `places` [(address, size, key)] and free
