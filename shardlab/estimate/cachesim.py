@@ -158,6 +158,8 @@ class CachingAllocator:
         saved tensors, a unit's gradients) issued at a fraction of their cost per call."""
         live, pools, cached, pool_res = self.live, self.pools, self._cached, self._pool_res
         allocated, peak = self.allocated, self.peak_allocated
+        ps, pl = 2 * stream + 1, 2 * stream
+        small_lst, large_lst = pools.setdefault(ps, []), pools.setdefault(pl, [])
         for key, nbytes in zip(keys, sizes):
             if key in live:
                 self.allocated = allocated
@@ -165,10 +167,10 @@ class CachingAllocator:
                 allocated = self.allocated
             size = BLOCK if nbytes < BLOCK else (nbytes + _ROUND) & _MASK
             small = size <= SMALL
-            pool = 2 * stream + small
-            lst = pools.get(pool)
-            if lst is None:
-                lst = pools[pool] = []
+            if small:
+                lst, pool = small_lst, ps
+            else:
+                lst, pool = large_lst, pl
             i = bisect_left(lst, size << _SHIFT)
             if i < len(lst):
                 b = cached.pop(lst.pop(i) & _ADDR)
@@ -394,6 +396,14 @@ class CachingAllocator:
                 else:
                     keep.append(k)
             lst[:] = keep  # in place: alloc and touch hold this list while a cap's flush runs
+
+    def unlink(self) -> None:
+        """Drop the links between neighbouring blocks (the allocator is not used again): its blocks are
+        then freed by reference counting, without waiting for the cyclic garbage collector."""
+        for b in self.live.values():
+            b[3] = b[4] = None
+        for b in self._cached.values():
+            b[3] = b[4] = None
 
     def copy(self) -> "CachingAllocator":
         """An independent allocator in the same state (the replays resume from a cached start-up)."""
