@@ -228,6 +228,32 @@ class CachingAllocator:
         if self.allocated + held > self.peak_allocated:
             self.peak_allocated = self.allocated + held
 
+    def touches(self, sizes, stream: int = 0) -> None:
+        """touch(nbytes, stream) for each of `sizes`, in order (temporaries made and freed one after the
+        other): the same state as those calls, in one loop."""
+        pools, cached = self.pools, self._cached
+        ps, pl = 2 * stream + 1, 2 * stream
+        small_lst, large_lst = pools.setdefault(ps, []), pools.setdefault(pl, [])
+        top = self.peak_allocated - self.allocated  # the largest block held so far that set no new peak
+        for nbytes in sizes:
+            size = BLOCK if nbytes < BLOCK else (nbytes + _ROUND) & _MASK
+            small = size <= SMALL
+            lst = small_lst if small else large_lst
+            i = bisect_left(lst, size << _SHIFT)
+            if i < len(lst):
+                have = lst[i] >> _SHIFT
+            else:
+                b = self._segment(size, ps if small else pl)
+                have = b[1]
+                insort(lst, have << _SHIFT | b[0])
+                cached[b[0]] = b
+            rest = have - size
+            held = size if (rest >= BLOCK if small else rest > SMALL) else have
+            if held > top:
+                top = held
+        if self.allocated + top > self.peak_allocated:
+            self.peak_allocated = self.allocated + top
+
     def batch(self, sizes, stream: int = 0, keep: dict | None = None) -> None:
         """Allocate tensors of `sizes` one after the other, then free all but the kept ones (other frees
         may follow or come between those frees): the same state as those calls, at a fraction of their

@@ -158,8 +158,19 @@ class DSStep(_Step):
             if first:  # each parameter's .grad, in hook order
                 sim.allocs(self.grads[ks.start:ks.stop], [P * n for n in order[ks.start:ks.stop]])
             else:  # accumulated in place: each new gradient is a temporary
-                for k in ks:
-                    touch(P * order[k])
+                sim.touches([P * order[k] for k in ks])
+            return
+        if d.stage == "zero3":  # each gradient copied into the bucket and dropped; a full bucket reduced on
+            flushes, fill, shard = [], self.fill, self.r.shard  # its stream. Temporaries of two pools that
+            for k in ks:  # share no block, with nothing else made between: each pool's in one touches()
+                n = order[k]
+                if fill + n > d.bucket:
+                    flushes.append(P * -(-fill // shard))
+                    fill = 0
+                fill += n
+            self.fill = fill
+            sim.touches([P * order[k] for k in ks])
+            sim.touches(flushes, REDUCE_STREAM)
             return
         for k in ks:
             n = order[k]
@@ -221,9 +232,8 @@ class DSStep(_Step):
                 sim.frees(self.grads)
             return
         if P < 4:  # get_grad_norm_direct: each gradient's partition cast to fp32 in turn
-            touch, shard = sim.touch, self.r.shard
-            for n in self.order:
-                touch(4 * -(-n // shard))
+            shard = self.r.shard
+            sim.touches([4 * -(-n // shard) for n in self.order])
         for i, n in enumerate(_chunks(d.local, DS_SUB_GROUP if d.stage == "zero3" else d.local)):
             sim.alloc(("fg",), P * n)
             if P < 4:
