@@ -337,18 +337,17 @@ class _Step:
         8 ranks' gap to the trace, whose peak allocated is itself 3-6% above the analytical one."""
         sim, r = self.sim, self.r
         if r.framework != "fsdp2":
-            for k, n in enumerate(r.params):
-                sim.alloc(("p", k), n)
+            sim.allocs([("p", k) for k in range(len(r.params))], r.params)
             return
-        for k, (full, _) in enumerate(r.init):
-            sim.alloc(("full", k), full)
+        fulls = [("full", k) for k in range(len(r.init))]
+        sim.allocs(fulls, [full for full, _ in r.init])
+        alloc, free = sim.alloc, sim.free
         for k, (_, held) in enumerate(r.init):
             if held > SMALL:
-                sim.alloc(("p", k), held)
-            sim.free(("full", k))
+                alloc(("p", k), held)
+            free(fulls[k])
         if r.offload:  # CPUOffloadPolicy: the shards move to the CPU, their segments stay cached
-            for k in range(len(r.init)):
-                sim.free(("p", k))
+            sim.frees([("p", k) for k in range(len(r.init))])
 
     def _start_key(self) -> tuple:
         """What the start-up (_init and the workspaces) depends on: neither the batch nor checkpointing."""
