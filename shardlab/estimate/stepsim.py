@@ -116,16 +116,20 @@ def recipe(plan, s, workspace: int, units: bool = True) -> Recipe:
     if not units:
         return Recipe(s.framework, mode, *common, 0, 0, (), (), 0, workspace // 2, ())
     units = wrap_units(spec, plan.wrap.policy, plan.wrap.min_num_params)
-    if s.framework == "fsdp2":
-        numels = [a * b for a, b in list(sh.embed) + list(sh.block) * sh.layers + list(sh.head)]
+    shard, init = max(s.shard, 1), ()
+    if s.framework == "fsdp2":  # per tensor (fp32 bytes, shard bytes): one block's worked out once, then repeated
+        def pairs(ts):
+            return [(4 * a * b, 4 * -(-(a * b) // shard)) for a, b in ts]
+
+        emb, blk, head = pairs(sh.embed), pairs(sh.block), pairs(sh.head)
+        parts = [[h for _, h in emb], [h for _, h in blk], [h for _, h in head]]
+        init = tuple(blk * sh.layers + emb + head)  # the root unit's tensors (embedding, final norm, head) are sharded last
     else:
-        numels = [n for _, n in units]
-    held = [4 * -(-n // max(s.shard, 1)) for n in numels]
-    params, small = tuple(n for n in held if n > SMALL), sum(-(-n // BLOCK) * BLOCK for n in held if n <= SMALL)
-    init = ()
-    if s.framework == "fsdp2":  # the root unit's tensors (embedding, final norm, head) are sharded last
-        root = set(range(len(sh.embed))) | set(range(len(numels) - len(sh.head), len(numels)))
-        init = tuple((4 * numels[i], held[i]) for i in [i for i in range(len(numels)) if i not in root] + sorted(root))
+        parts = [[4 * -(-n // shard) for _, n in units], [], []]
+    params = tuple([n for n in parts[0] if n > SMALL] + [n for n in parts[1] if n > SMALL] * sh.layers +
+                   [n for n in parts[2] if n > SMALL])
+    small = sum(sum(-(-n // BLOCK) * BLOCK for n in part if n <= SMALL) * times
+                for part, times in zip(parts, (1, sh.layers, 1)))
     return Recipe(s.framework, mode, *common, units[0][1], sum(a * b for a, b in sh.head), tuple(n for _, n in units[1:]),
                   params, small, workspace // 2, init)
 
