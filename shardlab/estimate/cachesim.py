@@ -153,14 +153,41 @@ class CachingAllocator:
             self.peak_allocated = a
 
     def allocs(self, keys, sizes, stream: int = 0) -> None:
-        """alloc(key, nbytes, stream) for each pair of `keys` and `sizes`, in order: the same state as those
-        calls. alloc's body in one loop, its lookups made once: a replay's runs of requests (a block's
-        saved tensors, a unit's gradients) issued at a fraction of their cost per call."""
+        """alloc(key, nbytes, stream) for each pair of `keys` and `sizes`, in order, or free(key) where the
+        size is None: the same state as those calls. alloc's and free's bodies in one loop, their lookups
+        made once: a replay's runs of requests (a block's saved tensors, a unit's gradients, a block's
+        backward) issued at a fraction of their cost per call."""
         live, pools, cached, pool_res = self.live, self.pools, self._cached, self._pool_res
         allocated, peak = self.allocated, self.peak_allocated
         ps, pl = 2 * stream + 1, 2 * stream
         small_lst, large_lst = pools.setdefault(ps, []), pools.setdefault(pl, [])
         for key, nbytes in zip(keys, sizes):
+            if nbytes is None:  # free's body
+                b = live.pop(key, None)
+                if b is None:
+                    continue
+                allocated -= b[1]
+                b[2] = True
+                lst = pools[b[5]]
+                prev, nxt = b[3], b[4]
+                if prev is not None and prev[2]:
+                    del lst[bisect_left(lst, prev[1] << _SHIFT | prev[0])]
+                    del cached[prev[0]]
+                    prev[1] += b[1]
+                    prev[4] = nxt
+                    if nxt is not None:
+                        nxt[3] = prev
+                    b = prev
+                if nxt is not None and nxt[2]:
+                    del lst[bisect_left(lst, nxt[1] << _SHIFT | nxt[0])]
+                    del cached[nxt[0]]
+                    b[1] += nxt[1]
+                    after = b[4] = nxt[4]
+                    if after is not None:
+                        after[3] = b
+                insort(lst, b[1] << _SHIFT | b[0])
+                cached[b[0]] = b
+                continue
             if key in live:
                 self.allocated = allocated
                 self.free(key)

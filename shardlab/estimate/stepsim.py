@@ -288,20 +288,17 @@ class _Step:
         sim, r = self.sim, self.r
         if not self._root_at_end:
             self._reduce(r.head, ("head",), first)
-        alloc, free, allocs, frees, d_bytes, da = sim.alloc, sim.free, sim.allocs, sim.frees, self.d_bytes, max(r.saved)
-        keys, saved = self._keys(mb), r.saved
+        allocs, keys, saved = sim.allocs, self._keys(mb), r.saved
+        # per block: its input freed, the largest saved tensor's gradient made, the saved tensors freed
+        # (last first), the gradient of its input made in place of the one from above, then the first freed
+        sizes = [None, max(saved)] + [None] * len(saved) + [None, self.d_bytes, None]
         for i in reversed(range(len(r.blocks))):
             if r.mode is not None:  # _gather in backward: "reshard" gathers again
                 self._gather(r.blocks[i], ("g", i), backward=True)
             k = keys[i]
             if r.checkpointing:  # the block's forward again
                 allocs(k[:-1], saved)
-            free(k[-1])
-            alloc(("da",), da)
-            frees(k[-2::-1])  # the saved tensors, last first
-            free(("dx", mb))
-            alloc(("dx", mb), d_bytes)
-            free(("da",))
+            allocs([k[-1], ("da",)] + k[-2::-1] + [("dx", mb), ("dx", mb), ("da",)], sizes)
             self._reduce(r.blocks[i], ("b", i), first)
             if r.mode is not None:
                 self._release(("g", i), backward=True)
@@ -345,11 +342,14 @@ class _Step:
             return
         fulls = [("full", k) for k in range(len(r.init))]
         sim.allocs(fulls, [full for full, _ in r.init])
-        alloc, free = sim.alloc, sim.free
+        keys, sizes = [], []  # each shard made (parameters over 1 MiB), then its full tensor freed
         for k, (_, held) in enumerate(r.init):
             if held > SMALL:
-                alloc(("p", k), held)
-            free(fulls[k])
+                keys.append(("p", k))
+                sizes.append(held)
+            keys.append(fulls[k])
+            sizes.append(None)
+        sim.allocs(keys, sizes)
         if r.offload:  # CPUOffloadPolicy: the shards move to the CPU, their segments stay cached
             sim.frees([("p", k) for k in range(len(r.init))])
 
