@@ -26,6 +26,11 @@ before (stepsim.py, dsreplay.py), so the bookkeeping is lean: blocks are lists, 
 one sorted list of ints (size << 48 | address: best fit by bisect), `touch()` stands for an allocation
 freed at once and `batch()` for allocations all freed afterwards (the optimizer's per-parameter
 temporaries: the same state as the calls), `copy()` lets a replay resume from a cached state.
+`allocs()`, `frees()` and `touches()` issue a run of requests (a block's saved tensors, a block's backward,
+a unit's gradients) in one loop with their lookups made once; `unlink()` lets a finished replay's blocks
+be freed without the cyclic garbage collector. Per request the cost is the interpreter's (~5-6 thousand
+machine instructions for an alloc or a free on this machine's Python 3.11, valgrind --tool=cachegrind;
+session 11): what the replays save comes from fewer calls and lookups, not from another model.
 """
 
 from __future__ import annotations
