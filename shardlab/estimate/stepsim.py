@@ -31,6 +31,7 @@ the H200 held a segment more than the replay, not explained yet), bare parameter
 from __future__ import annotations
 
 import gc
+from contextlib import contextmanager
 from functools import lru_cache
 from typing import NamedTuple
 
@@ -375,26 +376,35 @@ class _Step:
         _STARTS[key] = (self.sim.copy(), self.made_states)
 
     def run(self, steps: int = 2) -> int:
-        # Python's cyclic garbage collector paused while the replay runs: its thousands of linked blocks
-        # (none garbage until it ends) would be scanned again and again, and promoted to the older
-        # generations whose collections scan the whole process; unlinked at the end, they are freed at once
-        paused = gc.isenabled()
-        gc.disable()
-        try:
-            r = self.r
-            self._start()
-            for step in range(steps):
-                for mb in range(r.micro):
-                    self._forward(mb)
-                    self._loss(mb)
-                    self._backward(mb, first=mb == 0)
-                self.last = step == steps - 1
-                self._step()
-            return self.sim.peak_reserved
-        finally:
-            self.sim.unlink()
-            if paused:
-                gc.enable()
+        with _collector_paused():
+            try:
+                r = self.r
+                self._start()
+                for step in range(steps):
+                    for mb in range(r.micro):
+                        self._forward(mb)
+                        self._loss(mb)
+                        self._backward(mb, first=mb == 0)
+                    self.last = step == steps - 1
+                    self._step()
+                return self.sim.peak_reserved
+            finally:
+                self.sim.unlink()
+
+
+@contextmanager
+def _collector_paused():
+    """Python's cyclic garbage collector paused while a replay runs: its thousands of linked blocks (none
+    garbage until it ends) would be scanned again and again, and promoted to the older generations whose
+    collections scan the whole process; the replay unlinks them at its end (cachesim.unlink), so they are
+    freed at once."""
+    paused = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if paused:
+            gc.enable()
 
 
 def _small_pool(r: Recipe) -> int:
@@ -450,19 +460,23 @@ CHURN_STEPS = 4  # replayed steps under a cap; the first two (start-up, first op
 @lru_cache(maxsize=256)
 def _churn(r: Recipe, limit: int) -> tuple[float, float, float]:
     st = _Step(r)
-    st._start()
-    sim = st.sim
-    sim.limit = limit - _small_pool(r)  # the small pool's segments are counted beside the replay, not in it
     seen = []
-    for step in range(CHURN_STEPS):
-        before = (sim.flushes, sim.flushed_bytes, sim.flushed_segments)
-        for mb in range(r.micro):
-            st._forward(mb)
-            st._loss(mb)
-            st._backward(mb, first=mb == 0)
-        st._step()
-        if step >= 2:
-            seen.append((sim.flushes - before[0], sim.flushed_bytes - before[1], sim.flushed_segments - before[2]))
+    with _collector_paused():
+        st._start()
+        sim = st.sim
+        sim.limit = limit - _small_pool(r)  # the small pool's segments are counted beside the replay, not in it
+        try:
+            for step in range(CHURN_STEPS):
+                before = (sim.flushes, sim.flushed_bytes, sim.flushed_segments)
+                for mb in range(r.micro):
+                    st._forward(mb)
+                    st._loss(mb)
+                    st._backward(mb, first=mb == 0)
+                st._step()
+                if step >= 2:
+                    seen.append((sim.flushes - before[0], sim.flushed_bytes - before[1], sim.flushed_segments - before[2]))
+        finally:
+            sim.unlink()
     n = len(seen)
     return tuple(sum(x[i] for x in seen) / n for i in range(3))
 
