@@ -164,7 +164,7 @@ RES_CONFIGS = [
     C("llama48k", "deepspeed", "zero3", mb=2), C("llama48k", "deepspeed", "zero1", mb=1, ga=2), C("llama48k", "fsdp2", "ddp", mb=2, ac=True),
 ]
 # the unseen set of session 11 (--set new, numbered from 701; issues 13 and 14): shapes and settings written
-# down before they ran (2026-12-02 11:35 UTC), none used to find or fit anything: a deep narrow gpt (host-bound),
+# down before they ran (2026-12-02 11:19 UTC), none used to find or fit anything: a deep narrow gpt (host-bound),
 # a wide shallow llama, multi-query attention with narrow heads and a 128k vocabulary, T=4096, a Qwen2 model
 # through transformers; every framework, fp32 / fp16 / bf16, accumulation, checkpointing, offload, compile
 MODELS.update({
@@ -188,7 +188,7 @@ NEW_CONFIGS = [
     C("gptT4k", "fsdp1", "ddp", "fp16", mb=2), C("hf-qwen2b", "fsdp2", "zero3", mb=2),
     C("hf-qwen2b", "deepspeed", "zero3", mb=2, ac=True), C("llama2560", "fsdp2", "zero3", mb=2, off="both"),
 ]
-# the second unseen set of session 11 (--set new3, numbered from 801): written down 2026-12-02 12:30 UTC, after
+# the second unseen set of session 11 (--set new3, numbered from 801): written down 2026-12-02 11:49 UTC, after
 # i14's allocator-cap and offload changes landed, before it ran; judges them and the session's later changes
 MODELS.update({
     "gpt1536x10": {"name": "gpt1536x10", "family": "gpt", "layers": 10, "hidden": 1536, "heads": 12, "vocab": 50257, "seq_len": 2048},
