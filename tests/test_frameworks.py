@@ -339,3 +339,32 @@ def test_launch_refuses_before_any_process_what_the_worker_refuses(tmp_path, pla
         launch(plan, model="gpt-tiny", steps=1, device="cpu", out=tmp_path)
     assert launched.value.findings[0].field == worker.value.findings[0].field == field
     assert not any(tmp_path.iterdir())  # no run folder, so no process was started
+
+
+def test_a_stale_deepspeed_build_lock_is_cleared_and_a_live_one_kept(tmp_path):
+    """A JIT build stopped midway leaves torch's lock file; the next DeepSpeed run would wait on it until its
+    timeout. load_ops clears it when it is old and no process works in the build folder, and never when a
+    build (a process whose working directory is that folder) is running or the lock is young."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    from shardlab.frameworks.deepspeed import STALE_LOCK_S, clear_stale_build_lock
+
+    build = tmp_path / "deepspeed_shm_comm"
+    build.mkdir()
+    lock = build / "lock"
+    lock.touch()
+    assert not clear_stale_build_lock(build) and lock.exists()  # young: a build may be starting
+    old = time.time() - STALE_LOCK_S - 5
+    os.utime(lock, (old, old))
+    busy = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"], cwd=build)
+    try:
+        time.sleep(0.3)
+        assert not clear_stale_build_lock(build) and lock.exists()  # a process builds there
+    finally:
+        busy.kill()
+        busy.wait()
+    assert clear_stale_build_lock(build) and not lock.exists()
+    assert not clear_stale_build_lock(build)  # nothing to clear

@@ -125,6 +125,9 @@ class Estimate:
         cal = "calibrated: " + t["rates_source"] if t["calibrated"] else "uncalibrated: GPU table data sheet and default efficiencies"
         lines += ["", f"Step time {t['step_time_s'] * 1e3:.1f} ms (compute {t['compute_s'] * 1e3:.1f}, host overhead "
                   f"{t['host_overhead_s'] * 1e3:.1f}, exposed comm {t['exposed_comm_s'] * 1e3:.1f}, offload {t['offload_s'] * 1e3:.1f}){seq_note}",
+                  *([f"  of the host overhead, {t['detail']['allocator_flush_s'] * 1e3:.1f} ms: at the GPU's memory limit the caching "
+                     "allocator gives its cache back and makes it again every step (stepsim.capped_churn)"]
+                    if t["detail"].get("allocator_flush_s") else []),
                   f"  {cal}",
                   f"  {t['tokens_per_s']:,.0f} tokens/s per GPU, {t['tflops']:.0f} TFLOPS per GPU, MFU {t['mfu']:.1%}"]
         lines += [f"note: {f}" for f in self.flags]

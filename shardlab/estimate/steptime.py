@@ -350,14 +350,15 @@ def step_time(plan: Plan, s: Setup, gpu: GPU, wire: dict, rates: Rates | None = 
     peak = gpu.peak_tflops(precision) * 1e12
     tflops = model_flops / total / 1e12
     scale = r.gpu_scale * s.micro_steps
+    host_over = max(0.0, core - gpu_s)  # core >= gpu_s; the clamp keeps a rounding -0.0 out of the summary
     return {
         "step_time_s": total,
         "compute_s": gpu_s,
-        "host_overhead_s": core - gpu_s,
+        "host_overhead_s": host_over,
         "comm_s": comm_s,
         "exposed_comm_s": exposed,
         "offload_s": offload,
-        "breakdown": {"compute": gpu_s, "exposed_comm": exposed, "host_overhead": core - gpu_s, "offload": offload},
+        "breakdown": {"compute": gpu_s, "exposed_comm": exposed, "host_overhead": host_over, "offload": offload},
         "detail": {"matmul_s": mm * scale, "attention_s": attn * scale, "memory_bound_s": mem * scale,
                    "optimizer_s": opt * r.gpu_scale, "host_s": host_s, "kernels_per_micro_step": w.kernels,
                    "gpu_idle_s": tl.gpu_idle, "host_wait_s": tl.host_wait, "overlapped_s": tl.overlapped,

@@ -9,6 +9,7 @@ kernel), and a quiet `steps_per_print`. `runtime_config` names each of these add
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Callable
 
 from shardlab.frameworks import base
@@ -103,13 +104,45 @@ def load_ops(plan: Plan, device: str) -> None:
         names.append("CPUAdamBuilder")
     try:
         from deepspeed.accelerator import get_accelerator
+        from torch.utils.cpp_extension import _get_build_directory
 
         for name in names:
             builder = get_accelerator().create_op_builder(name)
             if builder is not None and builder.is_compatible():
+                clear_stale_build_lock(Path(_get_build_directory(builder.name, False)))
                 builder.load(verbose=False)
     except Exception:  # noqa: BLE001 (see docstring)
         pass
+
+
+# torch builds a JIT op under a lock file (<TORCH_EXTENSIONS_DIR>/<op>/lock, cpp_extension's FileBaton) that only
+# the building process removes; every other process waits for it to go. A run stopped while DeepSpeed built an op
+# (cancelled, killed, a test run cut short) leaves it behind, and every later DeepSpeed run then waits in the "ops"
+# phase until its timeout (seen 2026-12-02: a lock left at 11:42 held a CPU run 13 minutes). A lock is stale when
+# it is older than STALE_LOCK_S and no process works in the build folder (torch runs ninja, and ninja the
+# compilers, with that folder as their working directory): a real build keeps them there until it releases the lock.
+STALE_LOCK_S = 120.0
+
+
+def clear_stale_build_lock(build_dir: Path, now: float | None = None) -> bool:
+    """Remove `build_dir`/lock if it is stale (see STALE_LOCK_S); True when it was removed."""
+    import time
+
+    import psutil
+
+    lock = build_dir / "lock"
+    try:
+        age = (time.time() if now is None else now) - lock.stat().st_mtime
+    except OSError:
+        return False
+    if age < STALE_LOCK_S:
+        return False
+    here = str(build_dir.resolve())
+    for proc in psutil.process_iter(["cwd"]):
+        if proc.info.get("cwd") == here:
+            return False
+    lock.unlink(missing_ok=True)
+    return True
 
 
 def translate_from(plan: Plan, d: dict, notes: list[str]) -> None:
