@@ -21,7 +21,9 @@ on the runner's blocks, and as a whole against the traced estimate and the H200 
   and a per-row fp32 rstd: 8 bytes per block); the CPU's decomposed norm would keep two fp32
   copies more, which is not what a GPU run holds.
   Flash / memory-efficient attention keep no T x T scores, only a per-row fp32 log-sum-exp (4 bytes
-  per head per token, counted).
+  per head per token, counted). Where CUDA torch 2.11 has no fused kernel for the call (fp32 with
+  grouped-query heads: see sdpa_math) SDPA runs its math path, which keeps a [B, heads, T, T]
+  softmax per block instead (math_attention_elements).
 - torch.compile of each block (FSDP2 compiles its units, fsdp2.py): AOTAutograd's min-cut
   partitioner saves SwiGLU's gate and up outputs and recomputes the SiLU in backward, and
   recomputes RoPE's tables: 8d + 3kv + 3f per token, no tables (CPU Inductor, saved_tensors_hooks
@@ -65,6 +67,55 @@ def block_elements(spec, compiled: bool = False) -> int:
     return 6 * d + 2 * kv + 2 * f
 
 
+def sdpa_math(spec, P: int, compiled: bool = False) -> bool:
+    """Whether the runner's attention (F.scaled_dot_product_attention(q, k, v, is_causal=True,
+    enable_gqa=kv_heads != heads), shardlab/run/gpt.py) runs on SDPA's math path on a CUDA GPU (sm80+,
+    torch 2.11), in the model dtype of P bytes.
+
+    torch's CUDA dispatcher (sdp_utils.cpp select_sdp_backend) takes the first of cuDNN, flash,
+    memory-efficient, math whose checks pass. cuDNN and flash take only fp16/bf16 inputs
+    (check_dtypes_low_precision / check_dtypes_flash_attention), so an fp32 call has the
+    memory-efficient kernel or math. In 2.11 the memory-efficient kernel's dense checks
+    (check_batch_size_and_num_heads_dense, instantiated without grouped-query support) demand equal
+    head counts in q, k and v even under enable_gqa=True (its GQA support came later: pytorch PR
+    #191085, 2026-07), and check_head_dim_size_mem_efficient demands a head_dim divisible by the GEMM
+    alignment, 4 elements for fp32 on sm80+ (minimum_gemm_alignment). Either miss -> math.
+
+    Rows: H200 #806 (llama24L, 10 heads / 5 kv, fp32, T=3072) measured 33.7% over the fused-kernel
+    estimate, the [B, heads, T, T] fp32 softmax per block; #708 (llama2560, 20 / 4) and #712 (llamaMQA,
+    24 / 1), fp32 GQA too, moved by it within 3% both ways (their peak lies where the blocks' share is
+    smaller); every fp32 row without GQA (gpt, head_dim 64) stays fused. The CPU picks its own fused
+    kernel for the same call (CPU flash takes fp32 and GQA), so the traced estimate does not see this.
+    16-bit calls stay fused here (flash takes GQA up to head_dim 256); a 16-bit math path (head_dim >
+    256 with GQA, pre-sm80 GPUs) upcasts in ways not modelled. Compiled blocks and blocks counted from
+    their own module (transformers' layout, a factory) are left as they are counted."""
+    if P != 4 or compiled or getattr(spec, "is_bare", False) or _hf_llama(spec) or _counted(spec):
+        return False
+    return spec.n_kv_heads != spec.heads or spec.head_dim % 4 != 0
+
+
+def math_attention_elements(spec) -> tuple[list[int], list[int]]:
+    """(kept, no longer kept): model-dtype elements per token of the tensors SDPA's math path keeps for
+    backward in one block, forward order, and of those the fused kernels keep that it does not.
+
+    torch's _scaled_dot_product_attention_math scales q by sqrt(scale) (a new tensor kept by the first
+    matmul, d), repeats k and v to every query head when enable_gqa (repeat_interleave: new tensors),
+    scales the transposed repeated k (kept by the first matmul: heads x head_dim = d), adds the causal
+    mask in place, takes the softmax (its output, heads x T per token, kept by the softmax backward and
+    by the second matmul) and multiplies it by the repeated v (kept: d; without GQA v itself, a view of
+    the qkv output already counted). It keeps no log-sum-exp and no output: the out projection's input
+    is still the copy transpose-reshape makes (gpt's flash output made that a view; now a copy, the
+    same d). The runner's llama block then no longer keeps RoPE's rotated q (d) and k (kv) nor the
+    SDPA output (d): the math path's own copies replace them. The backward's two [B, heads, T, T]
+    gradients (of the softmax output and of the scores) live only inside one block's backward and are
+    not counted."""
+    d, kv = spec.hidden, spec.kv_dim
+    gqa = spec.n_kv_heads != spec.heads
+    kept = [d] + ([d] if gqa else []) + [d, spec.heads * spec.seq_len]
+    gone = [d, kv, d] if spec.family == "llama" else []
+    return kept, gone
+
+
 def _counted(spec) -> dict | None:
     """What the model's own block saved, counted on the meta device (shardlab/blockwork.py), if it was
     and no layout above describes the block. One way per block: transformers' llama-family blocks use
@@ -89,6 +140,9 @@ def block_bytes(spec, P: int, compiled: bool = False) -> int:
         return int(bw["saved_elems_per_token"] * P + bw["saved_other_bytes_per_token"])
     stats = 8 if spec.family == "llama" else 16
     fp32_norm_inputs = 2 * 4 * spec.hidden if _hf_llama(spec) else 0
+    if sdpa_math(spec, P, compiled):  # no log-sum-exp; the math path's tensors for the fused kernel's
+        kept, gone = math_attention_elements(spec)
+        return (block_elements(spec, compiled) + sum(kept) - sum(gone)) * P + stats
     return block_elements(spec, compiled) * P + 4 * spec.heads + stats + fp32_norm_inputs
 
 

@@ -59,7 +59,7 @@ from shardlab.models import wrap_units
 from shardlab.plan import Plan
 from shardlab.units import GIB
 
-from .activations import activation_peak, saved_blocks
+from .activations import activation_peak, saved_blocks, sdpa_math
 from .allocator import CUDA_CONTEXT_BYTES, FRAGMENTATION, STRANDED, reserved, stranded
 from .basis import DS_ALLREDUCE_SIZE, DS_MAX_LIVE, DS_SUB_GROUP, Setup, ds3_kept_for_backward, ds_largest_module, fsdp_stage, persistent_numel, shard_numel
 from .dsreplay import ds_replayed_reserved
@@ -330,7 +330,10 @@ def memory(plan: Plan, s: Setup, traced_activations: int | None = None, gpu=None
     notes = dict(parts["notes"])
     notes["buffers"] += f"; cuBLAS workspaces {workspace / 2**20:g} MiB (forward and backward threads)"
     notes["activations"] = ("none (bare count)" if s.spec.is_bare else
-                            f"{plan.micro_batch_size} x {s.spec.seq_len} tokens, {s.P}-byte, SDPA/flash (no T^2 scores), peak at the fp32 loss's backward"
+                            f"{plan.micro_batch_size} x {s.spec.seq_len} tokens, {s.P}-byte, "
+                            + ("SDPA's math path on CUDA (fp32 without a fused kernel: a [B, heads, T, T] softmax per block)"
+                               if sdpa_math(s.spec, s.P, _compiled_blocks(plan, s)) else "SDPA/flash (no T^2 scores)")
+                            + ", peak at the fp32 loss's backward"
                             + (", checkpointed" if plan.activation_checkpointing else ""))
     notes["step_buffers"] = ("fp32 copy of the gradient partition for the optimizer step" if s.ds else "foreach optimizer temporaries (fp32)")
     notes["peak_reserved"] = (f"this step's requests replayed through the caching allocator's rules ({'dsreplay' if s.ds else 'stepsim'}.py)" if resv else
