@@ -70,7 +70,7 @@ def block_elements(spec, compiled: bool = False) -> int:
 def sdpa_math(spec, P: int, compiled: bool = False) -> bool:
     """Whether the runner's attention (F.scaled_dot_product_attention(q, k, v, is_causal=True,
     enable_gqa=kv_heads != heads), shardlab/run/gpt.py) runs on SDPA's math path on a CUDA GPU (sm80+,
-    torch 2.11), in the model dtype of P bytes.
+    torch 2.11), in the model dtype of P bytes: fp32 with grouped-query heads.
 
     torch's CUDA dispatcher (sdp_utils.cpp select_sdp_backend) takes the first of cuDNN, flash,
     memory-efficient, math whose checks pass. cuDNN and flash take only fp16/bf16 inputs
@@ -78,42 +78,52 @@ def sdpa_math(spec, P: int, compiled: bool = False) -> bool:
     memory-efficient kernel or math. In 2.11 the memory-efficient kernel's dense checks
     (check_batch_size_and_num_heads_dense, instantiated without grouped-query support) demand equal
     head counts in q, k and v even under enable_gqa=True (its GQA support came later: pytorch PR
-    #191085, 2026-07), and check_head_dim_size_mem_efficient demands a head_dim divisible by the GEMM
-    alignment, 4 elements for fp32 on sm80+ (minimum_gemm_alignment). Either miss -> math.
+    #191085, 2026-07), so fp32 with kv_heads < heads -> math. (fp32 with a head_dim not divisible by
+    4, check_head_dim_size_mem_efficient's alignment on sm80+, goes to math too, but there the math
+    path keeps v as a copy or, at micro-batch 1, the whole qkv output: not modelled.)
 
     Rows: H200 #806 (llama24L, 10 heads / 5 kv, fp32, T=3072) measured 33.7% over the fused-kernel
     estimate, the [B, heads, T, T] fp32 softmax per block; #708 (llama2560, 20 / 4) and #712 (llamaMQA,
-    24 / 1), fp32 GQA too, moved by it within 3% both ways (their peak lies where the blocks' share is
-    smaller); every fp32 row without GQA (gpt, head_dim 64) stays fused. The CPU picks its own fused
-    kernel for the same call (CPU flash takes fp32 and GQA), so the traced estimate does not see this.
-    16-bit calls stay fused here (flash takes GQA up to head_dim 256); a 16-bit math path (head_dim >
-    256 with GQA, pre-sm80 GPUs) upcasts in ways not modelled. Compiled blocks and blocks counted from
-    their own module (transformers' layout, a factory) are left as they are counted."""
+    24 / 1), fp32 GQA too, were within 3% either way (their peak lies where the blocks weigh less);
+    every fp32 row without GQA (gpt, head_dim 64) stays fused. The CPU picks its own fused kernel for
+    the same call (CPU flash takes fp32 and GQA), so the traced estimate does not see this. 16-bit calls
+    stay fused (flash takes GQA up to head_dim 256); a 16-bit math path (head_dim > 256 with GQA,
+    pre-sm80 GPUs) upcasts in ways not modelled. Compiled blocks and blocks counted from their own
+    module (transformers' layout, a factory) are left as they are counted."""
     if P != 4 or compiled or getattr(spec, "is_bare", False) or _hf_llama(spec) or _counted(spec):
         return False
-    return spec.n_kv_heads != spec.heads or spec.head_dim % 4 != 0
+    return spec.n_kv_heads != spec.heads
 
 
 def math_attention_elements(spec) -> tuple[list[int], list[int]]:
     """(kept, no longer kept): model-dtype elements per token of the tensors SDPA's math path keeps for
-    backward in one block, forward order, and of those the fused kernels keep that it does not.
+    backward in one block (grouped-query heads), forward order, and of those the fused kernel keeps
+    that it does not.
 
     torch's _scaled_dot_product_attention_math scales q by sqrt(scale) (a new tensor kept by the first
-    matmul, d), repeats k and v to every query head when enable_gqa (repeat_interleave: new tensors),
-    scales the transposed repeated k (kept by the first matmul: heads x head_dim = d), adds the causal
-    mask in place, takes the softmax (its output, heads x T per token, kept by the softmax backward and
-    by the second matmul) and multiplies it by the repeated v (kept: d; without GQA v itself, a view of
-    the qkv output already counted). It keeps no log-sum-exp and no output: the out projection's input
-    is still the copy transpose-reshape makes (gpt's flash output made that a view; now a copy, the
-    same d). The runner's llama block then no longer keeps RoPE's rotated q (d) and k (kv) nor the
-    SDPA output (d): the math path's own copies replace them. The backward's two [B, heads, T, T]
+    matmul's bmm, d), repeats k and v to every query head (repeat_interleave: new contiguous tensors;
+    v's is kept by the second bmm, d), scales the transposed repeated k (kept by the first bmm, d),
+    adds the causal mask in place and takes the softmax (its output, heads x T per token, kept by the
+    softmax backward and by the second bmm). It keeps no log-sum-exp and no output: the out
+    projection's input is the copy transpose-reshape makes (gpt's fused output made that a view of the
+    kept output; now a copy: the same d). Nothing keeps the qkv output any more (d + 2kv: only the
+    fused kernel kept it, through v; RoPE keeps its tables, not its input), nor, in the runner's llama
+    block, RoPE's rotated q (d) and k (kv) or the SDPA output (d). The backward's two [B, heads, T, T]
     gradients (of the softmax output and of the scores) live only inside one block's backward and are
-    not counted."""
+    not counted. Checked per tensor on the CPU with the math backend forced (tests/test_activations.py)."""
     d, kv = spec.hidden, spec.kv_dim
-    gqa = spec.n_kv_heads != spec.heads
-    kept = [d] + ([d] if gqa else []) + [d, spec.heads * spec.seq_len]
-    gone = [d, kv, d] if spec.family == "llama" else []
+    kept = [d, d, d, spec.heads * spec.seq_len]  # q scaled, v repeated, k repeated and scaled, softmax
+    gone = [d + 2 * kv] + ([d, kv, d] if spec.family == "llama" else [])
     return kept, gone
+
+
+def backward_transient(spec, P: int, tokens: int, compiled: bool = False) -> int:
+    """Bytes one block's backward adds beside the saved tensors, where that is more than the fused
+    kernels' few activation-sized gradients: under SDPA's math path (sdpa_math) the softmax backward
+    holds the gradient of the softmax output and that of the scores, two [B, heads, T, T] tensors,
+    beside the saved softmax (torch's matmul and _softmax_backward_data make each anew). It happens
+    once per block, after the loss's rows are freed and beside the gradient buffers backward has made."""
+    return 2 * tokens * spec.heads * spec.seq_len * P if sdpa_math(spec, P, compiled) else 0
 
 
 def _counted(spec) -> dict | None:
@@ -165,10 +175,11 @@ def activation_peak(spec, P: int, tokens: int, checkpointing: bool, compiled: bo
     if spec.is_bare:
         return 0
     head = tokens * head_peak_bytes(spec, P)
+    grads = backward_transient(spec, P, tokens, compiled)  # in a block's backward, the head's rows freed
     if checkpointing:
         one = tokens * block_bytes(spec, P, compiled) + rope_tables(spec, P, compiled)
-        return tokens * spec.layers * spec.hidden * P + max(head, one)
-    return saved_blocks(spec, P, tokens, False, compiled) + head
+        return tokens * spec.layers * spec.hidden * P + max(head, one + grads)
+    return saved_blocks(spec, P, tokens, False, compiled) + max(head, grads)
 
 
 def saved_blocks(spec, P: int, tokens: int, checkpointing: bool, compiled: bool = False) -> int:

@@ -59,7 +59,7 @@ from shardlab.models import wrap_units
 from shardlab.plan import Plan
 from shardlab.units import GIB
 
-from .activations import activation_peak, saved_blocks, sdpa_math
+from .activations import activation_peak, backward_transient, saved_blocks, sdpa_math
 from .allocator import CUDA_CONTEXT_BYTES, FRAGMENTATION, STRANDED, reserved, stranded
 from .basis import DS_ALLREDUCE_SIZE, DS_MAX_LIVE, DS_SUB_GROUP, Setup, ds3_kept_for_backward, ds_largest_module, fsdp_stage, persistent_numel, shard_numel
 from .dsreplay import ds_replayed_reserved
@@ -81,6 +81,11 @@ def activations(plan: Plan, s: Setup) -> int:
     """Peak bytes of activations and loss temporaries for one micro-batch on one GPU (activations.py)."""
     return activation_peak(s.spec, s.P, plan.micro_batch_size * s.spec.seq_len, plan.activation_checkpointing,
                            _compiled_blocks(plan, s))
+
+
+def _block_backward(plan: Plan, s: Setup) -> int:
+    """What one block's backward adds beside the saved activations (SDPA's math path: activations.py)."""
+    return backward_transient(s.spec, s.P, plan.micro_batch_size * s.spec.seq_len, _compiled_blocks(plan, s))
 
 
 def _fsdp(plan: Plan, s: Setup) -> dict:
@@ -293,7 +298,7 @@ def memory(plan: Plan, s: Setup, traced_activations: int | None = None, gpu=None
         # peak and meet only the blocks' activations later in backward. (H200 matrix: counting them
         # in forward over-predicted deepspeed zero2 + AC llama300 mb4 by 20%.)
         blocks = saved_blocks(s.spec, s.P, plan.micro_batch_size * s.spec.seq_len, plan.activation_checkpointing,
-                              _compiled_blocks(plan, s))
+                              _compiled_blocks(plan, s)) + _block_backward(plan, s)
         if traced_activations is not None:
             blocks = min(blocks, act)
         fwd_bwd = parts["acc"] + max(act, blocks + parts["bwd_start"], parts["bwd_end"])
@@ -304,7 +309,7 @@ def memory(plan: Plan, s: Setup, traced_activations: int | None = None, gpu=None
         # gone and a block is gathered and its gradient reduced beside the remaining activations
         grads_in_forward = parts["grads"] if s.micro_steps > 1 else 0
         blocks = saved_blocks(s.spec, s.P, plan.micro_batch_size * s.spec.seq_len, plan.activation_checkpointing,
-                              _compiled_blocks(plan, s))
+                              _compiled_blocks(plan, s)) + _block_backward(plan, s)
         fwd_bwd = grads_in_forward + max(act + parts["at_loss"], min(blocks, act) + buffers)
     else:
         fwd_bwd = parts["grads"] + act + buffers

@@ -64,11 +64,11 @@ def block_tensors(spec, P: int, tokens: int, compiled: bool = False) -> list[int
     stats = tokens * ((0 if math else 4 * spec.heads) + (8 if spec.family == "llama" else 16))
     attn = math_attention_elements(spec)[0] if math else None
     if spec.family == "llama" and not _hf_llama(spec) and not _counted(spec):
-        # norm1 in/out, qkv, [rotated q, rotated k, SDPA out | the math path's], out-proj input, norm2 in/out
-        elems = [d, d, d + 2 * kv] + (attn or [d, kv, d]) + [d, d, d] + [f] * (3 if compiled else 4)
+        # norm1 in/out, [qkv, rotated q, rotated k, SDPA out | the math path's], out-proj input, norm2 in/out
+        elems = [d, d] + (attn or [d + 2 * kv, d, kv, d]) + [d, d, d] + [f] * (3 if compiled else 4)
     elif spec.family != "llama" and not _counted(spec):
-        # LN1 in/out, qkv, [SDPA out (the out projection's input) | the math path's + that copy], LN2 in/out
-        elems = [d, d, d + 2 * kv] + (attn + [d] if attn else [d]) + [d, d, f, f]
+        # LN1 in/out, [qkv, SDPA out (the out projection's input) | the math path's + that copy], LN2 in/out
+        elems = [d, d] + (attn + [d] if attn else [d + 2 * kv, d]) + [d, d, f, f]
     else:  # a layout without a tensor list: the block's bytes in hidden-sized pieces
         total = tokens * block_bytes(spec, P, compiled)
         piece = tokens * d * P

@@ -1,0 +1,82 @@
+"""SDPA's math path in the activation arithmetic (shardlab/estimate/activations.py: sdpa_math,
+math_attention_elements), checked on the CPU: torch's math path is the same composite code on every
+device, so forcing it here shows what a CUDA run keeps when the dispatcher falls back to it."""
+
+from __future__ import annotations
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from shardlab.estimate.activations import block_bytes, math_attention_elements, sdpa_math  # noqa: E402
+from shardlab.estimate.stepsim import block_tensors  # noqa: E402
+from shardlab.models import ModelSpec  # noqa: E402
+
+
+def _spec(family, hidden, heads, kv_heads, seq_len=32, ffn=96):
+    return ModelSpec(name="t", layers=2, hidden=hidden, heads=heads, vocab=128, seq_len=seq_len,
+                     kv_heads=kv_heads, ffn_hidden=ffn, family=family)
+
+
+def _attention_saved_bytes(spec, batch: int) -> int:
+    """Bytes of the storages autograd keeps for the runner's Attention (math backend forced), not
+    counting its weights or its input."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from shardlab.run.gpt import Attention
+
+    attn = Attention(spec)
+    x = torch.randn(batch, spec.seq_len, spec.hidden, requires_grad=True)
+    skip = {p.untyped_storage().data_ptr() for p in attn.parameters()} | {x.untyped_storage().data_ptr()}
+    kept: dict[int, int] = {}
+
+    def pack(t):
+        st = t.untyped_storage()
+        if st.data_ptr() not in skip:
+            kept[st.data_ptr()] = st.nbytes()
+        return t
+
+    with sdpa_kernel(SDPBackend.MATH), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y = attn(x)
+    assert y.shape == x.shape
+    return sum(kept.values())
+
+
+@pytest.mark.parametrize("family,hidden,heads,kv_heads", [
+    ("llama", 64, 4, 2),   # grouped-query (#806's case: 10 heads / 5 kv)
+    ("llama", 64, 4, 1),   # one kv head (#712's)
+    ("gpt", 64, 4, 2),
+])
+def test_the_math_path_keeps_what_math_attention_elements_says(family, hidden, heads, kv_heads):
+    """The runner's Attention under the math path keeps the math path's tensors and the out
+    projection's input (a copy), and for llama RoPE's cos/sin tables; not the qkv output."""
+    spec = _spec(family, hidden, heads, kv_heads)
+    assert sdpa_math(spec, 4)
+    batch, tokens = 2, 2 * spec.seq_len
+    kept, _ = math_attention_elements(spec)
+    rope = 4 * 2 * spec.seq_len * spec.head_dim if family == "llama" else 0
+    assert _attention_saved_bytes(spec, batch) == 4 * tokens * (sum(kept) + spec.hidden) + rope
+
+
+def test_which_recorded_fp32_rows_run_the_math_path():
+    """The rule on the recorded fp32 rows: every one with grouped-query heads (#708, #712, #806), none
+    without (the gpt rows, head_dim 64); 16-bit runs and compiled blocks stay fused."""
+    llama24L = _spec("llama", 1280, 10, 5, 3072, 3584)       # #806
+    llama2560 = _spec("llama", 2560, 20, 4, 2048, 6912)      # #708
+    llamaMQA = _spec("llama", 1536, 24, 1, 1024, 4096)       # #712
+    gpt1280 = _spec("gpt", 1280, 20, 20, 1536, 5120)         # #104/#105
+    assert sdpa_math(llama24L, 4) and sdpa_math(llama2560, 4) and sdpa_math(llamaMQA, 4)
+    assert not sdpa_math(gpt1280, 4)
+    assert not sdpa_math(llama24L, 2) and not sdpa_math(llama24L, 4, compiled=True)
+    # #806: + the [10, 3072, 3072] fp32 softmax per block (122,880 bytes per token), 3d more of the
+    # math path's copies, - qkv, rotated q and k, the output (3d + 3kv) and the log-sum-exp
+    fused = (8 * 1280 + 3 * 640 + 4 * 3584) * 4 + 4 * 10 + 8
+    assert block_bytes(llama24L, 4) - fused == 4 * (10 * 3072 - 3 * 640) - 4 * 10
+
+
+@pytest.mark.parametrize("spec", [_spec("llama", 64, 4, 2), _spec("gpt", 64, 4, 2), _spec("llama", 64, 4, 4),
+                                  _spec("gpt", 64, 4, 4)])
+def test_the_replayed_block_holds_the_bytes_the_formula_counts(spec):
+    tokens = 64
+    rope = 2 * spec.seq_len * spec.head_dim * 4 if spec.family == "llama" else 0
+    assert sum(block_tensors(spec, 4, tokens)) == tokens * block_bytes(spec, 4) + rope
