@@ -7,7 +7,10 @@ give with debug on, q/k/v strides and storage offsets, and the tensors autograd 
 call (saved_tensors_hooks, one count per storage). Prints one JSON line per case. Needs a CUDA GPU;
 imports only torch and shardlab/run/gpt.py (no pydantic), so it runs on a bare torch install:
 
-    python benchmarks/sdpa_backend_probe.py [--dtype fp32] > out.jsonl
+    python benchmarks/sdpa_backend_probe.py [--dtype fp32] [--cpu] > out.jsonl
+
+Not yet run on a GPU (session 11, i13b: no device time left); on the CPU (--cpu, torch 2.13) every case
+picks the CPU's flash kernel, which takes fp32 and grouped-query heads.
 """
 
 from __future__ import annotations
@@ -72,23 +75,25 @@ def _reasons(fn, params) -> list[str]:
     return ["ok"] if ok else [str(w.message).split("\n")[0][:300] for w in caught]
 
 
-def probe(gpt, label, family, d, heads, kv_heads, t, b, ffn, dtype) -> dict:
+def probe(gpt, label, family, d, heads, kv_heads, t, b, ffn, dtype, device="cuda") -> dict:
     hd = d // heads
     spec = SimpleNamespace(family=family, hidden=d, heads=heads, kv_heads=kv_heads, n_kv_heads=kv_heads,
                            head_dim=hd, kv_dim=kv_heads * hd, ffn_hidden=ffn)
-    attn = gpt.Attention(spec).to("cuda", dtype)
-    x = torch.randn(b, t, d, device="cuda", dtype=dtype, requires_grad=True)
+    attn = gpt.Attention(spec).to(device, dtype)
+    x = torch.randn(b, t, d, device=device, dtype=dtype, requires_grad=True)
     out = {"case": label, "B": b, "T": t, "heads": heads, "kv_heads": kv_heads, "head_dim": hd, "dtype": str(dtype)}
     orig = torch.nn.functional.scaled_dot_product_attention
 
     def sdpa(q, k, v, **kw):
         gqa = kw.get("enable_gqa", False)
-        out["choice"] = BACKENDS.get(int(torch._fused_sdp_choice(q, k, v, None, 0.0, True, None, gqa)), "?")
-        p = torch.backends.cuda.SDPAParams(q, k, v, None, 0.0, True, gqa)
-        out["flash"] = _reasons(torch.backends.cuda.can_use_flash_attention, p)
-        out["efficient"] = _reasons(torch.backends.cuda.can_use_efficient_attention, p)
-        if hasattr(torch.backends.cuda, "can_use_cudnn_attention"):
-            out["cudnn"] = _reasons(torch.backends.cuda.can_use_cudnn_attention, p)
+        out["choice"] = BACKENDS.get(int(torch._fused_sdp_choice(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=True,
+                                                                   enable_gqa=gqa)), "?")
+        if q.is_cuda:
+            p = torch.backends.cuda.SDPAParams(q, k, v, None, 0.0, True, gqa)
+            out["flash"] = _reasons(torch.backends.cuda.can_use_flash_attention, p)
+            out["efficient"] = _reasons(torch.backends.cuda.can_use_efficient_attention, p)
+            if hasattr(torch.backends.cuda, "can_use_cudnn_attention"):
+                out["cudnn"] = _reasons(torch.backends.cuda.can_use_cudnn_attention, p)
         out["qkv"] = [{"shape": list(z.shape), "stride": list(z.stride()), "offset": z.storage_offset(),
                        "ptr_mod16": z.data_ptr() % 16} for z in (q, k, v)]
         saved, seen = [], set()
@@ -102,42 +107,45 @@ def probe(gpt, label, family, d, heads, kv_heads, t, b, ffn, dtype) -> dict:
                               "is_input": any(z.untyped_storage().data_ptr() == w.untyped_storage().data_ptr() for w in (q, k, v))})
             return z
 
-        before = torch.cuda.memory_allocated()
+        before = torch.cuda.memory_allocated() if q.is_cuda else 0
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda z: z):
             y = orig(q, k, v, **kw)
-        out["sdpa_kept_bytes"] = torch.cuda.memory_allocated() - before - y.untyped_storage().nbytes()
+        if q.is_cuda:
+            out["sdpa_kept_bytes"] = torch.cuda.memory_allocated() - before - y.untyped_storage().nbytes()
         out["saved"] = saved
         out["saved_new_bytes"] = sum(s["storage_bytes"] for s in saved if not s["is_input"])
         return y
 
     torch.nn.functional.scaled_dot_product_attention = sdpa
     try:
-        torch.cuda.synchronize()
         y = attn(x)
         y.sum().backward()
-        torch.cuda.synchronize()
     finally:
         torch.nn.functional.scaled_dot_product_attention = orig
     out["tokens"] = b * t
     out["new_bytes_per_token"] = out["saved_new_bytes"] / (b * t)
     out["heads_T_fp32_per_token"] = heads * t * 4
     del attn, x, y
-    torch.cuda.empty_cache()
+    if device == "cuda":
+        torch.cuda.empty_cache()
     return out
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
+    ap.add_argument("--cpu", action="store_true", help="the CPU's dispatcher instead (its own fused kernels), small T only")
     args = ap.parse_args()
+    device = "cpu" if args.cpu else "cuda"
     dtype = torch.float32 if args.dtype == "fp32" else torch.bfloat16
     gpt = _runner()
-    print(json.dumps({"torch": torch.__version__, "device": torch.cuda.get_device_name(),
-                      "cudnn": torch.backends.cudnn.version(),
-                      "priority": [str(b) for b in torch._C._get_sdp_priority_order()] if hasattr(torch._C, "_get_sdp_priority_order") else None}))
+    print(json.dumps({"torch": torch.__version__, "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
+                      "cudnn": torch.backends.cudnn.version()}))
     for case in CASES:
+        if args.cpu:  # the same heads and head_dim at T = 256
+            case = (*case[:5], 256, *case[6:])
         try:
-            print(json.dumps(probe(gpt, *case, dtype)), flush=True)
+            print(json.dumps(probe(gpt, *case, dtype, device)), flush=True)
         except Exception as e:  # noqa: BLE001 - one case failing must not hide the others
             print(json.dumps({"case": case[0], "error": repr(e)[:500]}), flush=True)
     return 0

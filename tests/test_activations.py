@@ -80,3 +80,23 @@ def test_the_replayed_block_holds_the_bytes_the_formula_counts(spec):
     tokens = 64
     rope = 2 * spec.seq_len * spec.head_dim * 4 if spec.family == "llama" else 0
     assert sum(block_tensors(spec, 4, tokens)) == tokens * block_bytes(spec, 4) + rope
+
+
+@pytest.mark.parametrize("dtype,kv_heads,scores", [(torch.float32, 2, True), (torch.float32, 4, False),
+                                                    (torch.bfloat16, 2, False)])
+def test_the_trace_runs_what_cuda_runs(dtype, kv_heads, scores):
+    """The traced estimate's SDPA stand-in (trace._cuda_kernels) sends fp32 grouped-query calls to the
+    math path, as CUDA torch 2.11 does, where the CPU would take its own flash kernel: the
+    [B, heads, T, T] softmax is kept exactly there."""
+    import torch.nn.functional as F
+
+    from shardlab.estimate import trace
+
+    q = torch.randn(2, 4, 32, 16, dtype=dtype, requires_grad=True)
+    k = torch.randn(2, kv_heads, 32, 16, dtype=dtype, requires_grad=True)
+    v = torch.randn(2, kv_heads, 32, 16, dtype=dtype, requires_grad=True)
+    shapes = []
+    with trace._cuda_kernels(), torch.autograd.graph.saved_tensors_hooks(lambda t: shapes.append(tuple(t.shape)) or t,
+                                                                          lambda t: t):
+        F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=kv_heads != 4)
+    assert ((2, 4, 32, 32) in shapes) == scores

@@ -86,7 +86,8 @@ def sdpa_math(spec, P: int, compiled: bool = False) -> bool:
     estimate, the [B, heads, T, T] fp32 softmax per block; #708 (llama2560, 20 / 4) and #712 (llamaMQA,
     24 / 1), fp32 GQA too, were within 3% either way (their peak lies where the blocks weigh less);
     every fp32 row without GQA (gpt, head_dim 64) stays fused. The CPU picks its own fused kernel for
-    the same call (CPU flash takes fp32 and GQA), so the traced estimate does not see this. 16-bit calls
+    the same call (CPU flash takes fp32 and GQA): the traced estimate's stand-in (trace._cuda_kernels)
+    forces the math path there (#806 traced -29.4% before, -0.8% with it; #708, #712 -0.1%). 16-bit calls
     stay fused (flash takes GQA up to head_dim 256); a 16-bit math path (head_dim > 256 with GQA,
     pre-sm80 GPUs) upcasts in ways not modelled. Compiled blocks and blocks counted from their own
     module (transformers' layout, a factory) are left as they are counted."""

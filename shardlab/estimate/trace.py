@@ -278,7 +278,9 @@ def _cuda_kernels():
     the input (12 bytes/element more per norm; measured: llama300 fsdp2 zero3 mb4 on the H200 peaks
     at 10.80 GiB, the composite-norm trace said 12.21, the fused stand-in 10.9; see docs/benchmarks.md).
     Attention with dropout runs fused on CUDA and unfused (T x T) on the CPU: the trace drops the
-    dropout probability, which changes values only (see sdpa below).
+    dropout probability, which changes values only (see sdpa below). fp32 attention with grouped-query
+    heads runs the other way round, unfused on CUDA (torch 2.11: activations.sdpa_math) and fused on
+    the CPU: the trace forces the math path for it.
     """
     import torch
     import torch.nn.functional as F
@@ -312,6 +314,17 @@ def _cuda_kernels():
             args = (*args[:4], 0.0, *args[5:])
         elif kwargs.get("dropout_p"):
             kwargs["dropout_p"] = 0.0
+        # fp32 with grouped-query heads: CUDA torch 2.11 has no fused kernel for it and runs the math
+        # path ([B, heads, T, T] softmax kept; activations.sdpa_math, H200 #806), where the CPU runs its
+        # own flash kernel (fp32 and GQA). The math path is the same composite code on either device.
+        q, k = args[0], (args[1] if len(args) > 1 else kwargs.get("key"))
+        gqa = args[7] if len(args) > 7 else kwargs.get("enable_gqa", False)
+        if (gqa and q.dtype == torch.float32 and q.dim() == 4 and q.size(-3) != k.size(-3)
+                and not torch.compiler.is_compiling()):
+            from torch.nn.attention import SDPBackend, sdpa_kernel
+
+            with sdpa_kernel(SDPBackend.MATH):
+                return orig_sdpa(*args, **kwargs)
         return orig_sdpa(*args, **kwargs)
 
     F.rms_norm, F.scaled_dot_product_attention = rms_norm, sdpa
