@@ -85,7 +85,8 @@ def tune_rows() -> list[dict]:
         m = r.get("measured") or {}
         if r.get("status") == "completed" and len(m.get("step_times_s") or []) >= MIN_TIMED_STEPS and m.get("tokens_per_s"):
             out.append({"source": f.stem + ("" if kind == "grid" else f" {kind}s"), "name": r["key"], "plan": r["plan"],
-                        "model": d["model"], "gpu": gpu, "measured": m["tokens_per_s"], "calibration": _calibration_of(f)})
+                        "model": d["model"], "gpu": gpu, "measured": m["tokens_per_s"], "calibration": _calibration_of(f),
+                        "run_id": r.get("run_id"), "call": r.get("call")})  # which device call (machine) ran it
     return out
 
 

@@ -1,0 +1,148 @@
+"""Where the uncalibrated host speed should sit among the lent H200 machines: one host factor per machine,
+then leave one machine out.
+
+Every H200 row benchmarks/steptime_accuracy.py judges (timed alone) is put on the lent machine that ran it
+(MACHINES below: docs/benchmarks.md and results/calibrations.json say which files and device calls shared a
+machine; a tune grid's device call is one machine; when the records do not say, one file is one machine). For
+each machine one multiplier of all host time (Rates.host_fit, the GPU's work held at 1) is fitted to its rows by
+least squares in log space, as calibrate.fit_from_runs does. Then, for each machine m, the default is set to the
+median of the OTHER machines' factors and m's rows are predicted with it, uncalibrated: the error a machine nobody
+has measured would see. Prints a line per machine (rows, fitted factor, how much its rows' time follows the host,
+median / largest |error| with today's default and with the left-out one), then the pooled figures.
+
+    .venv/bin/python benchmarks/host_population.py [--json OUT] [--aggregate median|geomean]
+
+The median, not the geometric mean, is the default aggregate: a machine is one draw from the lent population,
+a few machines have only 1-5 rows or rows whose time barely depends on the host (their factor is poorly pinned),
+and one host (machine B) sits far from the rest; the median does not follow such a draw.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from shardlab.estimate import estimate  # noqa: E402
+from shardlab.estimate.steptime import Rates  # noqa: E402
+
+# results file (steptime_accuracy's source, its first word) -> the machine that ran it, where a file shares a
+# machine with another or holds several; every other file is a machine of its own.
+SAME_MACHINE = {
+    # session 6, calls 1 and 2 on one machine (docs/benchmarks.md "Session 6 on the lent H200"; calibrations.json: s6a)
+    "fidelity_h200_hf": "s6a", "fidelity_h200_val_s6": "s6a", "tune_h200_gpt125_tune": "s6a",
+    # session 5, 15:09 UTC: both cases' tune trials in one device call
+    "tune_h200_gpt125": "s5 15:09", "tune_h200_gpt350cap": "s5 15:09",
+    # session 11: machine A (#701-709), machine B (#710-717 and the res plans again), machine C (#801-810)
+    "fidelity_h200_new": "A", "fidelity_h200_new2": "B", "fidelity_h200_res16": "B", "fidelity_h200_new3": "C",
+    # session 9: one machine, three calls back to back (the machine stayed warm); session 10: five calls, one machine
+    "tune_h200_llama1b_grid": "s9", "tune_h200_llama1b_live": "s10",
+}
+
+
+def machine_of(r: dict) -> str:
+    src = r["source"].split(" ")[0]
+    if src == "steptime_probe_h200":  # each probe on its own machine, calibrated there
+        return "probe1" if r.get("calibration") == "calibration_h200_run1.json" else "probe2"
+    if src == "tune_h200_gpt125_grid":  # session 5, two device calls (17:13-17:43 UTC): a call = one machine
+        return f"s5 grid call {r.get('call')}"
+    if src == "tune_h200_gpt350cap_grid":  # four sittings, told apart by the run ids' date and hour
+        day_hour = (r.get("run_id") or "")[:11]
+        return {"20261201-20": "s6b", "20261201-21": "s6 call 4", "20261201-23": "s7"}.get(day_hour, "s9")
+    return SAME_MACHINE.get(src, src)
+
+
+GRID = [2 ** (i / 64) for i in range(-64, 129)]  # host factor 0.5x-4x, 1.1% apart
+
+
+def h200_rows() -> list[dict]:
+    import steptime_accuracy
+
+    out = []
+    for r in steptime_accuracy.rows():
+        name = r["gpu"] if isinstance(r["gpu"], str) else r["gpu"].name
+        if name.startswith("h200"):
+            out.append({**r, "machine": machine_of(r)})
+    return out
+
+
+def curves(rows: list[dict]) -> None:
+    """Each row's predicted tokens/s at every factor of GRID (the estimate caches the GPU side, so this is cheap)."""
+    for r in rows:
+        r["curve"] = [estimate(r["plan"], r["model"], r["gpu"], rates=Rates(host_fit=h), calibration=False).time["tokens_per_s"]
+                      for h in GRID]
+
+
+def pred_at(r: dict, h: float) -> float:
+    """Predicted tokens/s at host factor h, interpolated in log-log between the grid's points."""
+    x = 64 * math.log2(h) + 64
+    i = min(max(int(math.floor(x)), 0), len(GRID) - 2)
+    t = x - i
+    return math.exp((1 - t) * math.log(r["curve"][i]) + t * math.log(r["curve"][i + 1]))
+
+
+def fit(rows: list[dict]) -> float:
+    """The grid's host factor with the least sum of squared log errors (calibrate.fit_from_runs, host only)."""
+    return min(GRID, key=lambda h: (sum(math.log(pred_at(r, h) / r["measured"]) ** 2 for r in rows), abs(math.log(h))))
+
+
+def errors(rows: list[dict], h: float) -> list[float]:
+    return [pred_at(r, h) / r["measured"] - 1 for r in rows]
+
+
+def aggregate(xs: list[float], how: str) -> float:
+    return statistics.median(xs) if how == "median" else math.exp(statistics.fmean(math.log(x) for x in xs))
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--json", default=None)
+    ap.add_argument("--aggregate", choices=["median", "geomean"], default="median")
+    a = ap.parse_args(argv)
+    rows = h200_rows()
+    curves(rows)
+    machines: dict[str, list[dict]] = {}
+    for r in rows:
+        machines.setdefault(r["machine"], []).append(r)
+    fits = {m: fit(rs) for m, rs in machines.items()}
+    print(f"{'machine':18} {'rows':>4} {'files':44} {'fit':>5} {'host share':>10} | {'today: median':>13} {'max':>6} | "
+          f"{'left out: default':>17} {'median':>6} {'max':>6}")
+    table, today_all, loo_all, own_all = [], [], [], []
+    for m, rs in sorted(machines.items(), key=lambda kv: fits[kv[0]]):
+        others = [f for k, f in fits.items() if k != m]
+        d = aggregate(others, a.aggregate)
+        e0, e1 = errors(rs, 1.0), errors(rs, d)
+        # host share: d ln(step time) / d ln(host factor) at 1, the rows' median (0: GPU-bound, 1: all host)
+        share = statistics.median(math.log(pred_at(r, 1 / 1.05) / pred_at(r, 1.05)) / math.log(1.05 ** 2) for r in rs)
+        files = ",".join(sorted({r["source"].split(" ")[0].replace("fidelity_h200_", "f_").replace("tune_h200_", "t_") for r in rs}))
+        print(f"{m:18} {len(rs):4} {files[:44]:44} {fits[m]:5.2f} {share:10.2f} | {statistics.median(map(abs, e0)):13.1%} "
+              f"{max(map(abs, e0)):6.1%} | {d:17.3f} {statistics.median(map(abs, e1)):6.1%} {max(map(abs, e1)):6.1%}")
+        table.append({"machine": m, "rows": len(rs), "files": files, "fit": fits[m], "host_share": share, "left_out_default": d,
+                      "today": e0, "left_out": e1, "names": [r["name"] for r in rs]})
+        today_all += e0
+        loo_all += e1
+        own_all += errors(rs, fits[m])  # in-sample: what a host factor fitted on the machine itself leaves
+    everyone = aggregate(list(fits.values()), a.aggregate)
+    print()
+    for t in table:
+        t["own"] = errors(machines[t["machine"]], t["fit"])
+    for label, es, key in (("today (factor 1)", today_all, "today"), (f"left out ({a.aggregate} of the others)", loo_all, "left_out"),
+                           ("own machine's factor (in-sample)", own_all, "own")):
+        u = [abs(x) for x in es]
+        within = sum(statistics.median(map(abs, t[key])) <= 0.15 for t in table)
+        print(f"{label:34} rows {len(u)}: median {statistics.median(u):.1%} max {max(u):.1%} over 25%: {sum(x > 0.25 for x in u)}; "
+              f"machines with median within 15%: {within} of {len(table)}")
+    print(f"{a.aggregate} of all {len(fits)} machines' factors: {everyone:.3f} (sorted: "
+          + ", ".join(f"{f:.2f}" for f in sorted(fits.values())) + ")")
+    if a.json:
+        Path(a.json).write_text(json.dumps({"aggregate": a.aggregate, "population": everyone, "machines": table}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
