@@ -54,8 +54,13 @@ def machine_of(r: dict) -> str:
     if src == "tune_h200_gpt350cap_grid":  # four sittings, told apart by the run ids' date and hour
         day_hour = (r.get("run_id") or "")[:11]
         return {"20261201-20": "s6b", "20261201-21": "s6 call 4", "20261201-23": "s7"}.get(day_hour, "s9")
-    return SAME_MACHINE.get(src, src)
+    return SAME_MACHINE.get(src, src.replace("fidelity_h200_", ""))
 
+
+# the machines that ran `shardlab calibrate` themselves -> that file (results/): for --index
+CALIBRATED = {"probe1": "calibration_h200_run1.json", "probe2": "calibration_h200.json", "val": "calibration_h200_val.json",
+              "held": "calibration_h200_held.json", "s6a": "calibration_h200_s6a.json", "s6b": "calibration_h200_s6b.json",
+              "s10": "calibration_h200_s10.json", "A": "calibration_h200_new.json", "C": "calibration_h200_new3.json"}
 
 GRID = [2 ** (i / 64) for i in range(-64, 129)]  # host factor 0.5x-4x, 1.1% apart
 
@@ -99,10 +104,36 @@ def aggregate(xs: list[float], how: str) -> float:
     return statistics.median(xs) if how == "median" else math.exp(statistics.fmean(math.log(x) for x in xs))
 
 
+def index_check(machines: dict, fits: dict) -> None:
+    """Does `shardlab calibrate`'s host step tell a machine's factor? Its two timings (kernel launch, FSDP2 unit) over
+    the defaults, as one factor: their geometric mean (the defaults are themselves two machines' geometric means).
+    Nothing fitted: each machine's rows predicted with its own index as the host factor (GPU rates left at the
+    defaults, so only the host moves), against factor 1."""
+    from shardlab.estimate.hostcost import DEFAULT_LAUNCH_S, FSDP_UNIT_S
+
+    print()
+    xs, ys, e0, e1 = [], [], [], []
+    for m, f in CALIBRATED.items():
+        r = json.loads((Path(__file__).parent / "results" / f).read_text())["rates"]
+        idx = math.sqrt(r["launch_s"] / DEFAULT_LAUNCH_S * r["fsdp_unit_s"] / FSDP_UNIT_S)
+        a, b = [abs(x) for x in errors(machines[m], 1.0)], [abs(x) for x in errors(machines[m], idx)]
+        xs.append(math.log(idx))
+        ys.append(math.log(fits[m]))
+        e0 += a
+        e1 += b
+        print(f"{m:8} {f:28} launch {r['launch_s'] * 1e6:5.1f} us unit {r['fsdp_unit_s'] * 1e3:5.2f} ms -> index {idx:.2f} (rows' fit "
+              f"{fits[m]:.2f}) | factor 1: median {statistics.median(a):5.1%} max {max(a):5.1%} | index: median "
+              f"{statistics.median(b):5.1%} max {max(b):5.1%}")
+    print(f"correlation of log index and log fit over {len(xs)} machines: {statistics.correlation(xs, ys):.2f}")
+    for label, es in (("factor 1", e0), ("calibrate's index", e1)):
+        print(f"{label:18} rows {len(es)}: median {statistics.median(es):.1%} max {max(es):.1%} over 25%: {sum(x > 0.25 for x in es)}")
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--json", default=None)
     ap.add_argument("--aggregate", choices=["median", "geomean"], default="median")
+    ap.add_argument("--index", action="store_true", help="also: calibrate's own host timings as one factor, on the machines that ran it")
     a = ap.parse_args(argv)
     rows = h200_rows()
     curves(rows)
@@ -139,6 +170,8 @@ def main(argv=None) -> int:
               f"machines with median within 15%: {within} of {len(table)}")
     print(f"{a.aggregate} of all {len(fits)} machines' factors: {everyone:.3f} (sorted: "
           + ", ".join(f"{f:.2f}" for f in sorted(fits.values())) + ")")
+    if a.index:
+        index_check(machines, fits)
     if a.json:
         Path(a.json).write_text(json.dumps({"aggregate": a.aggregate, "population": everyone, "machines": table}, indent=1))
     return 0
