@@ -108,7 +108,8 @@ def index_check(machines: dict, fits: dict) -> None:
     """Does `shardlab calibrate`'s host step tell a machine's factor? Its two timings (kernel launch, FSDP2 unit) over
     the defaults, as one factor: their geometric mean (the defaults are themselves two machines' geometric means).
     Nothing fitted: each machine's rows predicted with its own index as the host factor (GPU rates left at the
-    defaults, so only the host moves), against factor 1."""
+    defaults, so only the host moves), against factor 1; then the same with the machine's whole calibration (its
+    GPU rates too, as calibrate.rates_from would price them), host_fit 1 against host_fit = index."""
     from shardlab.estimate.hostcost import DEFAULT_LAUNCH_S, FSDP_UNIT_S
 
     print()
@@ -126,6 +127,21 @@ def index_check(machines: dict, fits: dict) -> None:
               f"{statistics.median(b):5.1%} max {max(b):5.1%}")
     print(f"correlation of log index and log fit over {len(xs)} machines: {statistics.correlation(xs, ys):.2f}")
     for label, es in (("factor 1", e0), ("calibrate's index", e1)):
+        print(f"{label:18} rows {len(es)}: median {statistics.median(es):.1%} max {max(es):.1%} over 25%: {sum(x > 0.25 for x in es)}")
+    # as it would land: each machine's own calibration (its GPU rates too), host_fit 1 (today) against host_fit = index
+    print("\nwith each machine's own calibration (GPU rates applied): host_fit 1 -> index")
+    c0, c1 = [], []
+    for m, f in CALIBRATED.items():
+        cal = json.loads((Path(__file__).parent / "results" / f).read_text())
+        r = cal["rates"]
+        idx = math.sqrt(r["launch_s"] / DEFAULT_LAUNCH_S * r["fsdp_unit_s"] / FSDP_UNIT_S)
+        a, b = ([abs(estimate(x["plan"], x["model"], x["gpu"], calibration={**cal, "rates": {**r, "host_fit": h}}).time["tokens_per_s"]
+                     / x["measured"] - 1) for x in machines[m]] for h in (1.0, idx))
+        c0 += a
+        c1 += b
+        print(f"{m:8} rows {len(a):3} index {idx:.2f} | median {statistics.median(a):5.1%} -> {statistics.median(b):5.1%} "
+              f"({(statistics.median(b) - statistics.median(a)) * 100:+.1f} points) | max {max(a):5.1%} -> {max(b):5.1%}")
+    for label, es in (("calibrated, host 1", c0), ("calibrated, index", c1)):
         print(f"{label:18} rows {len(es)}: median {statistics.median(es):.1%} max {max(es):.1%} over 25%: {sum(x > 0.25 for x in es)}")
 
 

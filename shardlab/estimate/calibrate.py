@@ -128,6 +128,14 @@ def find(gpu_name: str, directory: str | Path | None = None) -> dict | None:
 # the constants while its real ZeRO-1/2 steps ran faster than the constants predict (#504, #508); the
 # validation host timed launches 25% cheaper while its DeepSpeed steps ran slower. Host cost is refitted
 # from real steps instead: `calibrate --from-runs` (host_fit, gpu_scale), which this applies.
+# Session 11 tried the two FSDP2 timings as ONE factor on all host time instead (the geometric mean of launch_s /
+# DEFAULT_LAUNCH_S and fsdp_unit_s / FSDP_UNIT_S; benchmarks/host_population.py --index, 9 calibrated machines,
+# 99 rows): the index follows the factor each machine's rows fit (log correlation 0.90), and with each machine's
+# own calibration the 99 rows go from median 10.2% / max 33.3% / 9 over 25% to 8.1% / 32.6% / 5 (machine C
+# 16.1 -> 3.9%, probe 1 7.1 -> 2.3%), but machine s6b's 17 rows go 12.3 -> 16.4% and s6a's 21 rows 13.9 -> 16.3%
+# (index 1.10 and 0.93 where their rows fit 1.03 and 1.02). A machine 4 points worse is past the bar set for it
+# (no calibrated machine's median more than 3 points worse), so it stays unapplied too. The two timings as
+# separate rates (launch_s, fsdp_unit_s, no DeepSpeed scales) were worse still: 8.6% median, max 45.7% (val).
 APPLY_MICROBENCH_HOST = False
 
 
