@@ -185,12 +185,14 @@ def test_analytical_reserved_on_every_recorded_h200_row(recorded_rows):
     step (stepsim.py) since session 9, DeepSpeed ddp / ZeRO-1 / ZeRO-3 without offload (dsreplay.py) since
     session 10, FSDP's CPU offload too: median 2.3% (3.2% before), 318 within 10% (312 before); 315 of
     the 324 without parameter offload (310 before, largest miss 18.2% -> 13.6%); every row within 32%
-    (51% before: FSDP1 offload #38)."""
+    (51% before: FSDP1 offload #38). Session 11 (361 rows): DeepSpeed's cuBLAS workspaces made at each
+    thread's first matmul (dsreplay.DSStep) took 348 -> 353 within 10%, 345 -> 350 of the 354 without
+    parameter offload; the bands keep 3 of those 5 (a regression of it fails)."""
     rows = [r for r in recorded_rows if r["reserved_error"] is not None]
     assert len(rows) >= 331
     plain = [r for r in rows if r.get("group", {}).get("offload") != "both"]
-    assert sum(abs(r["reserved_error"]) <= 0.10 for r in rows) >= 318
-    assert sum(abs(r["reserved_error"]) <= 0.10 for r in plain) >= 315
+    assert sum(abs(r["reserved_error"]) <= 0.10 for r in rows) >= 351
+    assert sum(abs(r["reserved_error"]) <= 0.10 for r in plain) >= 348
     assert max(abs(r["reserved_error"]) for r in plain) <= 0.14
     assert max(abs(r["reserved_error"]) for r in rows) <= 0.32
     assert statistics.median(abs(r["reserved_error"]) for r in rows) <= 0.025
@@ -201,14 +203,16 @@ def test_replayed_deepspeed_reserved_on_every_recorded_row(recorded_rows):
     order replayed through the allocator's rules (dsreplay.py, no fitted constant), judged by every
     recorded H200 run of those plans. The fidelity files' 42 rows: 39 within 10% (32 with the fitted
     factor, whose misses ran +18% for small models and -11% for large ones), median within 1% (5.2%).
-    The three misses are short by one step-sized segment the run made and the replay does not: #118
-    (gpt1280 ddp, Ψ over DeepSpeed's 500M all-reduce chunk, -13.6%), #306 (llama100k ZeRO-1 ga2, -11.2%),
-    #105 (gpt1280 ZeRO-1 fp32 ga2, -10.2%)."""
+    Session 11 (51 rows): with the cuBLAS workspaces made at each thread's first matmul, not at start-up
+    (dsreplay.DSStep's comment; allocator probe #306's step-sized flattened gradient), 50 within 10% (48),
+    median 0.35% (0.74%): #306 -11.2 -> -4.6%, #105 -10.2 -> -0.1%. The one miss, #118 (gpt1280 ddp, Ψ
+    over DeepSpeed's 500M all-reduce chunk, -13.6%), is short by one step-sized segment the run made and
+    the replay does not (no allocator probe of it)."""
     rows = [r for r in recorded_rows if r["reserved_error"] is not None and r["group"]["offload"] == "none"
             and r["group"]["framework"] in ("deepspeed ddp", "deepspeed zero1", "deepspeed zero3")]
     fid = [r for r in rows if r["source"].startswith("fidelity")]
-    assert len(fid) >= 42 and sum(abs(r["reserved_error"]) <= 0.10 for r in fid) >= 39
-    assert statistics.median(abs(r["reserved_error"]) for r in fid) <= 0.01
+    assert len(fid) >= 42 and sum(abs(r["reserved_error"]) <= 0.10 for r in fid) >= 50
+    assert statistics.median(abs(r["reserved_error"]) for r in fid) <= 0.005
     assert max(abs(r["reserved_error"]) for r in fid) <= 0.14
 
 

@@ -33,7 +33,8 @@ Where the plan allows (FSDP1/FSDP2 without CPU offload), memory.py takes reserve
 instead: the analytical model's own step, request by request, through cachesim.py, with no fitted
 constant (session 9: those recorded fidelity rows median 1.5% off, against the factor's 5%); since
 session 10 DeepSpeed without ZeRO, ZeRO-1 and ZeRO-3 without offload replay DeepSpeed's own order
-(dsreplay.py: 39 of 42 fidelity rows within 10%, median 0.7%, against the factor's 32 and 5.2%). The
+(dsreplay.py: 39 of 42 fidelity rows within 10%, median 0.7%, against the factor's 32 and 5.2%; session
+11, the cuBLAS workspaces made at each thread's first matmul: 50 of 51, median 0.35%). The
 factor stays for ZeRO-2 (replayed, not used: dsreplay.REPLAYED says why) and for DeepSpeed's offload;
 FSDP's offload is replayed since session 10 (stepsim.py: #38 -51% -> -18%, #109 -32% -> -20%, #308
 -13% -> +0.1%, #37 -7.7% -> -9.0%).

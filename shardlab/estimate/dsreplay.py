@@ -43,6 +43,7 @@ from __future__ import annotations
 from functools import lru_cache
 from typing import NamedTuple
 
+from .activations import _counted, _hf_llama
 from .basis import DS_ALLREDUCE_SIZE, DS_SUB_GROUP, shard_numel
 from .stepsim import REDUCE_STREAM, Recipe, _Step, declined, recipe
 
@@ -65,6 +66,7 @@ class DSRecipe(NamedTuple):
     block: tuple
     layers: int
     head: tuple
+    lazy_workspaces: bool  # cuBLAS workspaces made at each thread's first matmul (DSStep's comment)
 
 
 def _chunks(total: int, size: int) -> list[int]:
@@ -74,14 +76,35 @@ def _chunks(total: int, size: int) -> list[int]:
 class DSStep(_Step):
     """stepsim's step with DeepSpeed's parameters, gradients and optimizer (module docstring)."""
 
+    # torch makes a cuBLAS handle's workspace (memory.cublas_workspaces) at the handle's first matmul
+    # (one per handle and stream, made through the caching allocator when first asked for): the
+    # forward thread's at the first forward, autograd's device thread's at the head's backward (stepsim
+    # _loss), and it stays where best fit put it then, not at start-up. Allocator probe #306 (llama100k
+    # ZeRO-1, one rank) lists two segments of the first step that the replay with both made at start-up
+    # fitted in cached blocks (3.26 GiB short): the flattened gradient (1964 MiB) and the fp32 norm of the
+    # embedding's gradient (1372 MiB). Made lazily, autograd's workspace lands in the start-up's free
+    # 1964 MiB clone segment and the flattened gradient makes its segment at 7.73 GiB allocated, the
+    # probe's figure; the norm's still fits (-4.6%, that segment short). Probe #10: the sixth 1000 MiB
+    # loss segment, made now (-6.9 -> -0.4%). Only where the block's saved tensors are listed
+    # (stepsim.block_tensors): a block counted in hidden-sized pieces frees no block of the workspace's
+    # size in forward as the real one does (GPT-2's [T, 3d] and [T, 4d]), so the workspace would split a
+    # loss segment there (#406 hf-gpt2 +1.2 -> +13.4%); those keep both made at start-up.
+    # docs/benchmarks.md, session 11 i13b wave 2: every recorded row before and after.
+
     def __init__(self, r: Recipe, d: DSRecipe):
         super().__init__(r)
         self.d = d
+        self.LAZY_WORKSPACES = d.lazy_workspaces
         self.fill = 0  # elements waiting in the gradient bucket
         self.order = list(d.embed) + list(d.block) * d.layers + list(d.head)
         self.grads = [("grad", k) for k in range(len(self.order))]  # each parameter's .grad key, made once
 
     # parameters of a backward unit (stepsim's _backward names them by key): the range of their indices
+    def _forward(self, mb) -> None:
+        if self.LAZY_WORKSPACES and ("ws", 0) not in self.sim.live:  # the forward thread's first matmul
+            self.sim.alloc(("ws", 0), self.r.workspace)
+        super()._forward(mb)
+
     def _unit_params(self, key) -> range:
         d = self.d
         ne, nb = len(d.embed), len(d.block)
@@ -268,8 +291,9 @@ def ds_replayed_reserved(plan, s, workspace: int) -> int | None:
     base = base._replace(mode="reshard" if zero3_multi else None, root=sh.root_numel, head=sum(numel(sh.head)),
                          blocks=(sh.block_numel,) * sh.layers)
     local = s.spec.params if s.stage == "ddp" else shard_numel(s)
+    listed = not (_hf_llama(s.spec) or _counted(s.spec))  # stepsim.block_tensors has the block's tensors
     d = DSRecipe(s.stage, s.spec.params, local, s.reduce_bucket, numel(sh.embed), numel(sh.block), sh.layers,
-                 numel(sh.head))
+                 numel(sh.head), listed)
     return _replay(base, d)
 
 

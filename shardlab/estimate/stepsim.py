@@ -145,6 +145,10 @@ _STARTS: dict = {}  # _Step._start's cache: start key -> (allocator after start-
 class _Step:
     """Issues one recipe's requests into a CachingAllocator; keys are tuples naming the tensor."""
 
+    # cuBLAS workspaces made where torch makes them, at each thread's first matmul (the forward's at the
+    # first forward, autograd's at the head's backward in _loss), not at start-up: dsreplay.DSStep
+    LAZY_WORKSPACES = False
+
     def __init__(self, r: Recipe):
         self.sim, self.r = CachingAllocator(), r
         self.d_bytes = r.tokens * r.hidden * r.P
@@ -252,6 +256,8 @@ class _Step:
                 self._copy_in(("g", "root"), r.root)
             sim.free(("dlsm", mb))
         sim.alloc(("dx", mb), self.d_bytes)
+        if self.LAZY_WORKSPACES and ("ws", 1) not in sim.live:  # the head's backward: autograd's first matmul
+            sim.alloc(("ws", 1), r.workspace)
         sim.free(("dlogits", mb))
         sim.free(("dlsm", mb))
         sim.free(("norm", mb))
@@ -373,8 +379,8 @@ class _Step:
             self.sim, self.made_states = done[0].copy(), done[1]
             return
         self._init()
-        for k in range(2):  # forward's and autograd's cuBLAS handles (memory.cublas_workspaces)
-            self.sim.alloc(("ws", k), self.r.workspace)
+        for k in () if self.LAZY_WORKSPACES else range(2):  # forward's and autograd's cuBLAS handles
+            self.sim.alloc(("ws", k), self.r.workspace)  # (memory.cublas_workspaces)
         if len(_STARTS) >= 64:
             del _STARTS[next(iter(_STARTS))]
         _STARTS[key] = (self.sim.copy(), self.made_states)
