@@ -90,6 +90,9 @@ class CachingAllocator:
         self.limit: int | None = None
         self.flushes = self.flushed_bytes = self.flushed_segments = 0
         self._in_batch = False
+        # the most reserved right after a cudaMalloc outside batch(): under a limit at least this, the same requests
+        # would have given nothing back (stepsim._churn resumes an uncapped replay's state on that ground)
+        self.malloc_peak = 0
 
     def _segment(self, size: int, pool: int) -> list:
         """cudaMalloc: a new segment for a rounded request no cached block holds, as one free block."""
@@ -107,6 +110,8 @@ class CachingAllocator:
         self.segments += 1
         if self.reserved > self.peak_reserved:
             self.peak_reserved = self.reserved
+        if self.reserved > self.malloc_peak and not self._in_batch:
+            self.malloc_peak = self.reserved
         return b
 
     @property
@@ -141,6 +146,8 @@ class CachingAllocator:
                 self.segments += 1
                 if self.reserved > self.peak_reserved:
                     self.peak_reserved = self.reserved
+                if self.reserved > self.malloc_peak:
+                    self.malloc_peak = self.reserved
             rest = seg - size
         if rest >= BLOCK if small else rest > SMALL:  # split: the remainder stays cached, free
             addr, nxt = b[0] + size, b[4]
@@ -220,6 +227,8 @@ class CachingAllocator:
                     self.segments += 1
                     if self.reserved > self.peak_reserved:
                         self.peak_reserved = self.reserved
+                    if self.reserved > self.malloc_peak:
+                        self.malloc_peak = self.reserved
                 rest = seg - size
             if rest >= BLOCK if small else rest > SMALL:
                 addr, nxt = b[0] + size, b[4]
@@ -464,19 +473,18 @@ class CachingAllocator:
             b[3] = b[4] = None
 
     def copy(self) -> "CachingAllocator":
-        """An independent allocator in the same state (the replays resume from a cached start-up)."""
+        """An independent allocator in the same state (the replays resume from a cached state)."""
         new = CachingAllocator.__new__(CachingAllocator)
         new.__dict__.update(self.__dict__)
-        twin = {}  # id(block) -> its copy
-        for b in list(self.live.values()) + list(self._cached.values()):
-            twin[id(b)] = b[:]
+        twin = {b[0]: b[:] for b in self._cached.values()}  # address -> its copy (every block has its own)
+        twin.update([(b[0], b[:]) for b in self.live.values()])
         for c in twin.values():
             if c[3] is not None:
-                c[3] = twin[id(c[3])]
+                c[3] = twin[c[3][0]]
             if c[4] is not None:
-                c[4] = twin[id(c[4])]
-        new.live = {k: twin[id(b)] for k, b in self.live.items()}
-        new._cached = {a: twin[id(b)] for a, b in self._cached.items()}
+                c[4] = twin[c[4][0]]
+        new.live = {k: twin[b[0]] for k, b in self.live.items()}
+        new._cached = {a: twin[a] for a in self._cached}
         new.pools = {p: lst[:] for p, lst in self.pools.items()}
         new._pool_res = dict(self._pool_res)
         return new

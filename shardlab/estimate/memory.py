@@ -60,7 +60,7 @@ from shardlab.plan import Plan
 from shardlab.units import GIB
 
 from .activations import activation_peak, backward_transient, saved_blocks, sdpa_math
-from .allocator import CUDA_CONTEXT_BYTES, FRAGMENTATION, STRANDED, reserved, stranded
+from .allocator import CUDA_CONTEXT_BYTES, FRAGMENTATION, STRANDED, allocator_limit, reserved, stranded
 from .basis import DS_ALLREDUCE_SIZE, DS_MAX_LIVE, DS_SUB_GROUP, Setup, ds3_kept_for_backward, ds_largest_module, fsdp_stage, persistent_numel, shard_numel
 from .dsreplay import ds_replayed_reserved
 from .stepsim import replayed_reserved
@@ -71,10 +71,13 @@ def _compiled_blocks(plan: Plan, s: Setup) -> bool:
     return bool(plan.compile) and s.framework == "fsdp2"
 
 
-def replayed(plan: Plan, s: Setup, workspace: int) -> int | None:
+def replayed(plan: Plan, s: Setup, workspace: int, gpu=None) -> int | None:
     """Peak reserved bytes from the replay of this framework's step (dsreplay.py for DeepSpeed, stepsim.py
-    for FSDP), or None where that replay does not cover the plan."""
-    return (ds_replayed_reserved if s.ds else replayed_reserved)(plan, s, workspace)
+    for FSDP), or None where that replay does not cover the plan. gpu: its allocator limit lets the FSDP
+    replay keep what the step time's replay under that limit resumes from (stepsim._FIRSTS)."""
+    if s.ds:
+        return ds_replayed_reserved(plan, s, workspace)
+    return replayed_reserved(plan, s, workspace, None if gpu is None else allocator_limit(_gpu(gpu)))
 
 
 def activations(plan: Plan, s: Setup) -> int:
@@ -318,7 +321,7 @@ def memory(plan: Plan, s: Setup, traced_activations: int | None = None, gpu=None
     overhead = CUDA_CONTEXT_BYTES + stranded(live)
     # reserved: the step's own requests replayed through the allocator's rules where the replay covers
     # the plan (stepsim.py), else the fitted allocator model (allocator.py)
-    resv = replayed(plan, s, workspace)
+    resv = replayed(plan, s, workspace, gpu)
     per_gpu = {"params": parts["params"], "grads": parts["grads"], "optimizer": parts["optimizer"],
                "activations": act, "buffers": buffers + workspace, "step_buffers": parts["step"], "overhead": overhead,
                "peak_allocated": live, "peak_reserved": max(resv, live) if resv else reserved(live, parts.get("again", 0)),
