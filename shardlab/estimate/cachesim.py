@@ -295,7 +295,7 @@ class CachingAllocator:
         if self.allocated + top > self.peak_allocated:
             self.peak_allocated = self.allocated + top
 
-    def batch(self, sizes, stream: int = 0, keep: dict | None = None) -> None:
+    def batch(self, sizes, stream: int = 0, keep: dict | None = None, runs=()) -> None:
         """Allocate tensors of `sizes` one after the other, then free all but the kept ones (other frees
         may follow or come between those frees): the same state as those calls, at a fraction of their
         cost. keep: {index in sizes: key}, the tensors that stay, live under `key` (not live before).
@@ -306,15 +306,19 @@ class CachingAllocator:
         (whole before: its neighbours were live, or it would have been merged with them) and every
         segment they made is free again except where a kept tensor sits: that block is cut around the
         kept tensors, in address order, into free and live pieces. The peak allocated is that of the
-        moment all are allocated."""
+        moment all are allocated.
+
+        runs: [(start, length, count)], in order, where sizes[start:start + length * count] is `count` copies of
+        one block's sizes (a model's layers); a run that is not is ignored. A copy whose allocations provably
+        repeat the previous copy's is not replayed (_repeats): the same state, fewer requests."""
         self._in_batch = True  # (no cap's flush inside: the limit's comment in __init__)
         try:
-            self._batch(sizes, stream, keep)
+            self._batch(sizes, stream, keep, runs)
         finally:
             self._in_batch = False
 
-    def _batch(self, sizes, stream: int, keep: dict | None) -> None:
-        places = self._batch_fits(sizes, stream, keep)
+    def _batch(self, sizes, stream: int, keep: dict | None, runs) -> None:
+        places = self._batch_fits(sizes, stream, keep, runs)
         if not places:
             return
         cached = self._cached
@@ -328,39 +332,108 @@ class CachingAllocator:
         for real, *places in kept.values():
             self._cut(real, places)
 
-    def _batch_fits(self, sizes, stream: int, keep) -> list:
+    def _batch_fits(self, sizes, stream: int, keep, runs=()) -> list:
         """batch()'s allocations: the best fits on scratch copies of the stream's two pools, the new
         segments made (cached, whole once all are freed) and the peak allocated. Returns the kept
         tensors' places [(address, block size, key)]."""
         pools, cached = self.pools, self._cached
         ps, pl = 2 * stream + 1, 2 * stream
         small_lst, large_lst = list(pools.get(ps, ())), list(pools.get(pl, ()))
-        held, places = 0, []
-        for idx, nbytes in enumerate(sizes):
-            size = BLOCK if nbytes < BLOCK else (nbytes + _ROUND) & _MASK
-            small = size <= SMALL
-            lst = small_lst if small else large_lst
-            i = bisect_left(lst, size << _SHIFT)
-            if i < len(lst):
-                k = lst.pop(i)
-                have, addr = k >> _SHIFT, k & _ADDR
-            else:  # a new segment: cached and whole once the batch is freed, but for what is kept
-                pool = ps if small else pl
-                real = self._segment(size, pool)
-                have, addr = real[1], real[0]
-                insort(pools.setdefault(pool, []), have << _SHIFT | addr)
-                cached[addr] = real
-            rest = have - size
-            if rest >= BLOCK if small else rest > SMALL:
-                insort(lst, rest << _SHIFT | (addr + size))
-                have = size
-            held += have
-            if keep and idx in keep:
-                places.append((addr, have, keep[idx]))
+        held, places, made = 0, [], []
+
+        def fit(lo: int, hi: int) -> int:  # sizes[lo:hi], one after the other: the bytes they hold
+            held = 0
+            for idx, nbytes in enumerate(sizes[lo:hi] if lo or hi < len(sizes) else sizes, lo):
+                size = BLOCK if nbytes < BLOCK else (nbytes + _ROUND) & _MASK
+                small = size <= SMALL
+                lst = small_lst if small else large_lst
+                i = bisect_left(lst, size << _SHIFT)
+                if i < len(lst):
+                    k = lst.pop(i)
+                    have, addr = k >> _SHIFT, k & _ADDR
+                else:  # a new segment: cached and whole once the batch is freed, but for what is kept
+                    pool = ps if small else pl
+                    real = self._segment(size, pool)
+                    made.append((size, pool))
+                    have, addr = real[1], real[0]
+                    insort(pools.setdefault(pool, []), have << _SHIFT | addr)
+                    cached[addr] = real
+                rest = have - size
+                if rest >= BLOCK if small else rest > SMALL:
+                    insort(lst, rest << _SHIFT | (addr + size))
+                    have = size
+                held += have
+                if keep and idx in keep:
+                    places.append((addr, have, keep[idx]))
+            return held
+
+        pos = 0
+        for start, length, count in runs:
+            end = start + length * count
+            if start < pos or length < 1 or sizes[start:start + length] * count != sizes[start:end] or (
+                    keep and any(start <= i < end for i in keep)):
+                continue  # not copies of one block (or a kept tensor inside): replayed request by request
+            held += fit(pos, start)
+            block = sizes[start:start + length]
+            b = 0
+            while b < count:
+                small0, large0, held0 = small_lst[:], large_lst[:], held
+                del made[:]
+                lo = start + b * length
+                held += fit(lo, lo + length)
+                b += 1
+                skip = self._repeats(block, small0, small_lst, large0, large_lst, count - b)
+                if skip:
+                    seg = self._segment
+                    for _ in range(skip[0]):
+                        for size, pool in made:
+                            real = seg(size, pool)
+                            insort(pools[pool], real[1] << _SHIFT | real[0])
+                            cached[real[0]] = real
+                    held += skip[0] * (held - held0)
+                    if skip[1] is not None:
+                        small_lst.remove(skip[1])
+                        insort(small_lst, skip[2])
+                    b += skip[0]
+            pos = end
+        held += fit(pos, len(sizes))
         if self.allocated + held > self.peak_allocated:
             self.peak_allocated = self.allocated + held
         return places
 
+    @staticmethod
+    def _repeats(block, small0, small1, large0, large1, most: int):
+        """How many further copies of `block` repeat the one just fitted, and the small pool's scratch entry
+        they move: (copies, old entry, new entry), or None. The large pool's list came back unchanged (each
+        large request made a new segment it did not split: nothing else leaves the list as it was, every
+        entry naming a fresh address) and the small pool's differs in one free block, shrunk by exactly the
+        copy's small requests and moved by as much (each of them split off its front); every other small
+        entry is smaller than the smallest small request, so no request has another choice. The next copy
+        sees the same large list and that block smaller by the same amount: the same picks and splits, the
+        same segments and held bytes, while what is left of the block after a copy stays at least 512 bytes
+        (the small pool's split rule)."""
+        if most < 1 or large0 != large1:
+            return None
+        smalls = [BLOCK if n < BLOCK else (n + _ROUND) & _MASK for n in block if n <= SMALL]
+        if small0 == small1:
+            return (most, None, None) if not smalls else None
+        if not smalls or len(small0) != len(small1):
+            return None
+        gone, new = set(small0).difference(small1), set(small1).difference(small0)
+        if len(gone) != 1 or len(new) != 1:
+            return None
+        old, new = gone.pop(), new.pop()
+        delta, left = sum(smalls), (new >> _SHIFT)
+        if new != ((old >> _SHIFT) - delta) << _SHIFT | ((old & _ADDR) + delta):
+            return None
+        low = min(smalls)
+        if any((k >> _SHIFT) >= low for k in small1 if k != new):
+            return None
+        copies = min(most, (left - BLOCK) // delta) if left >= BLOCK else 0
+        if copies < 1:
+            return None
+        left -= copies * delta
+        return copies, new, left << _SHIFT | ((new & _ADDR) + copies * delta)
     def _cut(self, real: list, places: list) -> None:
         """Cut the cached free block `real` into live blocks at `places` [(address, size, key)] and free
         pieces between them."""

@@ -125,9 +125,12 @@ class DSStep(_Step):
         # module.to(device), parameter by parameter, already cast on the CPU: where the parameters are
         # freed once flattened, they and what is made beside them are one batch (cachesim.batch)
         moved = [P * n for n in self.order]
+        ne, nb, n = len(d.embed), len(d.block), len(moved)
+        layers = [(ne, nb, d.layers)]  # the blocks' parameters, copies of one block's (cachesim.batch's runs)
         if d.stage == "ddp":
             if P < 4:  # FP16_Optimizer: clone, flatten (the parameters and clones freed), fp32 master, one
-                sim.batch(moved + moved + [P * d.psi], keep={2 * len(moved): ("flat",)})  # step on zero gradients
+                sim.batch(moved + moved + [P * d.psi], keep={2 * n: ("flat",)},  # step on zero gradients
+                          runs=layers + [(n + ne, nb, d.layers)])
                 self._master(d.psi)
                 states = self.r.opt_states
                 sim.batch([4 * d.psi] * (1 + states), keep={1 + st: ("os", st) for st in range(states)})
@@ -138,7 +141,7 @@ class DSStep(_Step):
         elif d.stage in ("zero1", "zero2"):
             # empty_cache between the move and the flat buffer gives nothing back here (the allocator
             # is fresh, so every segment holds a parameter still alive): left out of the batch
-            sim.batch(moved + [P * d.psi], keep={len(moved): ("flat",)})
+            sim.batch(moved + [P * d.psi], keep={n: ("flat",)}, runs=layers)
             self._master(d.local)
             sim.touch(4 * d.local)  # initialize_optimizer_states' zero gradient, dropped
         else:
