@@ -404,14 +404,14 @@ class CachingAllocator:
     @staticmethod
     def _repeats(block, small0, small1, large0, large1, most: int):
         """How many further copies of `block` repeat the one just fitted, and the small pool's scratch entry
-        they move: (copies, old entry, new entry), or None. The large pool's list came back unchanged (each
-        large request made a new segment it did not split: nothing else leaves the list as it was, every
-        entry naming a fresh address) and the small pool's differs in one free block, shrunk by exactly the
-        copy's small requests and moved by as much (each of them split off its front); every other small
-        entry is smaller than the smallest small request, so no request has another choice. The next copy
-        sees the same large list and that block smaller by the same amount: the same picks and splits, the
-        same segments and held bytes, while what is left of the block after a copy stays at least 512 bytes
-        (the small pool's split rule)."""
+        they move: (copies, old entry, new entry), or None. The large pool's list came back unchanged (a copy's
+        picks there depend only on the list it starts from, its new segments' addresses lying above every
+        entry, so the next copy makes the same ones) and the small pool's differs in one free block, shrunk by
+        exactly the copy's small requests and moved by as much (each of them split off its front); every other
+        small entry is smaller than the smallest small request, so no request has another choice. The next
+        copy sees the same large list and that block smaller by the same amount: the same picks and splits,
+        the same segments (in the same order: at the same addresses) and held bytes, while what is left of the
+        block after a copy stays at least 512 bytes (the small pool's split rule)."""
         if most < 1 or large0 != large1:
             return None
         smalls = [BLOCK if n < BLOCK else (n + _ROUND) & _MASK for n in block if n <= SMALL]
