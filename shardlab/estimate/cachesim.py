@@ -375,14 +375,18 @@ class CachingAllocator:
                 continue  # not copies of one block (or a kept tensor inside): replayed request by request
             held += fit(pos, start)
             block = sizes[start:start + length]
-            b = 0
+            b = misses = 0
             while b < count:
+                if misses == 3:  # three copies in a row that did not repeat (a width whose weights leave tails in
+                    held += fit(start + b * length, end)  # their segments): the rest without the check's copies
+                    break
                 small0, large0, held0 = small_lst[:], large_lst[:], held
                 del made[:]
                 lo = start + b * length
                 held += fit(lo, lo + length)
                 b += 1
                 skip = self._repeats(block, small0, small_lst, large0, large_lst, count - b)
+                misses = 0 if skip else misses + 1
                 if skip:
                     seg = self._segment
                     for _ in range(skip[0]):
