@@ -86,9 +86,12 @@ def activations(plan: Plan, s: Setup) -> int:
                            _compiled_blocks(plan, s))
 
 
-def _block_backward(plan: Plan, s: Setup) -> int:
-    """What one block's backward adds beside the saved activations (SDPA's math path: activations.py)."""
-    return backward_transient(s.spec, s.P, plan.micro_batch_size * s.spec.seq_len, _compiled_blocks(plan, s))
+def _blocks_in_backward(plan: Plan, s: Setup) -> int:
+    """The blocks' saved activations as backward meets them, plus what one block's backward adds beside
+    them (SDPA's math path: activations.py)."""
+    tokens, compiled = plan.micro_batch_size * s.spec.seq_len, _compiled_blocks(plan, s)
+    return (saved_blocks(s.spec, s.P, tokens, plan.activation_checkpointing, compiled)
+            + backward_transient(s.spec, s.P, tokens, compiled))
 
 
 def _fsdp(plan: Plan, s: Setup) -> dict:
@@ -300,8 +303,7 @@ def memory(plan: Plan, s: Setup, traced_activations: int | None = None, gpu=None
         # ZeRO the .grad tensors appear one by one in backward. So they are absent at the loss's
         # peak and meet only the blocks' activations later in backward. (H200 matrix: counting them
         # in forward over-predicted deepspeed zero2 + AC llama300 mb4 by 20%.)
-        blocks = saved_blocks(s.spec, s.P, plan.micro_batch_size * s.spec.seq_len, plan.activation_checkpointing,
-                              _compiled_blocks(plan, s)) + _block_backward(plan, s)
+        blocks = _blocks_in_backward(plan, s)
         if traced_activations is not None:
             blocks = min(blocks, act)
         fwd_bwd = parts["acc"] + max(act, blocks + parts["bwd_start"], parts["bwd_end"])
@@ -311,8 +313,7 @@ def memory(plan: Plan, s: Setup, traced_activations: int | None = None, gpu=None
         # forward, no gradient is being reduced yet); later in backward the head's loss rows are
         # gone and a block is gathered and its gradient reduced beside the remaining activations
         grads_in_forward = parts["grads"] if s.micro_steps > 1 else 0
-        blocks = saved_blocks(s.spec, s.P, plan.micro_batch_size * s.spec.seq_len, plan.activation_checkpointing,
-                              _compiled_blocks(plan, s)) + _block_backward(plan, s)
+        blocks = _blocks_in_backward(plan, s)
         fwd_bwd = grads_in_forward + max(act + parts["at_loss"], min(blocks, act) + buffers)
     else:
         fwd_bwd = parts["grads"] + act + buffers

@@ -392,6 +392,16 @@ class _Step:
             del _STARTS[next(iter(_STARTS))]
         _STARTS[key] = (self.sim.copy(), self.made_states)
 
+    def one_step(self, last: bool = False) -> None:
+        """One optimizer step: every micro-batch's forward, loss and backward, then the step. last: the
+        replay's final step (its trailing frees are skipped: _step)."""
+        for mb in range(self.r.micro):
+            self._forward(mb)
+            self._loss(mb)
+            self._backward(mb, first=mb == 0)
+        self.last = last
+        self._step()
+
     def run(self, steps: int = 2, watch: int | None = None) -> int:
         """Replays `steps` optimizer steps and returns the peak reserved bytes. watch: the allocator limit the
         replay of this step under a cap (_churn) will be asked for; the allocator after the first step is kept
@@ -411,12 +421,7 @@ class _Step:
                         if old is not None:
                             old[0].unlink()
                         _FIRSTS[r] = (self.sim.copy(), self.sim.malloc_peak)  # (taken by _churn)
-                    for mb in range(r.micro):
-                        self._forward(mb)
-                        self._loss(mb)
-                        self._backward(mb, first=mb == 0)
-                    self.last = step == steps - 1
-                    self._step()
+                    self.one_step(last=step == steps - 1)
                 return self.sim.peak_reserved
             finally:
                 self.sim.unlink()
@@ -516,11 +521,7 @@ def _churn(r: Recipe, limit: int) -> tuple[float, float, float]:
         try:
             for step in range(start, CHURN_STEPS):
                 before = (sim.flushes, sim.flushed_bytes, sim.flushed_segments)
-                for mb in range(r.micro):
-                    st._forward(mb)
-                    st._loss(mb)
-                    st._backward(mb, first=mb == 0)
-                st._step()
+                st.one_step()
                 if step >= 2:
                     seen.append((sim.flushes - before[0], sim.flushed_bytes - before[1], sim.flushed_segments - before[2]))
                 if step == 1:  # where step 1 left the blocks (free ones by pool; live ones in the live tensors' order)
