@@ -99,12 +99,12 @@ class DSStep(_Step):
         self.order = list(d.embed) + list(d.block) * d.layers + list(d.head)
         self.grads = [("grad", k) for k in range(len(self.order))]  # each parameter's .grad key, made once
 
-    # parameters of a backward unit (stepsim's _backward names them by key): the range of their indices
     def _forward(self, mb) -> None:
         if self.LAZY_WORKSPACES and ("ws", 0) not in self.sim.live:  # the forward thread's first matmul
             self.sim.alloc(("ws", 0), self.r.workspace)
         super()._forward(mb)
 
+    # parameters of a backward unit (stepsim's _backward names them by key): the range of their indices
     def _unit_params(self, key) -> range:
         d = self.d
         ne, nb = len(d.embed), len(d.block)
@@ -201,7 +201,7 @@ class DSStep(_Step):
         for k in ks:
             n = order[k]
             flush = self.fill + n > d.bucket
-            if d.stage == "zero3" or ("part",) in sim.live or not flush:
+            if ("part",) in sim.live or not flush:  # (ZeRO-3 returned above)
                 touch(P * n)  # nothing else made on its stream while it lives (the flush's is another)
                 if flush:
                     self._flush()
