@@ -288,10 +288,12 @@ def finished_run(tmp_path_factory):
     store = tmp_path_factory.mktemp("runs")
     b = ConfigBuilder({"framework": "fsdp2", "sharding": "zero3", "precision": "fp32"})
     launcher = RunLauncher(b, model="gpt-tiny", steps=3, nproc=2, device="cpu", out=str(store))
-    run = launcher.start()
-    assert run is not None, launcher.status.object
+    launcher.start()  # returns at once: launch() runs on a thread, the status already says so
+    assert "running" in launcher.status.object and "checking the plan" in launcher.status.object
     assert launcher.cancel_button.disabled is False and launcher.start_button.disabled is True
     status = launcher.wait(timeout=300)
+    run = launcher.run
+    assert run is not None, launcher.status.object
     return launcher, run, status, store
 
 
@@ -310,8 +312,10 @@ def test_launcher_refuses_a_plan_with_errors_and_says_why(tmp_path):
     from shardlab_widgets.launcher import RunLauncher
 
     launcher = RunLauncher({"framework": "fsdp2", "sharding": "zero1"}, out=str(tmp_path))
-    assert launcher.start() is None
+    launcher.start()
+    assert launcher.wait(timeout=60) is None and launcher.run is None
     assert "refused" in launcher.status.object and "zero1" in launcher.status.object
+    assert launcher.start_button.disabled is False and launcher.cancel_button.disabled is True
     assert not any(tmp_path.iterdir())
 
 
@@ -341,3 +345,15 @@ def test_compare_lists_the_store_and_compares_picked_runs(finished_run):
     assert "Loss" in c.figures._names and "Memory timeline" in c.figures._names
     # The outcome of the figure build stays on screen (the spinner alone can come and go unseen).
     assert "sl-cmp-built" in c.message.object and "figure(s) for 1 run(s)" in c.message.object
+
+
+def test_launcher_shows_a_launch_error_that_is_not_a_plan_error(tmp_path):
+    from shardlab_widgets.launcher import RunLauncher
+
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("a file where the run store should be")
+    launcher = RunLauncher({"framework": "fsdp2", "precision": "fp32"}, nproc=1, out=str(blocker))
+    launcher.start()
+    assert launcher.wait(timeout=60) is None and launcher.run is None
+    assert "refused" in launcher.status.object and "run store must be a folder" in launcher.status.object, launcher.status.object
+    assert launcher.start_button.disabled is False

@@ -6,12 +6,20 @@ short and thread-safe), and a periodic callback on the UI's own loop drains the 
 memory timeline file into two bokeh figures. Until the first step is done the bar moves without a
 value (indeterminate) and the status names the start-up phase the worker reported (rendezvous,
 building the model, DeepSpeed's ops, ...). Tests and scripts without an event loop call `poll()`.
+
+`launch()` itself runs on a thread of its own: it checks the plan, builds the model on the meta device
+to check its block class and prices the run before any process starts, which takes seconds (a first
+torch import, more on a loaded machine: on a busy 2-core CI machine the page showed "no run yet" for
+over 30 s after Start while it ran on the UI's loop, CI of 2026-12-02). The status says "running ·
+checking the plan" the moment Start is pressed; a refusal or any launch error is shown there, never
+lost in a server log.
 """
 
 from __future__ import annotations
 
 import collections
 import html
+import threading
 import time
 from typing import Any
 
@@ -42,6 +50,7 @@ class RunLauncher(pn.viewable.Viewer):
         self._t0: float | None = None
         self._callback = None
         self._phase: str | None = None
+        self._launching: threading.Thread | None = None
 
         self.model = model_input(model, label="model", css_class="sl-run-model", width=240)
         self.steps = pn.widgets.IntInput(label="steps", value=steps, start=1, width=100, css_classes=["sl-run-steps"])
@@ -88,38 +97,61 @@ class RunLauncher(pn.viewable.Viewer):
             return src.plan
         return load_plan(src, check=False)
 
-    def start(self):
-        """Launch the run; returns it (None, with the message shown, if the plan or settings are refused)."""
-        from shardlab.run.launcher import launch
-        from shardlab.run.store import JsonlTail
+    @property
+    def launching(self) -> bool:
+        """True while launch() is still checking the plan and starting the processes."""
+        return self._launching is not None and self._launching.is_alive()
 
-        if self.run is not None and not self.run.done:
-            return self.run
+    def start(self) -> None:
+        """Launch the run on a background thread and return at once; `run` is set when it has started
+        (a refused plan or setting, or any other launch error, is shown in the status and no run starts)."""
+        from shardlab.run.launcher import launch
+
+        if self.launching or (self.run is not None and not self.run.done):
+            return
         self._reset()
+        self.run = None
+        kw = dict(model=self.model.value, steps=int(self.steps.value), nproc=int(self.nproc.value), device=self.device.value,
+                  out=self.out, on_event=self._queue.append)
         try:
-            self.run = launch(self.plan(), model=self.model.value, steps=int(self.steps.value), nproc=int(self.nproc.value),
-                              device=self.device.value, out=self.out, on_event=self._queue.append)
+            plan = self.plan()
         except PlanError as e:
             self._show_status("refused", str(e))
-            return None
-        self._timeline_tail = JsonlTail(self.run.files.timeline)
+            return
+
+        def work():
+            try:
+                self._queue.append({"type": "launched", "run": launch(plan, **kw)})
+            except PlanError as e:
+                self._queue.append({"type": "refused", "error": str(e)})
+            except Exception as e:  # noqa: BLE001 - shown in the status line, never lost on the thread
+                self._queue.append({"type": "refused", "error": f"{type(e).__name__}: {e}"})
+
         self.progress.param.update(max=int(self.steps.value), value=-1, bar_color="primary")  # -1: indeterminate
-        self._phase = f"starting {self.run.world_size} processes"
+        self._phase = "checking the plan"
         self.start_button.disabled, self.cancel_button.disabled = True, False
         self._show_status("running", None)
+        self._launching = threading.Thread(target=work, name="shardlab-launch", daemon=True)
+        self._launching.start()
         self._start_polling()
-        return self.run
 
     def cancel(self) -> None:
+        """Cancel the run; one still being launched is waited for (seconds) and then cancelled."""
+        if self._launching is not None:
+            self._launching.join()
+            self.poll()
         if self.run is not None:
             self.run.cancel()
             self.poll()
 
     def wait(self, timeout: float | None = None, every: float = 0.3) -> str | None:
         """Block until the run ends, updating the display as it goes (for scripts and tests)."""
+        end = None if timeout is None else time.monotonic() + timeout
+        if self._launching is not None:
+            self._launching.join(timeout)
+            self.poll()
         if self.run is None:
             return None
-        end = None if timeout is None else time.monotonic() + timeout
         while not self.run.done and (end is None or time.monotonic() < end):
             self.poll()
             time.sleep(every)
@@ -144,6 +176,7 @@ class RunLauncher(pn.viewable.Viewer):
 
     def poll(self) -> None:
         """Move what the run wrote since the last call into the figures, progress bar and status."""
+        self._take_launch()
         run = self.run
         if run is None:
             return
@@ -179,10 +212,35 @@ class RunLauncher(pn.viewable.Viewer):
         else:
             self._show_status("running", None)
 
-    def _finished(self, status: str) -> None:
+    def _take_launch(self) -> None:
+        """Once the launch thread has ended: the run it started (its events may be queued ahead of it),
+        or its refusal shown with the buttons back as they were."""
+        from shardlab.run.store import JsonlTail
+
+        if self._launching is None or self._launching.is_alive():
+            return
+        self._launching = None
+        item = next((x for x in list(self._queue) if x.get("type") in ("launched", "refused")), None)
+        if item is None:
+            return
+        self._queue.remove(item)
+        if item["type"] == "launched":
+            self.run = item["run"]
+            self._timeline_tail = JsonlTail(self.run.files.timeline)
+            self._phase = f"starting {self.run.world_size} processes"
+            return
+        self._stop_polling()
+        self.progress.param.update(value=0, bar_color="danger")
+        self.start_button.disabled, self.cancel_button.disabled = False, True
+        self._show_status("refused", item["error"])
+
+    def _stop_polling(self) -> None:
         if self._callback is not None:
             self._callback.stop()
             self._callback = None
+
+    def _finished(self, status: str) -> None:
+        self._stop_polling()
         info = self.run.info
         error = info.get("error")
         if status == "completed":

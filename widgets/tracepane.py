@@ -65,7 +65,7 @@ class TracePane:
 
     def __init__(self, run: Callable[[], tuple[dict, dict]], key_getter: Callable[[], tuple]):
         self._run, self._key = run, key_getter
-        self.button = pn.widgets.Button(label="trace this step", button_type="default", width=160,
+        self.button = pn.widgets.Button(label="trace this step", color="default", width=160,
                                         description=HELP, css_classes=["sl-trace-button"])
         self.pane = pn.pane.HTML("", sizing_mode="stretch_width", css_classes=["sl-traced"])
         self.last: dict[str, Any] = {}

@@ -55,9 +55,17 @@ def new_run_id(now: float | None = None) -> str:
 
 
 def create_run_dir(out: str | Path | None = None) -> tuple[str, Path]:
-    """A fresh, empty run folder under `out` (default: the run store; created if missing)."""
+    """A fresh, empty run folder under `out` (default: the run store; created if missing).
+    PlanError (field out) when the store cannot be a folder: a file in its place, or no permission."""
     root = Path(out if out is not None else default_runs_dir())
-    root.mkdir(parents=True, exist_ok=True)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        from shardlab.plan import bad_input
+
+        why = "a file is in the way" if isinstance(e, (FileExistsError, NotADirectoryError)) else e.strerror or str(e)
+        raise bad_input("out", f"out={str(root)!r}: the run store must be a folder shardlab can write ({why}). "
+                               "Give another folder (out=... / --out), or set SHARDLAB_RUNS_DIR.") from None
     while True:
         rid = new_run_id()
         d = root / rid
