@@ -91,9 +91,16 @@ def sdpa_math(spec, P: int, compiled: bool = False) -> bool:
     stay fused (flash takes GQA up to head_dim 256); a 16-bit math path (head_dim > 256 with GQA,
     pre-sm80 GPUs) upcasts in ways not modelled. Compiled blocks and blocks counted from their own
     module (transformers' layout, a factory) are left as they are counted."""
-    if P != 4 or compiled or getattr(spec, "is_bare", False) or _hf_llama(spec) or _counted(spec):
+    if compiled or getattr(spec, "is_bare", False) or _hf_llama(spec) or _counted(spec):
         return False
-    return spec.n_kv_heads != spec.heads
+    return cuda_sdpa_math(P, spec.heads, spec.n_kv_heads)
+
+
+def cuda_sdpa_math(P: int, heads: int, kv_heads: int) -> bool:
+    """The dispatch rule itself (sdpa_math's docstring says why): an attention call in a dtype of P bytes
+    with `heads` query and `kv_heads` key/value heads runs on the math path on CUDA (torch 2.11, sm80+).
+    Also what the traced estimate forces for such a call on its CPU stand-in (trace._cuda_kernels)."""
+    return P == 4 and kv_heads != heads
 
 
 def math_attention_elements(spec) -> tuple[list[int], list[int]]:

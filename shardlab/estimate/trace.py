@@ -285,6 +285,8 @@ def _cuda_kernels():
     import torch
     import torch.nn.functional as F
 
+    from .activations import cuda_sdpa_math
+
     class FusedRMSNorm(torch.autograd.Function):
         @staticmethod
         def forward(ctx, x, weight, shape, eps):
@@ -314,12 +316,12 @@ def _cuda_kernels():
             args = (*args[:4], 0.0, *args[5:])
         elif kwargs.get("dropout_p"):
             kwargs["dropout_p"] = 0.0
-        # fp32 with grouped-query heads: CUDA torch 2.11 has no fused kernel for it and runs the math
-        # path ([B, heads, T, T] softmax kept; activations.sdpa_math, H200 #806), where the CPU runs its
-        # own flash kernel (fp32 and GQA). The math path is the same composite code on either device.
+        # Where CUDA runs the math path (activations.cuda_sdpa_math: fp32 with grouped-query heads, H200
+        # #806) the CPU runs its own flash kernel: forced to the math path here, the same composite code
+        # on either device.
         q, k = args[0], (args[1] if len(args) > 1 else kwargs.get("key"))
         gqa = args[7] if len(args) > 7 else kwargs.get("enable_gqa", False)
-        if (gqa and q.dtype == torch.float32 and q.dim() == 4 and q.size(-3) != k.size(-3)
+        if (gqa and q.dim() == 4 and cuda_sdpa_math(q.element_size(), q.size(-3), k.size(-3))
                 and not torch.compiler.is_compiling()):
             from torch.nn.attention import SDPBackend, sdpa_kernel
 
