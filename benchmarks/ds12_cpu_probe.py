@@ -20,6 +20,13 @@ DeepSpeed's FusedAdam class (the `--no-fused-alias` flag turns this off) to run 
 step one flat fp32 tensor per parameter group.
 
     DS_ACCELERATOR=cpu .venv/bin/python benchmarks/ds12_cpu_probe.py [--json benchmarks/results/ds12_cpu_probe.json]
+
+`--split` instead times ZeRO-1's per-tensor methods apart (gpt, accumulation 1, L=4 and 16): the boundary's
+`reduce_gradients`, the overflow check before its `.item()`, the norm after it, the whole `step()`, and the
+engine's forward + backward less `reduce_gradients` per counted kernel. `--autocast` times the model `shardlab
+calibrate` times for `launch_s` (microbench.host_model) under torch.autocast with fp32 parameters, as calibrate
+does, against the same model in bf16 without autocast, as DeepSpeed's engine and FSDP's mixed precision run it
+(CPU autocast; its operator lists are close to, not the same as, CUDA's).
 """
 
 from __future__ import annotations
@@ -179,6 +186,97 @@ def plain(family: str, layers: int, steps: int = 40) -> dict:
             "forward_kernels": kf, "backward_kernels": kb}
 
 
+def split(steps: int = 60) -> None:
+    """ZeRO-1's per-tensor host time by method (see the module docstring), printed."""
+    import torch
+    from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer as Z
+
+    from shardlab.estimate.stepwork import work
+    from shardlab.run.gpt import loss_fn
+
+    t = collections.defaultdict(list)
+
+    def timed(name):
+        f = getattr(Z, name)
+
+        def g(self, *a, **k):
+            c = time.thread_time()
+            out = f(self, *a, **k)
+            t[name].append(time.thread_time() - c)
+            return out
+        setattr(Z, name, g)
+
+    for n in ("reduce_gradients", "has_overflow_partitioned_grads_serial", "get_grad_norm_direct", "step"):
+        timed(n)
+    res, tensors, kernels = {}, {}, {}
+    for L in (4, 16):
+        t.clear()
+        spec, model, engine = _engine(1, "gpt", L, 1, False)
+        tok = torch.randint(0, spec.vocab, (1, spec.seq_len))
+        for _ in range(steps):
+            c0 = time.thread_time()
+            loss = loss_fn(engine(tok), tok)
+            engine.backward(loss)
+            t["forward+backward"].append(time.thread_time() - c0)
+            engine.step()
+        res[L] = {k: statistics.median(v[10:]) for k, v in t.items()}
+        res[L]["model"] = res[L]["forward+backward"] - res[L]["reduce_gradients"]
+        tensors[L] = sum(1 for p in model.parameters() if p.requires_grad)
+        kernels[L] = work(spec, 1, spec.seq_len, 2, False).kernels
+    dt, dk = tensors[16] - tensors[4], kernels[16] - kernels[4]
+    per_k = (res[16]["model"] - res[4]["model"]) / dk
+    print(f"forward + backward less reduce_gradients: {per_k * 1e6:.1f} us per counted kernel")
+    for n in ("reduce_gradients", "has_overflow_partitioned_grads_serial", "get_grad_norm_direct", "step"):
+        per_t = (res[16][n] - res[4][n]) / dt
+        print(f"{n:40} {per_t * 1e6:6.1f} us per tensor = {per_t / per_k:.2f} counted kernels")
+
+
+def autocast_cost(family: str, steps: int = 300) -> None:
+    """Forward and backward host time and operators: fp32 parameters under autocast vs bf16 parameters, printed."""
+    import torch
+
+    from shardlab.estimate.microbench import host_model
+    from shardlab.models import ModelSpec
+    from shardlab.run.gpt import build_model, loss_fn
+
+    spec, _ = host_model()
+    spec = ModelSpec(spec.name, layers=spec.layers, hidden=spec.hidden, heads=spec.heads, vocab=spec.vocab,
+                     seq_len=spec.seq_len, family=family)
+    tok = torch.randint(0, spec.vocab, (1, spec.seq_len))
+    models = {n: build_model(spec, device="cpu") for n in ("autocast fp32", "native bf16")}
+    models["native bf16"] = models["native bf16"].to(torch.bfloat16)
+
+    def fwd(name):
+        if name == "native bf16":
+            return loss_fn(models[name](tok), tok)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return loss_fn(models[name](tok), tok)
+
+    times = collections.defaultdict(list)
+    for s in range(steps):  # interleaved, so both see the same load
+        for name in models:
+            c0 = time.thread_time()
+            loss = fwd(name)
+            c1 = time.thread_time()
+            loss.backward()
+            c2 = time.thread_time()
+            models[name].zero_grad(set_to_none=True)
+            if s >= 20:
+                times[name].append((c1 - c0, c2 - c1))
+    cnt = _Count()
+    for name in models:
+        f = statistics.median(x[0] for x in times[name])
+        b = statistics.median(x[1] for x in times[name])
+        with cnt:
+            loss = fwd(name)
+        kf, cf = _kernels(cnt.ops), cnt.ops.get("_to_copy", 0)
+        with cnt:
+            loss.backward()
+        kb, cb = _kernels(cnt.ops), cnt.ops.get("_to_copy", 0)
+        print(f"{family} {name:14} forward {f * 1e3:6.3f} ms / {kf} ops ({cf} casts)  backward {b * 1e3:6.3f} ms / {kb} ops "
+              f"({cb} casts)  forward+backward {(f + b) * 1e3:6.3f} ms")
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--json", default=None)
@@ -188,11 +286,20 @@ def main(argv=None) -> int:
     ap.add_argument("--stages", default="0,1,2")
     ap.add_argument("--accum", default="1,2")
     ap.add_argument("--no-fused-alias", action="store_true")
+    ap.add_argument("--split", action="store_true", help="ZeRO-1's per-tensor time by method, printed")
+    ap.add_argument("--autocast", action="store_true", help="calibrate's autocast step vs native bf16, printed")
     a = ap.parse_args(argv)
     import deepspeed
     import torch
 
     torch.set_num_threads(1)
+    if a.split:
+        split()
+        return 0
+    if a.autocast:
+        for fam in ("gpt", "llama"):
+            autocast_cost(fam)
+        return 0
     layers = [int(x) for x in a.layers.split(",")]
     rows, plains = [], [plain(a.family, L, a.steps) for L in layers]
     for p in plains:
