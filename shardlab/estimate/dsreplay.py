@@ -67,6 +67,13 @@ class DSRecipe(NamedTuple):
     layers: int
     head: tuple
     lazy_workspaces: bool  # cuBLAS workspaces made at each thread's first matmul (DSStep's comment)
+    off_opt: bool = False  # ZeRO-3 offload_optimizer to the CPU (DSStep's offload comment)
+    off_params: bool = False  # ZeRO-3 offload_param to the CPU
+    persistence: int = 0  # stage3_param_persistence_threshold: parameters this small stay on the GPU whole
+
+
+FETCH_STREAM = 2  # ZeRO-3's parameter coordinator copies offloaded parameters in on its allgather stream
+NORM_CHUNK = 250_000_000  # stage3.py _constant_buffered_norm2's buffer_size (elements per fp64 cast)
 
 
 def _chunks(total: int, size: int) -> list[int]:
@@ -98,10 +105,17 @@ class DSStep(_Step):
         self.fill = 0  # elements waiting in the gradient bucket
         self.order = list(d.embed) + list(d.block) * d.layers + list(d.head)
         self.grads = [("grad", k) for k in range(len(self.order))]  # each parameter's .grad key, made once
+        self.pending: list[int] = []  # ZeRO-3 with the optimizer offloaded: the bucket's parameters (elements)
+        self.boundary = True  # the micro-batch whose backward ends the accumulation
+        # ZeRO-3 with the parameters offloaded: each non-persistent parameter's GPU copy, keyed by its index
+        self.fetched = [("gp", k) for k in range(len(self.order))]
+        self.fetch = [(k, r.P * n) for k, n in enumerate(self.order) if n > d.persistence] if d.off_params else []
 
     def _forward(self, mb) -> None:
         if self.LAZY_WORKSPACES and ("ws", 0) not in self.sim.live:  # the forward thread's first matmul
             self.sim.alloc(("ws", 0), self.r.workspace)
+        if self.fetch:  # each parameter copied in on the fetch stream as its module's forward starts (module docstring)
+            self.sim.allocs([self.fetched[k] for k, _ in self.fetch], [n for _, n in self.fetch], FETCH_STREAM)
         super()._forward(mb)
 
     # parameters of a backward unit (stepsim's _backward names them by key): the range of their indices
@@ -144,19 +158,37 @@ class DSStep(_Step):
             sim.batch(moved + [P * d.psi], keep={n: ("flat",)}, runs=layers)
             self._master(d.local)
             sim.touch(4 * d.local)  # initialize_optimizer_states' zero gradient, dropped
+        elif d.off_params:
+            # the model moved parameter by parameter, then each partitioned into pinned CPU memory and its GPU
+            # tensor freed (partition_parameters.py _partition_param, free_param); a persistent one (numel <=
+            # the threshold) gets a GPU partition. With the parameters offloaded there is no `defragment`, so no
+            # empty_cache (stage3.py _create_fp16_partitions_with_defragmentation): the moved model's segments
+            # stay cached on the default stream
+            persist = [P * n for n in self.order if n <= d.persistence]
+            sim.batch(moved + persist, keep={n + j: ("pp", j) for j in range(len(persist))}, runs=layers)
+            self._zero3_buffers()
         else:
             # each parameter partitioned, then `defragment` frees every partition and calls empty_cache:
             # nothing of the per-parameter blocks stays reserved, so they are not replayed
             sim.empty_cache()
             sim.alloc(("flat",), P * d.local)
+            self._zero3_buffers()
+        sim.peak_reserved = sim.reserved  # the runner resets the peak statistics at each measured step
+
+    def _zero3_buffers(self) -> None:
+        """ZeRO-3's optimizer buffers (stage3.py _setup_for_real_optimizer). With the optimizer offloaded its
+        device is the CPU: the fp32 master, the zeroed gradient of initialize_optimizer_states and the flat
+        gradient partition are made there (pinned); only the contiguous gradient bucket is on the GPU."""
+        sim, d, P = self.sim, self.d, self.r.P
+        if not d.off_opt:
             for i, n in enumerate(_chunks(d.local, DS_SUB_GROUP)):
                 sim.alloc(("cast", i), 4 * n)
                 sim.alloc(("master", i), 4 * n)
                 sim.free(("cast", i))
             sim.touch(4 * min(d.local, DS_SUB_GROUP))
-            sim.alloc(("bucket",), P * d.bucket)
+        sim.alloc(("bucket",), P * d.bucket)
+        if not d.off_opt:
             sim.alloc(("part",), P * d.local)
-        sim.peak_reserved = sim.reserved  # the runner resets the peak statistics at each measured step
 
     def _master(self, n: int) -> None:
         """The fp32 master weights: a 16-bit clone of the flat buffer (or partition) cast to fp32."""
@@ -168,10 +200,39 @@ class DSStep(_Step):
     def _flush(self) -> None:
         """The bucket's gradients reduced into this rank's partition buffer."""
         sim, d = self.sim, self.d
-        if d.stage == "zero3":
+        if d.off_opt:
+            self._flush_offloaded()
+        elif d.stage == "zero3":
             sim.touch(self.r.P * -(-self.fill // self.r.shard), REDUCE_STREAM)
         elif d.stage == "zero2" and ("part",) not in sim.live:
             sim.alloc(("part",), self.r.P * d.local)
+        self.fill = 0
+
+    def _flush_offloaded(self) -> None:
+        """ZeRO-3 with the optimizer offloaded: one flush of the bucket, all on the reduce stream
+        (stage3.py __reduce_and_partition_ipg_grads). reduce_scatter_coalesced concatenates the bucket's
+        gradients (each padded to a multiple of the ranks) into a new tensor, unless the bucket holds one that
+        needs no padding; its partitions are views of it. partition_grads then, per parameter, copies its
+        partition into the pinned CPU gradient buffer and that buffer back to the GPU (`grad_buffer.to(device)`,
+        freed when the loop moves on); at the accumulation boundary _offload_grad_partition_at_boundary takes
+        its norm in fp64, NORM_CHUNK elements at a time (_constant_buffered_norm2, get_norm_dtype), and casts it
+        to fp32 for the copy into the optimizer's fp32 gradient (allocator probe #309: the embedding's
+        gradient made 1372 MiB = 8 bytes x its 180M elements there, its GPU copy 344 MiB)."""
+        sim, P, shard, parts = self.sim, self.r.P, self.r.shard, self.pending
+        if not parts:
+            return
+        padded = [-(-n // shard) for n in parts]
+        whole = not (len(parts) == 1 and parts[0] % shard == 0)
+        if whole:
+            sim.alloc(("cat",), P * shard * sum(padded), REDUCE_STREAM)
+        for n in padded:
+            sim.alloc(("gb",), P * n, REDUCE_STREAM)
+            if self.boundary:
+                sim.touches([8 * c for c in _chunks(n, NORM_CHUNK)] + [4 * n], REDUCE_STREAM)
+            sim.free(("gb",))
+        if whole:
+            sim.free(("cat",))
+        self.pending = []
         self.fill = 0
 
     def _reduce(self, unit: int, key, first: bool) -> None:
@@ -186,6 +247,17 @@ class DSStep(_Step):
             else:  # accumulated in place: each new gradient is a temporary
                 sim.touches([P * order[k] for k in ks])
             return
+        if d.off_opt:  # ZeRO-3: each gradient copied into the bucket and dropped, a full bucket flushed
+            sim.touches([P * order[k] for k in ks])
+            for k in ks:
+                n = order[k]
+                if self.fill + n > d.bucket and self.fill:
+                    self._flush_offloaded()
+                self.fill += n
+                self.pending.append(n)
+            if self.fetch:  # the unit's backward is over: its fetched parameters released
+                sim.frees(self.fetched[ks.start:ks.stop])
+            return
         if d.stage == "zero3":  # each gradient copied into the bucket and dropped; a full bucket reduced on
             flushes, fill, shard = [], self.fill, self.r.shard  # its stream. Temporaries of two pools that
             for k in ks:  # share no block, with nothing else made between: each pool's in one touches()
@@ -197,6 +269,8 @@ class DSStep(_Step):
             self.fill = fill
             sim.touches([P * order[k] for k in ks])
             sim.touches(flushes, REDUCE_STREAM)
+            if self.fetch:
+                sim.frees(self.fetched[ks.start:ks.stop])
             return
         for k in ks:
             n = order[k]
@@ -212,9 +286,9 @@ class DSStep(_Step):
             self.fill += n
 
     def _backward(self, mb, first: bool) -> None:
+        self.boundary = boundary = mb == self.r.micro - 1
         super()._backward(mb, first)
         sim, d, P = self.sim, self.d, self.r.P
-        boundary = mb == self.r.micro - 1
         if d.stage in ("zero2", "zero3"):  # the epilogue flushes the bucket; ZeRO-2 frees it, ZeRO-3 keeps it
             self._flush()
             if d.stage == "zero2":
@@ -243,6 +317,8 @@ class DSStep(_Step):
 
     def _step(self) -> None:
         sim, d, P = self.sim, self.d, self.r.P
+        if d.off_opt:  # DeepSpeedCPUAdam steps on the CPU; the updated 16-bit partitions are copied back in
+            return  # place, converted on the CPU (a blocking copy_), so the step asks the GPU for nothing
         if d.stage == "ddp":
             if P < 4:  # FP16_Optimizer.step: fp32 casts of each .grad, flattened (all freed, as the .grads)
                 sim.batch([4 * n for n in self.order] + [4 * d.psi])
@@ -275,6 +351,16 @@ class DSStep(_Step):
         self.made_states = True
 
 
+def _offload_replayed(s) -> bool:
+    """Which offload plans the replay covers: ZeRO-3 with the optimizer and/or the parameters offloaded to the
+    CPU (not NVMe: its swap buffers are not modelled), the parameters only on one rank (over several the
+    coordinator all-gathers the copied-in partitions into buffers of their own: not modelled, no run recorded).
+    ZeRO-1/2 with the optimizer offloaded keep allocator.py's factor."""
+    if s.stage != "zero3" or "nvme" in (s.offload_opt, s.offload_params):
+        return False
+    return s.offload_params == "none" or s.shard == 1
+
+
 @lru_cache(maxsize=512)
 def _replay(r: Recipe, d: DSRecipe) -> int:
     return DSStep(r, d).run()
@@ -282,8 +368,9 @@ def _replay(r: Recipe, d: DSRecipe) -> int:
 
 def ds_replayed_reserved(plan, s, workspace: int) -> int | None:
     """Peak reserved bytes of DeepSpeed's replayed step, or None where it is not covered."""
-    if (not s.ds or s.stage not in REPLAYED or s.offload_opt != "none" or s.offload_params != "none"
-            or s.qw or s.qg or s.hpz > 1 or declined(plan, s)):
+    off_opt, off_params = s.offload_opt != "none", s.offload_params != "none"
+    if (not s.ds or s.stage not in REPLAYED or s.qw or s.qg or s.hpz > 1 or declined(plan, s)
+            or ((off_opt or off_params) and not _offload_replayed(s))):
         return None
     base = recipe(plan, s, workspace, units=False)  # FSDP's units left out: root, head and blocks set below
     sh = s.shapes
@@ -296,7 +383,7 @@ def ds_replayed_reserved(plan, s, workspace: int) -> int | None:
     local = s.spec.params if s.stage == "ddp" else shard_numel(s)
     listed = not (_hf_llama(s.spec) or _counted(s.spec))  # stepsim.block_tensors has the block's tensors
     d = DSRecipe(s.stage, s.spec.params, local, s.reduce_bucket, numel(sh.embed), numel(sh.block), sh.layers,
-                 numel(sh.head), listed)
+                 numel(sh.head), listed, off_opt, off_params, s.persistence)
     return _replay(base, d)
 
 
