@@ -40,8 +40,16 @@ from .allocator import stranded
 from .basis import fsdp_stage
 from .cachesim import BLOCK, SMALL, SMALL_SEGMENT, CachingAllocator
 
-UNSHARD_STREAM = 2  # FSDP1 copies offloaded parameters in on a stream of its own
+UNSHARD_STREAM = 2  # FSDP1 copies offloaded parameters in on a stream of its own (its pre-unshard stream)
 REDUCE_STREAM = 1  # FSDP reduces gradients on a stream of its own: its blocks are cached apart
+# FSDP1's unshard stream: the unit's parameter views are made there (_unshard: handle.unshard() under
+# `stream(unshard_stream)`), so autograd runs their backward, the flat gradient's concatenation, there too
+# (allocator probe #38 / #109: one segment of a block's and one of the root's flat 16-bit gradient on a
+# stream of their own, 0.145 / 0.426 GiB, no Python frame). Replayed only with CPU offload (below).
+VIEW_STREAM = 3
+# torch/distributed/fsdp/_init_utils.py PARAM_BROADCAST_BUCKET_SIZE: sync_module_states broadcasts a unit's
+# tensors flattened into buckets closed once they reach this many bytes (c10d broadcast_coalesced)
+BROADCAST_BUCKET = 250 * 1024 * 1024
 # Without activation checkpointing, a micro-batch of at least UNVERIFIED_TOKENS tokens whose fp32
 # [tokens, vocab] loss rows exceed UNVERIFIED_ROWS is not replayed: no recorded run that the replay
 # matched had both (the most tokens matched without checkpointing: #45, 16384 tokens, 2.0 GiB rows,
@@ -169,6 +177,10 @@ class _Step:
         # its 1374 MiB fp32 cast, 2.2 GiB in all, replayed exactly). Only with offload: without it the
         # recorded rows fit the head's reduce at backward's start better (docs/benchmarks.md, session 10)
         self._root_at_end = r.framework == "fsdp2" and r.offload
+        # FSDP1 with offload: each unit's flat 16-bit gradient made on its unshard stream (VIEW_STREAM); the
+        # root's (embedding, final norm, head: one flat parameter) once every part of it has its gradient,
+        # at the end of backward
+        self._views = r.framework == "fsdp1" and r.offload
         # the last step's frees after its last request change no reserved byte (what run returns) and
         # feed no later request: _step skips them there (zero_grad's, a few hundred per DeepSpeed ddp step)
         self.last = False
@@ -284,6 +296,8 @@ class _Step:
         # there between (a touch); on the reduce stream the flat copy (FSDP2), the reduce-scatter
         # output (several ranks) and the fp32 shard are made, then the first two freed
         sim.touch(r.P * unit)
+        if self._views and key[0] != "head":  # FSDP1 + offload: the flat gradient made on the unshard stream
+            sim.touch(r.P * (r.root if key[0] == "embed" else unit), VIEW_STREAM)  # (VIEW_STREAM), the root's whole
         alloc, free = sim.alloc, sim.free
         fsdp2, out = r.framework == "fsdp2", r.shard > 1
         if fsdp2:
@@ -356,6 +370,9 @@ class _Step:
         8 ranks' gap to the trace, whose peak allocated is itself 3-6% above the analytical one."""
         sim, r = self.sim, self.r
         if r.framework != "fsdp2":
+            if r.offload and r.init:
+                self._init_fsdp1_offload()
+                return
             sim.allocs([("p", k) for k in range(len(r.params))], r.params)
             return
         fulls = [("full", k) for k in range(len(r.init))]
@@ -370,6 +387,35 @@ class _Step:
         sim.allocs(keys, sizes)
         if r.offload:  # CPUOffloadPolicy: the shards move to the CPU, their segments stay cached
             sim.frees([("p", k) for k in range(len(r.init))])
+
+    def _init_fsdp1_offload(self) -> None:
+        """FSDP1 with CPU offload, as the runner wraps (device_id set, sync_module_states): each unit, the
+        blocks first and the root last (the auto-wrap policy wraps children before their parent), moves its
+        fp32 parameters to the GPU one by one (_init_utils.py _move_states_to_device), broadcasts them
+        flattened in buckets (_sync_module_params_and_buffers), flattens them into its flat parameter
+        (FlatParamHandle, flatten_tensors: the originals become views of it and their storages are freed),
+        then moves that to the CPU (_init_param_handle_from_params: flat_param_to(cpu)). Nothing of it stays
+        allocated; its segments stay cached on the default stream for the step's activations (allocator
+        probe #109: 384 + 384 MiB moved, 386 MiB broadcast, 770 MiB flattened for the root, 98 MiB per
+        block's broadcast; #38 the same at its sizes). Over several ranks shard() copies the shard out of the
+        flat parameter before it is freed."""
+        sim, r = self.sim, self.r
+        for u, sizes in enumerate(r.init):
+            keys = [("full", u, k) for k in range(len(sizes))]
+            sim.allocs(keys, sizes)
+            buckets, size = [], 0
+            for n in sizes:
+                size += n
+                if size >= BROADCAST_BUCKET:
+                    buckets.append(size)
+                    size = 0
+            sim.touches(buckets + ([size] if size else []))
+            flat = sum(sizes)
+            sim.alloc(("flat", u), flat)
+            sim.frees(keys)
+            if r.shard > 1:
+                sim.touch(-(-flat // r.shard))
+            sim.free(("flat", u))
 
     def _start_key(self) -> tuple:
         """What the start-up (_init and the workspaces) depends on: neither the batch nor checkpointing."""
@@ -481,6 +527,10 @@ def covered_recipe(plan, s, workspace: int) -> Recipe | None:
     r = recipe(plan, s, workspace)
     if offload:  # FSDP1 offloads parameters, gradients and optimizer together: none of them stay on the GPU
         r = r._replace(params=(), small=0, opt_states=0, offload=True)
+        if s.framework == "fsdp1":  # its start-up on the GPU, unit by unit (_Step._init_fsdp1_offload)
+            sh = s.shapes
+            block = tuple(4 * a * b for a, b in sh.block)
+            r = r._replace(init=(block,) * sh.layers + (tuple(4 * a * b for a, b in sh.embed + sh.head),))
     return r if len(r.blocks) == s.spec.layers else None  # units not one per block (size / none policies): not replayed
 
 
