@@ -35,15 +35,17 @@ constant (session 9: those recorded fidelity rows median 1.5% off, against the f
 session 10 DeepSpeed without ZeRO, ZeRO-1 and ZeRO-3 without offload replay DeepSpeed's own order
 (dsreplay.py: 39 of 42 fidelity rows within 10%, median 0.7%, against the factor's 32 and 5.2%; session
 11, the cuBLAS workspaces made at each thread's first matmul: 50 of 51, median 0.35%). The
-factor stays for ZeRO-2 (replayed, not used: dsreplay.REPLAYED says why) and for DeepSpeed's offload;
-FSDP's offload is replayed since session 10 (stepsim.py: #38 -51% -> -18%, #109 -32% -> -20%, #308
--13% -> +0.1%, #37 -7.7% -> -9.0%).
+factor stays for ZeRO-2 (replayed, not used: dsreplay.REPLAYED says why) and for ZeRO-1/2's optimizer
+offload; FSDP's offload is replayed since session 10 (stepsim.py: #38 -51% -> -18%, #109 -32% -> -20%,
+#308 -13% -> +0.1%, #37 -7.7% -> -9.0%; session 12, FSDP1's start-up and flat gradients: #38 -9.7%,
+#109 -17.4%), ZeRO-3's CPU offload since session 12 (dsreplay.py: #36 -31% -> -2.1%, #117 -18% ->
++1.3%, #309 -13% -> -1.6%).
 
-What neither covers (docs/benchmarks.md, memory section): FSDP1's side streams (each with its own
-cache, reserved varying 5-14% run to run), parameter offload's transfer blocks (FSDP's and
-DeepSpeed's: rows 36, 38, 109, 117, 308 reserve 1.4-1.8 x their peak), DeepSpeed ZeRO-3's
-empty_cache calls and sub-group-sized fp32 buffers in segments of their own (dsreplay.py models
-both since session 10). The traced estimate
+What neither covers (docs/benchmarks.md, memory section): FSDP1's side streams without offload (each
+with its own cache, reserved varying 5-14% run to run; with offload replayed), the frees FSDP1 defers
+to other streams' work (record_stream: #109 reserved 14.49, 15.71 and 16.77 GiB in three runs, a
+1.5 GiB loss block apart each). DeepSpeed ZeRO-3's empty_cache calls and sub-group-sized fp32 buffers
+in segments of their own and its offload's transfer blocks are replayed (dsreplay.py). The traced estimate
 replays a fake step's own requests through cachesim.py instead (FSDP1/FSDP2).
 
 fit(): what decides whether a plan fits, for the estimate, `shardlab tune` and the widgets alike.

@@ -32,10 +32,28 @@ optimizer step   FP16_Optimizer casts each .grad to fp32 and flattens the casts 
                  the partition in 16 bits and cast that to fp32 (per sub-group in ZeRO-3). FusedAdam
                  makes its two states at the first step (ZeRO and fp32 without ZeRO).
 
+ZeRO-3 with CPU offload (session 12, read from stage3.py, partition_parameters.py and
+partitioned_param_coordinator.py):
+optimizer        the optimizer's device is the CPU: the fp32 master, the zeroed gradient and the flat
+                 gradient partition are pinned host memory; the GPU keeps the 16-bit flat partition (or
+                 nothing, below) and the reduce bucket. Each flush concatenates the bucket on the reduce
+                 stream; per parameter partition_grads copies its gradient partition into the pinned buffer
+                 and that back to the GPU, whose fp64 norm and fp32 cast are made beside it at the
+                 boundary (DSStep._flush_offloaded). DeepSpeedCPUAdam's step asks the GPU for nothing.
+parameters       no `defragment`, so no empty_cache: the model moved to the GPU by the engine stays cached
+                 on the default stream once its parameters are partitioned into pinned host memory; each
+                 forward the coordinator copies every parameter in (NoGatherHandle: ds_tensor.to(device)) on
+                 its allgather stream (FETCH_STREAM), and releases it after its module's backward (all are
+                 gathered at the loss: memory.py's measured rule). One rank only (several all-gather too).
+Judged by the five recorded runs (#35, #36, #117, #309, #505: -0.9, -2.1, +1.3, -1.6, -0.6%; with the
+fitted factor -2.6, -31.1, -17.7, -13.1, -0.7%) and #309's allocator probe by stream (default 15.07 vs
+15.27 GiB, reduce stream 2.60 vs 2.69).
+
 The runner resets the peak statistics at every measured step, after the engine is built, so the
 replay's peak is taken from the first step on. Reserved memory is what the replay's allocator holds at
 its peak: what torch.cuda.max_memory_reserved reads. Not covered (None: allocator.reserved's factor):
-CPU or NVMe offload (pinned host buffers and transfer blocks on side streams), ZeRO++, a bare count.
+ZeRO-1/2 with the optimizer offloaded, NVMe offload, ZeRO-3 parameter offload over several ranks,
+ZeRO++, a bare count.
 """
 
 from __future__ import annotations

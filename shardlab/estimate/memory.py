@@ -41,10 +41,11 @@ peak_allocated  what torch.cuda.max_memory_allocated should read: params + optim
 peak_reserved what torch.cuda.max_memory_reserved should read. FSDP1 and FSDP2, with or
            without CPU offload: the segments a replay of this step's requests makes
            (stepsim.py: states, activations, loss rows, gathered units, reduce buffers, optimizer
-           states and temporaries, two steps, through the caching allocator's rules). DeepSpeed without ZeRO, ZeRO-1 and ZeRO-3 without
-           offload: the same replay with DeepSpeed's own allocation order (dsreplay.py: the engine's
-           flat buffers and empty_cache at start-up, gradient buckets and partitions, its optimizer
-           step). Otherwise the allocator model (allocator.py): the peak's segments times a fitted
+           states and temporaries, two steps, through the caching allocator's rules). DeepSpeed without ZeRO, ZeRO-1 and ZeRO-3 (ZeRO-3 with
+           or without CPU offload): the same replay with DeepSpeed's own allocation order (dsreplay.py:
+           the engine's flat buffers and empty_cache at start-up, gradient buckets and partitions, its
+           optimizer step; with offload the parameters copied in on the coordinator's stream and the
+           gradients' copies out on the reduce stream). Otherwise the allocator model (allocator.py): the peak's segments times a fitted
            factor, at least the peak plus DeepSpeed ZeRO-1/2's reduce bucket, which each step makes
            again in a segment of its own.
 total      peak_allocated + overhead: what the GPU must hold (allocator.fit gives the verdict).

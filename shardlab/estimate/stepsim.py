@@ -20,6 +20,9 @@ CPU offload (session 10): no parameters or optimizer states on the GPU after sta
 each unit in as fp32 on the unshard stream and casts it there, and holds every unit's fp32 gradient
 on the reduce stream until the step (allocator probe #38 and #109: those two streams' reserved bytes
 replayed within 2%; the whole run's reserved varies 18% between two runs of #38, 3.51 and 4.15 GiB).
+Session 12: FSDP1's start-up with offload (each unit's fp32 parameters moved to the GPU, broadcast,
+flattened, moved out: their segments stay cached) and each unit's flat 16-bit gradient made on its
+unshard stream (VIEW_STREAM; #38/#109's probe: 0.145/0.426 GiB there, replayed exactly).
 FSDP2 moves its shards to the CPU after start-up, copies each reduced gradient out and frees it, and
 reduces its root group once at the end of backward (probe #308: both streams within 1%). DeepSpeed replays the same
 forward, loss and backward with its own parameters, gradients and optimizer step (dsreplay.py's DSStep,
