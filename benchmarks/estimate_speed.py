@@ -52,6 +52,8 @@ COLD = [  # (label, plan): the cold figures, one per framework and setting the r
     ("deepspeed zero3", {"framework": "deepspeed", "sharding": "zero3"}),
     ("deepspeed zero3 x8", {"framework": "deepspeed", "sharding": "zero3", "topology": {"gpus_per_node": 8}}),
     ("deepspeed zero2 cpu offload", {"framework": "deepspeed", "sharding": "zero2", "offload": {"optimizer": "cpu"}}),
+    ("deepspeed zero3 cpu offload", {"framework": "deepspeed", "sharding": "zero3",
+                                     "offload": {"optimizer": "cpu", "params": "cpu"}}),
 ]
 COLD_MICRO = (3, 5, 6)  # micro-batches never estimated before in this process (CASES use the default, 1)
 

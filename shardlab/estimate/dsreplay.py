@@ -235,7 +235,8 @@ class DSStep(_Step):
         freed when the loop moves on); at the accumulation boundary _offload_grad_partition_at_boundary takes
         its norm in fp64, NORM_CHUNK elements at a time (_constant_buffered_norm2, get_norm_dtype), and casts it
         to fp32 for the copy into the optimizer's fp32 gradient (allocator probe #309: the embedding's
-        gradient made 1372 MiB = 8 bytes x its 180M elements there, its GPU copy 344 MiB)."""
+        gradient made 1372 MiB = 8 bytes x its 180M elements there, its GPU copy 344 MiB). A parameter larger
+        than the bucket (not copied into it, reduced alone) is not told apart."""
         sim, P, shard, parts = self.sim, self.r.P, self.r.shard, self.pending
         if not parts:
             return
@@ -245,8 +246,8 @@ class DSStep(_Step):
             sim.alloc(("cat",), P * shard * sum(padded), REDUCE_STREAM)
         for n in padded:
             sim.alloc(("gb",), P * n, REDUCE_STREAM)
-            if self.boundary:
-                sim.touches([8 * c for c in _chunks(n, NORM_CHUNK)] + [4 * n], REDUCE_STREAM)
+            if self.boundary:  # (an fp32 gradient's .to(fp32) is the tensor itself: no cast)
+                sim.touches([8 * c for c in _chunks(n, NORM_CHUNK)] + ([4 * n] if P < 4 else []), REDUCE_STREAM)
             sim.free(("gb",))
         if whole:
             sim.free(("cat",))
