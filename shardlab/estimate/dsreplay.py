@@ -124,6 +124,7 @@ class DSStep(_Step):
         self.order = list(d.embed) + list(d.block) * d.layers + list(d.head)
         self.grads = [("grad", k) for k in range(len(self.order))]  # each parameter's .grad key, made once
         self.pending: list[int] = []  # ZeRO-3 with the optimizer offloaded: the bucket's parameters (elements)
+        self._clean: dict = {}  # _flush_offloaded's requests known to change nothing, by the segment count then
         self.boundary = True  # the micro-batch whose backward ends the accumulation
         # ZeRO-3 with the parameters offloaded: each non-persistent parameter's GPU copy, keyed by its index
         self.fetched = [("gp", k) for k in range(len(self.order))]
@@ -236,23 +237,45 @@ class DSStep(_Step):
         its norm in fp64, NORM_CHUNK elements at a time (_constant_buffered_norm2, get_norm_dtype), and casts it
         to fp32 for the copy into the optimizer's fp32 gradient (allocator probe #309: the embedding's
         gradient made 1372 MiB = 8 bytes x its 180M elements there, its GPU copy 344 MiB). A parameter larger
-        than the bucket (not copied into it, reduced alone) is not told apart."""
+        than the bucket (not copied into it, reduced alone) is not told apart.
+
+        Skipped where provably without effect on what reserves: one parameter's requests (its copy, then the
+        temporaries beside it, then its copy freed) that made no segment leave the reduce stream's blocks as
+        they found them (the copy merges back into the free block it was cut from; a touch changes nothing
+        but by a new segment), so the same requests from the same state make none either. `_clean` keeps
+        each (flush size, parameter size, boundary) done without a new segment, with the allocator's
+        segment count then; while that count stands, no request on the reduce stream has changed its blocks
+        since (only these flushes use it, and each either restores them or makes a segment). A flush of
+        llama-sized blocks repeats every block's sizes; the second step repeats the first's flushes."""
         sim, P, shard, parts = self.sim, self.r.P, self.r.shard, self.pending
         if not parts:
             return
-        padded = [-(-n // shard) for n in parts]
-        whole = not (len(parts) == 1 and parts[0] % shard == 0)
-        if whole:
-            sim.alloc(("cat",), P * shard * sum(padded), REDUCE_STREAM)
-        for n in padded:
-            sim.alloc(("gb",), P * n, REDUCE_STREAM)
-            if self.boundary:  # (an fp32 gradient's .to(fp32) is the tensor itself: no cast)
-                sim.touches([8 * c for c in _chunks(n, NORM_CHUNK)] + ([4 * n] if P < 4 else []), REDUCE_STREAM)
-            sim.free(("gb",))
-        if whole:
-            sim.free(("cat",))
         self.pending = []
         self.fill = 0
+        padded = [-(-n // shard) for n in parts]
+        whole = not (len(parts) == 1 and parts[0] % shard == 0)
+        cat = P * shard * sum(padded) if whole else 0
+        clean, boundary = self._clean, self.boundary
+        if clean.get((cat, tuple(padded), boundary)) == sim.segments:
+            return  # the whole flush, done from this state before without a new segment
+        if whole:
+            sim.alloc(("cat",), cat, REDUCE_STREAM)
+        made = sim.segments
+        for n in padded:
+            key = (cat, n, boundary)
+            if clean.get(key) == sim.segments:
+                continue
+            before = sim.segments
+            sim.alloc(("gb",), P * n, REDUCE_STREAM)
+            if boundary:  # (an fp32 gradient's .to(fp32) is the tensor itself: no cast)
+                sim.touches([8 * c for c in _chunks(n, NORM_CHUNK)] + ([4 * n] if P < 4 else []), REDUCE_STREAM)
+            sim.free(("gb",))
+            if sim.segments == before:
+                clean[key] = before
+        if whole:
+            sim.free(("cat",))
+        if sim.segments == made:  # (the cat's own segment, if it made one, stays cached: the same state next time)
+            clean[(cat, tuple(padded), boundary)] = sim.segments
 
     def _reduce(self, unit: int, key, first: bool) -> None:
         """Gradient hooks of one backward unit's parameters (stepsim calls this per unit)."""
