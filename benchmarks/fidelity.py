@@ -204,10 +204,33 @@ NEW3_CONFIGS = [
     C("llama96k", "fsdp2", "zero3", mb=4), C("llama96k", "deepspeed", "zero3", mb=4, ac=True),
     C("llama96k", "fsdp1", "ddp", mb=2, ga=2), C("llama96k", "fsdp2", "ddp", "fp16", mb=2),
 ]
+# the unseen set of session 13 (--set new4, numbered from 901): written down 2026-12-03 06:40 UTC, after session 12's
+# DeepSpeed ZeRO-3 offload replay and FSDP1 offload start-up landed, before it ran; none of its shapes was used to find
+# or fit anything: a 16 x 1024 GPT (head_dim 64), a 14-layer Llama with 2 KV heads and a 100k vocabulary, T=8192,
+# a Mistral model through transformers; every framework and sharding, fp32 / fp16 / bf16, offload both ways, compile
+MODELS.update({
+    "gpt1024x16": {"name": "gpt1024x16", "family": "gpt", "layers": 16, "hidden": 1024, "heads": 16, "vocab": 50257, "seq_len": 2048},
+    "llama1792": {"name": "llama1792", "family": "llama", "layers": 14, "hidden": 1792, "heads": 14, "kv_heads": 2,
+                  "ffn_hidden": 4864, "vocab": 100000, "seq_len": 2048},
+    "llamaT8k": {"name": "llamaT8k", "family": "llama", "layers": 8, "hidden": 1024, "heads": 16, "kv_heads": 4,
+                 "ffn_hidden": 2816, "vocab": 32000, "seq_len": 8192},
+    "hf-mistral": "hf:mistral hidden_size=1536 intermediate_size=4608 num_hidden_layers=12 num_attention_heads=12 "
+                  "num_key_value_heads=4 vocab_size=32768 seq_len=2048",
+})
+NEW4_CONFIGS = [
+    C("gpt1024x16", "fsdp2", "zero3", mb=4), C("gpt1024x16", "deepspeed", "zero3", "fp16", mb=2, ga=2),
+    C("gpt1024x16", "fsdp1", "zero2", "fp32", mb=2), C("gpt1024x16", "deepspeed", "zero1", mb=8, ac=True),
+    C("llama1792", "fsdp2", "zero2", mb=2, ac=True), C("llama1792", "deepspeed", "zero3", mb=1, off="both"),
+    C("llama1792", "fsdp1", "zero3", mb=2, off="both"), C("llama1792", "deepspeed", "ddp", mb=2, ga=2),
+    C("llamaT8k", "fsdp2", "zero3", mb=1, ac=True), C("llamaT8k", "deepspeed", "zero2", mb=1),
+    C("llamaT8k", "fsdp2", "ddp", "fp32", mb=1), C("llamaT8k", "fsdp1", "ddp", "fp16", mb=1, ga=2),
+    C("hf-mistral", "fsdp2", "zero3", mb=2), C("hf-mistral", "deepspeed", "zero2", mb=2, ac=True),
+    C("gpt1024x16", "fsdp2", "zero3", mb=4, comp=True), C("llama1792", "deepspeed", "zero3", "fp32", mb=1, off="opt"),
+]
 SETS = {"matrix": (1, CONFIGS), "check": (101, CHECK_CONFIGS), "host": (201, HOST_CONFIGS), "val": (301, VAL_CONFIGS),
         "hf": (401, HF_CONFIGS), "held": (501, HELD_CONFIGS),
         "res": (601, RES_CONFIGS), "new": (701, NEW_CONFIGS),
-        "new3": (801, NEW3_CONFIGS)}
+        "new3": (801, NEW3_CONFIGS), "new4": (901, NEW4_CONFIGS)}
 KEYS = ("model", "framework", "sharding", "precision", "micro_batch_size", "grad_accum_steps", "activation_checkpointing",
         "offload", "compile", "hf", "low_memory_init")
 
@@ -249,7 +272,8 @@ def model_for(row: dict, tiny: bool = False):
 
 TINY_HF = {"hf:llama": " hidden_size=64 intermediate_size=160 num_hidden_layers=2 num_attention_heads=4 num_key_value_heads=2 vocab_size=512 seq_len=64",
            "hf:gpt2": " n_embd=64 n_layer=2 n_head=4 vocab_size=512 seq_len=64",
-           "hf:qwen2": " hidden_size=64 intermediate_size=160 num_hidden_layers=2 num_attention_heads=4 num_key_value_heads=2 vocab_size=512 seq_len=64"}
+           "hf:qwen2": " hidden_size=64 intermediate_size=160 num_hidden_layers=2 num_attention_heads=4 num_key_value_heads=2 vocab_size=512 seq_len=64",
+           "hf:mistral": " hidden_size=64 intermediate_size=160 num_hidden_layers=2 num_attention_heads=4 num_key_value_heads=2 vocab_size=512 seq_len=64"}
 
 
 def _median(xs):
