@@ -226,6 +226,9 @@ NEW4_CONFIGS = [
     C("llamaT8k", "fsdp2", "ddp", "fp32", mb=1), C("llamaT8k", "fsdp1", "ddp", "fp16", mb=1, ga=2),
     C("hf-mistral", "fsdp2", "zero3", mb=2), C("hf-mistral", "deepspeed", "zero2", mb=2, ac=True),
     C("gpt1024x16", "fsdp2", "zero3", mb=4, comp=True), C("llama1792", "deepspeed", "zero3", "fp32", mb=1, off="opt"),
+    # added after #901-908 ran (not unseen): #907's FSDP2 twin, to tell on one host whether FSDP2's CPU AdamW
+    # runs slower per parameter than FSDP1's (steptime.TORCH_CPU_ADAM_PARAMS_PER_S) or the hosts differ
+    C("llama1792", "fsdp2", "zero3", mb=2, off="both"),
 ]
 SETS = {"matrix": (1, CONFIGS), "check": (101, CHECK_CONFIGS), "host": (201, HOST_CONFIGS), "val": (301, VAL_CONFIGS),
         "hf": (401, HF_CONFIGS), "held": (501, HELD_CONFIGS),

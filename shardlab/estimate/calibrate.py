@@ -150,6 +150,7 @@ def rates_from(cal: dict, where: str = "") -> Rates:
         fsdp_unit_s=host.get("fsdp_unit_s", base.fsdp_unit_s),
         gpu_scale=r.get("gpu_scale", 1.0), host_fit=r.get("host_fit", 1.0), calibrated=True,
         ds3_hook_scale=host.get("ds3_hook_scale", 1.0), ds12_hook_scale=host.get("ds12_hook_scale", 1.0),
+        torch_cpu_adam=r.get("torch_cpu_adam_params_per_s"),
         source=f"calibration {cal['key'].get('gpu')} ({cal.get('source', 'microbench')}, {cal.get('date', '?')}){' ' + where if where else ''}")
 
 
@@ -331,6 +332,8 @@ def cli_calibrate(a) -> int:
         print(f"  attention efficiency bf16 {at['bf16']:.3f}, fp32 {at['fp32']:.3f}; HBM {r.get('hbm_eff', float('nan')):.3f} of the data sheet")
         print(f"  host: {r.get('launch_s', float('nan')) * 1e6:.1f} us per kernel, FSDP2 unit {r.get('fsdp_unit_s', float('nan')) * 1e3:.3f} ms"
               + ("" if APPLY_MICROBENCH_HOST else " (recorded, not applied: `calibrate --from-runs` fits the host from real steps)"))
+        if r.get("torch_cpu_adam_params_per_s"):
+            print(f"  CPU AdamW (FSDP's CPU offload): {r['torch_cpu_adam_params_per_s'] / 1e9:.2f}e9 parameters/s on {cal['microbench']['cpu_adam'].get('threads')} threads")
         for k, v in (cal["microbench"].get("errors") or {}).items():
             print(f"  {k} failed (default kept): {v}")
         print(f"wrote {path} in {time.perf_counter() - t0:.1f} s")

@@ -11,6 +11,9 @@
   wrapped with FSDP2 `fully_shard` on a one-rank group: seconds per counted kernel (`launch_s`) and
   per FSDP unit (`fsdp_unit_s`); and stepped by DeepSpeed ZeRO-3 / ZeRO-2 engines: DeepSpeed's hook
   costs on this host over steptime.py's (`ds3_hook_scale`, `ds12_hook_scale`).
+- CPU optimizer: torch's AdamW stepping large fp32 tensors on this host's CPU with every core, as FSDP's
+  CPU offload runs it (`torch_cpu_adam_params_per_s`): the host's memory system decides that step, and
+  the lent hosts differ (steptime.py, TORCH_CPU_ADAM_PARAMS_PER_S).
 """
 
 from __future__ import annotations
@@ -259,6 +262,28 @@ def _seconds_per(step, steps: int, warm: int = 3) -> float:
     return statistics.median(times)
 
 
+def cpu_adam(numel: int = 2**27, tensors: int = 4, steps: int = 3) -> dict:
+    """Parameters per second of torch's AdamW on this host's CPU, the optimizer FSDP's CPU offload steps
+    (the runner builds torch.optim.AdamW with its defaults; on CPU tensors torch takes the one-tensor-at-a-
+    time path). The tensors are as large as FSDP1's flat parameters (32M fp32 elements each, far beyond any
+    cache), the threads as many as the runner gives a one-rank run (launcher.py: cores / world size), so
+    the figure is the host's memory system doing the run's own work. About 2 GiB of host memory, ~1-3 s."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(os.cpu_count() or threads)
+    try:
+        params = [torch.full((numel // tensors,), 0.5, requires_grad=True) for _ in range(tensors)]
+        for q in params:
+            q.grad = torch.full_like(q, 1e-3)
+        opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.01)
+        with torch.no_grad():
+            seconds = _seconds_per(opt.step, steps, warm=1)
+    finally:
+        torch.set_num_threads(threads)
+    return {"torch_cpu_adam_params_per_s": numel / seconds, "threads": os.cpu_count()}
+
+
 def _fsdp2_units(spec, per_step, plain: float, w) -> dict:
     import torch
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
@@ -302,11 +327,13 @@ def measure(gpu=None) -> dict:
             return {}
 
     mm, at, bw, hs = attempt(matmuls, g), attempt(attention, g), attempt(bandwidth, g), attempt(host)
+    ca = attempt(cpu_adam)
     rates = fit_rates(mm.get("points", []), at.get("points", []))
     rates.update({k: v for k, v in (("hbm_eff", bw.get("hbm_eff")), ("launch_s", hs.get("launch_s")),
                                     ("fsdp_unit_s", hs.get("fsdp_unit_s")), ("ds3_hook_scale", hs.get("ds3_hook_scale")),
-                                    ("ds12_hook_scale", hs.get("ds12_hook_scale"))) if v is not None})
+                                    ("ds12_hook_scale", hs.get("ds12_hook_scale")),
+                                    ("torch_cpu_adam_params_per_s", ca.get("torch_cpu_adam_params_per_s"))) if v is not None})
     return {"version": VERSION, "key": key_for(g.name),
             "device_name": name, "source": "microbench", "date": time.strftime("%Y-%m-%d"), "rates": rates,
             "microbench": {"matmul": mm.get("points"), "attention": at.get("points"), "hbm_bytes_per_s": bw.get("hbm_bytes_per_s"),
-                           "host": hs, "errors": errors, "seconds": time.perf_counter() - t0}}
+                           "host": hs, "cpu_adam": ca, "errors": errors, "seconds": time.perf_counter() - t0}}

@@ -152,6 +152,7 @@ class Rates:
     host_fit: float = 1.0  # refit from runs: all host time
     ds3_hook_scale: float = 1.0  # DeepSpeed's hooks timed on this host (calibrate) over DS3_* / DS12_PARAM_S
     ds12_hook_scale: float = 1.0
+    torch_cpu_adam: float | None = None  # torch's AdamW on this host's CPU, parameters/s (calibrate); None: TORCH_CPU_ADAM_PARAMS_PER_S
     calibrated: bool = False
     source: str = "defaults (GPU table data sheet, documented efficiencies)"
 
@@ -278,7 +279,7 @@ def _comm_time(s: Setup, gpu: GPU, wire: dict, w: Work) -> float:
     return t
 
 
-def _offload_time(s: Setup, gpu: GPU) -> float:
+def _offload_time(s: Setup, gpu: GPU, r: Rates) -> float:
     if s.offload_opt == "none" and s.offload_params == "none":
         return 0.0
     local = s.spec.params if s.stage == "ddp" else shard_numel(s)
@@ -292,7 +293,7 @@ def _offload_time(s: Setup, gpu: GPU) -> float:
         # Not fitted: tune_h200_gpt350cap_grid.json's ZeRO-2 mb2x4 offload row +31.8% -> +10.1%; the held-out
         # #504 (fidelity_h200_held.json, ga 2) -2.9% -> -17.2%, where the copies look hidden under the backward
         moved += (2 * s.micro_steps - 1) * s.P * local
-    rate = CPU_ADAM_PARAMS_PER_S if s.ds else TORCH_CPU_ADAM_PARAMS_PER_S[s.framework]
+    rate = CPU_ADAM_PARAMS_PER_S if s.ds else (r.torch_cpu_adam or TORCH_CPU_ADAM_PARAMS_PER_S[s.framework])
     t = moved / gpu.pcie_bw + local * s.gpn / rate
     if s.ds and s.stage == "zero3" and s.offload_params == "none":
         t += s.P * local / DS3_OFFLOAD_COPY_BYTES_PER_S  # the converting, pageable copy back (above)
@@ -341,7 +342,7 @@ def step_time(plan: Plan, s: Setup, gpu: GPU, wire: dict, rates: Rates | None = 
     core = tl.step + (SERIAL[("deepspeed_zero3" if s.stage == "zero3" else "deepspeed")] * tl.overlapped if s.ds else 0.0)
     comm_s = _comm_time(s, gpu, wire, w)
     exposed = comm_s if (s.ds and s.stage != "zero3") else max(0.0, comm_s - OVERLAP * gpu_s)
-    offload = _offload_time(s, gpu)
+    offload = _offload_time(s, gpu, r)
     core += flush * r.host_fit
     total = core + exposed + offload
     tokens = plan.micro_batch_size * seq * s.micro_steps
