@@ -125,13 +125,22 @@ def math_attention_elements(spec) -> tuple[list[int], list[int]]:
     return kept, gone
 
 
+# [B, heads, T, T] tensors live at once in a math-path block's backward on CUDA. Two are read from the source
+# (above); the third is measured, not traced: the traced step (CPU aten on fake tensors) holds two. H200 #911
+# (fidelity_h200_new4b.json, llamaT8k fp32 GQA, T=8192, 16 heads: one such tensor is 4.0 GiB) measured 3.77 GiB
+# over the estimate with two (-7.4%), +0.4% with three; the other fp32 GQA rows move by that tensor's share of
+# their peak where the backward sets it: #806 -0.8 -> +0.5%; #708 and #712 unchanged (their peak is elsewhere).
+MATH_BWD_SCORE_TENSORS = 3
+
+
 def backward_transient(spec, P: int, tokens: int, compiled: bool = False) -> int:
     """Bytes one block's backward adds beside the saved tensors, where that is more than the fused
     kernels' few activation-sized gradients: under SDPA's math path (sdpa_math) the softmax backward
     holds the gradient of the softmax output and that of the scores, two [B, heads, T, T] tensors,
-    beside the saved softmax (torch's matmul and _softmax_backward_data make each anew). It happens
-    once per block, after the loss's rows are freed and beside the gradient buffers backward has made."""
-    return 2 * tokens * spec.heads * spec.seq_len * P if sdpa_math(spec, P, compiled) else 0
+    beside the saved softmax (torch's matmul and _softmax_backward_data make each anew), and on CUDA
+    one more of that size (MATH_BWD_SCORE_TENSORS). It happens once per block, after the loss's rows are
+    freed and beside the gradient buffers backward has made."""
+    return MATH_BWD_SCORE_TENSORS * tokens * spec.heads * spec.seq_len * P if sdpa_math(spec, P, compiled) else 0
 
 
 def _counted(spec) -> dict | None:

@@ -168,11 +168,18 @@ SERIAL = {"deepspeed": 0.27, "deepspeed_zero3": 0.55}
 # four ZeRO-2 offload rows (tune_h200_gpt350cap_grid.json, accumulation 4 and 2: +10.1 / +18.0 / +24.7 /
 # +38.4% with no wait) and the held-out #504 (fidelity_h200_held.json, accumulation 2, a host whose CPU
 # optimizer ran faster than CPU_ADAM_PARAMS_PER_S). With one micro-step the path is skipped (no wait).
-# torch.compile (plan.compile): Inductor fuses the memory-bound kernels of each compiled block and
-# replays them without Python dispatch. steptime.COMPILE_MEM / COMPILE_KERNELS scale their bytes and the
-# kernels the host launches (FSDP); DeepSpeed's engine.compile() made ZeRO-3 ~20% slower on an H200
-# (DESIGN.md's measured facts) -> COMPILE_DS_HOST. Not yet checked on a run that ran alone.
-COMPILE_KERNELS = 0.3
+# torch.compile (plan.compile): Inductor fuses the memory-bound kernels of each compiled block
+# (steptime.COMPILE_MEM scales their bytes on the GPU), but the host does not get cheaper: the FSDP runs
+# compile each block (frameworks/fsdp2.py: `m.compile()` per unit), FSDP's hooks stay eager around them,
+# and each call of a compiled block evaluates its guards and goes through AOTAutograd's runtime wrappers
+# and Inductor's Python launcher for every fused kernel. Until session 13 the host's launches were priced
+# at 0.3x under compile (a guess never checked on a run that ran alone); the three FSDP2 compile rows that
+# ran alone were all predicted fast with it (#115 fidelity_h200_check_alone.json +25.7%, #711
+# fidelity_h200_new2.json +56.2%, #915 fidelity_h200_new4b.json +57.9%), and #915 ran no faster than its
+# eager twin #901 (fidelity_h200_new4.json: 0.100 s eager, 0.110 s compiled, on hosts whose calibrations
+# time launches 41.5 and 52.9 us). So the host is priced as in eager mode: -19.2%, -1.9%, +41.0% (#901,
+# the same shape eager, is +17.0% on its own host). DeepSpeed's engine.compile() made ZeRO-3 ~20% slower
+# on an H200 (DESIGN.md's measured facts) -> COMPILE_DS_HOST.
 COMPILE_DS_HOST = 1.2
 # AC_BLOCK_S: under FSDP, torch.utils.checkpoint (non-reentrant, one region per block:
 # frameworks/base.py) costs the host more than re-issuing the block's forward kernels (counted in
@@ -201,7 +208,7 @@ def host_phases(plan: Plan, s: Setup, w: Work, r: Rates) -> tuple[float, float, 
     every backward, ZeRO-0/1's at the boundary."""
     from .stepwork import implementation
 
-    launch = r.launch_s * (COMPILE_KERNELS if plan.compile and not s.ds else 1.0)
+    launch = r.launch_s
     k_f, k_r = w.fwd_kernels, w.recompute_kernels
     k_b = w.kernels - k_f - k_r
     ratio = 1.0 if w.bare else FWD_HOST_RATIO[implementation(s.spec)]

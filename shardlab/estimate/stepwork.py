@@ -33,8 +33,19 @@ from dataclasses import dataclass
 
 from shardlab.models import ModelSpec
 
+from .activations import sdpa_math
+
 BWD_MEM_FACTOR = 2.0  # backward of an elementwise op reads its inputs and the incoming gradient, writes one or two gradients
 ATTN_BWD_FACTOR = 2.5  # flash attention backward: 5 matmuls of the forward's 2 (scores recomputed)
+# SDPA's math path (activations.sdpa_math: fp32 with grouped-query heads on CUDA, torch 2.11; H200 probe
+# benchmarks/results/sdpa_backend_probe_h200_fp32.jsonl) runs attention as separate kernels on the whole
+# [B, heads, T, T] score matrix, causal or not: two batched GEMMs forward (q k^T, probabilities x v) and four
+# backward, priced as GEMMs (their reads and writes of the T x T matrix in the roofline), and the memory-bound
+# passes over it between them, in 4-byte elements per score: the causal mask added (read the scores and the
+# broadcast [T, T] mask, write: 3) and the softmax (read, write: 2) forward; the softmax backward (read the
+# output and its gradient, write: 3). Read from aten's _scaled_dot_product_attention_math, not fitted.
+MATH_SCORE_FWD_ELEMS = 5
+MATH_SCORE_BWD_ELEMS = 3
 KERNELS_PER_BLOCK_FWD = {"gpt": 12, "llama": 24}  # eager kernels one block's forward launches
 
 
@@ -72,6 +83,7 @@ class Work:
     fwd_fixed_bytes: float = 0.0
     fwd_kernels: int = 0
     recompute_kernels: int = 0  # the blocks' forward launched again in backward (checkpointing), counted in kernels
+    attn_math: bool = False  # attn_flops are SDPA math path's batched GEMMs (full T x T), at the matmul rate
 
 
 def implementation(spec: ModelSpec) -> str:
@@ -108,6 +120,11 @@ def _shaped(spec: ModelSpec, mb: int, seq: int, P: int, ac: bool) -> Work:
         gemms += [Gemm(n, i, o, L * fwd_times), Gemm(n, o, i, L), Gemm(i, n, o, L)]
     gemms += [Gemm(n, d, V, 1), Gemm(n, V, d, 1), Gemm(d, n, V, 1)]
     attn = 2.0 * n * seq * d * L * (fwd_times + ATTN_BWD_FACTOR)
+    math_fwd = 0.0
+    if sdpa_math(spec, P):  # SDPA's math path: the T x T scores as GEMMs and memory-bound passes (above)
+        bh = mb * spec.heads
+        attn = 2.0 * seq * seq * spec.head_dim * bh * L * (2 * fwd_times + 4)
+        math_fwd = L * bh * seq * seq * MATH_SCORE_FWD_ELEMS
     bw = spec.block_work  # a real model's block, counted (blockwork.py); else shardlab's own block
     if bw:
         per_tok = bw["elems_per_token"]
@@ -116,6 +133,8 @@ def _shaped(spec: ModelSpec, mb: int, seq: int, P: int, ac: bool) -> Work:
     else:
         per_tok = 20 * d + 9 * (d + kv) + 5 * f
     mem = n * L * per_tok * (fwd_times + BWD_MEM_FACTOR) + n * (2 * d) * (1 + BWD_MEM_FACTOR) + 2 * n * d
+    if math_fwd:
+        mem += math_fwd * fwd_times + math_fwd * MATH_SCORE_BWD_ELEMS / MATH_SCORE_FWD_ELEMS
     cast = 2 * (P + 4) if P != 4 else 0
     fixed = n * V * (cast + 8 + 12) + 2 * V * d * P  # fp32 loss; dense embedding gradient (zeroed, then written)
     kpb = bw["kernels"] if bw else KERNELS_PER_BLOCK_FWD[impl]
@@ -128,8 +147,8 @@ def _shaped(spec: ModelSpec, mb: int, seq: int, P: int, ac: bool) -> Work:
         modules, params, top_m, top_p = 10, 7, 5, 3
     fwd_fixed = n * V * ((P + 4 if P != 4 else 0) + 8)  # logits cast and log-softmax forward
     return Work(n, seq, tuple(gemms), attn, spec.head_dim, mem, fixed, kernels, L * modules + top_m, L * params + top_p, L + 1,
-                fwd_elems=n * L * per_tok, fwd_fixed_bytes=fwd_fixed, fwd_kernels=L * kpb + 10,
-                recompute_kernels=L * kpb if ac else 0)
+                fwd_elems=n * L * per_tok + math_fwd, fwd_fixed_bytes=fwd_fixed, fwd_kernels=L * kpb + 10,
+                recompute_kernels=L * kpb if ac else 0, attn_math=bool(math_fwd))
 
 
 def _bare(spec: ModelSpec, mb: int, seq: int) -> Work:
