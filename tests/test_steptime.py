@@ -77,7 +77,6 @@ KNOWN_MISSES = {
     # (#115, FSDP2 + compile, was here at +27.1% until session 13 priced compile's host as eager's: -19.2%)
     # session 13's unseen set (fidelity_h200_new4b.json, machine E), after its changes:
     "#909 llamaT8k fsdp2 zero3": "predicted 33% fast: FSDP2 ZeRO-3 at T=8192, mb 1, checkpointing, head_dim 64",
-    "#911 llamaT8k fsdp2 ddp": "predicted 38% fast: fp32 SDPA math path at T=8192; its batched GEMMs below the matmul rate",
     "#915 gpt1024x16 fsdp2 zero3": "predicted 41% fast: FSDP2 + compile (its eager twin #901 on another host +17%)",
 }
 KNOWN_MISS_BAND = 0.45

@@ -40,10 +40,13 @@ ATTN_BWD_FACTOR = 2.5  # flash attention backward: 5 matmuls of the forward's 2 
 # SDPA's math path (activations.sdpa_math: fp32 with grouped-query heads on CUDA, torch 2.11; H200 probe
 # benchmarks/results/sdpa_backend_probe_h200_fp32.jsonl) runs attention as separate kernels on the whole
 # [B, heads, T, T] score matrix, causal or not: two batched GEMMs forward (q k^T, probabilities x v) and four
-# backward, priced as GEMMs (their reads and writes of the T x T matrix in the roofline), and the memory-bound
-# passes over it between them, in 4-byte elements per score: the causal mask added (read the scores and the
-# broadcast [T, T] mask, write: 3) and the softmax (read, write: 2) forward; the softmax backward (read the
-# output and its gradient, write: 3). Read from aten's _scaled_dot_product_attention_math, not fitted.
+# backward, at the matmul rate (Work.attn_math), the two whose K is head_dim (q k^T, dO v^T) slowed as any GEMM
+# of that K (steptime.K_HALF; cuBLAS picks narrower tiles for N = head_dim, so no tile quantization), and the
+# memory-bound passes over the scores between them, in 4-byte elements per score: the causal mask added (read
+# the scores and the broadcast [T, T] mask, write: 3) and the softmax (read, write: 2) forward; the softmax
+# backward (read the output and its gradient, write: 3). Read from aten's _scaled_dot_product_attention_math,
+# nothing fitted. Judged by the fp32 GQA rows (steptime_accuracy.py): #911 (T=8192) +87.7% -> +17.1%, #806
+# +12.9% -> -1.5%, #708 +6.7% -> +2.0%, #712 -12.1% -> -12.2%.
 MATH_SCORE_FWD_ELEMS = 5
 MATH_SCORE_BWD_ELEMS = 3
 KERNELS_PER_BLOCK_FWD = {"gpt": 12, "llama": 24}  # eager kernels one block's forward launches
@@ -84,6 +87,7 @@ class Work:
     fwd_kernels: int = 0
     recompute_kernels: int = 0  # the blocks' forward launched again in backward (checkpointing), counted in kernels
     attn_math: bool = False  # attn_flops are SDPA math path's batched GEMMs (full T x T), at the matmul rate
+    attn_small_k_flops: float = 0.0  # of those, the GEMMs whose K is head_dim (steptime.K_HALF slows them)
 
 
 def implementation(spec: ModelSpec) -> str:
@@ -120,10 +124,11 @@ def _shaped(spec: ModelSpec, mb: int, seq: int, P: int, ac: bool) -> Work:
         gemms += [Gemm(n, i, o, L * fwd_times), Gemm(n, o, i, L), Gemm(i, n, o, L)]
     gemms += [Gemm(n, d, V, 1), Gemm(n, V, d, 1), Gemm(d, n, V, 1)]
     attn = 2.0 * n * seq * d * L * (fwd_times + ATTN_BWD_FACTOR)
-    math_fwd = 0.0
+    math_fwd = small_k = 0.0
     if sdpa_math(spec, P):  # SDPA's math path: the T x T scores as GEMMs and memory-bound passes (above)
         bh = mb * spec.heads
         attn = 2.0 * seq * seq * spec.head_dim * bh * L * (2 * fwd_times + 4)
+        small_k = 2.0 * seq * seq * spec.head_dim * bh * L * (fwd_times + 1)  # q k^T and dO v^T: K = head_dim
         math_fwd = L * bh * seq * seq * MATH_SCORE_FWD_ELEMS
     bw = spec.block_work  # a real model's block, counted (blockwork.py); else shardlab's own block
     if bw:
@@ -148,7 +153,7 @@ def _shaped(spec: ModelSpec, mb: int, seq: int, P: int, ac: bool) -> Work:
     fwd_fixed = n * V * ((P + 4 if P != 4 else 0) + 8)  # logits cast and log-softmax forward
     return Work(n, seq, tuple(gemms), attn, spec.head_dim, mem, fixed, kernels, L * modules + top_m, L * params + top_p, L + 1,
                 fwd_elems=n * L * per_tok + math_fwd, fwd_fixed_bytes=fwd_fixed, fwd_kernels=L * kpb + 10,
-                recompute_kernels=L * kpb if ac else 0, attn_math=bool(math_fwd))
+                recompute_kernels=L * kpb if ac else 0, attn_math=bool(math_fwd), attn_small_k_flops=small_k)
 
 
 def _bare(spec: ModelSpec, mb: int, seq: int) -> Work:
