@@ -141,7 +141,11 @@ def test_served_app_builds_checks_and_runs(browser, app):
     steps.press("Enter")
     page.select_option(".sl-run-device select", "cpu")
     page.locator(".sl-run-start button").click()
-    expect(page.locator(".sl-run-status")).to_contain_text("running", timeout=30_000)
+    # The click sets "running" at once on the server (widgets/launcher.py); the page sees it when the server's
+    # event loop gets to the click after the selections above. On the 2-core machine loaded by other work
+    # (session 13's fresh clone beside two helpers) that took over 30 s once; the latency itself is measured
+    # by benchmarks/ui_latency.py, not here.
+    expect(page.locator(".sl-run-status")).to_contain_text("running", timeout=90_000)
     # Start-up takes seconds on 2 cores: the status names the phase until the first step is done.
     expect(page.locator(".sl-run-status .sl-run-phase")).to_be_visible(timeout=30_000)
     phases = set()
