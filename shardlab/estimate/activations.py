@@ -89,9 +89,15 @@ def sdpa_math(spec, P: int, compiled: bool = False) -> bool:
     the same call (CPU flash takes fp32 and GQA): the traced estimate's stand-in (trace._cuda_kernels)
     forces the math path there (#806 traced -29.4% before, -0.8% with it; #708, #712 -0.1%). 16-bit calls
     stay fused (flash takes GQA up to head_dim 256); a 16-bit math path (head_dim > 256 with GQA,
-    pre-sm80 GPUs) upcasts in ways not modelled. Compiled blocks and blocks counted from their own
-    module (transformers' layout, a factory) are left as they are counted."""
-    if compiled or getattr(spec, "is_bare", False) or _hf_llama(spec) or _counted(spec):
+    pre-sm80 GPUs) upcasts in ways not modelled. transformers' llama-family blocks (Llama, Mistral,
+    Qwen2...) take the same path: with no attention mask (the runner's unpacked rows) transformers 5.x
+    passes enable_gqa=True to SDPA instead of repeating k and v (integrations/sdpa_attention.py,
+    use_gqa_in_sdpa), so their fp32 GQA attention runs math on CUDA too; until session 13 the analytical
+    estimate priced it fused (an 8-layer hf:llama, 16 / 4 heads, T=8192, fp32: 10.3 GiB analytical
+    against 47.4 GiB traced; now within 1% of the trace where the backward sets the peak, the trace
+    holding two of MATH_BWD_SCORE_TENSORS' three). Compiled blocks and blocks counted from their own
+    module by blockwork.py (a factory) are left as they are counted."""
+    if compiled or getattr(spec, "is_bare", False) or _counted(spec):
         return False
     return cuda_sdpa_math(P, spec.heads, spec.n_kv_heads)
 
@@ -121,6 +127,8 @@ def math_attention_elements(spec) -> tuple[list[int], list[int]]:
     not counted. Checked per tensor on the CPU with the math backend forced (tests/test_activations.py)."""
     d, kv = spec.hidden, spec.kv_dim
     kept = [d, d, d, spec.heads * spec.seq_len]  # q scaled, v repeated, k repeated and scaled, softmax
+    if _hf_llama(spec):  # transformers' block: separate q/k/v projections; the fused kernel kept q and k after
+        return kept, [d, kv, kv, d]  # RoPE, v_proj's output and its own output, which nothing else keeps
     gone = [d + 2 * kv] + ([d, kv, d] if spec.family == "llama" else [])
     return kept, gone
 
@@ -169,7 +177,7 @@ def block_bytes(spec, P: int, compiled: bool = False) -> int:
     fp32_norm_inputs = 2 * 4 * spec.hidden if _hf_llama(spec) else 0
     if sdpa_math(spec, P, compiled):  # no log-sum-exp; the math path's tensors for the fused kernel's
         kept, gone = math_attention_elements(spec)
-        return (block_elements(spec, compiled) + sum(kept) - sum(gone)) * P + stats
+        return (block_elements(spec, compiled) + sum(kept) - sum(gone)) * P + stats + fp32_norm_inputs
     return block_elements(spec, compiled) * P + 4 * spec.heads + stats + fp32_norm_inputs
 
 
