@@ -13,13 +13,16 @@ group, in the calling thread's CPU time (other processes taking the cores do not
   same model unsharded in the same dtype: the hooks' cost per unit as k grows;
 - the runner's own models (run/gpt.py, gpt and llama families, 8 layers at hidden 32: blocks of 12 and 7
   tensors) unsharded, FSDP2 and FSDP1, by phase;
+- stages (session 13): the runner's models under FSDP2 as the runner shards them for zero3 (1-D mesh,
+  reshard_after_forward=True: what `calibrate` times), zero2 (1-D, False) and ddp (a (1, 1) replicate x shard
+  mesh, False): what ZeRO-3's reshard after forward and second unshard in backward cost per unit;
 - calibrate's own host measurement (microbench.host's tiny model) repeated here, so CPU seconds can be
   carried to an H200 host by the ratio of its results there (launch_s, fsdp_unit_s) to its results here.
 
 Results and what they mean for the step-time model: docs/benchmarks.md, "FSDP's host cost by mechanism".
 
     .venv/bin/python benchmarks/fsdp_host_probe.py [--json benchmarks/results/fsdp_host_probe_cpu.json] [--reps N]
-        [--only optimizer,hooks,runner,calibrate]
+        [--only optimizer,hooks,runner,stages,calibrate]
 """
 
 from __future__ import annotations
@@ -209,6 +212,42 @@ def runner_model(family: str, reps: int, layers: int = 8) -> dict:
     return out
 
 
+def stages(family: str, reps: int, layers: int = 8) -> dict:
+    """Host seconds per unit (forward + backward, and the whole step as calibrate counts it) that FSDP2 adds over
+    the same model in bf16 unsharded, for the runner's three FSDP2 shardings at world size 1 (frameworks/fsdp2.py:
+    MESH and FSDP2_RESHARD). hostcost.UNIT_HOOK_SHARE prices zero2 at 0.75 and ddp at 1.0 of calibrate's zero3 unit."""
+    import torch
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    from shardlab.estimate.stepwork import work
+    from shardlab.models import ModelSpec
+    from shardlab.run.gpt import build_model, loss_fn
+
+    _group()
+    meshes = {"shard": init_device_mesh("cpu", (1,)), "replicate": init_device_mesh("cpu", (1, 1), mesh_dim_names=("replicate", "shard"))}
+    spec = ModelSpec("probe", layers=layers, hidden=32, heads=4, vocab=256, seq_len=32, family=family)
+    w = work(spec, 1, spec.seq_len, 2, False)
+    tok = torch.randint(0, spec.vocab, (1, spec.seq_len))
+    models = {}
+    for name, mesh, reshard in (("plain_bf16", None, None), ("zero3", "shard", True), ("zero2", "shard", False), ("ddp", "replicate", False)):
+        torch.manual_seed(0)
+        m = build_model(spec, device="cpu").to(torch.bfloat16) if mesh is None else build_model(spec, device="cpu")
+        if mesh is not None:
+            kw = dict(mesh=meshes[mesh], reshard_after_forward=reshard,
+                      mp_policy=MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.bfloat16))
+            for b in m.blocks:
+                fully_shard(b, **kw)
+            fully_shard(m, **kw)
+        models[name] = (m, lambda m=m: loss_fn(m(tok).float(), tok), _adamw(m))
+    ph = _phases(models, reps)
+    out = {"family": family, "layers": layers, "units": w.units, "param_tensors": w.param_tensors, "phases": ph}
+    for p in ("zero3", "zero2", "ddp"):
+        out[f"{p}_hooks_per_unit_s"] = sum(ph[p][x] - ph["plain_bf16"][x] for x in ("forward", "backward")) / w.units
+        out[f"{p}_unit_s_as_calibrate"] = sum(ph[p][x] - ph["plain_bf16"][x] for x in ph[p]) / w.units
+    return out
+
+
 def as_calibrate(reps: int) -> dict:
     """microbench.host's own measurement (its tiny model, bf16, AdamW as torch defaults it on CUDA: foreach)
     on this CPU: seconds per counted kernel and per FSDP2 unit. An H200 calibration's launch_s / fsdp_unit_s
@@ -243,13 +282,13 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--json", default=None)
     ap.add_argument("--reps", type=int, default=25)
-    ap.add_argument("--only", default="optimizer,hooks,runner,calibrate", help="which parts, comma-separated")
+    ap.add_argument("--only", default="optimizer,hooks,runner,stages,calibrate", help="which parts, comma-separated")
     a = ap.parse_args(argv)
     import torch
 
     torch.set_num_threads(1)
     res = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "torch": torch.__version__,
-           "command": "benchmarks/fsdp_host_probe.py", "optimizer": [], "hooks": [], "runner": []}
+           "command": "benchmarks/fsdp_host_probe.py", "optimizer": [], "hooks": [], "runner": [], "stages": []}
     parts = set(a.only.split(","))
     for n in (16, 64, 256) if "optimizer" in parts else ():
         for kind in ("plain", "dtensor"):
@@ -270,6 +309,13 @@ def main(argv=None) -> int:
         for p in ("bf16", "fp32", "fsdp1_bf16", "fsdp1_fp32"):
             print(f"   {p if p.startswith('fsdp1') else 'fsdp2_' + p:10} per unit: hooks {r[f'{p}_hooks_per_unit_s'] * 1e3:5.3f} ms, whole step as calibrate"
                   f" {r[f'{p}_unit_s_as_calibrate'] * 1e3:5.3f} ms; optimizer extra per tensor {r[f'{p}_opt_extra_per_tensor_s'] * 1e6:5.1f} us", flush=True)
+    for family in ("gpt", "llama") if "stages" in parts else ():
+        r = stages(family, a.reps)
+        res["stages"].append(r)
+        z3 = r["zero3_unit_s_as_calibrate"]
+        print(f"stages {family:5}: {r['units']} units {r['param_tensors']} tensors; FSDP2 per unit (hooks fwd+bwd / whole step as calibrate): "
+              + "; ".join(f"{p} {r[f'{p}_hooks_per_unit_s'] * 1e3:.3f} / {r[f'{p}_unit_s_as_calibrate'] * 1e3:.3f} ms ({r[f'{p}_unit_s_as_calibrate'] / z3:.2f} of zero3)"
+                          for p in ("zero3", "zero2", "ddp")), flush=True)
     c = res["as_calibrate"] = as_calibrate(a.reps) if "calibrate" in parts else None
     if c:
         print(f"as calibrate: plain step {c['plain_step_s'] * 1e3:.2f} ms -> {c['launch_s'] * 1e6:.1f} us per kernel; FSDP2 step"
