@@ -303,6 +303,9 @@ class _Step:
             sim.touch(r.P * (r.root if key[0] == "embed" else unit), VIEW_STREAM)  # (VIEW_STREAM), the root's whole
         alloc, free = sim.alloc, sim.free
         fsdp2, out = r.framework == "fsdp2", r.shard > 1
+        if r.framework == "fsdp1" and r.shard == 1 and not first and not r.offload:
+            self._accumulate_no_shard(unit, key)
+            return
         if fsdp2:
             alloc(("rs",) + key, r.P * unit, REDUCE_STREAM)
         if out:
@@ -316,6 +319,29 @@ class _Step:
             free(("rf",) + key)
         if r.offload and fsdp2:  # the gradient lives on the CPU: copied out, freed
             free(("grad",) + key)  # (probe #308: the blocks' fp32 gradients share two segments)
+
+    def _accumulate_no_shard(self, unit: int, key) -> None:
+        """FSDP1's NO_SHARD (every one-rank FSDP1 run) from the second micro-batch on, outside no_sync (the runner's
+        accumulation). prepare_gradient_for_backward keeps the fp32 gradient of the step before in .grad (its size is
+        the unsharded size), so autograd adds the new 16-bit flat gradient into it in place (the compute stream's
+        touch in _reduce); then _post_backward_hook, on the post-backward stream (REDUCE_STREAM), finds .grad's fp32
+        unlike the reduce dtype and casts it down (`flat_param.grad.to(reduce_dtype)`, a 16-bit copy), all-reduces
+        that, and _cast_grad_to_param_dtype casts it up again into a new fp32 tensor; the 16-bit copy is freed when
+        that returns and the old fp32 gradient (autograd_computed_grad) when the hook returns (torch 2.11
+        fsdp/_runtime_utils.py). So the old and the new fp32 gradient and the copy are live together, and the new
+        one takes the old one's place. Without mixed precision (fp32) nothing is cast: the in-place add alone. With CPU
+        offload .grad is on the CPU and is cleared before each backward: the first micro-batch's path.
+        Judged on H200 #912 (llamaT8k fp16, accumulation 2: -15.2% -> -13.4%), #31, #809 and the gpt-125m /
+        llama1b grids' FSDP1 accumulation rows (session 13, helper rz; docs/benchmarks.md)."""
+        sim, r = self.sim, self.r
+        if r.P >= 4:
+            return
+        g, new = ("grad",) + key, ("rf",) + key
+        sim.alloc(("lp",) + key, r.P * unit, REDUCE_STREAM)
+        sim.alloc(new, 4 * unit, REDUCE_STREAM)
+        sim.free(("lp",) + key)
+        sim.free(g)
+        sim.live[g] = sim.live.pop(new)  # the new fp32 gradient is .grad now (zero_grad frees it)
 
     def _backward(self, mb, first: bool) -> None:
         """Blocks in reverse: (gathered again,) recomputed under checkpointing, each saved tensor's
