@@ -33,12 +33,28 @@ ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-f
 BIN = Path(sys.executable).parent
 
 
+def serve(cmd: list[str], env: dict, cwd, log: Path) -> subprocess.Popen:
+    """Start a server for a browser test with its output in `log`. Not a pipe: nobody reads the pipe while the
+    test drives the page, and a server that writes 64 KiB of log (warnings, a run's start-up) then blocks in
+    the write with its event loop: the page stops changing (the app's Start once showed "no run yet" for
+    90 s that way in the fresh clones of session 13)."""
+    with open(log, "w") as out:  # the child keeps its own descriptor
+        proc = subprocess.Popen(cmd, env=env, cwd=cwd, stdout=out, stderr=subprocess.STDOUT, text=True)
+    proc.log_path = log
+    return proc
+
+
+def log_tail(proc: subprocess.Popen, n: int = 4000) -> str:
+    log = getattr(proc, "log_path", None)
+    return Path(log).read_text(errors="replace")[-n:] if log and Path(log).exists() else ""
+
+
 def wait_http(url: str, proc: subprocess.Popen, timeout: float = 120, status: int = 200) -> None:
     """Until `url` answers with `status` (the app's /login page answers 403: it needs its token)."""
     end = time.monotonic() + timeout
     while time.monotonic() < end:
         if proc.poll() is not None:
-            raise AssertionError(f"server exited with {proc.returncode}: {proc.stdout.read() if proc.stdout else ''}")
+            raise AssertionError(f"server exited with {proc.returncode}: {log_tail(proc)}")
         try:
             with urllib.request.urlopen(url, timeout=5) as r:
                 if r.status == status:
@@ -81,8 +97,8 @@ def browser(tmp_path):
 def app(tmp_path):
     port = free_port()
     env = {k: v for k, v in os.environ.items() if k != "SHARDLAB_RUNS_DIR"}
-    proc = subprocess.Popen([str(BIN / "shardlab"), "app", "--port", str(port), "--runs", str(tmp_path / "runs"), "--token", "browser-test"], env=env, cwd=tmp_path,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = serve([str(BIN / "shardlab"), "app", "--port", str(port), "--runs", str(tmp_path / "runs"), "--token", "browser-test"], env, tmp_path,
+                 tmp_path / "app.log")
     try:
         wait_http(f"http://127.0.0.1:{port}/login", proc, status=403)
         yield f"http://127.0.0.1:{port}/?token=browser-test", tmp_path / "runs"
@@ -145,7 +161,10 @@ def test_served_app_builds_checks_and_runs(browser, app):
     # event loop gets to the click after the selections above. On the 2-core machine loaded by other work
     # (session 13's fresh clone beside two helpers) that took over 30 s once; the latency itself is measured
     # by benchmarks/ui_latency.py, not here.
-    expect(page.locator(".sl-run-status")).to_contain_text("running", timeout=90_000)
+    try:
+        expect(page.locator(".sl-run-status")).to_contain_text("running", timeout=90_000)
+    except AssertionError as e:
+        raise AssertionError(f"{e}\n--- the app's log (tail) ---\n{(runs.parent / 'app.log').read_text(errors='replace')[-4000:]}") from None
     # Start-up takes seconds on 2 cores: the status names the phase until the first step is done.
     expect(page.locator(".sl-run-status .sl-run-phase")).to_be_visible(timeout=30_000)
     phases = set()
@@ -227,11 +246,11 @@ def jupyterlab(tmp_path: Path, files: dict[str, str], env: dict[str, str] | None
     env = {**os.environ, "JUPYTER_CONFIG_DIR": str(home / "config"), "JUPYTER_RUNTIME_DIR": str(home / "runtime"),
            "JUPYTERLAB_SETTINGS_DIR": str(home / "settings"), "JUPYTERLAB_WORKSPACES_DIR": str(home / "workspaces"),
            "IPYTHONDIR": str(home / "ipython"), **(env or {})}
-    proc = subprocess.Popen([str(BIN / "jupyter"), "lab", "--no-browser", f"--port={port}", "--ip=127.0.0.1",
-                             "--allow-root", "--IdentityProvider.token=", "--ServerApp.password=", "--ServerApp.disable_check_xsrf=True",
-                             f"--ServerApp.root_dir={root}", "--LabApp.news_url=",
-                             "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate"],
-                            env=env, cwd=root, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = serve([str(BIN / "jupyter"), "lab", "--no-browser", f"--port={port}", "--ip=127.0.0.1",
+                  "--allow-root", "--IdentityProvider.token=", "--ServerApp.password=", "--ServerApp.disable_check_xsrf=True",
+                  f"--ServerApp.root_dir={root}", "--LabApp.news_url=",
+                  "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate"],
+                 env, root, tmp_path / "jupyter.log")
     try:
         wait_http(f"http://127.0.0.1:{port}/lab", proc)
         yield f"http://127.0.0.1:{port}/lab", root
@@ -337,9 +356,8 @@ def served_widgets(tmp_path):
     (root / "mymodel.py").write_text(MY_MODEL)
     port = free_port()
     env = {k: v for k, v in os.environ.items() if k != "SHARDLAB_RUNS_DIR"} | {"DS_ACCELERATOR": "cpu"}
-    proc = subprocess.Popen([sys.executable, "-m", "panel", "serve", "widgets_app.py", "--port", str(port), "--liveness",
-                             "--address", "127.0.0.1", "--allow-websocket-origin", f"127.0.0.1:{port}"],
-                            env=env, cwd=root, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = serve([sys.executable, "-m", "panel", "serve", "widgets_app.py", "--port", str(port), "--liveness",
+                  "--address", "127.0.0.1", "--allow-websocket-origin", f"127.0.0.1:{port}"], env, root, tmp_path / "panel.log")
     try:
         # /liveness, not the page: a GET of the page would run the script once for nobody
         wait_http(f"http://127.0.0.1:{port}/liveness", proc)

@@ -319,6 +319,19 @@ def test_launcher_refuses_a_plan_with_errors_and_says_why(tmp_path):
     assert not any(tmp_path.iterdir())
 
 
+def test_launcher_refuses_an_empty_steps_field_and_says_which(tmp_path):
+    """A browser's number field can be empty (None) when Start is pressed: the status names the field and the
+    fix, no run starts, and nothing is left only in the server's log."""
+    from shardlab_widgets.launcher import RunLauncher
+
+    launcher = RunLauncher({"framework": "fsdp2", "sharding": "zero3"}, out=str(tmp_path))
+    launcher.steps.value = None
+    launcher.start()
+    assert launcher.run is None and not launcher.launching
+    assert "refused" in launcher.status.object and "steps=None" in launcher.status.object
+    assert launcher.start_button.disabled is False and not any(tmp_path.iterdir())
+
+
 def test_launcher_cancel_stops_the_run(tmp_path):
     from shardlab_widgets.launcher import RunLauncher
 

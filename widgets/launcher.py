@@ -111,12 +111,19 @@ class RunLauncher(pn.viewable.Viewer):
             return
         self._reset()
         self.run = None
+        for name, widget in (("steps", self.steps), ("processes", self.nproc)):
+            if not isinstance(widget.value, int) or widget.value < 1:
+                self._show_status("refused", f"{name}={widget.value!r}: give a whole number of at least 1.")
+                return
         kw = dict(model=self.model.value, steps=int(self.steps.value), nproc=int(self.nproc.value), device=self.device.value,
                   out=self.out, on_event=self._queue.append)
         try:
             plan = self.plan()
         except PlanError as e:
             self._show_status("refused", str(e))
+            return
+        except Exception as e:  # noqa: BLE001 - shown in the status line, never lost in the server's log
+            self._show_status("refused", f"{type(e).__name__}: {e}")
             return
 
         def work():
