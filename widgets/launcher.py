@@ -127,6 +127,10 @@ class RunLauncher(pn.viewable.Viewer):
             return
 
         def work():
+            # First let the server send "running" to the page: launch()'s first `import torch` in this process
+            # holds the GIL through loading torch's libraries (seconds; far longer on a loaded machine), and the
+            # event loop cannot write the status while it does.
+            time.sleep(0.3)
             try:
                 self._queue.append({"type": "launched", "run": launch(plan, **kw)})
             except PlanError as e:
