@@ -273,10 +273,9 @@ def model_for(row: dict, tiny: bool = False):
     return m
 
 
-TINY_HF = {"hf:llama": " hidden_size=64 intermediate_size=160 num_hidden_layers=2 num_attention_heads=4 num_key_value_heads=2 vocab_size=512 seq_len=64",
-           "hf:gpt2": " n_embd=64 n_layer=2 n_head=4 vocab_size=512 seq_len=64",
-           "hf:qwen2": " hidden_size=64 intermediate_size=160 num_hidden_layers=2 num_attention_heads=4 num_key_value_heads=2 vocab_size=512 seq_len=64",
-           "hf:mistral": " hidden_size=64 intermediate_size=160 num_hidden_layers=2 num_attention_heads=4 num_key_value_heads=2 vocab_size=512 seq_len=64"}
+_TINY_GQA = " hidden_size=64 intermediate_size=160 num_hidden_layers=2 num_attention_heads=4 num_key_value_heads=2 vocab_size=512 seq_len=64"
+TINY_HF = {"hf:llama": _TINY_GQA, "hf:qwen2": _TINY_GQA, "hf:mistral": _TINY_GQA,
+           "hf:gpt2": " n_embd=64 n_layer=2 n_head=4 vocab_size=512 seq_len=64"}
 
 
 def _median(xs):

@@ -34,19 +34,19 @@ BIN = Path(sys.executable).parent
 
 
 def serve(cmd: list[str], env: dict, cwd, log: Path) -> subprocess.Popen:
-    """Start a server for a browser test with its output in `log`. Not a pipe: nobody reads the pipe while the
-    test drives the page, and a server that writes 64 KiB of log (warnings, a run's start-up) then blocks in
-    the write with its event loop: the page stops changing (the app's Start once showed "no run yet" for
-    90 s that way in the fresh clones of session 13)."""
+    """Start a server for a browser test with its output in `log`, read back by log_tail when a check fails. Not
+    a pipe: nobody reads the pipe while the test drives the page, and a server that has written 64 KiB to it
+    blocks in the write, event loop and all. (Session 13's two fresh clones whose app kept "no run yet" after
+    Start had pipes; the app wrote 139 bytes in the runs that passed, so the pipe is not shown to be the cause.)"""
     with open(log, "w") as out:  # the child keeps its own descriptor
         proc = subprocess.Popen(cmd, env=env, cwd=cwd, stdout=out, stderr=subprocess.STDOUT, text=True)
     proc.log_path = log
     return proc
 
 
-def log_tail(proc: subprocess.Popen, n: int = 4000) -> str:
-    log = getattr(proc, "log_path", None)
-    return Path(log).read_text(errors="replace")[-n:] if log and Path(log).exists() else ""
+def log_tail(log: Path, n: int = 4000) -> str:
+    """The last `n` characters a server wrote (serve's `log`), for a failure's message."""
+    return Path(log).read_text(errors="replace")[-n:] if Path(log).exists() else ""
 
 
 def wait_http(url: str, proc: subprocess.Popen, timeout: float = 120, status: int = 200) -> None:
@@ -54,7 +54,8 @@ def wait_http(url: str, proc: subprocess.Popen, timeout: float = 120, status: in
     end = time.monotonic() + timeout
     while time.monotonic() < end:
         if proc.poll() is not None:
-            raise AssertionError(f"server exited with {proc.returncode}: {log_tail(proc)}")
+            log = getattr(proc, "log_path", None)  # serve()'s; a server started with a pipe (test_lab_browser's make lab)
+            raise AssertionError(f"server exited with {proc.returncode}: {log_tail(log) if log else proc.stdout.read() if proc.stdout else ''}")
         try:
             with urllib.request.urlopen(url, timeout=5) as r:
                 if r.status == status:
@@ -164,7 +165,7 @@ def test_served_app_builds_checks_and_runs(browser, app):
     try:
         expect(page.locator(".sl-run-status")).to_contain_text("running", timeout=90_000)
     except AssertionError as e:
-        raise AssertionError(f"{e}\n--- the app's log (tail) ---\n{(runs.parent / 'app.log').read_text(errors='replace')[-4000:]}") from None
+        raise AssertionError(f"{e}\n--- the app's log (tail) ---\n{log_tail(runs.parent / 'app.log')}") from None
     # Start-up takes seconds on 2 cores: the status names the phase until the first step is done.
     expect(page.locator(".sl-run-status .sl-run-phase")).to_be_visible(timeout=30_000)
     phases = set()

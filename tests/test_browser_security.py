@@ -9,10 +9,9 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 
 import pytest
-from test_browser import BIN, browser, stop, wait_http  # noqa: F401 - browser is a fixture
+from test_browser import BIN, browser, serve, stop, wait_http  # noqa: F401 - browser is a fixture
 
 from shardlab.run.host import free_port
 
@@ -31,9 +30,8 @@ def served(tmp_path):
     (app_dir / "secret.json").write_text(json.dumps({"zero_optimization": {"stage": 1}, "aws_secret_access_key": SECRET}))
     (app_dir / "secret.yaml").write_text(f"distributed_type: DEEPSPEED\nhf_token: {SECRET}\n")
     port = free_port()
-    proc = subprocess.Popen([str(BIN / "shardlab"), "app", "--port", str(port), "--token", TOKEN],
-                            env={**os.environ, "SHARDLAB_RUNS_DIR": str(tmp_path / "runs")}, cwd=app_dir,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = serve([str(BIN / "shardlab"), "app", "--port", str(port), "--token", TOKEN],
+                 {**os.environ, "SHARDLAB_RUNS_DIR": str(tmp_path / "runs")}, app_dir, tmp_path / "app.log")
     try:
         wait_http(f"http://127.0.0.1:{port}/login", proc, status=403)
         yield f"http://127.0.0.1:{port}/", app_dir

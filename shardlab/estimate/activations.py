@@ -194,17 +194,30 @@ def head_peak_bytes(spec, P: int) -> int:
     return 2 * spec.hidden * P + (4 * spec.hidden if _hf_llama(spec) else 0) + LOSS_FP32_COPIES * 4 * spec.vocab
 
 
+def _loss_and_block(spec, P: int, tokens: int, checkpointing: bool, compiled: bool) -> tuple[int, int]:
+    """The two candidates for the peak above what the blocks hold: the loss's rows at its backward, and one
+    block's backward (its transient gradients, the head's rows freed; under checkpointing with the block's
+    recomputed tensors)."""
+    head = tokens * head_peak_bytes(spec, P)
+    block = backward_transient(spec, P, tokens, compiled)
+    if checkpointing:
+        block += tokens * block_bytes(spec, P, compiled) + rope_tables(spec, P, compiled)
+    return head, block
+
+
 def activation_peak(spec, P: int, tokens: int, checkpointing: bool, compiled: bool = False) -> int:
     """Peak bytes of activations and loss temporaries for one micro-batch of `tokens` tokens
     (`compiled`: each block under torch.compile, see the module docstring)."""
     if spec.is_bare:
         return 0
-    head = tokens * head_peak_bytes(spec, P)
-    grads = backward_transient(spec, P, tokens, compiled)  # in a block's backward, the head's rows freed
-    if checkpointing:
-        one = tokens * block_bytes(spec, P, compiled) + rope_tables(spec, P, compiled)
-        return tokens * spec.layers * spec.hidden * P + max(head, one + grads)
-    return saved_blocks(spec, P, tokens, False, compiled) + max(head, grads)
+    held = tokens * spec.layers * spec.hidden * P if checkpointing else saved_blocks(spec, P, tokens, False, compiled)
+    return held + max(_loss_and_block(spec, P, tokens, checkpointing, compiled))
+
+
+def peak_in_a_block(spec, P: int, tokens: int, checkpointing: bool, compiled: bool = False) -> bool:
+    """Whether activation_peak's maximum falls in a block's backward rather than at the loss's."""
+    head, block = _loss_and_block(spec, P, tokens, checkpointing, compiled)
+    return block > head
 
 
 def saved_blocks(spec, P: int, tokens: int, checkpointing: bool, compiled: bool = False) -> int:

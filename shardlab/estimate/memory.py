@@ -60,7 +60,7 @@ from shardlab.models import wrap_units
 from shardlab.plan import Plan
 from shardlab.units import GIB
 
-from .activations import activation_peak, backward_transient, block_bytes, head_peak_bytes, rope_tables, saved_blocks, sdpa_math
+from .activations import activation_peak, backward_transient, peak_in_a_block, saved_blocks, sdpa_math
 from .allocator import CUDA_CONTEXT_BYTES, FRAGMENTATION, STRANDED, allocator_limit, reserved, stranded
 from .basis import DS_ALLREDUCE_SIZE, DS_MAX_LIVE, DS_SUB_GROUP, Setup, ds3_kept_for_backward, ds_largest_module, fsdp_stage, persistent_numel, shard_numel
 from .dsreplay import ds_replayed_reserved
@@ -70,17 +70,6 @@ from .stepsim import replayed_reserved
 def _compiled_blocks(plan: Plan, s: Setup) -> bool:
     """Whether each block runs under torch.compile (FSDP2 compiles its units; activations.py)."""
     return bool(plan.compile) and s.framework == "fsdp2"
-
-
-def _activation_peak_place(plan: Plan, s: Setup) -> str:
-    """Where activation_peak's maximum falls: the loss's fp32 rows, or a block's backward where the math
-    path's [B, heads, T, T] gradients (backward_transient) outweigh them."""
-    comp = _compiled_blocks(plan, s)
-    tokens = plan.micro_batch_size * s.spec.seq_len
-    block = backward_transient(s.spec, s.P, tokens, comp)
-    if plan.activation_checkpointing:
-        block += tokens * block_bytes(s.spec, s.P, comp) + rope_tables(s.spec, s.P, comp)
-    return "a block's backward (the math path's score gradients)" if block > tokens * head_peak_bytes(s.spec, s.P) else "the fp32 loss's backward"
 
 
 def replayed(plan: Plan, s: Setup, workspace: int, gpu=None) -> int | None:
@@ -354,7 +343,9 @@ def memory(plan: Plan, s: Setup, traced_activations: int | None = None, gpu=None
                             f"{plan.micro_batch_size} x {s.spec.seq_len} tokens, {s.P}-byte, "
                             + ("SDPA's math path on CUDA (fp32 without a fused kernel: a [B, heads, T, T] softmax per block)"
                                if sdpa_math(s.spec, s.P, _compiled_blocks(plan, s)) else "SDPA/flash (no T^2 scores)")
-                            + ", peak at " + _activation_peak_place(plan, s)
+                            + (", peak at a block's backward (the math path's score gradients)"
+                               if peak_in_a_block(s.spec, s.P, plan.micro_batch_size * s.spec.seq_len, plan.activation_checkpointing,
+                                                  _compiled_blocks(plan, s)) else ", peak at the fp32 loss's backward")
                             + (", checkpointed" if plan.activation_checkpointing else ""))
     notes["step_buffers"] = ("fp32 copy of the gradient partition for the optimizer step" if s.ds else "foreach optimizer temporaries (fp32)")
     notes["peak_reserved"] = (f"this step's requests replayed through the caching allocator's rules ({'dsreplay' if s.ds else 'stepsim'}.py)" if resv else

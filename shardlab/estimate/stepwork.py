@@ -124,12 +124,11 @@ def _shaped(spec: ModelSpec, mb: int, seq: int, P: int, ac: bool) -> Work:
         gemms += [Gemm(n, i, o, L * fwd_times), Gemm(n, o, i, L), Gemm(i, n, o, L)]
     gemms += [Gemm(n, d, V, 1), Gemm(n, V, d, 1), Gemm(d, n, V, 1)]
     attn = 2.0 * n * seq * d * L * (fwd_times + ATTN_BWD_FACTOR)
-    math_fwd = small_k = 0.0
+    scores = small_k = 0.0
     if sdpa_math(spec, P):  # SDPA's math path: the T x T scores as GEMMs and memory-bound passes (above)
-        bh = mb * spec.heads
-        attn = 2.0 * seq * seq * spec.head_dim * bh * L * (2 * fwd_times + 4)
-        small_k = 2.0 * seq * seq * spec.head_dim * bh * L * (fwd_times + 1)  # q k^T and dO v^T: K = head_dim
-        math_fwd = L * bh * seq * seq * MATH_SCORE_FWD_ELEMS
+        scores = L * mb * spec.heads * seq * seq  # score elements of all blocks
+        attn = 2.0 * scores * spec.head_dim * (2 * fwd_times + 4)  # each of those GEMMs: 2 x T x T x head_dim
+        small_k = 2.0 * scores * spec.head_dim * (fwd_times + 1)  # q k^T and dO v^T: K = head_dim
     bw = spec.block_work  # a real model's block, counted (blockwork.py); else shardlab's own block
     if bw:
         per_tok = bw["elems_per_token"]
@@ -138,8 +137,7 @@ def _shaped(spec: ModelSpec, mb: int, seq: int, P: int, ac: bool) -> Work:
     else:
         per_tok = 20 * d + 9 * (d + kv) + 5 * f
     mem = n * L * per_tok * (fwd_times + BWD_MEM_FACTOR) + n * (2 * d) * (1 + BWD_MEM_FACTOR) + 2 * n * d
-    if math_fwd:
-        mem += math_fwd * fwd_times + math_fwd * MATH_SCORE_BWD_ELEMS / MATH_SCORE_FWD_ELEMS
+    mem += scores * (MATH_SCORE_FWD_ELEMS * fwd_times + MATH_SCORE_BWD_ELEMS)
     cast = 2 * (P + 4) if P != 4 else 0
     fixed = n * V * (cast + 8 + 12) + 2 * V * d * P  # fp32 loss; dense embedding gradient (zeroed, then written)
     kpb = bw["kernels"] if bw else KERNELS_PER_BLOCK_FWD[impl]
@@ -152,8 +150,8 @@ def _shaped(spec: ModelSpec, mb: int, seq: int, P: int, ac: bool) -> Work:
         modules, params, top_m, top_p = 10, 7, 5, 3
     fwd_fixed = n * V * ((P + 4 if P != 4 else 0) + 8)  # logits cast and log-softmax forward
     return Work(n, seq, tuple(gemms), attn, spec.head_dim, mem, fixed, kernels, L * modules + top_m, L * params + top_p, L + 1,
-                fwd_elems=n * L * per_tok + math_fwd, fwd_fixed_bytes=fwd_fixed, fwd_kernels=L * kpb + 10,
-                recompute_kernels=L * kpb if ac else 0, attn_math=bool(math_fwd), attn_small_k_flops=small_k)
+                fwd_elems=n * L * per_tok + scores * MATH_SCORE_FWD_ELEMS, fwd_fixed_bytes=fwd_fixed, fwd_kernels=L * kpb + 10,
+                recompute_kernels=L * kpb if ac else 0, attn_math=bool(scores), attn_small_k_flops=small_k)
 
 
 def _bare(spec: ModelSpec, mb: int, seq: int) -> Work:
