@@ -71,7 +71,8 @@ def config_from(um):
                         "Use the config's own names (as in its config.json), or seq_len=N for the sequence length.")
     try:
         cfg = AutoConfig.for_model(model_type, **{**data, **over})
-    except (TypeError, ValueError) as e:
+    except Exception as e:  # noqa: BLE001 - TypeError / ValueError, and huggingface_hub's StrictDataclassClassValidationError
+        # (transformers 5.x validates a config's architecture there, e.g. hidden_size not a multiple of the heads)
         raise bad_input("--model", f"--model={um.text!r}: transformers refused the config ({e}). Fix the value it names.") from None
     if hasattr(cfg, "use_cache"):
         cfg.use_cache = False  # training: no KV cache

@@ -53,6 +53,14 @@ def test_unknown_gpu_exits_2_with_a_suggestion(plan_file):
     assert "--gpu='a100-40'" in r.stderr and "Did you mean" in r.stderr
 
 
+def test_a_transformers_config_its_own_validation_refuses_exits_2(plan_file):
+    """transformers 5.x checks a config's architecture in huggingface_hub's strict dataclass (not a ValueError):
+    a hidden size the heads do not divide is a one-line error naming --model, exit 2, no traceback."""
+    r = _run("estimate", plan_file, "--model", "hf:llama", "hidden_size=100", "num_attention_heads=3")
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert "--model=" in r.stderr and "not a multiple of the number of attention heads" in r.stderr
+
+
 def test_unknown_model_and_missing_model_exit_2(plan_file):
     r = _run("estimate", plan_file, "--model", "gpt-tinny")
     assert r.returncode == 2 and "Did you mean 'gpt-tiny'" in r.stderr and "Traceback" not in r.stderr

@@ -386,6 +386,16 @@ def test_calibrate_without_a_gpu_says_so_and_exits_2(capsys):
     assert "no CUDA GPU" in capsys.readouterr().err
 
 
+def test_calibrate_from_runs_refuses_a_missing_folder_and_one_without_completed_runs(capsys, tmp_path):
+    """`calibrate --from-runs` with nothing to refit writes nothing and says why: exit 2, the folder named."""
+    from shardlab.cli import main
+
+    assert main(["calibrate", "--from-runs", str(tmp_path / "nope"), "--calibration-dir", str(tmp_path / "cal")]) == 2
+    assert "no such folder" in capsys.readouterr().err
+    assert main(["calibrate", "--from-runs", str(tmp_path), "--calibration-dir", str(tmp_path / "cal")]) == 2
+    assert "none completed" in capsys.readouterr().err and not (tmp_path / "cal").exists()
+
+
 def test_the_step_breakdown_adds_up_and_is_drawn():
     from shardlab_widgets.steptime import step_bar_html
 

@@ -293,7 +293,16 @@ def cli_calibrate(a) -> int:
     import sys
 
     if a.from_runs:
+        missing = [d for d in a.from_runs if not Path(d).is_dir()]
+        if missing:
+            print(f"error: --from-runs {missing[0]!r}: no such folder. Give run folders or a run store (shardlab runs lists one).",
+                  file=sys.stderr)
+            return 2
         out = calibrate_from_runs(a.from_runs, gpu=a.gpu, directory=a.calibration_dir)
+        if not out["runs_used"]:
+            print(f"error: --from-runs {' '.join(map(str, a.from_runs))}: {out['runs_read']} run(s) read, none completed with step "
+                  "times; nothing to refit, nothing written. Give folders of completed runs.", file=sys.stderr)
+            return 2
         if a.json:
             print(json.dumps(out))
         else:
