@@ -292,7 +292,11 @@ def measured(run, status: str) -> dict:
         return res
     r0 = m[m["rank"] == 0].sort_values("step")
     rows = r0.to_dict("records")
-    later = [r for r in rows if r["step"] > 2] or rows
+    prof = [r for r in rows if r.get("profile.step_s") == r.get("profile.step_s") and r.get("profile.step_s") is not None]
+    if prof:  # --profile-step: that step's split (run/profile.py); its time is the profiler's too, not a step's
+        res["profile"] = {k[len("profile."):]: v for k, v in prof[0].items() if k.startswith("profile.") and v == v}
+        res["profile"]["step"] = int(prof[0]["step"])
+    later = [r for r in rows if r["step"] > 2 and r not in prof] or rows
     res["step_time_s"] = _median(r["step_time_s"] for r in later)
     res["tokens_per_s"] = _median(r["tokens_per_s"] for r in later)
     def nested(r, prefix):  # Run.metrics turns nested dicts into dotted columns
@@ -328,7 +332,7 @@ def run_one(row: dict, a, out: Path, live: dict) -> dict:
         row["concurrent"] = live["n"] - 1
     try:
         run = launch(plan_for(row), model=model_for(row, a.tiny), steps=a.steps, device=a.device, out=out,
-                     instrument=True, timeout_s=400, factory=factory)
+                     instrument=True, timeout_s=400, factory=factory, profile_step=a.profile_step)
         status = run.wait()
         row.update(measured(run, status))
     except Exception as e:  # noqa: BLE001 - a failed configuration is a row, not the end of the matrix
@@ -481,6 +485,8 @@ def main() -> int:
     ap.add_argument("--only", help="comma list of configuration numbers (1-based)")
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--jobs", type=int, default=1)
+    ap.add_argument("--profile-step", type=int, default=None,
+                    help="run this step under torch.profiler: the row gains `profile` (GPU busy, host busy and waits; benchmarks/host_split.py)")
     ap.add_argument("--set", default="matrix", choices=tuple(SETS), help="check: the shapes kept out of the fitting; host: the host-cost probe")
     ap.add_argument("--mem-gib", type=float, default=120.0)
     ap.add_argument("--device", default="cuda", choices=("cuda", "cpu"))

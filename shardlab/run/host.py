@@ -78,13 +78,16 @@ def device_and_ranks(max_gpus: int = 4) -> tuple[str, int]:
 
 
 def check_run(plan: Plan, *, steps: int, nproc: int, device: str, launcher: str, instrument: bool | str = True,
-              env: Mapping[str, str] | None = None) -> None:
+              env: Mapping[str, str] | None = None, profile_step: int | None = None) -> None:
     """Runner-level checks a valid plan can still fail on this machine (PlanError naming the field);
     `env`: the run's environment (default os.environ), for the GPUs it may see."""
     if instrument not in (True, False, "alternate"):
         raise bad_input("instrument", f"instrument={instrument!r} is not true, false or 'alternate'. Use instrument=True (measure every step), False (bare loop) or 'alternate' (odd steps measured, even steps bare).")
     if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
         raise bad_input("steps", f"steps={steps!r} must be a whole number of at least 1 (optimizer steps to run). Use e.g. steps=10.")
+    if profile_step is not None and (not isinstance(profile_step, int) or isinstance(profile_step, bool)
+                                     or not 1 <= profile_step <= steps):
+        raise bad_input("profile_step", f"profile_step={profile_step!r} must be a step of this run, 1 to steps={steps} (the one step run under torch.profiler). Use e.g. profile_step={min(3, steps)}, or None.")
     if nproc < 1:
         raise bad_input("nproc", f"nproc={nproc} must be at least 1 (processes per node). Use e.g. nproc=2.")
     if device not in ("cpu", "cuda"):

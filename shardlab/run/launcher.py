@@ -88,7 +88,7 @@ def launch(plan, model="gpt-tiny", steps: int = 10, nproc: int | None = None, de
            on_event: Callable[[dict], None] | None = None, launcher: str = "torchrun", factory: str | None = None,
            trace_memory: bool = False, instrument: bool | str = True, mem_limit_bytes: int | None = None,
            worker_module: str = "shardlab.run.worker", env: Mapping[str, str] | None = None,
-           cwd: str | Path | None = None) -> LiveRun:
+           cwd: str | Path | None = None, profile_step: int | None = None) -> LiveRun:
     """Start `plan` for real on this machine and return at once (call .wait() to block).
 
     out: the run store (default: $SHARDLAB_RUNS_DIR, else ./runs; see store.default_runs_dir).
@@ -102,7 +102,8 @@ def launch(plan, model="gpt-tiny", steps: int = 10, nproc: int | None = None, de
     an importable module. instrument: True measures every step; False runs the bare loop (loss and timings only);
     "alternate" measures odd steps and runs even steps bare, for comparing the two in one run.
     worker_module: the program torchrun runs (`python -m worker_module RUN_DIR`); only for testing
-    the launcher against a stand-in.
+    the launcher against a stand-in. profile_step: one step (1..steps) run under torch.profiler; its
+    metrics line gains `profile` (run/profile.py: the GPU's busy time, the host's own and its waits).
     env: the environment the run's processes start from (default: os.environ as it is now), before
     shardlab adds its own variables; every variable launch() passes on to them (OMP_NUM_THREADS,
     CUDA_VISIBLE_DEVICES, TORCH_EXTENSIONS_DIR, ...) is read from it, never from os.environ. A program that
@@ -114,11 +115,12 @@ def launch(plan, model="gpt-tiny", steps: int = 10, nproc: int | None = None, de
     env = dict(os.environ if env is None else env)  # one copy: every later read sees the same variables
     cwd = str(Path(cwd if cwd is not None else os.getcwd()).resolve())
     device = device or default_device(env)
-    plan, nproc, (model_name, model_arg, spec) = _checked(plan, model, steps, nproc, device, launcher, instrument, factory, env)
+    plan, nproc, (model_name, model_arg, spec) = _checked(plan, model, steps, nproc, device, launcher, instrument, factory, env,
+                                                          profile_step)
     run_id, run_dir = create_run_dir(out)
     run_dir = run_dir.resolve()
     gpus = visible_gpus(env) if device == "cuda" else []
-    _write_inputs(run_dir, plan, model_arg, steps, device, seed, factory, trace_memory, instrument, gpus)
+    _write_inputs(run_dir, plan, model_arg, steps, device, seed, factory, trace_memory, instrument, gpus, profile_step)
     cmds = _agent_commands(plan, run_dir, run_id, nproc, device, gpus, worker_module, launcher, env, cwd)
     info = _first_status(run_id, plan, model_name, spec, device, nproc, steps, seed, timeout_s)
     write_json_atomic(RunFiles(run_dir).status, info)
@@ -136,14 +138,15 @@ def launch(plan, model="gpt-tiny", steps: int = 10, nproc: int | None = None, de
     return run
 
 
-def _checked(plan, model, steps, nproc, device, launcher, instrument, factory, env):
+def _checked(plan, model, steps, nproc, device, launcher, instrument, factory, env, profile_step=None):
     """(plan as it will run, nproc, (model name, model for run.json, ModelSpec)); PlanError for
     anything the worker would refuse, before a file is written or a process started."""
     plan = load_plan(plan)
     if device not in ("cpu", "cuda"):
         raise bad_input("device", f"device={device!r} is not cpu or cuda. Use device='cpu' or device='cuda'.")
     nproc = check_capacity(plan, nproc, device, env)
-    check_run(plan, steps=steps, nproc=nproc, device=device, launcher=launcher, instrument=instrument, env=env)
+    check_run(plan, steps=steps, nproc=nproc, device=device, launcher=launcher, instrument=instrument, env=env,
+              profile_step=profile_step)
     if nproc != plan.topology.gpus_per_node:
         plan = load_plan(plan.model_copy(update={"topology": plan.topology.model_copy(update={"gpus_per_node": nproc})}))
     model_name, model_arg, spec = _model_for_worker(model)
@@ -159,12 +162,14 @@ def _checked(plan, model, steps, nproc, device, launcher, instrument, factory, e
     return plan, nproc, (model_name, model_arg, spec)
 
 
-def _write_inputs(run_dir: Path, plan, model_arg, steps, device, seed, factory, trace_memory, instrument, gpus) -> None:
+def _write_inputs(run_dir: Path, plan, model_arg, steps, device, seed, factory, trace_memory, instrument, gpus,
+                  profile_step=None) -> None:
     """plan.yaml, run.json, the empty append-only files and prediction.json: what the worker reads."""
     files = RunFiles(run_dir)
     files.plan.write_text(plan.to_yaml())
     write_json_atomic(files.config, {"model": model_arg, "steps": steps, "device": device, "seed": seed,
-                                     "factory": factory, "trace_memory": trace_memory, "instrument": instrument})
+                                     "factory": factory, "trace_memory": trace_memory, "instrument": instrument,
+                                     "profile_step": profile_step})
     for name in RunFiles.APPEND_ONLY:
         (run_dir / name).touch()
     from shardlab.run.prediction import write_prediction

@@ -1,7 +1,7 @@
 """The training program torchrun starts: `python -m shardlab.run.worker RUN_DIR`.
 
 It reads RUN_DIR/plan.yaml (a shardlab Plan) and RUN_DIR/run.json ({"model", "steps", "device",
-"seed", "factory", "trace_memory", "instrument"}), trains `steps` optimizer steps on deterministic
+"seed", "factory", "trace_memory", "instrument", "profile_step"}), trains `steps` optimizer steps on deterministic
 synthetic batches, and after each step every rank appends one JSON line to RUN_DIR/metrics.jsonl
 (phase timestamps, loss, throughput, the model-state bytes it holds, its collective traffic, memory).
 RUN_DIR/events.jsonl gets start / done / oom / error lines, and a "phase" line (with `what`, in words)
@@ -38,7 +38,8 @@ from shardlab.estimate.gpus import gpu_table_name, peak_tflops  # noqa: F401 (im
 from shardlab.run.files import RunFiles
 
 STATE_EVERY = 10  # steps between full re-measurements of the (fixed-size) sharded model states
-RUN_DEFAULTS = {"steps": 3, "device": "cpu", "seed": 0, "factory": None, "trace_memory": False, "instrument": True}
+RUN_DEFAULTS = {"steps": 3, "device": "cpu", "seed": 0, "factory": None, "trace_memory": False, "instrument": True,
+                "profile_step": None}
 
 
 def _prepare_env(device: str) -> None:
@@ -169,7 +170,15 @@ class Worker:
             with contextlib.ExitStack() as bare_step:
                 if self.counter is not None and not inst:
                     bare_step.enter_context(self.pause())  # a bare step of an alternating run counts nothing
-                self.metrics.write(self._step(step, inst).to_json())
+                if step == self.cfg.get("profile_step"):  # run/profile.py: where this step's time went
+                    from shardlab.run.profile import profiled
+
+                    with profiled(self.device) as prof:
+                        rec = self._step(step, inst)
+                    rec.add(profile=prof)
+                else:
+                    rec = self._step(step, inst)
+                self.metrics.write(rec.to_json())
         self.phase = "done"
 
     def _step(self, step: int, inst: bool):

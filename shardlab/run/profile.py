@@ -1,0 +1,98 @@
+"""Where one training step's time went, measured: the GPU's busy time and the host's (issue 14).
+
+The step-time model (shardlab/estimate/steptime.py) says how much of a step is the GPU's work and how
+much is the host issuing it (Python, autograd, the frameworks' hooks, kernel launches). A step's wall
+time alone cannot tell which side a wrong prediction got wrong. `profiled()` runs one step under
+torch.profiler and reduces its events to four figures, each comparable with the estimate's own:
+
+- gpu_busy_s: the union of the step's device intervals (kernels, copies, memsets) -- against the
+  estimate's compute_s (+ its exposed communication and offload);
+- gpu_kernel_s: their sum (above gpu_busy_s where streams overlap);
+- host_wait_s: the host's time inside CUDA's synchronising calls (stream, event and device
+  synchronize: `.item()`, DeepSpeed's overflow checks and timers, the worker's loss read-back);
+- host_busy_s: the step's wall time less host_wait_s, the host's own work -- against the
+  estimate's host seconds (time["detail"]["host_s"]);
+- launches: the CUDA runtime's launch calls (kernels, async copies and memsets) -- against the
+  kernels stepwork.py counts.
+
+The profiler adds its own cost per recorded operator to the host side, so step_s here is longer than
+an unprofiled step; profile_overhead_s (this step's wall time less the run's median unprofiled step,
+filled in by whoever has both) says by how much. On a CPU run there is no device: the GPU figures are
+None and the host's wait is 0.
+"""
+
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager
+
+# CUDA runtime calls in which the host waits for the device (what torch's .item(), .cpu() and
+# torch.cuda.synchronize() end in; DeepSpeed's timers and overflow checks use the same calls)
+SYNC_CALLS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize")
+LAUNCH_CALLS = ("cudaLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernel", "cuLaunchKernelEx", "cudaMemcpyAsync",
+                "cudaMemsetAsync")
+
+
+def _union_s(intervals: list[tuple[float, float]]) -> float:
+    """Seconds covered by at least one of `intervals` (microseconds, as the profiler gives them)."""
+    total, end = 0.0, float("-inf")
+    for a, b in sorted(intervals):
+        if b <= end:
+            continue
+        total += b - max(a, end)
+        end = b
+    return total / 1e6
+
+
+def summarize(events, wall_s: float, device: str) -> dict:
+    """The four figures (module docstring) from torch.profiler's FunctionEvents of one step."""
+    dev, waits, launches = [], 0.0, 0
+    for e in events:
+        kind = getattr(getattr(e, "device_type", None), "name", "")
+        if kind == "CUDA":
+            dev.append((e.time_range.start, e.time_range.end))
+        elif e.name in SYNC_CALLS:
+            waits += (e.time_range.end - e.time_range.start) / 1e6
+        elif e.name in LAUNCH_CALLS:
+            launches += 1
+    out = {"step_s": wall_s, "host_wait_s": waits, "host_busy_s": max(0.0, wall_s - waits),
+           "gpu_busy_s": None, "gpu_kernel_s": None, "launches": launches if device == "cuda" else None}
+    if device == "cuda":
+        out["gpu_busy_s"] = _union_s(dev)
+        out["gpu_kernel_s"] = sum(b - a for a, b in dev) / 1e6
+    return out
+
+
+@contextmanager
+def profiled(device: str):
+    """Profile the block (one step); the dict yielded is filled with `summarize`'s figures on exit,
+    or with {"error": ...} if the profiler could not run here (the step itself still counts)."""
+    result: dict = {}
+    try:
+        from torch.profiler import ProfilerActivity, profile
+
+        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+        prof = profile(activities=acts)
+        prof.__enter__()
+    except Exception as e:  # noqa: BLE001 - no profiler (CUPTI missing): the step runs unprofiled
+        result["error"] = f"{type(e).__name__}: {e}"[:300]
+        yield result
+        return
+    if device == "cuda":
+        import torch
+
+        torch.cuda.synchronize()  # the step starts with the device idle, as the worker's steps do
+    t0 = time.perf_counter()
+    try:
+        yield result
+    finally:
+        if device == "cuda":
+            import torch
+
+            torch.cuda.synchronize()
+        wall = time.perf_counter() - t0
+        try:
+            prof.__exit__(None, None, None)
+            result.update(summarize(prof.events(), wall, device))
+        except Exception as e:  # noqa: BLE001
+            result["error"] = f"{type(e).__name__}: {e}"[:300]
