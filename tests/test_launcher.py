@@ -155,6 +155,8 @@ def test_load_run_of_a_folder_that_is_not_a_run_is_bad_input(tmp_path):
     ({"device": "tpu"}, "device"),
     ({"launcher": "mpirun"}, "launcher"),
     ({"instrument": "sometimes"}, "instrument"),
+    ({"profile_step": 3}, "profile_step"),  # past the run's 2 steps
+    ({"profile_step": "2"}, "profile_step"),
 ])
 def test_runner_level_bad_input_is_refused_before_anything_starts(tmp_path, kwargs, field):
     args = {"plan": PLAN, "model": "gpt-tiny", "steps": 2, "device": "cpu", "out": tmp_path, **kwargs}

@@ -170,7 +170,7 @@ def test_comm_counter_counts_each_collective_once_by_family(one_rank_group):
 
 
 def _spawn(run_dir: Path, plan, *, nproc: int = 2, steps: int = STEPS, instrument: bool | str = True,
-           factory: str | None = None, extra_path: str | None = None) -> subprocess.Popen:
+           factory: str | None = None, extra_path: str | None = None, profile_step: int | None = None) -> subprocess.Popen:
     """torchrun running the worker on `run_dir`, as the launcher starts it; its output goes to files there
     (a pipe nobody reads while other starts are waited for could fill and stall it). Started in the background,
     from the suite's collection-time environment and folder (_prestart.py says why)."""
@@ -178,7 +178,8 @@ def _spawn(run_dir: Path, plan, *, nproc: int = 2, steps: int = STEPS, instrumen
     plan = load_plan(plan)
     (run_dir / "plan.yaml").write_text(plan.to_yaml())
     (run_dir / "run.json").write_text(json.dumps({"model": "gpt-tiny", "steps": steps, "device": "cpu", "seed": 0,
-                                                  "factory": factory, "trace_memory": False, "instrument": instrument}))
+                                                  "factory": factory, "trace_memory": False, "instrument": instrument,
+                                                  "profile_step": profile_step}))
     argv, env = launch_command(plan, ["-m", "shardlab.run.worker", str(run_dir)], nproc_per_node=nproc,
                                torchrun=[sys.executable, "-m", "torch.distributed.run"], master_port=free_port())
     extra = {**env, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
@@ -204,7 +205,7 @@ def _finish(run_dir: Path, proc: subprocess.Popen) -> subprocess.CompletedProces
 # refuses it before starting anything). `user`: the run imports userfactory.py from the runs' folder.
 DIRECT = {
     "bare": dict(plan=SETUPS["fsdp2-zero3"], steps=2, instrument=False),
-    "alternate": dict(plan=SETUPS["deepspeed-zero2"], steps=4, instrument="alternate"),
+    "alternate": dict(plan=SETUPS["deepspeed-zero2"], steps=4, instrument="alternate", profile_step=2),
     "lowmem": dict(plan={**SETUPS["fsdp2-zero3"], "low_memory_init": True}, steps=2),
     "factory": dict(plan=SETUPS["fsdp2-zero3"], steps=2, factory="userfactory:good", user=True),
     "oom": dict(plan=SETUPS["fsdp2-zero3"], steps=2, factory="userfactory:oom", user=True),
@@ -363,8 +364,35 @@ def test_alternating_run_measures_odd_steps_and_leaves_even_steps_bare(direct, r
     full = _by_rank_step(run("deepspeed-zero2")[1])
     assert rows[(0, 3)]["comm_count"] == full[(0, 3)]["comm_count"]
     assert rows[(0, 3)]["state_bytes"] == full[(0, 3)]["state_bytes"]
-    # and the training is the same whichever steps are measured
+    # and the training is the same whichever steps are measured (step 2 also ran under torch.profiler)
     assert [rows[(0, s)]["loss"] for s in (1, 2, 3)] == pytest.approx([full[(0, s)]["loss"] for s in (1, 2, 3)], rel=1e-6)
+    # the profiled step (run/profile.py) on each rank: a CPU run has no device figures and no waits, and its
+    # wall time is the step's own as the record's timestamps say (the profiler brackets the same calls)
+    for rank in (0, 1):
+        p = rows[(rank, 2)]["profile"]
+        assert p["gpu_busy_s"] is None and p["host_wait_s"] == 0 and p["host_busy_s"] == p["step_s"]
+        assert rows[(rank, 2)]["step_time_s"] <= p["step_s"] < rows[(rank, 2)]["step_time_s"] + 1.0
+    assert all("profile" not in m for (_r, step), m in rows.items() if step != 2)
+
+
+def test_profile_summary_takes_the_union_of_device_intervals_and_the_host_waits():
+    """run/profile.py's reduction, on events whose answer is worked by hand: two kernels overlapping on two
+    streams (0-30 and 20-50 us) and one after a gap (100-110 us) are busy 60 us of a 70 us kernel sum; the
+    host waited 40 us in two synchronising calls; launch calls are counted, other host events are not."""
+    from types import SimpleNamespace as NS
+
+    from shardlab.run.profile import summarize
+
+    def ev(name, a, b, kind="CPU"):
+        return NS(name=name, device_type=NS(name=kind), time_range=NS(start=a, end=b))
+
+    events = [ev("k1", 0, 30, "CUDA"), ev("k2", 20, 50, "CUDA"), ev("k3", 100, 110, "CUDA"),
+              ev("cudaStreamSynchronize", 60, 90), ev("cudaEventSynchronize", 120, 130), ev("cudaLaunchKernel", 1, 2),
+              ev("cudaLaunchKernel", 3, 4), ev("aten::mm", 0, 5)]
+    s = summarize(events, 0.001, "cuda")
+    assert s["gpu_busy_s"] == pytest.approx(60e-6) and s["gpu_kernel_s"] == pytest.approx(70e-6)
+    assert s["host_wait_s"] == pytest.approx(40e-6) and s["host_busy_s"] == pytest.approx(960e-6)
+    assert s["launches"] == 2
 
 
 _WRAP_WITH_OVERRIDES = textwrap.dedent('''
