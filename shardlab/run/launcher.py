@@ -167,9 +167,11 @@ def _write_inputs(run_dir: Path, plan, model_arg, steps, device, seed, factory, 
     """plan.yaml, run.json, the empty append-only files and prediction.json: what the worker reads."""
     files = RunFiles(run_dir)
     files.plan.write_text(plan.to_yaml())
-    write_json_atomic(files.config, {"model": model_arg, "steps": steps, "device": device, "seed": seed,
-                                     "factory": factory, "trace_memory": trace_memory, "instrument": instrument,
-                                     "profile_step": profile_step})
+    config = {"model": model_arg, "steps": steps, "device": device, "seed": seed, "factory": factory,
+              "trace_memory": trace_memory, "instrument": instrument}
+    if profile_step is not None:  # only when asked: run.json's keys are what readers of older folders know
+        config["profile_step"] = profile_step
+    write_json_atomic(files.config, config)
     for name in RunFiles.APPEND_ONLY:
         (run_dir / name).touch()
     from shardlab.run.prediction import write_prediction

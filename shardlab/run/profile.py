@@ -13,7 +13,8 @@ torch.profiler and reduces its events to four figures, each comparable with the 
 - host_busy_s: the step's wall time less host_wait_s, the host's own work -- against the
   estimate's host seconds (time["detail"]["host_s"]);
 - launches: the CUDA runtime's launch calls (kernels, async copies and memsets) -- against the
-  kernels stepwork.py counts.
+  kernels stepwork.py counts; top_kernels / top_ops: the most frequent device kernels and CPU
+  operators by name, with their counts (what those launches are).
 
 The profiler adds its own cost per recorded operator to the host side, so step_s here is longer than
 an unprofiled step; profile_overhead_s (this step's wall time less the run's median unprofiled step,
@@ -24,11 +25,13 @@ None and the host's wait is 0.
 from __future__ import annotations
 
 import time
+from collections import Counter
 from contextlib import contextmanager
 
 # CUDA runtime calls in which the host waits for the device (what torch's .item(), .cpu() and
 # torch.cuda.synchronize() end in; DeepSpeed's timers and overflow checks use the same calls)
 SYNC_CALLS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize")
+TOP, TOP_NAME = 40, 100  # how many names top_kernels / top_ops keep, and the characters of each
 LAUNCH_CALLS = ("cudaLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernel", "cuLaunchKernelEx", "cudaMemcpyAsync",
                 "cudaMemsetAsync")
 
@@ -47,16 +50,22 @@ def _union_s(intervals: list[tuple[float, float]]) -> float:
 def summarize(events, wall_s: float, device: str) -> dict:
     """The four figures (module docstring) from torch.profiler's FunctionEvents of one step."""
     dev, waits, launches = [], 0.0, 0
+    kernels: Counter = Counter()
+    ops: Counter = Counter()
     for e in events:
         kind = getattr(getattr(e, "device_type", None), "name", "")
         if kind == "CUDA":
             dev.append((e.time_range.start, e.time_range.end))
+            kernels[e.name[:TOP_NAME]] += 1
+        elif e.name.startswith(("aten::", "c10d::", "nccl:")):
+            ops[e.name[:TOP_NAME]] += 1
         elif e.name in SYNC_CALLS:
             waits += (e.time_range.end - e.time_range.start) / 1e6
         elif e.name in LAUNCH_CALLS:
             launches += 1
     out = {"step_s": wall_s, "host_wait_s": waits, "host_busy_s": max(0.0, wall_s - waits),
-           "gpu_busy_s": None, "gpu_kernel_s": None, "launches": launches if device == "cuda" else None}
+           "gpu_busy_s": None, "gpu_kernel_s": None, "launches": launches if device == "cuda" else None,
+           "top_kernels": dict(kernels.most_common(TOP)), "top_ops": dict(ops.most_common(TOP))}
     if device == "cuda":
         out["gpu_busy_s"] = _union_s(dev)
         out["gpu_kernel_s"] = sum(b - a for a, b in dev) / 1e6

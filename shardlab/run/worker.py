@@ -1,7 +1,7 @@
 """The training program torchrun starts: `python -m shardlab.run.worker RUN_DIR`.
 
 It reads RUN_DIR/plan.yaml (a shardlab Plan) and RUN_DIR/run.json ({"model", "steps", "device",
-"seed", "factory", "trace_memory", "instrument", "profile_step"}), trains `steps` optimizer steps on deterministic
+"seed", "factory", "trace_memory", "instrument"}, and "profile_step" when one step is profiled), trains `steps` optimizer steps on deterministic
 synthetic batches, and after each step every rank appends one JSON line to RUN_DIR/metrics.jsonl
 (phase timestamps, loss, throughput, the model-state bytes it holds, its collective traffic, memory).
 RUN_DIR/events.jsonl gets start / done / oom / error lines, and a "phase" line (with `what`, in words)
