@@ -50,7 +50,7 @@ def main(argv=None) -> int:
             s = split(r)
             ms = lambda v: f"{1e3 * v:7.1f}" if v is not None else "      -"  # noqa: E731
             print(f"#{s['id']} {s['name'][:40]:40} {ms(s['step'])} {ms(s['pred_step'])} {ms(s['gpu'])} {ms(s['pred_gpu'])} "
-                  f"{ms(s['host'])} ({1e3 * s['host_raw']:4.0f}) {ms(s['pred_host'])} {s['launches'] or 0:6d} {s['pred_kernels']:6d}")
+                  f"{ms(s['host'])} ({1e3 * s['host_raw']:4.0f}) {ms(s['pred_host'])} {int(s['launches'] or 0):6d} {int(s['pred_kernels']):6d}")
     return 0
 
 

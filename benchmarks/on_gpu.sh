@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # GPU machine wrapper for the GPU benchmarks (gpu_validate.py, zero3_gap.py): install the carried
-# wheels (deepspeed, pydantic, hjson..., built/downloaded into .whl/ as docs/benchmarks.md says),
+# wheels (deepspeed, pydantic, hjson...: `bash benchmarks/gpu_wheels.sh` puts them into .whl/),
 # make shardlab importable, keep NVLink multicast off, print the versions, then run the script.
 # Usage: bash benchmarks/on_gpu.sh SCRIPT.py [args]
 set -euo pipefail

@@ -378,24 +378,26 @@ def test_alternating_run_measures_odd_steps_and_leaves_even_steps_bare(direct, r
 def test_profile_summary_takes_the_union_of_device_intervals_and_the_host_waits():
     """run/profile.py's reduction, on events whose answer is worked by hand: two kernels overlapping on two
     streams (0-30 and 20-50 us), one after a gap (100-110 us) and k1 again (200-201 us) are busy 61 us of a 71 us
-    kernel sum; the
-    host waited 40 us in two synchronising calls; launch calls are counted, other host events are not."""
+    kernel sum (a record_function range drawn on the GPU's timeline is not work); the host waited 40 us in two
+    synchronising calls; launch calls are counted, other host events are not."""
     from types import SimpleNamespace as NS
 
     from shardlab.run.profile import summarize
 
-    def ev(name, a, b, kind="CPU"):
-        return NS(name=name, device_type=NS(name=kind), time_range=NS(start=a, end=b))
+    def ev(name, a, b, kind="CPU", annotation=False):
+        return NS(name=name, device_type=NS(name=kind), time_range=NS(start=a, end=b), is_user_annotation=annotation)
 
     events = [ev("k1", 0, 30, "CUDA"), ev("k2", 20, 50, "CUDA"), ev("k3", 100, 110, "CUDA"),
               ev("cudaStreamSynchronize", 60, 90), ev("cudaEventSynchronize", 120, 130), ev("cudaLaunchKernel", 1, 2),
-              ev("cudaLaunchKernel", 3, 4), ev("aten::mm", 0, 5), ev("aten::mm", 6, 9), ev("k1", 200, 201, "CUDA")]
+              ev("cudaLaunchKernel", 3, 4), ev("aten::mm", 0, 5), ev("aten::mm", 6, 9), ev("k1", 200, 201, "CUDA"),
+              ev("FSDP::pre_backward (blocks.0)", 0, 300, "CUDA", annotation=True)]  # a range drawn on the GPU, no work
     s = summarize(events, 0.002, "cuda")
     assert s["gpu_busy_s"] == pytest.approx(61e-6) and s["gpu_kernel_s"] == pytest.approx(71e-6)
     assert s["host_wait_s"] == pytest.approx(40e-6) and s["host_busy_s"] == pytest.approx(1960e-6)
     assert s["launches"] == 2
     # what the launches were: device kernels and CPU operators by name, most frequent first
-    assert s["top_kernels"] == {"k1": 2, "k2": 1, "k3": 1} and list(s["top_kernels"])[0] == "k1"
+    assert s["top_kernels"] == {"k1": 2, "k2": 1, "k3": 1} and list(s["top_kernels"]) == ["k1", "k2", "k3"]
+    assert s["top_kernel_s"] == pytest.approx({"k1": 31e-6, "k2": 30e-6, "k3": 10e-6})  # ranked by GPU time
     assert s["top_ops"] == {"aten::mm": 2}
 
 

@@ -13,8 +13,9 @@ torch.profiler and reduces its events to four figures, each comparable with the 
 - host_busy_s: the step's wall time less host_wait_s, the host's own work -- against the
   estimate's host seconds (time["detail"]["host_s"]);
 - launches: the CUDA runtime's launch calls (kernels, async copies and memsets) -- against the
-  kernels stepwork.py counts; top_kernels / top_ops: the most frequent device kernels and CPU
-  operators by name, with their counts (what those launches are).
+  kernels stepwork.py counts; top_kernels / top_kernel_s: the device kernels that took the most GPU
+  time, by name, with their counts and seconds (what the GPU's busy time is made of); top_ops: the most
+  frequent CPU operators by name, with their counts (what the launches are).
 
 The profiler adds its own cost per recorded operator to the host side, so step_s here is longer than
 an unprofiled step; profile_overhead_s (this step's wall time less the run's median unprofiled step,
@@ -51,12 +52,16 @@ def summarize(events, wall_s: float, device: str) -> dict:
     """The four figures (module docstring) from torch.profiler's FunctionEvents of one step."""
     dev, waits, launches = [], 0.0, 0
     kernels: Counter = Counter()
+    kernel_s: Counter = Counter()
     ops: Counter = Counter()
     for e in events:
         kind = getattr(getattr(e, "device_type", None), "name", "")
+        if kind == "CUDA" and getattr(e, "is_user_annotation", False):
+            continue  # a record_function range (FSDP::pre_backward, Optimizer.step#...) drawn on the GPU's timeline: not work
         if kind == "CUDA":
             dev.append((e.time_range.start, e.time_range.end))
             kernels[e.name[:TOP_NAME]] += 1
+            kernel_s[e.name[:TOP_NAME]] += (e.time_range.end - e.time_range.start) / 1e6
         elif e.name.startswith(("aten::", "c10d::", "nccl:")):
             ops[e.name[:TOP_NAME]] += 1
         elif e.name in SYNC_CALLS:
@@ -65,7 +70,10 @@ def summarize(events, wall_s: float, device: str) -> dict:
             launches += 1
     out = {"step_s": wall_s, "host_wait_s": waits, "host_busy_s": max(0.0, wall_s - waits),
            "gpu_busy_s": None, "gpu_kernel_s": None, "launches": launches if device == "cuda" else None,
-           "top_kernels": dict(kernels.most_common(TOP)), "top_ops": dict(ops.most_common(TOP))}
+           "top_ops": dict(ops.most_common(TOP))}
+    longest = [name for name, _ in kernel_s.most_common(TOP)]  # the kernels that take the GPU's time, longest first
+    out["top_kernels"] = {name: kernels[name] for name in longest}
+    out["top_kernel_s"] = {name: kernel_s[name] for name in longest}
     if device == "cuda":
         out["gpu_busy_s"] = _union_s(dev)
         out["gpu_kernel_s"] = sum(b - a for a, b in dev) / 1e6
