@@ -295,8 +295,8 @@ def measured(run, status: str) -> dict:
     prof = [r for r in rows if r.get("profile.step_s") == r.get("profile.step_s") and r.get("profile.step_s") is not None]
     if prof:  # --profile-step: that step's split (run/profile.py); its time is the profiler's too, not a step's
         res["profile"] = {k[len("profile."):]: v for k, v in prof[0].items() if k.startswith("profile.") and "." not in k[8:] and v == v}
-        for top in ("top_kernels", "top_kernel_s", "top_ops"):  # Run.metrics made each name a dotted column
-            res["profile"][top] = {k[len(f"profile.{top}."):]: (float(v) if top == "top_kernel_s" else int(v))
+        for top in ("top_kernels", "top_kernel_s", "top_ops", "gpu_kind_s"):  # Run.metrics made each name a dotted column
+            res["profile"][top] = {k[len(f"profile.{top}."):]: (int(v) if top in ("top_kernels", "top_ops") else float(v))
                                    for k, v in prof[0].items() if k.startswith(f"profile.{top}.") and v == v}
         res["profile"]["step"] = int(prof[0]["step"])
     later = [r for r in rows if r["step"] > 2 and r not in prof] or rows

@@ -5,7 +5,10 @@ step under torch.profiler). For each, the landed estimate (uncalibrated, the GPU
 way: its GPU work (compute_s + exposed communication + offload) against the measured gpu_busy_s, its host
 seconds (time["detail"]["host_s"]) against host_busy_s less the profiler's own cost, its kernel count
 against the launches the profiler saw. A step predicted wrong is then wrong on the GPU side, the host side,
-or in how the two overlap (both sides right, the step not).
+or in how the two overlap (both sides right, the step not). A second table splits the GPU's kernel time by
+kind (run/profile.py's gpu_kind_s: matmul, attention, optimizer, other) against the estimate's matmul_s,
+attention_s, optimizer_s and memory_bound_s. Rows recorded before gpu_kind_s existed get it from their
+top_kernel_s (the 40 longest kernels; record_function ranges, which those rows still held, left out).
 
     .venv/bin/python benchmarks/host_split.py benchmarks/results/host_split_h200.json [...]
 """
@@ -37,6 +40,29 @@ def split(row: dict) -> dict:
             "wait": p["host_wait_s"], "launches": p.get("launches"), "pred_kernels": t["detail"]["kernels_per_micro_step"] * micro}
 
 
+KIND_TERMS = {"matmul": "matmul_s", "attention": "attention_s", "optimizer": "optimizer_s", "other": "memory_bound_s"}
+
+
+def kinds(row: dict) -> dict | None:
+    """Measured GPU seconds by kind, and the estimate's, of one profiled row (None without kernel times)."""
+    import fidelity
+
+    from shardlab.estimate import estimate
+    from shardlab.run.profile import kernel_kind
+
+    p = row["profile"]
+    got = p.get("gpu_kind_s")
+    if not got and p.get("top_kernel_s"):
+        got = dict.fromkeys(KIND_TERMS, 0.0)
+        for name, sec in p["top_kernel_s"].items():
+            if "#" not in name and not name.startswith(("FSDP::", "ProfilerStep")):  # ranges, not kernels
+                got[kernel_kind(name)] += sec
+    if not got:
+        return None
+    d = estimate(fidelity.plan_for(row), fidelity.model_for(row), "h200", calibration=False).time["detail"]
+    return {kind: (got.get(kind, 0.0), d[term]) for kind, term in KIND_TERMS.items()}
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("results", nargs="+")
@@ -51,6 +77,12 @@ def main(argv=None) -> int:
             ms = lambda v: f"{1e3 * v:7.1f}" if v is not None else "      -"  # noqa: E731
             print(f"#{s['id']} {s['name'][:40]:40} {ms(s['step'])} {ms(s['pred_step'])} {ms(s['gpu'])} {ms(s['pred_gpu'])} "
                   f"{ms(s['host'])} ({1e3 * s['host_raw']:4.0f}) {ms(s['pred_host'])} {int(s['launches'] or 0):6d} {int(s['pred_kernels']):6d}")
+    print(f"\nGPU kernel time by kind, ms measured / predicted\n{'row':6}" + "".join(f"{k:>18}" for k in KIND_TERMS))
+    for f in a.results:
+        for r in json.load(open(f)):
+            k = kinds(r) if r.get("status") == "completed" and r.get("profile") else None
+            if k:
+                print(f"#{r['id']:<5}" + "".join(f"{1e3 * m:9.1f} /{1e3 * p:6.1f}" for m, p in k.values()))
     return 0
 
 

@@ -399,6 +399,14 @@ def test_profile_summary_takes_the_union_of_device_intervals_and_the_host_waits(
     assert s["top_kernels"] == {"k1": 2, "k2": 1, "k3": 1} and list(s["top_kernels"]) == ["k1", "k2", "k3"]
     assert s["top_kernel_s"] == pytest.approx({"k1": 31e-6, "k2": 30e-6, "k3": 10e-6})  # ranked by GPU time
     assert s["top_ops"] == {"aten::mm": 2}
+    # by the estimate's terms: a cuBLAS and a cuDNN attention kernel's names, the rest "other"
+    assert s["gpu_kind_s"] == pytest.approx({"matmul": 0.0, "attention": 0.0, "optimizer": 0.0, "other": 71e-6})
+    named = summarize([ev("nvjet_sm90_tst_256x128_64x4_1x2_h_bz_coopA_NNT", 0, 40, "CUDA"),
+                       ev("cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16", 40, 50, "CUDA"),
+                       ev("void multi_tensor_apply_kernel<TensorListMetadata<4>, AdamFunctor<float>>", 50, 53, "CUDA"),
+                       ev("void at::native::vectorized_elementwise_kernel<8, GeluCUDAKernelImpl>", 53, 55, "CUDA")],
+                      0.001, "cuda")["gpu_kind_s"]
+    assert named == pytest.approx({"matmul": 40e-6, "attention": 10e-6, "optimizer": 3e-6, "other": 2e-6})
 
 
 _WRAP_WITH_OVERRIDES = textwrap.dedent('''

@@ -15,7 +15,10 @@ torch.profiler and reduces its events to four figures, each comparable with the 
 - launches: the CUDA runtime's launch calls (kernels, async copies and memsets) -- against the
   kernels stepwork.py counts; top_kernels / top_kernel_s: the device kernels that took the most GPU
   time, by name, with their counts and seconds (what the GPU's busy time is made of); top_ops: the most
-  frequent CPU operators by name, with their counts (what the launches are).
+  frequent CPU operators by name, with their counts (what the launches are);
+- gpu_kind_s: every kernel's GPU seconds summed by kind -- matmul, attention, optimizer, other (the
+  memory-bound rest: elementwise, norms, copies, the loss) -- against the estimate's matmul_s, attention_s,
+  optimizer_s and memory_bound_s.
 
 The profiler adds its own cost per recorded operator to the host side, so step_s here is longer than
 an unprofiled step; profile_overhead_s (this step's wall time less the run's median unprofiled step,
@@ -25,6 +28,7 @@ None and the host's wait is 0.
 
 from __future__ import annotations
 
+import re
 import time
 from collections import Counter
 from contextlib import contextmanager
@@ -33,6 +37,11 @@ from contextlib import contextmanager
 # torch.cuda.synchronize() end in; DeepSpeed's timers and overflow checks use the same calls)
 SYNC_CALLS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize")
 TOP, TOP_NAME = 40, 100  # how many names top_kernels / top_ops keep, and the characters of each
+# a kernel's kind from its name (cuBLAS/cuBLASLt's nvjet, cutlass and xmma GEMMs; cuDNN's and FlashAttention's
+# fused attention; the optimizers' fused and foreach kernels); a name matching none is "other"
+KINDS = (("matmul", re.compile(r"nvjet|gemm|cutlass|xmma|cublas", re.I)),
+         ("attention", re.compile(r"sdpa|flash|fmha|attention", re.I)),
+         ("optimizer", re.compile(r"adam|multi_tensor_apply|sgd", re.I)))
 LAUNCH_CALLS = ("cudaLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernel", "cuLaunchKernelEx", "cudaMemcpyAsync",
                 "cudaMemsetAsync")
 
@@ -48,11 +57,17 @@ def _union_s(intervals: list[tuple[float, float]]) -> float:
     return total / 1e6
 
 
+def kernel_kind(name: str) -> str:
+    """matmul, attention, optimizer or other: which of the estimate's GPU terms a kernel's time belongs to."""
+    return next((kind for kind, pattern in KINDS if pattern.search(name)), "other")
+
+
 def summarize(events, wall_s: float, device: str) -> dict:
-    """The four figures (module docstring) from torch.profiler's FunctionEvents of one step."""
+    """The figures of the module docstring from torch.profiler's FunctionEvents of one step."""
     dev, waits, launches = [], 0.0, 0
     kernels: Counter = Counter()
     kernel_s: Counter = Counter()
+    kinds: Counter = Counter()
     ops: Counter = Counter()
     for e in events:
         kind = getattr(getattr(e, "device_type", None), "name", "")
@@ -60,8 +75,10 @@ def summarize(events, wall_s: float, device: str) -> dict:
             continue  # a record_function range (FSDP::pre_backward, Optimizer.step#...) drawn on the GPU's timeline: not work
         if kind == "CUDA":
             dev.append((e.time_range.start, e.time_range.end))
+            took = (e.time_range.end - e.time_range.start) / 1e6
             kernels[e.name[:TOP_NAME]] += 1
-            kernel_s[e.name[:TOP_NAME]] += (e.time_range.end - e.time_range.start) / 1e6
+            kernel_s[e.name[:TOP_NAME]] += took
+            kinds[kernel_kind(e.name)] += took
         elif e.name.startswith(("aten::", "c10d::", "nccl:")):
             ops[e.name[:TOP_NAME]] += 1
         elif e.name in SYNC_CALLS:
@@ -77,6 +94,7 @@ def summarize(events, wall_s: float, device: str) -> dict:
     if device == "cuda":
         out["gpu_busy_s"] = _union_s(dev)
         out["gpu_kernel_s"] = sum(b - a for a, b in dev) / 1e6
+        out["gpu_kind_s"] = {kind: kinds[kind] for kind in ("matmul", "attention", "optimizer", "other")}
     return out
 
 
