@@ -230,10 +230,38 @@ NEW4_CONFIGS = [
     # runs slower per parameter than FSDP1's (steptime.TORCH_CPU_ADAM_PARAMS_PER_S) or the hosts differ
     C("llama1792", "fsdp2", "zero3", mb=2, off="both"),
 ]
+# the unseen set of session 16 (--set new5, numbered from 1001): written down 2026-12-04 01:55 UTC, before it ran, with
+# the code of sessions 13-15; none of its shapes was used to find or fit anything: three transformers architectures
+# not run before (Qwen3 with its q/k norms and head_dim 128 over hidden 1024; Gemma with head_dim 256, one KV head and
+# a 256k vocabulary; Phi-3 with fused qkv and gate/up projections at T=3072), an 8 x 2048 GPT (head_dim 128), a
+# multi-head Llama at T=6144 and a 200k-vocabulary Llama; micro-batch 1-6, accumulation 2-3, every framework
+MODELS.update({
+    "hf-qwen3": "hf:qwen3 hidden_size=1024 intermediate_size=3072 num_hidden_layers=12 num_attention_heads=16 "
+                "num_key_value_heads=8 head_dim=128 vocab_size=151936 seq_len=2048",
+    "hf-gemma": "hf:gemma hidden_size=1024 intermediate_size=4096 num_hidden_layers=8 num_attention_heads=8 "
+                "num_key_value_heads=1 head_dim=256 vocab_size=256000 seq_len=2048",
+    "hf-phi3": "hf:phi3 hidden_size=1536 intermediate_size=4096 num_hidden_layers=10 num_attention_heads=12 "
+               "num_key_value_heads=4 vocab_size=32064 seq_len=3072",
+    "gpt2048x8": {"name": "gpt2048x8", "family": "gpt", "layers": 8, "hidden": 2048, "heads": 16, "vocab": 50257, "seq_len": 1024},
+    "llamaT6k": {"name": "llamaT6k", "family": "llama", "layers": 12, "hidden": 1280, "heads": 10, "kv_heads": 10,
+                 "ffn_hidden": 3456, "vocab": 32000, "seq_len": 6144},
+    "llama200k": {"name": "llama200k", "family": "llama", "layers": 6, "hidden": 1536, "heads": 12, "kv_heads": 4,
+                  "ffn_hidden": 4096, "vocab": 200064, "seq_len": 2048},
+})
+NEW5_CONFIGS = [
+    C("hf-qwen3", "fsdp2", "zero3", mb=2), C("hf-qwen3", "deepspeed", "zero3", mb=2, ac=True),
+    C("hf-gemma", "fsdp2", "zero2", mb=2), C("hf-gemma", "deepspeed", "zero1", mb=1, ga=2),
+    C("hf-phi3", "fsdp1", "zero3", mb=2, ac=True), C("hf-phi3", "deepspeed", "zero2", "fp16", mb=2),
+    C("gpt2048x8", "fsdp2", "zero3", mb=6), C("gpt2048x8", "deepspeed", "zero3", mb=3, off="opt"),
+    C("gpt2048x8", "fsdp1", "ddp", "fp32", mb=2), C("llamaT6k", "fsdp2", "zero3", mb=1, ga=3, ac=True),
+    C("llamaT6k", "deepspeed", "zero2", mb=2, ac=True), C("llamaT6k", "fsdp2", "ddp", "fp16", mb=1),
+    C("llama200k", "fsdp2", "zero3", mb=4, comp=True), C("llama200k", "deepspeed", "ddp", mb=3),
+    C("llama200k", "fsdp1", "zero2", mb=5, off="both"), C("llama200k", "deepspeed", "zero3", "fp32", mb=1, off="both"),
+]
 SETS = {"matrix": (1, CONFIGS), "check": (101, CHECK_CONFIGS), "host": (201, HOST_CONFIGS), "val": (301, VAL_CONFIGS),
         "hf": (401, HF_CONFIGS), "held": (501, HELD_CONFIGS),
         "res": (601, RES_CONFIGS), "new": (701, NEW_CONFIGS),
-        "new3": (801, NEW3_CONFIGS), "new4": (901, NEW4_CONFIGS)}
+        "new3": (801, NEW3_CONFIGS), "new4": (901, NEW4_CONFIGS), "new5": (1001, NEW5_CONFIGS)}
 KEYS = ("model", "framework", "sharding", "precision", "micro_batch_size", "grad_accum_steps", "activation_checkpointing",
         "offload", "compile", "hf", "low_memory_init")
 
@@ -274,7 +302,8 @@ def model_for(row: dict, tiny: bool = False):
 
 
 _TINY_GQA = " hidden_size=64 intermediate_size=160 num_hidden_layers=2 num_attention_heads=4 num_key_value_heads=2 vocab_size=512 seq_len=64"
-TINY_HF = {"hf:llama": _TINY_GQA, "hf:qwen2": _TINY_GQA, "hf:mistral": _TINY_GQA,
+TINY_HF = {"hf:llama": _TINY_GQA, "hf:qwen2": _TINY_GQA, "hf:mistral": _TINY_GQA, "hf:phi3": _TINY_GQA + " pad_token_id=0",
+           "hf:qwen3": _TINY_GQA + " head_dim=16", "hf:gemma": _TINY_GQA + " head_dim=16",
            "hf:gpt2": " n_embd=64 n_layer=2 n_head=4 vocab_size=512 seq_len=64"}
 
 
