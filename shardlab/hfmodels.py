@@ -128,7 +128,12 @@ def shape_of(cfg, seq_len: int, vocab: int) -> dict | None:
     vals = {}
     for key, names in _SHAPE_ATTRS.items():
         vals[key] = next((getattr(cfg, n) for n in names if isinstance(getattr(cfg, n, None), int)), None)
-    if not all(vals[k] for k in ("layers", "hidden", "heads")) or vals["hidden"] % vals["heads"]:
+    if not all(vals[k] for k in ("layers", "hidden", "heads")):
+        return None
+    head = getattr(cfg, "head_dim", None)  # set apart from hidden / heads by some models (Qwen3, Gemma)
+    if isinstance(head, int) and head > 0 and head * vals["heads"] != vals["hidden"]:
+        vals["head_size"] = head
+    elif vals["hidden"] % vals["heads"]:
         return None
     if vals["kv_heads"] and vals["heads"] % vals["kv_heads"]:
         vals["kv_heads"] = None

@@ -51,6 +51,13 @@ class ModelSpec:
     # (shardlab.run.gpt) or "transformers" (a model transformers builds from its config: its Python
     # RMSNorm and rotary embedding keep other tensors than the runner's).
     layout: str = field(default="shardlab", compare=False)
+    # The width of one attention head where the model sets it apart from hidden / heads (a Hugging Face
+    # config's head_dim: Qwen3 1024 / 16 heads of 128, Gemma 256, Mistral-Nemo): its q projection is then
+    # hidden -> heads x head_dim, not hidden -> hidden. None: hidden / heads (shardlab's own model).
+    head_size: int | None = None
+    # Whether each attention head's queries and keys are normalised before RoPE (a `q_norm` / `k_norm` in the
+    # block: Qwen3, Gemma 3): transformers' RMSNorm then keeps their fp32 copies for backward.
+    qk_norm: bool = False
 
     @property
     def n_kv_heads(self) -> int:
@@ -58,7 +65,12 @@ class ModelSpec:
 
     @property
     def head_dim(self) -> int:
-        return self.hidden // self.heads
+        return self.head_size or self.hidden // self.heads
+
+    @property
+    def q_dim(self) -> int:
+        """Width of the attention's queries (and of the out projection's input): heads x head_dim."""
+        return self.heads * self.head_dim
 
     @property
     def kv_dim(self) -> int:
@@ -76,13 +88,13 @@ class ModelSpec:
     @property
     def block_params(self) -> int:
         """Parameters of one transformer block (the FSDP wrap unit of a transformer policy)."""
-        d, f, kv = self.hidden, self.ffn, self.kv_dim
+        d, f, kv, q = self.hidden, self.ffn, self.kv_dim, self.q_dim
         if self.family == "gpt":
-            attn = d * (d + 2 * kv) + (d + 2 * kv) + d * d + d
+            attn = d * (q + 2 * kv) + (q + 2 * kv) + q * d + d
             mlp = d * f + f + f * d + d
             norms = 4 * d
         else:
-            attn = d * (d + 2 * kv) + d * d
+            attn = d * (q + 2 * kv) + q * d
             mlp = 3 * d * f
             norms = 2 * d
         return attn + mlp + norms
@@ -272,7 +284,8 @@ def with_seq_len(spec: ModelSpec, seq_len: int) -> ModelSpec:
 
 def _key(spec: ModelSpec) -> tuple:
     return (spec.layers, spec.hidden, spec.heads, spec.vocab, spec.seq_len, spec.kv_heads, spec.ffn_hidden,
-            spec.family, spec.params_override, spec.wrap_unit_params, spec.wrap_unit_count, spec.shapes, spec.source, spec.layout)
+            spec.family, spec.params_override, spec.wrap_unit_params, spec.wrap_unit_count, spec.shapes, spec.source, spec.layout,
+            spec.head_size, spec.qk_norm)
 
 
 @dataclass(frozen=True)
@@ -308,7 +321,7 @@ def param_shapes(spec: ModelSpec) -> ParamShapes:
     got = _SHAPES.get(k)
     if got is not None:
         return got
-    d, f, kv, V = spec.hidden, spec.ffn, spec.kv_dim, spec.vocab
+    d, f, kv, V, q = spec.hidden, spec.ffn, spec.kv_dim, spec.vocab, spec.q_dim
     if spec.is_bare:
         n = spec.params
         if spec.wrap_unit_params and spec.wrap_unit_count:
@@ -319,11 +332,11 @@ def param_shapes(spec: ModelSpec) -> ParamShapes:
             got = ParamShapes((), (), 0, ((n, 1),))
     elif spec.family == "gpt":
         embed = ((V, d), (spec.seq_len, d))
-        block = ((d, 1), (d, 1), (d + 2 * kv, d), (d + 2 * kv, 1), (d, d), (d, 1),
+        block = ((d, 1), (d, 1), (q + 2 * kv, d), (q + 2 * kv, 1), (d, q), (d, 1),
                  (d, 1), (d, 1), (f, d), (f, 1), (d, f), (d, 1))
         got = ParamShapes(embed, block, spec.layers, ((d, 1), (d, 1), (V, d)))
     else:
-        block = ((d, 1), (d + 2 * kv, d), (d, d), (d, 1), (f, d), (f, d), (d, f))
+        block = ((d, 1), (q + 2 * kv, d), (d, q), (d, 1), (f, d), (f, d), (d, f))
         got = ParamShapes(((V, d),), block, spec.layers, ((d, 1), (V, d)))
     _SHAPES[k] = got
     return got
@@ -333,7 +346,8 @@ def flops_per_token(spec: ModelSpec, seq_len: int | None = None) -> int:
     """Training FLOPs per token as torchtitan counts them: 6·N + 12·L·d·T.
 
     N excludes the input embedding table (and GPT's learned positions): a lookup is no matmul. The
-    LM head stays in N (it is a matmul). 12·L·d·T is attention's QK^T and AV, forward and backward.
+    LM head stays in N (it is a matmul). 12·L·q·T is attention's QK^T and AV, forward and backward (q: heads x
+    head_dim, the hidden size unless the model sets head_dim apart).
     A bare count has no shape, so it gets 6·N only. Recomputation (activation checkpointing) is
     not counted, as in torchtitan's MFU; the step-time model adds it separately.
     A model counted from its nn.Module (usermodel.py) has its FLOPs counted by torch's FLOP counter at
@@ -341,12 +355,12 @@ def flops_per_token(spec: ModelSpec, seq_len: int | None = None) -> int:
     """
     if spec.counted_flops_per_token is not None:
         t = spec.seq_len if seq_len is None else seq_len
-        extra = 12 * spec.layers * spec.hidden * (t - spec.seq_len) if spec.layers and spec.seq_len else 0
+        extra = 12 * spec.layers * spec.q_dim * (t - spec.seq_len) if spec.layers and spec.seq_len else 0
         return spec.counted_flops_per_token + extra
     if spec.is_bare:
         return 6 * spec.params
     t = spec.seq_len if seq_len is None else seq_len
-    return 6 * (spec.params - spec.embedding_params) + 12 * spec.layers * spec.hidden * t
+    return 6 * (spec.params - spec.embedding_params) + 12 * spec.layers * spec.q_dim * t
 
 
 def wrap_units(spec: ModelSpec, policy: str = "transformer", min_num_params: int = 100_000_000) -> list[tuple[str, int]]:

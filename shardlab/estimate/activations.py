@@ -60,8 +60,8 @@ def _hf_llama(spec) -> bool:
 def block_elements(spec, compiled: bool = False) -> int:
     """Elements one block saves for backward per token in the model dtype (see the module docstring)."""
     d, f, kv = spec.hidden, spec.ffn, spec.kv_dim
-    if _hf_llama(spec):
-        return 6 * d + 2 * kv + 4 * f
+    if _hf_llama(spec):  # the two norms' 4d; q after RoPE and SDPA's output, each heads x head_dim wide (q_dim)
+        return 4 * d + 2 * spec.q_dim + 2 * kv + 4 * f
     if spec.family == "llama":
         return 8 * d + 3 * kv + (3 if compiled else 4) * f
     return 6 * d + 2 * kv + 2 * f
@@ -125,10 +125,10 @@ def math_attention_elements(spec) -> tuple[list[int], list[int]]:
     block, RoPE's rotated q (d) and k (kv) or the SDPA output (d). The backward's two [B, heads, T, T]
     gradients (of the softmax output and of the scores) live only inside one block's backward and are
     not counted. Checked per tensor on the CPU with the math backend forced (tests/test_activations.py)."""
-    d, kv = spec.hidden, spec.kv_dim
-    kept = [d, d, d, spec.heads * spec.seq_len]  # q scaled, v repeated, k repeated and scaled, softmax
+    d, kv, q = spec.hidden, spec.kv_dim, spec.q_dim
+    kept = [q, q, q, spec.heads * spec.seq_len]  # q scaled, v repeated, k repeated and scaled, softmax
     if _hf_llama(spec):  # transformers' block: separate q/k/v projections; the fused kernel kept q and k after
-        return kept, [d, kv, kv, d]  # RoPE, v_proj's output and its own output, which nothing else keeps
+        return kept, [q, kv, kv, q]  # RoPE, v_proj's output and its own output, which nothing else keeps
     gone = [d + 2 * kv] + ([d, kv, d] if spec.family == "llama" else [])
     return kept, gone
 
@@ -175,6 +175,12 @@ def block_bytes(spec, P: int, compiled: bool = False) -> int:
         return int(bw["saved_elems_per_token"] * P + bw["saved_other_bytes_per_token"])
     stats = 8 if spec.family == "llama" else 16
     fp32_norm_inputs = 2 * 4 * spec.hidden if _hf_llama(spec) else 0
+    if _hf_llama(spec) and spec.qk_norm:
+        # q_norm / k_norm (Qwen3), read from transformers' RMSNorm: each keeps its input's fp32 copy (pow and the
+        # product save it: 4 bytes) and its normalised bf16 copy (the weight's product saves it: 2) for every q and k
+        # element; RoPE after them keeps only its tables. Judged by the traced step (tests/test_activations.py)
+        # and H200 #1001 (fidelity_h200_new5.json): -7.1% before head_dim and this, -5.4% with head_dim alone.
+        fp32_norm_inputs += 6 * (spec.q_dim + spec.kv_dim)
     if sdpa_math(spec, P, compiled):  # no log-sum-exp; the math path's tensors for the fused kernel's
         kept, gone = math_attention_elements(spec)
         return (block_elements(spec, compiled) + sum(kept) - sum(gone)) * P + stats + fp32_norm_inputs

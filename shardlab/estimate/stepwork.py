@@ -96,10 +96,10 @@ def implementation(spec: ModelSpec) -> str:
 
 
 def _linears(spec: ModelSpec) -> list[tuple[int, int]]:
-    d, f, kv = spec.hidden, spec.ffn, spec.kv_dim
+    d, f, kv, q = spec.hidden, spec.ffn, spec.kv_dim, spec.q_dim
     if spec.family == "gpt":
-        return [(d, d + 2 * kv), (d, d), (d, f), (f, d)]
-    return [(d, d + 2 * kv), (d, d), (d, f), (d, f), (f, d)]
+        return [(d, q + 2 * kv), (q, d), (d, f), (f, d)]
+    return [(d, q + 2 * kv), (q, d), (d, f), (d, f), (f, d)]
 
 
 _CACHE: dict[tuple, Work] = {}
@@ -108,7 +108,7 @@ _CACHE: dict[tuple, Work] = {}
 def work(spec: ModelSpec, micro_batch: int, seq: int, act_bytes: int, checkpointing: bool) -> Work:
     """The micro-step's work for a shaped model (cached: widgets call this on every change)."""
     key = (spec.name, spec.layers, spec.hidden, spec.heads, spec.vocab, spec.kv_heads, spec.ffn_hidden, spec.family,
-           spec.params_override, implementation(spec), spec.source, micro_batch, seq, act_bytes, checkpointing)
+           spec.params_override, implementation(spec), spec.source, spec.head_size, micro_batch, seq, act_bytes, checkpointing)
     got = _CACHE.get(key)
     if got is None:
         got = _CACHE[key] = _bare(spec, micro_batch, seq) if spec.is_bare else _shaped(spec, micro_batch, seq, act_bytes, checkpointing)
@@ -123,7 +123,7 @@ def _shaped(spec: ModelSpec, mb: int, seq: int, P: int, ac: bool) -> Work:
     for i, o in _linears(spec):
         gemms += [Gemm(n, i, o, L * fwd_times), Gemm(n, o, i, L), Gemm(i, n, o, L)]
     gemms += [Gemm(n, d, V, 1), Gemm(n, V, d, 1), Gemm(d, n, V, 1)]
-    attn = 2.0 * n * seq * d * L * (fwd_times + ATTN_BWD_FACTOR)
+    attn = 2.0 * n * seq * spec.q_dim * L * (fwd_times + ATTN_BWD_FACTOR)
     scores = small_k = 0.0
     if sdpa_math(spec, P):  # SDPA's math path: the T x T scores as GEMMs and memory-bound passes (above)
         scores = L * mb * spec.heads * seq * seq  # score elements of all blocks

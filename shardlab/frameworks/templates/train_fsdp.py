@@ -9,6 +9,7 @@ runnable, lintable script (with the example settings below).
 
 import argparse
 import functools
+import gc
 import os
 
 import torch
@@ -286,6 +287,11 @@ def main():
             print(f"step {step} loss {total:.4f}", flush=True)
     if args.save:
         save_checkpoint(model, args.save)
+    # Free the wrapped model and optimizer (their communication hooks) while the process group exists:
+    # torn down at interpreter exit, after it, a gloo run can abort ("terminate called without an active
+    # exception").
+    del model, optimizer
+    gc.collect()
     dist.barrier()
     dist.destroy_process_group()
 
