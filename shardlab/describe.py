@@ -182,8 +182,11 @@ def describe(model, inputs: dict, config=None, *, name: str, source: str | None 
     fields = shape or {"layers": 0, "hidden": 0, "heads": 1, "vocab": 0, "seq_len": 0}
     if shape and shapes is not None and shapes.layers != shape["layers"]:
         fields = {**shape, "layers": shapes.layers}  # the blocks found rule (e.g. a config with extra layers)
-    if shape and blocks and any(n.rsplit(".", 1)[-1] in ("q_norm", "k_norm") for n, _ in blocks[0].named_modules()):
+    names = {n.rsplit(".", 1)[-1] for n, _ in blocks[0].named_modules()} if shape and blocks else set()
+    if names & {"q_norm", "k_norm"}:  # per-head norms of q and k (Qwen3)
         fields = {**fields, "qk_norm": True}
+    if names & {"qkv_proj", "query_key_value", "Wqkv", "W_pack"}:  # one projection for q, k and v (Phi-3, NeoX, MPT)
+        fields = {**fields, "fused_qkv": True}
     from shardlab.frameworks.units import module_tree
 
     # the block is counted only where a shape lets the estimators use it (no bf16 copy, no hooks otherwise)

@@ -58,6 +58,9 @@ class ModelSpec:
     # Whether each attention head's queries and keys are normalised before RoPE (a `q_norm` / `k_norm` in the
     # block: Qwen3, Gemma 3): transformers' RMSNorm then keeps their fp32 copies for backward.
     qk_norm: bool = False
+    # Whether one projection makes q, k and v together (a `qkv_proj` in the block: Phi-3): v, a view of its output,
+    # then keeps the whole output alive for attention's backward.
+    fused_qkv: bool = False
 
     @property
     def n_kv_heads(self) -> int:
@@ -285,7 +288,7 @@ def with_seq_len(spec: ModelSpec, seq_len: int) -> ModelSpec:
 def _key(spec: ModelSpec) -> tuple:
     return (spec.layers, spec.hidden, spec.heads, spec.vocab, spec.seq_len, spec.kv_heads, spec.ffn_hidden,
             spec.family, spec.params_override, spec.wrap_unit_params, spec.wrap_unit_count, spec.shapes, spec.source, spec.layout,
-            spec.head_size, spec.qk_norm)
+            spec.head_size, spec.qk_norm, spec.fused_qkv)
 
 
 @dataclass(frozen=True)

@@ -122,19 +122,22 @@ def test_transformers_fp32_grouped_query_attention_is_priced_on_the_math_path():
         assert abs(analytic - traced - scores) <= 0.3 * 8 * seq * seq * 4 + 2**20, (seq, kv, analytic, traced)
 
 
-def test_a_head_dim_set_apart_from_hidden_and_qk_norms_are_priced_as_the_traced_step():
-    """Qwen3 and Gemma set head_dim apart from hidden / heads (q is heads x head_dim wide), and Qwen3 normalises
-    q and k per head (q_norm / k_norm). Read from the config and the block (hfmodels.shape_of, describe), the
-    analytical peak lands on the traced step's; before, q was priced hidden wide and the norms' copies were not
-    there (H200 #1001, fidelity_h200_new5.json: -7.1%, now -0.1%)."""
+def test_a_head_dim_set_apart_from_hidden_qk_norms_and_a_fused_qkv_are_priced_as_the_traced_step():
+    """Qwen3 and Gemma set head_dim apart from hidden / heads (q is heads x head_dim wide), Qwen3 normalises
+    q and k per head (q_norm / k_norm), Phi-3 makes q, k and v in one projection. Read from the config and the
+    block (hfmodels.shape_of, describe), the analytical peak lands on the traced step's; before, q was priced
+    hidden wide, the norms' copies and the fused output were not there (H200 fidelity_h200_new5.json: #1001
+    Qwen3 -7.1%, now -0.1%; #1006 Phi-3 -3.7%, now -0.0%)."""
     from shardlab.estimate import estimate
     from shardlab.plan import Plan
 
     plan = Plan(framework="fsdp2", sharding="zero3", micro_batch_size=2)
-    for fam, qk in (("qwen3", True), ("llama", False)):
-        model = (f"hf:{fam} hidden_size=256 intermediate_size=704 num_hidden_layers=4 num_attention_heads=4 "
-                 "num_key_value_heads=2 head_dim=128 vocab_size=512 seq_len=1024")
+    shape = "intermediate_size=704 num_hidden_layers=4 num_attention_heads=4 num_key_value_heads=2 vocab_size=512 seq_len=1024"
+    for model, want in ((f"hf:qwen3 hidden_size=256 head_dim=128 {shape}", (128, 512, True, False)),
+                        (f"hf:llama hidden_size=256 head_dim=128 {shape}", (128, 512, False, False)),
+                        (f"hf:phi3 hidden_size=256 pad_token_id=0 {shape}", (64, 256, False, True))):
         e = estimate(plan, model, "h200")
-        assert (e.model.head_dim, e.model.q_dim, e.model.qk_norm) == (128, 512, qk)
+        fam = model.split()[0]
+        assert (e.model.head_dim, e.model.q_dim, e.model.qk_norm, e.model.fused_qkv) == want, fam
         traced = estimate(plan, model, "h200", method="trace").per_gpu["peak_allocated"]
         assert abs(e.per_gpu["peak_allocated"] / traced - 1) <= 0.01, (fam, e.per_gpu["peak_allocated"], traced)

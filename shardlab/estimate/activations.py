@@ -61,7 +61,12 @@ def block_elements(spec, compiled: bool = False) -> int:
     """Elements one block saves for backward per token in the model dtype (see the module docstring)."""
     d, f, kv = spec.hidden, spec.ffn, spec.kv_dim
     if _hf_llama(spec):  # the two norms' 4d; q after RoPE and SDPA's output, each heads x head_dim wide (q_dim)
-        return 4 * d + 2 * spec.q_dim + 2 * kv + 4 * f
+        # One fused q/k/v projection (Phi-3) keeps 2q + kv more: measured on the traced step (CPU, fake tensors,
+        # transformers 5.17), linear in the KV width with 2q at zero, the MLP's width not in it; v, a view of the
+        # fused output, keeps that output (q + 2kv) where the separate v_proj's kept kv, and one more q-wide tensor
+        # the trace shows and this layout does not name. H200 #1006 (fidelity_h200_new5.json): -3.7% without it.
+        fused = 2 * spec.q_dim + kv if spec.fused_qkv else 0
+        return 4 * d + 2 * spec.q_dim + 2 * kv + 4 * f + fused
     if spec.family == "llama":
         return 8 * d + 3 * kv + (3 if compiled else 4) * f
     return 6 * d + 2 * kv + 2 * f
