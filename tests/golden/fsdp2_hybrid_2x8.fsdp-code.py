@@ -7,6 +7,7 @@ plan to any model; `main()` trains a tiny demo model with it. The constants belo
 
 import argparse
 import functools
+import gc
 import os
 
 import torch
@@ -227,6 +228,11 @@ def main():
             print(f"step {step} loss {total:.4f}", flush=True)
     if args.save:
         save_checkpoint(model, args.save)
+    # Free the wrapped model and optimizer (their communication hooks) while the process group exists:
+    # torn down at interpreter exit, after it, a gloo run can abort ("terminate called without an active
+    # exception").
+    del model, optimizer
+    gc.collect()
     dist.barrier()
     dist.destroy_process_group()
 
