@@ -107,7 +107,8 @@ def build_hf(cfg):
     cls = model_class(cfg)
     try:
         return cls._from_config(cfg, dtype=torch.get_default_dtype())
-    except (ValueError, AssertionError, RuntimeError) as e:
+    except (ValueError, AssertionError, RuntimeError, ArithmeticError, IndexError, TypeError) as e:
+        # the model's own __init__ doing arithmetic on the config (head_dim=0: a ZeroDivisionError in Qwen3's rotary)
         raise bad_input("--model", f"{cls.__name__} cannot be built from this config ({type(e).__name__}: {e}). Fix the setting it names.") from None
 
 

@@ -107,6 +107,8 @@ def plan_file(tmp_path):
     ("estimate", ["tests.usermodels:not_a_model"], "returned dict"),
     ("estimate", ["tests.usermodels:nowhere"], "cannot be loaded"),
     ("run", ["tests.usermodels:flat"], "wrap.transformer_layer_cls"),
+    # a setting transformers accepts but the model's own __init__ cannot compute with (a ZeroDivisionError there)
+    ("estimate", ["hf:qwen3", "hidden_size=64", "num_attention_heads=4", "num_hidden_layers=1", "head_dim=0"], "cannot be built"),
 ])
 def test_bad_model_input_is_exit_2_with_a_message(cmd, words, says, plan_file, tmp_path, capsys):
     (tmp_path / "notconfig.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"], "hidden_size": 64}))
