@@ -341,11 +341,12 @@ def step_time(plan: Plan, s: Setup, gpu: GPU, wire: dict, rates: Rates | None = 
     w = work(spec, plan.micro_batch_size, seq, s.P, plan.activation_checkpointing)
     work_s = gpu_work_time(w, gpu, precision, s.P, r)
     mm, attn, mem = work_s
+    hbm = gpu.hbm_bw * r.hbm_eff
     if plan.compile and not s.ds:  # Inductor fuses the compiled blocks' memory-bound kernels; the loss stays eager
-        fixed = w.mem_bytes_fixed / (gpu.hbm_bw * r.hbm_eff)
+        fixed = w.mem_bytes_fixed / hbm
         mem = fixed + (mem - fixed) * COMPILE_MEM
     local = spec.params if s.stage == "ddp" else shard_numel(s)
-    opt = optimizer_bytes(plan, s, local) / (gpu.hbm_bw * r.hbm_eff)
+    opt = optimizer_bytes(plan, s, local) / hbm
     gpu_s = ((mm + attn + mem) * s.micro_steps + opt) * r.gpu_scale
     host_s = host_time(plan, s, w, r)
     tl = _timeline(plan, s, w, r, gpu, work_s, (mm + attn + mem) / max(1e-30, sum(work_s)), local)
