@@ -261,10 +261,42 @@ NEW5_CONFIGS = [
     # which shardlab's rules allow with sharding zero3 only)
     C("llama200k", "fsdp1", "zero3", mb=5, off="both"),
 ]
+# the unseen set of session 17 (--set new6, numbered from 1101): written down 2026-12-04 04:40 UTC, before it ran, with
+# the code of session 16; eight transformers architectures never run on a GPU here, each with a mechanism the earlier
+# sets lack: Falcon (one KV head passed to SDPA without enable_gqa, parallel attention and MLP), Gemma-2 (logit
+# soft-capping, sliding window, four norms per block), Mixtral (a mixture of experts), GPT-NeoX (partial rotary,
+# parallel residual), OLMo-2 (q/k norms after the projections, norms after attention and MLP), StarCoder2 (T=4096,
+# biased GQA), GPT-BigCode (multi-query, learned positions), BLOOM (ALiBi, a 250k vocabulary)
+MODELS.update({
+    "hf-falcon": "hf:falcon hidden_size=2048 num_hidden_layers=8 num_attention_heads=16 vocab_size=65024 seq_len=2048",
+    "hf-gemma2": "hf:gemma2 hidden_size=1536 intermediate_size=6144 num_hidden_layers=8 num_attention_heads=8 "
+                 "num_key_value_heads=4 head_dim=256 vocab_size=256000 seq_len=2048",
+    "hf-mixtral": "hf:mixtral hidden_size=1024 intermediate_size=2816 num_hidden_layers=8 num_attention_heads=16 "
+                  "num_key_value_heads=4 num_local_experts=8 num_experts_per_tok=2 vocab_size=32000 seq_len=2048",
+    "hf-neox": "hf:gpt_neox hidden_size=2048 intermediate_size=8192 num_hidden_layers=8 num_attention_heads=16 "
+               "vocab_size=50304 seq_len=2048",
+    "hf-olmo2": "hf:olmo2 hidden_size=1536 intermediate_size=4096 num_hidden_layers=12 num_attention_heads=12 "
+                "num_key_value_heads=12 vocab_size=100352 seq_len=2048",
+    "hf-starcoder2": "hf:starcoder2 hidden_size=1536 intermediate_size=6144 num_hidden_layers=10 num_attention_heads=12 "
+                     "num_key_value_heads=2 vocab_size=49152 seq_len=4096",
+    "hf-bigcode": "hf:gpt_bigcode n_embd=1536 n_layer=12 n_head=12 vocab_size=49152 seq_len=2048",
+    "hf-bloom": "hf:bloom hidden_size=1536 n_layer=12 n_head=12 vocab_size=250880 seq_len=2048",
+})
+NEW6_CONFIGS = [
+    C("hf-falcon", "fsdp2", "zero3", mb=2), C("hf-falcon", "deepspeed", "zero2", mb=2, ac=True),
+    C("hf-gemma2", "fsdp2", "zero2", mb=1), C("hf-gemma2", "deepspeed", "zero3", mb=1, ga=2, ac=True),
+    C("hf-mixtral", "fsdp2", "zero3", mb=2), C("hf-mixtral", "deepspeed", "zero3", mb=2),
+    C("hf-neox", "fsdp1", "zero3", mb=2, ac=True), C("hf-neox", "deepspeed", "zero1", mb=2),
+    C("hf-olmo2", "fsdp2", "zero3", mb=2, ga=2), C("hf-olmo2", "deepspeed", "zero2", mb=4),
+    C("hf-starcoder2", "fsdp2", "ddp", mb=1), C("hf-starcoder2", "deepspeed", "zero3", mb=1, ac=True),
+    C("hf-bigcode", "fsdp1", "zero2", mb=2), C("hf-bigcode", "fsdp2", "zero3", "fp16", mb=4),
+    C("hf-bloom", "fsdp2", "zero3", mb=1),
+]
 SETS = {"matrix": (1, CONFIGS), "check": (101, CHECK_CONFIGS), "host": (201, HOST_CONFIGS), "val": (301, VAL_CONFIGS),
         "hf": (401, HF_CONFIGS), "held": (501, HELD_CONFIGS),
         "res": (601, RES_CONFIGS), "new": (701, NEW_CONFIGS),
-        "new3": (801, NEW3_CONFIGS), "new4": (901, NEW4_CONFIGS), "new5": (1001, NEW5_CONFIGS)}
+        "new3": (801, NEW3_CONFIGS), "new4": (901, NEW4_CONFIGS), "new5": (1001, NEW5_CONFIGS),
+        "new6": (1101, NEW6_CONFIGS)}
 KEYS = ("model", "framework", "sharding", "precision", "micro_batch_size", "grad_accum_steps", "activation_checkpointing",
         "offload", "compile", "hf", "low_memory_init")
 
@@ -307,7 +339,13 @@ def model_for(row: dict, tiny: bool = False):
 _TINY_GQA = " hidden_size=64 intermediate_size=160 num_hidden_layers=2 num_attention_heads=4 num_key_value_heads=2 vocab_size=512 seq_len=64"
 TINY_HF = {"hf:llama": _TINY_GQA, "hf:qwen2": _TINY_GQA, "hf:mistral": _TINY_GQA, "hf:phi3": _TINY_GQA + " pad_token_id=0",
            "hf:qwen3": _TINY_GQA + " head_dim=16", "hf:gemma": _TINY_GQA + " head_dim=16",
-           "hf:gpt2": " n_embd=64 n_layer=2 n_head=4 vocab_size=512 seq_len=64"}
+           "hf:gpt2": " n_embd=64 n_layer=2 n_head=4 vocab_size=512 seq_len=64",
+           "hf:falcon": " hidden_size=64 num_hidden_layers=2 num_attention_heads=4 vocab_size=512 seq_len=64",
+           "hf:gemma2": _TINY_GQA + " head_dim=16", "hf:mixtral": _TINY_GQA + " num_local_experts=4",
+           "hf:gpt_neox": " hidden_size=64 intermediate_size=160 num_hidden_layers=2 num_attention_heads=4 vocab_size=512 seq_len=64",
+           "hf:olmo2": _TINY_GQA, "hf:starcoder2": _TINY_GQA,
+           "hf:gpt_bigcode": " n_embd=64 n_layer=2 n_head=4 vocab_size=512 seq_len=64",
+           "hf:bloom": " hidden_size=64 n_layer=2 n_head=4 vocab_size=512 seq_len=64"}
 
 
 def _median(xs):
