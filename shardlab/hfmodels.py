@@ -137,7 +137,13 @@ def shape_of(cfg, seq_len: int, vocab: int) -> dict | None:
     elif vals["hidden"] % vals["heads"]:
         return None
     if vals["kv_heads"] and vals["heads"] % vals["kv_heads"]:
-        vals["kv_heads"] = None
+        # each KV head serves heads / kv_heads query heads: transformers' attention cannot run otherwise (its
+        # forward fails on the shapes), so a config that says so is bad input, not a shape to estimate
+        from shardlab.plan import bad_input
+
+        raise bad_input("--model", f"num_key_value_heads={vals['kv_heads']} does not divide num_attention_heads={vals['heads']}: "
+                        "in grouped-query attention each key/value head serves an equal share of the query heads. "
+                        f"Set num_key_value_heads to a divisor of {vals['heads']}.")
     act = str(getattr(cfg, "hidden_act", "") or getattr(cfg, "activation_function", ""))
     vals["family"] = "llama" if act in ("silu", "swish") and vals["ffn_hidden"] else "gpt"
     return {**vals, "vocab": vocab, "seq_len": seq_len}

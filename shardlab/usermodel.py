@@ -28,7 +28,7 @@ import importlib
 import os
 import re
 import shlex
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from shardlab.models import ModelSpec
@@ -203,7 +203,11 @@ class UserModel:
             model, _ = self.build("cpu")
             return _LogitsOnly(model) if self.kind == "hf" else model
 
-        return {"module": build, "spec": self.spec}
+        # a factory's module has no config shape, so its ModelSpec carries no vocab or seq_len (it is estimated by its
+        # parameters); the traced step feeds it the token batches its inputs declare (until session 17 it fed
+        # vocab 0: `--model tests.usermodels:tiny_lm --trace` crashed in torch.randint)
+        spec = replace(self.spec, vocab=self.inputs["vocab"], seq_len=self.inputs["seq_len"]) if not self.spec.vocab else self.spec
+        return {"module": build, "spec": spec}
 
     def batches(self, batch_fn, *, seed: int, rank: int, world_size: int, micro_batch_size: int,
                 grad_accum_steps: int, device: str):

@@ -109,6 +109,15 @@ def plan_file(tmp_path):
     ("run", ["tests.usermodels:flat"], "wrap.transformer_layer_cls"),
     # a setting transformers accepts but the model's own __init__ cannot compute with (a ZeroDivisionError there)
     ("estimate", ["hf:qwen3", "hidden_size=64", "num_attention_heads=4", "num_hidden_layers=1", "head_dim=0"], "cannot be built"),
+    # grouped-query heads that cannot group (Qwen2's default 32 KV heads under 4 query heads): the model's forward
+    # would fail on the shapes; until session 17 the analytical estimate gave figures for it and --trace a traceback
+    ("estimate", ["hf:qwen2", "hidden_size=64", "intermediate_size=128", "num_attention_heads=4", "num_hidden_layers=1",
+                  "vocab_size=256", "seq_len=32"], "does not divide num_attention_heads=4"),
+    # OPT's LayerDrop reads a random tensor's value in training mode: fake tensors have none (the line is named)
+    ("estimate", ["hf:opt", "hidden_size=64", "ffn_dim=128", "num_attention_heads=4", "num_hidden_layers=1",
+                  "vocab_size=256", "seq_len=32", "--trace"], "modeling_opt.py, line"),
+    # a user's model that fails only in a training step: the trace names the user's own line
+    ("estimate", ["tests.usermodels:training_only_bug", "--trace"], "usermodels.py, line"),
 ])
 def test_bad_model_input_is_exit_2_with_a_message(cmd, words, says, plan_file, tmp_path, capsys):
     (tmp_path / "notconfig.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"], "hidden_size": 64}))
@@ -132,3 +141,16 @@ def test_the_traced_estimate_wraps_the_hf_model_by_its_own_block_class():
     # FSDP2 really wraps the fake-tensor model: with shardlab's "Block" it would refuse it
     e = estimate(PLAN2, _src("gpt2"), method="trace")
     assert e.per_gpu["peak_allocated"] > e.per_gpu["params"] + e.per_gpu["optimizer"]
+
+
+def test_a_factory_model_traces_with_its_declared_batches():
+    """A user's own nn.Module (no config shape) traces with the token batches its Embedding declares: its traced peak
+    holds at least the fp32 parameters, gradients and two AdamW states of every parameter (16 bytes each, counted
+    here from the built module, not by the estimator). Until session 17 the trace fed it vocab 0 and crashed."""
+    from shardlab.estimate import estimate
+    from tests.usermodels import tiny_lm
+
+    n = sum(p.numel() for p in tiny_lm().parameters())
+    e = estimate({"framework": "fsdp2"}, "tests.usermodels:tiny_lm", "h200", method="trace", calibration=False)
+    assert e.per_gpu["peak_allocated"] >= 16 * n
+    assert "whole step traced" in e.notes["trace"]

@@ -59,3 +59,16 @@ class Flat(nn.Module):
 
 def flat() -> nn.Module:
     return Flat()
+
+
+class TrainingOnlyBug(TinyLM):
+    """Fine in evaluation mode, where shardlab counts a model's block; broken in a training step (a matmul of the
+    wrong width there), which only the traced estimate runs: the trace must name this line, not crash."""
+
+    def forward(self, ids):
+        logits = super().forward(ids)
+        return logits @ torch.ones(3, 3) if self.training else logits
+
+
+def training_only_bug() -> nn.Module:
+    return TrainingOnlyBug()

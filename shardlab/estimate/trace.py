@@ -524,6 +524,41 @@ def _step_model_only(plan: Plan, module, vocab: int, seq_len: int) -> LiveBytes:
     return live
 
 
+@contextlib.contextmanager
+def _model_errors():
+    """An error raised by the model's own code during the traced step is bad input about the model, not a crash:
+    the message names the model's line. Two kinds: a config the model cannot run (shapes that do not match), and a
+    forward that reads a tensor's value in Python (transformers' LayerDrop in OPT, XGLM, BioGPT: `if
+    torch.rand([]) < self.layerdrop` in training mode; data-dependent shapes): fake tensors have shapes, no values,
+    so such a model cannot be traced, while the analytical estimate (which counts the block in evaluation mode)
+    still can. An error whose innermost frame outside torch is shardlab's own is left as it is (a bug to see)."""
+    import traceback
+    from pathlib import Path
+
+    from torch._subclasses.fake_tensor import DataDependentOutputException, DynamicOutputShapeException
+
+    try:
+        yield
+    except (RuntimeError, ValueError, TypeError, IndexError, ArithmeticError, AssertionError) as e:
+        import torch
+
+        from shardlab.plan import bad_input
+
+        skip = (str(Path(torch.__file__).parent), str(Path(__file__).parents[1]), contextlib.__file__)
+        frames = [f for f in traceback.extract_tb(e.__traceback__) if not f.filename.startswith(skip)]
+        if not frames:
+            raise
+        f = frames[-1]
+        where = f"{Path(f.filename).name}, line {f.lineno} (`{(f.line or '').strip()}`)"
+        if isinstance(e, (DataDependentOutputException, DynamicOutputShapeException)):
+            why = ("its forward reads a tensor's value in Python there (or makes a shape from values); a traced "
+                   "estimate runs on fake tensors, which have shapes but no values. Use the analytical estimate "
+                   "(method='analytic', or leave out --trace).")
+        else:
+            why = f"the model's forward failed there in a training step ({type(e).__name__}: {str(e)[:300]}). Fix the setting it names."
+        raise bad_input("--model", f"this model cannot be traced: {where}: {why}") from None
+
+
 def traced_memory(plan: Plan, model) -> dict:
     """Peak live bytes of one rank in a traced training step.
 
@@ -544,7 +579,7 @@ def traced_memory(plan: Plan, model) -> dict:
     with fake_process_group(plan.world_size), _real_device_meshes(), _cuda_kernels(), compiled, FakeTensorMode(allow_non_fake_inputs=True):
         with _default_dtype(dtype if ds else torch.float32):
             module, vocab, seq_len = _build(model, plan)
-        with _unpacked_hf_batches():  # after the build: transformers' modules are imported by then
+        with _unpacked_hf_batches(), _model_errors():  # after the build: transformers' modules are imported by then
             live = _step_model_only(plan, module, vocab, seq_len) if ds else _step_fsdp(plan, module, vocab, seq_len)
     cats = {k: v for k, v in live.at_peak.items() if v}
     if ds:
