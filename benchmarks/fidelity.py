@@ -279,7 +279,8 @@ MODELS.update({
                 "num_key_value_heads=12 vocab_size=100352 seq_len=2048",
     "hf-starcoder2": "hf:starcoder2 hidden_size=1536 intermediate_size=6144 num_hidden_layers=10 num_attention_heads=12 "
                      "num_key_value_heads=2 vocab_size=49152 seq_len=4096",
-    "hf-bigcode": "hf:gpt_bigcode n_embd=1536 n_layer=12 n_head=12 vocab_size=49152 seq_len=2048",
+    # n_positions 2048 added after #1113-1114 failed at the default 1024 (a device-side assert; now exit 2 before a run)
+    "hf-bigcode": "hf:gpt_bigcode n_embd=1536 n_layer=12 n_head=12 n_positions=2048 vocab_size=49152 seq_len=2048",
     "hf-bloom": "hf:bloom hidden_size=1536 n_layer=12 n_head=12 vocab_size=250880 seq_len=2048",
 })
 NEW6_CONFIGS = [

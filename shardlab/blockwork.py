@@ -32,6 +32,8 @@ import torch
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from shardlab.estimate.activations import cuda_sdpa_math
+
 # operators that launch no kernel (metadata, allocation without a fill, host-side reads)
 _NO_KERNEL = {"empty", "empty_strided", "empty_like", "_unsafe_view", "detach", "alias", "lift_fresh",
               "_local_scalar_dense", "sym_size", "sym_stride", "sym_numel", "sym_storage_offset", "is_same_size",
@@ -43,11 +45,11 @@ _COMPUTE = {"mm", "addmm", "bmm", "baddbmm", "addbmm", "matmul", "linear", "conv
             "_efficient_attention_forward", "scaled_dot_product_attention"}
 
 
-def _elements(x) -> int:
+def _bytes(x) -> int:
     if isinstance(x, torch.Tensor):
-        return x.numel()
+        return x.numel() * x.element_size()
     if isinstance(x, (list, tuple)):
-        return sum(_elements(y) for y in x)
+        return sum(_bytes(y) for y in x)
     return 0
 
 
@@ -66,6 +68,11 @@ class _FusedAttention(TorchFunctionMode):
         if func not in _SDPA:
             return func(*args, **(kwargs or {}))
         c = self.counter
+        q, k = (args[0] if args else kwargs["query"]), (args[1] if len(args) > 1 else kwargs["key"])
+        gqa = args[7] if len(args) > 7 else (kwargs or {}).get("enable_gqa", False)
+        if q.dim() == 4 and k.dim() == 4 and cuda_sdpa_math(torch.empty((), dtype=q.dtype).element_size(), q.shape[-3], k.shape[-3], bool(gqa)):
+            c.math_attention = c.math_attention or c.active
+            return func(*args, **(kwargs or {}))  # CUDA runs this call unfused too: its math is counted as it runs
         inside, c.inside_attention = c.inside_attention, True
         try:
             out = func(*args, **(kwargs or {}))
@@ -73,7 +80,6 @@ class _FusedAttention(TorchFunctionMode):
             c.inside_attention = inside
         if c.active and not inside:
             c.kernels += 1
-            q = args[0] if args else kwargs["query"]
             for t in (*args[:3], out):  # the flash kernel's backward reads q, k, v and the output
                 c.save(t)
             c.saved_other += 4 * q.shape[-3] * q.shape[-2] if q.dim() >= 3 else 0  # log-sum-exp, fp32, per head and row
@@ -91,6 +97,8 @@ class BlockCounter(TorchDispatchMode):
         self.kernels = 0
         self.elements = 0
         self.dtype = dtype  # the activation dtype the model was counted in
+        self._dtype_size = torch.empty((), dtype=dtype).element_size()
+        self.math_attention = False  # an attention call that CUDA runs unfused (activations.cuda_sdpa_math) ran here
         self.saved_lowp = 0  # elements of `dtype` saved for backward
         self.saved_other = 0  # bytes of other dtypes saved (fp32 statistics, bool masks)
         self._storages: set[int] = set()
@@ -155,7 +163,8 @@ class BlockCounter(TorchDispatchMode):
             if not (func.is_view or name in _NO_KERNEL or func.overloadpacket.__name__ in _NO_KERNEL):
                 self.kernels += 1
                 if name not in _COMPUTE:
-                    self.elements += _elements(args) + _elements(list((kwargs or {}).values())) + _elements(out)
+                    moved = _bytes(args) + _bytes(list((kwargs or {}).values())) + _bytes(out)
+                    self.elements += moved / self._dtype_size  # in elements of the activation dtype: an fp32 pass weighs two
         return out
 
 
@@ -186,5 +195,5 @@ def block_work(counter: BlockCounter, block, model, blocks: int, seq_len: int) -
     all_p = sum(1 for _ in model.parameters())
     return {"kernels": counter.kernels, "elems_per_token": counter.elements / seq_len,
             "saved_elems_per_token": counter.saved_lowp / seq_len, "saved_other_bytes_per_token": counter.saved_other / seq_len,
-            "modules": per_m, "params": per_p,
+            "modules": per_m, "params": per_p, "math_attention": counter.math_attention,
             "top_modules": max(0, all_m - blocks * per_m), "top_params": max(0, all_p - blocks * per_p)}

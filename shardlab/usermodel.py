@@ -275,6 +275,17 @@ def resolve(text: str) -> UserModel:
     return UserModel(text, "factory", head, kw)
 
 
+def _learned_positions(model, context: int, vocab: int) -> bool:
+    """Whether the model looks positions up in a table of `context` rows (GPT-2, GPT-BigCode, OPT: an nn.Embedding of
+    that many rows besides the token embedding), so that it cannot take longer sequences; rotary and ALiBi models
+    compute positions and can (found when transformers' GPT-BigCode, n_positions 1024 by default, ran at T=2048 on
+    the H200: a device-side assert, session 17)."""
+    import torch
+
+    return any(isinstance(m, torch.nn.Embedding) and m.num_embeddings in (context, context + 2) and m.num_embeddings != vocab
+               for m in model.modules())
+
+
 def input_spec(model, batch_fn, config, overrides: dict) -> dict:
     """What the model takes: {"kind": "tokens", "vocab", "seq_len"} or {"kind": "floats", "shape" (one
     sample), "classes"}, or {"kind": "custom"} when the factory gave its own batch_fn."""
@@ -288,7 +299,12 @@ def input_spec(model, batch_fn, config, overrides: dict) -> dict:
             return {"kind": "floats", "shape": [config.num_channels, size, size], "classes": config.num_labels}
         from shardlab.hfmodels import context_length
 
-        seq = overrides.get("seq_len") or min(context_length(config) or DEFAULT_SEQ_LEN, DEFAULT_SEQ_LEN)
+        ctx = context_length(config)
+        seq = overrides.get("seq_len") or min(ctx or DEFAULT_SEQ_LEN, DEFAULT_SEQ_LEN)
+        if ctx and seq > ctx and _learned_positions(model, ctx, config.vocab_size):
+            raise bad_input("--model", f"seq_len={seq} is longer than this model's {ctx} learned positions (a table of {ctx} "
+                            "position embeddings: a longer sequence indexes past it, a device-side assert on a GPU). "
+                            f"Give seq_len={ctx} or less, or raise the config's context (n_positions / max_position_embeddings).")
         return {"kind": "tokens", "vocab": config.vocab_size, "seq_len": seq}
     first = next((m for m in model.modules() if next(m.parameters(recurse=False), None) is not None), None)
     declared_vocab = overrides.get("vocab") or getattr(model, "vocab_size", None)

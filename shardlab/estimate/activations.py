@@ -107,11 +107,19 @@ def sdpa_math(spec, P: int, compiled: bool = False) -> bool:
     return cuda_sdpa_math(P, spec.heads, spec.n_kv_heads)
 
 
-def cuda_sdpa_math(P: int, heads: int, kv_heads: int) -> bool:
+def cuda_sdpa_math(P: int, heads: int, kv_heads: int, enable_gqa: bool = True) -> bool:
     """The dispatch rule itself (sdpa_math's docstring says why): an attention call in a dtype of P bytes
     with `heads` query and `kv_heads` key/value heads runs on the math path on CUDA (torch 2.11, sm80+).
-    Also what the traced estimate forces for such a call on its CPU stand-in (trace._cuda_kernels)."""
-    return P == 4 and kv_heads != heads
+    Also what the traced estimate forces for such a call on its CPU stand-in (trace._cuda_kernels), and
+    what blockwork.py's counter lets run unfused.
+
+    A call whose key/value heads differ from the query's WITHOUT enable_gqa (they broadcast: transformers'
+    Falcon passes its one KV head so) fails every fused kernel's check_batch_size_and_num_heads_dense in
+    any dtype (equal head counts, or enable_gqa where the kernel supports it): math, which upcasts 16-bit
+    q, k, v to fp32 (allowFP16BF16ReductionMathSDP is off by default) and keeps the [B, heads, T, T]
+    scores. Found by tracing transformers' architectures on the CPU (session 17): a 4-layer Falcon at
+    T=1024, FSDP2, analytical 20% under the traced step until the counter followed this rule."""
+    return kv_heads != heads and (P == 4 or not enable_gqa)
 
 
 def math_attention_elements(spec) -> tuple[list[int], list[int]]:

@@ -197,8 +197,11 @@ def gpu_work_time(w: Work, gpu: GPU, precision: str, P: int, r: Rates) -> tuple[
     eff = r.mm_eff.get(precision, DEFAULT_MM_EFF["bf16"])
     mm = sum(_gemm_time(g.m, g.k, g.n, g.count, peak, eff, bw, P, gpu.sms, r.align_eff) for g in w.gemms)
     a_eff = eff if w.attn_math else attention_eff(r.attn_eff.get(precision, DEFAULT_ATTN_EFF["bf16"]), w.seq, w.head_dim, r.attn_t0, precision != "fp32")
+    a_peak = peak
+    if w.attn_fp32:  # the math path upcast 16-bit attention: its GEMMs at the fp32 rate
+        a_peak, a_eff = gpu.peak_tflops("fp32") * 1e12, r.mm_eff.get("fp32", DEFAULT_MM_EFF["fp32"])
     flops = w.attn_flops + w.attn_small_k_flops * K_HALF / w.head_dim  # math path: K = head_dim GEMMs at K/(K+K_HALF)
-    attn = flops / (peak * a_eff) if flops else 0.0
+    attn = flops / (a_peak * a_eff) if flops else 0.0
     mem = (w.mem_elems * P + w.mem_bytes_fixed) / bw + w.kernels * KERNEL_FLOOR_S
     out = (mm, attn, mem)
     _GEMM_CACHE[key] = (w, out)

@@ -88,6 +88,7 @@ class Work:
     recompute_kernels: int = 0  # the blocks' forward launched again in backward (checkpointing), counted in kernels
     attn_math: bool = False  # attn_flops are SDPA math path's batched GEMMs (full T x T), at the matmul rate
     attn_small_k_flops: float = 0.0  # of those, the GEMMs whose K is head_dim (steptime.K_HALF slows them)
+    attn_fp32: bool = False  # the math path's GEMMs run in fp32 whatever the model's dtype (16-bit inputs upcast)
 
 
 def implementation(spec: ModelSpec) -> str:
@@ -125,11 +126,16 @@ def _shaped(spec: ModelSpec, mb: int, seq: int, P: int, ac: bool) -> Work:
     gemms += [Gemm(n, d, V, 1), Gemm(n, V, d, 1), Gemm(d, n, V, 1)]
     attn = 2.0 * n * seq * spec.q_dim * L * (fwd_times + ATTN_BWD_FACTOR)
     scores = small_k = 0.0
-    if sdpa_math(spec, P):  # SDPA's math path: the T x T scores as GEMMs and memory-bound passes (above)
+    bw = spec.block_work  # a real model's block, counted (blockwork.py); else shardlab's own block
+    # a counted block whose attention CUDA runs unfused (blockwork: math_attention; transformers' Falcon passes its one
+    # KV head without enable_gqa): the same GEMMs, their memory-bound passes already among the counted elements, and in
+    # fp32 whatever the model's dtype (the math path upcasts 16-bit q, k, v). H200 profile of #1101 (hf:falcon, FSDP2,
+    # results/host_split_h200_s17.json): no attention kernel, 50.7 ms of matmuls where 18.3 were predicted with flash.
+    counted_math = bool(bw and bw.get("math_attention"))
+    if sdpa_math(spec, P) or counted_math:  # SDPA's math path: the T x T scores as GEMMs and memory-bound passes (above)
         scores = L * mb * spec.heads * seq * seq  # score elements of all blocks
         attn = 2.0 * scores * spec.head_dim * (2 * fwd_times + 4)  # each of those GEMMs: 2 x T x T x head_dim
         small_k = 2.0 * scores * spec.head_dim * (fwd_times + 1)  # q k^T and dO v^T: K = head_dim
-    bw = spec.block_work  # a real model's block, counted (blockwork.py); else shardlab's own block
     if bw:
         per_tok = bw["elems_per_token"]
     elif spec.family == "gpt":
@@ -137,7 +143,7 @@ def _shaped(spec: ModelSpec, mb: int, seq: int, P: int, ac: bool) -> Work:
     else:
         per_tok = 20 * d + 9 * (d + kv) + 5 * f
     mem = n * L * per_tok * (fwd_times + BWD_MEM_FACTOR) + n * (2 * d) * (1 + BWD_MEM_FACTOR) + 2 * n * d
-    mem += scores * (MATH_SCORE_FWD_ELEMS * fwd_times + MATH_SCORE_BWD_ELEMS)
+    mem += 0 if counted_math else scores * (MATH_SCORE_FWD_ELEMS * fwd_times + MATH_SCORE_BWD_ELEMS)
     cast = 2 * (P + 4) if P != 4 else 0
     fixed = n * V * (cast + 8 + 12) + 2 * V * d * P  # fp32 loss; dense embedding gradient (zeroed, then written)
     kpb = bw["kernels"] if bw else KERNELS_PER_BLOCK_FWD[impl]
@@ -150,8 +156,9 @@ def _shaped(spec: ModelSpec, mb: int, seq: int, P: int, ac: bool) -> Work:
         modules, params, top_m, top_p = 10, 7, 5, 3
     fwd_fixed = n * V * ((P + 4 if P != 4 else 0) + 8)  # logits cast and log-softmax forward
     return Work(n, seq, tuple(gemms), attn, spec.head_dim, mem, fixed, kernels, L * modules + top_m, L * params + top_p, L + 1,
-                fwd_elems=n * L * per_tok + scores * MATH_SCORE_FWD_ELEMS, fwd_fixed_bytes=fwd_fixed, fwd_kernels=L * kpb + 10,
-                recompute_kernels=L * kpb if ac else 0, attn_math=bool(scores), attn_small_k_flops=small_k)
+                fwd_elems=n * L * per_tok + (0 if counted_math else scores * MATH_SCORE_FWD_ELEMS), fwd_fixed_bytes=fwd_fixed,
+                fwd_kernels=L * kpb + 10, recompute_kernels=L * kpb if ac else 0, attn_math=bool(scores), attn_small_k_flops=small_k,
+                attn_fp32=counted_math)
 
 
 def _bare(spec: ModelSpec, mb: int, seq: int) -> Work:

@@ -321,7 +321,7 @@ def _cuda_kernels():
         # on either device.
         q, k = args[0], (args[1] if len(args) > 1 else kwargs.get("key"))
         gqa = args[7] if len(args) > 7 else kwargs.get("enable_gqa", False)
-        if (gqa and q.dim() == 4 and cuda_sdpa_math(q.element_size(), q.size(-3), k.size(-3))
+        if (q.dim() == 4 and k.dim() == 4 and cuda_sdpa_math(q.element_size(), q.size(-3), k.size(-3), bool(gqa))
                 and not torch.compiler.is_compiling()):
             from torch.nn.attention import SDPBackend, sdpa_kernel
 
