@@ -99,6 +99,10 @@ class BlockCounter(TorchDispatchMode):
         self.dtype = dtype  # the activation dtype the model was counted in
         self._dtype_size = torch.empty((), dtype=dtype).element_size()
         self.math_attention = False  # an attention call that CUDA runs unfused (activations.cuda_sdpa_math) ran here
+        # the model's top, from the last block's output to the logits (final norm, LM head, transformers' Gemma-2 logit
+        # soft-capping): bytes it saves for backward while `head` is set (hooked_head)
+        self.head = False
+        self.head_saved = 0
         self.saved_lowp = 0  # elements of `dtype` saved for backward
         self.saved_other = 0  # bytes of other dtypes saved (fp32 statistics, bool masks)
         self._storages: set[int] = set()
@@ -116,13 +120,23 @@ class BlockCounter(TorchDispatchMode):
         collector gets to it) is taken back off, so its address, reused by a later tensor, cannot
         hide that one (keyed by address alone the count varied with PYTHONHASHSEED: transformers'
         GPT-2 block 29,696 or 33,792 elements per token, 2026-12-01)."""
-        if not isinstance(t, torch.Tensor) or not self.active or self.inside_attention:
+        if not isinstance(t, torch.Tensor) or not (self.active or self.head) or self.inside_attention:
             return
         st = t.untyped_storage()
         key = st._cdata
         if key in self._storages:
             return
         self._storages.add(key)
+        if self.head:  # after the last block: bytes, whatever the dtype (head_saved)
+            self.head_saved += st.nbytes()
+
+            def gone_head(_, key=key, n=st.nbytes()):
+                if self.head:
+                    self._storages.discard(key)
+                    self.head_saved -= n
+
+            self._refs.append(weakref.ref(st, gone_head))
+            return
         lowp = t.dtype == self.dtype
         n = st.nbytes() // t.element_size() if lowp else st.nbytes()
         self._count(lowp, n)
@@ -184,6 +198,22 @@ def hooked(counter: BlockCounter, block):
     return [block.register_forward_pre_hook(pre), block.register_forward_hook(post)]
 
 
+def hooked_head(counter: BlockCounter, last_block, model):
+    """Forward hooks that switch `counter.head` on when `last_block` has run and off when `model` returns its logits:
+    what the model's top saves for backward (activations.head_peak_bytes). Counted because models differ there:
+    transformers' Gemma-2 soft-caps its logits (tanh(logits / cap) x cap), which keeps a [tokens, vocab] tensor in the
+    model's dtype for backward (H200 #1103 / #1104, fidelity_h200_new6.json: -5.9% / -5.5% without it)."""
+
+    def after_last(module, args, out):
+        counter.head = True
+
+    def done(module, args, out):
+        gc.collect()
+        counter.head = False
+
+    return [last_block.register_forward_hook(after_last), model.register_forward_hook(done)]
+
+
 def block_work(counter: BlockCounter, block, model, blocks: int, seq_len: int) -> dict | None:
     """The counted block, per stepwork.py's terms: kernels of one forward, elements moved per token,
     modules and parameter tensors of one block and of the rest of the model."""
@@ -196,4 +226,5 @@ def block_work(counter: BlockCounter, block, model, blocks: int, seq_len: int) -
     return {"kernels": counter.kernels, "elems_per_token": counter.elements / seq_len,
             "saved_elems_per_token": counter.saved_lowp / seq_len, "saved_other_bytes_per_token": counter.saved_other / seq_len,
             "modules": per_m, "params": per_p, "math_attention": counter.math_attention,
+            "head_saved_bytes_per_token": counter.head_saved / seq_len,
             "top_modules": max(0, all_m - blocks * per_m), "top_params": max(0, all_p - blocks * per_p)}

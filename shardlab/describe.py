@@ -92,7 +92,7 @@ def count_step(model, inputs: dict, blocks: list) -> tuple[int | None, dict | No
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    from shardlab.blockwork import BlockCounter, block_work, hooked
+    from shardlab.blockwork import BlockCounter, block_work, hooked, hooked_head
     from shardlab.usermodel import tokens_in
 
     if inputs.get("kind") not in ("tokens", "floats"):
@@ -102,9 +102,10 @@ def count_step(model, inputs: dict, blocks: list) -> tuple[int | None, dict | No
         # count as a mixed-precision run computes: in bf16, on a copy (meta: it costs nothing)
         import copy
 
-        i = next(i for i, m in enumerate(model.modules()) if m is blocks[0])
+        where = [next(i for i, m in enumerate(model.modules()) if m is b) for b in blocks]
         dtype, model = torch.bfloat16, copy.deepcopy(model).to(torch.bfloat16)
-        blocks = [next(m for j, m in enumerate(model.modules()) if j == i)] + blocks[1:]
+        mods = list(model.modules())
+        blocks = [mods[i] for i in where]  # the copy's blocks (the first is counted, the last ends at the model's top)
     if inputs["kind"] == "tokens":
         x = torch.zeros((1, inputs["seq_len"]), dtype=torch.long, device="meta")
     else:
@@ -113,7 +114,7 @@ def count_step(model, inputs: dict, blocks: list) -> tuple[int | None, dict | No
     cache = getattr(cfg, "use_cache", None)
     counter = BlockCounter(dtype)
     counter.ignore(model.parameters())
-    hooks = hooked(counter, blocks[0]) if blocks else []
+    hooks = hooked(counter, blocks[0]) + hooked_head(counter, blocks[-1], model) if blocks else []
     was_training = model.training
     try:
         if cache is not None:

@@ -209,7 +209,13 @@ def rope_tables(spec, P: int, compiled: bool = False) -> int:
 
 def head_peak_bytes(spec, P: int) -> int:
     """Bytes per token at the loss's backward: final norm in/out (P; transformers' keeps an fp32 copy
-    of its input too) + three fp32 [V] rows."""
+    of its input too) + three fp32 [V] rows. A counted model (blockwork.py) says what its top saves
+    itself: the same figures for transformers' Llama (2d·P + 4d, 4 bytes of norm statistics more) and
+    GPT-2 (2d·P), and a [V] row more for Gemma-2's soft-capped logits (blockwork.hooked_head)."""
+    bw = spec.block_work
+    top = bw.get("head_saved_bytes_per_token") if bw and bw.get("saved_elems_per_token") is not None else None
+    if top is not None and P == 2:  # counted in bf16 (describe.count_step): the 16-bit runs' model dtype
+        return int(top) + LOSS_FP32_COPIES * 4 * spec.vocab
     return 2 * spec.hidden * P + (4 * spec.hidden if _hf_llama(spec) else 0) + LOSS_FP32_COPIES * 4 * spec.vocab
 
 
