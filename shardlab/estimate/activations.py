@@ -161,6 +161,9 @@ def backward_transient(spec, P: int, tokens: int, compiled: bool = False) -> int
     beside the saved softmax (torch's matmul and _softmax_backward_data make each anew), and on CUDA
     one more of that size (MATH_BWD_SCORE_TENSORS). It happens once per block, after the loss's rows are
     freed and beside the gradient buffers backward has made."""
+    bw = _counted(spec)
+    if bw and bw.get("math_attention"):  # a counted block CUDA runs unfused (blockwork.py): its scores in fp32 (upcast)
+        return MATH_BWD_SCORE_TENSORS * tokens * spec.heads * spec.seq_len * 4
     return MATH_BWD_SCORE_TENSORS * tokens * spec.heads * spec.seq_len * P if sdpa_math(spec, P, compiled) else 0
 
 
