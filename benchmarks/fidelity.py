@@ -282,6 +282,9 @@ MODELS.update({
     # n_positions 2048 added after #1113-1114 failed at the default 1024 (a device-side assert; now exit 2 before a run)
     "hf-bigcode": "hf:gpt_bigcode n_embd=1536 n_layer=12 n_head=12 n_positions=2048 vocab_size=49152 seq_len=2048",
     "hf-bloom": "hf:bloom hidden_size=1536 n_layer=12 n_head=12 vocab_size=250880 seq_len=2048",
+    "hf-falcon-b": "hf:falcon hidden_size=1536 num_hidden_layers=12 num_attention_heads=12 vocab_size=65024 seq_len=1536",
+    "hf-gemma2-b": "hf:gemma2 hidden_size=1024 intermediate_size=4096 num_hidden_layers=6 num_attention_heads=8 "
+                   "num_key_value_heads=2 head_dim=128 vocab_size=256000 seq_len=4096",
 })
 NEW6_CONFIGS = [
     C("hf-falcon", "fsdp2", "zero3", mb=2), C("hf-falcon", "deepspeed", "zero2", mb=2, ac=True),
@@ -292,6 +295,10 @@ NEW6_CONFIGS = [
     C("hf-starcoder2", "fsdp2", "ddp", mb=1), C("hf-starcoder2", "deepspeed", "zero3", mb=1, ac=True),
     C("hf-bigcode", "fsdp1", "zero2", mb=2), C("hf-bigcode", "fsdp2", "zero3", "fp16", mb=4),
     C("hf-bloom", "fsdp2", "zero3", mb=1),
+    # added 2026-12-04 05:32 UTC, after #1101-1115 ran and Falcon's math path and Gemma-2's soft-capped logits were
+    # priced (d7f468b, 38b572f; judged on #1101-1104): other shapes of those two architectures, predicted before they run
+    C("hf-falcon-b", "fsdp1", "zero3", mb=2, ac=True), C("hf-falcon-b", "deepspeed", "zero3", mb=1),
+    C("hf-gemma2-b", "fsdp2", "zero3", mb=1, ac=True), C("hf-gemma2-b", "deepspeed", "zero1", mb=1),
 ]
 SETS = {"matrix": (1, CONFIGS), "check": (101, CHECK_CONFIGS), "host": (201, HOST_CONFIGS), "val": (301, VAL_CONFIGS),
         "hf": (401, HF_CONFIGS), "held": (501, HELD_CONFIGS),
