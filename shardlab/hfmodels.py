@@ -74,6 +74,12 @@ def config_from(um):
     except Exception as e:  # noqa: BLE001 - TypeError / ValueError, and huggingface_hub's StrictDataclassClassValidationError
         # (transformers 5.x validates a config's architecture there, e.g. hidden_size not a multiple of the heads)
         raise bad_input("--model", f"--model={um.text!r}: transformers refused the config ({e}). Fix the value it names.") from None
+    pad, vocab = getattr(cfg, "pad_token_id", None), getattr(cfg, "vocab_size", None)
+    if isinstance(pad, int) and isinstance(vocab, int) and not -vocab <= pad < vocab:  # nn.Embedding counts -1 from the end
+        # the embedding's padding row must exist (nn.Embedding asserts it: Phi-3's default pad_token_id is 32000, so a
+        # smaller vocab_size alone fails deep inside the build with "Padding_idx must be within num_embeddings")
+        raise bad_input("--model", f"--model={um.text!r}: pad_token_id={pad} is not a row of the vocabulary (vocab_size={vocab}). "
+                        f"Give a pad_token_id below {vocab} (e.g. pad_token_id=0) or a larger vocab_size.")
     if hasattr(cfg, "use_cache"):
         cfg.use_cache = False  # training: no KV cache
     return cfg

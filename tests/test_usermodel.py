@@ -116,6 +116,9 @@ def plan_file(tmp_path):
     # OPT's LayerDrop reads a random tensor's value in training mode: fake tensors have none (the line is named)
     ("estimate", ["hf:opt", "hidden_size=64", "ffn_dim=128", "num_attention_heads=4", "num_hidden_layers=1",
                   "vocab_size=256", "seq_len=32", "--trace"], "modeling_opt.py, line"),
+    # Phi-3's default pad_token_id (32000) outside a smaller vocabulary: named, with the fix (was the embedding's assert)
+    ("estimate", ["hf:phi3", "hidden_size=64", "intermediate_size=128", "num_attention_heads=4", "num_hidden_layers=1",
+                  "vocab_size=256"], "pad_token_id=32000 is not a row"),
     # a user's model that fails only in a training step: the trace names the user's own line
     ("estimate", ["tests.usermodels:training_only_bug", "--trace"], "usermodels.py, line"),
 ])
