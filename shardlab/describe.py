@@ -192,6 +192,12 @@ def describe(model, inputs: dict, config=None, *, name: str, source: str | None 
 
     # the block is counted only where a shape lets the estimators use it (no bf16 copy, no hooks otherwise)
     flops, work = count_step(model, inputs, blocks if shape else [])
+    if work is not None:
+        # activations.py prices transformers' llama-family blocks by Llama's layout: two norms, before attention and
+        # before the MLP (q/k norms and fused projections have flags above). A block with other norms (OLMo-2 and
+        # EXAONE-4 normalise after attention and after the MLP) keeps what was counted from it instead (_hf_llama);
+        # found on the CPU (OLMo-2: layout -5.3%, count -0.8% against the traced step) before H200 #1109 / #1110
+        work["llama_layout"] = not {n for n in names if "norm" in n.lower()} - {"input_layernorm", "post_attention_layernorm", "q_norm", "k_norm"}
     return ModelSpec(name, **fields, params_override=total, wrap_unit_params=unit, wrap_unit_count=len(blocks),
                      source=source, wrap_cls=cls.__name__ if cls is not None else None, shapes=shapes,
                      layout="transformers" if shape is not None else "shardlab",

@@ -156,8 +156,12 @@ def test_broadcast_kv_heads_and_soft_capped_logits_are_priced_as_the_traced_step
     plan = Plan(framework="fsdp2", sharding="zero3", micro_batch_size=2)
     gemma2 = ("hf:gemma2 hidden_size=256 intermediate_size=704 num_hidden_layers=2 num_attention_heads=4 "
               "num_key_value_heads=2 head_dim=64 vocab_size=32000 seq_len=512")
-    e = estimate(plan, gemma2, "h200", calibration=False).per_gpu["peak_allocated"]
-    assert abs(e / estimate(plan, gemma2, "h200", method="trace").per_gpu["peak_allocated"] - 1) <= 0.01
+    # OLMo-2 normalises after attention and after the MLP: not Llama's layout, so its counted block prices it (-5.3%
+    # by the layout here; H200 #1109 / #1110 -3.0 / -4.2% -> -0.6 / -0.7%)
+    olmo2 = "hf:olmo2 hidden_size=512 intermediate_size=1408 num_hidden_layers=4 num_attention_heads=8 vocab_size=4096 seq_len=1024"
+    for model in (gemma2, olmo2):
+        e = estimate(plan, model, "h200", calibration=False).per_gpu["peak_allocated"]
+        assert abs(e / estimate(plan, model, "h200", method="trace").per_gpu["peak_allocated"] - 1) <= 0.015, model
     # Falcon: where the loss sets the peak (a 32k vocabulary) the two agree; where a block's backward does (vocab 512),
     # the analytical peak holds one fp32 [heads, T, T] tensor more than the trace, as for every math-path block
     # (MATH_BWD_SCORE_TENSORS: CUDA's softmax backward makes three, the CPU's two)

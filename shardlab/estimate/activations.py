@@ -54,7 +54,8 @@ LOSS_FP32_COPIES = 3  # log_softmax output + nll gradient + log_softmax input gr
 
 
 def _hf_llama(spec) -> bool:
-    return getattr(spec, "layout", "shardlab") == "transformers" and spec.family == "llama"
+    bw = getattr(spec, "block_work", None) or {}
+    return getattr(spec, "layout", "shardlab") == "transformers" and spec.family == "llama" and bw.get("llama_layout", True)
 
 
 def block_elements(spec, compiled: bool = False) -> int:
