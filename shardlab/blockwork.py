@@ -128,9 +128,10 @@ class BlockCounter(TorchDispatchMode):
             return
         self._storages.add(key)
         if self.head:  # after the last block: bytes, whatever the dtype (head_saved)
-            self.head_saved += st.nbytes()
+            nbytes = st.nbytes()
+            self.head_saved += nbytes
 
-            def gone_head(_, key=key, n=st.nbytes()):
+            def gone_head(_, key=key, n=nbytes):
                 if self.head:
                     self._storages.discard(key)
                     self.head_saved -= n
