@@ -531,7 +531,9 @@ def _model_errors():
     forward that reads a tensor's value in Python (transformers' LayerDrop in OPT, XGLM, BioGPT: `if
     torch.rand([]) < self.layerdrop` in training mode; data-dependent shapes): fake tensors have shapes, no values,
     so such a model cannot be traced, while the analytical estimate (which counts the block in evaluation mode)
-    still can. An error whose innermost frame outside torch is shardlab's own is left as it is (a bug to see)."""
+    still can. The line named is the innermost frame of the failing call's stack that is neither torch's nor
+    shardlab's (the model's code calls torch, whose dispatch passes through shardlab's counting mode); an error with
+    no such frame rose in shardlab's own code and is left as it is (a bug to see)."""
     import traceback
     from pathlib import Path
 
