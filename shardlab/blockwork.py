@@ -32,7 +32,7 @@ import torch
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from shardlab.estimate.activations import cuda_sdpa_math
+from shardlab.estimate.activations import sdpa_call_runs_math
 
 # operators that launch no kernel (metadata, allocation without a fill, host-side reads)
 _NO_KERNEL = {"empty", "empty_strided", "empty_like", "_unsafe_view", "detach", "alias", "lift_fresh",
@@ -68,9 +68,7 @@ class _FusedAttention(TorchFunctionMode):
         if func not in _SDPA:
             return func(*args, **(kwargs or {}))
         c = self.counter
-        q, k = (args[0] if args else kwargs["query"]), (args[1] if len(args) > 1 else kwargs["key"])
-        gqa = args[7] if len(args) > 7 else (kwargs or {}).get("enable_gqa", False)
-        if q.dim() == 4 and k.dim() == 4 and cuda_sdpa_math(torch.empty((), dtype=q.dtype).element_size(), q.shape[-3], k.shape[-3], bool(gqa)):
+        if sdpa_call_runs_math(args, kwargs):
             c.math_attention = c.math_attention or c.active
             return func(*args, **(kwargs or {}))  # CUDA runs this call unfused too: its math is counted as it runs
         inside, c.inside_attention = c.inside_attention, True
@@ -80,6 +78,7 @@ class _FusedAttention(TorchFunctionMode):
             c.inside_attention = inside
         if c.active and not inside:
             c.kernels += 1
+            q = args[0] if args else kwargs["query"]
             for t in (*args[:3], out):  # the flash kernel's backward reads q, k, v and the output
                 c.save(t)
             c.saved_other += 4 * q.shape[-3] * q.shape[-2] if q.dim() >= 3 else 0  # log-sum-exp, fp32, per head and row
@@ -97,7 +96,7 @@ class BlockCounter(TorchDispatchMode):
         self.kernels = 0
         self.elements = 0
         self.dtype = dtype  # the activation dtype the model was counted in
-        self._dtype_size = torch.empty((), dtype=dtype).element_size()
+        self._dtype_size = dtype.itemsize
         self.math_attention = False  # an attention call that CUDA runs unfused (activations.cuda_sdpa_math) ran here
         # the model's top, from the last block's output to the logits (final norm, LM head, transformers' Gemma-2 logit
         # soft-capping): bytes it saves for backward while `head` is set (hooked_head)

@@ -102,7 +102,8 @@ def count_step(model, inputs: dict, blocks: list) -> tuple[int | None, dict | No
         # count as a mixed-precision run computes: in bf16, on a copy (meta: it costs nothing)
         import copy
 
-        where = [next(i for i, m in enumerate(model.modules()) if m is b) for b in blocks]
+        index = {id(m): i for i, m in enumerate(model.modules())}  # one pass, not one per block
+        where = [index[id(b)] for b in blocks]
         dtype, model = torch.bfloat16, copy.deepcopy(model).to(torch.bfloat16)
         mods = list(model.modules())
         blocks = [mods[i] for i in where]  # the copy's blocks (the first is counted, the last ends at the model's top)

@@ -123,6 +123,17 @@ def cuda_sdpa_math(P: int, heads: int, kv_heads: int, enable_gqa: bool = True) -
     return kv_heads != heads and (P == 4 or not enable_gqa)
 
 
+def sdpa_call_runs_math(args, kwargs) -> bool:
+    """cuda_sdpa_math for one F.scaled_dot_product_attention call as written (q and k positional or by name,
+    enable_gqa the eighth positional or by name, the dtype and head counts read from the tensors): the one reading
+    of a call's arguments for the traced estimate's stand-in (trace._cuda_kernels) and blockwork.py's counter."""
+    kwargs = kwargs or {}
+    q = args[0] if args else kwargs["query"]
+    k = args[1] if len(args) > 1 else kwargs["key"]
+    gqa = args[7] if len(args) > 7 else kwargs.get("enable_gqa", False)
+    return q.dim() == 4 and k.dim() == 4 and cuda_sdpa_math(q.element_size(), q.shape[-3], k.shape[-3], bool(gqa))
+
+
 def math_attention_elements(spec) -> tuple[list[int], list[int]]:
     """(kept, no longer kept): model-dtype elements per token of the tensors SDPA's math path keeps for
     backward in one block (grouped-query heads), forward order, and of those the fused kernel keeps
@@ -216,8 +227,7 @@ def head_peak_bytes(spec, P: int) -> int:
     of its input too) + three fp32 [V] rows. A counted model (blockwork.py) says what its top saves
     itself: the same figures for transformers' Llama (2d·P + 4d, 4 bytes of norm statistics more) and
     GPT-2 (2d·P), and a [V] row more for Gemma-2's soft-capped logits (blockwork.hooked_head)."""
-    bw = spec.block_work
-    top = bw.get("head_saved_bytes_per_token") if bw and bw.get("saved_elems_per_token") is not None else None
+    top = (spec.block_work or {}).get("head_saved_bytes_per_token")
     if top is not None and P == 2:  # counted in bf16 (describe.count_step): the 16-bit runs' model dtype
         return int(top) + LOSS_FP32_COPIES * 4 * spec.vocab
     return 2 * spec.hidden * P + (4 * spec.hidden if _hf_llama(spec) else 0) + LOSS_FP32_COPIES * 4 * spec.vocab

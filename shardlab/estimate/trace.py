@@ -285,7 +285,7 @@ def _cuda_kernels():
     import torch
     import torch.nn.functional as F
 
-    from .activations import cuda_sdpa_math
+    from .activations import sdpa_call_runs_math
 
     class FusedRMSNorm(torch.autograd.Function):
         @staticmethod
@@ -319,10 +319,7 @@ def _cuda_kernels():
         # Where CUDA runs the math path (activations.cuda_sdpa_math: fp32 with grouped-query heads, H200
         # #806) the CPU runs its own flash kernel: forced to the math path here, the same composite code
         # on either device.
-        q, k = args[0], (args[1] if len(args) > 1 else kwargs.get("key"))
-        gqa = args[7] if len(args) > 7 else kwargs.get("enable_gqa", False)
-        if (q.dim() == 4 and k.dim() == 4 and cuda_sdpa_math(q.element_size(), q.size(-3), k.size(-3), bool(gqa))
-                and not torch.compiler.is_compiling()):
+        if sdpa_call_runs_math(args, kwargs) and not torch.compiler.is_compiling():
             from torch.nn.attention import SDPBackend, sdpa_kernel
 
             with sdpa_kernel(SDPBackend.MATH):
