@@ -176,6 +176,14 @@ class RunLauncher(pn.viewable.Viewer):
         self._queue.clear()
         self._t0 = None
         self._phase = None
+        # A Bokeh source may change only while the server holds the page's document lock. Panel runs a click that
+        # arrives while a debounced field change is still pending outside that lock: writing the sources here then
+        # raised Bokeh's "_pending_writes should be non-None" and the run never started (the served-app browser test
+        # on a loaded machine, session 18: "no run yet" 90 s after Start). pn.state.execute schedules the write on the
+        # server's next tick, under the lock; in a notebook or a script it runs now.
+        pn.state.execute(self._clear_figures, schedule=True)
+
+    def _clear_figures(self) -> None:
         self.memory_source.data = dict(seconds=[], mib=[], color=[], rank=[])
         self.speed_source.data = dict(step=[], tokens_per_s=[])
 
