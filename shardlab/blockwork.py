@@ -56,6 +56,39 @@ def _bytes(x) -> int:
 _SDPA = {torch.nn.functional.scaled_dot_product_attention, torch._C._nn.scaled_dot_product_attention}
 
 
+def _backward_as_one_kernel(counter: "BlockCounter", out, qkv) -> None:
+    """The backward of an SDPA call counted as the fused GPU kernel's one launch: the meta device runs the call's
+    unfused math, and without this the backward count took in its autograd nodes (a Llama block's backward counted
+    86 kernels on meta where CUDA launched about 73: H200, benchmarks/results/host_phase_h200_hf3.json). The math's
+    nodes still run (FlopCounterMode counts their FLOPs); their hooks only pause the count."""
+    fn = getattr(out, "grad_fn", None)
+    if fn is None:
+        return
+    stop = {t.grad_fn for t in qkv if isinstance(t, torch.Tensor)}
+    seen, todo = [], [fn]
+    while todo:
+        n = todo.pop()
+        if n is None or n in stop or any(n is m for m in seen) or not n.next_functions and type(n).__name__ == "AccumulateGrad":
+            continue
+        seen.append(n)
+        todo += [m for m, _ in n.next_functions]
+
+    def pause(grad_outputs):
+        counter.paused += 1
+
+    def resume(grad_inputs, grad_outputs):
+        counter.paused -= 1
+
+    def fused(grad_outputs):
+        if counter.in_backward and not counter.paused:
+            counter.bwd_kernels += 1
+
+    fn.register_prehook(fused)
+    for n in seen:
+        n.register_prehook(pause)
+        n.register_hook(resume)
+
+
 class _FusedAttention(TorchFunctionMode):
     """Scaled-dot-product attention is one fused kernel on a GPU, but on the meta device torch runs
     its unfused math (scores, softmax, T^2 elements): count the call once and nothing inside it."""
@@ -78,6 +111,9 @@ class _FusedAttention(TorchFunctionMode):
             c.inside_attention = inside
         if c.active and not inside:
             c.kernels += 1
+            kw = kwargs or {}
+            qkv = list(args[:3]) + [kw[n] for n in ("query", "key", "value")[len(args[:3]):] if n in kw]
+            _backward_as_one_kernel(c, out, qkv)
             q = args[0] if args else kwargs["query"]
             for t in (*args[:3], out):  # the flash kernel's backward reads q, k, v and the output
                 c.save(t)
@@ -94,6 +130,9 @@ class BlockCounter(TorchDispatchMode):
         self.active = False
         self.inside_attention = False
         self.kernels = 0
+        self.in_backward = False  # between the gradients of the block's output and of its input (hooked)
+        self.bwd_kernels = 0  # kernels of the block's backward (its own autograd nodes, as the meta device runs them)
+        self.paused = 0  # inside the autograd nodes of an attention call counted as one fused kernel
         self.elements = 0
         self.dtype = dtype  # the activation dtype the model was counted in
         self._dtype_size = dtype.itemsize
@@ -172,6 +211,8 @@ class BlockCounter(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
+        if self.in_backward and not self.paused and not (func.is_view or func.overloadpacket.__name__.rstrip("_") in _NO_KERNEL):
+            self.bwd_kernels += 1
         if self.active and not self.inside_attention:
             name = func.overloadpacket.__name__.rstrip("_") if func.overloadpacket.__name__ != "set_" else "set_"
             if not (func.is_view or name in _NO_KERNEL or func.overloadpacket.__name__ in _NO_KERNEL):
@@ -182,20 +223,49 @@ class BlockCounter(TorchDispatchMode):
         return out
 
 
+def _first_tensor(*xs):
+    for x in xs:
+        if isinstance(x, torch.Tensor):
+            return x
+        if isinstance(x, (list, tuple)) and x:
+            t = _first_tensor(*x)
+            if t is not None:
+                return t
+        if isinstance(x, dict) and x:
+            t = _first_tensor(*x.values())
+            if t is not None:
+                return t
+    return None
+
+
 def hooked(counter: BlockCounter, block):
-    """Forward hooks on `block` that switch `counter` on for the block's first forward only."""
+    """Forward hooks on `block` that switch `counter` on for the block's first forward only, and gradient hooks
+    that switch its backward count on from the gradient of that forward's output to the gradient of its input:
+    the block's own backward (the blocks after it have run theirs; the layers before it run after)."""
     state = {"done": False}
 
-    def pre(module, args):
+    def backward(on: bool):
+        def hook(grad):
+            counter.in_backward = on
+        return hook
+
+    def pre(module, args, kwargs):
         if not state["done"]:
             counter.active = True
+            x = _first_tensor(args, kwargs)
+            if x is not None and x.requires_grad:
+                x.register_hook(backward(False))
 
     def post(module, args, out):
         gc.collect()  # graph branches the block dropped, freed now: what it saved is what stays (save)
         counter.active = False
+        if not state["done"]:
+            y = _first_tensor(out)
+            if y is not None and y.requires_grad:
+                y.register_hook(backward(True))
         state["done"] = True
 
-    return [block.register_forward_pre_hook(pre), block.register_forward_hook(post)]
+    return [block.register_forward_pre_hook(pre, with_kwargs=True), block.register_forward_hook(post)]
 
 
 def hooked_head(counter: BlockCounter, last_block, model):
@@ -223,7 +293,7 @@ def block_work(counter: BlockCounter, block, model, blocks: int, seq_len: int) -
     per_p = sum(1 for _ in block.parameters())
     all_m = sum(1 for _ in model.modules())
     all_p = sum(1 for _ in model.parameters())
-    return {"kernels": counter.kernels, "elems_per_token": counter.elements / seq_len,
+    return {"kernels": counter.kernels, "bwd_kernels": counter.bwd_kernels, "elems_per_token": counter.elements / seq_len,
             "saved_elems_per_token": counter.saved_lowp / seq_len, "saved_other_bytes_per_token": counter.saved_other / seq_len,
             "modules": per_m, "params": per_p, "math_attention": counter.math_attention,
             "head_saved_bytes_per_token": counter.head_saved / seq_len,

@@ -4,9 +4,8 @@ The host (Python, autograd, the frameworks' hooks) issues every kernel; timeline
 stream against the GPU's queue. This file prices the host's work per micro-step and lays the step out
 as segments for that simulation (`step_segments`):
 
-- kernels launched, as stepwork.py counts them, split between forward and backward by FWD_HOST_RATIO
-  (a forward op goes through Python modules and records the autograd graph; the backward runs in
-  autograd's C++ engine);
+- kernels launched, as stepwork.py counts them in each pass, and the model's modules (MODULE_KERNELS: a module's
+  Python call, hooks and autograd bookkeeping, in kernels' worth), half in each pass;
 - FSDP's unit hooks (half in each pass), checkpointing's machinery (backward), DeepSpeed's module,
   parameter and gradient hooks (ZeRO-3 forward and backward, ZeRO-2 backward, ZeRO-0/1 at the
   accumulation boundary);
@@ -22,6 +21,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from .stepwork import TOP_KERNELS
 from .timeline import Seg
 
 if TYPE_CHECKING:
@@ -46,7 +46,11 @@ if TYPE_CHECKING:
 # so the defaults are at the population's middle. Leave one machine out (the default at the median of the other
 # machines' factors) does not beat them: pooled median |error| 10.5% -> 10.8%, largest 73.0% -> 67.8%, machines
 # whose median is within 15% 16 -> 16 of 18. What is left is the spread itself (machine B: 1.48).
-DEFAULT_LAUNCH_S = 45.5e-6
+# Since session 18 DEFAULT_LAUNCH_S is the seconds per host unit (host_units: kernels plus MODULE_KERNELS per module). The
+# calibration step above is unchanged: 45.5 us over its 358 counted kernels (stepwork's count then, with microbench's
+# allowance of 40) is a plain step of 16.3 ms, which host_units counts as 486 units (+ 40): 31.0 us a unit.
+# tests/test_steptime.py holds the two to the same step.
+DEFAULT_LAUNCH_S = 31.0e-6
 FSDP_UNIT_S = 2.65e-3
 # share of a FULL_SHARD unit's hook cost other stages pay per micro-step. Every stage runs a unit's
 # pre/post forward and backward hooks; NO_SHARD's cost as much (host probe, fidelity_h200_host.json:
@@ -55,27 +59,29 @@ FSDP_UNIT_S = 2.65e-3
 # the check set's host at about half (#111, llama152k: 116 ms of a predicted 112 at half, 147 at
 # full); machines' hosts differ by this much, so the middle.
 UNIT_HOOK_SHARE = {"zero3": 1.0, "zero2": 0.75, "ddp": 1.0}
-# FWD_HOST_RATIO: host seconds per counted forward kernel over a counted backward one. The forward runs
-# every operator through Python (nn.Module calls, the model's own code) and records the autograd graph;
-# the backward replays that graph in autograd's C++ engine. Measured on the CPU with the runner's own model
-# (run/gpt.py, 8 layers at hidden 32 so the kernels' own work is negligible; forward and backward timed
-# apart in the thread's CPU time, median of 140 steps; benchmarks/host_phase_probe.py, torch 2.13 CPU,
-# 2026-12-02, two runs: GPT 1.65 / 1.65, Llama 2.18 / 2.28; benchmarks/results/host_phase_cpu.json).
-# DEFAULT_LAUNCH_S stays the mean over the counted kernels of a step without checkpointing (calibrate times
-# a step whole; the probe's two models average 23.1 / 23.6 us per kernel, so the mean holds for both); the
-# ratio says how it divides between the passes, which decides how much of each pass's GPU work the host
-# hides. Under checkpointing the recomputed forward (stepwork's recompute_kernels) runs the blocks' forward
-# code again, modules, Python and graph recording alike, so it is priced at the forward's rate, not at
-# the step's mean (session 9, wave 2: before, the mean was kept over the recomputing step as well, which
-# priced a recomputed Llama kernel at 0.77x the launch default instead of 1.57x). No constant fitted; checked
-# on issue 20's llama1b grid (tune_h200_llama1b_grid.json, held out for this change), with AC_BLOCK_S
-# re-derived below: its 17 checkpointing rows, median |error| 15.1% -> 13.1%, largest 35.7% -> 31.7%; the
-# five DeepSpeed ones 18.5% -> 12.6% (+20.4 / +18.5 / +16.9 / +22.3% -> +9.5 / +8.9 / +13.1 / +18.6% at
-# micro-batch 1-2); the FSDP ones at micro-batch 1-2 21.5% -> 19.3%. GPT rows move less (ratio 1.65) and
-# the gpt125 grid's FSDP checkpointing rows 0.3-3.3 points the wrong way (+47.1% largest), since the
-# re-derived AC_BLOCK_S is smaller. Not measured on a GPU yet (CUDA adds a launch of a few microseconds per kernel to both passes,
-# which would bring the ratio toward 1; 1.0 instead of these: all recorded rows' median 9.6% -> 10.7%).
-FWD_HOST_RATIO = {"gpt": 1.65, "llama": 2.2}
+# MODULE_KERNELS: what one module costs the host in a training step (its Python __call__ and forward code, hook dispatch,
+# its share of the autograd graph), in kernels' worth. Measured on an H200 host (benchmarks/host_phase_probe.py --device
+# cuda --hf --rounds 3, results/host_phase_h200_hf3.json: 17 models at width 32, where the GPU's work is negligible,
+# forward and backward wall time against the kernels each launched and the modules each holds): least squares over the
+# 17 gives 13.3 us per kernel and 39.4 us per module, median error 7.3%, largest 22.7% (transformers' Mixtral, whose
+# routing makes its launches vary); per kernel alone the same 17 spread 13-22 us, shardlab's GPT at 20, its Llama at 22 and
+# transformers' Llama-style models at 14-17. Until session 18 the host was priced per kernel alone (DEFAULT_LAUNCH_S,
+# fitted on shardlab's GPT, whose module holds few kernels) and FWD_HOST_RATIO split it between the passes: every
+# transformers model was then predicted slow (39 recorded H200 rows, signed median -17.7%), shardlab's own rows not
+# (+4.4% GPT, +2.4% Llama). Half of the module cost falls in each pass, which puts the forward's share of the host at
+# 0.43 (GPT), 0.53 (Llama) and 0.40 (transformers' Llama) where the probe measured 0.34, 0.48 and 0.40. Under
+# checkpointing the recomputed forward is priced as the forward (kernels and the blocks' modules again).
+MODULE_KERNELS = 3.0
+
+
+def host_units(w: Work) -> tuple[float, float]:
+    """(forward, backward) host cost of one micro-step in kernels' worth: the kernels each pass launches plus
+    MODULE_KERNELS per module, half in each pass; checkpointing's recomputed forward in the backward."""
+    k_f, k_r = w.fwd_kernels, w.recompute_kernels
+    k_b = w.kernels - k_f - k_r
+    mod = MODULE_KERNELS * w.modules
+    recomputed = k_r * (1 + mod / 2 / k_f) if k_f else 0.0
+    return k_f + mod / 2, k_b + mod / 2 + recomputed
 # BATCH_UPLOAD_SYNC: the worker moves each micro-batch to the GPU with x.to("cuda", non_blocking=True) from
 # an ordinary (pageable) CPU tensor (run/data.py). CUDA stages pageable memory through a pinned buffer and
 # "may synchronize with the stream" to do so (CUDA runtime API, "API synchronization behavior", Memcpy,
@@ -115,6 +121,11 @@ DS3_MODULE_S = 0.565e-3
 DS3_RECOMPUTE = 1.0
 DS12_PARAM_S = 0.12e-3
 DS_NORM_KERNELS_PER_PARAM = 2
+# DS_NORM_UNITS_PER_PARAM: those two launches come from a Python loop over the tensors, and DS_OPT_SERIAL was checked with
+# them at the per-kernel price of that time (45.5 us, DEFAULT_LAUNCH_S before session 18), which host units (31.0 us each)
+# keep: 2 x 45.5 / 31.0. Priced as two plain units instead, the DeepSpeed ZeRO-0/1/2 rows of the host probe moved fast
+# (fidelity_h200_host.json #201 +5.4% -> +12.5%, #202 +16.9% -> +24.7%, #212 +4.0% -> +10.6%).
+DS_NORM_UNITS_PER_PARAM = DS_NORM_KERNELS_PER_PARAM * 45.5 / 31.0
 # DS_OPT_SERIAL, located (session 9, wave 2, DeepSpeed 0.19.8 as installed): with bf16, `bf16.check_grad_overflow`
 # defaults to true (runtime/precision_config.py), so ZeRO-1/2's step() first runs has_overflow_partitioned_grads_serial
 # (about 7 kernels per gradient tensor: amax, amin, two isfinite, logical_and, logical_not, an add) and then
@@ -201,20 +212,13 @@ AC_BLOCK_S = 1.15e-3
 
 def host_phases(plan: Plan, s: Setup, w: Work, r: Rates) -> tuple[float, float, float]:
     """Host seconds of one micro-step: (forward, backward, the accumulation boundary's extra), all blocks
-    and the rest. Kernel launches as counted, divided between the passes by FWD_HOST_RATIO; FSDP's unit
+    and the rest. Kernel launches and modules (host_units); FSDP's unit
     hooks half in each pass; checkpointing's machinery (AC_BLOCK_S) and the recomputed forward's launches
     (at the forward's rate) in the backward; DeepSpeed ZeRO-3's module hooks (pre/post forward, pre/post
     backward, once more for a recomputed forward) and parameter hooks (backward); ZeRO-2's gradient hooks
     every backward, ZeRO-0/1's at the boundary."""
-    from .stepwork import implementation
-
-    launch = r.launch_s
-    k_f, k_r = w.fwd_kernels, w.recompute_kernels
-    k_b = w.kernels - k_f - k_r
-    ratio = 1.0 if w.bare else FWD_HOST_RATIO[implementation(s.spec)]
-    per_b = launch * (k_f + k_b) / (ratio * k_f + k_b)  # a step without recomputation averages `launch`
-    # checkpointing's recomputation re-runs the blocks' forward code in the backward: forward kernels
-    fwd, bwd, boundary = ratio * k_f * per_b, (k_b + ratio * k_r) * per_b, 0.0
+    u_f, u_b = host_units(w)
+    fwd, bwd, boundary = u_f * r.launch_s, u_b * r.launch_s, 0.0
     if not s.ds:
         unit = w.units * r.fsdp_unit_s * UNIT_HOOK_SHARE.get(s.stage, 1.0)
         ac = AC_BLOCK_S * max(0, w.units - 1) if plan.activation_checkpointing else 0.0
@@ -242,7 +246,7 @@ def _opt_launch(s: Setup, w: Work, r: Rates) -> float:
     """FSDP: torch's foreach optimizer launches in chunks of tensors. DeepSpeed: its per-tensor norms
     (DS_OPT_SERIAL), after the engine's synchronisation."""
     if s.ds:
-        return w.param_tensors * DS_NORM_KERNELS_PER_PARAM * r.launch_s * r.host_fit
+        return w.param_tensors * DS_NORM_UNITS_PER_PARAM * r.launch_s * r.host_fit
     return (8 * max(1, w.param_tensors // 64) + 10) * r.launch_s * r.host_fit
 
 
@@ -256,7 +260,7 @@ def step_segments(plan: Plan, s: Setup, w: Work, r: Rates, gpu_ph: tuple, opt_gp
     h_f, h_b, boundary = host_phases(plan, s, w, r)
     L = max(1, w.units - 1)
     per_kernel = r.launch_s * r.host_fit
-    h_loss = 0.0 if w.bare else 30 * per_kernel  # the embedding, final norm and loss: stepwork's 30 kernels
+    h_loss = 0.0 if w.bare else sum(TOP_KERNELS) * per_kernel  # the embedding, final norm and loss (stepwork's TOP_KERNELS)
     h_f, h_b = max(0.0, h_f - h_loss / 3), max(0.0, h_b - 2 * h_loss / 3)
     wait_per_block = s.ds and s.stage == "zero2" and s.offload_opt != "none" and s.micro_steps > 1
     segs = []

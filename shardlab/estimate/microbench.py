@@ -162,10 +162,12 @@ def host_model():
 
 
 def launch_seconds(plain_step_s: float, w) -> float:
-    """Host seconds per counted kernel: the plain step's host time over its counted kernels plus 40, an
-    allowance for launches stepwork does not count, set when calibrate was written (f4a288e) without a
-    measurement named for it."""
-    return plain_step_s / (w.kernels + 40)
+    """Host seconds per host unit (hostcost.host_units: kernels and modules): the plain step's host time over its
+    units plus 40, an allowance for launches stepwork does not count, set when calibrate was written (f4a288e)
+    without a measurement named for it."""
+    from .hostcost import host_units
+
+    return plain_step_s / (sum(host_units(w)) + 40)
 
 
 def host(steps: int = 12) -> dict:
@@ -225,10 +227,10 @@ def _deepspeed_hooks(spec, tokens, plain: float, w, launch_s: float, steps: int)
 
     from shardlab.run.gpt import build_model, loss_fn
 
-    from .hostcost import DS3_MODULE_S, DS3_PARAM_S, DS12_PARAM_S, DS_NORM_KERNELS_PER_PARAM
+    from .hostcost import DS3_MODULE_S, DS3_PARAM_S, DS12_PARAM_S, DS_NORM_UNITS_PER_PARAM
 
     _one_rank_group()
-    norms = w.param_tensors * DS_NORM_KERNELS_PER_PARAM * launch_s
+    norms = w.param_tensors * DS_NORM_UNITS_PER_PARAM * launch_s
     predicted = {3: w.modules * DS3_MODULE_S + w.param_tensors * DS3_PARAM_S, 2: w.param_tensors * DS12_PARAM_S}
     out = {}
     for stage, key in ((3, "ds3_hook_scale"), (2, "ds12_hook_scale")):

@@ -49,7 +49,17 @@ ATTN_BWD_FACTOR = 2.5  # flash attention backward: 5 matmuls of the forward's 2 
 # +12.9% -> -1.5%, #708 +6.7% -> +2.0%, #712 -12.1% -> -12.2%.
 MATH_SCORE_FWD_ELEMS = 5
 MATH_SCORE_BWD_ELEMS = 3
-KERNELS_PER_BLOCK_FWD = {"gpt": 12, "llama": 24}  # eager kernels one block's forward launches
+# KERNELS_PER_BLOCK: kernels (aten operators that reach the GPU) one block of shardlab's own model launches in its forward and
+# in its backward, counted on an H200 with the runner's model at 4, 8 and 12 blocks (benchmarks/host_phase_probe.py
+# --device cuda --layers N, results/host_phase_h200_L4.json, _L12.json: the same count per added block). Llama's forward
+# makes its rotary angles in every block (arange, cos, sin and their casts: no backward), so it launches more forward than
+# backward. Until session 18 these were 12 and 24 forward with twice that backward, which priced a Llama block's host at
+# the GPT block's rate per kernel by way of FWD_HOST_RATIO. A block counted from the model (blockwork.py) has its own.
+KERNELS_PER_BLOCK = {"gpt": (10, 19), "llama": (49, 42)}
+# TOP_KERNELS: the rest of the model per micro-step (embedding, final norm, LM head, the fp32 loss), forward and backward:
+# 9 + 10 (GPT) and 6 + 8 (Llama) on the H200 (the same files: total less the blocks), 8 + 7 for transformers' Llama
+# (host_phase_h200_hf3.json against its counted block).
+TOP_KERNELS = (10, 10)
 
 
 @dataclass(frozen=True)
@@ -146,8 +156,9 @@ def _shaped(spec: ModelSpec, mb: int, seq: int, P: int, ac: bool) -> Work:
     mem += 0 if counted_math else scores * (MATH_SCORE_FWD_ELEMS * fwd_times + MATH_SCORE_BWD_ELEMS)
     cast = 2 * (P + 4) if P != 4 else 0
     fixed = n * V * (cast + 8 + 12) + 2 * V * d * P  # fp32 loss; dense embedding gradient (zeroed, then written)
-    kpb = bw["kernels"] if bw else KERNELS_PER_BLOCK_FWD[impl]
-    kernels = L * kpb * (fwd_times + 2) + 30
+    # a count made before blockwork counted backward kernels: twice the forward, as before
+    kpb, kpb_b = (bw["kernels"], bw.get("bwd_kernels") or 2 * bw["kernels"]) if bw else KERNELS_PER_BLOCK[impl]
+    kernels = L * (kpb * fwd_times + kpb_b) + sum(TOP_KERNELS)
     if bw:
         modules, params, top_m, top_p = bw["modules"], bw["params"], bw["top_modules"], bw["top_params"]
     elif spec.family == "gpt":
@@ -157,7 +168,7 @@ def _shaped(spec: ModelSpec, mb: int, seq: int, P: int, ac: bool) -> Work:
     fwd_fixed = n * V * ((P + 4 if P != 4 else 0) + 8)  # logits cast and log-softmax forward
     return Work(n, seq, tuple(gemms), attn, spec.head_dim, mem, fixed, kernels, L * modules + top_m, L * params + top_p, L + 1,
                 fwd_elems=n * L * per_tok + (0 if counted_math else scores * MATH_SCORE_FWD_ELEMS), fwd_fixed_bytes=fwd_fixed,
-                fwd_kernels=L * kpb + 10, recompute_kernels=L * kpb if ac else 0, attn_math=bool(scores), attn_small_k_flops=small_k,
+                fwd_kernels=L * kpb + TOP_KERNELS[0], recompute_kernels=L * kpb if ac else 0, attn_math=bool(scores), attn_small_k_flops=small_k,
                 attn_fp32=counted_math)
 
 
