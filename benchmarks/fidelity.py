@@ -300,11 +300,36 @@ NEW6_CONFIGS = [
     C("hf-falcon-b", "fsdp1", "zero3", mb=2, ac=True), C("hf-falcon-b", "deepspeed", "zero3", mb=1),
     C("hf-gemma2-b", "fsdp2", "zero3", mb=1, ac=True), C("hf-gemma2-b", "deepspeed", "zero1", mb=1),
 ]
+# Session 18's unseen set (written 2026-12-04 after the host model by kernels and modules landed, ae35ba7, and before
+# any of it ran): shardlab's own GPT and Llama at shapes not run before, and three transformers architectures at new
+# shapes (Llama at 16 thin layers, a Qwen2-0.5B-like block with a 152k vocabulary, Gemma with one KV head).
+MODELS.update({
+    "gpt768x20": {"name": "gpt768x20", "family": "gpt", "layers": 20, "hidden": 768, "heads": 12, "vocab": 50257, "seq_len": 1024},
+    "llama1280x14": {"name": "llama1280x14", "family": "llama", "layers": 14, "hidden": 1280, "heads": 10, "kv_heads": 2,
+                     "ffn_hidden": 3456, "vocab": 32000, "seq_len": 2048},
+    "llama2048x10": {"name": "llama2048x10", "family": "llama", "layers": 10, "hidden": 2048, "heads": 16, "kv_heads": 8,
+                     "ffn_hidden": 5504, "vocab": 128256, "seq_len": 2048},
+    "hf-llama-b": "hf:llama hidden_size=1024 intermediate_size=2816 num_hidden_layers=16 num_attention_heads=16 "
+                  "num_key_value_heads=4 vocab_size=32000 seq_len=2048",
+    "hf-qwen2-c": "hf:qwen2 hidden_size=896 intermediate_size=4864 num_hidden_layers=12 num_attention_heads=14 "
+                  "num_key_value_heads=2 vocab_size=151936 seq_len=2048",
+    "hf-gemma-b": "hf:gemma hidden_size=1024 intermediate_size=4096 num_hidden_layers=10 num_attention_heads=8 "
+                  "num_key_value_heads=1 head_dim=128 vocab_size=256000 seq_len=2048",
+})
+NEW7_CONFIGS = [
+    C("gpt768x20", "fsdp2", "zero3", mb=4), C("gpt768x20", "deepspeed", "zero2", mb=2, ga=2),
+    C("gpt768x20", "fsdp1", "zero2", "fp16", mb=8, ac=True),
+    C("llama1280x14", "fsdp2", "zero2", mb=2, ac=True), C("llama1280x14", "deepspeed", "zero3", mb=2),
+    C("llama1280x14", "fsdp1", "zero3", mb=4),
+    C("llama2048x10", "fsdp2", "zero3", mb=2), C("llama2048x10", "deepspeed", "zero1", mb=1, ga=2),
+    C("hf-llama-b", "fsdp2", "zero3", mb=2), C("hf-llama-b", "deepspeed", "zero3", mb=2, ac=True),
+    C("hf-qwen2-c", "fsdp2", "zero2", mb=2), C("hf-gemma-b", "deepspeed", "zero2", mb=1),
+]
 SETS = {"matrix": (1, CONFIGS), "check": (101, CHECK_CONFIGS), "host": (201, HOST_CONFIGS), "val": (301, VAL_CONFIGS),
         "hf": (401, HF_CONFIGS), "held": (501, HELD_CONFIGS),
         "res": (601, RES_CONFIGS), "new": (701, NEW_CONFIGS),
         "new3": (801, NEW3_CONFIGS), "new4": (901, NEW4_CONFIGS), "new5": (1001, NEW5_CONFIGS),
-        "new6": (1101, NEW6_CONFIGS)}
+        "new6": (1101, NEW6_CONFIGS), "new7": (1201, NEW7_CONFIGS)}
 KEYS = ("model", "framework", "sharding", "precision", "micro_batch_size", "grad_accum_steps", "activation_checkpointing",
         "offload", "compile", "hf", "low_memory_init")
 
