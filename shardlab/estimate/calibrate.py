@@ -24,6 +24,7 @@ from pathlib import Path
 from shardlab.units import GIB
 
 from .gpus import DEFAULT_GPU, GPU
+from .hostcost import DEFAULT_LAUNCH_S
 from .steptime import Rates
 
 ENV_DIR = "SHARDLAB_CALIBRATION_DIR"
@@ -339,7 +340,7 @@ def cli_calibrate(a) -> int:
         mm, at = r.get("mm_eff", nan), r.get("attn_eff", nan)
         print(f"  matmul efficiency bf16 {mm['bf16']:.3f}, fp32 {mm['fp32']:.3f} (of the data sheet peak, shape-corrected)")
         print(f"  attention efficiency bf16 {at['bf16']:.3f}, fp32 {at['fp32']:.3f}; HBM {r.get('hbm_eff', float('nan')):.3f} of the data sheet")
-        print(f"  host: {r.get('launch_s', float('nan')) * 1e6:.1f} us per kernel, FSDP2 unit {r.get('fsdp_unit_s', float('nan')) * 1e3:.3f} ms"
+        print(f"  host: {r.get('launch_s', float('nan')) * 1e6:.1f} us per host unit (a kernel, or a module's share: hostcost.host_units; default {DEFAULT_LAUNCH_S * 1e6:.1f}), FSDP2 unit {r.get('fsdp_unit_s', float('nan')) * 1e3:.3f} ms"
               + ("" if APPLY_MICROBENCH_HOST else " (recorded, not applied: `calibrate --from-runs` fits the host from real steps)"))
         if r.get("torch_cpu_adam_params_per_s"):
             print(f"  CPU AdamW (FSDP's CPU offload): {r['torch_cpu_adam_params_per_s'] / 1e9:.2f}e9 parameters/s on {cal['microbench']['cpu_adam'].get('threads')} threads")

@@ -9,7 +9,7 @@
   the SMs, or bound by the bytes it moves), flash attention at its own rate, memory-bound kernels
   and the optimizer step by bytes at the achievable HBM bandwidth. fp32 runs at the fp32 (non-TF32)
   peak, torch's default (`torch.backends.cuda.matmul.allow_tf32` is False).
-- host: the CPU time to issue the step (per kernel launched; per FSDP unit; DeepSpeed's per-module
+- host: the CPU time to issue the step (per kernel launched and per module; per FSDP unit; DeepSpeed's per-module
   and per-parameter hooks), priced per pass in hostcost.py.
 - timeline: the host's launch stream and the GPU's queue simulated pass by pass and block by block
   (timeline.py over hostcost.step_segments): the GPU cannot run a kernel before the host issues it,
