@@ -20,8 +20,8 @@ Element counts per token per block (forward; backward moves about twice as much)
 - llama: RMSNorm 6d each (torch's decomposed rms_norm: square, mean, rsqrt, two products, with an
   fp32 intermediate), the rotary embedding 9 passes over q and k (four products, a sum, a
   difference, a concatenation), SwiGLU 5f (SiLU 2f, product 3f) -> 20d + 9(d + kv) + 5f.
-Loss per token: logits cast to fp32 (2·(P + 4) bytes with the backward cast, none in fp32),
-log-softmax 8 bytes forward and 12 backward, per vocabulary entry.
+Loss per token: logits cast to fp32 (2·(P + 4) bytes with the backward cast, none in fp32), and per
+vocabulary entry LOSS_FWD_BYTES forward and LOSS_BWD_BYTES backward (below).
 A transformers LlamaForCausalLM of the same shape is priced as the llama family: issue 13's H200
 rows with the Hugging Face factory came within 2-12% of that (three runs sharing the GPU), so no
 separate term is fitted.
@@ -56,6 +56,17 @@ MATH_SCORE_BWD_ELEMS = 3
 # backward. Until session 18 these were 12 and 24 forward with twice that backward, which priced a Llama block's host at
 # the GPT block's rate per kernel by way of FWD_HOST_RATIO. A block counted from the model (blockwork.py) has its own.
 KERNELS_PER_BLOCK = {"gpt": (10, 19), "llama": (49, 42)}
+# LOSS_FWD_BYTES / LOSS_BWD_BYTES: HBM bytes per fp32 logit of the loss, forward and backward. A vocabulary row does not
+# fit the softmax kernel's shared memory, so its forward reads the row three times (maximum, sum of exponentials, the
+# output) and writes it once: 16; its backward reads the incoming gradient twice and the output once and writes once (16),
+# after nll_loss's backward has zero-filled its [tokens, vocab] gradient (4): 20. Measured in the H200 profiles
+# (results/host_split_h200_s15b/s16/s17.json, cunn_SoftMaxForward / cunn_SoftMaxBackward against tokens x vocab at the
+# calibrated bandwidth, 12 rows, vocabularies 32k-256k): forward 13.5-17.0 B (median 16.4), backward 16.8-18.5 (median
+# 17.4) with the fill apart (FillFunctor, #1013: 3.8 B). Until session 18: 8 and 12, which the profiles' memory-bound
+# "other" kernels measured 1.5-2.6x over the prediction partly come from (#1013, llama200k: 12.8 ms of softmax against
+# 5.5 ms priced for the whole loss).
+LOSS_FWD_BYTES = 16
+LOSS_BWD_BYTES = 20
 # TOP_KERNELS: the rest of the model per micro-step (embedding, final norm, LM head, the fp32 loss), forward and backward:
 # 9 + 10 (GPT) and 6 + 8 (Llama) on the H200 (the same files: total less the blocks), 8 + 7 for transformers' Llama
 # (host_phase_h200_hf3.json against its counted block).
@@ -155,7 +166,7 @@ def _shaped(spec: ModelSpec, mb: int, seq: int, P: int, ac: bool) -> Work:
     mem = n * L * per_tok * (fwd_times + BWD_MEM_FACTOR) + n * (2 * d) * (1 + BWD_MEM_FACTOR) + 2 * n * d
     mem += 0 if counted_math else scores * (MATH_SCORE_FWD_ELEMS * fwd_times + MATH_SCORE_BWD_ELEMS)
     cast = 2 * (P + 4) if P != 4 else 0
-    fixed = n * V * (cast + 8 + 12) + 2 * V * d * P  # fp32 loss; dense embedding gradient (zeroed, then written)
+    fixed = n * V * (cast + LOSS_FWD_BYTES + LOSS_BWD_BYTES) + 2 * V * d * P  # fp32 loss; dense embedding gradient (zeroed, then written)
     # a count made before blockwork counted backward kernels: twice the forward, as before
     kpb, kpb_b = (bw["kernels"], bw.get("bwd_kernels") or 2 * bw["kernels"]) if bw else KERNELS_PER_BLOCK[impl]
     kernels = L * (kpb * fwd_times + kpb_b) + sum(TOP_KERNELS)
@@ -165,7 +176,7 @@ def _shaped(spec: ModelSpec, mb: int, seq: int, P: int, ac: bool) -> Work:
         modules, params, top_m, top_p = 9, 12, 6, 5
     else:
         modules, params, top_m, top_p = 10, 7, 5, 3
-    fwd_fixed = n * V * ((P + 4 if P != 4 else 0) + 8)  # logits cast and log-softmax forward
+    fwd_fixed = n * V * ((P + 4 if P != 4 else 0) + LOSS_FWD_BYTES)  # logits cast and log-softmax forward
     return Work(n, seq, tuple(gemms), attn, spec.head_dim, mem, fixed, kernels, L * modules + top_m, L * params + top_p, L + 1,
                 fwd_elems=n * L * per_tok + (0 if counted_math else scores * MATH_SCORE_FWD_ELEMS), fwd_fixed_bytes=fwd_fixed,
                 fwd_kernels=L * kpb + TOP_KERNELS[0], recompute_kernels=L * kpb if ac else 0, attn_math=bool(scores), attn_small_k_flops=small_k,
