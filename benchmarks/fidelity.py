@@ -324,6 +324,10 @@ NEW7_CONFIGS = [
     C("llama2048x10", "fsdp2", "zero3", mb=2), C("llama2048x10", "deepspeed", "zero1", mb=1, ga=2),
     C("hf-llama-b", "fsdp2", "zero3", mb=2), C("hf-llama-b", "deepspeed", "zero3", mb=2, ac=True),
     C("hf-qwen2-c", "fsdp2", "zero2", mb=2), C("hf-gemma-b", "deepspeed", "zero2", mb=1),
+    # added 2026-12-04 07:35 UTC after #1201-1212 ran and the loss's bytes were taken from the profiles (a25ce57):
+    # heavier steps of the same models, predicted before they run (with twins of #1201, #1204, #1209, #1211 on a second machine)
+    C("llama2048x10", "fsdp2", "zero2", mb=4), C("hf-qwen2-c", "deepspeed", "zero3", mb=4, ac=True),
+    C("gpt768x20", "fsdp2", "ddp", "fp32", mb=2), C("hf-llama-b", "fsdp1", "zero2", mb=8, ac=True),
 ]
 SETS = {"matrix": (1, CONFIGS), "check": (101, CHECK_CONFIGS), "host": (201, HOST_CONFIGS), "val": (301, VAL_CONFIGS),
         "hf": (401, HF_CONFIGS), "held": (501, HELD_CONFIGS),
