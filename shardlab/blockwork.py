@@ -68,7 +68,7 @@ def _backward_as_one_kernel(counter: "BlockCounter", out, qkv) -> None:
     seen, todo = [], [fn]
     while todo:
         n = todo.pop()
-        if n is None or n in stop or any(n is m for m in seen) or not n.next_functions and type(n).__name__ == "AccumulateGrad":
+        if n is None or n in stop or any(n is m for m in seen) or type(n).__name__ == "AccumulateGrad":
             continue
         seen.append(n)
         todo += [m for m, _ in n.next_functions]

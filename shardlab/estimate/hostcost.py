@@ -125,7 +125,7 @@ DS_NORM_KERNELS_PER_PARAM = 2
 # them at the per-kernel price of that time (45.5 us, DEFAULT_LAUNCH_S before session 18), which host units (31.0 us each)
 # keep: 2 x 45.5 / 31.0. Priced as two plain units instead, the DeepSpeed ZeRO-0/1/2 rows of the host probe moved fast
 # (fidelity_h200_host.json #201 +5.4% -> +12.5%, #202 +16.9% -> +24.7%, #212 +4.0% -> +10.6%).
-DS_NORM_UNITS_PER_PARAM = DS_NORM_KERNELS_PER_PARAM * 45.5 / 31.0
+DS_NORM_UNITS_PER_PARAM = DS_NORM_KERNELS_PER_PARAM * 45.5e-6 / DEFAULT_LAUNCH_S
 # DS_OPT_SERIAL, located (session 9, wave 2, DeepSpeed 0.19.8 as installed): with bf16, `bf16.check_grad_overflow`
 # defaults to true (runtime/precision_config.py), so ZeRO-1/2's step() first runs has_overflow_partitioned_grads_serial
 # (about 7 kernels per gradient tensor: amax, amin, two isfinite, logical_and, logical_not, an add) and then
