@@ -137,11 +137,9 @@ def shape_of(cfg, seq_len: int, vocab: int) -> dict | None:
         vals[key] = next((getattr(cfg, n) for n in names if isinstance(getattr(cfg, n, None), int)), None)
     if not all(vals[k] for k in ("layers", "hidden", "heads")):
         return None
-    head = getattr(cfg, "head_dim", None)  # set apart from hidden / heads by some models (Qwen3, Gemma)
-    if isinstance(head, int) and head > 0 and head * vals["heads"] != vals["hidden"]:
-        vals["head_size"] = head
-    elif vals["hidden"] % vals["heads"]:
-        return None
+    # checked before any shape question: a config whose hidden size its heads do not divide has no shape here (it is
+    # counted bare), and its bad grouping then went through as figures (session 18: hf:qwen2 num_attention_heads=14
+    # num_key_value_heads=3 at the default hidden 4096, exit 0)
     if vals["kv_heads"] and vals["heads"] % vals["kv_heads"]:
         # each KV head serves heads / kv_heads query heads: transformers' attention cannot run otherwise (its
         # forward fails on the shapes), so a config that says so is bad input, not a shape to estimate
@@ -150,6 +148,11 @@ def shape_of(cfg, seq_len: int, vocab: int) -> dict | None:
         raise bad_input("--model", f"num_key_value_heads={vals['kv_heads']} does not divide num_attention_heads={vals['heads']}: "
                         "in grouped-query attention each key/value head serves an equal share of the query heads. "
                         f"Set num_key_value_heads to a divisor of {vals['heads']}.")
+    head = getattr(cfg, "head_dim", None)  # set apart from hidden / heads by some models (Qwen3, Gemma)
+    if isinstance(head, int) and head > 0 and head * vals["heads"] != vals["hidden"]:
+        vals["head_size"] = head
+    elif vals["hidden"] % vals["heads"]:
+        return None
     act = str(getattr(cfg, "hidden_act", "") or getattr(cfg, "activation_function", ""))
     vals["family"] = "llama" if act in ("silu", "swish") and vals["ffn_hidden"] else "gpt"
     return {**vals, "vocab": vocab, "seq_len": seq_len}

@@ -113,6 +113,8 @@ def plan_file(tmp_path):
     # would fail on the shapes; until session 17 the analytical estimate gave figures for it and --trace a traceback
     ("estimate", ["hf:qwen2", "hidden_size=64", "intermediate_size=128", "num_attention_heads=4", "num_hidden_layers=1",
                   "vocab_size=256", "seq_len=32"], "does not divide num_attention_heads=4"),
+    # the same with a hidden size the heads do not divide (no shape: counted bare), which gave figures and exit 0
+    ("estimate", ["hf:qwen2", "num_attention_heads=14", "num_key_value_heads=3", "num_hidden_layers=1"], "does not divide num_attention_heads=14"),
     # OPT's LayerDrop reads a random tensor's value in training mode: fake tensors have none (the line is named)
     ("estimate", ["hf:opt", "hidden_size=64", "ffn_dim=128", "num_attention_heads=4", "num_hidden_layers=1",
                   "vocab_size=256", "seq_len=32", "--trace"], "modeling_opt.py, line"),
