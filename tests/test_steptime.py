@@ -450,11 +450,17 @@ def test_runs_in_the_store_carry_their_prediction(runs):
 
 
 def test_calibrate_from_runs_moves_a_held_out_prediction_toward_its_measurement(runs, tmp_path):
+    """Refit from two of the suite's CPU runs (FSDP1 DDP, DeepSpeed ZeRO-3); the third (FSDP2 ZeRO-3), held out, must
+    move toward its measured step. Until session 18 DeepSpeed's run was the one held out, but its CPU step is not one
+    figure: 38.8, 39.4, 65.6 and 68.1 ms in four runs of this suite on the 2-core machine against 26.1 predicted, so
+    the refit (host x1.5-2.9 from the other two) overshot it in two of them (ci2 of session 18 failed on it)."""
     from shardlab.estimate.calibrate import CPU_DEVICE, calibrate_from_runs, find, run_observation
     from shardlab.run.store import load_run
 
-    fit_on, held = [x.dir for x in runs if "deepspeed" not in str(load_run(x.dir).plan.framework)], \
-        [load_run(x.dir) for x in runs if load_run(x.dir).plan.framework == "deepspeed"][0]
+    def is_held(r):
+        return r.plan.framework == "fsdp2"
+
+    fit_on, held = [x.dir for x in runs if not is_held(load_run(x.dir))], [load_run(x.dir) for x in runs if is_held(load_run(x.dir))][0]
     out = calibrate_from_runs(fit_on, directory=tmp_path)
     (c,) = out["calibrations"]
     assert c["device"] == "cpu" and c["runs"] == 2
