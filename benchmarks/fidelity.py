@@ -328,6 +328,10 @@ NEW7_CONFIGS = [
     # heavier steps of the same models, predicted before they run (with twins of #1201, #1204, #1209, #1211 on a second machine)
     C("llama2048x10", "fsdp2", "zero2", mb=4), C("hf-qwen2-c", "deepspeed", "zero3", mb=4, ac=True),
     C("gpt768x20", "fsdp2", "ddp", "fp32", mb=2), C("hf-llama-b", "fsdp1", "zero2", mb=8, ac=True),
+    # added 2026-12-04 08:30 UTC after ci3 (8084824), no model change since: accumulation, fp16 and checkpointing on the
+    # same models, predicted before they run, with twins of #1213, #1214, #1216 on a third machine
+    C("llama1280x14", "deepspeed", "zero2", mb=4, ga=2), C("hf-gemma-b", "fsdp2", "zero3", mb=2, ac=True),
+    C("gpt768x20", "deepspeed", "zero3", "fp16", mb=4),
 ]
 SETS = {"matrix": (1, CONFIGS), "check": (101, CHECK_CONFIGS), "host": (201, HOST_CONFIGS), "val": (301, VAL_CONFIGS),
         "hf": (401, HF_CONFIGS), "held": (501, HELD_CONFIGS),
