@@ -27,25 +27,21 @@ import time
 from pathlib import Path
 
 
-class _Ops:
-    """Counts the aten operators that reach a kernel (blockwork's rule: views, aliases and allocations launch none)."""
+def _op_counter():
+    """A dispatch mode counting the aten operators that reach a kernel (blockwork.launches_kernel) in `.n`."""
+    from torch.utils._python_dispatch import TorchDispatchMode
 
-    def __init__(self):
-        from torch.utils._python_dispatch import TorchDispatchMode
+    from shardlab.blockwork import launches_kernel
 
-        from shardlab.blockwork import _NO_KERNEL
+    class Ops(TorchDispatchMode):
+        n = 0
 
-        class Mode(TorchDispatchMode):
-            n = 0
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            self.n += launches_kernel(func)
+            return out
 
-            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-                out = func(*args, **(kwargs or {}))
-                name = func.overloadpacket.__name__
-                if not (func.is_view or name.rstrip("_") in _NO_KERNEL or name in _NO_KERNEL):
-                    Mode.n += 1
-                return out
-
-        self.mode = Mode
+    return Ops()
 
 
 TINY = " hidden_size=32 intermediate_size=96 num_hidden_layers=8 num_attention_heads=4 num_key_value_heads=2 vocab_size=256 seq_len=32"
@@ -58,18 +54,29 @@ HF_TINY = {"llama": TINY, "qwen2": TINY, "mistral": TINY, "qwen3": TINY + " head
            "bloom": " hidden_size=32 n_layer=8 n_head=4 vocab_size=256 seq_len=32"}
 
 
+def spec_of(name: str, layers: int = 8, hidden: int = 32):
+    """The ModelSpec of a probed model: "gpt" / "llama" at `layers` x `hidden`, or "hf:TYPE" at HF_TINY's shape (counted
+    from the model on the meta device; tests/test_steptime.py prices the probe's rows from these)."""
+    from shardlab.models import ModelSpec
+
+    if name.startswith("hf:"):
+        from shardlab.usermodel import resolve
+
+        return resolve(name + HF_TINY[name[3:]]).spec
+    kw = {"kv_heads": 2, "ffn_hidden": 3 * hidden} if name == "llama" else {}
+    return ModelSpec("host-phase", layers=layers, hidden=hidden, heads=4, vocab=256, seq_len=32, family=name, **kw)
+
+
 def _model(name: str, layers: int, hidden: int, device: str):
     """(module in bf16 on `device`, ModelSpec, loss of logits and tokens) for "gpt" / "llama" (the runner's own
     model) or "hf:TYPE" (transformers at HF_TINY's shape, 8 layers at width 32)."""
     import torch
 
     from shardlab.describe import logits_of
-    from shardlab.models import ModelSpec
     from shardlab.run.gpt import build_model, loss_fn
 
     if not name.startswith("hf:"):
-        kw = {"kv_heads": 2, "ffn_hidden": 3 * hidden} if name == "llama" else {}
-        spec = ModelSpec("host-phase", layers=layers, hidden=hidden, heads=4, vocab=256, seq_len=32, family=name, **kw)
+        spec = spec_of(name, layers, hidden)
         return build_model(spec, device="cpu").to(torch.bfloat16).to(device), spec, loss_fn
     from shardlab.usermodel import resolve
 
@@ -91,11 +98,10 @@ def measure(family: str, layers: int = 8, hidden: int = 32, steps: int = 150, de
     model.train()
     w = work(spec, 1, spec.seq_len, 2, False)
     tok = torch.randint(0, spec.vocab, (1, spec.seq_len), device=device)
-    ops = _Ops().mode
-    with ops():
+    with _op_counter() as ops:
         loss = loss_fn(model(tok), tok)
-    ops_f, ops.n = ops.n, 0
-    with ops():
+    ops_f = ops.n
+    with _op_counter() as ops:
         loss.backward()
     ops_b = ops.n
     model.zero_grad(set_to_none=True)

@@ -45,6 +45,14 @@ _COMPUTE = {"mm", "addmm", "bmm", "baddbmm", "addbmm", "matmul", "linear", "conv
             "_efficient_attention_forward", "scaled_dot_product_attention"}
 
 
+def launches_kernel(func) -> bool:
+    """Whether an aten operator reaches a kernel: not a view, an alias or an allocation-only operator (_NO_KERNEL, named
+    with or without its in-place underscore). The one rule for every count of launches (the block's forward and
+    backward here, benchmarks/host_phase_probe.py on a device, the test that judges this count on the CPU)."""
+    name = func.overloadpacket.__name__
+    return not (func.is_view or name in _NO_KERNEL or name.rstrip("_") in _NO_KERNEL)
+
+
 def _bytes(x) -> int:
     if isinstance(x, torch.Tensor):
         return x.numel() * x.element_size()
@@ -211,15 +219,13 @@ class BlockCounter(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        if self.in_backward and not self.paused and not (func.is_view or func.overloadpacket.__name__.rstrip("_") in _NO_KERNEL):
+        if self.in_backward and not self.paused and launches_kernel(func):
             self.bwd_kernels += 1
-        if self.active and not self.inside_attention:
-            name = func.overloadpacket.__name__.rstrip("_") if func.overloadpacket.__name__ != "set_" else "set_"
-            if not (func.is_view or name in _NO_KERNEL or func.overloadpacket.__name__ in _NO_KERNEL):
-                self.kernels += 1
-                if name not in _COMPUTE:
-                    moved = _bytes(args) + _bytes(list((kwargs or {}).values())) + _bytes(out)
-                    self.elements += moved / self._dtype_size  # in elements of the activation dtype: an fp32 pass weighs two
+        if self.active and not self.inside_attention and launches_kernel(func):
+            self.kernels += 1
+            if func.overloadpacket.__name__.rstrip("_") not in _COMPUTE:
+                moved = _bytes(args) + _bytes(list((kwargs or {}).values())) + _bytes(out)
+                self.elements += moved / self._dtype_size  # in elements of the activation dtype: an fp32 pass weighs two
         return out
 
 

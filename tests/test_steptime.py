@@ -498,11 +498,9 @@ def test_host_units_price_the_measured_host_of_seventeen_models():
 
     from shardlab.estimate.hostcost import host_units
     from shardlab.estimate.stepwork import work
-    from shardlab.models import ModelSpec
-    from shardlab.usermodel import resolve
 
     sys.path.insert(0, str(RESULTS.parent))
-    from host_phase_probe import HF_TINY
+    from host_phase_probe import spec_of
 
     data = json.loads((RESULTS / "host_phase_h200_hf3.json").read_text())["rows"]
     measured: dict[str, list[float]] = {}
@@ -510,11 +508,7 @@ def test_host_units_price_the_measured_host_of_seventeen_models():
         measured.setdefault(r["family"], []).append(r["forward_s"] + r["backward_s"])
     units = {}
     for name in measured:
-        if name.startswith("hf:"):
-            spec = resolve(name + HF_TINY[name[3:]]).spec
-        else:
-            kw = {"kv_heads": 2, "ffn_hidden": 96} if name == "llama" else {}
-            spec = ModelSpec("host-phase", layers=8, hidden=32, heads=4, vocab=256, seq_len=32, family=name, **kw)
+        spec = spec_of(name)
         units[name] = sum(host_units(work(spec, 1, spec.seq_len, 2, False)))
     secs = {n: statistics.median(v) for n, v in measured.items()}
     price = statistics.median(secs[n] / units[n] for n in secs)

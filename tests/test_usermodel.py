@@ -166,7 +166,7 @@ def _cpu_block_kernels(model, block, x):
     that is not a view or allocation-only): counted apart from blockwork's meta-device counter, which it judges."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
-    from shardlab.blockwork import _NO_KERNEL
+    from shardlab.blockwork import launches_kernel
     from shardlab.describe import logits_of
 
     state = {"on": None, "fwd": 0, "bwd": 0}
@@ -174,8 +174,7 @@ def _cpu_block_kernels(model, block, x):
     class Count(TorchDispatchMode):
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             out = func(*args, **(kwargs or {}))
-            name = func.overloadpacket.__name__
-            if state["on"] and not (func.is_view or name.rstrip("_") in _NO_KERNEL):
+            if state["on"] and launches_kernel(func):
                 state[state["on"]] += 1
             return out
 
