@@ -223,6 +223,7 @@ def test_a_running_run_whose_launcher_is_gone_is_orphaned(good, store):
     gone.wait()
     d = store / good.id
     info = json.loads((d / "status.json").read_text())
+    info.pop("launcher_boot_start", None)  # first as a run store recorded before the start after boot was
     write = lambda **kw: (d / "status.json").write_text(json.dumps({**info, "status": "running", **kw}))  # noqa: E731
     write(launcher_pid=gone.pid, started_at=time.time())
     assert load_run(d).status == "orphaned" and load_run(d).done
@@ -234,6 +235,46 @@ def test_a_running_run_whose_launcher_is_gone_is_orphaned(good, store):
     assert load_run(d).status == "orphaned"
     write(launcher_pid=None)  # an older run store without the launcher's pid: no evidence either way
     assert load_run(d).status == "running"
+    from shardlab.run import launcher
+
+    me = float(launcher._me().split(":")[1])
+    write(launcher_pid=os.getpid(), launcher_boot_start=me, started_at=time.time() - 10 * 86400)  # the start says: this process
+    assert load_run(d).status == "running"
+    write(launcher_pid=os.getpid(), launcher_boot_start=me - 3, started_at=time.time())  # same pid, another start
+    assert load_run(d).status == "orphaned"
+
+
+def test_a_process_is_known_by_its_start_after_boot_when_the_boot_time_steps(monkeypatch):
+    """Linux's boot time (psutil.boot_time, what create_time adds) is whole seconds recomputed from the
+    wall clock, so a slewed clock moves it by 1 s between two readers: CI saw ranks stop because their
+    live launcher's create_time no longer matched. The start after boot must not move."""
+    import subprocess
+    import sys
+
+    import psutil
+    from psutil import _pslinux
+
+    from shardlab.run import faults, launcher, watchdog
+    from shardlab.run.liveness import process_record, same_process
+
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        rec, other_rec = process_record(psutil.Process(child.pid), "rank0"), process_record(psutil.Process(other.pid), "rank1")
+        me = launcher._me()
+        stepped = _pslinux.boot_time() + 1.0
+        monkeypatch.setattr(_pslinux, "boot_time", lambda: stepped)
+        later = psutil.Process(child.pid)  # a fresh reader, as another process would be
+        assert abs(later.create_time() - rec["create_time"] - 1.0) < 0.02  # the epoch start moved...
+        assert same_process(later, rec)  # ...the process is still known
+        assert not same_process(later, {"create_time": rec["create_time"]})  # as an old record, by create_time, it is not
+        assert not same_process(later, {**rec, "boot_start": other_rec["boot_start"] + 5})  # another start: a reused pid
+        assert watchdog._launcher_alive(me)
+        assert [p.pid for p in faults.recorded_processes([rec, {**other_rec, "boot_start": -9.0}])] == [child.pid]
+    finally:
+        for p in (child, other):
+            p.kill()
+            p.wait()
 
 
 def test_load_run_refuses_what_is_not_a_run_folder(tmp_path):

@@ -82,15 +82,17 @@ def _alive(p: psutil.Process) -> bool:
 
 
 def recorded_processes(processes: list[dict]) -> list[psutil.Process]:
-    """The live processes status.json records ({"pid", "create_time"}), each checked to be the same
+    """The live processes status.json records (liveness.process_record), each checked to be the same
     process (its start time), so a pid reused by an unrelated program is never signalled."""
+    from shardlab.run.liveness import same_process
+
     out = []
     for rec in processes or ():
         try:
             p = psutil.Process(int(rec["pid"]))
-            if abs(p.create_time() - float(rec.get("create_time") or 0)) < 0.05:
+            if same_process(p, rec):
                 out.append(p)
-        except (psutil.Error, KeyError, TypeError, ValueError):
+        except (psutil.Error, KeyError, TypeError, ValueError, AttributeError):
             pass
     return out
 

@@ -22,6 +22,7 @@ from typing import Callable, Mapping
 from shardlab.plan import bad_input, load_plan
 from shardlab.run import faults
 from shardlab.run.host import CPU_RANKS_PER_CORE, check_capacity, check_run, default_device, free_port, usable_cores, visible_gpus
+from shardlab.run.liveness import boot_start, process_record
 from shardlab.run.liverun import _LIVE, DONE_GRACE_S, QUEUE_MAX, LiveRun, StatusWriteError, write_status
 from shardlab.run.store import RunFiles, create_run_dir, write_json_atomic
 
@@ -49,10 +50,11 @@ _SHAPE_KEYS = ("name", "family", "layers", "hidden", "heads", "vocab", "seq_len"
 
 
 def _me() -> str:
-    """This process as "pid:start time", for the workers' check that their launcher still lives."""
+    """This process as "pid:seconds after boot it started", for the workers' check that their launcher
+    still lives (liveness.boot_start: the same figure in every process, whatever the clock does)."""
     import psutil
 
-    return f"{os.getpid()}:{psutil.Process().create_time():.3f}"
+    return f"{os.getpid()}:{boot_start(psutil.Process()):.3f}"
 
 
 def _model_for_worker(model):
@@ -224,7 +226,7 @@ def _first_status(run_id, plan, model_name, spec, device, nproc, steps, seed, ti
             "nodes": plan.topology.nodes, "nproc_per_node": nproc, "world_size": plan.world_size, "steps": steps,
             "steps_done": 0, "seed": seed, "timeout_s": timeout_s, "started_at": time.time(), "ended_at": None,
             "exit_codes": None, "failed_rank": None, "error": None, "phase": None, "launcher_pid": os.getpid(),
-            "processes": []}
+            "launcher_boot_start": float(_me().split(":")[1]), "processes": []}
 
 
 def _start_processes(run_dir: Path, cmds, info: dict, env: Mapping[str, str], cwd: str):
@@ -258,7 +260,7 @@ def _start_processes(run_dir: Path, cmds, info: dict, env: Mapping[str, str], cw
         watchdog.stdin.close()
         raise
     procs = [psutil.Process(a.pid) for a in agents]
-    info["processes"] = [{"pid": p.pid, "create_time": p.create_time(), "role": f"agent{n}"} for n, p in enumerate(procs)]
+    info["processes"] = [process_record(p, f"agent{n}") for n, p in enumerate(procs)]
     write_json_atomic(files.status, info)
     return watchdog, agents
 

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from shardlab.run import faults
+from shardlab.run.liveness import process_record
 from shardlab.run.metrics import clean_event, clean_line
 from shardlab.run.store import FINAL, JsonlTail, Run, RunFiles, read_json, write_json_atomic
 
@@ -186,9 +187,9 @@ class LiveRun(Run):
         self._recorded = ranks
         agents = [p for p in self._info["processes"] if p["role"].startswith("agent")]
         procs = []
-        for pid, rank in sorted(ranks.items(), key=lambda x: x[1]):
+        for rank in sorted(ranks.values()):
             try:
-                procs.append({"pid": pid, "create_time": self.sampler.ranks[rank].create_time(), "role": f"rank{rank}"})
+                procs.append(process_record(self.sampler.ranks[rank], f"rank{rank}"))
             except Exception:
                 pass
         self._write_info(processes=agents + procs)

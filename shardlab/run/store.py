@@ -301,20 +301,22 @@ class Run:
         return self.status
 
     def cancel(self) -> None:
-        """Mark the run cancelled, then stop the processes recorded in status.json (SIGTERM, then
-        SIGKILL after 3 s). The launching process, if it is still there, sees the mark and ends the
+        """Mark the run cancelled, then stop the processes recorded in status.json and their children
+        (faults.terminate: SIGTERM, then SIGKILL after 2 s). The launching process, if it is still there, sees the mark and ends the
         run itself, writing the final status."""
         info = self.info
         if not info or info.get("status") in FINAL:
             return
-        procs = liveness.recorded_processes(info)
+        from shardlab.run import faults
+
+        procs = faults.own_processes([], None, info.get("processes") or [])
         try:  # the request the launcher cannot overwrite (status.json below is rewritten by it)
             self.files.cancel.touch()
         except OSError:
             pass  # a read-only folder: status.json's mark below is what is left
         info.update(status="cancelled", ended_at=time.time())
         write_json_atomic(self.files.status, info)
-        liveness.stop(procs)
+        faults.terminate(procs)
 
 
 def load_run(run_dir: Any) -> Run:

@@ -60,13 +60,15 @@ def stop_orphaned_run(run_dir: Path, launcher_pid: int | str) -> bool:
 
 
 def _launcher_alive(spec: str) -> bool:
-    """SHARDLAB_LAUNCHER is "pid:start time": alive if that very process still runs."""
+    """SHARDLAB_LAUNCHER is "pid:seconds after boot it started": alive if that very process still runs."""
     import psutil
+
+    from shardlab.run.liveness import same_process
 
     try:
         pid, started = spec.split(":")
         p = psutil.Process(int(pid))
-        return abs(p.create_time() - float(started)) < 0.05 and p.status() != psutil.STATUS_ZOMBIE
+        return same_process(p, {"boot_start": float(started)}) and p.status() != psutil.STATUS_ZOMBIE
     except (psutil.NoSuchProcess, psutil.ZombieProcess):
         return False
     except (ValueError, psutil.Error):
