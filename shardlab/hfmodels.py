@@ -108,14 +108,39 @@ def build_hf(cfg):
     """A randomly initialised model from `cfg` (on the current default device: meta when counting), in
     torch's default dtype (fp32 unless the caller set one: the traced estimate of a DeepSpeed plan builds
     in the model dtype DeepSpeed holds), never the config's own torch_dtype."""
+    import warnings
+
     import torch
 
     cls = model_class(cfg)
+    _refuse_no_layers(cfg)
     try:
-        return cls._from_config(cfg, dtype=torch.get_default_dtype())
+        with warnings.catch_warnings():  # a zero-sized weight is refused below, with the setting named
+            warnings.filterwarnings("ignore", message="Initializing zero-element tensors")
+            model = cls._from_config(cfg, dtype=torch.get_default_dtype())
     except (ValueError, AssertionError, RuntimeError, ArithmeticError, IndexError, TypeError) as e:
         # the model's own __init__ doing arithmetic on the config (head_dim=0: a ZeroDivisionError in Qwen3's rotary)
         raise bad_input("--model", f"{cls.__name__} cannot be built from this config ({type(e).__name__}: {e}). Fix the setting it names.") from None
+    # (under DeepSpeed's zero.Init a partitioned weight holds no elements here: its full size is ds_numel / ds_shape)
+    empty = next(((name, list(getattr(w, "ds_shape", w.shape))) for name, w in model.named_parameters()
+                  if getattr(w, "ds_numel", w.numel()) == 0), None)
+    if empty is not None:  # transformers builds it (vocab_size=0, intermediate_size=0); it cannot train, and the estimate divided by 0
+        raise bad_input("--model", f"{cls.__name__} built from this config has a weight with no elements ({empty[0]}, shape {empty[1]}): "
+                        "a size in the config is 0. Set that size (vocab_size, intermediate_size, ...) to 1 or more.")
+    return model
+
+
+def _refuse_no_layers(cfg) -> None:
+    """A config of zero or fewer layers builds an empty stack in transformers (range(-1) is empty), which then gave
+    figures for the embedding and head alone (exit 0): refused, under the name the config itself uses."""
+    for name in _SHAPE_ATTRS["layers"]:
+        n = getattr(cfg, name, None)
+        if isinstance(n, int) and not isinstance(n, bool):
+            if n < 1:
+                own = getattr(cfg, "attribute_map", {}).get(name, name)
+                raise bad_input("--model", f"{own}={n}: the model would have no transformer layers to train or shard. "
+                                f"Set {own} to 1 or more.")
+            return
 
 
 def context_length(cfg) -> int | None:

@@ -121,6 +121,15 @@ def plan_file(tmp_path):
     # Phi-3's default pad_token_id (32000) outside a smaller vocabulary: named, with the fix (was the embedding's assert)
     ("estimate", ["hf:phi3", "hidden_size=64", "intermediate_size=128", "num_attention_heads=4", "num_hidden_layers=1",
                   "vocab_size=256"], "pad_token_id=32000 is not a row"),
+    # sizes transformers builds without complaint (session 19, the CLI tried with mistakes): no layers gave figures for
+    # the embedding and head alone (exit 0), vocab_size=0 a ZeroDivisionError traceback in the step-time model,
+    # intermediate_size=0 figures after torch's zero-element warning
+    ("estimate", ["hf:llama", "num_hidden_layers=0"], "num_hidden_layers=0: the model would have no transformer layers"),
+    ("estimate", ["hf:gpt2", "n_layer=-2"], "n_layer=-2"),
+    ("estimate", ["hf:llama", "hidden_size=64", "num_attention_heads=4", "num_hidden_layers=1", "vocab_size=0"],
+     "model.embed_tokens.weight, shape [0, 64]"),
+    ("estimate", ["hf:llama", "hidden_size=64", "num_attention_heads=4", "num_hidden_layers=1", "intermediate_size=0"],
+     "a size in the config is 0"),
     # a user's model that fails only in a training step: the trace names the user's own line
     ("estimate", ["tests.usermodels:training_only_bug", "--trace"], "usermodels.py, line"),
 ])
