@@ -35,6 +35,13 @@ def test_bare_count_table_is_labelled_and_flagged(plan_file, capsys):
     assert "bare parameter count" in out and "activations are 0" in out
 
 
+def test_params_that_is_no_count_is_named_as_params(plan_file, capsys):
+    """`--params abc` was refused as --model='abc' (the count went through the model resolver)."""
+    assert main(["estimate", plan_file, "--params", "gpt-1.3b"]) == 2
+    err = capsys.readouterr().err
+    assert "--params='gpt-1.3b' is not a finite number" in err and "--model" not in err
+
+
 def test_shape_file_as_model(plan_file, tmp_path, capsys):
     shape = tmp_path / "shape.yaml"
     shape.write_text("layers: 4\nhidden: 256\nheads: 4\nvocab: 1000\nseq_len: 128\n")

@@ -15,11 +15,12 @@ from .common import MODEL_HELP, PLAN_FILE_HELP, UsageError, describe_model, mode
 
 def model_arg(a):
     """The ModelSpec of --model or --params (exactly one of them)."""
-    from shardlab.models import resolve_model
+    from shardlab.models import bare, resolve_model
 
     if (a.model is None) == (a.params is None):
         raise UsageError("give exactly one of --model PRESET|SHAPE_FILE|SOURCE or --params N (e.g. --model gpt-1.3b, --model hf:llama, or --params 7e9).")
-    return resolve_model(model_text(a.model) if a.model is not None else a.params)
+    # --params is a count, never a model name: `--params abc` was refused as "--model='abc'"
+    return resolve_model(model_text(a.model)) if a.model is not None else bare(a.params)
 
 
 def _model_json(spec) -> dict:
