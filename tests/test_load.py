@@ -166,6 +166,8 @@ def test_deepspeed_accepts_offload_param_with_stage_2_but_the_import_refuses_it(
     ('{"zero_optimization": {"stage": "two"}}', "must be a whole number"),
     ('{"zero_optimization": 3}', "must be a mapping"),
     ('{"bf16": {"enabled": "maybe"}}', "must be true or false"),
+    # a strategy out of range was refused as "must be true or false" (session 19); accelerate takes names or 1-5
+    ("distributed_type: FSDP\nfsdp_config: {fsdp_sharding_strategy: 6}\n", "is not an FSDP sharding strategy. Use one of FULL_SHARD"),
     ("distributed_type: FSDP\nnum_machines: 2\nnum_processes: 3\n", "not a multiple of num_machines=2"),
     ("distributed_type: XLA\n", "not something shardlab models"),
     ("- a\n- b\n", "not a DeepSpeed JSON object"),
@@ -175,6 +177,13 @@ def test_deepspeed_accepts_offload_param_with_stage_2_but_the_import_refuses_it(
 def test_malformed_files_are_plan_errors_that_say_why(text, match):
     with pytest.raises(PlanError, match=match):
         import_config(text)
+
+
+@pytest.mark.parametrize("value,sharding", [("2", "zero2"), ("'2'", "zero2"), ("HYBRID_SHARD", "hybrid"), ("no_shard", "ddp")])
+def test_accelerate_sharding_strategy_by_name_or_number_as_accelerate_reads_it(value, sharding):
+    """accelerate's FullyShardedDataParallelPlugin takes a strategy's name (any case) or its number, also as a string."""
+    plan, _ = import_config(f"distributed_type: FSDP\nfsdp_config: {{fsdp_sharding_strategy: {value}}}\n")
+    assert plan.sharding == sharding
 
 
 def test_missing_file_is_a_plan_error(tmp_path):

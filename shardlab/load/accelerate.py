@@ -8,7 +8,7 @@ from typing import Any
 
 from shardlab.export import keys as K
 from shardlab.plan import bad_input, read_text
-from shardlab.safe_input import label
+from shardlab.safe_input import label, short
 
 from .common import _MISSING, _bool, _choice, _float, _int, _mapping, parse_data
 from .deepspeed import _from_deepspeed
@@ -123,6 +123,8 @@ def _fsdp_sharding(c: dict, par: dict, v2: bool, notes: list[str]) -> str:
     parallelism_config's data-parallel mesh."""
     strategy = c.get("fsdp_reshard_after_forward", c.get("fsdp_sharding_strategy", True if v2 else "FULL_SHARD"))
     key = "fsdp_config.fsdp_reshard_after_forward" if "fsdp_reshard_after_forward" in c else "fsdp_config.fsdp_sharding_strategy"
+    if isinstance(strategy, str) and strategy.strip().isdigit():  # accelerate takes "2" as it takes 2
+        strategy = int(strategy)
     if isinstance(strategy, int) and not isinstance(strategy, bool) and 1 <= strategy <= 5:
         strategy = K.FSDP1_STRATEGY_NUMBERS[strategy - 1]
     names = {v: k for k, v in K.FSDP1_STRATEGY.items()} | {"HYBRID_SHARD_ZERO2": "hybrid"}
@@ -132,6 +134,9 @@ def _fsdp_sharding(c: dict, par: dict, v2: bool, notes: list[str]) -> str:
             notes.append("HYBRID_SHARD_ZERO2 (ZeRO-2 inside a node) is modelled as hybrid (ZeRO-3 inside a node).")
         if v2:  # accelerate maps FSDP1 names to FSDP2's boolean the same way
             sharding = "zero3" if K.FSDP2_RESHARD.get(sharding) else "zero2"
+    elif key.endswith("fsdp_sharding_strategy"):  # a strategy, never a true / false (that is fsdp_reshard_after_forward)
+        raise bad_input(key, f"{key}={short(strategy)} is not an FSDP sharding strategy. Use one of "
+                        f"{', '.join(K.FSDP1_STRATEGY_NUMBERS)} (or their numbers 1-5).")
     else:
         sharding = "zero3" if _bool(key, strategy) else "zero2"
     rep = _int("parallelism_config_dp_replicate_size", par.get(K.ACC_PARALLELISM_PREFIX + "dp_replicate_size", 1))
