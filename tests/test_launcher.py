@@ -176,6 +176,23 @@ def test_more_processes_than_gpus_is_bad_input(tmp_path, monkeypatch):
     assert e.value.findings[0].field == "nproc"
 
 
+def test_a_model_this_machines_memory_cannot_hold_is_refused_before_anything_starts(tmp_path, monkeypatch):
+    """A 6.7B-parameter hf:llama on the 24 GiB machine's CPU started, and the kernel's out-of-memory killer ended its rank
+    ("rank 0 was killed by SIGKILL", exit 1). llama-70b's fp32 weights alone (282 GB) are past any machine this runs on."""
+    with pytest.raises(PlanError, match=r"needs at least \d+\.\d GiB of this machine's memory for its training states") as e:
+        launch(PLAN, model="llama-70b", steps=2, device="cpu", out=tmp_path)
+    assert e.value.findings[0].field == "model" and not any(tmp_path.iterdir())
+    import shardlab.run.host as host
+
+    # the bound by the build: each rank builds the whole model in fp32 (2 x 4 B x 169,728 for gpt-tiny), unless
+    # low_memory_init leaves it to rank 0
+    monkeypatch.setattr(host, "available_memory", lambda: 4 * 169_728 + 1)
+    with pytest.raises(PlanError, match="each of its 2 processes") as e:
+        host.check_host_memory(load_plan(PLAN), 169_728, 2, "cuda", "gpt-tiny", zero_init=False)
+    assert "low_memory_init: true" in str(e.value)
+    host.check_host_memory(load_plan({**PLAN, "low_memory_init": True}), 169_728, 2, "cuda", "gpt-tiny", zero_init=False)
+
+
 def test_deepspeed_fp16_on_a_cpu_is_bad_input(tmp_path):
     plan = {"framework": "deepspeed", "sharding": "zero2", "precision": "fp16", "topology": {"gpus_per_node": 2}}
     with pytest.raises(PlanError, match="bf16") as e:

@@ -142,3 +142,59 @@ def check_capacity(plan, nproc, device: str, env: Mapping[str, str] | None = Non
         raise bad_input("nproc", f"this run would start {world} processes (topology.nodes={nodes} x nproc={nproc}) on a machine with {cores} CPU cores: "
                         f"more than {CPU_RANKS_PER_CORE} processes per core only slows every rank down and can exhaust memory. {fix}.")
     return nproc
+
+
+def available_memory() -> int:
+    """Bytes of memory this machine can still give its processes: psutil's available memory, or less where the
+    process's cgroup (v2 memory.max, v1 limit_in_bytes) caps it lower."""
+    import psutil
+
+    free = psutil.virtual_memory().available
+    for limit_file, used_file in (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
+                                  ("/sys/fs/cgroup/memory/memory.limit_in_bytes", "/sys/fs/cgroup/memory/memory.usage_in_bytes")):
+        try:
+            with open(limit_file) as f, open(used_file) as g:
+                free = min(free, int(f.read()) - int(g.read()))
+        except (OSError, ValueError):  # no such cgroup file, or "max": no limit there
+            continue
+    return max(0, free)
+
+
+def host_memory_needed(plan: Plan, params: int, ranks: int, device: str, zero_init: bool) -> tuple[int, str]:
+    """(bytes, what they are): a lower bound on the memory the run's `ranks` processes on this machine need at once.
+    Each builds the whole model in fp32 before it is wrapped (run/build.py), except under low_memory_init: FSDP builds
+    it on rank 0 alone (the others on the meta device), and DeepSpeed ZeRO-3 builds a user model partitioned under
+    zero.Init (`zero_init`; shardlab's own models are built whole on every rank). On a CPU the training states live
+    here too: fp32 parameters, gradients and optimizer states, at least one copy of each across the ranks."""
+    from shardlab.estimate.basis import OPTIMIZER_STATE_BYTES
+
+    zero3 = plan.sharding in ("zero3", "hybrid")
+    one_copy = plan.low_memory_init and (plan.framework != "deepspeed" or (zero3 and zero_init))
+    builders = 1 if one_copy else ranks
+    build = builders * 4 * params
+    how = (f"the model built in fp32 by {'one process' if builders == 1 else f'each of its {ranks} processes'} "
+           f"({builders} x 4 B x {params:,} parameters)")
+    if device == "cpu":
+        per_param = 8 + OPTIMIZER_STATE_BYTES[plan.optimizer.name]
+        if per_param * params > build:
+            return per_param * params, (f"its training states ({per_param} B x {params:,} parameters: fp32 weights, "
+                                        f"gradients and {plan.optimizer.name} states, fully sharded)")
+    return build, how
+
+
+def check_host_memory(plan: Plan, params: int, ranks: int, device: str, model_name: str, zero_init: bool) -> None:
+    """Refuse a run this machine's memory cannot hold even at the lower bound of host_memory_needed (PlanError), rather
+    than let the kernel's out-of-memory killer end a rank with SIGKILL minutes later (session 19: a 6.7B-parameter
+    hf:llama on the 24 GiB machine's CPU ended "rank 0 was killed by SIGKILL")."""
+    need, what = host_memory_needed(plan, params, ranks, device, zero_init)
+    have = available_memory()
+    if need <= have:
+        return
+    gib = 2**30
+    fix = "Use a smaller model (fewer layers or a narrower hidden size)"
+    if what.startswith("the model built") and ranks > 1:
+        fix += ", fewer processes (--nproc)"
+        if not plan.low_memory_init:
+            fix += ", low_memory_init: true (FSDP builds the model on rank 0 only)"
+    raise bad_input("model", f"model={model_name!r} needs at least {need / gib:.1f} GiB of this machine's memory for {what}; "
+                    f"{have / gib:.1f} GiB is available. {fix}, or a machine with more memory.")

@@ -21,7 +21,7 @@ from typing import Callable, Mapping
 
 from shardlab.plan import bad_input, load_plan
 from shardlab.run import faults
-from shardlab.run.host import CPU_RANKS_PER_CORE, check_capacity, check_run, default_device, free_port, usable_cores, visible_gpus
+from shardlab.run.host import CPU_RANKS_PER_CORE, check_capacity, check_host_memory, check_run, default_device, free_port, usable_cores, visible_gpus
 from shardlab.run.liveness import boot_start, process_record
 from shardlab.run.liverun import _LIVE, DONE_GRACE_S, QUEUE_MAX, LiveRun, StatusWriteError, write_status
 from shardlab.run.store import RunFiles, create_run_dir, write_json_atomic
@@ -152,6 +152,8 @@ def _checked(plan, model, steps, nproc, device, launcher, instrument, factory, e
     if nproc != plan.topology.gpus_per_node:
         plan = load_plan(plan.model_copy(update={"topology": plan.topology.model_copy(update={"gpus_per_node": nproc})}))
     model_name, model_arg, spec = _model_for_worker(model)
+    # every node's ranks run on this machine; a user model under DeepSpeed ZeRO-3 is built under zero.Init (run/build.py)
+    check_host_memory(plan, spec.params, nproc * plan.topology.nodes, device, model_name, zero_init=spec.source is not None)
     from shardlab.usermodel import resolve as resolve_source
     from shardlab.usermodel import with_wrap_class
 
