@@ -30,16 +30,24 @@ def first_step(run) -> int:
 
 
 @pytest.mark.timeout(300)
-def test_a_rank_killed_with_sigkill_fails_the_run_within_10s_naming_the_rank(tmp_path):
+@pytest.mark.parametrize("oom_killer", [False, True])
+def test_a_rank_killed_with_sigkill_fails_the_run_within_10s_naming_the_rank(tmp_path, monkeypatch, oom_killer):
+    """A SIGKILL from a person fails the run; the same SIGKILL while the kernel's out-of-memory killer count rises
+    (/proc/vmstat oom_kill, read at the start and at the end: faults.kernel_oom_kills) is out of memory, said so."""
+    from shardlab.run import faults
+
+    counts = iter([7, 7 + oom_killer])
+    monkeypatch.setattr(faults, "kernel_oom_kills", lambda: next(counts))
     run = launch(PLAN, steps=MANY, device="cpu", out=tmp_path, timeout_s=240)
     pid = first_step(run)
     os.kill(pid, signal.SIGKILL)
     t0 = time.monotonic()
-    assert run.wait(timeout=30) == "failed"
+    assert run.wait(timeout=30) == ("oom" if oom_killer else "failed")
     assert time.monotonic() - t0 < 10
     info = run.info
     assert info["failed_rank"] == 1
     assert "SIGKILL" in info["error"]
+    assert ("out-of-memory killer (SIGKILL; the machine's oom_kill count rose from 7 to 8" in info["error"]) is oom_killer
     assert info["exit_codes"]["1"] == -9
     assert 0 < info["steps_done"] < MANY
     assert not leftovers(run.dir)

@@ -198,9 +198,20 @@ def torchrun_summary(run_dir: Path) -> list[tuple[int, int, int]]:
     return out
 
 
+def kernel_oom_kills() -> int | None:
+    """How many processes the Linux kernel's out-of-memory killer has ended since boot (/proc/vmstat oom_kill, Linux
+    4.13+), or None where that cannot be read. A rank it ends dies by SIGKILL without a word: the count rising
+    during a run is what tells that SIGKILL from anyone else's."""
+    try:
+        with open("/proc/vmstat") as f:
+            return next((int(line.split()[1]) for line in f if line.startswith("oom_kill ")), None)
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 def report(run_dir: Path, status: str, failure: Failure | None, events: list[dict], sampler,
-           agent_codes: list[int | None], steps_done: int, steps: int) -> dict:
-    """The final fields of status.json."""
+           agent_codes: list[int | None], steps_done: int, steps: int, oom_kills_at_start: int | None = None) -> dict:
+    """The final fields of status.json. oom_kills_at_start: kernel_oom_kills() when the run began (status.json)."""
     summary = torchrun_summary(run_dir)
     exit_codes = {str(r): c for r, _, c in summary}
     for ev in events:
@@ -226,6 +237,13 @@ def report(run_dir: Path, status: str, failure: Failure | None, events: list[dic
             failure.phase = ev.get("phase") if ev else None
             failure.event = failure.event or ev
         code = exit_codes.get(str(rank)) if rank is not None else None
+        kills = kernel_oom_kills() if code == -signal.SIGKILL and not oom and oom_kills_at_start is not None else None
+        if kills is not None and kills > oom_kills_at_start:  # the kernel's out-of-memory killer, not a person
+            oom = True
+            failure.error = (f"rank {rank} was killed by the kernel's out-of-memory killer (SIGKILL; the machine's oom_kill "
+                             f"count rose from {oom_kills_at_start} to {kills} during the run): this machine's memory ran out. "
+                             "Use a smaller model, fewer processes or a smaller micro-batch (`shardlab estimate` says what a plan needs).")
+            log_tail = "\n".join(x for x in (failure.error, log_tail) if x)
         if code is not None and code < 0 and not oom:
             try:
                 name = signal.Signals(-code).name

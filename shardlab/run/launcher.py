@@ -228,7 +228,7 @@ def _first_status(run_id, plan, model_name, spec, device, nproc, steps, seed, ti
             "nodes": plan.topology.nodes, "nproc_per_node": nproc, "world_size": plan.world_size, "steps": steps,
             "steps_done": 0, "seed": seed, "timeout_s": timeout_s, "started_at": time.time(), "ended_at": None,
             "exit_codes": None, "failed_rank": None, "error": None, "phase": None, "launcher_pid": os.getpid(),
-            "launcher_boot_start": float(_me().split(":")[1]), "processes": []}
+            "launcher_boot_start": float(_me().split(":")[1]), "oom_kills_at_start": faults.kernel_oom_kills(), "processes": []}
 
 
 def _start_processes(run_dir: Path, cmds, info: dict, env: Mapping[str, str], cwd: str):

@@ -278,7 +278,7 @@ class LiveRun(Run):
             faults.link_rank_logs(self.dir, self.sampler)
             codes = [a.returncode for a in self.agents]
             report = faults.report(self.dir, status, failure, self.worker_events, self.sampler, codes,
-                                   self.steps_done, self.steps)
+                                   self.steps_done, self.steps, self._info.get("oom_kills_at_start"))
             self._info.update(**report, steps_done=self.steps_done, ended_at=time.time())
             write_status(self.dir, self._info, last=True)
         except Exception as e:  # noqa: BLE001 - e.g. the folder deleted or read-only: the status stays in memory
