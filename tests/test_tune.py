@@ -188,6 +188,8 @@ def test_bad_arguments_to_tune_raise_plan_errors_naming_the_field(kw, word):
     (["--budget", "lots"], "budget"), (["--frameworks", "fsdp3"], "fsdp3"), (["--gpus", "0"], "gpus"),
     (["--gpu", "tpu-v9", "--dry-run"], "tpu-v9"), (["--global-batch", "3", "--gpus", "2", "--dry-run", "--gpu", "h200"], "global_batch"),
     (["--device", "cpu", "--budget", "2"], "parameters"),
+    # the CLI has no --warmup: too few --steps was refused as "warmup=3 must be ..." (session 19)
+    (["--steps", "2", "--dry-run", "--gpu", "h200"], "steps=2 leaves no step to time after each trial's 3 warm-up steps. Use --steps 4"),
 ])
 def test_bad_input_exits_2_naming_the_field(args, word, capsys, tmp_path):
     model = ["gpt-1.3b"] if "parameters" == word else ["gpt-tiny"]

@@ -64,8 +64,11 @@ def _checked_budget(goal, budget, dry_run, gpus, nodes, steps, warmup) -> Budget
     for name, v in (("gpus", gpus), ("nodes", nodes)) + ((("steps", steps),) if steps is not None else ()):
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             raise bad_input(name, f"{name}={v!r} must be a whole number of at least 1. Use e.g. --{name} 1.")
-    if isinstance(warmup, bool) or not isinstance(warmup, int) or not 0 <= warmup < (steps or warmup + 2):
-        raise bad_input("warmup", f"warmup={warmup!r} must be at least 0 and below steps={steps} (some steps must be timed).")
+    if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
+        raise bad_input("warmup", f"warmup={warmup!r} must be a whole number of at least 0 (untimed steps at the start of each trial).")
+    if steps is not None and steps <= warmup:  # the CLI has no --warmup: name what its user set (was "warmup=3 must be ...")
+        raise bad_input("steps", f"steps={steps} leaves no step to time after each trial's {warmup} warm-up steps. "
+                        f"Use --steps {warmup + 1} or more (e.g. --steps {warmup + 5}), or a smaller warmup from Python.")
     return b
 
 
