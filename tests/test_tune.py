@@ -199,6 +199,25 @@ def test_bad_input_exits_2_naming_the_field(args, word, capsys, tmp_path):
     assert not list(tmp_path.iterdir())  # nothing was started
 
 
+def test_trials_on_cpu_processes_never_try_what_a_cpu_cannot_run(tmp_path):
+    """FSDP1's parameter offload needs a GPU (frameworks.check_runnable, the launcher's check): a CPU tune ranked it first
+    and spent its budget on trials that failed at launch (session 19). Such candidates are rejected, saying why; ranked
+    by estimate only (budget 0) they stay candidates, since the ranking prices plans for the target GPU."""
+    tried = []
+
+    def runner(c):
+        tried.append(c.plan)
+        c.status, c.measured = "completed", {"tokens_per_s": 1000.0}
+
+    space = Space(frameworks=("fsdp1",), shardings=("zero3",), offloads=("none", "all"), micro_batches=(2,), knobs=False)
+    r = tune("gpt-tiny", gpus=2, budget=2, device="cpu", space=space, runner=runner, out=tmp_path / "runs", steps=4, warmup=1)
+    off = [c for c in r.candidates if c.plan is not None and c.plan.offload.params == "cpu"]
+    assert off and all(c.status == "rejected" and c.reason.startswith("cannot run on cpu: offload.params=cpu") for c in off)
+    assert tried and all(p.offload.params == "none" for p in tried)
+    ranked = tune("gpt-tiny", gpus=2, budget=0, device="cpu", space=space, gpu="h200")
+    assert all(c.status != "rejected" for c in ranked.candidates if c.plan is not None and c.plan.offload.params == "cpu")
+
+
 def test_budget_0_ranks_by_estimate_only_and_runs_nothing(capsys, tmp_path):
     runs = tmp_path / "runs"
     assert main(["tune", "--model", "gpt-1.3b", "--gpus", "8", "--gpu", "a100-40gb", "--budget", "0", "--runs", str(runs),

@@ -21,7 +21,7 @@ from shardlab.plan import bad_input
 
 from .result import TuneResult
 from .search import GOALS, MEMORY_MARGIN, STEP_ERROR_BOUND, Budget, check_goal, predict, rank, search
-from .space import FRAMEWORKS, Candidate, Space, candidates
+from .space import FRAMEWORKS, Candidate, Space, candidates, reject_unrunnable
 from .window import WINDOW_S
 
 # Largest model (parameters) tune runs trials of on CPU processes: gpt-tiny (0.7M) trains in seconds
@@ -141,6 +141,8 @@ def tune(model: Any = "gpt-tiny", gpus: int = 1, nodes: int = 1, gpu: str | None
         _check_host(base, gpus, device)
     target, calibration = _target(device if not b.zero else (device if gpu is None else "cuda"), gpu)
     cands = candidates(space, base)
+    if not b.zero:  # trials run here: what this device cannot run is no candidate (ranking alone prices any plan)
+        reject_unrunnable(cands, device)
     predict(cands, spec, target, calibration, margin)
     tune_id = new_run_id()
     settings = {"model": spec.name, "params": spec.params, "gpus": gpus, "nodes": nodes, "target": target.name,

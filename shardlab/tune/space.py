@@ -149,4 +149,20 @@ def candidates(space: Space, base: Any = None) -> list[Candidate]:
     return out
 
 
-__all__ = ["Space", "Candidate", "candidates", "FRAMEWORKS", "OFFLOADS", "KNOBS", "MICRO_BATCHES"]
+def reject_unrunnable(cands: list[Candidate], device: str) -> None:
+    """Reject, in place, the valid candidates the trial device cannot run (frameworks.check_runnable, the launcher's own
+    check): on CPU processes, e.g. FSDP1's parameter offload, which needs a GPU. Until session 19 they were ranked and
+    tried, and their trials failed at launch, spending the budget (a CPU tune of a small Llama tried two and picked none)."""
+    from shardlab.frameworks import check_runnable
+    from shardlab.plan import PlanError
+
+    for c in cands:
+        if c.plan is None or c.status == "rejected":
+            continue
+        try:
+            check_runnable(c.plan, device)
+        except PlanError as e:
+            c.status, c.reason = "rejected", f"cannot run on {device}: " + " ".join(f.message for f in e.findings)
+
+
+__all__ = ["Space", "Candidate", "candidates", "reject_unrunnable", "FRAMEWORKS", "OFFLOADS", "KNOBS", "MICRO_BATCHES"]
