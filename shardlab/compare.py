@@ -43,10 +43,18 @@ def load(run: Any) -> Run:
 
 
 def load_runs(runs: Any) -> list[Run]:
-    """Load several runs and give each a short unique label (framework, sharding, offload, precision)."""
+    """Load several runs and give each a short unique label (framework, sharding, offload, precision). A folder that
+    is a run store (no run's files of its own, run folders inside, as `shardlab runs` lists) stands for its runs:
+    `shardlab report runs -o r.html` refused the store as "not a run folder"."""
+    from shardlab.run.listing import is_run_folder, runs_in
+
     if isinstance(runs, (str, Path, Run)) or hasattr(runs, "dir"):
         runs = [runs]
-    out = [load(r) for r in runs]
+    each = []
+    for r in runs:
+        store = isinstance(r, (str, Path)) and Path(r).is_dir() and not is_run_folder(Path(r))
+        each += (runs_in([r]) or [r]) if store else [r]  # an empty folder keeps load()'s "not a run folder"
+    out = [load(r) for r in each]
     if not out:
         raise bad_input("run_dirs", "no runs given. Name at least one run folder (see `shardlab runs`).")
     base = [_base_label(r) for r in out]

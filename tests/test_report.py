@@ -96,6 +96,24 @@ def test_cli_report(tmp_path, runs, capsys):
     assert not (tmp_path / "x.html").exists()
 
 
+def test_a_run_store_stands_for_its_runs(tmp_path, runs, capsys):
+    """`shardlab report runs -o r.html` refused the store as "not a run folder" (session 19): a folder with run folders
+    inside and none of a run's files of its own is read as its runs, here and in compare() / RunCompare alike."""
+    import shutil
+
+    from shardlab.compare import load_runs
+
+    store = tmp_path / "store"
+    for r in (runs[0], runs[2]):
+        shutil.copytree(r.dir, store / r.dir.name)
+    (store / "notes").mkdir()  # not a run: left out, as `shardlab runs` leaves it out
+    assert sorted(r.id for r in load_runs(store)) == sorted([runs[0].id, runs[2].id])
+    assert [r.id for r in load_runs([runs[1].dir, store])][0] == runs[1].id
+    (tmp_path / "empty").mkdir()
+    assert main(["report", str(tmp_path / "empty"), "-o", str(tmp_path / "x.html")]) == 2
+    assert "is not a run folder" in capsys.readouterr().err
+
+
 @pytest.mark.browser
 def test_report_renders_in_chromium_offline(report):
     """Opened from disk in headless Chromium: bokeh draws every figure, with no console errors."""

@@ -89,7 +89,7 @@ def cmd_runs(a) -> int:
 def cmd_report(a) -> int:
     from shardlab.report import write_report
 
-    print(f"writing a report of {len(a.run_dirs)} run(s): tables, figures and their PNGs (tens of seconds on a small machine)...",
+    print(f"writing a report of {' '.join(a.run_dirs)}: tables, figures and their PNGs (tens of seconds on a small machine)...",
           file=sys.stderr, flush=True)
     path = write_report(a.run_dirs, a.output, progress=_stderr_step)
     print(f"wrote {path}")
