@@ -157,6 +157,12 @@ def test_load_run_of_a_folder_that_is_not_a_run_is_bad_input(tmp_path):
     ({"instrument": "sometimes"}, "instrument"),
     ({"profile_step": 3}, "profile_step"),  # past the run's 2 steps
     ({"profile_step": "2"}, "profile_step"),
+    # from Python these started a run that failed later, or raised a TypeError (session 19)
+    ({"timeout_s": "x"}, "timeout_s"),
+    ({"timeout_s": float("nan")}, "timeout_s"),
+    ({"seed": "x"}, "seed"),
+    ({"seed": -1}, "seed"),
+    ({"out": 5}, "out"),
 ])
 def test_runner_level_bad_input_is_refused_before_anything_starts(tmp_path, kwargs, field):
     args = {"plan": PLAN, "model": "gpt-tiny", "steps": 2, "device": "cpu", "out": tmp_path, **kwargs}

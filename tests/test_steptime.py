@@ -347,6 +347,11 @@ def test_a_calibration_file_is_found_by_key_and_used(tmp_path, monkeypatch):
     cal["key"]["torch"] = "0.0.1"  # another software stack: not this file either
     C.save(cal)
     assert estimate(plan, "gpt-1b", "h200").time["calibrated"] is True  # the matching file still is
+    assert estimate(plan, "gpt-1b", "h200", calibration=True).time["calibrated"] is True  # True: this machine's, as None
+    from shardlab.plan import PlanError
+
+    with pytest.raises(PlanError, match="calibration=3 is not a calibration"):  # was ignored: this machine's applied
+        estimate(plan, "gpt-1b", "h200", calibration=3)
 
 
 def test_a_calibration_applies_gpu_rates_and_run_fitted_host_not_microbench_host_timings():

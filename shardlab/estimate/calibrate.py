@@ -157,9 +157,16 @@ def rates_from(cal: dict, where: str = "") -> Rates:
 
 def rates_for(gpu: GPU, calibration=None) -> Rates:
     """Rates for an estimate: calibration=False -> defaults; a dict or a path -> that calibration;
-    None -> this machine's calibration for `gpu` if one exists."""
+    None (or True) -> this machine's calibration for `gpu` if one exists; anything else is bad input."""
     if calibration is False:
         return Rates()
+    if not (calibration is None or calibration is True or isinstance(calibration, (dict, str, Path))):
+        from shardlab.plan import bad_input
+        from shardlab.safe_input import short
+
+        # (calibration=3 was ignored: the machine's own calibration applied, silently)
+        raise bad_input("calibration", f"calibration={short(calibration)} is not a calibration. Give a file or folder written by "
+                        "`shardlab calibrate`, its contents as a dict, None / True (this machine's, if any) or False (none).")
     if isinstance(calibration, dict):
         return rates_from(calibration)
     if isinstance(calibration, (str, Path)):

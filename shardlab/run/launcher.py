@@ -114,6 +114,7 @@ def launch(plan, model="gpt-tiny", steps: int = 10, nproc: int | None = None, de
     current one), where a 'module:function' factory's module is imported from.
     Bad input raises PlanError before anything starts.
     """
+    timeout_s = _checked_args(seed, timeout_s, out)
     env = dict(os.environ if env is None else env)  # one copy: every later read sees the same variables
     cwd = str(Path(cwd if cwd is not None else os.getcwd()).resolve())
     device = device or default_device(env)
@@ -138,6 +139,20 @@ def launch(plan, model="gpt-tiny", steps: int = 10, nproc: int | None = None, de
     _LIVE.add(run)
     run._watcher.start()
     return run
+
+
+def _checked_args(seed, timeout_s, out) -> float | None:
+    """launch()'s plain arguments, checked before anything starts (PlanError naming each); the timeout as a float. From
+    Python, timeout_s='x' and seed='x' started a run that failed later, and out=5 raised a TypeError (session 19)."""
+    import numbers
+
+    from shardlab.safe_input import finite_number, short
+
+    if not isinstance(seed, numbers.Integral) or isinstance(seed, bool) or seed < 0:
+        raise bad_input("seed", f"seed={short(seed)} must be a whole number of at least 0 (it seeds the weights and the batches). Use e.g. seed=0.")
+    if out is not None and not isinstance(out, (str, os.PathLike)):
+        raise bad_input("out", f"out={short(out)} is not a folder path. Give the run store's folder, e.g. out='runs', or leave it out.")
+    return None if timeout_s is None else finite_number("timeout_s", timeout_s, positive=True)
 
 
 def _checked(plan, model, steps, nproc, device, launcher, instrument, factory, env, profile_step=None):
