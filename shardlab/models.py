@@ -238,6 +238,9 @@ def resolve_model(spec: str | int | float | dict | ModelSpec) -> ModelSpec:
     shardlab/usermodel.py) -> ModelSpec (PlanError if bad)."""
     if isinstance(spec, ModelSpec):
         return spec
+    if isinstance(spec, str) and not spec.strip():  # a cleared model box: was read as the path "." ("is a directory")
+        raise bad_input("--model", "no model given (the model is empty). Give a preset such as gpt-1.3b or llama-8b, a shape file, "
+                        "or your own model: hf:<model_type> [key=value ...], a config.json, or module:function.")
     if isinstance(spec, str) and not SERVER_SOURCES_ALLOWED:
         _served_check(spec)
     if hasattr(spec, "named_parameters") or (callable(spec) and not isinstance(spec, str)):

@@ -101,6 +101,7 @@ def plan_file(tmp_path):
 
 @pytest.mark.parametrize("cmd,words,says", [
     ("estimate", ["hf:lama"], "Did you mean llama"),
+    ("estimate", [""], "no model given"),  # a cleared model box: was read as the path "." ("is a directory")
     ("estimate", ["hf:llama", "hiden_size=64"], "'hidden_size'"),
     ("estimate", ["NOTCONFIG"], "no model_type"),
     ("estimate", ["BROKEN"], "not JSON"),
