@@ -266,13 +266,34 @@ def validate(plan: Plan) -> list[Finding]:
     return found
 
 
-def plan_from_dict(data: Any, *, check: bool = True) -> Plan:
+# top-level keys only a DeepSpeed JSON or an accelerate YAML has (never a Plan field): such a file given where a plan is
+# expected was answered key by key ("train_micro_batch_size_per_gpu: unknown key. Did you mean 'micro_batch_size'?")
+_FOREIGN_KEYS = {"accelerate": {"distributed_type", "compute_environment", "fsdp_config", "deepspeed_config", "num_processes"},
+                 "DeepSpeed": {"zero_optimization", "train_batch_size", "train_micro_batch_size_per_gpu",
+                               "gradient_accumulation_steps", "fp16", "bf16", "zero_allow_untested_optimizer"}}
+
+
+def _refuse_foreign_config(data: dict, name: str) -> None:
+    """PlanError when `data` is a DeepSpeed or accelerate config rather than a plan: the way from one is `import`."""
+    if "framework" in data or "sharding" in data:
+        return
+    keys = {str(k) for k in data}
+    for tool, marks in _FOREIGN_KEYS.items():
+        found = sorted(keys & marks)
+        if found:
+            raise PlanError([_err("not_a_plan", "(plan)", f"{name} is {'an' if tool == 'accelerate' else 'a'} {tool} config "
+                                  f"({', '.join(found[:3])}), not a shardlab plan. Import it first: shardlab import {name} -o plan.yaml "
+                                  "(in Python: shardlab.load.import_config), then use the plan; shardlab diff compares configs as they are.")])
+
+
+def plan_from_dict(data: Any, *, check: bool = True, name: str = "this mapping") -> Plan:
     """Build a Plan from plain data; PlanError (never a pydantic traceback) on bad input."""
     if data is None:
         data = {}
     if not isinstance(data, dict):
         raise PlanError([_err("bad_type", "(plan)", f"a plan must be a mapping of keys to values, got {type(data).__name__}. Write it as YAML 'key: value' lines or a JSON object.")])
     safe_input.check_data(data, "(plan)")
+    _refuse_foreign_config(data, name)
     try:
         plan = Plan.model_validate(data)
     except ValidationError as e:
@@ -328,7 +349,7 @@ def load_plan(source: str | Path | dict | Plan, *, check: bool = True) -> Plan:
         return plan_from_dict(source, check=check)
     s = str(source)
     if isinstance(source, Path) or ("\n" not in s and (s.endswith((".yaml", ".yml", ".json")) or names_file(s))):
-        return plan_from_dict(parse_text(read_text(s), s), check=check)
+        return plan_from_dict(parse_text(read_text(s), s), check=check, name=s if len(s) <= 200 else safe_input.short(s, 200))
     data = parse_text(s)
     if isinstance(data, str) and "\n" not in s.strip():
         # one word that is no file: almost certainly a mistyped path, not a plan written inline

@@ -186,6 +186,24 @@ def test_accelerate_sharding_strategy_by_name_or_number_as_accelerate_reads_it(v
     assert plan.sharding == sharding
 
 
+@pytest.mark.parametrize("text, tool", [('{"train_micro_batch_size_per_gpu": 4, "zero_optimization": {"stage": 3}}', "a DeepSpeed config"),
+                                         ("distributed_type: FSDP\nfsdp_config: {fsdp_version: 2}\n", "an accelerate config")])
+def test_a_tools_config_where_a_plan_is_expected_says_to_import_it(tmp_path, text, tool, capsys):
+    """Given to translate / validate / export / estimate, a DeepSpeed JSON was answered key by key ("unknown key. Did you
+    mean 'micro_batch_size'?"); `import` is the way from a config to a plan, and the message says so."""
+    from shardlab.cli import main
+
+    f = tmp_path / ("cfg.json" if text.startswith("{") else "cfg.yaml")
+    f.write_text(text)
+    for cmd in (["translate", str(f), "--to", "fsdp2"], ["validate", str(f)], ["estimate", str(f), "--model", "gpt-tiny"]):
+        assert main(cmd) == 2
+        err = capsys.readouterr().err
+        assert f"{f} is {tool}" in err and f"shardlab import {f} -o plan.yaml" in err and "unknown key" not in err
+    # and import reads it (the FSDP2 YAML names no strategy: accelerate's default, resharding after forward, is ZeRO-3;
+    # this session's strategy check first refused that default as "True is not an FSDP sharding strategy")
+    assert import_config(f)[0].sharding == "zero3"
+
+
 def test_missing_file_is_a_plan_error(tmp_path):
     with pytest.raises(PlanError, match="no such file"):
         import_config(tmp_path / "nope.json")

@@ -134,7 +134,9 @@ def _fsdp_sharding(c: dict, par: dict, v2: bool, notes: list[str]) -> str:
             notes.append("HYBRID_SHARD_ZERO2 (ZeRO-2 inside a node) is modelled as hybrid (ZeRO-3 inside a node).")
         if v2:  # accelerate maps FSDP1 names to FSDP2's boolean the same way
             sharding = "zero3" if K.FSDP2_RESHARD.get(sharding) else "zero2"
-    elif key.endswith("fsdp_sharding_strategy"):  # a strategy, never a true / false (that is fsdp_reshard_after_forward)
+    elif key.endswith("fsdp_sharding_strategy") and "fsdp_sharding_strategy" in c:
+        # a strategy the file gives is never a true / false (that is fsdp_reshard_after_forward); FSDP2's default (no
+        # key at all: reshard after forward, True) goes through the boolean below
         raise bad_input(key, f"{key}={short(strategy)} is not an FSDP sharding strategy. Use one of "
                         f"{', '.join(K.FSDP1_STRATEGY_NUMBERS)} (or their numbers 1-5).")
     else:
