@@ -125,6 +125,11 @@ def test_output_paths_and_ports_that_cannot_work_exit_2(tmp_path):
         s.listen()
         rc, err = cli("app", "--port", str(s.getsockname()[1]))
     assert rc == 2 and "cannot listen" in err
+    (tmp_path / "afile").write_text("")  # a run store that cannot be one: the app served, and every Start failed
+    from shardlab.run.host import free_port
+
+    rc, err = cli("app", "--port", str(free_port()), "--runs", str(tmp_path / "afile"))
+    assert rc == 2 and "--runs=" in err and "a file is in the way" in err
 
 
 def test_run_refuses_nproc_0_and_more_processes_than_cores_before_starting(tmp_path):

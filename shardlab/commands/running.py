@@ -104,6 +104,10 @@ def cmd_app(a) -> int:
     from shardlab.run.host import check_port
 
     check_port(a.port)
+    if a.runs is not None:
+        from shardlab.run.store import ensure_store
+
+        ensure_store(a.runs, "--runs")
     from shardlab_widgets.app import serve
 
     serve(port=a.port, show=False, runs_dir=a.runs, token=a.token)

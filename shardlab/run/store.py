@@ -54,9 +54,9 @@ def new_run_id(now: float | None = None) -> str:
     return f"{stamp}-{secrets.token_hex(3)}"
 
 
-def create_run_dir(out: str | Path | None = None) -> tuple[str, Path]:
-    """A fresh, empty run folder under `out` (default: the run store; created if missing).
-    PlanError (field out) when the store cannot be a folder: a file in its place, or no permission."""
+def ensure_store(out: str | Path | None = None, field: str = "out") -> Path:
+    """The run store folder `out` (default: default_runs_dir()), created if missing. PlanError naming `field` when it
+    cannot be a folder: a file in its place, or no permission (`shardlab app --runs FILE` served, and each Start failed)."""
     root = Path(out if out is not None else default_runs_dir())
     try:
         root.mkdir(parents=True, exist_ok=True)
@@ -64,8 +64,15 @@ def create_run_dir(out: str | Path | None = None) -> tuple[str, Path]:
         from shardlab.plan import bad_input
 
         why = "a file is in the way" if isinstance(e, (FileExistsError, NotADirectoryError)) else e.strerror or str(e)
-        raise bad_input("out", f"out={str(root)!r}: the run store must be a folder shardlab can write ({why}). "
-                               "Give another folder (out=... / --out), or set SHARDLAB_RUNS_DIR.") from None
+        raise bad_input(field, f"{field}={str(root)!r}: the run store must be a folder shardlab can write ({why}). "
+                               "Give another folder (out=... / --out / --runs), or set SHARDLAB_RUNS_DIR.") from None
+    return root
+
+
+def create_run_dir(out: str | Path | None = None) -> tuple[str, Path]:
+    """A fresh, empty run folder under `out` (default: the run store; created if missing).
+    PlanError (field out) when the store cannot be a folder: a file in its place, or no permission."""
+    root = ensure_store(out)
     while True:
         rid = new_run_id()
         d = root / rid
