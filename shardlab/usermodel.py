@@ -109,6 +109,23 @@ def load_factory(target: str):
                         f"current directory (or PYTHONPATH) and defines {fn}.") from None
 
 
+def user_frame(exc: BaseException) -> str | None:
+    """Where in the user's own code `exc` was raised: "file.py, line N (`code`)" for the last frame of its traceback
+    outside torch, shardlab and contextlib, or None when every frame is theirs. A message that names the user's line
+    needs no traceback (used by a factory that fails here and by estimate/trace.py's failed step)."""
+    import contextlib
+    import traceback
+
+    import torch
+
+    skip = (str(Path(torch.__file__).parent), str(Path(__file__).parent), contextlib.__file__)
+    frames = [f for f in traceback.extract_tb(exc.__traceback__) if not f.filename.startswith(skip)]
+    if not frames:
+        return None
+    f = frames[-1]
+    return f"{Path(f.filename).name}, line {f.lineno} (`{(f.line or '').strip()}`)"
+
+
 def source_of(factory) -> str:
     """A factory function -> its 'module:function' source, so worker processes can import it."""
     mod, qual = getattr(factory, "__module__", None), getattr(factory, "__qualname__", "")
@@ -164,13 +181,24 @@ class UserModel:
             with ctx:
                 return build_hf(cfg), None
         fn = load_factory(self.target)
+        if not callable(fn):  # `module:name` naming a constant: was "TypeError: 'int' object is not callable", exit 1
+            raise bad_input("model", f"model={self.target!r} names a value of type {type(fn).__name__}, not a function. Name the function "
+                            "that builds the model (module:function), returning an nn.Module or (model, batch_fn).")
         kwargs = {k: v for k, v in self.overrides.items() if k not in _OURS}
         if zero_init is not None:
             import deepspeed
 
             ctx = deepspeed.zero.Init(config_dict_or_path=zero_init)
-        with ctx:
-            out = fn(**kwargs)
+        try:
+            with ctx:
+                out = fn(**kwargs)
+        except PlanError:
+            raise
+        except Exception as e:  # noqa: BLE001 - the user's own code failed: said with its line, not a traceback (was exit 1)
+            where = user_frame(e)
+            given = f" with {', '.join(f'{k}={v!r}' for k, v in kwargs.items())}" if kwargs else ""
+            raise bad_input("model", f"the factory {self.target}{given} failed{' at ' + where if where else ''}: "
+                            f"{type(e).__name__}: {str(e)[:300]}. Fix the factory, or the settings given to it.") from None
         return _model_and_batches(out, self.target)
 
     # -- describing ------------------------------------------------------------------------------

@@ -107,6 +107,10 @@ def plan_file(tmp_path):
     ("estimate", ["BROKEN"], "not JSON"),
     ("estimate", ["tests.usermodels:not_a_model"], "returned dict"),
     ("estimate", ["tests.usermodels:nowhere"], "cannot be loaded"),
+    # the factory's own failures (session 19: tracebacks, exit 1): its line named, the settings it was given named
+    ("estimate", ["tests.usermodels:fails_to_build"], "failed at usermodels.py, line"),
+    ("estimate", ["tests.usermodels:tiny_lm", "width=3"], "tiny_lm with width=3 failed: TypeError"),
+    ("estimate", ["tests.usermodels:NOT_A_FACTORY"], "names a value of type int, not a function"),
     ("run", ["tests.usermodels:flat"], "wrap.transformer_layer_cls"),
     # a setting transformers accepts but the model's own __init__ cannot compute with (a ZeroDivisionError there)
     ("estimate", ["hf:qwen3", "hidden_size=64", "num_attention_heads=4", "num_hidden_layers=1", "head_dim=0"], "cannot be built"),

@@ -72,3 +72,11 @@ class TrainingOnlyBug(TinyLM):
 
 def training_only_bug() -> nn.Module:
     return TrainingOnlyBug()
+
+
+def fails_to_build() -> nn.Module:
+    """A factory whose own code raises (session 19: a traceback, exit 1, where the user's line should be named)."""
+    raise RuntimeError("no weights for this size")
+
+
+NOT_A_FACTORY = 5  # `tests.usermodels:NOT_A_FACTORY` names a value, not a function

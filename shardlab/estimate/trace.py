@@ -534,8 +534,6 @@ def _model_errors():
     writes a failing meta kernel's traceback to stderr at ERROR before the error propagates, is off meanwhile: the
     CLI printed that traceback above its own message (found in session 18, when the test ran alone)."""
     import logging
-    import traceback
-    from pathlib import Path
 
     from torch._subclasses.fake_tensor import DataDependentOutputException, DynamicOutputShapeException
 
@@ -544,16 +542,12 @@ def _model_errors():
     try:
         yield
     except (RuntimeError, ValueError, TypeError, IndexError, ArithmeticError, AssertionError) as e:
-        import torch
-
         from shardlab.plan import bad_input
+        from shardlab.usermodel import user_frame
 
-        skip = (str(Path(torch.__file__).parent), str(Path(__file__).parents[1]), contextlib.__file__)
-        frames = [f for f in traceback.extract_tb(e.__traceback__) if not f.filename.startswith(skip)]
-        if not frames:
+        where = user_frame(e)
+        if where is None:
             raise
-        f = frames[-1]
-        where = f"{Path(f.filename).name}, line {f.lineno} (`{(f.line or '').strip()}`)"
         if isinstance(e, (DataDependentOutputException, DynamicOutputShapeException)):
             why = ("its forward reads a tensor's value in Python there (or makes a shape from values); a traced "
                    "estimate runs on fake tensors, which have shapes but no values. Use the analytical estimate "
