@@ -112,6 +112,7 @@ def plan_file(tmp_path):
     ("estimate", ["tests.usermodels:tiny_lm", "width=3"], "tiny_lm with width=3 failed: TypeError"),
     ("estimate", ["tests.usermodels:NOT_A_FACTORY"], "names a value of type int, not a function"),
     ("run", ["tests.usermodels:flat"], "wrap.transformer_layer_cls"),
+    ("run", ["tests.usermodels:all_frozen"], "has no trainable parameters"),
     # a setting transformers accepts but the model's own __init__ cannot compute with (a ZeroDivisionError there)
     ("estimate", ["hf:qwen3", "hidden_size=64", "num_attention_heads=4", "num_hidden_layers=1", "head_dim=0"], "cannot be built"),
     # grouped-query heads that cannot group (Qwen2's default 32 KV heads under 4 query heads): the model's forward

@@ -80,3 +80,11 @@ def fails_to_build() -> nn.Module:
 
 
 NOT_A_FACTORY = 5  # `tests.usermodels:NOT_A_FACTORY` names a value, not a function
+
+
+def all_frozen() -> nn.Module:
+    """Every weight frozen: nothing to train (session 19: the run failed at its first backward, exit 1)."""
+    m = TinyLM(layers=1)
+    for p in m.parameters():
+        p.requires_grad_(False)
+    return m

@@ -176,8 +176,13 @@ def _checked(plan, model, steps, nproc, device, launcher, instrument, factory, e
     if factory is None:
         from shardlab.frameworks import check_model
 
+        built = resolve_source(spec.source).build("meta")[0] if spec.source else None
         # a block class the model lacks: the worker would refuse it at wrap time
-        check_model(plan, resolve_source(spec.source).build("meta")[0] if spec.source else model_arg)
+        check_model(plan, built if built is not None else model_arg)
+        if built is not None and not any(p.requires_grad for p in built.parameters()):
+            # every weight frozen: the first backward failed ("element 0 of tensors does not require grad"), exit 1
+            raise bad_input("model", f"model={model_name!r} has no trainable parameters (every one has requires_grad=False), so a "
+                            "training step has nothing to compute gradients for. Leave some parameters trainable in the factory.")
     return plan, nproc, (model_name, model_arg, spec)
 
 
