@@ -19,7 +19,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from shardlab.plan import Plan, field_descriptions, load_plan
+from shardlab.plan import Plan, config_kind, field_descriptions, load_plan
 
 NOT_SET = "(not set)"
 
@@ -33,11 +33,11 @@ def load_any(source: str | Path | Plan) -> tuple[Plan, str]:
         return source, "plan"
     text, name, _ = read_source(source)
     data = parse_data(text, name)
-    if isinstance(data, dict) and ("framework" in data or "sharding" in data):
+    kind = config_kind(data) if isinstance(data, dict) else "deepspeed"
+    if kind == "plan":
         return load_plan(data, check=False), "plan"
     plan, _ = import_config(source)
-    acc = isinstance(data, dict) and bool({"distributed_type", "compute_environment", "fsdp_config"} & set(map(str, data)))
-    return plan, "accelerate" if acc else "deepspeed"
+    return plan, kind
 
 
 def _flat(data: Any, prefix: str = "") -> dict[str, Any]:

@@ -266,16 +266,26 @@ def validate(plan: Plan) -> list[Finding]:
     return found
 
 
+ACCELERATE_MARKS = frozenset({"distributed_type", "compute_environment", "fsdp_config"})  # an accelerate YAML has one
+
+
+def config_kind(data: dict) -> str:
+    """What a mapping read from a file is: "plan" (it names framework or sharding), "accelerate" (ACCELERATE_MARKS) or
+    "deepspeed" (anything else). The one reading for `import`, `diff` and the plan loader's refusal below."""
+    keys = {str(k) for k in data}
+    return "plan" if keys & {"framework", "sharding"} else "accelerate" if keys & ACCELERATE_MARKS else "deepspeed"
+
+
 # top-level keys only a DeepSpeed JSON or an accelerate YAML has (never a Plan field): such a file given where a plan is
 # expected was answered key by key ("train_micro_batch_size_per_gpu: unknown key. Did you mean 'micro_batch_size'?")
-_FOREIGN_KEYS = {"accelerate": {"distributed_type", "compute_environment", "fsdp_config", "deepspeed_config", "num_processes"},
+_FOREIGN_KEYS = {"accelerate": ACCELERATE_MARKS | {"deepspeed_config", "num_processes"},
                  "DeepSpeed": {"zero_optimization", "train_batch_size", "train_micro_batch_size_per_gpu",
                                "gradient_accumulation_steps", "fp16", "bf16", "zero_allow_untested_optimizer"}}
 
 
 def _refuse_foreign_config(data: dict, name: str) -> None:
     """PlanError when `data` is a DeepSpeed or accelerate config rather than a plan: the way from one is `import`."""
-    if "framework" in data or "sharding" in data:
+    if config_kind(data) == "plan":
         return
     keys = {str(k) for k in data}
     for tool, marks in _FOREIGN_KEYS.items():

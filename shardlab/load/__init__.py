@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from shardlab.plan import Passthrough, Plan, bad_input, plan_from_dict
+from shardlab.plan import Passthrough, Plan, bad_input, config_kind, plan_from_dict
 
 from .accelerate import _from_accelerate
 from .common import _plain, parse_data, read_source
@@ -32,11 +32,12 @@ def import_config(source: str | Path, *, name: str | None = None) -> tuple[Plan,
     if not isinstance(data, dict) or not data:
         raise bad_input(name, f"{name} is not a DeepSpeed JSON object or an accelerate YAML mapping (got {type(data).__name__}). Give a config file.")
     data = {str(k): v for k, v in data.items()}
-    if "framework" in data or "sharding" in data:
+    kind = config_kind(data)
+    if kind == "plan":
         raise bad_input(name, f"{name} looks like a shardlab plan (it has framework/sharding), not a DeepSpeed or accelerate config. "
                         "Use it directly: shardlab validate / export / translate.")
     docs: dict = {}
-    if "distributed_type" in data or "compute_environment" in data or "fsdp_config" in data:
+    if kind == "accelerate":
         docs["accelerate"] = data = _plain(data)
         fields, notes = _from_accelerate(data, folder, docs)
     else:
