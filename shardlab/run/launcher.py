@@ -49,12 +49,17 @@ RECORDED_ENV = frozenset({
 _SHAPE_KEYS = ("name", "family", "layers", "hidden", "heads", "vocab", "seq_len", "kv_heads", "ffn_hidden")
 
 
-def _me() -> str:
-    """This process as "pid:seconds after boot it started", for the workers' check that their launcher
-    still lives (liveness.boot_start: the same figure in every process, whatever the clock does)."""
+def _my_boot_start() -> float:
+    """When this process started, in seconds after boot (liveness.boot_start: the same figure in every process,
+    whatever the clock does), as status.json's launcher_boot_start and SHARDLAB_LAUNCHER carry it."""
     import psutil
 
-    return f"{os.getpid()}:{boot_start(psutil.Process()):.3f}"
+    return round(boot_start(psutil.Process()), 3)
+
+
+def _me() -> str:
+    """This process as "pid:seconds after boot it started", for the workers' check that their launcher still lives."""
+    return f"{os.getpid()}:{_my_boot_start():.3f}"
 
 
 def _model_for_worker(model):
@@ -248,7 +253,7 @@ def _first_status(run_id, plan, model_name, spec, device, nproc, steps, seed, ti
             "nodes": plan.topology.nodes, "nproc_per_node": nproc, "world_size": plan.world_size, "steps": steps,
             "steps_done": 0, "seed": seed, "timeout_s": timeout_s, "started_at": time.time(), "ended_at": None,
             "exit_codes": None, "failed_rank": None, "error": None, "phase": None, "launcher_pid": os.getpid(),
-            "launcher_boot_start": float(_me().split(":")[1]), "oom_kills_at_start": faults.kernel_oom_kills(), "processes": []}
+            "launcher_boot_start": _my_boot_start(), "oom_kills_at_start": faults.kernel_oom_kills(), "processes": []}
 
 
 def _start_processes(run_dir: Path, cmds, info: dict, env: Mapping[str, str], cwd: str):

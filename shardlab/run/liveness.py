@@ -50,7 +50,7 @@ def same_process(p, rec: dict) -> bool:
     return False
 
 
-def _alive(pid: int, began_by: float | None = None, boot_started: float | None = None) -> bool:
+def alive(pid: int, began_by: float | None = None, boot_started: float | None = None) -> bool:
     """Is `pid` running (not a zombie), and the process that started at `boot_started` after boot, or
     (older records) no later than `began_by`?"""
     import psutil
@@ -85,4 +85,4 @@ def launcher_gone(info: dict, events: list[dict] = ()) -> bool:
     here = os.uname().nodename  # what the worker writes in its start event
     if any(isinstance(e.get("host"), str) and e["host"] != here for e in events if e.get("event") == "start"):
         return False
-    return not _alive(pid, began_by=_number(info.get("started_at")), boot_started=_number(info.get("launcher_boot_start")))
+    return not alive(pid, began_by=_number(info.get("started_at")), boot_started=_number(info.get("launcher_boot_start")))

@@ -60,19 +60,16 @@ def stop_orphaned_run(run_dir: Path, launcher_pid: int | str) -> bool:
 
 
 def _launcher_alive(spec: str) -> bool:
-    """SHARDLAB_LAUNCHER is "pid:seconds after boot it started": alive if that very process still runs."""
-    import psutil
-
-    from shardlab.run.liveness import same_process
+    """SHARDLAB_LAUNCHER is "pid:seconds after boot it started": alive if that very process still runs (liveness.alive;
+    a spec it cannot read says nothing: the watchdog process decides then)."""
+    from shardlab.run.liveness import alive
 
     try:
         pid, started = spec.split(":")
-        p = psutil.Process(int(pid))
-        return same_process(p, {"boot_start": float(started)}) and p.status() != psutil.STATUS_ZOMBIE
-    except (psutil.NoSuchProcess, psutil.ZombieProcess):
-        return False
-    except (ValueError, psutil.Error):
-        return True  # cannot tell: leave it to the watchdog process
+        pid, started = int(pid), float(started)
+    except ValueError:
+        return True
+    return alive(pid, boot_started=started)
 
 
 def watch_parents(on_gone, interval: float = 0.5) -> None:
