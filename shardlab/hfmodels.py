@@ -41,6 +41,22 @@ def _read_file(path: str) -> dict:
     return data
 
 
+def _unknown_keys(model_type: str, defaults, over: dict) -> list[str]:
+    """The override keys this config class does not have. A key the defaults lack may still be one transformers reads
+    and converts (5.x folds a config.json's `rope_theta` / `rope_scaling` into `rope_parameters`): a key the class
+    consumes is known; one it stores verbatim, as it stores any typo, is not."""
+    from transformers import AutoConfig
+
+    unknown = [k for k in over if not hasattr(defaults, k)]
+    if not unknown:
+        return []
+    try:
+        probe = AutoConfig.for_model(model_type, **{k: over[k] for k in unknown})
+    except Exception:  # noqa: BLE001 - whatever it refuses, the caller names the first unknown key
+        return unknown
+    return [k for k in unknown if k in vars(probe)]
+
+
 def config_from(um):
     """The transformers config for a UserModel of kind "hf" (PlanError for bad input)."""
     from transformers import AutoConfig
@@ -63,7 +79,7 @@ def config_from(um):
         raise bad_input("--model", f"--model={um.text!r}: {model_type!r} is not a model type transformers knows.{hint} "
                         "Examples: hf:llama, hf:mistral, hf:qwen2, hf:gpt2, hf:bert, hf:vit.")
     defaults = CONFIG_MAPPING[model_type]()
-    unknown = [k for k in over if not hasattr(defaults, k)]
+    unknown = _unknown_keys(model_type, defaults, over)
     if unknown:
         near = difflib.get_close_matches(unknown[0], list(defaults.to_dict()), n=1)
         hint = f" Did you mean {near[0]!r}?" if near else ""

@@ -103,6 +103,8 @@ def plan_file(tmp_path):
     ("estimate", ["hf:lama"], "Did you mean llama"),
     ("estimate", [""], "no model given"),  # a cleared model box: was read as the path "." ("is a directory")
     ("estimate", ["hf:llama", "hiden_size=64"], "'hidden_size'"),
+    # a key transformers reads for some models and stores verbatim for this one (GPT-2 has no rotary embedding)
+    ("estimate", ["hf:gpt2", "rope_theta=10000"], "'rope_theta' is not a setting of GPT2Config"),
     ("estimate", ["NOTCONFIG"], "no model_type"),
     ("estimate", ["BROKEN"], "not JSON"),
     ("estimate", ["tests.usermodels:not_a_model"], "returned dict"),
@@ -148,6 +150,18 @@ def test_bad_model_input_is_exit_2_with_a_message(cmd, words, says, plan_file, t
     err = capsys.readouterr().err
     assert says in err and "Traceback" not in err
     assert not (tmp_path / "runs").exists()  # refused before anything started
+
+
+def test_config_json_keys_that_transformers_converts_are_accepted_as_overrides():
+    """A Llama-3 config.json's `rope_theta` and `rope_scaling`: transformers 5 folds them into `rope_parameters` and the
+    class has no such attributes, which session 20 found refused as typos (`hf:llama rope_theta=500000`, exit 2)."""
+    from shardlab.hfmodels import config_from
+
+    um = resolve(_src("llama", "rope_theta=500000 max_position_embeddings=16384 "
+                               "'rope_scaling={rope_type: llama3, factor: 8.0, low_freq_factor: 1.0, high_freq_factor: 4.0, "
+                               "original_max_position_embeddings: 8192}'"))
+    rope = config_from(um).rope_parameters  # what the model is built with: the values given, not the class defaults
+    assert rope["rope_theta"] == 500000 and rope["rope_type"] == "llama3" and rope["factor"] == 8.0
 
 
 def test_estimate_json_names_the_wrap_class(plan_file, capsys):
