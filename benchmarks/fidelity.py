@@ -333,11 +333,34 @@ NEW7_CONFIGS = [
     C("llama1280x14", "deepspeed", "zero2", mb=4, ga=2), C("hf-gemma-b", "fsdp2", "zero3", mb=2, ac=True),
     C("gpt768x20", "deepspeed", "zero3", "fp16", mb=4),
 ]
+# the unseen set of session 20 (--set new8, numbered from 1301): written down 2026-12-04 12:30 UTC, before it ran, with
+# the code of session 19 (49b098b); sizes no set had: shardlab's presets gpt-760m, gpt-1.3b and gpt-2.7b, a Llama-3.2-3B
+# shape at T=4096, transformers configs shaped like Llama-3.2-1B and Qwen2.5-0.5B (tied embeddings, T=4096), a small
+# Llama at T=8192; fp32 and fp16, compile, DeepSpeed's optimizer offload of a 1.3B model, accumulation, micro-batch 1-8
+MODELS.update({
+    "gpt760": "gpt-760m", "gpt1.3b": "gpt-1.3b", "gpt2.7b": "gpt-2.7b",
+    "llama3b": {"name": "llama3b", "family": "llama", "layers": 28, "hidden": 3072, "heads": 24, "kv_heads": 8,
+                "ffn_hidden": 8192, "vocab": 128256, "seq_len": 4096},
+    "llamaT8k-b": {"name": "llamaT8k-b", "family": "llama", "layers": 8, "hidden": 1536, "heads": 12, "kv_heads": 4,
+                   "ffn_hidden": 4096, "vocab": 32000, "seq_len": 8192},
+    "hf-llama32": "hf:llama hidden_size=2048 intermediate_size=8192 num_hidden_layers=16 num_attention_heads=32 "
+                  "num_key_value_heads=8 vocab_size=128256 tie_word_embeddings=true rope_theta=500000 seq_len=4096",
+    "hf-qwen25": "hf:qwen2 hidden_size=896 intermediate_size=4864 num_hidden_layers=24 num_attention_heads=14 "
+                 "num_key_value_heads=2 vocab_size=151936 tie_word_embeddings=true seq_len=4096",
+})
+NEW8_CONFIGS = [
+    C("gpt1.3b", "fsdp2", "zero3", mb=4), C("gpt2.7b", "deepspeed", "zero3", mb=2, ac=True),
+    C("llama3b", "fsdp1", "zero3", mb=1, ac=True), C("gpt760", "fsdp2", "zero2", "fp32", mb=2),
+    C("hf-llama32", "deepspeed", "zero3", mb=1, ga=2), C("hf-llama32", "fsdp2", "zero3", mb=2, ac=True),
+    C("gpt760", "fsdp2", "zero3", mb=4, comp=True), C("llamaT8k-b", "deepspeed", "zero2", mb=1, ac=True),
+    C("gpt1.3b", "deepspeed", "zero2", mb=4, off="opt"), C("hf-qwen25", "deepspeed", "zero1", "fp16", mb=2),
+    C("llama3b", "fsdp2", "ddp", mb=1, ac=True), C("gpt125", "fsdp2", "zero3", "fp16", mb=8, ga=2),
+]
 SETS = {"matrix": (1, CONFIGS), "check": (101, CHECK_CONFIGS), "host": (201, HOST_CONFIGS), "val": (301, VAL_CONFIGS),
         "hf": (401, HF_CONFIGS), "held": (501, HELD_CONFIGS),
         "res": (601, RES_CONFIGS), "new": (701, NEW_CONFIGS),
         "new3": (801, NEW3_CONFIGS), "new4": (901, NEW4_CONFIGS), "new5": (1001, NEW5_CONFIGS),
-        "new6": (1101, NEW6_CONFIGS), "new7": (1201, NEW7_CONFIGS)}
+        "new6": (1101, NEW6_CONFIGS), "new7": (1201, NEW7_CONFIGS), "new8": (1301, NEW8_CONFIGS)}
 KEYS = ("model", "framework", "sharding", "precision", "micro_batch_size", "grad_accum_steps", "activation_checkpointing",
         "offload", "compile", "hf", "low_memory_init")
 
