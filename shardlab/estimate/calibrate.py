@@ -19,6 +19,7 @@ import math
 import os
 import statistics
 import time
+from functools import lru_cache
 from pathlib import Path
 
 from shardlab.units import GIB
@@ -121,29 +122,45 @@ def find(gpu_name: str, directory: str | Path | None = None) -> dict | None:
     return cal
 
 
-# The micro-benchmark's host timings (launch_s, fsdp_unit_s, ds3/ds12_hook_scale: steps of an 8-layer,
-# 64-wide model) are written to the file but not applied. On the six recorded H200 machines that have a
-# calibration of their own, applying them moved the real steps away from their measurements: median error
-# of those rows 13.5% with the GPU rates alone, 15.8% with the host timings too, 12.6% with neither
-# (benchmarks/steptime_accuracy.py, session 7). E.g. the held-out host timed DeepSpeed ZeRO-2's hooks at 1.44x
-# the constants while its real ZeRO-1/2 steps ran faster than the constants predict (#504, #508); the
-# validation host timed launches 25% cheaper while its DeepSpeed steps ran slower. Host cost is refitted
-# from real steps instead: `calibrate --from-runs` (host_fit, gpu_scale), which this applies.
-# Session 11 tried the two FSDP2 timings as ONE factor on all host time instead (the geometric mean of launch_s /
-# DEFAULT_LAUNCH_S and fsdp_unit_s / FSDP_UNIT_S; benchmarks/host_population.py --index, 9 calibrated machines,
-# 99 rows): the index follows the factor each machine's rows fit (log correlation 0.90), and with each machine's
-# own calibration the 99 rows go from median 10.2% / max 33.3% / 9 over 25% to 8.1% / 32.6% / 5 (machine C
-# 16.1 -> 3.9%, probe 1 7.1 -> 2.3%), but machine s6b's 17 rows go 12.3 -> 16.4% and s6a's 21 rows 13.9 -> 16.3%
-# (index 1.10 and 0.93 where their rows fit 1.03 and 1.02). A machine 4 points worse is past the bar set for it
-# (no calibrated machine's median more than 3 points worse), so it stays unapplied too. The two timings as
-# separate rates (launch_s, fsdp_unit_s, no DeepSpeed scales) were worse still: 8.6% median, max 45.7% (val).
+# The micro-benchmark's host timings (steps of an 8-layer, 64-wide model): the host unit (launch_s) is applied, the
+# FSDP2 unit and DeepSpeed's hook scales are recorded only.
+# - The host unit is applied since session 20, recomputed from the timed plain step (microbench.host.plain_step_s) in
+#   today's units (microbench.launch_seconds; the files written before session 18's host_units hold launch_s per
+#   kernel). Session 20 ran seven of its unseen rows on two machines whose calibrate timed 39.6 and 26.3 us per unit:
+#   the rows ran 1.19-1.55x faster on the second (#1308 79,803 -> 123,649 tokens/s), the probe said 1.51x. Over the
+#   206 recorded rows with a calibration of their own machine (23 machines, benchmarks/steptime_accuracy.py), applying
+#   it moved the calibrated median from 10.8% to 9.8%, rows over 25% from 17 to 11 and over 15% from 64 to 60; five
+#   machines improved by 4.3-11.7 points of median (new3, new6, new6b, new6c, new7c), one moved the other way by
+#   3.6 points (val: its probe timed 0.75x the default while its rows ran at the default: #302 +23.1% -> +43.4%).
+# - Not applied (APPLY_MICROBENCH_HOST): the FSDP2 unit and DeepSpeed's hook scales. On the six recorded machines of
+#   session 7, applying every host timing moved the real steps away from their measurements (median 13.5% with the
+#   GPU rates alone, 15.8% with the host timings too, 12.6% with neither); e.g. the held-out host timed DeepSpeed
+#   ZeRO-2's hooks at 1.44x the constants while its ZeRO-1/2 steps ran faster than the constants predict (#504, #508).
+#   Session 11 tried the two FSDP2 timings as one factor on all host time (benchmarks/host_population.py --index):
+#   machine s6b's rows went 12.3 -> 16.4%. `calibrate --from-runs` (host_fit, gpu_scale) fits the host from real steps.
 APPLY_MICROBENCH_HOST = False
+
+
+def _host_unit_s(cal: dict) -> float | None:
+    """Seconds per host unit from a calibration's timed plain step, in today's units (None: not timed)."""
+    plain = ((cal.get("microbench") or {}).get("host") or {}).get("plain_step_s")
+    return _launch_from_plain(float(plain)) if isinstance(plain, (int, float)) and plain > 0 else None
+
+
+@lru_cache(maxsize=64)
+def _launch_from_plain(plain_step_s: float) -> float:
+    from .microbench import host_model, launch_seconds
+
+    return launch_seconds(plain_step_s, host_model()[1])
 
 
 def rates_from(cal: dict, where: str = "") -> Rates:
     r = cal["rates"]
     base = Rates()
     host = r if APPLY_MICROBENCH_HOST else {}
+    unit = _host_unit_s(cal)
+    if unit is not None:
+        host = {**host, "launch_s": unit}
     return base.with_(
         mm_eff={**base.mm_eff, **r.get("mm_eff", {})}, attn_eff={**base.attn_eff, **r.get("attn_eff", {})},
         hbm_eff=r.get("hbm_eff", base.hbm_eff), attn_t0=r.get("attn_t0", base.attn_t0),
@@ -348,7 +365,7 @@ def cli_calibrate(a) -> int:
         print(f"  matmul efficiency bf16 {mm['bf16']:.3f}, fp32 {mm['fp32']:.3f} (of the data sheet peak, shape-corrected)")
         print(f"  attention efficiency bf16 {at['bf16']:.3f}, fp32 {at['fp32']:.3f}; HBM {r.get('hbm_eff', float('nan')):.3f} of the data sheet")
         print(f"  host: {r.get('launch_s', float('nan')) * 1e6:.1f} us per host unit (a kernel, or a module's share: hostcost.host_units; default {DEFAULT_LAUNCH_S * 1e6:.1f}), FSDP2 unit {r.get('fsdp_unit_s', float('nan')) * 1e3:.3f} ms"
-              + ("" if APPLY_MICROBENCH_HOST else " (recorded, not applied: `calibrate --from-runs` fits the host from real steps)"))
+              + ("" if APPLY_MICROBENCH_HOST else " (the unit applied, the FSDP2 unit recorded only: `calibrate --from-runs` fits the host from real steps)"))
         if r.get("torch_cpu_adam_params_per_s"):
             print(f"  CPU AdamW (FSDP's CPU offload): {r['torch_cpu_adam_params_per_s'] / 1e9:.2f}e9 parameters/s on {cal['microbench']['cpu_adam'].get('threads')} threads")
         for k, v in (cal["microbench"].get("errors") or {}).items():
