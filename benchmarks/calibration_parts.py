@@ -3,8 +3,8 @@
 Every recorded GPU row timed on a machine that was also calibrated (benchmarks/steptime_accuracy.py's rows
 with a calibration) is re-predicted with: no calibration, the whole calibration, and each group of its GPU
 rates alone (matmul + HBM efficiency, attention efficiency + its sequence-length knee, everything but
-attention). calibrate's host timings are not applied by rates_from (calibrate.APPLY_MICROBENCH_HOST), so
-only the GPU rates differ. Prints median and largest |predicted/measured - 1| and the mean signed error.
+attention). Of calibrate's host timings rates_from applies the host unit only (since session 20), which every
+variant here keeps, so only the GPU rates differ between them. Prints median and largest |predicted/measured - 1| and the mean signed error.
 
     .venv/bin/python benchmarks/calibration_parts.py
 """

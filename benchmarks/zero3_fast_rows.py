@@ -2,8 +2,8 @@
 
 For every such row of benchmarks/results/fidelity_*.json it prints the error of the uncalibrated prediction
 (measured step / predicted - 1: positive = predicted fast), the error with that machine's own `calibrate` host
-timings (launch_s, fsdp_unit_s of the calibration made on the same lent machine; an analysis device only:
-calibrate.APPLY_MICROBENCH_HOST stays off), and how far the prediction moves if the flash-attention rate were
+timings (launch_s, fsdp_unit_s of the calibration made on the same lent machine; an analysis device: rates_from
+applies the host unit since session 20, the FSDP2 unit never, calibrate.APPLY_MICROBENCH_HOST), and how far the prediction moves if the flash-attention rate were
 half what steptime.attention_eff gives (whether the head_dim / long-T flash rate could matter at all for the
 row: it cannot where the timeline is host-bound). Nothing here changes the model.
 
