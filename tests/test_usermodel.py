@@ -92,6 +92,16 @@ def test_the_block_class_goes_into_the_plan_unless_the_plan_names_one():
     assert with_wrap_class(load_plan({"framework": "deepspeed"}), flat).framework == "deepspeed"  # nothing to wrap
 
 
+_HUGE_VOCAB = ["hf:llama", "hidden_size=64", "num_attention_heads=4", "num_hidden_layers=1", "vocab_size=100000000000"]
+
+
+def test_a_step_past_any_gpu_is_estimated_as_not_fitting(plan_file, capsys):
+    """Analytically such a step has figures and the verdict; the allocator replay, whose packed keys address 256 TiB,
+    declines it instead of failing (cachesim.AddressSpaceExceeded)."""
+    assert main(["estimate", plan_file, "--gpu", "h200", "--model", *_HUGE_VOCAB]) == 0
+    assert "DOES NOT FIT" in capsys.readouterr().out
+
+
 @pytest.fixture()
 def plan_file(tmp_path):
     p = tmp_path / "plan.yaml"
@@ -138,6 +148,8 @@ def plan_file(tmp_path):
      "model.embed_tokens.weight, shape [0, 64]"),
     ("estimate", ["hf:llama", "hidden_size=64", "num_attention_heads=4", "num_hidden_layers=1", "intermediate_size=0"],
      "a size in the config is 0"),
+    # a step past 256 TiB per GPU (session 20: a KeyError traceback from the allocator replay, exit 1): traced, named
+    ("estimate", [*_HUGE_VOCAB, "--trace"], "more than 256 TiB per GPU"),
     # a user's model that fails only in a training step: the trace names the user's own line
     ("estimate", ["tests.usermodels:training_only_bug", "--trace"], "usermodels.py, line"),
 ])

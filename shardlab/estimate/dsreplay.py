@@ -63,6 +63,7 @@ from typing import NamedTuple
 
 from .activations import _counted, _hf_llama
 from .basis import DS_ALLREDUCE_SIZE, DS_SUB_GROUP, shard_numel
+from .cachesim import AddressSpaceExceeded
 from .stepsim import REDUCE_STREAM, Recipe, _Step, declined, recipe
 
 # Stages whose reserved memory comes from the replay. ZeRO-2 is replayed but not used: on the recorded
@@ -426,6 +427,9 @@ def ds_replayed_reserved(plan, s, workspace: int) -> int | None:
     listed = not (_hf_llama(s.spec) or _counted(s.spec))  # stepsim.block_tensors has the block's tensors
     d = DSRecipe(s.stage, s.spec.params, local, s.reduce_bucket, numel(sh.embed), numel(sh.block), sh.layers,
                  numel(sh.head), listed, off_opt, off_params, s.persistence)
-    return _replay(base, d)
+    try:
+        return _replay(base, d)
+    except AddressSpaceExceeded:  # a step no GPU holds: the fitted factor gives its figure
+        return None
 
 

@@ -41,7 +41,7 @@ from typing import NamedTuple
 from .activations import _counted, _hf_llama, math_attention_elements, rope_tables, sdpa_math
 from .allocator import stranded
 from .basis import fsdp_stage
-from .cachesim import BLOCK, SMALL, SMALL_SEGMENT, CachingAllocator
+from .cachesim import BLOCK, SMALL, SMALL_SEGMENT, AddressSpaceExceeded, CachingAllocator
 
 UNSHARD_STREAM = 2  # FSDP1 copies offloaded parameters in on a stream of its own (its pre-unshard stream)
 REDUCE_STREAM = 1  # FSDP reduces gradients on a stream of its own: its blocks are cached apart
@@ -568,7 +568,10 @@ def replayed_reserved(plan, s, workspace: int, limit: int | None = None) -> int 
     (see the module docstring). workspace: bytes of the step's cuBLAS workspaces; limit: the GPU's allocator
     limit if known (capped_churn's, for its copy; the figure does not depend on it)."""
     r = covered_recipe(plan, s, workspace)
-    return None if r is None else _replay(r, limit)
+    try:
+        return None if r is None else _replay(r, limit)
+    except AddressSpaceExceeded:  # a step no GPU holds: the fitted factor gives its figure
+        return None
 
 
 CHURN_STEPS = 4  # replayed steps under a cap; the first two (start-up, first optimizer states) are not counted
@@ -627,7 +630,10 @@ def capped_churn(plan, s, workspace: int, limit: int) -> tuple[float, float, flo
     r = covered_recipe(plan, s, workspace)
     if r is None:
         return None
-    reserved, allocated = _replay_both(r, int(limit))
+    try:
+        reserved, allocated = _replay_both(r, int(limit))
+    except AddressSpaceExceeded:  # past any GPU (replayed_reserved gave no figure either)
+        return (0.0, 0.0, 0.0)
     if reserved <= limit or allocated + stranded(allocated) > limit:
         return (0.0, 0.0, 0.0)  # never at the limit, or past it whatever the cache (allocator.fit: does not fit)
     return _churn(r, int(limit))

@@ -537,6 +537,8 @@ def _model_errors():
 
     from torch._subclasses.fake_tensor import DataDependentOutputException, DynamicOutputShapeException
 
+    from .cachesim import AddressSpaceExceeded
+
     log = logging.getLogger("torch._subclasses.fake_tensor")
     was, log.disabled = log.disabled, True
     try:
@@ -548,7 +550,11 @@ def _model_errors():
         where = user_frame(e)
         if where is None:
             raise
-        if isinstance(e, (DataDependentOutputException, DynamicOutputShapeException)):
+        if isinstance(e, AddressSpaceExceeded):
+            why = (f"the traced step asks for more than 256 TiB per GPU there ({e.args[0] / 2**40:,.0f} TiB of segments), "
+                   "more than any GPU holds and than the allocator replay addresses. Check the sizes in the model's "
+                   "settings (vocab_size, hidden_size, seq_len); the analytical estimate (leave out --trace) still gives figures.")
+        elif isinstance(e, (DataDependentOutputException, DynamicOutputShapeException)):
             why = ("its forward reads a tensor's value in Python there (or makes a shape from values); a traced "
                    "estimate runs on fake tensors, which have shapes but no values. Use the analytical estimate "
                    "(method='analytic', or leave out --trace).")
