@@ -355,7 +355,18 @@ NEW8_CONFIGS = [
     C("gpt760", "fsdp2", "zero3", mb=4, comp=True), C("llamaT8k-b", "deepspeed", "zero2", mb=1, ac=True),
     C("gpt1.3b", "deepspeed", "zero2", mb=4, off="opt"), C("hf-qwen25", "deepspeed", "zero1", "fp16", mb=2),
     C("llama3b", "fsdp2", "ddp", mb=1, ac=True), C("gpt125", "fsdp2", "zero3", "fp16", mb=8, ga=2),
+    # added 2026-12-04 13:25 UTC, after the calibration's host unit was applied (2a4d404), predicted before they ran on a
+    # machine calibrated in the same call: a TinyLlama-1.1B shape, a Mistral-style transformers config, a 12 x 1024 GPT
+    C("tinyllama", "fsdp1", "zero2", mb=4), C("tinyllama", "deepspeed", "zero1", mb=2, ga=2),
+    C("hf-mistral-b", "fsdp2", "zero3", mb=2), C("gpt1024x12", "deepspeed", "zero3", "fp16", mb=4, ac=True),
 ]
+MODELS.update({
+    "tinyllama": {"name": "tinyllama", "family": "llama", "layers": 22, "hidden": 2048, "heads": 32, "kv_heads": 4,
+                  "ffn_hidden": 5632, "vocab": 32000, "seq_len": 2048},
+    "hf-mistral-b": "hf:mistral hidden_size=1536 intermediate_size=4096 num_hidden_layers=12 num_attention_heads=12 "
+                    "num_key_value_heads=4 vocab_size=32768 seq_len=2048",
+    "gpt1024x12": {"name": "gpt1024x12", "family": "gpt", "layers": 12, "hidden": 1024, "heads": 16, "vocab": 50257, "seq_len": 2048},
+})
 SETS = {"matrix": (1, CONFIGS), "check": (101, CHECK_CONFIGS), "host": (201, HOST_CONFIGS), "val": (301, VAL_CONFIGS),
         "hf": (401, HF_CONFIGS), "held": (501, HELD_CONFIGS),
         "res": (601, RES_CONFIGS), "new": (701, NEW_CONFIGS),
