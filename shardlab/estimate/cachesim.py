@@ -65,14 +65,14 @@ def segment_size(n: int) -> int:
 # 5 ms budget waits on.
 _SHIFT = 48
 _ADDR = (1 << _SHIFT) - 1
+_ROUND, _MASK = BLOCK - 1, -BLOCK  # round up to a multiple of BLOCK: (n + _ROUND) & _MASK
+_ROUND2M, _MASK2M = ROUND_LARGE - 1, -ROUND_LARGE
 
 
 class AddressSpaceExceeded(ValueError):
     """A replay made segments past the 2^48 bytes (256 TiB) its packed sort keys address: no GPU holds such a step,
     and the replay's figure is not wanted (stepsim / dsreplay then give none, and the estimate falls back to its
     fitted factor). Found as a KeyError traceback from `hf:llama vocab_size=100000000000` (session 20)."""
-_ROUND, _MASK = BLOCK - 1, -BLOCK  # round up to a multiple of BLOCK: (n + _ROUND) & _MASK
-_ROUND2M, _MASK2M = ROUND_LARGE - 1, -ROUND_LARGE
 
 
 class CachingAllocator:
