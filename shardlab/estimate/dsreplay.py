@@ -405,8 +405,13 @@ def _offload_replayed(s) -> bool:
 
 
 @lru_cache(maxsize=512)
-def _replay(r: Recipe, d: DSRecipe) -> int:
-    return DSStep(r, d).run()
+def _replay(r: Recipe, d: DSRecipe) -> int | None:
+    """Peak reserved of the replayed step; None past the replay's address space (cachesim.AddressSpaceExceeded: no
+    GPU holds such a step), cached like any other answer."""
+    try:
+        return DSStep(r, d).run()
+    except AddressSpaceExceeded:
+        return None
 
 
 def ds_replayed_reserved(plan, s, workspace: int) -> int | None:
@@ -427,9 +432,6 @@ def ds_replayed_reserved(plan, s, workspace: int) -> int | None:
     listed = not (_hf_llama(s.spec) or _counted(s.spec))  # stepsim.block_tensors has the block's tensors
     d = DSRecipe(s.stage, s.spec.params, local, s.reduce_bucket, numel(sh.embed), numel(sh.block), sh.layers,
                  numel(sh.head), listed, off_opt, off_params, s.persistence)
-    try:
-        return _replay(base, d)
-    except AddressSpaceExceeded:  # a step no GPU holds: the fitted factor gives its figure
-        return None
+    return _replay(base, d)  # None past the address space: the fitted factor gives the figure
 
 

@@ -526,15 +526,19 @@ def _small_pool(r: Recipe) -> int:
 
 
 @lru_cache(maxsize=512)
-def _replay_both(r: Recipe, limit: int | None = None) -> tuple[int, int]:
+def _replay_both(r: Recipe, limit: int | None = None) -> tuple[int, int] | tuple[None, None]:
     """(peak reserved, peak allocated) of the replayed step; limit: the GPU's allocator limit, where the
-    estimate knows it (only to keep a copy for _churn: the figures do not depend on it)."""
+    estimate knows it (only to keep a copy for _churn: the figures do not depend on it). (None, None) for a step
+    past the replay's address space (cachesim.AddressSpaceExceeded: no GPU holds it), cached like any other answer."""
     st = _Step(r)
-    reserved = st.run(watch=None if limit is None else limit - _small_pool(r)) + _small_pool(r)
+    try:
+        reserved = st.run(watch=None if limit is None else limit - _small_pool(r)) + _small_pool(r)
+    except AddressSpaceExceeded:
+        return None, None
     return reserved, st.sim.peak_allocated + _small_pool(r)
 
 
-def _replay(r: Recipe, limit: int | None = None) -> int:
+def _replay(r: Recipe, limit: int | None = None) -> int | None:
     return _replay_both(r, limit)[0]
 
 
@@ -568,10 +572,7 @@ def replayed_reserved(plan, s, workspace: int, limit: int | None = None) -> int 
     (see the module docstring). workspace: bytes of the step's cuBLAS workspaces; limit: the GPU's allocator
     limit if known (capped_churn's, for its copy; the figure does not depend on it)."""
     r = covered_recipe(plan, s, workspace)
-    try:
-        return None if r is None else _replay(r, limit)
-    except AddressSpaceExceeded:  # a step no GPU holds: the fitted factor gives its figure
-        return None
+    return None if r is None else _replay(r, limit)  # None past the address space too: the fitted factor gives it
 
 
 CHURN_STEPS = 4  # replayed steps under a cap; the first two (start-up, first optimizer states) are not counted
@@ -630,10 +631,7 @@ def capped_churn(plan, s, workspace: int, limit: int) -> tuple[float, float, flo
     r = covered_recipe(plan, s, workspace)
     if r is None:
         return None
-    try:
-        reserved, allocated = _replay_both(r, int(limit))
-    except AddressSpaceExceeded:  # past any GPU (replayed_reserved gave no figure either)
-        return (0.0, 0.0, 0.0)
-    if reserved <= limit or allocated + stranded(allocated) > limit:
+    reserved, allocated = _replay_both(r, int(limit))
+    if reserved is None or reserved <= limit or allocated + stranded(allocated) > limit:  # None: past any GPU
         return (0.0, 0.0, 0.0)  # never at the limit, or past it whatever the cache (allocator.fit: does not fit)
     return _churn(r, int(limit))
