@@ -64,7 +64,7 @@ HF_FACTORY = "benchmarks.fidelity_hf:llama"
 # (model, framework, sharding, precision, micro-batch, grad accum, AC, offload, compile, hf)
 # offload: none | opt (optimizer only) | both (optimizer + params; FSDP offloads everything)
 # hf: the row's model goes through benchmarks/fidelity_hf.py's factory (a models' "hf:" source needs no flag)
-C = lambda m, fw, sh, pr="bf16", mb=4, ga=1, ac=False, off="none", comp=False, hf=False, lmi=False: (m, fw, sh, pr, mb, ga, ac, off, comp, hf, lmi)  # noqa: E731
+C = lambda m, fw, sh, pr="bf16", mb=4, ga=1, ac=False, off="none", comp=False, hf=False, lmi=False, g=1: (m, fw, sh, pr, mb, ga, ac, off, comp, hf, lmi, g)  # noqa: E731
 CONFIGS = [
     C("llama300", "fsdp2", "zero3"), C("llama300", "fsdp2", "zero3", ac=True), C("llama300", "fsdp2", "zero2", mb=2),
     C("llama300", "fsdp2", "ddp", mb=2), C("llama300", "fsdp1", "zero3"), C("llama300", "fsdp1", "zero2", ac=True),
@@ -367,13 +367,27 @@ MODELS.update({
                     "num_key_value_heads=4 vocab_size=32768 seq_len=2048",
     "gpt1024x12": {"name": "gpt1024x12", "family": "gpt", "layers": 12, "hidden": 1024, "heads": 16, "vocab": 50257, "seq_len": 2048},
 })
+# the first set on two GPUs (--set w2, numbered from 1401, run on nvidia-h200-x2): written down 2026-12-04 15:00 UTC,
+# before it ran, with the code of session 20 (8390cd3). No earlier row had more than one GPU, so every collective, the
+# sharded start-up and the hooks of a real shard (FSDP1 is NO_SHARD on one rank) are unseen here
+W2_CONFIGS = [
+    C("gpt1.3b", "fsdp2", "zero3", mb=4, g=2), C("gpt1.3b", "fsdp1", "zero3", mb=4, g=2),
+    C("gpt1.3b", "deepspeed", "zero3", mb=4, g=2), C("gpt760", "fsdp1", "zero2", mb=4, g=2),
+    C("gpt760", "deepspeed", "zero2", mb=4, ga=2, g=2), C("gpt760", "deepspeed", "zero1", mb=4, g=2),
+    C("tinyllama", "fsdp2", "ddp", mb=2, g=2), C("hf-llama32", "fsdp2", "zero3", mb=1, ac=True, g=2),
+    C("gpt125", "fsdp2", "zero3", mb=8, g=2), C("llama3b", "deepspeed", "zero3", mb=1, ac=True, g=2),
+    C("gpt1.3b", "fsdp2", "zero2", "fp32", mb=2, g=2), C("gpt760", "fsdp2", "zero3", mb=4, comp=True, g=2),
+    C("tinyllama", "fsdp1", "zero3", mb=2, ga=2, ac=True, g=2), C("gpt760", "deepspeed", "ddp", mb=4, g=2),
+    C("gpt1.3b", "deepspeed", "zero2", mb=4, off="opt", g=2), C("hf-qwen25", "fsdp1", "zero3", mb=2, g=2),
+]
 SETS = {"matrix": (1, CONFIGS), "check": (101, CHECK_CONFIGS), "host": (201, HOST_CONFIGS), "val": (301, VAL_CONFIGS),
         "hf": (401, HF_CONFIGS), "held": (501, HELD_CONFIGS),
         "res": (601, RES_CONFIGS), "new": (701, NEW_CONFIGS),
         "new3": (801, NEW3_CONFIGS), "new4": (901, NEW4_CONFIGS), "new5": (1001, NEW5_CONFIGS),
-        "new6": (1101, NEW6_CONFIGS), "new7": (1201, NEW7_CONFIGS), "new8": (1301, NEW8_CONFIGS)}
+        "new6": (1101, NEW6_CONFIGS), "new7": (1201, NEW7_CONFIGS), "new8": (1301, NEW8_CONFIGS),
+        "w2": (1401, W2_CONFIGS)}
 KEYS = ("model", "framework", "sharding", "precision", "micro_batch_size", "grad_accum_steps", "activation_checkpointing",
-        "offload", "compile", "hf", "low_memory_init")
+        "offload", "compile", "hf", "low_memory_init", "gpus_per_node")
 
 
 def config_dict(i: int) -> dict:
@@ -390,7 +404,7 @@ def plan_for(row: dict):
             "micro_batch_size": row["micro_batch_size"], "grad_accum_steps": row["grad_accum_steps"],
             "activation_checkpointing": row["activation_checkpointing"], "compile": row["compile"],
             "low_memory_init": bool(row.get("low_memory_init")),
-            "optimizer": {"name": "adamw", "lr": 1e-4},
+            "optimizer": {"name": "adamw", "lr": 1e-4}, "topology": {"gpus_per_node": row.get("gpus_per_node", 1)},
             "offload": {"optimizer": "cpu" if off != "none" else "none", "params": "cpu" if off == "both" else "none"}}
     if row["hf"]:
         data["wrap"] = {"transformer_layer_cls": "LlamaDecoderLayer"}
@@ -399,12 +413,12 @@ def plan_for(row: dict):
 
 def model_for(row: dict, tiny: bool = False):
     m = MODELS[row["model"]]
-    if isinstance(m, str):  # a Hugging Face source: tiny keeps its family, shrinks its shape
+    if isinstance(m, str) and m.startswith("hf:"):  # a Hugging Face source: tiny keeps its family, shrinks its shape
         return m.split()[0] + TINY_HF[m.split()[0]] if tiny else m
     if row.get("hf") and isinstance(m, dict):  # built by transformers through fidelity_hf's factory
         m = {**m, "layout": "transformers"}
     if tiny:  # same family, CPU-sized
-        fam = m["family"] if isinstance(m, dict) else "gpt"
+        fam = m["family"] if isinstance(m, dict) else "gpt"  # a preset's name: the gpt presets
         m = {"name": "tiny-" + row["model"], "family": fam, "layers": 2, "hidden": 64, "heads": 4, "vocab": 512, "seq_len": 64}
         if fam == "llama":
             m.update(kv_heads=2, ffn_hidden=160)
