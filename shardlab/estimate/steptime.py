@@ -18,9 +18,10 @@
   follows from where each spends its time; no fitted overlap share for FSDP. DeepSpeed keeps one
   (hostcost.SERIAL) for the synchronisations not yet located in its source, applied to the time the
   timeline overlaps.
-- exposed communication: wire bytes over the link (intra/inter node) plus a latency per collective,
-  less what overlaps with the GPU's work (FSDP's prefetch, ZeRO-3's overlap_comm); DeepSpeed
-  ZeRO-1/2 reduce and re-gather with overlap_comm off by default: fully exposed. One GPU: none.
+- exposed communication: wire bytes at the rate NCCL reaches on the link (intra/inter node) plus a
+  latency per collective, less what FSDP's prefetch and ZeRO-3's overlap_comm hide (COMM_HIDDEN:
+  measured none on two H200s); DeepSpeed ZeRO-1/2 reduce and re-gather with overlap_comm off by
+  default: fully exposed. One GPU: none.
 - offload: optimizer state traffic over PCIe and DeepSpeed's CPU Adam (torch's on FSDP offload).
 
 The result carries the breakdown (compute, exposed_comm, host_overhead, offload, which sum to the
@@ -79,8 +80,22 @@ K_HALF = 96  # K at which a GEMM's main loop reaches half its rate (prologue/epi
 # too (H200 profile of #1013, llama200k compiled, results/host_split_h200_s16.json: 35.2 ms of memory-bound and other
 # kernels measured, 9.3 predicted; the fidelity row +20.9% -> +12.6%, #915 +41.0% -> +38.9%, no other row moved).
 COMPILE_MEM = 0.5
-OVERLAP = 0.8  # at most this share of the GPU's work can hide prefetched / overlapped collectives
-COLLECTIVE_LATENCY_S = {"intra": 20e-6, "inter": 50e-6}
+# Collectives inside a node, measured between the two H200s of a lent host over NVLink (NCCL 2.28.9, torch 2.11,
+# NVLink multicast off; benchmarks/collective_probe.py, results/collectives_h200x2.json): all_gather_into_tensor
+# and reduce_scatter_tensor take about 62 us plus their ring wire bytes at 271-280 GB/s (fitted over 1 MiB to 1 GiB,
+# within 10% at every size), 0.61 of the data sheet's 450 GB/s per direction that gpus.py's intra_node_bw holds;
+# all_reduce reaches 320 GB/s (0.71). NCCL_BUS_EFF is the gather's and scatter's share, the collectives FSDP and
+# ZeRO-3 run. Not measured across nodes (no such machine is lent): the NIC rate and the same latency stand there.
+NCCL_BUS_EFF = 0.61
+COLLECTIVE_LATENCY_S = {"intra": 62e-6, "inter": 62e-6}
+# COMM_HIDDEN: the share of FSDP's and ZeRO-3's collectives that their prefetch hides behind the GPU's work. Measured
+# none: on two H200s (fidelity_h200_w2.json, 8 rows, calibrated on that host) FSDP1/FSDP2 ZeRO-2/3 and DeepSpeed
+# ZeRO-3 stepped 9-13% slower than predicted with the collectives hidden (+8.9..+13.5%), and the missing time matched
+# the collectives' own (gpt-1.3b FSDP2 ZeRO-3: 23.5 ms missing, 20.1 ms of collectives at the rates above); the same
+# plan on one GPU of another host (#1301, no collectives) stepped 203 ms, on two 201 ms although each rank's optimizer
+# step halved. Whether the GPU waits for the gathers or NCCL's kernels slow the matmuls beside them is not separated
+# (a profile on two GPUs would); DeepSpeed ZeRO-1/2 run theirs with overlap_comm off and were always charged in full.
+COMM_HIDDEN = 0.0
 CPU_ADAM_PARAMS_PER_S = 2.5e9  # DeepSpeed CPU Adam, parameters per second per node (H100 offload rows: 78-92 TFLOPS)
 # torch's AdamW on the CPU under FSDP offload, parameters per second per node, FSDP1 and FSDP2 alike:
 # 0.65e9, from validation row #308 run alone on an H200 host (FSDP2, llama100k, 1.03B parameters,
@@ -283,9 +298,13 @@ def _timeline(plan: Plan, s: Setup, w: Work, r: Rates, gpu: GPU, work_s: tuple[f
 
 
 def _comm_time(s: Setup, gpu: GPU, wire: dict, w: Work) -> float:
-    t = wire["intra_node"] / gpu.intra_node_bw + wire["inter_node"] / gpu.inter_node_bw
+    """The collectives' seconds per optimizer step: wire bytes at NCCL's measured share of the link, plus a latency
+    per call: FSDP calls per unit (ZeRO-3: gather forward and backward, scatter; ZeRO-2: one gather, the scatter;
+    NO_SHARD / replicate: the all-reduce), DeepSpeed ZeRO-3 likewise per module, ZeRO-1/2 and DDP per bucket."""
+    t = wire["intra_node"] / (gpu.intra_node_bw * NCCL_BUS_EFF) + wire["inter_node"] / gpu.inter_node_bw
     if s.world > 1:
-        per_micro = 3 * w.units if s.stage in ("zero3", "zero2") else max(1, w.units // 4)
+        calls = {"zero3": 3, "hybrid": 3, "zero2": 2}.get(s.stage, 1)
+        per_micro = calls * w.units if (not s.ds or s.stage == "zero3") else max(1, w.units // 4)
         lat = COLLECTIVE_LATENCY_S["inter" if s.nodes > 1 else "intra"]
         t += per_micro * s.micro_steps * lat
     return t
@@ -355,7 +374,7 @@ def step_time(plan: Plan, s: Setup, gpu: GPU, wire: dict, rates: Rates | None = 
     tl = _timeline(plan, s, w, r, gpu, work_s, (mm + attn + mem) / max(1e-30, sum(work_s)), local)
     core = tl.step + (SERIAL[("deepspeed_zero3" if s.stage == "zero3" else "deepspeed")] * tl.overlapped if s.ds else 0.0)
     comm_s = _comm_time(s, gpu, wire, w)
-    exposed = comm_s if (s.ds and s.stage != "zero3") else max(0.0, comm_s - OVERLAP * gpu_s)
+    exposed = comm_s if (s.ds and s.stage != "zero3") else comm_s - COMM_HIDDEN * min(comm_s, gpu_s)
     offload = _offload_time(s, gpu, r)
     core += flush * r.host_fit
     total = core + exposed + offload
