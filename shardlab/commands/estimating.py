@@ -30,13 +30,41 @@ def _model_json(spec) -> dict:
             "flops_per_token": flops_per_token(spec)}
 
 
+def _traced(plan, spec, gpu, cal):
+    """estimate(method="trace"), its step's failure outside the model's code (trace.TraceFailed) as bad input:
+    an estimate that cannot be made is a message and exit 2, not a traceback. What the step prints is held
+    back until it ends: FSDP1's failed checks (torch.distributed.utils._p_assert) print their message and
+    the stack before raising, which the message replaces; otherwise it is written out as it came."""
+    import contextlib
+    import io
+    import sys
+
+    from shardlab.estimate import estimate
+    from shardlab.estimate.trace import TraceFailed
+    from shardlab.plan import bad_input
+
+    out, err = io.StringIO(), io.StringIO()
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            return estimate(plan, spec, gpu=gpu, method="trace", calibration=cal)
+    except TraceFailed as e:
+        out, err = io.StringIO(), io.StringIO()  # the message replaces what the failing check printed
+        raise bad_input("--trace", str(e)) from None
+    finally:
+        sys.stdout.write(out.getvalue())
+        sys.stderr.write(err.getvalue())
+
+
 def cmd_estimate(a) -> int:
     from shardlab.estimate import estimate
 
     plan = load_plan(plan_arg(a.plan))
     spec = model_arg(a)
     cal = False if a.calibration == "none" else a.calibration
-    est = estimate(plan, spec, gpu=a.gpu, method="trace" if getattr(a, "trace", False) else "analytic", calibration=cal)
+    if getattr(a, "trace", False):
+        est = _traced(plan, spec, a.gpu, cal)
+    else:
+        est = estimate(plan, spec, gpu=a.gpu, calibration=cal)
     say_assumed(plan)
     if a.json:
         out = est.to_dict()
