@@ -224,17 +224,23 @@ class LiveBytes:
 
 @contextlib.contextmanager
 def fake_process_group(world_size: int):
-    """An in-process fake process group of `world_size` ranks (this process is rank 0)."""
+    """An in-process fake process group of `world_size` ranks (this process is rank 0). init_process_group
+    installs an excepthook that prefixes "[rank0]:" to every line of an uncaught traceback and
+    destroy_process_group leaves it: the process's own hook is put back."""
+    import sys
+
     import torch.distributed as dist
     from torch.testing._internal.distributed.fake_pg import FakeStore
 
     if dist.is_initialized():
         dist.destroy_process_group()
+    hook = sys.excepthook
     dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=world_size)
     try:
         yield
     finally:
         dist.destroy_process_group()
+        sys.excepthook = hook
 
 
 @contextlib.contextmanager
