@@ -169,6 +169,8 @@ DS_NORM_UNITS_PER_PARAM = DS_NORM_KERNELS_PER_PARAM * 45.5e-6 / DEFAULT_LAUNCH_S
 # they ran: their host cost is over-predicted, whatever the overlap. The H200 rows' median share is ~1.0
 # (host and GPU add); 0.55 stays as the minimax. A GPU run to settle it: benchmarks/ds_host_probe.py (the
 # step's synchronisations with their Python origin) on one plan repeated on two hosts.
+# Since session 21 the ZeRO-0/1 share applies only where the GPU's work outlasts the host's (steptime._serial_share:
+# the profiled host-bound steps ran at their host's time).
 SERIAL = {"deepspeed": 0.27, "deepspeed_zero3": 0.55}
 # ZeRO-2 with the optimizer offloaded and gradients accumulated (micro-steps > 1): every micro-step, each
 # parameter's gradient goes through stage_1_and_2.py's async_accumulate_grad_in_cpu_via_gpu, which first
