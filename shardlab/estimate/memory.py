@@ -115,7 +115,10 @@ def _fsdp(plan: Plan, s: Setup) -> dict:
         at_loss = gathered if s.framework == "fsdp2" else 0
     else:
         gathered = s.P * (root + (1 + depth) * block)
-        at_loss = 0  # every unit (the root too) is resharded after forward and gathered again in backward
+        # FSDP2 (reshard_after_forward=True, runner and exported code) reshards every unit after forward, the root
+        # too; FSDP1 never reshards the root after forward (_runtime_utils._post_forward_reshard: not for the root
+        # handle), so its gathered copy is alive at the loss
+        at_loss = s.P * root if s.framework == "fsdp1" else 0
     reduce_buf = s.R * max(root, block) if stage != "ddp" or s.R != 4 else 0
     step = 4 * local if s.opt_bytes else 0  # foreach Adam: one fp32 temporary per parameter
     notes = {
