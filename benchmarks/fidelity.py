@@ -380,12 +380,27 @@ W2_CONFIGS = [
     C("tinyllama", "fsdp1", "zero3", mb=2, ga=2, ac=True, g=2), C("gpt760", "deepspeed", "ddp", mb=4, g=2),
     C("gpt1.3b", "deepspeed", "zero2", mb=4, off="opt", g=2), C("hf-qwen25", "fsdp1", "zero3", mb=2, g=2),
 ]
+# the unseen set of session 21 (--set new9, numbered from 1501): written down 2026-12-04 15:35 UTC, before it ran, with
+# 752f029's step model (DeepSpeed ZeRO-0/1's serial share only where the GPU outlasts the host); shapes no set had
+MODELS.update({
+    "llama2048x24": {"name": "llama2048x24", "family": "llama", "layers": 24, "hidden": 2048, "heads": 16, "kv_heads": 8,
+                     "ffn_hidden": 5632, "vocab": 32000, "seq_len": 2048},
+    "gpt1024x24": {"name": "gpt1024x24", "family": "gpt", "layers": 24, "hidden": 1024, "heads": 16, "vocab": 50257, "seq_len": 1024},
+    "hf-qwen2-d": "hf:qwen2 hidden_size=1024 intermediate_size=2816 num_hidden_layers=20 num_attention_heads=16 "
+                  "num_key_value_heads=4 vocab_size=151936 seq_len=2048",
+})
+NEW9_CONFIGS = [
+    C("llama2048x24", "deepspeed", "zero1", mb=2), C("gpt1024x24", "deepspeed", "ddp", mb=4),
+    C("hf-qwen2-d", "deepspeed", "zero1", mb=4, ga=2), C("gpt760", "deepspeed", "zero2", mb=2),
+    C("gpt350", "deepspeed", "zero1", "fp32", mb=2), C("llama2048x24", "fsdp2", "zero3", mb=2, ac=True),
+    C("gpt1024x24", "fsdp1", "zero2", mb=8), C("gpt1.3b", "deepspeed", "zero3", mb=2, ga=2),
+]
 SETS = {"matrix": (1, CONFIGS), "check": (101, CHECK_CONFIGS), "host": (201, HOST_CONFIGS), "val": (301, VAL_CONFIGS),
         "hf": (401, HF_CONFIGS), "held": (501, HELD_CONFIGS),
         "res": (601, RES_CONFIGS), "new": (701, NEW_CONFIGS),
         "new3": (801, NEW3_CONFIGS), "new4": (901, NEW4_CONFIGS), "new5": (1001, NEW5_CONFIGS),
         "new6": (1101, NEW6_CONFIGS), "new7": (1201, NEW7_CONFIGS), "new8": (1301, NEW8_CONFIGS),
-        "w2": (1401, W2_CONFIGS)}
+        "w2": (1401, W2_CONFIGS), "new9": (1501, NEW9_CONFIGS)}
 KEYS = ("model", "framework", "sharding", "precision", "micro_batch_size", "grad_accum_steps", "activation_checkpointing",
         "offload", "compile", "hf", "low_memory_init", "gpus_per_node")
 
