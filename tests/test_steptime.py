@@ -536,3 +536,28 @@ def test_host_units_price_the_measured_host_of_seventeen_models():
     assert len(errs) == 17
     assert statistics.median(abs(e) for e in errs.values()) <= 0.08, errs
     assert max(abs(e) for e in errs.values()) <= 0.30, errs
+
+
+def test_collective_rates_match_the_two_gpu_probe():
+    """steptime's collective price (NCCL_BUS_EFF of the table's link rate, COLLECTIVE_LATENCY_S per call) against
+    what NCCL measured between the two H200s (benchmarks/collective_probe.py, results/collectives_h200x2.json): the
+    gather and the scatter within 12% at every size from 4 MiB, all_reduce (priced at the same rate, 0.71 measured)
+    no more than 35% slow. A constant changed without a new measurement fails here."""
+    from shardlab.estimate.gpus import get_gpu
+    from shardlab.estimate.steptime import COLLECTIVE_LATENCY_S, NCCL_BUS_EFF
+
+    probe = json.loads((RESULTS / "collectives_h200x2.json").read_text())
+    n, link = probe["world_size"], get_gpu("h200").intra_node_bw * NCCL_BUS_EFF
+    checked = 0
+    for row in probe["rows"]:
+        if row["payload_bytes"] < 4 * 2**20:
+            continue  # 1 MiB: latency alone, within the 62 us by 10%
+        ring = (2 if row["collective"] == "all_reduce" else 1) * (n - 1) / n
+        predicted = COLLECTIVE_LATENCY_S["intra"] + ring * row["payload_bytes"] / link
+        ratio = predicted / row["time_s"]
+        if row["collective"] == "all_reduce":
+            assert 0.9 <= ratio <= 1.35, (row, ratio)
+        else:
+            assert abs(ratio - 1) <= 0.12, (row, ratio)
+        checked += 1
+    assert checked == 15
