@@ -561,3 +561,42 @@ def test_collective_rates_match_the_two_gpu_probe():
             assert abs(ratio - 1) <= 0.12, (row, ratio)
         checked += 1
     assert checked == 15
+
+
+def test_collbench_fit_recovers_the_probes_latency_and_rate():
+    """collbench.fit over the two H200s' recorded timings: the latency and rate steptime's defaults name."""
+    from shardlab.estimate.collbench import fit
+
+    probe = json.loads((RESULTS / "collectives_h200x2.json").read_text())
+    f = fit(probe["rows"], probe["world_size"])
+    assert 55e-6 <= f["latency_s"] <= 70e-6 and 265e9 <= f["bus_bytes_per_s"] <= 290e9, f
+
+
+def test_a_calibrated_collective_rate_prices_the_collectives():
+    """A calibration carrying this host's collective latency and rate (calibrate on two or more GPUs) replaces the
+    defaults in the step's communication; one without them keeps the defaults."""
+    cal = json.loads((RESULTS / "calibration_h200_w2.json").read_text())
+    plan = Plan.model_validate({"framework": "fsdp2", "sharding": "zero3", "topology": {"gpus_per_node": 8}})
+    base = estimate(plan, "gpt-1.3b", "h200", calibration=cal).time["comm_s"]
+    slow = {**cal, "rates": {**cal["rates"], "nccl_latency_s": 62e-6, "nccl_bus_bytes_per_s": 100e9}}
+    fast = {**cal, "rates": {**cal["rates"], "nccl_latency_s": 1e-6, "nccl_bus_bytes_per_s": 1e12}}
+    t_slow = estimate(plan, "gpt-1.3b", "h200", calibration=slow).time["comm_s"]
+    t_fast = estimate(plan, "gpt-1.3b", "h200", calibration=fast).time["comm_s"]
+    assert t_fast < base < t_slow
+    assert t_slow / base == pytest.approx(0.61 * 450 / 100, rel=0.25)  # the wire bytes dominate at this size
+
+
+def test_collbench_runs_on_cpu_processes_and_a_timeout_leaves_none():
+    """The torchrun worker on two CPU processes (gloo) gives every collective at every size asked for; a run cut
+    short by its timeout raises and leaves no process behind."""
+    import psutil
+
+    from shardlab.estimate.collbench import measure
+
+    info = measure(2, "cpu", max_mib=4)
+    assert info["world_size"] == 2 and len(info["rows"]) == 6 and all(r["time_s"] > 0 for r in info["rows"])
+    assert info["fit"] is None or info["fit"]["bus_bytes_per_s"] > 0  # CPU timings may be too noisy to fit
+    with pytest.raises(RuntimeError, match="stopped"):
+        measure(2, "cpu", timeout_s=0.5)
+    left = [p for p in psutil.process_iter(["cmdline"]) if "shardlab.estimate.collbench" in " ".join(p.info["cmdline"] or [])]
+    assert not left, left

@@ -169,6 +169,7 @@ def rates_from(cal: dict, where: str = "") -> Rates:
         gpu_scale=r.get("gpu_scale", 1.0), host_fit=r.get("host_fit", 1.0), calibrated=True,
         ds3_hook_scale=host.get("ds3_hook_scale", 1.0), ds12_hook_scale=host.get("ds12_hook_scale", 1.0),
         torch_cpu_adam=r.get("torch_cpu_adam_params_per_s"),
+        nccl_latency_s=r.get("nccl_latency_s"), nccl_bus_bytes_per_s=r.get("nccl_bus_bytes_per_s"),
         source=f"calibration {cal['key'].get('gpu')} ({cal.get('source', 'microbench')}, {cal.get('date', '?')}){' ' + where if where else ''}")
 
 
@@ -368,6 +369,10 @@ def cli_calibrate(a) -> int:
               + ("" if APPLY_MICROBENCH_HOST else " (the unit applied, the FSDP2 unit recorded only: `calibrate --from-runs` fits the host from real steps)"))
         if r.get("torch_cpu_adam_params_per_s"):
             print(f"  CPU AdamW (FSDP's CPU offload): {r['torch_cpu_adam_params_per_s'] / 1e9:.2f}e9 parameters/s on {cal['microbench']['cpu_adam'].get('threads')} threads")
+        if r.get("nccl_bus_bytes_per_s"):
+            n = (cal["microbench"].get("collectives") or {}).get("world_size")
+            print(f"  collectives between {n} GPUs: {r['nccl_latency_s'] * 1e6:.0f} us + wire bytes at {r['nccl_bus_bytes_per_s'] / 1e9:.0f} GB/s"
+                  " (all_gather / reduce_scatter fitted)")
         for k, v in (cal["microbench"].get("errors") or {}).items():
             print(f"  {k} failed (default kept): {v}")
         print(f"wrote {path} in {time.perf_counter() - t0:.1f} s")

@@ -302,6 +302,18 @@ def _fsdp2_units(spec, per_step, plain: float, w) -> dict:
     return {"fsdp2_step_s": step, "fsdp_unit_s": max(0.0, step - plain) / w.units}
 
 
+def collectives(max_gpus: int = 8) -> dict:
+    """The collectives between this host's GPUs (collbench.py), where it has two or more; {} where it has one."""
+    import torch
+
+    n = min(torch.cuda.device_count(), max_gpus)
+    if n < 2:
+        return {}
+    from .collbench import measure as measure_collectives
+
+    return measure_collectives(n)
+
+
 def measure(gpu=None) -> dict:
     """Run every measurement on the current CUDA device; return a calibration dict (see calibrate.py)."""
     import torch
@@ -330,12 +342,16 @@ def measure(gpu=None) -> dict:
 
     mm, at, bw, hs = attempt(matmuls, g), attempt(attention, g), attempt(bandwidth, g), attempt(host)
     ca = attempt(cpu_adam)
+    co = attempt(collectives)
     rates = fit_rates(mm.get("points", []), at.get("points", []))
     rates.update({k: v for k, v in (("hbm_eff", bw.get("hbm_eff")), ("launch_s", hs.get("launch_s")),
                                     ("fsdp_unit_s", hs.get("fsdp_unit_s")), ("ds3_hook_scale", hs.get("ds3_hook_scale")),
                                     ("ds12_hook_scale", hs.get("ds12_hook_scale")),
-                                    ("torch_cpu_adam_params_per_s", ca.get("torch_cpu_adam_params_per_s"))) if v is not None})
+                                    ("torch_cpu_adam_params_per_s", ca.get("torch_cpu_adam_params_per_s")),
+                                    ("nccl_latency_s", (co.get("fit") or {}).get("latency_s")),
+                                    ("nccl_bus_bytes_per_s", (co.get("fit") or {}).get("bus_bytes_per_s"))) if v is not None})
     return {"version": VERSION, "key": key_for(g.name),
             "device_name": name, "source": "microbench", "date": time.strftime("%Y-%m-%d"), "rates": rates,
             "microbench": {"matmul": mm.get("points"), "attention": at.get("points"), "hbm_bytes_per_s": bw.get("hbm_bytes_per_s"),
-                           "host": hs, "cpu_adam": ca, "errors": errors, "seconds": time.perf_counter() - t0}}
+                           "host": hs, "cpu_adam": ca, "collectives": co or None, "errors": errors,
+                           "seconds": time.perf_counter() - t0}}

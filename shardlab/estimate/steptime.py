@@ -86,6 +86,7 @@ COMPILE_MEM = 0.5
 # within 10% at every size), 0.61 of the data sheet's 450 GB/s per direction that gpus.py's intra_node_bw holds;
 # all_reduce reaches 320 GB/s (0.71). NCCL_BUS_EFF is the gather's and scatter's share, the collectives FSDP and
 # ZeRO-3 run. Not measured across nodes (no such machine is lent): the NIC rate and the same latency stand there.
+# `shardlab calibrate` on a host with two or more GPUs times its own (collbench.py; Rates.nccl_*), which replace both.
 NCCL_BUS_EFF = 0.61
 COLLECTIVE_LATENCY_S = {"intra": 62e-6, "inter": 62e-6}
 # COMM_HIDDEN: the share of FSDP's and ZeRO-3's collectives that their prefetch hides behind the GPU's work. Measured
@@ -176,6 +177,10 @@ class Rates:
     ds3_hook_scale: float = 1.0  # DeepSpeed's hooks timed on this host (calibrate) over DS3_* / DS12_PARAM_S
     ds12_hook_scale: float = 1.0
     torch_cpu_adam: float | None = None  # torch's AdamW on this host's CPU, parameters/s (calibrate); None: TORCH_CPU_ADAM_PARAMS_PER_S
+    # collectives between this host's GPUs (calibrate on two or more GPUs, collbench.py); None: COLLECTIVE_LATENCY_S
+    # and NCCL_BUS_EFF x the table's intra_node_bw
+    nccl_latency_s: float | None = None
+    nccl_bus_bytes_per_s: float | None = None
     calibrated: bool = False
     source: str = "defaults (GPU table data sheet, documented efficiencies)"
 
@@ -297,15 +302,17 @@ def _timeline(plan: Plan, s: Setup, w: Work, r: Rates, gpu: GPU, work_s: tuple[f
     return simulate(step_segments(plan, s, w, r, ph, step_b / hbm * r.gpu_scale, KERNEL_FLOOR_S))
 
 
-def _comm_time(s: Setup, gpu: GPU, wire: dict, w: Work) -> float:
-    """The collectives' seconds per optimizer step: wire bytes at NCCL's measured share of the link, plus a latency
-    per call: FSDP calls per unit (ZeRO-3: gather forward and backward, scatter; ZeRO-2: one gather, the scatter;
-    NO_SHARD / replicate: the all-reduce), DeepSpeed ZeRO-3 likewise per module, ZeRO-1/2 and DDP per bucket."""
-    t = wire["intra_node"] / (gpu.intra_node_bw * NCCL_BUS_EFF) + wire["inter_node"] / gpu.inter_node_bw
+def _comm_time(s: Setup, gpu: GPU, wire: dict, w: Work, r: Rates) -> float:
+    """The collectives' seconds per optimizer step: wire bytes at NCCL's measured share of the link (this host's own
+    rate where calibrate timed it), plus a latency per call: FSDP calls per unit (ZeRO-3: gather forward and
+    backward, scatter; ZeRO-2: one gather, the scatter; NO_SHARD / replicate: the all-reduce), DeepSpeed ZeRO-3
+    likewise per module, ZeRO-1/2 and DDP per bucket."""
+    intra = r.nccl_bus_bytes_per_s or gpu.intra_node_bw * NCCL_BUS_EFF
+    t = wire["intra_node"] / intra + wire["inter_node"] / gpu.inter_node_bw
     if s.world > 1:
         calls = {"zero3": 3, "hybrid": 3, "zero2": 2}.get(s.stage, 1)
         per_micro = calls * w.units if (not s.ds or s.stage == "zero3") else max(1, w.units // 4)
-        lat = COLLECTIVE_LATENCY_S["inter" if s.nodes > 1 else "intra"]
+        lat = COLLECTIVE_LATENCY_S["inter"] if s.nodes > 1 else (r.nccl_latency_s or COLLECTIVE_LATENCY_S["intra"])
         t += per_micro * s.micro_steps * lat
     return t
 
@@ -396,7 +403,7 @@ def step_time(plan: Plan, s: Setup, gpu: GPU, wire: dict, rates: Rates | None = 
     host_s = host_time(plan, s, w, r)
     tl = _timeline(plan, s, w, r, gpu, work_s, (mm + attn + mem) / max(1e-30, sum(work_s)), local)
     core = tl.step + _serial_share(s, tl) * tl.overlapped
-    comm_s = _comm_time(s, gpu, wire, w)
+    comm_s = _comm_time(s, gpu, wire, w, r)
     exposed = comm_s if (s.ds and s.stage != "zero3") else comm_s - COMM_HIDDEN * min(comm_s, gpu_s)
     offload = _offload_time(s, gpu, r)
     core += flush * r.host_fit
