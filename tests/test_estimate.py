@@ -429,3 +429,15 @@ def test_estimate_refuses_a_plan_with_errors():
 
     with pytest.raises(PlanError, match="micro_batch_size=0"):
         estimate(plan_from_dict({"micro_batch_size": 0}, check=False), "gpt-tiny")
+
+
+def test_an_mfu_over_100_percent_says_why():
+    """At a sequence length where attention is nearly all the work, the model-FLOPs convention (the whole score
+    matrix, as torchtitan counts it) passes the causal kernel's half: the summary says so beside the figure."""
+    from shardlab.models import ModelSpec
+
+    long = ModelSpec("long", 2, 256, 4, 1000, 2_000_000, kv_heads=4, ffn_hidden=512, family="llama")
+    est = estimate(plan_from_dict({}), long, "h200")
+    assert est.time["mfu"] > 1
+    assert "MFU over 100%" in est.summary()
+    assert "MFU over 100%" not in estimate(plan_from_dict({}), "gpt-125m", "h200").summary()

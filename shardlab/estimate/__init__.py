@@ -129,7 +129,10 @@ class Estimate:
                      "allocator gives its cache back and makes it again every step (stepsim.capped_churn)"]
                     if t["detail"].get("allocator_flush_s") else []),
                   f"  {cal}",
-                  f"  {t['tokens_per_s']:,.0f} tokens/s per GPU, {t['tflops']:.0f} TFLOPS per GPU, MFU {t['mfu']:.1%}"]
+                  f"  {t['tokens_per_s']:,.0f} tokens/s per GPU, {t['tflops']:.0f} TFLOPS per GPU, MFU {t['mfu']:.1%}",
+                  *(["  (MFU over 100%: model FLOPs count attention's whole T x T score matrix, as torchtitan does, while a "
+                     "causal kernel computes half of it; at this sequence length attention is most of the work)"]
+                    if t["mfu"] > 1 else [])]
         lines += [f"note: {f}" for f in self.flags]
         return "\n".join(lines)
 
