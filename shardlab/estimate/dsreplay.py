@@ -138,6 +138,13 @@ class DSStep(_Step):
             self.sim.allocs([self.fetched[k] for k, _ in self.fetch], [n for _, n in self.fetch], FETCH_STREAM)
         super()._forward(mb)
 
+    def _copy_in(self, key, unit: int) -> None:
+        """ZeRO-3 over several ranks: each module's parameters are gathered into a new flat tensor made on the
+        coordinator's allgather stream (partitioned_param_coordinator.py __all_gather_params_ runs
+        all_gather_coalesced under `stream(self.__allgather_stream)`; partition_parameters.py _all_gather_dtype
+        makes `flat_tensor` there), so they come from that stream's pool, not the compute stream's."""
+        self.sim.alloc(key, self.r.P * unit, FETCH_STREAM)
+
     # parameters of a backward unit (stepsim's _backward names them by key): the range of their indices
     def _unit_params(self, key) -> range:
         d = self.d
