@@ -600,3 +600,19 @@ def test_collbench_runs_on_cpu_processes_and_a_timeout_leaves_none():
         measure(2, "cpu", timeout_s=0.5)
     left = [p for p in psutil.process_iter(["cmdline"]) if "shardlab.estimate.collbench" in " ".join(p.info["cmdline"] or [])]
     assert not left, left
+
+
+@pytest.mark.parametrize("bad", [-5.0, 0.0, float("nan")])
+def test_a_calibration_with_a_rate_not_above_zero_is_refused(bad, tmp_path):
+    """A hand-edited calibration whose rate is zero, negative or not a number would give negative or infinite
+    times: refused as bad input, from a file and from a dict alike."""
+    from shardlab.plan import PlanError
+
+    cal = json.loads((RESULTS / "calibration_h200_w2.json").read_text())
+    cal["rates"]["nccl_bus_bytes_per_s"] = bad
+    with pytest.raises(PlanError, match="finite positive"):
+        estimate(Plan(), "gpt-125m", "h200", calibration=cal)
+    f = tmp_path / "cal.json"
+    f.write_text(json.dumps(cal))
+    with pytest.raises(PlanError, match="finite positive"):
+        estimate(Plan(), "gpt-125m", "h200", calibration=str(f))

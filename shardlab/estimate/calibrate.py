@@ -86,15 +86,15 @@ def load(path: str | Path) -> dict:
     except (ValueError, RecursionError) as e:
         raise bad_input("calibration", f"calibration={label(str(path))} could not be read as JSON ({label(str(e))}). Give a file written by `shardlab calibrate`, or none.") from None
     if not isinstance(cal, dict) or not isinstance(cal.get("key"), dict) or not _rates_ok(cal.get("rates")):
-        raise bad_input("calibration", f"calibration={label(str(path))} is not a shardlab calibration (a 'key' mapping and 'rates' of finite numbers). Run `shardlab calibrate` to make one.")
+        raise bad_input("calibration", f"calibration={label(str(path))} is not a shardlab calibration (a 'key' mapping and 'rates' of finite positive numbers). Run `shardlab calibrate` to make one.")
     return cal
 
 
 def _rates_ok(rates) -> bool:
     import math
 
-    def num(v) -> bool:
-        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    def num(v) -> bool:  # every rate is an efficiency, a time, a rate or a scale: finite and above zero
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0
 
     return isinstance(rates, dict) and all(
         num(v) or (isinstance(v, dict) and all(isinstance(k, str) and num(x) for k, x in v.items())) for v in rates.values())
@@ -186,6 +186,11 @@ def rates_for(gpu: GPU, calibration=None) -> Rates:
         raise bad_input("calibration", f"calibration={short(calibration)} is not a calibration. Give a file or folder written by "
                         "`shardlab calibrate`, its contents as a dict, None / True (this machine's, if any) or False (none).")
     if isinstance(calibration, dict):
+        if not isinstance(calibration.get("key"), dict) or not _rates_ok(calibration.get("rates")):
+            from shardlab.plan import bad_input
+
+            raise bad_input("calibration", "this dict is not a shardlab calibration (a 'key' mapping and 'rates' of finite positive "
+                            "numbers, as `shardlab calibrate` writes). Pass a file or folder it wrote, its contents, or False (none).")
         return rates_from(calibration)
     if isinstance(calibration, (str, Path)):
         from shardlab.plan import bad_input
