@@ -20,39 +20,15 @@ import argparse
 import json
 import os
 import signal
-import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
+
+from .microbench import _seconds_per
 
 SIZES_MIB = (1, 4, 16, 64, 256, 1024)
 FITTED = ("all_gather", "reduce_scatter")
-
-
-def _timer(device: str):
-    import torch
-
-    if device != "cuda":
-        return time.perf_counter, lambda: None
-
-    def now():
-        torch.cuda.synchronize()
-        return time.perf_counter()
-
-    return now, torch.cuda.synchronize
-
-
-def _median_time(fn, now, reps: int = 20, warm: int = 5) -> float:
-    for _ in range(warm):
-        fn()
-    times = []
-    for _ in range(reps):
-        t = now()
-        fn()
-        times.append(now() - t)
-    return statistics.median(times)
 
 
 def main(argv=None) -> None:
@@ -69,7 +45,7 @@ def main(argv=None) -> None:
     if a.device == "cuda":
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
     dist.init_process_group("nccl" if a.device == "cuda" else "gloo")
-    now, _ = _timer(a.device)
+    sync = torch.cuda.synchronize if a.device == "cuda" else (lambda: None)
     dtype = torch.bfloat16 if a.device == "cuda" else torch.float32  # gloo reduces no bf16
     rows = []
     for mib in (m for m in SIZES_MIB if m <= a.max_mib):
@@ -79,9 +55,9 @@ def main(argv=None) -> None:
         cases = {"all_gather": (lambda f=full, s=shard: dist.all_gather_into_tensor(f, s), (n - 1) / n),
                  "reduce_scatter": (lambda f=full, s=shard: dist.reduce_scatter_tensor(s, f), (n - 1) / n),
                  "all_reduce": (lambda f=full: dist.all_reduce(f), 2 * (n - 1) / n)}
+        nbytes = numel * dtype.itemsize
         for name, (fn, ring) in cases.items():
-            t = _median_time(fn, now)
-            nbytes = numel * dtype.itemsize
+            t = _seconds_per(lambda fn=fn: (fn(), sync()), 20, warm=5)  # each call timed alone, to its end
             rows.append({"collective": name, "payload_bytes": nbytes, "time_s": t, "bus_bytes_per_s": ring * nbytes / t})
     if rank == 0:
         info = {"world_size": n, "device": torch.cuda.get_device_name() if a.device == "cuda" else "cpu",

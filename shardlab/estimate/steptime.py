@@ -315,7 +315,7 @@ def _comm_time(s: Setup, gpu: GPU, wire: dict, w: Work, r: Rates) -> float:
     intra = r.nccl_bus_bytes_per_s or gpu.intra_node_bw * NCCL_BUS_EFF
     t = wire["intra_node"] / intra + wire["inter_node"] / gpu.inter_node_bw
     if s.world > 1:
-        calls = {"zero3": 3, "hybrid": 3, "zero2": 2}.get(s.stage, 1)
+        calls = {"zero3": 3, "zero2": 2}.get(s.stage, 1)  # hybrid is ZeRO-3 here (basis.Setup.stage)
         per_micro = calls * w.units if (not s.ds or s.stage == "zero3") else max(1, w.units // 4)
         lat = COLLECTIVE_LATENCY_S["inter"] if s.nodes > 1 else (r.nccl_latency_s or COLLECTIVE_LATENCY_S["intra"])
         t += per_micro * s.micro_steps * lat
