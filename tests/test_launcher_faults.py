@@ -19,9 +19,10 @@ MANY = 500  # steps: more than a test ever waits for, so the run is still traini
 
 
 def first_step(run) -> int:
-    """Wait until training is under way; return rank 1's pid (from its start event)."""
+    """Wait until every rank has finished a step (one rank's first metrics line is not enough: rank 1 may
+    still be inside its first step); return rank 1's pid (from its start event)."""
     for item in run:
-        if item["type"] == "metrics":
+        if item["type"] == "metrics" and run.steps_done > 0:
             break
         if item["type"] == "status" and item["status"] != "running":
             pytest.fail(f"run ended before its first step: {run.info}")
