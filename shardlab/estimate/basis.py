@@ -161,8 +161,9 @@ def ds3_kept_for_backward(s: Setup) -> int:
     With the whole step's module trace recorded, a module's parameters stay gathered if they are
     used again within stage3_max_reuse_distance elements (partitioned_param_coordinator.py). A
     forward module is reused in backward after about twice the parameters that follow it, so the
-    tail of the model whose 2·(later parameters) < max_reuse_distance stays gathered; capped by
-    stage3_max_live_parameters. Persistent parameters are never released and not counted here.
+    tail of the model whose 2·(later parameters) < max_reuse_distance stays gathered, whatever
+    stage3_max_live_parameters (benchmarks/ds3_gathered.py, its third case). Persistent parameters are never
+    released and not counted here. (At the loss the prefetch gathers more: memory._ds3_states.)
     """
     if not (s.ds and s.stage == "zero3") or s.unknown_units:
         return 0
@@ -177,18 +178,11 @@ def ds3_kept_for_backward(s: Setup) -> int:
             break
         kept += np_
         after += tot
-    return min(kept, DS_MAX_LIVE)
+    return kept
 
 
-def ds_largest_module(s: Setup) -> int:
-    """Largest single parameter DeepSpeed gathers at once (its modules are Linear / Embedding)."""
-    if s.unknown_units:
-        return 0
-    sh = s.shapes
-    return max((a * b for a, b in sh.embed + sh.block + sh.head), default=0)
 
 
 def ring(n: int) -> float:
     """Ring all-gather / reduce-scatter factor: each rank sends and receives (n-1)/n of the buffer."""
     return (n - 1) / n if n > 1 else 0.0
-

@@ -62,7 +62,7 @@ from functools import lru_cache
 from typing import NamedTuple
 
 from .activations import _counted, _hf_llama
-from .basis import DS_ALLREDUCE_SIZE, DS_SUB_GROUP, shard_numel
+from .basis import DS_ALLREDUCE_SIZE, DS_MAX_LIVE, DS_SUB_GROUP, shard_numel
 from .cachesim import AddressSpaceExceeded
 from .stepsim import REDUCE_STREAM, Recipe, _Step, declined, recipe
 
@@ -130,6 +130,11 @@ class DSStep(_Step):
         # ZeRO-3 with the parameters offloaded: each non-persistent parameter's GPU copy, keyed by its index
         self.fetched = [("gp", k) for k in range(len(self.order))]
         self.fetch = [(k, r.P * n) for k, n in enumerate(self.order) if n > d.persistence] if d.off_params else []
+        if r.mode == "reshard":  # ZeRO-3 over several ranks: the tail gathered at the loss (memory._ds3_states)
+            # stays gathered from its forward to its backward: stage3_max_live_parameters elements, the head's first
+            part = lambda ts: sum(n for n in ts if n > d.persistence)  # noqa: E731
+            room = min(sum(part(t) for t in (d.embed, d.head)) + part(d.block) * d.layers, DS_MAX_LIVE) - part(d.head)
+            self.kept_from = d.layers - min(d.layers, max(0, room) // max(1, part(d.block)))
 
     def _forward(self, mb) -> None:
         if self.LAZY_WORKSPACES and ("ws", 0) not in self.sim.live:  # the forward thread's first matmul

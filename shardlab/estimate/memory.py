@@ -23,8 +23,8 @@ activations the peak of what one micro-batch's forward keeps for backward plus t
 buffers    transient working memory alive during forward/backward: gathered units (FSDP: root unit
            + (1 + prefetch) largest blocks; zero2 keeps every unit gathered from forward to backward),
            the unsharded gradient of one unit being reduced, DeepSpeed's contiguous reduce bucket
-           (reduce_bucket_size elements, allocated in full), ZeRO-3's prefetch bucket and the
-           parameters kept gathered by the reuse-distance rule.
+           (reduce_bucket_size elements, allocated in full), and ZeRO-3's parameters gathered at the
+           loss (over several ranks or offloaded: up to stage3_max_live_parameters, _ds3_states).
 step_buffers temporaries of the optimizer step (DeepSpeed's fp32 copy of the gradient partition,
            torch's foreach Adam temporaries); they exist after activations are freed.
 overhead   CUDA_CONTEXT_BYTES (CUDA context, NCCL communicator buffers) plus what the caching
@@ -62,7 +62,7 @@ from shardlab.units import GIB
 
 from .activations import activation_peak, backward_transient, peak_in_a_block, saved_blocks, sdpa_math
 from .allocator import CUDA_CONTEXT_BYTES, FRAGMENTATION, STRANDED, allocator_limit, reserved, stranded
-from .basis import DS_ALLREDUCE_SIZE, DS_MAX_LIVE, DS_SUB_GROUP, Setup, ds3_kept_for_backward, ds_largest_module, fsdp_stage, persistent_numel, shard_numel
+from .basis import DS_ALLREDUCE_SIZE, DS_MAX_LIVE, DS_SUB_GROUP, Setup, ds3_kept_for_backward, fsdp_stage, persistent_numel, shard_numel
 from .dsreplay import ds_replayed_reserved
 from .stepsim import replayed_reserved
 
@@ -180,21 +180,27 @@ def _ds3_states(s: Setup) -> tuple[int, int, int, int, int]:
     params = P * local + P * persistent_numel(s) + (P * shard_numel(s, s.hpz) if s.hpz > 1 else 0)
     # only partitioned (non-persistent) parameters are ever gathered: at most all of them
     partitioned = psi - persistent_numel(s)
-    inflight = min(s.prefetch_bucket, partitioned) + ds_largest_module(s)
-    gathered = P * min(ds3_kept_for_backward(s) + inflight, partitioned)
     if s.shard == 1 and s.offload_params == "none":
         # a partition of one rank is the whole parameter: the "gather" points param.data at its
         # ds_tensor (partition_parameters.py, all_gather_coalesced -> _no_gather_coalesced ->
         # NoGatherHandle), no copy. With parameter offload the partition is copied to the GPU.
         gathered = 0
-    elif s.offload_params != "none":
-        # With parameter offload every partitioned parameter was still gathered at the loss's
-        # peak in all three H200 runs (measured peak - activations - reduce bucket - cuBLAS
-        # workspaces = the whole 16-bit model within 0.01 GiB: #35 llama300, #117 llama65k + AC,
-        # and #36 llama1b + AC, where the reuse-distance rule would release 40% of it: 9.9% under).
-        # Why DeepSpeed's coordinator keeps them is not pinned down in its source; the rule is
-        # the measurement's, and applies up to stage3_max_live_parameters.
-        gathered = P * min(partitioned, DS_MAX_LIVE)
+    else:
+        # Gathered at the loss: up to stage3_max_live_parameters, not the reuse-distance tail. The coordinator
+        # prefetches at every module's fetch, containers included (a block of shardlab's gpt is 9 fetches, each
+        # up to stage3_prefetch_bucket_size elements), so from the second step on (the trace complete) the
+        # prefetch runs ahead of the forward until the gathered elements reach max_live; once it reaches the
+        # backward's entries it marks every parameter still gathered as reused (__most_recent_step_id_param_
+        # fetched_for beyond the release's step: kept), and the forward ends with max_live elements gathered,
+        # the model's tail. Watched on 2 CPU ranks (gloo, DeepSpeed 0.19.8, 12-20-layer gpt and llama, limits
+        # scaled down): gathered at the end of forward = min(partitioned, max_live) plus less than one
+        # parameter (the prefetch's last), whatever the reuse distance (benchmarks/ds3_gathered.py). It fits
+        # the H200 runs: two ranks, #1403 gpt1.3b (reuse tail + prefetch: 0.65 GiB short, -2.2%), and one rank
+        # with the parameters offloaded (copied in, so gathered: #35 llama300, #117 llama65k + AC, #36 llama1b
+        # + AC; the whole 16-bit model within 0.01 GiB, where the reuse-distance rule was 9.9% under).
+        # Where stage3_max_reuse_distance passes twice the tail's size (not with the defaults), the reuse rule keeps
+        # more than that (basis.ds3_kept_for_backward; the third case of ds3_gathered.py).
+        gathered = P * min(partitioned, max(DS_MAX_LIVE, ds3_kept_for_backward(s)))
     return local, params, P * local, _ds_step_copies(s, local), gathered
 
 
@@ -246,7 +252,7 @@ def _deepspeed(plan: Plan, s: Setup) -> dict:
                        f"{P}-byte partitions (ds_tensor) + {persistent_numel(s):,} persistent elements whole") + (
         f" + hpZ secondary partition over {s.hpz}" if s.stage == "zero3" and s.hpz > 1 else "")
     notes["optimizer"] = f"fp32 master ({master} B) + states ({s.opt_bytes} B) x {local:,} elements"
-    notes["buffers"] = (f"reduce bucket {bucket:,} elements" + (f"; gathered {gathered:,} B (prefetch, largest module, kept for backward)" if s.stage == "zero3" else ""))
+    notes["buffers"] = (f"reduce bucket {bucket:,} elements" + (f"; gathered {gathered:,} B at the loss (the prefetch runs ahead up to stage3_max_live_parameters)" if s.stage == "zero3" and gathered else ""))
     cpu = {"params": 0, "grads": 0, "optimizer": 0}
     nvme = {}
     if s.offload_opt in ("cpu", "nvme"):

@@ -188,6 +188,10 @@ class _Step:
         # feed no later request: _step skips them there (zero_grad's, a few hundred per DeepSpeed ddp step)
         self.last = False
         self._block_keys: dict = {}  # micro-batch index -> per block, its keys (_keys)
+        # blocks from this index on stay gathered from their forward to their backward ("reshard" mode only;
+        # none for FSDP, which reshards every block after forward; DeepSpeed ZeRO-3's prefetch keeps the tail:
+        # dsreplay.DSStep)
+        self.kept_from = len(r.blocks)
 
     def _gather(self, unit: int, key, backward: bool = False) -> None:
         if self.r.mode == "reshard" or (self.r.mode == "keep" and not backward):
@@ -234,7 +238,7 @@ class _Step:
             allocs(keys, sizes)  # the saved tensors, then the block output (the next block's input)
             if r.checkpointing:  # only the block input is kept
                 frees(keys[:-1])
-            if r.mode == "reshard":
+            if r.mode == "reshard" and i < self.kept_from:
                 sim.free(("g", i))
 
     def _forward_checkpointed(self, mb) -> None:
@@ -249,7 +253,7 @@ class _Step:
                 batch(sizes, keep={len(sizes) - 1: ("x", mb, i)})
             else:  # the unit first; resharded (freed) at the block's end, or kept
                 keep = {len(sizes): ("x", mb, i)}
-                if r.mode == "keep":
+                if r.mode == "keep" or i >= self.kept_from:
                     keep[0] = ("g", i)
                 batch([gathered[i]] + sizes, keep=keep)
 
@@ -354,7 +358,7 @@ class _Step:
         # (last first), the gradient of its input made in place of the one from above, then the first freed
         sizes = [None, max(saved)] + [None] * len(saved) + [None, self.d_bytes, None]
         for i in reversed(range(len(r.blocks))):
-            if r.mode is not None:  # _gather in backward: "reshard" gathers again
+            if r.mode is not None and i < self.kept_from:  # _gather in backward: "reshard" gathers again
                 self._gather(r.blocks[i], ("g", i), backward=True)
             k = keys[i]
             if r.checkpointing:  # the block's forward again

@@ -1,0 +1,128 @@
+"""What DeepSpeed ZeRO-3 keeps gathered at the loss over several ranks, watched on CPU processes.
+
+memory._ds3_states counts the parameters gathered at the loss as min(partitioned, stage3_max_live_parameters):
+from the second step on, the coordinator's prefetch (made at every module's fetch, containers included) runs
+ahead of the forward until max_live elements are gathered, and marks whatever is still gathered when it reaches
+the backward's entries as reused. This script checks that claim against DeepSpeed itself, on a scale a CPU runs:
+2 ranks over gloo (torchrun), shardlab's gpt or llama of 12-20 narrow layers, the limits scaled down with it.
+For each case it prints the elements gathered (not NOT_AVAILABLE, persistent ones left out) at the end of each
+step's forward next to the estimator's figure. Step 0 records the trace, so nothing is kept there.
+
+    .venv/bin/python benchmarks/ds3_gathered.py            # the cases below, ~10 s each on 2 cores
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+SHAPE = {"layers": 12, "hidden": 64, "heads": 4, "vocab": 1000, "seq_len": 32}
+ZERO = {"stage3_max_reuse_distance": 100_000, "stage3_prefetch_bucket_size": 5000,
+        "stage3_param_persistence_threshold": 100, "stage3_max_live_parameters": 10**9}
+CASES = [  # (shape changes, zero_optimization changes)
+    ({}, {}),
+    ({}, {"stage3_max_live_parameters": 300_000}),
+    ({}, {"stage3_max_reuse_distance": 1_000_000}),
+    ({}, {"stage3_max_live_parameters": 300_000, "stage3_max_reuse_distance": 1_000_000}),
+    ({}, {"stage3_max_live_parameters": 300_000, "stage3_prefetch_bucket_size": 50_000}),
+    ({"layers": 20}, {"stage3_max_live_parameters": 500_000}),
+    ({"family": "llama", "kv_heads": 2, "ffn_hidden": 160}, {"stage3_max_live_parameters": 200_000}),
+]
+STEPS = 3
+
+
+def worker(case: dict, out: str) -> None:
+    """One rank (under torchrun): train STEPS steps, rank 0 writes the gathered elements per step."""
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    import deepspeed
+    import torch
+    import torch.distributed as dist
+    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
+    from shardlab.models import shape_from_dict
+    from shardlab.run.gpt import build_model
+
+    dist.init_process_group("gloo")
+    spec = shape_from_dict(case["shape"])
+    cfg = {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1, "steps_per_print": 1 << 30,
+           "bf16": {"enabled": True}, "optimizer": {"type": "AdamW", "params": {"lr": 1e-4, "torch_adam": True}},
+           "zero_optimization": {"stage": 3, **case["zero"]}}
+    engine, *_ = deepspeed.initialize(model=build_model(spec), config=cfg, dist_init_required=False)
+    gathered = []
+    for _ in range(STEPS):
+        x = torch.randint(0, spec.vocab, (1, spec.seq_len))
+        logits = engine(x)
+        gathered.append(sum(p.ds_numel for p in engine.module.parameters()
+                            if p.ds_status != ZeroParamStatus.NOT_AVAILABLE and not p.ds_persist))
+        loss = torch.nn.functional.cross_entropy(logits.float().view(-1, logits.shape[-1]), x.view(-1))
+        engine.backward(loss)
+        engine.step()
+    if dist.get_rank() == 0:
+        Path(out).write_text(json.dumps(gathered))
+    dist.destroy_process_group()
+
+
+def measured(shape: dict, zero: dict, timeout_s: float = 240) -> list[int]:
+    """Elements gathered at the end of each step's forward, DeepSpeed ZeRO-3 on 2 CPU ranks."""
+    from shardlab.export.launch import RUNNER_ENV
+
+    case = {"shape": {**SHAPE, **shape}, "zero": {**ZERO, **zero}}
+    with tempfile.TemporaryDirectory() as d:
+        out = Path(d) / "gathered.json"
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", __file__,
+               "--worker", json.dumps(case), "--out", str(out)]
+        env = {**os.environ, **RUNNER_ENV, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
+        p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout_s)
+        if p.returncode != 0 or not out.is_file():
+            raise RuntimeError(f"DeepSpeed on 2 CPU ranks failed (exit {p.returncode}): {(p.stdout + p.stderr)[-1500:]}")
+        return json.loads(out.read_text())
+
+
+def predicted(shape: dict, zero: dict) -> tuple[int, int]:
+    """(the estimator's gathered elements at the loss, the largest parameter) for the same model and limits."""
+    import importlib
+    from unittest import mock
+
+    from shardlab.estimate import basis
+    from shardlab.models import shape_from_dict
+    from shardlab.plan import plan_from_dict
+
+    z = {**ZERO, **zero}
+    plan = plan_from_dict({"framework": "deepspeed", "sharding": "zero3", "precision": "bf16", "topology": {"gpus_per_node": 2},
+                           "buckets": {"param_persistence_threshold": z["stage3_param_persistence_threshold"],
+                                       "prefetch_bucket_size": z["stage3_prefetch_bucket_size"]}}, check=False)
+    s = basis.resolve(plan, shape_from_dict({**SHAPE, **shape}))
+    memory = importlib.import_module("shardlab.estimate.memory")  # (the package's `memory` is the function)
+    with mock.patch.object(memory, "DS_MAX_LIVE", z["stage3_max_live_parameters"]), \
+            mock.patch.object(basis, "DS_MAX_REUSE", z["stage3_max_reuse_distance"]):
+        gathered = memory._ds3_states(s)[4]
+    sh = s.shapes
+    return gathered // s.P, max(a * b for a, b in sh.embed + sh.block + sh.head)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--worker", help=argparse.SUPPRESS)
+    ap.add_argument("--out", help=argparse.SUPPRESS)
+    a = ap.parse_args(argv)
+    if a.worker:
+        worker(json.loads(a.worker), a.out)
+        return 0
+    outside = 0
+    for shape, zero in CASES:
+        got = measured(shape, zero)
+        want, largest = predicted(shape, zero)
+        outside += abs(got[-1] - want) > largest
+        print(f"shape {shape or 'base'} zero {zero or 'base'}: gathered per step {got}, estimator {want:,} "
+              f"(off by {got[-1] - want:+,}; largest parameter {largest:,})", flush=True)
+    print(f"{len(CASES) - outside} of {len(CASES)} cases within one parameter of the estimator")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
