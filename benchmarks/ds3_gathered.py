@@ -4,7 +4,8 @@ memory._ds3_states counts the parameters gathered at the loss as min(partitioned
 from the second step on, the coordinator's prefetch (made at every module's fetch, containers included) runs
 ahead of the forward until max_live elements are gathered, and marks whatever is still gathered when it reaches
 the backward's entries as reused. This script checks that claim against DeepSpeed itself, on a scale a CPU runs:
-2 ranks over gloo (torchrun), shardlab's gpt or llama of 12-20 narrow layers, the limits scaled down with it.
+2 ranks over gloo (torchrun), shardlab's gpt or llama of 12-20 narrow layers (one case with activation
+checkpointing, as the runner applies it), the limits scaled down with it.
 For each case it prints the elements gathered (not NOT_AVAILABLE, persistent ones left out) at the end of each
 step's forward next to the estimator's figure. Step 0 records the trace, so nothing is kept there.
 
@@ -24,8 +25,9 @@ from pathlib import Path
 SHAPE = {"layers": 12, "hidden": 64, "heads": 4, "vocab": 1000, "seq_len": 32}
 ZERO = {"stage3_max_reuse_distance": 100_000, "stage3_prefetch_bucket_size": 5000,
         "stage3_param_persistence_threshold": 100, "stage3_max_live_parameters": 10**9}
-CASES = [  # (shape changes, zero_optimization changes)
+CASES = [  # (shape changes, zero_optimization changes[, activation checkpointing])
     ({}, {}),
+    ({}, {"stage3_max_live_parameters": 300_000}, True),
     ({}, {"stage3_max_live_parameters": 300_000}),
     ({}, {"stage3_max_reuse_distance": 1_000_000}),
     ({}, {"stage3_max_live_parameters": 300_000, "stage3_max_reuse_distance": 1_000_000}),
@@ -52,7 +54,12 @@ def worker(case: dict, out: str) -> None:
     cfg = {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1, "steps_per_print": 1 << 30,
            "bf16": {"enabled": True}, "optimizer": {"type": "AdamW", "params": {"lr": 1e-4, "torch_adam": True}},
            "zero_optimization": {"stage": 3, **case["zero"]}}
-    engine, *_ = deepspeed.initialize(model=build_model(spec), config=cfg, dist_init_required=False)
+    model = build_model(spec)
+    if case.get("ac"):  # as the runner does it (frameworks/deepspeed.py apply)
+        from shardlab.frameworks.base import block_classes, set_activation_checkpointing
+
+        set_activation_checkpointing(model, block_classes(model, ("Block",)), True)
+    engine, *_ = deepspeed.initialize(model=model, config=cfg, dist_init_required=False)
     gathered = []
     for _ in range(STEPS):
         x = torch.randint(0, spec.vocab, (1, spec.seq_len))
@@ -67,11 +74,12 @@ def worker(case: dict, out: str) -> None:
     dist.destroy_process_group()
 
 
-def measured(shape: dict, zero: dict, timeout_s: float = 240) -> list[int]:
-    """Elements gathered at the end of each step's forward, DeepSpeed ZeRO-3 on 2 CPU ranks."""
+def measured(shape: dict, zero: dict, ac: bool = False, timeout_s: float = 240) -> list[int]:
+    """Elements gathered at the end of each step's forward, DeepSpeed ZeRO-3 on 2 CPU ranks (ac: with activation
+    checkpointing)."""
     from shardlab.export.launch import RUNNER_ENV
 
-    case = {"shape": {**SHAPE, **shape}, "zero": {**ZERO, **zero}}
+    case = {"shape": {**SHAPE, **shape}, "zero": {**ZERO, **zero}, "ac": ac}
     with tempfile.TemporaryDirectory() as d:
         out = Path(d) / "gathered.json"
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", __file__,
@@ -114,11 +122,11 @@ def main(argv=None) -> int:
         worker(json.loads(a.worker), a.out)
         return 0
     outside = 0
-    for shape, zero in CASES:
-        got = measured(shape, zero)
+    for shape, zero, *ac in CASES:
+        got = measured(shape, zero, bool(ac and ac[0]))
         want, largest = predicted(shape, zero)
         outside += abs(got[-1] - want) > largest
-        print(f"shape {shape or 'base'} zero {zero or 'base'}: gathered per step {got}, estimator {want:,} "
+        print(f"shape {shape or 'base'} zero {zero or 'base'}{' checkpointed' if ac else ''}: gathered per step {got}, estimator {want:,} "
               f"(off by {got[-1] - want:+,}; largest parameter {largest:,})", flush=True)
     print(f"{len(CASES) - outside} of {len(CASES)} cases within one parameter of the estimator")
     return 0
