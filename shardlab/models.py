@@ -207,6 +207,12 @@ def shape_from_dict(data: dict, name: str = "custom") -> ModelSpec:
     vals["layout"] = data.get("layout", "shardlab")
     if vals["hidden"] % vals["heads"]:
         raise bad_input("model.heads", f"model.heads={vals['heads']} must divide model.hidden={vals['hidden']} (head size = hidden / heads).")
+    if vals["family"] == "llama" and vals["hidden"] // vals["heads"] % 2:
+        # rotary embeddings turn pairs of a head's channels (its two halves): an odd head size has no pairs, and the
+        # model's forward fails in every run (found by a random search of shapes through --trace, session 22)
+        raise bad_input("model.heads", f"model.hidden / model.heads = {vals['hidden']} / {vals['heads']} = {vals['hidden'] // vals['heads']} "
+                        "is odd; a llama-family head rotates pairs of channels (RoPE), so its size must be even. Change heads "
+                        "or hidden, or use family: gpt.")
     if vals["heads"] % vals.get("kv_heads", vals["heads"]):
         raise bad_input("model.kv_heads", f"model.kv_heads={vals['kv_heads']} must divide model.heads={vals['heads']} (grouped-query attention).")
     return ModelSpec(**vals)

@@ -105,8 +105,11 @@ def test_model_sizes_and_flags_are_bounded_before_any_work(tmp_path):
     plan.write_text(PLAN)
     shape = tmp_path / "shape.yaml"
     shape.write_text("layers: 1000000000\nhidden: 64\nheads: 4\nvocab: 100\nseq_len: 10\n")
+    odd = tmp_path / "odd_heads.yaml"  # a llama head of 15 channels: RoPE rotates pairs, so every run of it fails
+    odd.write_text("family: llama\nlayers: 2\nhidden: 30\nheads: 2\nvocab: 100\nseq_len: 10\n")
     for flags, says in ((["--params", "1e308"], "beyond what shardlab models"), (["--params", "nan"], "not a finite number"),
-                        (["--model", str(shape)], "model.layers=1000000000 is beyond")):
+                        (["--model", str(shape)], "model.layers=1000000000 is beyond"),
+                        (["--model", str(odd)], "= 15 is odd")):
         rc, err = cli("estimate", str(plan), *flags)
         assert rc == 2 and says in err, err
 
