@@ -10,6 +10,8 @@ For each case it prints the elements gathered (not NOT_AVAILABLE, persistent one
 step's forward next to the estimator's figure. Step 0 records the trace, so nothing is kept there.
 
     .venv/bin/python benchmarks/ds3_gathered.py            # the cases below, ~10 s each on 2 cores
+    .venv/bin/python benchmarks/ds3_gathered.py --volumes  # the all-gathers a step saves (comm.py), against
+                                                           # basis.ds3_never_released
 """
 
 from __future__ import annotations
@@ -60,23 +62,43 @@ def worker(case: dict, out: str) -> None:
 
         set_activation_checkpointing(model, block_classes(model, ("Block",)), True)
     engine, *_ = deepspeed.initialize(model=model, config=cfg, dist_init_required=False)
-    gathered = []
+    # elements all-gathered (NOT_AVAILABLE when asked for), in forward and in backward: the coordinator's own call
+    from deepspeed.runtime.zero.partitioned_param_coordinator import PartitionedParameterCoordinator as Coordinator
+
+    volume, phase = {"forward": 0, "backward": 0}, ["forward"]
+    own = Coordinator._PartitionedParameterCoordinator__all_gather_params_
+
+    def counted(self, params, forward, quantize=False):
+        volume[phase[0]] += sum(p.ds_numel for p in params if p.ds_status == ZeroParamStatus.NOT_AVAILABLE)
+        return own(self, params, forward, quantize)
+
+    Coordinator._PartitionedParameterCoordinator__all_gather_params_ = counted
+    gathered, volumes = [], []
     for _ in range(STEPS):
         x = torch.randint(0, spec.vocab, (1, spec.seq_len))
+        volume.update(forward=0, backward=0)
+        phase[0] = "forward"
         logits = engine(x)
         gathered.append(sum(p.ds_numel for p in engine.module.parameters()
                             if p.ds_status != ZeroParamStatus.NOT_AVAILABLE and not p.ds_persist))
         loss = torch.nn.functional.cross_entropy(logits.float().view(-1, logits.shape[-1]), x.view(-1))
+        phase[0] = "backward"
         engine.backward(loss)
+        volumes.append(dict(volume))
         engine.step()
     if dist.get_rank() == 0:
-        Path(out).write_text(json.dumps(gathered))
+        Path(out).write_text(json.dumps({"gathered": gathered, "volumes": volumes}))
     dist.destroy_process_group()
 
 
 def measured(shape: dict, zero: dict, ac: bool = False, timeout_s: float = 240) -> list[int]:
     """Elements gathered at the end of each step's forward, DeepSpeed ZeRO-3 on 2 CPU ranks (ac: with activation
     checkpointing)."""
+    return _run(shape, zero, ac, timeout_s)["gathered"]
+
+
+def _run(shape: dict, zero: dict, ac: bool = False, timeout_s: float = 240) -> dict:
+    """The worker's record: {"gathered": per step, "volumes": per step {"forward", "backward"} elements all-gathered}."""
     from shardlab.export.launch import RUNNER_ENV
 
     case = {"shape": {**SHAPE, **shape}, "zero": {**ZERO, **zero}, "ac": ac}
@@ -113,13 +135,50 @@ def predicted(shape: dict, zero: dict) -> tuple[int, int]:
     return gathered // s.P, max(a * b for a, b in sh.embed + sh.block + sh.head)
 
 
+VOLUME_CASES = [  # (shape changes, zero_optimization changes): a model under max_live at two prefetch rates, two over it
+    ({}, {}),
+    ({}, {"stage3_prefetch_bucket_size": 50_000}),
+    ({}, {"stage3_max_live_parameters": 300_000}),
+    ({"layers": 20}, {"stage3_max_live_parameters": 500_000}),
+]
+
+
+def never_released(shape: dict, zero: dict) -> tuple[int, int, int]:
+    """(measured, estimated, partitioned) elements gathered in forward and kept to their backward in the last step:
+    measured as 2 x partitioned - the elements the step all-gathered; estimated by basis.ds3_never_released."""
+    from unittest import mock
+
+    from shardlab.estimate import basis
+    from shardlab.models import shape_from_dict
+    from shardlab.plan import plan_from_dict
+
+    z = {**ZERO, **zero}
+    volume = _run(shape, zero)["volumes"][-1]
+    plan = plan_from_dict({"framework": "deepspeed", "sharding": "zero3", "precision": "bf16", "topology": {"gpus_per_node": 2},
+                           "buckets": {"param_persistence_threshold": z["stage3_param_persistence_threshold"],
+                                       "prefetch_bucket_size": z["stage3_prefetch_bucket_size"]}}, check=False)
+    s = basis.resolve(plan, shape_from_dict({**SHAPE, **shape}))
+    partitioned = s.spec.params - basis.persistent_numel(s)
+    with mock.patch.object(basis, "DS_MAX_LIVE", z["stage3_max_live_parameters"]), \
+            mock.patch.object(basis, "DS_MAX_REUSE", z["stage3_max_reuse_distance"]):
+        estimated = basis.ds3_never_released(s)
+    return 2 * partitioned - volume["forward"] - volume["backward"], estimated, partitioned
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--out", help=argparse.SUPPRESS)
+    ap.add_argument("--volumes", action="store_true", help="the elements never released between forward and backward instead")
     a = ap.parse_args(argv)
     if a.worker:
         worker(json.loads(a.worker), a.out)
+        return 0
+    if a.volumes:
+        for shape, zero in VOLUME_CASES:
+            got, want, part = never_released(shape, zero)
+            print(f"shape {shape or 'base'} zero {zero or 'base'}: kept from forward to backward {got:,} of {part:,} "
+                  f"partitioned, estimator {want:,} ({(want - got) / part:+.1%} of the model)", flush=True)
         return 0
     outside = 0
     for shape, zero, *ac in CASES:

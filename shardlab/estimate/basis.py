@@ -155,6 +155,31 @@ def ds3_padded(s: Setup, n: int, *, persistent: bool | None = None) -> int:
     return per(sh.embed + sh.head) + sh.layers * per(sh.block)
 
 
+def ds3_never_released(s: Setup) -> int:
+    """Elements DeepSpeed ZeRO-3 gathers in forward and keeps to their backward, from the second step on: the
+    all-gathers a step saves (a step gathers 2·partitioned minus these; comm.py).
+
+    The coordinator prefetches at every module's fetch, a bucket (stage3_prefetch_bucket_size elements, at least one
+    parameter) each time, so its prefetch runs ahead of the forward `rate` times as fast as the forward uses the
+    parameters: fetches per block (one per Linear, two norms, three containers: shardlab's gpt block 9, llama 10)
+    x the bucket / the block's partitioned elements. When the prefetch reaches the backward's entries, every
+    parameter not yet released is marked as reused and kept: the last 1 - 1/rate of the model, up to
+    stage3_max_live_parameters (what the prefetch may hold; memory._ds3_states: gathered at the loss). The reuse
+    distance rule keeps its own tail besides. Measured on 2 CPU ranks (benchmarks/ds3_gathered.py --volumes,
+    DeepSpeed 0.19.8; the reuse rule alone gave 64,000 in each): a 12-layer gpt of 725,248 partitioned elements at
+    rate 2.25 kept 477,184 (402,915 here), at rate 9.1 625,984 (645,309 here); over max_live 300,000 and 500,000
+    (a 20-layer gpt), 299,520 and 497,920 (max_live here)."""
+    if not (s.ds and s.stage == "zero3") or s.unknown_units:
+        return 0
+    sh, th = s.shapes, s.persistence
+    part = lambda ts: sum(a * b for a, b in ts if a * b > th)  # noqa: E731
+    partitioned, block = part(sh.embed + sh.head) + sh.layers * part(sh.block), part(sh.block)
+    linears = sum(1 for a, b in sh.block if b > 1 and a * b > th)
+    rate = (linears + 5) * max(s.prefetch_bucket, block / max(1, linears)) / max(1, block)
+    ahead = int(partitioned * (1 - 1 / rate)) if rate > 1 else 0
+    return max(ds3_kept_for_backward(s), min(partitioned, DS_MAX_LIVE, ahead))
+
+
 def ds3_kept_for_backward(s: Setup) -> int:
     """Elements DeepSpeed ZeRO-3 does not release after forward, from the second step on.
 

@@ -43,7 +43,7 @@ from __future__ import annotations
 from shardlab.models import wrap_units
 from shardlab.plan import Plan
 
-from .basis import Setup, ds3_kept_for_backward, ds3_padded, ring, shard_numel
+from .basis import Setup, ds3_never_released, ds3_padded, ring, shard_numel
 
 WIRE_KEYS = ("forward_all_gather", "backward_all_gather", "reduce_scatter", "all_reduce", "all_gather_after_step", "all_to_all")
 PAYLOAD_KEYS = ("all_gather", "reduce_scatter", "all_reduce", "broadcast", "all_to_all")
@@ -122,7 +122,7 @@ def _deepspeed(plan: Plan, s: Setup, a: _Acc, k: int, notes: list[str]) -> None:
             notes.append("DeepSpeed ZeRO-1/2 average gradients with all-reduce (use_multi_rank_bucket_allreduce)")
         return
     gathered = ds3_padded(s, N, persistent=False)
-    kept = ds3_kept_for_backward(s)
+    kept = min(ds3_never_released(s), gathered)
     back_share = max(0.0, 1 - kept / gathered) if gathered else 0.0  # share released after forward
     if s.qw:
         a.add("forward_all_gather", None, QWZ_BYTES * gathered, N, True, k)
@@ -148,4 +148,4 @@ def _deepspeed(plan: Plan, s: Setup, a: _Acc, k: int, notes: list[str]) -> None:
         a.add("all_gather_after_step", "all_gather", P * persist, N, True, 1)
         notes.append(f"{persist:,} elements under the persistence threshold stay gathered; re-gathered once after each step")
     if kept:
-        notes.append(f"{kept:,} elements stay gathered from forward to backward (steady state, max_reuse_distance)")
+        notes.append(f"{kept:,} elements stay gathered from forward to backward (steady state: the prefetch runs ahead, up to max_live)")
