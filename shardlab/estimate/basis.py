@@ -187,7 +187,7 @@ def ds3_kept_for_backward(s: Setup) -> int:
     used again within stage3_max_reuse_distance elements (partitioned_param_coordinator.py). A
     forward module is reused in backward after about twice the parameters that follow it, so the
     tail of the model whose 2·(later parameters) < max_reuse_distance stays gathered, whatever
-    stage3_max_live_parameters (benchmarks/ds3_gathered.py, its third case). Persistent parameters are never
+    stage3_max_live_parameters (benchmarks/ds3_gathered.py: its case of reuse 10^6 and max_live 300,000). Persistent parameters are never
     released and not counted here. (At the loss the prefetch gathers more: memory._ds3_states.)
     """
     if not (s.ds and s.stage == "zero3") or s.unknown_units:
@@ -204,8 +204,6 @@ def ds3_kept_for_backward(s: Setup) -> int:
         kept += np_
         after += tot
     return kept
-
-
 
 
 def ring(n: int) -> float:

@@ -199,7 +199,7 @@ def _ds3_states(s: Setup) -> tuple[int, int, int, int, int]:
         # with the parameters offloaded (copied in, so gathered: #35 llama300, #117 llama65k + AC, #36 llama1b
         # + AC; the whole 16-bit model within 0.01 GiB, where the reuse-distance rule was 9.9% under).
         # Where stage3_max_reuse_distance passes twice the tail's size (not with the defaults), the reuse rule keeps
-        # more than that (basis.ds3_kept_for_backward; the third case of ds3_gathered.py).
+        # more than that (basis.ds3_kept_for_backward; ds3_gathered.py's case of reuse 10^6 and max_live 300,000).
         gathered = P * min(partitioned, max(DS_MAX_LIVE, ds3_kept_for_backward(s)))
     return local, params, P * local, _ds_step_copies(s, local), gathered
 
