@@ -32,8 +32,9 @@ accumulation over k micro-batches multiplies the per-micro-batch collectives by 
   partitions are all_gathered. Wire: 2M + M = 3M, not the paper's 2M (which assumes reduce-scatter).
 - DeepSpeed zero3: all_gather in forward and again in backward, reduce_scatter of gradients.
   Parameters at or under the persistence threshold stay whole and are all_gathered once per
-  optimizer step, after the step (stage3.py _post_step); from the second step on, parameters reused within stage3_max_reuse_distance stay gathered after forward (no backward
-  gather). ZeRO++: qwZ gathers int8 weights in forward (half), hpZ gathers backward weights inside
+  optimizer step, after the step (stage3.py _post_step); from the second step on, the parameters the
+  prefetch reaches before their release stay gathered to their backward (no backward gather; up to
+  stage3_max_live_parameters, basis.ds3_never_released). ZeRO++: qwZ gathers int8 weights in forward (half), hpZ gathers backward weights inside
   the hpZ group (intra-node), qgZ replaces the reduce-scatter by int4 all-to-alls (a quarter),
   one inside the node and one across nodes.
 """
