@@ -5,7 +5,8 @@ int / str / none / a[0], huge and non-finite numbers, `!!bool maybe`, alias bomb
 mixed-type keys), mutated real configs (tests/corpus, tests/golden/plans), special files (a FIFO,
 a link to /dev/zero, a folder, a missing path), and corrupt run folders. Each goes through
 `shardlab.cli.main` as `validate`, `import`, `translate`, `estimate` (--params / --model shape file),
-`diff` (when the command exists), or the run store's readers (`runs`, and `load`: the loaders and\nframes behind `report` and the app's Compare tab, without drawing).
+`diff` (when the command exists), random small model shapes through `estimate` (a fifth with `--trace`), or the
+run store's readers (`runs`, and `load`: the loaders and\nframes behind `report` and the app's Compare tab, without drawing).
 
 Counted, per the robustness contract (issue 19): tracebacks (any exception other than the exit 2 of
 bad input, grouped by crash site), hangs (an input taking over 5 s of CPU, or 60 s of wall time
@@ -110,7 +111,7 @@ def _mutate(r: random.Random, data: bytes) -> bytes:
 def make_input(r: random.Random, work: Path) -> tuple[list[str], str]:
     """(argv for shardlab.cli.main, the input's kind)."""
     f = work / r.choice(["in.yaml", "in.json", "in.yml", "in"])
-    kind = r.choices(["bytes", "yaml", "mutated", "special", "store"], [1, 5, 4, 0.3, 0.7])[0]
+    kind = r.choices(["bytes", "yaml", "mutated", "special", "store", "shape"], [1, 5, 4, 0.3, 0.7, 1])[0]
     for p in work.iterdir():
         if p.is_dir() and not p.is_symlink():
             shutil.rmtree(p, ignore_errors=True)
@@ -130,6 +131,16 @@ def make_input(r: random.Random, work: Path) -> tuple[list[str], str]:
             f.symlink_to("/dev/zero")
         elif what == "dir":
             f.mkdir()
+    elif kind == "shape":  # a model shape of valid keys and small, odd values, estimated (a fifth traced: tiny models)
+        plan = work / "plan.yaml"
+        plan.write_text(f"framework: {r.choice(['fsdp1', 'fsdp2', 'deepspeed'])}\nsharding: {r.choice(['ddp', 'zero2', 'zero3'])}\n"
+                        f"precision: {r.choice(['fp32', 'bf16', 'fp16'])}\ntopology: {{gpus_per_node: {r.choice([1, 2, 3])}}}\n")
+        heads = r.choice([1, 2, 3, 4])
+        shape = {"family": r.choice(["gpt", "llama"]), "layers": r.choice([1, 2, 3]), "hidden": r.choice([6, 8, 12, 30, 64]),
+                 "heads": heads, "vocab": r.choice([1, 2, 17, 100]), "seq_len": r.choice([1, 5, 16]),
+                 "kv_heads": r.choice([1, heads, 3]), "ffn_hidden": r.choice([1, 7, 40])}
+        f.write_text(json.dumps({k: v for k, v in shape.items() if r.random() < 0.9}))
+        return ["estimate", str(plan), "--model", str(f)] + (["--trace"] if r.random() < 0.2 else []), kind
     else:  # the store's readers: the `runs` listing, or the loaders behind `report` and the Compare tab
         return [r.choice(["runs", "load"]), str(_store(r, work))], kind
     cmd = r.choice(["validate", "import", "translate", "estimate", "estimate-model", "diff"])
