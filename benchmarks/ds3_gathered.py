@@ -19,9 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 SHAPE = {"layers": 12, "hidden": 64, "heads": 4, "vocab": 1000, "seq_len": 32}
@@ -102,18 +100,11 @@ def measured(shape: dict, zero: dict, ac: bool = False, timeout_s: float = 240) 
 
 def _run(shape: dict, zero: dict, ac: bool = False, timeout_s: float = 240) -> dict:
     """The worker's record: {"gathered": per step, "volumes": per step {"forward", "backward"} elements all-gathered}."""
-    from shardlab.export.launch import RUNNER_ENV
+    from shardlab.estimate.collbench import run_workers
 
     case = {"shape": {**SHAPE, **shape}, "zero": {**ZERO, **zero}, "ac": ac}
-    with tempfile.TemporaryDirectory() as d:
-        out = Path(d) / "gathered.json"
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", __file__,
-               "--worker", json.dumps(case), "--out", str(out)]
-        env = {**os.environ, **RUNNER_ENV, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
-        p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout_s)
-        if p.returncode != 0 or not out.is_file():
-            raise RuntimeError(f"DeepSpeed on 2 CPU ranks failed (exit {p.returncode}): {(p.stdout + p.stderr)[-1500:]}")
-        return json.loads(out.read_text())
+    return run_workers([__file__, "--worker", json.dumps(case)], 2, "DeepSpeed ZeRO-3", timeout_s,
+                       env={"DS_ACCELERATOR": "cpu"}, tail=1500)
 
 
 def predicted(shape: dict, zero: dict) -> tuple[int, int]:

@@ -84,33 +84,39 @@ def fit(rows: list[dict], world_size: int) -> dict:
     return {"latency_s": float(lat), "bus_bytes_per_s": float(1 / per_byte)}
 
 
-def measure(nproc: int, device: str = "cuda", timeout_s: float = 120.0, max_mib: int = SIZES_MIB[-1]) -> dict:
-    """Run the worker on `nproc` local devices; {"world_size", "rows", "fit", ...} (fit None, with fit_error, where
-    the timings do not fit). Raises RuntimeError with the worker's last output when it fails or outlasts timeout_s."""
+def run_workers(target: list[str], nproc: int, what: str, timeout_s: float, env: dict | None = None, tail: int = 400) -> dict:
+    """Run `target` (["-m", module, args...] or [script, args...]) under torchrun on `nproc` local processes, with
+    `--out FILE` added; return the JSON its rank 0 wrote there. torchrun runs in its own process group, so that a
+    timeout ends its workers too (no process is left behind). Raises RuntimeError with the last `tail` characters of
+    the output when the run fails or outlasts timeout_s. (benchmarks/ds3_gathered.py runs DeepSpeed through it.)"""
     from shardlab.export.launch import RUNNER_ENV
 
     with tempfile.TemporaryDirectory() as d:
-        out = Path(d) / "coll.json"
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-               "-m", "shardlab.estimate.collbench", "--out", str(out), "--device", device, "--max-mib", str(max_mib)]
-        env = {**os.environ, **RUNNER_ENV, "OMP_NUM_THREADS": "1"}
-        # its own process group, so that a timeout ends torchrun's workers too (no process is left behind)
-        p = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+        out = Path(d) / "out.json"
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *target, "--out", str(out)]
+        full_env = {**os.environ, **RUNNER_ENV, "OMP_NUM_THREADS": "1", **(env or {})}
+        p = subprocess.Popen(cmd, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
         try:
             log, _ = p.communicate(timeout=timeout_s)
         except subprocess.TimeoutExpired:
             os.killpg(p.pid, signal.SIGKILL)
             p.communicate()
-            raise RuntimeError(f"collectives on {nproc} processes took over {timeout_s:.0f} s; stopped") from None
+            raise RuntimeError(f"{what} on {nproc} processes took over {timeout_s:.0f} s; stopped") from None
         if p.returncode != 0 or not out.is_file():
-            raise RuntimeError(f"collectives on {nproc} processes failed (exit {p.returncode}): {log[-400:]}")
-        info = json.loads(out.read_text())
+            raise RuntimeError(f"{what} on {nproc} processes failed (exit {p.returncode}): {log[-tail:]}")
+        return json.loads(out.read_text())
+
+
+def measure(nproc: int, device: str = "cuda", timeout_s: float = 120.0, max_mib: int = SIZES_MIB[-1]) -> dict:
+    """Run the worker on `nproc` local devices; {"world_size", "rows", "fit", ...} (fit None, with fit_error, where
+    the timings do not fit). Raises RuntimeError with the worker's last output when it fails or outlasts timeout_s."""
+    info = run_workers(["-m", "shardlab.estimate.collbench", "--device", device, "--max-mib", str(max_mib)], nproc,
+                       "collectives", timeout_s)
     try:
         info["fit"] = fit(info["rows"], info["world_size"])
     except ValueError as e:  # timings too noisy for the model (CPU processes): recorded, the defaults stay
         info["fit"], info["fit_error"] = None, str(e)
     return info
-
 
 if __name__ == "__main__":
     main()
