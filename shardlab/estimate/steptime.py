@@ -307,19 +307,18 @@ def _timeline(plan: Plan, s: Setup, w: Work, r: Rates, gpu: GPU, work_s: tuple[f
     return simulate(step_segments(plan, s, w, r, ph, step_b / hbm * r.gpu_scale, KERNEL_FLOOR_S))
 
 
-def _comm_time(s: Setup, gpu: GPU, wire: dict, w: Work, r: Rates) -> float:
-    """The collectives' seconds per optimizer step: wire bytes at NCCL's measured share of the link (this host's own
-    rate where calibrate timed it), plus a latency per call: FSDP calls per unit (ZeRO-3: gather forward and
-    backward, scatter; ZeRO-2: one gather, the scatter; NO_SHARD / replicate: the all-reduce), DeepSpeed ZeRO-3
-    likewise per module, ZeRO-1/2 and DDP per bucket."""
-    intra = r.nccl_bus_bytes_per_s or gpu.intra_node_bw * NCCL_BUS_EFF
-    t = wire["intra_node"] / intra + wire["inter_node"] / gpu.inter_node_bw
+def _comm_time(s: Setup, gpu: GPU, wire: dict, w: Work, r: Rates) -> tuple[float, float]:
+    """The collectives' seconds per optimizer step, as (inside the node with every call's latency, the NIC's bytes):
+    wire bytes at NCCL's measured share of the link (this host's own rate where calibrate timed it), plus a latency
+    per call: FSDP calls per unit (ZeRO-3: gather forward and backward, scatter; ZeRO-2: one gather, the scatter;
+    NO_SHARD / replicate: the all-reduce), DeepSpeed ZeRO-3 likewise per module, ZeRO-1/2 and DDP per bucket."""
+    t = wire["intra_node"] / (r.nccl_bus_bytes_per_s or gpu.intra_node_bw * NCCL_BUS_EFF)
     if s.world > 1:
         calls = {"zero3": 3, "zero2": 2}.get(s.stage, 1)  # hybrid is ZeRO-3 here (basis.Setup.stage)
         per_micro = calls * w.units if (not s.ds or s.stage == "zero3") else max(1, w.units // 4)
         lat = COLLECTIVE_LATENCY_S["inter"] if s.nodes > 1 else (r.nccl_latency_s or COLLECTIVE_LATENCY_S["intra"])
         t += per_micro * s.micro_steps * lat
-    return t
+    return t, wire["inter_node"] / gpu.inter_node_bw
 
 
 def _offload_time(s: Setup, gpu: GPU, r: Rates) -> float:
@@ -408,12 +407,11 @@ def step_time(plan: Plan, s: Setup, gpu: GPU, wire: dict, rates: Rates | None = 
     host_s = host_time(plan, s, w, r)
     tl = _timeline(plan, s, w, r, gpu, work_s, (mm + attn + mem) / max(1e-30, sum(work_s)), local)
     core = tl.step + _serial_share(s, tl) * tl.overlapped
-    comm_s = _comm_time(s, gpu, wire, w, r)
+    intra, inter = _comm_time(s, gpu, wire, w, r)
+    comm_s = intra + inter
     if s.ds and s.stage != "zero3":
         exposed = comm_s
     else:
-        inter = wire["inter_node"] / gpu.inter_node_bw  # the NIC's share of comm_s (_comm_time)
-        intra = comm_s - inter
         exposed = intra - COMM_HIDDEN * min(intra, gpu_s) + max(0.0, inter - INTER_NODE_OVERLAP * gpu_s)
     offload = _offload_time(s, gpu, r)
     core += flush * r.host_fit
