@@ -139,6 +139,20 @@ def persistent_numel(s: Setup) -> int:
     return per(sh.embed + sh.head) + sh.layers * per(sh.block)
 
 
+def ds3_partitioned(shapes, threshold: int) -> int:
+    """DeepSpeed ZeRO-3: elements of the parameters among `shapes` over the persistence threshold (those it
+    partitions and gathers)."""
+    return sum(a * b for a, b in shapes if a * b > threshold)
+
+
+def ds3_gathered_at_loss(s: Setup) -> int:
+    """Elements DeepSpeed ZeRO-3 holds gathered at the loss where a gather makes a copy (several ranks, or the
+    parameters offloaded), from the second step on: up to stage3_max_live_parameters, or the reuse rule's tail where
+    that is larger (basis.ds3_kept_for_backward; not with the defaults). memory._ds3_states says why and how it was
+    watched; dsreplay keeps the same tail gathered from its forward to its backward."""
+    return min(s.spec.params - persistent_numel(s), max(DS_MAX_LIVE, ds3_kept_for_backward(s)))
+
+
 def ds3_padded(s: Setup, n: int, *, persistent: bool | None = None) -> int:
     """Sum over parameters of ceil(numel/n)·n (what one ZeRO-3 gather of them moves), optionally
     only the persistent (True) or only the partitioned (False) ones."""
@@ -172,8 +186,8 @@ def ds3_never_released(s: Setup) -> int:
     if not (s.ds and s.stage == "zero3") or s.unknown_units:
         return 0
     sh, th = s.shapes, s.persistence
-    part = lambda ts: sum(a * b for a, b in ts if a * b > th)  # noqa: E731
-    partitioned, block = part(sh.embed + sh.head) + sh.layers * part(sh.block), part(sh.block)
+    block = ds3_partitioned(sh.block, th)
+    partitioned = ds3_partitioned(sh.embed + sh.head, th) + sh.layers * block
     linears = sum(1 for a, b in sh.block if b > 1 and a * b > th)
     rate = (linears + 5) * max(s.prefetch_bucket, block / max(1, linears)) / max(1, block)
     ahead = int(partitioned * (1 - 1 / rate)) if rate > 1 else 0
@@ -193,10 +207,9 @@ def ds3_kept_for_backward(s: Setup) -> int:
     if not (s.ds and s.stage == "zero3") or s.unknown_units:
         return 0
     sh, th = s.shapes, s.persistence
-    nonp = lambda ts: sum(a * b for a, b in ts if a * b > th)  # noqa: E731
     full = lambda ts: sum(a * b for a, b in ts)  # noqa: E731
     # modules in forward order: embeddings, blocks, head; walk from the end
-    items = [(full(sh.embed), nonp(sh.embed))] + [(full(sh.block), nonp(sh.block))] * sh.layers + [(full(sh.head), nonp(sh.head))]
+    items = [(full(ts), ds3_partitioned(ts, th)) for ts in [sh.embed] + [sh.block] * sh.layers + [sh.head]]
     kept, after = 0, 0
     for tot, np_ in reversed(items):
         if 2 * after >= DS_MAX_REUSE:

@@ -62,7 +62,7 @@ from functools import lru_cache
 from typing import NamedTuple
 
 from .activations import _counted, _hf_llama
-from .basis import DS_ALLREDUCE_SIZE, DS_MAX_LIVE, DS_SUB_GROUP, shard_numel
+from .basis import DS_ALLREDUCE_SIZE, DS_SUB_GROUP, ds3_gathered_at_loss, ds3_partitioned, shard_numel
 from .cachesim import AddressSpaceExceeded
 from .stepsim import REDUCE_STREAM, Recipe, _Step, declined, recipe
 
@@ -89,6 +89,7 @@ class DSRecipe(NamedTuple):
     off_opt: bool = False  # ZeRO-3 offload_optimizer to the CPU (DSStep's offload comment)
     off_params: bool = False  # ZeRO-3 offload_param to the CPU
     persistence: int = 0  # stage3_param_persistence_threshold: parameters this small stay on the GPU whole
+    kept_blocks: int = 0  # ZeRO-3 over several ranks: the last blocks gathered at the loss (basis.ds3_gathered_at_loss)
 
 
 FETCH_STREAM = 2  # ZeRO-3's parameter coordinator copies offloaded parameters in on its allgather stream
@@ -130,11 +131,8 @@ class DSStep(_Step):
         # ZeRO-3 with the parameters offloaded: each non-persistent parameter's GPU copy, keyed by its index
         self.fetched = [("gp", k) for k in range(len(self.order))]
         self.fetch = [(k, r.P * n) for k, n in enumerate(self.order) if n > d.persistence] if d.off_params else []
-        if r.mode == "reshard":  # ZeRO-3 over several ranks: the tail gathered at the loss (memory._ds3_states)
-            # stays gathered from its forward to its backward: stage3_max_live_parameters elements, the head's first
-            part = lambda ts: sum(n for n in ts if n > d.persistence)  # noqa: E731
-            room = min(sum(part(t) for t in (d.embed, d.head)) + part(d.block) * d.layers, DS_MAX_LIVE) - part(d.head)
-            self.kept_from = d.layers - min(d.layers, max(0, room) // max(1, part(d.block)))
+        # ZeRO-3 over several ranks: the tail gathered at the loss stays gathered from its forward to its backward
+        self.kept_from = d.layers - d.kept_blocks
 
     def _forward(self, mb) -> None:
         if self.LAZY_WORKSPACES and ("ws", 0) not in self.sim.live:  # the forward thread's first matmul
@@ -436,14 +434,19 @@ def ds_replayed_reserved(plan, s, workspace: int) -> int | None:
     sh = s.shapes
     numel = lambda ts: tuple(a * b for a, b in ts)  # noqa: E731
     zero3_multi = s.stage == "zero3" and s.shard > 1
-    # ZeRO-3 over several ranks gathers each block's parameters in forward and again in backward
-    # (stepsim's "reshard" gathers); on one rank a partition is the parameter itself (no gather)
+    # ZeRO-3 over several ranks gathers each block's parameters in forward and again in backward (stepsim's "reshard"
+    # gathers), but the last blocks gathered at the loss (after the head) stay from their forward to their backward;
+    # on one rank a partition is the parameter itself (no gather)
+    kept = 0
+    if zero3_multi:
+        room = ds3_gathered_at_loss(s) - ds3_partitioned(sh.head, s.persistence)
+        kept = min(sh.layers, max(0, room) // max(1, ds3_partitioned(sh.block, s.persistence)))
     base = base._replace(mode="reshard" if zero3_multi else None, root=sh.root_numel, head=sum(numel(sh.head)),
                          blocks=(sh.block_numel,) * sh.layers)
     local = s.spec.params if s.stage == "ddp" else shard_numel(s)
     listed = not (_hf_llama(s.spec) or _counted(s.spec))  # stepsim.block_tensors has the block's tensors
     d = DSRecipe(s.stage, s.spec.params, local, s.reduce_bucket, numel(sh.embed), numel(sh.block), sh.layers,
-                 numel(sh.head), listed, off_opt, off_params, s.persistence)
+                 numel(sh.head), listed, off_opt, off_params, s.persistence, kept)
     return _replay(base, d)  # None past the address space: the fitted factor gives the figure
 
 

@@ -62,7 +62,7 @@ from shardlab.units import GIB
 
 from .activations import activation_peak, backward_transient, peak_in_a_block, saved_blocks, sdpa_math
 from .allocator import CUDA_CONTEXT_BYTES, FRAGMENTATION, STRANDED, allocator_limit, reserved, stranded
-from .basis import DS_ALLREDUCE_SIZE, DS_MAX_LIVE, DS_SUB_GROUP, Setup, ds3_kept_for_backward, fsdp_stage, persistent_numel, shard_numel
+from .basis import DS_ALLREDUCE_SIZE, DS_SUB_GROUP, Setup, ds3_gathered_at_loss, fsdp_stage, persistent_numel, shard_numel
 from .dsreplay import ds_replayed_reserved
 from .stepsim import replayed_reserved
 
@@ -174,12 +174,10 @@ def _ds12_backward(s: Setup, bucket: int, head: int, partition: int) -> tuple[in
 def _ds3_states(s: Setup) -> tuple[int, int, int, int, int]:
     """DeepSpeed ZeRO-3 on the GPU: (partition elements, parameter, gradient, step-temporary and
     gathered bytes)."""
-    psi, P = s.spec.params, s.P
+    P = s.P
     local = shard_numel(s)
     # persistent parameters (numel <= threshold) are held whole besides their partition
     params = P * local + P * persistent_numel(s) + (P * shard_numel(s, s.hpz) if s.hpz > 1 else 0)
-    # only partitioned (non-persistent) parameters are ever gathered: at most all of them
-    partitioned = psi - persistent_numel(s)
     if s.shard == 1 and s.offload_params == "none":
         # a partition of one rank is the whole parameter: the "gather" points param.data at its
         # ds_tensor (partition_parameters.py, all_gather_coalesced -> _no_gather_coalesced ->
@@ -199,8 +197,9 @@ def _ds3_states(s: Setup) -> tuple[int, int, int, int, int]:
         # with the parameters offloaded (copied in, so gathered: #35 llama300, #117 llama65k + AC, #36 llama1b
         # + AC; the whole 16-bit model within 0.01 GiB, where the reuse-distance rule was 9.9% under).
         # Where stage3_max_reuse_distance passes twice the tail's size (not with the defaults), the reuse rule keeps
-        # more than that (basis.ds3_kept_for_backward; ds3_gathered.py's case of reuse 10^6 and max_live 300,000).
-        gathered = P * min(partitioned, max(DS_MAX_LIVE, ds3_kept_for_backward(s)))
+        # more than that (basis.ds3_kept_for_backward; ds3_gathered.py's case of reuse 10^6 and max_live 300,000):
+        # basis.ds3_gathered_at_loss, which the reserved replay (dsreplay.py) uses too.
+        gathered = P * ds3_gathered_at_loss(s)
     return local, params, P * local, _ds_step_copies(s, local), gathered
 
 
