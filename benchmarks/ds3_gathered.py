@@ -89,6 +89,13 @@ def worker(case: dict, out: str) -> None:
         engine.step()
     if dist.get_rank() == 0:
         Path(out).write_text(json.dumps({"gathered": gathered, "volumes": volumes}))
+    # the engine torn down while the process group exists, as the runner's Worker.finish does: left to the
+    # interpreter's exit it aborted 5 of 40 runs here ("terminate called without an active exception")
+    import gc
+
+    del engine, logits, loss
+    gc.collect()
+    dist.barrier()
     dist.destroy_process_group()
 
 
@@ -122,7 +129,7 @@ def predicted(shape: dict, zero: dict) -> tuple[int, int]:
                                        "prefetch_bucket_size": z["stage3_prefetch_bucket_size"]}}, check=False)
     s = basis.resolve(plan, shape_from_dict({**SHAPE, **shape}))
     memory = importlib.import_module("shardlab.estimate.memory")  # (the package's `memory` is the function)
-    with mock.patch.object(memory, "DS_MAX_LIVE", z["stage3_max_live_parameters"]), \
+    with mock.patch.object(basis, "DS_MAX_LIVE", z["stage3_max_live_parameters"]), \
             mock.patch.object(basis, "DS_MAX_REUSE", z["stage3_max_reuse_distance"]):
         gathered = memory._ds3_states(s)[4]
     sh = s.shapes
