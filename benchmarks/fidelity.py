@@ -395,12 +395,39 @@ NEW9_CONFIGS = [
     C("gpt350", "deepspeed", "zero1", "fp32", mb=2), C("llama2048x24", "fsdp2", "zero3", mb=2, ac=True),
     C("gpt1024x24", "fsdp1", "zero2", mb=8), C("gpt1.3b", "deepspeed", "zero3", mb=2, ga=2),
 ]
+# the unseen set of session 23 (--set new10, numbered from 1601): written down 2026-12-04 20:40 UTC, before it ran, with
+# the code of session 22 (16a5bb7); transformers types no set had (Granite, StableLM, SmolLM3), a one-KV-head Llama at
+# T=3072, a 14 x 1408 GPT with 11 heads, a 6-layer 1600-wide GPT, a 128k-vocabulary Llama at T=4096
+MODELS.update({
+    "hf-granite": "hf:granite hidden_size=1536 intermediate_size=4096 num_hidden_layers=14 num_attention_heads=12 "
+                  "num_key_value_heads=4 vocab_size=49152 seq_len=2048",
+    "hf-stablelm": "hf:stablelm hidden_size=1280 intermediate_size=3584 num_hidden_layers=16 num_attention_heads=20 "
+                   "num_key_value_heads=20 vocab_size=50304 seq_len=2048",
+    "hf-smollm3": "hf:smollm3 hidden_size=1024 intermediate_size=2816 num_hidden_layers=18 num_attention_heads=16 "
+                  "num_key_value_heads=4 vocab_size=128256 seq_len=3072",
+    "llama1664x18": {"name": "llama1664x18", "family": "llama", "layers": 18, "hidden": 1664, "heads": 13, "kv_heads": 1,
+                     "ffn_hidden": 4480, "vocab": 64000, "seq_len": 3072},
+    "gpt1408x14": {"name": "gpt1408x14", "family": "gpt", "layers": 14, "hidden": 1408, "heads": 11, "vocab": 50257, "seq_len": 2048},
+    "gpt1600x6": {"name": "gpt1600x6", "family": "gpt", "layers": 6, "hidden": 1600, "heads": 25, "vocab": 50257, "seq_len": 1024},
+    "llama1024x12-128k": {"name": "llama1024x12-128k", "family": "llama", "layers": 12, "hidden": 1024, "heads": 8,
+                          "kv_heads": 8, "ffn_hidden": 2816, "vocab": 128256, "seq_len": 4096},
+})
+NEW10_CONFIGS = [
+    C("hf-granite", "fsdp2", "zero3", mb=2), C("hf-granite", "deepspeed", "zero2", mb=2, ga=2),
+    C("hf-stablelm", "fsdp1", "zero3", mb=4, ac=True), C("hf-stablelm", "deepspeed", "zero3", mb=2),
+    C("hf-smollm3", "fsdp2", "zero2", mb=1), C("llama1664x18", "fsdp1", "zero3", mb=2, ac=True),
+    C("llama1664x18", "deepspeed", "zero1", mb=1, ga=4), C("gpt1408x14", "deepspeed", "zero3", mb=4, off="opt"),
+    C("gpt1408x14", "fsdp2", "zero2", "fp16", mb=4, ga=2), C("gpt1600x6", "fsdp2", "ddp", "fp32", mb=8),
+    C("gpt1600x6", "deepspeed", "zero3", "fp16", mb=8), C("llama1024x12-128k", "fsdp2", "zero3", mb=1, comp=True),
+    C("llama1024x12-128k", "deepspeed", "zero2", mb=2, ac=True), C("gpt1408x14", "fsdp1", "ddp", mb=2),
+]
 SETS = {"matrix": (1, CONFIGS), "check": (101, CHECK_CONFIGS), "host": (201, HOST_CONFIGS), "val": (301, VAL_CONFIGS),
         "hf": (401, HF_CONFIGS), "held": (501, HELD_CONFIGS),
         "res": (601, RES_CONFIGS), "new": (701, NEW_CONFIGS),
         "new3": (801, NEW3_CONFIGS), "new4": (901, NEW4_CONFIGS), "new5": (1001, NEW5_CONFIGS),
         "new6": (1101, NEW6_CONFIGS), "new7": (1201, NEW7_CONFIGS), "new8": (1301, NEW8_CONFIGS),
-        "w2": (1401, W2_CONFIGS), "new9": (1501, NEW9_CONFIGS)}
+        "w2": (1401, W2_CONFIGS), "new9": (1501, NEW9_CONFIGS),
+        "new10": (1601, NEW10_CONFIGS)}
 KEYS = ("model", "framework", "sharding", "precision", "micro_batch_size", "grad_accum_steps", "activation_checkpointing",
         "offload", "compile", "hf", "low_memory_init", "gpus_per_node")
 
@@ -449,7 +476,8 @@ TINY_HF = {"hf:llama": _TINY_GQA, "hf:qwen2": _TINY_GQA, "hf:mistral": _TINY_GQA
            "hf:gpt_neox": " hidden_size=64 intermediate_size=160 num_hidden_layers=2 num_attention_heads=4 vocab_size=512 seq_len=64",
            "hf:olmo2": _TINY_GQA, "hf:starcoder2": _TINY_GQA,
            "hf:gpt_bigcode": " n_embd=64 n_layer=2 n_head=4 vocab_size=512 seq_len=64",
-           "hf:bloom": " hidden_size=64 n_layer=2 n_head=4 vocab_size=512 seq_len=64"}
+           "hf:bloom": " hidden_size=64 n_layer=2 n_head=4 vocab_size=512 seq_len=64",
+           "hf:granite": _TINY_GQA, "hf:stablelm": _TINY_GQA, "hf:smollm3": _TINY_GQA + " pad_token_id=0"}
 
 
 def _median(xs):
