@@ -208,6 +208,16 @@ def describe(model, inputs: dict, config=None, *, name: str, source: str | None 
         # EXAONE-4 normalise after attention and after the MLP) keeps what was counted from it instead (_hf_llama);
         # found on the CPU (OLMo-2: layout -5.3%, count -0.8% against the traced step) before H200 #1109 / #1110
         work["llama_layout"] = not {n for n in names if "norm" in n.lower()} - {"input_layernorm", "post_attention_layernorm", "q_norm", "k_norm"}
+        # Two ways a block laid out as Llama's keeps other tensors (activations.py reads both), found on H200 #1604
+        # (StableLM, fidelity_h200_new10.json: the layout +3.5%, the traced step -0.0%): norms that are torch's fused
+        # LayerNorm (no fp32 copy of their input), and a RoPE written for part of each head: it rotates a slice and
+        # joins it to the rest with torch.cat (at any partial_rotary_factor, 1.0 too), which makes q contiguous
+        # head-major, so attention's output must be copied back for the out projection. The models whose config
+        # carries the factor (StableLM, Phi-3, GLM, Persimmon in transformers 5.17) are the ones whose code does this
+        import torch
+
+        work["layer_norm"] = any(isinstance(m, torch.nn.LayerNorm) for m in blocks[0].modules())
+        work["rope_copy"] = hasattr(config, "partial_rotary_factor") or "partial_rotary_factor" in (getattr(config, "rope_parameters", None) or {})
     return ModelSpec(name, **fields, params_override=total, wrap_unit_params=unit, wrap_unit_count=len(blocks),
                      source=source, wrap_cls=cls.__name__ if cls is not None else None, shapes=shapes,
                      layout="transformers" if shape is not None else "shardlab",

@@ -62,12 +62,17 @@ def block_elements(spec, compiled: bool = False) -> int:
     """Elements one block saves for backward per token in the model dtype (see the module docstring)."""
     d, f, kv = spec.hidden, spec.ffn, spec.kv_dim
     if _hf_llama(spec):  # the two norms' 4d; q after RoPE and SDPA's output, each heads x head_dim wide (q_dim)
-        # One fused q/k/v projection (Phi-3) keeps 2q + kv more: measured on the traced step (CPU, fake tensors,
-        # transformers 5.17), linear in the KV width with 2q at zero, the MLP's width not in it; v, a view of the
-        # fused output, keeps that output (q + 2kv) where the separate v_proj's kept kv, and one more q-wide tensor
-        # the trace shows and this layout does not name. H200 #1006 (fidelity_h200_new5.json): -3.7% without it.
-        fused = 2 * spec.q_dim + kv if spec.fused_qkv else 0
-        return 4 * d + 2 * spec.q_dim + 2 * kv + 4 * f + fused
+        # One fused q/k/v projection (Phi-3) keeps q + kv more: v, a view of the fused output, keeps that output
+        # (q + 2kv) where a separate v_proj's kept kv (the traced step, CPU, fake tensors, transformers 5.17: linear in
+        # the KV width; H200 #1006, fidelity_h200_new5.json: -3.7% without it).
+        fused = spec.q_dim + kv if spec.fused_qkv else 0
+        # A RoPE written for part of each head (StableLM, Phi-3, GLM: describe.py's rope_copy) joins the rotated and the
+        # passed slices with torch.cat, which makes q contiguous head-major; attention's output takes q's layout, so the
+        # out projection's input is a copy (q_dim more), as in shardlab's own llama block (CPU, saved_tensors_hooks over
+        # transformers 5.17's StableLmDecoderLayer; H200 #1604 +3.5% -> -0.0% with the norms below). It is the q-wide
+        # tensor more that Phi-3's trace showed before this was named.
+        copy = spec.q_dim if (spec.block_work or {}).get("rope_copy") else 0
+        return 4 * d + 2 * spec.q_dim + 2 * kv + 4 * f + fused + copy
     if spec.family == "llama":
         return 8 * d + 3 * kv + (3 if compiled else 4) * f
     return 6 * d + 2 * kv + 2 * f
@@ -201,8 +206,11 @@ def block_bytes(spec, P: int, compiled: bool = False) -> int:
     bw = _counted(spec)
     if bw:
         return int(bw["saved_elems_per_token"] * P + bw["saved_other_bytes_per_token"])
-    stats = 8 if spec.family == "llama" else 16
-    fp32_norm_inputs = 2 * 4 * spec.hidden if _hf_llama(spec) else 0
+    # torch's fused LayerNorm in a Llama-laid-out block (StableLM) keeps its 16-bit input and fp32 mean and rstd, where
+    # transformers' RMSNorm code keeps an fp32 copy of its input and the rstd (describe.py's layer_norm)
+    layer_norm = (spec.block_work or {}).get("layer_norm", False)
+    stats = 8 if spec.family == "llama" and not layer_norm else 16
+    fp32_norm_inputs = 2 * 4 * spec.hidden if _hf_llama(spec) and not layer_norm else 0
     if _hf_llama(spec) and spec.qk_norm:
         # q_norm / k_norm (Qwen3), read from transformers' RMSNorm: each keeps its input's fp32 copy (pow and the
         # product save it: 4 bytes) and its normalised bf16 copy (the weight's product saves it: 2) for every q and k
