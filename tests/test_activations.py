@@ -147,17 +147,20 @@ def test_layer_norms_and_a_partial_rope_in_a_llama_laid_out_block_are_priced_as_
     """StableLM names its norms as Llama does but makes them torch's LayerNorm (no fp32 copy of the input kept), and
     its RoPE, written for part of each head, joins the slices with torch.cat, so the out projection's input is a copy
     (GLM and Phi-3 too; at a factor of 1.0 as well). Priced as Llama's layout it was 3.5% over H200 #1604
-    (fidelity_h200_new10.json, which the traced step had within 0.1%); judged here by the traced step."""
+    (fidelity_h200_new10.json, which the traced step had within 0.1%); judged here by the traced step. OLMo's norms
+    have no weight, so no normalised copy is kept for a weight's product (+1.7% at 8 x 1024 before)."""
     from shardlab.estimate import estimate
     from shardlab.plan import Plan
 
     plan = Plan(framework="deepspeed", sharding="zero3", micro_batch_size=2)
     shape = "intermediate_size=704 num_hidden_layers=4 num_attention_heads=4 num_key_value_heads=2 vocab_size=512 seq_len=1024 pad_token_id=0"
-    for model, flags in ((f"hf:stablelm hidden_size=256 {shape}", (True, True)),
-                         (f"hf:stablelm hidden_size=256 partial_rotary_factor=1.0 {shape}", (True, True)),
-                         (f"hf:glm hidden_size=256 {shape}", (False, True)), (f"hf:granite hidden_size=256 {shape}", (False, False))):
+    for model, flags in ((f"hf:stablelm hidden_size=256 {shape}", (True, True, 0)),
+                         (f"hf:stablelm hidden_size=256 partial_rotary_factor=1.0 {shape}", (True, True, 0)),
+                         (f"hf:glm hidden_size=256 {shape}", (False, True, 0)), (f"hf:granite hidden_size=256 {shape}", (False, False, 0)),
+                         (f"hf:olmo hidden_size=256 {shape}", (False, False, 2))):  # OLMo: norms without a weight
         e = estimate(plan, model, "h200", calibration=False)
-        assert (e.model.block_work["layer_norm"], e.model.block_work["rope_copy"]) == flags, model
+        bw = e.model.block_work
+        assert (bw["layer_norm"], bw["rope_copy"], bw["weightless_norms"]) == flags, model
         traced = estimate(plan, model, "h200", method="trace").per_gpu["peak_allocated"]
         assert abs(e.per_gpu["peak_allocated"] / traced - 1) <= 0.006, (model, e.per_gpu["peak_allocated"], traced)
 

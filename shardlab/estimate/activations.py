@@ -72,7 +72,8 @@ def block_elements(spec, compiled: bool = False) -> int:
         # transformers 5.17's StableLmDecoderLayer; H200 #1604 +3.5% -> -0.0% with the norms below). It is the q-wide
         # tensor more that Phi-3's trace showed before this was named.
         copy = spec.q_dim if (spec.block_work or {}).get("rope_copy") else 0
-        return 4 * d + 2 * spec.q_dim + 2 * kv + 4 * f + fused + copy
+        weightless = d * (spec.block_work or {}).get("weightless_norms", 0)  # no weight's product: no normalised copy kept
+        return 4 * d + 2 * spec.q_dim + 2 * kv + 4 * f + fused + copy - weightless
     if spec.family == "llama":
         return 8 * d + 3 * kv + (3 if compiled else 4) * f
     return 6 * d + 2 * kv + 2 * f
