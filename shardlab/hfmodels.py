@@ -85,6 +85,13 @@ def config_from(um):
         hint = f" Did you mean {near[0]!r}?" if near else ""
         raise bad_input("--model", f"--model={um.text!r}: {unknown[0]!r} is not a setting of {type(defaults).__name__}.{hint} "
                         "Use the config's own names (as in its config.json), or seq_len=N for the sequence length.")
+    for k, v in over.items():  # a word where the config holds a number: transformers stores it and fails later, far away
+        d = getattr(defaults, k, None)
+        if d is None:  # transformers 5.x keeps rope_theta and the like in rope_parameters
+            d = (getattr(defaults, "rope_parameters", None) or {}).get(k)
+        if isinstance(d, (int, float)) and not isinstance(d, bool) and isinstance(v, str):
+            raise bad_input("--model", f"--model={um.text!r}: {k}={v!r} is not a number ({type(defaults).__name__}'s default is {d!r}). "
+                            f"Give {k} a number.")
     try:
         cfg = AutoConfig.for_model(model_type, **{**data, **over})
     except Exception as e:  # noqa: BLE001 - TypeError / ValueError, and huggingface_hub's StrictDataclassClassValidationError

@@ -64,7 +64,12 @@ def _split(text: str) -> tuple[str, dict]:
             kw[key] = yaml.safe_load(value) if value else value
         except yaml.YAMLError:
             kw[key] = value
+        if isinstance(kw[key], str) and _EXPONENT.fullmatch(value):  # YAML 1.1 reads 1e6 as a word; rope_theta=1e6 means a number
+            kw[key] = float(value)
     return head, kw
+
+
+_EXPONENT = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+")
 
 
 def _is_config_file(head: str) -> bool:

@@ -152,6 +152,10 @@ def plan_file(tmp_path):
     ("estimate", [*_HUGE_VOCAB, "--trace"], "more than 256 TiB per GPU"),
     # a user's model that fails only in a training step: the trace names the user's own line
     ("estimate", ["tests.usermodels:training_only_bug", "--trace"], "usermodels.py, line"),
+    # a word where the config holds a number (session 23): transformers stored it and the build failed far from it
+    # ("invalid literal for int()" with the word repeated 64 times, or a str ** Tensor); the key is named now
+    ("estimate", ["hf:stablelm", "hidden_size=64", "num_attention_heads=4", "partial_rotary_factor=abc"], "partial_rotary_factor='abc' is not a number"),
+    ("estimate", ["hf:llama", "hidden_size=64", "num_attention_heads=4", "rope_theta=abc"], "rope_theta='abc' is not a number"),
 ])
 def test_bad_model_input_is_exit_2_with_a_message(cmd, words, says, plan_file, tmp_path, capsys):
     (tmp_path / "notconfig.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"], "hidden_size": 64}))
@@ -162,6 +166,14 @@ def test_bad_model_input_is_exit_2_with_a_message(cmd, words, says, plan_file, t
     err = capsys.readouterr().err
     assert says in err and "Traceback" not in err
     assert not (tmp_path / "runs").exists()  # refused before anything started
+
+
+def test_numbers_written_with_an_exponent_are_numbers():
+    """YAML 1.1 (PyYAML) reads `1e6` and `1e-5` as words, so `hf:llama rope_theta=1e6` reached transformers as a string."""
+    from shardlab.hfmodels import config_from
+
+    cfg = config_from(resolve(_src("llama", "rope_theta=1e6 rms_norm_eps=1e-5 hidden_size=64 num_attention_heads=4")))
+    assert cfg.rope_parameters["rope_theta"] == 1e6 and cfg.rms_norm_eps == 1e-5
 
 
 def test_config_json_keys_that_transformers_converts_are_accepted_as_overrides():
