@@ -345,6 +345,12 @@ def memory(plan: Plan, s: Setup, traced_activations: int | None = None, gpu=None
         flags.append("bare parameter count: model states only, activations are 0 (give a shape for activations)")
     if s.unknown_units:
         flags.append("no wrap units known: per-unit gather buffers counted as 0 (give a shape or an nn.Module)")
+    if getattr(s.spec, "layout", "shardlab") == "transformers" and not s.spec.block_work:
+        # e.g. a Mamba hybrid (transformers' Bamba): its block cannot run on the meta device, so nothing was counted; the
+        # analytical figure then held 0.3% of the traced step's peak at 4 x 256 (session 23's sweep) and said nothing
+        flags.append(f"this model's block could not be counted (it does not run on the meta device): its activations are priced "
+                     f"as shardlab's own {s.spec.family} block's, which may be far from what it keeps. The traced estimate "
+                     "(--trace, method='trace') runs its real step.")
     notes = dict(parts["notes"])
     notes["buffers"] += f"; cuBLAS workspaces {workspace / 2**20:g} MiB (forward and backward threads)"
     notes["activations"] = ("none (bare count)" if s.spec.is_bare else
