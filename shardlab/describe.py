@@ -86,6 +86,47 @@ def logits_of(out):
     return out
 
 
+_PER_BLOCK = ("kernels", "bwd_kernels", "elems_per_token", "saved_elems_per_token", "saved_other_bytes_per_token", "modules", "params")
+
+
+def _mixed_blocks(work: dict, model, x, blocks: list, seq: int, dtype) -> dict | None:
+    """`work` (the first block's count) as the mean over the model's blocks where they are not all alike: hybrids such as
+    Qwen3.5 (linear-attention blocks with a full-attention one every fourth) or DeepSeek-style models (dense blocks, then
+    MoE ones). One block of each kind (the same module classes in the same order) is counted in a step of its own and
+    weighted by how many there are. Counting the first block for all of them put Qwen3.5 at 8 x 1024 14% over the traced
+    step's peak (session 23's sweep). None where another kind cannot be counted (the formula then applies)."""
+    from shardlab.blockwork import BlockCounter, block_work, hooked
+
+    kinds: dict[tuple, list[int]] = {}
+    for i, b in enumerate(blocks):
+        kinds.setdefault(tuple(type(m).__name__ for m in b.modules()), []).append(i)
+    if len(kinds) == 1:
+        return work
+    counted = [(len(next(iter(kinds.values()))), work)]
+    for where in list(kinds.values())[1:]:
+        counter = BlockCounter(dtype)
+        counter.ignore(model.parameters())
+        hooks = hooked(counter, blocks[where[0]])
+        try:
+            with counter:
+                logits_of(model(x)).float().sum().backward()
+        finally:
+            for h in hooks:
+                h.remove()
+            model.zero_grad(set_to_none=True)
+        w = block_work(counter, blocks[where[0]], model, len(blocks), seq)
+        if w is None:
+            return None
+        counted.append((len(where), w))
+    n = len(blocks)
+    mean = {k: sum(c * w[k] for c, w in counted) / n for k in _PER_BLOCK}
+    mean.update({k: round(mean[k]) for k in ("kernels", "bwd_kernels", "modules", "params")})
+    mean["math_attention"] = any(w["math_attention"] for _, w in counted)
+    mean["top_modules"] = max(0, sum(1 for _ in model.modules()) - sum(c * w["modules"] for c, w in counted))
+    mean["top_params"] = max(0, sum(1 for _ in model.parameters()) - sum(c * w["params"] for c, w in counted))
+    return {**work, **mean, "block_kinds": len(counted)}
+
+
 def count_step(model, inputs: dict, blocks: list) -> tuple[int | None, dict | None]:
     """(training FLOPs per token of `model`, forward + backward of one sample; the first block's work
     as blockwork.py counts it), (None, None) if the model cannot run on meta."""
@@ -134,6 +175,8 @@ def count_step(model, inputs: dict, blocks: list) -> tuple[int | None, dict | No
             logits_of(model(x)).float().sum().backward()
         seq = x.shape[1] if inputs.get("kind") == "tokens" else 0
         work = block_work(counter, blocks[0], model, len(blocks), seq) if blocks else None
+        if work is not None:
+            work = _mixed_blocks(work, model, x, blocks, seq, dtype)
         return int(fc.get_total_flops() // tokens_in(x)), work
     except Exception:  # noqa: BLE001 - a module that cannot run on meta gets the formula instead
         return None, None
