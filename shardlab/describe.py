@@ -19,6 +19,7 @@ estimated too; a plain module stays a bare count with wrap units.
 
 from __future__ import annotations
 
+import contextlib
 from collections import Counter
 
 from shardlab.models import ModelSpec, ParamShapes
@@ -86,6 +87,20 @@ def logits_of(out):
     return out
 
 
+def _counted_step(model, x, counter, hooks: list, *modes) -> None:
+    """One training step of `model` on `x` (the sum of its logits, backward) with `modes` and the block counter entered;
+    then `hooks` (the counter's) are removed and the gradients dropped. How count_step and _mixed_blocks count a block."""
+    try:
+        with contextlib.ExitStack() as stack:
+            for mode in (*modes, counter):
+                stack.enter_context(mode)
+            logits_of(model(x)).float().sum().backward()
+    finally:
+        for h in hooks:
+            h.remove()
+        model.zero_grad(set_to_none=True)
+
+
 _PER_BLOCK = ("kernels", "bwd_kernels", "elems_per_token", "saved_elems_per_token", "saved_other_bytes_per_token", "modules", "params")
 
 
@@ -100,20 +115,14 @@ def _mixed_blocks(work: dict, model, x, blocks: list, seq: int, dtype) -> dict |
     kinds: dict[tuple, list[int]] = {}
     for i, b in enumerate(blocks):
         kinds.setdefault(tuple(type(m).__name__ for m in b.modules()), []).append(i)
-    if len(kinds) == 1:
+    groups = list(kinds.values())
+    if len(groups) == 1:
         return work
-    counted = [(len(next(iter(kinds.values()))), work)]
-    for where in list(kinds.values())[1:]:
+    counted = [(len(groups[0]), work)]
+    for where in groups[1:]:
         counter = BlockCounter(dtype)
         counter.ignore(model.parameters())
-        hooks = hooked(counter, blocks[where[0]])
-        try:
-            with counter:
-                logits_of(model(x)).float().sum().backward()
-        finally:
-            for h in hooks:
-                h.remove()
-            model.zero_grad(set_to_none=True)
+        _counted_step(model, x, counter, hooked(counter, blocks[where[0]]))
         w = block_work(counter, blocks[where[0]], model, len(blocks), seq)
         if w is None:
             return None
@@ -157,7 +166,6 @@ def count_step(model, inputs: dict, blocks: list) -> tuple[int | None, dict | No
     pad = getattr(cfg, "pad_token_id", None)
     counter = BlockCounter(dtype)
     counter.ignore(model.parameters())
-    hooks = hooked(counter, blocks[0]) + hooked_head(counter, blocks[-1], model) if blocks else []
     was_training = model.training
     try:
         if cache is not None:
@@ -171,8 +179,8 @@ def count_step(model, inputs: dict, blocks: list) -> tuple[int | None, dict | No
             # step, found by the session-17 sweep). The runner's batches carry no padding, so the check is moot here
             cfg.pad_token_id = None
         model.train()  # dropout and the like run as in training
-        with FlopCounterMode(display=False) as fc, counter:
-            logits_of(model(x)).float().sum().backward()
+        fc = FlopCounterMode(display=False)
+        _counted_step(model, x, counter, hooked(counter, blocks[0]) + hooked_head(counter, blocks[-1], model) if blocks else [], fc)
         seq = x.shape[1] if inputs.get("kind") == "tokens" else 0
         work = block_work(counter, blocks[0], model, len(blocks), seq) if blocks else None
         if work is not None:
@@ -181,14 +189,11 @@ def count_step(model, inputs: dict, blocks: list) -> tuple[int | None, dict | No
     except Exception:  # noqa: BLE001 - a module that cannot run on meta gets the formula instead
         return None, None
     finally:
-        for h in hooks:
-            h.remove()
         model.train(was_training)
         if cache is not None:
             cfg.use_cache = cache
         if pad is not None:
             cfg.pad_token_id = pad
-        model.zero_grad(set_to_none=True)
 
 
 def ds_leaf_classes(model) -> list[type]:
