@@ -3,9 +3,10 @@
 Rows: issue 13's runner matrices (benchmarks/results/fidelity_h200*.json, through fidelity.py's own
 plan_for / model_for) and the measured grids of issue 20 (tune_h200_*.json: each grid row's Plan
 and the case's model on the H200); with --h100 also issue 8's H100 validation runs. For each: the analytical estimate's peak allocated against
-torch.cuda.max_memory_allocated and its peak reserved against max_memory_reserved. The estimate's
-reserved figure is the unconstrained one (allocator.py), so the reserved of a grid run under an
-allocator cap (gpu_limit_gib) is not compared: at the cap the allocator frees its cache instead. Prints the median and largest error per file, then every row over the bars
+torch.cuda.max_memory_allocated and its peak reserved against max_memory_reserved. A grid run under an
+allocator cap (gpu_limit_gib) is estimated for the H200 with that cap (gpus.capped): its reserved figure is the
+one that GPU shows, at most the cap where the plan fits (allocator.on_gpu; before session 24 the figure was the
+uncapped one and these rows were not compared). Prints the median and largest error per file, then every row over the bars
 (allocated 5%, reserved 10%) with its framework, stage, offload, precision and checkpointing.
 `--groups` lists the reserved misses by group (framework and sharding, precision, offload, model
 family, micro-batch, checkpointing): rows over the bar / rows, and the median signed error, each
@@ -87,20 +88,22 @@ def fidelity_rows(trace: str | None = None, only: set[str] | None = None) -> lis
 
 def tune_rows() -> list[dict]:
     from shardlab.estimate import estimate
+    from shardlab.estimate.gpus import capped
     from shardlab.plan import Plan
 
     out = []
     for f in sorted(RESULTS.glob("tune_h200_*.json")):
         d = json.loads(f.read_text())
-        capped = bool(d.get("gpu_limit_gib"))
+        gpu = capped("h200", int(d["gpu_limit_gib"] * 2**30)) if d.get("gpu_limit_gib") else "h200"
         for g in d.get("grid", []):
             m = g.get("measured") or {}
             if g.get("status") != "completed" or not m.get("peak_allocated_bytes"):
                 continue
             plan = Plan.model_validate(g["plan"])
-            pg = estimate(plan, d["model"], gpu="h200").per_gpu
+            pg = estimate(plan, d["model"], gpu=gpu).per_gpu
             out.append(_row(f.stem, f"{d['model']} {g['key']}", pg, m["peak_allocated_bytes"],
-                            None if capped else m.get("peak_reserved_bytes"), plan, _family(d["model"])))
+                            m.get("peak_reserved_bytes"), plan, _family(d["model"])))
+            out[-1]["cap_gib"] = d.get("gpu_limit_gib")
     return out
 
 

@@ -387,9 +387,16 @@ def wrap_units(spec: ModelSpec, policy: str = "transformer", min_num_params: int
         from shardlab.frameworks.units import spec_tree, units
 
         # a model counted from its nn.Module (usermodel.py) has its own tree and block class
-        tree = spec.tree if spec.tree is not None else spec_tree(spec)
+        one_block = spec.tree is None and not spec.is_bare and policy == "transformer"
+        tree = spec.tree if spec.tree is not None else spec_tree(replace(spec, layers=1) if one_block else spec)
         names = (spec.wrap_cls,) if spec.tree is not None and spec.wrap_cls else ("Block",)
-        if not spec.is_bare or spec.wrap_unit_params or spec.tree is not None:
+        if one_block:
+            # shardlab's GPT: every block a unit, nothing in it one, the root keeps the rest (which does not depend on
+            # the layers): worked out on a one-block tree instead of walking them all (a quarter of a new shape's
+            # arithmetic around the replays: benchmarks/estimate_speed.py --outside)
+            (_, block), (_, rest) = units(tree, policy, min_num_params, names)
+            found = [(f"blocks.{i}", block) for i in range(spec.layers)] + [("", rest)]
+        elif not spec.is_bare or spec.wrap_unit_params or spec.tree is not None:
             found = units(tree, policy, min_num_params, names)
         else:
             found = [("", spec.params)]

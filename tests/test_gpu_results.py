@@ -193,7 +193,7 @@ def test_analytical_reserved_on_every_recorded_h200_row(recorded_rows):
     keep 3 of the 5 and 2 of the 2. Session 13 (the unseen set new4, 17 rows): 378 rows, 371 within 10%, 363 of
     the 367 without parameter offload; new misses #907 (FSDP1 offload, llama1792, -22.0% on both machines, the
     #109 gap) and #912 (FSDP1 NO_SHARD fp16 at T=8192, -15.2%); the bands keep 2 of the 371 and 2 of the 363."""
-    rows = [r for r in recorded_rows if r["reserved_error"] is not None]
+    rows = [r for r in recorded_rows if r["reserved_error"] is not None and not r.get("cap_gib")]
     assert len(rows) >= 331
     plain = [r for r in rows if r.get("group", {}).get("offload") != "both"]
     assert sum(abs(r["reserved_error"]) <= 0.10 for r in rows) >= 369
@@ -201,6 +201,22 @@ def test_analytical_reserved_on_every_recorded_h200_row(recorded_rows):
     assert max(abs(r["reserved_error"]) for r in plain) <= 0.16
     assert max(abs(r["reserved_error"]) for r in rows) <= 0.23
     assert statistics.median(abs(r["reserved_error"]) for r in rows) <= 0.025
+
+
+def test_reserved_under_an_allocator_cap_is_what_the_capped_gpu_showed(recorded_rows):
+    """The gpt-350m grid ran on the H200 with its allocator capped at 18 GiB (tune_h200_gpt350cap*.json). Estimated
+    for that capped GPU (gpus.capped), the reserved figure is the one it shows (allocator.on_gpu, session 24): the
+    cap where the step's replay passes it, which torch's allocator never does (it gives its cache back first). The
+    FSDP plans at the cap reserved 17.98-18.00 GiB; their uncapped figures were 18.4-19.0 GiB (+2.2% to +5.9%).
+    Judged by those measurements: every FSDP row of both files within 7% (median within 3%), those at the cap within
+    0.5%. The DeepSpeed rows there are DeepSpeed's misses below the cap (ZeRO-2's fitted factor: +18%, -27%), not
+    this rule's: not judged here."""
+    rows = [r for r in recorded_rows if r.get("cap_gib") and r["reserved_error"] is not None and " fsdp" in r["name"]]
+    assert len(rows) >= 30
+    errs = [abs(r["reserved_error"]) for r in rows]
+    assert max(errs) <= 0.07 and statistics.median(errs) <= 0.03, errs
+    at_cap = [r for r in rows if r["measured_reserved_gib"] >= 17.9]
+    assert len(at_cap) >= 8 and all(abs(r["reserved_error"]) <= 0.005 for r in at_cap)
 
 
 def test_replayed_deepspeed_reserved_on_every_recorded_row(recorded_rows):

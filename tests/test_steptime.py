@@ -257,19 +257,21 @@ def test_the_capped_replay_flushes_where_the_capped_grid_ran_slow():
     assert flushing == {"fsdp1 zero2 mb4x2", "fsdp1 zero3 mb4x2", "fsdp2 zero2 mb4x2"}
 
 
-def test_the_capped_replays_shortcuts_count_what_the_whole_replay_counts():
-    """stepsim._churn resumes from the uncapped replay's first step and leaves out a step that repeats the one
-    before (exact shortcuts, for the 5 ms budget): per step it counts what the capped replay of all four steps
-    from the start-up counts, over FSDP plans and caps where it resumes (the cap above the first step's
-    cudaMallocs) and where it cannot (caps far below them). 2923 plan, shape and cap cases, session 11: none
-    differed, 917 resumed, 811 of those with their last step left out."""
+def test_the_replay_under_a_limit_gives_what_the_unlimited_replay_and_the_whole_capped_replay_give():
+    """stepsim._on_gpu replays the step once, under the GPU's limit, for both the reserved figure and the churn the
+    step time prices (session 24: one replay instead of an unlimited one and a capped one, for the 5 ms budget). Judged
+    by the two replays it stands for: its figure is the unlimited replay's where that stays under the limit, the limit
+    where it passes it and the step fits, and the unlimited figure where the step does not fit; its churn is what four
+    capped steps from the start-up count over their last two (nothing where the unlimited step stays under the limit
+    or does not fit), over FSDP plans and caps above, at and far below the step's peak."""
     from shardlab.estimate import stepsim
+    from shardlab.estimate.allocator import stranded
     from shardlab.estimate.basis import resolve
     from shardlab.estimate.memory import cublas_workspaces
     from shardlab.models import ModelSpec
     from shardlab.plan import plan_from_dict
 
-    def whole(r, limit):  # the replay without shortcuts: four capped steps from the start-up
+    def whole(r, limit):  # four capped steps from the start-up, no shortcut
         st, seen = stepsim._Step(r), []
         st._start()
         st.sim.limit = limit - stepsim._small_pool(r)
@@ -284,18 +286,24 @@ def test_the_capped_replays_shortcuts_count_what_the_whole_replay_counts():
                 seen.append((st.sim.flushes - before[0], st.sim.flushed_bytes - before[1], st.sim.flushed_segments - before[2]))
         return tuple(sum(x[i] for x in seen) / len(seen) for i in range(3))
 
-    ws, resumed = cublas_workspaces("h100-80gb"), 0
+    ws, kinds = cublas_workspaces("h100-80gb"), set()
     for d in ({"framework": "fsdp1", "sharding": "zero3"}, {"framework": "fsdp2", "sharding": "zero3"},
               {"framework": "fsdp2", "sharding": "zero3", "micro_batch_size": 2},
               {"framework": "fsdp1", "sharding": "zero2", "micro_batch_size": 2, "grad_accum_steps": 2}):
         plan = plan_from_dict(d, check=False)
         r = stepsim.covered_recipe(plan, resolve(plan, ModelSpec("churn30", 30, 3072, 24, 50000, 4096)), ws)
-        peak = stepsim._replay_both(r)[0]
-        for limit in (int(peak * f) for f in (0.6, 0.9, 0.97)):
-            stepsim._replay_both(r, limit)  # keeps its first step for _churn where it may pass the limit
-            resumed += r in stepsim._FIRSTS and stepsim._FIRSTS[r][1] <= limit - stepsim._small_pool(r)
-            assert stepsim._churn(r, limit) == whole(r, limit), (d, limit)
-    assert resumed >= 4
+        peak, allocated = stepsim._replay_both(r)
+        for limit in (int(peak * f) for f in (0.6, 0.9, 0.97, 1.1)):
+            figure, churn = stepsim._on_gpu(r, limit)
+            if peak <= limit:
+                kind, want = "under", (peak, stepsim.NO_CHURN)
+            elif allocated + stranded(allocated) > limit:
+                kind, want = "does not fit", (peak, stepsim.NO_CHURN)
+            else:
+                kind, want = "at the limit", (limit, whole(r, limit))
+            assert (figure, churn) == want, (d, limit, kind)
+            kinds.add(kind)
+    assert kinds == {"under", "does not fit", "at the limit"}
 
 
 def test_host_cost_decides_small_steps_zero3_against_fsdp2_on_one_h200_host():

@@ -101,7 +101,7 @@ class Estimate:
                  "", f"Memory per GPU ({unit} = 2^{30 if big else 20} bytes)"]
         for k in ("params", "grads", "optimizer", "activations", "buffers", "step_buffers", "overhead"):
             lines.append(f"  {k:<13}{gib(self.per_gpu[k])}   {self.notes.get(k, '')}")
-        lines.append(f"  {'peak alloc':<13}{gib(self.per_gpu['peak_allocated'])}   {'traced (one fake-tensor step)' if getattr(self, 'method', 'analytic') == 'trace' else 'analytical'}; caching allocator reserves ~{self.per_gpu['peak_reserved'] / GIB:.2f} GiB when nothing limits it (near the limit it frees its cache)"
+        lines.append(f"  {'peak alloc':<13}{gib(self.per_gpu['peak_allocated'])}   {'traced (one fake-tensor step)' if getattr(self, 'method', 'analytic') == 'trace' else 'analytical'}; caching allocator reserves ~{self.per_gpu['peak_reserved'] / GIB:.2f} GiB on this GPU (at its limit it gives its cache back rather than reserve more)"
                      + (f": {self.notes['peak_reserved']}" if self.notes.get("peak_reserved") else ""))
         if self.notes.get("trace"):
             lines.append(f"  trace: {self.notes['trace']}")
@@ -139,7 +139,7 @@ class Estimate:
 
 def _traced(plan: Plan, s, model, gpu) -> dict:
     """memory() with the traced peak (trace.py) in place of the formulas it replaces."""
-    from .allocator import CUDA_CONTEXT_BYTES, reserved, stranded
+    from .allocator import CUDA_CONTEXT_BYTES, allocator_limit, on_gpu, reserved, stranded
     from .memory import cublas_workspaces
     from .trace import traced_memory
 
@@ -156,7 +156,7 @@ def _traced(plan: Plan, s, model, gpu) -> dict:
         # reserved: the traced step's own requests replayed through the caching allocator's rules
         # (cachesim.py), + the workspaces (segments of their own)
         resv = t["reserved"] + cublas_workspaces(gpu) if t.get("reserved") else reserved(peak)
-        g["peak_allocated"], g["peak_reserved"] = peak, resv
+        g["peak_allocated"], g["peak_reserved"] = peak, on_gpu(resv, peak, allocator_limit(gpu))  # what that GPU shows
         mem["notes"]["peak_reserved"] = "the traced step's own requests replayed through the caching allocator's rules (cachesim.py)"
         g["overhead"] = CUDA_CONTEXT_BYTES + stranded(peak)
         g["total"] = peak + g["overhead"]

@@ -65,6 +65,8 @@ Verdicts: "fits" (safe), "tight" (need fits, safe does not: a real run decides),
 A peak reserved from an unconstrained run (1.1-1.35 x allocated, above) says nothing about the limit:
 on the H200 capped at 18 GiB (benchmarks/results/tune_h200_gpt350cap.json) five gpt-350m plans
 predicted at 20.4-21.3 GiB reserved trained, reserving 17.0-18.0 GiB around 16.8-17.5 GiB allocated.
+So the reserved figure an estimate shows is the one its GPU would show (on_gpu, session 24): the figure without a
+limit, or the limit where that is less and the plan fits (what a plan that does not fit would need, else).
 """
 
 from __future__ import annotations
@@ -103,6 +105,15 @@ def reserved(peak_allocated: int, again: int = 0) -> int:
 def stranded(peak_allocated: int) -> int:
     """Bytes the allocator cannot give back at the limit for a step peaking at `peak_allocated`."""
     return int(STRANDED * max(peak_allocated, 0))
+
+
+def on_gpu(reserved_bytes: int, peak_allocated: int, limit: int) -> int:
+    """The peak reserved a GPU whose allocator may hold `limit` bytes shows for a step that would reserve
+    `reserved_bytes` with no limit: at most the limit, where the step fits (fit's need within it), since at the limit
+    torch gives its cache back and retries instead of reserving more (on the H200 capped at 18 GiB,
+    tune_h200_gpt350cap_grid.json, the plans predicted at 18.4-20.4 GiB without the cap reserved 16.96-18.0 GiB);
+    else `reserved_bytes`, what the step would need."""
+    return min(reserved_bytes, limit) if peak_allocated + stranded(peak_allocated) <= limit else reserved_bytes
 
 
 def allocator_limit(gpu) -> int:

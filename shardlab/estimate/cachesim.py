@@ -75,6 +75,12 @@ class AddressSpaceExceeded(ValueError):
     fitted factor). Found as a KeyError traceback from `hf:llama vocab_size=100000000000` (session 20)."""
 
 
+class DoesNotFit(Exception):
+    """Raised at the allocator's limit when the peak allocated so far has reached `give_up_at`: the step does not
+    fit under the limit whatever the cache gives back, so a replay under it has nothing more to say (stepsim._on_gpu
+    then replays the step without the limit, for what it would need)."""
+
+
 class CachingAllocator:
     """alloc(key, nbytes, stream=0) / free(key) / touch(nbytes, stream=0) / batch(sizes, stream=0, keep) /
     empty_cache(); `reserved`, `peak_reserved`, `allocated`, `peak_allocated`, `segments`, `pool_reserved`
@@ -96,14 +102,14 @@ class CachingAllocator:
         self.limit: int | None = None
         self.flushes = self.flushed_bytes = self.flushed_segments = 0
         self._in_batch = False
-        # the most reserved right after a cudaMalloc outside batch(): under a limit at least this, the same requests
-        # would have given nothing back (stepsim._churn resumes an uncapped replay's state on that ground)
-        self.malloc_peak = 0
+        self.give_up_at: int | None = None  # with a limit: a peak allocated at which a flush raises DoesNotFit instead
 
     def _segment(self, size: int, pool: int) -> list:
         """cudaMalloc: a new segment for a rounded request no cached block holds, as one free block."""
         seg = SMALL_SEGMENT if size <= SMALL else LARGE_SEGMENT if size < MIN_LARGE_ALLOC else (size + _ROUND2M) & _MASK2M
         if self.limit is not None and not self._in_batch and self.reserved + seg > self.limit:
+            if self.give_up_at is not None and self.peak_allocated >= self.give_up_at:
+                raise DoesNotFit(self.peak_allocated)
             before, segments = self.reserved, self.segments
             self.empty_cache()
             self.flushes += 1
@@ -118,8 +124,6 @@ class CachingAllocator:
         self.segments += 1
         if self.reserved > self.peak_reserved:
             self.peak_reserved = self.reserved
-        if self.reserved > self.malloc_peak and not self._in_batch:
-            self.malloc_peak = self.reserved
         return b
 
     @property
@@ -156,8 +160,6 @@ class CachingAllocator:
                 self.segments += 1
                 if self.reserved > self.peak_reserved:
                     self.peak_reserved = self.reserved
-                if self.reserved > self.malloc_peak:
-                    self.malloc_peak = self.reserved
             rest = seg - size
         if rest >= BLOCK if small else rest > SMALL:  # split: the remainder stays cached, free
             addr, nxt = b[0] + size, b[4]
@@ -239,8 +241,6 @@ class CachingAllocator:
                     self.segments += 1
                     if self.reserved > self.peak_reserved:
                         self.peak_reserved = self.reserved
-                    if self.reserved > self.malloc_peak:
-                        self.malloc_peak = self.reserved
                 rest = seg - size
             if rest >= BLOCK if small else rest > SMALL:
                 addr, nxt = b[0] + size, b[4]

@@ -61,7 +61,7 @@ from shardlab.plan import Plan
 from shardlab.units import GIB
 
 from .activations import activation_peak, backward_transient, peak_in_a_block, saved_blocks, sdpa_math
-from .allocator import CUDA_CONTEXT_BYTES, FRAGMENTATION, STRANDED, allocator_limit, reserved, stranded
+from .allocator import CUDA_CONTEXT_BYTES, FRAGMENTATION, STRANDED, allocator_limit, on_gpu, reserved, stranded
 from .basis import DS_ALLREDUCE_SIZE, DS_SUB_GROUP, Setup, ds3_gathered_at_loss, fsdp_stage, persistent_numel, shard_numel
 from .dsreplay import ds_replayed_reserved
 from .stepsim import replayed_reserved
@@ -74,8 +74,8 @@ def _compiled_blocks(plan: Plan, s: Setup) -> bool:
 
 def replayed(plan: Plan, s: Setup, workspace: int, gpu=None) -> int | None:
     """Peak reserved bytes from the replay of this framework's step (dsreplay.py for DeepSpeed, stepsim.py
-    for FSDP), or None where that replay does not cover the plan. gpu: its allocator limit lets the FSDP
-    replay keep what the step time's replay under that limit resumes from (stepsim._FIRSTS)."""
+    for FSDP), or None where that replay does not cover the plan. gpu: the FSDP replay runs under its allocator
+    limit (stepsim._on_gpu: the same replay counts what the step time prices at that limit); None: no limit."""
     if s.ds:
         return ds_replayed_reserved(plan, s, workspace)
     return replayed_reserved(plan, s, workspace, None if gpu is None else allocator_limit(_gpu(gpu)))
@@ -334,7 +334,9 @@ def memory(plan: Plan, s: Setup, traced_activations: int | None = None, gpu=None
     resv = replayed(plan, s, workspace, gpu)
     per_gpu = {"params": parts["params"], "grads": parts["grads"], "optimizer": parts["optimizer"],
                "activations": act, "buffers": buffers + workspace, "step_buffers": parts["step"], "overhead": overhead,
-               "peak_allocated": live, "peak_reserved": max(resv, live) if resv else reserved(live, parts.get("again", 0)),
+               "peak_allocated": live,
+               "peak_reserved": on_gpu(max(resv, live) if resv else reserved(live, parts.get("again", 0)), live,
+                                       allocator_limit(_gpu(gpu))),
                "total": live + overhead}
     cpu = {k: v * s.gpn for k, v in parts["cpu"].items()}
     cpu["total"] = sum(cpu.values())

@@ -9,7 +9,8 @@ foreach temporaries, zero_grad. `replayed_reserved(plan, s, workspace)` issues t
 optimizer steps (the second is the steady state: the first step's optimizer states were carved out
 of freed activation and loss blocks, so the second step's large requests may need new segments) and
 returns the simulator's peak reserved bytes: what torch.cuda.max_memory_reserved reads when nothing
-limits the allocator. No constant is fitted. A replay issues thousands of requests (gpt-1.3b: 3-6
+limits the allocator; told the GPU's allocator limit, the same replay runs under it and gives what that GPU
+reads, with what the allocator gives back there each step (_on_gpu). No constant is fitted. A replay issues thousands of requests (gpt-1.3b: 3-6
 thousand, 3-7 ms on a quiet 2-core CPU, 2026-12-02), so it is cached by its inputs (`Recipe`), and its
 start-up by what the start-up depends on (`_Step._start`: a new micro-batch or checkpointing setting
 resumes from a copy of the allocator after start-up); a temporary freed as soon as it is made is one
@@ -41,7 +42,7 @@ from typing import NamedTuple
 from .activations import _counted, _hf_llama, math_attention_elements, rope_tables, sdpa_math
 from .allocator import stranded
 from .basis import fsdp_stage
-from .cachesim import BLOCK, SMALL, SMALL_SEGMENT, AddressSpaceExceeded, CachingAllocator
+from .cachesim import BLOCK, SMALL, SMALL_SEGMENT, AddressSpaceExceeded, CachingAllocator, DoesNotFit
 
 UNSHARD_STREAM = 2  # FSDP1 copies offloaded parameters in on a stream of its own (its pre-unshard stream)
 REDUCE_STREAM = 1  # FSDP reduces gradients on a stream of its own: its blocks are cached apart
@@ -151,13 +152,6 @@ def recipe(plan, s, workspace: int, units: bool = True) -> Recipe:
 
 
 _STARTS: dict = {}  # _Step._start's cache: start key -> (allocator after start-up, made_states)
-# _replay_both's allocator after its first step (a copy, and the most reserved after a cudaMalloc of that step outside
-# cachesim's batch()), by recipe: where that is within an allocator limit, the capped replay (_churn) has made the same
-# requests with the same results up to there (no cudaMalloc that tests the limit passed it, so none gave the cache
-# back; the start-up is replayed without the limit in both), and resumes from it. The copy (0.25-0.45 ms for the
-# 500-700 blocks of estimate_speed's 30-layer FSDP shapes) is made only where the replay is told the GPU's limit
-# (`watch`) and the step may reach it (_Step.run)
-_FIRSTS: dict = {}
 
 
 class _Step:
@@ -481,25 +475,12 @@ class _Step:
         self.last = last
         self._step()
 
-    def run(self, steps: int = 2, watch: int | None = None) -> int:
-        """Replays `steps` optimizer steps and returns the peak reserved bytes. watch: the allocator limit the
-        replay of this step under a cap (_churn) will be asked for; the allocator after the first step is kept
-        for it (_FIRSTS) where that replay can resume there and the step may pass the limit: the reserved
-        peak so far plus the optimizer states made in the first step (carved out of freed blocks, what they
-        displaced is what the second step may need new segments for) pass it. A trigger, not a bound: a
-        replay that passes the limit without the copy replays its first step again, with the same result."""
+    def run(self, steps: int = 2) -> int:
+        """Replays `steps` optimizer steps from the start-up and returns the peak reserved bytes."""
         with _collector_paused():
             try:
-                r = self.r
                 self._start()
-                self.sim.malloc_peak = 0  # (_FIRSTS: step 0's cudaMallocs only)
                 for step in range(steps):
-                    if step == 1 and watch is not None and self.sim.malloc_peak <= watch and (
-                            self.sim.peak_reserved + sum(r.params) * r.opt_states > watch):
-                        old = _FIRSTS.pop(r, None) or (_FIRSTS.pop(next(iter(_FIRSTS))) if len(_FIRSTS) >= 64 else None)
-                        if old is not None:
-                            old[0].unlink()
-                        _FIRSTS[r] = (self.sim.copy(), self.sim.malloc_peak)  # (taken by _churn)
                     self.one_step(last=step == steps - 1)
                 return self.sim.peak_reserved
             finally:
@@ -530,20 +511,19 @@ def _small_pool(r: Recipe) -> int:
 
 
 @lru_cache(maxsize=512)
-def _replay_both(r: Recipe, limit: int | None = None) -> tuple[int, int] | tuple[None, None]:
-    """(peak reserved, peak allocated) of the replayed step; limit: the GPU's allocator limit, where the
-    estimate knows it (only to keep a copy for _churn: the figures do not depend on it). (None, None) for a step
-    past the replay's address space (cachesim.AddressSpaceExceeded: no GPU holds it), cached like any other answer."""
+def _replay_both(r: Recipe) -> tuple[int, int] | tuple[None, None]:
+    """(peak reserved, peak allocated) of the replayed step with no allocator limit. (None, None) for a step past the
+    replay's address space (cachesim.AddressSpaceExceeded: no GPU holds it), cached like any other answer."""
     st = _Step(r)
     try:
-        reserved = st.run(watch=None if limit is None else limit - _small_pool(r)) + _small_pool(r)
+        reserved = st.run() + _small_pool(r)
     except AddressSpaceExceeded:
         return None, None
     return reserved, st.sim.peak_allocated + _small_pool(r)
 
 
-def _replay(r: Recipe, limit: int | None = None) -> int | None:
-    return _replay_both(r, limit)[0]
+def _replay(r: Recipe) -> int | None:
+    return _replay_both(r)[0]
 
 
 def declined(plan, s) -> bool:
@@ -572,57 +552,81 @@ def covered_recipe(plan, s, workspace: int) -> Recipe | None:
 
 
 def replayed_reserved(plan, s, workspace: int, limit: int | None = None) -> int | None:
-    """Peak reserved bytes of the replayed step, or None where the replay does not cover the plan
-    (see the module docstring). workspace: bytes of the step's cuBLAS workspaces; limit: the GPU's allocator
-    limit if known (capped_churn's, for its copy; the figure does not depend on it)."""
+    """Peak reserved bytes of the replayed step, or None where the replay does not cover the plan (see the module
+    docstring; None past the address space too: the fitted factor gives it). workspace: bytes of the step's cuBLAS
+    workspaces; limit: the GPU's allocator limit, where known: the figure is then the one that GPU shows (_on_gpu)."""
     r = covered_recipe(plan, s, workspace)
-    return None if r is None else _replay(r, limit)  # None past the address space too: the fitted factor gives it
+    if r is None:
+        return None
+    return _replay(r) if limit is None else _on_gpu(r, int(limit))[0]
 
 
 CHURN_STEPS = 4  # replayed steps under a cap; the first two (start-up, first optimizer states) are not counted
+NO_CHURN = (0.0, 0.0, 0.0)
+
+
+def _misfit(limit: int) -> int:
+    """The least peak allocated that does not fit under `limit` (allocator.fit's need: the peak + what stays stranded)."""
+    lo, hi = 0, limit + 1  # need(x) = x + stranded(x) grows with x: the least x whose need passes the limit
+    while lo < hi:
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if mid + stranded(mid) > limit else (mid + 1, hi)
+    return lo
 
 
 @lru_cache(maxsize=256)
-def _churn(r: Recipe, limit: int) -> tuple[float, float, float]:
-    """The capped replay's flushes, bytes and segments given back, per counted step (the mean of steps 2..).
-    Two shortcuts, each exact. It resumes after the first step from _replay_both's copy (taken: one replay
-    under a cap per recipe and limit) where no cudaMalloc of that step passed the limit: the two replays are
-    the same up to there. And where step 2 made no cudaMalloc (so gave nothing back: the cap only flushes
-    before one) and left every free block and every live tensor where step 1 left them, the allocator is
-    in the state step 2 started from (the same segments, each cut into the same blocks), so step 3 repeats
-    step 2 and is not replayed."""
+def _on_gpu(r: Recipe, limit: int) -> tuple[int | None, tuple[float, float, float]]:
+    """The step on a GPU whose caching allocator may hold `limit` bytes: (the peak reserved that GPU shows, and per
+    counted step the flushes, bytes and segments the allocator gives back at the limit: capped_churn).
+
+    One replay with the limit from the start-up on (cachesim.CachingAllocator.limit: where a new segment would pass
+    it, the cache is given back first). Up to the first request that passes the limit it makes the requests of the
+    replay without one, with the same results. So where steps 0 and 1 never pass it, their peak is the unlimited
+    replay's, and no steady step gives anything back. Where they pass it, the unlimited peak lies above the limit
+    and that GPU shows the limit (allocator.on_gpu: torch's allocator never holds more; on the H200 capped at
+    18 GiB the FSDP rows that reached the cap reserved 17.98-18.0 GiB, tune_h200_gpt350cap_grid.json), and steps
+    2 and 3 are replayed to count what each gives back (a step 3 that would repeat step 2 is not: below). Where the
+    peak allocated itself does not fit (allocator.fit's need past the limit: cachesim.DoesNotFit, raised at the
+    first flush past it), nothing is given back in a run that cannot happen, and the figure is what the step
+    would need: the unlimited replay's. (None, NO_CHURN) past the replay's address space.
+
+    The shortcut, exact: where step 2 made no cudaMalloc (so gave nothing back: the limit only flushes before one)
+    and left every free block and every live tensor where step 1 left them, the allocator is in the state step 2
+    started from, so step 3 repeats step 2."""
+    small = _small_pool(r)
     st = _Step(r)
     seen = []
-    small = _small_pool(r)
     with _collector_paused():
-        first = _FIRSTS.pop(r, None)
-        if first is not None and first[1] <= limit - small:
-            st.sim, st.made_states, start = first[0], True, 1
-        else:
-            if first is not None:
-                first[0].unlink()
-            st._start()
-            start = 0
-        sim = st.sim
-        sim.limit = limit - small  # the small pool's segments are counted beside the replay, not in it
         try:
-            for step in range(start, CHURN_STEPS):
+            st._start()
+            sim = st.sim
+            sim.limit, sim.give_up_at = limit - small, _misfit(limit) - small
+            st.one_step()
+            st.one_step()
+            if not sim.flushes and sim.peak_reserved <= sim.limit:  # never at the limit: the unlimited replay's peak
+                return sim.peak_reserved + small, NO_CHURN
+            if sim.peak_allocated >= sim.give_up_at:
+                raise DoesNotFit(sim.peak_allocated)
+            sim.give_up_at = None
+            left = (sim._next_addr, {p: lst[:] for p, lst in sim.pools.items()}, [(k, b[0], b[1]) for k, b in sim.live.items()])
+            for step in range(2, CHURN_STEPS):
                 before = (sim.flushes, sim.flushed_bytes, sim.flushed_segments)
                 st.one_step()
-                if step >= 2:
-                    seen.append((sim.flushes - before[0], sim.flushed_bytes - before[1], sim.flushed_segments - before[2]))
-                if step == 1:  # where step 1 left the blocks (free ones by pool; live ones in the live tensors' order)
-                    left = (sim._next_addr, {p: lst[:] for p, lst in sim.pools.items()},
-                            [(k, b[0], b[1]) for k, b in sim.live.items()])
-                elif step == 2 and step < CHURN_STEPS - 1 and (
+                seen.append((sim.flushes - before[0], sim.flushed_bytes - before[1], sim.flushed_segments - before[2]))
+                if step == 2 and step < CHURN_STEPS - 1 and (
                         sim._next_addr == left[0] and sim.pools == left[1] and
                         [(k, b[0], b[1]) for k, b in sim.live.items()] == left[2]):
                     seen += [seen[-1]] * (CHURN_STEPS - 1 - step)
                     break
+        except DoesNotFit:
+            seen = None
+        except AddressSpaceExceeded:
+            return None, NO_CHURN
         finally:
-            sim.unlink()
-    n = len(seen)
-    return tuple(sum(x[i] for x in seen) / n for i in range(3))
+            st.sim.unlink()
+    if seen is None:
+        return _replay(r), NO_CHURN
+    return limit, tuple(sum(x[i] for x in seen) / len(seen) for i in range(3))
 
 
 def capped_churn(plan, s, workspace: int, limit: int) -> tuple[float, float, float] | None:
@@ -630,12 +634,7 @@ def capped_churn(plan, s, workspace: int, limit: int) -> tuple[float, float, flo
     back) - the caching allocator's free-and-retry at the cap (cachesim.CachingAllocator.limit), each byte
     of which cudaMalloc makes again. None where the replay does not cover the plan; nothing where the
     replayed step never reaches the limit, or where its live bytes pass it (the plan does not fit:
-    allocator.fit), so that only plans at the limit pay this second replay. The replay's start-up and first
-    step are left out (they run before the timed steps)."""
+    allocator.fit). The replay's start-up and first two steps are not counted (they run before the timed steps).
+    The replay is the one memory's figure for that GPU came from (_on_gpu): it costs nothing more here."""
     r = covered_recipe(plan, s, workspace)
-    if r is None:
-        return None
-    reserved, allocated = _replay_both(r, int(limit))
-    if reserved is None or reserved <= limit or allocated + stranded(allocated) > limit:  # None: past any GPU
-        return (0.0, 0.0, 0.0)  # never at the limit, or past it whatever the cache (allocator.fit: does not fit)
-    return _churn(r, int(limit))
+    return None if r is None else _on_gpu(r, int(limit))[1]
