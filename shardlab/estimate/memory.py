@@ -72,13 +72,13 @@ def _compiled_blocks(plan: Plan, s: Setup) -> bool:
     return bool(plan.compile) and s.framework == "fsdp2"
 
 
-def replayed(plan: Plan, s: Setup, workspace: int, gpu=None) -> int | None:
+def replayed(plan: Plan, s: Setup, workspace: int, limit: int | None = None) -> int | None:
     """Peak reserved bytes from the replay of this framework's step (dsreplay.py for DeepSpeed, stepsim.py
-    for FSDP), or None where that replay does not cover the plan. gpu: the FSDP replay runs under its allocator
-    limit (stepsim._on_gpu: the same replay counts what the step time prices at that limit); None: no limit."""
+    for FSDP), or None where that replay does not cover the plan. limit: the GPU's allocator limit, under which
+    the FSDP replay runs (stepsim._on_gpu: the same replay counts what the step time prices there); None: none."""
     if s.ds:
         return ds_replayed_reserved(plan, s, workspace)
-    return replayed_reserved(plan, s, workspace, None if gpu is None else allocator_limit(_gpu(gpu)))
+    return replayed_reserved(plan, s, workspace, limit)
 
 
 def activations(plan: Plan, s: Setup) -> int:
@@ -331,12 +331,13 @@ def memory(plan: Plan, s: Setup, traced_activations: int | None = None, gpu=None
     overhead = CUDA_CONTEXT_BYTES + stranded(live)
     # reserved: the step's own requests replayed through the allocator's rules where the replay covers
     # the plan (stepsim.py), else the fitted allocator model (allocator.py)
-    resv = replayed(plan, s, workspace, gpu)
+    limit = allocator_limit(_gpu(gpu))
+    # under the GPU's limit where the step fits it (what that GPU shows); else without one (what the step would need)
+    resv = replayed(plan, s, workspace, limit if live + stranded(live) <= limit else None)
     per_gpu = {"params": parts["params"], "grads": parts["grads"], "optimizer": parts["optimizer"],
                "activations": act, "buffers": buffers + workspace, "step_buffers": parts["step"], "overhead": overhead,
                "peak_allocated": live,
-               "peak_reserved": on_gpu(max(resv, live) if resv else reserved(live, parts.get("again", 0)), live,
-                                       allocator_limit(_gpu(gpu))),
+               "peak_reserved": on_gpu(max(resv, live) if resv else reserved(live, parts.get("again", 0)), live, limit),
                "total": live + overhead}
     cpu = {k: v * s.gpn for k, v in parts["cpu"].items()}
     cpu["total"] = sum(cpu.values())

@@ -510,16 +510,23 @@ def _small_pool(r: Recipe) -> int:
     return -(-r.small * (2 + r.opt_states) // SMALL_SEGMENT) * SMALL_SEGMENT if r.small else 0
 
 
-@lru_cache(maxsize=512)
+_UNLIMITED: dict = {}  # _replay_both's answers by recipe (a dict, not an lru_cache: _on_gpu looks in it first)
+
+
 def _replay_both(r: Recipe) -> tuple[int, int] | tuple[None, None]:
     """(peak reserved, peak allocated) of the replayed step with no allocator limit. (None, None) for a step past the
     replay's address space (cachesim.AddressSpaceExceeded: no GPU holds it), cached like any other answer."""
-    st = _Step(r)
-    try:
-        reserved = st.run() + _small_pool(r)
-    except AddressSpaceExceeded:
-        return None, None
-    return reserved, st.sim.peak_allocated + _small_pool(r)
+    done = _UNLIMITED.get(r)
+    if done is None:
+        st = _Step(r)
+        try:
+            done = st.run() + _small_pool(r), st.sim.peak_allocated + _small_pool(r)
+        except AddressSpaceExceeded:
+            done = None, None
+        if len(_UNLIMITED) >= 512:
+            del _UNLIMITED[next(iter(_UNLIMITED))]
+        _UNLIMITED[r] = done
+    return done
 
 
 def _replay(r: Recipe) -> int | None:
@@ -590,10 +597,17 @@ def _on_gpu(r: Recipe, limit: int) -> tuple[int | None, tuple[float, float, floa
     first flush past it), nothing is given back in a run that cannot happen, and the figure is what the step
     would need: the unlimited replay's. (None, NO_CHURN) past the replay's address space.
 
-    The shortcut, exact: where step 2 made no cudaMalloc (so gave nothing back: the limit only flushes before one)
-    and left every free block and every live tensor where step 1 left them, the allocator is in the state step 2
-    started from, so step 3 repeats step 2."""
+    Two shortcuts, exact. Where the replay without a limit was made already (memory.py asks for it where the plan
+    does not fit by the analytical peak), its figures decide the first two cases, and the last without a replay.
+    And where step 2 made no cudaMalloc (so gave nothing back: the limit only flushes before one) and left every
+    free block and every live tensor where step 1 left them, the allocator is in the state step 2 started from,
+    so step 3 repeats step 2."""
     small = _small_pool(r)
+    known = _UNLIMITED.get(r)
+    if known is not None:
+        reserved, allocated = known
+        if reserved is None or reserved <= limit or allocated + stranded(allocated) > limit:
+            return reserved, NO_CHURN
     st = _Step(r)
     seen = []
     with _collector_paused():
