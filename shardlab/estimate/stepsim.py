@@ -598,8 +598,8 @@ def _on_gpu(r: Recipe, limit: int) -> tuple[int | None, tuple[float, float, floa
     would need: the unlimited replay's. (None, NO_CHURN) past the replay's address space.
 
     Two shortcuts, exact. Where the replay without a limit was made already (memory.py asks for it where the plan
-    does not fit by the analytical peak), its figures decide the first two cases, and the last without a replay.
-    And where step 2 made no cudaMalloc (so gave nothing back: the limit only flushes before one) and left every
+    does not fit by the analytical peak), its figures settle a step that stays under the limit or does not fit
+    without replaying it again (one at the limit is still replayed under it, for what it gives back). And where step 2 made no cudaMalloc (so gave nothing back: the limit only flushes before one) and left every
     free block and every live tensor where step 1 left them, the allocator is in the state step 2 started from,
     so step 3 repeats step 2."""
     small = _small_pool(r)
