@@ -136,6 +136,10 @@ def _mixed_blocks(work: dict, model, x, blocks: list, seq: int, dtype) -> dict |
     return {**work, **mean, "block_kinds": len(counted)}
 
 
+# what an fp32 plan takes from the fp32 count (count_step) in place of the 16-bit count's figures
+FP32_COUNTED = ("saved_elems_per_token", "saved_other_bytes_per_token", "head_saved_bytes_per_token", "math_attention")
+
+
 def count_step(model, inputs: dict, blocks: list) -> tuple[int | None, dict | None]:
     """(training FLOPs per token of `model`, forward + backward of one sample; the first block's work
     as blockwork.py counts it), (None, None) if the model cannot run on meta."""
@@ -147,8 +151,9 @@ def count_step(model, inputs: dict, blocks: list) -> tuple[int | None, dict | No
 
     if inputs.get("kind") not in ("tokens", "floats"):
         return None, None
-    dtype = torch.float32
+    dtype, fp32 = torch.float32, None
     if blocks and all(p.is_meta for p in model.parameters()):
+        fp32 = (model, blocks)  # the model as built (fp32), counted again for fp32 plans below
         # count as a mixed-precision run computes: in bf16, on a copy (meta: it costs nothing)
         import copy
 
@@ -161,39 +166,54 @@ def count_step(model, inputs: dict, blocks: list) -> tuple[int | None, dict | No
         x = torch.zeros((1, inputs["seq_len"]), dtype=torch.long, device="meta")
     else:
         x = torch.zeros((1, *inputs["shape"]), dtype=dtype, device="meta")
-    cfg = getattr(model, "config", None)
-    cache = getattr(cfg, "use_cache", None)
-    pad = getattr(cfg, "pad_token_id", None)
-    counter = BlockCounter(dtype)
-    counter.ignore(model.parameters())
-    was_training = model.training
+
+    def counted(model, blocks, dtype, *modes) -> dict | None:
+        cfg = getattr(model, "config", None)
+        cache, pad, was_training = getattr(cfg, "use_cache", None), getattr(cfg, "pad_token_id", None), model.training
+        try:
+            if cache is not None:
+                # transformers (5.17) looks for packed sequences in the positions when there is neither a
+                # mask nor a cache, a data-dependent check meta tensors cannot answer; a cache skips it
+                cfg.use_cache = True
+            if pad is not None:
+                # with a pad_token_id, transformers' warn_if_padding_and_no_attention_mask (GPT-2 and others) asks whether
+                # the batch's first or last token is padding, a value meta tensors do not have: the count failed and such a
+                # model fell back to shardlab's own block's formula (a GPT-2 at pad_token_id=0: -8.2% against the traced
+                # step, found by the session-17 sweep). The runner's batches carry no padding, so the check is moot here
+                cfg.pad_token_id = None
+            counter = BlockCounter(dtype)
+            counter.ignore(model.parameters())
+            model.train()  # dropout and the like run as in training
+            hooks = hooked(counter, blocks[0]) + hooked_head(counter, blocks[-1], model) if blocks else []
+            _counted_step(model, x if x.dtype == torch.long else x.to(dtype), counter, hooks, *modes)
+            seq = x.shape[1] if inputs.get("kind") == "tokens" else 0
+            work = block_work(counter, blocks[0], model, len(blocks), seq) if blocks else None
+            return _mixed_blocks(work, model, x, blocks, seq, dtype) if work is not None else None
+        finally:
+            model.train(was_training)
+            if cache is not None:
+                cfg.use_cache = cache
+            if pad is not None:
+                cfg.pad_token_id = pad
+
     try:
-        if cache is not None:
-            # transformers (5.17) looks for packed sequences in the positions when there is neither a
-            # mask nor a cache, a data-dependent check meta tensors cannot answer; a cache skips it
-            cfg.use_cache = True
-        if pad is not None:
-            # with a pad_token_id, transformers' warn_if_padding_and_no_attention_mask (GPT-2 and others) asks whether
-            # the batch's first or last token is padding, a value meta tensors do not have: the count failed and such a
-            # model fell back to shardlab's own block's formula (a GPT-2 at pad_token_id=0: -8.2% against the traced
-            # step, found by the session-17 sweep). The runner's batches carry no padding, so the check is moot here
-            cfg.pad_token_id = None
-        model.train()  # dropout and the like run as in training
         fc = FlopCounterMode(display=False)
-        _counted_step(model, x, counter, hooked(counter, blocks[0]) + hooked_head(counter, blocks[-1], model) if blocks else [], fc)
-        seq = x.shape[1] if inputs.get("kind") == "tokens" else 0
-        work = block_work(counter, blocks[0], model, len(blocks), seq) if blocks else None
-        if work is not None:
-            work = _mixed_blocks(work, model, x, blocks, seq, dtype)
-        return int(fc.get_total_flops() // tokens_in(x)), work
+        work = counted(model, blocks, dtype, fc)
     except Exception:  # noqa: BLE001 - a module that cannot run on meta gets the formula instead
         return None, None
-    finally:
-        model.train(was_training)
-        if cache is not None:
-            cfg.use_cache = cache
-        if pad is not None:
-            cfg.pad_token_id = pad
+    if work is not None and fp32 is not None:
+        # what an fp32 run saves is not the 16-bit count's elements at 4 bytes: an upcast to fp32 (RMSNorm's input)
+        # is the tensor itself, not a copy, and attention with grouped-query heads runs unfused on CUDA
+        # (activations.cuda_sdpa_math): counted again in fp32 on the original (meta) model, for fp32 plans
+        # (activations._counted). Found by the traced step (session 24): an fp32 hf:olmo2 / starcoder2 / gemma2
+        # with 16 / 4 heads at T=2048 was 34-42% under it on the 16-bit count
+        try:
+            w32 = counted(*fp32, torch.float32)
+        except Exception:  # noqa: BLE001 - the 16-bit count stands for fp32 plans as before
+            w32 = None
+        if w32 is not None:
+            work["fp32"] = {k: w32[k] for k in FP32_COUNTED if k in w32}
+    return int(fc.get_total_flops() // tokens_in(x)), work
 
 
 def ds_leaf_classes(model) -> list[type]:

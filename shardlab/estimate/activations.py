@@ -179,13 +179,13 @@ def backward_transient(spec, P: int, tokens: int, compiled: bool = False) -> int
     beside the saved softmax (torch's matmul and _softmax_backward_data make each anew), and on CUDA
     one more of that size (MATH_BWD_SCORE_TENSORS). It happens once per block, after the loss's rows are
     freed and beside the gradient buffers backward has made."""
-    bw = _counted(spec)
+    bw = _counted(spec, P)
     if bw and bw.get("math_attention"):  # a counted block CUDA runs unfused (blockwork.py): its scores in fp32 (upcast)
         return MATH_BWD_SCORE_TENSORS * tokens * spec.heads * spec.seq_len * 4
     return MATH_BWD_SCORE_TENSORS * tokens * spec.heads * spec.seq_len * P if sdpa_math(spec, P, compiled) else 0
 
 
-def _counted(spec) -> dict | None:
+def _counted(spec, P: int = 2) -> dict | None:
     """What the model's own block saved, counted on the meta device (shardlab/blockwork.py), if it was
     and no layout above describes the block. One way per block: transformers' llama-family blocks use
     the layout (checked per tensor on the CPU; H200 #401-#404, #407: 0.0%), the count only blocks no
@@ -195,7 +195,13 @@ def _counted(spec) -> dict | None:
     if _hf_llama(spec):
         return None
     bw = getattr(spec, "block_work", None)
-    return bw if bw and "saved_elems_per_token" in bw else None
+    return _in_dtype(bw, P) if bw and "saved_elems_per_token" in bw else None
+
+
+def _in_dtype(bw: dict, P: int) -> dict:
+    """A count (describe.count_step) for a model dtype of P bytes: the 16-bit count, or for fp32 what the block saved
+    counted in fp32 (no upcast copies; grouped-query attention unfused on CUDA), where that was counted."""
+    return {**bw, **bw["fp32"]} if P == 4 and bw.get("fp32") else bw
 
 
 def block_bytes(spec, P: int, compiled: bool = False) -> int:
@@ -204,20 +210,23 @@ def block_bytes(spec, P: int, compiled: bool = False) -> int:
     A model counted from its own module (Hugging Face, your factory: shardlab/blockwork.py) whose block
     no layout describes keeps what its real block saved: activation-dtype elements x P, plus its fp32
     statistics and masks as counted (transformers' llama-family blocks use their layout: _counted)."""
-    bw = _counted(spec)
+    bw = _counted(spec, P)
     if bw:
         return int(bw["saved_elems_per_token"] * P + bw["saved_other_bytes_per_token"])
     # torch's fused LayerNorm in a Llama-laid-out block (StableLM) keeps its 16-bit input and fp32 mean and rstd, where
     # transformers' RMSNorm code keeps an fp32 copy of its input and the rstd (describe.py's layer_norm)
     layer_norm = (spec.block_work or {}).get("layer_norm", False)
     stats = 8 if spec.family == "llama" and not layer_norm else 16
-    fp32_norm_inputs = 2 * 4 * spec.hidden if _hf_llama(spec) and not layer_norm else 0
+    # in an fp32 model the upcast (`hidden_states.to(torch.float32)`) returns the input itself: no copy (session 24, the
+    # traced step of an fp32 hf:llama)
+    fp32_norm_inputs = 2 * 4 * spec.hidden if _hf_llama(spec) and not layer_norm and P < 4 else 0
     if _hf_llama(spec) and spec.qk_norm:
         # q_norm / k_norm (Qwen3), read from transformers' RMSNorm: each keeps its input's fp32 copy (pow and the
-        # product save it: 4 bytes) and its normalised bf16 copy (the weight's product saves it: 2) for every q and k
-        # element; RoPE after them keeps only its tables. Judged by the traced step (tests/test_activations.py)
-        # and H200 #1001 (fidelity_h200_new5.json): -7.1% before head_dim and this, -5.4% with head_dim alone.
-        fp32_norm_inputs += 6 * (spec.q_dim + spec.kv_dim)
+        # product save it: 4 bytes; in fp32 the input itself) and its normalised copy in the model dtype (the weight's
+        # product saves it: P) for every q and k element; RoPE after them keeps only its tables. Judged by the traced
+        # step (tests/test_activations.py) and H200 #1001 (fidelity_h200_new5.json): -7.1% before head_dim and this,
+        # -5.4% with head_dim alone.
+        fp32_norm_inputs += (4 + P) * (spec.q_dim + spec.kv_dim)
     if sdpa_math(spec, P, compiled):  # no log-sum-exp; the math path's tensors for the fused kernel's
         kept, gone = math_attention_elements(spec)
         return (block_elements(spec, compiled) + sum(kept) - sum(gone)) * P + stats + fp32_norm_inputs
@@ -236,8 +245,9 @@ def head_peak_bytes(spec, P: int) -> int:
     of its input too) + three fp32 [V] rows. A counted model (blockwork.py) says what its top saves
     itself: the same figures for transformers' Llama (2d·P + 4d, 4 bytes of norm statistics more) and
     GPT-2 (2d·P), and a [V] row more for Gemma-2's soft-capped logits (blockwork.hooked_head)."""
-    top = (spec.block_work or {}).get("head_saved_bytes_per_token")
-    if top is not None and P == 2:  # counted in bf16 (describe.count_step): the 16-bit runs' model dtype
+    bw = spec.block_work or {}
+    top = _in_dtype(bw, P).get("head_saved_bytes_per_token")
+    if top is not None and (P == 2 or (P == 4 and bw.get("fp32"))):  # counted in bf16, and in fp32 (describe.count_step)
         return int(top) + LOSS_FP32_COPIES * 4 * spec.vocab
     return 2 * spec.hidden * P + (4 * spec.hidden if _hf_llama(spec) else 0) + LOSS_FP32_COPIES * 4 * spec.vocab
 
