@@ -60,7 +60,7 @@ from shardlab.models import wrap_units
 from shardlab.plan import Plan
 from shardlab.units import GIB
 
-from .activations import activation_peak, backward_transient, peak_in_a_block, saved_blocks, sdpa_math
+from .activations import activation_peak, backward_transient, block_bytes, peak_in_a_block, rope_tables, saved_blocks, sdpa_math
 from .allocator import CUDA_CONTEXT_BYTES, FRAGMENTATION, STRANDED, allocator_limit, on_gpu, reserved, stranded
 from .basis import DS_ALLREDUCE_SIZE, DS_SUB_GROUP, Setup, ds3_gathered_at_loss, fsdp_stage, persistent_numel, shard_numel
 from .dsreplay import ds_replayed_reserved
@@ -91,8 +91,9 @@ def _blocks_in_backward(plan: Plan, s: Setup) -> int:
     """The blocks' saved activations as backward meets them, plus what one block's backward adds beside
     them (SDPA's math path: activations.py)."""
     tokens, compiled = plan.micro_batch_size * s.spec.seq_len, _compiled_blocks(plan, s)
+    recomputed = tokens * block_bytes(s.spec, s.P, compiled) + rope_tables(s.spec, s.P, compiled) if plan.activation_checkpointing else 0
     return (saved_blocks(s.spec, s.P, tokens, plan.activation_checkpointing, compiled)
-            + backward_transient(s.spec, s.P, tokens, compiled))
+            + backward_transient(s.spec, s.P, tokens, compiled) + recomputed)
 
 
 def _fsdp(plan: Plan, s: Setup) -> dict:
