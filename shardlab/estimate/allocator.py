@@ -107,13 +107,19 @@ def stranded(peak_allocated: int) -> int:
     return int(STRANDED * max(peak_allocated, 0))
 
 
+def fits_under(peak_allocated: int, limit: int) -> bool:
+    """Whether a step peaking at `peak_allocated` bytes fits under an allocator limit of `limit` bytes: the peak plus
+    what stays stranded at the limit (fit's need) within it."""
+    return peak_allocated + stranded(peak_allocated) <= limit
+
+
 def on_gpu(reserved_bytes: int, peak_allocated: int, limit: int) -> int:
     """The peak reserved a GPU whose allocator may hold `limit` bytes shows for a step that would reserve
     `reserved_bytes` with no limit: at most the limit, where the step fits (fit's need within it), since at the limit
     torch gives its cache back and retries instead of reserving more (on the H200 capped at 18 GiB,
     tune_h200_gpt350cap_grid.json, the plans predicted at 18.4-20.4 GiB without the cap reserved 16.96-18.0 GiB);
     else `reserved_bytes`, what the step would need."""
-    return min(reserved_bytes, limit) if peak_allocated + stranded(peak_allocated) <= limit else reserved_bytes
+    return min(reserved_bytes, limit) if fits_under(peak_allocated, limit) else reserved_bytes
 
 
 def allocator_limit(gpu) -> int:

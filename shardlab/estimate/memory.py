@@ -61,7 +61,7 @@ from shardlab.plan import Plan
 from shardlab.units import GIB
 
 from .activations import activation_peak, backward_transient, block_bytes, peak_in_a_block, rope_tables, saved_blocks, sdpa_math
-from .allocator import CUDA_CONTEXT_BYTES, FRAGMENTATION, STRANDED, allocator_limit, on_gpu, reserved, stranded
+from .allocator import CUDA_CONTEXT_BYTES, FRAGMENTATION, STRANDED, allocator_limit, fits_under, on_gpu, reserved, stranded
 from .basis import DS_ALLREDUCE_SIZE, DS_SUB_GROUP, Setup, ds3_gathered_at_loss, fsdp_stage, persistent_numel, shard_numel
 from .dsreplay import ds_replayed_reserved
 from .stepsim import replayed_reserved
@@ -334,7 +334,7 @@ def memory(plan: Plan, s: Setup, traced_activations: int | None = None, gpu=None
     # the plan (stepsim.py), else the fitted allocator model (allocator.py)
     limit = allocator_limit(_gpu(gpu))
     # under the GPU's limit where the step fits it (what that GPU shows); else without one (what the step would need)
-    resv = replayed(plan, s, workspace, limit if live + stranded(live) <= limit else None)
+    resv = replayed(plan, s, workspace, limit if fits_under(live, limit) else None)
     per_gpu = {"params": parts["params"], "grads": parts["grads"], "optimizer": parts["optimizer"],
                "activations": act, "buffers": buffers + workspace, "step_buffers": parts["step"], "overhead": overhead,
                "peak_allocated": live,

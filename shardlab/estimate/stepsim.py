@@ -40,7 +40,7 @@ from functools import lru_cache
 from typing import NamedTuple
 
 from .activations import _counted, _hf_llama, math_attention_elements, rope_tables, sdpa_math
-from .allocator import stranded
+from .allocator import fits_under
 from .basis import fsdp_stage
 from .cachesim import BLOCK, SMALL, SMALL_SEGMENT, AddressSpaceExceeded, CachingAllocator, DoesNotFit
 
@@ -581,10 +581,10 @@ NO_CHURN = (0.0, 0.0, 0.0)
 
 def _misfit(limit: int) -> int:
     """The least peak allocated that does not fit under `limit` (allocator.fit's need: the peak + what stays stranded)."""
-    lo, hi = 0, limit + 1  # need(x) = x + stranded(x) grows with x: the least x whose need passes the limit
+    lo, hi = 0, limit + 1  # fits_under(x, limit) holds up to some x and not beyond: the least x where it does not
     while lo < hi:
         mid = (lo + hi) // 2
-        lo, hi = (lo, mid) if mid + stranded(mid) > limit else (mid + 1, hi)
+        lo, hi = (mid + 1, hi) if fits_under(mid, limit) else (lo, mid)
     return lo
 
 
@@ -613,7 +613,7 @@ def _on_gpu(r: Recipe, limit: int) -> tuple[int | None, tuple[float, float, floa
     known = _UNLIMITED.get(r)
     if known is not None:
         reserved, allocated = known
-        if reserved is None or reserved <= limit or allocated + stranded(allocated) > limit:
+        if reserved is None or reserved <= limit or not fits_under(allocated, limit):
             return reserved, NO_CHURN
     st = _Step(r)
     seen = []
