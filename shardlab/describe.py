@@ -185,10 +185,11 @@ def count_step(model, inputs: dict, blocks: list) -> tuple[int | None, dict | No
             counter.ignore(model.parameters())
             model.train()  # dropout and the like run as in training
             hooks = hooked(counter, blocks[0]) + hooked_head(counter, blocks[-1], model) if blocks else []
-            _counted_step(model, x if x.dtype == torch.long else x.to(dtype), counter, hooks, *modes)
+            xin = x if x.dtype == torch.long else x.to(dtype)  # float inputs in the dtype counted, for every block kind
+            _counted_step(model, xin, counter, hooks, *modes)
             seq = x.shape[1] if inputs.get("kind") == "tokens" else 0
             work = block_work(counter, blocks[0], model, len(blocks), seq) if blocks else None
-            return _mixed_blocks(work, model, x, blocks, seq, dtype) if work is not None else None
+            return _mixed_blocks(work, model, xin, blocks, seq, dtype) if work is not None else None
         finally:
             model.train(was_training)
             if cache is not None:
